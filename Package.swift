@@ -1,0 +1,70 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "dispatch-policy",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "DispatchPolicy", targets: ["DispatchPolicy"]),
+        .library(name: "EmbeddedPostgres", targets: ["EmbeddedPostgres"]),
+        .executable(name: "dispatch-policy", targets: ["dispatch-policy"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+    ],
+    targets: [
+        // Turns Migrations/*.sql into Swift source, so the library and the CLI
+        // carry the schema with them (no resource bundle to lose).
+        .executableTarget(name: "EmbedMigrationsTool", path: "Plugins/EmbedMigrationsTool"),
+        .plugin(
+            name: "EmbedMigrations",
+            capability: .buildTool(),
+            dependencies: ["EmbedMigrationsTool"],
+            path: "Plugins/EmbedMigrations"
+        ),
+        .target(
+            name: "DispatchPolicy",
+            dependencies: [
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ],
+            plugins: ["EmbedMigrations"]
+        ),
+        .target(
+            name: "EmbeddedPostgres",
+            dependencies: [
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "dispatch-policy",
+            dependencies: [
+                "DispatchPolicy",
+                "EmbeddedPostgres",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "DispatchPolicyTests",
+            dependencies: ["DispatchPolicy"]
+        ),
+        .testTarget(
+            name: "DispatchPolicyIntegrationTests",
+            dependencies: [
+                "DispatchPolicy",
+                // Built so the CLI tests can run it.
+                "dispatch-policy",
+                "EmbeddedPostgres",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

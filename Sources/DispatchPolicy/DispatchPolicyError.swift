@@ -1,0 +1,104 @@
+import PostgresNIO
+
+/// The one error type of the `DispatchPolicy` module.
+///
+/// Shaped like `PSQLError`: a ``Code`` you can switch on (new codes can be
+/// added without breaking you), a message a person can act on, and, for errors
+/// the database raised, the SQLSTATE with its detail and hint.
+public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private enum Base: String, Sendable {
+            case invalidArgument
+            case invalidConnectionSettings
+            case server
+            case migrationChecksumMismatch
+            case migrationUnknownToThisBuild
+            case migrationFailed
+            case schemaInstalledAsExtension
+        }
+
+        private let base: Base
+        private init(_ base: Base) { self.base = base }
+
+        /// A value passed by the caller is malformed (bad JSON, bad duration...).
+        public static let invalidArgument = Self(.invalidArgument)
+        /// The database URL or `PG*` variables cannot be used.
+        public static let invalidConnectionSettings = Self(.invalidConnectionSettings)
+        /// PostgreSQL raised an error; see ``DispatchPolicyError/sqlState``.
+        public static let server = Self(.server)
+        /// An applied migration file was edited afterwards.
+        public static let migrationChecksumMismatch = Self(.migrationChecksumMismatch)
+        /// The database has a migration this build does not know (it is newer).
+        public static let migrationUnknownToThisBuild = Self(.migrationUnknownToThisBuild)
+        /// A migration statement failed; nothing of that file was applied.
+        public static let migrationFailed = Self(.migrationFailed)
+        /// The schema was installed with `CREATE EXTENSION`; upgrade it with `ALTER EXTENSION`.
+        public static let schemaInstalledAsExtension = Self(.schemaInstalledAsExtension)
+
+        public var description: String { base.rawValue }
+    }
+
+    public var code: Code
+    /// What went wrong, in words a user can act on.
+    public var message: String
+    /// The SQLSTATE PostgreSQL reported, for ``Code/server`` and ``Code/migrationFailed``.
+    public var sqlState: String?
+    public var detail: String?
+    public var hint: String?
+
+    public init(code: Code, message: String, sqlState: String? = nil, detail: String? = nil, hint: String? = nil) {
+        self.code = code
+        self.message = message
+        self.sqlState = sqlState
+        self.detail = detail
+        self.hint = hint
+    }
+
+    /// One line: the message, then the SQLSTATE when there is one.
+    public var description: String {
+        var line = message
+        if let detail { line += " — \(detail)" }
+        if let sqlState { line += " (SQLSTATE \(sqlState))" }
+        return line
+    }
+}
+
+extension DispatchPolicyError {
+    /// Converts a postgres-nio error into a ``DispatchPolicyError``, keeping
+    /// the server's SQLSTATE, message, detail and hint.
+    static func from(_ error: any Error, code: Code = .server, context: String? = nil) -> DispatchPolicyError {
+        if let error = error as? DispatchPolicyError { return error }
+        if let error = error as? PostgresTransactionError {
+            return from(error.closureError ?? error.commitError ?? error.beginError ?? error.rollbackError ?? error,
+                        code: code, context: context)
+        }
+        let prefix = context.map { "\($0): " } ?? ""
+        if let psql = error as? PSQLError {
+            if let info = psql.serverInfo {
+                return DispatchPolicyError(
+                    code: code,
+                    message: prefix + (info[.message] ?? "server error"),
+                    sqlState: info[.sqlState],
+                    detail: info[.detail],
+                    hint: info[.hint]
+                )
+            }
+            return DispatchPolicyError(code: code, message: prefix + "\(psql.code)" + (psql.underlying.map { ": \($0)" } ?? ""))
+        }
+        return DispatchPolicyError(code: code, message: prefix + String(describing: error))
+    }
+}
+
+/// Runs `body`, turning postgres-nio errors into ``DispatchPolicyError``s.
+@discardableResult
+func withServerErrors<T>(
+    context: String? = nil,
+    isolation: isolated (any Actor)? = #isolation,
+    _ body: () async throws -> sending T
+) async throws -> sending T {
+    do {
+        return try await body()
+    } catch {
+        throw DispatchPolicyError.from(error, context: context)
+    }
+}

@@ -1,0 +1,135 @@
+import Foundation
+import Logging
+import PostgresNIO
+
+/// A declared policy as stored in `dispatch_policy.policies`.
+public struct PolicyRecord: Sendable, Equatable {
+    public var name: String
+    /// The config as JSON text (keys in PostgreSQL's jsonb order).
+    public var config: String
+    public var paused: Bool
+    public var createdAt: Date
+    public var updatedAt: Date
+}
+
+/// Declares, lists and pauses policies through the SQL API
+/// (`declare_policy`, `pause`, `resume`); validation happens in the database,
+/// so every client is held to the same rules.
+public struct PolicyCatalog: Sendable {
+    public let executor: any SQLExecutor
+    public let logger: Logger
+
+    public init(executor: any SQLExecutor, logger: Logger = Logger(label: "dispatch-policy")) {
+        self.executor = executor
+        self.logger = logger
+    }
+
+    /// Creates or replaces a policy. `config` is the JSON text of the config.
+    /// An invalid config throws a ``DispatchPolicyError`` with SQLSTATE 22023
+    /// naming the field; nothing is stored.
+    public func declare(name: String, config: String) async throws {
+        _ = try await executor.rows("SELECT dispatch_policy.declare_policy(\(name), \(config)::jsonb)", logger: logger)
+    }
+
+    /// Every policy, by name.
+    public func list() async throws -> [PolicyRecord] {
+        try await executor.rows(
+            "SELECT name, config::text, paused, created_at, updated_at FROM dispatch_policy.policies ORDER BY name",
+            logger: logger
+        ).map(Self.record)
+    }
+
+    /// The policy called `name`, or nil.
+    public func policy(named name: String) async throws -> PolicyRecord? {
+        try await executor.rows(
+            "SELECT name, config::text, paused, created_at, updated_at FROM dispatch_policy.policies WHERE name = \(name)",
+            logger: logger
+        ).first.map(Self.record)
+    }
+
+    /// Stops admission for the policy (staging continues).
+    public func pause(_ name: String) async throws {
+        _ = try await executor.rows("SELECT dispatch_policy.pause(\(name))", logger: logger)
+    }
+
+    /// Resumes admission for the policy.
+    public func resume(_ name: String) async throws {
+        _ = try await executor.rows("SELECT dispatch_policy.resume(\(name))", logger: logger)
+    }
+
+    private static func record(_ row: PostgresRow) throws -> PolicyRecord {
+        let (name, config, paused, created, updated) = try row.decode((String, String, Bool, Date, Date).self)
+        return PolicyRecord(name: name, config: config, paused: paused, createdAt: created, updatedAt: updated)
+    }
+}
+
+extension PolicyCatalog {
+    /// A policy file: `{"name": ..., "config": {...}}` or an array of them.
+    ///
+    /// Only the shape is checked client-side; the file text goes to the
+    /// database as it is, so numbers keep their exact value, and each config
+    /// is validated by `declare_policy`.
+    public struct PolicyFile: Sendable, Equatable {
+        /// The file's JSON text, unchanged.
+        public var json: String
+        /// The policy names, in file order.
+        public var names: [String]
+        /// Whether the file is an array of policies (else a single object).
+        public var isArray: Bool
+
+        public init(json text: String) throws {
+            let parsed: Any
+            do {
+                parsed = try JSONSerialization.jsonObject(with: Data(text.utf8), options: [.fragmentsAllowed])
+            } catch {
+                throw DispatchPolicyError(code: .invalidArgument, message: "policy file is not valid JSON: \(error.localizedDescription)")
+            }
+            json = text
+            isArray = parsed is [Any]
+            let entries = (parsed as? [Any]) ?? [parsed]
+            guard !entries.isEmpty else {
+                throw DispatchPolicyError(code: .invalidArgument, message: "policy file holds no policy")
+            }
+            names = try entries.enumerated().map { [isArray] index, entry in
+                let at = isArray ? "[\(index)]" : ""
+                guard let object = entry as? [String: Any] else {
+                    throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at) must be an object {\"name\": ..., \"config\": {...}}")
+                }
+                if let unknown = object.keys.sorted().first(where: { $0 != "name" && $0 != "config" }) {
+                    throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at).\(unknown) is not a known field (known: name, config)")
+                }
+                guard let name = object["name"] as? String else {
+                    throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at).name must be a string")
+                }
+                guard object["config"] is [String: Any] else {
+                    throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at).config must be an object")
+                }
+                return name
+            }
+        }
+    }
+
+    /// Declares every policy of a file in one transaction: all or nothing.
+    public static func apply(_ file: PolicyFile, on connection: PostgresConnection, logger: Logger) async throws {
+        try await withServerErrors {
+            try await connection.withTransaction(logger: logger) { connection in
+                for (index, name) in file.names.enumerated() {
+                    let json = file.json
+                    let element = file.isArray ? index : -1
+                    do {
+                        _ = try await connection.rows(
+                            """
+                            SELECT dispatch_policy.declare_policy(\(name),
+                                   (CASE WHEN \(element)::integer >= 0 THEN \(json)::jsonb -> \(element)::integer ELSE \(json)::jsonb END) -> 'config')
+                            """,
+                            logger: logger)
+                    } catch {
+                        var wrapped = DispatchPolicyError.from(error)
+                        wrapped.message = "policy \(name): \(wrapped.message)"
+                        throw wrapped
+                    }
+                }
+            }
+        }
+    }
+}

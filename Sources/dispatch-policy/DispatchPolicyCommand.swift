@@ -1,0 +1,339 @@
+import ArgumentParser
+import DispatchPolicy
+import Foundation
+import Logging
+import PostgresNIO
+
+@main
+struct DispatchPolicyCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dispatch-policy",
+        abstract: "Per-partition admission control for background jobs, native to PostgreSQL.",
+        discussion: """
+            Connects with --database-url, else DATABASE_URL, else the PG* variables \
+            (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE).
+            """,
+        version: DispatchPolicyVersion.current,
+        subcommands: [
+            Migrate.self, PolicyCommand.self, Stage.self, Pause.self, Resume.self, Status.self,
+        ]
+    )
+}
+
+enum DispatchPolicyVersion {
+    static let current = "0.1.0"
+}
+
+/// Options every command that talks to the database shares.
+struct ConnectionOptions: ParsableArguments {
+    @Option(name: .customLong("database-url"), help: "postgres://user:password@host:port/database (default: DATABASE_URL, then PG* variables).")
+    var databaseURL: String?
+
+    @Flag(name: .shortAndLong, help: "Log what is done (info level) to standard error.")
+    var verbose = false
+
+    func makeLogger() -> Logger {
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = verbose ? .info : .warning
+            return handler
+        }
+        return Logger(label: "dispatch-policy")
+    }
+
+    /// Connects, runs `body`, closes; any error becomes one line on standard
+    /// error and a non-zero exit.
+    func withConnection<T>(_ body: (PostgresConnection, Logger) async throws -> T) async throws -> T {
+        let logger = makeLogger()
+        return try await reportingErrors {
+            let settings = try ConnectionSettings.resolve(url: databaseURL)
+            let connection = try await settings.connect(logger: logger)
+            do {
+                let result = try await body(connection, logger)
+                try? await connection.close()
+                return result
+            } catch {
+                try? await connection.close()
+                throw error
+            }
+        }
+    }
+}
+
+/// Prints an error as one line (`dispatch-policy: ...`) and exits non-zero.
+func reportingErrors<T>(_ body: () async throws -> T) async throws -> T {
+    do {
+        return try await body()
+    } catch let error as DispatchPolicyError {
+        printError(error.description)
+        throw ExitCode.failure
+    } catch let error as ExitCode {
+        throw error
+    } catch {
+        printError(DispatchPolicyErrorDescription.describe(error))
+        throw ExitCode.failure
+    }
+}
+
+enum DispatchPolicyErrorDescription {
+    static func describe(_ error: any Error) -> String {
+        if let psql = error as? PSQLError, let message = psql.serverInfo?[.message] {
+            return message + (psql.serverInfo?[.sqlState].map { " (SQLSTATE \($0))" } ?? "")
+        }
+        return String(describing: error)
+    }
+}
+
+func printError(_ line: String) {
+    FileHandle.standardError.write(Data("dispatch-policy: \(line)\n".utf8))
+}
+
+struct Migrate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Apply pending migrations (safe to run twice, or from two places at once).")
+
+    @OptionGroup var connection: ConnectionOptions
+
+    func run() async throws {
+        try await connection.withConnection { conn, logger in
+            let report = try await Migrator(logger: logger).migrate(on: conn)
+            for file in report.applied {
+                print("applied \(file)")
+            }
+            if report.applied.isEmpty {
+                print("up to date (\(report.alreadyApplied.count) migrations applied)")
+            }
+        }
+    }
+}
+
+struct PolicyCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "policy",
+        abstract: "Declare and inspect policies.",
+        subcommands: [Apply.self, List.self, Show.self]
+    )
+
+    struct Apply: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Declare the policies of a JSON file: {\"name\": ..., \"config\": {...}} or an array of them (all or nothing).")
+
+        @OptionGroup var connection: ConnectionOptions
+
+        @Argument(help: "The JSON file, or - for standard input.")
+        var file: String
+
+        func run() async throws {
+            try await connection.withConnection { conn, logger in
+                let text: String
+                if file == "-" {
+                    text = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
+                } else {
+                    do {
+                        text = try String(contentsOfFile: file, encoding: .utf8)
+                    } catch {
+                        throw DispatchPolicyError(code: .invalidArgument, message: "cannot read \(file): \(error.localizedDescription)")
+                    }
+                }
+                let policies = try PolicyCatalog.PolicyFile(json: text)
+                try await PolicyCatalog.apply(policies, on: conn, logger: logger)
+                for name in policies.names {
+                    print("declared \(name)")
+                }
+            }
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List declared policies.")
+
+        @OptionGroup var connection: ConnectionOptions
+
+        func run() async throws {
+            try await connection.withConnection { conn, logger in
+                var rows: [[String]] = []
+                for try await (name, gates, paused, updated) in try await conn.query(
+                    """
+                    SELECT p.name,
+                           coalesce((SELECT string_agg(coalesce(g ->> 'name', g ->> 'type')
+                                                       || CASE WHEN g ? 'name' THEN ' (' || (g ->> 'type') || ')' ELSE '' END, ', ')
+                                     FROM jsonb_array_elements(coalesce(p.config -> 'gates', '[]')) g), ''),
+                           p.paused, to_char(p.updated_at, 'YYYY-MM-DD HH24:MI:SS')
+                    FROM dispatch_policy.policies p ORDER BY p.name
+                    """, logger: logger
+                ).decode((String, String, Bool, String).self) {
+                    rows.append([name, paused ? "paused" : "active", gates.isEmpty ? "-" : gates, updated])
+                }
+                print(TextTable.render(header: ["POLICY", "STATE", "GATES", "UPDATED"], rows: rows))
+            }
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Print a policy as JSON, in the format policy apply reads.")
+
+        @OptionGroup var connection: ConnectionOptions
+
+        @Argument(help: "The policy name.")
+        var name: String
+
+        func run() async throws {
+            try await connection.withConnection { conn, logger in
+                let rows = try await conn.query(
+                    """
+                    SELECT jsonb_pretty(jsonb_build_object('name', name, 'config', config)), paused
+                    FROM dispatch_policy.policies WHERE name = \(name)
+                    """, logger: logger
+                ).collect()
+                guard let row = rows.first else {
+                    throw DispatchPolicyError(code: .server, message: "unknown policy: '\(name)'", sqlState: "42704")
+                }
+                let (json, paused) = try row.decode((String, Bool).self)
+                print(json)
+                if paused {
+                    printError("note: policy \(name) is paused")
+                }
+            }
+        }
+    }
+}
+
+struct Stage: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stage one job; prints its id, or that it was deduplicated.")
+
+    @OptionGroup var connection: ConnectionOptions
+
+    @Argument(help: "The policy name.")
+    var policy: String
+
+    @Option(help: "Job arguments as JSON.")
+    var args: String
+
+    @Option(help: "Context as a JSON object (values gates read).")
+    var context: String = "{}"
+
+    @Option(name: .customLong("dedupe-key"), help: "Store nothing while a job with this key is pending or admitted.")
+    var dedupeKey: String?
+
+    @Option(name: .customLong("round-robin-key"), help: "Tenant key for round-robin fetch (default: from the policy's round_robin_by).")
+    var roundRobinKey: String?
+
+    @Option(help: "Queue the job goes to once admitted (default: default).")
+    var queue: String?
+
+    @Option(help: "Lower is admitted first (default 0).")
+    var priority: Int32?
+
+    @Option(name: .customLong("not-before"), help: "Do not admit before this ISO 8601 time.")
+    var notBefore: String?
+
+    @Option(help: "Do not admit before this delay from now, such as 30s or 5m.")
+    var delay: String?
+
+    func run() async throws {
+        try await connection.withConnection { conn, logger in
+            for (flag, value) in [("--args", args), ("--context", context)] {
+                guard (try? JSONSerialization.jsonObject(with: Data(value.utf8), options: [.fragmentsAllowed])) != nil else {
+                    throw DispatchPolicyError(code: .invalidArgument, message: "\(flag) is not valid JSON: \(value)")
+                }
+            }
+            var when: Date?
+            if let notBefore {
+                let formatter = ISO8601DateFormatter()
+                formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+                let plain = ISO8601DateFormatter()
+                guard let date = formatter.date(from: notBefore) ?? plain.date(from: notBefore) else {
+                    throw DispatchPolicyError(code: .invalidArgument, message: "--not-before must be an ISO 8601 time such as 2026-01-31T12:00:00Z, got \(notBefore)")
+                }
+                when = date
+            }
+            if let delay {
+                guard let duration = DurationParser.parse(delay) else {
+                    throw DispatchPolicyError(code: .invalidArgument, message: "--delay must be a duration such as 30s, 5m or 1h, got \(delay)")
+                }
+                let (seconds, attoseconds) = duration.components
+                when = Date().addingTimeInterval(Double(seconds) + Double(attoseconds) / 1e18)
+            }
+            let job = JobSpec(
+                argsJSON: args, contextJSON: context, dedupeKey: dedupeKey, roundRobinKey: roundRobinKey,
+                queue: queue, priority: priority, notBefore: when)
+            if let id = try await Stager(executor: conn, logger: logger).stage(policy: policy, job) {
+                print(id)
+            } else {
+                print("deduplicated: a job of \(policy) with dedupe key \(dedupeKey ?? "") is pending or admitted")
+            }
+        }
+    }
+}
+
+struct Pause: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Stop admitting a policy's jobs (staging continues).")
+
+    @OptionGroup var connection: ConnectionOptions
+
+    @Argument(help: "The policy name.")
+    var policy: String
+
+    func run() async throws {
+        try await connection.withConnection { conn, logger in
+            try await PolicyCatalog(executor: conn, logger: logger).pause(policy)
+            print("paused \(policy)")
+        }
+    }
+}
+
+struct Resume: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Resume admitting a paused policy's jobs.")
+
+    @OptionGroup var connection: ConnectionOptions
+
+    @Argument(help: "The policy name.")
+    var policy: String
+
+    func run() async throws {
+        try await connection.withConnection { conn, logger in
+            try await PolicyCatalog(executor: conn, logger: logger).resume(policy)
+            print("resumed \(policy)")
+        }
+    }
+}
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show dispatch_policy.policy_overview.")
+
+    @OptionGroup var connection: ConnectionOptions
+
+    func run() async throws {
+        try await connection.withConnection { conn, logger in
+            var rows: [[String]] = []
+            for try await (policy, pending, scheduled, inFlight, completed, failed, dead, oldest, paused) in try await conn.query(
+                """
+                SELECT policy, pending, scheduled, in_flight, completed_24h, failed_24h, dead,
+                       coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused
+                FROM dispatch_policy.policy_overview ORDER BY policy
+                """, logger: logger
+            ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, Bool).self) {
+                rows.append([policy, paused ? "paused" : "active", "\(pending)", "\(scheduled)", "\(inFlight)",
+                             "\(completed)", "\(failed)", "\(dead)", oldest])
+            }
+            print(TextTable.render(
+                header: ["POLICY", "STATE", "PENDING", "SCHEDULED", "IN FLIGHT", "DONE 24H", "FAILED 24H", "DEAD", "OLDEST"],
+                rows: rows))
+        }
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+enum TextTable {
+    static func render(header: [String], rows: [[String]]) -> String {
+        let all = [header] + rows
+        let widths = header.indices.map { column in all.map { $0[column].count }.max() ?? 0 }
+        return all.map { row in
+            row.enumerated().map { index, cell in
+                index == row.count - 1 ? cell : cell.padding(toLength: widths[index], withPad: " ", startingAt: 0)
+            }.joined(separator: "  ")
+        }.joined(separator: "\n")
+    }
+}

@@ -1,0 +1,204 @@
+import DispatchPolicy
+import Foundation
+import PostgresNIO
+import Testing
+
+/// Every object of the schema, with its definition and comment, one per line.
+let schemaFingerprintSQL: PostgresQuery = """
+    WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = 'dispatch_policy')
+    SELECT coalesce(string_agg(line, E'\\n' ORDER BY line), '') FROM (
+      SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' ' || coalesce(array_to_string(c.reloptions, ','), '')
+             || ' -- ' || coalesce(obj_description(c.oid, 'pg_class'), '') AS line
+      FROM pg_class c WHERE c.relnamespace = (SELECT oid FROM ns)
+      UNION ALL
+      SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+             || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+             || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+             || ' -- ' || coalesce(col_description(c.oid, a.attnum), '')
+      FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+      LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+      WHERE c.relnamespace = (SELECT oid FROM ns) AND a.attnum > 0 AND NOT a.attisdropped
+      UNION ALL
+      SELECT 'function ' || p.oid::regprocedure::text || ' ' || pg_get_function_result(p.oid)
+             || ' ' || p.provolatile::text || p.prosecdef::text || ' ' || md5(p.prosrc)
+             || ' -- ' || coalesce(obj_description(p.oid, 'pg_proc'), '')
+      FROM pg_proc p WHERE p.pronamespace = (SELECT oid FROM ns)
+      UNION ALL
+      SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'dispatch_policy'
+      UNION ALL
+      SELECT 'constraint ' || conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+      FROM pg_constraint WHERE connamespace = (SELECT oid FROM ns)
+      UNION ALL
+      SELECT 'view ' || viewname || ' ' || md5(definition) FROM pg_views WHERE schemaname = 'dispatch_policy'
+    ) objects
+    """
+
+@Suite("Migrations")
+struct MigrationTests {
+    @Test("migrate applies every file, in order, and records version and checksum")
+    func appliesEveryFile() async throws {
+        try await withTestDatabase(migrated: false) { conn, _ in
+            let report = try await Migrator(logger: TestServer.logger).migrate(on: conn)
+            #expect(report.applied == Migration.embedded.map(\.fileName))
+            #expect(report.alreadyApplied.isEmpty)
+            let recorded = try await conn.rows(
+                "SELECT version, name, length(checksum) FROM dispatch_policy.schema_migrations ORDER BY version",
+                logger: TestServer.logger
+            ).map { try $0.decode((Int, String, Int).self) }
+            #expect(recorded.map(\.0) == Migration.embedded.map { $0.version! })
+            #expect(recorded.map(\.1) == Migration.embedded.map(\.fileName))
+            #expect(recorded.allSatisfy { $0.2 == 64 })
+            #expect(try await conn.scalar("SELECT to_regclass('dispatch_policy.staged_jobs') IS NOT NULL", as: Bool.self))
+        }
+    }
+
+    @Test("running migrate twice changes nothing")
+    func secondRunIsANoOp() async throws {
+        try await withTestDatabase(migrated: false) { conn, _ in
+            try await Migrator(logger: TestServer.logger).migrate(on: conn)
+            let before = try await conn.scalar(schemaFingerprintSQL, as: String.self)
+            let appliedAt = try await conn.scalar("SELECT max(applied_at)::text FROM dispatch_policy.schema_migrations", as: String.self)
+            let second = try await Migrator(logger: TestServer.logger).migrate(on: conn)
+            #expect(second.applied.isEmpty)
+            #expect(second.alreadyApplied.count == Migration.embedded.count)
+            #expect(try await conn.scalar(schemaFingerprintSQL, as: String.self) == before)
+            #expect(try await conn.scalar("SELECT max(applied_at)::text FROM dispatch_policy.schema_migrations", as: String.self) == appliedAt)
+        }
+    }
+
+    @Test("four migrators racing on an empty database apply each file exactly once")
+    func racingMigrators() async throws {
+        let settings = try await TestServer.shared.freshDatabase(migrated: false)
+        let reports = try await withThrowingTaskGroup(of: Migrator.Report.self) { group in
+            for _ in 0..<4 {
+                group.addTask {
+                    try await TestServer.withConnection(settings) { conn async throws in
+                        try await Migrator(logger: TestServer.logger).migrate(on: conn)
+                    }
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        let allApplied = reports.flatMap(\.applied)
+        #expect(allApplied.sorted() == Migration.embedded.map(\.fileName).sorted())
+        #expect(reports.filter { !$0.applied.isEmpty }.count == 1)
+        try await TestServer.withConnection(settings) { conn async throws in
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.schema_migrations", as: Int.self) == Migration.embedded.count)
+        }
+    }
+
+    @Test("an applied file that was edited afterwards is reported, not re-run")
+    func editedFileIsReported() async throws {
+        try await withTestDatabase { conn, _ in
+            var edited = Migration.embedded
+            edited[1] = Migration(fileName: edited[1].fileName, sql: edited[1].sql + "\n-- an innocent edit\n")
+            let before = try await conn.scalar(schemaFingerprintSQL, as: String.self)
+            do {
+                try await Migrator(migrations: edited, logger: TestServer.logger).migrate(on: conn)
+                Issue.record("an edited migration was accepted")
+            } catch let error as DispatchPolicyError {
+                #expect(error.code == .migrationChecksumMismatch)
+                #expect(error.message.contains(edited[1].fileName))
+            }
+            #expect(try await conn.scalar(schemaFingerprintSQL, as: String.self) == before)
+        }
+    }
+
+    @Test("a database migrated by a newer build is reported")
+    func unknownVersionIsReported() async throws {
+        try await withTestDatabase { conn, _ in
+            try await conn.exec("INSERT INTO dispatch_policy.schema_migrations (version, name, checksum) VALUES (9999, '9999_future.sql', 'x')")
+            do {
+                try await Migrator(logger: TestServer.logger).migrate(on: conn)
+                Issue.record("an unknown recorded migration was ignored")
+            } catch let error as DispatchPolicyError {
+                #expect(error.code == .migrationUnknownToThisBuild)
+                #expect(error.message.contains("9999_future.sql"))
+            }
+        }
+    }
+
+    @Test("a failing migration leaves nothing of itself behind and is not recorded")
+    func failingMigrationRollsBack() async throws {
+        try await withTestDatabase { conn, _ in
+            let bad = Migration(fileName: "0999_bad.sql", sql: """
+                CREATE TABLE dispatch_policy.half_done (id int);
+                CREATE FUNCTION dispatch_policy.f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$;
+                SELECT 1 / 0;
+                """)
+            do {
+                try await Migrator(migrations: Migration.embedded + [bad], logger: TestServer.logger).migrate(on: conn)
+                Issue.record("the failing migration succeeded")
+            } catch let error as DispatchPolicyError {
+                #expect(error.code == .migrationFailed)
+                #expect(error.sqlState == "22012")
+                #expect(error.message.contains("0999_bad.sql"))
+                #expect(error.message.contains("statement 3 of 3"))
+            }
+            #expect(try await conn.scalar("SELECT to_regclass('dispatch_policy.half_done') IS NULL", as: Bool.self))
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.schema_migrations WHERE version = 999", as: Int.self) == 0)
+            // The advisory lock was released: another run goes through.
+            try await Migrator(logger: TestServer.logger).migrate(on: conn)
+        }
+    }
+
+    @Test("every table, column, function and view has a COMMENT")
+    func everythingIsCommented() async throws {
+        try await withTestDatabase { conn, _ in
+            let missing = try await conn.rows(
+                """
+                WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = 'dispatch_policy')
+                SELECT 'relation ' || c.relname FROM pg_class c
+                WHERE c.relnamespace = (SELECT oid FROM ns) AND c.relkind IN ('r', 'v', 'S')
+                  AND obj_description(c.oid, 'pg_class') IS NULL
+                  -- identity sequences are part of their column
+                  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'i')
+                UNION ALL
+                SELECT 'column ' || c.relname || '.' || a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                WHERE c.relnamespace = (SELECT oid FROM ns) AND c.relkind IN ('r', 'v') AND a.attnum > 0
+                  AND NOT a.attisdropped AND col_description(c.oid, a.attnum) IS NULL
+                UNION ALL
+                SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p
+                WHERE p.pronamespace = (SELECT oid FROM ns) AND obj_description(p.oid, 'pg_proc') IS NULL
+                UNION ALL
+                SELECT 'schema' WHERE obj_description((SELECT oid FROM ns), 'pg_namespace') IS NULL
+                """,
+                logger: TestServer.logger
+            ).map { try $0.decode(String.self) }
+            #expect(missing == [])
+        }
+    }
+
+    @Test("CREATE EXTENSION dispatch_policy gives the same objects as migrate")
+    func extensionMatchesMigrate() async throws {
+        try await withTestDatabase(migrated: false) { conn, _ in
+            let available = try await conn.scalar(
+                "SELECT count(*) FROM pg_available_extensions WHERE name = 'dispatch_policy'", as: Int.self)
+            try #require(available == 1, "the extension is not installed: run `make -C sql install` (scripts/test does)")
+            try await conn.exec("CREATE EXTENSION dispatch_policy")
+            let fromExtension = try await conn.scalar(schemaFingerprintSQL, as: String.self)
+            let members = try await conn.scalar(
+                "SELECT count(*) FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid WHERE e.extname = 'dispatch_policy' AND d.deptype = 'e'",
+                as: Int.self)
+            #expect(members > 20)
+
+            let migrated = try await TestServer.shared.freshDatabase(migrated: false)
+            let fromMigrate = try await TestServer.withConnection(migrated) { other in
+                try await Migrator(logger: TestServer.logger).migrate(on: other)
+                return try await other.scalar(schemaFingerprintSQL, as: String.self)
+            }
+            let extensionLines = Set(fromExtension.split(separator: "\n")), migrateLines = Set(fromMigrate.split(separator: "\n"))
+            #expect(extensionLines.subtracting(migrateLines).sorted() == [], "only in the extension (is the installed extension stale? make -C sql install)")
+            #expect(migrateLines.subtracting(extensionLines).sorted() == [], "only from migrate")
+            #expect(fromExtension.contains("function dispatch_policy.stage("))
+
+            // And migrate refuses to run over the extension's schema.
+            do {
+                try await Migrator(logger: TestServer.logger).migrate(on: conn)
+                Issue.record("migrate ran over an extension-installed schema")
+            } catch let error as DispatchPolicyError {
+                #expect(error.code == .schemaInstalledAsExtension)
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+import DispatchPolicy
+import Foundation
+import Testing
+
+/// The repository root, from this file's path.
+let packageRoot = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+/// libpq environment for the test server (for psql, pg_regress, the CLI).
+func libpqEnvironment(_ settings: ConnectionSettings) -> [String: String] {
+    var env = ProcessInfo.processInfo.environment
+    env["DATABASE_URL"] = nil
+    env["PGUSER"] = settings.username
+    env["PGDATABASE"] = settings.database
+    if let password = settings.password { env["PGPASSWORD"] = password }
+    switch settings.endpoint {
+    case .tcp(let host, let port):
+        env["PGHOST"] = host
+        env["PGPORT"] = String(port)
+    case .unixSocket(let path):
+        let range = path.range(of: "/.s.PGSQL.", options: .backwards)!
+        env["PGHOST"] = String(path[..<range.lowerBound])
+        env["PGPORT"] = String(path[range.upperBound...])
+    }
+    return env
+}
+
+struct ProcessResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs a program to completion, capturing its output (standard error goes
+/// through a temporary file, so one pipe cannot fill up and block the child).
+func runProcess(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String? = nil) throws -> ProcessResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    process.environment = environment
+    let errURL = FileManager.default.temporaryDirectory.appending(path: "dp-stderr-\(UUID().uuidString)")
+    _ = FileManager.default.createFile(atPath: errURL.path, contents: nil)
+    defer { try? FileManager.default.removeItem(at: errURL) }
+    let errHandle = try FileHandle(forWritingTo: errURL)
+    let out = Pipe()
+    process.standardOutput = out
+    process.standardError = errHandle
+    let input = Pipe()
+    process.standardInput = stdin == nil ? FileHandle.nullDevice : input
+    try process.run()
+    if let stdin {
+        input.fileHandleForWriting.write(Data(stdin.utf8))
+        try input.fileHandleForWriting.close()
+    }
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    try errHandle.close()
+    return ProcessResult(
+        status: process.terminationStatus,
+        stdout: String(decoding: outData, as: UTF8.self),
+        stderr: (try? String(contentsOf: errURL, encoding: .utf8)) ?? "")
+}
+
+@Suite("SQL regression (pg_regress)")
+struct RegressionTests {
+    @Test("make -C sql installcheck: the SQL API's results and error texts match sql/test/expected")
+    func pgRegress() async throws {
+        let server = try await TestServer.shared.get()
+        let env = libpqEnvironment(server.admin)
+        let result = try runProcess("/usr/bin/make", ["-C", packageRoot.appending(path: "sql").path, "installcheck"], environment: env)
+        if result.status != 0 {
+            let diffs = (try? String(contentsOf: packageRoot.appending(path: "sql/test/regression.diffs"), encoding: .utf8)) ?? ""
+            Issue.record("pg_regress failed (status \(result.status)):\n\(result.stdout)\n\(result.stderr)\n\(diffs)")
+        }
+    }
+}

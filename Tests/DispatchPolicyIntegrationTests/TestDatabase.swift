@@ -1,0 +1,133 @@
+import DispatchPolicy
+import EmbeddedPostgres
+import Foundation
+import Logging
+import PostgresNIO
+import Testing
+
+/// The PostgreSQL server the integration tests use: the one `DATABASE_URL`
+/// names, or a private cluster started once per test process (and stopped by
+/// its watchdog when the process ends).
+///
+/// Every test gets its own database, cloned from a template that was migrated
+/// once, so tests run in parallel without seeing each other's rows.
+actor TestServer {
+    static let shared = TestServer()
+
+    struct Server: Sendable {
+        /// Settings for the maintenance database (`postgres`).
+        var admin: ConnectionSettings
+        var cluster: EmbeddedPostgres?
+    }
+
+    static let logger: Logger = {
+        var logger = Logger(label: "dispatch-policy.tests")
+        logger.logLevel = .warning
+        return logger
+    }()
+
+    private var server: Task<Server, any Error>?
+    private var template: Task<String, any Error>?
+    private var counter = 0
+
+    func get() async throws -> Server {
+        if server == nil {
+            server = Task {
+                if let url = ProcessInfo.processInfo.environment["DATABASE_URL"], !url.isEmpty {
+                    return Server(admin: try ConnectionSettings(url: url), cluster: nil)
+                }
+                let cluster = try await EmbeddedPostgres.start()
+                return Server(admin: try ConnectionSettings(url: cluster.url()), cluster: cluster)
+            }
+        }
+        return try await server!.value
+    }
+
+    /// Name of the migrated template database (made on first use).
+    private func templateName() async throws -> String {
+        if template == nil {
+            template = Task {
+                let server = try await get()
+                let name = "dp_template_\(getpid())"
+                try await Self.withConnection(server.admin) { conn in
+                    _ = try await conn.rows(PostgresQuery(unsafeSQL: "DROP DATABASE IF EXISTS \(name)"), logger: Self.logger)
+                    _ = try await conn.rows(PostgresQuery(unsafeSQL: "CREATE DATABASE \(name) TEMPLATE template0"), logger: Self.logger)
+                }
+                _ = try await Self.withConnection(server.admin.with(database: name)) { conn in
+                    try await Migrator(logger: Self.logger).migrate(on: conn)
+                }
+                return name
+            }
+        }
+        return try await template!.value
+    }
+
+    /// Creates a new database, migrated unless `migrated` is false.
+    func freshDatabase(migrated: Bool = true) async throws -> ConnectionSettings {
+        let server = try await get()
+        let source = migrated ? try await templateName() : "template0"
+        counter += 1
+        let name = "dp_test_\(getpid())_\(counter)"
+        try await Self.withConnection(server.admin) { conn in
+            _ = try await conn.rows(PostgresQuery(unsafeSQL: "CREATE DATABASE \(name) TEMPLATE \(source)"), logger: Self.logger)
+        }
+        return server.admin.with(database: name)
+    }
+
+    static func withConnection<T: Sendable>(
+        _ settings: ConnectionSettings, _ body: (PostgresConnection) async throws -> T
+    ) async throws -> T {
+        let conn = try await settings.connect(logger: logger)
+        do {
+            let result = try await body(conn)
+            try? await conn.close()
+            return result
+        } catch {
+            try? await conn.close()
+            throw error
+        }
+    }
+}
+
+/// Runs `body` with a connection to a new, migrated database.
+func withTestDatabase<T: Sendable>(
+    migrated: Bool = true,
+    _ body: (PostgresConnection, ConnectionSettings) async throws -> T
+) async throws -> T {
+    let settings = try await TestServer.shared.freshDatabase(migrated: migrated)
+    return try await TestServer.withConnection(settings) { try await body($0, settings) }
+}
+
+extension PostgresConnection {
+    /// The single value of a one-row, one-column query.
+    func scalar<T: PostgresDecodable>(_ query: PostgresQuery, as type: T.Type = T.self) async throws -> T {
+        let rows = try await self.rows(query, logger: TestServer.logger)
+        return try #require(rows.first).decode(T.self)
+    }
+
+    func exec(_ query: PostgresQuery) async throws {
+        _ = try await self.rows(query, logger: TestServer.logger)
+    }
+}
+
+/// Expects `body` to fail with a database error of `sqlState` whose message
+/// contains `message`; returns the error for further checks.
+@discardableResult
+func expectSQLError(
+    _ sqlState: String, _ message: String,
+    sourceLocation: SourceLocation = #_sourceLocation,
+    _ body: () async throws -> Void
+) async -> DispatchPolicyError? {
+    do {
+        try await body()
+        Issue.record("expected SQLSTATE \(sqlState) (\(message)), but it succeeded", sourceLocation: sourceLocation)
+        return nil
+    } catch let error as DispatchPolicyError {
+        #expect(error.sqlState == sqlState, "\(error)", sourceLocation: sourceLocation)
+        #expect(error.message.contains(message), "\(error.message) should contain \(message)", sourceLocation: sourceLocation)
+        return error
+    } catch {
+        Issue.record("unexpected error \(error)", sourceLocation: sourceLocation)
+        return nil
+    }
+}

@@ -1,0 +1,133 @@
+import DispatchPolicy
+import Testing
+
+@Suite("Connection settings")
+struct ConnectionSettingsTests {
+    @Test("a full URL")
+    func fullURL() throws {
+        let s = try ConnectionSettings(url: "postgres://app:s%40cret@db.example:6543/jobs?sslmode=require")
+        #expect(s.endpoint == .tcp(host: "db.example", port: 6543))
+        #expect(s.username == "app")
+        #expect(s.password == "s@cret")
+        #expect(s.database == "jobs")
+        #expect(s.tls == .require)
+        #expect(s.description == "postgres://app@db.example:6543/jobs")
+    }
+
+    @Test("postgresql:// and a Unix socket directory in ?host=")
+    func socketURL() throws {
+        let s = try ConnectionSettings(url: "postgresql://postgres@/postgres?host=/tmp/pg-dir&port=5433")
+        #expect(s.endpoint == .unixSocket(path: "/tmp/pg-dir/.s.PGSQL.5433"))
+        #expect(s.tls == .disable)
+        #expect(s.description == "postgres://postgres@/postgres?host=/tmp/pg-dir&port=5433")
+        #expect(try ConnectionSettings(url: s.description).endpoint == s.endpoint)
+    }
+
+    @Test("parts the URL leaves out come from PG* variables, then libpq defaults")
+    func fallbacks() throws {
+        let env = ["PGPORT": "7777", "PGUSER": "envuser", "PGPASSWORD": "pw", "PGDATABASE": "envdb"]
+        let s = try ConnectionSettings(url: "postgres://localhost", environment: env)
+        #expect(s.endpoint == .tcp(host: "localhost", port: 7777))
+        #expect(s.username == "envuser")
+        #expect(s.password == "pw")
+        #expect(s.database == "envdb")
+        #expect(s.tls == .prefer)
+    }
+
+    @Test("PG* variables alone; the database defaults to the user")
+    func environmentOnly() throws {
+        let s = try ConnectionSettings(environment: ["PGHOST": "/var/run/postgresql", "PGUSER": "worker"])
+        #expect(s.endpoint == .unixSocket(path: "/var/run/postgresql/.s.PGSQL.5432"))
+        #expect(s.database == "worker")
+        let t = try ConnectionSettings(environment: ["USER": "me"])
+        #expect(t.endpoint == .tcp(host: "localhost", port: 5432))
+        #expect(t.username == "me")
+    }
+
+    @Test("resolve: explicit URL, else DATABASE_URL, else PG*")
+    func resolveOrder() throws {
+        let env = ["DATABASE_URL": "postgres://u@from-env/db", "PGHOST": "from-pghost", "PGUSER": "u"]
+        #expect(try ConnectionSettings.resolve(url: "postgres://u@from-flag/db", environment: env).endpoint == .tcp(host: "from-flag", port: 5432))
+        #expect(try ConnectionSettings.resolve(url: nil, environment: env).endpoint == .tcp(host: "from-env", port: 5432))
+        var noURL = env
+        noURL["DATABASE_URL"] = nil
+        #expect(try ConnectionSettings.resolve(url: nil, environment: noURL).endpoint == .tcp(host: "from-pghost", port: 5432))
+    }
+
+    @Test("bad settings are refused with a clear message", arguments: [
+        "mysql://u@h/db", "not a url", "postgres://u@h:99999/db", "postgres://u@h/db?sslmode=sometimes",
+    ])
+    func refused(_ url: String) {
+        #expect(throws: DispatchPolicyError.self) { try ConnectionSettings(url: url) }
+    }
+
+    @Test("a password never appears in the description or in an error")
+    func redaction() throws {
+        #expect(try !ConnectionSettings(url: "postgres://u:hunter2@h/db").description.contains("hunter2"))
+        do {
+            _ = try ConnectionSettings(url: "mysql://u:hunter2@h/db")
+        } catch let error as DispatchPolicyError {
+            #expect(!error.description.contains("hunter2"))
+        }
+    }
+}
+
+@Suite("Durations")
+struct DurationParserTests {
+    @Test("units and compounds", arguments: [
+        ("55s", Duration.seconds(55)), ("5m", .seconds(300)), ("1h30m", .seconds(5400)),
+        ("250ms", .milliseconds(250)), ("1.5s", .milliseconds(1500)), ("2d", .seconds(172_800)),
+    ])
+    func parses(_ text: String, _ expected: Duration) {
+        #expect(DurationParser.parse(text) == expected)
+    }
+
+    @Test("rejects what is not a duration", arguments: ["", "5", "s", "5 parsecs", "-5s", "5x"])
+    func rejects(_ text: String) {
+        #expect(DurationParser.parse(text) == nil)
+    }
+}
+
+@Suite("Policy files")
+struct PolicyFileTests {
+    @Test("one policy or an array; the text is kept as written")
+    func shapes() throws {
+        let one = try PolicyCatalog.PolicyFile(json: #"{"name": "a", "config": {"batch_size": 1.0}}"#)
+        #expect(one.names == ["a"] && !one.isArray)
+        #expect(one.json.contains("1.0"))
+        let many = try PolicyCatalog.PolicyFile(json: #"[{"name": "a", "config": {}}, {"name": "b", "config": {}}]"#)
+        #expect(many.names == ["a", "b"] && many.isArray)
+    }
+
+    @Test("shape errors name the place", arguments: [
+        (#"[]"#, "holds no policy"),
+        (#"[{"name": "a"}]"#, "policy file[0].config must be an object"),
+        (#"{"config": {}}"#, "policy file.name must be a string"),
+        (#"{"name": "a", "config": {}, "paused": true}"#, "policy file.paused is not a known field"),
+        (#"[1]"#, "policy file[0] must be an object"),
+        (#"{oops"#, "not valid JSON"),
+    ])
+    func errors(_ json: String, _ message: String) {
+        do {
+            _ = try PolicyCatalog.PolicyFile(json: json)
+            Issue.record("accepted \(json)")
+        } catch let error as DispatchPolicyError {
+            #expect(error.code == .invalidArgument)
+            #expect(error.message.contains(message), "\(error.message)")
+        } catch {
+            Issue.record("\(error)")
+        }
+    }
+}
+
+@Suite("Job specs")
+struct JobSpecTests {
+    @Test("Encodable args and context become JSON text")
+    func encodes() throws {
+        struct Args: Encodable { var event: Int; var url: String }
+        let spec = try JobSpec(args: Args(event: 7, url: "https://x/y"), context: ["account_id": "a1"], dedupeKey: "event:7")
+        #expect(spec.argsJSON == #"{"event":7,"url":"https://x/y"}"#)
+        #expect(spec.contextJSON == #"{"account_id":"a1"}"#)
+        #expect(spec.dedupeKey == "event:7")
+    }
+}

@@ -1,0 +1,96 @@
+-- pg_regress tests of the dispatch_policy SQL API: results and error texts.
+\set SHOW_CONTEXT never
+\set VERBOSITY default
+CREATE EXTENSION dispatch_policy;
+
+-- declare_policy: a valid policy with every gate type.
+SELECT dispatch_policy.declare_policy('webhooks', '{
+  "gates": [
+    {"type": "throttle", "name": "per_endpoint", "rate": {"context": "rate_limit", "default": 60},
+     "per": 60, "burst": 100, "partition_by": "{endpoint_id}"},
+    {"type": "concurrency", "max": 5, "partition_by": "acct:{account_id}"},
+    {"type": "global_cap", "max": 200},
+    {"type": "fair_interleave"},
+    {"type": "adaptive_concurrency", "partition_by": "{account_id}", "initial_max": 3,
+     "target_lag_ms": 1000, "min": 1}
+  ],
+  "round_robin_by": "{account_id}",
+  "batch_size": 500,
+  "round_robin_quantum": 50,
+  "lease_seconds": 900,
+  "max_attempts": 25,
+  "target": {"type": "ready_queue"}
+}');
+SELECT name, paused, jsonb_array_length(config -> 'gates') AS gates FROM dispatch_policy.policies;
+
+-- declare_policy: every rule refuses with 22023 and names the field.
+SELECT dispatch_policy.declare_policy('', '{}');
+SELECT dispatch_policy.declare_policy('p', '[]');
+SELECT dispatch_policy.declare_policy('p', '{"gatez": []}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": {}}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "leaky_bucket"}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "per": 60}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "rate": -1, "per": 60}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "rate": 1, "per": 0}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "rate": 1, "per": 1, "burst": 0.5}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "rate": {"context": "r"}, "per": 1}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "rate": 1, "per": 1, "partition_by": "{a"}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "concurrency", "max": 1.5}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "global_cap", "max": 1, "partition_by": "{a}"}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "adaptive_concurrency", "initial_max": 3}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "adaptive_concurrency", "target_lag_ms": 10, "ewma_alpha": 0}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "adaptive_concurrency", "target_lag_ms": 10, "failure_decrease_factor": 1}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "adaptive_concurrency", "target_lag_ms": 10, "min": 5, "max": 2}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "rate": 10, "per": 60}, {"type": "throttle", "rate": 600, "per": 3600}]}');
+SELECT dispatch_policy.declare_policy('p', '{"batch_size": 0}');
+SELECT dispatch_policy.declare_policy('p', '{"target": {"type": "sql", "function": "no schema"}}');
+SELECT count(*) AS policies_after_errors FROM dispatch_policy.policies;
+
+-- Two throttles with different names are fine.
+SELECT dispatch_policy.declare_policy('two_throttles', '{"gates": [
+  {"type": "throttle", "name": "per_minute", "rate": 10, "per": 60},
+  {"type": "throttle", "name": "per_hour", "rate": 600, "per": 3600}]}');
+
+-- stage: ids, context injection, round-robin key from the template.
+SELECT dispatch_policy.stage('webhooks', '{"event": 1}', '{"account_id": 7, "endpoint_id": "e1"}');
+SELECT dispatch_policy.stage('webhooks', '{"event": 2}', '{"account_id": 7, "queue_name": "mine"}', queue => 'urgent', priority => -1);
+SELECT id, queue, priority, context, round_robin_key, not_before FROM dispatch_policy.staged_jobs ORDER BY id;
+
+-- stage: dedupe returns NULL and stores nothing.
+SELECT dispatch_policy.stage('webhooks', '{}', dedupe_key => 'event:1');
+SELECT dispatch_policy.stage('webhooks', '{}', dedupe_key => 'event:1') IS NULL AS deduped;
+SELECT count(*) AS staged FROM dispatch_policy.staged_jobs;
+
+-- stage: errors.
+SELECT dispatch_policy.stage('nope', '{}');
+SELECT dispatch_policy.stage('webhooks', NULL);
+SELECT dispatch_policy.stage('webhooks', '{}', '[1, 2]');
+SELECT dispatch_policy.stage('webhooks', '{}', queue => '');
+
+-- stage_many: order, dedupe within the call and against staged jobs.
+SELECT dispatch_policy.stage_many('webhooks', '[
+  {"args": 1, "dedupe_key": "a"},
+  {"args": 2, "dedupe_key": "a"},
+  {"args": 3},
+  {"args": 4, "dedupe_key": "event:1"}
+]');
+SELECT dispatch_policy.stage_many('webhooks', '[]');
+
+-- stage_many: one bad element stores nothing and is named.
+SELECT dispatch_policy.stage_many('webhooks', '{"args": 1}');
+SELECT dispatch_policy.stage_many('webhooks', '[{"args": 1}, 7]');
+SELECT dispatch_policy.stage_many('webhooks', '[{"args": 1}, {"args": 2, "priority": 1.5}]');
+SELECT dispatch_policy.stage_many('webhooks', '[{"args": 1}, {"args": 2, "not_before": "someday"}]');
+SELECT dispatch_policy.stage_many('webhooks', '[{"args": 1}, {"args": 2, "delay": 5}]');
+SELECT dispatch_policy.stage_many('webhooks', '[{"args": 1}, {"context": {}}]');
+SELECT count(*) AS staged FROM dispatch_policy.staged_jobs;
+
+-- pause / resume.
+SELECT dispatch_policy.pause('webhooks');
+SELECT policy, pending, scheduled, in_flight, paused FROM dispatch_policy.policy_overview ORDER BY policy;
+SELECT dispatch_policy.resume('webhooks');
+SELECT dispatch_policy.pause('nope');
+
+-- partition_overview: one row per gate partition with waiting jobs.
+SELECT policy, gate, gate_type, partition, pending, in_flight, cap
+FROM dispatch_policy.partition_overview ORDER BY policy, gate, partition;
