@@ -3,6 +3,7 @@ import DispatchPolicy
 import Foundation
 import Logging
 import PostgresNIO
+import ServiceLifecycle
 
 @main
 struct DispatchPolicyCommand: AsyncParsableCommand {
@@ -15,7 +16,7 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
-            Migrate.self, PolicyCommand.self, Stage.self, Pause.self, Resume.self, Status.self,
+            Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self,
         ]
     )
 }
@@ -335,5 +336,116 @@ enum TextTable {
                 index == row.count - 1 ? cell : cell.padding(toLength: widths[index], withPad: " ", startingAt: 0)
             }.joined(separator: "  ")
         }.joined(separator: "\n")
+    }
+}
+
+/// Options of the admission loop shared by `tick` and `run`.
+struct RunnerOptions: ParsableArguments {
+    @Option(help: "Admit only this policy (default: every policy with work).")
+    var policy: String?
+
+    @Option(name: .customLong("batch-size"), help: "Rows per tick for policies that do not set batch_size.")
+    var batchSize: Int = 500
+
+    @Option(name: .customLong("quantum"), help: "Rows per round-robin key per tick for policies that do not set round_robin_quantum.")
+    var quantum: Int = 50
+
+    @Option(name: .customLong("lease"), help: "Lease for policies that do not set lease_seconds, such as 15m.")
+    var lease: String = "15m"
+
+    @Option(name: .customLong("busy-pause"), help: "Pause after a productive pass.")
+    var busyPause: String = "50ms"
+
+    @Option(name: .customLong("idle-pause"), help: "Pause after an idle pass (cut short by NOTIFY).")
+    var idlePause: String = "1s"
+
+    @Option(help: "Delete completed jobs, failures and per-minute aggregates older than this.")
+    var retention: String = "7d"
+
+    func makeOptions() throws -> TickRunnerOptions {
+        func duration(_ flag: String, _ text: String) throws -> Duration {
+            guard let value = DurationParser.parse(text) else {
+                throw DispatchPolicyError(code: .invalidArgument, message: "\(flag) must be a duration such as 50ms, 30s, 5m or 7d, got \(text)")
+            }
+            return value
+        }
+        guard batchSize >= 1 else { throw DispatchPolicyError(code: .invalidArgument, message: "--batch-size must be at least 1") }
+        guard quantum >= 1 else { throw DispatchPolicyError(code: .invalidArgument, message: "--quantum must be at least 1") }
+        var options = TickRunnerOptions()
+        options.policy = policy
+        options.busyPause = try duration("--busy-pause", busyPause)
+        options.idlePause = try duration("--idle-pause", idlePause)
+        options.retentionSeconds = Int(try duration("--retention", retention).components.seconds)
+        let leaseSeconds = Int(try duration("--lease", lease).components.seconds)
+        guard leaseSeconds >= 1 else { throw DispatchPolicyError(code: .invalidArgument, message: "--lease must be at least 1s") }
+        options.tick = TickSettings(batchSize: batchSize, roundRobinQuantum: quantum, leaseSeconds: leaseSeconds)
+        return options
+    }
+}
+
+struct Tick: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Admit staged jobs: one pass (--once, the default) or passes for a while (--for 55s, for cron).",
+        discussion: """
+            Safe to start every minute from cron while the previous run is still going: \
+            runners share work through per-policy locks.
+              * * * * *  dispatch-policy tick --for 55s
+            Prints one line per policy: admitted, refused by gate, tokens left, time per tick.
+            """)
+
+    @OptionGroup var connection: ConnectionOptions
+    @OptionGroup var runner: RunnerOptions
+
+    @Flag(help: "One pass over the policies with work (the default).")
+    var once = false
+
+    @Option(name: .customLong("for"), help: "Keep admitting for this long, such as 55s.")
+    var runFor: String?
+
+    func validate() throws {
+        if once && runFor != nil { throw ValidationError("--once and --for exclude each other") }
+    }
+
+    func run() async throws {
+        let logger = connection.makeLogger()
+        try await reportingErrors {
+            var options = try runner.makeOptions()
+            if let runFor {
+                guard let duration = DurationParser.parse(runFor) else {
+                    throw DispatchPolicyError(code: .invalidArgument, message: "--for must be a duration such as 55s, got \(runFor)")
+                }
+                options.runFor = duration
+            } else {
+                options.once = true
+            }
+            let settings = try ConnectionSettings.resolve(url: connection.databaseURL)
+            let summaries = try await TickRunner(connection: settings, options: options, logger: logger).runLoop()
+            if summaries.isEmpty {
+                print("nothing to admit")
+            }
+            for summary in summaries {
+                print(summary.line)
+            }
+        }
+    }
+}
+
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Admit continuously: LISTEN for new jobs, tick, pause; SIGTERM or SIGINT ends after the current tick.")
+
+    @OptionGroup var connection: ConnectionOptions
+    @OptionGroup var runner: RunnerOptions
+
+    func run() async throws {
+        let logger = connection.makeLogger()
+        try await reportingErrors {
+            let options = try runner.makeOptions()
+            let settings = try ConnectionSettings.resolve(url: connection.databaseURL)
+            let service = TickRunner(connection: settings, options: options, logger: logger)
+            let group = ServiceGroup(
+                configuration: .init(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            try await group.run()
+        }
     }
 }

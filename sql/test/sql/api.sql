@@ -94,3 +94,21 @@ SELECT dispatch_policy.pause('nope');
 -- partition_overview: one row per gate partition with waiting jobs.
 SELECT policy, gate, gate_type, partition, pending, in_flight, cap
 FROM dispatch_policy.partition_overview ORDER BY policy, gate, partition;
+
+-- Admission primitives and worker calls: errors.
+SELECT dispatch_policy.complete(999999);
+SELECT dispatch_policy.fail(999999, 'boom');
+SELECT dispatch_policy.started(999999);
+BEGIN;
+SELECT dispatch_policy.admit('webhooks', '[{"id": 999999, "slots": {}}]');
+ROLLBACK;
+-- A staged (not admitted) job cannot be completed.
+SELECT dispatch_policy.complete(1);
+-- Admit through the primitives, then complete twice: the second is a no-op.
+BEGIN;
+SELECT dispatch_policy.try_lock_policy('two_throttles');
+SELECT count(*) FROM dispatch_policy.fetch_batch('webhooks', 2, 50);
+SELECT dispatch_policy.admit('webhooks', '[{"id": 1, "slots": {"concurrency": "acct:7"}}]');
+COMMIT;
+SELECT dispatch_policy.complete(1), dispatch_policy.complete(1);
+SELECT gate, partition, in_flight FROM dispatch_policy.inflight_counters ORDER BY 1, 2;

@@ -1,0 +1,314 @@
+import DispatchPolicy
+import Foundation
+import Logging
+import PostgresNIO
+import Testing
+
+private func declare(_ conn: PostgresConnection, _ name: String, _ config: PolicyConfig) async throws {
+    try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: name, config: try config.json())
+}
+
+/// Stages `count` jobs whose context is built from the job number.
+private func stage(_ conn: PostgresConnection, _ policy: String, _ count: Int, context: (Int) -> [String: String] = { _ in [:] }, priority: (Int) -> Int32? = { _ in nil }) async throws {
+    let jobs = try (0..<count).map { i in try JobSpec(args: ["n": i], context: context(i), priority: priority(i)) }
+    _ = try await Stager(executor: conn, logger: TestServer.logger).stageMany(policy: policy, jobs)
+}
+
+private func tick(_ conn: PostgresConnection, _ policy: String) async throws -> TickResult {
+    try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: policy)
+}
+
+private func admittedIDs(_ conn: PostgresConnection) async throws -> [Int64] {
+    try await conn.rows("SELECT id FROM dispatch_policy.admitted_jobs ORDER BY id", logger: TestServer.logger).map { try $0.decode(Int64.self) }
+}
+
+private func count(_ conn: PostgresConnection, _ sql: PostgresQuery) async throws -> Int {
+    try await conn.scalar(sql, as: Int.self)
+}
+
+/// In-flight counters must equal the slots admitted jobs actually hold.
+private func expectCountersConsistent(_ conn: PostgresConnection, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+    let mismatches = try await conn.rows(
+        """
+        WITH held AS (
+          SELECT a.policy, s.key AS gate, s.value AS partition, count(*) AS n
+          FROM dispatch_policy.admitted_jobs a, jsonb_each_text(a.partitions) s GROUP BY 1, 2, 3
+        )
+        SELECT coalesce(c.gate, h.gate) || '/' || coalesce(c.partition, h.partition) || ': counter '
+               || coalesce(c.in_flight, 0) || ', held ' || coalesce(h.n, 0)
+        FROM dispatch_policy.inflight_counters c
+        FULL JOIN held h ON h.policy = c.policy AND h.gate = c.gate AND h.partition = c.partition
+        WHERE coalesce(c.in_flight, 0) <> coalesce(h.n, 0)
+        """, logger: TestServer.logger
+    ).map { try $0.decode(String.self) }
+    #expect(mismatches == [], sourceLocation: sourceLocation)
+}
+
+@Suite("Admission: gates")
+struct GateEnforcementTests {
+    @Test("concurrency caps each partition and frees a slot on complete")
+    func concurrency() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig { Gate.concurrency(max: 2, partitionBy: "{acct}") })
+            try await stage(conn, "p", 10) { ["acct": $0 < 5 ? "a" : "b"] }
+            let first = try await tick(conn, "p")
+            #expect(first.admitted == 4)
+            #expect(first.refusedByGate == ["concurrency": 6])
+            #expect(try await tick(conn, "p").admitted == 0)
+            let a = try await admittedIDs(conn).first!
+            #expect(try await conn.scalar("SELECT dispatch_policy.complete(\(a))", as: Bool.self))
+            #expect(try await conn.scalar("SELECT dispatch_policy.complete(\(a))", as: Bool.self) == false)
+            #expect(try await tick(conn, "p").admitted == 1)
+            #expect(try await count(conn, "SELECT in_flight FROM dispatch_policy.inflight_counters WHERE partition = 'a'") == 2)
+            try await expectCountersConsistent(conn)
+        }
+    }
+
+    @Test("global_cap caps the whole policy")
+    func globalCap() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.concurrency(max: 10, partitionBy: "{acct}")
+                Gate.globalCap(max: 3)
+            })
+            try await stage(conn, "p", 10) { ["acct": "t\($0)"] }
+            #expect(try await tick(conn, "p").admitted == 3)
+            #expect(try await count(conn, "SELECT in_flight FROM dispatch_policy.inflight_counters WHERE gate = 'global_cap'") == 3)
+            try await expectCountersConsistent(conn)
+        }
+    }
+
+    @Test("throttle admits the burst, then only what has refilled; rate 0 admits nothing")
+    func throttle() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.throttle(rate: .context("rate", default: 1), per: 3600, burst: 4, partitionBy: "{ep}")
+            })
+            try await stage(conn, "p", 12) { ["ep": $0 < 6 ? "x" : "y", "rate": $0 < 6 ? "1" : "0"] }
+            let first = try await tick(conn, "p")
+            #expect(first.admitted == 4)  // x: burst 4; y: rate 0
+            #expect(first.refusedByGate == ["throttle": 8])
+            #expect(try await tick(conn, "p").admitted == 0)
+            let tokens = try await conn.scalar("SELECT tokens FROM dispatch_policy.throttle_buckets WHERE partition = 'x'", as: Double.self)
+            #expect(tokens < 0.01)
+        }
+    }
+
+    @Test("two throttles with different names on one partition are both enforced")
+    func twoThrottles() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.throttle(name: "per_minute", rate: 10, per: 60)
+                Gate.throttle(name: "per_hour", rate: 600, per: 3600, burst: 3)
+            })
+            try await stage(conn, "p", 20)
+            let result = try await tick(conn, "p")
+            #expect(result.admitted == 3)
+            #expect(result.refusedByGate == ["per_hour": 17])
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.throttle_buckets") == 2)
+        }
+    }
+
+    @Test("fair_interleave lets small tenants in ahead of a burst that arrived first")
+    func fairInterleave() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.concurrency(max: 100, partitionBy: "{acct}")
+                Gate.globalCap(max: 3)
+                Gate.fairInterleave()
+            })
+            try await stage(conn, "p", 50) { _ in ["acct": "big"] }
+            try await stage(conn, "p", 2) { ["acct": "small\($0)"] }
+            #expect(try await tick(conn, "p").admitted == 3)
+            let tenants = try await conn.rows(
+                "SELECT context ->> 'acct' FROM dispatch_policy.admitted_jobs ORDER BY 1", logger: TestServer.logger
+            ).map { try $0.decode(String.self) }
+            #expect(tenants == ["big", "small0", "small1"])
+        }
+    }
+
+    @Test("adaptive_concurrency folds observations once: the cap grows on fast completions and halves on failure")
+    func adaptive() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 60_000)
+            })
+            try await stage(conn, "p", 20) { _ in ["acct": "a"] }
+            #expect(try await tick(conn, "p").admitted == 2)
+            for id in try await admittedIDs(conn) {
+                _ = try await conn.rows("SELECT dispatch_policy.complete(\(id))", logger: TestServer.logger)
+            }
+            // Two fast successes: 2 -> 4. The safety valve allows initial_max (2) anyway.
+            let second = try await tick(conn, "p")
+            #expect(second.observationsFolded == 2)
+            #expect(second.admitted == 4)
+            #expect(try await count(conn, "SELECT current_max FROM dispatch_policy.adaptive_stats") == 4)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.observations") == 0)
+            #expect(try await count(conn, "SELECT completions FROM dispatch_policy.observation_minutes") == 2)
+            // A third tick folds nothing new and admits nothing (4 in flight).
+            let third = try await tick(conn, "p")
+            #expect(third.observationsFolded == 0 && third.admitted == 0)
+            let failing = try await admittedIDs(conn).first!
+            #expect(try await conn.scalar("SELECT dispatch_policy.fail(\(failing), 'boom')", as: String.self) == "retrying")
+            _ = try await tick(conn, "p")
+            #expect(try await count(conn, "SELECT current_max FROM dispatch_policy.adaptive_stats") == 2)
+            #expect(try await count(conn, "SELECT failures FROM dispatch_policy.adaptive_stats") == 1)
+            try await expectCountersConsistent(conn)
+        }
+    }
+
+    @Test("a policy without gates admits its batch in priority, then staging, order; scheduled jobs wait")
+    func ordering() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig(batchSize: 3))
+            try await stage(conn, "p", 5) { _ in [:] } priority: { $0 == 4 ? -1 : nil }
+            _ = try await Stager(executor: conn, logger: TestServer.logger)
+                .stage(policy: "p", JobSpec(argsJSON: "\"later\"", priority: -5, notBefore: Date().addingTimeInterval(3600)))
+            let result = try await tick(conn, "p")
+            #expect(result.admitted == 3)
+            let args = try await conn.rows("SELECT args ->> 'n' FROM dispatch_policy.admitted_jobs ORDER BY admitted_at, priority, id", logger: TestServer.logger)
+                .map { try $0.decode(String.self) }
+            #expect(Set(args) == ["4", "0", "1"])
+            // Make the scheduled job due: the next tick promotes and admits it first.
+            try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = now() - interval '1 second' WHERE not_before IS NOT NULL")
+            _ = try await tick(conn, "p")
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE args = '\"later\"'") == 1)
+        }
+    }
+
+    @Test("a paused policy admits nothing until resumed")
+    func paused() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig())
+            try await stage(conn, "p", 3)
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).pause("p")
+            #expect(try await tick(conn, "p").outcome == .paused)
+            #expect(try await Ticker(connection: conn, logger: TestServer.logger).policiesWithWork() == [])
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).resume("p")
+            #expect(try await tick(conn, "p").admitted == 3)
+        }
+    }
+
+    @Test("a tenant with 10 pending jobs is admitted in the first tick behind another tenant's 100,000")
+    func roundRobinFairness() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig(roundRobinBy: "{tenant}", batchSize: 500, roundRobinQuantum: 50))
+            try await conn.exec("""
+                SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i, 'context', '{"tenant": "noisy"}'::jsonb))
+                                                        FROM generate_series(1, 100000) i))
+                """)
+            try await stage(conn, "p", 10) { _ in ["tenant": "small"] }
+            let result = try await tick(conn, "p")
+            #expect(result.admitted == 500)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE round_robin_key = 'small'") == 10)
+        }
+    }
+
+    @Test("the round-robin fetch rotates across more tenants than fit in one batch")
+    func roundRobinRotation() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig(roundRobinBy: "{tenant}", batchSize: 4, roundRobinQuantum: 2))
+            try await stage(conn, "p", 30) { ["tenant": "t\($0 % 6)"] }
+            var seen: [Set<String>] = []
+            for _ in 0..<3 {
+                _ = try await tick(conn, "p")
+                let tenants = try await conn.rows(
+                    "SELECT DISTINCT round_robin_key FROM dispatch_policy.admitted_jobs", logger: TestServer.logger
+                ).map { try $0.decode(String.self) }
+                seen.append(Set(tenants))
+                try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
+            }
+            #expect(seen.map(\.count) == [2, 2, 2])
+            #expect(seen.reduce(Set<String>()) { $0.union($1) } == Set((0..<6).map { "t\($0)" }))
+        }
+    }
+}
+
+@Suite("Admission: primitives")
+struct AdmissionPrimitiveTests {
+    @Test("token buckets refill fractionally at rate/per up to burst, at the given now")
+    func refill() async throws {
+        try await withTestDatabase { conn, _ in
+            let bucket = #"[{"gate": "t", "partition": "x", "rate": 0.5, "per": 1, "burst": 2}]"#
+            func refill(_ at: String) async throws -> Double {
+                try await conn.scalar("SELECT tokens FROM dispatch_policy.refill_buckets('p', \(bucket)::jsonb, \(at)::timestamptz)", as: Double.self)
+            }
+            #expect(try await refill("2030-01-01 00:00:00+00") == 2)  // new bucket: full
+            try await conn.exec("UPDATE dispatch_policy.throttle_buckets SET tokens = 0")
+            #expect(try await refill("2030-01-01 00:00:01+00") == 0.5)
+            #expect(try await refill("2030-01-01 00:00:02+00") == 1.0)
+            #expect(try await refill("2030-01-01 00:00:01+00") == 1.0)  // time going back adds nothing
+            #expect(try await refill("2030-01-01 00:01:00+00") == 2)    // capped at burst
+        }
+    }
+
+    @Test("fetch_batch never returns more than batch_size rows, whatever the quantum", arguments: [(2, 50), (5, 2), (7, 3), (40, 5)])
+    func fetchBound(batch: Int, quantum: Int) async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig(roundRobinBy: "{t}"))
+            try await stage(conn, "p", 60) { ["t": "t\($0 % 4)"] }
+            try await stage(conn, "p", 5) { _ in [:] }
+            try await conn.exec("BEGIN")
+            let fetched = try await conn.scalar(
+                "SELECT count(*) FROM dispatch_policy.fetch_batch('p', \(batch)::integer, \(quantum)::integer)", as: Int.self)
+            try await conn.exec("COMMIT")
+            #expect(fetched == batch)
+        }
+    }
+
+    @Test("expired leases are reaped: slots released, the attempt recorded, the job re-staged or dead")
+    func reaping() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig(maxAttempts: 2) { Gate.concurrency(max: 1, partitionBy: "{acct}") })
+            try await stage(conn, "p", 1) { _ in ["acct": "a"] }
+            #expect(try await tick(conn, "p").admitted == 1)
+            #expect(try await conn.scalar("SELECT dispatch_policy.reap_leases('p', now() + interval '1 hour')", as: Int.self) == 1)
+            #expect(try await count(conn, "SELECT in_flight FROM dispatch_policy.inflight_counters") == 0)
+            #expect(try await count(conn, "SELECT attempt FROM dispatch_policy.staged_jobs") == 2)
+            #expect(try await conn.scalar("SELECT last_error FROM dispatch_policy.staged_jobs", as: String.self) == "lease expired")
+            // Second attempt also expires: max_attempts 2, so the job is dead, its history kept.
+            try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = NULL")
+            #expect(try await tick(conn, "p").admitted == 1)
+            #expect(try await conn.scalar("SELECT dispatch_policy.reap_leases(NULL, now() + interval '1 hour')", as: Int.self) == 1)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'dead'") == 1)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.job_failures") == 2)
+            #expect(try await count(conn, "SELECT dead FROM dispatch_policy.policy_overview") == 1)
+            try await expectCountersConsistent(conn)
+        }
+    }
+
+    @Test("dedupe: the key is held while admitted and free again after completion")
+    func dedupeAfterCompletion() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig())
+            let stager = Stager(executor: conn, logger: TestServer.logger)
+            let id = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "1", dedupeKey: "k")))
+            _ = try await tick(conn, "p")
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "k")) == nil)
+            _ = try await conn.rows("SELECT dispatch_policy.complete(\(id))", logger: TestServer.logger)
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "3", dedupeKey: "k")) != nil)
+        }
+    }
+
+    @Test("prune removes state of gates no longer declared, idle partitions and old history")
+    func prune() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig { Gate.throttle(name: "old", rate: 1, per: 1, partitionBy: "{x}") })
+            try await stage(conn, "p", 2) { ["x": "\($0)"] }
+            _ = try await tick(conn, "p")
+            try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
+            try await declare(conn, "p", PolicyConfig { Gate.concurrency(max: 1) })
+            try await conn.exec("INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight, updated_at) VALUES ('p', 'concurrency', 'idle', 0, now() - interval '2 hours')")
+            let removed = try await conn.rows(
+                "SELECT what, removed FROM dispatch_policy.prune('7 days', '1 hour', now() + interval '8 days')", logger: TestServer.logger
+            ).reduce(into: [String: Int]()) { removed, row in
+                let (what, n) = try row.decode((String, Int).self)
+                removed[what] = n
+            }
+            #expect(removed["removed_gate_buckets"] == 2)
+            #expect(removed["idle_counters"] == 1)
+            #expect(removed["completed_jobs"] == 2)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.throttle_buckets") == 0)
+        }
+    }
+}
