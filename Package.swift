@@ -53,6 +53,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .executableTarget(
+            name: "dispatch-policy-bench",
+            dependencies: [
+                "DispatchPolicy",
+                "EmbeddedPostgres",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "bench/TickBench"
+        ),
         .testTarget(
             name: "DispatchPolicyTests",
             dependencies: ["DispatchPolicy"]

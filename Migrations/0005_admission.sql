@@ -20,19 +20,6 @@ COMMENT ON COLUMN dispatch_policy.round_robin_cursors.policy IS 'Policy name.';
 COMMENT ON COLUMN dispatch_policy.round_robin_cursors.last_key IS 'The last round-robin key served by the previous tick.';
 COMMENT ON COLUMN dispatch_policy.round_robin_cursors.updated_at IS 'When the cursor last moved.';
 
--- Context values as the strings templates and gate values read (the same
--- conversion _render_template uses). JSON nulls are left out.
-CREATE FUNCTION dispatch_policy._context_strings(context jsonb)
-RETURNS jsonb
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SECURITY INVOKER
-AS $$
-  SELECT coalesce(jsonb_object_agg(key, dispatch_policy._context_text(value))
-                    FILTER (WHERE jsonb_typeof(value) <> 'null'), '{}'::jsonb)
-  FROM jsonb_each(context)
-$$;
-COMMENT ON FUNCTION dispatch_policy._context_strings(jsonb) IS
-  'Internal: the context as an object of strings (strings unquoted, other JSON as text, nulls dropped), as fetch_batch hands it to the orchestrator.';
-
 CREATE FUNCTION dispatch_policy.try_lock_policy(policy text)
 RETURNS boolean
 LANGUAGE sql VOLATILE STRICT SECURITY INVOKER
@@ -110,7 +97,7 @@ DECLARE
 BEGIN
   IF round_robin_quantum IS NULL THEN
     RETURN QUERY
-      SELECT s.id, s.priority, s.round_robin_key, dispatch_policy._context_strings(s.context)
+      SELECT s.id, s.priority, s.round_robin_key, s.context
       FROM (SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
             WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL
             ORDER BY j.priority, j.id
@@ -152,7 +139,7 @@ BEGIN
     UNION ALL
     SELECT t.id, t.priority, t.round_robin_key, t.context, quantum + 1, 0 FROM top_up t
   )
-  SELECT b.id, b.priority, b.round_robin_key, dispatch_policy._context_strings(b.context)
+  SELECT b.id, b.priority, b.round_robin_key, b.context
   FROM batch b
   ORDER BY b.priority, b.rank, b.key_order, b.id
   LIMIT batch_size;
@@ -166,7 +153,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz) IS
-  'Locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: up to that many rows for each of the next ceil(batch_size / quantum) round-robin keys (rotating across ticks), interleaved, then the oldest remaining rows. context is returned as strings for templates.';
+  'Locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: up to that many rows for each of the next ceil(batch_size / quantum) round-robin keys (rotating across ticks), interleaved, then the oldest remaining rows.';
 
 -- Throttle buckets: [{"gate", "partition", "rate", "per", "burst"}].
 -- Creates missing buckets full, locks all in order, refills them to `now`
@@ -348,27 +335,34 @@ DECLARE
   admitted integer;
   target jsonb;
   job record;
+  ids bigint[];
+  queues text[];
   queue_name text;
 BEGIN
-  WITH wanted AS (
+  -- Look rows up by primary key (= ANY of an array), never by joining the
+  -- staged table against a set the planner cannot size: that would be a
+  -- sequential scan of the whole backlog.
+  ids := ARRAY(SELECT (j ->> 'id')::bigint FROM jsonb_array_elements(jobs) AS j);
+  WITH moved AS (
+    DELETE FROM dispatch_policy.staged_jobs s
+    WHERE s.id = ANY (ids) AND s.policy = admit.policy
+    RETURNING s.*
+  ), slots AS (
     SELECT (j ->> 'id')::bigint AS id, coalesce(j -> 'slots', '{}'::jsonb) AS slots
     FROM jsonb_array_elements(jobs) AS j
-  ), moved AS (
-    DELETE FROM dispatch_policy.staged_jobs s
-    USING wanted w
-    WHERE s.id = w.id AND s.policy = admit.policy
-    RETURNING s.*, w.slots
+  ), inserted AS (
+    INSERT INTO dispatch_policy.admitted_jobs
+      (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
+       admitted_at, lease_expires_at, partitions)
+    SELECT m.id, m.policy, m.queue, m.priority, m.args, m.context, m.dedupe_key, m.round_robin_key, m.attempt,
+           m.created_at, m.staged_at, admit.now, admit.now + make_interval(secs => lease_seconds), sl.slots
+    FROM moved m JOIN slots sl ON sl.id = m.id
+    RETURNING queue
   )
-  INSERT INTO dispatch_policy.admitted_jobs
-    (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
-     admitted_at, lease_expires_at, partitions)
-  SELECT m.id, m.policy, m.queue, m.priority, m.args, m.context, m.dedupe_key, m.round_robin_key, m.attempt,
-         m.created_at, m.staged_at, admit.now, admit.now + make_interval(secs => lease_seconds), m.slots
-  FROM moved m;
-  GET DIAGNOSTICS admitted = ROW_COUNT;
-  IF admitted <> jsonb_array_length(jobs) THEN
-    RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', jsonb_array_length(jobs) - admitted,
-                    jsonb_array_length(jobs), quote_literal(admit.policy)
+  SELECT count(*), array_agg(DISTINCT i.queue) INTO admitted, queues FROM inserted i;
+  IF admitted <> cardinality(ids) THEN
+    RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,
+                    cardinality(ids), quote_literal(admit.policy)
       USING ERRCODE = '55000',
             HINT = 'Admit only jobs this transaction fetched with fetch_batch (they are locked until it ends).';
   END IF;
@@ -400,16 +394,13 @@ BEGIN
   IF target ->> 'type' = 'sql' THEN
     FOR job IN
       SELECT a.id, a.queue, a.args, a.context FROM dispatch_policy.admitted_jobs a
-      WHERE a.id IN (SELECT (j ->> 'id')::bigint FROM jsonb_array_elements(jobs) j)
+      WHERE a.id = ANY (ids)
       ORDER BY a.priority, a.id
     LOOP
       PERFORM dispatch_policy._hand_off(target ->> 'function', job.id, job.queue, job.args, job.context);
     END LOOP;
   ELSE
-    FOR queue_name IN
-      SELECT DISTINCT a.queue FROM dispatch_policy.admitted_jobs a
-      WHERE a.id IN (SELECT (j ->> 'id')::bigint FROM jsonb_array_elements(jobs) j)
-    LOOP
+    FOREACH queue_name IN ARRAY queues LOOP
       PERFORM pg_notify('dispatch_policy_admitted', queue_name);
     END LOOP;
   END IF;

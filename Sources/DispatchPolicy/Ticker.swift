@@ -284,11 +284,10 @@ public struct Ticker: Sendable {
     }
 
     static func decodeStrings(_ text: String) throws -> [String: String] {
-        do {
-            return try JSONDecoder().decode([String: String].self, from: Data(text.utf8))
-        } catch {
-            throw DispatchPolicyError(code: .server, message: "fetch_batch returned a context that is not a string map: \(error)")
+        guard let strings = ContextStrings.parse(text) else {
+            throw DispatchPolicyError(code: .server, message: "fetch_batch returned a context that is not a JSON object: \(text.prefix(200))")
         }
+        return strings
     }
 
     static func timestamp(_ date: Date) -> String {

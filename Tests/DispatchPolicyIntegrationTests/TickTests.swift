@@ -312,3 +312,25 @@ struct AdmissionPrimitiveTests {
         }
     }
 }
+
+@Suite("Templates: Swift and SQL agree")
+struct TemplateParityTests {
+    @Test("a partition rendered by the tick runner equals the one the SQL views render")
+    func parity() async throws {
+        try await withTestDatabase { conn, _ in
+            let contexts = [
+                #"{"a": "plain", "n": 42, "f": 1.50, "big": 1e3, "t": true, "o": {"k": [1, 2]}, "s": "x\"y"}"#,
+                #"{"a": null}"#, "{}",
+            ]
+            let templates = ["{a}", "{n}:{f}", "{big}", "t={t}/{o}", "{s}{missing}", "plain"]
+            for context in contexts {
+                let text = try await conn.scalar("SELECT \(context)::jsonb::text", as: String.self)
+                let strings = try #require(ContextStrings.parse(text))
+                for template in templates {
+                    let sql = try await conn.scalar("SELECT dispatch_policy._render_template(\(template), \(context)::jsonb)", as: String.self)
+                    #expect(Template.render(template, context: strings) == sql, "\(template) with \(context)")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+import DispatchPolicy
+import Foundation
+import Logging
+import PostgresNIO
+import Testing
+
+private func setUp(_ settings: ConnectionSettings, _ config: PolicyConfig, jobs: Int, context: [String: String] = [:]) async throws {
+    try await TestServer.withConnection(settings) { conn in
+        try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try config.json())
+        if jobs > 0 {
+            let specs = try (0..<jobs).map { try JobSpec(args: ["n": $0], context: context) }
+            _ = try await Stager(executor: conn, logger: TestServer.logger).stageMany(policy: "p", specs)
+        }
+    }
+}
+
+private func admittedCount(_ settings: ConnectionSettings) async throws -> Int {
+    try await TestServer.withConnection(settings) { conn in
+        try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs", as: Int.self)
+    }
+}
+
+@Suite("Runner")
+struct RunnerTests {
+    @Test("dispatch-policy tick prints one line per policy: admitted, refused by gate, tokens, time per tick")
+    func tickCommand() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await setUp(settings, PolicyConfig {
+            Gate.throttle(name: "per_endpoint", rate: 1, per: 3600, burst: 3)
+            Gate.concurrency(max: 2)
+        }, jobs: 10)
+        let once = try cli(["tick"], settings: settings)
+        #expect(once.status == 0, "\(once.stderr)")
+        #expect(once.stdout.hasPrefix("p: admitted 2 in 1 tick ("))
+        #expect(once.stdout.contains("refused concurrency=8"))
+        #expect(once.stdout.contains("tokens per_endpoint=1.0"))
+        let forAWhile = try cli(["tick", "--for", "1s", "--idle-pause", "200ms"], settings: settings)
+        #expect(forAWhile.status == 0)
+        #expect(forAWhile.stdout.hasPrefix("p: admitted 0 in "))
+        #expect(try cli(["tick", "--once", "--for", "1s"], settings: settings).status != 0)
+        let empty = try await TestServer.shared.freshDatabase()
+        #expect(try cli(["tick"], settings: empty).stdout == "nothing to admit\n")
+    }
+
+    @Test("an idle runner admits a newly staged job on NOTIFY, long before its idle pause ends")
+    func listenWakesRunner() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await setUp(settings, PolicyConfig(), jobs: 0)
+        var options = TickRunnerOptions()
+        options.idlePause = .seconds(300)
+        options.runFor = .seconds(120)
+        let runner = TickRunner(connection: settings, options: options, logger: TestServer.logger)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { _ = try await runner.runLoop() }
+            // Let the runner finish its first (empty) pass and go idle.
+            try await Task.sleep(for: .milliseconds(500))
+            try await TestServer.withConnection(settings) { conn in
+                _ = try await Stager(executor: conn, logger: TestServer.logger).stage(policy: "p", JobSpec(argsJSON: "1"))
+            }
+            var admitted = 0
+            for _ in 0..<100 where admitted == 0 {
+                try await Task.sleep(for: .milliseconds(100))
+                admitted = try await admittedCount(settings)
+            }
+            #expect(admitted == 1, "the job was not admitted within 10 s although the runner listens")
+            group.cancelAll()
+        }
+    }
+
+    @Test("with rate 0 the runner admits nothing and does not spin")
+    func rateZeroDoesNotSpin() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await setUp(settings, PolicyConfig { Gate.throttle(rate: 0, per: 1) }, jobs: 5)
+        var options = TickRunnerOptions()
+        options.runFor = .milliseconds(1500)
+        options.idlePause = .milliseconds(500)
+        let summaries = try await TickRunner(connection: settings, options: options, logger: TestServer.logger).runLoop()
+        let summary = try #require(summaries.first)
+        #expect(summary.admitted == 0)
+        #expect(summary.ticks <= 4, "\(summary.ticks) ticks in 1.5 s with a 0.5 s idle pause")
+        #expect(summary.refusedByGate["throttle"] == 5 * summary.ticks)
+    }
+
+    @Test("dispatch-policy run admits continuously and exits 0 on SIGTERM")
+    func runCommandStopsOnSIGTERM() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await setUp(settings, PolicyConfig { Gate.concurrency(max: 3) }, jobs: 10)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: cliPath)
+        process.arguments = ["run", "--idle-pause", "100ms"]
+        process.environment = libpqEnvironment(settings)
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        var admitted = 0
+        for _ in 0..<100 where admitted < 3 {
+            try await Task.sleep(for: .milliseconds(100))
+            admitted = try await admittedCount(settings)
+        }
+        #expect(admitted == 3)
+        // Slots freed by completions are refilled by the running service.
+        try await TestServer.withConnection(settings) { conn in
+            try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
+        }
+        for _ in 0..<100 {
+            try await Task.sleep(for: .milliseconds(100))
+            if try await admittedCount(settings) == 3 { break }
+        }
+        #expect(try await admittedCount(settings) == 3)
+        process.terminate()  // SIGTERM
+        process.waitUntilExit()
+        #expect(process.terminationReason == .exit)
+        #expect(process.terminationStatus == 0)
+    }
+}
