@@ -3,7 +3,7 @@ import PackageDescription
 
 let package = Package(
     name: "dispatch-policy",
-    platforms: [.macOS(.v14)],
+    platforms: [.macOS(.v15)],
     products: [
         .library(name: "DispatchPolicy", targets: ["DispatchPolicy"]),
         .library(name: "EmbeddedPostgres", targets: ["EmbeddedPostgres"]),

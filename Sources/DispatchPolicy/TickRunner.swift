@@ -122,7 +122,9 @@ public struct TickRunner: Service {
         conn: PostgresConnection, listener: PostgresConnection?, deadline: ContinuousClock.Instant?, wake: WakeSignal
     ) async throws -> [PolicySummary] {
         var summaries: [String: PolicySummary] = [:]
-        let ticker = Ticker(connection: conn, settings: options.tick, logger: logger)
+        let original = conn
+        var conn = conn
+        var ticker = Ticker(connection: conn, settings: options.tick, logger: logger)
         return try await withThrowingTaskGroup(of: Void.self) { group in
             if let listener {
                 for channel in ["dispatch_policy_staged", "dispatch_policy_released"] {
@@ -136,18 +138,35 @@ public struct TickRunner: Service {
             var lastMaintenance: ContinuousClock.Instant?
             while !Task.isCancelled && !Task.isShuttingDownGracefully {
                 if let deadline, ContinuousClock.now >= deadline { break }
-                if lastMaintenance.map({ ContinuousClock.now - $0 >= options.maintenanceInterval }) ?? true {
-                    try await maintain(conn)
-                    lastMaintenance = .now
-                }
                 var admitted = 0
-                for policy in try await ticker.policiesWithWork(only: options.policy) {
-                    let result = try await ticker.tick(policy: policy)
-                    summaries[policy, default: PolicySummary(policy: policy)].add(result)
-                    admitted += result.admitted
+                var failed = false
+                do {
+                    if lastMaintenance.map({ ContinuousClock.now - $0 >= options.maintenanceInterval }) ?? true {
+                        try await maintain(conn)
+                        lastMaintenance = .now
+                    }
+                    for policy in try await ticker.policiesWithWork(only: options.policy) {
+                        let result = try await ticker.tick(policy: policy)
+                        summaries[policy, default: PolicySummary(policy: policy)].add(result)
+                        admitted += result.admitted
+                    }
+                } catch {
+                    // One pass failed (a deadlock abort, a dropped connection, a
+                    // policy that cannot be read): its transaction rolled back, so
+                    // nothing is lost. A one-shot run reports it; a long-running
+                    // one logs it and tries again after the idle pause.
+                    if options.once || Task.isCancelled { throw error }
+                    logger.error("admission pass failed; retrying", metadata: ["error": "\(error)"])
+                    failed = true
                 }
                 if options.once { break }
-                var pause = admitted > 0 ? options.busyPause : options.idlePause
+                if failed && conn.isClosed {
+                    if let fresh = try? await connection.connect(logger: logger) {
+                        conn = fresh
+                        ticker = Ticker(connection: fresh, settings: options.tick, logger: logger)
+                    }
+                }
+                var pause = admitted > 0 && !failed ? options.busyPause : options.idlePause
                 if let deadline { pause = min(pause, max(deadline - .now, .zero)) }
                 if pause > .zero {
                     await withGracefulShutdownHandler {
@@ -158,6 +177,9 @@ public struct TickRunner: Service {
                 }
             }
             group.cancelAll()
+            // A connection opened after the original dropped is ours to close
+            // (runLoop closes the original).
+            if conn !== original { try? await conn.close() }
             return summaries.values.sorted { $0.policy < $1.policy }
         }
     }

@@ -64,8 +64,8 @@ public struct Ticker: Sendable {
         self.logger = logger
     }
 
-    /// Policies that are not paused and have jobs eligible now (or scheduled
-    /// jobs now due), by name.
+    /// Policies that are not paused and have work: jobs eligible now,
+    /// scheduled jobs now due, expired leases, or observations to fold.
     public func policiesWithWork(only: String? = nil) async throws -> [String] {
         try await connection.rows(
             """
@@ -74,7 +74,8 @@ public struct Ticker: Sendable {
               AND (EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name AND s.not_before IS NULL)
                    OR EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
                               AND s.not_before IS NOT NULL AND s.not_before <= now())
-                   OR EXISTS (SELECT 1 FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name AND a.lease_expires_at < now()))
+                   OR EXISTS (SELECT 1 FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name AND a.lease_expires_at < now())
+                   OR EXISTS (SELECT 1 FROM dispatch_policy.observations o WHERE o.policy = p.name))
             ORDER BY p.name
             """,
             logger: logger

@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import PostgresNIO
 import ServiceLifecycle
+import Synchronization
 
 @main
 struct DispatchPolicyCommand: AsyncParsableCommand {
@@ -16,7 +17,7 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
-            Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self,
+            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self,
         ]
     )
 }

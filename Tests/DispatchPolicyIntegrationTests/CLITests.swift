@@ -13,12 +13,12 @@ let cliPath: String = {
 }()
 
 /// Runs the CLI against `settings` (through DATABASE_URL unless `env` says otherwise).
-func cli(_ arguments: [String], settings: ConnectionSettings, env: [String: String]? = nil, stdin: String? = nil) throws -> ProcessResult {
+func cli(_ arguments: [String], settings: ConnectionSettings, env: [String: String]? = nil, stdin: String? = nil) async throws -> ProcessResult {
     var environment = env ?? ProcessInfo.processInfo.environment
     if env == nil {
         environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
     }
-    return try runProcess(cliPath, arguments, environment: environment, stdin: stdin)
+    return try await runProcess(cliPath, arguments, environment: environment, stdin: stdin)
 }
 
 @Suite("CLI")
@@ -26,10 +26,10 @@ struct CLITests {
     @Test("migrate applies every file, then reports the database up to date")
     func migrate() async throws {
         let settings = try await TestServer.shared.freshDatabase(migrated: false)
-        let first = try cli(["migrate"], settings: settings)
+        let first = try await cli(["migrate"], settings: settings)
         #expect(first.status == 0, "\(first.stderr)")
         #expect(first.stdout == Migration.embedded.map { "applied \($0.fileName)\n" }.joined())
-        let second = try cli(["migrate"], settings: settings)
+        let second = try await cli(["migrate"], settings: settings)
         #expect(second.status == 0)
         #expect(second.stdout == "up to date (\(Migration.embedded.count) migrations applied)\n")
     }
@@ -44,27 +44,27 @@ struct CLITests {
             """.write(to: file, atomically: true, encoding: .utf8)
         defer { try? FileManager.default.removeItem(at: file) }
 
-        let apply = try cli(["policy", "apply", file.path], settings: settings)
+        let apply = try await cli(["policy", "apply", file.path], settings: settings)
         #expect(apply.status == 0, "\(apply.stderr)")
         #expect(apply.stdout == "declared webhooks\ndeclared emails\n")
 
-        let list = try cli(["policy", "list"], settings: settings)
+        let list = try await cli(["policy", "list"], settings: settings)
         let lines = list.stdout.split(separator: "\n")
         #expect(lines.count == 3)
         #expect(lines[1].hasPrefix("emails") && lines[1].contains("global_cap"))
         #expect(lines[2].hasPrefix("webhooks") && lines[2].contains("per_endpoint (throttle), concurrency"))
 
-        let show = try cli(["policy", "show", "webhooks"], settings: settings)
+        let show = try await cli(["policy", "show", "webhooks"], settings: settings)
         #expect(show.status == 0)
         // Round trip: what show prints, apply reads, and it is the same policy.
         let other = try await TestServer.shared.freshDatabase()
-        let reapply = try cli(["policy", "apply", "-"], settings: other, stdin: show.stdout)
+        let reapply = try await cli(["policy", "apply", "-"], settings: other, stdin: show.stdout)
         #expect(reapply.status == 0, "\(reapply.stderr)")
         try await TestServer.withConnection(other) { conn async throws in
             #expect(try await conn.scalar("SELECT config = \(designExampleConfig)::jsonb FROM dispatch_policy.policies WHERE name = 'webhooks'", as: Bool.self))
         }
 
-        let missing = try cli(["policy", "show", "nope"], settings: settings)
+        let missing = try await cli(["policy", "show", "nope"], settings: settings)
         #expect(missing.status != 0)
         #expect(missing.stderr == "dispatch-policy: unknown policy: 'nope' (SQLSTATE 42704)\n")
     }
@@ -72,7 +72,7 @@ struct CLITests {
     @Test("an invalid policy file fails with one line naming the field and SQLSTATE, and stores nothing")
     func invalidPolicy() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        let result = try cli(["policy", "apply", "-"], settings: settings, stdin: """
+        let result = try await cli(["policy", "apply", "-"], settings: settings, stdin: """
             [{"name": "ok", "config": {}}, {"name": "bad", "config": {"gates": [{"type": "throttle", "rate": 1, "per": 0}]}}]
             """)
         #expect(result.status == 1)
@@ -80,10 +80,10 @@ struct CLITests {
         #expect(result.stderr.hasPrefix("dispatch-policy: policy bad: invalid policy config: gates[0].per must be"))
         #expect(result.stderr.hasSuffix("(SQLSTATE 22023)\n"))
         #expect(result.stdout.isEmpty)
-        let list = try cli(["policy", "list"], settings: settings)
+        let list = try await cli(["policy", "list"], settings: settings)
         #expect(list.stdout.split(separator: "\n").count == 1)
 
-        let notJSON = try cli(["policy", "apply", "-"], settings: settings, stdin: "{nope")
+        let notJSON = try await cli(["policy", "apply", "-"], settings: settings, stdin: "{nope")
         #expect(notJSON.status == 1)
         #expect(notJSON.stderr.hasPrefix("dispatch-policy: policy file is not valid JSON"))
     }
@@ -91,14 +91,14 @@ struct CLITests {
     @Test("stage prints the job id, or that it was deduplicated; errors exit non-zero")
     func stage() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        _ = try cli(["policy", "apply", "-"], settings: settings, stdin: #"{"name": "p", "config": {"round_robin_by": "{account}"}}"#)
-        let first = try cli(["stage", "p", "--args", #"{"n": 1}"#, "--context", #"{"account": "a"}"#, "--dedupe-key", "k", "--queue", "q", "--priority", "3"], settings: settings)
+        _ = try await cli(["policy", "apply", "-"], settings: settings, stdin: #"{"name": "p", "config": {"round_robin_by": "{account}"}}"#)
+        let first = try await cli(["stage", "p", "--args", #"{"n": 1}"#, "--context", #"{"account": "a"}"#, "--dedupe-key", "k", "--queue", "q", "--priority", "3"], settings: settings)
         #expect(first.status == 0, "\(first.stderr)")
         let id = try #require(Int64(first.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))
-        let again = try cli(["stage", "p", "--args", "{}", "--dedupe-key", "k"], settings: settings)
+        let again = try await cli(["stage", "p", "--args", "{}", "--dedupe-key", "k"], settings: settings)
         #expect(again.status == 0)
         #expect(again.stdout.hasPrefix("deduplicated"))
-        let later = try cli(["stage", "p", "--args", "{}", "--delay", "10m"], settings: settings)
+        let later = try await cli(["stage", "p", "--args", "{}", "--delay", "10m"], settings: settings)
         #expect(later.status == 0)
         try await TestServer.withConnection(settings) { conn async throws in
             let (queue, priority, rr) = try #require(try await conn.rows(
@@ -108,13 +108,13 @@ struct CLITests {
             #expect(try await conn.scalar("SELECT scheduled FROM dispatch_policy.policy_overview", as: Int.self) == 1)
         }
 
-        let unknown = try cli(["stage", "nope", "--args", "{}"], settings: settings)
+        let unknown = try await cli(["stage", "nope", "--args", "{}"], settings: settings)
         #expect(unknown.status == 1)
         #expect(unknown.stderr == "dispatch-policy: unknown policy: 'nope' (SQLSTATE 42704)\n")
-        let badJSON = try cli(["stage", "p", "--args", "{"], settings: settings)
+        let badJSON = try await cli(["stage", "p", "--args", "{"], settings: settings)
         #expect(badJSON.status == 1)
         #expect(badJSON.stderr == "dispatch-policy: --args is not valid JSON: {\n")
-        let badContext = try cli(["stage", "p", "--args", "{}", "--context", "[1]"], settings: settings)
+        let badContext = try await cli(["stage", "p", "--args", "{}", "--context", "[1]"], settings: settings)
         #expect(badContext.status == 1)
         #expect(badContext.stderr.contains("context must be a JSON object") && badContext.stderr.contains("SQLSTATE 22023"))
     }
@@ -122,10 +122,10 @@ struct CLITests {
     @Test("the connection comes from --database-url, else DATABASE_URL, else the PG* variables")
     func connectionSources() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        _ = try cli(["policy", "apply", "-"], settings: settings, stdin: #"{"name": "from_url", "config": {}}"#)
+        _ = try await cli(["policy", "apply", "-"], settings: settings, stdin: #"{"name": "from_url", "config": {}}"#)
 
         // PG* variables only.
-        let pgOnly = try cli(["policy", "list"], settings: settings, env: libpqEnvironment(settings))
+        let pgOnly = try await cli(["policy", "list"], settings: settings, env: libpqEnvironment(settings))
         #expect(pgOnly.status == 0, "\(pgOnly.stderr)")
         #expect(pgOnly.stdout.contains("from_url"))
 
@@ -133,16 +133,16 @@ struct CLITests {
         var env = libpqEnvironment(settings)
         env["PGDATABASE"] = "does_not_exist"
         env["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
-        let viaURL = try cli(["policy", "list"], settings: settings, env: env)
+        let viaURL = try await cli(["policy", "list"], settings: settings, env: env)
         #expect(viaURL.status == 0, "\(viaURL.stderr)")
 
         // --database-url wins over DATABASE_URL.
         env["DATABASE_URL"] = "postgres://nobody@127.0.0.1:1/nothing?sslmode=disable"
-        let viaFlag = try cli(["policy", "list", "--database-url", settings.description], settings: settings, env: env)
+        let viaFlag = try await cli(["policy", "list", "--database-url", settings.description], settings: settings, env: env)
         #expect(viaFlag.status == 0, "\(viaFlag.stderr)")
 
         // A server that is not there: one line, non-zero.
-        let refused = try cli(["policy", "list"], settings: settings, env: env)
+        let refused = try await cli(["policy", "list"], settings: settings, env: env)
         #expect(refused.status == 1)
         #expect(refused.stderr.hasPrefix("dispatch-policy: cannot connect to postgres://nobody@127.0.0.1:1/nothing"))
         #expect(refused.stderr.split(separator: "\n").count == 1)

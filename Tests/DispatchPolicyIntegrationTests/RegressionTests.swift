@@ -31,34 +31,17 @@ struct ProcessResult {
     var stderr: String
 }
 
-/// Runs a program to completion, capturing its output (standard error goes
-/// through a temporary file, so one pipe cannot fill up and block the child).
-func runProcess(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String? = nil) throws -> ProcessResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    process.environment = environment
-    let errURL = FileManager.default.temporaryDirectory.appending(path: "dp-stderr-\(UUID().uuidString)")
-    _ = FileManager.default.createFile(atPath: errURL.path, contents: nil)
-    defer { try? FileManager.default.removeItem(at: errURL) }
-    let errHandle = try FileHandle(forWritingTo: errURL)
-    let out = Pipe()
-    process.standardOutput = out
-    process.standardError = errHandle
-    let input = Pipe()
-    process.standardInput = stdin == nil ? FileHandle.nullDevice : input
-    try process.run()
-    if let stdin {
-        input.fileHandleForWriting.write(Data(stdin.utf8))
-        try input.fileHandleForWriting.close()
+/// Runs a program to completion, capturing its output.
+func runProcess(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String? = nil) async throws -> ProcessResult {
+    let child = try spawnChild(executable, arguments, environment: environment, stdin: stdin)
+    let ending = await child.wait()
+    let (out, err) = child.output()
+    let status: Int32
+    switch ending {
+    case .exited(let code): status = code
+    case .signaled(let signal): status = 128 + signal
     }
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    try errHandle.close()
-    return ProcessResult(
-        status: process.terminationStatus,
-        stdout: String(decoding: outData, as: UTF8.self),
-        stderr: (try? String(contentsOf: errURL, encoding: .utf8)) ?? "")
+    return ProcessResult(status: status, stdout: out, stderr: err)
 }
 
 @Suite("SQL regression (pg_regress)")
@@ -67,7 +50,7 @@ struct RegressionTests {
     func pgRegress() async throws {
         let server = try await TestServer.shared.get()
         let env = libpqEnvironment(server.admin)
-        let result = try runProcess("/usr/bin/make", ["-C", packageRoot.appending(path: "sql").path, "installcheck"], environment: env)
+        let result = try await runProcess("/usr/bin/make", ["-C", packageRoot.appending(path: "sql").path, "installcheck"], environment: env)
         if result.status != 0 {
             let diffs = (try? String(contentsOf: packageRoot.appending(path: "sql/test/regression.diffs"), encoding: .utf8)) ?? ""
             Issue.record("pg_regress failed (status \(result.status)):\n\(result.stdout)\n\(result.stderr)\n\(diffs)")

@@ -29,17 +29,17 @@ struct RunnerTests {
             Gate.throttle(name: "per_endpoint", rate: 1, per: 3600, burst: 3)
             Gate.concurrency(max: 2)
         }, jobs: 10)
-        let once = try cli(["tick"], settings: settings)
+        let once = try await cli(["tick"], settings: settings)
         #expect(once.status == 0, "\(once.stderr)")
         #expect(once.stdout.hasPrefix("p: admitted 2 in 1 tick ("))
         #expect(once.stdout.contains("refused concurrency=8"))
         #expect(once.stdout.contains("tokens per_endpoint=1.0"))
-        let forAWhile = try cli(["tick", "--for", "1s", "--idle-pause", "200ms"], settings: settings)
+        let forAWhile = try await cli(["tick", "--for", "1s", "--idle-pause", "200ms"], settings: settings)
         #expect(forAWhile.status == 0)
         #expect(forAWhile.stdout.hasPrefix("p: admitted 0 in "))
-        #expect(try cli(["tick", "--once", "--for", "1s"], settings: settings).status != 0)
+        #expect(try await cli(["tick", "--once", "--for", "1s"], settings: settings).status != 0)
         let empty = try await TestServer.shared.freshDatabase()
-        #expect(try cli(["tick"], settings: empty).stdout == "nothing to admit\n")
+        #expect(try await cli(["tick"], settings: empty).stdout == "nothing to admit\n")
     }
 
     @Test("an idle runner admits a newly staged job on NOTIFY, long before its idle pause ends")
@@ -81,17 +81,50 @@ struct RunnerTests {
         #expect(summary.refusedByGate["throttle"] == 5 * summary.ticks)
     }
 
+    @Test("a failing pass is retried by a long-running runner; tick --once reports it and exits 1")
+    func survivesFailingPass() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn in
+            try await conn.exec("CREATE TABLE public.target_down (down boolean)")
+            try await conn.exec("INSERT INTO public.target_down VALUES (true)")
+            try await conn.exec("CREATE TABLE public.delivered (id bigint)")
+            try await conn.exec("""
+                CREATE FUNCTION public.deliver(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN
+                  IF (SELECT down FROM public.target_down) THEN RAISE EXCEPTION 'target down'; END IF;
+                  INSERT INTO public.delivered VALUES (id);
+                END $$
+                """)
+        }
+        try await setUp(settings, PolicyConfig(target: .sql(function: "public.deliver")), jobs: 3)
+        let once = try await cli(["tick"], settings: settings)
+        #expect(once.status == 1)
+        #expect(once.stderr.contains("target down"))
+        var options = TickRunnerOptions()
+        options.idlePause = .milliseconds(100)
+        options.runFor = .seconds(60)
+        let runner = TickRunner(connection: settings, options: options, logger: TestServer.logger)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { _ = try await runner.runLoop() }
+            try await Task.sleep(for: .milliseconds(500))
+            try await TestServer.withConnection(settings) { conn in try await conn.exec("UPDATE public.target_down SET down = false") }
+            var delivered = 0
+            for _ in 0..<100 where delivered < 3 {
+                try await Task.sleep(for: .milliseconds(100))
+                delivered = try await TestServer.withConnection(settings) { conn in
+                    try await conn.scalar("SELECT count(*) FROM public.delivered", as: Int.self)
+                }
+            }
+            #expect(delivered == 3)
+            group.cancelAll()
+        }
+    }
+
     @Test("dispatch-policy run admits continuously and exits 0 on SIGTERM")
     func runCommandStopsOnSIGTERM() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await setUp(settings, PolicyConfig { Gate.concurrency(max: 3) }, jobs: 10)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: cliPath)
-        process.arguments = ["run", "--idle-pause", "100ms"]
-        process.environment = libpqEnvironment(settings)
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
+        let child = try spawnChild(cliPath, ["run", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
         var admitted = 0
         for _ in 0..<100 where admitted < 3 {
             try await Task.sleep(for: .milliseconds(100))
@@ -107,9 +140,7 @@ struct RunnerTests {
             if try await admittedCount(settings) == 3 { break }
         }
         #expect(try await admittedCount(settings) == 3)
-        process.terminate()  // SIGTERM
-        process.waitUntilExit()
-        #expect(process.terminationReason == .exit)
-        #expect(process.terminationStatus == 0)
+        kill(child.pid, SIGTERM)
+        #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
     }
 }

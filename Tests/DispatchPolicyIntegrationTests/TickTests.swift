@@ -27,7 +27,7 @@ private func count(_ conn: PostgresConnection, _ sql: PostgresQuery) async throw
 }
 
 /// In-flight counters must equal the slots admitted jobs actually hold.
-private func expectCountersConsistent(_ conn: PostgresConnection, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+func expectCountersConsistent(_ conn: PostgresConnection, sourceLocation: SourceLocation = #_sourceLocation) async throws {
     let mismatches = try await conn.rows(
         """
         WITH held AS (

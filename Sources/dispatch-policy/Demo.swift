@@ -1,0 +1,324 @@
+import ArgumentParser
+import DispatchPolicy
+import EmbeddedPostgres
+import Foundation
+import Logging
+import PostgresNIO
+import ServiceLifecycle
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Demo: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Watch admission control work: a private PostgreSQL, policies with every gate, a noisy tenant, live numbers.",
+        discussion: """
+            Without --database-url (or DATABASE_URL) it starts a throwaway PostgreSQL cluster with the \
+            system's binaries and removes it at the end (unless --keep). It stages a burst across many \
+            tenants, one of them noisy, runs the runner and simulated workers in this process, shows a \
+            table refreshed about once a second, and ends with a summary of what each gate held. Ctrl-C ends it early.
+            """)
+
+    @Option(name: .customLong("database-url"), help: "Use this database instead of a private cluster.")
+    var databaseURL: String?
+
+    @Option(help: "How long to run, such as 30s.")
+    var duration: String = "30s"
+
+    @Flag(help: "Leave the private cluster running at the end and print its URL.")
+    var keep = false
+
+    func run() async throws {
+        var logger = Logger(label: "dispatch-policy.demo")
+        logger.logLevel = .warning
+        try await reportingErrors {
+            guard let runFor = DurationParser.parse(duration), runFor > .zero else {
+                throw DispatchPolicyError(code: .invalidArgument, message: "--duration must be a duration such as 30s, got \(duration)")
+            }
+            var cluster: EmbeddedPostgres?
+            let settings: ConnectionSettings
+            if let url = databaseURL ?? ProcessInfo.processInfo.environment["DATABASE_URL"], !url.isEmpty {
+                settings = try ConnectionSettings(url: url)
+            } else {
+                print("starting a private PostgreSQL cluster...")
+                do {
+                    cluster = try await EmbeddedPostgres.start(.init(keepRunning: keep), logger: logger)
+                } catch {
+                    throw DispatchPolicyError(code: .invalidConnectionSettings, message: "cannot start a private PostgreSQL: \(error)")
+                }
+                settings = try ConnectionSettings(url: cluster!.url())
+            }
+            let driver = DemoDriver(settings: settings, runFor: runFor, logger: logger)
+            try await driver.prepare()
+            var runnerOptions = TickRunnerOptions()
+            runnerOptions.busyPause = .milliseconds(20)
+            runnerOptions.idlePause = .milliseconds(250)
+            let runner = TickRunner(connection: settings, options: runnerOptions, logger: logger)
+            var webhookOptions = WorkerOptions()
+            webhookOptions.concurrency = 24
+            webhookOptions.name = "demo-webhooks"
+            var webhooks = Worker(connection: settings, options: webhookOptions, logger: logger)
+            webhooks.register("demo_webhooks") { _ in try await Task.sleep(for: .milliseconds(Int.random(in: 20...80))) }
+            var reportOptions = WorkerOptions()
+            reportOptions.queues = ["reports"]
+            reportOptions.concurrency = 10
+            reportOptions.retryIn = .seconds(1)
+            reportOptions.name = "demo-reports"
+            var reports = Worker(connection: settings, options: reportOptions, logger: logger)
+            reports.register("demo_reports") { _ in
+                try await Task.sleep(for: .milliseconds(Int.random(in: 60...240)))
+                if Int.random(in: 0..<100) < 3 { throw DemoFailure() }
+            }
+            let group = ServiceGroup(configuration: .init(
+                services: [
+                    .init(service: runner), .init(service: webhooks), .init(service: reports),
+                    .init(service: driver, successTerminationBehavior: .gracefullyShutdownGroup),
+                ],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
+            try await group.run()
+            try await driver.printSummary()
+            if let cluster {
+                if keep {
+                    print("\nthe database is still running: \(cluster.url())")
+                    print("stop it with: \(geteuid() == 0 ? "runuser -u postgres -- " : "")\(cluster.binDirectory)/pg_ctl -D \(cluster.dataDirectory) stop")
+                } else {
+                    try? cluster.stop()
+                }
+            }
+        }
+    }
+}
+
+struct DemoFailure: Error, CustomStringConvertible {
+    var description: String { "simulated report failure" }
+}
+
+/// Declares the demo policies, stages the burst, shows the live table until
+/// the time is up, then returns (which shuts the group down).
+struct DemoDriver: Service {
+    let settings: ConnectionSettings
+    let runFor: Duration
+    let logger: Logger
+
+    static let smallTenants = (1...12).map { String(format: "t%02d", $0) }
+    static let noisyRate = 20.0
+    static let noisyBurst = 20.0
+    static let accountCap = 4
+    static let globalCap = 24
+
+    func prepare() async throws {
+        let conn = try await settings.connect(logger: logger)
+        defer { Task { try? await conn.close() } }
+        try await Migrator(logger: logger).migrate(on: conn)
+        let webhooks = PolicyConfig(roundRobinBy: "{account}", batchSize: 200) {
+            Gate.throttle(name: "per_endpoint", rate: .context("rate_limit", default: 30), per: 1,
+                          burst: .context("rate_limit", default: 30), partitionBy: "{endpoint}")
+            Gate.concurrency(name: "per_account", max: .constant(Double(Self.accountCap)), partitionBy: "{account}")
+            Gate.globalCap(max: Self.globalCap)
+            Gate.fairInterleave()
+        }
+        let reports = PolicyConfig(roundRobinBy: "{account}", batchSize: 100, maxAttempts: 5) {
+            Gate.adaptiveConcurrency(name: "adaptive", partitionBy: "{account}", initialMax: 2, targetLagMs: 250, min: 1, max: 12)
+        }
+        let catalog = PolicyCatalog(executor: conn, logger: logger)
+        try await catalog.declare(name: "demo_webhooks", config: try webhooks.json())
+        try await catalog.declare(name: "demo_reports", config: try reports.json())
+        // Start from a clean slate when run twice against the same database.
+        for table in ["staged_jobs", "admitted_jobs", "finished_jobs", "job_failures", "throttle_buckets",
+                      "inflight_counters", "adaptive_stats", "observations", "observation_minutes"] {
+            _ = try await conn.rows(PostgresQuery(unsafeSQL: "DELETE FROM dispatch_policy.\(table) WHERE policy LIKE 'demo\\_%'"), logger: logger)
+        }
+        _ = try await conn.rows("DELETE FROM dispatch_policy.dedupe_keys WHERE policy LIKE 'demo\\_%'", logger: logger)
+        let stager = Stager(executor: conn, logger: logger)
+        // The noisy tenant first: 3,000 webhooks to one endpoint limited to 20/s, and 300 reports.
+        let noisy = try (0..<3000).map { i in
+            try JobSpec(args: ["event": i], context: ["account": "acme", "endpoint": "acme-hook", "rate_limit": "\(Int(Self.noisyRate))"])
+        }
+        _ = try await stager.stageMany(policy: "demo_webhooks", noisy)
+        _ = try await stager.stageMany(policy: "demo_reports", try (0..<300).map { try JobSpec(args: ["report": $0], context: ["account": "acme"], queue: "reports") })
+        // Then twelve small tenants behind it.
+        for tenant in Self.smallTenants {
+            _ = try await stager.stageMany(policy: "demo_webhooks", try (0..<15).map {
+                try JobSpec(args: ["event": $0], context: ["account": tenant, "endpoint": "\(tenant)-hook"])
+            })
+            _ = try await stager.stageMany(policy: "demo_reports", try (0..<10).map {
+                try JobSpec(args: ["report": $0], context: ["account": tenant], queue: "reports")
+            })
+        }
+    }
+
+    struct Sample {
+        var maxAccountInFlight = 0
+        var maxGlobalInFlight = 0
+        var adaptiveCaps: [String: (min: Int, max: Int)] = [:]
+    }
+
+    func run() async throws {
+        let conn = try await settings.connect(logger: logger)
+        let started = ContinuousClock.now
+        var previous: [String: Int] = [:]
+        var sample = Sample()
+        let live = isatty(STDOUT_FILENO) != 0
+        while !Task.isShuttingDownGracefully {
+            let elapsed = ContinuousClock.now - started
+            if elapsed >= runFor { break }
+            do {
+                try await render(conn, elapsed: elapsed, previous: &previous, sample: &sample, live: live)
+            } catch {
+                logger.warning("demo display failed", metadata: ["error": "\(error)"])
+            }
+            try? await Task.sleep(for: .seconds(1))
+            // A trickle of new work from the small tenants keeps the table moving.
+            let tenant = Self.smallTenants.randomElement()!
+            _ = try? await Stager(executor: conn, logger: logger).stage(
+                policy: "demo_webhooks", try JobSpec(args: ["event": "live"], context: ["account": tenant, "endpoint": "\(tenant)-hook"]))
+        }
+        DemoDriver.lastSample.withLock { $0 = sample }
+        try? await conn.close()
+    }
+
+    static let lastSample = Mutex(Sample())
+
+    /// Admissions so far, per policy: every attempt that was ever admitted.
+    func admissions(_ conn: PostgresConnection) async throws -> [String: Int] {
+        var result: [String: Int] = [:]
+        for row in try await conn.rows(
+            """
+            SELECT policy, sum(n)::int FROM (
+              SELECT policy, count(*) AS n FROM dispatch_policy.admitted_jobs GROUP BY 1
+              UNION ALL SELECT policy, sum(attempts) FROM dispatch_policy.finished_jobs GROUP BY 1
+              UNION ALL SELECT policy, sum(attempt - 1) FROM dispatch_policy.staged_jobs GROUP BY 1) x
+            WHERE policy LIKE 'demo\\_%' GROUP BY 1
+            """, logger: logger
+        ) {
+            let (policy, n) = try row.decode((String, Int).self)
+            result[policy] = n
+        }
+        return result
+    }
+
+    func render(_ conn: PostgresConnection, elapsed: Duration, previous: inout [String: Int], sample: inout Sample, live: Bool) async throws {
+        let admitted = try await admissions(conn)
+        var lines: [String] = []
+        lines.append("dispatch-policy demo — \(elapsed.components.seconds)s of \(runFor.components.seconds)s   (Ctrl-C ends it)")
+        lines.append("")
+        var rows: [[String]] = []
+        for row in try await conn.rows(
+            """
+            SELECT policy, pending, in_flight, completed_24h, failed_24h FROM dispatch_policy.policy_overview
+            WHERE policy LIKE 'demo\\_%' ORDER BY policy
+            """, logger: logger
+        ) {
+            let (policy, pending, inFlight, done, failed) = try row.decode((String, Int, Int, Int, Int).self)
+            let rate = (admitted[policy] ?? 0) - (previous[policy] ?? admitted[policy] ?? 0)
+            rows.append([policy, "\(pending)", "\(rate)", "\(inFlight)", "\(done)", "\(failed)"])
+        }
+        previous = admitted
+        lines.append(TextTable.render(header: ["POLICY", "PENDING", "ADMITTED/S", "IN FLIGHT", "DONE", "FAILED"], rows: rows))
+        lines.append("")
+        var partitions: [[String]] = []
+        for row in try await conn.rows(
+            """
+            SELECT c.gate || '/' || c.partition, c.in_flight,
+                   coalesce(a.current_max::text, CASE c.gate WHEN 'per_account' THEN '4' WHEN 'global_cap' THEN '24' END, '-'),
+                   coalesce(round(a.ewma_lag_ms)::text || ' ms', '-')
+            FROM dispatch_policy.inflight_counters c
+            LEFT JOIN dispatch_policy.adaptive_stats a USING (policy, gate, partition)
+            WHERE c.policy LIKE 'demo\\_%' AND (c.partition IN ('acme', 't01', 't02', 'default'))
+            ORDER BY c.gate, c.partition
+            """, logger: logger
+        ) {
+            let (key, inFlight, cap, ewma) = try row.decode((String, Int, String, String).self)
+            partitions.append([key, "\(inFlight)", cap, "-", ewma])
+        }
+        for row in try await conn.rows(
+            """
+            SELECT gate || '/' || partition, round(least(burst, tokens + rate * extract(epoch FROM now() - refilled_at) / per_seconds)::numeric, 1)::text
+            FROM dispatch_policy.throttle_buckets WHERE policy = 'demo_webhooks' AND partition IN ('acme-hook', 't01-hook')
+            ORDER BY 1
+            """, logger: logger
+        ) {
+            let (key, tokens) = try row.decode((String, String).self)
+            partitions.append([key, "-", "-", tokens, "-"])
+        }
+        lines.append(TextTable.render(header: ["GATE/PARTITION", "IN FLIGHT", "CAP", "TOKENS", "EWMA LAG"], rows: partitions))
+
+        for row in try await conn.rows(
+            "SELECT gate, partition, in_flight FROM dispatch_policy.inflight_counters WHERE policy = 'demo_webhooks'", logger: logger
+        ) {
+            let (gate, _, inFlight) = try row.decode((String, String, Int).self)
+            if gate == "per_account" { sample.maxAccountInFlight = max(sample.maxAccountInFlight, inFlight) }
+            if gate == "global_cap" { sample.maxGlobalInFlight = max(sample.maxGlobalInFlight, inFlight) }
+        }
+        for row in try await conn.rows("SELECT partition, current_max FROM dispatch_policy.adaptive_stats WHERE policy = 'demo_reports'", logger: logger) {
+            let (partition, cap) = try row.decode((String, Int).self)
+            let seen = sample.adaptiveCaps[partition] ?? (cap, cap)
+            sample.adaptiveCaps[partition] = (min(seen.min, cap), max(seen.max, cap))
+        }
+        if live {
+            print("\u{1B}[H\u{1B}[2J" + lines.joined(separator: "\n"))
+        } else {
+            // Not a terminal (CI, a pipe): one compact line a second.
+            print("t=\(elapsed.components.seconds)s " + rows.map { "\($0[0]): pending \($0[1]), admitted/s \($0[2]), in flight \($0[3]), done \($0[4])" }.joined(separator: "; "))
+        }
+        fflush(nil)
+    }
+
+    /// What each gate held, from the database.
+    func printSummary() async throws {
+        let conn = try await settings.connect(logger: logger)
+        defer { Task { try? await conn.close() } }
+        let sample = DemoDriver.lastSample.withLock { $0 }
+        print("\n=== summary ===")
+        // Throttle: admissions of the noisy endpoint against burst + rate × t.
+        let throttled = try await conn.rows(
+            """
+            SELECT count(*)::int, coalesce(extract(epoch FROM max(t) - min(t)), 0)::float8 FROM (
+              SELECT admitted_at AS t FROM dispatch_policy.admitted_jobs WHERE context ->> 'endpoint' = 'acme-hook'
+              UNION ALL SELECT admitted_at FROM dispatch_policy.finished_jobs WHERE context ->> 'endpoint' = 'acme-hook') x
+            """, logger: logger
+        ).first!.decode((Int, Double).self)
+        let allowed = Self.noisyBurst + Self.noisyRate * throttled.1
+        let rate = throttled.1 > 0 ? Double(max(throttled.0 - Int(Self.noisyBurst), 0)) / throttled.1 : 0
+        print(String(format: "throttle     acme-hook: %d admitted in %.1f s = %.1f/s after the burst (limit %.0f/s, burst %.0f; allowed at most %.0f) %@",
+                     throttled.0, throttled.1, rate, Self.noisyRate, Self.noisyBurst, allowed, Double(throttled.0) <= allowed + 1e-9 ? "HELD" : "EXCEEDED"))
+        // Fairness: how long small tenants waited for their first admission, behind acme's 3,000.
+        let waits = try await conn.rows(
+            """
+            SELECT context ->> 'account', extract(epoch FROM min(admitted_at) - min(created_at))::float8 FROM (
+              SELECT context, admitted_at, created_at FROM dispatch_policy.admitted_jobs WHERE policy = 'demo_webhooks'
+              UNION ALL SELECT context, admitted_at, created_at FROM dispatch_policy.finished_jobs WHERE policy = 'demo_webhooks') x
+            GROUP BY 1
+            """, logger: logger
+        ).map { try $0.decode((String, Double).self) }
+        let small = waits.filter { $0.0 != "acme" }
+        let worst = small.map(\.1).max() ?? .infinity
+        print(String(format: "fairness     %d of %d small tenants admitted; the slowest waited %.2f s for its first job, behind acme's 3,000",
+                     small.count, Self.smallTenants.count, worst))
+        let pendingAcme = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE context ->> 'account' = 'acme' AND policy = 'demo_webhooks'")
+        print("             acme still has \(pendingAcme) webhooks waiting: its endpoint's limit, not the other tenants, sets its pace")
+        print("concurrency  highest sampled in flight per account: \(sample.maxAccountInFlight) (cap \(Self.accountCap)) \(sample.maxAccountInFlight <= Self.accountCap ? "HELD" : "EXCEEDED")")
+        print("global cap   highest sampled in flight: \(sample.maxGlobalInFlight) (cap \(Self.globalCap)) \(sample.maxGlobalInFlight <= Self.globalCap ? "HELD" : "EXCEEDED")")
+        let caps = sample.adaptiveCaps.sorted { $0.key < $1.key }.prefix(4).map { "\($0.key) \($0.value.min)–\($0.value.max)" }
+        let final = try await conn.rows(
+            "SELECT partition, current_max, coalesce(round(ewma_lag_ms)::int, 0) FROM dispatch_policy.adaptive_stats WHERE policy = 'demo_reports' AND partition = 'acme'",
+            logger: logger
+        ).first.map { try $0.decode((String, Int, Int).self) }
+        print("adaptive     caps seen (min–max): \(caps.joined(separator: ", "))" + (final.map { "; acme now \($0.1) with EWMA lag \($0.2) ms (target 250 ms)" } ?? ""))
+        let totals = try await conn.rows(
+            "SELECT policy, count(*) FILTER (WHERE status = 'completed')::int, count(*) FILTER (WHERE status = 'dead')::int FROM dispatch_policy.finished_jobs WHERE policy LIKE 'demo\\_%' GROUP BY 1 ORDER BY 1",
+            logger: logger
+        ).map { try $0.decode((String, Int, Int).self) }
+        let failures = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.job_failures WHERE policy LIKE 'demo\\_%'")
+        print("done         " + totals.map { "\($0.0): \($0.1) completed, \($0.2) dead" }.joined(separator: "; ") + "; \(failures) failed attempts retried through admission")
+    }
+}
+
+extension PostgresConnection {
+    func scalar(_ query: PostgresQuery) async throws -> Int {
+        try await rows(query, logger: Logger(label: "dispatch-policy.demo")).first!.decode(Int.self)
+    }
+}
