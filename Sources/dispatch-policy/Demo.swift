@@ -111,7 +111,16 @@ struct DemoDriver: Service {
 
     func prepare() async throws {
         let conn = try await settings.connect(logger: logger)
-        defer { Task { try? await conn.close() } }
+        do {
+            try await prepare(conn)
+            try? await conn.close()
+        } catch {
+            try? await conn.close()
+            throw error
+        }
+    }
+
+    private func prepare(_ conn: PostgresConnection) async throws {
         try await Migrator(logger: logger).migrate(on: conn)
         let webhooks = PolicyConfig(roundRobinBy: "{account}", batchSize: 200) {
             Gate.throttle(name: "per_endpoint", rate: .context("rate_limit", default: 30), per: 1,
@@ -270,7 +279,16 @@ struct DemoDriver: Service {
     /// What each gate held, from the database.
     func printSummary() async throws {
         let conn = try await settings.connect(logger: logger)
-        defer { Task { try? await conn.close() } }
+        do {
+            try await printSummary(conn)
+            try? await conn.close()
+        } catch {
+            try? await conn.close()
+            throw error
+        }
+    }
+
+    private func printSummary(_ conn: PostgresConnection) async throws {
         let sample = DemoDriver.lastSample.withLock { $0 }
         print("\n=== summary ===")
         // Throttle: admissions of the noisy endpoint against burst + rate × t.
