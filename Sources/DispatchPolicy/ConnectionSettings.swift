@@ -139,6 +139,24 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// Opens a connection, runs `body` with it, and closes it whether `body`
+    /// returns or throws.
+    public func withConnection<T>(
+        logger: Logger,
+        isolation: isolated (any Actor)? = #isolation,
+        _ body: (PostgresConnection) async throws -> sending T
+    ) async throws -> sending T {
+        let connection = try await connect(logger: logger)
+        do {
+            let result = try await body(connection)
+            try? await connection.close()
+            return result
+        } catch {
+            try? await connection.close()
+            throw error
+        }
+    }
+
     /// The same settings for another database on the same server.
     public func with(database: String) -> ConnectionSettings {
         var copy = self

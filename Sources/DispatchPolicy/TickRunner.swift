@@ -98,23 +98,13 @@ public struct TickRunner: Service {
     public func runLoop() async throws -> [PolicySummary] {
         let deadline = options.runFor.map { ContinuousClock.now + $0 }
         let wake = WakeSignal()
-        let conn = try await connection.connect(logger: logger)
-        let listener: PostgresConnection?
-        do {
-            listener = options.once ? nil : try await connection.connect(logger: logger)
-        } catch {
-            try? await conn.close()
-            throw error
-        }
-        do {
-            let result = try await loop(conn: conn, listener: listener, deadline: deadline, wake: wake)
-            try? await conn.close()
-            try? await listener?.close()
-            return result
-        } catch {
-            try? await conn.close()
-            try? await listener?.close()
-            throw error
+        return try await connection.withConnection(logger: logger) { conn in
+            if options.once {
+                return try await loop(conn: conn, listener: nil, deadline: deadline, wake: wake)
+            }
+            return try await connection.withConnection(logger: logger) { listener in
+                try await loop(conn: conn, listener: listener, deadline: deadline, wake: wake)
+            }
         }
     }
 

@@ -75,17 +75,11 @@ public struct Worker: Service {
     }
 
     public func run() async throws {
-        let conn = try await connection.connect(logger: logger)
-        let listener: PostgresConnection
-        do {
-            listener = try await connection.connect(logger: logger)
-        } catch {
-            try? await conn.close()
-            throw error
+        try await connection.withConnection(logger: logger) { conn in
+            try await connection.withConnection(logger: logger) { listener in
+                await loop(conn: conn, listener: listener)
+            }
         }
-        await loop(conn: conn, listener: listener)
-        try? await conn.close()
-        try? await listener.close()
     }
 
     private func loop(conn: PostgresConnection, listener: PostgresConnection) async {

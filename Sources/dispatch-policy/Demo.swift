@@ -110,14 +110,7 @@ struct DemoDriver: Service {
     static let globalCap = 24
 
     func prepare() async throws {
-        let conn = try await settings.connect(logger: logger)
-        do {
-            try await prepare(conn)
-            try? await conn.close()
-        } catch {
-            try? await conn.close()
-            throw error
-        }
+        try await settings.withConnection(logger: logger) { conn in try await prepare(conn) }
     }
 
     private func prepare(_ conn: PostgresConnection) async throws {
@@ -166,7 +159,10 @@ struct DemoDriver: Service {
     }
 
     func run() async throws {
-        let conn = try await settings.connect(logger: logger)
+        try await settings.withConnection(logger: logger) { conn in try await show(conn) }
+    }
+
+    private func show(_ conn: PostgresConnection) async throws {
         let started = ContinuousClock.now
         var previous: [String: Int] = [:]
         var sample = Sample()
@@ -186,7 +182,6 @@ struct DemoDriver: Service {
                 policy: "demo_webhooks", try JobSpec(args: ["event": "live"], context: ["account": tenant, "endpoint": "\(tenant)-hook"]))
         }
         DemoDriver.lastSample.withLock { $0 = sample }
-        try? await conn.close()
     }
 
     static let lastSample = Mutex(Sample())
@@ -278,14 +273,7 @@ struct DemoDriver: Service {
 
     /// What each gate held, from the database.
     func printSummary() async throws {
-        let conn = try await settings.connect(logger: logger)
-        do {
-            try await printSummary(conn)
-            try? await conn.close()
-        } catch {
-            try? await conn.close()
-            throw error
-        }
+        try await settings.withConnection(logger: logger) { conn in try await printSummary(conn) }
     }
 
     private func printSummary(_ conn: PostgresConnection) async throws {

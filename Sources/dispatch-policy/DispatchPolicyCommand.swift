@@ -48,15 +48,8 @@ struct ConnectionOptions: ParsableArguments {
     func withConnection<T>(_ body: (PostgresConnection, Logger) async throws -> T) async throws -> T {
         let logger = makeLogger()
         return try await reportingErrors {
-            let settings = try ConnectionSettings.resolve(url: databaseURL)
-            let connection = try await settings.connect(logger: logger)
-            do {
-                let result = try await body(connection, logger)
-                try? await connection.close()
-                return result
-            } catch {
-                try? await connection.close()
-                throw error
+            try await ConnectionSettings.resolve(url: databaseURL).withConnection(logger: logger) { connection in
+                try await body(connection, logger)
             }
         }
     }

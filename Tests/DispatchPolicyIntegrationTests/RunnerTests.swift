@@ -57,11 +57,8 @@ struct RunnerTests {
             try await TestServer.withConnection(settings) { conn in
                 _ = try await Stager(executor: conn, logger: TestServer.logger).stage(policy: "p", JobSpec(argsJSON: "1"))
             }
-            var admitted = 0
-            for _ in 0..<100 where admitted == 0 {
-                try await Task.sleep(for: .milliseconds(100))
-                admitted = try await admittedCount(settings)
-            }
+            try await waitUntil(10) { try await admittedCount(settings) > 0 }
+            let admitted = try await admittedCount(settings)
             #expect(admitted == 1, "the job was not admitted within 10 s although the runner listens")
             group.cancelAll()
         }
@@ -108,13 +105,13 @@ struct RunnerTests {
             group.addTask { _ = try await runner.runLoop() }
             try await Task.sleep(for: .milliseconds(500))
             try await TestServer.withConnection(settings) { conn in try await conn.exec("UPDATE public.target_down SET down = false") }
-            var delivered = 0
-            for _ in 0..<100 where delivered < 3 {
-                try await Task.sleep(for: .milliseconds(100))
-                delivered = try await TestServer.withConnection(settings) { conn in
+            let deliveredCount = {
+                try await TestServer.withConnection(settings) { conn in
                     try await conn.scalar("SELECT count(*) FROM public.delivered", as: Int.self)
                 }
             }
+            try await waitUntil(10) { try await deliveredCount() >= 3 }
+            let delivered = try await deliveredCount()
             #expect(delivered == 3)
             group.cancelAll()
         }
@@ -125,20 +122,14 @@ struct RunnerTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await setUp(settings, PolicyConfig { Gate.concurrency(max: 3) }, jobs: 10)
         let child = try spawnChild(cliPath, ["run", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
-        var admitted = 0
-        for _ in 0..<100 where admitted < 3 {
-            try await Task.sleep(for: .milliseconds(100))
-            admitted = try await admittedCount(settings)
-        }
+        try await waitUntil(10) { try await admittedCount(settings) >= 3 }
+        let admitted = try await admittedCount(settings)
         #expect(admitted == 3)
         // Slots freed by completions are refilled by the running service.
         try await TestServer.withConnection(settings) { conn in
             try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
         }
-        for _ in 0..<100 {
-            try await Task.sleep(for: .milliseconds(100))
-            if try await admittedCount(settings) == 3 { break }
-        }
+        try await waitUntil(10) { try await admittedCount(settings) == 3 }
         #expect(try await admittedCount(settings) == 3)
         kill(child.pid, SIGTERM)
         #expect(await child.wait() == .exited(0), "\(child.output().stderr)")

@@ -77,15 +77,7 @@ actor TestServer {
     static func withConnection<T: Sendable>(
         _ settings: ConnectionSettings, _ body: (PostgresConnection) async throws -> T
     ) async throws -> T {
-        let conn = try await settings.connect(logger: logger)
-        do {
-            let result = try await body(conn)
-            try? await conn.close()
-            return result
-        } catch {
-            try? await conn.close()
-            throw error
-        }
+        try await settings.withConnection(logger: logger) { try await body($0) }
     }
 }
 
@@ -108,6 +100,17 @@ extension PostgresConnection {
     func exec(_ query: PostgresQuery) async throws {
         _ = try await self.rows(query, logger: TestServer.logger)
     }
+}
+
+/// Polls `condition` every 50 ms for up to `seconds`; whether it became true.
+@discardableResult
+func waitUntil(_ seconds: Int = 60, _ condition: () async throws -> Bool) async throws -> Bool {
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try await Task.sleep(for: .milliseconds(50))
+    }
+    return false
 }
 
 /// Expects `body` to fail with a database error of `sqlState` whose message

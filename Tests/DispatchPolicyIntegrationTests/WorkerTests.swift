@@ -18,15 +18,6 @@ private func finishedCount(_ settings: ConnectionSettings) async throws -> Int {
     }
 }
 
-private func waitUntil(_ seconds: Int = 60, _ condition: () async throws -> Bool) async throws -> Bool {
-    let deadline = ContinuousClock.now + .seconds(seconds)
-    while ContinuousClock.now < deadline {
-        if try await condition() { return true }
-        try await Task.sleep(for: .milliseconds(50))
-    }
-    return false
-}
-
 /// Runs a runner and `worker` in one service group until `done`, then shuts
 /// them down gracefully.
 private func runServices(_ settings: ConnectionSettings, worker: Worker, until done: () async throws -> Bool) async throws -> Bool {
