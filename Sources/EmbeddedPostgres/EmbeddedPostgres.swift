@@ -118,7 +118,8 @@ public final class EmbeddedPostgres: Sendable {
             "fsync": "off",
             "synchronous_commit": "off",
             "full_page_writes": "off",
-            "max_connections": "300",
+            // The test suite runs its cases in parallel, each on its own database.
+            "max_connections": "1000",
             "shared_buffers": "256MB",
         ]
         settings.merge(options.settings) { _, new in new }

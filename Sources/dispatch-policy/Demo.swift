@@ -24,8 +24,14 @@ struct Demo: AsyncParsableCommand {
     @Option(name: .customLong("database-url"), help: "Use this database instead of a private cluster.")
     var databaseURL: String?
 
-    @Option(help: "How long to run, such as 30s.")
+    @Option(help: "How long to run, such as 30s (1s to 1d).")
     var duration: String = "30s"
+
+    func validate() throws {
+        do { _ = try DurationParser.parse(duration, flag: "--duration", within: CLILimits.demo) } catch let error as DispatchPolicyError {
+            throw ValidationError(error.message)
+        }
+    }
 
     @Flag(help: "Leave the private cluster running at the end and print its URL.")
     var keep = false
@@ -34,9 +40,7 @@ struct Demo: AsyncParsableCommand {
         var logger = Logger(label: "dispatch-policy.demo")
         logger.logLevel = .warning
         try await reportingErrors {
-            guard let runFor = DurationParser.parse(duration), runFor > .zero else {
-                throw DispatchPolicyError(code: .invalidArgument, message: "--duration must be a duration such as 30s, got \(duration)")
-            }
+            let runFor = try DurationParser.parse(duration, flag: "--duration", within: CLILimits.demo)
             var cluster: EmbeddedPostgres?
             let settings: ConnectionSettings
             if let url = databaseURL ?? ProcessInfo.processInfo.environment["DATABASE_URL"], !url.isEmpty {
@@ -177,7 +181,7 @@ struct DemoDriver: Service {
             }
             try? await Task.sleep(for: .seconds(1))
             // A trickle of new work from the small tenants keeps the table moving.
-            let tenant = Self.smallTenants.randomElement()!
+            let tenant = Self.smallTenants.randomElement() ?? "t01"
             _ = try? await Stager(executor: conn, logger: logger).stage(
                 policy: "demo_webhooks", try JobSpec(args: ["event": "live"], context: ["account": tenant, "endpoint": "\(tenant)-hook"]))
         }
@@ -240,7 +244,8 @@ struct DemoDriver: Service {
         }
         for row in try await conn.rows(
             """
-            SELECT gate || '/' || partition, round(least(burst, tokens + rate * extract(epoch FROM now() - refilled_at) / per_seconds)::numeric, 1)::text
+            SELECT gate || '/' || partition,
+                   round(dispatch_policy._bucket_tokens(tokens, rate, per_seconds, burst, refilled_at, now())::numeric, 1)::text
             FROM dispatch_policy.throttle_buckets WHERE policy = 'demo_webhooks' AND partition IN ('acme-hook', 't01-hook')
             ORDER BY 1
             """, logger: logger
@@ -280,13 +285,13 @@ struct DemoDriver: Service {
         let sample = DemoDriver.lastSample.withLock { $0 }
         print("\n=== summary ===")
         // Throttle: admissions of the noisy endpoint against burst + rate × t.
-        let throttled = try await conn.rows(
+        guard let throttled = try await conn.rows(
             """
             SELECT count(*)::int, coalesce(extract(epoch FROM max(t) - min(t)), 0)::float8 FROM (
               SELECT admitted_at AS t FROM dispatch_policy.admitted_jobs WHERE context ->> 'endpoint' = 'acme-hook'
               UNION ALL SELECT admitted_at FROM dispatch_policy.finished_jobs WHERE context ->> 'endpoint' = 'acme-hook') x
             """, logger: logger
-        ).first!.decode((Int, Double).self)
+        ).first?.decode((Int, Double).self) else { return }
         let allowed = Self.noisyBurst + Self.noisyRate * throttled.1
         let rate = throttled.1 > 0 ? Double(max(throttled.0 - Int(Self.noisyBurst), 0)) / throttled.1 : 0
         print(String(format: "throttle     acme-hook: %d admitted in %.1f s = %.1f/s after the burst (limit %.0f/s, burst %.0f; allowed at most %.0f) %@",
@@ -325,6 +330,6 @@ struct DemoDriver: Service {
 
 extension PostgresConnection {
     func scalar(_ query: PostgresQuery) async throws -> Int {
-        try await rows(query, logger: Logger(label: "dispatch-policy.demo")).first!.decode(Int.self)
+        try await rows(query, logger: Logger(label: "dispatch-policy.demo")).first?.decode(Int.self) ?? 0
     }
 }

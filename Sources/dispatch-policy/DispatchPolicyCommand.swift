@@ -224,8 +224,17 @@ struct Stage: AsyncParsableCommand {
     @Option(name: .customLong("not-before"), help: "Do not admit before this ISO 8601 time.")
     var notBefore: String?
 
-    @Option(help: "Do not admit before this delay from now, such as 30s or 5m.")
+    @Option(help: "Do not admit before this delay from now, such as 30s or 5m (at most \(DurationParser.describe(CLILimits.delay.upperBound))).")
     var delay: String?
+
+    var delayDuration: Duration? {
+        get throws { try delay.map { try DurationParser.parse($0, flag: "--delay", within: CLILimits.delay) } }
+    }
+
+    func validate() throws {
+        if notBefore != nil && delay != nil { throw ValidationError("--not-before and --delay exclude each other") }
+        do { _ = try delayDuration } catch let error as DispatchPolicyError { throw ValidationError(error.message) }
+    }
 
     func run() async throws {
         try await connection.withConnection { conn, logger in
@@ -244,11 +253,8 @@ struct Stage: AsyncParsableCommand {
                 }
                 when = date
             }
-            if let delay {
-                guard let duration = DurationParser.parse(delay) else {
-                    throw DispatchPolicyError(code: .invalidArgument, message: "--delay must be a duration such as 30s, 5m or 1h, got \(delay)")
-                }
-                let (seconds, attoseconds) = duration.components
+            if let delayDuration = try delayDuration {
+                let (seconds, attoseconds) = delayDuration.components
                 when = Date().addingTimeInterval(Double(seconds) + Double(attoseconds) / 1e18)
             }
             let job = JobSpec(
@@ -296,26 +302,36 @@ struct Resume: AsyncParsableCommand {
 }
 
 struct Status: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show dispatch_policy.policy_overview.")
+    static let configuration = CommandConfiguration(
+        abstract: "Show dispatch_policy.policy_overview: counts per policy, and the error of any policy whose ticks fail.")
 
     @OptionGroup var connection: ConnectionOptions
 
     func run() async throws {
         try await connection.withConnection { conn, logger in
             var rows: [[String]] = []
-            for try await (policy, pending, scheduled, inFlight, completed, failed, dead, oldest, paused) in try await conn.query(
+            var errors: [String] = []
+            for try await (policy, pending, scheduled, inFlight, completed, failed, dead, oldest, paused, failures, error, retry) in try await conn.query(
                 """
                 SELECT policy, pending, scheduled, in_flight, completed_24h, failed_24h, dead,
-                       coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused
+                       coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused,
+                       tick_failures, last_error, to_char(retry_at, 'YYYY-MM-DD HH24:MI:SS TZ')
                 FROM dispatch_policy.policy_overview ORDER BY policy
                 """, logger: logger
-            ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, Bool).self) {
-                rows.append([policy, paused ? "paused" : "active", "\(pending)", "\(scheduled)", "\(inFlight)",
+            ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, Bool, Int?, String?, String?).self) {
+                let state = paused ? "paused" : failures != nil ? "failing" : "active"
+                rows.append([policy, state, "\(pending)", "\(scheduled)", "\(inFlight)",
                              "\(completed)", "\(failed)", "\(dead)", oldest])
+                if let failures {
+                    errors.append("\(policy): \(failures) failed tick\(failures == 1 ? "" : "s") in a row, retry at \(retry ?? "-"): \(error ?? "")")
+                }
             }
             print(TextTable.render(
                 header: ["POLICY", "STATE", "PENDING", "SCHEDULED", "IN FLIGHT", "DONE 24H", "FAILED 24H", "DEAD", "OLDEST"],
                 rows: rows))
+            if !errors.isEmpty {
+                print("\nfailing:\n" + errors.map { "  " + $0 }.joined(separator: "\n"))
+            }
         }
     }
 }
@@ -333,45 +349,57 @@ enum TextTable {
     }
 }
 
+/// The documented bounds of the CLI's duration flags.
+enum CLILimits {
+    static let busyPause: ClosedRange<Duration> = .zero ... .seconds(3600)
+    static let idlePause: ClosedRange<Duration> = .zero ... .seconds(3600)
+    static let retention: ClosedRange<Duration> = .zero ... .seconds(Int64(FieldLimits.pruneRetention.maximum))
+    static let lease: ClosedRange<Duration> = .seconds(1) ... .seconds(Int64(FieldLimits.leaseSeconds.maximum))
+    static let runFor: ClosedRange<Duration> = .milliseconds(1) ... .seconds(365 * 86_400)
+    static let delay: ClosedRange<Duration> = .zero ... .seconds(3650 * 86_400)
+    static let demo: ClosedRange<Duration> = .seconds(1) ... .seconds(86_400)
+}
+
 /// Options of the admission loop shared by `tick` and `run`.
 struct RunnerOptions: ParsableArguments {
     @Option(help: "Admit only this policy (default: every policy with work).")
     var policy: String?
 
-    @Option(name: .customLong("batch-size"), help: "Rows per tick for policies that do not set batch_size.")
-    var batchSize: Int = 500
+    @Option(name: .customLong("batch-size"), help: "Rows per tick for policies that do not set batch_size (1 to 100000).")
+    var batchSize: Int = TickSettings().batchSize
 
-    @Option(name: .customLong("quantum"), help: "Rows per round-robin key per tick for policies that do not set round_robin_quantum.")
-    var quantum: Int = 50
+    @Option(name: .customLong("quantum"), help: "Rows per round-robin key per tick for policies that do not set round_robin_quantum (1 to 100000).")
+    var quantum: Int = TickSettings().roundRobinQuantum
 
-    @Option(name: .customLong("lease"), help: "Lease for policies that do not set lease_seconds, such as 15m.")
-    var lease: String = "15m"
+    @Option(name: .customLong("lease"), help: "Lease for policies that do not set lease_seconds, such as 15m (1s to 365d; default: the database's, 15m).")
+    var lease: String?
 
-    @Option(name: .customLong("busy-pause"), help: "Pause after a productive pass.")
+    @Option(name: .customLong("busy-pause"), help: "Pause after a productive pass (0 to 1h).")
     var busyPause: String = "50ms"
 
-    @Option(name: .customLong("idle-pause"), help: "Pause after an idle pass (cut short by NOTIFY).")
+    @Option(name: .customLong("idle-pause"), help: "Pause after an idle pass, cut short by NOTIFY (0 to 1h).")
     var idlePause: String = "1s"
 
-    @Option(help: "Delete completed jobs, failures and per-minute aggregates older than this.")
+    @Option(help: "Delete completed jobs, failures and per-minute aggregates older than this (0 to 100 years).")
     var retention: String = "7d"
 
+    func validate() throws {
+        do { _ = try makeOptions() } catch let error as DispatchPolicyError { throw ValidationError(error.message) }
+    }
+
     func makeOptions() throws -> TickRunnerOptions {
-        func duration(_ flag: String, _ text: String) throws -> Duration {
-            guard let value = DurationParser.parse(text) else {
-                throw DispatchPolicyError(code: .invalidArgument, message: "\(flag) must be a duration such as 50ms, 30s, 5m or 7d, got \(text)")
-            }
-            return value
+        guard FieldLimits.batchSize.contains(Double(batchSize)) else {
+            throw DispatchPolicyError(code: .invalidArgument, message: "--batch-size must be an integer from 1 to 100000, got \(batchSize)")
         }
-        guard batchSize >= 1 else { throw DispatchPolicyError(code: .invalidArgument, message: "--batch-size must be at least 1") }
-        guard quantum >= 1 else { throw DispatchPolicyError(code: .invalidArgument, message: "--quantum must be at least 1") }
+        guard FieldLimits.roundRobinQuantum.contains(Double(quantum)) else {
+            throw DispatchPolicyError(code: .invalidArgument, message: "--quantum must be an integer from 1 to 100000, got \(quantum)")
+        }
         var options = TickRunnerOptions()
         options.policy = policy
-        options.busyPause = try duration("--busy-pause", busyPause)
-        options.idlePause = try duration("--idle-pause", idlePause)
-        options.retentionSeconds = Int(try duration("--retention", retention).components.seconds)
-        let leaseSeconds = Int(try duration("--lease", lease).components.seconds)
-        guard leaseSeconds >= 1 else { throw DispatchPolicyError(code: .invalidArgument, message: "--lease must be at least 1s") }
+        options.busyPause = try DurationParser.parse(busyPause, flag: "--busy-pause", within: CLILimits.busyPause)
+        options.idlePause = try DurationParser.parse(idlePause, flag: "--idle-pause", within: CLILimits.idlePause)
+        options.retentionSeconds = Int(try DurationParser.parse(retention, flag: "--retention", within: CLILimits.retention).components.seconds)
+        let leaseSeconds = try lease.map { Int(try DurationParser.parse($0, flag: "--lease", within: CLILimits.lease).components.seconds) }
         options.tick = TickSettings(batchSize: batchSize, roundRobinQuantum: quantum, leaseSeconds: leaseSeconds)
         return options
     }
@@ -384,7 +412,8 @@ struct Tick: AsyncParsableCommand {
             Safe to start every minute from cron while the previous run is still going: \
             runners share work through per-policy locks.
               * * * * *  dispatch-policy tick --for 55s
-            Prints one line per policy: admitted, refused by gate, tokens left, time per tick.
+            Prints one line per policy: admitted, refused by gate, tokens left, time per tick. \
+            A policy whose ticks fail does not stop the others; the run then exits 1.
             """)
 
     @OptionGroup var connection: ConnectionOptions
@@ -393,11 +422,16 @@ struct Tick: AsyncParsableCommand {
     @Flag(help: "One pass over the policies with work (the default).")
     var once = false
 
-    @Option(name: .customLong("for"), help: "Keep admitting for this long, such as 55s.")
+    @Option(name: .customLong("for"), help: "Keep admitting for this long, such as 55s (1ms to 365d).")
     var runFor: String?
 
     func validate() throws {
         if once && runFor != nil { throw ValidationError("--once and --for exclude each other") }
+        if let runFor {
+            do { _ = try DurationParser.parse(runFor, flag: "--for", within: CLILimits.runFor) } catch let error as DispatchPolicyError {
+                throw ValidationError(error.message)
+            }
+        }
     }
 
     func run() async throws {
@@ -405,21 +439,25 @@ struct Tick: AsyncParsableCommand {
         try await reportingErrors {
             var options = try runner.makeOptions()
             if let runFor {
-                guard let duration = DurationParser.parse(runFor) else {
-                    throw DispatchPolicyError(code: .invalidArgument, message: "--for must be a duration such as 55s, got \(runFor)")
-                }
-                options.runFor = duration
+                options.runFor = try DurationParser.parse(runFor, flag: "--for", within: CLILimits.runFor)
             } else {
                 options.once = true
             }
             let settings = try ConnectionSettings.resolve(url: connection.databaseURL)
-            let summaries = try await TickRunner(connection: settings, options: options, logger: logger).runLoop()
-            if summaries.isEmpty {
+            let report = try await TickRunner(connection: settings, options: options, logger: logger).runLoop()
+            if report.policies.isEmpty {
                 print("nothing to admit")
             }
-            for summary in summaries {
+            for summary in report.policies {
                 print(summary.line)
+                if summary.failures > 0 {
+                    printError("policy \(summary.policy): \(summary.failures) tick\(summary.failures == 1 ? "" : "s") failed: \(summary.lastError ?? "")")
+                }
             }
+            if let error = report.lastMaintenanceError {
+                printError("maintenance failed \(report.maintenanceFailures) time\(report.maintenanceFailures == 1 ? "" : "s"): \(error)")
+            }
+            if report.hadFailures { throw ExitCode.failure }
         }
     }
 }

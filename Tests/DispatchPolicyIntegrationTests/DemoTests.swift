@@ -5,7 +5,9 @@ import Testing
 @Suite("Demo")
 struct DemoTests {
     @Test("dispatch-policy demo starts its own PostgreSQL, runs, and its summary shows every gate held")
-    func demo() async throws {
+    func demo() async throws { try await LiveTests.exclusive { try await demoLive() } }
+
+    func demoLive() async throws {
         var env = ProcessInfo.processInfo.environment
         env["DATABASE_URL"] = nil
         let result = try await runProcess(cliPath, ["demo", "--duration", "6s"], environment: env)

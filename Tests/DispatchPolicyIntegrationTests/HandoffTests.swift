@@ -46,7 +46,9 @@ private func consume(_ conn: PostgresConnection) async throws -> [(Int64, Date)]
 @Suite("Handoff to another queue (PgQ)", .serialized)
 struct HandoffTests {
     @Test("jobs admitted under a throttle arrive in PgQ at the admitted rate, exactly once; its worker reports back")
-    func pgqUnderThrottle() async throws {
+    func pgqUnderThrottle() async throws { try await LiveTests.exclusive { try await pgqUnderThrottleLive() } }
+
+    func pgqUnderThrottleLive() async throws {
         try await withTestDatabase { conn, _ in
             try await setUpPgQ(conn)
             let config = PolicyConfig(target: .sql(function: "public.to_pgq")) {

@@ -82,7 +82,9 @@ private func work(_ settings: ConnectionSettings, jobs: Int, until deadline: Con
 @Suite("Admission: invariants under racing runners")
 struct RaceTests {
     @Test("runners racing with workers: no double admission, no cap exceeded, throttle window held, every job finished", arguments: [1, 4])
-    func racingRunners(runners: Int) async throws {
+    func racingRunners(runners: Int) async throws { try await LiveTests.exclusive { try await racingRunnersLive(runners: runners) } }
+
+    func racingRunnersLive(runners: Int) async throws {
         let settings = try await TestServer.shared.freshDatabase()
         let jobs = 300
         try await TestServer.withConnection(settings) { conn in
@@ -154,7 +156,9 @@ struct RaceTests {
     }
 
     @Test("a runner killed mid-tick (SIGKILL) loses no job and leaks no slot")
-    func killedRunner() async throws {
+    func killedRunner() async throws { try await LiveTests.exclusive { try await killedRunnerLive() } }
+
+    func killedRunnerLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         let jobs = 3000
         try await TestServer.withConnection(settings) { conn in

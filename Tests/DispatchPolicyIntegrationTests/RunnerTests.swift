@@ -43,7 +43,9 @@ struct RunnerTests {
     }
 
     @Test("an idle runner admits a newly staged job on NOTIFY, long before its idle pause ends")
-    func listenWakesRunner() async throws {
+    func listenWakesRunner() async throws { try await LiveTests.exclusive { try await listenWakesRunnerLive() } }
+
+    func listenWakesRunnerLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await setUp(settings, PolicyConfig(), jobs: 0)
         var options = TickRunnerOptions()
@@ -65,21 +67,25 @@ struct RunnerTests {
     }
 
     @Test("with rate 0 the runner admits nothing and does not spin")
-    func rateZeroDoesNotSpin() async throws {
+    func rateZeroDoesNotSpin() async throws { try await LiveTests.exclusive { try await rateZeroDoesNotSpinLive() } }
+
+    func rateZeroDoesNotSpinLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await setUp(settings, PolicyConfig { Gate.throttle(rate: 0, per: 1) }, jobs: 5)
         var options = TickRunnerOptions()
         options.runFor = .milliseconds(1500)
         options.idlePause = .milliseconds(500)
-        let summaries = try await TickRunner(connection: settings, options: options, logger: TestServer.logger).runLoop()
-        let summary = try #require(summaries.first)
+        let report = try await TickRunner(connection: settings, options: options, logger: TestServer.logger).runLoop()
+        let summary = try #require(report.policies.first)
         #expect(summary.admitted == 0)
         #expect(summary.ticks <= 4, "\(summary.ticks) ticks in 1.5 s with a 0.5 s idle pause")
         #expect(summary.refusedByGate["throttle"] == 5 * summary.ticks)
     }
 
     @Test("a failing pass is retried by a long-running runner; tick --once reports it and exits 1")
-    func survivesFailingPass() async throws {
+    func survivesFailingPass() async throws { try await LiveTests.exclusive { try await survivesFailingPassLive() } }
+
+    func survivesFailingPassLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn in
             try await conn.exec("CREATE TABLE public.target_down (down boolean)")
@@ -118,7 +124,9 @@ struct RunnerTests {
     }
 
     @Test("dispatch-policy run admits continuously and exits 0 on SIGTERM")
-    func runCommandStopsOnSIGTERM() async throws {
+    func runCommandStopsOnSIGTERM() async throws { try await LiveTests.exclusive { try await runCommandStopsOnSIGTERMLive() } }
+
+    func runCommandStopsOnSIGTERMLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await setUp(settings, PolicyConfig { Gate.concurrency(max: 3) }, jobs: 10)
         let child = try spawnChild(cliPath, ["run", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))

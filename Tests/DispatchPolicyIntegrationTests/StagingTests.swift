@@ -18,9 +18,9 @@ private func moveToAdmitted(_ conn: PostgresConnection, id: Int64) async throws 
         WITH moved AS (DELETE FROM dispatch_policy.staged_jobs WHERE id = \(id) RETURNING *)
         INSERT INTO dispatch_policy.admitted_jobs
           (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
-           admitted_at, lease_expires_at)
+           admitted_at, lease_expires_at, lease_seconds, target)
         SELECT id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
-               now(), now() + interval '15 minutes'
+               now(), now() + interval '15 minutes', 900, 'ready_queue'
         FROM moved
         """)
 }
@@ -155,7 +155,7 @@ struct StagingTests {
                     try await conn.exec("SELECT dispatch_policy.stage('p', '{}', \(context)::jsonb)")
                 }
             }
-            await expectSQLError("22023", "queue must be a non-empty string") {
+            await expectSQLError("22023", "queue must be a string of 1 to 128 bytes") {
                 try await conn.exec("SELECT dispatch_policy.stage('p', '{}', queue => '')")
             }
             #expect(try await stagedCount(conn) == 0)
@@ -202,7 +202,7 @@ struct StagingTests {
                 (#"[{"args": 1}, {"args": 1, "priority": "high"}]"#, "22023", "jobs[1].priority must be an integer"),
                 (#"[{"args": 1}, {"args": 1, "priority": 3000000000}]"#, "22023", "jobs[1].priority must be an integer"),
                 (#"[{"args": 1}, {"args": 1, "dedupe_key": 5}]"#, "22023", "jobs[1].dedupe_key must be a string"),
-                (#"[{"args": 1}, {"args": 1, "not_before": "someday"}]"#, "22023", "jobs[1].not_before must be a timestamp"),
+                (#"[{"args": 1}, {"args": 1, "not_before": "someday"}]"#, "22023", "jobs[1].not_before must be a finite timestamp"),
                 (#"[{"args": 1}, {"args": 1, "wat": true}]"#, "22023", "jobs[1].wat is not a known field"),
                 (#"{"args": 1}"#, "22023", "jobs must be a JSON array"),
             ]

@@ -134,3 +134,42 @@ func expectSQLError(
         return nil
     }
 }
+
+/// Tests that run a runner, workers or the demo for a while assert on what
+/// happens in time (progress, leases, pacing). Running all of them at once
+/// on a 2-core machine starves each of them; they take turns instead, while
+/// the quick tests still run in parallel.
+actor LiveTests {
+    static let shared = LiveTests()
+    private var busy = false
+    private var waiting: [CheckedContinuation<Void, Never>] = []
+
+    /// Runs `body` when no other live test runs.
+    static func exclusive<T: Sendable>(_ body: () async throws -> T) async throws -> T {
+        await shared.acquire()
+        do {
+            let result = try await body()
+            await shared.release()
+            return result
+        } catch {
+            await shared.release()
+            throw error
+        }
+    }
+
+    private func acquire() async {
+        if !busy {
+            busy = true
+            return
+        }
+        await withCheckedContinuation { waiting.append($0) }
+    }
+
+    private func release() {
+        if waiting.isEmpty {
+            busy = false
+        } else {
+            waiting.removeFirst().resume()
+        }
+    }
+}

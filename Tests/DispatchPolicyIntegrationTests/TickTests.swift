@@ -32,7 +32,11 @@ func expectCountersConsistent(_ conn: PostgresConnection, sourceLocation: Source
         """
         WITH held AS (
           SELECT a.policy, s.key AS gate, s.value AS partition, count(*) AS n
-          FROM dispatch_policy.admitted_jobs a, jsonb_each_text(a.partitions) s GROUP BY 1, 2, 3
+          FROM dispatch_policy.admitted_jobs a
+          JOIN dispatch_policy.policies p ON p.name = a.policy
+          CROSS JOIN LATERAL jsonb_each_text(a.partitions) s
+          WHERE s.key = ANY (dispatch_policy._slot_gates(p.config))
+          GROUP BY 1, 2, 3
         )
         SELECT coalesce(c.gate, h.gate) || '/' || coalesce(c.partition, h.partition) || ': counter '
                || coalesce(c.in_flight, 0) || ', held ' || coalesce(h.n, 0)
@@ -127,7 +131,7 @@ struct GateEnforcementTests {
         }
     }
 
-    @Test("adaptive_concurrency folds observations once: the cap grows on fast completions and halves on failure")
+    @Test("adaptive_concurrency folds observations once: the cap grows by a window of fast completions while it binds, and halves on failure")
     func adaptive() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig {
@@ -138,20 +142,22 @@ struct GateEnforcementTests {
             for id in try await admittedIDs(conn) {
                 _ = try await conn.rows("SELECT dispatch_policy.complete(\(id))", logger: TestServer.logger)
             }
-            // Two fast successes: 2 -> 4. The safety valve allows initial_max (2) anyway.
+            // Two fast successes while the cap (2) turned jobs away: one window, +1.
+            // This tick still decides under the cap it read (2); the next one uses 3.
             let second = try await tick(conn, "p")
             #expect(second.observationsFolded == 2)
-            #expect(second.admitted == 4)
-            #expect(try await count(conn, "SELECT current_max FROM dispatch_policy.adaptive_stats") == 4)
+            #expect(second.admitted == 2)
+            #expect(try await count(conn, "SELECT current_max FROM dispatch_policy.adaptive_stats") == 3)
             #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.observations") == 0)
             #expect(try await count(conn, "SELECT completions FROM dispatch_policy.observation_minutes") == 2)
-            // A third tick folds nothing new and admits nothing (4 in flight).
             let third = try await tick(conn, "p")
-            #expect(third.observationsFolded == 0 && third.admitted == 0)
-            let failing = try await admittedIDs(conn).first!
+            #expect(third.observationsFolded == 0 && third.admitted == 1)
+            // A failure once a window has passed since the last decrease: the cap halves.
+            try await conn.exec("UPDATE dispatch_policy.adaptive_stats SET since_decrease = 100")
+            let failing = try await admittedIDs(conn).first ?? 0
             #expect(try await conn.scalar("SELECT dispatch_policy.fail(\(failing), 'boom')", as: String.self) == "retrying")
             _ = try await tick(conn, "p")
-            #expect(try await count(conn, "SELECT current_max FROM dispatch_policy.adaptive_stats") == 2)
+            #expect(try await count(conn, "SELECT current_max FROM dispatch_policy.adaptive_stats") == 1)
             #expect(try await count(conn, "SELECT failures FROM dispatch_policy.adaptive_stats") == 1)
             try await expectCountersConsistent(conn)
         }
@@ -298,6 +304,13 @@ struct AdmissionPrimitiveTests {
             _ = try await tick(conn, "p")
             try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
             try await declare(conn, "p", PolicyConfig { Gate.concurrency(max: 1) })
+            // Redeclaring removed the old gate's buckets already; state left by
+            // an older version is pruned.
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.throttle_buckets") == 0)
+            try await conn.exec("""
+                INSERT INTO dispatch_policy.throttle_buckets (policy, gate, partition, tokens, rate, per_seconds, burst, refilled_at)
+                VALUES ('p', 'old', '0', 1, 1, 1, 1, now()), ('p', 'old', '1', 1, 1, 1, 1, now())
+                """)
             try await conn.exec("INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight, updated_at) VALUES ('p', 'concurrency', 'idle', 0, now() - interval '2 hours')")
             let removed = try await conn.rows(
                 "SELECT what, removed FROM dispatch_policy.prune('7 days', '1 hour', now() + interval '8 days')", logger: TestServer.logger

@@ -16,8 +16,8 @@ struct ViewTests {
                 SELECT dispatch_policy.stage_many('a', '[{"args": 1}, {"args": 2}, {"args": 3, "not_before": "2999-01-01T00:00:00Z"}]')
                 """)
             try await conn.exec("""
-                INSERT INTO dispatch_policy.admitted_jobs (id, policy, queue, priority, args, context, attempt, created_at, staged_at, admitted_at, lease_expires_at)
-                VALUES (1001, 'a', 'default', 0, '{}', '{}', 1, now(), now(), now(), now() + interval '1 minute');
+                INSERT INTO dispatch_policy.admitted_jobs (id, policy, queue, priority, args, context, attempt, created_at, staged_at, admitted_at, lease_expires_at, lease_seconds, target)
+                VALUES (1001, 'a', 'default', 0, '{}', '{}', 1, now(), now(), now(), now() + interval '1 minute', 60, 'ready_queue');
                 """)
             try await conn.exec("""
                 INSERT INTO dispatch_policy.finished_jobs (id, policy, queue, priority, args, context, attempts, status, created_at, finished_at)

@@ -38,7 +38,9 @@ private func runServices(_ settings: ConnectionSettings, worker: Worker, until d
 @Suite("Workers")
 struct WorkerTests {
     @Test("end to end: jobs staged from SQL are admitted, run once each by the Swift worker, and release every slot")
-    func endToEnd() async throws {
+    func endToEnd() async throws { try await LiveTests.exclusive { try await endToEndLive() } }
+
+    func endToEndLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         let jobs = 200
         try await TestServer.withConnection(settings) { conn async throws in
@@ -84,7 +86,9 @@ struct WorkerTests {
     }
 
     @Test("a throwing handler fails the attempt; the job is retried through admission, then dead with its errors kept")
-    func retriesThenDead() async throws {
+    func retriesThenDead() async throws { try await LiveTests.exclusive { try await retriesThenDeadLive() } }
+
+    func retriesThenDeadLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger)
@@ -117,18 +121,21 @@ struct WorkerTests {
     }
 
     @Test("heartbeats keep a job that runs longer than its lease from being reaped")
-    func heartbeats() async throws {
+    func heartbeats() async throws { try await LiveTests.exclusive { try await heartbeatsLive() } }
+
+    func heartbeatsLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger)
-                .declare(name: "slow", config: try PolicyConfig(leaseSeconds: 1).json())
+                .declare(name: "slow", config: try PolicyConfig(leaseSeconds: 2).json())
             try await conn.exec(#"SELECT dispatch_policy.stage('slow', '{}')"#)
         }
         var options = WorkerOptions()
         options.heartbeatInterval = .milliseconds(250)
         options.pollInterval = .milliseconds(100)
         var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
-        worker.register("slow") { _ in try await Task.sleep(for: .milliseconds(2500)) }
+        // Two leases long: only heartbeats (at a third of the lease, the default) keep it.
+        worker.register("slow") { _ in try await Task.sleep(for: .milliseconds(4500)) }
         #expect(try await runServices(settings, worker: worker) { try await finishedCount(settings) == 1 })
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await conn.scalar("SELECT status || '/' || attempts FROM dispatch_policy.finished_jobs", as: String.self) == "completed/1")
@@ -137,7 +144,9 @@ struct WorkerTests {
     }
 
     @Test("graceful shutdown stops claiming and lets running jobs finish")
-    func drains() async throws {
+    func drains() async throws { try await LiveTests.exclusive { try await drainsLive() } }
+
+    func drainsLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")

@@ -6,14 +6,14 @@ private func rows(_ specs: [(Int64, [String: String])]) -> [BatchRow] {
     specs.map { BatchRow(id: $0.0, context: $0.1) }
 }
 
-private func evaluate(_ config: PolicyConfig, _ batch: [BatchRow], state: GateState = GateState()) -> AdmissionDecision {
+func evaluate(_ config: PolicyConfig, _ batch: [BatchRow], state: GateState = GateState()) -> AdmissionDecision {
     let admission = Admission(config: config)
-    let ordered = admission.order(batch)
+    let ordered = admission.order(admission.prepare(batch))
     let needed = admission.requiredState(for: ordered)
     var state = state
     // Buckets not in the given state start full, as refill_buckets creates them.
     for bucket in needed.buckets where state.tokens[bucket.key] == nil { state.tokens[bucket.key] = bucket.burst }
-    for entry in needed.adaptive where state.adaptiveCap[entry.key] == nil { state.adaptiveCap[entry.key] = entry.initialMax }
+    for (key, initial) in needed.adaptive where state.adaptiveCap[key] == nil { state.adaptiveCap[key] = initial }
     return admission.evaluate(ordered, state: state, buckets: needed.buckets)
 }
 
@@ -26,9 +26,34 @@ struct TemplateTests {
         ("{missing}", [:], ""),
         ("shared", ["a": "1"], "shared"),
         ("a{x}b{y}c", ["x": "1", "y": "two"], "a1btwoc"),
+        // A combining mark right after a brace is text of its own: rendering
+        // works on bytes, not on grapheme clusters.
+        ("{x}\u{301}", ["x": "e"], "e\u{301}"),
+        ("\u{301}{x}:{y}", ["x": "\u{1F3F3}\u{FE0F}\u{200D}\u{1F308}", "y": "caf\u{E9}"], "\u{301}\u{1F3F3}\u{FE0F}\u{200D}\u{1F308}:caf\u{E9}"),
     ] as [(String, [String: String], String)])
     func renders(_ template: String, _ context: [String: String], _ expected: String) {
-        #expect(Template.render(template, context: context) == expected)
+        #expect(Array(Template.render(template, context: context).utf8) == Array(expected.utf8))
+    }
+
+    @Test("canonically equivalent values render to different bytes, as in PostgreSQL")
+    func noNormalization() {
+        let nfc = Template.render("{a}", context: ["a": "caf\u{E9}"])
+        let nfd = Template.render("{a}", context: ["a": "cafe\u{301}"])
+        #expect(nfc == nfd)  // Swift's String equality merges them...
+        #expect(GateKey(gate: "g", partition: nfc) != GateKey(gate: "g", partition: nfd))  // ...keys do not.
+        #expect(Set([ExactString(nfc), ExactString(nfd), ExactString("caf\u{E9}")]).count == 2)
+    }
+
+    @Test("keys longer than 256 bytes are stored as 64 characters, '...' and 32 hex digits of their SHA-256")
+    func longKeys() {
+        #expect(PartitionKey.fit(String(repeating: "a", count: 256)) == String(repeating: "a", count: 256))
+        let long = String(repeating: "\u{E9}", count: 129)  // 258 bytes
+        let fitted = PartitionKey.fit(long)
+        #expect(fitted.unicodeScalars.count == 64 + 3 + 32)
+        #expect(fitted.hasPrefix(String(repeating: "\u{E9}", count: 64) + "..."))
+        #expect(PartitionKey.fit(long + "x") != fitted)
+        #expect(PartitionKey.fit(long) == fitted)
+        #expect(PartitionKey.of(template: nil, context: [:]) == "default")
     }
 }
 
@@ -36,12 +61,50 @@ struct TemplateTests {
 struct GateValueTests {
     @Test("a constant, or the context value with a default")
     func values() {
-        #expect(GateValue.constant(5).value(in: [:]) == 5)
+        let limit = FieldLimits.throttleRate
+        #expect(GateValue.constant(5).value(in: [:], within: limit) == 5)
         let value = GateValue.context("rate_limit", default: 60)
-        #expect(value.value(in: ["rate_limit": "120"]) == 120)
-        #expect(value.value(in: ["rate_limit": "1.5"]) == 1.5)
-        #expect(value.value(in: [:]) == 60)
-        #expect(value.value(in: ["rate_limit": "fast"]) == 60)
+        #expect(value.value(in: ["rate_limit": "120"], within: limit) == 120)
+        #expect(value.value(in: ["rate_limit": "1.5"], within: limit) == 1.5)
+        #expect(value.value(in: [:], within: limit) == 60)
+        #expect(value.value(in: ["rate_limit": "fast"], within: limit) == 60)
+    }
+
+    @Test("a context value outside the field's bounds falls back to the default", arguments: [
+        "1e308", "1000001", "-1", "NaN", "nan", "inf", "Infinity", "0x10", "1e", ".5", "1.", "--1", "1e400", "",
+    ])
+    func outOfBounds(_ text: String) {
+        let rate = GateValue.context("r", default: 60)
+        #expect(rate.value(in: ["r": text], within: FieldLimits.throttleRate) == 60)
+        #expect(!rate.usesContextValue(in: ["r": text], within: FieldLimits.throttleRate))
+    }
+
+    @Test("integral fields take only integers from the context; bounds are inclusive")
+    func integral() {
+        let max = GateValue.context("m", default: 2)
+        #expect(max.value(in: ["m": "2.5"], within: FieldLimits.concurrencyMax) == 2)
+        #expect(max.value(in: ["m": "7"], within: FieldLimits.concurrencyMax) == 7)
+        #expect(max.value(in: ["m": "1e3"], within: FieldLimits.concurrencyMax) == 1000)
+        #expect(max.value(in: ["m": "1000000"], within: FieldLimits.concurrencyMax) == 1_000_000)
+        #expect(max.value(in: ["m": "1000001"], within: FieldLimits.concurrencyMax) == 2)
+        #expect(GateValue.context("p", default: 60).value(in: ["p": "0.0009"], within: FieldLimits.throttlePer) == 60)
+        #expect(GateValue.context("p", default: 60).value(in: ["p": "0.001"], within: FieldLimits.throttlePer) == 0.001)
+    }
+
+    @Test("constants out of bounds (a config that bypassed validation) are clamped, never trap")
+    func clamps() {
+        #expect(GateValue.constant(1e300).value(in: [:], within: FieldLimits.throttleRate) == 1_000_000)
+        #expect(GateValue.constant(-.infinity).value(in: [:], within: FieldLimits.throttleRate) == 0)
+        #expect(GateValue.constant(.nan).value(in: [:], within: FieldLimits.throttleRate) == 0)
+        #expect(FieldLimits.adaptiveMax.clampInt(1e20) == 1_000_000)
+        #expect(FieldLimits.adaptiveMax.clampInt(.nan) == 1)
+        var gate = Gate.adaptiveConcurrency(targetLagMs: 1e30, min: Int.max, max: Int.max)
+        gate.max = .constant(1e20)
+        gate.initialMax = 3_000_000_000
+        gate.ewmaAlpha = 7
+        let settings = gate.adaptiveSettings
+        #expect(settings.min == 1_000_000 && settings.max == 1_000_000 && settings.initialMax == 1_000_000)
+        #expect(settings.targetLagMs == 86_400_000 && settings.ewmaAlpha == 0.5)
     }
 }
 
@@ -119,6 +182,7 @@ struct GateEvaluationTests {
         #expect(decision.takes == [GateKey(gate: "throttle", partition: "x"): 2])
         #expect(decision.refusedByGate == ["concurrency": 1])
         #expect(decision.admitted[0].slots == ["concurrency": "a"])
+        #expect(decision.admitted[0].partitions == ["concurrency": "a", "throttle": "x"])
     }
 
     @Test("concurrency counts what is already in flight, with max from the context")
@@ -177,8 +241,9 @@ struct GateEvaluationTests {
             Gate.fairInterleave()
         }
         let batch = rows((1...6).map { ($0, ["acct": "big"]) } + [(7, ["acct": "small"]), (8, ["acct": "tiny"])])
-        let ordered = Admission(config: config).order(batch)
-        #expect(ordered.map(\.id) == [1, 7, 8, 2, 3, 4, 5, 6])
+        let admission = Admission(config: config)
+        let ordered = admission.order(admission.prepare(batch))
+        #expect(ordered.map(\.row.id) == [1, 7, 8, 2, 3, 4, 5, 6])
         #expect(evaluate(config, batch).admitted.map(\.id) == [1, 7, 8, 2])
         // Without the gate, the burst takes every slot.
         let plain = PolicyConfig {
@@ -194,51 +259,3 @@ struct GateEvaluationTests {
     }
 }
 
-@Suite("AIMD controller")
-struct AdaptiveControllerTests {
-    let settings = AdaptiveSettings(initialMax: 3, min: 1, max: 6, targetLagMs: 100)
-
-    @Test("fast successes add one up to max")
-    func growth() {
-        var c = AdaptiveController(currentMax: 3, ewmaLagMs: nil)
-        for _ in 0..<5 { c.observe(lagMs: 10, success: true, settings: settings) }
-        #expect(c.currentMax == 6)
-        #expect(c.ewmaLagMs == 10)
-        #expect(c.observations == 5)
-    }
-
-    @Test("EWMA over target shrinks by the overload factor, never below min")
-    func overload() {
-        var c = AdaptiveController(currentMax: 40, ewmaLagMs: 50)
-        c.observe(lagMs: 250, success: true, settings: settings)  // ewma = 50 × 0.5 + 250 × 0.5 = 150 > 100
-        #expect(c.ewmaLagMs == 150)
-        #expect(c.currentMax == 38)  // floor(40 × 0.95)
-        for _ in 0..<100 { c.observe(lagMs: 1000, success: true, settings: settings) }
-        #expect(c.currentMax == 1)
-    }
-
-    @Test("a failure halves the cap")
-    func failure() {
-        var c = AdaptiveController(currentMax: 6, ewmaLagMs: 0)
-        c.observe(lagMs: 0, success: false, settings: settings)
-        #expect(c.currentMax == 3)
-        #expect(c.failures == 1)
-        c.observe(lagMs: 0, success: false, settings: settings)
-        c.observe(lagMs: 0, success: false, settings: settings)
-        #expect(c.currentMax == 1)
-    }
-
-    @Test("converges: the cap settles where lag meets the target")
-    func convergence() {
-        // A queue whose lag grows with the cap: lag = 30 ms per slot above 2.
-        var c = AdaptiveController(currentMax: 1, ewmaLagMs: nil)
-        let unbounded = AdaptiveSettings(initialMax: 1, min: 1, targetLagMs: 100)
-        var caps: [Int] = []
-        for _ in 0..<200 {
-            c.observe(lagMs: Double(max(c.currentMax - 2, 0)) * 30, success: true, settings: unbounded)
-            caps.append(c.currentMax)
-        }
-        let tail = caps.suffix(50)
-        #expect(tail.min()! >= 4 && tail.max()! <= 7)
-    }
-}

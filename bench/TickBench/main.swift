@@ -1,6 +1,8 @@
 // dispatch-policy-bench: admission cost measured as ratios within one run.
 //
 //   swift run -c release dispatch-policy-bench [--quick]
+//   swift run -c release dispatch-policy-bench --fairness    # shares under a binding cap (live runner + workers)
+//   swift run -c release dispatch-policy-bench --adaptive    # AIMD convergence (live runner + workers)
 //
 // Uses DATABASE_URL when set, else starts a private cluster. Prints:
 //   1. tick time with 10k and with 1M jobs pending (same policy, all gates):
@@ -12,6 +14,7 @@ import EmbeddedPostgres
 import Foundation
 import Logging
 import PostgresNIO
+import ServiceLifecycle
 
 @main
 struct TickBench {
@@ -30,7 +33,7 @@ struct TickBench {
             admin = try ConnectionSettings(url: url)
         } else {
             cluster = try await EmbeddedPostgres.start()
-            admin = try ConnectionSettings(url: cluster!.url())
+            admin = try ConnectionSettings(url: cluster?.url() ?? "")
         }
         let conn = try await admin.connect(logger: logger)
         _ = try await conn.rows("DROP DATABASE IF EXISTS dispatch_policy_bench", logger: logger)
@@ -38,6 +41,20 @@ struct TickBench {
         try await conn.close()
         let db = try await admin.with(database: "dispatch_policy_bench").connect(logger: logger)
         try await Migrator(logger: logger).migrate(on: db)
+        if CommandLine.arguments.contains("--fairness") {
+            for fairInterleave in [false, true] {
+                try await fairness(db, settings: admin.with(database: "dispatch_policy_bench"), fairInterleave: fairInterleave)
+            }
+            try await db.close()
+            try cluster?.stop()
+            return
+        }
+        if CommandLine.arguments.contains("--adaptive") {
+            try await adaptive(db, settings: admin.with(database: "dispatch_policy_bench"))
+            try await db.close()
+            try cluster?.stop()
+            return
+        }
 
         let gates = PolicyConfig(roundRobinBy: "{tenant}", batchSize: 500, roundRobinQuantum: 50) {
             Gate.throttle(rate: 1_000_000_000, per: 1, burst: 1_000_000_000, partitionBy: "{tenant}")
@@ -46,7 +63,7 @@ struct TickBench {
             Gate.fairInterleave()
             Gate.adaptiveConcurrency(partitionBy: "{tenant}", initialMax: 1_000_000, targetLagMs: 1e12)
         }
-        print("dispatch-policy-bench (\(quick ? "quick" : "full")), PostgreSQL \(try await db.rows("SHOW server_version", logger: logger).first!.decode(String.self))")
+        print("dispatch-policy-bench (\(quick ? "quick" : "full")), PostgreSQL \(try await db.rows("SHOW server_version", logger: logger).first?.decode(String.self) ?? "?")")
 
         // Stage everything first, then settle (vacuum, checkpoint), so both
         // sides of each ratio are measured in the same machine state, with
@@ -137,7 +154,111 @@ struct TickBench {
                  done AS (INSERT INTO raw_admitted SELECT id, priority, args, context, now() FROM gone RETURNING 1)
             SELECT count(*) FROM done
             """, logger: logger)
-        return try rows.first!.decode(Int.self)
+        return try rows.first?.decode(Int.self) ?? 0
+    }
+
+    /// Runs a runner and workers until `done` or `limit`, sampling every `every`.
+    static func live(
+        _ settings: ConnectionSettings, workers: [Worker], limit: Duration, every: Duration,
+        sample: @escaping (Duration) async throws -> Bool
+    ) async throws {
+        var options = TickRunnerOptions()
+        options.busyPause = .milliseconds(20)
+        options.idlePause = .milliseconds(100)
+        let runner = TickRunner(connection: settings, options: options, logger: logger)
+        let group = ServiceGroup(configuration: .init(services: [runner] + workers, logger: logger))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            let start = ContinuousClock.now
+            while ContinuousClock.now - start < limit {
+                try await Task.sleep(for: every)
+                if try await sample(ContinuousClock.now - start) { break }
+            }
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+    }
+
+    /// 100 tenants × 300 jobs staged tenant by tenant, round-robin by tenant
+    /// with quantum 5, global_cap 40, 40 workers running 10 ms jobs: Jain's
+    /// index of admissions per tenant, sampled while every tenant still waits.
+    static func fairness(_ db: PostgresConnection, settings: ConnectionSettings, fairInterleave: Bool) async throws {
+        let policy = fairInterleave ? "fair_interleave" : "fair_round_robin"
+        let config = PolicyConfig(roundRobinBy: "{t}", roundRobinQuantum: 5) {
+            Gate.globalCap(max: 40)
+            if fairInterleave { Gate.fairInterleave(partitionBy: "{t}") }
+        }
+        try await PolicyCatalog(executor: db, logger: logger).declare(name: policy, config: try config.json())
+        for tenant in 0..<100 {
+            _ = try await db.rows("""
+                SELECT dispatch_policy.stage_many(\(policy), (SELECT jsonb_agg(jsonb_build_object('args', i,
+                  'context', jsonb_build_object('t', \(String(format: "t%03d", tenant))::text))) FROM generate_series(1, 300) i))
+                """, logger: logger)
+        }
+        var options = WorkerOptions()
+        options.concurrency = 40
+        var worker = Worker(connection: settings, options: options, logger: logger)
+        worker.register(policy) { _ in try await Task.sleep(for: .milliseconds(10)) }
+        var line = ""
+        try await live(settings, workers: [worker], limit: .seconds(60), every: .seconds(5)) { elapsed in
+            let shares = try await db.rows("""
+                SELECT count(*)::float8 FROM (
+                  SELECT context FROM dispatch_policy.admitted_jobs WHERE policy = \(policy)
+                  UNION ALL SELECT context FROM dispatch_policy.finished_jobs WHERE policy = \(policy)) x
+                GROUP BY context ->> 't'
+                """, logger: logger).map { try $0.decode(Double.self) }
+            let all = shares + Array(repeating: 0, count: max(0, 100 - shares.count))
+            let total = all.reduce(0, +)
+            let jain = total * total / (Double(all.count) * all.map { $0 * $0 }.reduce(0, +))
+            // Stop measuring before any tenant runs out of work.
+            if (all.max() ?? 0) >= 290 { return true }
+            line = String(format: "%@: %.0f s, %.0f admissions (%.0f/s), per tenant %.0f–%.0f, Jain's index %.4f",
+                          policy, ms(elapsed) / 1000, total, total / (ms(elapsed) / 1000), all.min() ?? 0, all.max() ?? 0, jain)
+            print(line)
+            return false
+        }
+    }
+
+    /// 10 workers running 20 ms jobs (capacity 500 jobs/s), one partition,
+    /// initial_max 3, target_lag_ms 100, 40,000 jobs: the cap every 3 s, and
+    /// completions against the pool's capacity.
+    static func adaptive(_ db: PostgresConnection, settings: ConnectionSettings) async throws {
+        let config = PolicyConfig {
+            Gate.adaptiveConcurrency(initialMax: 3, targetLagMs: 100)
+        }
+        try await PolicyCatalog(executor: db, logger: logger).declare(name: "adaptive", config: try config.json())
+        try await stageMany(db, policy: "adaptive", count: 40_000)
+        var options = WorkerOptions()
+        options.concurrency = 10
+        var worker = Worker(connection: settings, options: options, logger: logger)
+        worker.register("adaptive") { _ in try await Task.sleep(for: .milliseconds(20)) }
+        var caps: [(Double, Int)] = []
+        var completedAtEnd = 0.0
+        try await live(settings, workers: [worker], limit: .seconds(60), every: .seconds(3)) { elapsed in
+            let cap = try await db.rows("SELECT current_max FROM dispatch_policy.adaptive_stats WHERE policy = 'adaptive'", logger: logger)
+                .first?.decode(Int.self) ?? 0
+            let done = try await db.rows("SELECT count(*)::float8 FROM dispatch_policy.finished_jobs WHERE policy = 'adaptive'", logger: logger)
+                .first?.decode(Double.self) ?? 0
+            let seconds = ms(elapsed) / 1000
+            caps.append((seconds, cap))
+            completedAtEnd = done
+            print(String(format: "t=%4.0f s  current_max %4d  completed %6.0f (%.0f/s overall, capacity 500/s)", seconds, cap, done, done / seconds))
+            return false
+        }
+        let settled = caps.filter { $0.0 >= 30 }.map(\.1).sorted()
+        if let low = settled.first, let high = settled.last {
+            let median = Double(settled[settled.count / 2])
+            print(String(format: "after 30 s: current_max %d–%d around %.0f (%.0f%% to +%.0f%%); pool %.2f of capacity over the run",
+                         low, high, median, (Double(low) / median - 1) * 100, (Double(high) / median - 1) * 100,
+                         completedAtEnd / (60 * 500)))
+        }
+    }
+
+    static func stageMany(_ db: PostgresConnection, policy: String, count: Int) async throws {
+        _ = try await db.rows("""
+            SELECT cardinality(dispatch_policy.stage_many(\(policy), (
+              SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, \(count)::int) i)))
+            """, logger: logger)
     }
 
     static func ms(_ d: Duration) -> Double {

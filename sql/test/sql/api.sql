@@ -112,3 +112,39 @@ SELECT dispatch_policy.admit('webhooks', '[{"id": 1, "slots": {"concurrency": "a
 COMMIT;
 SELECT dispatch_policy.complete(1), dispatch_policy.complete(1);
 SELECT gate, partition, in_flight FROM dispatch_policy.inflight_counters ORDER BY 1, 2;
+
+-- Limits: every bound in one place, and the errors derived from it.
+SELECT field, minimum, minimum_exclusive, maximum, maximum_exclusive, integral, default_value, unit
+FROM dispatch_policy.limits() ORDER BY field;
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "rate": 1e308, "per": 1}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "rate": 1, "per": 1e-308}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "throttle", "rate": 1, "per": {"context": "w", "default": 0}}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "adaptive_concurrency", "target_lag_ms": 10, "max": 1e20}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "adaptive_concurrency", "target_lag_ms": 10, "initial_max": 3000000000}]}');
+SELECT dispatch_policy.declare_policy('p', '{"gates": [{"type": "global_cap", "max": 1e400}]}');
+SELECT dispatch_policy.declare_policy('p', '{"lease_seconds": 2160000000}');
+-- per may come from the context, like rate, burst and max.
+SELECT dispatch_policy.validate_policy('p', '{"gates": [{"type": "throttle", "rate": 1, "per": {"context": "window", "default": 60}}]}');
+-- A direct write is validated like declare_policy.
+INSERT INTO dispatch_policy.policies (name, config) VALUES ('direct', '{"batch_size": 0}');
+SELECT count(*) AS policies FROM dispatch_policy.policies;
+
+-- Staging limits.
+SELECT dispatch_policy.stage('webhooks', '{}', queue => repeat('q', 129));
+SELECT dispatch_policy.stage('webhooks', '{}', dedupe_key => repeat('k', 513));
+SELECT dispatch_policy.stage('webhooks', '{}', dedupe_key => '');
+SELECT dispatch_policy.stage('webhooks', '{}', round_robin_key => repeat('r', 513));
+SELECT dispatch_policy.stage('webhooks', '{}', not_before => 'infinity');
+SELECT dispatch_policy.stage('webhooks', '{}', jsonb_build_object('big', repeat('x', 70000)));
+-- A rendered round-robin key that would not fit an index is stored shortened.
+SELECT dispatch_policy.stage('webhooks', '{}', jsonb_build_object('account_id', repeat('x', 3000))) AS long_id \gset
+SELECT octet_length(round_robin_key) AS bytes, left(round_robin_key, 5) || right(round_robin_key, 35) AS key
+FROM dispatch_policy.staged_jobs WHERE id = :long_id;
+
+-- Worker calls: arguments within bounds, attempts fenced.
+SELECT dispatch_policy.complete(999999, attempt => 1);
+SELECT * FROM dispatch_policy.claim('default', 'w', 0);
+SELECT * FROM dispatch_policy.claim('default', repeat('w', 300), 1);
+SELECT dispatch_policy.fail(1, 'x', interval '-1 second');
+SELECT dispatch_policy.complete(1, attempt => 2);
+SELECT * FROM dispatch_policy.prune('1000000 years');

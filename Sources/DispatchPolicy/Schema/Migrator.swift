@@ -98,7 +98,9 @@ public struct Migrator: Sendable {
                 "SELECT to_regclass('dispatch_policy.schema_migrations') IS NOT NULL, EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'dispatch_policy')",
                 logger: logger
             ).collect()
-            let (tableExists, isExtension) = try exists.first!.decode((Bool, Bool).self)
+            guard let (tableExists, isExtension) = try exists.first?.decode((Bool, Bool).self) else {
+                throw DispatchPolicyError(code: .migrationFailed, message: "migrate: the server returned no row for the schema check")
+            }
             if isExtension {
                 throw DispatchPolicyError(
                     code: .schemaInstalledAsExtension,
@@ -123,7 +125,10 @@ public struct Migrator: Sendable {
             let rows = try await connection.query(
                 "SELECT encode(sha256(convert_to(\(migration.sql), 'UTF8')), 'hex')", logger: logger
             ).collect()
-            return try rows.first!.decode(String.self)
+            guard let checksum = try rows.first?.decode(String.self) else {
+                throw DispatchPolicyError(code: .migrationFailed, message: "migrate: the server returned no checksum for \(migration.fileName)")
+            }
+            return checksum
         }
     }
 

@@ -105,15 +105,57 @@ public enum GateValue: Codable, Sendable, Equatable, ExpressibleByIntegerLiteral
     public init(integerLiteral value: Int) { self = .constant(Double(value)) }
     public init(floatLiteral value: Double) { self = .constant(value) }
 
-    /// The value for a job: its context value of the key when that is a
-    /// number, else the default.
-    public func value(in context: [String: String]) -> Double {
+    /// The value for a job, within `limit`.
+    ///
+    /// A context value is used when it is a JSON number (or a string holding
+    /// one) that the config itself would accept for this field: within the
+    /// bounds, and an integer where the field is integral. Anything else
+    /// (missing, text, NaN, 1e308, a negative rate, 2.5 for a cap) falls back
+    /// to the default: one job cannot poison a partition's state. A constant
+    /// or default outside the bounds (impossible through `declare_policy`) is
+    /// clamped into them.
+    public func value(in context: [String: String], within limit: FieldLimit) -> Double {
         switch self {
         case .constant(let value):
-            return value
+            return limit.clamp(value)
         case .context(let key, let fallback):
-            return context[key].flatMap { Double($0.trimmingWhitespace()) }.flatMap { $0.isFinite ? $0 : nil } ?? fallback
+            if let text = context[key], let value = Self.decimal(text), limit.contains(value) {
+                return value
+            }
+            return limit.clamp(fallback)
         }
+    }
+
+    /// Whether a context value would be used for a job (see ``value(in:within:)``).
+    public func usesContextValue(in context: [String: String], within limit: FieldLimit) -> Bool {
+        guard case .context(let key, _) = self, let text = context[key], let value = Self.decimal(text) else { return false }
+        return limit.contains(value)
+    }
+
+    /// A number written as JSON writes it (optionally inside a string):
+    /// `-12`, `0.5`, `1e3`. Not hexadecimal, not `inf` or `nan`, which
+    /// `Double(String)` would also accept.
+    static func decimal(_ text: String) -> Double? {
+        let trimmed = text.trimmingWhitespace()
+        var bytes = Substring(trimmed).utf8[...]
+        func digits() -> Int {
+            let count = bytes.prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }.count
+            bytes = bytes.dropFirst(count)
+            return count
+        }
+        if bytes.first == UInt8(ascii: "-") { bytes = bytes.dropFirst() }
+        guard digits() > 0 else { return nil }
+        if bytes.first == UInt8(ascii: ".") {
+            bytes = bytes.dropFirst()
+            guard digits() > 0 else { return nil }
+        }
+        if bytes.first == UInt8(ascii: "e") || bytes.first == UInt8(ascii: "E") {
+            bytes = bytes.dropFirst()
+            if bytes.first == UInt8(ascii: "+") || bytes.first == UInt8(ascii: "-") { bytes = bytes.dropFirst() }
+            guard digits() > 0 else { return nil }
+        }
+        guard bytes.isEmpty, let value = Double(trimmed), value.isFinite else { return nil }
+        return value
     }
 
     private enum Keys: String, CodingKey { case context, `default` }
@@ -131,16 +173,22 @@ public enum GateValue: Codable, Sendable, Equatable, ExpressibleByIntegerLiteral
         switch self {
         case .constant(let value):
             var c = encoder.singleValueContainer()
-            if value == value.rounded(), abs(value) < 1e15 { try c.encode(Int64(value)) } else { try c.encode(value) }
+            if let integer = Self.exactInteger(value) { try c.encode(integer) } else { try c.encode(value) }
         case .context(let key, let fallback):
             var c = encoder.container(keyedBy: Keys.self)
             try c.encode(key, forKey: .context)
-            if fallback == fallback.rounded(), abs(fallback) < 1e15 {
-                try c.encode(Int64(fallback), forKey: .default)
+            if let integer = Self.exactInteger(fallback) {
+                try c.encode(integer, forKey: .default)
             } else {
                 try c.encode(fallback, forKey: .default)
             }
         }
+    }
+
+    /// `value` as an integer when it is one that JSON can carry exactly.
+    static func exactInteger(_ value: Double) -> Int64? {
+        guard value.isFinite, value == value.rounded(), abs(value) < 1e15 else { return nil }
+        return Int64(exactly: value)
     }
 }
 
@@ -159,7 +207,7 @@ public struct Gate: Codable, Sendable, Equatable {
     public var partitionBy: String?
     // throttle
     public var rate: GateValue?
-    public var per: Double?
+    public var per: GateValue?
     public var burst: GateValue?
     // concurrency (a value), global_cap (a number), adaptive_concurrency (the optional ceiling)
     public var max: GateValue?
@@ -189,7 +237,7 @@ public struct Gate: Codable, Sendable, Equatable {
     /// Whether admitted jobs hold a slot of this gate until they finish.
     public var holdsSlots: Bool { type == .concurrency || type == .globalCap || type == .adaptiveConcurrency }
 
-    public static func throttle(name: String? = nil, rate: GateValue, per: Double, burst: GateValue? = nil, partitionBy: String? = nil) -> Gate {
+    public static func throttle(name: String? = nil, rate: GateValue, per: GateValue, burst: GateValue? = nil, partitionBy: String? = nil) -> Gate {
         var gate = Gate(type: .throttle, name: name, partitionBy: partitionBy)
         gate.rate = rate
         gate.per = per
@@ -228,16 +276,24 @@ public struct Gate: Codable, Sendable, Equatable {
         return gate
     }
 
-    /// The AIMD settings of an adaptive gate, with the documented defaults.
+    /// The AIMD settings of an adaptive gate, with the documented defaults,
+    /// every value within its ``FieldLimits`` bounds (clamped, never trapping,
+    /// whatever the stored config says).
     public var adaptiveSettings: AdaptiveSettings {
-        let floor = Swift.max(min ?? 1, 1)
-        let ceiling = max.map { Int($0.value(in: [:])) }
-        var initial = initialMax ?? 3
+        let floor = FieldLimits.adaptiveMin.clampInt(Double(min ?? 1))
+        let ceiling = max.map { Swift.max(FieldLimits.adaptiveMax.clampInt($0.value(in: [:], within: FieldLimits.adaptiveMax)), floor) }
+        var initial = FieldLimits.adaptiveInitialMax.clampInt(Double(initialMax ?? 3))
         initial = Swift.max(initial, floor)
         if let ceiling { initial = Swift.min(initial, ceiling) }
+        func factor(_ value: Double?, _ limit: FieldLimit) -> Double {
+            guard let value, limit.contains(value) else { return limit.defaultValue ?? 0.5 }
+            return value
+        }
         return AdaptiveSettings(
-            initialMax: initial, min: floor, max: ceiling, targetLagMs: targetLagMs ?? 1000,
-            ewmaAlpha: ewmaAlpha ?? 0.5, failureDecreaseFactor: failureDecreaseFactor ?? 0.5,
-            overloadDecreaseFactor: overloadDecreaseFactor ?? 0.95)
+            initialMax: initial, min: floor, max: ceiling,
+            targetLagMs: FieldLimits.adaptiveTargetLagMs.clamp(targetLagMs ?? 1000),
+            ewmaAlpha: factor(ewmaAlpha, FieldLimits.adaptiveEWMAAlpha),
+            failureDecreaseFactor: factor(failureDecreaseFactor, FieldLimits.adaptiveFailureDecrease),
+            overloadDecreaseFactor: factor(overloadDecreaseFactor, FieldLimits.adaptiveOverloadDecrease))
     }
 }

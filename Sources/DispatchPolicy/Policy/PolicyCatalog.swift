@@ -78,35 +78,53 @@ extension PolicyCatalog {
         public var isArray: Bool
 
         public init(json text: String) throws {
-            let parsed: Any
-            do {
-                parsed = try JSONSerialization.jsonObject(with: Data(text.utf8), options: [.fragmentsAllowed])
-            } catch {
-                throw DispatchPolicyError(code: .invalidArgument, message: "policy file is not valid JSON: \(error.localizedDescription)")
+            // The shape is read without converting numbers: a number beyond
+            // Double's range is valid JSON, and the database gives it the
+            // error that names its field and bounds.
+            var scanner = ContextStrings.Scanner(Array(text.utf8))
+            let entries: [[(key: String, kind: ContextStrings.Scanner.Kind)]?]
+            var probe = scanner
+            probe.skipSpace()
+            let isArray = probe.i < probe.bytes.count && probe.bytes[probe.i] == UInt8(ascii: "[")
+            if isArray {
+                guard let elements = scanner.arrayOfObjects(), scanner.atEnd() else { throw Self.notJSON }
+                entries = elements
+            } else {
+                guard let members = scanner.members() else {
+                    var value = ContextStrings.Scanner(Array(text.utf8))
+                    if value.kindOfValue() != nil, value.atEnd() {
+                        throw DispatchPolicyError(code: .invalidArgument, message: "policy file must be an object {\"name\": ..., \"config\": {...}}")
+                    }
+                    throw Self.notJSON
+                }
+                guard scanner.atEnd() else { throw Self.notJSON }
+                entries = [members]
             }
-            json = text
-            isArray = parsed is [Any]
-            let entries = (parsed as? [Any]) ?? [parsed]
             guard !entries.isEmpty else {
                 throw DispatchPolicyError(code: .invalidArgument, message: "policy file holds no policy")
             }
-            names = try entries.enumerated().map { [isArray] index, entry in
+            json = text
+            self.isArray = isArray
+            names = try entries.enumerated().map { index, members in
                 let at = isArray ? "[\(index)]" : ""
-                guard let object = entry as? [String: Any] else {
+                guard let members else {
                     throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at) must be an object {\"name\": ..., \"config\": {...}}")
                 }
-                if let unknown = object.keys.sorted().first(where: { $0 != "name" && $0 != "config" }) {
+                if let unknown = members.map(\.key).sorted().first(where: { $0 != "name" && $0 != "config" }) {
                     throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at).\(unknown) is not a known field (known: name, config)")
                 }
-                guard let name = object["name"] as? String else {
+                guard case .string(let name)? = members.last(where: { $0.key == "name" })?.kind else {
                     throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at).name must be a string")
                 }
-                guard object["config"] is [String: Any] else {
+                guard members.last(where: { $0.key == "config" })?.kind == .object else {
                     throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at).config must be an object")
                 }
                 return name
             }
         }
+
+        static let notJSON = DispatchPolicyError(
+            code: .invalidArgument, message: "policy file is not valid JSON (one policy object, or an array of them)")
     }
 
     /// Declares every policy of a file in one transaction: all or nothing.

@@ -100,6 +100,86 @@ public enum ContextStrings {
             return value
         }
 
+        /// The kind of a JSON value, read without converting numbers (so
+        /// `1e400` is a number here, though no `Double` holds it).
+        enum Kind: Equatable {
+            case string(String)
+            case object
+            case array
+            case other
+        }
+
+        /// The value at `i`, skipped, and its kind; nil if malformed.
+        mutating func kindOfValue() -> Kind? {
+            skipSpace()
+            guard i < bytes.count else { return nil }
+            switch bytes[i] {
+            case UInt8(ascii: "\""): return string().map { .string($0) }
+            case UInt8(ascii: "{"): return skipValue() ? .object : nil
+            case UInt8(ascii: "["): return skipValue() ? .array : nil
+            default:
+                let start = i
+                return skipValue() && i > start ? .other : nil
+            }
+        }
+
+        /// The members of the object at `i` (keys and the kinds of their values).
+        mutating func members() -> [(key: String, kind: Kind)]? {
+            skipSpace()
+            guard i < bytes.count, bytes[i] == UInt8(ascii: "{") else { return nil }
+            i += 1
+            var result: [(String, Kind)] = []
+            skipSpace()
+            if i < bytes.count, bytes[i] == UInt8(ascii: "}") { i += 1; return result }
+            while true {
+                skipSpace()
+                guard let key = string() else { return nil }
+                skipSpace()
+                guard i < bytes.count, bytes[i] == UInt8(ascii: ":") else { return nil }
+                i += 1
+                guard let kind = kindOfValue() else { return nil }
+                result.append((key, kind))
+                skipSpace()
+                guard i < bytes.count else { return nil }
+                if bytes[i] == UInt8(ascii: ",") { i += 1; continue }
+                if bytes[i] == UInt8(ascii: "}") { i += 1; return result }
+                return nil
+            }
+        }
+
+        /// The elements of the array at `i`: each one's members when it is an
+        /// object, nil for an element that is not.
+        mutating func arrayOfObjects() -> [[(key: String, kind: Kind)]?]? {
+            skipSpace()
+            guard i < bytes.count, bytes[i] == UInt8(ascii: "[") else { return nil }
+            i += 1
+            var result: [[(key: String, kind: Kind)]?] = []
+            skipSpace()
+            if i < bytes.count, bytes[i] == UInt8(ascii: "]") { i += 1; return result }
+            while true {
+                skipSpace()
+                guard i < bytes.count else { return nil }
+                if bytes[i] == UInt8(ascii: "{") {
+                    guard let members = members() else { return nil }
+                    result.append(members)
+                } else {
+                    guard kindOfValue() != nil else { return nil }
+                    result.append(nil)
+                }
+                skipSpace()
+                guard i < bytes.count else { return nil }
+                if bytes[i] == UInt8(ascii: ",") { i += 1; continue }
+                if bytes[i] == UInt8(ascii: "]") { i += 1; return result }
+                return nil
+            }
+        }
+
+        /// Whether only whitespace is left.
+        mutating func atEnd() -> Bool {
+            skipSpace()
+            return i == bytes.count
+        }
+
         /// Skips any JSON value (nested objects and arrays included).
         mutating func skipValue() -> Bool {
             var depth = 0

@@ -1,0 +1,612 @@
+-- dispatch-policy: limits that hold.
+--
+-- Every numeric field and every length has one documented bound, kept in
+-- one place (dispatch_policy.limits()); validation, staging and the rule
+-- texts of the errors are derived from it. Long rendered keys are stored in
+-- a form that always fits an index. The token-bucket refill is one function
+-- that every reader calls, over columns whose CHECK constraints make
+-- overflow impossible.
+
+-- The bounds. The Swift library has the same table (FieldLimits) and a test
+-- compares the two.
+CREATE FUNCTION dispatch_policy.limits()
+RETURNS TABLE (field text, minimum numeric, minimum_exclusive boolean, maximum numeric, maximum_exclusive boolean,
+               integral boolean, default_value numeric, unit text, description text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  VALUES
+    ('batch_size', 1::numeric, false, 100000::numeric, false, true, 500::numeric, 'rows',
+     'Most jobs one tick fetches for the policy.'),
+    ('round_robin_quantum', 1, false, 100000, false, true, 50, 'rows',
+     'Most jobs one tick fetches per round-robin key before topping up.'),
+    ('lease_seconds', 1, false, 31536000, false, true, 900, 'seconds',
+     'How long an admitted job may run without a heartbeat before it is reaped.'),
+    ('max_attempts', 1, false, 1000, false, true, 25, 'attempts',
+     'Attempts before a failing job is kept as dead.'),
+    ('throttle.rate', 0, false, 1000000, false, false, NULL, 'tokens',
+     'Tokens added per window (per); 0 admits nothing.'),
+    ('throttle.per', 0.001, false, 31536000, false, false, NULL, 'seconds',
+     'The refill window of rate.'),
+    ('throttle.burst', 1, false, 1000000, false, false, NULL, 'tokens',
+     'Bucket capacity; default: the rate, at least 1.'),
+    ('concurrency.max', 0, false, 1000000, false, true, NULL, 'jobs',
+     'Jobs in flight per partition; 0 admits nothing.'),
+    ('global_cap.max', 0, false, 1000000, false, true, NULL, 'jobs',
+     'Jobs in flight in the whole policy; 0 admits nothing.'),
+    ('adaptive_concurrency.initial_max', 1, false, 1000000, false, true, 3, 'jobs',
+     'Starting cap of a partition, and its floor while nothing is in flight (clamped into [min, max]).'),
+    ('adaptive_concurrency.min', 1, false, 1000000, false, true, 1, 'jobs',
+     'The cap never shrinks below this.'),
+    ('adaptive_concurrency.max', 1, false, 1000000, false, true, NULL, 'jobs',
+     'The cap never grows above this (default: no ceiling but the bound).'),
+    ('adaptive_concurrency.target_lag_ms', 1, false, 86400000, false, false, NULL, 'ms',
+     'Queue lag above which the cap shrinks.'),
+    ('adaptive_concurrency.ewma_alpha', 0, true, 1, false, false, 0.5, '',
+     'Weight of one window of observations in the lag average.'),
+    ('adaptive_concurrency.failure_decrease_factor', 0, true, 1, true, false, 0.5, '',
+     'The cap is multiplied by this after a failure (at most once per window).'),
+    ('adaptive_concurrency.overload_decrease_factor', 0, true, 1, true, false, 0.95, '',
+     'The cap is multiplied by this while the lag is above target (at most once per window).'),
+    ('job.priority', -2147483648, false, 2147483647, false, true, 0, '',
+     'Lower is admitted first.'),
+    ('job.queue', 1, false, 128, false, true, NULL, 'bytes',
+     'Queue name (default ''default'').'),
+    ('job.dedupe_key', 1, false, 512, false, true, NULL, 'bytes',
+     'Dedupe key given to stage.'),
+    ('job.round_robin_key', 1, false, 512, false, true, NULL, 'bytes',
+     'Round-robin key given to stage.'),
+    ('job.context', 0, false, 65536, false, true, NULL, 'bytes',
+     'Size of the context object (as stored).'),
+    ('partition_key', 0, false, 256, false, true, NULL, 'bytes',
+     'Rendered partition and round-robin keys longer than this are stored as their first 64 characters, "...", and 32 hex digits of their SHA-256.'),
+    ('claim.max', 1, false, 10000, false, true, 1, 'jobs',
+     'Most jobs one claim() returns.'),
+    ('claim.worker', 0, false, 256, false, true, NULL, 'bytes',
+     'Worker name recorded on claimed jobs.'),
+    ('fail.retry_in', 0, false, 31536000, false, false, NULL, 'seconds',
+     'Delay before a failed job is retried (default 2^attempt s, at most 3600).'),
+    ('fail.error', 0, false, 8192, false, true, NULL, 'characters',
+     'Error text kept per failed attempt; longer text is cut to this length.'),
+    ('prune.retention', 0, false, 3153600000, false, false, 604800, 'seconds',
+     'History older than this is deleted by prune().'),
+    ('prune.idle', 0, false, 3153600000, false, false, 3600, 'seconds',
+     'Idle gate rows untouched this long are deleted by prune().')
+$$;
+COMMENT ON FUNCTION dispatch_policy.limits() IS
+  'Every bound of a config field, job field, worker call argument and key length, in one place: validation and error texts are derived from it. unit ''bytes'' bounds a string''s UTF-8 length.';
+
+CREATE FUNCTION dispatch_policy._limit(field text)
+RETURNS record
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT l.* FROM dispatch_policy.limits() l WHERE l.field = _limit.field
+$$;
+COMMENT ON FUNCTION dispatch_policy._limit(text) IS 'Internal: the limits() row of a field.';
+
+-- Whether n is within the bounds of field.
+CREATE FUNCTION dispatch_policy._within_limit(n numeric, field text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT n IS NOT NULL
+         AND (n > l.minimum OR (n = l.minimum AND NOT l.minimum_exclusive))
+         AND (n < l.maximum OR (n = l.maximum AND NOT l.maximum_exclusive))
+         AND (NOT l.integral OR n = trunc(n))
+  FROM dispatch_policy.limits() l WHERE l.field = _within_limit.field
+$$;
+COMMENT ON FUNCTION dispatch_policy._within_limit(numeric, text) IS
+  'Internal: whether n is within the bounds limits() gives for field (integral fields: only integers).';
+
+-- The rule an error message states for a field, from its bounds.
+CREATE FUNCTION dispatch_policy._limit_rule(field text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT CASE
+    WHEN l.unit IN ('bytes', 'characters') AND l.minimum = 0 THEN format('must be at most %s %s', trim_scale(l.maximum), l.unit)
+    WHEN l.unit IN ('bytes', 'characters')
+      THEN format('must be a string of %s to %s %s', trim_scale(l.minimum), trim_scale(l.maximum), l.unit)
+    WHEN l.integral THEN format('must be an integer from %s to %s', trim_scale(l.minimum), trim_scale(l.maximum))
+    WHEN NOT l.minimum_exclusive AND NOT l.maximum_exclusive
+      THEN format('must be a number from %s to %s', trim_scale(l.minimum), trim_scale(l.maximum))
+    ELSE format('must be a number in %s%s, %s%s',
+                CASE WHEN l.minimum_exclusive THEN '(' ELSE '[' END, trim_scale(l.minimum),
+                trim_scale(l.maximum), CASE WHEN l.maximum_exclusive THEN ')' ELSE ']' END)
+  END || CASE WHEN l.unit IN ('', 'bytes', 'characters') THEN '' ELSE ' (' || l.unit || ')' END
+  FROM dispatch_policy.limits() l WHERE l.field = _limit_rule.field
+$$;
+COMMENT ON FUNCTION dispatch_policy._limit_rule(text) IS
+  'Internal: the rule text of a field''s bounds, such as "must be an integer from 1 to 100000 (rows)".';
+
+-- The config error, with the offending value cut to 200 characters (a 10 kB
+-- value or a 300-digit number would drown the message).
+CREATE OR REPLACE FUNCTION dispatch_policy._config_error(field text, rule text, got jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+BEGIN
+  RAISE EXCEPTION 'invalid policy config: % %', field, rule
+    USING ERRCODE = '22023',
+          DETAIL = format('%s is %s.', field,
+                          coalesce(CASE WHEN length(got::text) > 200 THEN left(got::text, 200) || '...' ELSE got::text END,
+                                   'missing')),
+          HINT = 'See "Policy configuration" in the dispatch-policy README. Nothing was stored.';
+END
+$$;
+
+-- Raises the config error unless value is a JSON number within field's bounds.
+CREATE FUNCTION dispatch_policy._require_limit(value jsonb, path text, field text)
+RETURNS numeric
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+DECLARE
+  n numeric := dispatch_policy._json_number(value);
+BEGIN
+  IF NOT coalesce(dispatch_policy._within_limit(n, field), false) THEN
+    PERFORM dispatch_policy._config_error(path, dispatch_policy._limit_rule(field), value);
+  END IF;
+  RETURN n;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._require_limit(jsonb, text, text) IS
+  'Internal: the number in value, or the config error (22023) naming path when it is not a number within the bounds of field.';
+
+-- A gate value: a number, or {"context": KEY, "default": NUMBER} when the
+-- field may come from the job's context. The number (or the default) must be
+-- within the field's bounds; a context value is checked per job by the runner
+-- against the same bounds (out of bounds: the default applies).
+CREATE FUNCTION dispatch_policy._require_gate_value(value jsonb, path text, field text, from_context boolean)
+RETURNS numeric
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+BEGIN
+  IF from_context AND jsonb_typeof(value) = 'object' THEN
+    PERFORM dispatch_policy._require(
+      (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(value) k) = ARRAY['context', 'default'],
+      path, 'must be a number or {"context": KEY, "default": NUMBER}', value);
+    PERFORM dispatch_policy._require(
+      jsonb_typeof(value -> 'context') = 'string' AND value ->> 'context' ~ '^[A-Za-z_][A-Za-z0-9_]{0,63}$',
+      path || '.context', 'must name a context key (letters, digits and _, at most 64 characters)', value -> 'context');
+    RETURN dispatch_policy._require_limit(value -> 'default', path || '.default', field);
+  END IF;
+  PERFORM dispatch_policy._require(jsonb_typeof(value) = 'number', path,
+    CASE WHEN from_context THEN 'must be a number or {"context": KEY, "default": NUMBER}' ELSE 'must be a number' END, value);
+  RETURN dispatch_policy._require_limit(value, path, field);
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._require_gate_value(jsonb, text, text, boolean) IS
+  'Internal: validates a gate value (a number, or {"context", "default"} where from_context) against the bounds of field; returns the number (the default of a context value).';
+
+DROP FUNCTION dispatch_policy._require_value(jsonb, text, numeric, boolean);
+
+CREATE OR REPLACE FUNCTION dispatch_policy.validate_policy(name text, config jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+DECLARE
+  gate jsonb;
+  i integer := 0;
+  path text;
+  gate_type text;
+  gate_name text;
+  seen jsonb := '{}';
+  n numeric;
+  lo numeric;
+  hi numeric;
+BEGIN
+  IF validate_policy.name IS NULL OR validate_policy.name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+    RAISE EXCEPTION 'invalid policy name: %', coalesce(quote_literal(left(validate_policy.name, 200)), 'NULL')
+      USING ERRCODE = '22023',
+            DETAIL = 'A policy name is 1 to 128 characters: letters, digits, _ . : -, starting with a letter or digit.',
+            HINT = 'Nothing was stored.';
+  END IF;
+  IF config IS NULL OR jsonb_typeof(config) <> 'object' THEN
+    PERFORM dispatch_policy._config_error('config', 'must be a JSON object', config);
+  END IF;
+
+  PERFORM dispatch_policy._require_known_keys(config,
+    ARRAY['gates', 'round_robin_by', 'batch_size', 'round_robin_quantum',
+          'lease_seconds', 'max_attempts', 'target'], '');
+
+  FOREACH path IN ARRAY ARRAY['batch_size', 'round_robin_quantum', 'lease_seconds', 'max_attempts'] LOOP
+    IF config ? path THEN
+      PERFORM dispatch_policy._require_limit(config -> path, path, path);
+    END IF;
+  END LOOP;
+  IF config ? 'round_robin_by' THEN
+    PERFORM dispatch_policy._require_template(config -> 'round_robin_by', 'round_robin_by');
+  END IF;
+
+  IF config ? 'target' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'target') = 'object',
+      'target', 'must be an object such as {"type": "ready_queue"}', config -> 'target');
+    PERFORM dispatch_policy._require(config -> 'target' ->> 'type' IN ('ready_queue', 'sql'),
+      'target.type', 'must be one of ready_queue, sql', config -> 'target' -> 'type');
+    IF config -> 'target' ->> 'type' = 'ready_queue' THEN
+      PERFORM dispatch_policy._require_known_keys(config -> 'target', ARRAY['type'], 'target.');
+    ELSE
+      PERFORM dispatch_policy._require_known_keys(config -> 'target', ARRAY['type', 'function'], 'target.');
+      PERFORM dispatch_policy._require(
+        config -> 'target' ->> 'function' ~ '^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}$',
+        'target.function', 'must name a function as schema.name', config -> 'target' -> 'function');
+    END IF;
+  END IF;
+
+  IF config ? 'gates' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'gates') = 'array',
+      'gates', 'must be an array of gate objects', config -> 'gates');
+    PERFORM dispatch_policy._require(jsonb_array_length(config -> 'gates') <= 32,
+      'gates', 'must hold at most 32 gates', to_jsonb(jsonb_array_length(config -> 'gates')));
+    FOR gate IN SELECT g FROM jsonb_array_elements(config -> 'gates') AS g LOOP
+      path := format('gates[%s]', i);
+      PERFORM dispatch_policy._require(jsonb_typeof(gate) = 'object', path, 'must be an object', gate);
+      gate_type := gate ->> 'type';
+      PERFORM dispatch_policy._require(
+        gate_type IN ('throttle', 'concurrency', 'global_cap', 'fair_interleave', 'adaptive_concurrency'),
+        path || '.type',
+        'must be one of throttle, concurrency, global_cap, fair_interleave, adaptive_concurrency',
+        gate -> 'type');
+
+      PERFORM dispatch_policy._require_known_keys(gate,
+        CASE gate_type
+          WHEN 'throttle' THEN ARRAY['type', 'name', 'partition_by', 'rate', 'per', 'burst']
+          WHEN 'concurrency' THEN ARRAY['type', 'name', 'partition_by', 'max']
+          WHEN 'global_cap' THEN ARRAY['type', 'name', 'max']
+          WHEN 'fair_interleave' THEN ARRAY['type', 'name', 'partition_by']
+          ELSE ARRAY['type', 'name', 'partition_by', 'initial_max', 'target_lag_ms', 'min', 'max',
+                     'ewma_alpha', 'failure_decrease_factor', 'overload_decrease_factor']
+        END, path || '.');
+
+      IF gate ? 'name' THEN
+        PERFORM dispatch_policy._require(
+          jsonb_typeof(gate -> 'name') = 'string' AND gate ->> 'name' ~ '^[A-Za-z0-9_.:-]{1,64}$',
+          path || '.name', 'must be 1 to 64 characters: letters, digits, _ . : -', gate -> 'name');
+      END IF;
+      gate_name := coalesce(gate ->> 'name', gate_type);
+      IF seen ? gate_name THEN
+        PERFORM dispatch_policy._config_error(path || '.name',
+          format('must be unique in the policy: %s is also the name of %s (a gate''s name defaults to its type)',
+                 quote_ident(gate_name), seen ->> gate_name),
+          to_jsonb(gate_name));
+      END IF;
+      seen := seen || jsonb_build_object(gate_name, path);
+
+      IF gate ? 'partition_by' THEN
+        PERFORM dispatch_policy._require_template(gate -> 'partition_by', path || '.partition_by');
+      END IF;
+
+      CASE gate_type
+        WHEN 'throttle' THEN
+          PERFORM dispatch_policy._require(gate ? 'rate', path || '.rate', 'is required', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'rate', path || '.rate', 'throttle.rate', true);
+          PERFORM dispatch_policy._require(gate ? 'per', path || '.per', 'is required (seconds)', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'per', path || '.per', 'throttle.per', true);
+          IF gate ? 'burst' THEN
+            PERFORM dispatch_policy._require_gate_value(gate -> 'burst', path || '.burst', 'throttle.burst', true);
+          END IF;
+        WHEN 'concurrency' THEN
+          PERFORM dispatch_policy._require(gate ? 'max', path || '.max', 'is required', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'concurrency.max', true);
+        WHEN 'global_cap' THEN
+          PERFORM dispatch_policy._require(gate ? 'max', path || '.max', 'is required', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'global_cap.max', false);
+        WHEN 'fair_interleave' THEN
+          NULL;
+        WHEN 'adaptive_concurrency' THEN
+          PERFORM dispatch_policy._require(gate ? 'target_lag_ms', path || '.target_lag_ms',
+            'is required (the acceptable queue lag in ms)', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'target_lag_ms', path || '.target_lag_ms',
+            'adaptive_concurrency.target_lag_ms', false);
+          lo := 1;
+          IF gate ? 'min' THEN
+            lo := dispatch_policy._require_gate_value(gate -> 'min', path || '.min', 'adaptive_concurrency.min', false);
+          END IF;
+          hi := NULL;
+          IF gate ? 'max' THEN
+            hi := dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'adaptive_concurrency.max', false);
+            PERFORM dispatch_policy._require(hi >= lo, path || '.max', format('must be at least min (%s)', lo), gate -> 'max');
+          END IF;
+          IF gate ? 'initial_max' THEN
+            n := dispatch_policy._require_gate_value(gate -> 'initial_max', path || '.initial_max',
+                                                     'adaptive_concurrency.initial_max', false);
+            PERFORM dispatch_policy._require(n >= lo AND (hi IS NULL OR n <= hi), path || '.initial_max',
+              format('must be an integer from min (%s) to max (%s)', lo, coalesce(hi::text, 'unbounded')),
+              gate -> 'initial_max');
+          END IF;
+          FOREACH gate_name IN ARRAY ARRAY['ewma_alpha', 'failure_decrease_factor', 'overload_decrease_factor'] LOOP
+            IF gate ? gate_name THEN
+              PERFORM dispatch_policy._require_gate_value(gate -> gate_name, path || '.' || gate_name,
+                                                          'adaptive_concurrency.' || gate_name, false);
+            END IF;
+          END LOOP;
+      END CASE;
+      i := i + 1;
+    END LOOP;
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.validate_policy(text, jsonb) IS
+  'Checks a policy name and config without storing anything; raises SQLSTATE 22023 naming the first invalid field (for example gates[1].per) and the rule it breaks. Numeric bounds come from dispatch_policy.limits().';
+
+-- Every write of a config is validated, also a direct INSERT or UPDATE.
+CREATE FUNCTION dispatch_policy._validate_policy_row()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+BEGIN
+  PERFORM dispatch_policy.validate_policy(NEW.name, NEW.config);
+  RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._validate_policy_row() IS
+  'Internal trigger: validates every inserted or updated policy row, so a direct write cannot store a config the runner cannot run.';
+CREATE TRIGGER policies_validate
+  BEFORE INSERT OR UPDATE OF name, config ON dispatch_policy.policies
+  FOR EACH ROW EXECUTE FUNCTION dispatch_policy._validate_policy_row();
+
+-- Keys rendered from templates can be as long as a context value; stored as
+-- they are they could overflow an index row. Longer than limits() allows,
+-- a key becomes its first 64 characters, "...", and 32 hex digits of its
+-- SHA-256: still readable, unique in practice, and always small.
+CREATE FUNCTION dispatch_policy._fit_key(key text)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT CASE WHEN octet_length(key) <= 256 THEN key
+              ELSE left(key, 64) || '...' || left(encode(sha256(convert_to(key, 'UTF8')), 'hex'), 32) END
+$$;
+COMMENT ON FUNCTION dispatch_policy._fit_key(text) IS
+  'Internal: a rendered key as stored: unchanged up to 256 bytes, else its first 64 characters, "..." and 32 hex digits of its SHA-256 (the Swift runner computes the same).';
+
+-- The partition of a job for a template: rendered and fitted; no template is
+-- the single partition 'default'.
+CREATE FUNCTION dispatch_policy._partition_key(template text, context jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT CASE WHEN template IS NULL THEN 'default'
+              ELSE dispatch_policy._fit_key(dispatch_policy._render_template(template, coalesce(context, '{}'::jsonb))) END
+$$;
+COMMENT ON FUNCTION dispatch_policy._partition_key(text, jsonb) IS
+  'Internal: the partition key of a job for a template (rendered, then fitted by _fit_key); ''default'' without a template.';
+
+-- Every gate's partition of a job under a config: {"gate name": "partition"}.
+-- global_cap is always 'default'; fair_interleave uses its own partition_by,
+-- else that of the first gate (other than global_cap) that has one.
+CREATE FUNCTION dispatch_policy._gate_partitions(config jsonb, context jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT coalesce(jsonb_object_agg(
+           coalesce(g ->> 'name', g ->> 'type'),
+           dispatch_policy._partition_key(
+             CASE g ->> 'type'
+               WHEN 'global_cap' THEN NULL
+               WHEN 'fair_interleave' THEN coalesce(g ->> 'partition_by', f.template)
+               ELSE g ->> 'partition_by'
+             END, context)), '{}'::jsonb)
+  FROM jsonb_array_elements(coalesce(config -> 'gates', '[]'::jsonb)) AS g
+  CROSS JOIN (
+    SELECT (SELECT x ->> 'partition_by'
+            FROM jsonb_array_elements(coalesce(config -> 'gates', '[]'::jsonb)) WITH ORDINALITY AS t(x, n)
+            WHERE x ->> 'type' NOT IN ('fair_interleave', 'global_cap') AND x ? 'partition_by'
+            ORDER BY t.n LIMIT 1) AS template
+  ) f
+$$;
+COMMENT ON FUNCTION dispatch_policy._gate_partitions(jsonb, jsonb) IS
+  'Internal: {"gate": "partition"} of a job context under a policy config, for every gate (the same keys the runner computes).';
+
+-- Staging limits. The bounds are read once per call and passed in, so the
+-- per-job check stays inlinable.
+DROP FUNCTION dispatch_policy._job_spec_problem(jsonb);
+CREATE FUNCTION dispatch_policy._job_spec_problem(
+  job jsonb, max_queue integer, max_dedupe_key integer, max_round_robin_key integer, max_context integer
+)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT CASE
+    WHEN jsonb_typeof(job) IS DISTINCT FROM 'object' THEN
+      ARRAY['22023', '', 'must be a JSON object with at least "args"']
+    WHEN job - ARRAY['args', 'context', 'dedupe_key', 'round_robin_key',
+                     'queue', 'priority', 'not_before'] <> '{}'::jsonb THEN
+      ARRAY['22023',
+            dispatch_policy._first_unknown_key(job),
+            'is not a known field (known: args, context, dedupe_key, round_robin_key, queue, priority, not_before)']
+    WHEN coalesce(jsonb_typeof(job -> 'args'), 'null') = 'null' THEN
+      ARRAY['22004', 'args', 'must not be null']
+    WHEN coalesce(jsonb_typeof(job -> 'context'), 'null') NOT IN ('null', 'object') THEN
+      ARRAY['22023', 'context', 'must be a JSON object']
+    WHEN pg_column_size(job -> 'context') > max_context THEN
+      ARRAY['22023', 'context', format('must be at most %s bytes', max_context)]
+    WHEN coalesce(jsonb_typeof(job -> 'dedupe_key'), 'null') NOT IN ('null', 'string')
+         OR octet_length(job ->> 'dedupe_key') NOT BETWEEN 1 AND max_dedupe_key THEN
+      ARRAY['22023', 'dedupe_key', format('must be a string of 1 to %s bytes, or null', max_dedupe_key)]
+    WHEN coalesce(jsonb_typeof(job -> 'round_robin_key'), 'null') NOT IN ('null', 'string')
+         OR octet_length(job ->> 'round_robin_key') NOT BETWEEN 1 AND max_round_robin_key THEN
+      ARRAY['22023', 'round_robin_key', format('must be a string of 1 to %s bytes, or null', max_round_robin_key)]
+    WHEN coalesce(jsonb_typeof(job -> 'queue'), 'null') NOT IN ('null', 'string')
+         OR octet_length(job ->> 'queue') NOT BETWEEN 1 AND max_queue THEN
+      ARRAY['22023', 'queue', format('must be a string of 1 to %s bytes, or null', max_queue)]
+    WHEN coalesce(jsonb_typeof(job -> 'priority'), 'null') NOT IN ('null', 'number')
+         OR (jsonb_typeof(job -> 'priority') = 'number'
+             AND NOT ((job ->> 'priority')::numeric BETWEEN -2147483648 AND 2147483647
+                      AND (job ->> 'priority')::numeric = trunc((job ->> 'priority')::numeric))) THEN
+      ARRAY['22023', 'priority', 'must be an integer from -2147483648 to 2147483647, or null']
+    WHEN coalesce(jsonb_typeof(job -> 'not_before'), 'null') NOT IN ('null', 'string') THEN
+      ARRAY['22023', 'not_before', 'must be a timestamp string or null']
+  END
+$$;
+COMMENT ON FUNCTION dispatch_policy._job_spec_problem(jsonb, integer, integer, integer, integer) IS
+  'Internal: the first problem of a job spec as {sqlstate, field, rule}, NULL when valid; the length bounds are passed in (from limits()).';
+
+CREATE OR REPLACE FUNCTION dispatch_policy._stage(policy text, jobs jsonb, field_prefix text)
+RETURNS bigint[]
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  staging_policy dispatch_policy.policies;
+  bad record;
+  ids bigint[];
+  max_queue integer;
+  max_dedupe_key integer;
+  max_round_robin_key integer;
+  max_context integer;
+BEGIN
+  staging_policy := dispatch_policy._require_policy(_stage.policy);
+  IF jobs IS NULL OR jsonb_typeof(jobs) <> 'array' THEN
+    RAISE EXCEPTION 'jobs must be a JSON array of job objects'
+      USING ERRCODE = '22023', DETAIL = format('jobs is %s.', coalesce('a JSON ' || jsonb_typeof(jobs), 'NULL')),
+            HINT = 'Pass [{"args": ...}, ...]. Nothing was stored.';
+  END IF;
+  SELECT max(l.maximum) FILTER (WHERE l.field = 'job.queue'),
+         max(l.maximum) FILTER (WHERE l.field = 'job.dedupe_key'),
+         max(l.maximum) FILTER (WHERE l.field = 'job.round_robin_key'),
+         max(l.maximum) FILTER (WHERE l.field = 'job.context')
+  INTO max_queue, max_dedupe_key, max_round_robin_key, max_context
+  FROM dispatch_policy.limits() l;
+
+  SELECT t.n - 1 AS idx, dispatch_policy._job_spec_problem(t.job, max_queue, max_dedupe_key, max_round_robin_key, max_context) AS problem, t.job
+  INTO bad
+  FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
+  WHERE dispatch_policy._job_spec_problem(t.job, max_queue, max_dedupe_key, max_round_robin_key, max_context) IS NOT NULL
+  ORDER BY t.n
+  LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION '% %', rtrim(format(field_prefix, bad.idx) || bad.problem[2], '.'), bad.problem[3]
+      USING ERRCODE = bad.problem[1],
+            DETAIL = format('%s is %s.', rtrim(format(field_prefix, bad.idx) || bad.problem[2], '.'),
+                            coalesce(left(CASE WHEN bad.problem[2] = '' THEN bad.job ELSE bad.job -> bad.problem[2] END::text, 200),
+                                     'missing')),
+            HINT = 'Nothing was stored.';
+  END IF;
+
+  BEGIN
+    WITH input AS MATERIALIZED (
+      SELECT t.n,
+             nextval('dispatch_policy.job_ids') AS id,
+             t.job -> 'args' AS args,
+             coalesce(t.job ->> 'queue', 'default') AS queue,
+             coalesce((t.job ->> 'priority')::numeric::integer, 0) AS priority,
+             coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) AS context,
+             t.job ->> 'dedupe_key' AS dedupe_key,
+             t.job ->> 'round_robin_key' AS round_robin_key,
+             (t.job ->> 'not_before')::timestamptz AS not_before
+      FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
+      ORDER BY t.n
+    ), checked AS (
+      -- 'infinity' parses but would keep a job waiting forever.
+      SELECT i.*, CASE WHEN isfinite(i.not_before) OR i.not_before IS NULL THEN i.not_before
+                       ELSE ('not a finite time: ' || i.not_before::text)::timestamptz END AS due
+      FROM input i
+    ), prepared AS (
+      SELECT i.n, i.id, i.args, i.queue, i.priority, i.dedupe_key, i.round_robin_key, i.due AS not_before,
+             jsonb_build_object('queue_name', i.queue, 'priority', i.priority) || i.context AS context
+      FROM checked i
+    ), keyed AS (
+      INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+      SELECT DISTINCT ON (p.dedupe_key) _stage.policy, p.dedupe_key, p.id
+      FROM prepared p
+      WHERE p.dedupe_key IS NOT NULL
+      ORDER BY p.dedupe_key, p.n
+      ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING
+      RETURNING job_id
+    ), staged AS (
+      INSERT INTO dispatch_policy.staged_jobs
+        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before)
+      SELECT p.id, _stage.policy, p.queue, p.priority, p.args, p.context, p.dedupe_key,
+             coalesce(p.round_robin_key,
+                      dispatch_policy._fit_key(
+                        dispatch_policy._render_template(staging_policy.config ->> 'round_robin_by', p.context))),
+             CASE WHEN p.not_before > now() THEN p.not_before END
+      FROM prepared p
+      WHERE p.dedupe_key IS NULL OR p.id IN (SELECT k.job_id FROM keyed k)
+      ORDER BY p.n
+      RETURNING id
+    )
+    SELECT coalesce(array_agg(s.id ORDER BY p.n), '{}')
+    INTO ids
+    FROM prepared p LEFT JOIN staged s ON s.id = p.id;
+  EXCEPTION
+    WHEN invalid_datetime_format OR datetime_field_overflow THEN
+      -- Only on this error path: find the element whose not_before does not parse.
+      SELECT t.n - 1 AS idx, t.job -> 'not_before' AS value INTO bad
+      FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
+      WHERE CASE WHEN dispatch_policy._is_timestamptz(t.job ->> 'not_before')
+                 THEN NOT isfinite((t.job ->> 'not_before')::timestamptz) ELSE true END
+      ORDER BY t.n LIMIT 1;
+      RAISE EXCEPTION '% must be a finite timestamp', format(field_prefix, bad.idx) || 'not_before'
+        USING ERRCODE = '22023',
+              DETAIL = format('%snot_before is %s.', format(field_prefix, bad.idx), left(bad.value::text, 200)),
+              HINT = 'Use ISO 8601, such as 2026-01-31T12:00:00Z. Nothing was stored.';
+  END;
+
+  IF cardinality(array_remove(ids, NULL)) > 0 THEN
+    PERFORM pg_notify('dispatch_policy_staged', _stage.policy);
+  END IF;
+  RETURN ids;
+END
+$$;
+
+COMMENT ON FUNCTION dispatch_policy.stage(text, jsonb, jsonb, text, text, text, integer, timestamptz) IS
+  'Stages one job and returns its id, or NULL when a job of the same policy with the same dedupe_key is pending or admitted. Adds queue_name and priority to the context unless set; derives round_robin_key from the policy round_robin_by template when not given; a not_before in the future schedules the job. Errors: unknown policy 42704, NULL args 22004, a field out of its limits() bounds or otherwise invalid 22023 (the message names the field).';
+
+-- Token buckets. One formula, read by refill_buckets, prune and the views.
+-- The CHECK constraints bound every operand, so it cannot overflow: at most
+-- 1e6 tokens × ~3e11 s / 0.001 s.
+UPDATE dispatch_policy.throttle_buckets SET
+  rate = least(greatest(rate, 0), 1000000),
+  per_seconds = least(greatest(per_seconds, 0.001), 31536000),
+  burst = least(greatest(burst, 1), 1000000);
+UPDATE dispatch_policy.throttle_buckets SET tokens = least(greatest(tokens, 0), burst);
+ALTER TABLE dispatch_policy.throttle_buckets
+  ADD CONSTRAINT throttle_buckets_rate_check CHECK (rate >= 0 AND rate <= 1000000),
+  ADD CONSTRAINT throttle_buckets_per_check CHECK (per_seconds >= 0.001 AND per_seconds <= 31536000),
+  ADD CONSTRAINT throttle_buckets_burst_check CHECK (burst >= 1 AND burst <= 1000000),
+  ADD CONSTRAINT throttle_buckets_tokens_check CHECK (tokens >= -1000000 AND tokens <= burst);
+
+CREATE FUNCTION dispatch_policy._bucket_tokens(
+  tokens double precision, rate double precision, per_seconds double precision, burst double precision,
+  refilled_at timestamptz, at timestamptz
+)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT least(burst, tokens + rate * greatest(extract(epoch FROM at - refilled_at)::double precision, 0) / per_seconds)
+$$;
+COMMENT ON FUNCTION dispatch_policy._bucket_tokens(double precision, double precision, double precision, double precision, timestamptz, timestamptz) IS
+  'Internal: the token level of a bucket at time at: min(burst, tokens + rate × elapsed / per); time going back adds nothing. The one refill formula.';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.refill_buckets(policy text, buckets jsonb, now timestamptz DEFAULT now())
+RETURNS TABLE (gate text, partition text, tokens double precision)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  INSERT INTO dispatch_policy.throttle_buckets AS t (policy, gate, partition, tokens, rate, per_seconds, burst, refilled_at)
+  SELECT refill_buckets.policy, b ->> 'gate', b ->> 'partition', (b ->> 'burst')::float8,
+         (b ->> 'rate')::float8, (b ->> 'per')::float8, (b ->> 'burst')::float8, refill_buckets.now
+  FROM jsonb_array_elements(buckets) AS b
+  ORDER BY 2, 3
+  ON CONFLICT ON CONSTRAINT throttle_buckets_pkey DO NOTHING;
+
+  PERFORM 1 FROM dispatch_policy.throttle_buckets t
+  WHERE t.policy = refill_buckets.policy
+    AND (t.gate, t.partition) IN (SELECT b ->> 'gate', b ->> 'partition' FROM jsonb_array_elements(buckets) b)
+  ORDER BY t.gate, t.partition
+  FOR UPDATE;
+
+  RETURN QUERY
+  UPDATE dispatch_policy.throttle_buckets t
+  SET tokens = least((b ->> 'burst')::float8,
+                     dispatch_policy._bucket_tokens(t.tokens, t.rate, t.per_seconds, t.burst, t.refilled_at, refill_buckets.now)),
+      refilled_at = greatest(t.refilled_at, refill_buckets.now),
+      rate = (b ->> 'rate')::float8,
+      per_seconds = (b ->> 'per')::float8,
+      burst = (b ->> 'burst')::float8
+  FROM jsonb_array_elements(buckets) AS b
+  WHERE t.policy = refill_buckets.policy AND t.gate = b ->> 'gate' AND t.partition = b ->> 'partition'
+  RETURNING t.gate, t.partition, t.tokens;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.refill_buckets(text, jsonb, timestamptz) IS
+  'Token-bucket refill for many partitions in one call: buckets is [{"gate","partition","rate","per","burst"}] within the limits() bounds (a CHECK constraint refuses others); missing buckets start full; rows are locked in (gate, partition) order; returns the tokens available now.';

@@ -1,0 +1,1068 @@
+-- dispatch-policy: gate state that stays true.
+--
+-- * Every statement that changes gate state takes all its rows in one
+--   statement sorted by (policy, gate, partition): completion, failure and the
+--   lease reaper can no longer deadlock with each other or with a tick.
+-- * Worker calls are fenced by attempt: a stale worker cannot finish, fail or
+--   extend a later attempt of its job.
+-- * A job keeps the lease length it was admitted with, and whether a worker
+--   may claim it (ready queue) or it was handed to another queue (sql).
+-- * Redeclaring a policy rebuilds its in-flight counters from the admitted
+--   jobs under the new config, in the same transaction.
+-- * Jobs without a round-robin key get a lane of their own in the rotation,
+--   and the rotation moves past what a tick actually served.
+
+-- A policy setting with its limits() default.
+CREATE FUNCTION dispatch_policy._policy_setting(config jsonb, field text)
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT coalesce(dispatch_policy._json_number(config -> field),
+                  (SELECT l.default_value FROM dispatch_policy.limits() l WHERE l.field = _policy_setting.field))::integer
+$$;
+COMMENT ON FUNCTION dispatch_policy._policy_setting(jsonb, text) IS
+  'Internal: an integer policy setting (lease_seconds, max_attempts, batch_size, round_robin_quantum) from the config, else its limits() default.';
+
+-- The gates whose partitions hold a slot until the job finishes.
+CREATE FUNCTION dispatch_policy._slot_gates(config jsonb)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT coalesce(array_agg(coalesce(g ->> 'name', g ->> 'type')), '{}')
+  FROM jsonb_array_elements(coalesce(config -> 'gates', '[]'::jsonb)) AS g
+  WHERE g ->> 'type' IN ('concurrency', 'global_cap', 'adaptive_concurrency')
+$$;
+COMMENT ON FUNCTION dispatch_policy._slot_gates(jsonb) IS
+  'Internal: names of the gates of a config whose partitions admitted jobs hold a slot in (concurrency, global_cap, adaptive_concurrency).';
+
+CREATE FUNCTION dispatch_policy._gates_of_type(config jsonb, gate_type text)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT coalesce(array_agg(coalesce(g ->> 'name', g ->> 'type')), '{}')
+  FROM jsonb_array_elements(coalesce(config -> 'gates', '[]'::jsonb)) AS g
+  WHERE g ->> 'type' = gate_type
+$$;
+COMMENT ON FUNCTION dispatch_policy._gates_of_type(jsonb, text) IS
+  'Internal: names of the gates of one type in a config.';
+
+-- Admitted jobs: the lease they were admitted with, and their target.
+ALTER TABLE dispatch_policy.admitted_jobs ADD COLUMN lease_seconds integer, ADD COLUMN target text;
+UPDATE dispatch_policy.admitted_jobs a
+SET lease_seconds = dispatch_policy._policy_setting(p.config, 'lease_seconds'),
+    target = CASE WHEN p.config -> 'target' ->> 'type' = 'sql' THEN 'sql' ELSE 'ready_queue' END
+FROM (SELECT a2.id, p2.config FROM dispatch_policy.admitted_jobs a2
+      LEFT JOIN dispatch_policy.policies p2 ON p2.name = a2.policy) p
+WHERE p.id = a.id;
+ALTER TABLE dispatch_policy.admitted_jobs
+  ALTER COLUMN lease_seconds SET NOT NULL,
+  ALTER COLUMN target SET NOT NULL,
+  ADD CONSTRAINT admitted_jobs_lease_seconds_check CHECK (lease_seconds BETWEEN 1 AND 31536000),
+  ADD CONSTRAINT admitted_jobs_target_check CHECK (target IN ('ready_queue', 'sql'));
+COMMENT ON COLUMN dispatch_policy.admitted_jobs.lease_seconds IS
+  'The lease this attempt was admitted with (the policy''s lease_seconds, else the runner''s): claim, started and heartbeat extend the lease by it.';
+COMMENT ON COLUMN dispatch_policy.admitted_jobs.target IS
+  '''ready_queue'': claimable with claim(); ''sql'': handed to the policy''s sql target function at admission (never claimable).';
+COMMENT ON COLUMN dispatch_policy.admitted_jobs.partitions IS
+  'Gate name -> partition key of this job for every gate of its policy. The entries of slot-holding gates (concurrency, global_cap, adaptive_concurrency) are the slots completion releases; redeclaring the policy recomputes them.';
+DROP INDEX dispatch_policy.admitted_jobs_claim_idx;
+CREATE INDEX admitted_jobs_claim_idx
+  ON dispatch_policy.admitted_jobs (queue, priority, id)
+  WHERE started_at IS NULL AND target = 'ready_queue';
+
+-- Jobs without a round-robin key have their own lane in the rotation.
+CREATE INDEX staged_jobs_keyless_idx
+  ON dispatch_policy.staged_jobs (policy, priority, id)
+  WHERE not_before IS NULL AND round_robin_key IS NULL;
+
+-- ---------------------------------------------------------------------------
+-- Releasing slots, recording outcomes: set-based, counters locked in order.
+
+DROP FUNCTION dispatch_policy._fail_attempt(dispatch_policy.admitted_jobs, text, interval, timestamptz);
+DROP FUNCTION dispatch_policy._release_slots(text, jsonb, timestamptz);
+DROP FUNCTION dispatch_policy._observe(dispatch_policy.admitted_jobs, boolean, timestamptz);
+
+CREATE FUNCTION dispatch_policy._release_slots(jobs dispatch_policy.admitted_jobs[], now timestamptz)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  -- One statement locks every counter the jobs hold, in (policy, gate,
+  -- partition) order, as every other writer does; then one update.
+  PERFORM 1 FROM dispatch_policy.inflight_counters c
+  WHERE (c.policy, c.gate, c.partition) IN (
+    SELECT j.policy, s.key, s.value FROM unnest(jobs) AS j, jsonb_each_text(j.partitions) AS s)
+  ORDER BY c.policy, c.gate, c.partition
+  FOR UPDATE;
+  UPDATE dispatch_policy.inflight_counters c
+  SET in_flight = greatest(c.in_flight - h.n, 0), updated_at = _release_slots.now
+  FROM (SELECT j.policy, s.key AS gate, s.value AS partition, count(*)::integer AS n
+        FROM unnest(jobs) AS j, jsonb_each_text(j.partitions) AS s
+        GROUP BY 1, 2, 3) h
+  WHERE c.policy = h.policy AND c.gate = h.gate AND c.partition = h.partition;
+  PERFORM pg_notify('dispatch_policy_released', x.policy)
+  FROM (SELECT DISTINCT j.policy FROM unnest(jobs) AS j) x;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._release_slots(dispatch_policy.admitted_jobs[], timestamptz) IS
+  'Internal: gives back the slots of many jobs: locks every counter they hold in one statement sorted by (policy, gate, partition), then decrements; wakes runners (NOTIFY dispatch_policy_released).';
+
+CREATE FUNCTION dispatch_policy._observe(jobs dispatch_policy.admitted_jobs[], success boolean, now timestamptz)
+RETURNS void
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  INSERT INTO dispatch_policy.observations (policy, gate, partition, job_id, lag_ms, success, observed_at)
+  SELECT j.policy, s.key, s.value, j.id,
+         greatest(extract(epoch FROM coalesce(j.started_at, now) - j.admitted_at) * 1000, 0), success, now
+  FROM unnest(jobs) AS j
+  JOIN dispatch_policy.policies p ON p.name = j.policy
+  CROSS JOIN LATERAL jsonb_each_text(j.partitions) AS s
+  WHERE s.key = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency'))
+  ORDER BY j.id, s.key
+$$;
+COMMENT ON FUNCTION dispatch_policy._observe(dispatch_policy.admitted_jobs[], boolean, timestamptz) IS
+  'Internal: records the queue lag (started_at - admitted_at, or until now when never started) of finished attempts for each adaptive gate of their policy.';
+
+-- Ends failed attempts (already removed from admitted_jobs): release,
+-- record, then re-stage with backoff or keep as dead.
+CREATE FUNCTION dispatch_policy._fail_attempts(jobs dispatch_policy.admitted_jobs[], error text, retry_in interval, now timestamptz)
+RETURNS TABLE (id bigint, state text)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  message text := left(coalesce(_fail_attempts.error, 'failed'),
+                       (SELECT l.maximum FROM dispatch_policy.limits() l WHERE l.field = 'fail.error')::integer);
+BEGIN
+  PERFORM dispatch_policy._release_slots(jobs, _fail_attempts.now);
+  PERFORM dispatch_policy._observe(jobs, false, _fail_attempts.now);
+  INSERT INTO dispatch_policy.job_failures (job_id, policy, attempt, error, failed_at)
+  SELECT j.id, j.policy, j.attempt, message, _fail_attempts.now FROM unnest(jobs) AS j ORDER BY j.id;
+
+  RETURN QUERY
+  WITH fate AS (
+    SELECT j.*, j.attempt >= dispatch_policy._policy_setting(p.config, 'max_attempts') AS dead
+    FROM unnest(jobs) AS j
+    LEFT JOIN dispatch_policy.policies p ON p.name = j.policy
+  ), buried AS (
+    INSERT INTO dispatch_policy.finished_jobs
+      (id, policy, queue, priority, args, context, dedupe_key, attempts, status, last_error, created_at, admitted_at,
+       started_at, finished_at)
+    SELECT f.id, f.policy, f.queue, f.priority, f.args, f.context, f.dedupe_key, f.attempt, 'dead', message,
+           f.created_at, f.admitted_at, f.started_at, _fail_attempts.now
+    FROM fate f WHERE f.dead
+    ORDER BY f.id
+    RETURNING finished_jobs.id
+  ), freed AS (
+    DELETE FROM dispatch_policy.dedupe_keys d
+    USING fate f
+    WHERE f.dead AND f.dedupe_key IS NOT NULL
+      AND d.policy = f.policy AND d.dedupe_key = f.dedupe_key AND d.job_id = f.id
+  ), restaged AS (
+    -- Retries go back through admission, so they respect every gate.
+    INSERT INTO dispatch_policy.staged_jobs
+      (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, attempt, created_at,
+       staged_at, last_error)
+    SELECT f.id, f.policy, f.queue, f.priority, f.args, f.context, f.dedupe_key, f.round_robin_key,
+           _fail_attempts.now + coalesce(retry_in, least(power(2, least(f.attempt, 30)), 3600) * interval '1 second'),
+           f.attempt + 1, f.created_at, _fail_attempts.now, message
+    FROM fate f WHERE NOT f.dead
+    ORDER BY f.id
+    RETURNING staged_jobs.id
+  )
+  SELECT b.id, 'dead'::text FROM buried b
+  UNION ALL
+  SELECT r.id, 'retrying'::text FROM restaged r;
+
+  PERFORM pg_notify('dispatch_policy_staged', x.policy)
+  FROM (SELECT DISTINCT j.policy FROM unnest(jobs) AS j) x;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._fail_attempts(dispatch_policy.admitted_jobs[], text, interval, timestamptz) IS
+  'Internal: ends failed attempts removed from admitted_jobs: releases their slots (one sorted statement), records failures and failed observations, re-stages each job after retry_in (default 2^attempt s, at most an hour) or, after max_attempts, keeps it as dead. Returns each job''s state: retrying or dead.';
+
+-- Why a worker call found no admitted attempt: raises the documented error.
+CREATE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
+RETURNS void
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  current_attempt integer;
+  finished record;
+BEGIN
+  SELECT a.attempt INTO current_attempt FROM dispatch_policy.admitted_jobs a WHERE a.id = _raise_not_admitted.id;
+  IF FOUND THEN
+    RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
+      USING ERRCODE = 'DP001',
+            DETAIL = format('Attempt %s holds the job now: the lease of attempt %s ran out and the job was admitted again.',
+                            current_attempt, attempt),
+            HINT = 'Stop working on it: nothing was changed.';
+  END IF;
+  SELECT s.attempt INTO current_attempt FROM dispatch_policy.staged_jobs s WHERE s.id = _raise_not_admitted.id;
+  IF FOUND THEN
+    IF attempt IS NOT NULL THEN
+      RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
+        USING ERRCODE = 'DP001',
+              DETAIL = format('The job waits for admission as attempt %s (its lease ran out, or it failed).', current_attempt),
+              HINT = 'Stop working on it: nothing was changed.';
+    END IF;
+    RAISE EXCEPTION 'job % is not admitted', id
+      USING ERRCODE = 'P0002', DETAIL = 'It is staged, waiting for admission (or for a retry).';
+  END IF;
+  SELECT f.status, f.attempts INTO finished FROM dispatch_policy.finished_jobs f WHERE f.id = _raise_not_admitted.id;
+  IF FOUND THEN
+    IF attempt IS NOT NULL AND (attempt <> finished.attempts OR finished.status = 'dead') THEN
+      RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
+        USING ERRCODE = 'DP001',
+              DETAIL = format('The job already finished: %s after attempt %s.', finished.status, finished.attempts),
+              HINT = 'Stop working on it: nothing was changed.';
+    END IF;
+    RAISE EXCEPTION 'job % is not admitted', id USING ERRCODE = 'P0002', DETAIL = 'It has already finished.';
+  END IF;
+  RAISE EXCEPTION 'job % is not admitted', id USING ERRCODE = 'P0002', DETAIL = 'No job has this id.';
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._raise_not_admitted(bigint, integer) IS
+  'Internal: raises DP001 (the given attempt is not the current one) or P0002 (the job is not admitted: staged, finished or unknown), with a DETAIL saying which.';
+
+DROP FUNCTION dispatch_policy.complete(bigint, timestamptz);
+CREATE FUNCTION dispatch_policy.complete(id bigint, now timestamptz DEFAULT now(), attempt integer DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  job dispatch_policy.admitted_jobs;
+BEGIN
+  DELETE FROM dispatch_policy.admitted_jobs a
+  WHERE a.id = complete.id AND (complete.attempt IS NULL OR a.attempt = complete.attempt)
+  RETURNING a.* INTO job;
+  IF NOT FOUND THEN
+    -- Completing a completed attempt again changes nothing.
+    IF EXISTS (SELECT 1 FROM dispatch_policy.finished_jobs f
+               WHERE f.id = complete.id
+                 AND (complete.attempt IS NULL OR (f.status = 'completed' AND f.attempts = complete.attempt))) THEN
+      RETURN false;
+    END IF;
+    PERFORM dispatch_policy._raise_not_admitted(complete.id, complete.attempt);
+  END IF;
+  PERFORM dispatch_policy._release_slots(ARRAY[job], complete.now);
+  PERFORM dispatch_policy._observe(ARRAY[job], true, complete.now);
+  INSERT INTO dispatch_policy.finished_jobs
+    (id, policy, queue, priority, args, context, dedupe_key, attempts, status, created_at, admitted_at, started_at, finished_at)
+  VALUES (job.id, job.policy, job.queue, job.priority, job.args, job.context, job.dedupe_key, job.attempt, 'completed',
+          job.created_at, job.admitted_at, job.started_at, complete.now);
+  IF job.dedupe_key IS NOT NULL THEN
+    DELETE FROM dispatch_policy.dedupe_keys d WHERE d.policy = job.policy AND d.dedupe_key = job.dedupe_key AND d.job_id = job.id;
+  END IF;
+  RETURN true;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.complete(bigint, timestamptz, integer) IS
+  'Finishes an admitted job: releases every slot it holds, records its queue lag for adaptive gates, frees its dedupe key, keeps it in finished_jobs; true. Completing it again returns false and changes nothing. With attempt (from claim; complete(id, attempt => n)) only that attempt is completed: SQLSTATE DP001 when it is not the current one (its lease ran out), and nothing changes. P0002 when the job is not admitted.';
+
+DROP FUNCTION dispatch_policy.fail(bigint, text, interval, timestamptz);
+CREATE FUNCTION dispatch_policy.fail(
+  id bigint, error text, retry_in interval DEFAULT NULL, now timestamptz DEFAULT now(), attempt integer DEFAULT NULL
+)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  job dispatch_policy.admitted_jobs;
+BEGIN
+  IF retry_in IS NOT NULL AND NOT dispatch_policy._within_limit(extract(epoch FROM retry_in), 'fail.retry_in') THEN
+    RAISE EXCEPTION 'retry_in %', dispatch_policy._limit_rule('fail.retry_in')
+      USING ERRCODE = '22023', DETAIL = format('retry_in is %s seconds.', trim_scale(extract(epoch FROM retry_in))),
+            HINT = 'Nothing was changed.';
+  END IF;
+  DELETE FROM dispatch_policy.admitted_jobs a
+  WHERE a.id = fail.id AND (fail.attempt IS NULL OR a.attempt = fail.attempt)
+  RETURNING a.* INTO job;
+  IF NOT FOUND THEN
+    PERFORM dispatch_policy._raise_not_admitted(fail.id, fail.attempt);
+  END IF;
+  RETURN (SELECT f.state FROM dispatch_policy._fail_attempts(ARRAY[job], fail.error, fail.retry_in, fail.now) f);
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.fail(bigint, text, interval, timestamptz, integer) IS
+  'Fails the current attempt of an admitted job: releases its slots, records a failed observation (adaptive caps shrink), and re-stages it through admission after retry_in (0 to 365 days; default exponential backoff) until the policy''s max_attempts, then keeps it as dead. error is kept up to 8192 characters. Returns ''retrying'' or ''dead''. With attempt: DP001 when it is not the current attempt (nothing changes). P0002 when the job is not admitted.';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.reap_leases(policy text DEFAULT NULL, now timestamptz DEFAULT now(), max_rows integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  jobs dispatch_policy.admitted_jobs[];
+BEGIN
+  -- Jobs a worker is finishing right now are locked: skip them.
+  WITH expired AS (
+    SELECT a.id FROM dispatch_policy.admitted_jobs a
+    WHERE a.lease_expires_at < reap_leases.now AND (reap_leases.policy IS NULL OR a.policy = reap_leases.policy)
+    ORDER BY a.lease_expires_at
+    LIMIT greatest(max_rows, 0)
+    FOR UPDATE SKIP LOCKED
+  ), taken AS (
+    DELETE FROM dispatch_policy.admitted_jobs a USING expired e WHERE a.id = e.id
+    RETURNING a AS job
+  )
+  SELECT array_agg(t.job ORDER BY (t.job).id) INTO jobs FROM taken t;
+  IF jobs IS NULL THEN
+    RETURN 0;
+  END IF;
+  PERFORM 1 FROM dispatch_policy._fail_attempts(jobs, 'lease expired', NULL, reap_leases.now);
+  RETURN cardinality(jobs);
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.reap_leases(text, timestamptz, integer) IS
+  'Treats admitted jobs whose lease expired (the worker died) as failed attempts: releases their slots in one sorted statement and re-stages them (or buries them after max_attempts). Skips jobs being finished concurrently. NULL policy: every policy. Returns how many.';
+
+-- claim's arguments within limits(), or 22023 naming the argument.
+CREATE FUNCTION dispatch_policy._require_claim_arguments(max integer, worker text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+BEGIN
+  IF NOT coalesce(dispatch_policy._within_limit(max, 'claim.max'), false) THEN
+    RAISE EXCEPTION 'max %', dispatch_policy._limit_rule('claim.max')
+      USING ERRCODE = '22023', DETAIL = format('max is %s.', coalesce(max::text, 'NULL')), HINT = 'Nothing was claimed.';
+  END IF;
+  IF octet_length(worker) > (SELECT l.maximum FROM dispatch_policy.limits() l WHERE l.field = 'claim.worker') THEN
+    RAISE EXCEPTION 'worker %', dispatch_policy._limit_rule('claim.worker')
+      USING ERRCODE = '22023', DETAIL = format('worker is %s bytes long.', octet_length(worker)), HINT = 'Nothing was claimed.';
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._require_claim_arguments(integer, text) IS
+  'Internal: raises 22023 naming max or worker when claim() is called outside the limits() bounds.';
+
+DROP FUNCTION dispatch_policy.claim(text, text, integer, timestamptz);
+CREATE FUNCTION dispatch_policy.claim(
+  queue text, worker text, max integer DEFAULT 1, now timestamptz DEFAULT now(), policies text[] DEFAULT NULL
+)
+RETURNS TABLE (id bigint, policy text, queue text, args jsonb, context jsonb, attempt integer,
+               lease_expires_at timestamptz, lease_seconds integer)
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  SELECT dispatch_policy._require_claim_arguments(claim.max, claim.worker);
+  UPDATE dispatch_policy.admitted_jobs a
+  SET started_at = claim.now, worker = claim.worker, heartbeat_at = claim.now,
+      lease_expires_at = claim.now + make_interval(secs => a.lease_seconds)
+  WHERE a.id IN (SELECT x.id FROM dispatch_policy.admitted_jobs x
+                 WHERE x.queue = claim.queue AND x.started_at IS NULL AND x.target = 'ready_queue'
+                   AND (claim.policies IS NULL OR x.policy = ANY (claim.policies))
+                 ORDER BY x.priority, x.id
+                 LIMIT claim.max
+                 FOR UPDATE SKIP LOCKED)
+  RETURNING a.id, a.policy, a.queue, a.args, a.context, a.attempt, a.lease_expires_at, a.lease_seconds;
+$$;
+COMMENT ON FUNCTION dispatch_policy.claim(text, text, integer, timestamptz, text[]) IS
+  'Claims up to max (1 to 10000) admitted, not yet started ready-queue jobs of a queue for a worker (lower priority first, SKIP LOCKED), only of the given policies when policies is not NULL, marking them started (queue lag = started_at - admitted_at) with a fresh lease of the job''s lease_seconds. Jobs handed to a sql target are never claimable. Pass the returned attempt to heartbeat, complete and fail.';
+
+DROP FUNCTION dispatch_policy.heartbeat(bigint, timestamptz);
+CREATE FUNCTION dispatch_policy.heartbeat(id bigint, now timestamptz DEFAULT now(), attempt integer DEFAULT NULL)
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  expires timestamptz;
+BEGIN
+  UPDATE dispatch_policy.admitted_jobs a
+  SET heartbeat_at = heartbeat.now, lease_expires_at = heartbeat.now + make_interval(secs => a.lease_seconds)
+  WHERE a.id = heartbeat.id AND (heartbeat.attempt IS NULL OR a.attempt = heartbeat.attempt)
+  RETURNING a.lease_expires_at INTO expires;
+  IF NOT FOUND THEN
+    IF heartbeat.attempt IS NULL AND EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.id = heartbeat.id) THEN
+      RAISE EXCEPTION 'job % is not admitted', heartbeat.id
+        USING ERRCODE = 'P0002', DETAIL = 'Its lease expired and it was re-staged: stop working on it.';
+    END IF;
+    PERFORM dispatch_policy._raise_not_admitted(heartbeat.id, heartbeat.attempt);
+  END IF;
+  RETURN expires;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.heartbeat(bigint, timestamptz, integer) IS
+  'Extends the lease of an admitted job by the lease_seconds it was admitted with and returns the new expiry. With attempt: DP001 when that attempt is no longer current. P0002 when the job is not admitted (finished, re-staged after its lease expired, or unknown). Either way the worker must stop.';
+
+DROP FUNCTION dispatch_policy.started(bigint, timestamptz);
+CREATE FUNCTION dispatch_policy.started(id bigint, now timestamptz DEFAULT now(), attempt integer DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  current_attempt integer;
+BEGIN
+  UPDATE dispatch_policy.admitted_jobs a
+  SET started_at = coalesce(a.started_at, started.now), heartbeat_at = started.now,
+      lease_expires_at = greatest(a.lease_expires_at, started.now + make_interval(secs => a.lease_seconds))
+  WHERE a.id = started.id AND (started.attempt IS NULL OR a.attempt = started.attempt)
+  RETURNING a.attempt INTO current_attempt;
+  IF NOT FOUND THEN
+    PERFORM dispatch_policy._raise_not_admitted(started.id, started.attempt);
+  END IF;
+  RETURN current_attempt;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.started(bigint, timestamptz, integer) IS
+  'For jobs handed to another queue: records that a worker started the job (its queue lag feeds the adaptive gate), renews its lease, and returns the attempt, to pass to complete and fail. With attempt: DP001 when that attempt is no longer current. P0002 when the job is not admitted.';
+
+-- ---------------------------------------------------------------------------
+-- Redeclaring a policy: in-flight jobs keep counting against the new caps.
+
+CREATE FUNCTION dispatch_policy._rebuild_gate_state(policy text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  config jsonb;
+  slot_gates text[];
+BEGIN
+  SELECT p.config INTO config FROM dispatch_policy.policies p WHERE p.name = _rebuild_gate_state.policy;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  slot_gates := dispatch_policy._slot_gates(config);
+  -- Wait for a running tick of the policy; later ticks see the new config.
+  PERFORM pg_advisory_xact_lock(hashtext('dispatch_policy.tick.' || _rebuild_gate_state.policy));
+
+  PERFORM 1 FROM dispatch_policy.admitted_jobs a WHERE a.policy = _rebuild_gate_state.policy ORDER BY a.id FOR UPDATE;
+  UPDATE dispatch_policy.admitted_jobs a SET partitions = n.partitions
+  FROM (SELECT a2.id, dispatch_policy._gate_partitions(config, a2.context) AS partitions
+        FROM dispatch_policy.admitted_jobs a2 WHERE a2.policy = _rebuild_gate_state.policy) n
+  WHERE a.id = n.id AND a.partitions IS DISTINCT FROM n.partitions;
+
+  PERFORM 1 FROM dispatch_policy.inflight_counters c WHERE c.policy = _rebuild_gate_state.policy
+  ORDER BY c.policy, c.gate, c.partition FOR UPDATE;
+  WITH held AS (
+    SELECT s.key AS gate, s.value AS partition, count(*)::integer AS n
+    FROM dispatch_policy.admitted_jobs a, jsonb_each_text(a.partitions) AS s
+    WHERE a.policy = _rebuild_gate_state.policy AND s.key = ANY (slot_gates)
+    GROUP BY 1, 2
+  )
+  UPDATE dispatch_policy.inflight_counters c
+  SET in_flight = coalesce((SELECT h.n FROM held h WHERE h.gate = c.gate AND h.partition = c.partition), 0),
+      updated_at = now()
+  WHERE c.policy = _rebuild_gate_state.policy;
+  INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight, updated_at)
+  SELECT _rebuild_gate_state.policy, s.key, s.value, count(*), now()
+  FROM dispatch_policy.admitted_jobs a, jsonb_each_text(a.partitions) AS s
+  WHERE a.policy = _rebuild_gate_state.policy AND s.key = ANY (slot_gates)
+  GROUP BY 2, 3
+  ORDER BY 2, 3
+  ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING;
+  DELETE FROM dispatch_policy.inflight_counters c
+  WHERE c.policy = _rebuild_gate_state.policy AND NOT (c.gate = ANY (slot_gates));
+
+  -- State of gates that are gone (or changed type).
+  DELETE FROM dispatch_policy.adaptive_stats a
+  WHERE a.policy = _rebuild_gate_state.policy
+    AND NOT (a.gate = ANY (dispatch_policy._gates_of_type(config, 'adaptive_concurrency')));
+  DELETE FROM dispatch_policy.observations o
+  WHERE o.policy = _rebuild_gate_state.policy
+    AND NOT (o.gate = ANY (dispatch_policy._gates_of_type(config, 'adaptive_concurrency')));
+  DELETE FROM dispatch_policy.throttle_buckets t
+  WHERE t.policy = _rebuild_gate_state.policy
+    AND NOT (t.gate = ANY (dispatch_policy._gates_of_type(config, 'throttle')));
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._rebuild_gate_state(text) IS
+  'Internal: after a policy''s config changed, waits for its running tick, recomputes every admitted job''s partitions under the new config and sets the in-flight counters to what those jobs hold, so in-flight jobs keep counting against the new caps; drops state of gates that are gone. Throttle buckets of unchanged gates and templates are kept.';
+
+CREATE FUNCTION dispatch_policy._policy_config_changed()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+BEGIN
+  IF OLD.config IS DISTINCT FROM NEW.config THEN
+    PERFORM dispatch_policy._rebuild_gate_state(NEW.name);
+  END IF;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._policy_config_changed() IS
+  'Internal trigger: rebuilds a policy''s gate state from its admitted jobs when its config changes (declare_policy or a direct UPDATE).';
+CREATE TRIGGER policies_config_changed
+  AFTER UPDATE OF config ON dispatch_policy.policies
+  FOR EACH ROW EXECUTE FUNCTION dispatch_policy._policy_config_changed();
+
+CREATE OR REPLACE FUNCTION dispatch_policy.declare_policy(name text, config jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  -- Validation is the policies_validate trigger (so a direct write is checked too).
+  INSERT INTO dispatch_policy.policies AS p (name, config)
+  VALUES (declare_policy.name, declare_policy.config)
+  ON CONFLICT ON CONSTRAINT policies_pkey
+  DO UPDATE SET config = EXCLUDED.config, updated_at = now()
+  WHERE p.config IS DISTINCT FROM EXCLUDED.config;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.declare_policy(text, jsonb) IS
+  'Creates or replaces a policy after validating its config (SQLSTATE 22023 naming the field on any problem; nothing is stored then). Replacing a config waits for a running tick of the policy and recomputes the in-flight counters from the admitted jobs under the new gates, in the same transaction. Declaring the same config again changes nothing.';
+
+-- ---------------------------------------------------------------------------
+-- Adaptive state: windowed AIMD (see AdaptiveController in the Swift library).
+
+UPDATE dispatch_policy.adaptive_stats SET current_max = least(greatest(current_max, 1), 1000000);
+ALTER TABLE dispatch_policy.adaptive_stats
+  ADD COLUMN growth_credit double precision NOT NULL DEFAULT 0,
+  ADD COLUMN since_decrease bigint NOT NULL DEFAULT 0,
+  ADD CONSTRAINT adaptive_stats_current_max_check CHECK (current_max BETWEEN 1 AND 1000000);
+COMMENT ON COLUMN dispatch_policy.adaptive_stats.growth_credit IS
+  'Successful observations toward the next +1 of current_max (one window = current_max of them).';
+COMMENT ON COLUMN dispatch_policy.adaptive_stats.since_decrease IS
+  'Observations since current_max last shrank; it shrinks at most once per window of current_max observations.';
+
+DROP FUNCTION dispatch_policy.read_adaptive(text, jsonb);
+CREATE FUNCTION dispatch_policy.read_adaptive(policy text, keys jsonb)
+RETURNS TABLE (gate text, partition text, current_max integer, ewma_lag_ms double precision,
+               growth_credit double precision, since_decrease bigint)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  INSERT INTO dispatch_policy.adaptive_stats (policy, gate, partition, current_max)
+  SELECT read_adaptive.policy, k ->> 'gate', k ->> 'partition', (k ->> 'initial_max')::integer
+  FROM jsonb_array_elements(keys) AS k
+  ORDER BY 2, 3
+  ON CONFLICT ON CONSTRAINT adaptive_stats_pkey DO NOTHING;
+
+  RETURN QUERY
+  SELECT a.gate, a.partition, a.current_max, a.ewma_lag_ms, a.growth_credit, a.since_decrease
+  FROM dispatch_policy.adaptive_stats a
+  WHERE a.policy = read_adaptive.policy
+    AND (a.gate, a.partition) IN (SELECT k ->> 'gate', k ->> 'partition' FROM jsonb_array_elements(keys) k)
+  ORDER BY a.gate, a.partition
+  FOR UPDATE;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.read_adaptive(text, jsonb) IS
+  'Adaptive state for many partitions in one call: keys is [{"gate","partition","initial_max"}]; missing rows start at initial_max; rows are locked in (gate, partition) order. Returns the cap, the EWMA lag and the window counters of the AIMD rule.';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.save_adaptive(policy text, updates jsonb, now timestamptz DEFAULT now())
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  INSERT INTO dispatch_policy.adaptive_stats AS a
+    (policy, gate, partition, current_max, ewma_lag_ms, observations, failures, last_observed_at, updated_at,
+     growth_credit, since_decrease)
+  SELECT save_adaptive.policy, u ->> 'gate', u ->> 'partition', (u ->> 'current_max')::integer,
+         (u ->> 'ewma_lag_ms')::float8, (u ->> 'observations')::bigint, (u ->> 'failures')::bigint,
+         (u ->> 'last_observed_at')::timestamptz, save_adaptive.now,
+         coalesce((u ->> 'growth_credit')::float8, 0), coalesce((u ->> 'since_decrease')::bigint, 0)
+  FROM jsonb_array_elements(updates) AS u
+  ORDER BY 2, 3
+  ON CONFLICT ON CONSTRAINT adaptive_stats_pkey DO UPDATE
+  SET current_max = EXCLUDED.current_max,
+      ewma_lag_ms = EXCLUDED.ewma_lag_ms,
+      observations = a.observations + EXCLUDED.observations,
+      failures = a.failures + EXCLUDED.failures,
+      last_observed_at = greatest(a.last_observed_at, EXCLUDED.last_observed_at),
+      updated_at = EXCLUDED.updated_at,
+      growth_credit = EXCLUDED.growth_credit,
+      since_decrease = EXCLUDED.since_decrease;
+
+  UPDATE dispatch_policy.observation_minutes m
+  SET current_max = (u ->> 'current_max')::integer
+  FROM jsonb_array_elements(updates) AS u
+  WHERE m.policy = save_adaptive.policy AND m.gate = u ->> 'gate' AND m.partition = u ->> 'partition'
+    AND m.minute = date_trunc('minute', (u ->> 'last_observed_at')::timestamptz);
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.save_adaptive(text, jsonb, timestamptz) IS
+  'Stores AIMD results for many partitions: updates is [{"gate","partition","current_max","ewma_lag_ms","growth_credit","since_decrease","observations","failures","last_observed_at"}] (observations and failures are increments; current_max from 1 to 1000000).';
+
+-- ---------------------------------------------------------------------------
+-- Round-robin: lanes, and a cursor that moves past what was served.
+
+-- The next n lanes after the cursor: keys in ascending order, then the lane
+-- of jobs without a key (a NULL element), then round again to the cursor.
+DROP FUNCTION dispatch_policy._next_round_robin_keys(text, text, integer);
+CREATE FUNCTION dispatch_policy._next_round_robin_keys(policy text, after text, n integer)
+RETURNS text[]
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  keys text[] := '{}';
+  key text := after;
+BEGIN
+  -- Keys after the cursor (all keys when there is none).
+  WHILE cardinality(keys) < n LOOP
+    IF key IS NULL THEN
+      SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
+      WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key IS NOT NULL
+      ORDER BY s.round_robin_key LIMIT 1;
+    ELSE
+      SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
+      WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key > key
+      ORDER BY s.round_robin_key LIMIT 1;
+    END IF;
+    EXIT WHEN key IS NULL;
+    keys := keys || key;
+  END LOOP;
+  -- The keyless lane.
+  IF cardinality(keys) < n AND EXISTS (
+       SELECT 1 FROM dispatch_policy.staged_jobs s
+       WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL) THEN
+    keys := keys || NULL::text;
+  END IF;
+  -- Round again, up to and including the cursor.
+  IF after IS NOT NULL THEN
+    key := NULL;
+    WHILE cardinality(keys) < n LOOP
+      IF key IS NULL THEN
+        SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
+        WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key IS NOT NULL
+        ORDER BY s.round_robin_key LIMIT 1;
+      ELSE
+        SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
+        WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key > key
+        ORDER BY s.round_robin_key LIMIT 1;
+      END IF;
+      EXIT WHEN key IS NULL OR key > after;
+      keys := keys || key;
+    END LOOP;
+  END IF;
+  RETURN keys;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._next_round_robin_keys(text, text, integer) IS
+  'Internal: up to n lanes with eligible jobs in rotation order after the given key: keys ascending, then NULL for the lane of jobs without a round-robin key, then from the first key again up to the given one. One index probe per lane (ORDER BY ... LIMIT 1, not min(): without statistics, as right after a large stage_many, min() is planned as a scan of every later row).';
+
+DROP FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz);
+CREATE FUNCTION dispatch_policy.fetch_batch(
+  policy text, batch_size integer, round_robin_quantum integer DEFAULT NULL, now timestamptz DEFAULT now()
+)
+RETURNS TABLE (id bigint, priority integer, round_robin_key text, context jsonb, lane integer)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  keys text[];
+  keyless_lane integer;
+  cursor_key text;
+  quantum integer;
+BEGIN
+  IF round_robin_quantum IS NULL THEN
+    RETURN QUERY
+      SELECT s.id, s.priority, s.round_robin_key, s.context, 0
+      FROM (SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
+            WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL
+            ORDER BY j.priority, j.id
+            LIMIT batch_size
+            FOR UPDATE SKIP LOCKED) s
+      ORDER BY s.priority, s.id;
+    RETURN;
+  END IF;
+
+  SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = fetch_batch.policy;
+  -- Never more than batch_size rows: a quantum above the batch size is the batch size.
+  quantum := least(round_robin_quantum, batch_size);
+  keys := dispatch_policy._next_round_robin_keys(fetch_batch.policy, cursor_key,
+                                                 greatest(1, ceil(batch_size::numeric / quantum)::integer));
+  keyless_lane := array_position(keys, NULL);
+
+  -- Phase 1: up to `quantum` rows of each lane; phase 2: top up with the
+  -- oldest remaining rows. Rows come out interleaved: every lane's first row,
+  -- then every lane's second row, and so on (within each priority).
+  RETURN QUERY
+  WITH per_key AS MATERIALIZED (
+    SELECT j.id, j.priority, j.round_robin_key, j.context, k.n::integer AS lane
+    FROM unnest(keys) WITH ORDINALITY AS k(key, n)
+    CROSS JOIN LATERAL (
+      -- Ordered as staged_jobs_round_robin_idx is, so that index is the plan
+      -- even before statistics exist (right after a large stage_many).
+      SELECT s.id, s.priority, s.round_robin_key, s.context FROM dispatch_policy.staged_jobs s
+      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key = k.key
+      ORDER BY s.round_robin_key, s.priority, s.id
+      LIMIT quantum
+      FOR UPDATE SKIP LOCKED) j
+    WHERE k.key IS NOT NULL
+  ), keyless AS MATERIALIZED (
+    SELECT s.id, s.priority, s.round_robin_key, s.context, keyless_lane AS lane
+    FROM dispatch_policy.staged_jobs s
+    WHERE keyless_lane IS NOT NULL
+      AND s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+    ORDER BY s.priority, s.id
+    LIMIT quantum
+    FOR UPDATE SKIP LOCKED
+  ), lanes AS (
+    SELECT * FROM per_key UNION ALL SELECT * FROM keyless
+  ), top_up AS MATERIALIZED (
+    SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
+    WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL AND j.id NOT IN (SELECT l.id FROM lanes l)
+    ORDER BY j.priority, j.id
+    LIMIT greatest(batch_size - (SELECT count(*) FROM lanes), 0)
+    FOR UPDATE SKIP LOCKED
+  ), batch AS (
+    SELECT l.id, l.priority, l.round_robin_key, l.context,
+           row_number() OVER (PARTITION BY l.lane ORDER BY l.priority, l.id) AS rank, l.lane
+    FROM lanes l
+    UNION ALL
+    SELECT t.id, t.priority, t.round_robin_key, t.context, quantum + 1, 0 FROM top_up t
+  )
+  SELECT b.id, b.priority, b.round_robin_key, b.context, b.lane
+  FROM batch b
+  ORDER BY b.priority, b.rank, b.lane, b.id
+  LIMIT batch_size;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz) IS
+  'Locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: up to that many rows for each of the next ceil(batch_size / quantum) lanes after the policy''s cursor (a lane per round-robin key, and one for jobs without a key), interleaved, then the oldest remaining rows (lane 0). The cursor is moved by admit.';
+
+DROP FUNCTION dispatch_policy.admit(text, jsonb, jsonb, integer, timestamptz);
+CREATE FUNCTION dispatch_policy.admit(
+  policy text, jobs jsonb, takes jsonb DEFAULT '[]', lease_seconds integer DEFAULT NULL, now timestamptz DEFAULT now(),
+  round_robin_cursor jsonb DEFAULT NULL
+)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  admitted integer := 0;
+  config jsonb;
+  lease integer;
+  slot_gates text[];
+  job record;
+  ids bigint[];
+  queues text[];
+  queue_name text;
+  keys text[];
+  cursor_key text;
+BEGIN
+  config := (dispatch_policy._require_policy(admit.policy)).config;
+  lease := coalesce(admit.lease_seconds, dispatch_policy._policy_setting(config, 'lease_seconds'));
+  IF NOT dispatch_policy._within_limit(lease, 'lease_seconds') THEN
+    RAISE EXCEPTION 'lease_seconds %', dispatch_policy._limit_rule('lease_seconds')
+      USING ERRCODE = '22023', DETAIL = format('lease_seconds is %s.', lease), HINT = 'Nothing was admitted.';
+  END IF;
+  slot_gates := dispatch_policy._slot_gates(config);
+
+  -- Look rows up by primary key (= ANY of an array), never by joining the
+  -- staged table against a set the planner cannot size: that would be a
+  -- sequential scan of the whole backlog.
+  ids := ARRAY(SELECT (j ->> 'id')::bigint FROM jsonb_array_elements(coalesce(jobs, '[]'::jsonb)) AS j);
+  IF cardinality(ids) > 0 THEN
+    WITH moved AS (
+      DELETE FROM dispatch_policy.staged_jobs s
+      WHERE s.id = ANY (ids) AND s.policy = admit.policy
+      RETURNING s.*
+    ), parts AS (
+      SELECT (j ->> 'id')::bigint AS id, coalesce(j -> 'partitions', j -> 'slots', '{}'::jsonb) AS partitions
+      FROM jsonb_array_elements(jobs) AS j
+    ), inserted AS (
+      INSERT INTO dispatch_policy.admitted_jobs
+        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
+         admitted_at, lease_expires_at, partitions, lease_seconds, target)
+      SELECT m.id, m.policy, m.queue, m.priority, m.args, m.context, m.dedupe_key, m.round_robin_key, m.attempt,
+             m.created_at, m.staged_at, admit.now, admit.now + make_interval(secs => lease), pa.partitions, lease,
+             CASE WHEN config -> 'target' ->> 'type' = 'sql' THEN 'sql' ELSE 'ready_queue' END
+      FROM moved m JOIN parts pa ON pa.id = m.id
+      RETURNING queue, round_robin_key
+    )
+    SELECT count(*), array_agg(DISTINCT i.queue), array_agg(DISTINCT i.round_robin_key)
+    INTO admitted, queues, keys FROM inserted i;
+    IF admitted <> cardinality(ids) THEN
+      RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,
+                      cardinality(ids), quote_literal(admit.policy)
+        USING ERRCODE = '55000',
+              HINT = 'Admit only jobs this transaction fetched with fetch_batch (they are locked until it ends).';
+    END IF;
+
+    -- Slots: lock the counters in order (read_counters did, for a runner that
+    -- called it), then add.
+    INSERT INTO dispatch_policy.inflight_counters AS c (policy, gate, partition, in_flight, updated_at)
+    SELECT DISTINCT admit.policy, s.key, s.value, 0, admit.now
+    FROM jsonb_array_elements(jobs) AS j, jsonb_each_text(coalesce(j -> 'partitions', j -> 'slots')) AS s
+    WHERE s.key = ANY (slot_gates)
+    ORDER BY 2, 3
+    ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING;
+    PERFORM 1 FROM dispatch_policy.inflight_counters c
+    WHERE c.policy = admit.policy
+      AND (c.gate, c.partition) IN (
+        SELECT s.key, s.value FROM jsonb_array_elements(jobs) AS j, jsonb_each_text(coalesce(j -> 'partitions', j -> 'slots')) AS s)
+    ORDER BY c.policy, c.gate, c.partition
+    FOR UPDATE;
+    UPDATE dispatch_policy.inflight_counters c
+    SET in_flight = c.in_flight + n.count, last_admitted_at = admit.now, updated_at = admit.now
+    FROM (SELECT s.key AS gate, s.value AS partition, count(*) AS count
+          FROM jsonb_array_elements(jobs) AS j, jsonb_each_text(coalesce(j -> 'partitions', j -> 'slots')) AS s
+          WHERE s.key = ANY (slot_gates)
+          GROUP BY 1, 2) n
+    WHERE c.policy = admit.policy AND c.gate = n.gate AND c.partition = n.partition;
+
+    PERFORM 1 FROM dispatch_policy.throttle_buckets t
+    WHERE t.policy = admit.policy
+      AND (t.gate, t.partition) IN (SELECT k ->> 'gate', k ->> 'partition' FROM jsonb_array_elements(takes) AS k)
+    ORDER BY t.policy, t.gate, t.partition
+    FOR UPDATE;
+    UPDATE dispatch_policy.throttle_buckets t
+    SET tokens = t.tokens - (k ->> 'tokens')::float8, last_admitted_at = admit.now
+    FROM jsonb_array_elements(takes) AS k
+    WHERE t.policy = admit.policy AND t.gate = k ->> 'gate' AND t.partition = k ->> 'partition';
+
+    IF config -> 'target' ->> 'type' = 'sql' THEN
+      FOR job IN
+        SELECT a.id, a.queue, a.args, a.context FROM dispatch_policy.admitted_jobs a
+        WHERE a.id = ANY (ids)
+        ORDER BY a.priority, a.id
+      LOOP
+        PERFORM dispatch_policy._hand_off(config -> 'target' ->> 'function', job.id, job.queue, job.args, job.context);
+      END LOOP;
+    ELSE
+      FOREACH queue_name IN ARRAY queues LOOP
+        -- A queue name staged before the length limit existed could overflow
+        -- the NOTIFY payload; workers still poll for it.
+        IF octet_length(queue_name) <= 1024 THEN
+          PERFORM pg_notify('dispatch_policy_admitted', queue_name);
+        END IF;
+      END LOOP;
+    END IF;
+  END IF;
+
+  -- The round-robin cursor: as the runner decided, else past the last key
+  -- admitted (in rotation order after the current cursor).
+  IF round_robin_cursor IS NOT NULL THEN
+    IF NOT coalesce((round_robin_cursor ->> 'hold')::boolean, false) THEN
+      INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at)
+      VALUES (admit.policy, round_robin_cursor ->> 'last_key', admit.now)
+      ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+      DO UPDATE SET last_key = EXCLUDED.last_key, updated_at = EXCLUDED.updated_at;
+    END IF;
+  ELSIF admitted > 0 THEN
+    SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = admit.policy;
+    SELECT k INTO cursor_key FROM unnest(keys) AS k
+    ORDER BY CASE WHEN k IS NULL THEN 1 WHEN cursor_key IS NULL OR k > cursor_key THEN 0 ELSE 2 END DESC, k DESC NULLS LAST
+    LIMIT 1;
+    INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at)
+    VALUES (admit.policy, cursor_key, admit.now)
+    ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+    DO UPDATE SET last_key = EXCLUDED.last_key, updated_at = EXCLUDED.updated_at;
+  END IF;
+  RETURN admitted;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.admit(text, jsonb, jsonb, integer, timestamptz, jsonb) IS
+  'Admits fetched jobs in the caller''s transaction: jobs is [{"id","partitions":{"gate":"partition"}}] (every gate''s partition; slot-holding gates'' entries take a slot), takes is [{"gate","partition","tokens"}]. Moves rows to admitted_jobs with the lease (lease_seconds, else the policy''s, else 900), adds to in-flight counters and takes tokens (rows locked in sorted order), calls the sql target function or notifies ready-queue workers (NOTIFY dispatch_policy_admitted, queue). round_robin_cursor {"last_key": K} (NULL key: the keyless lane) or {"hold": true} sets the rotation; without it the cursor moves past the last key admitted. SQLSTATE 55000 if a job is not staged.';
+
+-- ---------------------------------------------------------------------------
+-- Runner failures: a failing policy is shown, not silent.
+
+CREATE TABLE dispatch_policy.runner_failures (
+  policy          text PRIMARY KEY,
+  error           text NOT NULL,
+  sqlstate        text,
+  failures        integer NOT NULL DEFAULT 1,
+  first_failed_at timestamptz NOT NULL,
+  last_failed_at  timestamptz NOT NULL,
+  retry_at        timestamptz
+);
+COMMENT ON TABLE dispatch_policy.runner_failures IS
+  'Policies whose last tick failed (a raising sql target, a config the runner cannot read, ...): the runner backs off and retries; a successful tick deletes the row. Shown by policy_overview and "dispatch-policy status".';
+COMMENT ON COLUMN dispatch_policy.runner_failures.policy IS 'Policy name.';
+COMMENT ON COLUMN dispatch_policy.runner_failures.error IS 'The last error (up to 2000 characters).';
+COMMENT ON COLUMN dispatch_policy.runner_failures.sqlstate IS 'Its SQLSTATE, when the database raised it.';
+COMMENT ON COLUMN dispatch_policy.runner_failures.failures IS 'Failed ticks in a row (over all runners).';
+COMMENT ON COLUMN dispatch_policy.runner_failures.first_failed_at IS 'When the policy started failing.';
+COMMENT ON COLUMN dispatch_policy.runner_failures.last_failed_at IS 'When its tick last failed.';
+COMMENT ON COLUMN dispatch_policy.runner_failures.retry_at IS 'When the runner that recorded it tries again (capped exponential backoff).';
+
+CREATE FUNCTION dispatch_policy.record_runner_failure(
+  policy text, error text, sqlstate text DEFAULT NULL, retry_at timestamptz DEFAULT NULL, now timestamptz DEFAULT now()
+)
+RETURNS integer
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  INSERT INTO dispatch_policy.runner_failures AS f (policy, error, sqlstate, failures, first_failed_at, last_failed_at, retry_at)
+  VALUES (record_runner_failure.policy, left(coalesce(record_runner_failure.error, 'failed'), 2000),
+          record_runner_failure.sqlstate, 1, record_runner_failure.now, record_runner_failure.now, record_runner_failure.retry_at)
+  ON CONFLICT ON CONSTRAINT runner_failures_pkey DO UPDATE
+  SET error = EXCLUDED.error, sqlstate = EXCLUDED.sqlstate, failures = f.failures + 1,
+      last_failed_at = EXCLUDED.last_failed_at, retry_at = EXCLUDED.retry_at
+  RETURNING failures
+$$;
+COMMENT ON FUNCTION dispatch_policy.record_runner_failure(text, text, text, timestamptz, timestamptz) IS
+  'Called by a runner after a policy''s tick failed (in its own transaction): records the error and when it retries; returns the failures in a row.';
+
+CREATE FUNCTION dispatch_policy.clear_runner_failure(policy text)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  WITH gone AS (DELETE FROM dispatch_policy.runner_failures f WHERE f.policy = clear_runner_failure.policy RETURNING 1)
+  SELECT EXISTS (SELECT 1 FROM gone)
+$$;
+COMMENT ON FUNCTION dispatch_policy.clear_runner_failure(text) IS
+  'Called by a runner after a successful tick of a policy that had failed: deletes its runner_failures row. Returns whether there was one.';
+
+-- ---------------------------------------------------------------------------
+-- Maintenance that cannot overflow, waits for nobody, and cleans orphans.
+
+CREATE OR REPLACE FUNCTION dispatch_policy.prune(retention interval DEFAULT '7 days', idle interval DEFAULT '1 hour', now timestamptz DEFAULT now())
+RETURNS TABLE (what text, removed bigint)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  n bigint;
+BEGIN
+  IF retention IS NULL OR NOT dispatch_policy._within_limit(extract(epoch FROM retention), 'prune.retention') THEN
+    RAISE EXCEPTION 'retention %', dispatch_policy._limit_rule('prune.retention')
+      USING ERRCODE = '22023',
+            DETAIL = format('retention is %s.', coalesce(trim_scale(extract(epoch FROM retention)) || ' seconds', 'NULL'));
+  END IF;
+  IF idle IS NULL OR NOT dispatch_policy._within_limit(extract(epoch FROM idle), 'prune.idle') THEN
+    RAISE EXCEPTION 'idle %', dispatch_policy._limit_rule('prune.idle')
+      USING ERRCODE = '22023',
+            DETAIL = format('idle is %s.', coalesce(trim_scale(extract(epoch FROM idle)) || ' seconds', 'NULL'));
+  END IF;
+
+  -- Gate rows are deleted only when nobody holds them (SKIP LOCKED), all in
+  -- one sorted statement each.
+  DELETE FROM dispatch_policy.throttle_buckets t
+  WHERE (t.policy, t.gate, t.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
+    WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'throttle')))
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_buckets'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.inflight_counters c
+  WHERE (c.policy, c.gate, c.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
+    WHERE x.in_flight = 0
+      AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._slot_gates(p.config)))
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_counters'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.adaptive_stats a
+  WHERE (a.policy, a.gate, a.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.adaptive_stats x
+    WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_adaptive'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.observations o
+  WHERE o.id IN (
+    SELECT x.id FROM dispatch_policy.observations x
+    WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'orphaned_observations'; removed := n; RETURN NEXT;
+
+  -- Idle partitions: a full bucket or an empty counter untouched for `idle`
+  -- is the same as no row (a missing bucket starts full, a missing counter at 0).
+  DELETE FROM dispatch_policy.throttle_buckets t
+  WHERE (t.policy, t.gate, t.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
+    WHERE x.refilled_at < prune.now - idle
+      AND dispatch_policy._bucket_tokens(x.tokens, x.rate, x.per_seconds, x.burst, x.refilled_at, prune.now) >= x.burst
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_buckets'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.inflight_counters c
+  WHERE (c.policy, c.gate, c.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
+    WHERE x.in_flight = 0 AND x.updated_at < prune.now - idle
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_counters'; removed := n; RETURN NEXT;
+
+  DELETE FROM dispatch_policy.finished_jobs f WHERE f.status = 'completed' AND f.finished_at < prune.now - retention;
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'completed_jobs'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.job_failures jf
+  WHERE jf.failed_at < prune.now - retention
+    AND NOT EXISTS (SELECT 1 FROM dispatch_policy.finished_jobs f WHERE f.id = jf.job_id AND f.status = 'dead');
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'failures'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.observation_minutes m WHERE m.minute < prune.now - retention;
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'observation_minutes'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.round_robin_cursors r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
+  DELETE FROM dispatch_policy.runner_failures r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.prune(interval, interval, timestamptz) IS
+  'Maintenance: deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), and completed jobs, failures of non-dead jobs and per-minute aggregates older than retention (0 to 100 years, else 22023). Gate rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';
+
+-- ---------------------------------------------------------------------------
+-- Views.
+
+CREATE OR REPLACE VIEW dispatch_policy.policy_overview AS
+SELECT
+  p.name AS policy,
+  (SELECT count(*) FROM dispatch_policy.staged_jobs s
+    WHERE s.policy = p.name AND (s.not_before IS NULL OR s.not_before <= now())) AS pending,
+  (SELECT count(*) FROM dispatch_policy.staged_jobs s
+    WHERE s.policy = p.name AND s.not_before > now()) AS scheduled,
+  (SELECT count(*) FROM dispatch_policy.admitted_jobs a
+    WHERE a.policy = p.name) AS in_flight,
+  (SELECT count(*) FROM dispatch_policy.finished_jobs f
+    WHERE f.policy = p.name AND f.status = 'completed' AND f.finished_at > now() - interval '24 hours') AS completed_24h,
+  (SELECT count(*) FROM dispatch_policy.job_failures jf
+    WHERE jf.policy = p.name AND jf.failed_at > now() - interval '24 hours') AS failed_24h,
+  (SELECT count(*) FROM dispatch_policy.finished_jobs f
+    WHERE f.policy = p.name AND f.status = 'dead') AS dead,
+  now() - (SELECT min(s.staged_at) FROM dispatch_policy.staged_jobs s
+    WHERE s.policy = p.name AND (s.not_before IS NULL OR s.not_before <= now())) AS oldest_pending_age,
+  p.paused,
+  rf.first_failed_at AS failing_since,
+  rf.failures AS tick_failures,
+  rf.error AS last_error,
+  rf.retry_at
+FROM dispatch_policy.policies p
+LEFT JOIN dispatch_policy.runner_failures rf ON rf.policy = p.name;
+COMMENT ON COLUMN dispatch_policy.policy_overview.failing_since IS 'When the policy''s ticks started failing (NULL when they succeed).';
+COMMENT ON COLUMN dispatch_policy.policy_overview.tick_failures IS 'Failed ticks in a row.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.last_error IS 'The error of the last failed tick.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.retry_at IS 'When a runner retries the failing policy.';
+COMMENT ON VIEW dispatch_policy.policy_overview IS
+  'One row per policy: jobs waiting, scheduled, in flight, finished in the last 24 hours, dead, how long the oldest eligible job has waited, and whether its ticks are failing. Counts scan the policy''s rows: cheap for thousands, a few hundred ms at a million pending.';
+
+CREATE OR REPLACE VIEW dispatch_policy.partition_overview AS
+WITH gates AS (
+  SELECT p.name AS policy,
+         coalesce(g ->> 'name', g ->> 'type') AS gate,
+         g ->> 'type' AS gate_type,
+         g AS config
+  FROM dispatch_policy.policies p
+  CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
+), waiting AS (
+  SELECT s.policy, k.key AS gate, k.value AS partition,
+         count(*) FILTER (WHERE s.not_before IS NULL OR s.not_before <= now()) AS pending,
+         max(s.staged_at) AS last_staged_at
+  FROM dispatch_policy.staged_jobs s
+  JOIN dispatch_policy.policies p ON p.name = s.policy
+  CROSS JOIN LATERAL jsonb_each_text(dispatch_policy._gate_partitions(p.config, s.context)) AS k
+  GROUP BY 1, 2, 3
+), held AS (
+  SELECT a.policy, k.key AS gate, k.value AS partition, count(*) AS in_flight
+  FROM dispatch_policy.admitted_jobs a, jsonb_each_text(a.partitions) AS k
+  GROUP BY 1, 2, 3
+), known AS (
+  SELECT policy, gate, partition FROM waiting
+  UNION SELECT policy, gate, partition FROM held
+  UNION SELECT policy, gate, partition FROM dispatch_policy.throttle_buckets
+  UNION SELECT policy, gate, partition FROM dispatch_policy.inflight_counters
+  UNION SELECT policy, gate, partition FROM dispatch_policy.adaptive_stats
+)
+SELECT
+  k.policy,
+  k.gate,
+  gt.gate_type,
+  k.partition,
+  coalesce(w.pending, 0) AS pending,
+  CASE WHEN gt.gate_type IN ('concurrency', 'global_cap', 'adaptive_concurrency')
+       THEN coalesce(c.in_flight, 0) ELSE coalesce(h.in_flight, 0)::integer END AS in_flight,
+  CASE gt.gate_type
+    WHEN 'concurrency' THEN dispatch_policy._json_number(gt.config -> 'max')
+    WHEN 'global_cap' THEN dispatch_policy._json_number(gt.config -> 'max')
+    WHEN 'adaptive_concurrency' THEN a.current_max::numeric
+  END AS cap,
+  CASE WHEN b.partition IS NOT NULL THEN
+    dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, now())
+  END AS tokens,
+  a.ewma_lag_ms,
+  w.last_staged_at,
+  greatest(c.last_admitted_at, b.last_admitted_at) AS last_admitted_at
+FROM known k
+JOIN gates gt ON gt.policy = k.policy AND gt.gate = k.gate
+LEFT JOIN waiting w ON w.policy = k.policy AND w.gate = k.gate AND w.partition = k.partition
+LEFT JOIN held h ON h.policy = k.policy AND h.gate = k.gate AND h.partition = k.partition
+LEFT JOIN dispatch_policy.throttle_buckets b ON b.policy = k.policy AND b.gate = k.gate AND b.partition = k.partition
+LEFT JOIN dispatch_policy.inflight_counters c ON c.policy = k.policy AND c.gate = k.gate AND c.partition = k.partition
+LEFT JOIN dispatch_policy.adaptive_stats a ON a.policy = k.policy AND a.gate = k.gate AND a.partition = k.partition;
+COMMENT ON COLUMN dispatch_policy.partition_overview.in_flight IS
+  'Admitted, unfinished jobs in this gate partition: the slot counter for concurrency, global_cap and adaptive_concurrency; a count of the admitted jobs for throttle and fair_interleave.';
+COMMENT ON COLUMN dispatch_policy.partition_overview.tokens IS 'Throttle tokens available now (the bucket refilled to now() by the one refill formula, _bucket_tokens).';

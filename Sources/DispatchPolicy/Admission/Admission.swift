@@ -1,0 +1,350 @@
+/// A fetched job, as gates see it.
+public struct BatchRow: Sendable, Equatable {
+    public var id: Int64
+    public var priority: Int
+    public var roundRobinKey: String?
+    /// Context values as strings (what templates and gate values read).
+    public var context: [String: String]
+    /// The round-robin lane the fetch took the job from (1 = the first after
+    /// the cursor); 0 for top-up rows and fetches without round-robin.
+    public var lane: Int
+
+    public init(id: Int64, priority: Int = 0, roundRobinKey: String? = nil, context: [String: String] = [:], lane: Int = 0) {
+        self.id = id
+        self.priority = priority
+        self.roundRobinKey = roundRobinKey
+        self.context = context
+        self.lane = lane
+    }
+}
+
+/// A string compared byte for byte, as PostgreSQL compares keys.
+///
+/// Swift's `String` equality merges canonically equivalent strings (`é` and
+/// `e` + U+0301); PostgreSQL's does not. Keys that are two counters in the
+/// database must be two keys here too.
+public struct ExactString: Hashable, Sendable, Comparable, CustomStringConvertible {
+    public let string: String
+
+    public init(_ string: String) { self.string = string }
+
+    public static func == (a: ExactString, b: ExactString) -> Bool { a.string.utf8.elementsEqual(b.string.utf8) }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(string.utf8.count)
+        for byte in string.utf8 { hasher.combine(byte) }
+    }
+
+    public static func < (a: ExactString, b: ExactString) -> Bool { a.string.utf8.lexicographicallyPrecedes(b.string.utf8) }
+
+    public var description: String { string }
+}
+
+/// A gate partition: the gate's name and the partition key, compared byte
+/// for byte (see ``ExactString``).
+public struct GateKey: Hashable, Sendable, Comparable, CustomStringConvertible {
+    public var gate: String
+    public var partition: String
+
+    public init(gate: String, partition: String) {
+        self.gate = gate
+        self.partition = partition
+    }
+
+    public static func == (a: GateKey, b: GateKey) -> Bool {
+        ExactString(a.gate) == ExactString(b.gate) && ExactString(a.partition) == ExactString(b.partition)
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(ExactString(gate))
+        hasher.combine(ExactString(partition))
+    }
+
+    public static func < (a: GateKey, b: GateKey) -> Bool {
+        (ExactString(a.gate), ExactString(a.partition)) < (ExactString(b.gate), ExactString(b.partition))
+    }
+
+    public var description: String { "\(gate)/\(partition)" }
+}
+
+/// A throttle bucket the tick must read: its partition and the rate, window
+/// and capacity in effect (from the first job of the partition in the batch,
+/// each within its ``FieldLimits`` bounds).
+public struct BucketRequest: Sendable, Equatable {
+    public var key: GateKey
+    public var rate: Double
+    public var per: Double
+    public var burst: Double
+}
+
+/// The gate state a tick reads before deciding.
+public struct GateState: Sendable, Equatable {
+    /// Tokens available now, per throttle partition.
+    public var tokens: [GateKey: Double] = [:]
+    /// Jobs holding a slot, per concurrency, global_cap and adaptive partition.
+    public var inFlight: [GateKey: Int] = [:]
+    /// current_max per adaptive partition.
+    public var adaptiveCap: [GateKey: Int] = [:]
+
+    public init(tokens: [GateKey: Double] = [:], inFlight: [GateKey: Int] = [:], adaptiveCap: [GateKey: Int] = [:]) {
+        self.tokens = tokens
+        self.inFlight = inFlight
+        self.adaptiveCap = adaptiveCap
+    }
+}
+
+/// Where the round-robin rotation of a policy continues after a tick.
+public enum CursorMove: Sendable, Equatable {
+    /// Start the next tick where this one started: the first lane found no
+    /// room that others had not taken in this tick.
+    case hold
+    /// Continue after this lane: a round-robin key, or nil for the lane of
+    /// jobs without a key.
+    case after(String?)
+}
+
+/// What the tick admits.
+public struct AdmissionDecision: Sendable, Equatable {
+    public struct Admitted: Sendable, Equatable {
+        public var id: Int64
+        /// Gate name → partition, for every gate (what `admitted_jobs.partitions` keeps).
+        public var partitions: [String: String]
+        /// Gate name → partition, for the gates whose slot the job holds.
+        public var slots: [String: String]
+    }
+
+    public var admitted: [Admitted] = []
+    /// Tokens to take, per throttle partition.
+    public var takes: [GateKey: Double] = [:]
+    /// Rows refused, by the first gate (in declared order) that had no room.
+    public var refusedByGate: [String: Int] = [:]
+    /// Adaptive partitions whose cap turned a job away in this tick: their cap
+    /// is what limits them, so successes may grow it.
+    public var adaptiveLimited: Set<GateKey> = []
+    /// Where the round-robin rotation continues (nil: no lanes in the batch).
+    public var cursor: CursorMove?
+}
+
+/// A batch row with its partition for every gate, computed once.
+public struct PreparedRow: Sendable, Equatable {
+    public var row: BatchRow
+    /// The partition of each gate, in the order of ``Admission/gates``.
+    public var partitions: [String]
+}
+
+/// Gate evaluation over an in-memory batch. Pure: no I/O, no clock.
+public struct Admission: Sendable {
+    public let config: PolicyConfig
+    /// Every gate of the policy, in declared order.
+    public let gates: [Gate]
+    /// The template each gate partitions by (nil: the single partition `default`).
+    let templates: [String?]
+
+    public init(config: PolicyConfig) {
+        self.config = config
+        gates = config.gates
+        // fair_interleave without its own partition_by uses that of the first
+        // gate that has one; global_cap is always one partition.
+        let inherited = config.gates.first { $0.type != .fairInterleave && $0.type != .globalCap && $0.partitionBy != nil }?.partitionBy
+        templates = config.gates.map { gate in
+            switch gate.type {
+            case .globalCap: nil
+            case .fairInterleave: gate.partitionBy ?? inherited
+            default: gate.partitionBy
+            }
+        }
+    }
+
+    /// Every gate's partition of a row: the same map `dispatch_policy._gate_partitions` computes.
+    public func partitions(of row: BatchRow) -> [String: String] {
+        let prepared = prepare([row])[0]
+        return Dictionary(zip(gates.map(\.effectiveName), prepared.partitions), uniquingKeysWith: { a, _ in a })
+    }
+
+    /// Renders each row's partitions, once.
+    public func prepare(_ rows: [BatchRow]) -> [PreparedRow] {
+        rows.map { row in PreparedRow(row: row, partitions: templates.map { PartitionKey.of(template: $0, context: row.context) }) }
+    }
+
+    /// Applies every fair_interleave gate: rows are regrouped round-robin
+    /// across partitions (first row of each partition in order of first
+    /// appearance, then every partition's second row, ...), keeping the order
+    /// within a partition. Without any template there is nothing to regroup.
+    public func order(_ rows: [PreparedRow]) -> [PreparedRow] {
+        var rows = rows
+        for (index, gate) in gates.enumerated() where gate.type == .fairInterleave && templates[index] != nil {
+            var groups: [ExactString: [PreparedRow]] = [:]
+            var firstSeen: [ExactString] = []
+            for row in rows {
+                let key = ExactString(row.partitions[index])
+                if groups[key] == nil { firstSeen.append(key) }
+                groups[key, default: []].append(row)
+            }
+            var interleaved: [PreparedRow] = []
+            interleaved.reserveCapacity(rows.count)
+            var round = 0
+            while interleaved.count < rows.count {
+                for key in firstSeen {
+                    if let group = groups[key], round < group.count { interleaved.append(group[round]) }
+                }
+                round += 1
+            }
+            rows = interleaved
+        }
+        return rows
+    }
+
+    /// The state a batch needs.
+    public struct RequiredState: Sendable, Equatable {
+        /// Buckets, with the first row's rate, per and burst, sorted by key.
+        public var buckets: [BucketRequest] = []
+        /// Counters of slot-holding gates, sorted.
+        public var counters: [GateKey] = []
+        /// Adaptive partitions with the initial cap of a new one, sorted.
+        public var adaptive: [GateKey: Int] = [:]
+    }
+
+    /// The rate, window and capacity of a throttle for a row, within bounds.
+    public func bucket(of gate: Gate, for row: BatchRow) -> (rate: Double, per: Double, burst: Double) {
+        let rate = gate.rate?.value(in: row.context, within: FieldLimits.throttleRate) ?? 0
+        let per = gate.per?.value(in: row.context, within: FieldLimits.throttlePer) ?? 1
+        let burst = gate.burst?.value(in: row.context, within: FieldLimits.throttleBurst)
+            ?? FieldLimits.throttleBurst.clamp(Swift.max(rate, 1))
+        return (rate, per, burst)
+    }
+
+    public func requiredState(for rows: [PreparedRow]) -> RequiredState {
+        var buckets: [GateKey: BucketRequest] = [:]
+        var counters = Set<GateKey>()
+        var adaptive: [GateKey: Int] = [:]
+        for (index, gate) in gates.enumerated() {
+            let name = gate.effectiveName
+            switch gate.type {
+            case .throttle:
+                for row in rows {
+                    let key = GateKey(gate: name, partition: row.partitions[index])
+                    if buckets[key] == nil {
+                        let b = bucket(of: gate, for: row.row)
+                        buckets[key] = BucketRequest(key: key, rate: b.rate, per: b.per, burst: b.burst)
+                    }
+                }
+            case .concurrency, .globalCap:
+                for row in rows { counters.insert(GateKey(gate: name, partition: row.partitions[index])) }
+            case .adaptiveConcurrency:
+                let initial = gate.adaptiveSettings.initialMax
+                for row in rows {
+                    let key = GateKey(gate: name, partition: row.partitions[index])
+                    counters.insert(key)
+                    adaptive[key] = initial
+                }
+            case .fairInterleave:
+                break
+            }
+        }
+        return RequiredState(buckets: buckets.values.sorted { $0.key < $1.key }, counters: counters.sorted(), adaptive: adaptive)
+    }
+
+    /// Decides which rows to admit, in batch order. A row is admitted when
+    /// every gate has room for it in the row's partition; a refused row takes
+    /// nothing, so later rows of other partitions can still go through.
+    public func evaluate(_ rows: [PreparedRow], state: GateState, buckets: [BucketRequest]) -> AdmissionDecision {
+        let rates = Dictionary(buckets.map { ($0.key, $0.rate) }, uniquingKeysWith: { a, _ in a })
+        var tokens = state.tokens
+        var inFlight = state.inFlight
+        var decision = AdmissionDecision()
+        // The safety valve: an adaptive partition with nothing in flight at
+        // the start of the tick may run at least initial_max jobs.
+        var adaptiveLimit: [GateKey: Int] = [:]
+        for gate in gates where gate.type == .adaptiveConcurrency {
+            let settings = gate.adaptiveSettings
+            for (key, cap) in state.adaptiveCap where key.gate == gate.effectiveName {
+                let idle = (state.inFlight[key] ?? 0) == 0
+                var limit = idle ? Swift.max(cap, settings.initialMax) : cap
+                if let ceiling = settings.max { limit = Swift.min(limit, Swift.max(ceiling, settings.min)) }
+                adaptiveLimit[key] = limit
+            }
+        }
+        // Gate partitions this tick took capacity from, and which rows were
+        // refused where: the rotation needs both.
+        var consumed = Set<GateKey>()
+        var refusedAt: [Int64: GateKey] = [:]
+        var admittedIDs = Set<Int64>()
+
+        rows: for row in rows {
+            var throttleKeys: [GateKey] = []
+            var slotKeys: [GateKey] = []
+            for (index, gate) in gates.enumerated() where gate.type != .fairInterleave {
+                let key = GateKey(gate: gate.effectiveName, partition: row.partitions[index])
+                let room: Bool
+                switch gate.type {
+                case .throttle:
+                    room = (rates[key] ?? 0) > 0 && (tokens[key] ?? 0) >= 1
+                    throttleKeys.append(key)
+                case .concurrency:
+                    let max = gate.max?.value(in: row.row.context, within: FieldLimits.concurrencyMax) ?? 0
+                    room = Double(inFlight[key] ?? 0) < max
+                    slotKeys.append(key)
+                case .globalCap:
+                    let max = gate.max?.value(in: [:], within: FieldLimits.globalCapMax) ?? 0
+                    room = Double(inFlight[key] ?? 0) < max
+                    slotKeys.append(key)
+                case .adaptiveConcurrency:
+                    room = (inFlight[key] ?? 0) < (adaptiveLimit[key] ?? gate.adaptiveSettings.initialMax)
+                    slotKeys.append(key)
+                    if !room { decision.adaptiveLimited.insert(key) }
+                case .fairInterleave:
+                    room = true
+                }
+                if !room {
+                    decision.refusedByGate[gate.effectiveName, default: 0] += 1
+                    refusedAt[row.row.id] = key
+                    continue rows
+                }
+            }
+            for key in throttleKeys {
+                tokens[key, default: 0] -= 1
+                decision.takes[key, default: 0] += 1
+                consumed.insert(key)
+            }
+            for key in slotKeys {
+                inFlight[key, default: 0] += 1
+                consumed.insert(key)
+            }
+            var partitions: [String: String] = [:]
+            for (index, gate) in gates.enumerated() { partitions[gate.effectiveName] = row.partitions[index] }
+            decision.admitted.append(.init(
+                id: row.row.id, partitions: partitions,
+                slots: Dictionary(slotKeys.map { ($0.gate, $0.partition) }, uniquingKeysWith: { a, _ in a })))
+            admittedIDs.insert(row.row.id)
+        }
+        decision.cursor = Self.cursor(rows: rows.map(\.row), admitted: admittedIDs, refusedAt: refusedAt, consumed: consumed)
+        return decision
+    }
+
+    /// Where the rotation continues: after the last lane before the first
+    /// lane that was *starved* — none of its jobs admitted, and one of them
+    /// refused by a gate partition that this very tick gave capacity to
+    /// other jobs. That lane goes first next time. A lane whose jobs were
+    /// refused by state from before the tick (its own cap full, its bucket
+    /// empty) is passed over, so blocked keys never hold up the rotation.
+    static func cursor(rows: [BatchRow], admitted: Set<Int64>, refusedAt: [Int64: GateKey], consumed: Set<GateKey>) -> CursorMove? {
+        struct Lane { var key: String?; var admitted = false; var starved = false }
+        var lanes: [Int: Lane] = [:]
+        for row in rows where row.lane > 0 {
+            var lane = lanes[row.lane] ?? Lane(key: row.roundRobinKey)
+            if admitted.contains(row.id) {
+                lane.admitted = true
+            } else if let key = refusedAt[row.id], consumed.contains(key) {
+                lane.starved = true
+            }
+            lanes[row.lane] = lane
+        }
+        guard !lanes.isEmpty else { return nil }
+        var last: CursorMove = .hold
+        for (_, lane) in lanes.sorted(by: { $0.key < $1.key }) {
+            if !lane.admitted && lane.starved { return last }
+            last = .after(lane.key)
+        }
+        return last
+    }
+}

@@ -1,0 +1,376 @@
+import Foundation
+import Logging
+import PostgresNIO
+
+/// Defaults for what a policy's config leaves out. `nil` leaves the choice
+/// to the database (`dispatch_policy.limits()` defaults), so a value has one
+/// source.
+public struct TickSettings: Sendable, Equatable {
+    public var batchSize: Int
+    public var roundRobinQuantum: Int
+    /// Lease of admitted jobs of policies without `lease_seconds`; nil: the
+    /// `lease_seconds` default of `dispatch_policy.limits()` (900 s).
+    public var leaseSeconds: Int?
+    /// Most observations folded per adaptive gate and tick.
+    public var maxObservationsPerTick: Int = 10_000
+
+    public init(
+        batchSize: Int = FieldLimits.batchSize.clampInt(FieldLimits.batchSize.defaultValue ?? 500),
+        roundRobinQuantum: Int = FieldLimits.roundRobinQuantum.clampInt(FieldLimits.roundRobinQuantum.defaultValue ?? 50),
+        leaseSeconds: Int? = nil
+    ) {
+        self.batchSize = FieldLimits.batchSize.clampInt(Double(batchSize))
+        self.roundRobinQuantum = FieldLimits.roundRobinQuantum.clampInt(Double(roundRobinQuantum))
+        self.leaseSeconds = leaseSeconds.map { FieldLimits.leaseSeconds.clampInt(Double($0)) }
+    }
+}
+
+/// What one tick of one policy did.
+public struct TickResult: Sendable, Equatable {
+    public enum Outcome: String, Sendable {
+        /// The tick ran (it may have admitted nothing).
+        case ran
+        /// The policy is paused.
+        case paused
+        /// Another runner holds the policy's tick lock.
+        case busy
+        /// No such policy.
+        case unknown
+    }
+
+    public var policy: String
+    public var outcome: Outcome
+    public var fetched = 0
+    public var admitted = 0
+    public var reaped = 0
+    public var observationsFolded = 0
+    public var refusedByGate: [String: Int] = [:]
+    /// Tokens left after the tick, summed over the partitions it touched, per throttle gate.
+    public var tokensLeft: [String: Double] = [:]
+    /// Where the round-robin rotation continues (nil: not moved).
+    public var cursor: CursorMove?
+    public var duration: Duration = .zero
+
+    public init(policy: String, outcome: Outcome) {
+        self.policy = policy
+        self.outcome = outcome
+    }
+}
+
+/// A policy the runner should look at.
+public struct PolicyWork: Sendable, Equatable {
+    public var name: String
+    /// A runner recorded a failed tick of it (`dispatch_policy.runner_failures`).
+    public var failing: Bool
+}
+
+/// Runs ticks: one policy, one transaction, on one connection.
+///
+/// Lock the policy (single writer), reap expired leases, take new adaptive
+/// observations, promote due scheduled jobs, fetch a batch (round-robin by
+/// lane), order it (fair_interleave), read the gate state it needs, decide
+/// (pure ``Admission``), fold the observations (pure ``AdaptiveController``),
+/// admit and move the rotation, commit.
+public struct Ticker: Sendable {
+    public let connection: PostgresConnection
+    public let settings: TickSettings
+    public let logger: Logger
+
+    public init(connection: PostgresConnection, settings: TickSettings = TickSettings(), logger: Logger) {
+        self.connection = connection
+        self.settings = settings
+        self.logger = logger
+    }
+
+    /// Policies that are not paused and have work: jobs eligible now,
+    /// scheduled jobs now due, expired leases, or observations to fold.
+    public func policiesWithWork(only: String? = nil) async throws -> [PolicyWork] {
+        try await connection.rows(
+            """
+            SELECT p.name, EXISTS (SELECT 1 FROM dispatch_policy.runner_failures f WHERE f.policy = p.name)
+            FROM dispatch_policy.policies p
+            WHERE NOT p.paused AND (\(only)::text IS NULL OR p.name = \(only))
+              AND (EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name AND s.not_before IS NULL)
+                   OR EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
+                              AND s.not_before IS NOT NULL AND s.not_before <= now())
+                   OR EXISTS (SELECT 1 FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name AND a.lease_expires_at < now())
+                   OR EXISTS (SELECT 1 FROM dispatch_policy.observations o WHERE o.policy = p.name))
+            ORDER BY p.name
+            """,
+            logger: logger
+        ).map { row in
+            let (name, failing) = try row.decode((String, Bool).self)
+            return PolicyWork(name: name, failing: failing)
+        }
+    }
+
+    /// Whether a policy of this name is declared.
+    public func exists(policy: String) async throws -> Bool {
+        try await connection.rows(
+            "SELECT EXISTS (SELECT 1 FROM dispatch_policy.policies WHERE name = \(policy))", logger: logger
+        ).first?.decode(Bool.self) ?? false
+    }
+
+    /// One tick of `policy`.
+    public func tick(policy: String) async throws -> TickResult {
+        let started = ContinuousClock.now
+        var result = TickResult(policy: policy, outcome: .ran)
+        var log = logger
+        log[metadataKey: "policy.name"] = "\(policy)"
+        _ = try await connection.rows("BEGIN", logger: log)
+        do {
+            result = try await tickInTransaction(policy: policy, logger: log)
+            _ = try await connection.rows(result.outcome == .ran ? "COMMIT" : "ROLLBACK", logger: log)
+        } catch {
+            _ = try? await connection.rows("ROLLBACK", logger: log)
+            throw error
+        }
+        result.duration = ContinuousClock.now - started
+        if result.admitted > 0 || result.reaped > 0 {
+            log.info("tick", metadata: [
+                "tick.admitted": "\(result.admitted)", "tick.fetched": "\(result.fetched)", "tick.reaped": "\(result.reaped)",
+            ])
+        }
+        return result
+    }
+
+    private func tickInTransaction(policy: String, logger: Logger) async throws -> TickResult {
+        var result = TickResult(policy: policy, outcome: .ran)
+        guard try await scalar("SELECT dispatch_policy.try_lock_policy(\(policy))", as: Bool.self, logger: logger) else {
+            result.outcome = .busy
+            return result
+        }
+        // Time is read after the lock, so it never goes backwards between
+        // ticks of one policy; every primitive gets this same `now`.
+        guard let row = try await connection.rows(
+            "SELECT config::text, paused, clock_timestamp() FROM dispatch_policy.policies WHERE name = \(policy)",
+            logger: logger
+        ).first else {
+            result.outcome = .unknown
+            return result
+        }
+        let (configJSON, paused, now) = try row.decode((String, Bool, Date).self)
+        if paused {
+            result.outcome = .paused
+            return result
+        }
+        let config = try PolicyConfig(json: configJSON)
+        let batchSize = FieldLimits.batchSize.clampInt(Double(config.batchSize ?? settings.batchSize))
+        let quantum = FieldLimits.roundRobinQuantum.clampInt(Double(config.roundRobinQuantum ?? settings.roundRobinQuantum))
+
+        result.reaped = try await scalar("SELECT dispatch_policy.reap_leases(\(policy), \(now))", as: Int.self, logger: logger)
+
+        let observations = try await takeObservations(policy: policy, config: config, logger: logger)
+        result.observationsFolded = observations.values.reduce(0) { $0 + $1.count }
+
+        _ = try await connection.rows(
+            "SELECT dispatch_policy.promote_scheduled(\(policy), \(batchSize)::integer, \(now))", logger: logger)
+
+        let rows = try await connection.rows(
+            """
+            SELECT id, priority, round_robin_key, context::text, lane
+            FROM dispatch_policy.fetch_batch(\(policy), \(batchSize)::integer, \(quantum)::integer, \(now))
+            """,
+            logger: logger
+        ).map { row in
+            let (id, priority, key, context, lane) = try row.decode((Int64, Int, String?, String, Int).self)
+            return BatchRow(id: id, priority: priority, roundRobinKey: key, context: try Self.decodeStrings(context), lane: lane)
+        }
+        result.fetched = rows.count
+
+        let admission = Admission(config: config)
+        let ordered = admission.order(admission.prepare(rows))
+        let needed = admission.requiredState(for: ordered)
+        var state = GateState()
+        if !needed.buckets.isEmpty {
+            let json = try Self.json(needed.buckets.map {
+                ["gate": .string($0.key.gate), "partition": .string($0.key.partition),
+                 "rate": .number($0.rate), "per": .number($0.per), "burst": .number($0.burst)] as [String: JSONScalar]
+            })
+            for row in try await connection.rows(
+                "SELECT gate, partition, tokens FROM dispatch_policy.refill_buckets(\(policy), \(json)::jsonb, \(now))",
+                logger: logger
+            ) {
+                let (gate, partition, tokens) = try row.decode((String, String, Double).self)
+                state.tokens[GateKey(gate: gate, partition: partition)] = tokens
+            }
+        }
+        if !needed.counters.isEmpty {
+            let json = try Self.json(needed.counters.map { ["gate": JSONScalar.string($0.gate), "partition": .string($0.partition)] })
+            for row in try await connection.rows(
+                "SELECT gate, partition, in_flight FROM dispatch_policy.read_counters(\(policy), \(json)::jsonb)", logger: logger
+            ) {
+                let (gate, partition, inFlight) = try row.decode((String, String, Int).self)
+                state.inFlight[GateKey(gate: gate, partition: partition)] = inFlight
+            }
+        }
+        // Adaptive state of the batch's partitions and of those with new
+        // observations, in one call.
+        var adaptiveKeys = needed.adaptive
+        var adaptiveSettings: [String: AdaptiveSettings] = [:]
+        for gate in config.gates where gate.type == .adaptiveConcurrency {
+            adaptiveSettings[gate.effectiveName] = gate.adaptiveSettings
+        }
+        for key in observations.keys where adaptiveKeys[key] == nil {
+            adaptiveKeys[key] = adaptiveSettings[key.gate]?.initialMax ?? 1
+        }
+        var adaptive: [GateKey: AdaptiveController] = [:]
+        if !adaptiveKeys.isEmpty {
+            let json = try Self.json(adaptiveKeys.sorted { $0.key < $1.key }.map {
+                ["gate": JSONScalar.string($0.key.gate), "partition": .string($0.key.partition), "initial_max": .number(Double($0.value))]
+            })
+            for row in try await connection.rows(
+                """
+                SELECT gate, partition, current_max, ewma_lag_ms, growth_credit, since_decrease
+                FROM dispatch_policy.read_adaptive(\(policy), \(json)::jsonb)
+                """,
+                logger: logger
+            ) {
+                let (gate, partition, cap, ewma, credit, since) = try row.decode((String, String, Int, Double?, Double, Int64).self)
+                let key = GateKey(gate: gate, partition: partition)
+                state.adaptiveCap[key] = cap
+                adaptive[key] = AdaptiveController(
+                    currentMax: cap, ewmaLagMs: ewma, growthCredit: credit, sinceDecrease: Int(clamping: since))
+            }
+        }
+
+        let decision = admission.evaluate(ordered, state: state, buckets: needed.buckets)
+        result.refusedByGate = decision.refusedByGate
+        result.cursor = decision.cursor
+        for (key, tokens) in state.tokens {
+            result.tokensLeft[key.gate, default: 0] += tokens - (decision.takes[key] ?? 0)
+        }
+
+        let cursor: String? = switch decision.cursor {
+        case nil: nil
+        case .hold: #"{"hold": true}"#
+        case .after(let key): try Self.json(CursorJSON(last_key: key))
+        }
+        if !decision.admitted.isEmpty || cursor != nil {
+            let jobs = try Self.json(decision.admitted.map { AdmitJob(id: $0.id, partitions: $0.partitions) })
+            let takes = try Self.json(decision.takes.sorted { $0.key < $1.key }.map {
+                ["gate": JSONScalar.string($0.key.gate), "partition": .string($0.key.partition), "tokens": .number($0.value)]
+            })
+            result.admitted = try await scalar(
+                """
+                SELECT dispatch_policy.admit(\(policy), \(jobs)::jsonb, \(takes)::jsonb, \(settings.leaseSeconds)::integer, \(now),
+                                             \(cursor)::jsonb)
+                """,
+                as: Int.self, logger: logger)
+        }
+
+        // Fold after deciding and admitting: growth needs to know whether the
+        // cap turned jobs away in this tick, and this tick's admissions were
+        // decided under the cap read above; the new caps apply from the next tick.
+        var updates: [AdaptiveUpdate] = []
+        for (key, taken) in observations.sorted(by: { $0.key < $1.key }) {
+            guard let settings = adaptiveSettings[key.gate], var controller = adaptive[key] else { continue }
+            for observation in taken {
+                controller.observe(lagMs: observation.lag, success: observation.success,
+                                   limited: decision.adaptiveLimited.contains(key), settings: settings)
+            }
+            updates.append(AdaptiveUpdate(
+                gate: key.gate, partition: key.partition, current_max: controller.currentMax,
+                ewma_lag_ms: controller.ewmaLagMs ?? 0, growth_credit: controller.growthCredit,
+                since_decrease: controller.sinceDecrease, observations: controller.observations, failures: controller.failures,
+                last_observed_at: Self.timestamp(taken.map(\.at).max() ?? now)))
+        }
+        if !updates.isEmpty {
+            _ = try await connection.rows(
+                "SELECT dispatch_policy.save_adaptive(\(policy), \(try Self.json(updates))::jsonb, \(now))", logger: logger)
+        }
+
+        return result
+    }
+
+    struct Observation {
+        var lag: Double
+        var success: Bool
+        var at: Date
+    }
+
+    /// Takes (deletes) each adaptive gate's new observations, by partition;
+    /// they are folded in this transaction, so each exactly once.
+    private func takeObservations(policy: String, config: PolicyConfig, logger: Logger) async throws -> [GateKey: [Observation]] {
+        var taken: [GateKey: [Observation]] = [:]
+        for gate in config.gates where gate.type == .adaptiveConcurrency {
+            let name = gate.effectiveName
+            for row in try await connection.rows(
+                "SELECT partition, lag_ms, success, observed_at FROM dispatch_policy.take_observations(\(policy), \(name), \(self.settings.maxObservationsPerTick)::integer)",
+                logger: logger
+            ) {
+                let (partition, lag, success, at) = try row.decode((String, Double, Bool, Date).self)
+                taken[GateKey(gate: name, partition: partition), default: []].append(Observation(lag: lag, success: success, at: at))
+            }
+        }
+        return taken
+    }
+
+    private func scalar<T: PostgresDecodable>(_ query: PostgresQuery, as type: T.Type, logger: Logger) async throws -> T {
+        guard let row = try await connection.rows(query, logger: logger).first else {
+            throw DispatchPolicyError(code: .server, message: "\(query.sql.prefix(60))... returned no row")
+        }
+        return try row.decode(T.self)
+    }
+
+    // MARK: - JSON plumbing
+
+    enum JSONScalar: Encodable {
+        case string(String)
+        case number(Double)
+
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.singleValueContainer()
+            switch self {
+            case .string(let s): try c.encode(s)
+            case .number(let n): try c.encode(n)
+            }
+        }
+    }
+
+    struct AdmitJob: Encodable {
+        var id: Int64
+        var partitions: [String: String]
+    }
+
+    struct CursorJSON: Encodable {
+        var last_key: String?
+
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            // An explicit null: the lane of jobs without a key.
+            try c.encode(last_key, forKey: .last_key)
+        }
+
+        enum CodingKeys: String, CodingKey { case last_key }
+    }
+
+    struct AdaptiveUpdate: Encodable {
+        var gate: String
+        var partition: String
+        var current_max: Int
+        var ewma_lag_ms: Double
+        var growth_credit: Double
+        var since_decrease: Int
+        var observations: Int
+        var failures: Int
+        var last_observed_at: String
+    }
+
+    static func json(_ value: some Encodable) throws -> String {
+        String(decoding: try JSONEncoder().encode(value), as: UTF8.self)
+    }
+
+    static func decodeStrings(_ text: String) throws -> [String: String] {
+        guard let strings = ContextStrings.parse(text) else {
+            throw DispatchPolicyError(code: .server, message: "fetch_batch returned a context that is not a JSON object: \(text.prefix(200))")
+        }
+        return strings
+    }
+
+    static func timestamp(_ date: Date) -> String {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter.string(from: date)
+    }
+}

@@ -1,0 +1,290 @@
+import Foundation
+import Logging
+import PostgresNIO
+import ServiceLifecycle
+
+/// A claimed job, as a handler sees it.
+public struct Job: Sendable, Equatable {
+    public var id: Int64
+    public var policy: String
+    public var queue: String
+    /// The job arguments as JSON text.
+    public var argsJSON: String
+    /// The job context as JSON text.
+    public var contextJSON: String
+    /// Which attempt this is (1 for the first): the fencing token every
+    /// worker call of this attempt carries.
+    public var attempt: Int
+    public var leaseExpiresAt: Date
+    /// The lease the job was admitted with; heartbeats renew it by this much.
+    public var leaseSeconds: Int
+
+    /// The arguments decoded into `T`.
+    public func args<T: Decodable>(as type: T.Type = T.self) throws -> T {
+        try JSONDecoder().decode(T.self, from: Data(argsJSON.utf8))
+    }
+}
+
+/// How a ``Worker`` claims and runs jobs.
+public struct WorkerOptions: Sendable {
+    /// Queues to claim from, in turn.
+    public var queues: [String] = ["default"]
+    /// Recorded on claimed jobs (`admitted_jobs.worker`).
+    public var name: String = "\(ProcessInfo.processInfo.hostName):\(getpid())"
+    /// Jobs run at once.
+    public var concurrency: Int = 4
+    /// How long to wait for work before claiming again (cut short by NOTIFY).
+    public var pollInterval: Duration = .seconds(1)
+    /// How often to extend the lease of a running job; nil (the default): a
+    /// third of the job's lease. Whatever it is, a handler whose lease was
+    /// not confirmed in time is cancelled before the lease runs out.
+    public var heartbeatInterval: Duration?
+    /// Delay before a failed job is retried; nil uses the exponential backoff.
+    public var retryIn: Duration?
+
+    public init() {}
+}
+
+/// Runs jobs of the built-in ready queue: claims jobs of the policies it has
+/// handlers for, with bounded concurrency, runs the handler, heartbeats,
+/// completes them, or fails them when the handler throws (the job is then
+/// retried through admission, or dead after `max_attempts`).
+///
+/// Every call about a job carries its attempt, so a worker whose lease ran
+/// out can never complete, fail or extend the attempt another worker now
+/// runs. The worker heartbeats at a third of the job's lease and cancels the
+/// handler when the lease is lost (the server says the attempt is no longer
+/// current) or when it could not renew the lease before it runs out: with a
+/// concurrency cap of 1, two handlers of one partition never run at once.
+///
+/// A swift-service-lifecycle `Service`: on graceful shutdown it stops
+/// claiming and returns once the running jobs have finished.
+///
+/// ```swift
+/// var worker = Worker(connection: settings, logger: logger)
+/// worker.register("send_webhook") { job in
+///     let event = try job.args(as: WebhookEvent.self)
+///     try await deliver(event)
+/// }
+/// ```
+public struct Worker: Service {
+    public typealias Handler = @Sendable (Job) async throws -> Void
+
+    public let connection: ConnectionSettings
+    public var options: WorkerOptions
+    public let logger: Logger
+    private var handlers: [String: Handler] = [:]
+
+    public init(connection: ConnectionSettings, options: WorkerOptions = WorkerOptions(), logger: Logger) {
+        self.connection = connection
+        self.options = options
+        self.logger = logger
+    }
+
+    /// Runs `handler` for jobs of `policy`. The worker claims only jobs of
+    /// policies it has a handler for.
+    public mutating func register(_ policy: String, _ handler: @escaping Handler) {
+        handlers[policy] = handler
+    }
+
+    public func run() async throws {
+        try await connection.withConnection(logger: logger) { conn in
+            try await connection.withConnection(logger: logger) { listener in
+                await loop(conn: conn, listener: listener)
+            }
+        }
+    }
+
+    private func loop(conn: PostgresConnection, listener: PostgresConnection) async {
+        let wake = WakeSignal()
+        let running = Gauge()
+        let queues = Set(options.queues)
+        let policies = handlers.keys.sorted()
+        if policies.isEmpty {
+            logger.warning("worker has no handlers registered: it claims nothing")
+        }
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                // Without notifications the worker still polls every pollInterval.
+                try? await listener.listen(on: "dispatch_policy_admitted") { notifications in
+                    for try await notification in notifications where queues.contains(notification.payload) {
+                        await wake.signal()
+                    }
+                }
+            }
+            await withDiscardingTaskGroup { jobs in
+                var next = 0
+                while !Task.isCancelled && !Task.isShuttingDownGracefully {
+                    var free = options.concurrency - (await running.value)
+                    var claimedAny = false
+                    var tried = 0
+                    while free > 0 && tried < options.queues.count && !policies.isEmpty {
+                        let queue = options.queues[next % options.queues.count]
+                        next += 1
+                        tried += 1
+                        let claimed: [(job: Job, sentAt: ContinuousClock.Instant)]
+                        do {
+                            let sentAt = ContinuousClock.now
+                            claimed = try await claim(conn, queue: queue, max: free, policies: policies).map { ($0, sentAt) }
+                        } catch {
+                            logger.error("claim failed", metadata: ["worker.queue": "\(queue)", "error": "\(error)"])
+                            break
+                        }
+                        for (job, sentAt) in claimed {
+                            claimedAny = true
+                            free -= 1
+                            await running.add(1)
+                            jobs.addTask {
+                                await process(job, claimedAt: sentAt, conn: conn)
+                                await running.add(-1)
+                                await wake.signal()
+                            }
+                        }
+                    }
+                    if !claimedAny || free == 0 {
+                        await withGracefulShutdownHandler {
+                            await wake.wait(upTo: options.pollInterval)
+                        } onGracefulShutdown: {
+                            Task { await wake.signal() }
+                        }
+                    }
+                }
+                // Leaving the discarding group waits for the running jobs: the drain.
+            }
+            group.cancelAll()
+        }
+    }
+
+    private func claim(_ conn: PostgresConnection, queue: String, max: Int, policies: [String]) async throws -> [Job] {
+        let limit = FieldLimits.claimMax.clampInt(Double(max))
+        return try await conn.rows(
+            """
+            SELECT id, policy, queue, args::text, context::text, attempt, lease_expires_at, lease_seconds
+            FROM dispatch_policy.claim(\(queue), \(options.name), \(limit)::integer, policies => \(policies)::text[])
+            """,
+            logger: logger
+        ).map { row in
+            let (id, policy, queue, args, context, attempt, expires, lease) =
+                try row.decode((Int64, String, String, String, String, Int, Date, Int).self)
+            return Job(id: id, policy: policy, queue: queue, argsJSON: args, contextJSON: context, attempt: attempt,
+                       leaseExpiresAt: expires, leaseSeconds: lease)
+        }
+    }
+
+    /// How a handler run ended.
+    enum Outcome {
+        case finished(Result<Void, any Error>)
+        /// The lease is gone: the server moved on, or it could not be renewed
+        /// in time. The handler was cancelled; nothing is reported.
+        case leaseLost(String)
+    }
+
+    private func process(_ job: Job, claimedAt: ContinuousClock.Instant, conn: PostgresConnection) async {
+        let log = {
+            var log = logger
+            log[metadataKey: "job.id"] = "\(job.id)"
+            log[metadataKey: "job.attempt"] = "\(job.attempt)"
+            log[metadataKey: "policy.name"] = "\(job.policy)"
+            return log
+        }()
+        guard let handler = handlers[job.policy] else { return }  // claim is filtered by these policies
+        let lease = Duration.seconds(max(job.leaseSeconds, 1))
+        let interval = options.heartbeatInterval ?? lease / 3
+        // Stop a little before the lease runs out: the reaper may hand the job
+        // to another worker right after it does.
+        let margin = min(lease / 20, .milliseconds(250))
+        let outcome: Outcome = await withTaskGroup(of: Outcome?.self) { group in
+            group.addTask {
+                do {
+                    try await handler(job)
+                    return .finished(.success(()))
+                } catch {
+                    return .finished(.failure(error))
+                }
+            }
+            group.addTask {
+                // The lease guard: heartbeats, and the deadline they move.
+                var deadline = claimedAt + lease - margin
+                var nextBeat = claimedAt + interval
+                while !Task.isCancelled {
+                    let wakeAt = min(nextBeat, deadline)
+                    do { try await Task.sleep(until: wakeAt, clock: .continuous) } catch { return nil }
+                    if ContinuousClock.now >= deadline {
+                        return .leaseLost("the lease could not be renewed before it ran out")
+                    }
+                    let sentAt = ContinuousClock.now
+                    nextBeat = sentAt + interval
+                    do {
+                        _ = try await conn.rows(
+                            "SELECT dispatch_policy.heartbeat(\(job.id), attempt => \(job.attempt)::integer)", logger: log)
+                        deadline = sentAt + lease - margin
+                    } catch {
+                        let wrapped = DispatchPolicyError.from(error)
+                        if wrapped.sqlState == "P0002" || wrapped.sqlState == "DP001" {
+                            return .leaseLost(wrapped.description)
+                        }
+                        log.warning("heartbeat failed; retrying", metadata: ["error": "\(wrapped)"])
+                    }
+                }
+                return nil
+            }
+            var outcome: Outcome = .leaseLost("cancelled")
+            if let first = await group.next(), let value = first { outcome = value }
+            group.cancelAll()
+            return outcome
+        }
+        switch outcome {
+        case .leaseLost(let reason):
+            log.warning("lease lost: the handler was cancelled and its outcome is not reported", metadata: ["reason": "\(reason)"])
+        case .finished(.success):
+            await report(job, log: log) {
+                _ = try await conn.rows(
+                    "SELECT dispatch_policy.complete(\(job.id), attempt => \(job.attempt)::integer)", logger: log)
+            }
+        case .finished(.failure(let error)):
+            let retry = options.retryIn.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+                .map { FieldLimits.failRetryIn.clamp($0) }
+            await report(job, log: log) {
+                let state = try await conn.rows(
+                    """
+                    SELECT dispatch_policy.fail(\(job.id), \(String(describing: error)),
+                                                make_interval(secs => \(retry)::float8), attempt => \(job.attempt)::integer)
+                    """,
+                    logger: log
+                ).first?.decode(String.self)
+                log.info("job failed", metadata: ["error": "\(error)", "job.state": "\(state ?? "")"])
+            }
+        }
+    }
+
+    /// Records an outcome, retrying a deadlock or serialization abort; an
+    /// attempt that is no longer current is logged and dropped.
+    private func report(_ job: Job, log: Logger, _ call: () async throws -> Void) async {
+        var delay = Duration.milliseconds(10)
+        for attempt in 1...6 {
+            do {
+                try await call()
+                return
+            } catch {
+                let wrapped = DispatchPolicyError.from(error)
+                switch wrapped.sqlState {
+                case "40P01" where attempt < 6, "40001" where attempt < 6:
+                    try? await Task.sleep(for: delay)
+                    delay *= 2
+                case "DP001", "P0002":
+                    log.warning("outcome not recorded: the attempt is no longer current", metadata: ["error": "\(wrapped)"])
+                    return
+                default:
+                    log.error("could not record the job's outcome", metadata: ["error": "\(wrapped)"])
+                    return
+                }
+            }
+        }
+    }
+}
+
+/// A counter shared by the claim loop and the job tasks.
+actor Gauge {
+    private(set) var value = 0
+    func add(_ delta: Int) { value += delta }
+}

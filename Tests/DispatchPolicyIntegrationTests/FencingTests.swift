@@ -1,0 +1,238 @@
+import DispatchPolicy
+import Foundation
+import Logging
+import PostgresNIO
+import ServiceLifecycle
+import Synchronization
+import Testing
+
+/// Handler runs as intervals on one clock, to check that none overlap.
+final class Intervals: Sendable {
+    let runs = Mutex<[(id: Int64, attempt: Int, start: ContinuousClock.Instant, end: ContinuousClock.Instant?)]>([])
+
+    func start(_ job: Job) -> Int {
+        runs.withLock { runs in
+            runs.append((job.id, job.attempt, .now, nil))
+            return runs.count - 1
+        }
+    }
+
+    func end(_ index: Int) {
+        runs.withLock { $0[index].end = .now }
+    }
+
+    /// Pairs of runs that were under way at the same time.
+    var overlaps: [String] {
+        runs.withLock { runs in
+            var found: [String] = []
+            for i in runs.indices {
+                for j in runs.indices where j > i {
+                    let a = runs[i], b = runs[j]
+                    let aEnd = a.end ?? .now, bEnd = b.end ?? .now
+                    if a.start < bEnd && b.start < aEnd {
+                        found.append("job \(a.id)#\(a.attempt) and job \(b.id)#\(b.attempt)")
+                    }
+                }
+            }
+            return found
+        }
+    }
+
+    var count: Int { runs.withLock { $0.count } }
+}
+
+@Suite("Workers: fenced by attempt")
+struct FencingTests {
+    /// Regression (13): complete/fail/heartbeat/started matched by id only, so
+    /// a worker whose lease expired completed the next attempt, freeing a slot
+    /// still in use.
+    @Test("a stale attempt cannot complete, fail, extend or start the current one (DP001), and nothing changes")
+    func staleAttemptIsRefused() async throws {
+        try await withTestDatabase { conn, _ in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger)
+                .declare(name: "p", config: try PolicyConfig(leaseSeconds: 60) { Gate.concurrency(max: 1) }.json())
+            try await conn.exec("SELECT dispatch_policy.stage('p', '1')")
+            let ticker = Ticker(connection: conn, logger: TestServer.logger)
+            _ = try await ticker.tick(policy: "p")
+            let (id, first) = try #require(try await conn.rows("SELECT id, attempt FROM dispatch_policy.claim('default', 'w1')", logger: TestServer.logger).first)
+                .decode((Int64, Int).self)
+            #expect(first == 1)
+            // The first worker stalls; its lease runs out and the job is admitted again.
+            try await conn.exec("UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 second'")
+            try await conn.exec("SELECT dispatch_policy.reap_leases('p')")
+            try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = NULL")
+            _ = try await ticker.tick(policy: "p")
+            let second = try await conn.scalar("SELECT attempt FROM dispatch_policy.claim('default', 'w2')", as: Int.self)
+            #expect(second == 2)
+            let before = try await conn.scalar("SELECT row(a.*)::text FROM dispatch_policy.admitted_jobs a", as: String.self)
+            for call in [
+                "SELECT dispatch_policy.complete(\(id), attempt => 1)",
+                "SELECT dispatch_policy.fail(\(id), 'late', attempt => 1)",
+                "SELECT dispatch_policy.heartbeat(\(id), attempt => 1)",
+                "SELECT dispatch_policy.started(\(id), attempt => 1)",
+            ] {
+                let error = await expectSQLError("DP001", "attempt 1 of job \(id) is not the current attempt") {
+                    try await conn.exec(PostgresQuery(unsafeSQL: call))
+                }
+                #expect(error?.detail?.contains("Attempt 2 holds the job now") == true)
+            }
+            #expect(try await conn.scalar("SELECT row(a.*)::text FROM dispatch_policy.admitted_jobs a", as: String.self) == before)
+            #expect(try await conn.scalar("SELECT in_flight FROM dispatch_policy.inflight_counters", as: Int.self) == 1)
+            // The current attempt finishes normally; a repeat is a no-op, a stale one still refused.
+            #expect(try await conn.scalar("SELECT dispatch_policy.complete(\(id), attempt => 2)", as: Bool.self))
+            #expect(try await conn.scalar("SELECT dispatch_policy.complete(\(id), attempt => 2)", as: Bool.self) == false)
+            await expectSQLError("DP001", "is not the current attempt") { try await conn.exec("SELECT dispatch_policy.complete(\(id), attempt => 1)") }
+            #expect(try await conn.scalar("SELECT in_flight FROM dispatch_policy.inflight_counters", as: Int.self) == 0)
+        }
+    }
+
+    /// Regression (13): with concurrency max 1, lease_seconds 8 and a 20 s
+    /// handler, 3 handlers ran at once (heartbeats at a fixed 30 s; a lost
+    /// lease only logged).
+    @Test("with concurrency 1, two handlers never run at once, even when heartbeats cannot keep the lease", arguments: [false, true])
+    func neverTwoHandlers(heartbeatsWork: Bool) async throws { try await LiveTests.exclusive { try await neverTwoHandlersLive(heartbeatsWork: heartbeatsWork) } }
+
+    func neverTwoHandlersLive(heartbeatsWork: Bool) async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger)
+                .declare(name: "solo", config: try PolicyConfig(leaseSeconds: 2, maxAttempts: 50) { Gate.concurrency(max: 1) }.json())
+            try await conn.exec(#"SELECT dispatch_policy.stage_many('solo', '[{"args": 1}, {"args": 2}]')"#)
+        }
+        let intervals = Intervals()
+        var runnerOptions = TickRunnerOptions()
+        runnerOptions.busyPause = .milliseconds(10)
+        runnerOptions.idlePause = .milliseconds(20)
+        var services: [any Service] = [TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger)]
+        for n in 0..<3 {
+            var options = WorkerOptions()
+            options.name = "w\(n)"
+            options.pollInterval = .milliseconds(20)
+            // Without working heartbeats the lease (2 s) runs out under a 3 s handler.
+            options.heartbeatInterval = heartbeatsWork ? nil : .seconds(60)
+            var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+            worker.register("solo") { job in
+                let index = intervals.start(job)
+                defer { intervals.end(index) }
+                try await Task.sleep(for: .seconds(3))
+            }
+            services.append(worker)
+        }
+        // Retries wait 2^attempt s; skip the wait so a reaped job is admitted again at once.
+        let accelerator = Task {
+            try await TestServer.withConnection(settings) { conn async throws in
+                while !Task.isCancelled {
+                    try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = NULL WHERE not_before IS NOT NULL")
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+            }
+        }
+        // Graceful shutdown: the workers stop claiming and let running handlers end.
+        try await runUntil(services, timeout: 90) {
+            if heartbeatsWork {
+                return try await TestServer.withConnection(settings) { conn async throws in
+                    try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs", as: Int.self) == 2
+                }
+            }
+            return intervals.count >= 3
+        }
+        accelerator.cancel()
+        _ = await accelerator.result
+        #expect(intervals.overlaps == [])
+        try await TestServer.withConnection(settings) { conn async throws in
+            if heartbeatsWork {
+                // Heartbeats kept each lease: each job ran once and completed.
+                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self) == 2)
+            } else {
+                // Every attempt lost its lease; none reported an outcome.
+                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs", as: Int.self) == 0)
+                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.job_failures WHERE error <> 'lease expired'", as: Int.self) == 0)
+            }
+        }
+    }
+
+    /// Regression (14): claim handed out jobs a sql target had already delivered.
+    @Test("jobs handed to a sql target are never claimable")
+    func sqlTargetJobsAreNotClaimable() async throws {
+        try await withTestDatabase { conn, _ in
+            try await conn.exec("CREATE FUNCTION public.deliver(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql AS 'SELECT 1'")
+            let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
+            try await catalog.declare(name: "handed", config: try PolicyConfig(target: .sql(function: "public.deliver")).json())
+            try await catalog.declare(name: "ready", config: "{}")
+            try await conn.exec("SELECT dispatch_policy.stage('handed', '1'), dispatch_policy.stage('ready', '2')")
+            let ticker = Ticker(connection: conn, logger: TestServer.logger)
+            _ = try await ticker.tick(policy: "handed")
+            _ = try await ticker.tick(policy: "ready")
+            let claimed = try await conn.rows("SELECT policy FROM dispatch_policy.claim('default', 'w', 10)", logger: TestServer.logger)
+                .map { try $0.decode(String.self) }
+            #expect(claimed == ["ready"])
+            let id = try await conn.scalar("SELECT id FROM dispatch_policy.admitted_jobs WHERE policy = 'handed'", as: Int64.self)
+            try await conn.exec("SELECT dispatch_policy.started(\(id), attempt => 1)")
+            #expect(try await conn.scalar("SELECT dispatch_policy.complete(\(id), attempt => 1)", as: Bool.self))
+        }
+    }
+
+    /// Regression (15): a Worker claimed every job of its queues and failed
+    /// those of policies it had no handler for.
+    @Test("a Worker claims only jobs of the policies it has handlers for")
+    func workerClaimsOnlyItsPolicies() async throws { try await LiveTests.exclusive { try await workerClaimsOnlyItsPoliciesLive() } }
+
+    func workerClaimsOnlyItsPoliciesLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
+            try await catalog.declare(name: "billing", config: "{}")
+            try await catalog.declare(name: "mine", config: "{}")
+            try await conn.exec("SELECT dispatch_policy.stage('billing', '1'), dispatch_policy.stage('mine', '2')")
+        }
+        var runnerOptions = TickRunnerOptions()
+        runnerOptions.idlePause = .milliseconds(50)
+        var options = WorkerOptions()
+        options.pollInterval = .milliseconds(50)
+        var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+        worker.register("mine") { _ in }
+        let group = ServiceGroup(configuration: .init(services: [
+            TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger), worker,
+        ], logger: TestServer.logger))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            _ = try await waitUntil(20) {
+                try await TestServer.withConnection(settings) { conn async throws in
+                    try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE policy = 'mine'", as: Int.self) == 1
+                }
+            }
+            try await Task.sleep(for: .milliseconds(300))
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        try await TestServer.withConnection(settings) { conn async throws in
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE policy = 'mine'", as: Int.self) == 1)
+            #expect(try await conn.scalar(
+                "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'billing' AND started_at IS NULL AND attempt = 1", as: Int.self) == 1)
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.job_failures", as: Int.self) == 0)
+        }
+    }
+
+    /// Regression (16): claim and heartbeat fell back to a hard-coded 900 s,
+    /// not the lease the runner admitted the job with.
+    @Test("a job keeps the lease it was admitted with: claim and heartbeat renew by it")
+    func leaseHasOneSource() async throws {
+        try await withTestDatabase { conn, _ in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+            try await conn.exec(#"SELECT dispatch_policy.stage_many('p', '[{"args": 1}, {"args": 2}]')"#)
+            _ = try await Ticker(connection: conn, settings: TickSettings(batchSize: 1, leaseSeconds: 3600), logger: TestServer.logger).tick(policy: "p")
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+            let leases = try await conn.rows("SELECT lease_seconds FROM dispatch_policy.admitted_jobs ORDER BY id", logger: TestServer.logger)
+                .map { try $0.decode(Int.self) }
+            #expect(leases == [3600, 900])
+            let (id, lease, seconds) = try #require(try await conn.rows(
+                "SELECT id, lease_seconds, extract(epoch FROM lease_expires_at - now())::float8 FROM dispatch_policy.claim('default', 'w', 1)",
+                logger: TestServer.logger).first).decode((Int64, Int, Double).self)
+            #expect(lease == 3600 && abs(seconds - 3600) < 5)
+            let extended = try await conn.scalar(
+                "SELECT extract(epoch FROM dispatch_policy.heartbeat(\(id), now() + interval '100 seconds', attempt => 1) - now())::float8",
+                as: Double.self)
+            #expect(abs(extended - 3700) < 5)
+        }
+    }
+}

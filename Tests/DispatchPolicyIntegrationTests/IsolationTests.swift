@@ -1,0 +1,177 @@
+import DispatchPolicy
+import Foundation
+import Logging
+import PostgresNIO
+import ServiceLifecycle
+import Synchronization
+import Testing
+
+/// Collects log messages (level and text) for assertions.
+final class LogCapture: Sendable {
+    let entries = Mutex<[(level: Logger.Level, message: String)]>([])
+
+    var logger: Logger {
+        var logger = Logger(label: "capture") { _ in CapturingHandler(capture: self) }
+        logger.logLevel = .info
+        return logger
+    }
+
+    func count(_ level: Logger.Level, containing text: String) -> Int {
+        entries.withLock { $0.filter { $0.level == level && $0.message.contains(text) }.count }
+    }
+
+    struct CapturingHandler: LogHandler {
+        let capture: LogCapture
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .info
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+
+        func log(event: LogEvent) {
+            capture.entries.withLock { $0.append((event.level, "\(event.message)")) }
+        }
+    }
+}
+
+private func runner(_ settings: ConnectionSettings, for duration: Duration, logger: Logger = TestServer.logger) -> TickRunner {
+    var options = TickRunnerOptions()
+    options.runFor = duration
+    options.idlePause = .milliseconds(50)
+    options.busyPause = .milliseconds(10)
+    options.failureBackoff = .milliseconds(200)
+    options.maxFailureBackoff = .seconds(1)
+    return TickRunner(connection: settings, options: options, logger: logger)
+}
+
+/// Runs `service` until `condition` holds (polled every 50 ms, at most
+/// `timeout` seconds), then shuts it down gracefully.
+func runUntil(_ service: some Service, timeout: Int, _ condition: @escaping () async throws -> Bool) async throws {
+    try await runUntil([service], timeout: timeout, condition)
+}
+
+func runUntil(_ services: [any Service], timeout: Int, _ condition: @escaping () async throws -> Bool) async throws {
+    let group = ServiceGroup(configuration: .init(services: services, logger: TestServer.logger))
+    try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
+        let reached = try await waitUntil(timeout, condition)
+        #expect(reached, "the condition did not hold within \(timeout) s")
+        await group.triggerGracefulShutdown()
+        try await tasks.waitForAll()
+    }
+}
+
+@Suite("Isolation: one policy's failure never stops the others")
+struct IsolationTests {
+    /// Regression (1): a `sql` target raising in a_hook left b_mail with 3
+    /// pending through a whole `tick --for`.
+    @Test("a policy whose ticks fail is backed off, logged once, shown in status; the others keep their pace")
+    func failingPolicyIsIsolated() async throws { try await LiveTests.exclusive { try await failingPolicyIsIsolatedLive() } }
+
+    func failingPolicyIsIsolatedLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.exec("CREATE TABLE public.target_down (down boolean)")
+            try await conn.exec("INSERT INTO public.target_down VALUES (true)")
+            try await conn.exec("""
+                CREATE FUNCTION public.hook(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN
+                  IF (SELECT down FROM public.target_down) THEN RAISE EXCEPTION 'target down'; END IF;
+                END $$
+                """)
+            let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
+            try await catalog.declare(name: "a_hook", config: try PolicyConfig(target: .sql(function: "public.hook")).json())
+            try await catalog.declare(name: "b_mail", config: "{}")
+            try await conn.exec(#"SELECT dispatch_policy.stage_many('a_hook', '[{"args": 1}, {"args": 2}]')"#)
+            try await conn.exec(#"SELECT dispatch_policy.stage_many('b_mail', '[{"args": 1}, {"args": 2}, {"args": 3}]')"#)
+        }
+        let capture = LogCapture()
+        try await runUntil(runner(settings, for: .seconds(120), logger: capture.logger), timeout: 60) {
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.scalar("""
+                    SELECT (SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'b_mail') = 3
+                       AND coalesce((SELECT failures FROM dispatch_policy.runner_failures WHERE policy = 'a_hook'), 0) >= 3
+                    """, as: Bool.self)
+            }
+        }
+        try await TestServer.withConnection(settings) { conn async throws in
+            // Backoff 0.2, 0.4, 0.8, then 1 s: at most about one attempt a second,
+            // where a 50 ms idle pause without backoff would give twenty.
+            let (failures, seconds) = try #require(try await conn.rows(
+                "SELECT failures, extract(epoch FROM last_failed_at - first_failed_at)::float8 FROM dispatch_policy.runner_failures",
+                logger: TestServer.logger).first).decode((Int, Double).self)
+            #expect(Double(failures) <= 4 + seconds, "\(failures) failed ticks in \(seconds) s")
+            #expect(try await conn.scalar("SELECT error FROM dispatch_policy.runner_failures", as: String.self).contains("target down"))
+        }
+        #expect(capture.count(.error, containing: "policy tick failed") == 1, "the same error is logged once")
+
+        let status = try await cli(["status"], settings: settings)
+        #expect(status.stdout.contains("a_hook") && status.stdout.contains("failing"))
+        #expect(status.stdout.contains("target down"))
+        try await TestServer.withConnection(settings) { conn async throws in
+            #expect(try await conn.scalar("SELECT tick_failures >= 2 FROM dispatch_policy.policy_overview WHERE policy = 'a_hook'", as: Bool.self))
+            try await conn.exec("UPDATE public.target_down SET down = false")
+        }
+        // Fixed: the next run admits it and clears the failure.
+        let after = try await runner(settings, for: .seconds(1)).runLoop()
+        #expect(after.policies.first { $0.policy == "a_hook" }?.admitted == 2)
+        #expect(!after.hadFailures)
+        try await TestServer.withConnection(settings) { conn async throws in
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.runner_failures", as: Int.self) == 0)
+        }
+        let tickOnce = try await cli(["tick"], settings: settings)
+        #expect(tickOnce.status == 0)
+    }
+
+    /// Regression (1, 3): maintenance failed as a whole pass, so one bad
+    /// row stopped admission for every policy.
+    @Test("maintenance is isolated per policy: reaping one policy can fail without stopping the others")
+    func maintenanceIsIsolated() async throws { try await LiveTests.exclusive { try await maintenanceIsIsolatedLive() } }
+
+    func maintenanceIsIsolatedLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
+            for name in ["a", "b"] {
+                try await catalog.declare(name: name, config: try PolicyConfig(maxAttempts: 5) { Gate.concurrency(max: 1) }.json())
+                try await conn.exec("SELECT dispatch_policy.stage(\(name), '1')")
+                try await conn.exec("SELECT dispatch_policy.stage(\(name), '2')")
+                _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: name)
+            }
+            // Both policies have an admitted job whose lease ran out; reaping a's fails.
+            try await conn.exec("UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 minute'")
+            try await conn.exec("""
+                CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION 'cannot record a failure of a'; END $$
+                """)
+            try await conn.exec("""
+                CREATE TRIGGER refuse BEFORE INSERT ON dispatch_policy.job_failures
+                FOR EACH ROW WHEN (NEW.policy = 'a') EXECUTE FUNCTION public.refuse()
+                """)
+        }
+        let report = try await runner(settings, for: .milliseconds(500)).runLoop()
+        #expect(report.maintenanceFailures >= 1)
+        #expect(report.lastMaintenanceError?.contains("cannot record a failure of a") == true)
+        try await TestServer.withConnection(settings) { conn async throws in
+            // b's expired job was reaped and retried; its slot went to a waiting job.
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.job_failures WHERE policy = 'b'", as: Int.self) == 1)
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'b'", as: Int.self) == 1)
+            // a is stuck on its bad row, and shown as failing.
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.runner_failures WHERE policy = 'a'", as: Int.self) == 1)
+        }
+    }
+
+    /// Regression (17): `tick --policy nope` printed "nothing to admit" and
+    /// exited 0; `run --policy nope` idled forever.
+    @Test("an unknown --policy is an error (42704, exit 1) for tick and run")
+    func unknownPolicy() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        let tick = try await cli(["tick", "--policy", "nope"], settings: settings)
+        #expect(tick.status == 1)
+        #expect(tick.stderr.contains("unknown policy: 'nope'") && tick.stderr.contains("42704"))
+        let run = try await cli(["run", "--policy", "nope"], settings: settings)
+        #expect(run.status == 1)
+        #expect(run.stderr.contains("unknown policy: 'nope'"))
+    }
+}
