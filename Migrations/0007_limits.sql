@@ -89,13 +89,15 @@ RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
 AS $$
   SELECT n IS NOT NULL
+         -- A non-zero number must survive conversion to a double (the runner's type).
+         AND (n = 0 OR abs(n) >= 1e-300)
          AND (n > l.minimum OR (n = l.minimum AND NOT l.minimum_exclusive))
          AND (n < l.maximum OR (n = l.maximum AND NOT l.maximum_exclusive))
          AND (NOT l.integral OR n = trunc(n))
   FROM dispatch_policy.limits() l WHERE l.field = _within_limit.field
 $$;
 COMMENT ON FUNCTION dispatch_policy._within_limit(numeric, text) IS
-  'Internal: whether n is within the bounds limits() gives for field (integral fields: only integers).';
+  'Internal: whether n is within the bounds limits() gives for field (integral fields: only integers; non-zero numbers at least 1e-300 in magnitude, so a double holds them).';
 
 -- The rule an error message states for a field, from its bounds.
 CREATE FUNCTION dispatch_policy._limit_rule(field text)
@@ -134,6 +136,14 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION dispatch_policy._limit_min(field text)
+RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT l.minimum FROM dispatch_policy.limits() l WHERE l.field = _limit_min.field
+$$;
+COMMENT ON FUNCTION dispatch_policy._limit_min(text) IS 'Internal: the minimum limits() gives for field.';
+
 -- Raises the config error unless value is a JSON number within field's bounds.
 CREATE FUNCTION dispatch_policy._require_limit(value jsonb, path text, field text)
 RETURNS numeric
@@ -143,7 +153,11 @@ DECLARE
   n numeric := dispatch_policy._json_number(value);
 BEGIN
   IF NOT coalesce(dispatch_policy._within_limit(n, field), false) THEN
-    PERFORM dispatch_policy._config_error(path, dispatch_policy._limit_rule(field), value);
+    PERFORM dispatch_policy._config_error(path,
+      dispatch_policy._limit_rule(field)
+        || CASE WHEN n <> 0 AND abs(n) < 1e-300 AND dispatch_policy._limit_min(field) <= 0
+                THEN ', and 0 or at least 1e-300 in magnitude' ELSE '' END,
+      value);
   END IF;
   RETURN n;
 END
@@ -528,13 +542,18 @@ BEGIN
     INTO ids
     FROM prepared p LEFT JOIN staged s ON s.id = p.id;
   EXCEPTION
-    WHEN invalid_datetime_format OR datetime_field_overflow THEN
-      -- Only on this error path: find the element whose not_before does not parse.
+    -- A not_before that does not parse ('someday', '+99:00', an unknown time
+    -- zone) or is infinite. Only on this error path: find the element.
+    WHEN invalid_datetime_format OR datetime_field_overflow OR invalid_time_zone_displacement_value
+         OR invalid_parameter_value THEN
       SELECT t.n - 1 AS idx, t.job -> 'not_before' AS value INTO bad
       FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
       WHERE CASE WHEN dispatch_policy._is_timestamptz(t.job ->> 'not_before')
                  THEN NOT isfinite((t.job ->> 'not_before')::timestamptz) ELSE true END
       ORDER BY t.n LIMIT 1;
+      IF NOT FOUND THEN
+        RAISE;
+      END IF;
       RAISE EXCEPTION '% must be a finite timestamp', format(field_prefix, bad.idx) || 'not_before'
         USING ERRCODE = '22023',
               DETAIL = format('%snot_before is %s.', format(field_prefix, bad.idx), left(bad.value::text, 200)),
@@ -545,6 +564,20 @@ BEGIN
     PERFORM pg_notify('dispatch_policy_staged', _stage.policy);
   END IF;
   RETURN ids;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dispatch_policy._is_timestamptz(value text)
+RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+BEGIN
+  PERFORM value::timestamptz;
+  RETURN true;
+EXCEPTION
+  WHEN invalid_datetime_format OR datetime_field_overflow OR invalid_text_representation
+       OR invalid_time_zone_displacement_value OR invalid_parameter_value THEN
+    RETURN false;
 END
 $$;
 
@@ -582,6 +615,9 @@ RETURNS TABLE (gate text, partition text, tokens double precision)
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 BEGIN
+  IF refill_buckets.now IS NULL OR NOT isfinite(refill_buckets.now) THEN
+    RAISE EXCEPTION 'now must be a finite time' USING ERRCODE = '22023';
+  END IF;
   INSERT INTO dispatch_policy.throttle_buckets AS t (policy, gate, partition, tokens, rate, per_seconds, burst, refilled_at)
   SELECT refill_buckets.policy, b ->> 'gate', b ->> 'partition', (b ->> 'burst')::float8,
          (b ->> 'rate')::float8, (b ->> 'per')::float8, (b ->> 'burst')::float8, refill_buckets.now

@@ -23,6 +23,54 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._policy_setting(jsonb, text) IS
   'Internal: an integer policy setting (lease_seconds, max_attempts, batch_size, round_robin_quantum) from the config, else its limits() default.';
 
+-- A bound as a constant: IMMUTABLE, so a CHECK constraint or a query folds
+-- it once instead of looking it up per row.
+CREATE FUNCTION dispatch_policy._limit_max(field text)
+RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT l.maximum FROM dispatch_policy.limits() l WHERE l.field = _limit_max.field
+$$;
+COMMENT ON FUNCTION dispatch_policy._limit_max(text) IS
+  'Internal: the maximum limits() gives for field.';
+
+-- Every function that takes `now` from its caller checks it: an infinite
+-- time stored once (an observation, a staged_at) would break every later
+-- tick or view.
+CREATE FUNCTION dispatch_policy._require_now(now timestamptz)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+BEGIN
+  IF now IS NULL OR NOT isfinite(now) THEN
+    RAISE EXCEPTION 'now must be a finite time'
+      USING ERRCODE = '22023', DETAIL = format('now is %s.', coalesce(now::text, 'NULL')),
+            HINT = 'Leave it out: it defaults to now(). Nothing was changed.';
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._require_now(timestamptz) IS
+  'Internal: raises 22023 unless the now a caller passed is a finite time.';
+
+-- The single-writer lock of a policy's tick: a 64-bit key, so two policies
+-- practically never share one (hashtext's 32 bits collide among a few
+-- thousand names).
+CREATE FUNCTION dispatch_policy._tick_lock_key(policy text)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT hashtextextended('dispatch_policy.tick.' || policy, 0)
+$$;
+COMMENT ON FUNCTION dispatch_policy._tick_lock_key(text) IS
+  'Internal: the advisory-lock key of a policy''s tick (try_lock_policy, and redeclare waiting for a running tick).';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.try_lock_policy(policy text)
+RETURNS boolean
+LANGUAGE sql VOLATILE STRICT SECURITY INVOKER
+AS $$
+  SELECT pg_try_advisory_xact_lock(dispatch_policy._tick_lock_key(try_lock_policy.policy))
+$$;
+
 -- The gates whose partitions hold a slot until the job finishes.
 CREATE FUNCTION dispatch_policy._slot_gates(config jsonb)
 RETURNS text[]
@@ -232,6 +280,7 @@ AS $$
 DECLARE
   job dispatch_policy.admitted_jobs;
 BEGIN
+  PERFORM dispatch_policy._require_now(complete.now);
   DELETE FROM dispatch_policy.admitted_jobs a
   WHERE a.id = complete.id AND (complete.attempt IS NULL OR a.attempt = complete.attempt)
   RETURNING a.* INTO job;
@@ -269,6 +318,7 @@ AS $$
 DECLARE
   job dispatch_policy.admitted_jobs;
 BEGIN
+  PERFORM dispatch_policy._require_now(fail.now);
   IF retry_in IS NOT NULL AND NOT dispatch_policy._within_limit(extract(epoch FROM retry_in), 'fail.retry_in') THEN
     RAISE EXCEPTION 'retry_in %', dispatch_policy._limit_rule('fail.retry_in')
       USING ERRCODE = '22023', DETAIL = format('retry_in is %s seconds.', trim_scale(extract(epoch FROM retry_in))),
@@ -293,6 +343,7 @@ AS $$
 DECLARE
   jobs dispatch_policy.admitted_jobs[];
 BEGIN
+  PERFORM dispatch_policy._require_now(reap_leases.now);
   -- Jobs a worker is finishing right now are locked: skip them.
   WITH expired AS (
     SELECT a.id FROM dispatch_policy.admitted_jobs a
@@ -316,11 +367,12 @@ COMMENT ON FUNCTION dispatch_policy.reap_leases(text, timestamptz, integer) IS
   'Treats admitted jobs whose lease expired (the worker died) as failed attempts: releases their slots in one sorted statement and re-stages them (or buries them after max_attempts). Skips jobs being finished concurrently. NULL policy: every policy. Returns how many.';
 
 -- claim's arguments within limits(), or 22023 naming the argument.
-CREATE FUNCTION dispatch_policy._require_claim_arguments(max integer, worker text)
+CREATE FUNCTION dispatch_policy._require_claim_arguments(max integer, worker text, now timestamptz)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
 AS $$
 BEGIN
+  PERFORM dispatch_policy._require_now(now);
   IF NOT coalesce(dispatch_policy._within_limit(max, 'claim.max'), false) THEN
     RAISE EXCEPTION 'max %', dispatch_policy._limit_rule('claim.max')
       USING ERRCODE = '22023', DETAIL = format('max is %s.', coalesce(max::text, 'NULL')), HINT = 'Nothing was claimed.';
@@ -331,8 +383,8 @@ BEGIN
   END IF;
 END
 $$;
-COMMENT ON FUNCTION dispatch_policy._require_claim_arguments(integer, text) IS
-  'Internal: raises 22023 naming max or worker when claim() is called outside the limits() bounds.';
+COMMENT ON FUNCTION dispatch_policy._require_claim_arguments(integer, text, timestamptz) IS
+  'Internal: raises 22023 naming max, worker or now when claim() is called outside the limits() bounds.';
 
 DROP FUNCTION dispatch_policy.claim(text, text, integer, timestamptz);
 CREATE FUNCTION dispatch_policy.claim(
@@ -342,7 +394,7 @@ RETURNS TABLE (id bigint, policy text, queue text, args jsonb, context jsonb, at
                lease_expires_at timestamptz, lease_seconds integer)
 LANGUAGE sql VOLATILE SECURITY INVOKER
 AS $$
-  SELECT dispatch_policy._require_claim_arguments(claim.max, claim.worker);
+  SELECT dispatch_policy._require_claim_arguments(claim.max, claim.worker, claim.now);
   UPDATE dispatch_policy.admitted_jobs a
   SET started_at = claim.now, worker = claim.worker, heartbeat_at = claim.now,
       lease_expires_at = claim.now + make_interval(secs => a.lease_seconds)
@@ -365,6 +417,7 @@ AS $$
 DECLARE
   expires timestamptz;
 BEGIN
+  PERFORM dispatch_policy._require_now(heartbeat.now);
   UPDATE dispatch_policy.admitted_jobs a
   SET heartbeat_at = heartbeat.now, lease_expires_at = heartbeat.now + make_interval(secs => a.lease_seconds)
   WHERE a.id = heartbeat.id AND (heartbeat.attempt IS NULL OR a.attempt = heartbeat.attempt)
@@ -390,6 +443,7 @@ AS $$
 DECLARE
   current_attempt integer;
 BEGIN
+  PERFORM dispatch_policy._require_now(started.now);
   UPDATE dispatch_policy.admitted_jobs a
   SET started_at = coalesce(a.started_at, started.now), heartbeat_at = started.now,
       lease_expires_at = greatest(a.lease_expires_at, started.now + make_interval(secs => a.lease_seconds))
@@ -421,7 +475,7 @@ BEGIN
   END IF;
   slot_gates := dispatch_policy._slot_gates(config);
   -- Wait for a running tick of the policy; later ticks see the new config.
-  PERFORM pg_advisory_xact_lock(hashtext('dispatch_policy.tick.' || _rebuild_gate_state.policy));
+  PERFORM pg_advisory_xact_lock(dispatch_policy._tick_lock_key(_rebuild_gate_state.policy));
 
   PERFORM 1 FROM dispatch_policy.admitted_jobs a WHERE a.policy = _rebuild_gate_state.policy ORDER BY a.id FOR UPDATE;
   UPDATE dispatch_policy.admitted_jobs a SET partitions = n.partitions
@@ -542,6 +596,7 @@ RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 BEGIN
+  PERFORM dispatch_policy._require_now(save_adaptive.now);
   INSERT INTO dispatch_policy.adaptive_stats AS a
     (policy, gate, partition, current_max, ewma_lag_ms, observations, failures, last_observed_at, updated_at,
      growth_credit, since_decrease)
@@ -574,6 +629,32 @@ COMMENT ON FUNCTION dispatch_policy.save_adaptive(text, jsonb, timestamptz) IS
 -- ---------------------------------------------------------------------------
 -- Round-robin: lanes, and a cursor that moves past what was served.
 
+-- The first round-robin key with eligible jobs after `after` (the first of
+-- all when NULL), by one index probe: ORDER BY ... LIMIT 1, not min(), which
+-- without statistics (right after a large stage_many) is planned as a scan
+-- of every later row.
+CREATE FUNCTION dispatch_policy._round_robin_key_after(policy text, after text)
+RETURNS text
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  key text;
+BEGIN
+  IF after IS NULL THEN
+    SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
+    WHERE s.policy = _round_robin_key_after.policy AND s.not_before IS NULL AND s.round_robin_key IS NOT NULL
+    ORDER BY s.round_robin_key LIMIT 1;
+  ELSE
+    SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
+    WHERE s.policy = _round_robin_key_after.policy AND s.not_before IS NULL AND s.round_robin_key > after
+    ORDER BY s.round_robin_key LIMIT 1;
+  END IF;
+  RETURN key;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._round_robin_key_after(text, text) IS
+  'Internal: the first round-robin key with eligible jobs after the given one (the first of all for NULL), by one index probe.';
+
 -- The next n lanes after the cursor: keys in ascending order, then the lane
 -- of jobs without a key (a NULL element), then round again to the cursor.
 DROP FUNCTION dispatch_policy._next_round_robin_keys(text, text, integer);
@@ -584,49 +665,29 @@ AS $$
 DECLARE
   keys text[] := '{}';
   key text := after;
+  wrapped boolean := false;
 BEGIN
-  -- Keys after the cursor (all keys when there is none).
   WHILE cardinality(keys) < n LOOP
+    key := dispatch_policy._round_robin_key_after(_next_round_robin_keys.policy, key);
+    -- Round again, and back at the cursor: done.
+    EXIT WHEN wrapped AND (key IS NULL OR key > after);
     IF key IS NULL THEN
-      SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
-      WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key IS NOT NULL
-      ORDER BY s.round_robin_key LIMIT 1;
-    ELSE
-      SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
-      WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key > key
-      ORDER BY s.round_robin_key LIMIT 1;
+      -- Past the last key: the keyless lane, then from the first key again.
+      IF EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
+                 WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL) THEN
+        keys := keys || NULL::text;
+      END IF;
+      EXIT WHEN after IS NULL;
+      wrapped := true;
+      CONTINUE;
     END IF;
-    EXIT WHEN key IS NULL;
     keys := keys || key;
   END LOOP;
-  -- The keyless lane.
-  IF cardinality(keys) < n AND EXISTS (
-       SELECT 1 FROM dispatch_policy.staged_jobs s
-       WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL) THEN
-    keys := keys || NULL::text;
-  END IF;
-  -- Round again, up to and including the cursor.
-  IF after IS NOT NULL THEN
-    key := NULL;
-    WHILE cardinality(keys) < n LOOP
-      IF key IS NULL THEN
-        SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
-        WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key IS NOT NULL
-        ORDER BY s.round_robin_key LIMIT 1;
-      ELSE
-        SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
-        WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key > key
-        ORDER BY s.round_robin_key LIMIT 1;
-      END IF;
-      EXIT WHEN key IS NULL OR key > after;
-      keys := keys || key;
-    END LOOP;
-  END IF;
   RETURN keys;
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._next_round_robin_keys(text, text, integer) IS
-  'Internal: up to n lanes with eligible jobs in rotation order after the given key: keys ascending, then NULL for the lane of jobs without a round-robin key, then from the first key again up to the given one. One index probe per lane (ORDER BY ... LIMIT 1, not min(): without statistics, as right after a large stage_many, min() is planned as a scan of every later row).';
+  'Internal: up to n lanes with eligible jobs in rotation order after the given key: keys ascending, then NULL for the lane of jobs without a round-robin key, then from the first key again up to the given one. One index probe per lane.';
 
 DROP FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz);
 CREATE FUNCTION dispatch_policy.fetch_batch(
@@ -668,10 +729,15 @@ BEGIN
     SELECT j.id, j.priority, j.round_robin_key, j.context, k.n::integer AS lane
     FROM unnest(keys) WITH ORDINALITY AS k(key, n)
     CROSS JOIN LATERAL (
-      -- Ordered as staged_jobs_round_robin_idx is, so that index is the plan
-      -- even before statistics exist (right after a large stage_many).
+      -- The key as a range, not =, and ordered as staged_jobs_round_robin_idx
+      -- is: with =, the key is constant and (priority, id) order looks as
+      -- good, so without statistics (right after a large stage_many, or for
+      -- a new policy) the planner may walk staged_jobs_ready_idx through the
+      -- whole policy for every lane. A range keeps the key in the order, and
+      -- only this index gives it without sorting.
       SELECT s.id, s.priority, s.round_robin_key, s.context FROM dispatch_policy.staged_jobs s
-      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key = k.key
+      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
+        AND s.round_robin_key >= k.key AND s.round_robin_key <= k.key
       ORDER BY s.round_robin_key, s.priority, s.id
       LIMIT quantum
       FOR UPDATE SKIP LOCKED) j
@@ -728,6 +794,7 @@ DECLARE
   keys text[];
   cursor_key text;
 BEGIN
+  PERFORM dispatch_policy._require_now(admit.now);
   config := (dispatch_policy._require_policy(admit.policy)).config;
   lease := coalesce(admit.lease_seconds, dispatch_policy._policy_setting(config, 'lease_seconds'));
   IF NOT dispatch_policy._within_limit(lease, 'lease_seconds') THEN
@@ -902,6 +969,7 @@ AS $$
 DECLARE
   n bigint;
 BEGIN
+  PERFORM dispatch_policy._require_now(prune.now);
   IF retention IS NULL OR NOT dispatch_policy._within_limit(extract(epoch FROM retention), 'prune.retention') THEN
     RAISE EXCEPTION 'retention %', dispatch_policy._limit_rule('prune.retention')
       USING ERRCODE = '22023',
@@ -975,6 +1043,67 @@ END
 $$;
 COMMENT ON FUNCTION dispatch_policy.prune(interval, interval, timestamptz) IS
   'Maintenance: deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), and completed jobs, failures of non-dead jobs and per-minute aggregates older than retention (0 to 100 years, else 22023). Gate rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';
+
+-- ---------------------------------------------------------------------------
+-- Stored rows within bounds, also when written directly: a row no function
+-- would write (a context that is not an object, a 20 kB queue name, an
+-- infinite time) would otherwise fail every tick of its policy, or a view.
+
+-- Jobs already staged that could never be admitted are kept as dead, with
+-- the reason, instead of blocking their policy.
+WITH bad AS (
+  SELECT s.*, CASE
+      WHEN jsonb_typeof(s.context) IS DISTINCT FROM 'object' THEN 'its context is not a JSON object'
+      WHEN octet_length(s.queue) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.queue') THEN 'its queue name is empty or too long'
+      WHEN octet_length(s.dedupe_key) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.dedupe_key') THEN 'its dedupe key is empty or too long'
+      WHEN octet_length(s.round_robin_key) > dispatch_policy._limit_max('job.round_robin_key') THEN 'its round-robin key is too long'
+      WHEN NOT isfinite(s.staged_at) OR NOT isfinite(s.created_at) OR NOT coalesce(isfinite(s.not_before), true)
+        THEN 'a time of it is infinite'
+      WHEN s.attempt < 1 THEN 'its attempt is below 1'
+    END AS reason
+  FROM dispatch_policy.staged_jobs s
+), buried AS (
+  DELETE FROM dispatch_policy.staged_jobs s USING bad b WHERE s.id = b.id AND b.reason IS NOT NULL
+  RETURNING b.*
+), kept AS (
+  INSERT INTO dispatch_policy.finished_jobs
+    (id, policy, queue, priority, args, context, dedupe_key, attempts, status, last_error, created_at, finished_at)
+  SELECT b.id, b.policy, b.queue, b.priority, b.args, b.context, b.dedupe_key, greatest(b.attempt, 1), 'dead',
+         'could not be admitted: ' || b.reason, CASE WHEN isfinite(b.created_at) THEN b.created_at ELSE now() END, now()
+  FROM buried b
+  ON CONFLICT DO NOTHING
+)
+DELETE FROM dispatch_policy.dedupe_keys d USING buried b
+WHERE d.policy = b.policy AND d.dedupe_key = b.dedupe_key AND d.job_id = b.id;
+DELETE FROM dispatch_policy.observations o WHERE NOT isfinite(o.observed_at) OR NOT (o.lag_ms >= 0 AND o.lag_ms < 'Infinity');
+UPDATE dispatch_policy.throttle_buckets SET refilled_at = now() WHERE NOT isfinite(refilled_at);
+UPDATE dispatch_policy.adaptive_stats SET ewma_lag_ms = NULL WHERE NOT (ewma_lag_ms >= 0 AND ewma_lag_ms < 'Infinity');
+UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() WHERE NOT isfinite(lease_expires_at);
+UPDATE dispatch_policy.admitted_jobs SET admitted_at = now() WHERE NOT isfinite(admitted_at);
+UPDATE dispatch_policy.admitted_jobs SET started_at = now() WHERE NOT isfinite(started_at);
+UPDATE dispatch_policy.admitted_jobs SET heartbeat_at = now() WHERE NOT isfinite(heartbeat_at);
+
+ALTER TABLE dispatch_policy.staged_jobs
+  ADD CONSTRAINT staged_jobs_context_check CHECK (jsonb_typeof(context) = 'object'),
+  ADD CONSTRAINT staged_jobs_queue_check CHECK (octet_length(queue) BETWEEN 1 AND dispatch_policy._limit_max('job.queue')),
+  ADD CONSTRAINT staged_jobs_dedupe_key_check
+    CHECK (octet_length(dedupe_key) BETWEEN 1 AND dispatch_policy._limit_max('job.dedupe_key')),
+  ADD CONSTRAINT staged_jobs_round_robin_key_check
+    CHECK (octet_length(round_robin_key) <= dispatch_policy._limit_max('job.round_robin_key')),
+  ADD CONSTRAINT staged_jobs_times_check
+    CHECK (isfinite(staged_at) AND isfinite(created_at) AND (not_before IS NULL OR isfinite(not_before))),
+  ADD CONSTRAINT staged_jobs_attempt_check CHECK (attempt >= 1);
+ALTER TABLE dispatch_policy.admitted_jobs
+  ADD CONSTRAINT admitted_jobs_context_check CHECK (jsonb_typeof(context) = 'object'),
+  ADD CONSTRAINT admitted_jobs_times_check
+    CHECK (isfinite(admitted_at) AND isfinite(lease_expires_at) AND (started_at IS NULL OR isfinite(started_at))
+           AND (heartbeat_at IS NULL OR isfinite(heartbeat_at)));
+ALTER TABLE dispatch_policy.throttle_buckets
+  ADD CONSTRAINT throttle_buckets_refilled_at_check CHECK (isfinite(refilled_at));
+ALTER TABLE dispatch_policy.observations
+  ADD CONSTRAINT observations_check CHECK (isfinite(observed_at) AND lag_ms >= 0 AND lag_ms < 'Infinity');
+ALTER TABLE dispatch_policy.adaptive_stats
+  ADD CONSTRAINT adaptive_stats_ewma_check CHECK (ewma_lag_ms >= 0 AND ewma_lag_ms < 'Infinity');
 
 -- ---------------------------------------------------------------------------
 -- Views.

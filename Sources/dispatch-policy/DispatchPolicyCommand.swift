@@ -239,7 +239,7 @@ struct Stage: AsyncParsableCommand {
     func run() async throws {
         try await connection.withConnection { conn, logger in
             for (flag, value) in [("--args", args), ("--context", context)] {
-                guard (try? JSONSerialization.jsonObject(with: Data(value.utf8), options: [.fragmentsAllowed])) != nil else {
+                guard ContextStrings.isOneJSONValue(value) else {
                     throw DispatchPolicyError(code: .invalidArgument, message: "\(flag) is not valid JSON: \(value)")
                 }
             }
@@ -314,7 +314,8 @@ struct Status: AsyncParsableCommand {
             for try await (policy, pending, scheduled, inFlight, completed, failed, dead, oldest, paused, failures, error, retry) in try await conn.query(
                 """
                 SELECT policy, pending, scheduled, in_flight, completed_24h, failed_24h, dead,
-                       coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused,
+                       coalesce(nullif(extract(day FROM oldest_pending_age)::int, 0)::text || 'd ', '')
+                         || coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused,
                        tick_failures, last_error, to_char(retry_at, 'YYYY-MM-DD HH24:MI:SS TZ')
                 FROM dispatch_policy.policy_overview ORDER BY policy
                 """, logger: logger
@@ -358,6 +359,7 @@ enum CLILimits {
     static let runFor: ClosedRange<Duration> = .milliseconds(1) ... .seconds(365 * 86_400)
     static let delay: ClosedRange<Duration> = .zero ... .seconds(3650 * 86_400)
     static let demo: ClosedRange<Duration> = .seconds(1) ... .seconds(86_400)
+    static let tickTimeout: ClosedRange<Duration> = .seconds(1) ... .seconds(3600)
 }
 
 /// Options of the admission loop shared by `tick` and `run`.
@@ -383,6 +385,9 @@ struct RunnerOptions: ParsableArguments {
     @Option(help: "Delete completed jobs, failures and per-minute aggregates older than this (0 to 100 years).")
     var retention: String = "7d"
 
+    @Option(name: .customLong("tick-timeout"), help: "Longest one tick may take (a slow sql target): longer fails that policy's tick (1s to 1h).")
+    var tickTimeout: String = "60s"
+
     func validate() throws {
         do { _ = try makeOptions() } catch let error as DispatchPolicyError { throw ValidationError(error.message) }
     }
@@ -401,6 +406,7 @@ struct RunnerOptions: ParsableArguments {
         options.retentionSeconds = Int(try DurationParser.parse(retention, flag: "--retention", within: CLILimits.retention).components.seconds)
         let leaseSeconds = try lease.map { Int(try DurationParser.parse($0, flag: "--lease", within: CLILimits.lease).components.seconds) }
         options.tick = TickSettings(batchSize: batchSize, roundRobinQuantum: quantum, leaseSeconds: leaseSeconds)
+        options.tick.timeout = try DurationParser.parse(tickTimeout, flag: "--tick-timeout", within: CLILimits.tickTimeout)
         return options
     }
 }

@@ -230,13 +230,10 @@ struct BoundsTests {
             let long = String(repeating: "x", count: 3800) + "\u{E9}"
             try await conn.exec("SELECT dispatch_policy.stage('p', '1', jsonb_build_object('acct', \(long)::text))")
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '2', '{"acct": "short"}')"#)
-            // A queue name from before the limit existed (written directly).
-            try await conn.exec("""
-                INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context)
-                VALUES (nextval('dispatch_policy.job_ids'), 'p', repeat('q', 9000), '3', '{"acct": "old"}')
-                """)
+            // (A queue name from before the limit existed is kept as dead by
+            // migration 0008, and a constraint refuses new ones: MigrationTests.)
             let result = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
-            #expect(result.admitted == 3)
+            #expect(result.admitted == 2)
             let fitted = PartitionKey.fit(long)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.inflight_counters WHERE partition = \(fitted)", as: Int.self) == 1)
             // Swift (which admitted) and SQL (which the views and redeclare use) agree on the key.

@@ -95,6 +95,76 @@ struct GateStateTests {
         try await TestServer.withConnection(settings) { conn async throws in try await expectCountersConsistent(conn) }
     }
 
+    /// Found by hostile testing: a tick that reaped an expired job inside
+    /// its admission transaction held that job's counters while read_counters
+    /// waited for the batch's, out of order against a complete(): 40P01.
+    /// Made deterministic here with a third session holding one counter.
+    @Test("a tick that reaps never deadlocks with a concurrent complete()")
+    func tickReapingAndComplete() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        let (j2, _) = try await TestServer.withConnection(settings) { conn async throws -> (Int64, Int64) in
+            try await declare(conn, "p", PolicyConfig(leaseSeconds: 60) {
+                Gate.concurrency(max: 10, partitionBy: "{k}")
+                Gate.globalCap(max: 10)
+            })
+            let j1 = try await conn.scalar(#"SELECT dispatch_policy.stage('p', '1', '{"k": "b"}')"#, as: Int64.self)
+            let j2 = try await conn.scalar(#"SELECT dispatch_policy.stage('p', '2', '{"k": "a"}')"#, as: Int64.self)
+            #expect(try await tick(conn, "p").admitted == 2)
+            _ = try await conn.rows("SELECT * FROM dispatch_policy.claim('default', 'w', 2)", logger: TestServer.logger)
+            // j1's lease ran out; a new job of partition a waits.
+            try await conn.exec("UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = \(j1)")
+            try await conn.exec(#"SELECT dispatch_policy.stage('p', '3', '{"k": "a"}')"#)
+            return (j2, j1)
+        }
+        try await TestServer.withConnection(settings) { holder async throws in
+            // Hold counter concurrency/a, so the worker and the tick queue behind it.
+            try await holder.exec("BEGIN")
+            try await holder.exec("SELECT 1 FROM dispatch_policy.inflight_counters WHERE gate = 'concurrency' AND partition = 'a' FOR UPDATE")
+            try await withThrowingTaskGroup(of: String?.self) { group in
+                group.addTask {
+                    try await TestServer.withConnection(settings) { worker async throws in
+                        do {
+                            _ = try await worker.rows("SELECT dispatch_policy.complete(\(j2), attempt => 1)", logger: TestServer.logger)
+                            return nil
+                        } catch let error as DispatchPolicyError { return "complete: \(error)" }
+                    }
+                }
+                try await Task.sleep(for: .milliseconds(300))
+                group.addTask {
+                    try await TestServer.withConnection(settings) { runner async throws in
+                        do {
+                            _ = try await tick(runner, "p")
+                            return nil
+                        } catch let error as DispatchPolicyError { return "tick: \(error)" }
+                    }
+                }
+                try await Task.sleep(for: .milliseconds(500))
+                try await holder.exec("COMMIT")
+                var errors: [String] = []
+                for try await error in group { if let error { errors.append(error) } }
+                #expect(errors == [])
+            }
+        }
+        try await TestServer.withConnection(settings) { conn async throws in try await expectCountersConsistent(conn) }
+    }
+
+    /// Found by hostile testing: hashtext's 32 bits made p250493 and p272813
+    /// share one tick lock.
+    @Test("tick locks of different policies are independent (64-bit keys)")
+    func tickLocksDoNotCollide() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { first async throws in
+            try await TestServer.withConnection(settings) { second async throws in
+                #expect(try await first.scalar("SELECT hashtext('dispatch_policy.tick.p250493') = hashtext('dispatch_policy.tick.p272813')", as: Bool.self))
+                try await first.exec("BEGIN")
+                #expect(try await first.scalar("SELECT dispatch_policy.try_lock_policy('p250493')", as: Bool.self))
+                #expect(try await second.scalar("SELECT dispatch_policy.try_lock_policy('p272813')", as: Bool.self))
+                #expect(try await second.scalar("SELECT dispatch_policy.try_lock_policy('p250493')", as: Bool.self) == false)
+                try await first.exec("COMMIT")
+            }
+        }
+    }
+
     /// Regression (7): a cosmetic template change left 4 in flight under max 2.
     @Test("redeclaring a policy keeps in-flight jobs counted under the new gates", arguments: [
         // (new template, new gate name)

@@ -91,6 +91,10 @@ let hostileCases: [HostileCase] = [
           sqlState: "22023", message: "gates[0].max"),
     .init(name: "declare: direct UPDATE of a config", sql: #"UPDATE dispatch_policy.policies SET config = '{"lease_seconds": 0}'"#,
           sqlState: "22023", message: "lease_seconds"),
+    .init(name: "declare: rate 1e-400, which no double holds", sql: #"SELECT dispatch_policy.declare_policy('q', '{"gates": [{"type": "throttle", "rate": 1e-400, "per": 1}]}')"#,
+          sqlState: "22023", message: "0 or at least 1e-300 in magnitude"),
+    .init(name: "declare: ewma_alpha 1e-400", sql: #"SELECT dispatch_policy.declare_policy('q', '{"gates": [{"type": "adaptive_concurrency", "target_lag_ms": 5, "ewma_alpha": 1e-400}]}')"#,
+          sqlState: "22023", message: "gates[0].ewma_alpha"),
     // stage / stage_many
     .init(name: "stage: unknown policy", sql: "SELECT dispatch_policy.stage('nope', '{}')", sqlState: "42704", message: "unknown policy"),
     .init(name: "stage: NULL args", sql: "SELECT dispatch_policy.stage('p', NULL)", sqlState: "22004", message: "args must not be null"),
@@ -112,6 +116,18 @@ let hostileCases: [HostileCase] = [
           sqlState: "22023", message: "jobs[0].priority"),
     .init(name: "stage_many: not_before not a time", sql: #"SELECT dispatch_policy.stage_many('p', '[{"args": 1}, {"args": 2, "not_before": "someday"}]')"#,
           sqlState: "22023", message: "jobs[1].not_before"),
+    .init(name: "stage_many: time zone displacement out of range", sql: #"SELECT dispatch_policy.stage_many('p', '[{"args": 1, "not_before": "2020-01-01 +99:00"}]')"#,
+          sqlState: "22023", message: "jobs[0].not_before must be a finite timestamp"),
+    .init(name: "stage_many: unknown time zone", sql: #"SELECT dispatch_policy.stage_many('p', '[{"args": 1, "not_before": "2020-01-01 America/Nowhere"}]')"#,
+          sqlState: "22023", message: "jobs[0].not_before must be a finite timestamp"),
+    .init(name: "direct insert: context not an object", sql: "INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context) VALUES (900, 'p', 'default', '1', '[1, 2]')",
+          sqlState: "23514", message: "staged_jobs_context_check"),
+    .init(name: "direct insert: 20 kB queue", sql: "INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context) VALUES (900, 'p', repeat('q', 20000), '1', '{}')",
+          sqlState: "23514", message: "staged_jobs_queue_check"),
+    .init(name: "direct insert: infinite staged_at", sql: "INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context, staged_at) VALUES (900, 'p', 'q', '1', '{}', '-infinity')",
+          sqlState: "23514", message: "staged_jobs_times_check"),
+    .init(name: "direct insert: a bucket refilled at -infinity", sql: "INSERT INTO dispatch_policy.throttle_buckets VALUES ('p', 'throttle', 'v', 1, 1, 1, 1, '-infinity')",
+          sqlState: "23514", message: "throttle_buckets_refilled_at_check"),
     .init(name: "stage_many: unknown field", sql: #"SELECT dispatch_policy.stage_many('p', '[{"args": 1, "delay": 5}]')"#,
           sqlState: "22023", message: "jobs[0].delay is not a known field"),
     .init(name: "stage: SQL in a dedupe key is data", sql: "SELECT dispatch_policy.stage('p', '{}', dedupe_key => ''');DROP TABLE dispatch_policy.policies;--')", sqlState: nil),
@@ -129,6 +145,12 @@ let hostileCases: [HostileCase] = [
     .init(name: "claim: max 0", sql: "SELECT * FROM dispatch_policy.claim('default', 'w', 0)", sqlState: "22023", message: "max must be an integer from 1 to 10000"),
     .init(name: "claim: max 100000", sql: "SELECT * FROM dispatch_policy.claim('default', 'w', 100000)", sqlState: "22023", message: "max must be"),
     .init(name: "claim: 10 kB worker name", sql: "SELECT * FROM dispatch_policy.claim('default', \(big), 1)", sqlState: "22023", message: "worker must be at most 256 bytes"),
+    .init(name: "complete: now infinity", sql: "SELECT dispatch_policy.complete(1, now => 'infinity', attempt => 1)", sqlState: "22023", message: "now must be a finite time"),
+    .init(name: "fail: now -infinity", sql: "SELECT dispatch_policy.fail(1, 'x', now => '-infinity')", sqlState: "22023", message: "now must be a finite time"),
+    .init(name: "heartbeat: now infinity", sql: "SELECT dispatch_policy.heartbeat(1, now => 'infinity')", sqlState: "22023", message: "now must be a finite time"),
+    .init(name: "started: now -infinity", sql: "SELECT dispatch_policy.started(1, now => '-infinity')", sqlState: "22023", message: "now must be a finite time"),
+    .init(name: "claim: now infinity", sql: "SELECT * FROM dispatch_policy.claim('default', 'w', 1, now => 'infinity')", sqlState: "22023", message: "now must be a finite time"),
+    .init(name: "reap_leases: now infinity", sql: "SELECT dispatch_policy.reap_leases(NULL, 'infinity')", sqlState: "22023", message: "now must be a finite time"),
     .init(name: "prune: retention of a million years", sql: "SELECT * FROM dispatch_policy.prune('1000000 years')", sqlState: "22023", message: "retention must be"),
     .init(name: "prune: negative idle", sql: "SELECT * FROM dispatch_policy.prune('1 day', '-1 hour')", sqlState: "22023", message: "idle must be"),
     .init(name: "pause: unknown policy", sql: "SELECT dispatch_policy.pause('nope')", sqlState: "42704"),
@@ -167,6 +189,8 @@ let hostileCommands: [HostileCommand] = [
     .init(arguments: ["policy", "apply", "/nonexistent/file.json"], status: 1, stderr: "cannot read /nonexistent/file.json"),
     .init(arguments: ["demo", "--duration", "0s"], status: 64, stderr: "--duration must be a duration from 1s to 1d"),
     .init(arguments: ["tick", "--policy", "nope"], status: 1, stderr: "unknown policy: 'nope'"),
+    .init(arguments: ["tick", "--tick-timeout", "0s"], status: 64, stderr: "--tick-timeout must be a duration from 1s to 1h"),
+    .init(arguments: ["status", "--database-url", "postgres://u@localhost:9223372036854775808/db"], status: 1, stderr: "port must be a number from 1 to 65535"),
 ]
 
 @Suite("Hostile input")
@@ -269,6 +293,24 @@ struct KeyParityFuzzTests {
                 } catch {
                     Issue.record("\(error)")
                 }
+            }
+        }
+    }
+}
+
+extension KeyParityFuzzTests {
+    /// Found by hostile testing: Swift matched the context key "\u{212A}"
+    /// (Kelvin sign) to the template key K; PostgreSQL does not.
+    @Test("canonically equivalent context keys: Swift and SQL agree")
+    func equivalentKeys() async throws {
+        try await withTestDatabase { conn, _ in
+            let config = PolicyConfig { Gate.concurrency(max: 1, partitionBy: "{K}:{e}") }
+            for context in [#"{"\u212a": "x"}"#, #"{"K": "y", "\u212a": "x"}"#, #"{"\u00e9": 1, "e\u0301": 2, "e": 3}"#] {
+                let (text, sql) = try #require(try await conn.rows(
+                    "SELECT \(context)::jsonb::text, dispatch_policy._gate_partitions(\(try config.json())::jsonb, \(context)::jsonb) ->> 'concurrency'",
+                    logger: TestServer.logger).first).decode((String, String).self)
+                let strings = try #require(ContextStrings.parse(text))
+                #expect(Admission(config: config).partitions(of: BatchRow(id: 1, context: strings))["concurrency"] == sql, "\(context)")
             }
         }
     }

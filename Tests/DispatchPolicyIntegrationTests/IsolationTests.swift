@@ -162,6 +162,33 @@ struct IsolationTests {
         }
     }
 
+    /// Found by hostile testing: a `sql` target that sleeps held the runner,
+    /// and every other policy, for as long as it slept.
+    @Test("a tick slower than the tick timeout fails its policy alone; the others keep admitting")
+    func slowTargetTimesOut() async throws { try await LiveTests.exclusive { try await slowTargetTimesOutLive() } }
+
+    func slowTargetTimesOutLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.exec("""
+                CREATE FUNCTION public.slow(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql AS 'SELECT pg_sleep(5)'
+                """)
+            let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
+            try await catalog.declare(name: "a_slow", config: try PolicyConfig(target: .sql(function: "public.slow")).json())
+            try await catalog.declare(name: "b_fast", config: "{}")
+            try await conn.exec("SELECT dispatch_policy.stage('a_slow', '1'), dispatch_policy.stage('b_fast', '2')")
+        }
+        var options = TickRunnerOptions()
+        options.once = true
+        options.tick.timeout = .milliseconds(500)
+        let started = ContinuousClock.now
+        let report = try await TickRunner(connection: settings, options: options, logger: TestServer.logger).runLoop()
+        #expect(ContinuousClock.now - started < .seconds(4))
+        #expect(report.policies.first { $0.policy == "b_fast" }?.admitted == 1)
+        let slow = try #require(report.policies.first { $0.policy == "a_slow" })
+        #expect(slow.failures == 1 && slow.lastError?.contains("57014") == true)
+    }
+
     /// Regression (17): `tick --policy nope` printed "nothing to admit" and
     /// exited 0; `run --policy nope` idled forever.
     @Test("an unknown --policy is an error (42704, exit 1) for tick and run")

@@ -142,6 +142,32 @@ struct MigrationTests {
         }
     }
 
+    /// Found by hostile testing: a job written directly with a context that
+    /// is not an object, or a 20 kB queue name, failed every tick of its
+    /// policy. 0008 keeps such jobs as dead, with the reason, and constraints
+    /// keep new ones out.
+    @Test("jobs staged before 0008 that could never be admitted are kept as dead, with the reason")
+    func unadmittableJobsAreBuried() async throws {
+        try await withTestDatabase(migrated: false) { conn, _ in
+            let before = Array(Migration.embedded.prefix { ($0.version ?? 0) < 8 })
+            try await Migrator(migrations: before, logger: TestServer.logger).migrate(on: conn)
+            try await conn.exec("SELECT dispatch_policy.declare_policy('p', '{}')")
+            try await conn.exec("""
+                INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context, dedupe_key)
+                VALUES (1, 'p', 'default', '1', '[1, 2]', 'k1'), (2, 'p', repeat('q', 20000), '2', '{}', NULL),
+                       (3, 'p', 'default', '3', '{}', NULL)
+                """)
+            try await conn.exec("INSERT INTO dispatch_policy.dedupe_keys VALUES ('p', 'k1', 1)")
+            try await Migrator(logger: TestServer.logger).migrate(on: conn)
+            let dead = try await conn.rows("SELECT id, last_error FROM dispatch_policy.finished_jobs WHERE status = 'dead' ORDER BY id", logger: TestServer.logger)
+                .map { try $0.decode((Int64, String).self) }
+            #expect(dead.map(\.0) == [1, 2])
+            #expect(dead.first?.1 == "could not be admitted: its context is not a JSON object")
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.dedupe_keys", as: Int.self) == 0)
+            #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p").admitted == 1)
+        }
+    }
+
     @Test("every table, column, function and view has a COMMENT")
     func everythingIsCommented() async throws {
         try await withTestDatabase { conn, _ in

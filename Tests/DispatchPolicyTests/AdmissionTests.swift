@@ -79,6 +79,30 @@ struct GateValueTests {
         #expect(!rate.usesContextValue(in: ["r": text], within: FieldLimits.throttleRate))
     }
 
+    @Test("a context number no double holds, or that is not exactly an integer, falls back like in SQL")
+    func precision() {
+        let rate = GateValue.context("r", default: 60)
+        #expect(rate.value(in: ["r": "1e-400"], within: FieldLimits.throttleRate) == 60)
+        #expect(rate.value(in: ["r": "0.0"], within: FieldLimits.throttleRate) == 0)
+        #expect(rate.value(in: ["r": "1e-301"], within: FieldLimits.throttleRate) == 60)
+        let max = GateValue.context("m", default: 1)
+        #expect(max.value(in: ["m": "2.0000000000000001"], within: FieldLimits.concurrencyMax) == 1)
+        #expect(max.value(in: ["m": "2.000"], within: FieldLimits.concurrencyMax) == 2)
+        #expect(max.value(in: ["m": "25e-1"], within: FieldLimits.concurrencyMax) == 1)
+        #expect(max.value(in: ["m": "250e-2"], within: FieldLimits.concurrencyMax) == 1)
+        #expect(max.value(in: ["m": "300e-2"], within: FieldLimits.concurrencyMax) == 3)
+        #expect(max.value(in: ["m": "0.3e1"], within: FieldLimits.concurrencyMax) == 3)
+        #expect(max.value(in: ["m": "-0"], within: FieldLimits.concurrencyMax) == 0)
+    }
+
+    @Test("context keys that are not ASCII are left out: a Kelvin sign is not a K")
+    func asciiKeys() throws {
+        let strings = try #require(ContextStrings.parse(#"{"\u212a": "x", "K": "y", "é": "z"}"#))
+        #expect(strings == ["K": "y"])
+        let only = try #require(ContextStrings.parse(#"{"\u212a": "x"}"#))
+        #expect(Template.render("{K}", context: only) == "")
+    }
+
     @Test("integral fields take only integers from the context; bounds are inclusive")
     func integral() {
         let max = GateValue.context("m", default: 2)

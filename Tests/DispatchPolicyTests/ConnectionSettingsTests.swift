@@ -56,6 +56,7 @@ struct ConnectionSettingsTests {
 
     @Test("bad settings are refused with a clear message", arguments: [
         "mysql://u@h/db", "not a url", "postgres://u@h:99999/db", "postgres://u@h/db?sslmode=sometimes",
+        "postgres://u@h:9223372036854775808/db", "postgres://u@h:-1/db",
     ])
     func refused(_ url: String) {
         #expect(throws: DispatchPolicyError.self) { try ConnectionSettings(url: url) }

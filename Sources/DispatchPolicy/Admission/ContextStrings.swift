@@ -1,11 +1,21 @@
 /// Reads a job context (a JSON object as PostgreSQL prints jsonb) into the
 /// strings templates and gate values use: strings decoded, JSON null left
 /// out, every other value as its JSON text exactly as PostgreSQL printed it.
+/// Keys that are not pure ASCII are left out: no template or gate value can
+/// name them.
 ///
 /// This is the same conversion as the SQL `dispatch_policy._context_text`
 /// (`value::text` of a number prints as it does inside the document), done
 /// client-side so a tick does not build a jsonb per row.
 public enum ContextStrings {
+    /// Whether `text` is one JSON value with nothing after it. Lenient about
+    /// numbers (any size: `1e400` is valid JSON though no double holds it);
+    /// the database checks the rest.
+    public static func isOneJSONValue(_ text: String) -> Bool {
+        var scanner = Scanner(Array(text.utf8))
+        return scanner.kindOfValue() != nil && scanner.atEnd()
+    }
+
     public static func parse(_ json: String) -> [String: String]? {
         var scanner = Scanner(Array(json.utf8))
         return scanner.object()
@@ -21,13 +31,36 @@ public enum ContextStrings {
             while i < bytes.count, bytes[i] == 0x20 || bytes[i] == 0x0A || bytes[i] == 0x0D || bytes[i] == 0x09 { i += 1 }
         }
 
+        /// The object at `i` as template strings: strings decoded, null left
+        /// out, any other value as its JSON text.
         mutating func object() -> [String: String]? {
+            guard let members = members(value: { scanner -> String?? in
+                guard scanner.i < scanner.bytes.count else { return nil }
+                if scanner.bytes[scanner.i] == UInt8(ascii: "\"") { return scanner.string().map { .some($0) } }
+                let start = scanner.i
+                guard scanner.skipValue(), scanner.i > start else { return nil }
+                let raw = String(decoding: scanner.bytes[start..<scanner.i], as: UTF8.self).trimmingWhitespace()
+                return .some(raw == "null" ? nil : raw)
+            }) else { return nil }
+            var result: [String: String] = [:]
+            // Only ASCII keys: templates and gate values can name no other,
+            // and Swift's String equality would merge keys PostgreSQL keeps
+            // apart (the Kelvin sign U+212A is canonically "K").
+            for (key, value) in members where key.utf8.allSatisfy({ $0 < 0x80 }) {
+                if let value { result[key] = value }
+            }
+            return result
+        }
+
+        /// The members of the object at `i`, each value read by `value`
+        /// (nil: malformed); nil if the object is malformed.
+        mutating func members<T>(value: (inout Scanner) -> T?) -> [(key: String, value: T)]? {
             skipSpace()
             guard i < bytes.count, bytes[i] == UInt8(ascii: "{") else { return nil }
             i += 1
-            var result: [String: String] = [:]
+            var result: [(key: String, value: T)] = []
             skipSpace()
-            if i < bytes.count, bytes[i] == UInt8(ascii: "}") { return result }
+            if i < bytes.count, bytes[i] == UInt8(ascii: "}") { i += 1; return result }
             while true {
                 skipSpace()
                 guard let key = string() else { return nil }
@@ -35,16 +68,8 @@ public enum ContextStrings {
                 guard i < bytes.count, bytes[i] == UInt8(ascii: ":") else { return nil }
                 i += 1
                 skipSpace()
-                guard i < bytes.count else { return nil }
-                if bytes[i] == UInt8(ascii: "\"") {
-                    guard let value = string() else { return nil }
-                    result[key] = value
-                } else {
-                    let start = i
-                    guard skipValue(), i > start else { return nil }
-                    let raw = String(decoding: bytes[start..<i], as: UTF8.self).trimmingWhitespace()
-                    if raw != "null" { result[key] = raw }
-                }
+                guard let item = value(&self) else { return nil }
+                result.append((key, item))
                 skipSpace()
                 guard i < bytes.count else { return nil }
                 if bytes[i] == UInt8(ascii: ",") { i += 1; continue }
@@ -125,26 +150,7 @@ public enum ContextStrings {
 
         /// The members of the object at `i` (keys and the kinds of their values).
         mutating func members() -> [(key: String, kind: Kind)]? {
-            skipSpace()
-            guard i < bytes.count, bytes[i] == UInt8(ascii: "{") else { return nil }
-            i += 1
-            var result: [(String, Kind)] = []
-            skipSpace()
-            if i < bytes.count, bytes[i] == UInt8(ascii: "}") { i += 1; return result }
-            while true {
-                skipSpace()
-                guard let key = string() else { return nil }
-                skipSpace()
-                guard i < bytes.count, bytes[i] == UInt8(ascii: ":") else { return nil }
-                i += 1
-                guard let kind = kindOfValue() else { return nil }
-                result.append((key, kind))
-                skipSpace()
-                guard i < bytes.count else { return nil }
-                if bytes[i] == UInt8(ascii: ",") { i += 1; continue }
-                if bytes[i] == UInt8(ascii: "}") { i += 1; return result }
-                return nil
-            }
+            members(value: { $0.kindOfValue() })?.map { ($0.key, $0.value) }
         }
 
         /// The elements of the array at `i`: each one's members when it is an

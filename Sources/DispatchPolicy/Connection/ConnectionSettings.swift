@@ -66,7 +66,9 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         let database = path.hasPrefix("/") ? String(path.dropFirst()) : path
         try self.init(parts: Parts(
             host: query["host"] ?? components.percentEncodedHost.flatMap { $0.isEmpty ? nil : ($0.removingPercentEncoding ?? $0) } ?? environment["PGHOST"],
-            port: query["port"] ?? components.port.map(String.init) ?? environment["PGPORT"],
+            // A port URLComponents cannot hold (beyond Int) is kept as text, to be refused.
+            port: query["port"] ?? components.port.map(String.init) ?? components.rangeOfPort.map { String(url[$0]) }
+                ?? environment["PGPORT"],
             user: query["user"] ?? components.percentEncodedUser.flatMap { $0.removingPercentEncoding } ?? environment["PGUSER"],
             password: query["password"] ?? components.percentEncodedPassword.flatMap { $0.removingPercentEncoding } ?? environment["PGPASSWORD"],
             database: query["dbname"] ?? (database.isEmpty ? nil : database) ?? environment["PGDATABASE"],

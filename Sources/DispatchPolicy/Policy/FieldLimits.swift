@@ -29,7 +29,8 @@ public struct FieldLimit: Sendable, Equatable, CustomStringConvertible {
 
     /// Whether `value` is within the bounds (and an integer where the field is).
     public func contains(_ value: Double) -> Bool {
-        guard value.isFinite else { return false }
+        // A non-zero number must be at least 1e-300 in magnitude, as in SQL.
+        guard value.isFinite, value == 0 || abs(value) >= 1e-300 else { return false }
         guard value > minimum || (value == minimum && !minimumExclusive) else { return false }
         guard value < maximum || (value == maximum && !maximumExclusive) else { return false }
         return !integral || value == value.rounded(.towardZero)

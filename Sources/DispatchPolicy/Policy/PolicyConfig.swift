@@ -119,7 +119,8 @@ public enum GateValue: Codable, Sendable, Equatable, ExpressibleByIntegerLiteral
         case .constant(let value):
             return limit.clamp(value)
         case .context(let key, let fallback):
-            if let text = context[key], let value = Self.decimal(text), limit.contains(value) {
+            if let text = context[key], let value = Self.decimal(text), limit.contains(value),
+               !limit.integral || Self.isIntegerLiteral(text) {
                 return value
             }
             return limit.clamp(fallback)
@@ -129,7 +130,7 @@ public enum GateValue: Codable, Sendable, Equatable, ExpressibleByIntegerLiteral
     /// Whether a context value would be used for a job (see ``value(in:within:)``).
     public func usesContextValue(in context: [String: String], within limit: FieldLimit) -> Bool {
         guard case .context(let key, _) = self, let text = context[key], let value = Self.decimal(text) else { return false }
-        return limit.contains(value)
+        return limit.contains(value) && (!limit.integral || Self.isIntegerLiteral(text))
     }
 
     /// A number written as JSON writes it (optionally inside a string):
@@ -155,7 +156,31 @@ public enum GateValue: Codable, Sendable, Equatable, ExpressibleByIntegerLiteral
             guard digits() > 0 else { return nil }
         }
         guard bytes.isEmpty, let value = Double(trimmed), value.isFinite else { return nil }
+        // 1e-400 parses as 0: a value no double holds is not 0.
+        if value == 0, trimmed.utf8.prefix(while: { $0 != UInt8(ascii: "e") && $0 != UInt8(ascii: "E") })
+            .contains(where: { $0 >= UInt8(ascii: "1") && $0 <= UInt8(ascii: "9") }) {
+            return nil
+        }
         return value
+    }
+
+    /// Whether the decimal `text` is an integer exactly (`2.0000000000000001`
+    /// is not, though it parses as the double 2).
+    static func isIntegerLiteral(_ text: String) -> Bool {
+        var rest = Substring(text.trimmingWhitespace())
+        if rest.hasPrefix("-") { rest = rest.dropFirst() }
+        var exponent = 0
+        if let e = rest.firstIndex(where: { $0 == "e" || $0 == "E" }) {
+            guard let value = Int(rest[rest.index(after: e)...]) else { return false }
+            exponent = Swift.min(Swift.max(value, -1_000_000), 1_000_000)
+            rest = rest[..<e]
+        }
+        let parts = rest.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false)
+        let integer = parts.first ?? ""
+        let digits = Array((integer + (parts.count > 1 ? parts[1] : "")).utf8)
+        // The digits from `point` on are the fraction; all zeros: an integer.
+        let point = integer.count + exponent
+        return point >= digits.count || digits[Swift.max(point, 0)...].allSatisfy { $0 == UInt8(ascii: "0") }
     }
 
     private enum Keys: String, CodingKey { case context, `default` }

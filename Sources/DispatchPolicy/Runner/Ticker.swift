@@ -13,6 +13,10 @@ public struct TickSettings: Sendable, Equatable {
     public var leaseSeconds: Int?
     /// Most observations folded per adaptive gate and tick.
     public var maxObservationsPerTick: Int = 10_000
+    /// Longest one tick's transaction may take (its statement_timeout): a
+    /// slow `sql` target fails its policy's tick instead of holding the
+    /// runner. nil: the session's setting.
+    public var timeout: Duration? = .seconds(60)
 
     public init(
         batchSize: Int = FieldLimits.batchSize.clampInt(FieldLimits.batchSize.defaultValue ?? 500),
@@ -66,8 +70,9 @@ public struct PolicyWork: Sendable, Equatable {
 
 /// Runs ticks: one policy, one transaction, on one connection.
 ///
-/// Lock the policy (single writer), reap expired leases, take new adaptive
-/// observations, promote due scheduled jobs, fetch a batch (round-robin by
+/// Reap expired leases (in their own transaction), then, in one transaction:
+/// lock the policy (single writer), take new adaptive observations, promote
+/// due scheduled jobs, fetch a batch (round-robin by
 /// lane), order it (fair_interleave), read the gate state it needs, decide
 /// (pure ``Admission``), fold the observations (pure ``AdaptiveController``),
 /// admit and move the rotation, commit.
@@ -117,9 +122,16 @@ public struct Ticker: Sendable {
         var result = TickResult(policy: policy, outcome: .ran)
         var log = logger
         log[metadataKey: "policy.name"] = "\(policy)"
+        // Expired leases are reaped in a transaction of their own, first:
+        // reaping locks the counters the expired jobs held, and holding those
+        // while read_counters locks the batch's would take counters in two
+        // statements, out of order against a concurrent complete() — a
+        // deadlock. (Reaping needs no tick lock: it skips rows in use.)
+        let reaped = try await scalar("SELECT dispatch_policy.reap_leases(\(policy))", as: Int.self, logger: log)
         _ = try await connection.rows("BEGIN", logger: log)
         do {
             result = try await tickInTransaction(policy: policy, logger: log)
+            result.reaped = reaped
             _ = try await connection.rows(result.outcome == .ran ? "COMMIT" : "ROLLBACK", logger: log)
         } catch {
             _ = try? await connection.rows("ROLLBACK", logger: log)
@@ -136,7 +148,17 @@ public struct Ticker: Sendable {
 
     private func tickInTransaction(policy: String, logger: Logger) async throws -> TickResult {
         var result = TickResult(policy: policy, outcome: .ran)
-        guard try await scalar("SELECT dispatch_policy.try_lock_policy(\(policy))", as: Bool.self, logger: logger) else {
+        // Whole milliseconds, at least 1 and at most a day (no overflow whatever the setting).
+        let timeoutMs = settings.timeout.map { timeout in
+            String(max(1, min(max(timeout.components.seconds, 0), 86_400) * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
+        }
+        // The lock, and this transaction's statement_timeout, in one round trip.
+        guard try await scalar(
+            """
+            SELECT dispatch_policy.try_lock_policy(\(policy))
+            FROM (SELECT set_config('statement_timeout', coalesce(\(timeoutMs)::text, current_setting('statement_timeout')), true)) t
+            """, as: Bool.self, logger: logger
+        ) else {
             result.outcome = .busy
             return result
         }
@@ -157,8 +179,6 @@ public struct Ticker: Sendable {
         let config = try PolicyConfig(json: configJSON)
         let batchSize = FieldLimits.batchSize.clampInt(Double(config.batchSize ?? settings.batchSize))
         let quantum = FieldLimits.roundRobinQuantum.clampInt(Double(config.roundRobinQuantum ?? settings.roundRobinQuantum))
-
-        result.reaped = try await scalar("SELECT dispatch_policy.reap_leases(\(policy), \(now))", as: Int.self, logger: logger)
 
         let observations = try await takeObservations(policy: policy, config: config, logger: logger)
         result.observationsFolded = observations.values.reduce(0) { $0 + $1.count }
