@@ -962,7 +962,10 @@ COMMENT ON FUNCTION dispatch_policy.clear_runner_failure(text) IS
 -- ---------------------------------------------------------------------------
 -- Maintenance that cannot overflow, waits for nobody, and cleans orphans.
 
-CREATE OR REPLACE FUNCTION dispatch_policy.prune(retention interval DEFAULT '7 days', idle interval DEFAULT '1 hour', now timestamptz DEFAULT now())
+DROP FUNCTION dispatch_policy.prune(interval, interval, timestamptz);
+CREATE FUNCTION dispatch_policy.prune(
+  retention interval DEFAULT '7 days', idle interval DEFAULT '1 hour', now timestamptz DEFAULT now(), policies text[] DEFAULT NULL
+)
 RETURNS TABLE (what text, removed bigint)
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
@@ -986,14 +989,14 @@ BEGIN
   DELETE FROM dispatch_policy.throttle_buckets t
   WHERE (t.policy, t.gate, t.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
-    WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
                       WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'throttle')))
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_buckets'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.inflight_counters c
   WHERE (c.policy, c.gate, c.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
-    WHERE x.in_flight = 0
+    WHERE x.in_flight = 0 AND (prune.policies IS NULL OR x.policy = ANY (prune.policies))
       AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
                       WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._slot_gates(p.config)))
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
@@ -1001,14 +1004,14 @@ BEGIN
   DELETE FROM dispatch_policy.adaptive_stats a
   WHERE (a.policy, a.gate, a.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.adaptive_stats x
-    WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
                       WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_adaptive'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.observations o
   WHERE o.id IN (
     SELECT x.id FROM dispatch_policy.observations x
-    WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
                       WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
     FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'orphaned_observations'; removed := n; RETURN NEXT;
@@ -1018,31 +1021,35 @@ BEGIN
   DELETE FROM dispatch_policy.throttle_buckets t
   WHERE (t.policy, t.gate, t.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
-    WHERE x.refilled_at < prune.now - idle
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND x.refilled_at < prune.now - idle
       AND dispatch_policy._bucket_tokens(x.tokens, x.rate, x.per_seconds, x.burst, x.refilled_at, prune.now) >= x.burst
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_buckets'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.inflight_counters c
   WHERE (c.policy, c.gate, c.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
-    WHERE x.in_flight = 0 AND x.updated_at < prune.now - idle
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND x.in_flight = 0 AND x.updated_at < prune.now - idle
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_counters'; removed := n; RETURN NEXT;
 
-  DELETE FROM dispatch_policy.finished_jobs f WHERE f.status = 'completed' AND f.finished_at < prune.now - retention;
+  DELETE FROM dispatch_policy.finished_jobs f
+  WHERE f.status = 'completed' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'completed_jobs'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.job_failures jf
-  WHERE jf.failed_at < prune.now - retention
+  WHERE jf.failed_at < prune.now - retention AND (prune.policies IS NULL OR jf.policy = ANY (prune.policies))
     AND NOT EXISTS (SELECT 1 FROM dispatch_policy.finished_jobs f WHERE f.id = jf.job_id AND f.status = 'dead');
   GET DIAGNOSTICS n = ROW_COUNT; what := 'failures'; removed := n; RETURN NEXT;
-  DELETE FROM dispatch_policy.observation_minutes m WHERE m.minute < prune.now - retention;
+  DELETE FROM dispatch_policy.observation_minutes m
+  WHERE m.minute < prune.now - retention AND (prune.policies IS NULL OR m.policy = ANY (prune.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'observation_minutes'; removed := n; RETURN NEXT;
-  DELETE FROM dispatch_policy.round_robin_cursors r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
-  DELETE FROM dispatch_policy.runner_failures r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
+  IF prune.policies IS NULL THEN
+    DELETE FROM dispatch_policy.round_robin_cursors r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
+    DELETE FROM dispatch_policy.runner_failures r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
+  END IF;
 END
 $$;
-COMMENT ON FUNCTION dispatch_policy.prune(interval, interval, timestamptz) IS
-  'Maintenance: deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), and completed jobs, failures of non-dead jobs and per-minute aggregates older than retention (0 to 100 years, else 22023). Gate rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';
+COMMENT ON FUNCTION dispatch_policy.prune(interval, interval, timestamptz, text[]) IS
+  'Maintenance: deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), and completed jobs, failures of non-dead jobs and per-minute aggregates older than retention (0 to 100 years, else 22023); only of the given policies when policies is not NULL. Gate rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';
 
 -- ---------------------------------------------------------------------------
 -- Stored rows within bounds, also when written directly: a row no function

@@ -57,6 +57,8 @@ struct Demo: AsyncParsableCommand {
             let driver = DemoDriver(settings: settings, runFor: runFor, logger: logger)
             try await driver.prepare()
             var runnerOptions = TickRunnerOptions()
+            // Only the demo's own policies: a shared database's others are not ours.
+            runnerOptions.policies = ["demo_reports", "demo_webhooks"]
             runnerOptions.busyPause = .milliseconds(20)
             runnerOptions.idlePause = .milliseconds(250)
             let runner = TickRunner(connection: settings, options: runnerOptions, logger: logger)

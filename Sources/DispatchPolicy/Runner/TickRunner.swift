@@ -5,8 +5,14 @@ import ServiceLifecycle
 
 /// How a ``TickRunner`` loops.
 public struct TickRunnerOptions: Sendable {
-    /// Tick only this policy (default: every policy with work).
-    public var policy: String?
+    /// Tick only these policies (default: every policy with work); reaping
+    /// and pruning are restricted to them too.
+    public var policies: [String]?
+    /// Tick only this policy (`policies` with one element).
+    public var policy: String? {
+        get { policies?.first }
+        set { policies = newValue.map { [$0] } }
+    }
     /// One pass over the policies, then return.
     public var once = false
     /// Return after this long (cron: `--for 55s`); nil runs until shutdown.
@@ -125,7 +131,7 @@ public struct TickRunner: Service {
         let deadline = options.runFor.map { ContinuousClock.now + $0 }
         let wake = WakeSignal()
         return try await connection.withConnection(logger: logger) { conn in
-            if let only = options.policy {
+            for only in options.policies ?? [] {
                 guard try await Ticker(connection: conn, settings: options.tick, logger: logger).exists(policy: only) else {
                     throw DispatchPolicyError(
                         code: .server, message: "unknown policy: '\(only)'", sqlState: "42704",
@@ -181,7 +187,7 @@ public struct TickRunner: Service {
                         try await maintain(conn, report: &report, errors: &maintenanceErrors)
                         lastMaintenance = .now
                     }
-                    for work in try await ticker.policiesWithWork(only: options.policy) {
+                    for work in try await ticker.policiesWithWork(only: options.policies) {
                         let policy = work.name
                         if let state = failing[policy], ContinuousClock.now < state.retryAt { continue }
                         do {
@@ -274,7 +280,11 @@ public struct TickRunner: Service {
     func maintain(_ conn: PostgresConnection, report: inout RunReport, errors: inout [String: String]) async throws {
         var reaped = 0
         let expired = try await conn.rows(
-            "SELECT DISTINCT policy FROM dispatch_policy.admitted_jobs WHERE lease_expires_at < now() ORDER BY 1", logger: logger
+            """
+            SELECT DISTINCT policy FROM dispatch_policy.admitted_jobs
+            WHERE lease_expires_at < now() AND (\(options.policies)::text[] IS NULL OR policy = ANY (\(options.policies)::text[]))
+            ORDER BY 1
+            """, logger: logger
         ).map { try $0.decode(String.self) }
         for policy in expired {
             await step("reap:\(policy)", report: &report, errors: &errors, conn: conn) {
@@ -285,7 +295,11 @@ public struct TickRunner: Service {
         var removed: [String: Int] = [:]
         await step("prune", report: &report, errors: &errors, conn: conn) {
             for row in try await conn.rows(
-                "SELECT what, removed FROM dispatch_policy.prune(make_interval(secs => \(options.retentionSeconds)), make_interval(secs => \(options.idleGateSeconds)))",
+                """
+                SELECT what, removed FROM dispatch_policy.prune(make_interval(secs => \(options.retentionSeconds)),
+                                                                make_interval(secs => \(options.idleGateSeconds)),
+                                                                policies => \(options.policies)::text[])
+                """,
                 logger: logger
             ) {
                 let (what, n) = try row.decode((String, Int).self)

@@ -87,14 +87,15 @@ public struct Ticker: Sendable {
         self.logger = logger
     }
 
-    /// Policies that are not paused and have work: jobs eligible now,
-    /// scheduled jobs now due, expired leases, or observations to fold.
-    public func policiesWithWork(only: String? = nil) async throws -> [PolicyWork] {
+    /// Policies that are not paused and have work (jobs eligible now,
+    /// scheduled jobs now due, expired leases, or observations to fold),
+    /// of `only` when given.
+    public func policiesWithWork(only: [String]? = nil) async throws -> [PolicyWork] {
         try await connection.rows(
             """
             SELECT p.name, EXISTS (SELECT 1 FROM dispatch_policy.runner_failures f WHERE f.policy = p.name)
             FROM dispatch_policy.policies p
-            WHERE NOT p.paused AND (\(only)::text IS NULL OR p.name = \(only))
+            WHERE NOT p.paused AND (\(only)::text[] IS NULL OR p.name = ANY (\(only)::text[]))
               AND (EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name AND s.not_before IS NULL)
                    OR EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
                               AND s.not_before IS NOT NULL AND s.not_before <= now())
