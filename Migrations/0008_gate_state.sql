@@ -71,6 +71,26 @@ AS $$
   SELECT pg_try_advisory_xact_lock(dispatch_policy._tick_lock_key(try_lock_policy.policy))
 $$;
 
+CREATE OR REPLACE FUNCTION dispatch_policy.promote_scheduled(policy text, max_rows integer, now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  promoted integer;
+BEGIN
+  PERFORM dispatch_policy._require_now(promote_scheduled.now);
+  UPDATE dispatch_policy.staged_jobs s SET not_before = NULL
+  WHERE s.id IN (
+    SELECT d.id FROM dispatch_policy.staged_jobs d
+    WHERE d.policy = promote_scheduled.policy AND d.not_before IS NOT NULL AND d.not_before <= promote_scheduled.now
+    ORDER BY d.not_before
+    LIMIT max_rows
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS promoted = ROW_COUNT;
+  RETURN promoted;
+END
+$$;
+
 -- The gates whose partitions hold a slot until the job finishes.
 CREATE FUNCTION dispatch_policy._slot_gates(config jsonb)
 RETURNS text[]
@@ -702,6 +722,7 @@ DECLARE
   cursor_key text;
   quantum integer;
 BEGIN
+  PERFORM dispatch_policy._require_now(fetch_batch.now);
   IF round_robin_quantum IS NULL THEN
     RETURN QUERY
       SELECT s.id, s.priority, s.round_robin_key, s.context, 0
@@ -931,6 +952,9 @@ COMMENT ON COLUMN dispatch_policy.runner_failures.failures IS 'Failed ticks in a
 COMMENT ON COLUMN dispatch_policy.runner_failures.first_failed_at IS 'When the policy started failing.';
 COMMENT ON COLUMN dispatch_policy.runner_failures.last_failed_at IS 'When its tick last failed.';
 COMMENT ON COLUMN dispatch_policy.runner_failures.retry_at IS 'When the runner that recorded it tries again (capped exponential backoff).';
+ALTER TABLE dispatch_policy.runner_failures
+  ADD CONSTRAINT runner_failures_times_check
+    CHECK (isfinite(first_failed_at) AND isfinite(last_failed_at) AND (retry_at IS NULL OR isfinite(retry_at)));
 
 CREATE FUNCTION dispatch_policy.record_runner_failure(
   policy text, error text, sqlstate text DEFAULT NULL, retry_at timestamptz DEFAULT NULL, now timestamptz DEFAULT now()
@@ -938,6 +962,8 @@ CREATE FUNCTION dispatch_policy.record_runner_failure(
 RETURNS integer
 LANGUAGE sql VOLATILE SECURITY INVOKER
 AS $$
+  SELECT dispatch_policy._require_now(record_runner_failure.now),
+         dispatch_policy._require_now(coalesce(record_runner_failure.retry_at, record_runner_failure.now));
   INSERT INTO dispatch_policy.runner_failures AS f (policy, error, sqlstate, failures, first_failed_at, last_failed_at, retry_at)
   VALUES (record_runner_failure.policy, left(coalesce(record_runner_failure.error, 'failed'), 2000),
           record_runner_failure.sqlstate, 1, record_runner_failure.now, record_runner_failure.now, record_runner_failure.retry_at)
@@ -1100,11 +1126,38 @@ ALTER TABLE dispatch_policy.staged_jobs
   ADD CONSTRAINT staged_jobs_times_check
     CHECK (isfinite(staged_at) AND isfinite(created_at) AND (not_before IS NULL OR isfinite(not_before))),
   ADD CONSTRAINT staged_jobs_attempt_check CHECK (attempt >= 1);
+-- Admitted jobs no admission would have written are kept as dead too, and
+-- the counters of their policies rebuilt.
+WITH bad AS (
+  SELECT a.id, a.policy FROM dispatch_policy.admitted_jobs a
+  WHERE jsonb_typeof(a.context) IS DISTINCT FROM 'object' OR jsonb_typeof(a.partitions) IS DISTINCT FROM 'object'
+     OR octet_length(a.queue) NOT BETWEEN 1 AND 2048 OR a.attempt < 1
+     OR NOT isfinite(a.created_at) OR NOT isfinite(a.staged_at)
+), gone AS (
+  DELETE FROM dispatch_policy.admitted_jobs a USING bad b WHERE a.id = b.id RETURNING a.*
+), kept AS (
+  INSERT INTO dispatch_policy.finished_jobs
+    (id, policy, queue, priority, args, context, dedupe_key, attempts, status, last_error, created_at, finished_at)
+  SELECT g.id, g.policy, g.queue, g.priority, g.args, g.context, g.dedupe_key, greatest(g.attempt, 1), 'dead',
+         'could not be kept in flight: a field of it is beyond its bounds', now(), now()
+  FROM gone g
+  ON CONFLICT DO NOTHING
+)
+SELECT dispatch_policy._rebuild_gate_state(p.policy) FROM (SELECT DISTINCT g.policy FROM gone g) p;
+
 ALTER TABLE dispatch_policy.admitted_jobs
   ADD CONSTRAINT admitted_jobs_context_check CHECK (jsonb_typeof(context) = 'object'),
+  ADD CONSTRAINT admitted_jobs_partitions_check CHECK (jsonb_typeof(partitions) = 'object'),
+  -- Up to 2048 bytes (an index row holds it): queue names admitted before the 128-byte limit stay.
+  ADD CONSTRAINT admitted_jobs_queue_check CHECK (octet_length(queue) BETWEEN 1 AND 2048),
+  ADD CONSTRAINT admitted_jobs_attempt_check CHECK (attempt >= 1),
   ADD CONSTRAINT admitted_jobs_times_check
-    CHECK (isfinite(admitted_at) AND isfinite(lease_expires_at) AND (started_at IS NULL OR isfinite(started_at))
-           AND (heartbeat_at IS NULL OR isfinite(heartbeat_at)));
+    CHECK (isfinite(created_at) AND isfinite(staged_at) AND isfinite(admitted_at) AND isfinite(lease_expires_at)
+           AND (started_at IS NULL OR isfinite(started_at)) AND (heartbeat_at IS NULL OR isfinite(heartbeat_at)));
+UPDATE dispatch_policy.policies SET created_at = now() WHERE NOT isfinite(created_at);
+UPDATE dispatch_policy.policies SET updated_at = now() WHERE NOT isfinite(updated_at);
+ALTER TABLE dispatch_policy.policies
+  ADD CONSTRAINT policies_times_check CHECK (isfinite(created_at) AND isfinite(updated_at));
 ALTER TABLE dispatch_policy.throttle_buckets
   ADD CONSTRAINT throttle_buckets_refilled_at_check CHECK (isfinite(refilled_at));
 ALTER TABLE dispatch_policy.observations

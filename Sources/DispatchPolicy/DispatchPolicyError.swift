@@ -54,12 +54,30 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
         self.hint = hint
     }
 
-    /// One line: the message, then the SQLSTATE when there is one.
+    /// One line: the message, then the SQLSTATE when there is one. Control
+    /// characters (a newline, an escape sequence from a raised error) are
+    /// shown escaped, so the line cannot break or forge another.
     public var description: String {
         var line = message
         if let detail { line += " — \(detail)" }
         if let sqlState { line += " (SQLSTATE \(sqlState))" }
-        return line
+        return Self.oneLine(line)
+    }
+
+    /// `text` with every control character written as `\u{…}` (`\n` for a newline).
+    public static func oneLine(_ text: String) -> String {
+        guard text.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else { return text }
+        var out = String.UnicodeScalarView()
+        for scalar in text.unicodeScalars {
+            if scalar == "\n" {
+                out.append(contentsOf: "\\n".unicodeScalars)
+            } else if scalar.value < 0x20 || scalar.value == 0x7F {
+                out.append(contentsOf: "\\u{\(String(scalar.value, radix: 16))}".unicodeScalars)
+            } else {
+                out.append(scalar)
+            }
+        }
+        return String(out)
     }
 }
 

@@ -79,8 +79,11 @@ enum DispatchPolicyErrorDescription {
     }
 }
 
+/// Prints one line to standard error: control characters in it (a newline
+/// or an escape sequence in an error a `sql` target raised) are shown
+/// escaped, so nothing can break the line or forge another.
 func printError(_ line: String) {
-    FileHandle.standardError.write(Data("dispatch-policy: \(line)\n".utf8))
+    FileHandle.standardError.write(Data("dispatch-policy: \(DispatchPolicyError.oneLine(line))\n".utf8))
 }
 
 struct Migrate: AsyncParsableCommand {
@@ -218,13 +221,13 @@ struct Stage: AsyncParsableCommand {
     @Option(help: "Queue the job goes to once admitted (default: default).")
     var queue: String?
 
-    @Option(help: "Lower is admitted first (default 0).")
+    @Option(parsing: .unconditional, help: "Lower is admitted first (default 0).")
     var priority: Int32?
 
-    @Option(name: .customLong("not-before"), help: "Do not admit before this ISO 8601 time.")
+    @Option(name: .customLong("not-before"), parsing: .unconditional, help: "Do not admit before this ISO 8601 time.")
     var notBefore: String?
 
-    @Option(help: "Do not admit before this delay from now, such as 30s or 5m (at most \(DurationParser.describe(CLILimits.delay.upperBound))).")
+    @Option(parsing: .unconditional, help: "Do not admit before this delay from now, such as 30s or 5m (at most \(DurationParser.describe(CLILimits.delay.upperBound))).")
     var delay: String?
 
     var delayDuration: Duration? {
@@ -234,6 +237,20 @@ struct Stage: AsyncParsableCommand {
     func validate() throws {
         if notBefore != nil && delay != nil { throw ValidationError("--not-before and --delay exclude each other") }
         do { _ = try delayDuration } catch let error as DispatchPolicyError { throw ValidationError(error.message) }
+        if let notBefore {
+            guard let date = Self.parseTime(notBefore) else {
+                throw ValidationError("--not-before must be an ISO 8601 time such as 2026-01-31T12:00:00Z, got \(notBefore.prefix(80))")
+            }
+            guard Stager.notBeforeRange.contains(date) else {
+                throw ValidationError("--not-before must be a time from year 1 to year 9999, got \(notBefore.prefix(80))")
+            }
+        }
+    }
+
+    static func parseTime(_ text: String) -> Date? {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter.date(from: text) ?? ISO8601DateFormatter().date(from: text)
     }
 
     func run() async throws {
@@ -243,16 +260,7 @@ struct Stage: AsyncParsableCommand {
                     throw DispatchPolicyError(code: .invalidArgument, message: "\(flag) is not valid JSON: \(value)")
                 }
             }
-            var when: Date?
-            if let notBefore {
-                let formatter = ISO8601DateFormatter()
-                formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-                let plain = ISO8601DateFormatter()
-                guard let date = formatter.date(from: notBefore) ?? plain.date(from: notBefore) else {
-                    throw DispatchPolicyError(code: .invalidArgument, message: "--not-before must be an ISO 8601 time such as 2026-01-31T12:00:00Z, got \(notBefore)")
-                }
-                when = date
-            }
+            var when = notBefore.flatMap(Self.parseTime)
             if let delayDuration = try delayDuration {
                 let (seconds, attoseconds) = delayDuration.components
                 when = Date().addingTimeInterval(Double(seconds) + Double(attoseconds) / 1e18)
@@ -367,25 +375,25 @@ struct RunnerOptions: ParsableArguments {
     @Option(help: "Admit only this policy (default: every policy with work).")
     var policy: String?
 
-    @Option(name: .customLong("batch-size"), help: "Rows per tick for policies that do not set batch_size (1 to 100000).")
+    @Option(name: .customLong("batch-size"), parsing: .unconditional, help: "Rows per tick for policies that do not set batch_size (1 to 100000).")
     var batchSize: Int = TickSettings().batchSize
 
-    @Option(name: .customLong("quantum"), help: "Rows per round-robin key per tick for policies that do not set round_robin_quantum (1 to 100000).")
+    @Option(name: .customLong("quantum"), parsing: .unconditional, help: "Rows per round-robin key per tick for policies that do not set round_robin_quantum (1 to 100000).")
     var quantum: Int = TickSettings().roundRobinQuantum
 
-    @Option(name: .customLong("lease"), help: "Lease for policies that do not set lease_seconds, such as 15m (1s to 365d; default: the database's, 15m).")
+    @Option(name: .customLong("lease"), parsing: .unconditional, help: "Lease for policies that do not set lease_seconds, such as 15m (1s to 365d; default: the database's, 15m).")
     var lease: String?
 
-    @Option(name: .customLong("busy-pause"), help: "Pause after a productive pass (0 to 1h).")
+    @Option(name: .customLong("busy-pause"), parsing: .unconditional, help: "Pause after a productive pass (0 to 1h).")
     var busyPause: String = "50ms"
 
-    @Option(name: .customLong("idle-pause"), help: "Pause after an idle pass, cut short by NOTIFY (0 to 1h).")
+    @Option(name: .customLong("idle-pause"), parsing: .unconditional, help: "Pause after an idle pass, cut short by NOTIFY (0 to 1h).")
     var idlePause: String = "1s"
 
-    @Option(help: "Delete completed jobs, failures and per-minute aggregates older than this (0 to 100 years).")
+    @Option(parsing: .unconditional, help: "Delete completed jobs, failures and per-minute aggregates older than this (0 to 100 years).")
     var retention: String = "7d"
 
-    @Option(name: .customLong("tick-timeout"), help: "Longest one tick may take (a slow sql target): longer fails that policy's tick (1s to 1h).")
+    @Option(name: .customLong("tick-timeout"), parsing: .unconditional, help: "Longest one tick may take (a slow sql target): longer fails that policy's tick (1s to 1h).")
     var tickTimeout: String = "60s"
 
     func validate() throws {
@@ -404,7 +412,13 @@ struct RunnerOptions: ParsableArguments {
         options.busyPause = try DurationParser.parse(busyPause, flag: "--busy-pause", within: CLILimits.busyPause)
         options.idlePause = try DurationParser.parse(idlePause, flag: "--idle-pause", within: CLILimits.idlePause)
         options.retentionSeconds = Int(try DurationParser.parse(retention, flag: "--retention", within: CLILimits.retention).components.seconds)
-        let leaseSeconds = try lease.map { Int(try DurationParser.parse($0, flag: "--lease", within: CLILimits.lease).components.seconds) }
+        let leaseSeconds = try lease.map { text -> Int in
+            let duration = try DurationParser.parse(text, flag: "--lease", within: CLILimits.lease)
+            guard duration.components.attoseconds == 0 else {
+                throw DispatchPolicyError(code: .invalidArgument, message: "--lease must be whole seconds (leases are stored in seconds), got \(text)")
+            }
+            return Int(duration.components.seconds)
+        }
         options.tick = TickSettings(batchSize: batchSize, roundRobinQuantum: quantum, leaseSeconds: leaseSeconds)
         options.tick.timeout = try DurationParser.parse(tickTimeout, flag: "--tick-timeout", within: CLILimits.tickTimeout)
         return options
@@ -428,7 +442,7 @@ struct Tick: AsyncParsableCommand {
     @Flag(help: "One pass over the policies with work (the default).")
     var once = false
 
-    @Option(name: .customLong("for"), help: "Keep admitting for this long, such as 55s (1ms to 365d).")
+    @Option(name: .customLong("for"), parsing: .unconditional, help: "Keep admitting for this long, such as 55s (1ms to 365d).")
     var runFor: String?
 
     func validate() throws {

@@ -126,6 +126,24 @@ let hostileCases: [HostileCase] = [
           sqlState: "23514", message: "staged_jobs_queue_check"),
     .init(name: "direct insert: infinite staged_at", sql: "INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context, staged_at) VALUES (900, 'p', 'q', '1', '{}', '-infinity')",
           sqlState: "23514", message: "staged_jobs_times_check"),
+    .init(name: "direct insert: an admitted job with an empty queue", sql: """
+          INSERT INTO dispatch_policy.admitted_jobs (id, policy, queue, priority, args, context, attempt, created_at, staged_at, admitted_at,
+            lease_expires_at, lease_seconds, target) VALUES (901, 'p', '', 0, '1', '{}', 1, now(), now(), now(), now(), 60, 'ready_queue')
+          """, sqlState: "23514", message: "admitted_jobs_queue_check"),
+    .init(name: "direct insert: an admitted job whose partitions are not an object", sql: """
+          INSERT INTO dispatch_policy.admitted_jobs (id, policy, queue, priority, args, context, attempt, created_at, staged_at, admitted_at,
+            lease_expires_at, lease_seconds, target, partitions) VALUES (901, 'p', 'q', 0, '1', '{}', 1, now(), now(), now(), now(), 60, 'ready_queue', '[]')
+          """, sqlState: "23514", message: "admitted_jobs_partitions_check"),
+    .init(name: "direct insert: an admitted job at attempt -1", sql: """
+          INSERT INTO dispatch_policy.admitted_jobs (id, policy, queue, priority, args, context, attempt, created_at, staged_at, admitted_at,
+            lease_expires_at, lease_seconds, target) VALUES (901, 'p', 'q', 0, '1', '{}', -1, now(), now(), now(), now(), 60, 'ready_queue')
+          """, sqlState: "23514", message: "admitted_jobs_attempt_check"),
+    .init(name: "direct update: a policy updated at infinity", sql: "UPDATE dispatch_policy.policies SET updated_at = 'infinity'",
+          sqlState: "23514", message: "policies_times_check"),
+    .init(name: "promote_scheduled: now infinity", sql: "SELECT dispatch_policy.promote_scheduled('p', 10, 'infinity')", sqlState: "22023", message: "now must be a finite time"),
+    .init(name: "fetch_batch: now infinity", sql: "SELECT * FROM dispatch_policy.fetch_batch('p', 10, 5, 'infinity')", sqlState: "22023", message: "now must be a finite time"),
+    .init(name: "record_runner_failure: retry at infinity", sql: "SELECT dispatch_policy.record_runner_failure('p', 'x', retry_at => 'infinity')",
+          sqlState: "22023", message: "now must be a finite time"),
     .init(name: "direct insert: a bucket refilled at -infinity", sql: "INSERT INTO dispatch_policy.throttle_buckets VALUES ('p', 'throttle', 'v', 1, 1, 1, 1, '-infinity')",
           sqlState: "23514", message: "throttle_buckets_refilled_at_check"),
     .init(name: "stage_many: unknown field", sql: #"SELECT dispatch_policy.stage_many('p', '[{"args": 1, "delay": 5}]')"#,
@@ -181,7 +199,7 @@ let hostileCommands: [HostileCommand] = [
     .init(arguments: ["stage", "p", "--args", "{"], status: 1, stderr: "--args is not valid JSON"),
     .init(arguments: ["stage", "p", "--args", "{}", "--queue", String(repeating: "q", count: 9000)], status: 1, stderr: "queue must be a string of 1 to 128 bytes"),
     .init(arguments: ["stage", "p", "--args", "{}", "--dedupe-key", ""], status: 1, stderr: "dedupe_key must be"),
-    .init(arguments: ["stage", "p", "--args", "{}", "--not-before", "someday"], status: 1, stderr: "--not-before must be an ISO 8601 time"),
+    .init(arguments: ["stage", "p", "--args", "{}", "--not-before", "someday"], status: 64, stderr: "--not-before must be an ISO 8601 time"),
     .init(arguments: ["policy", "apply", "-"], stdin: #"{"name": "q", "config": {"gates": [{"type": "global_cap", "max": 1e400}]}}"#,
           status: 1, stderr: "gates[0].max must be an integer from 0 to 1000000"),
     .init(arguments: ["policy", "apply", "-"], stdin: #"{"name": "q", "config": {"lease_seconds": 2160000000}}"#, status: 1, stderr: "lease_seconds must be"),
@@ -190,6 +208,10 @@ let hostileCommands: [HostileCommand] = [
     .init(arguments: ["demo", "--duration", "0s"], status: 64, stderr: "--duration must be a duration from 1s to 1d"),
     .init(arguments: ["tick", "--policy", "nope"], status: 1, stderr: "unknown policy: 'nope'"),
     .init(arguments: ["tick", "--tick-timeout", "0s"], status: 64, stderr: "--tick-timeout must be a duration from 1s to 1h"),
+    .init(arguments: ["stage", "p", "--args", "{}", "--not-before", "300000-01-01T00:00:00Z"], status: 64, stderr: "--not-before must be"),
+    .init(arguments: ["tick", "--lease", "1.5s"], status: 64, stderr: "--lease must be whole seconds"),
+    .init(arguments: ["tick", "--batch-size", "-1"], status: 64, stderr: "--batch-size must be an integer from 1 to 100000"),
+    .init(arguments: ["tick", "--lease", "-1s"], status: 64, stderr: "--lease must be a duration"),
     .init(arguments: ["status", "--database-url", "postgres://u@localhost:9223372036854775808/db"], status: 1, stderr: "port must be a number from 1 to 65535"),
 ]
 

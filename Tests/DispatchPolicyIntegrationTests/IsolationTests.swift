@@ -189,6 +189,71 @@ struct IsolationTests {
         #expect(slow.failures == 1 && slow.lastError?.contains("57014") == true)
     }
 
+    /// Found by hostile testing: the lease reaper ran outside the tick's
+    /// timeout, so a worker's long transaction holding a counter held the
+    /// runner, and every policy, for as long as it lasted.
+    @Test("a worker transaction holding a counter cannot hold the runner: reaping is bounded by the tick timeout")
+    func reapIsBounded() async throws { try await LiveTests.exclusive { try await reapIsBoundedLive() } }
+
+    func reapIsBoundedLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
+            try await catalog.declare(name: "a_reap", config: try PolicyConfig(leaseSeconds: 60) { Gate.globalCap(max: 10) }.json())
+            try await catalog.declare(name: "b_fast", config: "{}")
+            try await conn.exec(#"SELECT dispatch_policy.stage_many('a_reap', '[{"args": 1}, {"args": 2}]')"#)
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "a_reap")
+            try await conn.exec("UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = (SELECT max(id) FROM dispatch_policy.admitted_jobs)")
+        }
+        try await TestServer.withConnection(settings) { worker async throws in
+            // A worker completes one job inside its own long transaction: it holds the global_cap counter.
+            try await worker.exec("BEGIN")
+            try await worker.exec("SELECT dispatch_policy.complete((SELECT min(id) FROM dispatch_policy.admitted_jobs))")
+            var options = TickRunnerOptions()
+            options.idlePause = .milliseconds(50)
+            options.tick.timeout = .seconds(1)
+            options.failureBackoff = .seconds(5)
+            let runner = TickRunner(connection: settings, options: options, logger: TestServer.logger)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { _ = try await runner.runLoop() }
+                try await Task.sleep(for: .milliseconds(500))
+                try await TestServer.withConnection(settings) { conn async throws in try await conn.exec("SELECT dispatch_policy.stage('b_fast', '1')") }
+                let admitted = try await waitUntil(5) {
+                    try await TestServer.withConnection(settings) { conn async throws in
+                        try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'b_fast'", as: Int.self) == 1
+                    }
+                }
+                #expect(admitted, "b_fast waited behind a_reap's reaping")
+                // Let go first, so the runner ends even if it is stuck behind the lock.
+                try await worker.exec("ROLLBACK")
+                group.cancelAll()
+            }
+        }
+    }
+
+    /// Found by hostile testing: an error raised by a `sql` target with a
+    /// newline and escape codes was printed raw, breaking "one line".
+    @Test("errors print on one line, control characters escaped")
+    func errorsOnOneLine() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.exec(#"""
+                CREATE FUNCTION public.liar(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION E'down\n2026-01-01 info forged log line\033[0m'; END $$
+                """#)
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig(target: .sql(function: "public.liar")).json())
+            try await conn.exec("SELECT dispatch_policy.stage('p', '1')")
+        }
+        let tick = try await cli(["tick"], settings: settings)
+        #expect(tick.status == 1)
+        #expect(tick.stderr.contains(#"down\n2026-01-01 info forged log line\u{1b}[0m"#), "\(tick.stderr)")
+        #expect(!tick.stderr.contains("\u{1B}"))
+        // No line starts with the forged text: it stays inside the line of its error.
+        #expect(tick.stderr.split(separator: "\n").filter { $0.contains("forged") }.allSatisfy { $0.contains(#"down\n2026"#) })
+        let status = try await cli(["status"], settings: settings)
+        #expect(!status.stdout.contains("\u{1B}"))
+    }
+
     /// Regression (17): `tick --policy nope` printed "nothing to admit" and
     /// exited 0; `run --policy nope` idled forever.
     @Test("an unknown --policy is an error (42704, exit 1) for tick and run")

@@ -84,6 +84,38 @@ struct RotationTests {
         #expect(evaluate(PolicyConfig(), [BatchRow(id: 1, lane: 0)]).cursor == nil)
     }
 
+    /// Found by hostile testing: A (priority 0) sorts first in the rotation but
+    /// loses every slot to B and C (priority -1); holding the rotation at A
+    /// kept B before C forever (B 235 jobs, C 0).
+    @Test("tenants of equal priority share a binding cap even behind a higher-priority one")
+    func equalPriorityRotates() {
+        let admission = Admission(config: PolicyConfig(roundRobinBy: "{t}") { Gate.globalCap(max: 1) })
+        let tenants = [("A", 0), ("B", -1), ("C", -1)]
+        var cursor: String?
+        var served: [String: Int] = [:]
+        var nextID: Int64 = 0
+        for _ in 0..<100 {
+            let start = cursor.flatMap { c in tenants.firstIndex { $0.0 == c }.map { $0 + 1 } } ?? 0
+            var rows: [BatchRow] = []
+            for rank in 0..<2 {
+                for index in 0..<tenants.count {
+                    let (tenant, priority) = tenants[(start + index) % tenants.count]
+                    nextID += 1
+                    rows.append(BatchRow(id: nextID, priority: priority, roundRobinKey: tenant, context: ["t": tenant, "rank": "\(rank)"], lane: index + 1))
+                }
+            }
+            // fetch_batch's order: priority, then rank, then lane.
+            rows.sort { ($0.priority, $0.context["rank"] ?? "", $0.lane) < ($1.priority, $1.context["rank"] ?? "", $1.lane) }
+            let decision = admission.evaluate(admission.order(admission.prepare(rows)), state: GateState(), buckets: [])
+            for admitted in decision.admitted {
+                served[rows.first { $0.id == admitted.id }?.roundRobinKey ?? "", default: 0] += 1
+            }
+            if case .after(let key)? = decision.cursor { cursor = key }
+        }
+        #expect(served["A"] == nil)
+        #expect(served["B"] == 50 && served["C"] == 50, "\(served)")
+    }
+
     /// 100 equally backlogged tenants, 5 rows each per tick, a global cap
     /// that frees a few slots per tick: every tenant must get its turn.
     @Test("equal shares under a binding cap: Jain's index ≥ 0.99 over many ticks")

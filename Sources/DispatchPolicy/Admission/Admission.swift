@@ -264,11 +264,11 @@ public struct Admission: Sendable {
                 adaptiveLimit[key] = limit
             }
         }
-        // Gate partitions this tick took capacity from, and which rows were
-        // refused where: the rotation needs both.
+        // Gate partitions this tick took capacity from, and the first lane
+        // one of whose jobs found its partition taken by them: the rotation
+        // continues just before that lane.
         var consumed = Set<GateKey>()
-        var refusedAt: [Int64: GateKey] = [:]
-        var admittedIDs = Set<Int64>()
+        var firstStarvedLane: Int?
 
         rows: for row in rows {
             var throttleKeys: [GateKey] = []
@@ -297,7 +297,7 @@ public struct Admission: Sendable {
                 }
                 if !room {
                     decision.refusedByGate[gate.effectiveName, default: 0] += 1
-                    refusedAt[row.row.id] = key
+                    if firstStarvedLane == nil, row.row.lane > 0, consumed.contains(key) { firstStarvedLane = row.row.lane }
                     continue rows
                 }
             }
@@ -315,36 +315,28 @@ public struct Admission: Sendable {
             decision.admitted.append(.init(
                 id: row.row.id, partitions: partitions,
                 slots: Dictionary(slotKeys.map { ($0.gate, $0.partition) }, uniquingKeysWith: { a, _ in a })))
-            admittedIDs.insert(row.row.id)
         }
-        decision.cursor = Self.cursor(rows: rows.map(\.row), admitted: admittedIDs, refusedAt: refusedAt, consumed: consumed)
+        decision.cursor = Self.cursor(rows: rows.map(\.row), firstStarvedLane: firstStarvedLane)
         return decision
     }
 
-    /// Where the rotation continues: after the last lane before the first
-    /// lane that was *starved* — none of its jobs admitted, and one of them
-    /// refused by a gate partition that this very tick gave capacity to
-    /// other jobs. That lane goes first next time. A lane whose jobs were
-    /// refused by state from before the tick (its own cap full, its bucket
-    /// empty) is passed over, so blocked keys never hold up the rotation.
-    static func cursor(rows: [BatchRow], admitted: Set<Int64>, refusedAt: [Int64: GateKey], consumed: Set<GateKey>) -> CursorMove? {
-        struct Lane { var key: String?; var admitted = false; var starved = false }
-        var lanes: [Int: Lane] = [:]
-        for row in rows where row.lane > 0 {
-            var lane = lanes[row.lane] ?? Lane(key: row.roundRobinKey)
-            if admitted.contains(row.id) {
-                lane.admitted = true
-            } else if let key = refusedAt[row.id], consumed.contains(key) {
-                lane.starved = true
-            }
-            lanes[row.lane] = lane
-        }
-        guard !lanes.isEmpty else { return nil }
-        var last: CursorMove = .hold
-        for (_, lane) in lanes.sorted(by: { $0.key < $1.key }) {
-            if !lane.admitted && lane.starved { return last }
-            last = .after(lane.key)
-        }
-        return last
+    /// Where the rotation continues. A job is *starved* when a gate refused
+    /// it because jobs admitted earlier in this very tick took the room (a
+    /// shared cap, a shared bucket); the lane of the first starved job, in
+    /// the order the batch was decided, goes first next time: the rotation
+    /// continues after the lane before it. Without starved jobs it continues
+    /// after the last lane. A lane whose jobs were refused by state from
+    /// before the tick (its own cap full, its bucket empty) is passed over,
+    /// so blocked keys never hold up the rotation; and since the batch is
+    /// decided in priority order, tenants of equal priority rotate among
+    /// themselves even behind higher-priority ones.
+    static func cursor(rows: [BatchRow], firstStarvedLane: Int?) -> CursorMove? {
+        var keys: [Int: String?] = [:]
+        for row in rows where row.lane > 0 && keys[row.lane] == nil { keys[row.lane] = .some(row.roundRobinKey) }
+        let lanes = keys.keys.sorted()
+        guard let last = lanes.last else { return nil }
+        guard let starved = firstStarvedLane else { return .after(keys[last] ?? nil) }
+        guard let before = lanes.last(where: { $0 < starved }) else { return .hold }
+        return .after(keys[before] ?? nil)
     }
 }

@@ -191,7 +191,7 @@ public struct TickRunner: Service {
                         let policy = work.name
                         if let state = failing[policy], ContinuousClock.now < state.retryAt { continue }
                         do {
-                            let result = try await ticker.tick(policy: policy)
+                            let result = try await ticker.tick(policy: policy, reap: work.expiredLeases)
                             summaries[policy, default: PolicySummary(policy: policy)].add(result)
                             admitted += result.admitted
                             if failing.removeValue(forKey: policy) != nil {
@@ -288,8 +288,7 @@ public struct TickRunner: Service {
         ).map { try $0.decode(String.self) }
         for policy in expired {
             await step("reap:\(policy)", report: &report, errors: &errors, conn: conn) {
-                reaped += try await conn.rows("SELECT dispatch_policy.reap_leases(\(policy))", logger: logger)
-                    .first?.decode(Int.self) ?? 0
+                reaped += try await Ticker(connection: conn, settings: options.tick, logger: logger).reapLeases(policy: policy)
             }
         }
         var removed: [String: Int] = [:]

@@ -66,6 +66,14 @@ public struct PolicyWork: Sendable, Equatable {
     public var name: String
     /// A runner recorded a failed tick of it (`dispatch_policy.runner_failures`).
     public var failing: Bool
+    /// Some of its admitted jobs' leases have run out.
+    public var expiredLeases: Bool
+
+    public init(name: String, failing: Bool, expiredLeases: Bool = true) {
+        self.name = name
+        self.failing = failing
+        self.expiredLeases = expiredLeases
+    }
 }
 
 /// Runs ticks: one policy, one transaction, on one connection.
@@ -93,20 +101,24 @@ public struct Ticker: Sendable {
     public func policiesWithWork(only: [String]? = nil) async throws -> [PolicyWork] {
         try await connection.rows(
             """
-            SELECT p.name, EXISTS (SELECT 1 FROM dispatch_policy.runner_failures f WHERE f.policy = p.name)
-            FROM dispatch_policy.policies p
-            WHERE NOT p.paused AND (\(only)::text[] IS NULL OR p.name = ANY (\(only)::text[]))
-              AND (EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name AND s.not_before IS NULL)
-                   OR EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
-                              AND s.not_before IS NOT NULL AND s.not_before <= now())
-                   OR EXISTS (SELECT 1 FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name AND a.lease_expires_at < now())
-                   OR EXISTS (SELECT 1 FROM dispatch_policy.observations o WHERE o.policy = p.name))
-            ORDER BY p.name
+            SELECT name, failing, expired FROM (
+              SELECT p.name,
+                     EXISTS (SELECT 1 FROM dispatch_policy.runner_failures f WHERE f.policy = p.name) AS failing,
+                     EXISTS (SELECT 1 FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name AND a.lease_expires_at < now()) AS expired,
+                     EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name AND s.not_before IS NULL)
+                     OR EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
+                                AND s.not_before IS NOT NULL AND s.not_before <= now())
+                     OR EXISTS (SELECT 1 FROM dispatch_policy.observations o WHERE o.policy = p.name) AS work
+              FROM dispatch_policy.policies p
+              WHERE NOT p.paused AND (\(only)::text[] IS NULL OR p.name = ANY (\(only)::text[]))
+            ) w
+            WHERE work OR expired
+            ORDER BY name
             """,
             logger: logger
         ).map { row in
-            let (name, failing) = try row.decode((String, Bool).self)
-            return PolicyWork(name: name, failing: failing)
+            let (name, failing, expired) = try row.decode((String, Bool, Bool).self)
+            return PolicyWork(name: name, failing: failing, expiredLeases: expired)
         }
     }
 
@@ -117,8 +129,42 @@ public struct Ticker: Sendable {
         ).first?.decode(Bool.self) ?? false
     }
 
-    /// One tick of `policy`.
-    public func tick(policy: String) async throws -> TickResult {
+    /// Reaps the expired leases of `policy` in a transaction of its own,
+    /// bounded by the tick timeout (releasing slots may wait for a worker's
+    /// transaction that holds a counter).
+    public func reapLeases(policy: String) async throws -> Int {
+        try await inTransaction(logger: logger) {
+            try await scalar("SELECT dispatch_policy.reap_leases(\(policy))", as: Int.self, logger: logger)
+        }
+    }
+
+    /// Runs `body` in a transaction whose statement_timeout is the tick timeout.
+    private func inTransaction<T>(logger: Logger, _ body: () async throws -> T) async throws -> T {
+        _ = try await connection.rows("BEGIN", logger: logger)
+        do {
+            _ = try await connection.rows(
+                "SELECT set_config('statement_timeout', coalesce(\(timeoutMilliseconds)::text, current_setting('statement_timeout')), true)",
+                logger: logger)
+            let result = try await body()
+            _ = try await connection.rows("COMMIT", logger: logger)
+            return result
+        } catch {
+            _ = try? await connection.rows("ROLLBACK", logger: logger)
+            throw error
+        }
+    }
+
+    /// The tick timeout in whole milliseconds, at least 1 and at most a day
+    /// (no overflow whatever the setting); nil: the session's.
+    private var timeoutMilliseconds: String? {
+        settings.timeout.map { timeout in
+            String(max(1, min(max(timeout.components.seconds, 0), 86_400) * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
+        }
+    }
+
+    /// One tick of `policy`. `reap`: first reap its expired leases (pass
+    /// false when the caller knows there are none: it saves a transaction).
+    public func tick(policy: String, reap: Bool = true) async throws -> TickResult {
         let started = ContinuousClock.now
         var result = TickResult(policy: policy, outcome: .ran)
         var log = logger
@@ -128,7 +174,7 @@ public struct Ticker: Sendable {
         // while read_counters locks the batch's would take counters in two
         // statements, out of order against a concurrent complete() — a
         // deadlock. (Reaping needs no tick lock: it skips rows in use.)
-        let reaped = try await scalar("SELECT dispatch_policy.reap_leases(\(policy))", as: Int.self, logger: log)
+        let reaped = reap ? try await reapLeases(policy: policy) : 0
         _ = try await connection.rows("BEGIN", logger: log)
         do {
             result = try await tickInTransaction(policy: policy, logger: log)
@@ -149,15 +195,11 @@ public struct Ticker: Sendable {
 
     private func tickInTransaction(policy: String, logger: Logger) async throws -> TickResult {
         var result = TickResult(policy: policy, outcome: .ran)
-        // Whole milliseconds, at least 1 and at most a day (no overflow whatever the setting).
-        let timeoutMs = settings.timeout.map { timeout in
-            String(max(1, min(max(timeout.components.seconds, 0), 86_400) * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
-        }
         // The lock, and this transaction's statement_timeout, in one round trip.
         guard try await scalar(
             """
             SELECT dispatch_policy.try_lock_policy(\(policy))
-            FROM (SELECT set_config('statement_timeout', coalesce(\(timeoutMs)::text, current_setting('statement_timeout')), true)) t
+            FROM (SELECT set_config('statement_timeout', coalesce(\(timeoutMilliseconds)::text, current_setting('statement_timeout')), true)) t
             """, as: Bool.self, logger: logger
         ) else {
             result.outcome = .busy

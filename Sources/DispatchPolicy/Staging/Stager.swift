@@ -74,9 +74,24 @@ public struct Stager: Sendable {
         self.logger = logger
     }
 
+    /// The times `not_before` may take: years 1 to 9999. (PostgreSQL goes
+    /// further, but the driver's date encoding traps beyond year 294276.)
+    public static let notBeforeRange: ClosedRange<Date> =
+        Date(timeIntervalSince1970: -62_135_596_800) ... Date(timeIntervalSince1970: 253_402_300_799)
+
+    static func checkNotBefore(_ date: Date?, field: String = "not_before") throws {
+        guard let date else { return }
+        guard notBeforeRange.contains(date) else {
+            throw DispatchPolicyError(
+                code: .invalidArgument, message: "\(field) must be a time from year 1 to year 9999",
+                detail: "\(field) is \(date.timeIntervalSince1970) s after 1970.", hint: "Nothing was stored.")
+        }
+    }
+
     /// Stages one job; returns its id, or nil when deduplicated (a job of the
     /// same policy with the same dedupe key is pending or admitted).
     public func stage(policy: String, _ job: JobSpec) async throws -> Int64? {
+        try Self.checkNotBefore(job.notBefore)
         let rows = try await executor.rows(
             """
             SELECT dispatch_policy.stage(
@@ -92,6 +107,7 @@ public struct Stager: Sendable {
     /// where deduplicated, also against an earlier job of the same call.
     public func stageMany(policy: String, _ jobs: [JobSpec]) async throws -> [Int64?] {
         guard !jobs.isEmpty else { return [] }
+        for (index, job) in jobs.enumerated() { try Self.checkNotBefore(job.notBefore, field: "jobs[\(index)].not_before") }
         let array = "[" + (try jobs.map { try $0.jsonObject() }).joined(separator: ",") + "]"
         let rows = try await executor.rows(
             """
