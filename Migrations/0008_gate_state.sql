@@ -138,10 +138,12 @@ CREATE INDEX admitted_jobs_claim_idx
   ON dispatch_policy.admitted_jobs (queue, priority, id)
   WHERE started_at IS NULL AND target = 'ready_queue';
 
--- Jobs without a round-robin key have their own lane in the rotation.
-CREATE INDEX staged_jobs_keyless_idx
-  ON dispatch_policy.staged_jobs (policy, priority, id)
-  WHERE not_before IS NULL AND round_robin_key IS NULL;
+-- One index serves every lane, keyed or not: jobs without a round-robin key
+-- (NULL sorts last) have a lane of their own in the rotation.
+DROP INDEX dispatch_policy.staged_jobs_round_robin_idx;
+CREATE INDEX staged_jobs_round_robin_idx
+  ON dispatch_policy.staged_jobs (policy, round_robin_key, priority, id)
+  WHERE not_before IS NULL;
 
 -- ---------------------------------------------------------------------------
 -- Releasing slots, recording outcomes: set-based, counters locked in order.
@@ -656,6 +658,11 @@ COMMENT ON FUNCTION dispatch_policy.save_adaptive(text, jsonb, timestamptz) IS
 CREATE FUNCTION dispatch_policy._round_robin_key_after(policy text, after text)
 RETURNS text
 LANGUAGE plpgsql STABLE SECURITY INVOKER
+-- See fetch_batch: only staged_jobs_round_robin_idx gives this order unsorted.
+SET enable_sort = off
+-- Pricing sorts out inflates the plan's cost past jit_above_cost: no JIT for
+-- a few hundred rows (it costs half a second).
+SET jit = off
 AS $$
 DECLARE
   key text;
@@ -681,6 +688,11 @@ DROP FUNCTION dispatch_policy._next_round_robin_keys(text, text, integer);
 CREATE FUNCTION dispatch_policy._next_round_robin_keys(policy text, after text, n integer)
 RETURNS text[]
 LANGUAGE plpgsql STABLE SECURITY INVOKER
+-- See fetch_batch: probes in staged_jobs_round_robin_idx order, sorts priced out.
+SET enable_sort = off
+-- Pricing sorts out inflates the plan's cost past jit_above_cost: no JIT for
+-- a few hundred rows (it costs half a second).
+SET jit = off
 AS $$
 DECLARE
   keys text[] := '{}';
@@ -694,7 +706,8 @@ BEGIN
     IF key IS NULL THEN
       -- Past the last key: the keyless lane, then from the first key again.
       IF EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
-                 WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL) THEN
+                 WHERE s.policy = _next_round_robin_keys.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+                 ORDER BY s.round_robin_key, s.priority, s.id LIMIT 1) THEN
         keys := keys || NULL::text;
       END IF;
       EXIT WHEN after IS NULL;
@@ -715,6 +728,18 @@ CREATE FUNCTION dispatch_policy.fetch_batch(
 )
 RETURNS TABLE (id bigint, priority integer, round_robin_key text, context jsonb, lane integer)
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+-- The plan of a lane must not depend on statistics: right after a large
+-- stage_many, or for a policy the statistics have not seen, the planner
+-- believes the policy holds a row or two and may walk staged_jobs_ready_idx
+-- through the whole policy for every lane (0.5-2 s a tick at 30,000 jobs).
+-- Each lane asks for rows ordered by (round_robin_key, priority, id), which
+-- only staged_jobs_round_robin_idx gives without sorting; with sorts priced
+-- out, it is the plan whatever the estimates. (The sorts fetch_batch does
+-- need, of at most batch_size rows, are still done: no plan avoids them.)
+SET enable_sort = off
+-- Pricing sorts out inflates the plan's cost past jit_above_cost: no JIT for
+-- a few hundred rows (it costs half a second).
+SET jit = off
 AS $$
 DECLARE
   keys text[];
@@ -750,12 +775,8 @@ BEGIN
     SELECT j.id, j.priority, j.round_robin_key, j.context, k.n::integer AS lane
     FROM unnest(keys) WITH ORDINALITY AS k(key, n)
     CROSS JOIN LATERAL (
-      -- The key as a range, not =, and ordered as staged_jobs_round_robin_idx
-      -- is: with =, the key is constant and (priority, id) order looks as
-      -- good, so without statistics (right after a large stage_many, or for
-      -- a new policy) the planner may walk staged_jobs_ready_idx through the
-      -- whole policy for every lane. A range keeps the key in the order, and
-      -- only this index gives it without sorting.
+      -- The key as a range, not =: with =, the key is a constant and the
+      -- (priority, id) order of staged_jobs_ready_idx would do unsorted.
       SELECT s.id, s.priority, s.round_robin_key, s.context FROM dispatch_policy.staged_jobs s
       WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
         AND s.round_robin_key >= k.key AND s.round_robin_key <= k.key
@@ -768,7 +789,7 @@ BEGIN
     FROM dispatch_policy.staged_jobs s
     WHERE keyless_lane IS NOT NULL
       AND s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
-    ORDER BY s.priority, s.id
+    ORDER BY s.round_robin_key, s.priority, s.id
     LIMIT quantum
     FOR UPDATE SKIP LOCKED
   ), lanes AS (
