@@ -164,7 +164,9 @@ struct TickBench {
         sample: @escaping (Duration) async throws -> Bool
     ) async throws {
         var options = TickRunnerOptions()
-        options.busyPause = .milliseconds(20)
+        // BENCH_BUSY_PAUSE_MS: the runner's pause after a productive pass (default 20).
+        let busy = ProcessInfo.processInfo.environment["BENCH_BUSY_PAUSE_MS"].flatMap { Int64($0) } ?? 20
+        options.busyPause = .milliseconds(max(0, min(busy, 10_000)))
         options.idlePause = .milliseconds(100)
         let runner = TickRunner(connection: settings, options: options, logger: logger)
         let group = ServiceGroup(configuration: .init(services: [runner] + workers, logger: logger))

@@ -135,9 +135,13 @@ public struct Worker: Service {
                             free -= 1
                             await running.add(1)
                             jobs.addTask {
-                                await process(job, claimedAt: sentAt, conn: conn)
-                                await running.add(-1)
-                                await wake.signal()
+                                // The slot frees when the handler ends, not when its outcome
+                                // is recorded: completions queue on the connection, and a slot
+                                // held through that queue idles the worker while jobs wait.
+                                await process(job, claimedAt: sentAt, conn: conn) {
+                                    await running.add(-1)
+                                    await wake.signal()
+                                }
                             }
                         }
                     }
@@ -179,7 +183,11 @@ public struct Worker: Service {
         case leaseLost(String)
     }
 
-    private func process(_ job: Job, claimedAt: ContinuousClock.Instant, conn: PostgresConnection) async {
+    /// Runs a job's handler under its lease guard, calls `handlerEnded`,
+    /// then records the outcome.
+    private func process(
+        _ job: Job, claimedAt: ContinuousClock.Instant, conn: PostgresConnection, handlerEnded: () async -> Void
+    ) async {
         let log = {
             var log = logger
             log[metadataKey: "job.id"] = "\(job.id)"
@@ -187,7 +195,10 @@ public struct Worker: Service {
             log[metadataKey: "policy.name"] = "\(job.policy)"
             return log
         }()
-        guard let handler = handlers[job.policy] else { return }  // claim is filtered by these policies
+        guard let handler = handlers[job.policy] else {  // claim is filtered by these policies
+            await handlerEnded()
+            return
+        }
         let lease = Duration.seconds(max(job.leaseSeconds, 1))
         let interval = options.heartbeatInterval ?? lease / 3
         // Stop a little before the lease runs out: the reaper may hand the job
@@ -233,6 +244,7 @@ public struct Worker: Service {
             group.cancelAll()
             return outcome
         }
+        await handlerEnded()
         switch outcome {
         case .leaseLost(let reason):
             log.warning("lease lost: the handler was cancelled and its outcome is not reported", metadata: ["reason": "\(reason)"])
