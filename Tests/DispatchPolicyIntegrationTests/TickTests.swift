@@ -149,7 +149,7 @@ struct GateEnforcementTests {
             #expect(second.admitted == 2)
             #expect(try await count(conn, "SELECT current_max FROM dispatch_policy.adaptive_stats") == 3)
             #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.observations") == 0)
-            #expect(try await count(conn, "SELECT completions FROM dispatch_policy.observation_minutes") == 2)
+            #expect(try await count(conn, "SELECT sum(completions) FROM dispatch_policy.observation_minutes") == 2)
             let third = try await tick(conn, "p")
             #expect(third.observationsFolded == 0 && third.admitted == 1)
             // A failure once a window has passed since the last decrease: the cap halves.
