@@ -63,6 +63,8 @@ AS $$
      'Most jobs one claim() returns.'),
     ('claim.worker', 0, false, 256, false, true, NULL, 'bytes',
      'Worker name recorded on claimed jobs.'),
+    ('complete_many.jobs', 0, false, 10000, false, true, NULL, 'jobs',
+     'Most jobs one complete_many() finishes.'),
     ('fail.retry_in', 0, false, 31536000, false, false, NULL, 'seconds',
      'Delay before a failed job is retried (default 2^attempt s, at most 3600).'),
     ('fail.error', 0, false, 8192, false, true, NULL, 'characters',

@@ -137,6 +137,11 @@ DROP INDEX dispatch_policy.admitted_jobs_claim_idx;
 CREATE INDEX admitted_jobs_claim_idx
   ON dispatch_policy.admitted_jobs (queue, priority, id)
   WHERE started_at IS NULL AND target = 'ready_queue';
+-- A policy's expired leases are one index range: the runner probes it every
+-- pass and reap_leases(policy) walks it, whatever other policies hold.
+DROP INDEX dispatch_policy.admitted_jobs_policy_idx;
+CREATE INDEX admitted_jobs_policy_idx
+  ON dispatch_policy.admitted_jobs (policy, lease_expires_at);
 
 -- One index serves every lane, keyed or not: jobs without a round-robin key
 -- (NULL sorts last) have a lane of their own in the rotation.
@@ -250,49 +255,91 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._fail_attempts(dispatch_policy.admitted_jobs[], text, interval, timestamptz) IS
   'Internal: ends failed attempts removed from admitted_jobs: releases their slots (one sorted statement), records failures and failed observations, re-stages each job after retry_in (default 2^attempt s, at most an hour) or, after max_attempts, keeps it as dead. Returns each job''s state: retrying or dead.';
 
--- Why a worker call found no admitted attempt: raises the documented error.
-CREATE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
-RETURNS void
+-- Why a worker call found no admitted attempt (the attempt, when given, is
+-- not the one admitted now): the one rule complete, complete_many, fail,
+-- heartbeat and started report by.
+CREATE FUNCTION dispatch_policy._attempt_status(id bigint, attempt integer)
+RETURNS TABLE (outcome text, detail text)
 LANGUAGE plpgsql STABLE SECURITY INVOKER
 AS $$
 DECLARE
   current_attempt integer;
   finished record;
 BEGIN
-  SELECT a.attempt INTO current_attempt FROM dispatch_policy.admitted_jobs a WHERE a.id = _raise_not_admitted.id;
+  SELECT a.attempt INTO current_attempt FROM dispatch_policy.admitted_jobs a WHERE a.id = _attempt_status.id;
   IF FOUND THEN
+    RETURN QUERY SELECT 'stale'::text,
+      format('Attempt %s holds the job now: the lease of attempt %s ran out and the job was admitted again.',
+             current_attempt, _attempt_status.attempt);
+    RETURN;
+  END IF;
+  SELECT s.attempt INTO current_attempt FROM dispatch_policy.staged_jobs s WHERE s.id = _attempt_status.id;
+  IF FOUND THEN
+    IF _attempt_status.attempt IS NOT NULL THEN
+      RETURN QUERY SELECT 'stale'::text,
+        format('The job waits for admission as attempt %s (its lease ran out, or it failed).', current_attempt);
+    ELSE
+      RETURN QUERY SELECT 'not_admitted'::text, 'It is staged, waiting for admission (or for a retry).'::text;
+    END IF;
+    RETURN;
+  END IF;
+  SELECT f.status, f.attempts INTO finished FROM dispatch_policy.finished_jobs f WHERE f.id = _attempt_status.id;
+  IF FOUND THEN
+    IF finished.status = 'completed' AND coalesce(_attempt_status.attempt = finished.attempts, true) THEN
+      RETURN QUERY SELECT 'already_completed'::text, 'It has already finished.'::text;
+    ELSIF _attempt_status.attempt IS NOT NULL THEN
+      RETURN QUERY SELECT 'stale'::text,
+        format('The job already finished: %s after attempt %s.', finished.status, finished.attempts);
+    ELSE
+      RETURN QUERY SELECT 'not_admitted'::text, 'It has already finished.'::text;
+    END IF;
+    RETURN;
+  END IF;
+  RETURN QUERY SELECT 'not_admitted'::text, 'No job has this id.'::text;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._attempt_status(bigint, integer) IS
+  'Internal: why job id (attempt, when given) is not admitted now: already_completed (that attempt completed), stale (another attempt holds the job, or it waits or finished after a different attempt) or not_admitted (staged, finished or unknown), with a detail.';
+
+-- Raises the documented error for a worker call that found no admitted attempt.
+CREATE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
+RETURNS void
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  status record;
+BEGIN
+  SELECT * INTO status FROM dispatch_policy._attempt_status(_raise_not_admitted.id, _raise_not_admitted.attempt);
+  IF status.outcome = 'stale' THEN
     RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
-      USING ERRCODE = 'DP001',
-            DETAIL = format('Attempt %s holds the job now: the lease of attempt %s ran out and the job was admitted again.',
-                            current_attempt, attempt),
-            HINT = 'Stop working on it: nothing was changed.';
+      USING ERRCODE = 'DP001', DETAIL = status.detail, HINT = 'Stop working on it: nothing was changed.';
   END IF;
-  SELECT s.attempt INTO current_attempt FROM dispatch_policy.staged_jobs s WHERE s.id = _raise_not_admitted.id;
-  IF FOUND THEN
-    IF attempt IS NOT NULL THEN
-      RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
-        USING ERRCODE = 'DP001',
-              DETAIL = format('The job waits for admission as attempt %s (its lease ran out, or it failed).', current_attempt),
-              HINT = 'Stop working on it: nothing was changed.';
-    END IF;
-    RAISE EXCEPTION 'job % is not admitted', id
-      USING ERRCODE = 'P0002', DETAIL = 'It is staged, waiting for admission (or for a retry).';
-  END IF;
-  SELECT f.status, f.attempts INTO finished FROM dispatch_policy.finished_jobs f WHERE f.id = _raise_not_admitted.id;
-  IF FOUND THEN
-    IF attempt IS NOT NULL AND (attempt <> finished.attempts OR finished.status = 'dead') THEN
-      RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
-        USING ERRCODE = 'DP001',
-              DETAIL = format('The job already finished: %s after attempt %s.', finished.status, finished.attempts),
-              HINT = 'Stop working on it: nothing was changed.';
-    END IF;
-    RAISE EXCEPTION 'job % is not admitted', id USING ERRCODE = 'P0002', DETAIL = 'It has already finished.';
-  END IF;
-  RAISE EXCEPTION 'job % is not admitted', id USING ERRCODE = 'P0002', DETAIL = 'No job has this id.';
+  RAISE EXCEPTION 'job % is not admitted', id USING ERRCODE = 'P0002', DETAIL = status.detail;
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._raise_not_admitted(bigint, integer) IS
   'Internal: raises DP001 (the given attempt is not the current one) or P0002 (the job is not admitted: staged, finished or unknown), with a DETAIL saying which.';
+
+-- Ends completed attempts (already removed from admitted_jobs).
+CREATE FUNCTION dispatch_policy._complete_attempts(jobs dispatch_policy.admitted_jobs[], now timestamptz)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  PERFORM dispatch_policy._release_slots(jobs, _complete_attempts.now);
+  PERFORM dispatch_policy._observe(jobs, true, _complete_attempts.now);
+  INSERT INTO dispatch_policy.finished_jobs
+    (id, policy, queue, priority, args, context, dedupe_key, attempts, status, created_at, admitted_at, started_at, finished_at)
+  SELECT j.id, j.policy, j.queue, j.priority, j.args, j.context, j.dedupe_key, j.attempt, 'completed',
+         j.created_at, j.admitted_at, j.started_at, _complete_attempts.now
+  FROM unnest(jobs) AS j ORDER BY j.id;
+  DELETE FROM dispatch_policy.dedupe_keys d
+  USING unnest(jobs) AS j
+  WHERE j.dedupe_key IS NOT NULL AND d.policy = j.policy AND d.dedupe_key = j.dedupe_key AND d.job_id = j.id;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._complete_attempts(dispatch_policy.admitted_jobs[], timestamptz) IS
+  'Internal: ends completed attempts removed from admitted_jobs: releases their slots (one sorted statement), records their queue lag for adaptive gates, keeps them in finished_jobs and frees their dedupe keys.';
 
 DROP FUNCTION dispatch_policy.complete(bigint, timestamptz);
 CREATE FUNCTION dispatch_policy.complete(id bigint, now timestamptz DEFAULT now(), attempt integer DEFAULT NULL)
@@ -308,27 +355,58 @@ BEGIN
   RETURNING a.* INTO job;
   IF NOT FOUND THEN
     -- Completing a completed attempt again changes nothing.
-    IF EXISTS (SELECT 1 FROM dispatch_policy.finished_jobs f
-               WHERE f.id = complete.id
-                 AND (complete.attempt IS NULL OR (f.status = 'completed' AND f.attempts = complete.attempt))) THEN
+    IF (SELECT s.outcome FROM dispatch_policy._attempt_status(complete.id, complete.attempt) s) = 'already_completed' THEN
       RETURN false;
     END IF;
     PERFORM dispatch_policy._raise_not_admitted(complete.id, complete.attempt);
   END IF;
-  PERFORM dispatch_policy._release_slots(ARRAY[job], complete.now);
-  PERFORM dispatch_policy._observe(ARRAY[job], true, complete.now);
-  INSERT INTO dispatch_policy.finished_jobs
-    (id, policy, queue, priority, args, context, dedupe_key, attempts, status, created_at, admitted_at, started_at, finished_at)
-  VALUES (job.id, job.policy, job.queue, job.priority, job.args, job.context, job.dedupe_key, job.attempt, 'completed',
-          job.created_at, job.admitted_at, job.started_at, complete.now);
-  IF job.dedupe_key IS NOT NULL THEN
-    DELETE FROM dispatch_policy.dedupe_keys d WHERE d.policy = job.policy AND d.dedupe_key = job.dedupe_key AND d.job_id = job.id;
-  END IF;
+  PERFORM dispatch_policy._complete_attempts(ARRAY[job], complete.now);
   RETURN true;
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.complete(bigint, timestamptz, integer) IS
-  'Finishes an admitted job: releases every slot it holds, records its queue lag for adaptive gates, frees its dedupe key, keeps it in finished_jobs; true. Completing it again returns false and changes nothing. With attempt (from claim; complete(id, attempt => n)) only that attempt is completed: SQLSTATE DP001 when it is not the current one (its lease ran out), and nothing changes. P0002 when the job is not admitted.';
+  'Finishes an admitted job: releases every slot it holds, records its queue lag for adaptive gates, frees its dedupe key, keeps it in finished_jobs; true. Completing it again returns false and changes nothing. With attempt (from claim; complete(id, attempt => n)) only that attempt is completed: SQLSTATE DP001 when it is not the current one (its lease ran out), and nothing changes. P0002 when the job is not admitted. To finish many jobs in one call, see complete_many.';
+
+CREATE FUNCTION dispatch_policy.complete_many(ids bigint[], attempts integer[], now timestamptz DEFAULT now())
+RETURNS TABLE (id bigint, outcome text)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  done dispatch_policy.admitted_jobs[];
+BEGIN
+  PERFORM dispatch_policy._require_now(complete_many.now);
+  IF ids IS NULL OR attempts IS NULL OR cardinality(ids) <> cardinality(attempts) THEN
+    RAISE EXCEPTION 'ids and attempts must be arrays of the same length'
+      USING ERRCODE = '22023', HINT = 'Pass each job''s attempt (NULL: whichever attempt is current). Nothing was changed.';
+  END IF;
+  IF NOT dispatch_policy._within_limit(cardinality(ids), 'complete_many.jobs') THEN
+    RAISE EXCEPTION 'ids must hold at most % jobs', dispatch_policy._limit_max('complete_many.jobs')
+      USING ERRCODE = '22023', DETAIL = format('%s ids were given.', cardinality(ids)), HINT = 'Nothing was changed.';
+  END IF;
+  IF array_position(ids, NULL) IS NOT NULL THEN
+    RAISE EXCEPTION 'ids must not contain NULL'
+      USING ERRCODE = '22004', DETAIL = format('Element %s is NULL.', array_position(ids, NULL)), HINT = 'Nothing was changed.';
+  END IF;
+  -- Rows in id order, as every multi-job writer locks them.
+  PERFORM 1 FROM dispatch_policy.admitted_jobs a WHERE a.id = ANY (ids) ORDER BY a.id FOR UPDATE;
+  WITH gone AS (
+    DELETE FROM dispatch_policy.admitted_jobs a
+    USING unnest(ids, attempts) AS r(id, attempt)
+    WHERE a.id = r.id AND (r.attempt IS NULL OR a.attempt = r.attempt)
+    RETURNING a
+  )
+  SELECT coalesce(array_agg(g.a ORDER BY (g.a).id), '{}') INTO done FROM gone g;
+  PERFORM dispatch_policy._complete_attempts(done, complete_many.now);
+  RETURN QUERY
+  SELECT r.id,
+         CASE WHEN r.id IN (SELECT d.id FROM unnest(done) AS d) THEN 'completed'
+              ELSE (SELECT s.outcome FROM dispatch_policy._attempt_status(r.id, r.attempt) s) END
+  FROM (SELECT DISTINCT ON (u.id) u.id, u.attempt FROM unnest(ids, attempts) AS u(id, attempt) ORDER BY u.id, u.attempt) r
+  ORDER BY r.id;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.complete_many(bigint[], integer[], timestamptz) IS
+  'Finishes many admitted jobs in one call, as complete() each, in one transaction: slots released in one sorted statement. attempts[i] is the attempt of ids[i] (NULL: whichever is current). Returns one row per distinct id: completed, already_completed (that attempt completed before; nothing changes), stale (another attempt holds the job: DP001 for complete) or not_admitted (P0002 for complete); only completed rows change anything. Up to 10000 ids; 22023 when the arrays differ in length, 22004 for a NULL id.';
 
 DROP FUNCTION dispatch_policy.fail(bigint, text, interval, timestamptz);
 CREATE FUNCTION dispatch_policy.fail(
@@ -420,12 +498,14 @@ AS $$
   UPDATE dispatch_policy.admitted_jobs a
   SET started_at = claim.now, worker = claim.worker, heartbeat_at = claim.now,
       lease_expires_at = claim.now + make_interval(secs => a.lease_seconds)
-  WHERE a.id IN (SELECT x.id FROM dispatch_policy.admitted_jobs x
-                 WHERE x.queue = claim.queue AND x.started_at IS NULL AND x.target = 'ready_queue'
-                   AND (claim.policies IS NULL OR x.policy = ANY (claim.policies))
-                 ORDER BY x.priority, x.id
-                 LIMIT claim.max
-                 FOR UPDATE SKIP LOCKED)
+  -- By primary key from an array: an IN (subquery) is planned for a generic
+  -- LIMIT and joined by a scan of every admitted job.
+  WHERE a.id = ANY (ARRAY(SELECT x.id FROM dispatch_policy.admitted_jobs x
+                          WHERE x.queue = claim.queue AND x.started_at IS NULL AND x.target = 'ready_queue'
+                            AND (claim.policies IS NULL OR x.policy = ANY (claim.policies))
+                          ORDER BY x.priority, x.id
+                          LIMIT claim.max
+                          FOR UPDATE SKIP LOCKED))
   RETURNING a.id, a.policy, a.queue, a.args, a.context, a.attempt, a.lease_expires_at, a.lease_seconds;
 $$;
 COMMENT ON FUNCTION dispatch_policy.claim(text, text, integer, timestamptz, text[]) IS

@@ -86,6 +86,72 @@ struct FencingTests {
         }
     }
 
+    /// complete_many is what the Worker reports through: it must do exactly
+    /// what complete() does per job, and change nothing for the others.
+    @Test("complete_many finishes many jobs as complete() would each, and reports stale and unknown ones without changing them")
+    func completeMany() async throws {
+        try await withTestDatabase { conn, _ in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig(leaseSeconds: 60) {
+                Gate.concurrency(max: 5, partitionBy: "{acct}")
+                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 5, targetLagMs: 60_000)
+            }.json())
+            for n in 1...4 {
+                try await conn.exec("""
+                    SELECT dispatch_policy.stage('p', \(String(n))::jsonb, context => '{"acct": "a"}', dedupe_key => \("k\(n)"))
+                    """)
+            }
+            let ticker = Ticker(connection: conn, logger: TestServer.logger)
+            _ = try await ticker.tick(policy: "p")
+            let claimed = try await conn.rows("SELECT id, attempt FROM dispatch_policy.claim('default', 'w', 10) ORDER BY id", logger: TestServer.logger)
+                .map { try $0.decode((Int64, Int).self) }
+            try #require(claimed.count == 4)
+            let (j1, j2, j3, j4) = (claimed[0].0, claimed[1].0, claimed[2].0, claimed[3].0)
+            // j3's lease runs out; it is admitted again as attempt 2.
+            try await conn.exec("UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = \(j3)")
+            try await conn.exec("SELECT dispatch_policy.reap_leases('p')")
+            try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = NULL")
+            _ = try await ticker.tick(policy: "p")
+            let before = try await conn.scalar("SELECT string_agg(row(a.*)::text, ',' ORDER BY id) FROM dispatch_policy.admitted_jobs a WHERE id IN (\(j3), \(j4))", as: String.self)
+
+            func completeMany(_ ids: String, _ attempts: String) async throws -> [String] {
+                try await conn.rows(PostgresQuery(unsafeSQL: "SELECT id || ':' || outcome FROM dispatch_policy.complete_many(\(ids), \(attempts))"),
+                                    logger: TestServer.logger).map { try $0.decode(String.self) }
+            }
+            // j1 twice (one row), j2 with whichever attempt is current, j3's stale attempt, an unknown id.
+            #expect(try await completeMany("ARRAY[\(j1), \(j2), \(j1), \(j3), 999999]::bigint[]", "ARRAY[1, NULL, 1, 1, NULL]::integer[]")
+                    == ["\(j1):completed", "\(j2):completed", "\(j3):stale", "999999:not_admitted"])
+            #expect(try await completeMany("ARRAY[\(j1), \(j2)]::bigint[]", "ARRAY[1, NULL]::integer[]")
+                    == ["\(j1):already_completed", "\(j2):already_completed"])
+            #expect(try await completeMany("'{}'::bigint[]", "'{}'::integer[]") == [])
+            // What complete() leaves: finished rows, freed dedupe keys, released slots, observations.
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 2)
+            #expect(try await conn.scalar("SELECT string_agg(dedupe_key, ',' ORDER BY dedupe_key) FROM dispatch_policy.dedupe_keys", as: String.self) == "k3,k4")
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.observations WHERE success", as: Int.self) == 2)
+            #expect(try await conn.scalar("SELECT string_agg(row(a.*)::text, ',' ORDER BY id) FROM dispatch_policy.admitted_jobs a WHERE id IN (\(j3), \(j4))", as: String.self) == before)
+            try await expectCountersConsistent(conn)
+            #expect(try await conn.scalar("SELECT in_flight FROM dispatch_policy.inflight_counters WHERE gate = 'concurrency'", as: Int.self) == 2)
+
+            // Bad arguments: an error naming them, and nothing changes.
+            await expectSQLError("22023", "ids and attempts must be arrays of the same length") {
+                try await conn.exec("SELECT dispatch_policy.complete_many(ARRAY[\(j4)]::bigint[], '{}'::integer[])")
+            }
+            await expectSQLError("22023", "ids and attempts must be arrays of the same length") {
+                try await conn.exec("SELECT dispatch_policy.complete_many(NULL, NULL)")
+            }
+            await expectSQLError("22004", "ids must not contain NULL") {
+                try await conn.exec("SELECT dispatch_policy.complete_many(ARRAY[\(j4), NULL]::bigint[], ARRAY[1, 1]::integer[])")
+            }
+            await expectSQLError("22023", "ids must hold at most 10000 jobs") {
+                try await conn.exec("""
+                    SELECT dispatch_policy.complete_many(array_fill(\(j4)::bigint, ARRAY[10001]), array_fill(NULL::integer, ARRAY[10001]))
+                    """)
+            }
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self) == 2)
+            #expect(try await completeMany("ARRAY[\(j4)]::bigint[]", "ARRAY[1]::integer[]") == ["\(j4):completed"])
+            try await expectCountersConsistent(conn)
+        }
+    }
+
     /// Regression (13): with concurrency max 1, lease_seconds 8 and a 20 s
     /// handler, 3 handlers ran at once (heartbeats at a fixed 30 s; a lost
     /// lease only logged).

@@ -246,6 +246,10 @@ struct TickBench {
             return true
         }
         print(String(format: "baseline: the same 10 workers, no gate: %.0f jobs/s (nominal 500)", baseline))
+        // What the baseline left (it has no gates: no counters to keep true)
+        // would sit in the queue the adaptive workers claim from, unserved.
+        _ = try await db.query("DELETE FROM dispatch_policy.staged_jobs WHERE policy = 'unlimited'", logger: logger)
+        _ = try await db.query("DELETE FROM dispatch_policy.admitted_jobs WHERE policy = 'unlimited'", logger: logger)
 
         let config = PolicyConfig {
             Gate.adaptiveConcurrency(initialMax: 3, targetLagMs: 100)

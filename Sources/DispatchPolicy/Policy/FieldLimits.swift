@@ -84,6 +84,7 @@ public enum FieldLimits {
     public static let partitionKey = FieldLimit("partition_key", 0, 256, integral: true, unit: "bytes")
     public static let claimMax = FieldLimit("claim.max", 1, 10_000, integral: true, default: 1, unit: "jobs")
     public static let claimWorker = FieldLimit("claim.worker", 0, 256, integral: true, unit: "bytes")
+    public static let completeManyJobs = FieldLimit("complete_many.jobs", 0, 10_000, integral: true, unit: "jobs")
     public static let failRetryIn = FieldLimit("fail.retry_in", 0, 31_536_000, integral: false, unit: "seconds")
     public static let failError = FieldLimit("fail.error", 0, 8192, integral: true, unit: "characters")
     public static let pruneRetention = FieldLimit("prune.retention", 0, 3_153_600_000, integral: false, default: 604_800, unit: "seconds")
@@ -94,6 +95,6 @@ public enum FieldLimits {
         batchSize, roundRobinQuantum, leaseSeconds, maxAttempts, throttleRate, throttlePer, throttleBurst, concurrencyMax,
         globalCapMax, adaptiveInitialMax, adaptiveMin, adaptiveMax, adaptiveTargetLagMs, adaptiveEWMAAlpha,
         adaptiveFailureDecrease, adaptiveOverloadDecrease, jobPriority, jobQueue, jobDedupeKey, jobRoundRobinKey, jobContext,
-        partitionKey, claimMax, claimWorker, failRetryIn, failError, pruneRetention, pruneIdle,
+        partitionKey, claimMax, claimWorker, completeManyJobs, failRetryIn, failError, pruneRetention, pruneIdle,
     ]
 }

@@ -102,13 +102,19 @@ public struct Ticker: Sendable {
         try await connection.rows(
             """
             SELECT name, failing, expired FROM (
+              -- Each probe is the first row in an index's order, so it is one index
+              -- descent whatever the statistics say: an EXISTS may be planned as a
+              -- scan of the table that reads every row of the other policies.
               SELECT p.name,
                      EXISTS (SELECT 1 FROM dispatch_policy.runner_failures f WHERE f.policy = p.name) AS failing,
-                     EXISTS (SELECT 1 FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name AND a.lease_expires_at < now()) AS expired,
-                     EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name AND s.not_before IS NULL)
-                     OR EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
-                                AND s.not_before IS NOT NULL AND s.not_before <= now())
-                     OR EXISTS (SELECT 1 FROM dispatch_policy.observations o WHERE o.policy = p.name) AS work
+                     (SELECT a.id FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name AND a.lease_expires_at < now()
+                      ORDER BY a.policy, a.lease_expires_at LIMIT 1) IS NOT NULL AS expired,
+                     (SELECT s.id FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name AND s.not_before IS NULL
+                      ORDER BY s.policy, s.priority, s.id LIMIT 1) IS NOT NULL
+                     OR (SELECT s.id FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
+                         AND s.not_before IS NOT NULL AND s.not_before <= now() ORDER BY s.policy, s.not_before LIMIT 1) IS NOT NULL
+                     OR (SELECT o.id FROM dispatch_policy.observations o WHERE o.policy = p.name
+                         ORDER BY o.policy, o.gate, o.id LIMIT 1) IS NOT NULL AS work
               FROM dispatch_policy.policies p
               WHERE NOT p.paused AND (\(only)::text[] IS NULL OR p.name = ANY (\(only)::text[]))
             ) w

@@ -88,16 +88,22 @@ public struct Worker: Service {
     }
 
     public func run() async throws {
-        try await connection.withConnection(logger: logger) { conn in
-            try await connection.withConnection(logger: logger) { listener in
-                await loop(conn: conn, listener: listener)
+        // Claims, outcomes and notifications each have a connection: a claim
+        // never queues behind completions that wait on a counter row the tick
+        // holds, which would idle the worker while admitted jobs wait.
+        try await connection.withConnection(logger: logger) { claimer in
+            try await connection.withConnection(logger: logger) { reporter in
+                try await connection.withConnection(logger: logger) { listener in
+                    await loop(claimer: claimer, reporter: reporter, listener: listener)
+                }
             }
         }
     }
 
-    private func loop(conn: PostgresConnection, listener: PostgresConnection) async {
+    private func loop(claimer: PostgresConnection, reporter: PostgresConnection, listener: PostgresConnection) async {
         let wake = WakeSignal()
         let running = Gauge()
+        let completions = CompletionBatcher()
         let queues = Set(options.queues)
         let policies = handlers.keys.sorted()
         if policies.isEmpty {
@@ -112,6 +118,10 @@ public struct Worker: Service {
                     }
                 }
             }
+            group.addTask {
+                // Runs until the jobs have drained and the group is cancelled.
+                await completions.run(conn: reporter, logger: logger)
+            }
             await withDiscardingTaskGroup { jobs in
                 var next = 0
                 while !Task.isCancelled && !Task.isShuttingDownGracefully {
@@ -125,7 +135,7 @@ public struct Worker: Service {
                         let claimed: [(job: Job, sentAt: ContinuousClock.Instant)]
                         do {
                             let sentAt = ContinuousClock.now
-                            claimed = try await claim(conn, queue: queue, max: free, policies: policies).map { ($0, sentAt) }
+                            claimed = try await claim(claimer, queue: queue, max: free, policies: policies).map { ($0, sentAt) }
                         } catch {
                             logger.error("claim failed", metadata: ["worker.queue": "\(queue)", "error": "\(error)"])
                             break
@@ -138,7 +148,7 @@ public struct Worker: Service {
                                 // The slot frees when the handler ends, not when its outcome
                                 // is recorded: completions queue on the connection, and a slot
                                 // held through that queue idles the worker while jobs wait.
-                                await process(job, claimedAt: sentAt, conn: conn) {
+                                await process(job, claimedAt: sentAt, conn: reporter, completions: completions) {
                                     await running.add(-1)
                                     await wake.signal()
                                 }
@@ -186,7 +196,8 @@ public struct Worker: Service {
     /// Runs a job's handler under its lease guard, calls `handlerEnded`,
     /// then records the outcome.
     private func process(
-        _ job: Job, claimedAt: ContinuousClock.Instant, conn: PostgresConnection, handlerEnded: () async -> Void
+        _ job: Job, claimedAt: ContinuousClock.Instant, conn: PostgresConnection, completions: CompletionBatcher,
+        handlerEnded: () async -> Void
     ) async {
         let log = {
             var log = logger
@@ -249,9 +260,13 @@ public struct Worker: Service {
         case .leaseLost(let reason):
             log.warning("lease lost: the handler was cancelled and its outcome is not reported", metadata: ["reason": "\(reason)"])
         case .finished(.success):
-            await report(job, log: log) {
-                _ = try await conn.rows(
-                    "SELECT dispatch_policy.complete(\(job.id), attempt => \(job.attempt)::integer)", logger: log)
+            switch await completions.complete(id: job.id, attempt: job.attempt) {
+            case .success(.completed), .success(.alreadyCompleted):
+                break
+            case .success(let outcome):
+                log.warning("outcome not recorded: the attempt is no longer current", metadata: ["job.outcome": "\(outcome.rawValue)"])
+            case .failure(let error):
+                log.error("could not record the job's outcome", metadata: ["error": "\(error)"])
             }
         case .finished(.failure(let error)):
             let retry = options.retryIn.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
@@ -292,6 +307,85 @@ public struct Worker: Service {
                 }
             }
         }
+    }
+}
+
+/// Completions of one worker, recorded in batches: every completion that
+/// arrives while a batch is on its way to the server goes into the next one,
+/// one `complete_many` call each. Under load that is one round trip and one
+/// update per counter row for many jobs, instead of a queue of single calls
+/// each waiting its turn for the same counter row.
+actor CompletionBatcher {
+    enum Outcome: String {
+        case completed
+        case alreadyCompleted = "already_completed"
+        case stale
+        case notAdmitted = "not_admitted"
+    }
+
+    private typealias Reply = CheckedContinuation<Result<Outcome, DispatchPolicyError>, Never>
+    private var pending: [(id: Int64, attempt: Int, reply: Reply)] = []
+    private let arrived = WakeSignal()
+
+    /// Records a completion; returns once the batch that carried it is committed.
+    func complete(id: Int64, attempt: Int) async -> Result<Outcome, DispatchPolicyError> {
+        await withCheckedContinuation { reply in
+            pending.append((id, attempt, reply))
+            Task { await arrived.signal() }
+        }
+    }
+
+    private func takeAll() -> [(id: Int64, attempt: Int, reply: Reply)] {
+        defer { pending = [] }
+        return pending
+    }
+
+    /// Sends batches until cancelled with nothing left to send.
+    func run(conn: PostgresConnection, logger: Logger) async {
+        while true {
+            let batch = takeAll()
+            if batch.isEmpty {
+                if Task.isCancelled { return }
+                await arrived.wait(upTo: .milliseconds(100))
+                continue
+            }
+            let most = FieldLimits.completeManyJobs.clampInt(.infinity)
+            for start in stride(from: 0, to: batch.count, by: most) {
+                let part = Array(batch[start..<min(start + most, batch.count)])
+                let result = await send(part, conn: conn, logger: logger)
+                for job in part {
+                    job.reply.resume(returning: result.map { $0[job.id] ?? .notAdmitted })
+                }
+            }
+        }
+    }
+
+    /// One complete_many call, retrying a deadlock or serialization abort.
+    private func send(
+        _ batch: [(id: Int64, attempt: Int, reply: Reply)], conn: PostgresConnection, logger: Logger
+    ) async -> Result<[Int64: Outcome], DispatchPolicyError> {
+        let ids = batch.map(\.id)
+        let attempts = batch.map(\.attempt)
+        var delay = Duration.milliseconds(10)
+        for attempt in 1...6 {
+            do {
+                var outcomes: [Int64: Outcome] = [:]
+                for row in try await conn.rows(
+                    "SELECT id, outcome FROM dispatch_policy.complete_many(\(ids)::bigint[], \(attempts)::integer[])",
+                    logger: logger
+                ) {
+                    let (id, outcome) = try row.decode((Int64, String).self)
+                    outcomes[id] = Outcome(rawValue: outcome) ?? .notAdmitted
+                }
+                return .success(outcomes)
+            } catch {
+                let wrapped = DispatchPolicyError.from(error)
+                guard attempt < 6, wrapped.sqlState == "40P01" || wrapped.sqlState == "40001" else { return .failure(wrapped) }
+                try? await Task.sleep(for: delay)
+                delay *= 2
+            }
+        }
+        return .failure(DispatchPolicyError.from(CancellationError()))
     }
 }
 
