@@ -171,7 +171,7 @@ struct IsolationTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await conn.exec("""
-                CREATE FUNCTION public.slow(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql AS 'SELECT pg_sleep(5)'
+                CREATE FUNCTION public.slow(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql AS 'SELECT pg_sleep(60)'
                 """)
             let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
             try await catalog.declare(name: "a_slow", config: try PolicyConfig(target: .sql(function: "public.slow")).json())
@@ -183,7 +183,9 @@ struct IsolationTests {
         options.tick.timeout = .milliseconds(500)
         let started = ContinuousClock.now
         let report = try await TickRunner(connection: settings, options: options, logger: TestServer.logger).runLoop()
-        #expect(ContinuousClock.now - started < .seconds(4))
+        // Far below the target's 60 s, with room for a loaded machine (a full
+        // suite on 2 cores took 8 s for what takes 2 s alone).
+        #expect(ContinuousClock.now - started < .seconds(30))
         #expect(report.policies.first { $0.policy == "b_fast" }?.admitted == 1)
         let slow = try #require(report.policies.first { $0.policy == "a_slow" })
         #expect(slow.failures == 1 && slow.lastError?.contains("57014") == true)

@@ -147,4 +147,8 @@ SELECT * FROM dispatch_policy.claim('default', 'w', 0);
 SELECT * FROM dispatch_policy.claim('default', repeat('w', 300), 1);
 SELECT dispatch_policy.fail(1, 'x', interval '-1 second');
 SELECT dispatch_policy.complete(1, attempt => 2);
+SELECT * FROM dispatch_policy.complete_many(ARRAY[1, 999999], ARRAY[2, NULL]);
+SELECT * FROM dispatch_policy.complete_many(ARRAY[1], '{}');
+SELECT * FROM dispatch_policy.complete_many(ARRAY[1, NULL], ARRAY[1, 1]);
+SELECT * FROM dispatch_policy.complete_many(array_fill(1::bigint, ARRAY[10001]), array_fill(1, ARRAY[10001]));
 SELECT * FROM dispatch_policy.prune('1000000 years');
