@@ -285,8 +285,8 @@ BEGIN
   END IF;
   SELECT f.status, f.attempts INTO finished FROM dispatch_policy.finished_jobs f WHERE f.id = _attempt_status.id;
   IF FOUND THEN
-    IF finished.status = 'completed' AND coalesce(_attempt_status.attempt = finished.attempts, true) THEN
-      RETURN QUERY SELECT 'already_completed'::text, 'It has already finished.'::text;
+    IF _attempt_status.attempt IS NULL OR (finished.status = 'completed' AND _attempt_status.attempt = finished.attempts) THEN
+      RETURN QUERY SELECT 'already_finished'::text, 'It has already finished.'::text;
     ELSIF _attempt_status.attempt IS NOT NULL THEN
       RETURN QUERY SELECT 'stale'::text,
         format('The job already finished: %s after attempt %s.', finished.status, finished.attempts);
@@ -299,7 +299,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._attempt_status(bigint, integer) IS
-  'Internal: why job id (attempt, when given) is not admitted now: already_completed (that attempt completed), stale (another attempt holds the job, or it waits or finished after a different attempt) or not_admitted (staged, finished or unknown), with a detail.';
+  'Internal: why job id (attempt, when given) is not admitted now: already_finished (the job finished; with attempt, that attempt completed), stale (another attempt holds the job, or it waits, or it finished otherwise) or not_admitted (staged without attempt, or unknown), with a detail.';
 
 -- Raises the documented error for a worker call that found no admitted attempt.
 CREATE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
@@ -355,7 +355,7 @@ BEGIN
   RETURNING a.* INTO job;
   IF NOT FOUND THEN
     -- Completing a completed attempt again changes nothing.
-    IF (SELECT s.outcome FROM dispatch_policy._attempt_status(complete.id, complete.attempt) s) = 'already_completed' THEN
+    IF (SELECT s.outcome FROM dispatch_policy._attempt_status(complete.id, complete.attempt) s) = 'already_finished' THEN
       RETURN false;
     END IF;
     PERFORM dispatch_policy._raise_not_admitted(complete.id, complete.attempt);
@@ -383,6 +383,10 @@ BEGIN
     RAISE EXCEPTION 'ids must hold at most % jobs', dispatch_policy._limit_max('complete_many.jobs')
       USING ERRCODE = '22023', DETAIL = format('%s ids were given.', cardinality(ids)), HINT = 'Nothing was changed.';
   END IF;
+  IF array_ndims(ids) > 1 OR array_ndims(attempts) > 1 THEN
+    RAISE EXCEPTION 'ids and attempts must be one-dimensional arrays'
+      USING ERRCODE = '22023', HINT = 'Nothing was changed.';
+  END IF;
   IF array_position(ids, NULL) IS NOT NULL THEN
     RAISE EXCEPTION 'ids must not contain NULL'
       USING ERRCODE = '22004', DETAIL = format('Element %s is NULL.', array_position(ids, NULL)), HINT = 'Nothing was changed.';
@@ -406,7 +410,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.complete_many(bigint[], integer[], timestamptz) IS
-  'Finishes many admitted jobs in one call, as complete() each, in one transaction: slots released in one sorted statement. attempts[i] is the attempt of ids[i] (NULL: whichever is current). Returns one row per distinct id: completed, already_completed (that attempt completed before; nothing changes), stale (another attempt holds the job: DP001 for complete) or not_admitted (P0002 for complete); only completed rows change anything. Up to 10000 ids; 22023 when the arrays differ in length, 22004 for a NULL id.';
+  'Finishes many admitted jobs in one call, as complete() each, in one transaction: slots released in one sorted statement. attempts[i] is the attempt of ids[i] (NULL: whichever is current). Returns one row per distinct id: completed, already_finished (the job had finished: with an attempt, that attempt completed; nothing changes, as complete() returns false), stale (another attempt holds the job: DP001 for complete) or not_admitted (P0002 for complete); only completed rows change anything. Up to 10000 ids; 22023 when the arrays differ in length or are not one-dimensional, 22004 for a NULL id.';
 
 DROP FUNCTION dispatch_policy.fail(bigint, text, interval, timestamptz);
 CREATE FUNCTION dispatch_policy.fail(
@@ -495,21 +499,25 @@ RETURNS TABLE (id bigint, policy text, queue text, args jsonb, context jsonb, at
 LANGUAGE sql VOLATILE SECURITY INVOKER
 AS $$
   SELECT dispatch_policy._require_claim_arguments(claim.max, claim.worker, claim.now);
-  UPDATE dispatch_policy.admitted_jobs a
-  SET started_at = claim.now, worker = claim.worker, heartbeat_at = claim.now,
-      lease_expires_at = claim.now + make_interval(secs => a.lease_seconds)
-  -- By primary key from an array: an IN (subquery) is planned for a generic
-  -- LIMIT and joined by a scan of every admitted job.
-  WHERE a.id = ANY (ARRAY(SELECT x.id FROM dispatch_policy.admitted_jobs x
-                          WHERE x.queue = claim.queue AND x.started_at IS NULL AND x.target = 'ready_queue'
-                            AND (claim.policies IS NULL OR x.policy = ANY (claim.policies))
-                          ORDER BY x.priority, x.id
-                          LIMIT claim.max
-                          FOR UPDATE SKIP LOCKED))
-  RETURNING a.id, a.policy, a.queue, a.args, a.context, a.attempt, a.lease_expires_at, a.lease_seconds;
+  WITH claimed AS (
+    UPDATE dispatch_policy.admitted_jobs a
+    SET started_at = claim.now, worker = claim.worker, heartbeat_at = claim.now,
+        lease_expires_at = claim.now + make_interval(secs => a.lease_seconds)
+    -- By primary key from an array: an IN (subquery) is planned for a generic
+    -- LIMIT and joined by a scan of every admitted job.
+    WHERE a.id = ANY (ARRAY(SELECT x.id FROM dispatch_policy.admitted_jobs x
+                            WHERE x.queue = claim.queue AND x.started_at IS NULL AND x.target = 'ready_queue'
+                              AND (claim.policies IS NULL OR x.policy = ANY (claim.policies))
+                            ORDER BY x.priority, x.id
+                            LIMIT claim.max
+                            FOR UPDATE SKIP LOCKED))
+    RETURNING a.id, a.policy, a.queue, a.args, a.context, a.attempt, a.lease_expires_at, a.lease_seconds, a.priority
+  )
+  SELECT c.id, c.policy, c.queue, c.args, c.context, c.attempt, c.lease_expires_at, c.lease_seconds
+  FROM claimed c ORDER BY c.priority, c.id;
 $$;
 COMMENT ON FUNCTION dispatch_policy.claim(text, text, integer, timestamptz, text[]) IS
-  'Claims up to max (1 to 10000) admitted, not yet started ready-queue jobs of a queue for a worker (lower priority first, SKIP LOCKED), only of the given policies when policies is not NULL, marking them started (queue lag = started_at - admitted_at) with a fresh lease of the job''s lease_seconds. Jobs handed to a sql target are never claimable. Pass the returned attempt to heartbeat, complete and fail.';
+  'Claims up to max (1 to 10000) admitted, not yet started ready-queue jobs of a queue for a worker (lower priority first, SKIP LOCKED; returned in that order), only of the given policies when policies is not NULL, marking them started (queue lag = started_at - admitted_at) with a fresh lease of the job''s lease_seconds. Jobs handed to a sql target are never claimable. Pass the returned attempt to heartbeat, complete and fail.';
 
 DROP FUNCTION dispatch_policy.heartbeat(bigint, timestamptz);
 CREATE FUNCTION dispatch_policy.heartbeat(id bigint, now timestamptz DEFAULT now(), attempt integer DEFAULT NULL)

@@ -39,6 +39,9 @@ final class Intervals: Sendable {
     }
 
     var count: Int { runs.withLock { $0.count } }
+
+    /// How long each run that ended took.
+    var durations: [Duration] { runs.withLock { $0.compactMap { run in run.end.map { $0 - run.start } } } }
 }
 
 @Suite("Workers: fenced by attempt")
@@ -86,6 +89,27 @@ struct FencingTests {
         }
     }
 
+    /// Found by hostile testing: claim took the right jobs but returned them
+    /// in the order of the heap, so a worker started them out of priority.
+    @Test("claim takes and returns jobs lower priority first, then in staging order")
+    func claimOrder() async throws {
+        try await withTestDatabase { conn, _ async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+            // Admitted in two ticks, so the table holds them out of priority order.
+            let ticker = Ticker(connection: conn, logger: TestServer.logger)
+            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(p), priority => p) FROM unnest(ARRAY[5, 4]) p")
+            _ = try await ticker.tick(policy: "p")
+            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(p), priority => p) FROM unnest(ARRAY[1, 3, 1]) p")
+            _ = try await ticker.tick(policy: "p")
+            let first = try await conn.rows("SELECT args::text FROM dispatch_policy.claim('default', 'w', 1)", logger: TestServer.logger)
+                .map { try $0.decode(String.self) }
+            #expect(first == ["1"])
+            let rest = try await conn.rows("SELECT args::text FROM dispatch_policy.claim('default', 'w', 10)", logger: TestServer.logger)
+                .map { try $0.decode(String.self) }
+            #expect(rest == ["1", "3", "4", "5"])
+        }
+    }
+
     /// complete_many is what the Worker reports through: it must do exactly
     /// what complete() does per job, and change nothing for the others.
     @Test("complete_many finishes many jobs as complete() would each, and reports stale and unknown ones without changing them")
@@ -121,7 +145,7 @@ struct FencingTests {
             #expect(try await completeMany("ARRAY[\(j1), \(j2), \(j1), \(j3), 999999]::bigint[]", "ARRAY[1, NULL, 1, 1, NULL]::integer[]")
                     == ["\(j1):completed", "\(j2):completed", "\(j3):stale", "999999:not_admitted"])
             #expect(try await completeMany("ARRAY[\(j1), \(j2)]::bigint[]", "ARRAY[1, NULL]::integer[]")
-                    == ["\(j1):already_completed", "\(j2):already_completed"])
+                    == ["\(j1):already_finished", "\(j2):already_finished"])
             #expect(try await completeMany("'{}'::bigint[]", "'{}'::integer[]") == [])
             // What complete() leaves: finished rows, freed dedupe keys, released slots, observations.
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 2)
@@ -146,10 +170,131 @@ struct FencingTests {
                     SELECT dispatch_policy.complete_many(array_fill(\(j4)::bigint, ARRAY[10001]), array_fill(NULL::integer, ARRAY[10001]))
                     """)
             }
+            await expectSQLError("22023", "ids and attempts must be one-dimensional arrays") {
+                try await conn.exec("SELECT dispatch_policy.complete_many(ARRAY[[\(j4), \(j4)]]::bigint[], '{1, 1}'::integer[])")
+            }
+            await expectSQLError("22023", "ids and attempts must be one-dimensional arrays") {
+                try await conn.exec("SELECT dispatch_policy.complete_many(ARRAY[\(j4), \(j4)]::bigint[], '{{1}, {1}}'::integer[])")
+            }
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self) == 2)
             #expect(try await completeMany("ARRAY[\(j4)]::bigint[]", "ARRAY[1]::integer[]") == ["\(j4):completed"])
             try await expectCountersConsistent(conn)
+
+            // A dead job: completing it without an attempt changes nothing (complete() returns false);
+            // with its last attempt, that attempt did not complete: stale.
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "d", config: #"{"max_attempts": 1}"#)
+            let dead = try await conn.scalar("SELECT dispatch_policy.stage('d', '{}')", as: Int64.self)
+            _ = try await ticker.tick(policy: "d")
+            #expect(try await conn.scalar("SELECT dispatch_policy.fail(\(dead), 'boom')", as: String.self) == "dead")
+            #expect(try await conn.scalar("SELECT dispatch_policy.complete(\(dead))", as: Bool.self) == false)
+            #expect(try await completeMany("ARRAY[\(dead)]::bigint[]", "ARRAY[NULL]::integer[]") == ["\(dead):already_finished"])
+            #expect(try await completeMany("ARRAY[\(dead)]::bigint[]", "ARRAY[1]::integer[]") == ["\(dead):stale"])
+            #expect(try await conn.scalar("SELECT status FROM dispatch_policy.finished_jobs WHERE id = \(dead)", as: String.self) == "dead")
         }
+    }
+
+    /// Found by hostile testing: a heartbeat on a connection whose server
+    /// side was terminated never returned, so the lease guard never reached
+    /// its deadline and the handler ran on past its lease, while the reaper
+    /// could hand the job to another worker.
+    @Test("a heartbeat that never returns still stops the handler before its lease runs out")
+    func heartbeatOnDeadConnection() async throws { try await LiveTests.exclusive { try await heartbeatOnDeadConnectionLive() } }
+
+    func heartbeatOnDeadConnectionLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger)
+                .declare(name: "solo", config: try PolicyConfig(leaseSeconds: 4) { Gate.concurrency(max: 1) }.json())
+            try await conn.exec("SELECT dispatch_policy.stage('solo', '1')")
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "solo")
+        }
+        let intervals = Intervals()
+        let ended = Mutex<Date?>(nil)
+        var options = WorkerOptions()
+        options.pollInterval = .milliseconds(50)
+        var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+        worker.register("solo") { job in
+            let index = intervals.start(job)
+            defer {
+                intervals.end(index)
+                ended.withLock { $0 = Date() }
+            }
+            try await Task.sleep(for: .seconds(60))
+        }
+        // The worker runs in a task of its own that the test waits for only
+        // so long: before the fix it hung for good in the heartbeat.
+        let group = ServiceGroup(configuration: .init(services: [worker], logger: TestServer.logger))
+        let finished = Mutex(false)
+        Task {
+            defer { finished.withLock { $0 = true } }
+            try await group.run()
+        }
+        let stopped = try await waitUntil(30) {
+            try await TestServer.withConnection(settings) { conn async throws in
+                // Once the worker has heartbeaten, end the session it heartbeats on.
+                _ = try await conn.rows("""
+                    SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                    WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%dispatch_policy.heartbeat(%'
+                    """, logger: TestServer.logger)
+            }
+            return !intervals.durations.isEmpty
+        }
+        await group.triggerGracefulShutdown()
+        #expect(stopped, "the handler was not stopped within 30 s")
+        try #require(stopped)
+        #expect(try await waitUntil(30) { finished.withLock { $0 } }, "the worker did not shut down")
+        // The handler would otherwise have slept 60 s; the guard stops it a
+        // margin before the lease the server holds (the last heartbeat that
+        // got through + 4 s) runs out.
+        let ran = try #require(intervals.durations.first)
+        #expect(ran < .seconds(10), "the handler ran \(ran) under a 4 s lease")
+        let end = try #require(ended.withLock { $0 })
+        try await TestServer.withConnection(settings) { conn async throws in
+            let expires = try await conn.scalar("SELECT lease_expires_at FROM dispatch_policy.admitted_jobs", as: Date.self)
+            #expect(end < expires, "the handler ended at \(end), after its lease ran out at \(expires)")
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs", as: Int.self) == 0)
+        }
+    }
+
+    /// Found by hostile testing: when the connection outcomes are recorded
+    /// on died (a query on it never returns), the worker kept claiming and
+    /// running jobs on its other connection, and recorded none of them.
+    @Test("a worker that cannot record outcomes stops claiming after one round")
+    func stopsClaimingWhenOutcomesStall() async throws { try await LiveTests.exclusive { try await stopsClaimingWhenOutcomesStallLive() } }
+
+    func stopsClaimingWhenOutcomesStallLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+            try await conn.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 400) i))")
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+        }
+        var options = WorkerOptions()
+        options.concurrency = 2
+        options.pollInterval = .milliseconds(20)
+        var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+        worker.register("p") { _ in try await Task.sleep(for: .milliseconds(20)) }
+        let group = ServiceGroup(configuration: .init(services: [worker], logger: TestServer.logger))
+        // Left behind if it cannot shut down: its outcomes connection hangs.
+        Task { try await group.run() }
+        let killed = try await waitUntil(30) {
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.scalar("""
+                    SELECT count(pg_terminate_backend(pid))::int FROM pg_stat_activity
+                    WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%dispatch_policy.complete_many(%'
+                    """, as: Int.self) > 0
+            }
+        }
+        try #require(killed)
+        try await Task.sleep(for: .seconds(2))
+        try await TestServer.withConnection(settings) { conn async throws in
+            // Claimed and never recorded: the batch the kill rolled back (at
+            // most two rounds of the pool), then at most two rounds more, stuck
+            // behind the query that never returns. (Before: ~100 jobs/s, all lost.)
+            let lost = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self)
+            #expect(lost <= 4 * options.concurrency, "\(lost) jobs claimed after outcomes stopped being recorded")
+        }
+        await group.triggerGracefulShutdown()
     }
 
     /// Regression (13): with concurrency max 1, lease_seconds 8 and a 20 s

@@ -3,7 +3,23 @@ import Foundation
 import Logging
 import PostgresNIO
 import ServiceLifecycle
+import Synchronization
 import Testing
+
+/// Waiters resume when it opens, and not before: cancellation does not end the wait.
+actor Latch {
+    private var isOpen = false
+    private var waiters: [CheckedContinuation<Void, Never>] = []
+    func wait() async {
+        if isOpen { return }
+        await withCheckedContinuation { waiters.append($0) }
+    }
+    func open() {
+        isOpen = true
+        for waiter in waiters { waiter.resume() }
+        waiters = []
+    }
+}
 
 /// Records which jobs a handler ran, and how often.
 actor Ledger {
@@ -167,6 +183,41 @@ struct WorkerTests {
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 1)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self) == 0)
         }
+    }
+
+    /// A cancelled worker waits for handlers that ignore cancellation, then
+    /// returns (see CompletionBatcherTests for the batcher's side).
+    @Test("a cancelled worker returns once handlers that ignore cancellation end")
+    func cancelledWorkerReturns() async throws { try await LiveTests.exclusive { try await cancelledWorkerReturnsLive() } }
+
+    func cancelledWorkerReturnsLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+            try await conn.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 4) i))")
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+        }
+        let started = Ledger()
+        let release = Latch()
+        var options = WorkerOptions()
+        options.concurrency = 4
+        var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+        worker.register("p") { job in
+            await started.record(job.id)
+            // A handler that does not react to cancellation (blocking work).
+            await release.wait()
+        }
+        let finished = Mutex(false)
+        let task = Task {
+            defer { finished.withLock { $0 = true } }
+            try await worker.run()
+        }
+        #expect(try await waitUntil(30) { await started.total == 4 })
+        task.cancel()
+        // Long enough for the batcher to see the cancellation with nothing to send.
+        try await Task.sleep(for: .seconds(1))
+        await release.open()
+        #expect(try await waitUntil(20) { finished.withLock { $0 } }, "the worker did not return after cancellation")
     }
 
     @Test("heartbeat extends the lease; on a finished or unknown job it is an error (P0002)")

@@ -102,7 +102,12 @@ public struct Worker: Service {
 
     private func loop(claimer: PostgresConnection, reporter: PostgresConnection, listener: PostgresConnection) async {
         let wake = WakeSignal()
+        // Handlers running (what `concurrency` bounds), and jobs claimed whose
+        // outcome is not recorded yet: when outcomes cannot be recorded, the
+        // worker stops claiming after one more round instead of running jobs
+        // whose completion is lost.
         let running = Gauge()
+        let unreported = Gauge()
         let completions = CompletionBatcher()
         let queues = Set(options.queues)
         let policies = handlers.keys.sorted()
@@ -125,7 +130,8 @@ public struct Worker: Service {
             await withDiscardingTaskGroup { jobs in
                 var next = 0
                 while !Task.isCancelled && !Task.isShuttingDownGracefully {
-                    var free = options.concurrency - (await running.value)
+                    var free = min(options.concurrency - (await running.value),
+                                   2 * options.concurrency - (await unreported.value))
                     var claimedAny = false
                     var tried = 0
                     while free > 0 && tried < options.queues.count && !policies.isEmpty {
@@ -144,6 +150,7 @@ public struct Worker: Service {
                             claimedAny = true
                             free -= 1
                             await running.add(1)
+                            await unreported.add(1)
                             jobs.addTask {
                                 // The slot frees when the handler ends, not when its outcome
                                 // is recorded: completions queue on the connection, and a slot
@@ -152,6 +159,8 @@ public struct Worker: Service {
                                     await running.add(-1)
                                     await wake.signal()
                                 }
+                                await unreported.add(-1)
+                                await wake.signal()
                             }
                         }
                     }
@@ -237,9 +246,18 @@ public struct Worker: Service {
                     let sentAt = ContinuousClock.now
                     nextBeat = sentAt + interval
                     do {
-                        _ = try await conn.rows(
-                            "SELECT dispatch_policy.heartbeat(\(job.id), attempt => \(job.attempt)::integer)", logger: log)
+                        // Bounded by the deadline: a heartbeat on a connection that
+                        // died may never return, and the handler must still stop in time.
+                        let renewed: Void? = try await untilDeadline(deadline) {
+                            _ = try await conn.rows(
+                                "SELECT dispatch_policy.heartbeat(\(job.id), attempt => \(job.attempt)::integer)", logger: log)
+                        }
+                        guard renewed != nil else {
+                            return .leaseLost("the lease could not be renewed before it ran out")
+                        }
                         deadline = sentAt + lease - margin
+                    } catch is CancellationError {
+                        return nil
                     } catch {
                         let wrapped = DispatchPolicyError.from(error)
                         if wrapped.sqlState == "P0002" || wrapped.sqlState == "DP001" {
@@ -261,7 +279,7 @@ public struct Worker: Service {
             log.warning("lease lost: the handler was cancelled and its outcome is not reported", metadata: ["reason": "\(reason)"])
         case .finished(.success):
             switch await completions.complete(id: job.id, attempt: job.attempt) {
-            case .success(.completed), .success(.alreadyCompleted):
+            case .success(.completed), .success(.alreadyFinished):
                 break
             case .success(let outcome):
                 log.warning("outcome not recorded: the attempt is no longer current", metadata: ["job.outcome": "\(outcome.rawValue)"])
@@ -318,7 +336,7 @@ public struct Worker: Service {
 actor CompletionBatcher {
     enum Outcome: String {
         case completed
-        case alreadyCompleted = "already_completed"
+        case alreadyFinished = "already_finished"
         case stale
         case notAdmitted = "not_admitted"
     }
@@ -326,10 +344,16 @@ actor CompletionBatcher {
     private typealias Reply = CheckedContinuation<Result<Outcome, DispatchPolicyError>, Never>
     private var pending: [(id: Int64, attempt: Int, reply: Reply)] = []
     private let arrived = WakeSignal()
+    /// Set when `run` has returned: nothing would send a completion any more.
+    private var closed = false
 
-    /// Records a completion; returns once the batch that carried it is committed.
+    /// Records a completion; returns once the batch that carried it is
+    /// committed (or at once with an error when the batcher has stopped).
     func complete(id: Int64, attempt: Int) async -> Result<Outcome, DispatchPolicyError> {
-        await withCheckedContinuation { reply in
+        if closed {
+            return .failure(DispatchPolicyError.from(CancellationError(), context: "the worker was cancelled before the outcome was recorded"))
+        }
+        return await withCheckedContinuation { reply in
             pending.append((id, attempt, reply))
             Task { await arrived.signal() }
         }
@@ -345,7 +369,12 @@ actor CompletionBatcher {
         while true {
             let batch = takeAll()
             if batch.isEmpty {
-                if Task.isCancelled { return }
+                // Checked and closed with no suspension in between: a completion
+                // either made it into a batch or finds the batcher closed.
+                if Task.isCancelled {
+                    closed = true
+                    return
+                }
                 await arrived.wait(upTo: .milliseconds(100))
                 continue
             }
