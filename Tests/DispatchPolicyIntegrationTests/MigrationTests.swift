@@ -228,3 +228,79 @@ struct MigrationTests {
         }
     }
 }
+
+/// Regression (issue 8, item 4): a dump and restore of a database that used
+/// the extension lost every policy and job (no table was marked with
+/// pg_extension_config_dump).
+@Suite("Dump and restore")
+struct DumpRestoreTests {
+    /// Rows of every table, and the job id sequence, as one text.
+    static let contentsSQL: PostgresQuery = """
+        SELECT string_agg(format('%s: %s', c.relname,
+                 (xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM %s', c.oid::regclass), false, true, '')))[1]::text),
+               E'\\n' ORDER BY c.relname)
+               || E'\\njob_ids: ' || (SELECT last_value FROM dispatch_policy.job_ids)
+               || E'\\npolicies: ' || (SELECT string_agg(name || '=' || config::text, ',' ORDER BY name) FROM dispatch_policy.policies)
+               || E'\\ncounters: ' || (SELECT string_agg(partition || '=' || in_flight, ',' ORDER BY partition) FROM dispatch_policy.inflight_counters)
+        FROM pg_class c
+        WHERE c.relnamespace = 'dispatch_policy'::regnamespace AND c.relkind = 'r' AND c.relname <> 'schema_migrations'
+        """
+
+    @Test("pg_dump and pg_restore keep every policy, job and gate state", arguments: ["migrate", "extension"])
+    func dumpRestore(installedBy: String) async throws {
+        let source = try await TestServer.shared.freshDatabase(migrated: installedBy == "migrate")
+        let before = try await TestServer.withConnection(source) { conn async throws in
+            if installedBy == "extension" { try await conn.exec("CREATE EXTENSION dispatch_policy") }
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig(maxAttempts: 1) {
+                Gate.concurrency(max: 3, partitionBy: "{acct}")
+                Gate.throttle(rate: 100, per: 1, partitionBy: "{acct}")
+                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 5, targetLagMs: 1000)
+            }.json())
+            try await conn.exec("""
+                SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 2)), dedupe_key => 'k' || i)
+                FROM generate_series(1, 8) i
+                """)
+            let ticker = Ticker(connection: conn, logger: TestServer.logger)
+            _ = try await ticker.tick(policy: "p")
+            let claimed = try await conn.rows("SELECT id, attempt FROM dispatch_policy.claim('default', 'w', 3)", logger: TestServer.logger)
+                .map { try $0.decode((Int64, Int).self) }
+            try #require(claimed.count == 3)
+            try await conn.exec("SELECT dispatch_policy.complete(\(claimed[0].0), attempt => \(claimed[0].1)::integer)")
+            try await conn.exec("SELECT dispatch_policy.fail(\(claimed[1].0), 'boom', attempt => \(claimed[1].1)::integer)")
+            _ = try await ticker.tick(policy: "p")
+            return try await conn.scalar(Self.contentsSQL, as: String.self)
+        }
+        #expect(before.contains("finished_jobs: 2") && before.contains("admitted_jobs: 6") && before.contains("job_failures: 1"), "\(before)")
+
+        let bin = try await TestServer.shared.binDirectory()
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("dp-dump-\(getpid())-\(installedBy).dump").path
+        defer { try? FileManager.default.removeItem(atPath: file) }
+        try run(bin + "/pg_dump", ["--format=custom", "--file=\(file)", "--dbname=\(source.description)"])
+        let target = try await TestServer.shared.freshDatabase(migrated: false)
+        try run(bin + "/pg_restore", ["--exit-on-error", "--dbname=\(target.description)", file])
+
+        try await TestServer.withConnection(target) { conn async throws in
+            #expect(try await conn.scalar(Self.contentsSQL, as: String.self) == before)
+            // The restored database keeps working: new ids follow the old ones,
+            // dedupe keys still hold, and the gates still count what is in flight.
+            let id = try await conn.scalar("SELECT dispatch_policy.stage('p', '9', '{\"acct\": \"a1\"}')", as: Int64.self)
+            #expect(try await conn.scalar("SELECT max(id) FROM dispatch_policy.finished_jobs", as: Int64.self) < id)
+            #expect(try await conn.scalar("SELECT dispatch_policy.stage('p', '1', dedupe_key => 'k4') IS NULL", as: Bool.self))
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+            try await expectCountersConsistent(conn)
+        }
+    }
+
+    private func run(_ executable: String, _ arguments: [String]) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let errors = Pipe()
+        process.standardError = errors
+        try process.run()
+        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0, "\(executable) \(arguments.joined(separator: " ")): \(message)")
+        try #require(process.terminationStatus == 0)
+    }
+}

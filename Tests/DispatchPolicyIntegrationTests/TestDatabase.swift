@@ -62,6 +62,15 @@ actor TestServer {
         return try await template!.value
     }
 
+    /// Where the PostgreSQL client programs are: the private cluster's, else
+    /// the newest `/usr/lib/postgresql/*/bin`.
+    func binDirectory() async throws -> String {
+        if let cluster = try await get().cluster { return cluster.binDirectory }
+        let versions = (try? FileManager.default.contentsOfDirectory(atPath: "/usr/lib/postgresql")) ?? []
+        let newest = versions.compactMap { Int($0) }.max().map { "/usr/lib/postgresql/\($0)/bin" }
+        return newest ?? "/usr/bin"
+    }
+
     /// Creates a new database, migrated unless `migrated` is false.
     func freshDatabase(migrated: Bool = true) async throws -> ConnectionSettings {
         let server = try await get()
