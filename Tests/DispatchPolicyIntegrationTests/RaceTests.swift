@@ -202,3 +202,55 @@ struct RaceTests {
         }
     }
 }
+
+/// Regression (issue 8, item 3): a runner SIGKILLed while the server ran a
+/// slow `sql` target kept its session, and the policy's lock, until the
+/// target returned (minutes), because nothing made the server look for the
+/// client.
+@Suite("Sessions of a killed runner")
+struct KilledSessionTests {
+    @Test("a runner killed during a slow sql target gives its policy lock back within seconds")
+    func killedRunnerReleasesLock() async throws { try await LiveTests.exclusive { try await killedRunnerReleasesLockLive() } }
+
+    func killedRunnerReleasesLockLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.exec("""
+                CREATE FUNCTION public.slow(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql AS 'SELECT pg_sleep(60)'
+                """)
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger)
+                .declare(name: "slow", config: try PolicyConfig(target: .sql(function: "public.slow")).json())
+            try await conn.exec("SELECT dispatch_policy.stage('slow', '1')")
+        }
+        let child = try spawnChild(cliPath, ["run", "--tick-timeout", "5m"], environment: libpqEnvironment(settings))
+        let sleeping = try await waitUntil(30) {
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.scalar("""
+                    SELECT count(*)::int FROM pg_stat_activity
+                    WHERE datname = current_database() AND state = 'active' AND query LIKE '%dispatch_policy.admit(%'
+                      AND pid <> pg_backend_pid() AND now() - query_start > interval '1 second'
+                    """, as: Int.self) == 1
+            }
+        }
+        kill(child.pid, SIGKILL)
+        _ = await child.wait()
+        try #require(sleeping, "the runner never reached the slow target: \(child.output().stderr)")
+        let killedAt = ContinuousClock.now
+        // The server notices the client is gone at its next check (2 s by
+        // default) and ends the statement: the lock comes back. Before, it
+        // stayed until the target's 60 s were over.
+        let released = try await waitUntil(40) {
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.scalar("""
+                    SELECT count(*)::int FROM pg_stat_activity
+                    WHERE datname = current_database() AND query LIKE '%dispatch_policy.admit(%' AND pid <> pg_backend_pid()
+                    """, as: Int.self) == 0
+            }
+        }
+        #expect(released)
+        #expect(ContinuousClock.now - killedAt < .seconds(20), "the lock came back \(ContinuousClock.now - killedAt) after the kill")
+        try await TestServer.withConnection(settings) { conn async throws in
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs", as: Int.self) == 1)
+        }
+    }
+}

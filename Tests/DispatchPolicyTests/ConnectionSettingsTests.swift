@@ -132,3 +132,22 @@ struct JobSpecTests {
         #expect(spec.dedupeKey == "event:7")
     }
 }
+
+@Suite("Session settings")
+struct SessionSettingsTests {
+    @Test("session settings go into the startup packet in whole milliseconds, bounded, and none by default")
+    func parameters() throws {
+        let url = try ConnectionSettings(url: "postgres://u@h/db")
+        #expect(try url.postgresConfiguration().options.additionalStartupParameters.isEmpty)
+        let runner = try url.with(session: .runner).postgresConfiguration().options.additionalStartupParameters
+        #expect(runner.map { "\($0.0)=\($0.1)" } == [
+            "statement_timeout=300000", "idle_in_transaction_session_timeout=60000", "client_connection_check_interval=2000",
+        ])
+        let odd = SessionSettings(statementTimeout: .milliseconds(1500.7), idleInTransactionTimeout: .seconds(-5),
+                                  connectionCheckInterval: .seconds(Int64.max))
+        #expect(odd.parameters.map { "\($0.0)=\($0.1)" } == [
+            "statement_timeout=1500", "idle_in_transaction_session_timeout=0", "client_connection_check_interval=86400000",
+        ])
+        #expect(SessionSettings(statementTimeout: .zero).parameters.count == 1)
+    }
+}

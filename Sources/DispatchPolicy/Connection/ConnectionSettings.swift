@@ -21,6 +21,8 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
     public var password: String?
     public var database: String
     public var tls: TLSMode
+    /// Server settings sent with every connection's startup (none by default).
+    public var session = SessionSettings()
 
     public init(endpoint: Endpoint, username: String, password: String? = nil, database: String? = nil, tls: TLSMode = .prefer) {
         self.endpoint = endpoint
@@ -112,6 +114,12 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
 
     /// The postgres-nio configuration for these settings.
     public func postgresConfiguration() throws -> PostgresConnection.Configuration {
+        var configuration = try endpointConfiguration()
+        configuration.options.additionalStartupParameters = session.parameters
+        return configuration
+    }
+
+    private func endpointConfiguration() throws -> PostgresConnection.Configuration {
         switch endpoint {
         case .unixSocket(let path):
             return .init(unixSocketPath: path, username: username, password: password, database: database)

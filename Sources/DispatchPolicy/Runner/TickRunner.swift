@@ -32,6 +32,8 @@ public struct TickRunnerOptions: Sendable {
     public var failureBackoff: Duration = .seconds(1)
     public var maxFailureBackoff: Duration = .seconds(60)
     public var tick = TickSettings()
+    /// Server settings of the runner's sessions (see ``SessionSettings``).
+    public var session = SessionSettings.runner
 
     public init() {}
 }
@@ -130,7 +132,7 @@ public struct TickRunner: Service {
     public func runLoop() async throws -> RunReport {
         let deadline = options.runFor.map { ContinuousClock.now + $0 }
         let wake = WakeSignal()
-        return try await connection.withConnection(logger: logger) { conn in
+        return try await connection.with(session: options.session).withConnection(logger: logger) { conn in
             for only in options.policies ?? [] {
                 guard try await Ticker(connection: conn, settings: options.tick, logger: logger).exists(policy: only) else {
                     throw DispatchPolicyError(
@@ -141,7 +143,7 @@ public struct TickRunner: Service {
             if options.once {
                 return try await loop(conn: conn, listener: nil, deadline: deadline, wake: wake)
             }
-            return try await connection.withConnection(logger: logger) { listener in
+            return try await connection.with(session: options.session).withConnection(logger: logger) { listener in
                 try await loop(conn: conn, listener: listener, deadline: deadline, wake: wake)
             }
         }
@@ -226,7 +228,7 @@ public struct TickRunner: Service {
                 }
                 if options.once { break }
                 if failed && conn.isClosed {
-                    if let fresh = try? await connection.connect(logger: logger) {
+                    if let fresh = try? await connection.with(session: options.session).connect(logger: logger) {
                         conn = fresh
                         ticker = Ticker(connection: fresh, settings: options.tick, logger: logger)
                     }

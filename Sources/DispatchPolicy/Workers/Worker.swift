@@ -41,6 +41,8 @@ public struct WorkerOptions: Sendable {
     public var heartbeatInterval: Duration?
     /// Delay before a failed job is retried; nil uses the exponential backoff.
     public var retryIn: Duration?
+    /// Server settings of the worker's sessions (see ``SessionSettings``).
+    public var session = SessionSettings.worker
 
     public init() {}
 }
@@ -91,9 +93,9 @@ public struct Worker: Service {
         // Claims, outcomes and notifications each have a connection: a claim
         // never queues behind completions that wait on a counter row the tick
         // holds, which would idle the worker while admitted jobs wait.
-        try await connection.withConnection(logger: logger) { claimer in
-            try await connection.withConnection(logger: logger) { reporter in
-                try await connection.withConnection(logger: logger) { listener in
+        try await connection.with(session: options.session).withConnection(logger: logger) { claimer in
+            try await connection.with(session: options.session).withConnection(logger: logger) { reporter in
+                try await connection.with(session: options.session).withConnection(logger: logger) { listener in
                     await loop(claimer: claimer, reporter: reporter, listener: listener)
                 }
             }
