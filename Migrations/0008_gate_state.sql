@@ -287,11 +287,9 @@ BEGIN
   IF FOUND THEN
     IF _attempt_status.attempt IS NULL OR (finished.status = 'completed' AND _attempt_status.attempt = finished.attempts) THEN
       RETURN QUERY SELECT 'already_finished'::text, 'It has already finished.'::text;
-    ELSIF _attempt_status.attempt IS NOT NULL THEN
+    ELSE
       RETURN QUERY SELECT 'stale'::text,
         format('The job already finished: %s after attempt %s.', finished.status, finished.attempts);
-    ELSE
-      RETURN QUERY SELECT 'not_admitted'::text, 'It has already finished.'::text;
     END IF;
     RETURN;
   END IF;

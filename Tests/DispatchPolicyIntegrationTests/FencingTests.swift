@@ -297,6 +297,101 @@ struct FencingTests {
         await group.triggerGracefulShutdown()
     }
 
+    /// Found by hostile testing: heartbeats share a connection, and one
+    /// waiting on its job's row (locked by another session) held back every
+    /// other job's: all handlers of the worker lost their lease at once.
+    @Test("a lock on one job's row costs only that job its lease")
+    func rowLockCostsOneLease() async throws { try await LiveTests.exclusive { try await rowLockCostsOneLeaseLive() } }
+
+    func rowLockCostsOneLeaseLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger)
+                .declare(name: "p", config: try PolicyConfig(leaseSeconds: 2).json())
+            try await conn.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 4) i))")
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+        }
+        let intervals = Intervals()
+        var options = WorkerOptions()
+        options.concurrency = 4
+        options.pollInterval = .milliseconds(50)
+        var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+        worker.register("p") { job in
+            let index = intervals.start(job)
+            defer { intervals.end(index) }
+            try await Task.sleep(for: .seconds(4))
+        }
+        let group = ServiceGroup(configuration: .init(services: [worker], logger: TestServer.logger))
+        let finished = Mutex(false)
+        Task {
+            defer { finished.withLock { $0 = true } }
+            try await group.run()
+        }
+        #expect(try await waitUntil(30) { intervals.count == 4 })
+        // Another session holds the first job's row for 5 s: longer than its lease.
+        let locker = Task {
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.exec("""
+                    WITH locked AS MATERIALIZED (
+                      SELECT id FROM dispatch_policy.admitted_jobs WHERE id = (SELECT min(id) FROM dispatch_policy.admitted_jobs) FOR UPDATE)
+                    SELECT pg_sleep(5) FROM locked
+                    """)
+            }
+        }
+        let done = try await waitUntil(30) {
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs", as: Int.self) >= 3
+            }
+        }
+        _ = try? await locker.value
+        await group.triggerGracefulShutdown()
+        #expect(done, "the jobs whose rows were free did not complete")
+        try await TestServer.withConnection(settings) { conn async throws in
+            // The three free jobs completed in their first attempt; the locked one lost its lease.
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self) == 3)
+        }
+        #expect(try await waitUntil(30) { finished.withLock { $0 } }, "the worker did not shut down")
+    }
+
+    /// Found by hostile testing: a claim that took longer than the lease (a
+    /// slow server) still started the handler, with no lease at all.
+    @Test("a job whose lease ran out while it was being claimed is not started")
+    func expiredOnArrival() async throws { try await LiveTests.exclusive { try await expiredOnArrivalLive() } }
+
+    func expiredOnArrivalLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger)
+                .declare(name: "p", config: try PolicyConfig(leaseSeconds: 1).json())
+            try await conn.exec("SELECT dispatch_policy.stage('p', '1')")
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+            // Every claim now takes 1.5 s: longer than the lease.
+            try await conn.exec("""
+                CREATE FUNCTION public.slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$
+                """)
+            try await conn.exec("""
+                CREATE TRIGGER slow_claim BEFORE UPDATE ON dispatch_policy.admitted_jobs
+                FOR EACH ROW WHEN (OLD.started_at IS NULL AND NEW.started_at IS NOT NULL) EXECUTE FUNCTION public.slow_claim()
+                """)
+        }
+        let intervals = Intervals()
+        var options = WorkerOptions()
+        options.pollInterval = .milliseconds(50)
+        var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+        worker.register("p") { job in
+            let index = intervals.start(job)
+            defer { intervals.end(index) }
+        }
+        try await runUntil(worker, timeout: 30) {
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self) == 1
+            }
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(intervals.count == 0, "a handler started after its lease had run out")
+    }
+
     /// Regression (13): with concurrency max 1, lease_seconds 8 and a 20 s
     /// handler, 3 handlers ran at once (heartbeats at a fixed 30 s; a lost
     /// lease only logged).

@@ -57,7 +57,9 @@ public struct WorkerOptions: Sendable {
 /// runs. The worker heartbeats at a third of the job's lease and cancels the
 /// handler when the lease is lost (the server says the attempt is no longer
 /// current) or when it could not renew the lease before it runs out: with a
-/// concurrency cap of 1, two handlers of one partition never run at once.
+/// concurrency cap of 1, two handlers of one partition never run at once —
+/// provided handlers honour cancellation (one that ignores it runs on past
+/// its lease).
 ///
 /// A swift-service-lifecycle `Service`: on graceful shutdown it stops
 /// claiming and returns once the running jobs have finished.
@@ -222,10 +224,23 @@ public struct Worker: Service {
             return
         }
         let lease = Duration.seconds(max(job.leaseSeconds, 1))
-        let interval = options.heartbeatInterval ?? lease / 3
+        // At least 10 ms apart, whatever heartbeatInterval says.
+        let interval = max(options.heartbeatInterval ?? lease / 3, .milliseconds(10))
+        // A heartbeat waits this long at most for its job's row (a session
+        // holding it locked): heartbeats share a connection, and one waiting
+        // on its row would hold back every other job's.
+        let lockWait = min(max(interval / 2, .milliseconds(1)), .seconds(1))
+        let lockTimeout = String(max(1, lockWait.components.seconds * 1000 + lockWait.components.attoseconds / 1_000_000_000_000_000)) + "ms"
         // Stop a little before the lease runs out: the reaper may hand the job
         // to another worker right after it does.
         let margin = min(lease / 20, .milliseconds(250))
+        // A claim that took longer than the lease (a slow server): the job
+        // may already be reaped and admitted again; do not start it.
+        if ContinuousClock.now >= claimedAt + lease - margin {
+            await handlerEnded()
+            log.warning("lease ran out before the handler started: not run")
+            return
+        }
         let outcome: Outcome = await withTaskGroup(of: Outcome?.self) { group in
             group.addTask {
                 do {
@@ -252,7 +267,10 @@ public struct Worker: Service {
                         // died may never return, and the handler must still stop in time.
                         let renewed: Void? = try await untilDeadline(deadline) {
                             _ = try await conn.rows(
-                                "SELECT dispatch_policy.heartbeat(\(job.id), attempt => \(job.attempt)::integer)", logger: log)
+                                """
+                                SELECT dispatch_policy.heartbeat(\(job.id), attempt => \(job.attempt)::integer)
+                                FROM (SELECT set_config('lock_timeout', \(lockTimeout), true)) t
+                                """, logger: log)
                         }
                         guard renewed != nil else {
                             return .leaseLost("the lease could not be renewed before it ran out")
