@@ -223,12 +223,7 @@ struct FencingTests {
         }
         // The worker runs in a task of its own that the test waits for only
         // so long: before the fix it hung for good in the heartbeat.
-        let group = ServiceGroup(configuration: .init(services: [worker], logger: TestServer.logger))
-        let finished = Mutex(false)
-        Task {
-            defer { finished.withLock { $0 = true } }
-            try await group.run()
-        }
+        let services = DetachedServices([worker])
         let stopped = try await waitUntil(30) {
             try await TestServer.withConnection(settings) { conn async throws in
                 // Once the worker has heartbeaten, end the session it heartbeats on.
@@ -239,10 +234,10 @@ struct FencingTests {
             }
             return !intervals.durations.isEmpty
         }
-        await group.triggerGracefulShutdown()
+        await services.shutDown()
         #expect(stopped, "the handler was not stopped within 30 s")
         try #require(stopped)
-        #expect(try await waitUntil(30) { finished.withLock { $0 } }, "the worker did not shut down")
+        #expect(try await waitUntil(30) { services.isFinished }, "the worker did not shut down")
         // The handler would otherwise have slept 60 s; the guard stops it a
         // margin before the lease the server holds (the last heartbeat that
         // got through + 4 s) runs out.
@@ -274,9 +269,8 @@ struct FencingTests {
         options.pollInterval = .milliseconds(20)
         var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
         worker.register("p") { _ in try await Task.sleep(for: .milliseconds(20)) }
-        let group = ServiceGroup(configuration: .init(services: [worker], logger: TestServer.logger))
         // Left behind if it cannot shut down: its outcomes connection hangs.
-        Task { try await group.run() }
+        let services = DetachedServices([worker])
         let killed = try await waitUntil(30) {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.scalar("""
@@ -294,7 +288,7 @@ struct FencingTests {
             let lost = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self)
             #expect(lost <= 4 * options.concurrency, "\(lost) jobs claimed after outcomes stopped being recorded")
         }
-        await group.triggerGracefulShutdown()
+        await services.shutDown()
     }
 
     /// Found by hostile testing: heartbeats share a connection, and one
@@ -321,12 +315,7 @@ struct FencingTests {
             defer { intervals.end(index) }
             try await Task.sleep(for: .seconds(4))
         }
-        let group = ServiceGroup(configuration: .init(services: [worker], logger: TestServer.logger))
-        let finished = Mutex(false)
-        Task {
-            defer { finished.withLock { $0 = true } }
-            try await group.run()
-        }
+        let services = DetachedServices([worker])
         #expect(try await waitUntil(30) { intervals.count == 4 })
         // Another session holds the first job's row for 5 s: longer than its lease.
         let locker = Task {
@@ -344,13 +333,13 @@ struct FencingTests {
             }
         }
         _ = try? await locker.value
-        await group.triggerGracefulShutdown()
+        await services.shutDown()
         #expect(done, "the jobs whose rows were free did not complete")
         try await TestServer.withConnection(settings) { conn async throws in
             // The three free jobs completed in their first attempt; the locked one lost its lease.
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self) == 3)
         }
-        #expect(try await waitUntil(30) { finished.withLock { $0 } }, "the worker did not shut down")
+        #expect(try await waitUntil(30) { services.isFinished }, "the worker did not shut down")
     }
 
     /// Found by hostile testing: a claim that took longer than the lease (a
@@ -380,8 +369,7 @@ struct FencingTests {
         options.pollInterval = .milliseconds(50)
         var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
         worker.register("p") { job in
-            let index = intervals.start(job)
-            defer { intervals.end(index) }
+            intervals.end(intervals.start(job))
         }
         try await runUntil(worker, timeout: 30) {
             try await TestServer.withConnection(settings) { conn async throws in

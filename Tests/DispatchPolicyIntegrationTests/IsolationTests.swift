@@ -62,6 +62,27 @@ func runUntil(_ services: [any Service], timeout: Int, _ condition: @escaping ()
     }
 }
 
+/// Services run in a task the test does not wait for: a service stuck on a
+/// dead connection may never return, so the test waits on `isFinished` with
+/// a bound instead of hanging with it.
+final class DetachedServices: Sendable {
+    private let group: ServiceGroup
+    private let finished = Mutex(false)
+
+    init(_ services: [any Service]) {
+        let group = ServiceGroup(configuration: .init(services: services, logger: TestServer.logger))
+        self.group = group
+        Task { [self] in
+            defer { finished.withLock { $0 = true } }
+            try await group.run()
+        }
+    }
+
+    var isFinished: Bool { finished.withLock { $0 } }
+
+    func shutDown() async { await group.triggerGracefulShutdown() }
+}
+
 @Suite("Isolation: one policy's failure never stops the others")
 struct IsolationTests {
     /// Regression (1): a `sql` target raising in a_hook left b_mail with 3
