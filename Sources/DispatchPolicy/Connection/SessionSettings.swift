@@ -40,12 +40,15 @@ public struct SessionSettings: Sendable, Equatable {
     public var parameters: [(String, String)] {
         [("statement_timeout", statementTimeout), ("idle_in_transaction_session_timeout", idleInTransactionTimeout),
          ("client_connection_check_interval", connectionCheckInterval)]
-            .compactMap { name, value in value.map { (name, String(Self.milliseconds($0))) } }
+            .compactMap { name, value in value.map { (name, String($0.settingMilliseconds)) } }
     }
+}
 
-    /// Whole milliseconds within [0, 24 h]: never traps.
-    static func milliseconds(_ duration: Duration) -> Int64 {
-        let (seconds, attoseconds) = duration.components
+extension Duration {
+    /// Whole milliseconds within [0, 24 h], as a server setting takes them
+    /// (`statement_timeout`, `lock_timeout`, ...): never traps.
+    var settingMilliseconds: Int64 {
+        let (seconds, attoseconds) = components
         guard seconds >= 0 else { return 0 }
         guard seconds < 86_400 else { return 86_400_000 }
         return seconds * 1000 + attoseconds / 1_000_000_000_000_000

@@ -163,9 +163,7 @@ public struct Ticker: Sendable {
     /// The tick timeout in whole milliseconds, at least 1 and at most a day
     /// (no overflow whatever the setting); nil: the session's.
     private var timeoutMilliseconds: String? {
-        settings.timeout.map { timeout in
-            String(max(1, min(max(timeout.components.seconds, 0), 86_400) * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
-        }
+        settings.timeout.map { String(max(1, $0.settingMilliseconds)) }
     }
 
     /// One tick of `policy`. `reap`: first reap its expired leases (pass

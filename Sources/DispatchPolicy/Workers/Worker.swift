@@ -229,8 +229,8 @@ public struct Worker: Service {
         // A heartbeat waits this long at most for its job's row (a session
         // holding it locked): heartbeats share a connection, and one waiting
         // on its row would hold back every other job's.
-        let lockWait = min(max(interval / 2, .milliseconds(1)), .seconds(1))
-        let lockTimeout = String(max(1, lockWait.components.seconds * 1000 + lockWait.components.attoseconds / 1_000_000_000_000_000)) + "ms"
+        let lockWait = min(interval / 2, .seconds(1))
+        let lockTimeout = "\(lockWait.settingMilliseconds)ms"
         // Stop a little before the lease runs out: the reaper may hand the job
         // to another worker right after it does.
         let margin = min(lease / 20, .milliseconds(250))
