@@ -82,7 +82,7 @@ extension FieldLimit {
     }
 }
 
-@Suite("Bounds: every numeric field, at, inside and beyond its limits")
+@Suite("Bounds: every numeric field, at, inside and beyond its limits", .timeLimit(.minutes(8)))
 struct BoundsTests {
     @Test("the runner's limits table is the database's", .timeLimit(.minutes(1)))
     func sameLimits() async throws {

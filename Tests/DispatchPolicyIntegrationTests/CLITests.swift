@@ -21,7 +21,7 @@ func cli(_ arguments: [String], settings: ConnectionSettings, env: [String: Stri
     return try await runProcess(cliPath, arguments, environment: environment, stdin: stdin)
 }
 
-@Suite("CLI")
+@Suite("CLI", .timeLimit(.minutes(8)))
 struct CLITests {
     @Test("migrate applies every file, then reports the database up to date")
     func migrate() async throws {

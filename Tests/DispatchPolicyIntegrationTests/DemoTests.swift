@@ -2,7 +2,7 @@ import DispatchPolicy
 import Foundation
 import Testing
 
-@Suite("Demo")
+@Suite("Demo", .timeLimit(.minutes(8)))
 struct DemoTests {
     @Test("dispatch-policy demo starts its own PostgreSQL, runs, and its summary shows every gate held")
     func demo() async throws { try await LiveTests.exclusive { try await demoLive() } }

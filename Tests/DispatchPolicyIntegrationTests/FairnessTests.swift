@@ -12,7 +12,7 @@ func jainIndex(_ shares: [Double]) -> Double {
     return squares == 0 ? 1 : sum * sum / (Double(shares.count) * squares)
 }
 
-@Suite("Fairness under binding gates")
+@Suite("Fairness under binding gates", .timeLimit(.minutes(8)))
 struct FairnessTests {
     /// Regression (9): 100 tenants × 300 jobs, quantum 5, global_cap 40, 40
     /// workers with 10 ms jobs: only 40 tenants were ever served (Jain 0.33),

@@ -215,7 +215,7 @@ let hostileCommands: [HostileCommand] = [
     .init(arguments: ["status", "--database-url", "postgres://u@localhost:9223372036854775808/db"], status: 1, stderr: "port must be a number from 1 to 65535"),
 ]
 
-@Suite("Hostile input")
+@Suite("Hostile input", .timeLimit(.minutes(8)))
 struct HostileInputTests {
     @Test("each hostile SQL call gets its documented error and changes nothing (or is stored as plain data)", arguments: hostileCases)
     func sql(_ hostile: HostileCase) async throws {
@@ -258,7 +258,7 @@ struct HostileInputTests {
     }
 }
 
-@Suite("Fuzzing against PostgreSQL")
+@Suite("Fuzzing against PostgreSQL", .timeLimit(.minutes(8)))
 struct KeyParityFuzzTests {
     /// The runner (Swift) renders the partition keys it admits under; the
     /// views, redeclare and the round-robin key use the SQL functions. They

@@ -83,7 +83,7 @@ final class DetachedServices: Sendable {
     func shutDown() async { await group.triggerGracefulShutdown() }
 }
 
-@Suite("Isolation: one policy's failure never stops the others")
+@Suite("Isolation: one policy's failure never stops the others", .timeLimit(.minutes(8)))
 struct IsolationTests {
     /// Regression (1): a `sql` target raising in a_hook left b_mail with 3
     /// pending through a whole `tick --for`.

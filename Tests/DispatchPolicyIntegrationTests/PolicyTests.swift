@@ -86,7 +86,7 @@ let invalidConfigs: [InvalidConfig] = [
     .init(config: #"{"target": {"type": "sql", "function": "insert_event"}}"#, field: "target.function", rule: "schema.name"),
 ]
 
-@Suite("Policies")
+@Suite("Policies", .timeLimit(.minutes(8)))
 struct PolicyTests {
     @Test("declare_policy stores the DESIGN example and reads it back")
     func declaresDesignExample() async throws {

@@ -79,7 +79,7 @@ private func work(_ settings: ConnectionSettings, jobs: Int, until deadline: Con
     }
 }
 
-@Suite("Admission: invariants under racing runners")
+@Suite("Admission: invariants under racing runners", .timeLimit(.minutes(8)))
 struct RaceTests {
     @Test("runners racing with workers: no double admission, no cap exceeded, throttle window held, every job finished", arguments: [1, 4])
     func racingRunners(runners: Int) async throws { try await LiveTests.exclusive { try await racingRunnersLive(runners: runners) } }
@@ -207,7 +207,7 @@ struct RaceTests {
 /// slow `sql` target kept its session, and the policy's lock, until the
 /// target returned (minutes), because nothing made the server look for the
 /// client.
-@Suite("Sessions of a killed runner")
+@Suite("Sessions of a killed runner", .timeLimit(.minutes(8)))
 struct KilledSessionTests {
     @Test("a runner killed during a slow sql target gives its policy lock back within seconds")
     func killedRunnerReleasesLock() async throws { try await LiveTests.exclusive { try await killedRunnerReleasesLockLive() } }

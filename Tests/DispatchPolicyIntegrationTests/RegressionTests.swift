@@ -44,7 +44,7 @@ func runProcess(_ executable: String, _ arguments: [String], environment: [Strin
     return ProcessResult(status: status, stdout: out, stderr: err)
 }
 
-@Suite("SQL regression (pg_regress)")
+@Suite("SQL regression (pg_regress)", .timeLimit(.minutes(8)))
 struct RegressionTests {
     @Test("make -C sql installcheck: the SQL API's results and error texts match sql/test/expected")
     func pgRegress() async throws {

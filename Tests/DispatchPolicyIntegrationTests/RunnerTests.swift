@@ -20,7 +20,7 @@ private func admittedCount(_ settings: ConnectionSettings) async throws -> Int {
     }
 }
 
-@Suite("Runner")
+@Suite("Runner", .timeLimit(.minutes(8)))
 struct RunnerTests {
     @Test("dispatch-policy tick prints one line per policy: admitted, refused by gate, tokens, time per tick")
     func tickCommand() async throws {

@@ -48,7 +48,7 @@ func expectCountersConsistent(_ conn: PostgresConnection, sourceLocation: Source
     #expect(mismatches == [], sourceLocation: sourceLocation)
 }
 
-@Suite("Admission: gates")
+@Suite("Admission: gates", .timeLimit(.minutes(8)))
 struct GateEnforcementTests {
     @Test("concurrency caps each partition and frees a slot on complete")
     func concurrency() async throws {
@@ -230,7 +230,7 @@ struct GateEnforcementTests {
     }
 }
 
-@Suite("Admission: primitives")
+@Suite("Admission: primitives", .timeLimit(.minutes(8)))
 struct AdmissionPrimitiveTests {
     @Test("token buckets refill fractionally at rate/per up to burst, at the given now")
     func refill() async throws {
@@ -330,7 +330,7 @@ struct AdmissionPrimitiveTests {
     }
 }
 
-@Suite("Templates: Swift and SQL agree")
+@Suite("Templates: Swift and SQL agree", .timeLimit(.minutes(8)))
 struct TemplateParityTests {
     @Test("a partition rendered by the tick runner equals the one the SQL views render")
     func parity() async throws {

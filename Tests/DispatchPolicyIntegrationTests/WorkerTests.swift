@@ -51,7 +51,7 @@ private func runServices(_ settings: ConnectionSettings, worker: Worker, until d
     }
 }
 
-@Suite("Workers")
+@Suite("Workers", .timeLimit(.minutes(8)))
 struct WorkerTests {
     @Test("end to end: jobs staged from SQL are admitted, run once each by the Swift worker, and release every slot")
     func endToEnd() async throws { try await LiveTests.exclusive { try await endToEndLive() } }
