@@ -15,6 +15,7 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
             case migrationUnknownToThisBuild
             case migrationFailed
             case schemaInstalledAsExtension
+            case connectionLost
         }
 
         private let base: Base
@@ -34,6 +35,11 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
         public static let migrationFailed = Self(.migrationFailed)
         /// The schema was installed with `CREATE EXTENSION`; upgrade it with `ALTER EXTENSION`.
         public static let schemaInstalledAsExtension = Self(.schemaInstalledAsExtension)
+
+        /// The database session ended, or a call on it did not return in time
+        /// (the connection was then closed); a ``ManagedConnection`` reconnects
+        /// on its next call.
+        public static let connectionLost = Self(.connectionLost)
 
         public var description: String { base.rawValue }
     }

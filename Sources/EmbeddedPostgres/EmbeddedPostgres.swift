@@ -145,6 +145,13 @@ public final class EmbeddedPostgres: Sendable {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
+    /// Restarts the server as an operator would (`pg_ctl restart -m fast`):
+    /// every session is ended, open transactions roll back, and the server
+    /// accepts connections again, with the same settings, when this returns.
+    public func restart() throws {
+        try runTool("pg_ctl", ["-D", dataDirectory, "-l", logFile, "-m", "fast", "-w", "-t", "120", "restart"])
+    }
+
     /// The last lines of the server log.
     public func logTail(lines: Int = 30) -> String {
         guard let text = try? String(contentsOfFile: logFile, encoding: .utf8) else { return "" }

@@ -17,7 +17,7 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
-            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self,
+            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self, Check.self,
         ]
     )
 }
@@ -311,7 +311,7 @@ struct Resume: AsyncParsableCommand {
 
 struct Status: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show dispatch_policy.policy_overview: counts per policy, and the error of any policy whose ticks fail.")
+        abstract: "Show dispatch_policy.policy_overview: counts per policy, the error of any policy whose ticks fail, and the runners and workers with their reconnects.")
 
     @OptionGroup var connection: ConnectionOptions
 
@@ -341,7 +341,73 @@ struct Status: AsyncParsableCommand {
             if !errors.isEmpty {
                 print("\nfailing:\n" + errors.map { "  " + $0 }.joined(separator: "\n"))
             }
+            // Runners and workers, with the sessions they lost and reopened.
+            var processes: [[String]] = []
+            for try await (name, kind, started, seen, reconnects, lost) in try await conn.query(
+                """
+                SELECT name, kind, to_char(started_at, 'YYYY-MM-DD HH24:MI:SS'),
+                       extract(epoch FROM now() - last_seen_at)::bigint || 's ago', reconnects,
+                       coalesce(to_char(last_lost_at, 'YYYY-MM-DD HH24:MI:SS') || ': ' || left(last_lost_error, 120), '-')
+                FROM dispatch_policy.processes ORDER BY kind, name
+                """, logger: logger
+            ).decode((String, String, String, String, Int, String).self) {
+                processes.append([name, kind, started, seen, "\(reconnects)", DispatchPolicyError.oneLine(lost)])
+            }
+            if !processes.isEmpty {
+                print("\n" + TextTable.render(
+                    header: ["PROCESS", "KIND", "STARTED", "LAST SEEN", "RECONNECTS", "LAST LOST SESSION"], rows: processes))
+            }
         }
+    }
+}
+
+struct Check: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Reconcile the stored state: list every inconsistency (dispatch_policy.check()); --repair fixes them all in one transaction.",
+        discussion: """
+            Checks that every job is in exactly one state, that in-flight counters equal the admitted jobs \
+            holding a slot under each policy's current config, that no throttle bucket is above its burst, \
+            negative or not finite, that no dedupe key is held by a finished or unknown job, and that no \
+            gate state or observation is left of a policy or gate that no longer exists. \
+            Exits 0 when the state is consistent (after --repair: when it is now), 1 when findings remain.
+            """)
+
+    @OptionGroup var connection: ConnectionOptions
+
+    @Flag(help: "Fix everything found, atomically (dispatch_policy.repair()), and print each change.")
+    var repair = false
+
+    func run() async throws {
+        let remaining = try await connection.withConnection { conn, logger -> Int in
+            if repair {
+                // One statement: all of it is fixed, or nothing is.
+                let changes = try await conn.rows(
+                    "SELECT finding, policy, gate, partition_key, job_id, action FROM dispatch_policy.repair()", logger: logger
+                ).map { try $0.decode((String, String?, String?, String?, Int64?, String).self) }
+                if changes.isEmpty {
+                    print("nothing to repair")
+                } else {
+                    print(TextTable.render(
+                        header: ["REPAIRED", "POLICY", "GATE", "PARTITION", "JOB", "CHANGE"],
+                        rows: changes.map { [$0.0, $0.1 ?? "-", $0.2 ?? "-", $0.3 ?? "-", $0.4.map(String.init) ?? "-", $0.5].map(DispatchPolicyError.oneLine) }))
+                    print("\n\(changes.count) change\(changes.count == 1 ? "" : "s") made")
+                }
+            }
+            let findings = try await conn.rows(
+                #"SELECT finding, policy, gate, partition_key, job_id, detail FROM dispatch_policy."check"()"#, logger: logger
+            ).map { try $0.decode((String, String?, String?, String?, Int64?, String).self) }
+            if findings.isEmpty {
+                if !repair { print("consistent: no findings") }
+            } else {
+                if repair { print("") }
+                print(TextTable.render(
+                    header: ["FINDING", "POLICY", "GATE", "PARTITION", "JOB", "DETAIL"],
+                    rows: findings.map { [$0.0, $0.1 ?? "-", $0.2 ?? "-", $0.3 ?? "-", $0.4.map(String.init) ?? "-", $0.5].map(DispatchPolicyError.oneLine) }))
+                print("\n\(findings.count) finding\(findings.count == 1 ? "" : "s")\(repair ? " remain" : "; dispatch-policy check --repair fixes them")")
+            }
+            return findings.count
+        }
+        if remaining > 0 { throw ExitCode.failure }
     }
 }
 
@@ -368,6 +434,7 @@ enum CLILimits {
     static let delay: ClosedRange<Duration> = .zero ... .seconds(3650 * 86_400)
     static let demo: ClosedRange<Duration> = .seconds(1) ... .seconds(86_400)
     static let tickTimeout: ClosedRange<Duration> = .seconds(1) ... .seconds(3600)
+    static let shutdownTimeout: ClosedRange<Duration> = .seconds(1) ... .seconds(3600)
 }
 
 /// Options of the admission loop shared by `tick` and `run`.
@@ -474,6 +541,9 @@ struct Tick: AsyncParsableCommand {
                     printError("policy \(summary.policy): \(summary.failures) tick\(summary.failures == 1 ? "" : "s") failed: \(summary.lastError ?? "")")
                 }
             }
+            if let error = report.lastConnectionError {
+                printError("database session lost or unavailable \(report.connectionFailures) time\(report.connectionFailures == 1 ? "" : "s"): \(error)")
+            }
             if let error = report.lastMaintenanceError {
                 printError("maintenance failed \(report.maintenanceFailures) time\(report.maintenanceFailures == 1 ? "" : "s"): \(error)")
             }
@@ -484,10 +554,25 @@ struct Tick: AsyncParsableCommand {
 
 struct Run: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Admit continuously: LISTEN for new jobs, tick, pause; SIGTERM or SIGINT ends after the current tick.")
+        abstract: "Admit continuously: LISTEN for new jobs, tick, pause; SIGTERM or SIGINT ends after the current tick.",
+        discussion: """
+            A lost database session (a restart, a failover, pg_terminate_backend) is reopened with backoff; \
+            "dispatch-policy status" lists the runner with its reconnects. \
+            On SIGTERM or SIGINT the runner finishes its current tick; one still running after \
+            --shutdown-timeout is abandoned (rolled back) and the process exits.
+            """)
 
     @OptionGroup var connection: ConnectionOptions
     @OptionGroup var runner: RunnerOptions
+
+    @Option(name: .customLong("shutdown-timeout"), parsing: .unconditional, help: "On SIGTERM or SIGINT, wait this long for the current tick, then abandon it (1s to 1h).")
+    var shutdownTimeout: String = "10s"
+
+    func validate() throws {
+        do { _ = try DurationParser.parse(shutdownTimeout, flag: "--shutdown-timeout", within: CLILimits.shutdownTimeout) } catch let error as DispatchPolicyError {
+            throw ValidationError(error.message)
+        }
+    }
 
     func run() async throws {
         let logger = connection.makeLogger()
@@ -495,8 +580,12 @@ struct Run: AsyncParsableCommand {
             let options = try runner.makeOptions()
             let settings = try ConnectionSettings.resolve(url: connection.databaseURL)
             let service = TickRunner(connection: settings, options: options, logger: logger)
-            let group = ServiceGroup(
-                configuration: .init(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            var configuration = ServiceGroupConfiguration(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+            configuration.maximumGracefulShutdownDuration = try DurationParser.parse(
+                shutdownTimeout, flag: "--shutdown-timeout", within: CLILimits.shutdownTimeout)
+            // Every wait of the runner ends on cancellation; this only bounds a bug.
+            configuration.maximumCancellationDuration = .seconds(5)
+            let group = ServiceGroup(configuration: configuration)
             try await group.run()
         }
     }

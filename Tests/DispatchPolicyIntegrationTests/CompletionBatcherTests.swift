@@ -4,16 +4,17 @@ import PostgresNIO
 import Synchronization
 import Testing
 
-@Suite("Worker: completion batches")
+@Suite("Worker: completion batches", .timeLimit(.minutes(8)))
 struct CompletionBatcherTests {
     /// Found by hostile testing: once cancelled, the batcher stopped; a
     /// handler that ended after that waited for good on a completion nothing
     /// would send, and the Worker never returned (2 runs in 10).
     @Test("a completion after the batcher stopped fails at once instead of waiting for good")
     func completionAfterStop() async throws {
-        try await withTestDatabase { conn, _ async throws in
+        try await withTestDatabase { _, settings async throws in
             let batcher = CompletionBatcher()
-            let run = Task { await batcher.run(conn: conn, logger: TestServer.logger) }
+            let db = ManagedConnection(settings: settings, role: "test", logger: TestServer.logger)
+            let run = Task { await batcher.run(db: db, timeout: .seconds(30), logger: TestServer.logger) }
             run.cancel()
             await run.value
             let answered = Mutex<Result<CompletionBatcher.Outcome, DispatchPolicyError>?>(nil)
@@ -39,8 +40,9 @@ struct CompletionBatcherTests {
                 .map { try $0.decode((Int64, Int).self) }
             try #require(jobs.count == 50)
             let batcher = CompletionBatcher()
-            let outcomes = try await TestServer.withConnection(settings) { reporter async throws in
-                let run = Task { await batcher.run(conn: reporter, logger: TestServer.logger) }
+            let reporter = ManagedConnection(settings: settings, role: "test", logger: TestServer.logger)
+            let outcomes = await {
+                let run = Task { await batcher.run(db: reporter, timeout: .seconds(30), logger: TestServer.logger) }
                 defer { run.cancel() }
                 return await withTaskGroup(of: CompletionBatcher.Outcome?.self) { group in
                     for (id, attempt) in jobs {
@@ -51,7 +53,8 @@ struct CompletionBatcherTests {
                     for await outcome in group { all.append(outcome) }
                     return all
                 }
-            }
+            }()
+            await reporter.close()
             #expect(outcomes.filter { $0 == .completed }.count == 49)
             #expect(outcomes.filter { $0 == .stale }.count == 1)
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs", as: Int.self) == 49)

@@ -44,7 +44,7 @@ final class Intervals: Sendable {
     var durations: [Duration] { runs.withLock { $0.compactMap { run in run.end.map { $0 - run.start } } } }
 }
 
-@Suite("Workers: fenced by attempt")
+@Suite("Workers: fenced by attempt", .timeLimit(.minutes(8)))
 struct FencingTests {
     /// Regression (13): complete/fail/heartbeat/started matched by id only, so
     /// a worker whose lease expired completed the next attempt, freeing a slot
@@ -190,64 +190,6 @@ struct FencingTests {
             #expect(try await completeMany("ARRAY[\(dead)]::bigint[]", "ARRAY[NULL]::integer[]") == ["\(dead):already_finished"])
             #expect(try await completeMany("ARRAY[\(dead)]::bigint[]", "ARRAY[1]::integer[]") == ["\(dead):stale"])
             #expect(try await conn.scalar("SELECT status FROM dispatch_policy.finished_jobs WHERE id = \(dead)", as: String.self) == "dead")
-        }
-    }
-
-    /// Found by hostile testing: a heartbeat on a connection whose server
-    /// side was terminated never returned, so the lease guard never reached
-    /// its deadline and the handler ran on past its lease, while the reaper
-    /// could hand the job to another worker.
-    @Test("a heartbeat that never returns still stops the handler before its lease runs out")
-    func heartbeatOnDeadConnection() async throws { try await LiveTests.exclusive { try await heartbeatOnDeadConnectionLive() } }
-
-    func heartbeatOnDeadConnectionLive() async throws {
-        let settings = try await TestServer.shared.freshDatabase()
-        try await TestServer.withConnection(settings) { conn async throws in
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger)
-                .declare(name: "solo", config: try PolicyConfig(leaseSeconds: 4) { Gate.concurrency(max: 1) }.json())
-            try await conn.exec("SELECT dispatch_policy.stage('solo', '1')")
-            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "solo")
-        }
-        let intervals = Intervals()
-        let ended = Mutex<Date?>(nil)
-        var options = WorkerOptions()
-        options.pollInterval = .milliseconds(50)
-        var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
-        worker.register("solo") { job in
-            let index = intervals.start(job)
-            defer {
-                intervals.end(index)
-                ended.withLock { $0 = Date() }
-            }
-            try await Task.sleep(for: .seconds(60))
-        }
-        // The worker runs in a task of its own that the test waits for only
-        // so long: before the fix it hung for good in the heartbeat.
-        let services = DetachedServices([worker])
-        let stopped = try await waitUntil(30) {
-            try await TestServer.withConnection(settings) { conn async throws in
-                // Once the worker has heartbeaten, end the session it heartbeats on.
-                _ = try await conn.rows("""
-                    SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                    WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%dispatch_policy.heartbeat(%'
-                    """, logger: TestServer.logger)
-            }
-            return !intervals.durations.isEmpty
-        }
-        await services.shutDown()
-        #expect(stopped, "the handler was not stopped within 30 s")
-        try #require(stopped)
-        #expect(try await waitUntil(30) { services.isFinished }, "the worker did not shut down")
-        // The handler would otherwise have slept 60 s; the guard stops it a
-        // margin before the lease the server holds (the last heartbeat that
-        // got through + 4 s) runs out.
-        let ran = try #require(intervals.durations.first)
-        #expect(ran < .seconds(10), "the handler ran \(ran) under a 4 s lease")
-        let end = try #require(ended.withLock { $0 })
-        try await TestServer.withConnection(settings) { conn async throws in
-            let expires = try await conn.scalar("SELECT lease_expires_at FROM dispatch_policy.admitted_jobs", as: Date.self)
-            #expect(end < expires, "the handler ended at \(end), after its lease ran out at \(expires)")
-            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs", as: Int.self) == 0)
         }
     }
 

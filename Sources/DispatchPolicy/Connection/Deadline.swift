@@ -9,8 +9,14 @@ import Synchronization
 /// #601), so a task group that awaits it would hang with it. Here the body
 /// runs in a task of its own; when the wait ends early it is cancelled and
 /// left to end on its own (at the latest when its connection is closed).
+///
+/// `abandon`, when given, is called once with a function that ends the wait
+/// early with the error it is passed (for instance when the connection the
+/// body runs on closes).
 func untilDeadline<T: Sendable>(
-    _ deadline: ContinuousClock.Instant, _ body: @escaping @Sendable () async throws -> T
+    _ deadline: ContinuousClock.Instant,
+    abandon: ((@escaping @Sendable (any Error) -> Void) -> Void)? = nil,
+    _ body: @escaping @Sendable () async throws -> T
 ) async throws -> T? {
     let race = DeadlineRace<T>()
     return try await withTaskCancellationHandler {
@@ -21,6 +27,7 @@ func untilDeadline<T: Sendable>(
                 try? await Task.sleep(until: deadline, clock: .continuous)
                 race.finish(.success(nil))
             })
+            abandon? { error in race.finish(.failure(error)) }
         }
     } onCancel: {
         race.finish(.failure(CancellationError()))

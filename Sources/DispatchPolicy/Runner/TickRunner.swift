@@ -34,6 +34,28 @@ public struct TickRunnerOptions: Sendable {
     public var tick = TickSettings()
     /// Server settings of the runner's sessions (see ``SessionSettings``).
     public var session = SessionSettings.runner
+    /// How this runner is listed in `dispatch_policy.processes`.
+    public var name = "\(ProcessInfo.processInfo.hostName):\(getpid()) runner"
+    /// The longest a connection attempt may take.
+    public var connectTimeout: Duration = .seconds(10)
+    /// The longest the runner waits for one of its short calls (looking for
+    /// work, bookkeeping) before it takes the session for lost, closes it
+    /// and reconnects. A tick waits up to its `tick.timeout` plus
+    /// ``callGrace``, pruning up to the session's statement timeout plus
+    /// ``callGrace``; neither less than this.
+    public var callTimeout: Duration = .seconds(30)
+    /// How long after the server should have ended a statement (its
+    /// statement timeout) the runner still waits for the answer.
+    public var callGrace: Duration = .seconds(5)
+    /// How long a run with `runFor` may go on past it: a call still waiting
+    /// then is abandoned and its session closed (rolling it back).
+    public var overrun: Duration = .seconds(2)
+
+    /// A tick's statements are bounded by the server (`tick.timeout`); the
+    /// client waits that plus the grace, and never less than `callTimeout`
+    /// (a loaded machine can be slow to read an answer that came in time).
+    var tickCallTimeout: Duration { max(callTimeout, (tick.timeout ?? session.statementTimeout ?? .seconds(300)) + callGrace) }
+    var maintenanceCallTimeout: Duration { max(session.statementTimeout ?? .seconds(300) + callGrace, tickCallTimeout) }
 
     public init() {}
 }
@@ -97,8 +119,15 @@ public struct RunReport: Sendable, Equatable {
     public var maintenanceFailures = 0
     public var lastMaintenanceError: String?
 
-    /// Whether any tick or maintenance step failed.
-    public var hadFailures: Bool { maintenanceFailures > 0 || policies.contains { $0.failures > 0 } }
+    /// Passes cut short because the database session was lost or could not
+    /// be opened (the runner reconnected with backoff), and the last error.
+    public var connectionFailures = 0
+    public var lastConnectionError: String?
+
+    /// Whether any tick, maintenance step or connection failed.
+    public var hadFailures: Bool {
+        maintenanceFailures > 0 || connectionFailures > 0 || policies.contains { $0.failures > 0 }
+    }
 }
 
 /// The admission loop: ticks every policy with work, pauses briefly after
@@ -124,29 +153,55 @@ public struct TickRunner: Service {
     }
 
     public func run() async throws {
-        _ = try await runLoop()
+        do {
+            _ = try await runLoop()
+        } catch is CancellationError {
+            // Cancelled at shutdown (the graceful shutdown timed out): stop quietly.
+        }
     }
 
     /// Runs until `once`, `runFor`, graceful shutdown or cancellation; returns
     /// what it did. An unknown `options.policy` is an error (SQLSTATE 42704).
+    ///
+    /// A lost session is replaced with backoff (see ``ManagedConnection``):
+    /// `once` reports a session it cannot open or loses as an error; the
+    /// other modes log it, count it in the report and keep trying until their
+    /// end. No wait lasts past `runFor` by more than `options.overrun`.
     public func runLoop() async throws -> RunReport {
         let deadline = options.runFor.map { ContinuousClock.now + $0 }
         let wake = WakeSignal()
-        return try await connection.with(session: options.session).withConnection(logger: logger) { conn in
-            for only in options.policies ?? [] {
-                guard try await Ticker(connection: conn, settings: options.tick, logger: logger).exists(policy: only) else {
-                    throw DispatchPolicyError(
-                        code: .server, message: "unknown policy: '\(only)'", sqlState: "42704",
-                        hint: "Declare it first with dispatch_policy.declare_policy(name, config) or \"dispatch-policy policy apply FILE\".")
-                }
-            }
-            if options.once {
-                return try await loop(conn: conn, listener: nil, deadline: deadline, wake: wake)
-            }
-            return try await connection.with(session: options.session).withConnection(logger: logger) { listener in
-                try await loop(conn: conn, listener: listener, deadline: deadline, wake: wake)
-            }
+        let db = ManagedConnection(
+            settings: connection.with(session: options.session), role: "runner", logger: logger,
+            connectTimeout: options.connectTimeout)
+        // A session that closes wakes the loop, which then reconnects.
+        await db.onConnect { conn in
+            conn.closeFuture.whenComplete { _ in Task { await wake.signal() } }
         }
+        let listener: Task<Void, Never>? = options.once ? nil : Task {
+            let listening = ManagedConnection(
+                settings: connection.with(session: options.session), role: "runner notifications", logger: logger,
+                connectTimeout: options.connectTimeout)
+            await NotificationListener(
+                connection: listening, channels: ["dispatch_policy_staged", "dispatch_policy_released"], logger: logger
+            ).run { _, _ in await wake.signal() }
+            await listening.close()
+        }
+        defer { listener?.cancel() }
+        var report = RunReport()
+        do {
+            try await loop(db: db, deadline: deadline, wake: wake, report: &report)
+        } catch {
+            await db.close()
+            throw error
+        }
+        if !Task.isCancelled {
+            await db.run("forgetting the process", timeout: .seconds(2), until: deadline.map { $0 + options.overrun }) {
+                [logger, name = options.name] conn in
+                _ = try await conn.rows("SELECT dispatch_policy.forget_process(\(name))", logger: logger)
+            } ifFails: { _ in }
+        }
+        await db.close()
+        return report
     }
 
     /// A failing policy: when to try it again, and what it failed with.
@@ -156,107 +211,125 @@ public struct TickRunner: Service {
         var retryAt: ContinuousClock.Instant
     }
 
-    private func loop(
-        conn: PostgresConnection, listener: PostgresConnection?, deadline: ContinuousClock.Instant?, wake: WakeSignal
-    ) async throws -> RunReport {
+    private func loop(db: ManagedConnection, deadline: ContinuousClock.Instant?, wake: WakeSignal, report: inout RunReport) async throws {
         var summaries: [String: PolicySummary] = [:]
-        var report = RunReport()
         var failing: [String: Failing] = [:]
         var maintenanceErrors: [String: String] = [:]
-        let original = conn
-        var conn = conn
-        var ticker = Ticker(connection: conn, settings: options.tick, logger: logger)
-        return try await withThrowingTaskGroup(of: Void.self) { group in
-            if let listener {
-                for channel in ["dispatch_policy_staged", "dispatch_policy_released"] {
-                    group.addTask {
-                        try await listener.listen(on: channel) { notifications in
-                            for try await _ in notifications { await wake.signal() }
+        let startedAt = Date()
+        // No wait outlives the --for deadline by more than the overrun.
+        let hardDeadline = deadline.map { $0 + options.overrun }
+        let settings = options.tick
+        let logger = logger
+        var lastMaintenance: ContinuousClock.Instant?
+        var lastReport: ContinuousClock.Instant?
+        var reportedReconnects = 0
+        var checkedPolicies = false
+        var passes = 0
+        defer { report.policies = summaries.values.sorted { $0.policy < $1.policy } }
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            // At least one pass, however long connecting took.
+            if let deadline, ContinuousClock.now >= deadline, passes > 0 { break }
+            passes += 1
+            var admitted = 0
+            do {
+                if !checkedPolicies {
+                    for only in options.policies ?? [] {
+                        let exists = try await db.run("looking up the policy", timeout: options.callTimeout, until: hardDeadline) { conn in
+                            try await Ticker(connection: conn, settings: settings, logger: logger).exists(policy: only)
+                        }
+                        guard exists else {
+                            throw DispatchPolicyError(
+                                code: .server, message: "unknown policy: '\(only)'", sqlState: "42704",
+                                hint: "Declare it first with dispatch_policy.declare_policy(name, config) or \"dispatch-policy policy apply FILE\".")
                         }
                     }
+                    checkedPolicies = true
                 }
-            }
-            var lastMaintenance: ContinuousClock.Instant?
-            var passes = 0
-            while !Task.isCancelled && !Task.isShuttingDownGracefully {
-                // At least one pass, however long connecting took.
-                if let deadline, ContinuousClock.now >= deadline, passes > 0 { break }
-                passes += 1
-                var admitted = 0
-                var failed = false
-                do {
-                    if lastMaintenance.map({ ContinuousClock.now - $0 >= options.maintenanceInterval }) ?? true {
-                        try await maintain(conn, report: &report, errors: &maintenanceErrors)
-                        lastMaintenance = .now
-                    }
-                    for work in try await ticker.policiesWithWork(only: options.policies) {
-                        let policy = work.name
-                        if let state = failing[policy], ContinuousClock.now < state.retryAt { continue }
-                        do {
-                            let result = try await ticker.tick(policy: policy, reap: work.expiredLeases)
-                            summaries[policy, default: PolicySummary(policy: policy)].add(result)
-                            admitted += result.admitted
-                            if failing.removeValue(forKey: policy) != nil {
-                                logger.info("policy recovered", metadata: ["policy.name": "\(policy)"])
-                            }
-                            if work.failing && result.outcome == .ran {
-                                _ = try? await conn.rows("SELECT dispatch_policy.clear_runner_failure(\(policy))", logger: logger)
-                            }
-                        } catch {
-                            let wrapped = DispatchPolicyError.from(error)
-                            // A lost connection is not the policy's fault: end the pass.
-                            if wrapped.sqlState == nil && conn.isClosed { throw error }
-                            // A deadlock or serialization abort is retried at the next pass.
-                            if wrapped.sqlState == "40P01" || wrapped.sqlState == "40001" {
-                                logger.info("tick aborted; retrying", metadata: ["policy.name": "\(policy)", "error": "\(wrapped)"])
-                                continue
-                            }
-                            summaries[policy, default: PolicySummary(policy: policy)].failures += 1
-                            summaries[policy, default: PolicySummary(policy: policy)].lastError = wrapped.description
-                            await recordFailure(policy: policy, error: wrapped, conn: conn, failing: &failing)
-                            failed = true
+                // Alive, and any lost session, reported at start, after a
+                // reconnect, and once per maintenance interval.
+                let reconnects = await db.reconnects
+                if !options.once, reconnects != reportedReconnects
+                    || lastReport.map({ ContinuousClock.now - $0 >= options.maintenanceInterval }) ?? true {
+                    await db.reportAlive(name: options.name, kind: "runner", startedAt: startedAt)
+                    lastReport = .now
+                    reportedReconnects = reconnects
+                }
+                if lastMaintenance.map({ ContinuousClock.now - $0 >= options.maintenanceInterval }) ?? true {
+                    try await maintain(db, until: hardDeadline, report: &report, errors: &maintenanceErrors)
+                    lastMaintenance = .now
+                }
+                let work = try await db.run("looking for policies with work", timeout: options.callTimeout, until: hardDeadline) {
+                    [only = options.policies] conn in
+                    try await Ticker(connection: conn, settings: settings, logger: logger).policiesWithWork(only: only)
+                }
+                for work in work {
+                    let policy = work.name
+                    if let state = failing[policy], ContinuousClock.now < state.retryAt { continue }
+                    do {
+                        let result = try await db.run("the tick of policy \(policy)", timeout: options.tickCallTimeout, until: hardDeadline) { conn in
+                            try await Ticker(connection: conn, settings: settings, logger: logger).tick(policy: policy, reap: work.expiredLeases)
                         }
+                        summaries[policy, default: PolicySummary(policy: policy)].add(result)
+                        admitted += result.admitted
+                        if failing.removeValue(forKey: policy) != nil {
+                            logger.info("policy recovered", metadata: ["policy.name": "\(policy)"])
+                        }
+                        if work.failing && result.outcome == .ran {
+                            await db.run("clearing the policy's failure", timeout: options.callTimeout, until: hardDeadline) { conn in
+                                _ = try await conn.rows("SELECT dispatch_policy.clear_runner_failure(\(policy))", logger: logger)
+                            } ifFails: { _ in }
+                        }
+                    } catch {
+                        let wrapped = DispatchPolicyError.from(error)
+                        // A lost session is not the policy's fault: end the pass.
+                        if wrapped.code == .connectionLost || error is CancellationError { throw error }
+                        // A deadlock or serialization abort is retried at the next pass.
+                        if wrapped.sqlState == "40P01" || wrapped.sqlState == "40001" {
+                            logger.info("tick aborted; retrying", metadata: ["policy.name": "\(policy)", "error": "\(wrapped)"])
+                            continue
+                        }
+                        summaries[policy, default: PolicySummary(policy: policy)].failures += 1
+                        summaries[policy, default: PolicySummary(policy: policy)].lastError = wrapped.description
+                        await recordFailure(policy: policy, error: wrapped, db: db, until: hardDeadline, failing: &failing)
                     }
-                } catch {
-                    // The pass failed outside one policy's tick (a dropped
-                    // connection): its transaction rolled back, so nothing is
-                    // lost. A one-shot run reports it; a long-running one logs
-                    // it and tries again after the idle pause.
-                    if options.once || Task.isCancelled { throw error }
-                    logger.error("admission pass failed; retrying", metadata: ["error": "\(error)"])
-                    failed = true
                 }
-                if options.once { break }
-                if failed && conn.isClosed {
-                    if let fresh = try? await connection.with(session: options.session).connect(logger: logger) {
-                        conn = fresh
-                        ticker = Ticker(connection: fresh, settings: options.tick, logger: logger)
-                    }
-                }
-                var pause = admitted > 0 ? options.busyPause : options.idlePause
-                if let deadline { pause = min(pause, max(deadline - .now, .zero)) }
-                // Wake for the next retry of a failing policy, not later.
-                if let next = failing.values.map(\.retryAt).min() { pause = min(pause, max(next - .now, .zero)) }
-                if pause > .zero {
-                    await withGracefulShutdownHandler {
-                        await wake.wait(upTo: pause)
-                    } onGracefulShutdown: {
-                        Task { await wake.signal() }
-                    }
+            } catch {
+                let wrapped = DispatchPolicyError.from(error)
+                // The pass failed outside one policy's tick: its transaction
+                // rolled back, so nothing is lost. A one-shot run reports it; the
+                // others count it and try again (a lost session is reopened with
+                // backoff, logged by ManagedConnection).
+                if options.once || Task.isCancelled || error is CancellationError || wrapped.sqlState == "42704" { throw error }
+                if wrapped.code == .connectionLost {
+                    report.connectionFailures += 1
+                    report.lastConnectionError = wrapped.description
+                } else {
+                    logger.error("admission pass failed; retrying", metadata: ["error": "\(wrapped)"])
                 }
             }
-            group.cancelAll()
-            // A connection opened after the original dropped is ours to close
-            // (runLoop closes the original).
-            if conn !== original { try? await conn.close() }
-            report.policies = summaries.values.sorted { $0.policy < $1.policy }
-            return report
+            if options.once { break }
+            var pause = admitted > 0 ? options.busyPause : options.idlePause
+            // Reconnect as soon as the backoff allows.
+            if let retryAt = await db.retryAt { pause = min(pause, max(retryAt - .now, .zero)) }
+            if let deadline { pause = min(pause, max(deadline - .now, .zero)) }
+            // Wake for the next retry of a failing policy, not later.
+            if let next = failing.values.map(\.retryAt).min() { pause = min(pause, max(next - .now, .zero)) }
+            if pause > .zero {
+                await withGracefulShutdownHandler {
+                    await wake.wait(upTo: pause)
+                } onGracefulShutdown: {
+                    Task { await wake.signal() }
+                }
+            }
         }
     }
 
     /// Backs a failing policy off, logs a new or changed error once, and
     /// records it where `status` shows it.
-    private func recordFailure(policy: String, error: DispatchPolicyError, conn: PostgresConnection, failing: inout [String: Failing]) async {
+    private func recordFailure(
+        policy: String, error: DispatchPolicyError, db: ManagedConnection, until hardDeadline: ContinuousClock.Instant?,
+        failing: inout [String: Failing]
+    ) async {
         let previous = failing[policy]
         let failures = (previous?.failures ?? 0) + 1
         let exponent = min(failures - 1, 30)
@@ -270,59 +343,76 @@ public struct TickRunner: Service {
             ])
         }
         let seconds = Double(backoff.components.seconds) + Double(backoff.components.attoseconds) / 1e18
-        _ = try? await conn.rows(
-            """
-            SELECT dispatch_policy.record_runner_failure(\(policy), \(message), \(error.sqlState),
-                                                         now() + make_interval(secs => \(seconds)::float8))
-            """, logger: logger)
+        let sqlState = error.sqlState
+        await db.run("recording the policy's failure", timeout: options.callTimeout, until: hardDeadline) { [logger] conn in
+            _ = try await conn.rows(
+                """
+                SELECT dispatch_policy.record_runner_failure(\(policy), \(message), \(sqlState),
+                                                             now() + make_interval(secs => \(seconds)::float8))
+                """, logger: logger)
+        } ifFails: { _ in }
     }
 
     /// Reaps expired leases, one policy at a time, and prunes old rows: each
-    /// step on its own, so one policy's bad row never stops the others.
-    func maintain(_ conn: PostgresConnection, report: inout RunReport, errors: inout [String: String]) async throws {
+    /// step on its own, so one policy's bad row never stops the others. A
+    /// lost session ends maintenance (thrown); it runs again at the next pass.
+    func maintain(
+        _ db: ManagedConnection, until hardDeadline: ContinuousClock.Instant?, report: inout RunReport, errors: inout [String: String]
+    ) async throws {
         var reaped = 0
-        let expired = try await conn.rows(
-            """
-            SELECT DISTINCT policy FROM dispatch_policy.admitted_jobs
-            WHERE lease_expires_at < now() AND (\(options.policies)::text[] IS NULL OR policy = ANY (\(options.policies)::text[]))
-            ORDER BY 1
-            """, logger: logger
-        ).map { try $0.decode(String.self) }
+        let settings = options.tick
+        let logger = logger
+        let expired = try await db.run("looking for expired leases", timeout: options.callTimeout, until: hardDeadline) {
+            [policies = options.policies] conn in
+            try await conn.rows(
+                """
+                SELECT DISTINCT policy FROM dispatch_policy.admitted_jobs
+                WHERE lease_expires_at < now() AND (\(policies)::text[] IS NULL OR policy = ANY (\(policies)::text[]))
+                ORDER BY 1
+                """, logger: logger
+            ).map { try $0.decode(String.self) }
+        }
         for policy in expired {
-            await step("reap:\(policy)", report: &report, errors: &errors, conn: conn) {
-                reaped += try await Ticker(connection: conn, settings: options.tick, logger: logger).reapLeases(policy: policy)
+            try await step("reap:\(policy)", report: &report, errors: &errors) {
+                reaped += try await db.run("reaping the leases of policy \(policy)", timeout: options.tickCallTimeout, until: hardDeadline) { conn in
+                    try await Ticker(connection: conn, settings: settings, logger: logger).reapLeases(policy: policy)
+                }
             }
         }
         var removed: [String: Int] = [:]
-        await step("prune", report: &report, errors: &errors, conn: conn) {
-            for row in try await conn.rows(
-                """
-                SELECT what, removed FROM dispatch_policy.prune(make_interval(secs => \(options.retentionSeconds)),
-                                                                make_interval(secs => \(options.idleGateSeconds)),
-                                                                policies => \(options.policies)::text[])
-                """,
-                logger: logger
-            ) {
-                let (what, n) = try row.decode((String, Int).self)
-                if n > 0 { removed[what] = n }
+        try await step("prune", report: &report, errors: &errors) {
+            let rows = try await db.run("pruning", timeout: options.maintenanceCallTimeout, until: hardDeadline) {
+                [retention = options.retentionSeconds, idle = options.idleGateSeconds, policies = options.policies] conn in
+                try await conn.rows(
+                    """
+                    SELECT what, removed FROM dispatch_policy.prune(make_interval(secs => \(retention)),
+                                                                    make_interval(secs => \(idle)),
+                                                                    policies => \(policies)::text[])
+                    """,
+                    logger: logger
+                ).map { try $0.decode((String, Int).self) }
             }
+            for (what, n) in rows where n > 0 { removed[what] = n }
         }
         if reaped > 0 || !removed.isEmpty {
             logger.info("maintenance", metadata: ["maintenance.reaped": "\(reaped)", "maintenance.pruned": "\(removed)"])
         }
     }
 
+    /// Runs one maintenance step; its failure is recorded and logged once per
+    /// distinct error. A lost session or cancellation is rethrown.
     private func step(
-        _ name: String, report: inout RunReport, errors: inout [String: String], conn: PostgresConnection,
-        _ body: () async throws -> Void
-    ) async {
+        _ name: String, report: inout RunReport, errors: inout [String: String], _ body: () async throws -> Void
+    ) async throws {
         do {
             try await body()
             if errors.removeValue(forKey: name) != nil {
                 logger.info("maintenance step recovered", metadata: ["maintenance.step": "\(name)"])
             }
         } catch {
-            let message = DispatchPolicyError.from(error).description
+            let wrapped = DispatchPolicyError.from(error)
+            if wrapped.code == .connectionLost || error is CancellationError { throw error }
+            let message = wrapped.description
             report.maintenanceFailures += 1
             report.lastMaintenanceError = "\(name): \(message)"
             if errors[name] != message {
@@ -332,6 +422,17 @@ public struct TickRunner: Service {
             }
             errors[name] = message
         }
+    }
+}
+
+extension ManagedConnection {
+    /// ``run(_:timeout:until:_:)`` for bookkeeping whose failure must not
+    /// stop the caller: an error goes to `ifFails`, cancellation included.
+    nonisolated func run(
+        _ what: String, timeout: Duration, until hardDeadline: ContinuousClock.Instant?,
+        _ body: @escaping @Sendable (PostgresConnection) async throws -> Void, ifFails: (any Error) -> Void
+    ) async {
+        do { try await run(what, timeout: timeout, until: hardDeadline, body) } catch { ifFails(error) }
     }
 }
 

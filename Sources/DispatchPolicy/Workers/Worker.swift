@@ -43,6 +43,16 @@ public struct WorkerOptions: Sendable {
     public var retryIn: Duration?
     /// Server settings of the worker's sessions (see ``SessionSettings``).
     public var session = SessionSettings.worker
+    /// The longest a connection attempt may take.
+    public var connectTimeout: Duration = .seconds(10)
+    /// The longest the worker waits for a claim or an outcome call before it
+    /// takes the session for lost, closes it and reconnects: the session's
+    /// statement timeout (30 s) plus 5 s by default.
+    public var callTimeout: Duration?
+    /// How often the worker reports itself alive in `dispatch_policy.processes`.
+    public var reportInterval: Duration = .seconds(60)
+
+    var boundedCallTimeout: Duration { callTimeout ?? (session.statementTimeout ?? .seconds(30)) + .seconds(5) }
 
     public init() {}
 }
@@ -92,19 +102,24 @@ public struct Worker: Service {
     }
 
     public func run() async throws {
-        // Claims, outcomes and notifications each have a connection: a claim
+        // Claims, outcomes and notifications each have a session: a claim
         // never queues behind completions that wait on a counter row the tick
-        // holds, which would idle the worker while admitted jobs wait.
-        try await connection.with(session: options.session).withConnection(logger: logger) { claimer in
-            try await connection.with(session: options.session).withConnection(logger: logger) { reporter in
-                try await connection.with(session: options.session).withConnection(logger: logger) { listener in
-                    await loop(claimer: claimer, reporter: reporter, listener: listener)
-                }
-            }
+        // holds, which would idle the worker while admitted jobs wait. Each
+        // session is reopened with backoff when it is lost (ManagedConnection).
+        let settings = connection.with(session: options.session)
+        let claimer = ManagedConnection(settings: settings, role: "worker claims", logger: logger, connectTimeout: options.connectTimeout)
+        let reporter = ManagedConnection(settings: settings, role: "worker outcomes", logger: logger, connectTimeout: options.connectTimeout)
+        let listener = ManagedConnection(settings: settings, role: "worker notifications", logger: logger, connectTimeout: options.connectTimeout)
+        await loop(claimer: claimer, reporter: reporter, listener: listener)
+        if !Task.isCancelled {
+            await claimer.run("forgetting the process", timeout: .seconds(2), until: nil) { [logger, name = options.name] conn in
+                _ = try await conn.rows("SELECT dispatch_policy.forget_process(\(name))", logger: logger)
+            } ifFails: { _ in }
         }
+        for db in [claimer, reporter, listener] { await db.close() }
     }
 
-    private func loop(claimer: PostgresConnection, reporter: PostgresConnection, listener: PostgresConnection) async {
+    private func loop(claimer: ManagedConnection, reporter: ManagedConnection, listener: ManagedConnection) async {
         let wake = WakeSignal()
         // Handlers running (what `concurrency` bounds), and jobs claimed whose
         // outcome is not recorded yet: when outcomes cannot be recorded, the
@@ -121,19 +136,26 @@ public struct Worker: Service {
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
                 // Without notifications the worker still polls every pollInterval.
-                try? await listener.listen(on: "dispatch_policy_admitted") { notifications in
-                    for try await notification in notifications where queues.contains(notification.payload) {
-                        await wake.signal()
-                    }
+                await NotificationListener(connection: listener, channels: ["dispatch_policy_admitted"], logger: logger).run { channel, payload in
+                    if channel == nil || queues.contains(payload) { await wake.signal() }
                 }
             }
             group.addTask {
                 // Runs until the jobs have drained and the group is cancelled.
-                await completions.run(conn: reporter, logger: logger)
+                await completions.run(db: reporter, timeout: options.boundedCallTimeout, logger: logger)
             }
+            let startedAt = Date()
             await withDiscardingTaskGroup { jobs in
                 var next = 0
+                var lastReport: ContinuousClock.Instant?
+                var reportedReconnects = 0
                 while !Task.isCancelled && !Task.isShuttingDownGracefully {
+                    let reconnects = await claimer.reconnects
+                    if reconnects != reportedReconnects || lastReport.map({ ContinuousClock.now - $0 >= options.reportInterval }) ?? true {
+                        await claimer.reportAlive(name: options.name, kind: "worker", startedAt: startedAt)
+                        lastReport = .now
+                        reportedReconnects = reconnects
+                    }
                     var free = min(options.concurrency - (await running.value),
                                    2 * options.concurrency - (await unreported.value))
                     var claimedAny = false
@@ -145,9 +167,17 @@ public struct Worker: Service {
                         let claimed: [(job: Job, sentAt: ContinuousClock.Instant)]
                         do {
                             let sentAt = ContinuousClock.now
-                            claimed = try await claim(claimer, queue: queue, max: free, policies: policies).map { ($0, sentAt) }
+                            let want = free
+                            claimed = try await claimer.run("claiming jobs", timeout: options.boundedCallTimeout) { conn in
+                                try await claim(conn, queue: queue, max: want, policies: policies)
+                            }.map { ($0, sentAt) }
                         } catch {
-                            logger.error("claim failed", metadata: ["worker.queue": "\(queue)", "error": "\(error)"])
+                            // A lost session was logged by ManagedConnection; the next
+                            // round reconnects (with backoff). A claim in flight when it
+                            // was lost is rolled back: its jobs stay admitted, unclaimed.
+                            if DispatchPolicyError.from(error).code != .connectionLost {
+                                logger.error("claim failed", metadata: ["worker.queue": "\(queue)", "error": "\(error)"])
+                            }
                             break
                         }
                         for (job, sentAt) in claimed {
@@ -169,8 +199,10 @@ public struct Worker: Service {
                         }
                     }
                     if !claimedAny || free == 0 {
+                        var pause = options.pollInterval
+                        if let retryAt = await claimer.retryAt { pause = min(pause, max(retryAt - .now, .milliseconds(1))) }
                         await withGracefulShutdownHandler {
-                            await wake.wait(upTo: options.pollInterval)
+                            await wake.wait(upTo: pause)
                         } onGracefulShutdown: {
                             Task { await wake.signal() }
                         }
@@ -209,7 +241,7 @@ public struct Worker: Service {
     /// Runs a job's handler under its lease guard, calls `handlerEnded`,
     /// then records the outcome.
     private func process(
-        _ job: Job, claimedAt: ContinuousClock.Instant, conn: PostgresConnection, completions: CompletionBatcher,
+        _ job: Job, claimedAt: ContinuousClock.Instant, conn: ManagedConnection, completions: CompletionBatcher,
         handlerEnded: () async -> Void
     ) async {
         let log = {
@@ -264,16 +296,14 @@ public struct Worker: Service {
                     nextBeat = sentAt + interval
                     do {
                         // Bounded by the deadline: a heartbeat on a connection that
-                        // died may never return, and the handler must still stop in time.
-                        let renewed: Void? = try await untilDeadline(deadline) {
+                        // died may never return, and the handler must still stop in time
+                        // (the session is then closed and reopened for the next call).
+                        try await conn.run("a heartbeat", timeout: deadline - sentAt, until: deadline) { conn in
                             _ = try await conn.rows(
                                 """
                                 SELECT dispatch_policy.heartbeat(\(job.id), attempt => \(job.attempt)::integer)
                                 FROM (SELECT set_config('lock_timeout', \(lockTimeout), true)) t
                                 """, logger: log)
-                        }
-                        guard renewed != nil else {
-                            return .leaseLost("the lease could not be renewed before it ran out")
                         }
                         deadline = sentAt + lease - margin
                     } catch is CancellationError {
@@ -309,14 +339,17 @@ public struct Worker: Service {
         case .finished(.failure(let error)):
             let retry = options.retryIn.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
                 .map { FieldLimits.failRetryIn.clamp($0) }
+            let message = String(describing: error)
             await report(job, log: log) {
-                let state = try await conn.rows(
-                    """
-                    SELECT dispatch_policy.fail(\(job.id), \(String(describing: error)),
-                                                make_interval(secs => \(retry)::float8), attempt => \(job.attempt)::integer)
-                    """,
-                    logger: log
-                ).first?.decode(String.self)
+                let state = try await conn.run("recording a failure", timeout: options.boundedCallTimeout) { conn in
+                    try await conn.rows(
+                        """
+                        SELECT dispatch_policy.fail(\(job.id), \(message),
+                                                    make_interval(secs => \(retry)::float8), attempt => \(job.attempt)::integer)
+                        """,
+                        logger: log
+                    ).first?.decode(String.self)
+                }
                 log.info("job failed", metadata: ["error": "\(error)", "job.state": "\(state ?? "")"])
             }
         }
@@ -332,6 +365,12 @@ public struct Worker: Service {
                 return
             } catch {
                 let wrapped = DispatchPolicyError.from(error)
+                if wrapped.code == .connectionLost && attempt < 6 {
+                    // Retried on a new session for a few seconds; a call that did
+                    // commit answers DP001 the second time, logged below.
+                    try? await Task.sleep(for: .milliseconds(250) * (1 << (attempt - 1)))
+                    continue
+                }
                 switch wrapped.sqlState {
                 case "40P01" where attempt < 6, "40001" where attempt < 6:
                     try? await Task.sleep(for: delay)
@@ -385,7 +424,7 @@ actor CompletionBatcher {
     }
 
     /// Sends batches until cancelled with nothing left to send.
-    func run(conn: PostgresConnection, logger: Logger) async {
+    func run(db: ManagedConnection, timeout: Duration, logger: Logger) async {
         while true {
             let batch = takeAll()
             if batch.isEmpty {
@@ -401,7 +440,7 @@ actor CompletionBatcher {
             let most = FieldLimits.completeManyJobs.clampInt(.infinity)
             for start in stride(from: 0, to: batch.count, by: most) {
                 let part = Array(batch[start..<min(start + most, batch.count)])
-                let result = await send(part, conn: conn, logger: logger)
+                let result = await send(part, db: db, timeout: timeout, logger: logger)
                 for job in part {
                     job.reply.resume(returning: result.map { $0[job.id] ?? .notAdmitted })
                 }
@@ -411,26 +450,30 @@ actor CompletionBatcher {
 
     /// One complete_many call, retrying a deadlock or serialization abort.
     private func send(
-        _ batch: [(id: Int64, attempt: Int, reply: Reply)], conn: PostgresConnection, logger: Logger
+        _ batch: [(id: Int64, attempt: Int, reply: Reply)], db: ManagedConnection, timeout: Duration, logger: Logger
     ) async -> Result<[Int64: Outcome], DispatchPolicyError> {
         let ids = batch.map(\.id)
         let attempts = batch.map(\.attempt)
         var delay = Duration.milliseconds(10)
         for attempt in 1...6 {
             do {
-                var outcomes: [Int64: Outcome] = [:]
-                for row in try await conn.rows(
-                    "SELECT id, outcome FROM dispatch_policy.complete_many(\(ids)::bigint[], \(attempts)::integer[])",
-                    logger: logger
-                ) {
-                    let (id, outcome) = try row.decode((Int64, String).self)
-                    outcomes[id] = Outcome(rawValue: outcome) ?? .notAdmitted
+                let rows = try await db.run("recording completions", timeout: timeout) { conn in
+                    try await conn.rows(
+                        "SELECT id, outcome FROM dispatch_policy.complete_many(\(ids)::bigint[], \(attempts)::integer[])",
+                        logger: logger
+                    ).map { try $0.decode((Int64, String).self) }
                 }
+                var outcomes: [Int64: Outcome] = [:]
+                for (id, outcome) in rows { outcomes[id] = Outcome(rawValue: outcome) ?? .notAdmitted }
                 return .success(outcomes)
             } catch {
                 let wrapped = DispatchPolicyError.from(error)
-                guard attempt < 6, wrapped.sqlState == "40P01" || wrapped.sqlState == "40001" else { return .failure(wrapped) }
-                try? await Task.sleep(for: delay)
+                // A lost session is retried on a new one, for a few seconds (a
+                // server restart): complete_many of a job already completed
+                // answers already_finished, so a batch that did commit is harmless.
+                let lost = wrapped.code == .connectionLost
+                guard attempt < 6, lost || wrapped.sqlState == "40P01" || wrapped.sqlState == "40001" else { return .failure(wrapped) }
+                try? await Task.sleep(for: lost ? max(delay, .milliseconds(250)) * (1 << (attempt - 1)) : delay)
                 delay *= 2
             }
         }

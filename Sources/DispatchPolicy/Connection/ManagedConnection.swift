@@ -1,0 +1,319 @@
+import Foundation
+import Logging
+import PostgresNIO
+import Synchronization
+
+/// One database session of a runner or worker that is opened on first use
+/// and replaced when it dies.
+///
+/// A session can end under its owner at any time: PostgreSQL restarted, the
+/// backend terminated (`pg_terminate_backend`), a failover, a network that
+/// drops packets. postgres-nio then marks the connection closed, but a query
+/// issued on it, or in flight when it died, may never return and may ignore
+/// cancellation (vapor/postgres-nio#487, #601). So every call goes through
+/// ``run(_:timeout:until:_:)``: a connection found closed is replaced first, a
+/// call is bounded by a deadline, and a call that fails with the connection
+/// closed or does not return in time drops the connection (closing it, which
+/// ends the server session and rolls its transaction back) and throws
+/// ``DispatchPolicyError/Code/connectionLost``. The next call reconnects,
+/// with backoff while the server cannot be reached. Each loss and each
+/// reconnect is logged once, and counted (``reconnects``, ``lastLoss``) for
+/// `dispatch_policy.runners`.
+public actor ManagedConnection {
+    public let settings: ConnectionSettings
+    /// What this session is for, in log lines: "runner", "worker claims", ...
+    public let role: String
+    private let logger: Logger
+    /// The longest a connection attempt may take.
+    public let connectTimeout: Duration
+    private let backoff: ClosedRange<Duration>
+
+    private struct Session {
+        var conn: PostgresConnection
+        var watch: CloseWatch
+        var isClosed: Bool { conn.isClosed }
+    }
+    private var current: Session?
+    private var connectFailures = 0
+    private var lastConnectError: String?
+    /// When the next connection attempt may be made (after a failed one).
+    public private(set) var retryAt: ContinuousClock.Instant?
+    /// Connections opened after the first.
+    public private(set) var reconnects = 0
+    private var opened = 0
+    /// When the current session was opened.
+    public private(set) var connectedAt: Date?
+    /// When and why the last session was lost.
+    public private(set) var lastLoss: (at: Date, reason: String)?
+    /// Called with each new connection (to watch its closeFuture, to LISTEN).
+    private var onConnect: (@Sendable (PostgresConnection) -> Void)?
+
+    public init(
+        settings: ConnectionSettings, role: String, logger: Logger,
+        connectTimeout: Duration = .seconds(10), backoff: ClosedRange<Duration> = .milliseconds(100) ... .seconds(30)
+    ) {
+        self.settings = settings
+        self.role = role
+        self.logger = logger
+        self.connectTimeout = connectTimeout
+        self.backoff = backoff
+    }
+
+    /// Calls `handler` with every connection this opens from now on.
+    public func onConnect(_ handler: @escaping @Sendable (PostgresConnection) -> Void) {
+        onConnect = handler
+    }
+
+    /// The live connection, opening one when there is none or it closed.
+    /// While backing off after a failed attempt, throws at once.
+    public func connection() async throws -> PostgresConnection {
+        try await session().conn
+    }
+
+    /// The live connection and the watch of its closing.
+    private func session() async throws -> (conn: PostgresConnection, watch: CloseWatch) {
+        if let current, !current.isClosed { return (current.conn, current.watch) }
+        if let current {
+            self.current = nil
+            lost(current.conn, reason: "the connection closed")
+        }
+        if let connecting { return try await settle(connecting) }
+        if let retryAt, ContinuousClock.now < retryAt {
+            throw DispatchPolicyError(
+                code: .connectionLost, message: "\(role): cannot connect to \(settings)",
+                detail: "\(lastConnectError ?? "unknown error"); next attempt in \(Self.describe(retryAt - .now))")
+        }
+        let task = Task { [settings, logger, connectTimeout, role] in
+            // A connection that opens after the deadline is closed, not leaked.
+            let late = Mutex<(abandoned: Bool, conn: PostgresConnection?)>((false, nil))
+            let attempt: PostgresConnection? = try await untilDeadline(.now + connectTimeout) {
+                let conn = try await settings.connect(logger: logger)
+                if late.withLock({ state in state.conn = conn; return state.abandoned }) { Self.closeUnawaited(conn) }
+                return conn
+            }
+            if attempt == nil, let conn = late.withLock({ state in state.abandoned = true; return state.conn }) {
+                Self.closeUnawaited(conn)
+            }
+            guard let attempt else {
+                throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(settings)",
+                                          detail: "no answer within \(Self.describe(connectTimeout))")
+            }
+            return attempt
+        }
+        attempts += 1
+        let attempt = Attempt(id: attempts, task: task)
+        connecting = attempt
+        return try await settle(attempt)
+    }
+
+    /// A connection attempt that callers may share.
+    private struct Attempt {
+        var id: Int
+        var task: Task<PostgresConnection, any Error>
+    }
+    private var connecting: Attempt?
+    private var attempts = 0
+    private var settled = 0
+    private var lastAttemptError: DispatchPolicyError?
+
+    /// Waits for an attempt; the first caller to see it end does the
+    /// bookkeeping (adopting the connection, or backing off), every caller
+    /// gets the same outcome.
+    private func settle(_ attempt: Attempt) async throws -> (conn: PostgresConnection, watch: CloseWatch) {
+        let result = await attempt.task.result
+        if settled < attempt.id {
+            settled = attempt.id
+            if connecting?.id == attempt.id { connecting = nil }
+            switch result {
+            case .success(let conn):
+                let watch = CloseWatch()
+                conn.closeFuture.whenComplete { _ in watch.fire() }
+                current = Session(conn: conn, watch: watch)
+                connectedAt = Date()
+                opened += 1
+                if opened > 1 { reconnects += 1 }
+                if connectFailures > 0 || opened > 1 {
+                    // At warning level, like the loss it ends.
+                    logger.warning("database connection restored", metadata: [
+                        "connection.role": "\(role)", "connection.failed_attempts": "\(connectFailures)",
+                    ])
+                }
+                connectFailures = 0
+                lastConnectError = nil
+                retryAt = nil
+                onConnect?(conn)
+            case .failure(let error):
+                connectFailures += 1
+                let message = DispatchPolicyError.from(error).description
+                let exponent = min(connectFailures - 1, 20)
+                let delay = min(backoff.lowerBound * (1 << exponent), backoff.upperBound)
+                retryAt = .now + delay
+                if lastConnectError != message {
+                    logger.error("cannot connect to the database; retrying with backoff", metadata: [
+                        "connection.role": "\(role)", "error": "\(message)", "retry.in": "\(Self.describe(delay))",
+                    ])
+                }
+                lastConnectError = message
+                lastAttemptError = DispatchPolicyError(
+                    code: .connectionLost, message: "\(role): cannot connect to \(settings)",
+                    detail: "\(message); next attempt in \(Self.describe(delay))")
+            }
+        }
+        switch result {
+        case .success(let conn):
+            if let current, current.conn === conn { return (conn, current.watch) }
+            throw DispatchPolicyError(code: .connectionLost, message: "\(role): the database session ended as it opened")
+        case .failure(let error):
+            throw lastAttemptError ?? DispatchPolicyError.from(error)
+        }
+    }
+
+    /// Runs `body` on the live connection, waiting for it at most `timeout`
+    /// and never past `until`. A call that does not return in time, or fails
+    /// because the connection closed, drops the connection and throws
+    /// ``DispatchPolicyError/Code/connectionLost``; other errors pass
+    /// through. Cancelling the caller ends the wait at once.
+    public nonisolated func run<T: Sendable>(
+        _ what: String, timeout: Duration, until hardDeadline: ContinuousClock.Instant? = nil,
+        _ body: @escaping @Sendable (PostgresConnection) async throws -> T
+    ) async throws -> T {
+        if let hardDeadline, ContinuousClock.now >= hardDeadline {
+            throw DispatchPolicyError(code: .connectionLost, message: "\(role): no time left for \(what)")
+        }
+        let (conn, watch) = try await session()
+        let start = ContinuousClock.now
+        var deadline = start + timeout
+        if let hardDeadline { deadline = min(deadline, hardDeadline) }
+        let value: T?
+        do {
+            // A call in flight when the session ends, or one issued on it after
+            // (a ROLLBACK after the error), may never return: once the channel
+            // has closed, the call has a moment to fail by itself, then is abandoned.
+            var token: Int?
+            defer { if let token { watch.remove(token) } }
+            value = try await untilDeadline(deadline, abandon: { giveUp in token = watch.add(giveUp) }) { try await body(conn) }
+        } catch is CancellationError {
+            throw CancellationError()
+        } catch {
+            guard conn.isClosed || Self.endsSession(error) else { throw error }
+            let reason = DispatchPolicyError.from(error).description
+            await drop(conn, reason: "\(what) failed: \(reason)")
+            throw DispatchPolicyError(code: .connectionLost, message: "\(role): the database session ended during \(what)",
+                                      detail: reason)
+        }
+        guard let value else {
+            let reason = "\(what) did not return within \(Self.describe(deadline - start))"
+            await drop(conn, reason: reason)
+            throw DispatchPolicyError(code: .connectionLost, message: "\(role): \(reason)",
+                                      detail: "the connection was closed; the next call opens a new one")
+        }
+        return value
+    }
+
+    /// The wait for a call ended because its connection closed.
+    struct SessionClosed: Error, CustomStringConvertible {
+        var description: String { "the connection closed while the call was waiting for its answer" }
+    }
+
+    /// Whether the server ended the session with this error: an operator or
+    /// a shutdown terminated it (SQLSTATE 57P01, 57P02, 57P03), or a
+    /// connection exception (class 08). The connection may not be marked
+    /// closed yet when the error arrives.
+    static func endsSession(_ error: any Error) -> Bool {
+        guard let state = DispatchPolicyError.from(error).sqlState else { return false }
+        return ["57P01", "57P02", "57P03"].contains(state) || state.hasPrefix("08")
+    }
+
+    /// Drops `conn` if it is still the current connection: closes it (without
+    /// waiting: a dead channel may not answer) and logs the loss.
+    public func drop(_ conn: PostgresConnection, reason: String) {
+        guard let current, current.conn === conn else { return }
+        self.current = nil
+        lost(conn, reason: reason)
+    }
+
+    private func lost(_ conn: PostgresConnection, reason: String) {
+        lastLoss = (Date(), reason)
+        logger.error("database connection lost; reconnecting", metadata: [
+            "connection.role": "\(role)", "reason": "\(reason)",
+        ])
+        Self.closeUnawaited(conn)
+    }
+
+    /// Closes `conn` without waiting (a dead channel may not answer), keeping
+    /// it alive until the close completes.
+    static func closeUnawaited(_ conn: PostgresConnection) {
+        guard !conn.isClosed else { return }
+        conn.close().whenComplete { _ in withExtendedLifetime(conn) {} }
+    }
+
+    /// Records, in `dispatch_policy.processes`, that the process `name` is
+    /// alive, with this session's reconnects and last loss (see
+    /// `dispatch_policy.report_process`). Errors are logged and dropped: the
+    /// report is for operators, never a reason to stop.
+    public nonisolated func reportAlive(name: String, kind: String, startedAt: Date, timeout: Duration = .seconds(10)) async {
+        let (connectedAt, reconnects, loss) = await (self.connectedAt, self.reconnects, self.lastLoss)
+        do {
+            _ = try await run("reporting the process", timeout: timeout) { [logger] conn in
+                try await conn.rows(
+                    """
+                    SELECT dispatch_policy.report_process(\(name), \(kind), \(startedAt), \(connectedAt ?? Date()),
+                                                          \(reconnects)::integer, \(loss?.at), \(loss?.reason))
+                    """, logger: logger)
+            }
+        } catch {
+            logger.debug("could not report the process", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Closes the connection, waiting at most `timeout` for the server to
+    /// acknowledge.
+    public func close(timeout: Duration = .seconds(2)) async {
+        guard let conn = current?.conn else { return }
+        current = nil
+        guard !conn.isClosed else { return }
+        _ = try? await untilDeadline(.now + timeout) { try await conn.close() }
+    }
+
+    static func describe(_ duration: Duration) -> String {
+        DurationParser.describe(max(duration, .zero))
+    }
+}
+
+/// Ends the waits of the calls on one connection when it closes: a call
+/// then has a moment (200 ms) to fail by itself, then is abandoned.
+final class CloseWatch: Sendable {
+    private struct State {
+        var closed = false
+        var next = 0
+        var waiters: [Int: @Sendable (any Error) -> Void] = [:]
+    }
+    private let state = Mutex(State())
+
+    /// Registers a call's give-up; returns its token for `remove`.
+    func add(_ giveUp: @escaping @Sendable (any Error) -> Void) -> Int {
+        let (token, closed) = state.withLock { state in
+            state.next += 1
+            state.waiters[state.next] = giveUp
+            return (state.next, state.closed)
+        }
+        if closed { fire() }
+        return token
+    }
+
+    func remove(_ token: Int) {
+        _ = state.withLock { $0.waiters.removeValue(forKey: token) }
+    }
+
+    func fire() {
+        state.withLock { $0.closed = true }
+        Task {
+            try? await Task.sleep(for: .milliseconds(200))
+            let waiters = state.withLock { state in
+                defer { state.waiters = [:] }
+                return Array(state.waiters.values)
+            }
+            for giveUp in waiters { giveUp(ManagedConnection.SessionClosed()) }
+        }
+    }
+}
