@@ -15,9 +15,10 @@ import Glibc
 /// with a migrated database `dp`; stopped (its stopped backends resumed
 /// first) when `body` ends.
 func withPrivateCluster<T: Sendable>(
+    settings serverSettings: [String: String] = [:],
     _ body: (EmbeddedPostgres, ConnectionSettings) async throws -> T
 ) async throws -> T {
-    var options = EmbeddedPostgres.Options()
+    var options = EmbeddedPostgres.Options(settings: serverSettings)
     options.binDirectory = try await TestServer.shared.binDirectory()
     let cluster = try await EmbeddedPostgres.start(options)
     let result: Result<T, any Error>
@@ -332,5 +333,81 @@ struct FaultTests {
         // was lost with the session: then its first run never completed.
         let counts = runs.withLock { $0 }
         #expect(counts.count == jobs)
+    }
+
+    /// The runner is SIGKILLed while its tick is provably inside an open
+    /// transaction: the test holds a row the tick must lock (a counter, a
+    /// bucket, an adaptive row), waits until the runner's session is seen
+    /// waiting for it with a transaction open, and kills the runner then.
+    /// After each kill: the session is gone within seconds, nothing is lost,
+    /// the gate state is exact, and a new runner goes on admitting.
+    @Test("runners SIGKILLed inside an open transaction, again and again, lose nothing and leak nothing")
+    func killedInsideTransaction() async throws { try await LiveTests.exclusive { try await killedInsideTransactionLive() } }
+
+    func killedInsideTransactionLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        let jobs = 400
+        try await TestServer.withConnection(settings) { conn async throws in
+            let config = PolicyConfig(roundRobinBy: "{acct}", batchSize: 20) {
+                Gate.throttle(name: "per_acct_rate", rate: 1000, per: 1, burst: 1000, partitionBy: "{acct}")
+                Gate.concurrency(name: "per_acct", max: 50, partitionBy: "{acct}")
+                Gate.adaptiveConcurrency(name: "adaptive", partitionBy: "{acct}", initialMax: 50, targetLagMs: 60_000)
+            }
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "k", config: try config.json())
+            try await conn.exec("SELECT dispatch_policy.stage('k', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 4))) FROM generate_series(1, \(jobs)) i")
+            // Gate state for every partition exists once one tick has run.
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "k")
+        }
+        let rows = [
+            "SELECT 1 FROM dispatch_policy.inflight_counters WHERE policy = 'k' FOR UPDATE",
+            "SELECT 1 FROM dispatch_policy.throttle_buckets WHERE policy = 'k' FOR UPDATE",
+            "SELECT 1 FROM dispatch_policy.adaptive_stats WHERE policy = 'k' FOR UPDATE",
+        ]
+        var env = libpqEnvironment(settings)
+        env["DATABASE_URL"] = nil
+        for round in 0..<6 {
+            let lockQuery = rows[round % rows.count]
+            try await TestServer.withConnection(settings) { holder async throws in
+                // Completions meanwhile, as a worker's, so the next tick has room.
+                try await holder.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs ORDER BY id LIMIT 25")
+                try await holder.exec("BEGIN")
+                try await holder.exec(PostgresQuery(unsafeSQL: lockQuery))
+                let child = try spawnChild(cliPath, ["run", "--busy-pause", "0ms", "--idle-pause", "10ms"], environment: env)
+                // The runner's tick waits for the row, inside its transaction.
+                // (Watched from another session: pg_stat_activity is a snapshot
+                // taken once per transaction.)
+                var victim: Int32?
+                let waiting = try await waitUntil(20) {
+                    victim = try await TestServer.withConnection(settings) { watcher in try await watcher.rows(
+                        """
+                        SELECT pid FROM pg_stat_activity
+                        WHERE datname = current_database() AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'
+                          AND xact_start IS NOT NULL AND backend_type = 'client backend'
+                        """, logger: TestServer.logger
+                    ).first?.decode(Int32.self) }
+                    return victim != nil
+                }
+                kill(child.pid, SIGKILL)
+                #expect(await child.wait() == .signaled(SIGKILL))
+                try await holder.exec("COMMIT")
+                try #require(waiting, "round \(round): the runner never waited on the held row inside a transaction")
+                // The killed runner's session ends by itself (client_connection_check_interval).
+                #expect(try await waitUntil(15) {
+                    try await holder.scalar("SELECT count(*)::int FROM pg_stat_activity WHERE pid = \(victim ?? 0)", as: Int.self) == 0
+                }, "round \(round): the killed runner's session lived on")
+                // Nothing lost, nothing leaked, after every kill.
+                #expect(try await holder.scalar("""
+                    SELECT (SELECT count(*) FROM dispatch_policy.staged_jobs) + (SELECT count(*) FROM dispatch_policy.admitted_jobs)
+                         + (SELECT count(*) FROM dispatch_policy.finished_jobs)
+                    """, as: Int.self) == jobs)
+                try await expectCountersConsistent(holder)
+                #expect(try await checkFindings(holder) == [], "round \(round)")
+            }
+        }
+        // A runner that is left alone admits the rest.
+        let before = try await count(settings, "SELECT count(*)::int FROM dispatch_policy.staged_jobs")
+        let tick = try await cli(["tick"], settings: settings, env: env)
+        #expect(tick.status == 0, "\(tick.stderr)")
+        #expect(try await count(settings, "SELECT count(*)::int FROM dispatch_policy.staged_jobs") < before)
     }
 }
