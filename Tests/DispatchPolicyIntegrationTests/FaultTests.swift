@@ -410,4 +410,110 @@ struct FaultTests {
         #expect(tick.status == 0, "\(tick.stderr)")
         #expect(try await count(settings, "SELECT count(*)::int FROM dispatch_policy.staged_jobs") < before)
     }
+
+    /// A worker process killed mid-job (psql that claimed jobs and is
+    /// running them): its jobs come back when their lease runs out, and
+    /// another worker finishes them; nothing is lost or left holding a slot.
+    @Test("a worker process killed mid-job: its jobs are reaped after their lease and finished by another worker")
+    func workerKilledMidJob() async throws { try await LiveTests.exclusive { try await workerKilledMidJobLive() } }
+
+    func workerKilledMidJobLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "p", config: try PolicyConfig(leaseSeconds: 2) { Gate.concurrency(name: "per_acct", max: 3, partitionBy: "{acct}") }.json())
+            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 2))) FROM generate_series(1, 12) i")
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+        }
+        // The doomed worker: claims three jobs, commits, and "runs" them.
+        let psql = try await TestServer.shared.binDirectory() + "/psql"
+        let doomed = try spawnChild(psql, ["-X", "-q", "-c", "SELECT id FROM dispatch_policy.claim('default', 'doomed', 3)", "-c", "SELECT pg_sleep(60)"],
+                                    environment: libpqEnvironment(settings))
+        defer { kill(doomed.pid, SIGKILL) }
+        #expect(try await waitUntil(20) {
+            try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE worker = 'doomed'") == 3
+        }, "the doomed worker never claimed")
+        let claimed = try await TestServer.withConnection(settings) { conn in
+            try await conn.rows("SELECT id FROM dispatch_policy.admitted_jobs WHERE worker = 'doomed' ORDER BY id", logger: TestServer.logger)
+                .map { try $0.decode(Int64.self) }
+        }
+        kill(doomed.pid, SIGKILL)
+        #expect(await doomed.wait() == .signaled(SIGKILL))
+
+        var runnerOptions = TickRunnerOptions()
+        runnerOptions.idlePause = .milliseconds(100)
+        runnerOptions.maintenanceInterval = .milliseconds(200)
+        let runner = TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger)
+        var options = WorkerOptions()
+        options.pollInterval = .milliseconds(50)
+        var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+        worker.register("p") { _ in try await Task.sleep(for: .milliseconds(10)) }
+        let services = DetachedServices([runner, worker])
+        let done = try await waitUntil(30) {
+            try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'") == 12
+        }
+        await services.shutDown()
+        #expect(try await waitUntil(30) { services.isFinished })
+        #expect(done, "the jobs of the killed worker were not finished")
+        try await TestServer.withConnection(settings) { conn async throws in
+            // Its three jobs ran a second attempt; the others one.
+            let retried = try await conn.rows("SELECT id FROM dispatch_policy.finished_jobs WHERE attempts = 2 ORDER BY id", logger: TestServer.logger)
+                .map { try $0.decode(Int64.self) }
+            #expect(retried == claimed)
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.job_failures WHERE job_id = ANY (\(claimed))", as: Int.self) == 3)
+            try await expectCountersConsistent(conn)
+            #expect(try await checkFindings(conn) == [])
+        }
+    }
+
+    /// PostgreSQL restarted (fast shutdown) while a runner and a worker are
+    /// busy: both reconnect by themselves and every job completes.
+    @Test("a PostgreSQL restart under load: the runner and the worker recover by themselves and every job completes")
+    func restartUnderLoad() async throws { try await LiveTests.exclusive { try await restartUnderLoadLive() } }
+
+    func restartUnderLoadLive() async throws {
+        try await withPrivateCluster { cluster, settings in
+            let jobs = 300
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                    name: "p", config: try PolicyConfig(leaseSeconds: 3) {
+                        Gate.concurrency(name: "per_acct", max: 4, partitionBy: "{acct}")
+                        Gate.throttle(name: "rate", rate: 60, per: 1, burst: 10)
+                    }.json())
+                try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 3))) FROM generate_series(1, \(jobs)) i")
+            }
+            var runnerOptions = TickRunnerOptions()
+            runnerOptions.idlePause = .milliseconds(100)
+            runnerOptions.busyPause = .milliseconds(10)
+            runnerOptions.maintenanceInterval = .milliseconds(500)
+            let runner = TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger)
+            var options = WorkerOptions()
+            options.concurrency = 8
+            options.pollInterval = .milliseconds(50)
+            var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+            worker.register("p") { _ in try await Task.sleep(for: .milliseconds(20)) }
+            let services = DetachedServices([runner, worker])
+            // Under way, then restarted twice.
+            #expect(try await waitUntil(20) {
+                try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs") >= 30
+            })
+            for _ in 0..<2 {
+                try await offCooperativePool { try cluster.restart() }
+                try await Task.sleep(for: .seconds(1))
+            }
+            let before = try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs")
+            #expect(before < jobs, "the restarts came after the work: they proved nothing")
+            let done = try await waitUntil(60) {
+                try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'") == jobs
+            }
+            await services.shutDown()
+            #expect(try await waitUntil(30) { services.isFinished })
+            #expect(done, "not every job completed after the restarts")
+            try await TestServer.withConnection(settings) { conn async throws in
+                #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self) == 0)
+                try await expectCountersConsistent(conn)
+                #expect(try await checkFindings(conn) == [])
+            }
+        }
+    }
 }
