@@ -93,6 +93,24 @@ func freezeIdleSession(_ settings: ConnectionSettings, query pattern: String, wi
     return frozen
 }
 
+/// A runner and a Worker running `handler` for policy "p", with short
+/// pauses and maintenance every 500 ms (reaping leases lost with a session).
+private func busyRunnerAndWorker(
+    _ settings: ConnectionSettings, concurrency: Int, _ handler: @escaping Worker.Handler
+) -> DetachedServices {
+    var runnerOptions = TickRunnerOptions()
+    runnerOptions.idlePause = .milliseconds(100)
+    runnerOptions.busyPause = .milliseconds(10)
+    runnerOptions.maintenanceInterval = .milliseconds(500)
+    let runner = TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger)
+    var options = WorkerOptions()
+    options.concurrency = concurrency
+    options.pollInterval = .milliseconds(50)
+    var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
+    worker.register("p", handler)
+    return DetachedServices([runner, worker])
+}
+
 private func stage(_ settings: ConnectionSettings, _ policy: String, count: Int = 1) async throws {
     try await TestServer.withConnection(settings) { conn in
         try await conn.exec("SELECT dispatch_policy.stage(\(policy), to_jsonb(i)) FROM generate_series(1, \(count)) i")
@@ -285,20 +303,10 @@ struct FaultTests {
             try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('t', i % 4)) FROM generate_series(1, \(jobs)) i")
         }
         let runs = Mutex<[Int64: Int]>([:])
-        var runnerOptions = TickRunnerOptions()
-        runnerOptions.idlePause = .milliseconds(200)
-        runnerOptions.busyPause = .milliseconds(20)
-        runnerOptions.maintenanceInterval = .milliseconds(500)
-        let runner = TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger)
-        var options = WorkerOptions()
-        options.concurrency = 6
-        options.pollInterval = .milliseconds(100)
-        var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
-        worker.register("p") { job in
+        let services = busyRunnerAndWorker(settings, concurrency: 6) { job in
             runs.withLock { $0[job.id, default: 0] += 1 }
             try await Task.sleep(for: .milliseconds(100))
         }
-        let services = DetachedServices([runner, worker])
         var terminated = 0
         for _ in 0..<12 {
             try await Task.sleep(for: .milliseconds(400))
@@ -482,17 +490,7 @@ struct FaultTests {
                     }.json())
                 try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 3))) FROM generate_series(1, \(jobs)) i")
             }
-            var runnerOptions = TickRunnerOptions()
-            runnerOptions.idlePause = .milliseconds(100)
-            runnerOptions.busyPause = .milliseconds(10)
-            runnerOptions.maintenanceInterval = .milliseconds(500)
-            let runner = TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger)
-            var options = WorkerOptions()
-            options.concurrency = 8
-            options.pollInterval = .milliseconds(50)
-            var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
-            worker.register("p") { _ in try await Task.sleep(for: .milliseconds(20)) }
-            let services = DetachedServices([runner, worker])
+            let services = busyRunnerAndWorker(settings, concurrency: 8) { _ in try await Task.sleep(for: .milliseconds(20)) }
             // Under way, then restarted twice.
             #expect(try await waitUntil(20) {
                 try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs") >= 30
