@@ -451,10 +451,10 @@ struct RunnerOptions: ParsableArguments {
     @Option(name: .customLong("lease"), parsing: .unconditional, help: "Lease for policies that do not set lease_seconds, such as 15m (1s to 365d; default: the database's, 15m).")
     var lease: String?
 
-    @Option(name: .customLong("busy-pause"), parsing: .unconditional, help: "Pause after a productive pass (0 to 1h).")
+    @Option(name: .customLong("busy-pause"), parsing: .unconditional, help: "Pause after a productive pass, cut short by NOTIFY and by what is due: a scheduled job, a lease, a throttle's next token (0 to 1h).")
     var busyPause: String = "50ms"
 
-    @Option(name: .customLong("idle-pause"), parsing: .unconditional, help: "Pause after an idle pass, cut short by NOTIFY (0 to 1h).")
+    @Option(name: .customLong("idle-pause"), parsing: .unconditional, help: "Pause after an idle pass, cut short by NOTIFY and by what is due: a scheduled job, a lease, a throttle's next token (0 to 1h).")
     var idlePause: String = "1s"
 
     @Option(parsing: .unconditional, help: "Delete completed jobs, failures and per-minute aggregates older than this (0 to 100 years).")

@@ -186,6 +186,22 @@ struct GateEvaluationTests {
         #expect(partial.admitted.isEmpty)
     }
 
+    @Test("a throttle that refuses for want of a token says when the next whole one comes; rate 0 never")
+    func tokenWaits() {
+        let config = PolicyConfig { Gate.throttle(rate: 10, per: 2, burst: 3, partitionBy: "{ep}") }
+        let a = GateKey(gate: "throttle", partition: "a"), b = GateKey(gate: "throttle", partition: "b")
+        // 0.25 tokens at 5 per second: 0.15 s to the next whole one. b admits and refuses nothing.
+        let decision = evaluate(config, rows([(1, ["ep": "a"]), (2, ["ep": "b"])]), state: GateState(tokens: [a: 0.25, b: 3]))
+        #expect(decision.admitted.map(\.id) == [2])
+        #expect(decision.tokenWaits.count == 1)
+        #expect(abs((decision.tokenWaits[a] ?? 0) - 0.15) < 1e-9)
+        // Tokens taken within the tick count: 1.5 → admit one, 0.5 left → 0.1 s.
+        let taken = evaluate(config, rows([(1, ["ep": "a"]), (2, ["ep": "a"])]), state: GateState(tokens: [a: 1.5]))
+        #expect(abs((taken.tokenWaits[a] ?? 0) - 0.1) < 1e-9)
+        let still = PolicyConfig { Gate.throttle(rate: 0, per: 1, burst: 5) }
+        #expect(evaluate(still, rows([(1, [:])])).tokenWaits.isEmpty)
+    }
+
     @Test("throttle with rate 0 admits nothing, even with tokens")
     func rateZero() {
         let config = PolicyConfig { Gate.throttle(rate: .context("rate", default: 0), per: 1, burst: 5) }

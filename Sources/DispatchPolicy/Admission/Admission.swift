@@ -123,6 +123,10 @@ public struct AdmissionDecision: Sendable, Equatable {
     public var adaptiveLimited: Set<GateKey> = []
     /// Where the round-robin rotation continues (nil: no lanes in the batch).
     public var cursor: CursorMove?
+    /// Seconds until the next whole token, per throttle partition that
+    /// refused a job for want of one (rate above 0): when a tick could admit
+    /// again.
+    public var tokenWaits: [GateKey: Double] = [:]
 }
 
 /// A batch row with its partition for every gate, computed once.
@@ -249,6 +253,7 @@ public struct Admission: Sendable {
     /// nothing, so later rows of other partitions can still go through.
     public func evaluate(_ rows: [PreparedRow], state: GateState, buckets: [BucketRequest]) -> AdmissionDecision {
         let rates = Dictionary(buckets.map { ($0.key, $0.rate) }, uniquingKeysWith: { a, _ in a })
+        let perSecond = Dictionary(buckets.map { ($0.key, $0.per > 0 ? $0.rate / $0.per : 0) }, uniquingKeysWith: { a, _ in a })
         var tokens = state.tokens
         var inFlight = state.inFlight
         var decision = AdmissionDecision()
@@ -280,6 +285,10 @@ public struct Admission: Sendable {
                 case .throttle:
                     room = (rates[key] ?? 0) > 0 && (tokens[key] ?? 0) >= 1
                     throttleKeys.append(key)
+                    if !room, let refill = perSecond[key], refill > 0, refill.isFinite {
+                        let wait = Swift.max(0, 1 - (tokens[key] ?? 0)) / refill
+                        if wait.isFinite { decision.tokenWaits[key] = Swift.min(decision.tokenWaits[key] ?? .infinity, wait) }
+                    }
                 case .concurrency:
                     let max = gate.max?.value(in: row.row.context, within: FieldLimits.concurrencyMax) ?? 0
                     room = Double(inFlight[key] ?? 0) < max

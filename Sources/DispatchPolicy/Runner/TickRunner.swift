@@ -17,9 +17,12 @@ public struct TickRunnerOptions: Sendable {
     public var once = false
     /// Return after this long (cron: `--for 55s`); nil runs until shutdown.
     public var runFor: Duration?
-    /// Pause after a pass that admitted something.
+    /// Pause after a pass that admitted something. Either pause is cut short
+    /// by NOTIFY and ends when the next thing is due by the clock: a
+    /// scheduled job, a lease running out, the next whole token of a
+    /// throttle partition that refused jobs.
     public var busyPause: Duration = .milliseconds(50)
-    /// Pause after a pass that admitted nothing (cut short by NOTIFY).
+    /// Pause after a pass that admitted nothing.
     public var idlePause: Duration = .seconds(1)
     /// How often to reap leases of every policy and prune old rows.
     public var maintenanceInterval: Duration = .seconds(60)
@@ -231,6 +234,8 @@ public struct TickRunner: Service {
             if let deadline, ContinuousClock.now >= deadline, passes > 0 { break }
             passes += 1
             var admitted = 0
+            var nextWake: Duration?
+            let passStarted = ContinuousClock.now
             do {
                 if !checkedPolicies {
                     for only in options.policies ?? [] {
@@ -262,7 +267,10 @@ public struct TickRunner: Service {
                     [only = options.policies] conn in
                     try await Ticker(connection: conn, settings: settings, logger: logger).policiesWithWork(only: only)
                 }
-                for work in work {
+                // The next thing due by the clock ends the pause (a scheduled job,
+                // a lease); so does the next whole token of a throttle that refused.
+                nextWake = work.compactMap(\.nextDueIn).min()
+                for work in work where work.hasWork || work.expiredLeases {
                     let policy = work.name
                     if let state = failing[policy], ContinuousClock.now < state.retryAt { continue }
                     do {
@@ -271,6 +279,7 @@ public struct TickRunner: Service {
                         }
                         summaries[policy, default: PolicySummary(policy: policy)].add(result)
                         admitted += result.admitted
+                        if let next = result.nextTokenIn { nextWake = min(nextWake ?? next, next) }
                         if failing.removeValue(forKey: policy) != nil {
                             logger.info("policy recovered", metadata: ["policy.name": "\(policy)"])
                         }
@@ -309,6 +318,9 @@ public struct TickRunner: Service {
             }
             if options.once { break }
             var pause = admitted > 0 ? options.busyPause : options.idlePause
+            // Sleep until the next thing that can change by the clock, not
+            // longer (measured from the start of the pass that found it).
+            if let nextWake { pause = min(pause, max(passStarted + nextWake - .now, .milliseconds(1))) }
             // Reconnect as soon as the backoff allows.
             if let retryAt = await db.retryAt { pause = min(pause, max(retryAt - .now, .zero)) }
             if let deadline { pause = min(pause, max(deadline - .now, .zero)) }

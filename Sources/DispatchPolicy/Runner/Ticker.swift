@@ -53,6 +53,9 @@ public struct TickResult: Sendable, Equatable {
     public var tokensLeft: [String: Double] = [:]
     /// Where the round-robin rotation continues (nil: not moved).
     public var cursor: CursorMove?
+    /// When a throttle partition that refused jobs of this batch next holds a
+    /// whole token (nil: none refused for tokens).
+    public var nextTokenIn: Duration?
     public var duration: Duration = .zero
 
     public init(policy: String, outcome: Outcome) {
@@ -68,11 +71,19 @@ public struct PolicyWork: Sendable, Equatable {
     public var failing: Bool
     /// Some of its admitted jobs' leases have run out.
     public var expiredLeases: Bool
+    /// Jobs eligible now, due scheduled jobs or observations to fold: a tick
+    /// has something to do.
+    public var hasWork: Bool
+    /// Until the next thing due by the clock: its earliest scheduled job
+    /// becomes eligible, or its earliest lease runs out (nil: nothing).
+    public var nextDueIn: Duration?
 
-    public init(name: String, failing: Bool, expiredLeases: Bool = true) {
+    public init(name: String, failing: Bool, expiredLeases: Bool = true, hasWork: Bool = true, nextDueIn: Duration? = nil) {
         self.name = name
         self.failing = failing
         self.expiredLeases = expiredLeases
+        self.hasWork = hasWork
+        self.nextDueIn = nextDueIn
     }
 }
 
@@ -96,12 +107,14 @@ public struct Ticker: Sendable {
     }
 
     /// Policies that are not paused and have work (jobs eligible now,
-    /// scheduled jobs now due, expired leases, or observations to fold),
-    /// of `only` when given.
+    /// scheduled jobs now due, expired leases, or observations to fold), or
+    /// something due later by the clock (the next scheduled job, the next
+    /// lease to run out), of `only` when given. ``PolicyWork/hasWork`` and
+    /// ``PolicyWork/expiredLeases`` tell a tick is due now.
     public func policiesWithWork(only: [String]? = nil) async throws -> [PolicyWork] {
         try await connection.rows(
             """
-            SELECT name, failing, expired FROM (
+            SELECT name, failing, expired, work, extract(epoch FROM least(next_scheduled, next_expiry) - now())::float8 FROM (
               -- Each probe is the first row in an index's order, so it is one index
               -- descent whatever the statistics say: an EXISTS may be planned as a
               -- scan of the table that reads every row of the other policies.
@@ -114,17 +127,23 @@ public struct Ticker: Sendable {
                      OR (SELECT s.id FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
                          AND s.not_before IS NOT NULL AND s.not_before <= now() ORDER BY s.policy, s.not_before LIMIT 1) IS NOT NULL
                      OR (SELECT o.id FROM dispatch_policy.observations o WHERE o.policy = p.name
-                         ORDER BY o.policy, o.gate, o.id LIMIT 1) IS NOT NULL AS work
+                         ORDER BY o.policy, o.gate, o.id LIMIT 1) IS NOT NULL AS work,
+                     (SELECT s.not_before FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
+                      AND s.not_before > now() ORDER BY s.policy, s.not_before LIMIT 1) AS next_scheduled,
+                     (SELECT a.lease_expires_at FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name
+                      AND a.lease_expires_at >= now() ORDER BY a.policy, a.lease_expires_at LIMIT 1) AS next_expiry
               FROM dispatch_policy.policies p
               WHERE NOT p.paused AND (\(only)::text[] IS NULL OR p.name = ANY (\(only)::text[]))
             ) w
-            WHERE work OR expired
+            WHERE work OR expired OR next_scheduled IS NOT NULL OR next_expiry IS NOT NULL
             ORDER BY name
             """,
             logger: logger
         ).map { row in
-            let (name, failing, expired) = try row.decode((String, Bool, Bool).self)
-            return PolicyWork(name: name, failing: failing, expiredLeases: expired)
+            let (name, failing, expired, work, due) = try row.decode((String, Bool, Bool, Bool, Double?).self)
+            // Whole milliseconds, rounded up, within [0, 1 day]: never traps.
+            let dueIn = due.map { Duration.milliseconds(Int64(min(max(ceil($0 * 1000), 0), 86_400_000))) }
+            return PolicyWork(name: name, failing: failing, expiredLeases: expired, hasWork: work, nextDueIn: dueIn)
         }
     }
 
@@ -304,6 +323,10 @@ public struct Ticker: Sendable {
         let decision = admission.evaluate(ordered, state: state, buckets: needed.buckets)
         result.refusedByGate = decision.refusedByGate
         result.cursor = decision.cursor
+        if let wait = decision.tokenWaits.values.min() {
+            // Whole milliseconds, rounded up, at most a day: never traps.
+            result.nextTokenIn = .milliseconds(Int64(min(ceil(wait * 1000), 86_400_000)))
+        }
         for (key, tokens) in state.tokens {
             result.tokensLeft[key.gate, default: 0] += tokens - (decision.takes[key] ?? 0)
         }

@@ -1,0 +1,72 @@
+import DispatchPolicy
+import Foundation
+import PostgresNIO
+import Testing
+
+/// The runner sleeps until the next thing that can change by the clock —
+/// a scheduled job becoming due, a throttle's next whole token — not for a
+/// fixed pause. The pauses here are 30 s: only that wake-up can explain an
+/// admission within seconds.
+@Suite("Runner: wakes when something is due", .timeLimit(.minutes(8)))
+struct WakeTests {
+    private func options() -> TickRunnerOptions {
+        var options = TickRunnerOptions()
+        options.idlePause = .seconds(30)
+        options.busyPause = .seconds(30)
+        return options
+    }
+
+    @Test("an idle runner admits a scheduled job when it becomes due, not at its next pause")
+    func scheduledJobIsOnTime() async throws { try await LiveTests.exclusive { try await scheduledJobIsOnTimeLive() } }
+
+    func scheduledJobIsOnTimeLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+        }
+        let services = DetachedServices([TickRunner(connection: settings, options: options(), logger: TestServer.logger)])
+        defer { Task { await services.shutDown() } }
+        // The runner is idle (it has made its first pass) before the job is staged.
+        try await Task.sleep(for: .milliseconds(300))
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.exec("SELECT dispatch_policy.stage('p', '1', not_before => clock_timestamp() + interval '1.5 seconds')")
+        }
+        let admitted = try await waitUntil(10) {
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self) == 1
+            }
+        }
+        #expect(admitted, "the scheduled job waited for the runner's 30 s pause")
+        try await TestServer.withConnection(settings) { conn async throws in
+            // Not early: admitted at or after its not_before.
+            let early = try await conn.scalar(
+                "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE admitted_at < created_at + interval '1.5 seconds'", as: Int.self)
+            #expect(early == 0)
+        }
+        await services.shutDown()
+    }
+
+    @Test("with burst 1 the runner comes back for each new token instead of sleeping its pause")
+    func throttleWakesForTokens() async throws { try await LiveTests.exclusive { try await throttleWakesForTokensLive() } }
+
+    func throttleWakesForTokensLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "p", config: try PolicyConfig { Gate.throttle(rate: 20, per: 1, burst: 1) }.json())
+            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i)) FROM generate_series(1, 200) i")
+        }
+        let started = ContinuousClock.now
+        let services = DetachedServices([TickRunner(connection: settings, options: options(), logger: TestServer.logger)])
+        try await Task.sleep(for: .seconds(3))
+        await services.shutDown()
+        let elapsed = ContinuousClock.now - started
+        let admitted = try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self)
+        }
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        // A fixed 30 s pause would admit 1 (the burst) in 3 s; the throttle allows 1 + 20 t.
+        #expect(admitted >= 30, "only \(admitted) admitted in 3 s at 20/s")
+        #expect(Double(admitted) <= 1 + 20 * seconds + 1e-9)
+    }
+}
