@@ -111,29 +111,40 @@ struct StagingTests {
         }
     }
 
+    /// The stagers start together (see ``raceFromOneStart``), each staging
+    /// every key in one transaction, so they insert the same keys while the
+    /// others' inserts are not yet committed: a dedupe that looked for an
+    /// existing job instead of relying on the unique key would store one job
+    /// per stager.
     @Test("dedupe holds under concurrent stagers: one job per key")
     func dedupeConcurrent() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { try await declare($0, "p") }
-        let ids = try await withThrowingTaskGroup(of: [Int64?].self) { group in
-            for worker in 0..<4 {
-                group.addTask {
-                    try await TestServer.withConnection(settings) { conn async throws in
-                        var ids: [Int64?] = []
-                        for key in 0..<50 {
-                            ids.append(try await Stager(executor: conn, logger: TestServer.logger)
-                                .stage(policy: "p", JobSpec(argsJSON: "\(worker)", dedupeKey: "k\(key)")))
-                        }
-                        return ids
-                    }
+        let key: Int64 = 7_340_002
+        let perStager = try await raceFromOneStart(settings, racers: 4, key: key) { stager in
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.exec("BEGIN")
+                try await conn.exec("SELECT pg_advisory_xact_lock_shared(\(key))")
+                var ids: [Int64?] = []
+                for n in 0..<50 {
+                    ids.append(try await Stager(executor: conn, logger: TestServer.logger)
+                        .stage(policy: "p", JobSpec(argsJSON: "\(stager)", dedupeKey: "k\(n)")))
                 }
+                try await conn.exec("COMMIT")
+                return ids
             }
-            return try await group.reduce(into: []) { $0 += $1 }
         }
+        let ids = perStager.flatMap { $0 }
         #expect(ids.compactMap { $0 }.count == 50)
+        // Each key went to exactly one stager.
+        for n in 0..<50 {
+            #expect(perStager.filter { $0[n] != nil }.count == 1, "key k\(n)")
+        }
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await stagedCount(conn) == 50)
             #expect(try await conn.scalar("SELECT count(DISTINCT dedupe_key) FROM dispatch_policy.staged_jobs", as: Int.self) == 50)
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.dedupe_keys", as: Int.self) == 50)
+            #expect(try await checkFindings(conn) == [])
         }
     }
 
