@@ -20,6 +20,54 @@ private func admittedCount(_ settings: ConnectionSettings) async throws -> Int {
     }
 }
 
+/// When the last job was admitted (nil before any).
+private func lastAdmittedAt(_ settings: ConnectionSettings) async throws -> Date? {
+    try await TestServer.withConnection(settings) { conn in
+        try await conn.scalar("SELECT max(admitted_at) FROM dispatch_policy.admitted_jobs", as: Date?.self)
+    }
+}
+
+/// The start of the query a runner sends to look for policies with work.
+private let lookingForWork = "%SELECT name, failing, expired FROM%"
+
+/// Waits until the runner of the database is idle, as its sessions show in
+/// pg_stat_activity: its notification session has subscribed (idle after a
+/// `LISTEN`), and its main session is idle after a statement like
+/// `lastQuery` that started after `startedAfter`, with the same start on
+/// two polls in a row (no pass ran in between). Whether it got there.
+private func waitUntilRunnerIdle(
+    _ settings: ConnectionSettings, lastQuery: String, startedAfter: Date? = nil, seconds: Int = 30
+) async throws -> Bool {
+    var previous: Date?
+    return try await waitUntil(seconds) {
+        let start = try await TestServer.withConnection(settings) { conn in
+            try await conn.rows(
+                """
+                SELECT main.query_start FROM pg_stat_activity main
+                WHERE main.datname = current_database() AND main.pid <> pg_backend_pid() AND main.state = 'idle'
+                  AND main.query LIKE \(lastQuery)
+                  AND (\(startedAfter)::timestamptz IS NULL OR main.query_start > \(startedAfter)::timestamptz)
+                  AND EXISTS (SELECT 1 FROM pg_stat_activity l
+                              WHERE l.datname = current_database() AND l.pid <> pg_backend_pid()
+                                AND l.state = 'idle' AND l.query LIKE 'LISTEN %')
+                """, logger: TestServer.logger
+            ).first?.decode(Date.self)
+        }
+        defer { previous = start }
+        return start != nil && start == previous
+    }
+}
+
+/// Options of a runner that, once idle, only a notification wakes within
+/// the test's time: both pauses are five minutes.
+private func sleepyRunnerOptions() -> TickRunnerOptions {
+    var options = TickRunnerOptions()
+    options.idlePause = .seconds(300)
+    options.busyPause = .seconds(300)
+    options.runFor = .seconds(120)
+    return options
+}
+
 @Suite("Runner", .timeLimit(.minutes(8)))
 struct RunnerTests {
     @Test("dispatch-policy tick prints one line per policy: admitted, refused by gate, tokens, time per tick")
@@ -42,26 +90,30 @@ struct RunnerTests {
         #expect(try await cli(["tick"], settings: empty).stdout == "nothing to admit\n")
     }
 
+    /// Twice: the first wake-up could also be the pass a runner makes after
+    /// it subscribes; by the second, only the notification can wake it.
     @Test("an idle runner admits a newly staged job on NOTIFY, long before its idle pause ends")
     func listenWakesRunner() async throws { try await LiveTests.exclusive { try await listenWakesRunnerLive() } }
 
     func listenWakesRunnerLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await setUp(settings, PolicyConfig(), jobs: 0)
-        var options = TickRunnerOptions()
-        options.idlePause = .seconds(300)
-        options.runFor = .seconds(120)
-        let runner = TickRunner(connection: settings, options: options, logger: TestServer.logger)
+        let runner = TickRunner(connection: settings, options: sleepyRunnerOptions(), logger: TestServer.logger)
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { _ = try await runner.runLoop() }
-            // Let the runner finish its first (empty) pass and go idle.
-            try await Task.sleep(for: .milliseconds(500))
-            try await TestServer.withConnection(settings) { conn in
-                _ = try await Stager(executor: conn, logger: TestServer.logger).stage(policy: "p", JobSpec(argsJSON: "1"))
+            // Idle after an empty pass, then after the pass that admitted job 1.
+            #expect(try await waitUntilRunnerIdle(settings, lastQuery: lookingForWork), "the runner did not go idle")
+            for round in 1...2 {
+                if round == 2 {
+                    let since = try await lastAdmittedAt(settings)
+                    #expect(try await waitUntilRunnerIdle(settings, lastQuery: "COMMIT", startedAfter: since), "the runner did not go idle again")
+                }
+                try await TestServer.withConnection(settings) { conn in
+                    _ = try await Stager(executor: conn, logger: TestServer.logger).stage(policy: "p", JobSpec(argsJSON: "\(round)"))
+                }
+                let admitted = try await waitUntil(10) { try await admittedCount(settings) == round }
+                #expect(admitted, "job \(round) was not admitted within 10 s although the runner listens (its pauses are 300 s)")
             }
-            try await waitUntil(10) { try await admittedCount(settings) > 0 }
-            let admitted = try await admittedCount(settings)
-            #expect(admitted == 1, "the job was not admitted within 10 s although the runner listens")
             group.cancelAll()
         }
     }
@@ -78,6 +130,8 @@ struct RunnerTests {
         let report = try await TickRunner(connection: settings, options: options, logger: TestServer.logger).runLoop()
         let summary = try #require(report.policies.first)
         #expect(summary.admitted == 0)
+        // It ticked (the throttle refused the jobs), and not more than the idle pause allows.
+        #expect(summary.ticks > 0, "the runner never ticked the policy (skipped \(summary.skippedBusy) as busy)")
         #expect(summary.ticks <= 4, "\(summary.ticks) ticks in 1.5 s with a 0.5 s idle pause")
         #expect(summary.refusedByGate["throttle"] == 5 * summary.ticks)
     }
@@ -103,13 +157,21 @@ struct RunnerTests {
         let once = try await cli(["tick"], settings: settings)
         #expect(once.status == 1)
         #expect(once.stderr.contains("target down"))
+        let failures = {
+            try await TestServer.withConnection(settings) { conn in
+                try await conn.scalar("SELECT coalesce(max(failures), 0) FROM dispatch_policy.runner_failures WHERE policy = 'p'", as: Int.self)
+            }
+        }
+        #expect(try await failures() == 1, "tick --once records its failure")
         var options = TickRunnerOptions()
         options.idlePause = .milliseconds(100)
+        options.failureBackoff = .milliseconds(100)
         options.runFor = .seconds(60)
         let runner = TickRunner(connection: settings, options: options, logger: TestServer.logger)
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { _ = try await runner.runLoop() }
-            try await Task.sleep(for: .milliseconds(500))
+            // The long-running runner failed too, and retried after its backoff.
+            #expect(try await waitUntil(20) { try await failures() >= 3 }, "the runner did not fail and retry the policy")
             try await TestServer.withConnection(settings) { conn in try await conn.exec("UPDATE public.target_down SET down = false") }
             let deliveredCount = {
                 try await TestServer.withConnection(settings) { conn in
@@ -119,6 +181,8 @@ struct RunnerTests {
             try await waitUntil(10) { try await deliveredCount() >= 3 }
             let delivered = try await deliveredCount()
             #expect(delivered == 3)
+            // The first successful tick clears the failure.
+            #expect(try await waitUntil(10) { try await failures() == 0 }, "the runner_failures row was not cleared")
             group.cancelAll()
         }
     }
