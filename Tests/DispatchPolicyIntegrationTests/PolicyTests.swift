@@ -114,10 +114,20 @@ struct PolicyTests {
     @Test("two throttles with different names on one policy are both accepted")
     func namedGatesOfOneType() async throws {
         try await withTestDatabase { conn, _ async throws in
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: """
+            let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
+            try await catalog.declare(name: "p", config: """
                 {"gates": [{"type": "throttle", "name": "per_minute", "rate": 10, "per": 60},
                            {"type": "throttle", "name": "per_hour", "rate": 600, "per": 3600}]}
                 """)
+            // Stored as declared: both gates, in order, with their own numbers.
+            let stored = try PolicyConfig(json: try #require(try await catalog.policy(named: "p")).config)
+            #expect(stored.gates.map(\.effectiveName) == ["per_minute", "per_hour"])
+            #expect(stored.gates.map(\.type) == [.throttle, .throttle])
+            #expect(try await conn.scalar("""
+                SELECT jsonb_agg(g ->> 'rate' || '/' || (g ->> 'per') ORDER BY n)::text
+                FROM dispatch_policy.policies, jsonb_array_elements(config -> 'gates') WITH ORDINALITY AS x(g, n)
+                WHERE name = 'p'
+                """, as: String.self) == #"["10/60", "600/3600"]"#)
         }
     }
 

@@ -227,11 +227,17 @@ struct WorkerTests {
             try await conn.exec("SELECT dispatch_policy.stage('p', '{}')")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
             let id = try await conn.scalar("SELECT id FROM dispatch_policy.claim('default', 'w', 1)", as: Int64.self)
-            let extended = try await conn.scalar(
-                "SELECT dispatch_policy.heartbeat(\(id), now() + interval '10 minutes') - now()", as: String.self)
-            _ = extended
-            #expect(try await conn.scalar(
-                "SELECT lease_expires_at > now() + interval '10 minutes' FROM dispatch_policy.admitted_jobs WHERE id = \(id)", as: Bool.self))
+            // At an explicit now (ten minutes on), in one transaction so that now() is one instant:
+            // the new expiry is exactly that now plus the 60 s lease, returned and stored.
+            try await conn.exec("BEGIN")
+            let returned = try await conn.scalar(
+                "SELECT (dispatch_policy.heartbeat(\(id), now => now() + interval '10 minutes', attempt => 1) - now())::text", as: String.self)
+            #expect(returned == "00:11:00")
+            let (stored, beat) = try #require(try await conn.rows(
+                "SELECT (lease_expires_at - now())::text, (heartbeat_at - now())::text FROM dispatch_policy.admitted_jobs WHERE id = \(id)",
+                logger: TestServer.logger).first).decode((String, String).self)
+            #expect(stored == "00:11:00" && beat == "00:10:00")
+            try await conn.exec("COMMIT")
             _ = try await conn.rows("SELECT dispatch_policy.complete(\(id))", logger: TestServer.logger)
             let error = await expectSQLError("P0002", "is not admitted") {
                 try await conn.exec("SELECT dispatch_policy.heartbeat(\(id))")
