@@ -82,19 +82,44 @@ struct GateEnforcementTests {
         }
     }
 
+    /// The Ticker reads the clock itself (clock_timestamp() after the policy
+    /// lock), so time is advanced by moving the bucket's last refill back.
     @Test("throttle admits the burst, then only what has refilled; rate 0 admits nothing")
     func throttle() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig {
                 Gate.throttle(rate: .context("rate", default: 1), per: 3600, burst: 4, partitionBy: "{ep}")
             })
-            try await stage(conn, "p", 12) { ["ep": $0 < 6 ? "x" : "y", "rate": $0 < 6 ? "1" : "0"] }
+            try await stage(conn, "p", 16) { ["ep": $0 < 10 ? "x" : "y", "rate": $0 < 10 ? "1" : "0"] }
             let first = try await tick(conn, "p")
             #expect(first.admitted == 4)  // x: burst 4; y: rate 0
-            #expect(first.refusedByGate == ["throttle": 8])
+            #expect(first.refusedByGate == ["throttle": 12])
             #expect(try await tick(conn, "p").admitted == 0)
-            let tokens = try await conn.scalar("SELECT tokens FROM dispatch_policy.throttle_buckets WHERE partition = 'x'", as: Double.self)
-            #expect(tokens < 0.01)
+            func tokens(_ partition: String) async throws -> Double {
+                try await conn.scalar("SELECT tokens FROM dispatch_policy.throttle_buckets WHERE partition = \(partition)", as: Double.self)
+            }
+            #expect(try await tokens("x") < 0.01)
+            func advance(_ interval: String) async throws {
+                try await conn.exec("UPDATE dispatch_policy.throttle_buckets SET refilled_at = refilled_at - \(interval)::interval")
+            }
+            // 2.5 h at 1 token per hour: 2.5 tokens, so exactly floor(2.5) = 2 more; half a token stays.
+            try await advance("2.5 hours")
+            let refilled = try await tick(conn, "p")
+            #expect(refilled.admitted == 2)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE context ->> 'ep' = 'y'") == 0)
+            #expect(abs(try await tokens("x") - 0.5) < 0.001)
+            // 0.4 h more: 0.9 tokens, not a whole one; 0.1 h more: one.
+            try await advance("24 minutes")
+            #expect(try await tick(conn, "p").admitted == 0)
+            try await advance("6 minutes")
+            #expect(try await tick(conn, "p").admitted == 1)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs") == 7)
+            // The bucket never exceeds its burst, however long it waited.
+            try await advance("100 hours")
+            #expect(try await tick(conn, "p").admitted == 3)  // what x has left: 10 - 7
+            #expect(abs(try await tokens("x") - 1) < 0.001)   // burst 4, 3 taken
+            try await expectCountersConsistent(conn)
+            #expect(try await checkFindings(conn) == [])
         }
     }
 
@@ -163,22 +188,31 @@ struct GateEnforcementTests {
         }
     }
 
+    /// Admitted rows share one admitted_at, so the order shows where it
+    /// matters: the order a sql target receives the jobs in.
     @Test("a policy without gates admits its batch in priority, then staging, order; scheduled jobs wait")
     func ordering() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig(batchSize: 3))
+            try await conn.exec("CREATE TABLE public.handed (seq serial PRIMARY KEY, arg text)")
+            try await conn.exec("""
+                CREATE FUNCTION public.hand(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql
+                AS $$ INSERT INTO public.handed (arg) VALUES (coalesce(args ->> 'n', args #>> '{}')) $$
+                """)
+            try await declare(conn, "p", PolicyConfig(batchSize: 3, target: .sql(function: "public.hand")))
             try await stage(conn, "p", 5) { _ in [:] } priority: { $0 == 4 ? -1 : nil }
             _ = try await Stager(executor: conn, logger: TestServer.logger)
                 .stage(policy: "p", JobSpec(argsJSON: "\"later\"", priority: -5, notBefore: Date().addingTimeInterval(3600)))
+            func handed() async throws -> [String] {
+                try await conn.rows("SELECT arg FROM public.handed ORDER BY seq", logger: TestServer.logger).map { try $0.decode(String.self) }
+            }
             let result = try await tick(conn, "p")
             #expect(result.admitted == 3)
-            let args = try await conn.rows("SELECT args ->> 'n' FROM dispatch_policy.admitted_jobs ORDER BY admitted_at, priority, id", logger: TestServer.logger)
-                .map { try $0.decode(String.self) }
-            #expect(Set(args) == ["4", "0", "1"])
+            #expect(try await handed() == ["4", "0", "1"])
             // Make the scheduled job due: the next tick promotes and admits it first.
             try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = now() - interval '1 second' WHERE not_before IS NOT NULL")
-            _ = try await tick(conn, "p")
-            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE args = '\"later\"'") == 1)
+            #expect(try await tick(conn, "p").admitted == 3)
+            #expect(try await handed() == ["4", "0", "1", "later", "2", "3"])
+            #expect(try await checkFindings(conn) == [])
         }
     }
 
