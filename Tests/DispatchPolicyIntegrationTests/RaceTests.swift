@@ -87,14 +87,15 @@ struct RaceTests {
     func racingRunnersLive(runners: Int) async throws {
         let settings = try await TestServer.shared.freshDatabase()
         let jobs = 300
-        try await TestServer.withConnection(settings) { conn in
+        let staged = try await TestServer.withConnection(settings) { conn in
             for statement in auditSQL { try await conn.exec(statement) }
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "race", config: try raceConfig.json())
             let specs = try (0..<jobs).map { i in
                 try JobSpec(args: ["n": i], context: ["acct": "a\(i % 5)", "ep": "e\(i % 2)"])
             }
-            _ = try await Stager(executor: conn, logger: TestServer.logger).stageMany(policy: "race", specs)
+            return try await Stager(executor: conn, logger: TestServer.logger).stageMany(policy: "race", specs).compactMap { $0 }
         }
+        #expect(staged.count == jobs)
 
         let deadline = ContinuousClock.now + .seconds(90)
         let options = {
@@ -122,10 +123,23 @@ struct RaceTests {
         }
 
         try await TestServer.withConnection(settings) { conn in
-            // Every job ended exactly once: completed, or dead after 3 attempts.
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs", as: Int.self) == jobs)
-            #expect(try await conn.scalar("SELECT count(DISTINCT id) FROM dispatch_policy.finished_jobs", as: Int.self) == jobs)
+            // Every job ended exactly once: completed, or dead after 3 attempts. The
+            // ledger is the ids stage_many returned: none lost, none made up.
+            let finished = try await conn.rows("SELECT id FROM dispatch_policy.finished_jobs ORDER BY id", logger: TestServer.logger)
+                .map { try $0.decode(Int64.self) }
+            #expect(finished == staged.sorted())
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.staged_jobs", as: Int.self) == 0)
+            // Per job: each attempt admitted once, and ended once: all but a completed last one as a recorded failure.
+            let unbalanced = try await conn.rows("""
+                SELECT f.id || ': ' || f.status || ' after ' || f.attempts || ' attempts, admitted '
+                       || (SELECT count(*) FROM public.audit_admissions a WHERE a.job_id = f.id) || ' times, failed '
+                       || (SELECT count(*) FROM dispatch_policy.job_failures j WHERE j.job_id = f.id) || ' times'
+                FROM dispatch_policy.finished_jobs f
+                WHERE f.attempts <> (SELECT count(*) FROM public.audit_admissions a WHERE a.job_id = f.id)
+                   OR f.attempts - (f.status = 'completed')::int <> (SELECT count(*) FROM dispatch_policy.job_failures j WHERE j.job_id = f.id)
+                ORDER BY f.id
+                """, logger: TestServer.logger).map { try $0.decode(String.self) }
+            #expect(unbalanced == [])
             // No attempt was admitted twice.
             #expect(try await conn.scalar(
                 "SELECT count(*) FROM (SELECT job_id, attempt FROM public.audit_admissions GROUP BY 1, 2 HAVING count(*) > 1) d", as: Int.self) == 0)
@@ -152,6 +166,7 @@ struct RaceTests {
                 }
                 #expect(worst <= 1e-6, "endpoint \(endpoint) exceeded its throttle by \(worst) admissions")
             }
+            #expect(try await checkFindings(conn) == [])
         }
     }
 

@@ -248,19 +248,31 @@ struct StagingTests {
         }
     }
 
-    @Test("staging notifies listening runners once per transaction, not once per row")
+    /// PostgreSQL itself delivers identical notifications of one transaction
+    /// once, which the promise relies on; so what is checked is what a
+    /// listener gets: one notification per transaction and policy, its
+    /// payload the policy's name, and nothing else — no notification per job
+    /// and none that tells jobs apart, which PostgreSQL would deliver each.
+    @Test("staging notifies listening runners once per transaction and policy, not once per row")
     func notifiesOncePerTransaction() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { listener in
             try await declare(listener, "p")
-            let payloads = try await listener.listen(on: "dispatch_policy_staged") { notifications in
+            try await declare(listener, "q")
+            let notifications = try await listener.listen(on: "dispatch_policy_staged") { notifications in
                 try await TestServer.withConnection(settings) { stager in
-                    // 1,000 rows in one call: one notification.
+                    // 1,000 rows in one call.
                     try await stager.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 1000) i))")
-                    // Two stage() calls in one transaction: one notification.
+                    // Five stage() calls for two policies in one transaction.
                     try await stager.exec("BEGIN")
-                    try await stager.exec("SELECT dispatch_policy.stage('p', '1')")
-                    try await stager.exec("SELECT dispatch_policy.stage('p', '2')")
+                    for (policy, n) in [("p", 1), ("q", 2), ("p", 3), ("q", 4), ("p", 5)] {
+                        try await stager.exec("SELECT dispatch_policy.stage(\(policy), to_jsonb(\(n)))")
+                    }
+                    try await stager.exec("COMMIT")
+                    // Two stage_many calls in one transaction, of 3 and 2 jobs.
+                    try await stager.exec("BEGIN")
+                    try await stager.exec(#"SELECT dispatch_policy.stage_many('q', '[{"args": 1}, {"args": 2}, {"args": 3}]')"#)
+                    try await stager.exec(#"SELECT dispatch_policy.stage_many('q', '[{"args": 4}, {"args": 5}]')"#)
                     try await stager.exec("COMMIT")
                     // A deduplicated stage notifies nothing.
                     try await stager.exec("SELECT dispatch_policy.stage('p', '1', dedupe_key => 'k')")
@@ -268,14 +280,15 @@ struct StagingTests {
                     // Sentinel: delivered after everything committed before it.
                     try await stager.exec("SELECT pg_notify('dispatch_policy_staged', 'sentinel')")
                 }
-                var payloads: [String] = []
+                var received: [String] = []
                 for try await notification in notifications {
                     if notification.payload == "sentinel" { break }
-                    payloads.append(notification.payload)
+                    received.append(notification.payload)
                 }
-                return payloads
+                return received
             }
-            #expect(payloads == ["p", "p", "p"])
+            // One per transaction and policy, in commit order (within a transaction, in the order first sent).
+            #expect(notifications == ["p", "p", "q", "q", "p"])
         }
     }
 }
