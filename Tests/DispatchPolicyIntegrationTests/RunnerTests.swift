@@ -116,6 +116,9 @@ struct RunnerTests {
             }
             group.cancelAll()
         }
+        try await TestServer.withConnection(settings) { conn async throws in
+            #expect(try await checkFindings(conn) == [])
+        }
     }
 
     @Test("an idle runner refills a slot freed by complete() on NOTIFY dispatch_policy_released")
@@ -168,6 +171,9 @@ struct RunnerTests {
         #expect(summary.ticks > 0, "the runner never ticked the policy (skipped \(summary.skippedBusy) as busy)")
         #expect(summary.ticks <= 4, "\(summary.ticks) ticks in 1.5 s with a 0.5 s idle pause")
         #expect(summary.refusedByGate["throttle"] == 5 * summary.ticks)
+        try await TestServer.withConnection(settings) { conn async throws in
+            #expect(try await checkFindings(conn) == [])
+        }
     }
 
     @Test("a failing pass is retried by a long-running runner; tick --once reports it and exits 1")
@@ -219,6 +225,9 @@ struct RunnerTests {
             #expect(try await waitUntil(10) { try await failures() == 0 }, "the runner_failures row was not cleared")
             group.cancelAll()
         }
+        try await TestServer.withConnection(settings) { conn async throws in
+            #expect(try await checkFindings(conn) == [])
+        }
     }
 
     @Test("dispatch-policy run admits continuously and exits 0 on SIGTERM and on SIGINT", arguments: [SIGTERM, SIGINT])
@@ -239,6 +248,9 @@ struct RunnerTests {
         #expect(try await admittedCount(settings) == 3)
         kill(child.pid, signal)
         #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
+        try await TestServer.withConnection(settings) { conn async throws in
+            #expect(try await checkFindings(conn) == [])
+        }
     }
 
     @Test("tick runs maintenance: it reaps expired leases and deletes completed jobs older than --retention")

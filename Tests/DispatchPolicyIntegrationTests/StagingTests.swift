@@ -289,6 +289,7 @@ struct StagingTests {
             }
             // One per transaction and policy, in commit order (within a transaction, in the order first sent).
             #expect(notifications == ["p", "p", "q", "q", "p"])
+            #expect(try await checkFindings(listener) == [])
         }
     }
 }
