@@ -84,11 +84,13 @@ struct GateEnforcementTests {
 
     /// The Ticker reads the clock itself (clock_timestamp() after the policy
     /// lock), so time is advanced by moving the bucket's last refill back.
+    /// One token per 10^6 s, so the real seconds the test takes add next to
+    /// nothing (a minute: 0.00006 tokens).
     @Test("throttle admits the burst, then only what has refilled; rate 0 admits nothing")
     func throttle() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig {
-                Gate.throttle(rate: .context("rate", default: 1), per: 3600, burst: 4, partitionBy: "{ep}")
+                Gate.throttle(rate: .context("rate", default: 1), per: 1_000_000, burst: 4, partitionBy: "{ep}")
             })
             try await stage(conn, "p", 16) { ["ep": $0 < 10 ? "x" : "y", "rate": $0 < 10 ? "1" : "0"] }
             let first = try await tick(conn, "p")
@@ -102,20 +104,20 @@ struct GateEnforcementTests {
             func advance(_ interval: String) async throws {
                 try await conn.exec("UPDATE dispatch_policy.throttle_buckets SET refilled_at = refilled_at - \(interval)::interval")
             }
-            // 2.5 h at 1 token per hour: 2.5 tokens, so exactly floor(2.5) = 2 more; half a token stays.
-            try await advance("2.5 hours")
+            // 2.5 × 10^6 s: 2.5 tokens, so exactly floor(2.5) = 2 more; half a token stays.
+            try await advance("2500000 seconds")
             let refilled = try await tick(conn, "p")
             #expect(refilled.admitted == 2)
             #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE context ->> 'ep' = 'y'") == 0)
             #expect(abs(try await tokens("x") - 0.5) < 0.001)
-            // 0.4 h more: 0.9 tokens, not a whole one; 0.1 h more: one.
-            try await advance("24 minutes")
+            // 0.4 × 10^6 s more: 0.9 tokens, not a whole one; 0.1 × 10^6 s more: one.
+            try await advance("400000 seconds")
             #expect(try await tick(conn, "p").admitted == 0)
-            try await advance("6 minutes")
+            try await advance("100000 seconds")
             #expect(try await tick(conn, "p").admitted == 1)
             #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs") == 7)
             // The bucket never exceeds its burst, however long it waited.
-            try await advance("100 hours")
+            try await advance("100000000 seconds")
             #expect(try await tick(conn, "p").admitted == 3)  // what x has left: 10 - 7
             #expect(abs(try await tokens("x") - 1) < 0.001)   // burst 4, 3 taken
             try await expectCountersConsistent(conn)
@@ -147,7 +149,8 @@ struct GateEnforcementTests {
     @Test("throttle tokens refill only with time, never on completion")
     func noRefillOnCompletion() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig { Gate.throttle(rate: 1, per: 3600, burst: 2) })
+            // One token per 10^6 s: the seconds the test takes add next to nothing.
+            try await declare(conn, "p", PolicyConfig { Gate.throttle(rate: 1, per: 1_000_000, burst: 2) })
             try await stage(conn, "p", 4)
             #expect(try await tick(conn, "p").admitted == 2)
             try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
