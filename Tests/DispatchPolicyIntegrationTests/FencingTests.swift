@@ -110,6 +110,36 @@ struct FencingTests {
         }
     }
 
+    /// Worker A claims inside a transaction it keeps open, so its rows stay
+    /// locked; worker B (lock_timeout 2 s: waiting would fail it) claims
+    /// past them at once.
+    @Test("concurrent claimers skip each other's locked jobs (SKIP LOCKED) and never get the same job; max bounds each claim")
+    func claimSkipsLocked() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(n), priority => n) FROM generate_series(1, 5) n")
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+        }
+        func args(_ conn: PostgresConnection, _ sql: PostgresQuery) async throws -> [String] {
+            try await conn.rows(sql, logger: TestServer.logger).map { try $0.decode(String.self) }
+        }
+        try await TestServer.withConnection(settings) { a async throws in
+            try await TestServer.withConnection(settings) { b async throws in
+                try await a.exec("BEGIN")
+                #expect(try await args(a, "SELECT args::text FROM dispatch_policy.claim('default', 'a', 2)") == ["1", "2"])
+                try await b.exec("SET lock_timeout = '2s'")
+                #expect(try await args(b, "SELECT args::text FROM dispatch_policy.claim('default', 'b', 2)") == ["3", "4"])
+                #expect(try await args(b, "SELECT args::text FROM dispatch_policy.claim('default', 'b', 10)") == ["5"])
+                #expect(try await args(b, "SELECT args::text FROM dispatch_policy.claim('default', 'b', 10)") == [])
+                try await a.exec("COMMIT")
+                #expect(try await args(a, "SELECT args::text FROM dispatch_policy.claim('default', 'a', 10)") == [])
+                let workers = try await args(a, "SELECT args::text || ':' || worker FROM dispatch_policy.admitted_jobs ORDER BY id")
+                #expect(workers == ["1:a", "2:a", "3:b", "4:b", "5:b"])
+            }
+        }
+    }
+
     /// complete_many is what the Worker reports through: it must do exactly
     /// what complete() does per job, and change nothing for the others.
     @Test("complete_many finishes many jobs as complete() would each, and reports stale and unknown ones without changing them")

@@ -66,18 +66,18 @@ struct MigrationTests {
         }
     }
 
+    /// The migrators start together (see ``raceFromOneStart``): each has
+    /// its session open and waits at the start line, so none can finish
+    /// before the others begin.
     @Test("four migrators racing on an empty database apply each file exactly once")
     func racingMigrators() async throws {
         let settings = try await TestServer.shared.freshDatabase(migrated: false)
-        let reports = try await withThrowingTaskGroup(of: Migrator.Report.self) { group in
-            for _ in 0..<4 {
-                group.addTask {
-                    try await TestServer.withConnection(settings) { conn async throws in
-                        try await Migrator(logger: TestServer.logger).migrate(on: conn)
-                    }
-                }
+        let key: Int64 = 7_340_003
+        let reports = try await raceFromOneStart(settings, racers: 4, key: key) { _ in
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.exec("SELECT pg_advisory_lock_shared(\(key))")
+                return try await Migrator(logger: TestServer.logger).migrate(on: conn)
             }
-            return try await group.reduce(into: []) { $0.append($1) }
         }
         let allApplied = reports.flatMap(\.applied)
         #expect(allApplied.sorted() == Migration.embedded.map(\.fileName).sorted())

@@ -114,10 +114,46 @@ struct PolicyTests {
     @Test("two throttles with different names on one policy are both accepted")
     func namedGatesOfOneType() async throws {
         try await withTestDatabase { conn, _ async throws in
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: """
+            let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
+            try await catalog.declare(name: "p", config: """
                 {"gates": [{"type": "throttle", "name": "per_minute", "rate": 10, "per": 60},
                            {"type": "throttle", "name": "per_hour", "rate": 600, "per": 3600}]}
                 """)
+            // Stored as declared: both gates, in order, with their own numbers.
+            let stored = try PolicyConfig(json: try #require(try await catalog.policy(named: "p")).config)
+            #expect(stored.gates.map(\.effectiveName) == ["per_minute", "per_hour"])
+            #expect(stored.gates.map(\.type) == [.throttle, .throttle])
+            #expect(try await conn.scalar("""
+                SELECT jsonb_agg(g ->> 'rate' || '/' || (g ->> 'per') ORDER BY n)::text
+                FROM dispatch_policy.policies, jsonb_array_elements(config -> 'gates') WITH ORDINALITY AS x(g, n)
+                WHERE name = 'p'
+                """, as: String.self) == #"["10/60", "600/3600"]"#)
+        }
+    }
+
+    @Test("validate_policy checks a name and config as declare_policy does, and stores nothing")
+    func validatePolicy() async throws {
+        try await withTestDatabase { conn, _ async throws in
+            let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
+            try await conn.exec(#"SELECT dispatch_policy.validate_policy('new', '{"gates": [{"type": "concurrency", "max": 2}]}')"#)
+            #expect(try await catalog.list().isEmpty)
+            try await catalog.declare(name: "p", config: #"{"batch_size": 10}"#)
+            let before = try #require(try await catalog.policy(named: "p"))
+            try await conn.exec(#"SELECT dispatch_policy.validate_policy('p', '{"batch_size": 20}')"#)
+            let after = try #require(try await catalog.policy(named: "p"))
+            #expect(after.config == before.config && after.updatedAt == before.updatedAt)
+            let error = await expectSQLError("22023", "invalid policy config: gates[0].per must be a number from 0.001 to 31536000 (seconds)") {
+                try await conn.exec(#"SELECT dispatch_policy.validate_policy('p', '{"gates": [{"type": "throttle", "rate": 1, "per": 0}]}')"#)
+            }
+            #expect(error?.detail == "gates[0].per is 0.")
+            await expectSQLError("22023", "gatez is not a known field") {
+                try await conn.exec(#"SELECT dispatch_policy.validate_policy('p', '{"gatez": []}')"#)
+            }
+            await expectSQLError("22023", "invalid policy name") {
+                try await conn.exec("SELECT dispatch_policy.validate_policy('has space', '{}')")
+            }
+            #expect(try await catalog.list().map(\.name) == ["p"])
+            #expect(try await catalog.policy(named: "p")?.config == before.config)
         }
     }
 

@@ -50,6 +50,7 @@ struct RaceTests {
             #expect(total == jobs)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs", as: Int.self) > 0)
             try await expectCountersConsistent(conn)
+            #expect(try await checkFindings(conn) == [])
         }
     }
 }

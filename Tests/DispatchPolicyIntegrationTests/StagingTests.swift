@@ -111,29 +111,40 @@ struct StagingTests {
         }
     }
 
+    /// The stagers start together (see ``raceFromOneStart``), each staging
+    /// every key in one transaction, so they insert the same keys while the
+    /// others' inserts are not yet committed: a dedupe that looked for an
+    /// existing job instead of relying on the unique key would store one job
+    /// per stager.
     @Test("dedupe holds under concurrent stagers: one job per key")
     func dedupeConcurrent() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { try await declare($0, "p") }
-        let ids = try await withThrowingTaskGroup(of: [Int64?].self) { group in
-            for worker in 0..<4 {
-                group.addTask {
-                    try await TestServer.withConnection(settings) { conn async throws in
-                        var ids: [Int64?] = []
-                        for key in 0..<50 {
-                            ids.append(try await Stager(executor: conn, logger: TestServer.logger)
-                                .stage(policy: "p", JobSpec(argsJSON: "\(worker)", dedupeKey: "k\(key)")))
-                        }
-                        return ids
-                    }
+        let key: Int64 = 7_340_002
+        let perStager = try await raceFromOneStart(settings, racers: 4, key: key) { stager in
+            try await TestServer.withConnection(settings) { conn async throws in
+                try await conn.exec("BEGIN")
+                try await conn.exec("SELECT pg_advisory_xact_lock_shared(\(key))")
+                var ids: [Int64?] = []
+                for n in 0..<50 {
+                    ids.append(try await Stager(executor: conn, logger: TestServer.logger)
+                        .stage(policy: "p", JobSpec(argsJSON: "\(stager)", dedupeKey: "k\(n)")))
                 }
+                try await conn.exec("COMMIT")
+                return ids
             }
-            return try await group.reduce(into: []) { $0 += $1 }
         }
+        let ids = perStager.flatMap { $0 }
         #expect(ids.compactMap { $0 }.count == 50)
+        // Each key went to exactly one stager.
+        for n in 0..<50 {
+            #expect(perStager.filter { $0[n] != nil }.count == 1, "key k\(n)")
+        }
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await stagedCount(conn) == 50)
             #expect(try await conn.scalar("SELECT count(DISTINCT dedupe_key) FROM dispatch_policy.staged_jobs", as: Int.self) == 50)
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.dedupe_keys", as: Int.self) == 50)
+            #expect(try await checkFindings(conn) == [])
         }
     }
 
@@ -237,19 +248,31 @@ struct StagingTests {
         }
     }
 
-    @Test("staging notifies listening runners once per transaction, not once per row")
+    /// PostgreSQL itself delivers identical notifications of one transaction
+    /// once, which the promise relies on; so what is checked is what a
+    /// listener gets: one notification per transaction and policy, its
+    /// payload the policy's name, and nothing else — no notification per job
+    /// and none that tells jobs apart, which PostgreSQL would deliver each.
+    @Test("staging notifies listening runners once per transaction and policy, not once per row")
     func notifiesOncePerTransaction() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { listener in
             try await declare(listener, "p")
-            let payloads = try await listener.listen(on: "dispatch_policy_staged") { notifications in
+            try await declare(listener, "q")
+            let notifications = try await listener.listen(on: "dispatch_policy_staged") { notifications in
                 try await TestServer.withConnection(settings) { stager in
-                    // 1,000 rows in one call: one notification.
+                    // 1,000 rows in one call.
                     try await stager.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 1000) i))")
-                    // Two stage() calls in one transaction: one notification.
+                    // Five stage() calls for two policies in one transaction.
                     try await stager.exec("BEGIN")
-                    try await stager.exec("SELECT dispatch_policy.stage('p', '1')")
-                    try await stager.exec("SELECT dispatch_policy.stage('p', '2')")
+                    for (policy, n) in [("p", 1), ("q", 2), ("p", 3), ("q", 4), ("p", 5)] {
+                        try await stager.exec("SELECT dispatch_policy.stage(\(policy), to_jsonb(\(n)))")
+                    }
+                    try await stager.exec("COMMIT")
+                    // Two stage_many calls in one transaction, of 3 and 2 jobs.
+                    try await stager.exec("BEGIN")
+                    try await stager.exec(#"SELECT dispatch_policy.stage_many('q', '[{"args": 1}, {"args": 2}, {"args": 3}]')"#)
+                    try await stager.exec(#"SELECT dispatch_policy.stage_many('q', '[{"args": 4}, {"args": 5}]')"#)
                     try await stager.exec("COMMIT")
                     // A deduplicated stage notifies nothing.
                     try await stager.exec("SELECT dispatch_policy.stage('p', '1', dedupe_key => 'k')")
@@ -257,14 +280,16 @@ struct StagingTests {
                     // Sentinel: delivered after everything committed before it.
                     try await stager.exec("SELECT pg_notify('dispatch_policy_staged', 'sentinel')")
                 }
-                var payloads: [String] = []
+                var received: [String] = []
                 for try await notification in notifications {
                     if notification.payload == "sentinel" { break }
-                    payloads.append(notification.payload)
+                    received.append(notification.payload)
                 }
-                return payloads
+                return received
             }
-            #expect(payloads == ["p", "p", "p"])
+            // One per transaction and policy, in commit order (within a transaction, in the order first sent).
+            #expect(notifications == ["p", "p", "q", "q", "p"])
+            #expect(try await checkFindings(listener) == [])
         }
     }
 }

@@ -122,6 +122,52 @@ func waitUntil(_ seconds: Int = 60, _ condition: () async throws -> Bool) async 
     return false
 }
 
+/// Sessions of the current database, other than this one, waiting for the
+/// advisory lock `key` (one bigint key, as `pg_advisory_lock(key)` takes it).
+func advisoryLockWaiters(_ conn: PostgresConnection, key: Int64) async throws -> Int {
+    try await conn.scalar(
+        """
+        SELECT count(*)::int FROM pg_locks
+        WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1 AND pid <> pg_backend_pid()
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND ((classid::bigint << 32) | objid::bigint) = \(key)
+        """, as: Int.self)
+}
+
+/// Runs `racers` tasks that provably race: a session of the test holds the
+/// advisory lock `key` while every racer's first statement waits for it
+/// (each racer must take it, for example `pg_advisory_lock_shared(key)` or
+/// `pg_advisory_xact_lock_shared(key)`, before the work that races). Once
+/// all of them wait, the lock is released and they start at once. Results
+/// in racer order.
+func raceFromOneStart<T: Sendable>(
+    _ settings: ConnectionSettings, racers: Int, key: Int64 = 7_340_001,
+    sourceLocation: SourceLocation = #_sourceLocation,
+    _ racer: @escaping @Sendable (_ index: Int) async throws -> T
+) async throws -> [T] {
+    try await TestServer.withConnection(settings) { gate in
+        try await gate.exec("SELECT pg_advisory_lock(\(key))")
+        return try await withThrowingTaskGroup(of: (Int, T).self) { group in
+            for index in 0..<racers {
+                group.addTask { (index, try await racer(index)) }
+            }
+            let waiting: Bool
+            do {
+                waiting = try await waitUntil(30) { try await advisoryLockWaiters(gate, key: key) == racers }
+            } catch {
+                try? await gate.exec("SELECT pg_advisory_unlock(\(key))")
+                throw error
+            }
+            // Let go whatever happened, or the racers would wait for good.
+            try await gate.exec("SELECT pg_advisory_unlock(\(key))")
+            #expect(waiting, "not all \(racers) racers reached the start line", sourceLocation: sourceLocation)
+            var results: [(Int, T)] = []
+            for try await result in group { results.append(result) }
+            return results.sorted { $0.0 < $1.0 }.map(\.1)
+        }
+    }
+}
+
 /// Expects `body` to fail with a database error of `sqlState` whose message
 /// contains `message`; returns the error for further checks.
 @discardableResult

@@ -82,19 +82,84 @@ struct GateEnforcementTests {
         }
     }
 
+    /// The Ticker reads the clock itself (clock_timestamp() after the policy
+    /// lock), so time is advanced by moving the bucket's last refill back.
+    /// One token per 10^6 s, so the real seconds the test takes add next to
+    /// nothing (a minute: 0.00006 tokens).
     @Test("throttle admits the burst, then only what has refilled; rate 0 admits nothing")
     func throttle() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig {
-                Gate.throttle(rate: .context("rate", default: 1), per: 3600, burst: 4, partitionBy: "{ep}")
+                Gate.throttle(rate: .context("rate", default: 1), per: 1_000_000, burst: 4, partitionBy: "{ep}")
             })
-            try await stage(conn, "p", 12) { ["ep": $0 < 6 ? "x" : "y", "rate": $0 < 6 ? "1" : "0"] }
+            try await stage(conn, "p", 16) { ["ep": $0 < 10 ? "x" : "y", "rate": $0 < 10 ? "1" : "0"] }
             let first = try await tick(conn, "p")
             #expect(first.admitted == 4)  // x: burst 4; y: rate 0
-            #expect(first.refusedByGate == ["throttle": 8])
+            #expect(first.refusedByGate == ["throttle": 12])
             #expect(try await tick(conn, "p").admitted == 0)
-            let tokens = try await conn.scalar("SELECT tokens FROM dispatch_policy.throttle_buckets WHERE partition = 'x'", as: Double.self)
-            #expect(tokens < 0.01)
+            func tokens(_ partition: String) async throws -> Double {
+                try await conn.scalar("SELECT tokens FROM dispatch_policy.throttle_buckets WHERE partition = \(partition)", as: Double.self)
+            }
+            #expect(try await tokens("x") < 0.01)
+            func advance(_ interval: String) async throws {
+                try await conn.exec("UPDATE dispatch_policy.throttle_buckets SET refilled_at = refilled_at - \(interval)::interval")
+            }
+            // 2.5 × 10^6 s: 2.5 tokens, so exactly floor(2.5) = 2 more; half a token stays.
+            try await advance("2500000 seconds")
+            let refilled = try await tick(conn, "p")
+            #expect(refilled.admitted == 2)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE context ->> 'ep' = 'y'") == 0)
+            #expect(abs(try await tokens("x") - 0.5) < 0.001)
+            // 0.4 × 10^6 s more: 0.9 tokens, not a whole one; 0.1 × 10^6 s more: one.
+            try await advance("400000 seconds")
+            #expect(try await tick(conn, "p").admitted == 0)
+            try await advance("100000 seconds")
+            #expect(try await tick(conn, "p").admitted == 1)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs") == 7)
+            // The bucket never exceeds its burst, however long it waited.
+            try await advance("100000000 seconds")
+            #expect(try await tick(conn, "p").admitted == 3)  // what x has left: 10 - 7
+            #expect(abs(try await tokens("x") - 1) < 0.001)   // burst 4, 3 taken
+            try await expectCountersConsistent(conn)
+            #expect(try await checkFindings(conn) == [])
+        }
+    }
+
+    @Test("a throttle's rate and burst for a partition come from the partition's first job in the batch")
+    func bucketFromFirstJob() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.throttle(rate: .context("rate", default: 1), per: 3600, burst: .context("burst", default: 1), partitionBy: "{ep}")
+            })
+            // x's first job says rate 2, burst 2; the five after it say 100 and 5.
+            try await stage(conn, "p", 6) { $0 == 0 ? ["ep": "x", "rate": "2", "burst": "2"] : ["ep": "x", "rate": "100", "burst": "5"] }
+            // y's first job says nothing (the defaults); the next one says burst 5.
+            try await stage(conn, "p", 2) { $0 == 0 ? ["ep": "y"] : ["ep": "y", "rate": "100", "burst": "5"] }
+            let result = try await tick(conn, "p")
+            #expect(result.admitted == 3)  // x: 2 of its burst 2; y: 1 of its burst 1
+            let buckets = try await conn.rows(
+                "SELECT partition, rate, burst FROM dispatch_policy.throttle_buckets ORDER BY partition", logger: TestServer.logger
+            ).map { try $0.decode((String, Double, Double).self) }
+            #expect(buckets.map(\.0) == ["x", "y"])
+            #expect(buckets.map(\.1) == [2, 1] && buckets.map(\.2) == [2, 1])
+            #expect(try await checkFindings(conn) == [])
+        }
+    }
+
+    @Test("throttle tokens refill only with time, never on completion")
+    func noRefillOnCompletion() async throws {
+        try await withTestDatabase { conn, _ in
+            // One token per 10^6 s: the seconds the test takes add next to nothing.
+            try await declare(conn, "p", PolicyConfig { Gate.throttle(rate: 1, per: 1_000_000, burst: 2) })
+            try await stage(conn, "p", 4)
+            #expect(try await tick(conn, "p").admitted == 2)
+            try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.finished_jobs") == 2)
+            let after = try await tick(conn, "p")
+            #expect(after.admitted == 0)
+            #expect(after.refusedByGate == ["throttle": 2])
+            #expect(try await conn.scalar("SELECT tokens FROM dispatch_policy.throttle_buckets", as: Double.self) < 0.01)
+            #expect(try await checkFindings(conn) == [])
         }
     }
 
@@ -131,6 +196,137 @@ struct GateEnforcementTests {
         }
     }
 
+    /// The gate interleaves by region while the caps count by account:
+    /// a, c, a by region; a, b, c had it used the account (the first
+    /// partitioned gate's template); a, a, a without interleaving.
+    @Test("fair_interleave with its own partition_by interleaves by that, not by the other gates' partitions")
+    func fairInterleaveOwnPartition() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.concurrency(max: 100, partitionBy: "{acct}")
+                Gate.globalCap(max: 3)
+                Gate.fairInterleave(partitionBy: "{region}")
+            })
+            try await stage(conn, "p", 10) { _ in ["acct": "a", "region": "eu"] }
+            try await stage(conn, "p", 10) { _ in ["acct": "b", "region": "eu"] }
+            try await stage(conn, "p", 2) { _ in ["acct": "c", "region": "us"] }
+            #expect(try await tick(conn, "p").admitted == 3)
+            let accounts = try await conn.rows(
+                "SELECT context ->> 'acct' FROM dispatch_policy.admitted_jobs ORDER BY 1", logger: TestServer.logger
+            ).map { try $0.decode(String.self) }
+            #expect(accounts == ["a", "a", "c"])
+            #expect(try await checkFindings(conn) == [])
+        }
+    }
+
+    /// claim and complete take `now`, so the lag is exact.
+    @Test("the lag an adaptive gate records is admitted to started, not to finished (until finished only for a job never started)")
+    func lagIsAdmittedToStarted() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 5, targetLagMs: 60_000)
+            })
+            try await stage(conn, "p", 3) { _ in ["acct": "a"] }
+            #expect(try await tick(conn, "p").admitted == 3)
+            let admittedAt = "(SELECT min(admitted_at) FROM dispatch_policy.admitted_jobs)"
+            // Job 1: started 1.5 s after admission, completed a minute after it.
+            try await conn.exec(PostgresQuery(unsafeSQL: """
+                SELECT dispatch_policy.complete(c.id, now => \(admittedAt) + interval '60 seconds')
+                FROM dispatch_policy.claim('default', 'w', 1, now => \(admittedAt) + interval '1.5 seconds') c
+                """))
+            // Job 2: never started, completed 2 s after admission.
+            try await conn.exec(PostgresQuery(unsafeSQL: """
+                SELECT dispatch_policy.complete(min(id), now => \(admittedAt) + interval '2 seconds')
+                FROM dispatch_policy.admitted_jobs WHERE started_at IS NULL
+                """))
+            // Job 3: started 0.25 s after admission, failed 10 s after it.
+            try await conn.exec(PostgresQuery(unsafeSQL: """
+                SELECT dispatch_policy.fail(c.id, 'boom', now => \(admittedAt) + interval '10 seconds')
+                FROM dispatch_policy.claim('default', 'w', 1, now => \(admittedAt) + interval '0.25 seconds') c
+                """))
+            let lags = try await conn.rows("SELECT lag_ms, success FROM dispatch_policy.observations ORDER BY id", logger: TestServer.logger)
+                .map { try $0.decode((Double, Bool).self) }
+            #expect(lags.map(\.0) == [1500, 2000, 250])
+            #expect(lags.map(\.1) == [true, true, false])
+            #expect(try await checkFindings(conn) == [])
+        }
+    }
+
+    /// Each setting shows in one step with state set by hand (claim takes
+    /// `now`, so the lags are exact): alpha 0.2 moves the EWMA over a window
+    /// of 4 by 1 − 0.8^(1/4) of the difference (0.5 would move it by
+    /// 1 − 0.5^(1/4)); a failure quarters the cap (0.5 would halve it); the
+    /// lag above target halves it (0.95 would take 1 off).
+    @Test("adaptive_concurrency applies its own ewma_alpha, failure_decrease_factor and overload_decrease_factor")
+    func adaptiveSettings() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 4, targetLagMs: 1000,
+                                         ewmaAlpha: 0.2, failureDecreaseFactor: 0.25, overloadDecreaseFactor: 0.5)
+            })
+            try await stage(conn, "p", 12) { _ in ["acct": "a"] }
+            #expect(try await tick(conn, "p").admitted == 4)
+            func claimAndComplete(lag seconds: Double) async throws {
+                try await conn.exec(PostgresQuery(unsafeSQL: """
+                    SELECT dispatch_policy.complete(c.id)
+                    FROM dispatch_policy.claim('default', 'w', 1, now => (
+                      SELECT admitted_at FROM dispatch_policy.admitted_jobs WHERE started_at IS NULL ORDER BY priority, id LIMIT 1
+                    ) + make_interval(secs => \(seconds))) c
+                    """))
+            }
+            func stats() async throws -> (cap: Int, ewma: Double) {
+                try #require(try await conn.rows("SELECT current_max, ewma_lag_ms FROM dispatch_policy.adaptive_stats", logger: TestServer.logger)
+                    .first).decode((Int, Double).self)
+            }
+            // EWMA: the first lag (0 ms) sets it, the second (2000 ms) moves it by alpha' = 1 - 0.8^(1/4).
+            try await claimAndComplete(lag: 0)
+            try await claimAndComplete(lag: 2)
+            _ = try await tick(conn, "p")
+            let folded = try await stats()
+            #expect(folded.cap == 4)
+            #expect(abs(folded.ewma - 2000 * (1 - pow(0.8, 0.25))) < 0.001, "EWMA \(folded.ewma)")
+            // A failure, a window after the last decrease: 4 × 0.25 = 1.
+            try await conn.exec("UPDATE dispatch_policy.adaptive_stats SET since_decrease = 100")
+            try await conn.exec("""
+                SELECT dispatch_policy.fail(min(id), 'boom', retry_in => interval '1 hour')
+                FROM dispatch_policy.admitted_jobs WHERE started_at IS NULL
+                """)
+            _ = try await tick(conn, "p")
+            #expect(try await stats().cap == 1)
+            // The lag above the target, a window after the last decrease: 8 × 0.5 = 4.
+            try await conn.exec("UPDATE dispatch_policy.adaptive_stats SET current_max = 8, since_decrease = 100, ewma_lag_ms = 5000")
+            try await claimAndComplete(lag: 5)
+            _ = try await tick(conn, "p")
+            let overloaded = try await stats()
+            #expect(overloaded.cap == 4)
+            #expect(overloaded.ewma == 5000)
+            try await expectCountersConsistent(conn)
+            #expect(try await checkFindings(conn) == [])
+        }
+    }
+
+    @Test("adaptive_concurrency never grows past its max, though fast completions keep coming while it binds")
+    func adaptiveCeiling() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 60_000, max: 3)
+            })
+            try await stage(conn, "p", 40) { _ in ["acct": "a"] }
+            var admitted: [Int] = []
+            var caps: [Int] = []
+            for _ in 0..<8 {
+                admitted.append(try await tick(conn, "p").admitted)
+                caps.append(try await count(conn, "SELECT current_max FROM dispatch_policy.adaptive_stats"))
+                try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
+            }
+            // It grew from 2 to the ceiling (so the ceiling was what stopped it), and no further.
+            #expect(caps.first == 2 && caps.last == 3, "caps \(caps)")
+            #expect(caps.allSatisfy { $0 <= 3 }, "caps \(caps)")
+            #expect(admitted.allSatisfy { $0 <= 3 } && admitted.contains(3), "admitted \(admitted)")
+            #expect(try await checkFindings(conn) == [])
+        }
+    }
+
     @Test("adaptive_concurrency folds observations once: the cap grows by a window of fast completions while it binds, and halves on failure")
     func adaptive() async throws {
         try await withTestDatabase { conn, _ in
@@ -163,22 +359,31 @@ struct GateEnforcementTests {
         }
     }
 
+    /// Admitted rows share one admitted_at, so the order shows where it
+    /// matters: the order a sql target receives the jobs in.
     @Test("a policy without gates admits its batch in priority, then staging, order; scheduled jobs wait")
     func ordering() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig(batchSize: 3))
+            try await conn.exec("CREATE TABLE public.handed (seq serial PRIMARY KEY, arg text)")
+            try await conn.exec("""
+                CREATE FUNCTION public.hand(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql
+                AS $$ INSERT INTO public.handed (arg) VALUES (coalesce(args ->> 'n', args #>> '{}')) $$
+                """)
+            try await declare(conn, "p", PolicyConfig(batchSize: 3, target: .sql(function: "public.hand")))
             try await stage(conn, "p", 5) { _ in [:] } priority: { $0 == 4 ? -1 : nil }
             _ = try await Stager(executor: conn, logger: TestServer.logger)
                 .stage(policy: "p", JobSpec(argsJSON: "\"later\"", priority: -5, notBefore: Date().addingTimeInterval(3600)))
+            func handed() async throws -> [String] {
+                try await conn.rows("SELECT arg FROM public.handed ORDER BY seq", logger: TestServer.logger).map { try $0.decode(String.self) }
+            }
             let result = try await tick(conn, "p")
             #expect(result.admitted == 3)
-            let args = try await conn.rows("SELECT args ->> 'n' FROM dispatch_policy.admitted_jobs ORDER BY admitted_at, priority, id", logger: TestServer.logger)
-                .map { try $0.decode(String.self) }
-            #expect(Set(args) == ["4", "0", "1"])
+            #expect(try await handed() == ["4", "0", "1"])
             // Make the scheduled job due: the next tick promotes and admits it first.
             try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = now() - interval '1 second' WHERE not_before IS NOT NULL")
-            _ = try await tick(conn, "p")
-            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE args = '\"later\"'") == 1)
+            #expect(try await tick(conn, "p").admitted == 3)
+            #expect(try await handed() == ["4", "0", "1", "later", "2", "3"])
+            #expect(try await checkFindings(conn) == [])
         }
     }
 
@@ -293,6 +498,29 @@ struct AdmissionPrimitiveTests {
             #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "k")) == nil)
             _ = try await conn.rows("SELECT dispatch_policy.complete(\(id))", logger: TestServer.logger)
             #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "3", dedupeKey: "k")) != nil)
+        }
+    }
+
+    @Test("dedupe: the key is held while the job waits for a retry, and free again when it dies")
+    func dedupeThroughRetryAndDeath() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig(maxAttempts: 2))
+            let stager = Stager(executor: conn, logger: TestServer.logger)
+            let id = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "1", dedupeKey: "k")))
+            _ = try await tick(conn, "p")
+            #expect(try await conn.scalar("SELECT dispatch_policy.fail(\(id), 'boom', retry_in => interval '1 hour')", as: String.self) == "retrying")
+            // Waiting for its retry, the job still holds its key.
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "k")) == nil)
+            #expect(try await conn.scalar("SELECT job_id FROM dispatch_policy.dedupe_keys WHERE dedupe_key = 'k'", as: Int64.self) == id)
+            try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = NULL")
+            #expect(try await tick(conn, "p").admitted == 1)
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "3", dedupeKey: "k")) == nil)
+            // Its last attempt fails: dead, and the key is free.
+            #expect(try await conn.scalar("SELECT dispatch_policy.fail(\(id), 'boom again')", as: String.self) == "dead")
+            let next = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "4", dedupeKey: "k")))
+            #expect(next != id)
+            #expect(try await conn.scalar("SELECT job_id FROM dispatch_policy.dedupe_keys WHERE dedupe_key = 'k'", as: Int64.self) == next)
+            #expect(try await checkFindings(conn) == [])
         }
     }
 

@@ -220,6 +220,35 @@ struct WorkerTests {
         #expect(try await waitUntil(20) { finished.withLock { $0 } }, "the worker did not return after cancellation")
     }
 
+    /// fail takes `now`, so the retry time is exact. The attempt is set by
+    /// hand to reach the cap without failing a job eleven times.
+    @Test("fail without retry_in retries after 2^attempt seconds, at most an hour; retry_in overrides it")
+    func defaultBackoff() async throws {
+        try await withTestDatabase { conn, _ in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: #"{"max_attempts": 100}"#)
+            let id = try await conn.scalar("SELECT dispatch_policy.stage('p', '{}')", as: Int64.self)
+            let ticker = Ticker(connection: conn, logger: TestServer.logger)
+            func failedRetryIn(attempt: Int, retryIn: String? = nil) async throws -> String {
+                try await conn.exec("UPDATE dispatch_policy.staged_jobs SET attempt = \(attempt), not_before = NULL WHERE id = \(id)")
+                #expect(try await ticker.tick(policy: "p").admitted == 1)
+                let at = "2030-01-01 00:00:00+00"
+                #expect(try await conn.scalar(
+                    "SELECT dispatch_policy.fail(\(id), 'boom', \(retryIn)::interval, now => \(at)::timestamptz, attempt => \(attempt)::integer)",
+                    as: String.self) == "retrying")
+                return try await conn.scalar(
+                    "SELECT (not_before - \(at)::timestamptz)::text FROM dispatch_policy.staged_jobs WHERE id = \(id) AND attempt = \(attempt + 1)",
+                    as: String.self)
+            }
+            #expect(try await failedRetryIn(attempt: 1) == "00:00:02")
+            #expect(try await failedRetryIn(attempt: 3) == "00:00:08")
+            #expect(try await failedRetryIn(attempt: 11) == "00:34:08")  // 2048 s
+            #expect(try await failedRetryIn(attempt: 12) == "01:00:00")  // 4096 s, capped
+            #expect(try await failedRetryIn(attempt: 40) == "01:00:00")
+            #expect(try await failedRetryIn(attempt: 12, retryIn: "5 seconds") == "00:00:05")
+            #expect(try await checkFindings(conn) == [])
+        }
+    }
+
     @Test("heartbeat extends the lease; on a finished or unknown job it is an error (P0002)")
     func heartbeatSQL() async throws {
         try await withTestDatabase { conn, _ in
@@ -227,17 +256,24 @@ struct WorkerTests {
             try await conn.exec("SELECT dispatch_policy.stage('p', '{}')")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
             let id = try await conn.scalar("SELECT id FROM dispatch_policy.claim('default', 'w', 1)", as: Int64.self)
-            let extended = try await conn.scalar(
-                "SELECT dispatch_policy.heartbeat(\(id), now() + interval '10 minutes') - now()", as: String.self)
-            _ = extended
-            #expect(try await conn.scalar(
-                "SELECT lease_expires_at > now() + interval '10 minutes' FROM dispatch_policy.admitted_jobs WHERE id = \(id)", as: Bool.self))
+            // At an explicit now (ten minutes on), in one transaction so that now() is one instant:
+            // the new expiry is exactly that now plus the 60 s lease, returned and stored.
+            try await conn.exec("BEGIN")
+            let returned = try await conn.scalar(
+                "SELECT (dispatch_policy.heartbeat(\(id), now => now() + interval '10 minutes', attempt => 1) - now())::text", as: String.self)
+            #expect(returned == "00:11:00")
+            let (stored, beat) = try #require(try await conn.rows(
+                "SELECT (lease_expires_at - now())::text, (heartbeat_at - now())::text FROM dispatch_policy.admitted_jobs WHERE id = \(id)",
+                logger: TestServer.logger).first).decode((String, String).self)
+            #expect(stored == "00:11:00" && beat == "00:10:00")
+            try await conn.exec("COMMIT")
             _ = try await conn.rows("SELECT dispatch_policy.complete(\(id))", logger: TestServer.logger)
             let error = await expectSQLError("P0002", "is not admitted") {
                 try await conn.exec("SELECT dispatch_policy.heartbeat(\(id))")
             }
             #expect(error?.detail == "It has already finished.")
             await expectSQLError("P0002", "is not admitted") { try await conn.exec("SELECT dispatch_policy.heartbeat(424242)") }
+            #expect(try await checkFindings(conn) == [])
         }
     }
 }
