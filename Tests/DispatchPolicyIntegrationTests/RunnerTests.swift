@@ -28,7 +28,7 @@ private func lastAdmittedAt(_ settings: ConnectionSettings) async throws -> Date
 }
 
 /// The start of the query a runner sends to look for policies with work.
-private let lookingForWork = "%SELECT name, failing, expired FROM%"
+private let lookingForWork = "%SELECT name, failing, expired, work%"
 
 /// Waits until the runner of the database is idle, as its sessions show in
 /// pg_stat_activity: its notification session has subscribed (idle after a
