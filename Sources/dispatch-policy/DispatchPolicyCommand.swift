@@ -45,14 +45,35 @@ struct ConnectionOptions: ParsableArguments {
 
     /// Connects, runs `body`, closes; any error becomes one line on standard
     /// error and a non-zero exit.
+    ///
+    /// A query on a session the server ended may never return
+    /// (postgres-nio#487): when the connection closes before the command is
+    /// done, the command gets 2 s to fail by itself, then the process prints
+    /// the error and exits 1 instead of hanging.
     func withConnection<T>(_ body: (PostgresConnection, Logger) async throws -> T) async throws -> T {
         let logger = makeLogger()
         return try await reportingErrors {
             try await ConnectionSettings.resolve(url: databaseURL).withConnection(logger: logger) { connection in
-                try await body(connection, logger)
+                let done = CommandDone()
+                connection.closeFuture.whenComplete { _ in
+                    DispatchQueue.global().asyncAfter(deadline: .now() + 2) {
+                        guard !done.value else { return }
+                        printError("the database session ended before the command finished; nothing after its last completed statement was done")
+                        Foundation.exit(1)
+                    }
+                }
+                defer { done.set() }
+                return try await body(connection, logger)
             }
         }
     }
+}
+
+/// Set once a command's work is over (its connection may then close).
+final class CommandDone: Sendable {
+    private let state = Mutex(false)
+    func set() { state.withLock { $0 = true } }
+    var value: Bool { state.withLock { $0 } }
 }
 
 /// Prints an error as one line (`dispatch-policy: ...`) and exits non-zero.
@@ -377,13 +398,39 @@ struct Check: AsyncParsableCommand {
     @Flag(help: "Fix everything found, atomically (dispatch_policy.repair()), and print each change.")
     var repair = false
 
+    @Option(name: .customLong("lock-timeout"), parsing: .unconditional, help: "With --repair: give up when the locks repair needs (every policy's tick lock, the admitted jobs, gate state) are not free within this (1s to 1h).")
+    var lockTimeout: String = "10s"
+
+    func validate() throws {
+        do { _ = try DurationParser.parse(lockTimeout, flag: "--lock-timeout", within: CLILimits.shutdownTimeout) } catch let error as DispatchPolicyError {
+            throw ValidationError(error.message)
+        }
+    }
+
     func run() async throws {
         let remaining = try await connection.withConnection { conn, logger -> Int in
             if repair {
-                // One statement: all of it is fixed, or nothing is.
-                let changes = try await conn.rows(
-                    "SELECT finding, policy, gate, partition_key, job_id, action FROM dispatch_policy.repair()", logger: logger
-                ).map { try $0.decode((String, String?, String?, String?, Int64?, String).self) }
+                // One transaction: all of it is fixed, or nothing is. Waiting for
+                // the locks is bounded, so a long tick elsewhere cannot make repair
+                // hold the policies it already locked for as long.
+                let wait = try DurationParser.parse(lockTimeout, flag: "--lock-timeout", within: CLILimits.shutdownTimeout)
+                _ = try await conn.rows("BEGIN", logger: logger)
+                let changes: [(String, String?, String?, String?, Int64?, String)]
+                do {
+                    _ = try await conn.rows("SELECT set_config('lock_timeout', \(String(wait.components.seconds * 1000))::text || 'ms', true)", logger: logger)
+                    changes = try await conn.rows(
+                        "SELECT finding, policy, gate, partition_key, job_id, action FROM dispatch_policy.repair()", logger: logger
+                    ).map { try $0.decode((String, String?, String?, String?, Int64?, String).self) }
+                    _ = try await conn.rows("COMMIT", logger: logger)
+                } catch {
+                    _ = try? await conn.rows("ROLLBACK", logger: logger)
+                    if let wrapped = error as? DispatchPolicyError, wrapped.sqlState == "55P03" {
+                        throw DispatchPolicyError(
+                            code: .server, message: "repair could not take its locks within \(lockTimeout): a tick or a worker holds them; nothing was changed",
+                            sqlState: "55P03", hint: "Try again, or raise --lock-timeout.")
+                    }
+                    throw error
+                }
                 if changes.isEmpty {
                     print("nothing to repair")
                 } else {

@@ -68,4 +68,25 @@ struct CheckTests {
         #expect(again.status == 0)
         #expect(again.stdout.contains("nothing to repair"), "\(again.stdout)")
     }
+
+    /// Found by hostile testing: repair waited without limit for a policy's
+    /// tick lock while holding the locks of the policies before it.
+    @Test("check --repair gives up when its locks are not free within --lock-timeout, and changes nothing")
+    func repairLockTimeout() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+            try await conn.exec("INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight) VALUES ('p', 'gone', 'x', 1)")
+            // A tick of p in progress: its lock held.
+            try await conn.exec("BEGIN")
+            #expect(try await conn.scalar("SELECT dispatch_policy.try_lock_policy('p')", as: Bool.self))
+            let started = ContinuousClock.now
+            let repair = try await cli(["check", "--repair", "--lock-timeout", "1s"], settings: settings)
+            #expect(ContinuousClock.now - started < .seconds(20))
+            #expect(repair.status == 1)
+            #expect(repair.stderr.contains("55P03") && repair.stderr.contains("could not take its locks within 1s"), "\(repair.stderr)")
+            try await conn.exec("COMMIT")
+            #expect(try await checkFindings(conn).count == 1, "a repair that gave up changed something")
+        }
+    }
 }

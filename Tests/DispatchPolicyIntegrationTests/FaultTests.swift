@@ -514,4 +514,78 @@ struct FaultTests {
             }
         }
     }
+
+    /// Found by hostile testing: with a server that accepts connections and
+    /// never answers, `run` crashed on SIGTERM (the connect attempt ignored
+    /// cancellation) and `tick --for` overran by the connect timeout.
+    @Test("a server that accepts and never answers: run stops on SIGTERM, tick --for ends on time")
+    func blackholeServer() async throws { try await LiveTests.exclusive { try await blackholeServerLive() } }
+
+    func blackholeServerLive() async throws {
+        // A listening socket nobody accepts from: the kernel completes the
+        // handshake, the startup message is never answered.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        try #require(bound == 0 && listen(fd, 16) == 0)
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        var env = ProcessInfo.processInfo.environment
+        env["DATABASE_URL"] = "postgres://nobody@127.0.0.1:\(port)/nothing?sslmode=disable"
+
+        let run = try spawnChild(cliPath, ["run", "--shutdown-timeout", "1s"], environment: env)
+        defer { kill(run.pid, SIGKILL) }
+        try await Task.sleep(for: .seconds(2))
+        let signalled = ContinuousClock.now
+        kill(run.pid, SIGTERM)
+        let ending = await run.wait()
+        #expect(ContinuousClock.now - signalled < .seconds(5), "run took \(ContinuousClock.now - signalled) to stop")
+        #expect(ending == .exited(0), "\(run.output().stderr)")
+
+        let started = ContinuousClock.now
+        let tick = try spawnChild(cliPath, ["tick", "--for", "2s"], environment: env)
+        defer { kill(tick.pid, SIGKILL) }
+        let tickEnding = await tick.wait()
+        #expect(ContinuousClock.now - started < .seconds(6), "tick --for 2s took \(ContinuousClock.now - started)")
+        #expect(tickEnding == .exited(1), "\(tick.output().stderr)")
+    }
+
+    /// Found by hostile testing: a runner whose sessions were opened while
+    /// the database was read-only kept failing with 25006 after it was
+    /// writable again, until its sessions were ended by hand.
+    @Test("a runner whose session is read-only opens a new one, and admits once the database is writable")
+    func readOnlySession() async throws { try await LiveTests.exclusive { try await readOnlySessionLive() } }
+
+    func readOnlySessionLive() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+            try await conn.exec(PostgresQuery(unsafeSQL: "ALTER DATABASE \(settings.database) SET default_transaction_read_only = on"))
+        }
+        let child = try spawnChild(cliPath, ["run", "--idle-pause", "200ms"], environment: libpqEnvironment(settings))
+        defer { kill(child.pid, SIGKILL) }
+        // Its sessions are read-only; a job staged in a writable session waits.
+        #expect(try await waitUntil(20) { try await sessionPids(settings, query: "LISTEN%").count == 1 })
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.exec("SET default_transaction_read_only = off")
+            try await conn.exec("SELECT dispatch_policy.stage('p', '1')")
+        }
+        try await Task.sleep(for: .seconds(1))
+        #expect(try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 0)
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.exec("SET default_transaction_read_only = off")
+            try await conn.exec(PostgresQuery(unsafeSQL: "ALTER DATABASE \(settings.database) RESET default_transaction_read_only"))
+        }
+        #expect(try await waitUntil(15) {
+            try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 1
+        }, "the runner kept its read-only session")
+        kill(child.pid, SIGTERM)
+        #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
+    }
 }

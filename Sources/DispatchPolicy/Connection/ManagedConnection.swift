@@ -41,6 +41,7 @@ public actor ManagedConnection {
     /// Connections opened after the first.
     public private(set) var reconnects = 0
     private var opened = 0
+    private var lossRepeated = false
     /// When the current session was opened.
     public private(set) var connectedAt: Date?
     /// When and why the last session was lost.
@@ -50,7 +51,7 @@ public actor ManagedConnection {
 
     public init(
         settings: ConnectionSettings, role: String, logger: Logger,
-        connectTimeout: Duration = .seconds(10), backoff: ClosedRange<Duration> = .milliseconds(100) ... .seconds(30)
+        connectTimeout: Duration = .seconds(10), backoff: ClosedRange<Duration> = .milliseconds(100) ... .seconds(5)
     ) {
         self.settings = settings
         self.role = role
@@ -80,8 +81,8 @@ public actor ManagedConnection {
         if let connecting { return try await settle(connecting) }
         if let retryAt, ContinuousClock.now < retryAt {
             throw DispatchPolicyError(
-                code: .connectionLost, message: "\(role): cannot connect to \(settings)",
-                detail: "\(lastConnectError ?? "unknown error"); next attempt in \(Self.describe(retryAt - .now))")
+                code: .connectionLost, message: lastConnectError ?? "\(role): cannot connect to \(settings)",
+                detail: "next attempt in \(Self.describe(retryAt - .now))")
         }
         let task = Task { [settings, logger, connectTimeout, role] in
             // A connection that opens after the deadline is closed, not leaked.
@@ -121,6 +122,10 @@ public actor ManagedConnection {
     /// gets the same outcome.
     private func settle(_ attempt: Attempt) async throws -> (conn: PostgresConnection, watch: CloseWatch) {
         let result = await attempt.task.result
+        if case .failure(let error) = result, error is CancellationError {
+            if connecting?.id == attempt.id { connecting = nil }
+            throw CancellationError()
+        }
         if settled < attempt.id {
             settled = attempt.id
             if connecting?.id == attempt.id { connecting = nil }
@@ -133,8 +138,8 @@ public actor ManagedConnection {
                 opened += 1
                 if opened > 1 { reconnects += 1 }
                 if connectFailures > 0 || opened > 1 {
-                    // At warning level, like the loss it ends.
-                    logger.warning("database connection restored", metadata: [
+                    // At warning level, like the loss it ends (debug when that was not logged).
+                    logger.log(level: lossRepeated && connectFailures == 0 ? .debug : .warning, "database connection restored", metadata: [
                         "connection.role": "\(role)", "connection.failed_attempts": "\(connectFailures)",
                     ])
                 }
@@ -154,9 +159,7 @@ public actor ManagedConnection {
                     ])
                 }
                 lastConnectError = message
-                lastAttemptError = DispatchPolicyError(
-                    code: .connectionLost, message: "\(role): cannot connect to \(settings)",
-                    detail: "\(message); next attempt in \(Self.describe(delay))")
+                lastAttemptError = DispatchPolicyError(code: .connectionLost, message: message)
             }
         }
         switch result {
@@ -180,7 +183,15 @@ public actor ManagedConnection {
         if let hardDeadline, ContinuousClock.now >= hardDeadline {
             throw DispatchPolicyError(code: .connectionLost, message: "\(role): no time left for \(what)")
         }
-        let (conn, watch) = try await session()
+        // Opening a session is bounded too (by its connect timeout, the
+        // caller's deadline and cancellation): a server that accepts and
+        // never answers must not hold a shutdown or a `--for` run.
+        var connectBy = ContinuousClock.now + connectTimeout
+        if let hardDeadline { connectBy = min(connectBy, hardDeadline) }
+        guard let (conn, watch) = try await untilDeadline(connectBy, { try await self.session() }) else {
+            throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(settings)",
+                                      detail: "no answer in time for \(what)")
+        }
         let start = ContinuousClock.now
         var deadline = start + timeout
         if let hardDeadline { deadline = min(deadline, hardDeadline) }
@@ -195,7 +206,7 @@ public actor ManagedConnection {
         } catch is CancellationError {
             throw CancellationError()
         } catch {
-            guard conn.isClosed || Self.endsSession(error) else { throw error }
+            guard conn.isClosed || Self.endsSession(error) || Self.needsNewSession(error) else { throw error }
             let reason = DispatchPolicyError.from(error).description
             await drop(conn, reason: "\(what) failed: \(reason)")
             throw DispatchPolicyError(code: .connectionLost, message: "\(role): the database session ended during \(what)",
@@ -224,6 +235,14 @@ public actor ManagedConnection {
         return ["57P01", "57P02", "57P03"].contains(state) || state.hasPrefix("08")
     }
 
+    /// Whether the session can no longer do what it is for, though the
+    /// server keeps it: it is read-only (25006: a standby after a failover,
+    /// or `default_transaction_read_only` set when it opened). A new session
+    /// may land on a writable server, or see the setting reset.
+    static func needsNewSession(_ error: any Error) -> Bool {
+        DispatchPolicyError.from(error).sqlState == "25006"
+    }
+
     /// Drops `conn` if it is still the current connection: closes it (without
     /// waiting: a dead channel may not answer) and logs the loss.
     public func drop(_ conn: PostgresConnection, reason: String) {
@@ -233,10 +252,14 @@ public actor ManagedConnection {
     }
 
     private func lost(_ conn: PostgresConnection, reason: String) {
+        // The same loss again within a minute (a session that keeps landing
+        // on a read-only server) is logged at debug level, not every time.
+        let repeated = lastLoss.map { $0.reason == reason && Date().timeIntervalSince($0.at) < 60 } ?? false
         lastLoss = (Date(), reason)
-        logger.error("database connection lost; reconnecting", metadata: [
+        logger.log(level: repeated ? .debug : .error, "database connection lost; reconnecting", metadata: [
             "connection.role": "\(role)", "reason": "\(reason)",
         ])
+        lossRepeated = repeated
         Self.closeUnawaited(conn)
     }
 
@@ -251,10 +274,12 @@ public actor ManagedConnection {
     /// alive, with this session's reconnects and last loss (see
     /// `dispatch_policy.report_process`). Errors are logged and dropped: the
     /// report is for operators, never a reason to stop.
-    public nonisolated func reportAlive(name: String, kind: String, startedAt: Date, timeout: Duration = .seconds(10)) async {
+    public nonisolated func reportAlive(
+        name: String, kind: String, startedAt: Date, timeout: Duration = .seconds(10), until hardDeadline: ContinuousClock.Instant? = nil
+    ) async {
         let (connectedAt, reconnects, loss) = await (self.connectedAt, self.reconnects, self.lastLoss)
         do {
-            _ = try await run("reporting the process", timeout: timeout) { [logger] conn in
+            _ = try await run("reporting the process", timeout: timeout, until: hardDeadline) { [logger] conn in
                 try await conn.rows(
                     """
                     SELECT dispatch_policy.report_process(\(name), \(kind), \(startedAt), \(connectedAt ?? Date()),

@@ -20,6 +20,9 @@ struct NotificationListener: Sendable {
 
     /// Runs until cancelled.
     func run(_ handler: @escaping @Sendable (_ channel: String?, _ payload: String) async -> Void) async {
+        // Sessions that end soon after subscribing (LISTEN refused, as on a
+        // standby) are retried with backoff, not in a loop.
+        var quickFailures = 0
         while !Task.isCancelled {
             let conn: PostgresConnection
             do {
@@ -31,16 +34,22 @@ struct NotificationListener: Sendable {
                 continue
             }
             let ended = OneShot()
+            let failure = FirstError()
+            let subscribedAt = ContinuousClock.now
             conn.closeFuture.whenComplete { _ in ended.fire() }
             // Unstructured: a listen on a connection that died may never end
             // (vapor/postgres-nio#601), and a task group would wait for it.
             let listeners = channels.map { channel in
                 Task {
                     defer { ended.fire() }
-                    try await conn.listen(on: channel) { notifications in
-                        for try await notification in notifications {
-                            await handler(channel, notification.payload)
+                    do {
+                        try await conn.listen(on: channel) { notifications in
+                            for try await notification in notifications {
+                                await handler(channel, notification.payload)
+                            }
                         }
+                    } catch {
+                        failure.record(DispatchPolicyError.from(error).description)
                     }
                 }
             }
@@ -62,9 +71,29 @@ struct NotificationListener: Sendable {
             prober.cancel()
             for listener in listeners { listener.cancel() }
             if Task.isCancelled { return }
-            await connection.drop(conn, reason: "the notification session ended")
+            let reason = failure.value
+            await connection.drop(conn, reason: reason.map { "LISTEN failed: \($0)" } ?? "the notification session ended")
+            if ContinuousClock.now - subscribedAt < .seconds(5) {
+                quickFailures += 1
+                let delay = min(Duration.seconds(1) * (1 << min(quickFailures - 1, 5)), .seconds(30))
+                if quickFailures == 1 {
+                    logger.warning("notifications unavailable; the owner polls meanwhile, retrying with backoff", metadata: [
+                        "error": "\(reason ?? "the session ended")", "retry.in": "\(delay)",
+                    ])
+                }
+                try? await Task.sleep(for: delay)
+            } else {
+                quickFailures = 0
+            }
         }
     }
+}
+
+/// The first error reported by any of several tasks.
+final class FirstError: Sendable {
+    private let state = Mutex<String?>(nil)
+    func record(_ message: String) { state.withLock { $0 = $0 ?? message } }
+    var value: String? { state.withLock { $0 } }
 }
 
 /// Fires once; `wait()` returns when it has fired or the caller is cancelled.

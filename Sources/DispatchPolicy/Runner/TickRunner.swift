@@ -226,6 +226,7 @@ public struct TickRunner: Service {
         var lastMaintenance: ContinuousClock.Instant?
         var lastReport: ContinuousClock.Instant?
         var reportedReconnects = 0
+        var lastPassError: String?
         var checkedPolicies = false
         var passes = 0
         defer { report.policies = summaries.values.sorted { $0.policy < $1.policy } }
@@ -255,7 +256,7 @@ public struct TickRunner: Service {
                 let reconnects = await db.reconnects
                 if !options.once, reconnects != reportedReconnects
                     || lastReport.map({ ContinuousClock.now - $0 >= options.maintenanceInterval }) ?? true {
-                    await db.reportAlive(name: options.name, kind: "runner", startedAt: startedAt)
+                    await db.reportAlive(name: options.name, kind: "runner", startedAt: startedAt, until: hardDeadline)
                     lastReport = .now
                     reportedReconnects = reconnects
                 }
@@ -312,9 +313,11 @@ public struct TickRunner: Service {
                 if wrapped.code == .connectionLost {
                     report.connectionFailures += 1
                     report.lastConnectionError = wrapped.description
-                } else {
+                } else if lastPassError != wrapped.description {
+                    // Once per distinct error (an unmigrated database fails every pass).
                     logger.error("admission pass failed; retrying", metadata: ["error": "\(wrapped)"])
                 }
+                lastPassError = wrapped.description
             }
             if options.once { break }
             var pause = admitted > 0 ? options.busyPause : options.idlePause
