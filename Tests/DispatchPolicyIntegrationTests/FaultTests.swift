@@ -152,6 +152,10 @@ struct FaultTests {
             try await stage(settings, "p")
             #expect(try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 2 },
                     "a job staged after the notification session was replaced waited for the idle pause")
+            // The notification session's reconnect counts in status too.
+            #expect(try await waitUntil(10) {
+                try await count(settings, "SELECT coalesce(max(reconnects), 0) FROM dispatch_policy.processes WHERE kind = 'runner'") >= 1
+            }, "status does not count the notification session's reconnect")
 
             // Every session of the runner.
             #expect(try await terminateSessions(settings) >= 2)

@@ -274,12 +274,19 @@ public actor ManagedConnection {
     /// alive, with this session's reconnects and last loss (see
     /// `dispatch_policy.report_process`). Errors are logged and dropped: the
     /// report is for operators, never a reason to stop.
+    /// `others` are the process's other sessions (LISTEN, outcomes): their
+    /// reconnects are added, and the latest loss of any is reported.
     public nonisolated func reportAlive(
-        name: String, kind: String, startedAt: Date, timeout: Duration = .seconds(10), until hardDeadline: ContinuousClock.Instant? = nil
+        name: String, kind: String, startedAt: Date, others: [ManagedConnection] = [],
+        timeout: Duration = .seconds(10), until hardDeadline: ContinuousClock.Instant? = nil
     ) async {
-        let (connectedAt, reconnects, loss) = await (self.connectedAt, self.reconnects, self.lastLoss)
+        var (connectedAt, reconnects, loss) = await (self.connectedAt, self.reconnects, self.lastLoss)
+        for other in others {
+            reconnects += await other.reconnects
+            if let theirs = await other.lastLoss, theirs.at > (loss?.at ?? .distantPast) { loss = theirs }
+        }
         do {
-            _ = try await run("reporting the process", timeout: timeout, until: hardDeadline) { [logger] conn in
+            _ = try await run("reporting the process", timeout: timeout, until: hardDeadline) { [logger, connectedAt, reconnects, loss] conn in
                 try await conn.rows(
                     """
                     SELECT dispatch_policy.report_process(\(name), \(kind), \(startedAt), \(connectedAt ?? Date()),

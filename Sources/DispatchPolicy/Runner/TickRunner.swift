@@ -180,10 +180,10 @@ public struct TickRunner: Service {
         await db.onConnect { conn in
             conn.closeFuture.whenComplete { _ in Task { await wake.signal() } }
         }
+        let listening = ManagedConnection(
+            settings: connection.with(session: options.session), role: "runner notifications", logger: logger,
+            connectTimeout: options.connectTimeout)
         let listener: Task<Void, Never>? = options.once ? nil : Task {
-            let listening = ManagedConnection(
-                settings: connection.with(session: options.session), role: "runner notifications", logger: logger,
-                connectTimeout: options.connectTimeout)
             await NotificationListener(
                 connection: listening, channels: ["dispatch_policy_staged", "dispatch_policy_released"], logger: logger
             ).run { _, _ in await wake.signal() }
@@ -192,7 +192,7 @@ public struct TickRunner: Service {
         defer { listener?.cancel() }
         var report = RunReport()
         do {
-            try await loop(db: db, deadline: deadline, wake: wake, report: &report)
+            try await loop(db: db, others: [listening], deadline: deadline, wake: wake, report: &report)
         } catch {
             await db.close()
             throw error
@@ -214,7 +214,9 @@ public struct TickRunner: Service {
         var retryAt: ContinuousClock.Instant
     }
 
-    private func loop(db: ManagedConnection, deadline: ContinuousClock.Instant?, wake: WakeSignal, report: inout RunReport) async throws {
+    private func loop(
+        db: ManagedConnection, others: [ManagedConnection], deadline: ContinuousClock.Instant?, wake: WakeSignal, report: inout RunReport
+    ) async throws {
         var summaries: [String: PolicySummary] = [:]
         var failing: [String: Failing] = [:]
         var maintenanceErrors: [String: String] = [:]
@@ -253,10 +255,11 @@ public struct TickRunner: Service {
                 }
                 // Alive, and any lost session, reported at start, after a
                 // reconnect, and once per maintenance interval.
-                let reconnects = await db.reconnects
+                var reconnects = await db.reconnects
+                for other in others { reconnects += await other.reconnects }
                 if !options.once, reconnects != reportedReconnects
                     || lastReport.map({ ContinuousClock.now - $0 >= options.maintenanceInterval }) ?? true {
-                    await db.reportAlive(name: options.name, kind: "runner", startedAt: startedAt, until: hardDeadline)
+                    await db.reportAlive(name: options.name, kind: "runner", startedAt: startedAt, others: others, until: hardDeadline)
                     lastReport = .now
                     reportedReconnects = reconnects
                 }

@@ -150,9 +150,9 @@ public struct Worker: Service {
                 var lastReport: ContinuousClock.Instant?
                 var reportedReconnects = 0
                 while !Task.isCancelled && !Task.isShuttingDownGracefully {
-                    let reconnects = await claimer.reconnects
+                    let reconnects = await claimer.reconnects + reporter.reconnects + listener.reconnects
                     if reconnects != reportedReconnects || lastReport.map({ ContinuousClock.now - $0 >= options.reportInterval }) ?? true {
-                        await claimer.reportAlive(name: options.name, kind: "worker", startedAt: startedAt)
+                        await claimer.reportAlive(name: options.name, kind: "worker", startedAt: startedAt, others: [reporter, listener])
                         lastReport = .now
                         reportedReconnects = reconnects
                     }
