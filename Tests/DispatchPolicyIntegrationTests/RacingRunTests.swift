@@ -58,15 +58,15 @@ struct RacingRunTests {
             }
             let runnerOptions = {
                 var options = TickRunnerOptions()
-                options.runFor = .seconds(12)
+                options.runFor = .seconds(4)
                 options.busyPause = .milliseconds(5)
                 options.idlePause = .milliseconds(50)
                 options.maintenanceInterval = .seconds(1)
                 return options
             }()
             let handled = Mutex(0)
-            // Handlers fail one job in fifteen while there is time left for the
-            // runners (they run 12 s) to admit its retry.
+            // Handlers fail one job in fifteen for the first 8 s (retries go
+            // back through admission).
             let failUntil = ContinuousClock.now + .seconds(8)
             let workers: [Worker] = (0..<8).map { index in
                 var options = WorkerOptions()
@@ -85,13 +85,22 @@ struct RacingRunTests {
                 return worker
             }
             let services = DetachedServices(workers)
-            let reports = try await withThrowingTaskGroup(of: RunReport.self) { group in
-                for _ in 0..<4 {
-                    group.addTask { try await TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger).runLoop() }
+            // Rounds of 4 runners racing for 4 s each, until nothing is left to
+            // admit (however slow the machine), for at most 2 minutes.
+            var reports: [RunReport] = []
+            let giveUp = ContinuousClock.now + .seconds(120)
+            var more = true
+            while more {
+                reports += try await withThrowingTaskGroup(of: RunReport.self) { group in
+                    for _ in 0..<4 {
+                        group.addTask { try await TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger).runLoop() }
+                    }
+                    var all: [RunReport] = []
+                    for try await report in group { all.append(report) }
+                    return all
                 }
-                var all: [RunReport] = []
-                for try await report in group { all.append(report) }
-                return all
+                let staged = try await count(settings, "SELECT count(*)::int FROM dispatch_policy.staged_jobs")
+                more = (ContinuousClock.now < failUntil + .seconds(1) || staged > 0) && ContinuousClock.now < giveUp
             }
             // The runners are done; the workers finish what was admitted.
             let drained = try await waitUntil(30) {
@@ -160,3 +169,7 @@ struct RacingRunTests {
 }
 
 private struct RacingFailure: Error {}
+
+private func count(_ settings: ConnectionSettings, _ sql: String) async throws -> Int {
+    try await TestServer.withConnection(settings) { conn in try await conn.scalar(PostgresQuery(unsafeSQL: sql), as: Int.self) }
+}
