@@ -71,6 +71,12 @@ public actor ManagedConnection {
         try await session().conn
     }
 
+    /// The current session when it is open (no waiting, no connecting).
+    private func liveSession() -> (conn: PostgresConnection, watch: CloseWatch)? {
+        guard let current, !current.isClosed else { return nil }
+        return (current.conn, current.watch)
+    }
+
     /// The live connection and the watch of its closing.
     private func session() async throws -> (conn: PostgresConnection, watch: CloseWatch) {
         if let current, !current.isClosed { return (current.conn, current.watch) }
@@ -186,11 +192,17 @@ public actor ManagedConnection {
         // Opening a session is bounded too (by its connect timeout, the
         // caller's deadline and cancellation): a server that accepts and
         // never answers must not hold a shutdown or a `--for` run.
-        var connectBy = ContinuousClock.now + connectTimeout
-        if let hardDeadline { connectBy = min(connectBy, hardDeadline) }
-        guard let (conn, watch) = try await untilDeadline(connectBy, { try await self.session() }) else {
-            throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(settings)",
-                                      detail: "no answer in time for \(what)")
+        let (conn, watch): (PostgresConnection, CloseWatch)
+        if let live = await liveSession() {
+            (conn, watch) = live
+        } else {
+            var connectBy = ContinuousClock.now + connectTimeout
+            if let hardDeadline { connectBy = min(connectBy, hardDeadline) }
+            guard let opened = try await untilDeadline(connectBy, { try await self.session() }) else {
+                throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(settings)",
+                                          detail: "no answer in time for \(what)")
+            }
+            (conn, watch) = opened
         }
         let start = ContinuousClock.now
         var deadline = start + timeout
@@ -298,6 +310,14 @@ public actor ManagedConnection {
         }
     }
 
+    /// Deletes the process's `dispatch_policy.processes` row, as a process
+    /// that stops cleanly does; errors are dropped.
+    public nonisolated func forgetProcess(name: String, until hardDeadline: ContinuousClock.Instant? = nil) async {
+        await run("forgetting the process", timeout: .seconds(2), until: hardDeadline) { [logger] conn in
+            _ = try await conn.rows("SELECT dispatch_policy.forget_process(\(name))", logger: logger)
+        } ifFails: { _ in }
+    }
+
     /// Closes the connection, waiting at most `timeout` for the server to
     /// acknowledge.
     public func close(timeout: Duration = .seconds(2)) async {
@@ -347,5 +367,16 @@ final class CloseWatch: Sendable {
             }
             for giveUp in waiters { giveUp(ManagedConnection.SessionClosed()) }
         }
+    }
+}
+
+extension ManagedConnection {
+    /// ``run(_:timeout:until:_:)`` for bookkeeping whose failure must not
+    /// stop the caller: an error goes to `ifFails`, cancellation included.
+    nonisolated func run(
+        _ what: String, timeout: Duration, until hardDeadline: ContinuousClock.Instant?,
+        _ body: @escaping @Sendable (PostgresConnection) async throws -> Void, ifFails: (any Error) -> Void
+    ) async {
+        do { try await run(what, timeout: timeout, until: hardDeadline, body) } catch { ifFails(error) }
     }
 }

@@ -55,6 +55,16 @@ extension Duration {
     }
 }
 
+extension Duration {
+    /// `seconds` rounded up to whole milliseconds within [0, 24 h] (a server
+    /// answer, a computed wait): never traps, NaN is 0.
+    static func clamped(seconds: Double) -> Duration {
+        let ms = (seconds * 1000).rounded(.up)
+        guard ms > 0 else { return .zero }
+        return .milliseconds(Int64(min(ms, 86_400_000)))
+    }
+}
+
 extension ConnectionSettings {
     /// These settings, with `session` sent at startup on every connection.
     public func with(session: SessionSettings) -> ConnectionSettings {

@@ -197,12 +197,7 @@ public struct TickRunner: Service {
             await db.close()
             throw error
         }
-        if !Task.isCancelled {
-            await db.run("forgetting the process", timeout: .seconds(2), until: deadline.map { $0 + options.overrun }) {
-                [logger, name = options.name] conn in
-                _ = try await conn.rows("SELECT dispatch_policy.forget_process(\(name))", logger: logger)
-            } ifFails: { _ in }
-        }
+        if !Task.isCancelled { await db.forgetProcess(name: options.name, until: deadline.map { $0 + options.overrun }) }
         await db.close()
         return report
     }
@@ -440,17 +435,6 @@ public struct TickRunner: Service {
             }
             errors[name] = message
         }
-    }
-}
-
-extension ManagedConnection {
-    /// ``run(_:timeout:until:_:)`` for bookkeeping whose failure must not
-    /// stop the caller: an error goes to `ifFails`, cancellation included.
-    nonisolated func run(
-        _ what: String, timeout: Duration, until hardDeadline: ContinuousClock.Instant?,
-        _ body: @escaping @Sendable (PostgresConnection) async throws -> Void, ifFails: (any Error) -> Void
-    ) async {
-        do { try await run(what, timeout: timeout, until: hardDeadline, body) } catch { ifFails(error) }
     }
 }
 

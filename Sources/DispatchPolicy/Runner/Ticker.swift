@@ -141,8 +141,7 @@ public struct Ticker: Sendable {
             logger: logger
         ).map { row in
             let (name, failing, expired, work, due) = try row.decode((String, Bool, Bool, Bool, Double?).self)
-            // Whole milliseconds, rounded up, within [0, 1 day]: never traps.
-            let dueIn = due.map { Duration.milliseconds(Int64(min(max(ceil($0 * 1000), 0), 86_400_000))) }
+            let dueIn = due.map(Duration.clamped(seconds:))
             return PolicyWork(name: name, failing: failing, expiredLeases: expired, hasWork: work, nextDueIn: dueIn)
         }
     }
@@ -323,10 +322,7 @@ public struct Ticker: Sendable {
         let decision = admission.evaluate(ordered, state: state, buckets: needed.buckets)
         result.refusedByGate = decision.refusedByGate
         result.cursor = decision.cursor
-        if let wait = decision.tokenWaits.values.min() {
-            // Whole milliseconds, rounded up, at most a day: never traps.
-            result.nextTokenIn = .milliseconds(Int64(min(ceil(wait * 1000), 86_400_000)))
-        }
+        result.nextTokenIn = decision.tokenWaits.values.min().map(Duration.clamped(seconds:))
         for (key, tokens) in state.tokens {
             result.tokensLeft[key.gate, default: 0] += tokens - (decision.takes[key] ?? 0)
         }

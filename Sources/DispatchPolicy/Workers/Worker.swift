@@ -111,11 +111,7 @@ public struct Worker: Service {
         let reporter = ManagedConnection(settings: settings, role: "worker outcomes", logger: logger, connectTimeout: options.connectTimeout)
         let listener = ManagedConnection(settings: settings, role: "worker notifications", logger: logger, connectTimeout: options.connectTimeout)
         await loop(claimer: claimer, reporter: reporter, listener: listener)
-        if !Task.isCancelled {
-            await claimer.run("forgetting the process", timeout: .seconds(2), until: nil) { [logger, name = options.name] conn in
-                _ = try await conn.rows("SELECT dispatch_policy.forget_process(\(name))", logger: logger)
-            } ifFails: { _ in }
-        }
+        if !Task.isCancelled { await claimer.forgetProcess(name: options.name) }
         for db in [claimer, reporter, listener] { await db.close() }
     }
 
