@@ -79,7 +79,7 @@ struct KilledSessionTests {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.scalar("""
                     SELECT count(*)::int FROM pg_stat_activity
-                    WHERE datname = current_database() AND state = 'active' AND query LIKE '%dispatch_policy.admit(%'
+                    WHERE datname = current_database() AND state = 'active' AND query LIKE '%dispatch_policy.tick_finish(%'
                       AND pid <> pg_backend_pid() AND now() - query_start > interval '1 second'
                     """, as: Int.self) == 1
             }
@@ -95,7 +95,7 @@ struct KilledSessionTests {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.scalar("""
                     SELECT count(*)::int FROM pg_stat_activity
-                    WHERE datname = current_database() AND query LIKE '%dispatch_policy.admit(%' AND pid <> pg_backend_pid()
+                    WHERE datname = current_database() AND query LIKE '%dispatch_policy.tick_finish(%' AND pid <> pg_backend_pid()
                     """, as: Int.self) == 0
             }
         }

@@ -89,12 +89,16 @@ public struct PolicyWork: Sendable, Equatable {
 
 /// Runs ticks: one policy, one transaction, on one connection.
 ///
-/// Reap expired leases (in their own transaction), then, in one transaction:
-/// lock the policy (single writer), take new adaptive observations, promote
-/// due scheduled jobs, fetch a batch (round-robin by
-/// lane), order it (fair_interleave), read the gate state it needs, decide
-/// (pure ``Admission``), fold the observations (pure ``AdaptiveController``),
-/// admit and move the rotation, commit.
+/// Reap expired leases (in their own transaction), then, in one transaction
+/// of at most five round trips (BEGIN, three calls, COMMIT): `tick_begin`
+/// locks the policy (single writer), takes new adaptive observations,
+/// promotes due scheduled jobs and fetches a batch (round-robin by lane);
+/// here the batch is ordered (fair_interleave) and its partitions rendered;
+/// `tick_state` reads the gate state they need; here the batch is decided
+/// (pure ``Admission``) and the observations folded (pure
+/// ``AdaptiveController``); `tick_finish` admits, moves the rotation and
+/// saves the adaptive state; commit. An empty batch with nothing to fold
+/// skips the last two calls.
 public struct Ticker: Sendable {
     public let connection: PostgresConnection
     public let settings: TickSettings
@@ -215,82 +219,57 @@ public struct Ticker: Sendable {
         return result
     }
 
+    /// The tick's three calls (see `Migrations/0013_tick.sql`): `tick_begin`
+    /// locks, takes observations, promotes and fetches; `tick_state` reads
+    /// the gate state of the batch's partitions; `tick_finish` admits and
+    /// saves the adaptive state. The decision and the AIMD fold are made
+    /// here, between them.
     private func tickInTransaction(policy: String, logger: Logger) async throws -> TickResult {
         var result = TickResult(policy: policy, outcome: .ran)
-        // The lock, and this transaction's statement_timeout, in one round trip.
-        guard try await scalar(
+        var header: (config: String, now: Date)?
+        var observations: [GateKey: [Observation]] = [:]
+        var rows: [BatchRow] = []
+        for row in try await connection.rows(
             """
-            SELECT dispatch_policy.try_lock_policy(\(policy))
-            FROM (SELECT set_config('statement_timeout', coalesce(\(timeoutMilliseconds)::text, current_setting('statement_timeout')), true)) t
-            """, as: Bool.self, logger: logger
-        ) else {
-            result.outcome = .busy
-            return result
-        }
-        // Time is read after the lock, so it never goes backwards between
-        // ticks of one policy; every primitive gets this same `now`.
-        guard let row = try await connection.rows(
-            "SELECT config::text, paused, clock_timestamp() FROM dispatch_policy.policies WHERE name = \(policy)",
-            logger: logger
-        ).first else {
-            result.outcome = .unknown
-            return result
-        }
-        let (configJSON, paused, now) = try row.decode((String, Bool, Date).self)
-        if paused {
-            result.outcome = .paused
-            return result
-        }
-        let config = try PolicyConfig(json: configJSON)
-        let batchSize = FieldLimits.batchSize.clampInt(Double(config.batchSize ?? settings.batchSize))
-        let quantum = FieldLimits.roundRobinQuantum.clampInt(Double(config.roundRobinQuantum ?? settings.roundRobinQuantum))
-
-        let observations = try await takeObservations(policy: policy, config: config, logger: logger)
-        result.observationsFolded = observations.values.reduce(0) { $0 + $1.count }
-
-        _ = try await connection.rows(
-            "SELECT dispatch_policy.promote_scheduled(\(policy), \(batchSize)::integer, \(now))", logger: logger)
-
-        let rows = try await connection.rows(
-            """
-            SELECT id, priority, round_robin_key, context::text, lane
-            FROM dispatch_policy.fetch_batch(\(policy), \(batchSize)::integer, \(quantum)::integer, \(now))
+            SELECT kind, id, priority, round_robin_key, context, lane, gate, partition, lag_ms, success, observed_at, config, now
+            FROM dispatch_policy.tick_begin(\(policy), \(settings.batchSize)::integer, \(settings.roundRobinQuantum)::integer,
+                                            \(settings.maxObservationsPerTick)::integer, \(timeoutMilliseconds)::integer)
             """,
             logger: logger
-        ).map { row in
-            let (id, priority, key, context, lane) = try row.decode((Int64, Int, String?, String, Int).self)
-            return BatchRow(id: id, priority: priority, roundRobinKey: key, context: try Self.decodeStrings(context), lane: lane)
+        ) {
+            let (kind, id, priority, key, context, lane, gate, partition, lag, success, at, config, now) = try row.decode(
+                (String, Int64?, Int?, String?, String?, Int?, String?, String?, Double?, Bool?, Date?, String?, Date?).self)
+            switch kind {
+            case "job":
+                guard let id, let priority, let context, let lane else { throw Self.malformed(kind) }
+                rows.append(BatchRow(id: id, priority: priority, roundRobinKey: key, context: try Self.decodeStrings(context), lane: lane))
+            case "observation":
+                guard let gate, let partition, let lag, let success, let at else { throw Self.malformed(kind) }
+                observations[GateKey(gate: gate, partition: partition), default: []].append(Observation(lag: lag, success: success, at: at))
+            case "tick":
+                guard let config, let now else { throw Self.malformed(kind) }
+                header = (config, now)
+            case "busy":
+                result.outcome = .busy
+                return result
+            case "paused":
+                result.outcome = .paused
+                return result
+            default:
+                result.outcome = .unknown
+                return result
+            }
         }
+        guard let (configJSON, now) = header else { throw Self.malformed("tick") }
+        let config = try PolicyConfig(json: configJSON)
+        result.observationsFolded = observations.values.reduce(0) { $0 + $1.count }
         result.fetched = rows.count
 
         let admission = Admission(config: config)
         let ordered = admission.order(admission.prepare(rows))
         let needed = admission.requiredState(for: ordered)
-        var state = GateState()
-        if !needed.buckets.isEmpty {
-            let json = try Self.json(needed.buckets.map {
-                ["gate": .string($0.key.gate), "partition": .string($0.key.partition),
-                 "rate": .number($0.rate), "per": .number($0.per), "burst": .number($0.burst)] as [String: JSONScalar]
-            })
-            for row in try await connection.rows(
-                "SELECT gate, partition, tokens FROM dispatch_policy.refill_buckets(\(policy), \(json)::jsonb, \(now))",
-                logger: logger
-            ) {
-                let (gate, partition, tokens) = try row.decode((String, String, Double).self)
-                state.tokens[GateKey(gate: gate, partition: partition)] = tokens
-            }
-        }
-        if !needed.counters.isEmpty {
-            let json = try Self.json(needed.counters.map { ["gate": JSONScalar.string($0.gate), "partition": .string($0.partition)] })
-            for row in try await connection.rows(
-                "SELECT gate, partition, in_flight FROM dispatch_policy.read_counters(\(policy), \(json)::jsonb)", logger: logger
-            ) {
-                let (gate, partition, inFlight) = try row.decode((String, String, Int).self)
-                state.inFlight[GateKey(gate: gate, partition: partition)] = inFlight
-            }
-        }
         // Adaptive state of the batch's partitions and of those with new
-        // observations, in one call.
+        // observations.
         var adaptiveKeys = needed.adaptive
         var adaptiveSettings: [String: AdaptiveSettings] = [:]
         for gate in config.gates where gate.type == .adaptiveConcurrency {
@@ -299,23 +278,42 @@ public struct Ticker: Sendable {
         for key in observations.keys where adaptiveKeys[key] == nil {
             adaptiveKeys[key] = adaptiveSettings[key.gate]?.initialMax ?? 1
         }
+        let adaptiveOrder = adaptiveKeys.sorted { $0.key < $1.key }
+
+        var state = GateState()
         var adaptive: [GateKey: AdaptiveController] = [:]
-        if !adaptiveKeys.isEmpty {
-            let json = try Self.json(adaptiveKeys.sorted { $0.key < $1.key }.map {
-                ["gate": JSONScalar.string($0.key.gate), "partition": .string($0.key.partition), "initial_max": .number(Double($0.value))]
-            })
+        if !needed.buckets.isEmpty || !needed.counters.isEmpty || !adaptiveOrder.isEmpty {
             for row in try await connection.rows(
                 """
-                SELECT gate, partition, current_max, ewma_lag_ms, growth_credit, since_decrease
-                FROM dispatch_policy.read_adaptive(\(policy), \(json)::jsonb)
+                SELECT kind, gate, partition, tokens, in_flight, current_max, ewma_lag_ms, growth_credit, since_decrease
+                FROM dispatch_policy.tick_state(
+                  \(policy), \(now),
+                  \(needed.buckets.map(\.key.gate))::text[], \(needed.buckets.map(\.key.partition))::text[],
+                  \(needed.buckets.map(\.rate))::float8[], \(needed.buckets.map(\.per))::float8[], \(needed.buckets.map(\.burst))::float8[],
+                  \(needed.counters.map(\.gate))::text[], \(needed.counters.map(\.partition))::text[],
+                  \(adaptiveOrder.map(\.key.gate))::text[], \(adaptiveOrder.map(\.key.partition))::text[],
+                  \(adaptiveOrder.map(\.value))::integer[])
                 """,
                 logger: logger
             ) {
-                let (gate, partition, cap, ewma, credit, since) = try row.decode((String, String, Int, Double?, Double, Int64).self)
+                let (kind, gate, partition, tokens, inFlight, cap, ewma, credit, since) = try row.decode(
+                    (String, String, String, Double?, Int?, Int?, Double?, Double?, Int64?).self)
                 let key = GateKey(gate: gate, partition: partition)
-                state.adaptiveCap[key] = cap
-                adaptive[key] = AdaptiveController(
-                    currentMax: cap, ewmaLagMs: ewma, growthCredit: credit, sinceDecrease: Int(clamping: since))
+                switch kind {
+                case "bucket":
+                    guard let tokens else { throw Self.malformed(kind) }
+                    state.tokens[key] = tokens
+                case "counter":
+                    guard let inFlight else { throw Self.malformed(kind) }
+                    state.inFlight[key] = inFlight
+                case "adaptive":
+                    guard let cap, let credit, let since else { throw Self.malformed(kind) }
+                    state.adaptiveCap[key] = cap
+                    adaptive[key] = AdaptiveController(
+                        currentMax: cap, ewmaLagMs: ewma, growthCredit: credit, sinceDecrease: Int(clamping: since))
+                default:
+                    throw Self.malformed(kind)
+                }
             }
         }
 
@@ -327,45 +325,50 @@ public struct Ticker: Sendable {
             result.tokensLeft[key.gate, default: 0] += tokens - (decision.takes[key] ?? 0)
         }
 
-        let cursor: String? = switch decision.cursor {
-        case nil: nil
-        case .hold: #"{"hold": true}"#
-        case .after(let key): try Self.json(CursorJSON(last_key: key))
-        }
-        if !decision.admitted.isEmpty || cursor != nil {
-            let jobs = try Self.json(decision.admitted.map { AdmitJob(id: $0.id, partitions: $0.partitions) })
-            let takes = try Self.json(decision.takes.sorted { $0.key < $1.key }.map {
-                ["gate": JSONScalar.string($0.key.gate), "partition": .string($0.key.partition), "tokens": .number($0.value)]
-            })
-            result.admitted = try await scalar(
-                """
-                SELECT dispatch_policy.admit(\(policy), \(jobs)::jsonb, \(takes)::jsonb, \(settings.leaseSeconds)::integer, \(now),
-                                             \(cursor)::jsonb)
-                """,
-                as: Int.self, logger: logger)
-        }
-
-        // Fold after deciding and admitting: growth needs to know whether the
-        // cap turned jobs away in this tick, and this tick's admissions were
-        // decided under the cap read above; the new caps apply from the next tick.
-        var updates: [AdaptiveUpdate] = []
+        // Fold after deciding: growth needs to know whether the cap turned
+        // jobs away in this tick, and this tick's admissions were decided
+        // under the cap read above; the new caps apply from the next tick.
+        var updates: [(key: GateKey, controller: AdaptiveController, at: Date)] = []
         for (key, taken) in observations.sorted(by: { $0.key < $1.key }) {
             guard let settings = adaptiveSettings[key.gate], var controller = adaptive[key] else { continue }
             for observation in taken {
                 controller.observe(lagMs: observation.lag, success: observation.success,
                                    limited: decision.adaptiveLimited.contains(key), settings: settings)
             }
-            updates.append(AdaptiveUpdate(
-                gate: key.gate, partition: key.partition, current_max: controller.currentMax,
-                ewma_lag_ms: controller.ewmaLagMs ?? 0, growth_credit: controller.growthCredit,
-                since_decrease: controller.sinceDecrease, observations: controller.observations, failures: controller.failures,
-                last_observed_at: Self.timestamp(taken.map(\.at).max() ?? now)))
-        }
-        if !updates.isEmpty {
-            _ = try await connection.rows(
-                "SELECT dispatch_policy.save_adaptive(\(policy), \(try Self.json(updates))::jsonb, \(now))", logger: logger)
+            updates.append((key, controller, taken.map(\.at).max() ?? now))
         }
 
+        let cursor: String? = switch decision.cursor {
+        case nil: nil
+        case .hold: #"{"hold": true}"#
+        case .after(let key): try Self.json(CursorJSON(last_key: key))
+        }
+        if !decision.admitted.isEmpty || cursor != nil || !updates.isEmpty {
+            let gateNames = admission.gates.map(\.effectiveName)
+            var partitions: [String] = []
+            partitions.reserveCapacity(decision.admitted.count * gateNames.count)
+            for job in decision.admitted {
+                for name in gateNames {
+                    guard let partition = job.partitions[name] else { throw Self.malformed("admission (no partition of gate \(name))") }
+                    partitions.append(partition)
+                }
+            }
+            let takes = decision.takes.sorted { $0.key < $1.key }
+            result.admitted = try await scalar(
+                """
+                SELECT dispatch_policy.tick_finish(
+                  \(policy), \(now),
+                  \(decision.admitted.map(\.id))::bigint[], \(gateNames)::text[], \(partitions)::text[],
+                  \(takes.map(\.key.gate))::text[], \(takes.map(\.key.partition))::text[], \(takes.map(\.value))::float8[],
+                  \(settings.leaseSeconds)::integer, \(cursor)::jsonb,
+                  \(updates.map(\.key.gate))::text[], \(updates.map(\.key.partition))::text[],
+                  \(updates.map(\.controller.currentMax))::integer[], \(updates.map { $0.controller.ewmaLagMs ?? 0 })::float8[],
+                  \(updates.map(\.controller.growthCredit))::float8[], \(updates.map { Int64($0.controller.sinceDecrease) })::bigint[],
+                  \(updates.map { Int64($0.controller.observations) })::bigint[], \(updates.map { Int64($0.controller.failures) })::bigint[],
+                  \(updates.map(\.at))::timestamptz[])
+                """,
+                as: Int.self, logger: logger)
+        }
         return result
     }
 
@@ -375,21 +378,8 @@ public struct Ticker: Sendable {
         var at: Date
     }
 
-    /// Takes (deletes) each adaptive gate's new observations, by partition;
-    /// they are folded in this transaction, so each exactly once.
-    private func takeObservations(policy: String, config: PolicyConfig, logger: Logger) async throws -> [GateKey: [Observation]] {
-        var taken: [GateKey: [Observation]] = [:]
-        for gate in config.gates where gate.type == .adaptiveConcurrency {
-            let name = gate.effectiveName
-            for row in try await connection.rows(
-                "SELECT partition, lag_ms, success, observed_at FROM dispatch_policy.take_observations(\(policy), \(name), \(self.settings.maxObservationsPerTick)::integer)",
-                logger: logger
-            ) {
-                let (partition, lag, success, at) = try row.decode((String, Double, Bool, Date).self)
-                taken[GateKey(gate: name, partition: partition), default: []].append(Observation(lag: lag, success: success, at: at))
-            }
-        }
-        return taken
+    static func malformed(_ kind: String) -> DispatchPolicyError {
+        DispatchPolicyError(code: .server, message: "a malformed \(kind) row in a tick")
     }
 
     private func scalar<T: PostgresDecodable>(_ query: PostgresQuery, as type: T.Type, logger: Logger) async throws -> T {
@@ -400,24 +390,6 @@ public struct Ticker: Sendable {
     }
 
     // MARK: - JSON plumbing
-
-    enum JSONScalar: Encodable {
-        case string(String)
-        case number(Double)
-
-        func encode(to encoder: any Encoder) throws {
-            var c = encoder.singleValueContainer()
-            switch self {
-            case .string(let s): try c.encode(s)
-            case .number(let n): try c.encode(n)
-            }
-        }
-    }
-
-    struct AdmitJob: Encodable {
-        var id: Int64
-        var partitions: [String: String]
-    }
 
     struct CursorJSON: Encodable {
         var last_key: String?
@@ -431,32 +403,15 @@ public struct Ticker: Sendable {
         enum CodingKeys: String, CodingKey { case last_key }
     }
 
-    struct AdaptiveUpdate: Encodable {
-        var gate: String
-        var partition: String
-        var current_max: Int
-        var ewma_lag_ms: Double
-        var growth_credit: Double
-        var since_decrease: Int
-        var observations: Int
-        var failures: Int
-        var last_observed_at: String
-    }
-
     static func json(_ value: some Encodable) throws -> String {
         String(decoding: try JSONEncoder().encode(value), as: UTF8.self)
     }
 
     static func decodeStrings(_ text: String) throws -> [String: String] {
         guard let strings = ContextStrings.parse(text) else {
-            throw DispatchPolicyError(code: .server, message: "fetch_batch returned a context that is not a JSON object: \(text.prefix(200))")
+            throw DispatchPolicyError(code: .server, message: "tick_begin returned a context that is not a JSON object: \(text.prefix(200))")
         }
         return strings
     }
 
-    static func timestamp(_ date: Date) -> String {
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return formatter.string(from: date)
-    }
 }

@@ -1,0 +1,572 @@
+-- A tick in few round trips (issue 9).
+--
+-- The primitives (refill_buckets, read_counters, read_adaptive, save_adaptive,
+-- admit) stay the documented SQL API, with their jsonb arguments. Each is now
+-- a thin wrapper over an array-taking core (_refill_buckets, _read_counters,
+-- _read_adaptive, _save_adaptive, _admit): one implementation, two ways in.
+-- The runner calls the cores through three consolidated entry points:
+--
+--   tick_begin   lock, take observations, promote, fetch   (one call)
+--   tick_state   refill buckets, read counters and adaptive state of the
+--                batch's partitions                          (one call)
+--   tick_finish  admit, move the rotation, save adaptive   (one call)
+--
+-- Counters are read without a lock by tick_state and locked, in sorted order,
+-- only by _admit: between the two calls only complete(), fail() and reaping
+-- change them, and they only lower them, so a decision made on the earlier
+-- read never exceeds a cap; a worker's complete() no longer waits for the
+-- runner's network round trips.
+
+-- ---------------------------------------------------------------------------
+-- Array length checks: bad input is an error naming the argument.
+
+CREATE FUNCTION dispatch_policy._require_same_length(what text, lengths integer[])
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+BEGIN
+  IF (SELECT count(DISTINCT coalesce(l, 0)) FROM unnest(lengths) AS l) > 1 THEN
+    RAISE EXCEPTION '% must be arrays of the same length', what
+      USING ERRCODE = '22023', DETAIL = format('Their lengths are %s.', array_to_string(lengths, ', ', '0')),
+            HINT = 'Nothing was changed.';
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._require_same_length(text, integer[]) IS
+  'Internal: raises 22023 naming the arguments unless the given array lengths are equal (NULL counts as 0).';
+
+-- ---------------------------------------------------------------------------
+-- Buckets.
+
+CREATE FUNCTION dispatch_policy._refill_buckets(
+  policy text, gates text[], partitions text[], rates double precision[], pers double precision[],
+  bursts double precision[], now timestamptz
+)
+RETURNS TABLE (gate text, partition text, tokens double precision)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  PERFORM dispatch_policy._require_now(_refill_buckets.now);
+  PERFORM dispatch_policy._require_same_length('gates, partitions, rates, pers and bursts', ARRAY[
+    cardinality(gates), cardinality(partitions), cardinality(rates), cardinality(pers), cardinality(bursts)]);
+  INSERT INTO dispatch_policy.throttle_buckets AS t (policy, gate, partition, tokens, rate, per_seconds, burst, refilled_at)
+  SELECT DISTINCT ON (b.g, b.p) _refill_buckets.policy, b.g, b.p, b.burst, b.rate, b.per, b.burst, _refill_buckets.now
+  FROM unnest(gates, partitions, rates, pers, bursts) AS b(g, p, rate, per, burst)
+  ORDER BY b.g, b.p
+  ON CONFLICT ON CONSTRAINT throttle_buckets_pkey DO NOTHING;
+
+  PERFORM 1 FROM dispatch_policy.throttle_buckets t
+  WHERE t.policy = _refill_buckets.policy
+    AND (t.gate, t.partition) IN (SELECT k.g, k.p FROM unnest(gates, partitions) AS k(g, p))
+  ORDER BY t.gate, t.partition
+  FOR UPDATE;
+
+  RETURN QUERY
+  UPDATE dispatch_policy.throttle_buckets t
+  SET tokens = least(b.burst, dispatch_policy._bucket_tokens(t.tokens, t.rate, t.per_seconds, t.burst, t.refilled_at,
+                                                             _refill_buckets.now)),
+      refilled_at = greatest(t.refilled_at, _refill_buckets.now),
+      rate = b.rate,
+      per_seconds = b.per,
+      burst = b.burst
+  FROM (SELECT DISTINCT ON (x.g, x.p) x.* FROM unnest(gates, partitions, rates, pers, bursts) AS x(g, p, rate, per, burst)
+        ORDER BY x.g, x.p) b
+  WHERE t.policy = _refill_buckets.policy AND t.gate = b.g AND t.partition = b.p
+  RETURNING t.gate, t.partition, t.tokens;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._refill_buckets(text, text[], text[], double precision[], double precision[], double precision[], timestamptz) IS
+  'Internal: refill_buckets with parallel arrays (the one implementation; the first entry of a repeated partition counts).';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.refill_buckets(policy text, buckets jsonb, now timestamptz DEFAULT now())
+RETURNS TABLE (gate text, partition text, tokens double precision)
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  SELECT r.gate, r.partition, r.tokens FROM dispatch_policy._refill_buckets(
+    refill_buckets.policy,
+    ARRAY(SELECT b ->> 'gate' FROM jsonb_array_elements(buckets) WITH ORDINALITY AS t(b, n) ORDER BY n),
+    ARRAY(SELECT b ->> 'partition' FROM jsonb_array_elements(buckets) WITH ORDINALITY AS t(b, n) ORDER BY n),
+    ARRAY(SELECT (b ->> 'rate')::float8 FROM jsonb_array_elements(buckets) WITH ORDINALITY AS t(b, n) ORDER BY n),
+    ARRAY(SELECT (b ->> 'per')::float8 FROM jsonb_array_elements(buckets) WITH ORDINALITY AS t(b, n) ORDER BY n),
+    ARRAY(SELECT (b ->> 'burst')::float8 FROM jsonb_array_elements(buckets) WITH ORDINALITY AS t(b, n) ORDER BY n),
+    refill_buckets.now) AS r
+$$;
+COMMENT ON FUNCTION dispatch_policy.refill_buckets(text, jsonb, timestamptz) IS
+  'Token-bucket refill for many partitions in one call: buckets is [{"gate","partition","rate","per","burst"}] within the limits() bounds (a CHECK constraint refuses others); missing buckets start full; rows are locked in (gate, partition) order; returns the tokens available now.';
+
+-- ---------------------------------------------------------------------------
+-- Counters.
+
+CREATE FUNCTION dispatch_policy._read_counters(policy text, gates text[], partitions text[], lock boolean)
+RETURNS TABLE (gate text, partition text, in_flight integer)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  PERFORM dispatch_policy._require_same_length('gates and partitions', ARRAY[cardinality(gates), cardinality(partitions)]);
+  IF NOT lock THEN
+    -- A counter that does not exist yet holds no slot.
+    RETURN QUERY
+    SELECT k.g, k.p, coalesce(c.in_flight, 0)
+    FROM (SELECT DISTINCT x.g, x.p FROM unnest(gates, partitions) AS x(g, p)) k
+    LEFT JOIN dispatch_policy.inflight_counters c
+      ON c.policy = _read_counters.policy AND c.gate = k.g AND c.partition = k.p
+    ORDER BY k.g, k.p;
+    RETURN;
+  END IF;
+  INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition)
+  SELECT DISTINCT _read_counters.policy, k.g, k.p FROM unnest(gates, partitions) AS k(g, p)
+  ORDER BY 2, 3
+  ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING;
+
+  RETURN QUERY
+  SELECT c.gate, c.partition, c.in_flight
+  FROM dispatch_policy.inflight_counters c
+  WHERE c.policy = _read_counters.policy
+    AND (c.gate, c.partition) IN (SELECT k.g, k.p FROM unnest(gates, partitions) AS k(g, p))
+  ORDER BY c.gate, c.partition
+  FOR UPDATE;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._read_counters(text, text[], text[], boolean) IS
+  'Internal: read_counters with parallel arrays. lock false reads without creating or locking rows (a missing counter reads 0): what tick_state does, since only admission raises a counter.';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.read_counters(policy text, keys jsonb)
+RETURNS TABLE (gate text, partition text, in_flight integer)
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  SELECT r.gate, r.partition, r.in_flight FROM dispatch_policy._read_counters(
+    read_counters.policy,
+    ARRAY(SELECT k ->> 'gate' FROM jsonb_array_elements(keys) WITH ORDINALITY AS t(k, n) ORDER BY n),
+    ARRAY(SELECT k ->> 'partition' FROM jsonb_array_elements(keys) WITH ORDINALITY AS t(k, n) ORDER BY n),
+    true) AS r
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Adaptive state.
+
+CREATE FUNCTION dispatch_policy._read_adaptive(policy text, gates text[], partitions text[], initial_max integer[])
+RETURNS TABLE (gate text, partition text, current_max integer, ewma_lag_ms double precision,
+               growth_credit double precision, since_decrease bigint)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  PERFORM dispatch_policy._require_same_length('gates, partitions and initial_max', ARRAY[
+    cardinality(gates), cardinality(partitions), cardinality(initial_max)]);
+  INSERT INTO dispatch_policy.adaptive_stats (policy, gate, partition, current_max)
+  SELECT DISTINCT ON (k.g, k.p) _read_adaptive.policy, k.g, k.p, k.m
+  FROM unnest(gates, partitions, initial_max) AS k(g, p, m)
+  ORDER BY k.g, k.p
+  ON CONFLICT ON CONSTRAINT adaptive_stats_pkey DO NOTHING;
+
+  RETURN QUERY
+  SELECT a.gate, a.partition, a.current_max, a.ewma_lag_ms, a.growth_credit, a.since_decrease
+  FROM dispatch_policy.adaptive_stats a
+  WHERE a.policy = _read_adaptive.policy
+    AND (a.gate, a.partition) IN (SELECT k.g, k.p FROM unnest(gates, partitions) AS k(g, p))
+  ORDER BY a.gate, a.partition
+  FOR UPDATE;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._read_adaptive(text, text[], text[], integer[]) IS
+  'Internal: read_adaptive with parallel arrays (the one implementation).';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.read_adaptive(policy text, keys jsonb)
+RETURNS TABLE (gate text, partition text, current_max integer, ewma_lag_ms double precision,
+               growth_credit double precision, since_decrease bigint)
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  SELECT r.* FROM dispatch_policy._read_adaptive(
+    read_adaptive.policy,
+    ARRAY(SELECT k ->> 'gate' FROM jsonb_array_elements(keys) WITH ORDINALITY AS t(k, n) ORDER BY n),
+    ARRAY(SELECT k ->> 'partition' FROM jsonb_array_elements(keys) WITH ORDINALITY AS t(k, n) ORDER BY n),
+    ARRAY(SELECT (k ->> 'initial_max')::integer FROM jsonb_array_elements(keys) WITH ORDINALITY AS t(k, n) ORDER BY n)) AS r
+$$;
+
+CREATE FUNCTION dispatch_policy._save_adaptive(
+  policy text, gates text[], partitions text[], current_max integer[], ewma_lag_ms double precision[],
+  growth_credit double precision[], since_decrease bigint[], observations bigint[], failures bigint[],
+  last_observed_at timestamptz[], now timestamptz
+)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  PERFORM dispatch_policy._require_now(_save_adaptive.now);
+  PERFORM dispatch_policy._require_same_length(
+    'gates, partitions, current_max, ewma_lag_ms, growth_credit, since_decrease, observations, failures and last_observed_at',
+    ARRAY[cardinality(gates), cardinality(partitions), cardinality(current_max), cardinality(ewma_lag_ms),
+          cardinality(growth_credit), cardinality(since_decrease), cardinality(observations), cardinality(failures),
+          cardinality(last_observed_at)]);
+  INSERT INTO dispatch_policy.adaptive_stats AS a
+    (policy, gate, partition, current_max, ewma_lag_ms, observations, failures, last_observed_at, updated_at,
+     growth_credit, since_decrease)
+  SELECT _save_adaptive.policy, u.g, u.p, u.m, u.e, u.o, u.f, u.at, _save_adaptive.now,
+         coalesce(u.c, 0), coalesce(u.s, 0)
+  FROM unnest(_save_adaptive.gates, _save_adaptive.partitions, _save_adaptive.current_max, _save_adaptive.ewma_lag_ms,
+              _save_adaptive.observations, _save_adaptive.failures, _save_adaptive.last_observed_at,
+              _save_adaptive.growth_credit, _save_adaptive.since_decrease) AS u(g, p, m, e, o, f, at, c, s)
+  ORDER BY 2, 3
+  ON CONFLICT ON CONSTRAINT adaptive_stats_pkey DO UPDATE
+  SET current_max = EXCLUDED.current_max,
+      ewma_lag_ms = EXCLUDED.ewma_lag_ms,
+      observations = a.observations + EXCLUDED.observations,
+      failures = a.failures + EXCLUDED.failures,
+      last_observed_at = greatest(a.last_observed_at, EXCLUDED.last_observed_at),
+      updated_at = EXCLUDED.updated_at,
+      growth_credit = EXCLUDED.growth_credit,
+      since_decrease = EXCLUDED.since_decrease;
+
+  UPDATE dispatch_policy.observation_minutes om
+  SET current_max = u.cap
+  FROM unnest(_save_adaptive.gates, _save_adaptive.partitions, _save_adaptive.current_max,
+              _save_adaptive.last_observed_at) AS u(g, p, cap, at)
+  WHERE om.policy = _save_adaptive.policy AND om.gate = u.g AND om.partition = u.p
+    AND om.minute = date_trunc('minute', u.at);
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._save_adaptive(text, text[], text[], integer[], double precision[], double precision[], bigint[], bigint[], bigint[], timestamptz[], timestamptz) IS
+  'Internal: save_adaptive with parallel arrays (the one implementation).';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.save_adaptive(policy text, updates jsonb, now timestamptz DEFAULT now())
+RETURNS void
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  SELECT dispatch_policy._save_adaptive(
+    save_adaptive.policy,
+    ARRAY(SELECT u ->> 'gate' FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
+    ARRAY(SELECT u ->> 'partition' FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
+    ARRAY(SELECT (u ->> 'current_max')::integer FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
+    ARRAY(SELECT (u ->> 'ewma_lag_ms')::float8 FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
+    ARRAY(SELECT (u ->> 'growth_credit')::float8 FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
+    ARRAY(SELECT (u ->> 'since_decrease')::bigint FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
+    ARRAY(SELECT (u ->> 'observations')::bigint FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
+    ARRAY(SELECT (u ->> 'failures')::bigint FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
+    ARRAY(SELECT (u ->> 'last_observed_at')::timestamptz FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
+    save_adaptive.now)
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Admission.
+
+-- jobs: ids; for each job its partition of every gate in gate_names, as one
+-- flat array (job 1's partitions, then job 2's, ...; NULL: the job has no
+-- partition for that gate).
+CREATE FUNCTION dispatch_policy._admit(
+  policy text, ids bigint[], gate_names text[], partitions text[],
+  take_gates text[], take_partitions text[], take_tokens double precision[],
+  lease_seconds integer, now timestamptz, round_robin_cursor jsonb
+)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  admitted integer := 0;
+  config jsonb;
+  lease integer;
+  slot_gates text[];
+  job record;
+  queues text[];
+  queue_name text;
+  keys text[];
+  cursor_key text;
+  slot_g text[];
+  slot_p text[];
+  slot_n integer[];
+  width integer := coalesce(cardinality(gate_names), 0);
+BEGIN
+  PERFORM dispatch_policy._require_now(_admit.now);
+  ids := coalesce(ids, '{}');
+  IF coalesce(cardinality(partitions), 0) <> cardinality(ids) * width THEN
+    RAISE EXCEPTION 'partitions must hold one entry per job and gate name'
+      USING ERRCODE = '22023',
+            DETAIL = format('%s jobs and %s gate names need %s partitions; there are %s.', cardinality(ids), width,
+                            cardinality(ids) * width, coalesce(cardinality(partitions), 0)),
+            HINT = 'Nothing was admitted.';
+  END IF;
+  PERFORM dispatch_policy._require_same_length('take_gates, take_partitions and take_tokens', ARRAY[
+    cardinality(take_gates), cardinality(take_partitions), cardinality(take_tokens)]);
+  config := (dispatch_policy._require_policy(_admit.policy)).config;
+  lease := coalesce(_admit.lease_seconds, dispatch_policy._policy_setting(config, 'lease_seconds'));
+  IF NOT dispatch_policy._within_limit(lease, 'lease_seconds') THEN
+    RAISE EXCEPTION 'lease_seconds %', dispatch_policy._limit_rule('lease_seconds')
+      USING ERRCODE = '22023', DETAIL = format('lease_seconds is %s.', lease), HINT = 'Nothing was admitted.';
+  END IF;
+  slot_gates := dispatch_policy._slot_gates(config);
+
+  IF cardinality(ids) > 0 THEN
+    -- Rows are looked up by primary key (= ANY of an array), never by
+    -- joining the staged table against a set the planner cannot size.
+    WITH moved AS (
+      DELETE FROM dispatch_policy.staged_jobs s
+      WHERE s.id = ANY (ids) AND s.policy = _admit.policy
+      RETURNING s.*
+    ), parts AS (
+      SELECT j.id,
+             coalesce(jsonb_strip_nulls(jsonb_object(gate_names, partitions[(j.n - 1) * width + 1 : j.n * width])),
+                      '{}'::jsonb) AS partitions
+      FROM unnest(ids) WITH ORDINALITY AS j(id, n)
+    ), inserted AS (
+      INSERT INTO dispatch_policy.admitted_jobs
+        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
+         admitted_at, lease_expires_at, partitions, lease_seconds, target)
+      SELECT m.id, m.policy, m.queue, m.priority, m.args, m.context, m.dedupe_key, m.round_robin_key, m.attempt,
+             m.created_at, m.staged_at, _admit.now, _admit.now + make_interval(secs => lease), pa.partitions, lease,
+             CASE WHEN config -> 'target' ->> 'type' = 'sql' THEN 'sql' ELSE 'ready_queue' END
+      FROM moved m JOIN parts pa ON pa.id = m.id
+      RETURNING queue, round_robin_key
+    )
+    SELECT count(*), array_agg(DISTINCT i.queue), array_agg(DISTINCT i.round_robin_key)
+    INTO admitted, queues, keys FROM inserted i;
+    IF admitted <> cardinality(ids) THEN
+      RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,
+                      cardinality(ids), quote_literal(_admit.policy)
+        USING ERRCODE = '55000',
+              HINT = 'Admit only jobs this transaction fetched with fetch_batch (they are locked until it ends).';
+    END IF;
+
+    -- Slots per counter, once; then create missing counters, lock them in
+    -- sorted order, add.
+    SELECT coalesce(array_agg(s.g ORDER BY s.g, s.p), '{}'), coalesce(array_agg(s.p ORDER BY s.g, s.p), '{}'),
+           coalesce(array_agg(s.n ORDER BY s.g, s.p), '{}')
+    INTO slot_g, slot_p, slot_n
+    FROM (SELECT gate_names[((e.n - 1) % width) + 1] AS g, e.p, count(*)::integer AS n
+          FROM unnest(partitions) WITH ORDINALITY AS e(p, n)
+          WHERE e.p IS NOT NULL AND gate_names[((e.n - 1) % width) + 1] = ANY (slot_gates)
+          GROUP BY 1, 2) s;
+    IF cardinality(slot_g) > 0 THEN
+      INSERT INTO dispatch_policy.inflight_counters AS c (policy, gate, partition, in_flight, updated_at)
+      SELECT _admit.policy, k.g, k.p, 0, _admit.now FROM unnest(slot_g, slot_p) AS k(g, p)
+      ORDER BY 2, 3
+      ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING;
+      PERFORM 1 FROM dispatch_policy.inflight_counters c
+      WHERE c.policy = _admit.policy AND (c.gate, c.partition) IN (SELECT k.g, k.p FROM unnest(slot_g, slot_p) AS k(g, p))
+      ORDER BY c.policy, c.gate, c.partition
+      FOR UPDATE;
+      UPDATE dispatch_policy.inflight_counters c
+      SET in_flight = c.in_flight + k.n, last_admitted_at = _admit.now, updated_at = _admit.now
+      FROM unnest(slot_g, slot_p, slot_n) AS k(g, p, n)
+      WHERE c.policy = _admit.policy AND c.gate = k.g AND c.partition = k.p;
+    END IF;
+
+    IF coalesce(cardinality(take_gates), 0) > 0 THEN
+      PERFORM 1 FROM dispatch_policy.throttle_buckets t
+      WHERE t.policy = _admit.policy
+        AND (t.gate, t.partition) IN (SELECT k.g, k.p FROM unnest(take_gates, take_partitions) AS k(g, p))
+      ORDER BY t.policy, t.gate, t.partition
+      FOR UPDATE;
+      UPDATE dispatch_policy.throttle_buckets t
+      SET tokens = t.tokens - k.tokens, last_admitted_at = _admit.now
+      FROM (SELECT x.g, x.p, sum(x.tokens) AS tokens FROM unnest(take_gates, take_partitions, take_tokens) AS x(g, p, tokens)
+            GROUP BY 1, 2) k
+      WHERE t.policy = _admit.policy AND t.gate = k.g AND t.partition = k.p;
+    END IF;
+
+    IF config -> 'target' ->> 'type' = 'sql' THEN
+      FOR job IN
+        SELECT a.id, a.queue, a.args, a.context FROM dispatch_policy.admitted_jobs a
+        WHERE a.id = ANY (ids)
+        ORDER BY a.priority, a.id
+      LOOP
+        PERFORM dispatch_policy._hand_off(config -> 'target' ->> 'function', job.id, job.queue, job.args, job.context);
+      END LOOP;
+    ELSE
+      FOREACH queue_name IN ARRAY queues LOOP
+        -- A queue name staged before the length limit existed could overflow
+        -- the NOTIFY payload; workers still poll for it.
+        IF octet_length(queue_name) <= 1024 THEN
+          PERFORM pg_notify('dispatch_policy_admitted', queue_name);
+        END IF;
+      END LOOP;
+    END IF;
+  END IF;
+
+  -- The round-robin cursor: as the runner decided, else past the last key
+  -- admitted (in rotation order after the current cursor).
+  IF round_robin_cursor IS NOT NULL THEN
+    IF NOT coalesce((round_robin_cursor ->> 'hold')::boolean, false) THEN
+      INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at)
+      VALUES (_admit.policy, round_robin_cursor ->> 'last_key', _admit.now)
+      ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+      DO UPDATE SET last_key = EXCLUDED.last_key, updated_at = EXCLUDED.updated_at;
+    END IF;
+  ELSIF admitted > 0 THEN
+    SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = _admit.policy;
+    SELECT k INTO cursor_key FROM unnest(keys) AS k
+    ORDER BY CASE WHEN k IS NULL THEN 1 WHEN cursor_key IS NULL OR k > cursor_key THEN 0 ELSE 2 END DESC, k DESC NULLS LAST
+    LIMIT 1;
+    INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at)
+    VALUES (_admit.policy, cursor_key, _admit.now)
+    ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+    DO UPDATE SET last_key = EXCLUDED.last_key, updated_at = EXCLUDED.updated_at;
+  END IF;
+  RETURN admitted;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb) IS
+  'Internal: admit with parallel arrays (the one implementation): ids; gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens).';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.admit(
+  policy text, jobs jsonb, takes jsonb DEFAULT '[]', lease_seconds integer DEFAULT NULL, now timestamptz DEFAULT now(),
+  round_robin_cursor jsonb DEFAULT NULL
+)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  names text[];
+  entries jsonb := coalesce(jobs, '[]'::jsonb);
+BEGIN
+  -- Every gate any job names (the old "slots" key is read as "partitions").
+  names := ARRAY(SELECT DISTINCT s.key
+                 FROM jsonb_array_elements(entries) AS j, jsonb_object_keys(coalesce(j -> 'partitions', j -> 'slots', '{}')) AS s(key)
+                 ORDER BY 1);
+  RETURN dispatch_policy._admit(
+    admit.policy,
+    ARRAY(SELECT (j ->> 'id')::bigint FROM jsonb_array_elements(entries) WITH ORDINALITY AS t(j, n) ORDER BY n),
+    names,
+    ARRAY(SELECT coalesce(j -> 'partitions', j -> 'slots', '{}') ->> g
+          FROM jsonb_array_elements(entries) WITH ORDINALITY AS t(j, n), unnest(names) WITH ORDINALITY AS u(g, m)
+          ORDER BY n, m),
+    ARRAY(SELECT k ->> 'gate' FROM jsonb_array_elements(coalesce(takes, '[]')) WITH ORDINALITY AS t(k, n) ORDER BY n),
+    ARRAY(SELECT k ->> 'partition' FROM jsonb_array_elements(coalesce(takes, '[]')) WITH ORDINALITY AS t(k, n) ORDER BY n),
+    ARRAY(SELECT (k ->> 'tokens')::float8 FROM jsonb_array_elements(coalesce(takes, '[]')) WITH ORDINALITY AS t(k, n) ORDER BY n),
+    admit.lease_seconds, admit.now, admit.round_robin_cursor);
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- The consolidated tick.
+
+CREATE FUNCTION dispatch_policy.tick_begin(
+  policy text, batch_size integer, round_robin_quantum integer, max_observations integer DEFAULT 10000,
+  timeout_ms integer DEFAULT NULL
+)
+RETURNS TABLE (kind text, id bigint, priority integer, round_robin_key text, context text, lane integer,
+               gate text, partition text, lag_ms double precision, success boolean, observed_at timestamptz,
+               config text, now timestamptz)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  pol dispatch_policy.policies;
+  at timestamptz;
+  batch integer;
+  quantum integer;
+  adaptive_gate text;
+BEGIN
+  -- Bounds the tick's later statements (tick_state, tick_finish): a slow sql
+  -- target fails its policy's tick instead of holding the runner.
+  IF timeout_ms IS NOT NULL THEN
+    PERFORM set_config('statement_timeout', greatest(timeout_ms, 1)::text, true);
+  END IF;
+  IF NOT dispatch_policy.try_lock_policy(tick_begin.policy) THEN
+    RETURN QUERY SELECT 'busy'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
+                        NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz;
+    RETURN;
+  END IF;
+  -- Time is read after the lock, so it never goes backwards between ticks of
+  -- one policy; every primitive gets this same time.
+  at := clock_timestamp();
+  SELECT * INTO pol FROM dispatch_policy.policies p WHERE p.name = tick_begin.policy;
+  IF NOT FOUND OR pol.paused THEN
+    RETURN QUERY SELECT CASE WHEN pol.name IS NULL THEN 'unknown' ELSE 'paused' END, NULL::bigint, NULL::integer,
+                        NULL::text, NULL::text, NULL::integer, NULL::text, NULL::text, NULL::float8, NULL::boolean,
+                        NULL::timestamptz, NULL::text, NULL::timestamptz;
+    RETURN;
+  END IF;
+  batch := coalesce(dispatch_policy._json_number(pol.config -> 'batch_size')::integer, tick_begin.batch_size,
+                    dispatch_policy._policy_setting(pol.config, 'batch_size'));
+  quantum := coalesce(dispatch_policy._json_number(pol.config -> 'round_robin_quantum')::integer, tick_begin.round_robin_quantum);
+  IF NOT dispatch_policy._within_limit(batch, 'batch_size') THEN
+    RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
+      USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', batch);
+  END IF;
+  IF quantum IS NOT NULL AND NOT dispatch_policy._within_limit(quantum, 'round_robin_quantum') THEN
+    RAISE EXCEPTION 'round_robin_quantum %', dispatch_policy._limit_rule('round_robin_quantum')
+      USING ERRCODE = '22023', DETAIL = format('round_robin_quantum is %s.', quantum);
+  END IF;
+
+  RETURN QUERY SELECT 'tick'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
+                      NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, pol.config::text, at;
+
+  FOREACH adaptive_gate IN ARRAY dispatch_policy._gates_of_type(pol.config, 'adaptive_concurrency') LOOP
+    RETURN QUERY
+    SELECT 'observation'::text, o.id, NULL::integer, NULL::text, NULL::text, NULL::integer, adaptive_gate, o.partition,
+           o.lag_ms, o.success, o.observed_at, NULL::text, NULL::timestamptz
+    FROM dispatch_policy.take_observations(tick_begin.policy, adaptive_gate, coalesce(max_observations, 10000)) o;
+  END LOOP;
+
+  PERFORM dispatch_policy.promote_scheduled(tick_begin.policy, batch, at);
+
+  RETURN QUERY
+  SELECT 'job'::text, f.id, f.priority, f.round_robin_key, f.context::text, f.lane, NULL::text, NULL::text,
+         NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz
+  FROM dispatch_policy.fetch_batch(tick_begin.policy, batch, quantum, at) f;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.tick_begin(text, integer, integer, integer, integer) IS
+  'The first call of a tick, in the caller''s transaction: sets its statement_timeout (timeout_ms) for the calls after it, try_lock_policy, then, if locked and the policy is not paused: take_observations of every adaptive gate (up to max_observations each), promote_scheduled and fetch_batch, with the policy''s batch_size and round_robin_quantum (else the arguments). Rows by kind: busy, unknown or paused (one row, nothing else done); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order).';
+
+CREATE FUNCTION dispatch_policy.tick_state(
+  policy text, now timestamptz,
+  bucket_gates text[], bucket_partitions text[], rates double precision[], pers double precision[],
+  bursts double precision[],
+  counter_gates text[], counter_partitions text[],
+  adaptive_gates text[], adaptive_partitions text[], initial_max integer[]
+)
+RETURNS TABLE (kind text, gate text, partition text, tokens double precision, in_flight integer, current_max integer,
+               ewma_lag_ms double precision, growth_credit double precision, since_decrease bigint)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  IF coalesce(cardinality(bucket_gates), 0) > 0 THEN
+    RETURN QUERY
+    SELECT 'bucket'::text, b.gate, b.partition, b.tokens, NULL::integer, NULL::integer, NULL::float8, NULL::float8, NULL::bigint
+    FROM dispatch_policy._refill_buckets(tick_state.policy, bucket_gates, bucket_partitions, rates, pers, bursts,
+                                         tick_state.now) b;
+  END IF;
+  IF coalesce(cardinality(counter_gates), 0) > 0 THEN
+    RETURN QUERY
+    SELECT 'counter'::text, c.gate, c.partition, NULL::float8, c.in_flight, NULL::integer, NULL::float8, NULL::float8, NULL::bigint
+    FROM dispatch_policy._read_counters(tick_state.policy, counter_gates, counter_partitions, false) c;
+  END IF;
+  IF coalesce(cardinality(adaptive_gates), 0) > 0 THEN
+    RETURN QUERY
+    SELECT 'adaptive'::text, a.gate, a.partition, NULL::float8, NULL::integer, a.current_max, a.ewma_lag_ms,
+           a.growth_credit, a.since_decrease
+    FROM dispatch_policy._read_adaptive(tick_state.policy, adaptive_gates, adaptive_partitions, initial_max) a;
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.tick_state(text, timestamptz, text[], text[], double precision[], double precision[], double precision[], text[], text[], text[], text[], integer[]) IS
+  'The second call of a tick: the gate state of a batch''s partitions in one call, from parallel arrays. Buckets are refilled (refill_buckets: created full, locked, returned as kind bucket with tokens); counters are read without locking (kind counter, in_flight; 0 for a missing one: only admission raises a counter, and it locks); adaptive state as read_adaptive (kind adaptive).';
+
+CREATE FUNCTION dispatch_policy.tick_finish(
+  policy text, now timestamptz,
+  ids bigint[], gate_names text[], partitions text[],
+  take_gates text[], take_partitions text[], take_tokens double precision[],
+  lease_seconds integer DEFAULT NULL, round_robin_cursor jsonb DEFAULT NULL,
+  adaptive_gates text[] DEFAULT '{}', adaptive_partitions text[] DEFAULT '{}', current_max integer[] DEFAULT '{}',
+  ewma_lag_ms double precision[] DEFAULT '{}', growth_credit double precision[] DEFAULT '{}',
+  since_decrease bigint[] DEFAULT '{}', observations bigint[] DEFAULT '{}', failures bigint[] DEFAULT '{}',
+  last_observed_at timestamptz[] DEFAULT '{}'
+)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  admitted integer := 0;
+BEGIN
+  IF coalesce(cardinality(ids), 0) > 0 OR round_robin_cursor IS NOT NULL THEN
+    admitted := dispatch_policy._admit(tick_finish.policy, ids, gate_names, partitions, take_gates, take_partitions,
+                                       take_tokens, tick_finish.lease_seconds, tick_finish.now, round_robin_cursor);
+  END IF;
+  IF coalesce(cardinality(adaptive_gates), 0) > 0 THEN
+    PERFORM dispatch_policy._save_adaptive(tick_finish.policy, adaptive_gates, adaptive_partitions, current_max,
+                                           ewma_lag_ms, growth_credit, since_decrease, observations, failures,
+                                           last_observed_at, tick_finish.now);
+  END IF;
+  RETURN admitted;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.tick_finish(text, timestamptz, bigint[], text[], text[], text[], text[], double precision[], integer, jsonb, text[], text[], integer[], double precision[], double precision[], bigint[], bigint[], bigint[], timestamptz[]) IS
+  'The last call of a tick: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor) then save_adaptive (parallel arrays, as save_adaptive''s fields). Returns the number admitted.';
