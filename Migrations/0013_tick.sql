@@ -254,7 +254,8 @@ $$;
 CREATE FUNCTION dispatch_policy._admit(
   policy text, ids bigint[], gate_names text[], partitions text[],
   take_gates text[], take_partitions text[], take_tokens double precision[],
-  lease_seconds integer, now timestamptz, round_robin_cursor jsonb
+  lease_seconds integer, now timestamptz, round_robin_cursor jsonb,
+  lock_gates text[] DEFAULT '{}', lock_partitions text[] DEFAULT '{}'
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -285,6 +286,8 @@ BEGIN
   END IF;
   PERFORM dispatch_policy._require_same_length('take_gates, take_partitions and take_tokens', ARRAY[
     cardinality(take_gates), cardinality(take_partitions), cardinality(take_tokens)]);
+  PERFORM dispatch_policy._require_same_length('lock_gates and lock_partitions', ARRAY[
+    cardinality(lock_gates), cardinality(lock_partitions)]);
   config := (dispatch_policy._require_policy(_admit.policy)).config;
   lease := coalesce(_admit.lease_seconds, dispatch_policy._policy_setting(config, 'lease_seconds'));
   IF NOT dispatch_policy._within_limit(lease, 'lease_seconds') THEN
@@ -324,8 +327,8 @@ BEGIN
               HINT = 'Admit only jobs this transaction fetched with fetch_batch (they are locked until it ends).';
     END IF;
 
-    -- Slots per counter, once; then create missing counters, lock them in
-    -- sorted order, add.
+    -- Slots per counter, once; then create missing counters, lock them (and
+    -- lock_gates/lock_partitions) in one sorted statement, add.
     SELECT coalesce(array_agg(s.g ORDER BY s.g, s.p), '{}'), coalesce(array_agg(s.p ORDER BY s.g, s.p), '{}'),
            coalesce(array_agg(s.n ORDER BY s.g, s.p), '{}')
     INTO slot_g, slot_p, slot_n
@@ -338,10 +341,18 @@ BEGIN
       SELECT _admit.policy, k.g, k.p, 0, _admit.now FROM unnest(slot_g, slot_p) AS k(g, p)
       ORDER BY 2, 3
       ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING;
-      PERFORM 1 FROM dispatch_policy.inflight_counters c
-      WHERE c.policy = _admit.policy AND (c.gate, c.partition) IN (SELECT k.g, k.p FROM unnest(slot_g, slot_p) AS k(g, p))
-      ORDER BY c.policy, c.gate, c.partition
-      FOR UPDATE;
+    END IF;
+  END IF;
+  IF coalesce(cardinality(slot_g), 0) + coalesce(cardinality(lock_gates), 0) > 0 THEN
+    PERFORM 1 FROM dispatch_policy.inflight_counters c
+    WHERE c.policy = _admit.policy
+      AND (c.gate, c.partition) IN (SELECT k.g, k.p FROM unnest(slot_g, slot_p) AS k(g, p)
+                                    UNION SELECT k.g, k.p FROM unnest(lock_gates, lock_partitions) AS k(g, p))
+    ORDER BY c.policy, c.gate, c.partition
+    FOR UPDATE;
+  END IF;
+  IF cardinality(ids) > 0 THEN
+    IF cardinality(slot_g) > 0 THEN
       UPDATE dispatch_policy.inflight_counters c
       SET in_flight = c.in_flight + k.n, last_admitted_at = _admit.now, updated_at = _admit.now
       FROM unnest(slot_g, slot_p, slot_n) AS k(g, p, n)
@@ -378,6 +389,9 @@ BEGIN
         END IF;
       END LOOP;
     END IF;
+    -- Lanes this admission emptied go now, not at the next fetch (which
+    -- would be a tick for nothing).
+    PERFORM dispatch_policy._drop_empty_lanes(_admit.policy, array_remove(keys, NULL), array_position(keys, NULL) IS NOT NULL);
   END IF;
 
   -- The round-robin cursor: as the runner decided, else past the last key
@@ -402,8 +416,8 @@ BEGIN
   RETURN admitted;
 END
 $$;
-COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb) IS
-  'Internal: admit with parallel arrays (the one implementation): ids; gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens).';
+COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb, text[], text[]) IS
+  'Internal: admit with parallel arrays (the one implementation): ids; gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane).';
 
 CREATE OR REPLACE FUNCTION dispatch_policy.admit(
   policy text, jobs jsonb, takes jsonb DEFAULT '[]', lease_seconds integer DEFAULT NULL, now timestamptz DEFAULT now(),
@@ -497,6 +511,15 @@ BEGIN
 
   PERFORM dispatch_policy.promote_scheduled(tick_begin.policy, batch, at);
 
+  -- A full global cap admits nothing: fetch nothing (no batch slot taken, no
+  -- lane blocked for it); a released slot wakes the runner.
+  IF EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(pol.config -> 'gates', '[]'::jsonb)) AS g
+             JOIN dispatch_policy.inflight_counters c
+               ON c.policy = tick_begin.policy AND c.gate = coalesce(g ->> 'name', g ->> 'type') AND c.partition = 'default'
+             WHERE g ->> 'type' = 'global_cap' AND c.in_flight >= dispatch_policy._json_number(g -> 'max')) THEN
+    RETURN;
+  END IF;
+
   RETURN QUERY
   SELECT 'job'::text, f.id, f.priority, f.round_robin_key, f.context::text, f.lane, NULL::text, NULL::text,
          NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz
@@ -504,7 +527,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_begin(text, integer, integer, integer, integer) IS
-  'The first call of a tick, in the caller''s transaction: sets its statement_timeout (timeout_ms) for the calls after it, try_lock_policy, then, if locked and the policy is not paused: take_observations of every adaptive gate (up to max_observations each), promote_scheduled and fetch_batch, with the policy''s batch_size and round_robin_quantum (else the arguments). Rows by kind: busy, unknown or paused (one row, nothing else done); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order).';
+  'The first call of a tick, in the caller''s transaction: sets its statement_timeout (timeout_ms) for the calls after it, try_lock_policy, then, if locked and the policy is not paused: take_observations of every adaptive gate (up to max_observations each), promote_scheduled and fetch_batch, with the policy''s batch_size and round_robin_quantum (else the arguments); no fetch while a global_cap is full. Rows by kind: busy, unknown or paused (one row, nothing else done); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order).';
 
 CREATE FUNCTION dispatch_policy.tick_state(
   policy text, now timestamptz,
@@ -548,25 +571,66 @@ CREATE FUNCTION dispatch_policy.tick_finish(
   adaptive_gates text[] DEFAULT '{}', adaptive_partitions text[] DEFAULT '{}', current_max integer[] DEFAULT '{}',
   ewma_lag_ms double precision[] DEFAULT '{}', growth_credit double precision[] DEFAULT '{}',
   since_decrease bigint[] DEFAULT '{}', observations bigint[] DEFAULT '{}', failures bigint[] DEFAULT '{}',
-  last_observed_at timestamptz[] DEFAULT '{}'
+  last_observed_at timestamptz[] DEFAULT '{}',
+  block_lanes text[] DEFAULT '{}', block_keyless boolean[] DEFAULT '{}', block_seconds double precision[] DEFAULT '{}',
+  block_gates text[] DEFAULT '{}', block_partitions text[] DEFAULT '{}', block_in_flight integer[] DEFAULT '{}',
+  unblock_gates text[] DEFAULT '{}', unblock_partitions text[] DEFAULT '{}'
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 DECLARE
   admitted integer := 0;
+  check_gates text[];
+  check_partitions text[];
 BEGIN
-  IF coalesce(cardinality(ids), 0) > 0 OR round_robin_cursor IS NOT NULL THEN
+  PERFORM dispatch_policy._require_same_length(
+    'block_lanes, block_keyless, block_seconds, block_gates, block_partitions and block_in_flight',
+    ARRAY[cardinality(block_lanes), cardinality(block_keyless), cardinality(block_seconds), cardinality(block_gates),
+          cardinality(block_partitions), cardinality(block_in_flight)]);
+  PERFORM dispatch_policy._require_same_length('unblock_gates and unblock_partitions', ARRAY[
+    cardinality(unblock_gates), cardinality(unblock_partitions)]);
+  -- Counters a block waits on are locked with the admission's, in one sorted
+  -- statement, and the block applies only if the counter is still where the
+  -- decision saw it: a slot released since then unblocks nothing, because the
+  -- lane was not blocked yet, so the lane must not be blocked now.
+  SELECT coalesce(array_agg(b.g), '{}'), coalesce(array_agg(b.p), '{}') INTO check_gates, check_partitions
+  FROM unnest(block_gates, block_partitions, block_in_flight) AS b(g, p, f) WHERE b.f >= 0;
+  IF coalesce(cardinality(ids), 0) > 0 OR round_robin_cursor IS NOT NULL OR cardinality(check_gates) > 0 THEN
     admitted := dispatch_policy._admit(tick_finish.policy, ids, gate_names, partitions, take_gates, take_partitions,
-                                       take_tokens, tick_finish.lease_seconds, tick_finish.now, round_robin_cursor);
+                                       take_tokens, tick_finish.lease_seconds, tick_finish.now, round_robin_cursor,
+                                       check_gates, check_partitions);
+  END IF;
+  IF coalesce(cardinality(block_lanes), 0) > 0 THEN
+    UPDATE dispatch_policy.lanes l
+    SET blocked_until = CASE WHEN b.secs >= 'Infinity' THEN 'infinity'::timestamptz
+                             ELSE tick_finish.now + make_interval(secs => greatest(b.secs, 0)) END,
+        blocked_gate = nullif(b.g, ''),
+        blocked_partition = CASE WHEN b.g = '' THEN NULL ELSE b.p END,
+        updated_at = tick_finish.now
+    FROM unnest(block_lanes, block_keyless, block_seconds, block_gates, block_partitions, block_in_flight)
+         AS b(lane, keyless, secs, g, p, f)
+    WHERE l.policy = tick_finish.policy AND l.blocked_until IS NULL
+      AND ((NOT b.keyless AND l.lane = b.lane) OR (b.keyless AND l.lane IS NULL))
+      AND (b.f < 0 OR EXISTS (SELECT 1 FROM dispatch_policy.inflight_counters c
+                              WHERE c.policy = tick_finish.policy AND c.gate = b.g AND c.partition = b.p
+                                AND c.in_flight >= b.f));
   END IF;
   IF coalesce(cardinality(adaptive_gates), 0) > 0 THEN
     PERFORM dispatch_policy._save_adaptive(tick_finish.policy, adaptive_gates, adaptive_partitions, current_max,
                                            ewma_lag_ms, growth_credit, since_decrease, observations, failures,
                                            last_observed_at, tick_finish.now);
   END IF;
+  -- Adaptive caps that grew: lanes waiting on them are ready again.
+  IF coalesce(cardinality(unblock_gates), 0) > 0 THEN
+    UPDATE dispatch_policy.lanes l
+    SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL, updated_at = tick_finish.now
+    FROM unnest(unblock_gates, unblock_partitions) AS u(g, p)
+    WHERE l.policy = tick_finish.policy AND l.blocked_gate = u.g AND l.blocked_partition = u.p
+      AND l.blocked_until IS NOT NULL;
+  END IF;
   RETURN admitted;
 END
 $$;
-COMMENT ON FUNCTION dispatch_policy.tick_finish(text, timestamptz, bigint[], text[], text[], text[], text[], double precision[], integer, jsonb, text[], text[], integer[], double precision[], double precision[], bigint[], bigint[], bigint[], timestamptz[]) IS
-  'The last call of a tick: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor) then save_adaptive (parallel arrays, as save_adaptive''s fields). Returns the number admitted.';
+COMMENT ON FUNCTION dispatch_policy.tick_finish(text, timestamptz, bigint[], text[], text[], text[], text[], double precision[], integer, jsonb, text[], text[], integer[], double precision[], double precision[], bigint[], bigint[], bigint[], timestamptz[], text[], boolean[], double precision[], text[], text[], integer[], text[], text[]) IS
+  'The last call of a tick: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor); block lanes (block_lanes, or the keyless lane where block_keyless; for block_seconds, ''Infinity'' for until released; on block_gates/block_partitions ('''' for time alone), only while that counter still holds block_in_flight or more, -1 for no check); save_adaptive (parallel arrays, as its fields); unblock lanes waiting on adaptive partitions whose cap grew (unblock_gates, unblock_partitions). Returns the number admitted.';

@@ -101,8 +101,10 @@ struct GateEnforcementTests {
                 try await conn.scalar("SELECT tokens FROM dispatch_policy.throttle_buckets WHERE partition = \(partition)", as: Double.self)
             }
             #expect(try await tokens("x") < 0.01)
+            // Time moves for the buckets and for the lanes they blocked alike.
             func advance(_ interval: String) async throws {
                 try await conn.exec("UPDATE dispatch_policy.throttle_buckets SET refilled_at = refilled_at - \(interval)::interval")
+                try await conn.exec("UPDATE dispatch_policy.lanes SET blocked_until = blocked_until - \(interval)::interval")
             }
             // 2.5 × 10^6 s: 2.5 tokens, so exactly floor(2.5) = 2 more; half a token stays.
             try await advance("2500000 seconds")
@@ -196,9 +198,10 @@ struct GateEnforcementTests {
         }
     }
 
-    /// The gate interleaves by region while the caps count by account:
-    /// a, c, a by region; a, b, c had it used the account (the first
-    /// partitioned gate's template); a, a, a without interleaving.
+    /// The fetch rotates over accounts (the caps' partitions): a, b, c, d,
+    /// a, b, ... The gate interleaves that by region while the caps count by
+    /// account: a (eu), d (us), b (eu) by region; a, b, c had it used the
+    /// account (the first partitioned gate's template) or not interleaved.
     @Test("fair_interleave with its own partition_by interleaves by that, not by the other gates' partitions")
     func fairInterleaveOwnPartition() async throws {
         try await withTestDatabase { conn, _ in
@@ -207,14 +210,15 @@ struct GateEnforcementTests {
                 Gate.globalCap(max: 3)
                 Gate.fairInterleave(partitionBy: "{region}")
             })
-            try await stage(conn, "p", 10) { _ in ["acct": "a", "region": "eu"] }
-            try await stage(conn, "p", 10) { _ in ["acct": "b", "region": "eu"] }
-            try await stage(conn, "p", 2) { _ in ["acct": "c", "region": "us"] }
+            for acct in ["a", "b", "c"] {
+                try await stage(conn, "p", 10) { _ in ["acct": acct, "region": "eu"] }
+            }
+            try await stage(conn, "p", 2) { _ in ["acct": "d", "region": "us"] }
             #expect(try await tick(conn, "p").admitted == 3)
             let accounts = try await conn.rows(
                 "SELECT context ->> 'acct' FROM dispatch_policy.admitted_jobs ORDER BY 1", logger: TestServer.logger
             ).map { try $0.decode(String.self) }
-            #expect(accounts == ["a", "a", "c"])
+            #expect(accounts == ["a", "b", "d"])
             #expect(try await checkFindings(conn) == [])
         }
     }

@@ -127,6 +127,24 @@ public struct AdmissionDecision: Sendable, Equatable {
     /// refused a job for want of one (rate above 0): when a tick could admit
     /// again.
     public var tokenWaits: [GateKey: Double] = [:]
+    /// Lanes of the batch that nothing can leave before their block ends: the
+    /// fetch passes them over until then.
+    public var laneBlocks: [LaneBlock] = []
+}
+
+/// A lane of the batch every fetched job of which was refused by state from
+/// before the tick (not by room that this tick's own admissions took).
+public struct LaneBlock: Sendable, Equatable {
+    /// The lane: a round-robin key, or nil for the lane of jobs without one.
+    public var lane: String?
+    /// How long the block lasts; `.infinity` until ``releasedBy`` releases a slot.
+    public var seconds: Double
+    /// The partition whose released slot (or, for a throttle of rate 0, a
+    /// changed config) ends the block; nil: time alone.
+    public var releasedBy: GateKey?
+    /// The in-flight count of ``releasedBy`` the decision saw (nil: no
+    /// counter): the block applies only while the counter still holds that many.
+    public var inFlight: Int?
 }
 
 /// A batch row with its partition for every gate, computed once.
@@ -274,6 +292,9 @@ public struct Admission: Sendable {
         // continues just before that lane.
         var consumed = Set<GateKey>()
         var firstStarvedLane: Int?
+        // Per lane: whether it admitted a job or lost one to this tick's own
+        // admissions, and the refusals by state from before the tick.
+        var lanes: [Int: LaneTally] = [:]
 
         rows: for row in rows {
             var throttleKeys: [GateKey] = []
@@ -306,7 +327,25 @@ public struct Admission: Sendable {
                 }
                 if !room {
                     decision.refusedByGate[gate.effectiveName, default: 0] += 1
-                    if firstStarvedLane == nil, row.row.lane > 0, consumed.contains(key) { firstStarvedLane = row.row.lane }
+                    let starved = consumed.contains(key)
+                    if firstStarvedLane == nil, row.row.lane > 0, starved { firstStarvedLane = row.row.lane }
+                    if row.row.lane > 0 {
+                        var tally = lanes[row.row.lane] ?? LaneTally(key: row.row.roundRobinKey)
+                        if starved || gate.type == .globalCap {
+                            tally.open = true
+                        } else {
+                            tally.refusals.insert(key)
+                            switch gate.type {
+                            case .throttle:
+                                tally.waits[key] = decision.tokenWaits[key] ?? .infinity
+                            case .concurrency, .adaptiveConcurrency:
+                                tally.inFlight[key] = inFlight[key] ?? 0
+                            case .globalCap, .fairInterleave:
+                                break
+                            }
+                        }
+                        lanes[row.row.lane] = tally
+                    }
                     continue rows
                 }
             }
@@ -319,6 +358,11 @@ public struct Admission: Sendable {
                 inFlight[key, default: 0] += 1
                 consumed.insert(key)
             }
+            if row.row.lane > 0 {
+                var tally = lanes[row.row.lane] ?? LaneTally(key: row.row.roundRobinKey)
+                tally.open = true
+                lanes[row.row.lane] = tally
+            }
             var partitions: [String: String] = [:]
             for (index, gate) in gates.enumerated() { partitions[gate.effectiveName] = row.partitions[index] }
             decision.admitted.append(.init(
@@ -326,7 +370,39 @@ public struct Admission: Sendable {
                 slots: Dictionary(slotKeys.map { ($0.gate, $0.partition) }, uniquingKeysWith: { a, _ in a })))
         }
         decision.cursor = Self.cursor(rows: rows.map(\.row), firstStarvedLane: firstStarvedLane)
+        decision.laneBlocks = lanes.keys.sorted().compactMap { lanes[$0]?.block }
         return decision
+    }
+
+    /// What the jobs of one lane met in a tick.
+    struct LaneTally {
+        var key: String?
+        /// A job was admitted, or refused only because this tick's own
+        /// admissions took the room (or by the global cap): not blocked.
+        var open = false
+        var refusals = Set<GateKey>()
+        /// Seconds to the next whole token per refusing throttle partition
+        /// (`.infinity`: it refills never, rate 0).
+        var waits: [GateKey: Double] = [:]
+        /// In flight per refusing counter partition, as the decision saw it.
+        var inFlight: [GateKey: Int] = [:]
+
+        /// The block: until the one refusing partition has room (a token by
+        /// the clock, a slot by a release), else, refused by several, the
+        /// earliest token or a second at most.
+        var block: LaneBlock? {
+            guard !open, let first = refusals.first else { return nil }
+            if refusals.count == 1 {
+                if let wait = waits[first] {
+                    return wait.isFinite
+                        ? LaneBlock(lane: key, seconds: wait)
+                        : LaneBlock(lane: key, seconds: .infinity, releasedBy: first)
+                }
+                return LaneBlock(lane: key, seconds: .infinity, releasedBy: first, inFlight: inFlight[first] ?? 0)
+            }
+            let soonest = waits.values.filter(\.isFinite).min() ?? 1
+            return LaneBlock(lane: key, seconds: Swift.min(soonest, 1))
+        }
     }
 
     /// Where the rotation continues. A job is *starved* when a gate refused

@@ -393,6 +393,15 @@ public struct TickRunner: Service {
             }
         }
         var removed: [String: Int] = [:]
+        // Lanes of jobs written without stage() (a restore, a direct INSERT).
+        try await step("sync_lanes", report: &report, errors: &errors) {
+            let added = try await db.run("syncing lanes", timeout: options.maintenanceCallTimeout, until: hardDeadline) {
+                [policies = options.policies] conn in
+                try await conn.rows("SELECT dispatch_policy.sync_lanes(\(policies)::text[])", logger: logger)
+                    .first?.decode(Int.self) ?? 0
+            }
+            if added > 0 { removed["lanes_added"] = added }
+        }
         try await step("prune", report: &report, errors: &errors) {
             let rows = try await db.run("pruning", timeout: options.maintenanceCallTimeout, until: hardDeadline) {
                 [retention = options.retentionSeconds, idle = options.idleGateSeconds, policies = options.policies] conn in

@@ -56,6 +56,9 @@ public struct TickResult: Sendable, Equatable {
     /// When a throttle partition that refused jobs of this batch next holds a
     /// whole token (nil: none refused for tokens).
     public var nextTokenIn: Duration?
+    /// Lanes this tick found blocked (every fetched job refused by state from
+    /// before it): the fetch passes them over until their block ends.
+    public var lanesBlocked = 0
     public var duration: Duration = .zero
 
     public init(policy: String, outcome: Outcome) {
@@ -110,15 +113,17 @@ public struct Ticker: Sendable {
         self.logger = logger
     }
 
-    /// Policies that are not paused and have work (jobs eligible now,
-    /// scheduled jobs now due, expired leases, or observations to fold), or
-    /// something due later by the clock (the next scheduled job, the next
-    /// lease to run out), of `only` when given. ``PolicyWork/hasWork`` and
+    /// Policies that are not paused and have work (a lane the fetch can
+    /// reach, scheduled jobs now due, expired leases, or observations to
+    /// fold), or something due later by the clock (the next scheduled job,
+    /// the next lease to run out, the next blocked lane's block ending), of
+    /// `only` when given. ``PolicyWork/hasWork`` and
     /// ``PolicyWork/expiredLeases`` tell a tick is due now.
     public func policiesWithWork(only: [String]? = nil) async throws -> [PolicyWork] {
         try await connection.rows(
             """
-            SELECT name, failing, expired, work, extract(epoch FROM least(next_scheduled, next_expiry) - now())::float8 FROM (
+            SELECT name, failing, expired, work,
+                   extract(epoch FROM least(next_scheduled, next_expiry, nullif(next_unblock, 'infinity')) - now())::float8 FROM (
               -- Each probe is the first row in an index's order, so it is one index
               -- descent whatever the statistics say: an EXISTS may be planned as a
               -- scan of the table that reads every row of the other policies.
@@ -126,8 +131,12 @@ public struct Ticker: Sendable {
                      EXISTS (SELECT 1 FROM dispatch_policy.runner_failures f WHERE f.policy = p.name) AS failing,
                      (SELECT a.id FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name AND a.lease_expires_at < now()
                       ORDER BY a.policy, a.lease_expires_at LIMIT 1) IS NOT NULL AS expired,
-                     (SELECT s.id FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name AND s.not_before IS NULL
-                      ORDER BY s.policy, s.priority, s.id LIMIT 1) IS NOT NULL
+                     -- A ready lane, or one whose block has run out: jobs the
+                     -- fetch can reach (blocked lanes are not work).
+                     (SELECT 1 FROM dispatch_policy.lanes l WHERE l.policy = p.name AND l.blocked_until IS NULL
+                      ORDER BY l.policy, l.lane LIMIT 1) IS NOT NULL
+                     OR (SELECT 1 FROM dispatch_policy.lanes l WHERE l.policy = p.name AND l.blocked_until <= now()
+                         ORDER BY l.policy, l.blocked_until LIMIT 1) IS NOT NULL
                      OR (SELECT s.id FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
                          AND s.not_before IS NOT NULL AND s.not_before <= now() ORDER BY s.policy, s.not_before LIMIT 1) IS NOT NULL
                      OR (SELECT o.id FROM dispatch_policy.observations o WHERE o.policy = p.name
@@ -135,11 +144,14 @@ public struct Ticker: Sendable {
                      (SELECT s.not_before FROM dispatch_policy.staged_jobs s WHERE s.policy = p.name
                       AND s.not_before > now() ORDER BY s.policy, s.not_before LIMIT 1) AS next_scheduled,
                      (SELECT a.lease_expires_at FROM dispatch_policy.admitted_jobs a WHERE a.policy = p.name
-                      AND a.lease_expires_at >= now() ORDER BY a.policy, a.lease_expires_at LIMIT 1) AS next_expiry
+                      AND a.lease_expires_at >= now() ORDER BY a.policy, a.lease_expires_at LIMIT 1) AS next_expiry,
+                     (SELECT l.blocked_until FROM dispatch_policy.lanes l WHERE l.policy = p.name
+                      AND l.blocked_until > now() ORDER BY l.policy, l.blocked_until LIMIT 1) AS next_unblock
               FROM dispatch_policy.policies p
               WHERE NOT p.paused AND (\(only)::text[] IS NULL OR p.name = ANY (\(only)::text[]))
             ) w
             WHERE work OR expired OR next_scheduled IS NOT NULL OR next_expiry IS NOT NULL
+               OR nullif(next_unblock, 'infinity') IS NOT NULL
             ORDER BY name
             """,
             logger: logger
@@ -343,7 +355,11 @@ public struct Ticker: Sendable {
         case .hold: #"{"hold": true}"#
         case .after(let key): try Self.json(CursorJSON(last_key: key))
         }
-        if !decision.admitted.isEmpty || cursor != nil || !updates.isEmpty {
+        // Adaptive caps that grew: lanes waiting on them are ready again.
+        let grown = updates.filter { $0.controller.currentMax > (state.adaptiveCap[$0.key] ?? Int.max) }.map(\.key)
+        let blocks = decision.laneBlocks
+        result.lanesBlocked = blocks.count
+        if !decision.admitted.isEmpty || cursor != nil || !updates.isEmpty || !blocks.isEmpty {
             let gateNames = admission.gates.map(\.effectiveName)
             var partitions: [String] = []
             partitions.reserveCapacity(decision.admitted.count * gateNames.count)
@@ -365,7 +381,11 @@ public struct Ticker: Sendable {
                   \(updates.map(\.controller.currentMax))::integer[], \(updates.map { $0.controller.ewmaLagMs ?? 0 })::float8[],
                   \(updates.map(\.controller.growthCredit))::float8[], \(updates.map { Int64($0.controller.sinceDecrease) })::bigint[],
                   \(updates.map { Int64($0.controller.observations) })::bigint[], \(updates.map { Int64($0.controller.failures) })::bigint[],
-                  \(updates.map(\.at))::timestamptz[])
+                  \(updates.map(\.at))::timestamptz[],
+                  \(blocks.map { $0.lane ?? "" })::text[], \(blocks.map { $0.lane == nil })::boolean[],
+                  \(blocks.map(\.seconds))::float8[], \(blocks.map { $0.releasedBy?.gate ?? "" })::text[],
+                  \(blocks.map { $0.releasedBy?.partition ?? "" })::text[], \(blocks.map { $0.inFlight ?? -1 })::integer[],
+                  \(grown.map(\.gate))::text[], \(grown.map(\.partition))::text[])
                 """,
                 as: Int.self, logger: logger)
         }

@@ -1,0 +1,576 @@
+-- Lanes: no head-of-line blocking (issue 9).
+--
+-- A lane is what the round-robin fetch rotates over: one per round-robin key
+-- of a policy's pending jobs, plus one for its jobs without a key. Without
+-- round_robin_by, a policy whose gates are partitioned now gets a lane per
+-- combination of its gates' partitions (_lane_template), so a throttled or
+-- capped partition no longer hides the others behind its backlog.
+--
+-- dispatch_policy.lanes lists the lanes with pending jobs and whether each is
+-- blocked. The fetch walks only ready lanes (an index of them), so lanes
+-- known to be blocked take no batch slot and cost nothing to pass over:
+-- 100,000 blocked lanes and one ready one, and the ready one is fetched first.
+--
+-- A lane is blocked by the tick that found every fetched job of it refused
+-- by state from before the tick (not by capacity that tick's own admissions
+-- took):
+--   * by a throttle partition: until its next whole token (blocked_until);
+--   * by a concurrency or adaptive partition at its cap: until a slot of
+--     that partition is released (complete, fail, the reaper: _release_slots)
+--     or its adaptive cap grows (blocked_gate, blocked_partition;
+--     blocked_until 'infinity');
+--   * by different partitions: for a second at most.
+-- A changed config unblocks every lane of its policy. A full global cap
+-- blocks no lane: the tick fetches nothing while it is full.
+--
+-- Lane rows are added by staging and by a trigger on jobs made eligible by an
+-- UPDATE (promote_scheduled, a DBA clearing not_before), and deleted by
+-- the fetch when it finds a lane empty. A stager holds a shared advisory lock
+-- of the policy's lanes from before it adds its lanes until it commits; the
+-- fetch deletes empty lanes only if it can take that lock exclusively, at
+-- once, and releases it right after the DELETE: a stager's insert that
+-- arrives after the DELETE waits for the tick's commit and adds the lane
+-- again; a stager in flight makes the fetch keep its lanes.
+
+CREATE TABLE dispatch_policy.lanes (
+  policy            text NOT NULL,
+  lane              text,
+  blocked_until     timestamptz,
+  blocked_gate      text,
+  blocked_partition text,
+  updated_at        timestamptz NOT NULL DEFAULT now(),
+  CONSTRAINT lanes_blocked_check CHECK (blocked_until IS NOT NULL OR blocked_gate IS NULL),
+  CONSTRAINT lanes_blocked_on_check CHECK ((blocked_gate IS NULL) = (blocked_partition IS NULL))
+);
+CREATE UNIQUE INDEX lanes_key ON dispatch_policy.lanes (policy, lane) NULLS NOT DISTINCT;
+-- The rotation: ready lanes in key order (NULL, the keyless lane, last).
+CREATE INDEX lanes_ready_idx ON dispatch_policy.lanes (policy, lane) WHERE blocked_until IS NULL;
+CREATE INDEX lanes_blocked_idx ON dispatch_policy.lanes (policy, blocked_until) WHERE blocked_until IS NOT NULL;
+CREATE INDEX lanes_blocked_on_idx ON dispatch_policy.lanes (policy, blocked_gate, blocked_partition)
+  WHERE blocked_gate IS NOT NULL;
+ALTER TABLE dispatch_policy.lanes SET (
+  autovacuum_vacuum_scale_factor = 0.0,
+  autovacuum_vacuum_threshold = 5000,
+  autovacuum_vacuum_cost_delay = 0
+);
+COMMENT ON TABLE dispatch_policy.lanes IS
+  'Round-robin lanes with pending jobs, and whether each is blocked. The fetch rotates over ready lanes only (blocked_until IS NULL), so a blocked lane takes no batch slot. Maintained by staging, a trigger on staged jobs made eligible by an UPDATE (promote_scheduled), the fetch (empty lanes are deleted), the tick (blocks), _release_slots and config changes (unblocks); sync_lanes re-adds lanes of jobs written without stage().';
+COMMENT ON COLUMN dispatch_policy.lanes.policy IS 'Policy.';
+COMMENT ON COLUMN dispatch_policy.lanes.lane IS 'The round-robin key of its jobs; NULL: the lane of jobs without a key.';
+COMMENT ON COLUMN dispatch_policy.lanes.blocked_until IS 'NULL: ready. Else the fetch passes the lane over until then (''infinity'': until blocked_partition releases a slot, or the config changes).';
+COMMENT ON COLUMN dispatch_policy.lanes.blocked_gate IS 'The gate whose partition blocks the lane until it releases a slot (concurrency, adaptive_concurrency) or the config changes (a throttle of rate 0); NULL: blocked by time alone.';
+COMMENT ON COLUMN dispatch_policy.lanes.blocked_partition IS 'That gate''s partition.';
+COMMENT ON COLUMN dispatch_policy.lanes.updated_at IS 'When the lane was added or last blocked or unblocked.';
+ALTER TABLE dispatch_policy.lanes
+  ADD CONSTRAINT lanes_lane_check CHECK (octet_length(lane) <= dispatch_policy._limit_max('job.round_robin_key'));
+
+-- A dump keeps the lanes (see 0009_dump.sql).
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'dispatch_policy') THEN
+    PERFORM pg_catalog.pg_extension_config_dump('dispatch_policy.lanes'::regclass, '');
+  END IF;
+END
+$$;
+
+-- Jobs without a round-robin key, in fetch order: the keyless lane's own
+-- index (else finding them walks past every keyed job of the policy).
+CREATE INDEX staged_jobs_keyless_idx
+  ON dispatch_policy.staged_jobs (policy, priority, id)
+  WHERE not_before IS NULL AND round_robin_key IS NULL;
+
+CREATE FUNCTION dispatch_policy._lanes_lock_key(policy text)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT hashtextextended('dispatch_policy.lanes.' || policy, 0)
+$$;
+COMMENT ON FUNCTION dispatch_policy._lanes_lock_key(text) IS
+  'Internal: the advisory lock of a policy''s lanes: stagers hold it shared, the fetch takes it exclusively to delete empty lanes.';
+
+-- The template of a job's lane: round_robin_by; else, when gates are
+-- partitioned, their distinct partition_by templates in gate order joined by
+-- '|' (a lane per combination of partitions); else none.
+CREATE FUNCTION dispatch_policy._lane_template(config jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT coalesce(config ->> 'round_robin_by',
+                  (SELECT string_agg(t.template, '|' ORDER BY t.first)
+                   FROM (SELECT g ->> 'partition_by' AS template, min(n) AS first
+                         FROM jsonb_array_elements(coalesce(config -> 'gates', '[]'::jsonb)) WITH ORDINALITY AS x(g, n)
+                         WHERE g ->> 'type' IN ('throttle', 'concurrency', 'adaptive_concurrency') AND g ? 'partition_by'
+                         GROUP BY 1) t))
+$$;
+COMMENT ON FUNCTION dispatch_policy._lane_template(jsonb) IS
+  'Internal: the template staging renders a job''s round-robin key from when none is given: round_robin_by, else the distinct partition_by templates of the throttle, concurrency and adaptive gates joined by ''|'', else NULL (no key).';
+
+CREATE FUNCTION dispatch_policy._add_lanes(policy text, lanes text[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+#variable_conflict use_column
+BEGIN
+  IF coalesce(cardinality(_add_lanes.lanes), 0) = 0 THEN
+    RETURN;
+  END IF;
+  -- Held until commit: the fetch does not delete this policy's lanes meanwhile.
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._lanes_lock_key(_add_lanes.policy));
+  INSERT INTO dispatch_policy.lanes AS l (policy, lane)
+  SELECT DISTINCT _add_lanes.policy, k FROM unnest(_add_lanes.lanes) AS k
+  ORDER BY 2
+  ON CONFLICT (policy, lane) DO NOTHING;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._add_lanes(text, text[]) IS
+  'Internal: makes sure the given lanes of a policy exist (NULL: the keyless lane), holding the policy''s lanes lock shared until commit.';
+
+-- Staging adds the lanes of the jobs it makes eligible now.
+CREATE OR REPLACE FUNCTION dispatch_policy._stage(policy text, jobs jsonb, field_prefix text)
+RETURNS bigint[]
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  staging_policy dispatch_policy.policies;
+  bad record;
+  ids bigint[];
+  lanes text[];
+  lane_template text;
+  max_queue integer;
+  max_dedupe_key integer;
+  max_round_robin_key integer;
+  max_context integer;
+BEGIN
+  staging_policy := dispatch_policy._require_policy(_stage.policy);
+  IF jobs IS NULL OR jsonb_typeof(jobs) <> 'array' THEN
+    RAISE EXCEPTION 'jobs must be a JSON array of job objects'
+      USING ERRCODE = '22023', DETAIL = format('jobs is %s.', coalesce('a JSON ' || jsonb_typeof(jobs), 'NULL')),
+            HINT = 'Pass [{"args": ...}, ...]. Nothing was stored.';
+  END IF;
+  SELECT max(l.maximum) FILTER (WHERE l.field = 'job.queue'),
+         max(l.maximum) FILTER (WHERE l.field = 'job.dedupe_key'),
+         max(l.maximum) FILTER (WHERE l.field = 'job.round_robin_key'),
+         max(l.maximum) FILTER (WHERE l.field = 'job.context')
+  INTO max_queue, max_dedupe_key, max_round_robin_key, max_context
+  FROM dispatch_policy.limits() l;
+  lane_template := dispatch_policy._lane_template(staging_policy.config);
+
+  SELECT t.n - 1 AS idx, dispatch_policy._job_spec_problem(t.job, max_queue, max_dedupe_key, max_round_robin_key, max_context) AS problem, t.job
+  INTO bad
+  FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
+  WHERE dispatch_policy._job_spec_problem(t.job, max_queue, max_dedupe_key, max_round_robin_key, max_context) IS NOT NULL
+  ORDER BY t.n
+  LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION '% %', rtrim(format(field_prefix, bad.idx) || bad.problem[2], '.'), bad.problem[3]
+      USING ERRCODE = bad.problem[1],
+            DETAIL = format('%s is %s.', rtrim(format(field_prefix, bad.idx) || bad.problem[2], '.'),
+                            coalesce(left(CASE WHEN bad.problem[2] = '' THEN bad.job ELSE bad.job -> bad.problem[2] END::text, 200),
+                                     'missing')),
+            HINT = 'Nothing was stored.';
+  END IF;
+
+  BEGIN
+    WITH input AS MATERIALIZED (
+      SELECT t.n,
+             nextval('dispatch_policy.job_ids') AS id,
+             t.job -> 'args' AS args,
+             coalesce(t.job ->> 'queue', 'default') AS queue,
+             coalesce((t.job ->> 'priority')::numeric::integer, 0) AS priority,
+             coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) AS context,
+             t.job ->> 'dedupe_key' AS dedupe_key,
+             t.job ->> 'round_robin_key' AS round_robin_key,
+             (t.job ->> 'not_before')::timestamptz AS not_before
+      FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
+      ORDER BY t.n
+    ), checked AS (
+      -- 'infinity' parses but would keep a job waiting forever.
+      SELECT i.*, CASE WHEN isfinite(i.not_before) OR i.not_before IS NULL THEN i.not_before
+                       ELSE ('not a finite time: ' || i.not_before::text)::timestamptz END AS due
+      FROM input i
+    ), prepared AS (
+      SELECT i.n, i.id, i.args, i.queue, i.priority, i.dedupe_key, i.round_robin_key, i.due AS not_before,
+             jsonb_build_object('queue_name', i.queue, 'priority', i.priority) || i.context AS context
+      FROM checked i
+    ), keyed AS (
+      INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+      SELECT DISTINCT ON (p.dedupe_key) _stage.policy, p.dedupe_key, p.id
+      FROM prepared p
+      WHERE p.dedupe_key IS NOT NULL
+      ORDER BY p.dedupe_key, p.n
+      ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING
+      RETURNING job_id
+    ), staged AS (
+      INSERT INTO dispatch_policy.staged_jobs
+        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before)
+      SELECT p.id, _stage.policy, p.queue, p.priority, p.args, p.context, p.dedupe_key,
+             coalesce(p.round_robin_key, dispatch_policy._fit_key(dispatch_policy._render_template(lane_template, p.context))),
+             CASE WHEN p.not_before > now() THEN p.not_before END
+      FROM prepared p
+      WHERE p.dedupe_key IS NULL OR p.id IN (SELECT k.job_id FROM keyed k)
+      ORDER BY p.n
+      RETURNING id, round_robin_key, not_before
+    )
+    SELECT coalesce(array_agg(s.id ORDER BY p.n), '{}'),
+           coalesce(array_agg(DISTINCT s.round_robin_key) FILTER (WHERE s.id IS NOT NULL AND s.not_before IS NULL), '{}')
+    INTO ids, lanes
+    FROM prepared p LEFT JOIN staged s ON s.id = p.id;
+  EXCEPTION
+    -- A not_before that does not parse ('someday', '+99:00', an unknown time
+    -- zone) or is infinite. Only on this error path: find the element.
+    WHEN invalid_datetime_format OR datetime_field_overflow OR invalid_time_zone_displacement_value
+         OR invalid_parameter_value THEN
+      SELECT t.n - 1 AS idx, t.job -> 'not_before' AS value INTO bad
+      FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
+      WHERE CASE WHEN dispatch_policy._is_timestamptz(t.job ->> 'not_before')
+                 THEN NOT isfinite((t.job ->> 'not_before')::timestamptz) ELSE true END
+      ORDER BY t.n LIMIT 1;
+      IF NOT FOUND THEN
+        RAISE;
+      END IF;
+      RAISE EXCEPTION '% must be a finite timestamp', format(field_prefix, bad.idx) || 'not_before'
+        USING ERRCODE = '22023',
+              DETAIL = format('%snot_before is %s.', format(field_prefix, bad.idx), left(bad.value::text, 200)),
+              HINT = 'Use ISO 8601, such as 2026-01-31T12:00:00Z. Nothing was stored.';
+  END;
+
+  PERFORM dispatch_policy._add_lanes(_stage.policy, lanes);
+  IF cardinality(array_remove(ids, NULL)) > 0 THEN
+    PERFORM pg_notify('dispatch_policy_staged', _stage.policy);
+  END IF;
+  RETURN ids;
+END
+$$;
+
+-- Jobs made eligible by an UPDATE (promote_scheduled, or a DBA clearing
+-- not_before to run a job now): their lanes are added.
+CREATE FUNCTION dispatch_policy._lanes_of_updated_jobs()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+DECLARE
+  p text;
+  keys text[];
+BEGIN
+  FOR p, keys IN
+    SELECT n.policy, array_agg(DISTINCT n.round_robin_key)
+    FROM new_jobs n WHERE n.not_before IS NULL
+    GROUP BY n.policy ORDER BY n.policy
+  LOOP
+    PERFORM dispatch_policy._add_lanes(p, keys);
+  END LOOP;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._lanes_of_updated_jobs() IS
+  'Internal trigger: adds the lanes of staged jobs an UPDATE made eligible (not_before cleared by promote_scheduled or by hand).';
+CREATE TRIGGER staged_jobs_lanes
+  AFTER UPDATE ON dispatch_policy.staged_jobs
+  REFERENCING NEW TABLE AS new_jobs
+  FOR EACH STATEMENT EXECUTE FUNCTION dispatch_policy._lanes_of_updated_jobs();
+
+-- Deletes lanes that have no eligible job, unless a stager is adding jobs to
+-- the policy right now (it holds the lanes lock shared): the lock is taken at
+-- once or not at all, and given back right after the DELETE (a stager's lane
+-- insert after it waits for this transaction, then adds the lane again).
+CREATE FUNCTION dispatch_policy._drop_empty_lanes(policy text, lanes text[], keyless boolean)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  IF NOT pg_try_advisory_lock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy)) THEN
+    RETURN;
+  END IF;
+  BEGIN
+    DELETE FROM dispatch_policy.lanes l
+    WHERE l.policy = _drop_empty_lanes.policy AND l.lane = ANY (_drop_empty_lanes.lanes) AND l.blocked_until IS NULL
+      AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
+                      WHERE s.policy = l.policy AND s.not_before IS NULL
+                        AND s.round_robin_key >= l.lane AND s.round_robin_key <= l.lane);
+    IF keyless THEN
+      DELETE FROM dispatch_policy.lanes l
+      WHERE l.policy = _drop_empty_lanes.policy AND l.lane IS NULL AND l.blocked_until IS NULL
+        AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
+                        WHERE s.policy = l.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL);
+    END IF;
+    PERFORM pg_advisory_unlock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
+  EXCEPTION WHEN OTHERS THEN
+    PERFORM pg_advisory_unlock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
+    RAISE;
+  END;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._drop_empty_lanes(text, text[], boolean) IS
+  'Internal: deletes the given lanes of a policy (and its keyless lane when keyless) that are ready and have no eligible job, if no stager holds the policy''s lanes lock; called by fetch_batch for lanes it found empty and by admission for the lanes it drew from.';
+
+-- The next ready lanes in rotation order after a key: keys ascending, then
+-- the keyless lane (NULL), then from the first key again up to the given one.
+CREATE FUNCTION dispatch_policy._ready_lanes(policy text, after text, n integer)
+RETURNS text[]
+LANGUAGE sql STABLE SECURITY INVOKER
+AS $$
+  SELECT coalesce(array_agg(r.lane ORDER BY r.part, r.lane NULLS LAST), '{}') FROM (
+    SELECT * FROM (
+      (SELECT 1 AS part, l.lane FROM dispatch_policy.lanes l
+       WHERE l.policy = _ready_lanes.policy AND l.blocked_until IS NULL AND l.lane IS NOT NULL
+         AND (_ready_lanes.after IS NULL OR l.lane > _ready_lanes.after)
+       ORDER BY l.lane LIMIT n)
+      UNION ALL
+      (SELECT 2, NULL::text WHERE EXISTS (
+         SELECT 1 FROM dispatch_policy.lanes l
+         WHERE l.policy = _ready_lanes.policy AND l.lane IS NULL AND l.blocked_until IS NULL))
+      UNION ALL
+      (SELECT 3, l.lane FROM dispatch_policy.lanes l
+       WHERE _ready_lanes.after IS NOT NULL AND l.policy = _ready_lanes.policy AND l.blocked_until IS NULL
+         AND l.lane IS NOT NULL AND l.lane <= _ready_lanes.after
+       ORDER BY l.lane LIMIT n)
+    ) x ORDER BY x.part, x.lane NULLS LAST LIMIT n
+  ) r
+$$;
+COMMENT ON FUNCTION dispatch_policy._ready_lanes(text, text, integer) IS
+  'Internal: up to n ready lanes of a policy in rotation order after the given key (keys ascending, then NULL for the keyless lane, then from the first key again up to the given one), by index range scans of lanes_ready_idx.';
+
+DROP FUNCTION dispatch_policy._next_round_robin_keys(text, text, integer);
+DROP FUNCTION dispatch_policy._round_robin_key_after(text, text);
+
+CREATE OR REPLACE FUNCTION dispatch_policy.fetch_batch(
+  policy text, batch_size integer, round_robin_quantum integer DEFAULT NULL, now timestamptz DEFAULT now()
+)
+RETURNS TABLE (id bigint, priority integer, round_robin_key text, context jsonb, lane integer)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+-- Each lane asks for rows ordered by (round_robin_key, priority, id), which
+-- only staged_jobs_round_robin_idx gives without sorting; with sorts priced
+-- out, it is the plan whatever the statistics say (right after a large
+-- stage_many they may believe the policy holds a row or two).
+SET enable_sort = off
+-- Pricing sorts out inflates the plan's cost past jit_above_cost: no JIT for
+-- a few hundred rows (it costs half a second).
+SET jit = off
+AS $$
+DECLARE
+  keys text[];
+  chunk text[];
+  cursor_key text;
+  quantum integer;
+  taken integer := 0;
+  pos integer := 0;
+  width integer;
+  got_ids bigint[] := '{}';
+  got_lanes integer[] := '{}';
+  got_ranks integer[] := '{}';
+  full_lanes integer[] := '{}';
+  empty_lanes text[] := '{}';
+  keyless_empty boolean := false;
+  more bigint[];
+  lane_of integer;
+  i integer;
+BEGIN
+  PERFORM dispatch_policy._require_now(fetch_batch.now);
+  IF round_robin_quantum IS NULL THEN
+    RETURN QUERY
+      SELECT s.id, s.priority, s.round_robin_key, s.context, 0
+      FROM (SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
+            WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL
+            ORDER BY j.priority, j.id
+            LIMIT batch_size
+            FOR UPDATE SKIP LOCKED) s
+      ORDER BY s.priority, s.id;
+    RETURN;
+  END IF;
+
+  -- Lanes whose block has run out are ready again.
+  UPDATE dispatch_policy.lanes l SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL,
+                                     updated_at = fetch_batch.now
+  WHERE l.policy = fetch_batch.policy AND l.blocked_until <= fetch_batch.now;
+
+  SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = fetch_batch.policy;
+  -- Never more than batch_size rows: a quantum above the batch size is the batch size.
+  quantum := least(round_robin_quantum, batch_size);
+  -- A lane with jobs gives at least one: batch_size lanes are always enough.
+  keys := dispatch_policy._ready_lanes(fetch_batch.policy, cursor_key, batch_size);
+
+  -- Up to `quantum` rows from each lane, as many lanes at a time as could
+  -- fill the rest of the batch, until it is full or the lanes run out.
+  WHILE pos < cardinality(keys) AND taken < batch_size LOOP
+    width := least(ceil((batch_size - taken)::numeric / quantum)::integer, cardinality(keys) - pos);
+    chunk := keys[pos + 1 : pos + width];
+    WITH fetched AS MATERIALIZED (
+      SELECT k.n::integer AS lane, j.id, row_number() OVER (PARTITION BY k.n ORDER BY j.priority, j.id)::integer AS rank
+      FROM unnest(chunk) WITH ORDINALITY AS k(key, n)
+      CROSS JOIN LATERAL (
+        -- The key as a range, not =: with =, the key is a constant and the
+        -- (priority, id) order of staged_jobs_ready_idx would do unsorted.
+        SELECT s.id, s.priority FROM dispatch_policy.staged_jobs s
+        WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
+          AND s.round_robin_key >= k.key AND s.round_robin_key <= k.key
+        ORDER BY s.round_robin_key, s.priority, s.id
+        LIMIT quantum
+        FOR UPDATE SKIP LOCKED) j
+      WHERE k.key IS NOT NULL
+      UNION ALL
+      SELECT array_position(chunk, NULL), s.id, (row_number() OVER (ORDER BY s.priority, s.id))::integer
+      FROM (SELECT s.id, s.priority FROM dispatch_policy.staged_jobs s
+            WHERE array_position(chunk, NULL) IS NOT NULL
+              AND s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+            ORDER BY s.priority, s.id
+            LIMIT quantum
+            FOR UPDATE SKIP LOCKED) s
+    )
+    SELECT got_ids || coalesce(array_agg(r.id ORDER BY r.lane, r.rank), '{}'),
+           got_lanes || coalesce(array_agg(pos + r.lane ORDER BY r.lane, r.rank), '{}'),
+           got_ranks || coalesce(array_agg(r.rank ORDER BY r.lane, r.rank), '{}'),
+           full_lanes || coalesce(array_agg(pos + r.lane) FILTER (WHERE r.rank = quantum), '{}'),
+           empty_lanes || coalesce(ARRAY(SELECT k.key FROM unnest(chunk) WITH ORDINALITY AS k(key, n)
+                                         WHERE k.key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fetched x WHERE x.lane = k.n)), '{}'),
+           keyless_empty OR coalesce(array_position(chunk, NULL) IS NOT NULL
+                                     AND NOT EXISTS (SELECT 1 FROM fetched x WHERE x.lane = array_position(chunk, NULL)), false)
+    INTO got_ids, got_lanes, got_ranks, full_lanes, empty_lanes, keyless_empty
+    FROM fetched r;
+    taken := cardinality(got_ids);
+    pos := pos + width;
+  END LOOP;
+
+  -- The batch is not full and lanes that gave a whole quantum may have more:
+  -- their oldest further rows, interleaved after the first rounds.
+  IF taken < batch_size AND cardinality(full_lanes) > 0 THEN
+    FOREACH lane_of IN ARRAY full_lanes LOOP
+      IF keys[lane_of] IS NULL THEN
+        more := ARRAY(SELECT s.id FROM dispatch_policy.staged_jobs s
+                      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+                        AND s.id <> ALL (got_ids)
+                      ORDER BY s.priority, s.id LIMIT batch_size - taken FOR UPDATE SKIP LOCKED);
+      ELSE
+        more := ARRAY(SELECT s.id FROM dispatch_policy.staged_jobs s
+                      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
+                        AND s.round_robin_key >= keys[lane_of] AND s.round_robin_key <= keys[lane_of]
+                        AND s.id <> ALL (got_ids)
+                      ORDER BY s.round_robin_key, s.priority, s.id LIMIT batch_size - taken FOR UPDATE SKIP LOCKED);
+      END IF;
+      FOR i IN 1 .. coalesce(cardinality(more), 0) LOOP
+        got_ids := got_ids || more[i];
+        got_lanes := got_lanes || lane_of;
+        got_ranks := got_ranks || (quantum + i);
+      END LOOP;
+      taken := cardinality(got_ids);
+      EXIT WHEN taken >= batch_size;
+    END LOOP;
+  END IF;
+
+  IF cardinality(empty_lanes) > 0 OR keyless_empty THEN
+    PERFORM dispatch_policy._drop_empty_lanes(fetch_batch.policy, empty_lanes, keyless_empty);
+  END IF;
+
+  RETURN QUERY
+  SELECT s.id, s.priority, s.round_robin_key, s.context, g.lane
+  FROM unnest(got_ids, got_lanes, got_ranks) AS g(id, lane, rank)
+  JOIN dispatch_policy.staged_jobs s ON s.id = g.id
+  WHERE s.id = ANY (got_ids)
+  ORDER BY s.priority, g.rank, g.lane, s.id
+  LIMIT batch_size;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz) IS
+  'Locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: from the policy''s ready lanes (dispatch_policy.lanes) in rotation order after its cursor, up to that many rows of each, as many lanes as fill the batch, then more rows of lanes that gave a whole quantum; rows interleaved (every lane''s first row, then every lane''s second, ...), lane = the lane''s place in this rotation. Blocked lanes are passed over without a look; lanes whose block ran out are unblocked first; lanes found empty are deleted. Without round_robin_quantum: the oldest rows, lane 0. The cursor is moved by admit.';
+
+-- Slots released: lanes waiting for one of those partitions are ready again.
+CREATE OR REPLACE FUNCTION dispatch_policy._release_slots(jobs dispatch_policy.admitted_jobs[], now timestamptz)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  -- One statement locks every counter the jobs hold, in (policy, gate,
+  -- partition) order, as every other writer does; then one update.
+  PERFORM 1 FROM dispatch_policy.inflight_counters c
+  WHERE (c.policy, c.gate, c.partition) IN (
+    SELECT j.policy, s.key, s.value FROM unnest(jobs) AS j, jsonb_each_text(j.partitions) AS s)
+  ORDER BY c.policy, c.gate, c.partition
+  FOR UPDATE;
+  UPDATE dispatch_policy.inflight_counters c
+  SET in_flight = greatest(c.in_flight - h.n, 0), updated_at = _release_slots.now
+  FROM (SELECT j.policy, s.key AS gate, s.value AS partition, count(*)::integer AS n
+        FROM unnest(jobs) AS j, jsonb_each_text(j.partitions) AS s
+        GROUP BY 1, 2, 3) h
+  WHERE c.policy = h.policy AND c.gate = h.gate AND c.partition = h.partition;
+  -- The counters above stay locked to commit, so a tick cannot block a lane
+  -- on one of them between this and the release becoming visible.
+  UPDATE dispatch_policy.lanes l
+  SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL, updated_at = _release_slots.now
+  FROM (SELECT DISTINCT j.policy, s.key AS gate, s.value AS partition
+        FROM unnest(jobs) AS j, jsonb_each_text(j.partitions) AS s) h
+  WHERE l.policy = h.policy AND l.blocked_gate = h.gate AND l.blocked_partition = h.partition
+    AND l.blocked_until IS NOT NULL;
+  PERFORM pg_notify('dispatch_policy_released', x.policy)
+  FROM (SELECT DISTINCT j.policy FROM unnest(jobs) AS j) x;
+END
+$$;
+
+-- A changed config may change every cap and rate: its lanes are ready again.
+CREATE FUNCTION dispatch_policy._unblock_policy_lanes()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+BEGIN
+  IF OLD.config IS DISTINCT FROM NEW.config THEN
+    UPDATE dispatch_policy.lanes l SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL, updated_at = now()
+    WHERE l.policy = NEW.name AND l.blocked_until IS NOT NULL;
+  END IF;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._unblock_policy_lanes() IS
+  'Internal trigger: a policy whose config changes has every lane ready again.';
+CREATE TRIGGER policies_unblock_lanes
+  AFTER UPDATE OF config ON dispatch_policy.policies
+  FOR EACH ROW EXECUTE FUNCTION dispatch_policy._unblock_policy_lanes();
+
+-- Lanes of eligible jobs written without stage() (a restore, a direct
+-- INSERT): one index probe per lane, so a policy's lanes are found in
+-- O(lanes), not O(jobs). Run by the runner's maintenance.
+CREATE FUNCTION dispatch_policy.sync_lanes(policies text[] DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  p text;
+  key text;
+  found_lanes text[];
+  added bigint := 0;
+  n bigint;
+BEGIN
+  FOR p IN SELECT x.name FROM dispatch_policy.policies x
+           WHERE sync_lanes.policies IS NULL OR x.name = ANY (sync_lanes.policies) ORDER BY 1 LOOP
+    found_lanes := '{}';
+    key := NULL;
+    LOOP
+      SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
+      WHERE s.policy = p AND s.not_before IS NULL AND s.round_robin_key IS NOT NULL
+        AND (key IS NULL OR s.round_robin_key > key)
+      ORDER BY s.round_robin_key LIMIT 1;
+      EXIT WHEN NOT FOUND;
+      found_lanes := found_lanes || key;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
+               WHERE s.policy = p AND s.not_before IS NULL AND s.round_robin_key IS NULL) THEN
+      found_lanes := found_lanes || NULL::text;
+    END IF;
+    IF cardinality(found_lanes) > 0 THEN
+      PERFORM pg_advisory_xact_lock_shared(dispatch_policy._lanes_lock_key(p));
+      INSERT INTO dispatch_policy.lanes (policy, lane)
+      SELECT p, k FROM unnest(found_lanes) AS k ORDER BY 2
+      ON CONFLICT (policy, lane) DO NOTHING;
+      GET DIAGNOSTICS n = ROW_COUNT;
+      added := added + n;
+    END IF;
+  END LOOP;
+  -- Lanes of policies that are gone.
+  IF sync_lanes.policies IS NULL THEN
+    DELETE FROM dispatch_policy.lanes l WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies x WHERE x.name = l.policy);
+  END IF;
+  RETURN added;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.sync_lanes(text[]) IS
+  'Maintenance: adds the missing lanes of eligible jobs (jobs written without stage(), as by a restore or a direct INSERT, are otherwise never fetched by the round-robin fetch), of the given policies or all; deletes lanes of policies that no longer exist. One index probe per lane. Returns the number of lanes added. The runner calls it with prune.';
+
+-- Lanes of the jobs pending now.
+SELECT dispatch_policy.sync_lanes();
