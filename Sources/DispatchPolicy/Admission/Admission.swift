@@ -132,8 +132,8 @@ public struct AdmissionDecision: Sendable, Equatable {
     public var laneBlocks: [LaneBlock] = []
 }
 
-/// A lane of the batch every fetched job of which was refused by state from
-/// before the tick (not by room that this tick's own admissions took).
+/// A lane of the batch that can admit nothing more until a partition that
+/// refused its jobs has room again (see ``Admission/LaneTally``).
 public struct LaneBlock: Sendable, Equatable {
     /// The lane: a round-robin key, or nil for the lane of jobs without one.
     public var lane: String?
@@ -331,18 +331,18 @@ public struct Admission: Sendable {
                     if firstStarvedLane == nil, row.row.lane > 0, starved { firstStarvedLane = row.row.lane }
                     if row.row.lane > 0 {
                         var tally = lanes[row.row.lane] ?? LaneTally(key: row.row.roundRobinKey)
-                        if starved || gate.type == .globalCap {
-                            tally.open = true
-                        } else {
+                        tally.see(row.partitions)
+                        switch gate.type {
+                        case .throttle:
                             tally.refusals.insert(key)
-                            switch gate.type {
-                            case .throttle:
-                                tally.waits[key] = decision.tokenWaits[key] ?? .infinity
-                            case .concurrency, .adaptiveConcurrency:
-                                tally.inFlight[key] = inFlight[key] ?? 0
-                            case .globalCap, .fairInterleave:
-                                break
-                            }
+                            tally.waits[key] = decision.tokenWaits[key] ?? .infinity
+                        case .concurrency, .adaptiveConcurrency:
+                            tally.refusals.insert(key)
+                            tally.inFlight[key] = inFlight[key] ?? 0
+                        case .globalCap, .fairInterleave:
+                            // A full global cap blocks the whole policy, not a
+                            // lane: the next tick fetches nothing while it is full.
+                            tally.shared = true
                         }
                         lanes[row.row.lane] = tally
                     }
@@ -360,7 +360,8 @@ public struct Admission: Sendable {
             }
             if row.row.lane > 0 {
                 var tally = lanes[row.row.lane] ?? LaneTally(key: row.row.roundRobinKey)
-                tally.open = true
+                tally.see(row.partitions)
+                tally.admitted = true
                 lanes[row.row.lane] = tally
             }
             var partitions: [String: String] = [:]
@@ -375,23 +376,38 @@ public struct Admission: Sendable {
     }
 
     /// What the jobs of one lane met in a tick.
+    ///
+    /// Room only shrinks within a tick, so a partition that refused a job has
+    /// no room for it when the tick ends: until its next whole token, or
+    /// until it releases a slot. A lane whose fetched jobs all share their
+    /// partitions (a lane per partition, as without round_robin_by) can
+    /// admit nothing more before then, whatever this tick admitted from it;
+    /// a lane of mixed partitions only when none of its jobs got through
+    /// (its next jobs may be for a partition with room).
     struct LaneTally {
         var key: String?
-        /// A job was admitted, or refused only because this tick's own
-        /// admissions took the room (or by the global cap): not blocked.
-        var open = false
+        var admitted = false
+        /// Refused by the global cap: not the lane's to wait on.
+        var shared = false
+        var first: [String]?
+        var mixed = false
         var refusals = Set<GateKey>()
         /// Seconds to the next whole token per refusing throttle partition
         /// (`.infinity`: it refills never, rate 0).
         var waits: [GateKey: Double] = [:]
-        /// In flight per refusing counter partition, as the decision saw it.
+        /// In flight per refusing counter partition, as the decision left it.
         var inFlight: [GateKey: Int] = [:]
+
+        mutating func see(_ partitions: [String]) {
+            guard let first else { self.first = partitions; return }
+            if !mixed && !partitions.elementsEqual(first, by: { ExactString($0) == ExactString($1) }) { mixed = true }
+        }
 
         /// The block: until the one refusing partition has room (a token by
         /// the clock, a slot by a release), else, refused by several, the
         /// earliest token or a second at most.
         var block: LaneBlock? {
-            guard !open, let first = refusals.first else { return nil }
+            guard !shared, let first = refusals.first, !admitted || !mixed else { return nil }
             if refusals.count == 1 {
                 if let wait = waits[first] {
                     return wait.isFinite

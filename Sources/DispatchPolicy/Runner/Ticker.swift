@@ -56,8 +56,9 @@ public struct TickResult: Sendable, Equatable {
     /// When a throttle partition that refused jobs of this batch next holds a
     /// whole token (nil: none refused for tokens).
     public var nextTokenIn: Duration?
-    /// Lanes this tick found blocked (every fetched job refused by state from
-    /// before it): the fetch passes them over until their block ends.
+    /// Lanes this tick found blocked (they can admit nothing more until a
+    /// partition that refused them has room): the fetch passes them over
+    /// until their block ends.
     public var lanesBlocked = 0
     public var duration: Duration = .zero
 
