@@ -34,22 +34,24 @@ enum ThrottleFigures {
             let policy = "burst_\(burst)"
             try await bench.declare(db, policy, PolicyConfig { Gate.throttle(rate: .constant(rate), per: 1, burst: .constant(Double(burst))) })
             try await bench.stage(db, policy: policy, count: Int(rate * seconds(warmup + window) * Double(rounds) * 1.5) + 100)
-            var utils: [Double] = []
+            var utils: [Double] = [], rates: [Double] = []
             for _ in 0..<rounds {
-                let (from, to) = try await withLive([runner(bench, settings, policies: [policy])], logger: bench.logger) {
+                let (from, tokens, to) = try await withLive([runner(bench, settings, policies: [policy])], logger: bench.logger) {
                     try await Task.sleep(for: warmup)
-                    let from = try await bench.now(db)
+                    let (from, tokens) = try await bench.windowStart(db, policy: policy)
                     try await Task.sleep(for: window)
-                    return (from, try await bench.now(db))
+                    return (from, tokens, try await bench.now(db))
                 }
                 let n = try await bench.admissions(db, policy: policy, from: from, to: to)
-                utils.append(Double(n) / (rate * to.timeIntervalSince(from)))
+                // What the throttle allowed in the window: the tokens at its start plus the refill.
+                utils.append(Double(n) / (tokens + rate * to.timeIntervalSince(from)))
+                rates.append(Double(n) / to.timeIntervalSince(from))
             }
             let excess = throttleExcess(try await admissionTimes(bench, db, policy: policy)[""] ?? [], ratePerSecond: rate)
             let u = Samples(utils)
             rows.append(Row(
                 id: "6", figure: "throttle utilization under backlog, live runner, rate 50/s, burst \(burst)",
-                measured: "\(Samples(utils.map { $0 * rate }).format(Fmt.n)) of 50 admissions/s (after a 1 s warm-up)",
+                measured: "\(Samples(rates).format(Fmt.n)) admissions/s; of what the bucket allowed in the window (its tokens at the start + 50/s)",
                 result: u.format(Fmt.ratio), target: "≥ 0.98", met: u.median >= 0.98,
                 breach: excess > Double(burst) + 1e-6 ? String(format: "%.2f admissions over burst + rate × t", excess - Double(burst)) : nil))
         }

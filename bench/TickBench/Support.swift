@@ -175,6 +175,17 @@ struct Bench: Sendable {
             """, logger: logger).first?.decode(Int.self) ?? 0
     }
 
+    /// The server's clock, and the tokens then in the throttle buckets of
+    /// `policy` (from the `partition_overview` view, refilled to that time):
+    /// what a throttle allows in a window is these plus rate × its length.
+    func windowStart(_ db: PostgresConnection, policy: String) async throws -> (Date, Double) {
+        let row = try await db.rows("""
+            SELECT now(), coalesce(sum(tokens), 0)::float8 FROM dispatch_policy.partition_overview
+            WHERE policy = \(policy) AND gate_type = 'throttle'
+            """, logger: logger).first
+        return try row?.decode((Date, Double).self) ?? (Date(), 0)
+    }
+
     /// The server's clock.
     func now(_ db: PostgresConnection) async throws -> Date {
         try await db.rows("SELECT clock_timestamp()", logger: logger).first?.decode(Date.self) ?? Date()

@@ -56,7 +56,7 @@ struct TickBench {
         if let url = ProcessInfo.processInfo.environment["DATABASE_URL"], !url.isEmpty {
             admin = try ConnectionSettings(url: url)
         } else {
-            cluster = try await EmbeddedPostgres.start()
+            cluster = try await EmbeddedPostgres.start(logger: logger)
             admin = try ConnectionSettings(url: cluster?.url() ?? "")
         }
         let bench = Bench(admin: admin, options: options, logger: logger)
