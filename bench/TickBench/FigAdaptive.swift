@@ -17,7 +17,7 @@ enum AdaptiveFigures {
         let slots = 10, jobMs = 20, targetLag = 100.0
         let capacity = Double(slots) * 1000 / Double(jobMs)
         let baselineFor = bench.pick(Duration.seconds(10), smoke: .seconds(3))
-        let adaptiveFor = bench.pick(Duration.seconds(40), smoke: .seconds(8))
+        let adaptiveFor = bench.pick(Duration.seconds(30), smoke: .seconds(8))
 
         try await bench.declare(db, "unlimited", PolicyConfig())
         try await bench.stage(db, policy: "unlimited", count: Int(capacity * seconds(baselineFor) * 1.5))

@@ -56,7 +56,7 @@ enum LimitedFigures {
         keys: Int, max: Int, jobMs: Int, workers: Int
     ) async throws -> Row {
         let limited = "limited_\(id)", unlimited = "unlimited_\(id)"
-        let window = bench.pick(Duration.seconds(4), smoke: .seconds(2))
+        let window = bench.pick(Duration.seconds(3), smoke: .seconds(2))
         let rounds = bench.pick(3, smoke: 1)
         let ideal = Double(Swift.min(keys * max, workers)) * 1000 / Double(jobMs)
         let backlog = Int(ideal * seconds(window) * Double(rounds) * 1.5) + 1000

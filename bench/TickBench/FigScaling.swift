@@ -23,7 +23,7 @@ enum ScalingFigures {
             Gate.throttle(rate: .constant(rate), per: 1, partitionBy: "{k}")
         })
         let warmup = Duration.seconds(1)
-        let window = bench.pick(Duration.seconds(5), smoke: .seconds(2))
+        let window = bench.pick(Duration.seconds(4), smoke: .seconds(2))
         let rounds = bench.pick(2, smoke: 1)
         try await bench.stage(db, policy: "mixed", count: Int(bound * seconds(warmup + window) * Double(rounds) * 2 * 1.3) + 500,
                               context: "jsonb_build_object('k', 'k' || (i % \(keys)))")

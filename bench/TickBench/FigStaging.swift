@@ -15,7 +15,7 @@ enum StagingFigures {
         })
         _ = try await db.rows("CREATE TABLE raw_staged (LIKE dispatch_policy.staged_jobs INCLUDING ALL)", logger: logger)
         _ = try await db.rows("CREATE SEQUENCE raw_ids", logger: logger)
-        let window = bench.pick(Duration.seconds(3), smoke: .seconds(1))
+        let window = bench.pick(Duration.seconds(2), smoke: .seconds(1))
         let rounds = bench.pick(3, smoke: 1)
 
         // The same row both ways: what stage() stores is the caller's context
