@@ -299,3 +299,65 @@ struct GateEvaluationTests {
     }
 }
 
+
+/// Which lanes a tick blocks, and until what: pure, from the decision alone.
+@Suite("Lane blocks")
+struct LaneBlockTests {
+    private func lane(_ key: String?, _ n: Int, _ ids: ClosedRange<Int64>, _ context: [String: String]) -> [BatchRow] {
+        ids.map { BatchRow(id: $0, roundRobinKey: key, context: context, lane: n) }
+    }
+
+    @Test("a lane of one partition blocks until its next token once its bucket is empty, whatever it admitted")
+    func throttleBlocks() {
+        let config = PolicyConfig { Gate.throttle(rate: 2, per: 1, burst: 1, partitionBy: "{t}") }
+        let decision = evaluate(config, lane("a", 1, 1...5, ["t": "a"]) + lane("b", 2, 6...6, ["t": "b"]))
+        #expect(decision.admitted.map(\.id) == [1, 6])
+        // a: the token went to job 1, the next comes in half a second; b: all
+        // it had was admitted, nothing refused.
+        #expect(decision.laneBlocks == [LaneBlock(lane: "a", seconds: 0.5)])
+    }
+
+    @Test("a throttle of rate 0 blocks its lane until the config changes; a full counter until a release")
+    func releaseBlocks() {
+        let zero = PolicyConfig { Gate.throttle(rate: 0, per: 1, burst: 1, partitionBy: "{t}") }
+        #expect(evaluate(zero, lane("a", 1, 1...2, ["t": "a"])).laneBlocks
+            == [LaneBlock(lane: "a", seconds: .infinity, releasedBy: GateKey(gate: "throttle", partition: "a"))])
+        let cap = PolicyConfig { Gate.concurrency(max: 2, partitionBy: "{t}") }
+        let state = GateState(inFlight: [GateKey(gate: "concurrency", partition: "a"): 1])
+        let decision = evaluate(cap, lane(nil, 1, 1...3, ["t": "a"]), state: state)
+        #expect(decision.admitted.count == 1)
+        // The keyless lane; the counter as the decision left it (1 + 1).
+        #expect(decision.laneBlocks == [LaneBlock(lane: nil, seconds: .infinity,
+                                                  releasedBy: GateKey(gate: "concurrency", partition: "a"), inFlight: 2)])
+    }
+
+    @Test("a lane of mixed partitions blocks only when none of it got through, for at most a second")
+    func mixedLanes() {
+        let config = PolicyConfig(roundRobinBy: "{tenant}") { Gate.throttle(rate: 1, per: 10, burst: 1, partitionBy: "{ep}") }
+        let mixed = [BatchRow(id: 1, roundRobinKey: "t", context: ["tenant": "t", "ep": "x"], lane: 1),
+                     BatchRow(id: 2, roundRobinKey: "t", context: ["tenant": "t", "ep": "x"], lane: 1),
+                     BatchRow(id: 3, roundRobinKey: "t", context: ["tenant": "t", "ep": "y"], lane: 1)]
+        // Job 2 found x empty, but the lane's next job may be for a free endpoint.
+        #expect(evaluate(config, mixed).laneBlocks == [])
+        // None through: until the earliest token (y's, in half a second), a second at most.
+        let low = GateState(tokens: [GateKey(gate: "throttle", partition: "x"): 0.5, GateKey(gate: "throttle", partition: "y"): 0.95])
+        let blocks = evaluate(config, mixed, state: low).laneBlocks
+        #expect(blocks.count == 1 && blocks[0].lane == "t" && blocks[0].releasedBy == nil && abs(blocks[0].seconds - 0.5) < 1e-9)
+        let empty = GateState(tokens: [GateKey(gate: "throttle", partition: "x"): 0, GateKey(gate: "throttle", partition: "y"): 0])
+        #expect(evaluate(config, mixed, state: empty).laneBlocks == [LaneBlock(lane: "t", seconds: 1)])
+    }
+
+    @Test("refusals by the global cap block no lane: a full cap stops the whole fetch instead")
+    func globalCapBlocksNoLane() {
+        let config = PolicyConfig { Gate.concurrency(max: 10, partitionBy: "{t}"); Gate.globalCap(max: 1) }
+        let decision = evaluate(config, lane("a", 1, 1...2, ["t": "a"]) + lane("b", 2, 3...4, ["t": "b"]))
+        #expect(decision.admitted.map(\.id) == [1])
+        #expect(decision.laneBlocks == [])
+    }
+
+    @Test("rows fetched without lanes (lane 0) block nothing")
+    func noLanes() {
+        let config = PolicyConfig { Gate.throttle(rate: 1, per: 1, burst: 1) }
+        #expect(evaluate(config, [BatchRow(id: 1), BatchRow(id: 2)]).laneBlocks == [])
+    }
+}

@@ -145,6 +145,13 @@ public struct LaneBlock: Sendable, Equatable {
     /// The in-flight count of ``releasedBy`` the decision saw (nil: no
     /// counter): the block applies only while the counter still holds that many.
     public var inFlight: Int?
+
+    public init(lane: String?, seconds: Double, releasedBy: GateKey? = nil, inFlight: Int? = nil) {
+        self.lane = lane
+        self.seconds = seconds
+        self.releasedBy = releasedBy
+        self.inFlight = inFlight
+    }
 }
 
 /// A batch row with its partition for every gate, computed once.
