@@ -232,7 +232,7 @@ public struct Ticker: Sendable {
         return result
     }
 
-    /// The tick's three calls (see `Migrations/0013_tick.sql`): `tick_begin`
+    /// The tick's three calls (see `Migrations/0014_tick.sql`): `tick_begin`
     /// locks, takes observations, promotes and fetches; `tick_state` reads
     /// the gate state of the batch's partitions; `tick_finish` admits and
     /// saves the adaptive state. The decision and the AIMD fold are made

@@ -1,0 +1,3 @@
+\set e random(1, 100)
+SELECT dispatch_policy.stage('bench_throttle', '{"url": "https://example.com/hook", "n": 1}',
+                             jsonb_build_object('endpoint_id', 'e' || :e));
