@@ -16,7 +16,8 @@
 -- took):
 --   * by a throttle partition: until its next whole token (blocked_until);
 --   * by a concurrency or adaptive partition at its cap: until a slot of
---     that partition is released (complete, fail, the reaper: _release_slots)
+--     that partition is released (complete, fail, the reaper, repair: any
+--     decrease of its counter, by a trigger)
 --     or its adaptive cap grows (blocked_gate, blocked_partition;
 --     blocked_until 'infinity');
 --   * by different partitions: for a second at most.
@@ -54,7 +55,7 @@ ALTER TABLE dispatch_policy.lanes SET (
   autovacuum_vacuum_cost_delay = 0
 );
 COMMENT ON TABLE dispatch_policy.lanes IS
-  'Round-robin lanes with pending jobs, and whether each is blocked. The fetch rotates over ready lanes only (blocked_until IS NULL), so a blocked lane takes no batch slot. Maintained by staging, a trigger on staged jobs made eligible by an UPDATE (promote_scheduled), the fetch (empty lanes are deleted), the tick (blocks), _release_slots and config changes (unblocks); sync_lanes re-adds lanes of jobs written without stage().';
+  'Round-robin lanes with pending jobs, and whether each is blocked. The fetch rotates over ready lanes only (blocked_until IS NULL), so a blocked lane takes no batch slot. Maintained by staging, a trigger on staged jobs made eligible by an UPDATE (promote_scheduled), the fetch (empty lanes are deleted), the tick (blocks), released or deleted counters and config changes (unblocks); sync_lanes re-adds lanes of jobs written without stage().';
 COMMENT ON COLUMN dispatch_policy.lanes.policy IS 'Policy.';
 COMMENT ON COLUMN dispatch_policy.lanes.lane IS 'The round-robin key of its jobs; NULL: the lane of jobs without a key.';
 COMMENT ON COLUMN dispatch_policy.lanes.blocked_until IS 'NULL: ready. Else the fetch passes the lane over until then (''infinity'': until blocked_partition releases a slot, or the config changes).';
@@ -159,39 +160,59 @@ CREATE TRIGGER staged_jobs_lanes
   REFERENCING NEW TABLE AS new_jobs
   FOR EACH STATEMENT EXECUTE FUNCTION dispatch_policy._lanes_of_updated_jobs();
 
--- Deletes lanes that have no eligible job, unless a stager is adding jobs to
+-- Lanes with no eligible job are deleted, unless a stager is adding jobs to
 -- the policy right now (it holds the lanes lock shared): the lock is taken at
 -- once or not at all, and given back right after the DELETE (a stager's lane
 -- insert after it waits for this transaction, then adds the lane again).
+-- When a stager is in flight the empty lanes are passed over for a second
+-- instead: a time block always ends, so a job staged into one meanwhile
+-- waits a second at most, and empty lanes never crowd out the ready ones.
 CREATE FUNCTION dispatch_policy._drop_empty_lanes(policy text, lanes text[], keyless boolean)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
+DECLARE
+  locked boolean := false;
 BEGIN
-  IF NOT pg_try_advisory_lock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy)) THEN
-    RETURN;
-  END IF;
   BEGIN
-    DELETE FROM dispatch_policy.lanes l
-    WHERE l.policy = _drop_empty_lanes.policy AND l.lane = ANY (_drop_empty_lanes.lanes) AND l.blocked_until IS NULL
-      AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
-                      WHERE s.policy = l.policy AND s.not_before IS NULL
-                        AND s.round_robin_key >= l.lane AND s.round_robin_key <= l.lane);
-    IF keyless THEN
+    locked := pg_try_advisory_lock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
+    IF locked THEN
       DELETE FROM dispatch_policy.lanes l
-      WHERE l.policy = _drop_empty_lanes.policy AND l.lane IS NULL AND l.blocked_until IS NULL
+      WHERE l.policy = _drop_empty_lanes.policy AND l.lane = ANY (_drop_empty_lanes.lanes) AND l.blocked_until IS NULL
         AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
-                        WHERE s.policy = l.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL);
+                        WHERE s.policy = l.policy AND s.not_before IS NULL
+                          AND s.round_robin_key >= l.lane AND s.round_robin_key <= l.lane);
+      IF keyless THEN
+        DELETE FROM dispatch_policy.lanes l
+        WHERE l.policy = _drop_empty_lanes.policy AND l.lane IS NULL AND l.blocked_until IS NULL
+          AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
+                          WHERE s.policy = l.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL);
+      END IF;
+      PERFORM pg_advisory_unlock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
+      RETURN;
     END IF;
-    PERFORM pg_advisory_unlock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
-  EXCEPTION WHEN OTHERS THEN
-    PERFORM pg_advisory_unlock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
+  EXCEPTION WHEN query_canceled OR others THEN
+    -- A session lock outlives the statement: never leave it held (a
+    -- cancelled or timed-out DELETE would block every stager of the policy).
+    IF locked THEN
+      PERFORM pg_advisory_unlock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
+    END IF;
     RAISE;
   END;
+  UPDATE dispatch_policy.lanes l
+  SET blocked_until = now() + interval '1 second', updated_at = now()
+  WHERE l.policy = _drop_empty_lanes.policy AND l.blocked_until IS NULL
+    AND ((l.lane = ANY (_drop_empty_lanes.lanes)
+          AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
+                          WHERE s.policy = l.policy AND s.not_before IS NULL
+                            AND s.round_robin_key >= l.lane AND s.round_robin_key <= l.lane))
+         OR (keyless AND l.lane IS NULL
+             AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
+                             WHERE s.policy = l.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL)));
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._drop_empty_lanes(text, text[], boolean) IS
-  'Internal: deletes the given lanes of a policy (and its keyless lane when keyless) that are ready and have no eligible job, if no stager holds the policy''s lanes lock; called by fetch_batch for lanes it found empty and by admission for the lanes it drew from.';
+  'Internal: deletes the given lanes of a policy (and its keyless lane when keyless) that are ready and have no eligible job, if no stager holds the policy''s lanes lock; else blocks them for a second. Called by fetch_batch for lanes it found empty and by admission for the lanes it drew from.';
 
 -- The next ready lanes in rotation order after a key: keys ascending, then
 -- the keyless lane (NULL), then from the first key again up to the given one.
@@ -256,6 +277,14 @@ DECLARE
   i integer;
 BEGIN
   PERFORM dispatch_policy._require_now(fetch_batch.now);
+  IF batch_size IS NULL OR NOT dispatch_policy._within_limit(batch_size, 'batch_size') THEN
+    RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
+      USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', coalesce(batch_size::text, 'NULL'));
+  END IF;
+  IF round_robin_quantum IS NOT NULL AND NOT dispatch_policy._within_limit(round_robin_quantum, 'round_robin_quantum') THEN
+    RAISE EXCEPTION 'round_robin_quantum %', dispatch_policy._limit_rule('round_robin_quantum')
+      USING ERRCODE = '22023', DETAIL = format('round_robin_quantum is %s.', round_robin_quantum);
+  END IF;
   IF round_robin_quantum IS NULL THEN
     RETURN QUERY
       SELECT s.id, s.priority, s.round_robin_key, s.context, 0
@@ -362,56 +391,65 @@ $$;
 COMMENT ON FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz) IS
   'Locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: from the policy''s ready lanes (dispatch_policy.lanes) in rotation order after its cursor, up to that many rows of each, as many lanes as fill the batch, then more rows of lanes that gave a whole quantum; rows interleaved (every lane''s first row, then every lane''s second, ...), lane = the lane''s place in this rotation. Blocked lanes are passed over without a look; lanes whose block ran out are unblocked first; lanes found empty are deleted. Without round_robin_quantum: the oldest rows, lane 0. The cursor is moved by admit.';
 
--- Slots released: lanes waiting for one of those partitions are ready again.
-CREATE OR REPLACE FUNCTION dispatch_policy._release_slots(jobs dispatch_policy.admitted_jobs[], now timestamptz)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-BEGIN
-  -- One statement locks every counter the jobs hold, in (policy, gate,
-  -- partition) order, as every other writer does; then one update.
-  PERFORM 1 FROM dispatch_policy.inflight_counters c
-  WHERE (c.policy, c.gate, c.partition) IN (
-    SELECT j.policy, s.key, s.value FROM unnest(jobs) AS j, jsonb_each_text(j.partitions) AS s)
-  ORDER BY c.policy, c.gate, c.partition
-  FOR UPDATE;
-  UPDATE dispatch_policy.inflight_counters c
-  SET in_flight = greatest(c.in_flight - h.n, 0), updated_at = _release_slots.now
-  FROM (SELECT j.policy, s.key AS gate, s.value AS partition, count(*)::integer AS n
-        FROM unnest(jobs) AS j, jsonb_each_text(j.partitions) AS s
-        GROUP BY 1, 2, 3) h
-  WHERE c.policy = h.policy AND c.gate = h.gate AND c.partition = h.partition;
-  -- The counters above stay locked to commit, so a tick cannot block a lane
-  -- on one of them between this and the release becoming visible.
-  UPDATE dispatch_policy.lanes l
-  SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL, updated_at = _release_slots.now
-  FROM (SELECT DISTINCT j.policy, s.key AS gate, s.value AS partition
-        FROM unnest(jobs) AS j, jsonb_each_text(j.partitions) AS s) h
-  WHERE l.policy = h.policy AND l.blocked_gate = h.gate AND l.blocked_partition = h.partition
-    AND l.blocked_until IS NOT NULL;
-  PERFORM pg_notify('dispatch_policy_released', x.policy)
-  FROM (SELECT DISTINCT j.policy FROM unnest(jobs) AS j) x;
-END
-$$;
-
--- A changed config may change every cap and rate: its lanes are ready again.
-CREATE FUNCTION dispatch_policy._unblock_policy_lanes()
+-- A counter that goes down (a slot released by complete, fail or the
+-- reaper; repair() or a DBA correcting it) or goes away: lanes waiting on its
+-- partition are ready again. The releasing transaction holds the counter's
+-- row lock to commit, so a tick cannot block a lane on it in between (the
+-- tick checks the counter under that lock before it blocks).
+CREATE FUNCTION dispatch_policy._unblock_released_lanes()
 RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 BEGIN
-  IF OLD.config IS DISTINCT FROM NEW.config THEN
-    UPDATE dispatch_policy.lanes l SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL, updated_at = now()
-    WHERE l.policy = NEW.name AND l.blocked_until IS NOT NULL;
+  UPDATE dispatch_policy.lanes l
+  SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL, updated_at = now()
+  WHERE l.policy = OLD.policy AND l.blocked_gate = OLD.gate AND l.blocked_partition = OLD.partition
+    AND l.blocked_until IS NOT NULL;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._unblock_released_lanes() IS
+  'Internal trigger: when an in-flight counter goes down or is deleted, the lanes blocked until that partition releases a slot are ready again.';
+CREATE TRIGGER inflight_counters_released
+  AFTER UPDATE OF in_flight ON dispatch_policy.inflight_counters
+  FOR EACH ROW WHEN (NEW.in_flight < OLD.in_flight) EXECUTE FUNCTION dispatch_policy._unblock_released_lanes();
+CREATE TRIGGER inflight_counters_deleted
+  AFTER DELETE ON dispatch_policy.inflight_counters
+  FOR EACH ROW EXECUTE FUNCTION dispatch_policy._unblock_released_lanes();
+
+-- A policy declared (again), redeclared or deleted: its lanes start over.
+-- A changed config may change every cap and rate, so its lanes are ready
+-- again; jobs pending without a key get the lane the new config gives them
+-- (else a policy that gains partitioned gates keeps them all in one lane,
+-- behind whichever partition is blocked); a deleted policy's lanes go.
+CREATE FUNCTION dispatch_policy._policy_lanes_changed()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    DELETE FROM dispatch_policy.lanes l WHERE l.policy = OLD.name;
+    RETURN NULL;
+  END IF;
+  IF TG_OP = 'UPDATE' AND OLD.config IS NOT DISTINCT FROM NEW.config THEN
+    RETURN NULL;
+  END IF;
+  UPDATE dispatch_policy.lanes l SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL, updated_at = now()
+  WHERE l.policy = NEW.name AND l.blocked_until IS NOT NULL;
+  IF NEW.lane_template IS NOT NULL AND (TG_OP = 'INSERT' OR OLD.lane_template IS DISTINCT FROM NEW.lane_template) THEN
+    -- The staged_jobs_lanes trigger adds the new lanes.
+    UPDATE dispatch_policy.staged_jobs s
+    SET round_robin_key = dispatch_policy._round_robin_key(NEW.lane_template, s.context, NULL)
+    WHERE s.policy = NEW.name AND s.round_robin_key IS NULL;
   END IF;
   RETURN NULL;
 END
 $$;
-COMMENT ON FUNCTION dispatch_policy._unblock_policy_lanes() IS
-  'Internal trigger: a policy whose config changes has every lane ready again.';
-CREATE TRIGGER policies_unblock_lanes
-  AFTER UPDATE OF config ON dispatch_policy.policies
-  FOR EACH ROW EXECUTE FUNCTION dispatch_policy._unblock_policy_lanes();
+COMMENT ON FUNCTION dispatch_policy._policy_lanes_changed() IS
+  'Internal trigger: a policy inserted or whose config changed has every lane ready again and its pending jobs without a key keyed by its lane_template; a deleted policy''s lanes are deleted.';
+CREATE TRIGGER policies_lanes
+  AFTER INSERT OR UPDATE OF config OR DELETE ON dispatch_policy.policies
+  FOR EACH ROW EXECUTE FUNCTION dispatch_policy._policy_lanes_changed();
 
 -- Lanes of eligible jobs written without stage() (a restore, a direct
 -- INSERT): one index probe per lane, so a policy's lanes are found in

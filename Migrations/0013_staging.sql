@@ -323,3 +323,10 @@ END
 $$;
 COMMENT ON FUNCTION dispatch_policy.stage(text, jsonb, jsonb, text, text, text, integer, timestamptz) IS
   'Stages one job and returns its id, or NULL when a job of the same policy with the same dedupe_key is pending or admitted. Adds queue_name and priority to the context unless set; derives round_robin_key (the job''s lane) from the policy''s lane_template (round_robin_by, else its gates'' partition_by templates) when not given; a not_before in the future schedules the job. Errors: unknown policy 42704, NULL args 22004, a field out of its limits() bounds or otherwise invalid 22023 (the message names the field).';
+
+-- Jobs pending without a key in policies whose gates are partitioned get the
+-- lane their config gives them (the staged_jobs_lanes trigger adds it).
+UPDATE dispatch_policy.staged_jobs s
+SET round_robin_key = dispatch_policy._round_robin_key(p.lane_template, s.context, NULL)
+FROM dispatch_policy.policies p
+WHERE s.policy = p.name AND s.round_robin_key IS NULL AND p.lane_template IS NOT NULL;

@@ -541,6 +541,7 @@ RETURNS TABLE (kind text, gate text, partition text, tokens double precision, in
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 BEGIN
+  PERFORM dispatch_policy._require_policy(tick_state.policy);
   IF coalesce(cardinality(bucket_gates), 0) > 0 THEN
     RETURN QUERY
     SELECT 'bucket'::text, b.gate, b.partition, b.tokens, NULL::integer, NULL::integer, NULL::float8, NULL::float8, NULL::bigint
@@ -584,6 +585,12 @@ DECLARE
   check_gates text[];
   check_partitions text[];
 BEGIN
+  PERFORM dispatch_policy._require_policy(tick_finish.policy);
+  PERFORM dispatch_policy._require_now(tick_finish.now);
+  IF EXISTS (SELECT 1 FROM unnest(block_seconds) AS b(secs) WHERE b.secs IS NULL OR b.secs = 'NaN' OR b.secs < 0) THEN
+    RAISE EXCEPTION 'block_seconds must be 0 or more (Infinity: until released)'
+      USING ERRCODE = '22023', HINT = 'Nothing was changed.';
+  END IF;
   PERFORM dispatch_policy._require_same_length(
     'block_lanes, block_keyless, block_seconds, block_gates, block_partitions and block_in_flight',
     ARRAY[cardinality(block_lanes), cardinality(block_keyless), cardinality(block_seconds), cardinality(block_gates),
@@ -603,8 +610,10 @@ BEGIN
   END IF;
   IF coalesce(cardinality(block_lanes), 0) > 0 THEN
     UPDATE dispatch_policy.lanes l
-    SET blocked_until = CASE WHEN b.secs >= 'Infinity' THEN 'infinity'::timestamptz
-                             ELSE tick_finish.now + make_interval(secs => greatest(b.secs, 0)) END,
+    -- A block by time lasts 30 days at most (a rate of one a year would
+    -- overflow a timestamp); then the lane is looked at again.
+    SET blocked_until = CASE WHEN b.secs = 'Infinity' THEN 'infinity'::timestamptz
+                             ELSE tick_finish.now + make_interval(secs => least(b.secs, 2592000)) END,
         blocked_gate = nullif(b.g, ''),
         blocked_partition = CASE WHEN b.g = '' THEN NULL ELSE b.p END,
         updated_at = tick_finish.now
@@ -633,4 +642,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_finish(text, timestamptz, bigint[], text[], text[], text[], text[], double precision[], integer, jsonb, text[], text[], integer[], double precision[], double precision[], bigint[], bigint[], bigint[], timestamptz[], text[], boolean[], double precision[], text[], text[], integer[], text[], text[]) IS
-  'The last call of a tick: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor); block lanes (block_lanes, or the keyless lane where block_keyless; for block_seconds, ''Infinity'' for until released; on block_gates/block_partitions ('''' for time alone), only while that counter still holds block_in_flight or more, -1 for no check); save_adaptive (parallel arrays, as its fields); unblock lanes waiting on adaptive partitions whose cap grew (unblock_gates, unblock_partitions). Returns the number admitted.';
+  'The last call of a tick: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor); block lanes (block_lanes, or the keyless lane where block_keyless; for block_seconds, at most 30 days, ''Infinity'' for until released; on block_gates/block_partitions ('''' for time alone), only while that counter still holds block_in_flight or more, -1 for no check); save_adaptive (parallel arrays, as its fields); unblock lanes waiting on adaptive partitions whose cap grew (unblock_gates, unblock_partitions). Returns the number admitted.';

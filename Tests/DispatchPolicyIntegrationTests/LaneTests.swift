@@ -187,9 +187,124 @@ struct LaneTests {
                 }
                 #expect(try await jobsWithoutLane(conn) == 0)
             }
-            while try await tick(conn, "p").admitted > 0 {}
-            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs") == 0)
+            // Lanes found empty while a stager was in flight are passed over for
+            // a second, then fetched again.
+            let drained = try await waitUntil(10) {
+                _ = try await tick(conn, "p")
+                return try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs", as: Int.self) == 0
+            }
+            #expect(drained)
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 15 * 60)
+        }
+    }
+
+    /// Found by hostile testing: while any stager was in flight, empty lanes
+    /// were never deleted, and once there were more of them than a batch the
+    /// fetch saw nothing else.
+    @Test("empty lanes a stager keeps from being deleted are passed over, not fetched forever")
+    func emptyLanesUnderStaging() async throws {
+        try await withTestDatabase { conn, settings in
+            try await declare(conn, "p", PolicyConfig(roundRobinBy: "{t}", batchSize: 20))
+            try await conn.exec("""
+                SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i, 'context', jsonb_build_object('t', 'a' || lpad(i::text, 3, '0'))))
+                                                         FROM generate_series(1, 100) i))
+                """)
+            try await TestServer.withConnection(settings) { stager in
+                // A stager's open transaction holds the lanes lock shared.
+                try await stager.exec("BEGIN")
+                try await stager.exec(#"SELECT dispatch_policy.stage('p', '"hot"', '{"t": "hot"}')"#)
+                for _ in 0..<5 { _ = try await tick(conn, "p") }
+                #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.lanes WHERE blocked_until IS NULL") == 0)
+                try await conn.exec(#"SELECT dispatch_policy.stage('p', '"late"', '{"t": "zzz"}')"#)
+                #expect(try await tick(conn, "p").admitted == 1)
+                try await stager.exec("COMMIT")
+            }
+            // The staged job of the empty-looking lane is admitted when its second is up.
+            let drained = try await waitUntil(10) {
+                _ = try await tick(conn, "p")
+                return try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs", as: Int.self) == 0
+            }
+            #expect(drained)
+        }
+    }
+
+    /// Found by hostile testing: a fetch cancelled while it deleted empty
+    /// lanes kept the lanes lock (a session lock), and every stager of the
+    /// policy then waited for it.
+    @Test("a cancelled fetch gives the lanes lock back")
+    func cancelledFetchUnlocks() async throws {
+        try await withTestDatabase { conn, settings in
+            try await declare(conn, "p", PolicyConfig(roundRobinBy: "{t}"))
+            try await conn.exec("INSERT INTO dispatch_policy.lanes (policy, lane) VALUES ('p', 'ghost')")
+            try await TestServer.withConnection(settings) { holder in
+                try await holder.exec("BEGIN")
+                try await holder.exec("SELECT 1 FROM dispatch_policy.lanes WHERE lane = 'ghost' FOR UPDATE")
+                try await conn.exec("SET statement_timeout = '300ms'")
+                await #expect(throws: (any Error).self) {
+                    try await conn.exec("SELECT count(*) FROM dispatch_policy.fetch_batch('p', 10, 5)")
+                }
+                try await conn.exec("RESET statement_timeout")
+                try await holder.exec("ROLLBACK")
+            }
+            #expect(try await conn.scalar(
+                "SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()") == 0)
+        }
+    }
+
+    /// Found by hostile testing: blocks that nothing would ever lift.
+    @Test("no block outlives its cause: a tiny rate, a job's own cap of 0, a repaired counter, a redeclared or re-created policy")
+    func blocksEnd() async throws {
+        try await withTestDatabase { conn, _ in
+            // One token a year: the block is capped (a timestamp overflowed), the tick works.
+            try await declare(conn, "yearly", PolicyConfig {
+                Gate.throttle(rate: 0.000001, per: 31_536_000, partitionBy: "{t}")
+            })
+            try await conn.exec(#"SELECT dispatch_policy.stage('yearly', '1', '{"t": "a"}') FROM generate_series(1, 2)"#)
+            try await conn.exec(#"SELECT dispatch_policy.stage('yearly', '1', '{"t": "b"}')"#)
+            #expect(try await tick(conn, "yearly").admitted == 2)
+            #expect(try await conn.scalar(
+                "SELECT blocked_until BETWEEN now() + interval '29 days' AND now() + interval '31 days' FROM dispatch_policy.lanes WHERE lane = 'a'",
+                as: Bool.self))
+
+            // A job whose own cap is 0 holds no slot: its lane is looked at again, not parked.
+            try await declare(conn, "own", PolicyConfig { Gate.concurrency(max: .context("max", default: 5), partitionBy: "{t}") })
+            try await conn.exec(#"SELECT dispatch_policy.stage('own', '1', '{"t": "a", "max": 0}')"#)
+            _ = try await tick(conn, "own")
+            #expect(try await conn.scalar(
+                "SELECT blocked_until < now() + interval '2 seconds' FROM dispatch_policy.lanes WHERE policy = 'own'", as: Bool.self))
+
+            // A counter corrected by hand (or by repair()) unblocks its lanes.
+            try await declare(conn, "drift", PolicyConfig { Gate.concurrency(max: 1, partitionBy: "{t}") })
+            try await conn.exec(#"SELECT dispatch_policy.stage('drift', '1', '{"t": "a"}') FROM generate_series(1, 2)"#)
+            #expect(try await tick(conn, "drift").admitted == 1)
+            #expect(try await conn.scalar("SELECT blocked_until = 'infinity' FROM dispatch_policy.lanes WHERE policy = 'drift'", as: Bool.self))
+            try await conn.exec("DELETE FROM dispatch_policy.admitted_jobs WHERE policy = 'drift'")
+            try await conn.exec("SELECT * FROM dispatch_policy.repair()")
+            #expect(try await tick(conn, "drift").admitted == 1)
+
+            // Deleted and declared again: the old lanes go with the policy.
+            try await conn.exec("DELETE FROM dispatch_policy.admitted_jobs WHERE policy = 'drift'")
+            try await conn.exec("DELETE FROM dispatch_policy.inflight_counters WHERE policy = 'drift'")
+            try await conn.exec("DELETE FROM dispatch_policy.policies WHERE name = 'drift'")
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.lanes WHERE policy = 'drift'") == 0)
+        }
+    }
+
+    /// Found by hostile testing: jobs staged before a policy had partitioned
+    /// gates sat in one keyless lane, behind whichever partition was blocked.
+    @Test("jobs pending without a key get their partition's lane when the policy gains partitioned gates")
+    func redeclareKeysPendingJobs() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig(batchSize: 50))
+            try await conn.exec(#"SELECT dispatch_policy.stage('p', '"a"', '{"tenant": "A"}') FROM generate_series(1, 100)"#)
+            try await conn.exec(#"SELECT dispatch_policy.stage('p', '"b"', '{"tenant": "B"}')"#)
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE round_robin_key IS NULL") == 101)
+            try await declare(conn, "p", PolicyConfig(batchSize: 50, roundRobinQuantum: 10) {
+                Gate.throttle(rate: 1, per: 60, partitionBy: "{tenant}")
+            })
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE round_robin_key IS NULL") == 0)
+            #expect(try await tick(conn, "p").admitted == 2)
+            #expect(try await conn.scalar(#"SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE args = '"b"'"#) == 1)
         }
     }
 

@@ -421,7 +421,10 @@ public struct Admission: Sendable {
                         ? LaneBlock(lane: key, seconds: wait)
                         : LaneBlock(lane: key, seconds: .infinity, releasedBy: first)
                 }
-                return LaneBlock(lane: key, seconds: .infinity, releasedBy: first, inFlight: inFlight[first] ?? 0)
+                // Nothing in flight releases nothing (a job whose own cap is
+                // 0): look again in a second.
+                guard let held = inFlight[first], held > 0 else { return LaneBlock(lane: key, seconds: 1) }
+                return LaneBlock(lane: key, seconds: .infinity, releasedBy: first, inFlight: held)
             }
             let soonest = waits.values.filter(\.isFinite).min() ?? 1
             return LaneBlock(lane: key, seconds: Swift.min(soonest, 1))
