@@ -317,7 +317,7 @@ struct RunnerTests {
             let runnerA = TickRunner(connection: settings, options: optionsA, logger: TestServer.logger)
             var optionsB = TickRunnerOptions()
             optionsB.idlePause = .milliseconds(50)
-            optionsB.runFor = .seconds(2)
+            optionsB.runFor = .seconds(5)
             let runnerB = TickRunner(connection: settings, options: optionsB, logger: TestServer.logger)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { _ = try await runnerA.runLoop() }
@@ -326,7 +326,7 @@ struct RunnerTests {
                 var reportB: RunReport?
                 var yAdmitted = false
                 if stuck {
-                    // B ends after 2 s whatever x's tick does (if it waits for x, it waits until A is let go).
+                    // B ends after 5 s whatever x's tick does (if it waits for x, it waits until A is let go).
                     let b = Task { try await runnerB.runLoop() }
                     yAdmitted = try await waitUntil(10) { try await admitted("y") == 1 }
                     #expect(yAdmitted, "y was not admitted while another runner was in a tick of x")
