@@ -27,6 +27,7 @@ struct CompletionBatcherTests {
                 Issue.record("a stopped batcher reported \(outcome)")
             }
             waiter.cancel()
+            await db.close()
         }
     }
 

@@ -592,4 +592,37 @@ struct FaultTests {
         kill(child.pid, SIGTERM)
         #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
     }
+
+    /// Found by CI: a call that gave up while its connection was still
+    /// opening left the attempt running; when it opened after the owner had
+    /// closed the ManagedConnection, it was adopted and never closed (a
+    /// leaked session, and postgres-nio's "deinitialized before being
+    /// closed" assertion crashed the test process).
+    @Test("a connection that opens after close() is closed, and one left open is closed when its owner goes")
+    func lateConnection() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        let proxy = try GatedProxy(to: settings.endpoint)
+        defer { proxy.stop() }
+        var via = settings
+        via.endpoint = .tcp(host: "127.0.0.1", port: proxy.port)
+        via.tls = .disable
+        do {
+            let db = ManagedConnection(settings: via, role: "test", logger: TestServer.logger)
+            await #expect(throws: DispatchPolicyError.self) {
+                try await db.run("a call", timeout: .seconds(5), until: .now + .milliseconds(300)) { _ in }
+            }
+            await db.close()
+            #expect(proxy.accepted == 1)
+            proxy.open()
+            #expect(try await waitUntil(10) { proxy.ended == 1 }, "the late connection was kept")
+            #expect(await !db.isOpen)
+        }
+        do {
+            // Open, then dropped without close().
+            let db = ManagedConnection(settings: via, role: "test", logger: TestServer.logger)
+            try await db.run("a call", timeout: .seconds(5)) { conn in _ = try await conn.query("SELECT 1", logger: TestServer.logger) }
+            #expect(await db.isOpen)
+        }
+        #expect(try await waitUntil(10) { proxy.ended == 2 }, "the session of a dropped ManagedConnection was kept")
+    }
 }

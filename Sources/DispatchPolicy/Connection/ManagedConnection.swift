@@ -120,6 +120,9 @@ public actor ManagedConnection {
     }
     private var connecting: Attempt?
     private var attempts = 0
+    /// Attempts up to this id were started before ``close(timeout:)``: a
+    /// connection one of them opens afterwards is closed, not adopted.
+    private var discardedAttempts = 0
     private var settled = 0
     private var lastAttemptError: DispatchPolicyError?
 
@@ -136,6 +139,9 @@ public actor ManagedConnection {
             settled = attempt.id
             if connecting?.id == attempt.id { connecting = nil }
             switch result {
+            case .success(let conn) where attempt.id <= discardedAttempts:
+                // Opened after close(): its owner is done with this session.
+                Self.closeUnawaited(conn)
             case .success(let conn):
                 let watch = CloseWatch()
                 conn.closeFuture.whenComplete { _ in watch.fire() }
@@ -320,7 +326,10 @@ public actor ManagedConnection {
 
     /// Closes the connection, waiting at most `timeout` for the server to
     /// acknowledge.
+    /// An attempt still connecting is abandoned: the connection it opens is
+    /// closed at once.
     public func close(timeout: Duration = .seconds(2)) async {
+        discardedAttempts = attempts
         guard let conn = current?.conn else { return }
         current = nil
         guard !conn.isClosed else { return }
@@ -329,6 +338,17 @@ public actor ManagedConnection {
 
     static func describe(_ duration: Duration) -> String {
         DurationParser.describe(max(duration, .zero))
+    }
+
+    /// Whether a session is open now (for tests).
+    var isOpen: Bool { liveSession() != nil }
+
+    /// An owner that drops this without ``close(timeout:)`` (or a call
+    /// abandoned at its deadline that outlives the owner) must not leak the
+    /// server session, nor trip postgres-nio's check that a connection is
+    /// closed before it is freed.
+    deinit {
+        if let conn = current?.conn { Self.closeUnawaited(conn) }
     }
 }
 
