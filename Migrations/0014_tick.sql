@@ -4,12 +4,16 @@
 -- admit) stay the documented SQL API, with their jsonb arguments. Each is now
 -- a thin wrapper over an array-taking core (_refill_buckets, _read_counters,
 -- _read_adaptive, _save_adaptive, _admit): one implementation, two ways in.
--- The runner calls the cores through three consolidated entry points:
+-- The runner calls the cores through three consolidated entry points, in
+-- autocommit (no BEGIN, no COMMIT: a tick is three round trips, one when
+-- there is nothing to do):
 --
---   tick_begin   lock, take observations, promote, fetch   (one call)
+--   tick_begin   lock (session level), read observations, promote, fetch
 --   tick_state   refill buckets, read counters and adaptive state of the
---                batch's partitions                          (one call)
---   tick_finish  admit, move the rotation, save adaptive   (one call)
+--                batch's partitions
+--   tick_finish  admit, move the rotation, save adaptive, remove the folded
+--                observations, unlock
+--   tick_abort   unlock after a failure (nothing admitted)
 --
 -- Counters are read without a lock by tick_state and locked, in sorted order,
 -- only by _admit: between the two calls only complete(), fail() and reaping
@@ -324,7 +328,7 @@ BEGIN
       RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,
                       cardinality(ids), quote_literal(_admit.policy)
         USING ERRCODE = '55000',
-              HINT = 'Admit only jobs this transaction fetched with fetch_batch (they are locked until it ends).';
+              HINT = 'Admit only jobs fetched with fetch_batch while holding the policy''s tick lock; a job deleted since cannot be admitted (fetch again).';
     END IF;
 
     -- Slots per counter, once; then create missing counters, lock them (and
@@ -449,7 +453,89 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------
--- The consolidated tick.
+-- The consolidated tick, in autocommit: three calls, three round trips.
+--
+-- tick_begin takes the policy's tick lock at session level and the calls
+-- run without BEGIN/COMMIT, each its own transaction; tick_finish (or
+-- tick_abort, or the session ending) gives the lock back. What makes that
+-- safe, though nothing is locked between the calls but the policy:
+--  * the fetched jobs are only moved by the policy's tick, which holds the
+--    lock (a job deleted meanwhile by hand fails the admission: 55000, and
+--    the next tick fetches again);
+--  * a refill committed by tick_state and never taken is the refill the
+--    next tick would make (refilling is path-independent up to the burst);
+--  * counters only fall between the read and _admit, which locks them;
+--  * observations are read by tick_begin and deleted by tick_finish with
+--    the adaptive state they were folded into: a tick that fails loses none;
+--  * a promotion committed by tick_begin is the one the next tick makes.
+
+CREATE FUNCTION dispatch_policy._remove_observations(policy text, ids bigint[])
+RETURNS TABLE (id bigint, gate text, partition text, lag_ms double precision, success boolean, observed_at timestamptz)
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  WITH taken AS (
+    DELETE FROM dispatch_policy.observations o
+    WHERE o.policy = _remove_observations.policy AND o.id = ANY (ids)
+    RETURNING o.id, o.gate, o.partition, o.lag_ms, o.success, o.observed_at
+  ), minutes AS (
+    INSERT INTO dispatch_policy.observation_minutes AS m (policy, gate, partition, minute, completions, failures, lag_ms_sum)
+    SELECT _remove_observations.policy, t.gate, t.partition, date_trunc('minute', t.observed_at),
+           count(*) FILTER (WHERE t.success), count(*) FILTER (WHERE NOT t.success), sum(t.lag_ms)
+    FROM taken t
+    GROUP BY 2, 3, 4
+    ORDER BY 2, 3, 4
+    ON CONFLICT ON CONSTRAINT observation_minutes_pkey DO UPDATE
+    SET completions = m.completions + EXCLUDED.completions,
+        failures = m.failures + EXCLUDED.failures,
+        lag_ms_sum = m.lag_ms_sum + EXCLUDED.lag_ms_sum
+  )
+  SELECT t.id, t.gate, t.partition, t.lag_ms, t.success, t.observed_at FROM taken t ORDER BY t.id
+$$;
+COMMENT ON FUNCTION dispatch_policy._remove_observations(text, bigint[]) IS
+  'Internal: deletes the policy''s observations with these ids, adds them to observation_minutes and returns them (the one implementation behind take_observations and tick_finish).';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.take_observations(policy text, gate text, max_rows integer DEFAULT 10000)
+RETURNS TABLE (id bigint, partition text, lag_ms double precision, success boolean, observed_at timestamptz)
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  SELECT r.id, r.partition, r.lag_ms, r.success, r.observed_at
+  FROM dispatch_policy._remove_observations(take_observations.policy, ARRAY(
+         SELECT x.id FROM dispatch_policy.observations x
+         WHERE x.policy = take_observations.policy AND x.gate = take_observations.gate
+         ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED)) r
+$$;
+
+-- Releases what tick_begin took: the session-level tick lock (every level
+-- this session holds; pg_locks says which), and the session's
+-- statement_timeout as it was before the tick.
+CREATE FUNCTION dispatch_policy._tick_release(policy text, all_levels boolean)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  key bigint := dispatch_policy._tick_lock_key(_tick_release.policy);
+  saved text := current_setting('dispatch_policy.timeout_outside_tick', true);
+  released boolean := false;
+BEGIN
+  IF saved IS NOT NULL AND saved <> '' THEN
+    PERFORM set_config('statement_timeout', saved, false);
+    PERFORM set_config('dispatch_policy.timeout_outside_tick', '', false);
+  END IF;
+  PERFORM set_config('dispatch_policy.tick_locked', '', false);
+  IF NOT all_levels THEN
+    RETURN pg_advisory_unlock(key);
+  END IF;
+  WHILE EXISTS (SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted AND l.objsubid = 1
+                  AND l.mode = 'ExclusiveLock'
+                  AND l.classid::text::bigint = (key >> 32) & 4294967295 AND l.objid::text::bigint = key & 4294967295) LOOP
+    released := pg_advisory_unlock(key) OR released;
+  END LOOP;
+  RETURN released;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._tick_release(text, boolean) IS
+  'Internal: gives back the session-level tick lock of a policy (once, or every level held: all_levels) and restores the statement_timeout tick_begin replaced.';
 
 CREATE FUNCTION dispatch_policy.tick_begin(
   policy text, batch_size integer, round_robin_quantum integer, max_observations integer DEFAULT 10000,
@@ -466,22 +552,37 @@ DECLARE
   batch integer;
   quantum integer;
   adaptive_gate text;
+  fetched integer := 0;
+  observed integer := 0;
 BEGIN
-  -- Bounds the tick's later statements (tick_state, tick_finish): a slow sql
-  -- target fails its policy's tick instead of holding the runner.
-  IF timeout_ms IS NOT NULL THEN
-    PERFORM set_config('statement_timeout', greatest(timeout_ms, 1)::text, true);
+  IF timeout_ms IS NOT NULL AND timeout_ms < 1 THEN
+    RAISE EXCEPTION 'timeout_ms must be 1 or more (NULL: the session''s statement_timeout)'
+      USING ERRCODE = '22023', DETAIL = format('timeout_ms is %s.', timeout_ms);
   END IF;
-  IF NOT dispatch_policy.try_lock_policy(tick_begin.policy) THEN
+  IF coalesce(current_setting('dispatch_policy.tick_locked', true), '') <> '' THEN
+    RAISE EXCEPTION 'this session is in the tick of policy %', quote_literal(current_setting('dispatch_policy.tick_locked'))
+      USING ERRCODE = '55000', HINT = 'End it with tick_finish or tick_abort first.';
+  END IF;
+  -- Session level: the lock outlives this call's transaction, until
+  -- tick_finish or tick_abort (or the session's end).
+  IF NOT pg_try_advisory_lock(dispatch_policy._tick_lock_key(tick_begin.policy)) THEN
     RETURN QUERY SELECT 'busy'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
                         NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz;
     RETURN;
+  END IF;
+  PERFORM set_config('dispatch_policy.tick_locked', tick_begin.policy, false);
+  -- Bounds the tick's later calls (tick_state, tick_finish): a slow sql
+  -- target fails its policy's tick instead of holding the runner.
+  IF timeout_ms IS NOT NULL THEN
+    PERFORM set_config('dispatch_policy.timeout_outside_tick', current_setting('statement_timeout'), false);
+    PERFORM set_config('statement_timeout', timeout_ms::text, false);
   END IF;
   -- Time is read after the lock, so it never goes backwards between ticks of
   -- one policy; every primitive gets this same time.
   at := clock_timestamp();
   SELECT * INTO pol FROM dispatch_policy.policies p WHERE p.name = tick_begin.policy;
   IF NOT FOUND OR pol.paused THEN
+    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
     RETURN QUERY SELECT CASE WHEN pol.name IS NULL THEN 'unknown' ELSE 'paused' END, NULL::bigint, NULL::integer,
                         NULL::text, NULL::text, NULL::integer, NULL::text, NULL::text, NULL::float8, NULL::boolean,
                         NULL::timestamptz, NULL::text, NULL::timestamptz;
@@ -491,10 +592,12 @@ BEGIN
                     dispatch_policy._policy_setting(pol.config, 'batch_size'));
   quantum := coalesce(dispatch_policy._json_number(pol.config -> 'round_robin_quantum')::integer, tick_begin.round_robin_quantum);
   IF NOT dispatch_policy._within_limit(batch, 'batch_size') THEN
+    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
     RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
       USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', batch);
   END IF;
   IF quantum IS NOT NULL AND NOT dispatch_policy._within_limit(quantum, 'round_robin_quantum') THEN
+    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
     RAISE EXCEPTION 'round_robin_quantum %', dispatch_policy._limit_rule('round_robin_quantum')
       USING ERRCODE = '22023', DETAIL = format('round_robin_quantum is %s.', quantum);
   END IF;
@@ -502,32 +605,53 @@ BEGIN
   RETURN QUERY SELECT 'tick'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
                       NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, pol.config::text, at;
 
+  -- Read, not removed: tick_finish deletes the ones it folded.
   FOREACH adaptive_gate IN ARRAY dispatch_policy._gates_of_type(pol.config, 'adaptive_concurrency') LOOP
     RETURN QUERY
     SELECT 'observation'::text, o.id, NULL::integer, NULL::text, NULL::text, NULL::integer, adaptive_gate, o.partition,
            o.lag_ms, o.success, o.observed_at, NULL::text, NULL::timestamptz
-    FROM dispatch_policy.take_observations(tick_begin.policy, adaptive_gate, coalesce(max_observations, 10000)) o;
+    FROM dispatch_policy.observations o
+    WHERE o.policy = tick_begin.policy AND o.gate = adaptive_gate
+    ORDER BY o.id LIMIT greatest(coalesce(max_observations, 10000), 0);
+    GET DIAGNOSTICS fetched = ROW_COUNT;
+    observed := observed + fetched;
   END LOOP;
+  fetched := 0;
 
   PERFORM dispatch_policy.promote_scheduled(tick_begin.policy, batch, at);
 
   -- A full global cap admits nothing: fetch nothing (no batch slot taken, no
   -- lane blocked for it); a released slot wakes the runner.
-  IF EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(pol.config -> 'gates', '[]'::jsonb)) AS g
-             JOIN dispatch_policy.inflight_counters c
-               ON c.policy = tick_begin.policy AND c.gate = coalesce(g ->> 'name', g ->> 'type') AND c.partition = 'default'
-             WHERE g ->> 'type' = 'global_cap' AND c.in_flight >= dispatch_policy._json_number(g -> 'max')) THEN
-    RETURN;
+  IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(pol.config -> 'gates', '[]'::jsonb)) AS g
+                 JOIN dispatch_policy.inflight_counters c
+                   ON c.policy = tick_begin.policy AND c.gate = coalesce(g ->> 'name', g ->> 'type') AND c.partition = 'default'
+                 WHERE g ->> 'type' = 'global_cap' AND c.in_flight >= dispatch_policy._json_number(g -> 'max')) THEN
+    RETURN QUERY
+    SELECT 'job'::text, f.id, f.priority, f.round_robin_key, f.context::text, f.lane, NULL::text, NULL::text,
+           NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz
+    FROM dispatch_policy.fetch_batch(tick_begin.policy, batch, quantum, at) f;
+    GET DIAGNOSTICS fetched = ROW_COUNT;
   END IF;
 
-  RETURN QUERY
-  SELECT 'job'::text, f.id, f.priority, f.round_robin_key, f.context::text, f.lane, NULL::text, NULL::text,
-         NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz
-  FROM dispatch_policy.fetch_batch(tick_begin.policy, batch, quantum, at) f;
+  -- Nothing to admit or fold: the tick ends here (one round trip).
+  IF fetched = 0 AND observed = 0 THEN
+    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
+    RETURN QUERY SELECT 'done'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
+                        NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz;
+  END IF;
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_begin(text, integer, integer, integer, integer) IS
-  'The first call of a tick, in the caller''s transaction: sets its statement_timeout (timeout_ms) for the calls after it, try_lock_policy, then, if locked and the policy is not paused: take_observations of every adaptive gate (up to max_observations each), promote_scheduled and fetch_batch, with the policy''s batch_size and round_robin_quantum (else the arguments); no fetch while a global_cap is full. Rows by kind: busy, unknown or paused (one row, nothing else done); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order).';
+  'The first call of a tick; the tick''s calls run in autocommit, each its own transaction. Takes the policy''s tick lock at session level (held until tick_finish, tick_abort or the session''s end; 55000 if this session is already in a tick) and sets the session''s statement_timeout to timeout_ms until then; then, if the policy is not paused: reads (does not remove) up to max_observations observations of every adaptive gate, promote_scheduled and fetch_batch, with the policy''s batch_size and round_robin_quantum (else the arguments); no fetch while a global_cap is full. Rows by kind: busy, unknown or paused (one row; nothing else done, no lock kept); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order); done (last: nothing fetched or observed, the lock is given back and the tick is over).';
+
+CREATE FUNCTION dispatch_policy.tick_abort(policy text)
+RETURNS boolean
+LANGUAGE sql VOLATILE STRICT SECURITY INVOKER
+AS $$
+  SELECT dispatch_policy._tick_release(tick_abort.policy, true)
+$$;
+COMMENT ON FUNCTION dispatch_policy.tick_abort(text) IS
+  'Ends a tick of the policy begun in this session without admitting: gives the tick lock back and restores the statement_timeout. Whether a lock was held. Safe to call when none is (a runner calls it after any failed tick).';
 
 CREATE FUNCTION dispatch_policy.tick_state(
   policy text, now timestamptz,
@@ -575,7 +699,7 @@ CREATE FUNCTION dispatch_policy.tick_finish(
   last_observed_at timestamptz[] DEFAULT '{}',
   block_lanes text[] DEFAULT '{}', block_keyless boolean[] DEFAULT '{}', block_seconds double precision[] DEFAULT '{}',
   block_gates text[] DEFAULT '{}', block_partitions text[] DEFAULT '{}', block_in_flight integer[] DEFAULT '{}',
-  unblock_gates text[] DEFAULT '{}', unblock_partitions text[] DEFAULT '{}'
+  unblock_gates text[] DEFAULT '{}', unblock_partitions text[] DEFAULT '{}', observation_ids bigint[] DEFAULT '{}'
 )
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -585,6 +709,10 @@ DECLARE
   check_gates text[];
   check_partitions text[];
 BEGIN
+  IF current_setting('dispatch_policy.tick_locked', true) IS DISTINCT FROM tick_finish.policy THEN
+    RAISE EXCEPTION 'no tick of policy % is under way in this session', quote_literal(tick_finish.policy)
+      USING ERRCODE = '55000', HINT = 'Call tick_begin first, in the same session; nothing was changed.';
+  END IF;
   PERFORM dispatch_policy._require_policy(tick_finish.policy);
   PERFORM dispatch_policy._require_now(tick_finish.now);
   IF EXISTS (SELECT 1 FROM unnest(block_seconds) AS b(secs) WHERE b.secs IS NULL OR b.secs = 'NaN' OR b.secs < 0) THEN
@@ -638,8 +766,13 @@ BEGIN
     WHERE l.policy = tick_finish.policy AND l.blocked_gate = u.g AND l.blocked_partition = u.p
       AND l.blocked_until IS NOT NULL;
   END IF;
+  -- The observations folded into the state just saved.
+  IF coalesce(cardinality(observation_ids), 0) > 0 THEN
+    PERFORM FROM dispatch_policy._remove_observations(tick_finish.policy, observation_ids);
+  END IF;
+  PERFORM dispatch_policy._tick_release(tick_finish.policy, false);
   RETURN admitted;
 END
 $$;
-COMMENT ON FUNCTION dispatch_policy.tick_finish(text, timestamptz, bigint[], text[], text[], text[], text[], double precision[], integer, jsonb, text[], text[], integer[], double precision[], double precision[], bigint[], bigint[], bigint[], timestamptz[], text[], boolean[], double precision[], text[], text[], integer[], text[], text[]) IS
-  'The last call of a tick: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor); block lanes (block_lanes, or the keyless lane where block_keyless; for block_seconds, at most 30 days, ''Infinity'' for until released; on block_gates/block_partitions ('''' for time alone), only while that counter still holds block_in_flight or more, -1 for no check); save_adaptive (parallel arrays, as its fields); unblock lanes waiting on adaptive partitions whose cap grew (unblock_gates, unblock_partitions). Returns the number admitted.';
+COMMENT ON FUNCTION dispatch_policy.tick_finish(text, timestamptz, bigint[], text[], text[], text[], text[], double precision[], integer, jsonb, text[], text[], integer[], double precision[], double precision[], bigint[], bigint[], bigint[], timestamptz[], text[], boolean[], double precision[], text[], text[], integer[], text[], text[], bigint[]) IS
+  'The last call of a tick begun by tick_begin in this session (55000 otherwise), in one transaction; it gives the tick lock back and restores the statement_timeout (on an error, call tick_abort). It does: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor); block lanes (block_lanes, or the keyless lane where block_keyless; for block_seconds, at most 30 days, ''Infinity'' for until released; on block_gates/block_partitions ('''' for time alone), only while that counter still holds block_in_flight or more, -1 for no check); save_adaptive (parallel arrays, as its fields); unblock lanes waiting on adaptive partitions whose cap grew (unblock_gates, unblock_partitions); delete the observations folded (observation_ids, as tick_begin returned them; added to observation_minutes). Returns the number admitted.';

@@ -122,13 +122,12 @@ struct LaneTests {
             // The decision saw 1 in flight; a slot was released before the
             // block was written: the lane must stay ready.
             try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
-            try await conn.exec("BEGIN")
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.tick_begin('p', 10, NULL) WHERE kind = 'job'") == 1)
             _ = try await conn.scalar("""
                 SELECT dispatch_policy.tick_finish('p', now(), '{}', '{}', '{}', '{}', '{}', '{}',
                   block_lanes => '{a}', block_keyless => '{f}', block_seconds => '{Infinity}',
                   block_gates => '{concurrency}', block_partitions => '{a}', block_in_flight => '{1}')
                 """, as: Int.self)
-            try await conn.exec("COMMIT")
             #expect(try await conn.scalar("SELECT blocked_until IS NULL FROM dispatch_policy.lanes WHERE lane = 'a'", as: Bool.self))
             #expect(try await tick(conn, "p").admitted == 1)
             try await expectCountersConsistent(conn)

@@ -107,7 +107,7 @@ struct RunnerTests {
             for round in 1...2 {
                 if round == 2 {
                     let since = try await lastAdmittedAt(settings)
-                    #expect(try await waitUntilRunnerIdle(settings, lastQuery: "COMMIT", startedAfter: since), "the runner did not go idle again")
+                    #expect(try await waitUntilRunnerIdle(settings, lastQuery: "%dispatch_policy.tick_finish(%", startedAfter: since), "the runner did not go idle again")
                 }
                 try await TestServer.withConnection(settings) { conn in
                     _ = try await Stager(executor: conn, logger: TestServer.logger).stage(policy: "p", JobSpec(argsJSON: "\(round)"))
@@ -138,7 +138,7 @@ struct RunnerTests {
             #expect(try await waitUntil(10) { try await admittedCount(settings) == 1 }, "job 1 was not admitted on NOTIFY dispatch_policy_staged")
             // Job 2 waits for the slot; the runner sleeps after the tick that admitted job 1.
             let since = try await lastAdmittedAt(settings)
-            #expect(try await waitUntilRunnerIdle(settings, lastQuery: "COMMIT", startedAfter: since), "the runner did not go idle again")
+            #expect(try await waitUntilRunnerIdle(settings, lastQuery: "%dispatch_policy.tick_finish(%", startedAfter: since), "the runner did not go idle again")
             try await TestServer.withConnection(settings) { conn async throws in
                 #expect(try await conn.scalar("SELECT dispatch_policy.complete(min(id)) FROM dispatch_policy.admitted_jobs", as: Bool.self))
             }

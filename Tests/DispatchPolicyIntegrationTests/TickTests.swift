@@ -1,7 +1,8 @@
-import DispatchPolicy
+@testable import DispatchPolicy
 import Foundation
 import Logging
 import PostgresNIO
+import Synchronization
 import Testing
 
 private func declare(_ conn: PostgresConnection, _ name: String, _ config: PolicyConfig) async throws {
@@ -583,6 +584,129 @@ struct TemplateParityTests {
                     #expect(Template.render(template, context: strings) == sql, "\(template) with \(context)")
                 }
             }
+        }
+    }
+}
+
+/// Passes every statement to a connection and keeps its text: a statement
+/// is a round trip.
+final class CountingExecutor: SQLExecutor {
+    let base: PostgresConnection
+    private let seen = Mutex<[String]>([])
+    init(_ base: PostgresConnection) { self.base = base }
+    var statements: [String] { seen.withLock { $0 } }
+    func reset() { seen.withLock { $0 = [] } }
+    func run(_ query: PostgresQuery, logger: Logger) async throws -> PostgresRowSequence {
+        seen.withLock { $0.append(query.sql) }
+        return try await base.run(query, logger: logger)
+    }
+}
+
+/// Advisory locks this session holds, and its statement_timeout.
+private func sessionState(_ conn: PostgresConnection) async throws -> (locks: Int, timeout: String) {
+    try #require(try await conn.rows(
+        """
+        SELECT (SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
+               current_setting('statement_timeout')
+        """, logger: TestServer.logger).first).decode((Int, String).self)
+}
+
+@Suite("Tick: three round trips in autocommit", .timeLimit(.minutes(8)))
+struct TickCallTests {
+    @Test("a tick that admits is three statements and one with nothing to do is one; no lock or setting outlives it")
+    func roundTrips() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig {
+                Gate.throttle(rate: 100, per: 1, partitionBy: "{acct}")
+                Gate.concurrency(max: 3, partitionBy: "{acct}")
+            })
+            try await stage(conn, "p", 10) { ["acct": $0 % 2 == 0 ? "a" : "b"] }
+            let before = try await sessionState(conn)
+            let counting = CountingExecutor(conn)
+            var settings = TickSettings()
+            settings.timeout = .seconds(7)
+            let ticker = Ticker(connection: conn, session: counting, settings: settings, logger: TestServer.logger)
+            let busy = try await ticker.tick(policy: "p", reap: false)
+            #expect(busy.admitted == 6)
+            #expect(counting.statements.count == 3, "\(counting.statements.map { $0.prefix(60) })")
+            #expect(!counting.statements.contains { $0.contains("BEGIN") || $0.contains("COMMIT") })
+            #expect(try await sessionState(conn) == before)
+
+            // Nothing eligible (both partitions at their cap, lanes blocked).
+            counting.reset()
+            let idle = try await ticker.tick(policy: "p", reap: false)
+            #expect(idle.admitted == 0)
+            #expect(counting.statements.count == 1, "\(counting.statements.map { $0.prefix(60) })")
+            #expect(try await sessionState(conn) == before)
+            try await expectCountersConsistent(conn)
+        }
+    }
+
+    @Test("a tick that fails gives its lock and statement_timeout back, keeps its observations, and admits nothing")
+    func failedTick() async throws {
+        try await withTestDatabase { conn, settings in
+            try await conn.exec("""
+                CREATE TABLE public.target_down (down boolean NOT NULL);
+                """)
+            try await conn.exec("INSERT INTO public.target_down VALUES (true)")
+            try await conn.exec("""
+                CREATE FUNCTION public.hand(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN IF (SELECT down FROM public.target_down) THEN RAISE EXCEPTION 'target down'; END IF; END $$
+                """)
+            try await declare(conn, "p", PolicyConfig(target: .sql(function: "public.hand")) {
+                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 60_000)
+            })
+            try await stage(conn, "p", 3) { _ in ["acct": "a"] }
+            try await conn.exec("""
+                INSERT INTO dispatch_policy.observations (policy, gate, partition, job_id, lag_ms, success)
+                SELECT 'p', 'adaptive_concurrency', 'a', 0, 5, true FROM generate_series(1, 4)
+                """)
+            let before = try await sessionState(conn)
+            var tickSettings = TickSettings()
+            tickSettings.timeout = .seconds(7)
+            let ticker = Ticker(connection: conn, settings: tickSettings, logger: TestServer.logger)
+            await #expect(throws: DispatchPolicyError.self) { try await ticker.tick(policy: "p", reap: false) }
+            #expect(try await sessionState(conn) == before)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.observations") == 4)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs") == 0)
+            // (tick_state may have created the partition's initial state.)
+            #expect(try await count(conn, "SELECT coalesce(sum(observations), 0)::int FROM dispatch_policy.adaptive_stats") == 0)
+            // Another session can tick the policy: nothing is held.
+            try await TestServer.withConnection(settings) { other async throws in
+                try await other.exec("UPDATE public.target_down SET down = false")
+                let result = try await Ticker(connection: other, logger: TestServer.logger).tick(policy: "p", reap: false)
+                #expect(result.outcome == .ran && result.admitted == 2 && result.observationsFolded == 4)
+            }
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.observations") == 0)
+            #expect(try await count(conn, "SELECT sum(completions) FROM dispatch_policy.observation_minutes") == 4)
+            try await expectCountersConsistent(conn)
+        }
+    }
+
+    @Test("tick_finish without tick_begin in the session, or a second tick_begin, is 55000 and changes nothing; tick_abort is safe to repeat")
+    func misuse() async throws {
+        try await withTestDatabase { conn, settings in
+            try await declare(conn, "p", PolicyConfig())
+            try await stage(conn, "p", 2)
+            let ids = try await conn.rows("SELECT id FROM dispatch_policy.staged_jobs ORDER BY id", logger: TestServer.logger)
+                .map { try $0.decode(Int64.self) }
+            let finish: PostgresQuery = "SELECT dispatch_policy.tick_finish('p', now(), \(ids)::bigint[], '{}', '{}', '{}', '{}', '{}')"
+            await #expect(throws: DispatchPolicyError.self) { try await conn.exec(finish) }
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs") == 0)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.tick_begin('p', 10, NULL) WHERE kind = 'job'") == 2)
+            await #expect(throws: DispatchPolicyError.self) {
+                try await conn.exec("SELECT * FROM dispatch_policy.tick_begin('p', 10, NULL)")
+            }
+            // The lock is this session's: another session is turned away, and
+            // cannot finish this session's tick.
+            try await TestServer.withConnection(settings) { other async throws in
+                #expect(try await other.scalar("SELECT kind FROM dispatch_policy.tick_begin('p', 10, NULL)", as: String.self) == "busy")
+                await #expect(throws: DispatchPolicyError.self) { try await other.exec(finish) }
+            }
+            #expect(try await conn.scalar("SELECT dispatch_policy.tick_abort('p')", as: Bool.self))
+            #expect(try await !conn.scalar("SELECT dispatch_policy.tick_abort('p')", as: Bool.self))
+            #expect(try await sessionState(conn).locks == 0)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.staged_jobs") == 2)
         }
     }
 }

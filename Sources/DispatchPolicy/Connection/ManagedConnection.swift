@@ -257,8 +257,10 @@ public actor ManagedConnection {
     /// server keeps it: it is read-only (25006: a standby after a failover,
     /// or `default_transaction_read_only` set when it opened). A new session
     /// may land on a writable server, or see the setting reset.
+    /// A tick that could not give its session-level lock back
+    /// (``Ticker/SessionUnusable``) also ends the session.
     static func needsNewSession(_ error: any Error) -> Bool {
-        DispatchPolicyError.from(error).sqlState == "25006"
+        error is Ticker.SessionUnusable || DispatchPolicyError.from(error).sqlState == "25006"
     }
 
     /// Drops `conn` if it is still the current connection: closes it (without

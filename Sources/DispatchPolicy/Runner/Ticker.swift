@@ -91,25 +91,34 @@ public struct PolicyWork: Sendable, Equatable {
     }
 }
 
-/// Runs ticks: one policy, one transaction, on one connection.
+/// Runs ticks: one policy at a time, on one session.
 ///
-/// Reap expired leases (in their own transaction), then, in one transaction
-/// of at most five round trips (BEGIN, three calls, COMMIT): `tick_begin`
-/// locks the policy (single writer), takes new adaptive observations,
-/// promotes due scheduled jobs and fetches a batch (round-robin by lane);
-/// here the batch is ordered (fair_interleave) and its partitions rendered;
+/// Reap expired leases (in their own transaction), then three calls in
+/// autocommit, three round trips: `tick_begin` takes the policy's lock at
+/// session level (single writer), reads new adaptive observations, promotes
+/// due scheduled jobs and fetches a batch (round-robin by lane); here the
+/// batch is ordered (fair_interleave) and its partitions rendered;
 /// `tick_state` reads the gate state they need; here the batch is decided
 /// (pure ``Admission``) and the observations folded (pure
-/// ``AdaptiveController``); `tick_finish` admits, moves the rotation and
-/// saves the adaptive state; commit. An empty batch with nothing to fold
-/// skips the last two calls.
+/// ``AdaptiveController``); `tick_finish` admits, moves the rotation, saves
+/// the adaptive state and gives the lock back, in one transaction. A tick
+/// with nothing fetched or observed is the first call alone. It needs one
+/// session throughout: a connection, never a pool.
 public struct Ticker: Sendable {
     public let connection: PostgresConnection
     public let settings: TickSettings
     public let logger: Logger
+    /// Where the statements go: `connection`, or (tests) a wrapper of it.
+    let session: any SQLExecutor
 
     public init(connection: PostgresConnection, settings: TickSettings = TickSettings(), logger: Logger) {
+        self.init(connection: connection, session: connection, settings: settings, logger: logger)
+    }
+
+    /// Statements go through `session`, which must run them on `connection`.
+    init(connection: PostgresConnection, session: any SQLExecutor, settings: TickSettings = TickSettings(), logger: Logger) {
         self.connection = connection
+        self.session = session
         self.settings = settings
         self.logger = logger
     }
@@ -121,7 +130,7 @@ public struct Ticker: Sendable {
     /// `only` when given. ``PolicyWork/hasWork`` and
     /// ``PolicyWork/expiredLeases`` tell a tick is due now.
     public func policiesWithWork(only: [String]? = nil) async throws -> [PolicyWork] {
-        try await connection.rows(
+        try await session.rows(
             """
             SELECT name, failing, expired, work,
                    extract(epoch FROM least(next_scheduled, next_expiry, nullif(next_unblock, 'infinity')) - now())::float8 FROM (
@@ -165,7 +174,7 @@ public struct Ticker: Sendable {
 
     /// Whether a policy of this name is declared.
     public func exists(policy: String) async throws -> Bool {
-        try await connection.rows(
+        try await session.rows(
             "SELECT EXISTS (SELECT 1 FROM dispatch_policy.policies WHERE name = \(policy))", logger: logger
         ).first?.decode(Bool.self) ?? false
     }
@@ -181,16 +190,16 @@ public struct Ticker: Sendable {
 
     /// Runs `body` in a transaction whose statement_timeout is the tick timeout.
     private func inTransaction<T>(logger: Logger, _ body: () async throws -> T) async throws -> T {
-        _ = try await connection.rows("BEGIN", logger: logger)
+        _ = try await session.rows("BEGIN", logger: logger)
         do {
-            _ = try await connection.rows(
+            _ = try await session.rows(
                 "SELECT set_config('statement_timeout', coalesce(\(timeoutMilliseconds)::text, current_setting('statement_timeout')), true)",
                 logger: logger)
             let result = try await body()
-            _ = try await connection.rows("COMMIT", logger: logger)
+            _ = try await session.rows("COMMIT", logger: logger)
             return result
         } catch {
-            _ = try? await connection.rows("ROLLBACK", logger: logger)
+            _ = try? await session.rows("ROLLBACK", logger: logger)
             throw error
         }
     }
@@ -214,13 +223,19 @@ public struct Ticker: Sendable {
         // statements, out of order against a concurrent complete() — a
         // deadlock. (Reaping needs no tick lock: it skips rows in use.)
         let reaped = reap ? try await reapLeases(policy: policy) : 0
-        _ = try await connection.rows("BEGIN", logger: log)
+        // The tick's calls run in autocommit: tick_begin holds the policy's
+        // lock at session level until tick_finish gives it back. After any
+        // failure tick_abort gives it back; a session that cannot must end
+        // (it would keep the policy from every other runner).
         do {
-            result = try await tickInTransaction(policy: policy, logger: log)
+            result = try await tickCalls(policy: policy, logger: log)
             result.reaped = reaped
-            _ = try await connection.rows(result.outcome == .ran ? "COMMIT" : "ROLLBACK", logger: log)
         } catch {
-            _ = try? await connection.rows("ROLLBACK", logger: log)
+            do {
+                _ = try await session.rows("SELECT dispatch_policy.tick_abort(\(policy))", logger: log)
+            } catch let abort {
+                throw SessionUnusable(reason: "could not end the failed tick of policy \(policy) (\(DispatchPolicyError.from(abort))) after: \(DispatchPolicyError.from(error))")
+            }
             throw error
         }
         result.duration = ContinuousClock.now - started
@@ -232,17 +247,20 @@ public struct Ticker: Sendable {
         return result
     }
 
-    /// The tick's three calls (see `Migrations/0014_tick.sql`): `tick_begin`
-    /// locks, takes observations, promotes and fetches; `tick_state` reads
-    /// the gate state of the batch's partitions; `tick_finish` admits and
-    /// saves the adaptive state. The decision and the AIMD fold are made
-    /// here, between them.
-    private func tickInTransaction(policy: String, logger: Logger) async throws -> TickResult {
+    /// The tick's three calls (see `Migrations/0014_tick.sql`), three round
+    /// trips: `tick_begin` locks, reads observations, promotes and fetches
+    /// (and ends the tick when there is nothing to do); `tick_state` reads
+    /// the gate state of the batch's partitions; `tick_finish` admits, saves
+    /// the adaptive state and unlocks. The decision and the AIMD fold are
+    /// made here, between them.
+    private func tickCalls(policy: String, logger: Logger) async throws -> TickResult {
         var result = TickResult(policy: policy, outcome: .ran)
         var header: (config: String, now: Date)?
         var observations: [GateKey: [Observation]] = [:]
+        var observationIDs: [Int64] = []
         var rows: [BatchRow] = []
-        for row in try await connection.rows(
+        var done = false
+        for row in try await session.rows(
             """
             SELECT kind, id, priority, round_robin_key, context, lane, gate, partition, lag_ms, success, observed_at, config, now
             FROM dispatch_policy.tick_begin(\(policy), \(settings.batchSize)::integer, \(settings.roundRobinQuantum)::integer,
@@ -257,8 +275,11 @@ public struct Ticker: Sendable {
                 guard let id, let priority, let context, let lane else { throw Self.malformed(kind) }
                 rows.append(BatchRow(id: id, priority: priority, roundRobinKey: key, context: try Self.decodeStrings(context), lane: lane))
             case "observation":
-                guard let gate, let partition, let lag, let success, let at else { throw Self.malformed(kind) }
+                guard let id, let gate, let partition, let lag, let success, let at else { throw Self.malformed(kind) }
                 observations[GateKey(gate: gate, partition: partition), default: []].append(Observation(lag: lag, success: success, at: at))
+                observationIDs.append(id)
+            case "done":
+                done = true
             case "tick":
                 guard let config, let now else { throw Self.malformed(kind) }
                 header = (config, now)
@@ -274,6 +295,8 @@ public struct Ticker: Sendable {
             }
         }
         guard let (configJSON, now) = header else { throw Self.malformed("tick") }
+        // Nothing fetched or observed: tick_begin ended the tick.
+        if done { return result }
         let config = try PolicyConfig(json: configJSON)
         result.observationsFolded = observations.values.reduce(0) { $0 + $1.count }
         result.fetched = rows.count
@@ -296,7 +319,7 @@ public struct Ticker: Sendable {
         var state = GateState()
         var adaptive: [GateKey: AdaptiveController] = [:]
         if !needed.buckets.isEmpty || !needed.counters.isEmpty || !adaptiveOrder.isEmpty {
-            for row in try await connection.rows(
+            for row in try await session.rows(
                 """
                 SELECT kind, gate, partition, tokens, in_flight, current_max, ewma_lag_ms, growth_credit, since_decrease
                 FROM dispatch_policy.tick_state(
@@ -360,7 +383,8 @@ public struct Ticker: Sendable {
         let grown = updates.filter { $0.controller.currentMax > (state.adaptiveCap[$0.key] ?? Int.max) }.map(\.key)
         let blocks = decision.laneBlocks
         result.lanesBlocked = blocks.count
-        if !decision.admitted.isEmpty || cursor != nil || !updates.isEmpty || !blocks.isEmpty {
+        // Always called: it ends the tick (gives the lock back).
+        do {
             let gateNames = admission.gates.map(\.effectiveName)
             var partitions: [String] = []
             partitions.reserveCapacity(decision.admitted.count * gateNames.count)
@@ -386,11 +410,18 @@ public struct Ticker: Sendable {
                   \(blocks.map { $0.lane ?? "" })::text[], \(blocks.map { $0.lane == nil })::boolean[],
                   \(blocks.map(\.seconds))::float8[], \(blocks.map { $0.releasedBy?.gate ?? "" })::text[],
                   \(blocks.map { $0.releasedBy?.partition ?? "" })::text[], \(blocks.map { $0.inFlight ?? -1 })::integer[],
-                  \(grown.map(\.gate))::text[], \(grown.map(\.partition))::text[])
+                  \(grown.map(\.gate))::text[], \(grown.map(\.partition))::text[], \(observationIDs)::bigint[])
                 """,
                 as: Int.self, logger: logger)
         }
         return result
+    }
+
+    /// The session still holds a tick's lock it could not give back: it must
+    /// end (``ManagedConnection`` closes it), or the policy stays locked.
+    struct SessionUnusable: Error, CustomStringConvertible {
+        var reason: String
+        var description: String { reason }
     }
 
     struct Observation {
@@ -404,7 +435,7 @@ public struct Ticker: Sendable {
     }
 
     private func scalar<T: PostgresDecodable>(_ query: PostgresQuery, as type: T.Type, logger: Logger) async throws -> T {
-        guard let row = try await connection.rows(query, logger: logger).first else {
+        guard let row = try await session.rows(query, logger: logger).first else {
             throw DispatchPolicyError(code: .server, message: "\(query.sql.prefix(60))... returned no row")
         }
         return try row.decode(T.self)
