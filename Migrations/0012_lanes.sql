@@ -222,9 +222,16 @@ LANGUAGE sql STABLE SECURITY INVOKER
 AS $$
   SELECT coalesce(array_agg(r.lane ORDER BY r.part, r.lane NULLS LAST), '{}') FROM (
     SELECT * FROM (
+      -- Two branches, not "after IS NULL OR lane > after": a generic plan
+      -- can use only a plain comparison as an index bound.
       (SELECT 1 AS part, l.lane FROM dispatch_policy.lanes l
-       WHERE l.policy = _ready_lanes.policy AND l.blocked_until IS NULL AND l.lane IS NOT NULL
-         AND (_ready_lanes.after IS NULL OR l.lane > _ready_lanes.after)
+       WHERE _ready_lanes.after IS NULL AND l.policy = _ready_lanes.policy AND l.blocked_until IS NULL
+         AND l.lane IS NOT NULL
+       ORDER BY l.lane LIMIT n)
+      UNION ALL
+      (SELECT 1 AS part, l.lane FROM dispatch_policy.lanes l
+       WHERE _ready_lanes.after IS NOT NULL AND l.policy = _ready_lanes.policy AND l.blocked_until IS NULL
+         AND l.lane IS NOT NULL AND l.lane > _ready_lanes.after
        ORDER BY l.lane LIMIT n)
       UNION ALL
       (SELECT 2, NULL::text WHERE EXISTS (
@@ -460,23 +467,25 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 DECLARE
   p text;
-  key text;
   found_lanes text[];
   added bigint := 0;
   n bigint;
 BEGIN
   FOR p IN SELECT x.name FROM dispatch_policy.policies x
            WHERE sync_lanes.policies IS NULL OR x.name = ANY (sync_lanes.policies) ORDER BY 1 LOOP
-    found_lanes := '{}';
-    key := NULL;
-    LOOP
-      SELECT s.round_robin_key INTO key FROM dispatch_policy.staged_jobs s
-      WHERE s.policy = p AND s.not_before IS NULL AND s.round_robin_key IS NOT NULL
-        AND (key IS NULL OR s.round_robin_key > key)
-      ORDER BY s.round_robin_key LIMIT 1;
-      EXIT WHEN NOT FOUND;
-      found_lanes := found_lanes || key;
-    END LOOP;
+    -- The distinct keys by a skip scan of staged_jobs_round_robin_idx: one
+    -- index probe per lane, each a range scan from the key before.
+    WITH RECURSIVE keys AS (
+      (SELECT s.round_robin_key AS k FROM dispatch_policy.staged_jobs s
+       WHERE s.policy = p AND s.not_before IS NULL AND s.round_robin_key IS NOT NULL
+       ORDER BY s.round_robin_key LIMIT 1)
+      UNION ALL
+      SELECT (SELECT s.round_robin_key FROM dispatch_policy.staged_jobs s
+              WHERE s.policy = p AND s.not_before IS NULL AND s.round_robin_key IS NOT NULL AND s.round_robin_key > keys.k
+              ORDER BY s.round_robin_key LIMIT 1)
+      FROM keys WHERE keys.k IS NOT NULL
+    )
+    SELECT coalesce(array_agg(keys.k), '{}') INTO found_lanes FROM keys WHERE keys.k IS NOT NULL;
     IF EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
                WHERE s.policy = p AND s.not_before IS NULL AND s.round_robin_key IS NULL) THEN
       found_lanes := found_lanes || NULL::text;

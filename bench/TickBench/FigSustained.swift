@@ -31,7 +31,7 @@ enum SustainedFigures {
         let logger = bench.logger
         let (settings, db) = try await bench.freshDatabase("sustained")
         defer { Task { try? await db.close() } }
-        let duration = bench.options.smoke ? Duration.seconds(20) : (bench.options.long ? .seconds(600) : .seconds(240))
+        let duration = bench.options.smoke ? Duration.seconds(20) : (bench.options.long ? .seconds(600) : .seconds(180))
         let period = bench.pick(Duration.seconds(60), smoke: .seconds(5))
         try await bench.declare(db, "sustained", PolicyConfig(roundRobinBy: "{tenant}", batchSize: 500, roundRobinQuantum: 50) {
             Gate.throttle(rate: 1_000_000, per: 1, burst: 1_000_000, partitionBy: "{tenant}")
