@@ -46,7 +46,7 @@ public final class EmbeddedPostgres: Sendable {
         public var settings: [String: String]
 
         public init(
-            parentDirectory: String = "/tmp", binDirectory: String? = nil, tcpPort: Int? = nil,
+            parentDirectory: String = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp", binDirectory: String? = nil, tcpPort: Int? = nil,
             keepRunning: Bool = false, settings: [String: String] = [:]
         ) {
             self.parentDirectory = parentDirectory
@@ -107,9 +107,19 @@ public final class EmbeddedPostgres: Sendable {
         let port = options.tcpPort ?? 5432
         let cluster = EmbeddedPostgres(
             directory: directory, binDirectory: bin, port: port, tcpEnabled: options.tcpPort != nil, runAsPostgres: asPostgres)
+        // The watchdog starts before initdb: a process interrupted while the
+        // cluster is being made (Ctrl-C in the demo) leaves no directory.
+        if !options.keepRunning {
+            try cluster.startWatchdog()
+        }
         logger.debug("initdb", metadata: ["postgres.directory": "\(directory)"])
-        try cluster.runTool(
-            "initdb", ["-D", cluster.dataDirectory, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        do {
+            try cluster.runTool(
+                "initdb", ["-D", cluster.dataDirectory, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        } catch {
+            try? FileManager.default.removeItem(atPath: directory)
+            throw error
+        }
 
         var settings: [String: String] = [
             "listen_addresses": options.tcpPort != nil ? "127.0.0.1" : "",
@@ -126,9 +136,6 @@ public final class EmbeddedPostgres: Sendable {
         let serverOptions = settings.sorted { $0.key < $1.key }
             .map { "-c \($0.key)=\(quoteForPgCtl($0.value))" }
             .joined(separator: " ")
-        if !options.keepRunning {
-            try cluster.startWatchdog()
-        }
         do {
             try cluster.runTool("pg_ctl", ["-D", cluster.dataDirectory, "-l", cluster.logFile, "-w", "-t", "120", "-o", serverOptions, "start"])
         } catch var error as EmbeddedPostgresError {

@@ -17,7 +17,7 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
-            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self, Check.self,
+            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self, Explain.self, Check.self,
         ]
     )
 }
@@ -82,9 +82,16 @@ func reportingErrors<T>(_ body: () async throws -> T) async throws -> T {
         return try await body()
     } catch let error as DispatchPolicyError {
         printError(error.description)
+        // The server's HINT (the migrations and validators write one where
+        // there is something to do about it), on a line of its own.
+        if let hint = error.hint, !hint.isEmpty { printError("hint: \(hint)") }
         throw ExitCode.failure
     } catch let error as ExitCode {
         throw error
+    } catch let error as PSQLError {
+        printError(DispatchPolicyErrorDescription.describe(error))
+        if let hint = error.serverInfo?[.hint], !hint.isEmpty { printError("hint: \(hint)") }
+        throw ExitCode.failure
     } catch {
         printError(DispatchPolicyErrorDescription.describe(error))
         throw ExitCode.failure
@@ -144,17 +151,18 @@ struct PolicyCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await connection.withConnection { conn, logger in
-                let text: String
+                // The same bytes, from a pipe or a path, give the same result.
+                let data: Data
                 if file == "-" {
-                    text = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
+                    data = FileHandle.standardInput.readDataToEndOfFile()
                 } else {
                     do {
-                        text = try String(contentsOfFile: file, encoding: .utf8)
+                        data = try Data(contentsOf: URL(fileURLWithPath: file))
                     } catch {
                         throw DispatchPolicyError(code: .invalidArgument, message: "cannot read \(file): \(error.localizedDescription)")
                     }
                 }
-                let policies = try PolicyCatalog.PolicyFile(json: text)
+                let policies = try PolicyCatalog.PolicyFile(data: data, source: file == "-" ? "standard input" : file)
                 try await PolicyCatalog.apply(policies, on: conn, logger: logger)
                 for name in policies.names {
                     print("declared \(name)")
@@ -220,7 +228,7 @@ struct PolicyCommand: AsyncParsableCommand {
 
 struct Stage: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Stage one job; prints its id, or that it was deduplicated.")
+        abstract: "Stage one job; prints its id. A job dropped as a duplicate prints nothing on standard output, says so on standard error and exits 0.")
 
     @OptionGroup var connection: ConnectionOptions
 
@@ -292,7 +300,9 @@ struct Stage: AsyncParsableCommand {
             if let id = try await Stager(executor: conn, logger: logger).stage(policy: policy, job) {
                 print(id)
             } else {
-                print("deduplicated: a job of \(policy) with dedupe key \(dedupeKey ?? "") is pending or admitted")
+                // Nothing on standard output: `id=$(dispatch-policy stage ...)`
+                // is empty, and the exit status is still 0 (not an error).
+                printError("deduplicated: a job of \(policy) with dedupe key \(dedupeKey ?? "") is pending or admitted; nothing was staged")
             }
         }
     }
@@ -326,6 +336,22 @@ struct Resume: AsyncParsableCommand {
         try await connection.withConnection { conn, logger in
             try await PolicyCatalog(executor: conn, logger: logger).resume(policy)
             print("resumed \(policy)")
+        }
+    }
+}
+
+struct Explain: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Why a job waits: each gate of its policy in its partition (ok or waits, with the numbers), its lane, schedule and an estimated wait (dispatch_policy.explain). Exits 1 for an unknown job.")
+
+    @OptionGroup var connection: ConnectionOptions
+
+    @Argument(help: "The job id.")
+    var id: Int64
+
+    func run() async throws {
+        try await connection.withConnection { conn, logger in
+            print(try await JobExplanation.load(id: id, on: conn, logger: logger).text)
         }
     }
 }

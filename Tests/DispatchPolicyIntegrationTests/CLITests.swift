@@ -76,9 +76,12 @@ struct CLITests {
             [{"name": "ok", "config": {}}, {"name": "bad", "config": {"gates": [{"type": "throttle", "rate": 1, "per": 0}]}}]
             """)
         #expect(result.status == 1)
-        #expect(result.stderr.split(separator: "\n").count == 1)
-        #expect(result.stderr.hasPrefix("dispatch-policy: policy bad: invalid policy config: gates[0].per must be"))
-        #expect(result.stderr.hasSuffix("(SQLSTATE 22023)\n"))
+        // One line, then the server's hint on a line of its own when it gives one.
+        let lines = result.stderr.split(separator: "\n")
+        #expect((1...2).contains(lines.count))
+        #expect(lines.first?.hasPrefix("dispatch-policy: policy bad: invalid policy config: gates[0].per must be") == true)
+        #expect(lines.first?.hasSuffix("(SQLSTATE 22023)") == true)
+        #expect(lines.dropFirst().allSatisfy { $0.hasPrefix("dispatch-policy: hint: ") })
         #expect(result.stdout.isEmpty)
         let list = try await cli(["policy", "list"], settings: settings)
         #expect(list.stdout.split(separator: "\n").count == 1)
@@ -86,9 +89,35 @@ struct CLITests {
         let notJSON = try await cli(["policy", "apply", "-"], settings: settings, stdin: "{nope")
         #expect(notJSON.status == 1)
         #expect(notJSON.stderr.hasPrefix("dispatch-policy: policy file is not valid JSON"))
+
+        // One policy twice in an array: refused, nothing declared.
+        let twice = try await cli(["policy", "apply", "-"], settings: settings, stdin: """
+            [{"name": "a", "config": {}}, {"name": "b", "config": {}}, {"name": "a", "config": {"batch_size": 5}}]
+            """)
+        #expect(twice.status == 1)
+        #expect(twice.stderr.hasPrefix("dispatch-policy: policy file[2].name repeats a of policy file[0]"), "\(twice.stderr)")
+        #expect(try await cli(["policy", "list"], settings: settings).stdout.split(separator: "\n").count == 1)
+
+        // A Latin-1 byte: the same error from a path and from a pipe, nothing stored.
+        let path = FileManager.default.temporaryDirectory.appending(path: "latin1-\(UUID().uuidString).json").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var bytes = Array(#"{"name": "caf"#.utf8)
+        bytes.append(0xE9)
+        bytes += Array(#"", "config": {}}"#.utf8)
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        let fromPath = try await cli(["policy", "apply", path], settings: settings)
+        var environment = ProcessInfo.processInfo.environment
+        environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+        let fromPipe = try await runProcess("/bin/sh", ["-c", "exec \"$0\" policy apply - < \"$1\"", cliPath, path], environment: environment)
+        for result in [fromPath, fromPipe] {
+            #expect(result.status == 1)
+            #expect(result.stderr.contains("is not UTF-8 text (byte 13 does not begin a UTF-8 character)"), "\(result.stderr)")
+        }
+        #expect(fromPipe.stderr.contains("standard input"))
+        #expect(try await cli(["policy", "list"], settings: settings).stdout.split(separator: "\n").count == 1)
     }
 
-    @Test("stage prints the job id, or that it was deduplicated; errors exit non-zero")
+    @Test("stage prints the job id, and nothing on stdout for a duplicate (exit 0); errors exit non-zero with the server's hint")
     func stage() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         _ = try await cli(["policy", "apply", "-"], settings: settings, stdin: #"{"name": "p", "config": {"round_robin_by": "{account}"}}"#)
@@ -97,7 +126,8 @@ struct CLITests {
         let id = try #require(Int64(first.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))
         let again = try await cli(["stage", "p", "--args", "{}", "--dedupe-key", "k"], settings: settings)
         #expect(again.status == 0)
-        #expect(again.stdout.hasPrefix("deduplicated"))
+        #expect(again.stdout.isEmpty)
+        #expect(again.stderr.hasPrefix("dispatch-policy: deduplicated: a job of p with dedupe key k is pending or admitted"))
         let later = try await cli(["stage", "p", "--args", "{}", "--delay", "10m"], settings: settings)
         #expect(later.status == 0)
         try await TestServer.withConnection(settings) { conn async throws in
@@ -110,7 +140,11 @@ struct CLITests {
 
         let unknown = try await cli(["stage", "nope", "--args", "{}"], settings: settings)
         #expect(unknown.status == 1)
-        #expect(unknown.stderr == "dispatch-policy: unknown policy: 'nope' (SQLSTATE 42704)\n")
+        #expect(unknown.stderr == """
+            dispatch-policy: unknown policy: 'nope' (SQLSTATE 42704)
+            dispatch-policy: hint: Declare it first with dispatch_policy.declare_policy(name, config) or "dispatch-policy policy apply FILE".
+
+            """)
         let badJSON = try await cli(["stage", "p", "--args", "{"], settings: settings)
         #expect(badJSON.status == 1)
         #expect(badJSON.stderr == "dispatch-policy: --args is not valid JSON: {\n")
@@ -141,10 +175,11 @@ struct CLITests {
         let viaFlag = try await cli(["policy", "list", "--database-url", settings.description], settings: settings, env: env)
         #expect(viaFlag.status == 0, "\(viaFlag.stderr)")
 
-        // A server that is not there: one line, non-zero.
+        // A server that is not there: one line and its hint, non-zero.
         let refused = try await cli(["policy", "list"], settings: settings, env: env)
         #expect(refused.status == 1)
         #expect(refused.stderr.hasPrefix("dispatch-policy: cannot connect to postgres://nobody@127.0.0.1:1/nothing"))
-        #expect(refused.stderr.split(separator: "\n").count == 1)
+        #expect(refused.stderr.split(separator: "\n").count == 2)
+        #expect(refused.stderr.hasSuffix("dispatch-policy: hint: Set --database-url, DATABASE_URL or the PG* variables.\n"))
     }
 }

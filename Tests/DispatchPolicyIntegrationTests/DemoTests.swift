@@ -23,6 +23,29 @@ struct DemoTests {
         #expect(out.contains("adaptive     caps seen"))
     }
 
+    /// Found in review (issue 10): Ctrl-C during the demo's initdb left an
+    /// empty temporary cluster directory behind (the watchdog that removes
+    /// it was started only after initdb).
+    @Test("a demo interrupted while it makes its cluster leaves no directory behind")
+    func demoInterrupted() async throws {
+        let parent = FileManager.default.temporaryDirectory.appending(path: "dp-demo-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o777])
+        defer { try? FileManager.default.removeItem(atPath: parent) }
+        var env = ProcessInfo.processInfo.environment
+        env["DATABASE_URL"] = nil
+        env["TMPDIR"] = parent
+        let child = try spawnChild(cliPath, ["demo", "--duration", "30s"], environment: env)
+        defer { kill(child.pid, SIGKILL) }
+        let made = try await waitUntil(30) {
+            ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).contains { $0.hasPrefix("dispatch-policy-pg-") }
+        }
+        try #require(made, "the demo made no cluster directory in TMPDIR: \(child.output().stderr)")
+        kill(child.pid, SIGINT)
+        _ = await child.wait()
+        #expect(try await waitUntil(20) { ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).isEmpty },
+                "left behind: \((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? [])")
+    }
+
     /// Regression (15): `demo --database-url` claimed and failed a real
     /// waiting job of another policy within seconds.
     @Test("demo --database-url touches nothing it did not create")

@@ -81,7 +81,7 @@ struct RunnerTests {
         #expect(once.status == 0, "\(once.stderr)")
         #expect(once.stdout.hasPrefix("p: admitted 2 in 1 tick ("))
         #expect(once.stdout.contains("refused concurrency=8"))
-        #expect(once.stdout.contains("tokens per_endpoint=1.0"))
+        #expect(once.stdout.contains("tokens per_endpoint=1.0 (lowest of 1)"))
         // The policy's lane now waits for a slot: no tick has anything to do.
         let forAWhile = try await cli(["tick", "--for", "1s", "--idle-pause", "200ms"], settings: settings)
         #expect(forAWhile.status == 0)

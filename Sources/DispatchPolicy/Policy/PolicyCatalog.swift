@@ -121,6 +121,39 @@ extension PolicyCatalog {
                 }
                 return name
             }
+            // Two entries for one policy: which would win is an accident of
+            // order, so neither does.
+            var seen: [String: Int] = [:]
+            for (index, name) in names.enumerated() {
+                if let first = seen[name] {
+                    throw DispatchPolicyError(
+                        code: .invalidArgument,
+                        message: "policy file[\(index)].name repeats \(name) of policy file[\(first)]: declare each policy once",
+                        hint: "Nothing was declared.")
+                }
+                seen[name] = index
+            }
+        }
+
+        /// Reads a policy file's bytes: they must be UTF-8, from a path or a
+        /// pipe alike (a byte that is not is an error naming its offset, never
+        /// stored as U+FFFD).
+        public init(data: Data, source: String) throws {
+            guard let text = String(validating: data, as: UTF8.self) else {
+                var parser = Unicode.UTF8.ForwardParser()
+                var bytes = data.makeIterator()
+                var offset = 0
+                decoding: while true {
+                    switch parser.parseScalar(from: &bytes) {
+                    case .valid(let scalar): offset += scalar.count
+                    case .emptyInput, .error: break decoding
+                    }
+                }
+                throw DispatchPolicyError(
+                    code: .invalidArgument, message: "\(source) is not UTF-8 text (byte \(offset) does not begin a UTF-8 character)",
+                    hint: "Save the file as UTF-8. Nothing was declared.")
+            }
+            try self.init(json: text)
         }
 
         static let notJSON = DispatchPolicyError(

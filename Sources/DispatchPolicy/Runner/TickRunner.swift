@@ -71,7 +71,8 @@ public struct PolicySummary: Sendable, Equatable {
     public var reaped = 0
     public var skippedBusy = 0
     public var refusedByGate: [String: Int] = [:]
-    public var tokensLeft: [String: Double] = [:]
+    /// Per throttle gate, as its last tick left it.
+    public var tokens: [String: TokenSummary] = [:]
     public var duration: Duration = .zero
     /// Ticks that failed (their transaction rolled back), and the last error.
     public var failures = 0
@@ -90,12 +91,13 @@ public struct PolicySummary: Sendable, Equatable {
             reaped += result.reaped
             duration += result.duration
             for (gate, n) in result.refusedByGate { refusedByGate[gate, default: 0] += n }
-            if !result.tokensLeft.isEmpty { tokensLeft = result.tokensLeft }
+            for (gate, summary) in result.tokens { tokens[gate] = summary }
         case .paused, .unknown: break
         }
     }
 
-    /// One line: `webhooks: admitted 120 in 3 ticks (2.1 ms/tick); refused per_endpoint=40; tokens per_endpoint=0.4`.
+    /// One line: `webhooks: admitted 120 in 3 ticks (2.1 ms/tick); refused
+    /// per_endpoint=40; tokens per_endpoint=0.4 (lowest of 2, 1 throttle-bound)`.
     public var line: String {
         var parts = ["\(policy): admitted \(admitted) in \(ticks) tick\(ticks == 1 ? "" : "s")"]
         if ticks > 0 {
@@ -104,8 +106,8 @@ public struct PolicySummary: Sendable, Equatable {
         }
         let refused = refusedByGate.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
         parts.append("refused " + (refused.isEmpty ? "none" : refused.joined(separator: " ")))
-        if !tokensLeft.isEmpty {
-            parts.append("tokens " + tokensLeft.sorted { $0.key < $1.key }.map { String(format: "%@=%.1f", $0.key, $0.value) }.joined(separator: " "))
+        if !tokens.isEmpty {
+            parts.append("tokens " + tokens.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value.text)" }.joined(separator: " "))
         }
         if reaped > 0 { parts.append("reaped \(reaped)") }
         if skippedBusy > 0 { parts.append("skipped \(skippedBusy) (another runner)") }

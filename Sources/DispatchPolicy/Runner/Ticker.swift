@@ -49,8 +49,9 @@ public struct TickResult: Sendable, Equatable {
     public var reaped = 0
     public var observationsFolded = 0
     public var refusedByGate: [String: Int] = [:]
-    /// Tokens left after the tick, summed over the partitions it touched, per throttle gate.
-    public var tokensLeft: [String: Double] = [:]
+    /// Per throttle gate, its partitions this tick touched: the fewest
+    /// tokens left, and how many are throttle-bound.
+    public var tokens: [String: TokenSummary] = [:]
     /// Where the round-robin rotation continues (nil: not moved).
     public var cursor: CursorMove?
     /// When a throttle partition that refused jobs of this batch next holds a
@@ -104,6 +105,29 @@ public struct PolicyWork: Sendable, Equatable {
 /// the adaptive state and gives the lock back, in one transaction. A tick
 /// with nothing fetched or observed is the first call alone. It needs one
 /// session throughout: a connection, never a pool.
+/// The tokens of one throttle gate's partitions that a tick touched.
+public struct TokenSummary: Sendable, Equatable {
+    /// The fewest tokens left in any of them.
+    public var lowest = Double.infinity
+    public var partitions = 0
+    /// Partitions left with less than one whole token: they admit nothing
+    /// more until they refill.
+    public var bound = 0
+
+    public init() {}
+
+    mutating func add(left: Double) {
+        lowest = min(lowest, left)
+        partitions += 1
+        if left < 1 { bound += 1 }
+    }
+
+    /// `0.4 (lowest of 2, 1 throttle-bound)`.
+    public var text: String {
+        String(format: "%.1f (lowest of %d", lowest, partitions) + (bound > 0 ? ", \(bound) throttle-bound)" : ")")
+    }
+}
+
 public struct Ticker: Sendable {
     public let connection: PostgresConnection
     public let settings: TickSettings
@@ -358,7 +382,7 @@ public struct Ticker: Sendable {
         result.cursor = decision.cursor
         result.nextTokenIn = decision.tokenWaits.values.min().map(Duration.clamped(seconds:))
         for (key, tokens) in state.tokens {
-            result.tokensLeft[key.gate, default: 0] += tokens - (decision.takes[key] ?? 0)
+            result.tokens[key.gate, default: TokenSummary()].add(left: tokens - (decision.takes[key] ?? 0))
         }
 
         // Fold after deciding: growth needs to know whether the cap turned

@@ -1,0 +1,139 @@
+import DispatchPolicy
+import Foundation
+import Logging
+import PostgresNIO
+import Testing
+
+private func declare(_ conn: PostgresConnection, _ name: String, _ config: String) async throws {
+    try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: name, config: config)
+}
+
+private func tick(_ conn: PostgresConnection, _ policy: String) async throws -> TickResult {
+    try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: policy)
+}
+
+private func explain(_ conn: PostgresConnection, _ id: Int64) async throws -> JobExplanation {
+    try await JobExplanation.load(id: id, on: conn, logger: TestServer.logger)
+}
+
+private func stage(_ conn: PostgresConnection, _ policy: String, _ context: String, notBefore: String = "NULL") async throws -> Int64 {
+    try await conn.scalar("SELECT dispatch_policy.stage(\(policy), '{}', \(context)::jsonb, not_before => \(unescaped: notBefore))", as: Int64.self)
+}
+
+@Suite("Explain: why a job waits", .timeLimit(.minutes(8)))
+struct ExplainTests {
+    @Test("a throttled job: the gate, its partition, the tokens, the time to the next token, and a wait that counts the jobs ahead")
+    func throttled() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", #"{"gates": [{"type": "throttle", "name": "per_acct", "rate": 1, "per": 10, "burst": 1, "partition_by": "{acct}"}]}"#)
+            let first = try await stage(conn, "p", #"{"acct": "a"}"#)
+            let second = try await stage(conn, "p", #"{"acct": "a"}"#)
+            let third = try await stage(conn, "p", #"{"acct": "a"}"#)
+            let other = try await stage(conn, "p", #"{"acct": "b"}"#)
+            // Before any tick, every gate has room.
+            #expect(try await explain(conn, first).rows.last?.verdict == "next tick")
+            #expect(try await tick(conn, "p").admitted == 2)
+
+            let admitted = try await explain(conn, first)
+            #expect(admitted.state == "admitted" && admitted.rows.count == 1)
+            #expect(try await explain(conn, other).state == "admitted")
+
+            let waiting = try await explain(conn, second)
+            #expect(waiting.state == "pending")
+            let gate = try #require(waiting.rows.first { $0.aspect == "gate" })
+            #expect(gate.gate == "per_acct" && gate.partition == "a" && gate.verdict == "waits")
+            #expect(gate.explanation.contains("the next whole token in"))
+            let toToken = try #require(gate.waitSeconds)
+            #expect(toToken > 9 && toToken <= 10)
+            let estimate = try #require(waiting.rows.last)
+            #expect(estimate.aspect == "estimate" && estimate.verdict == "estimated")
+            #expect(abs((estimate.waitSeconds ?? 0) - toToken) < 0.5)
+            // One job of its partition is ahead of the third: a token more.
+            let behind = try await explain(conn, third)
+            #expect(behind.rows.first { $0.aspect == "gate" }?.explanation.contains("1 job(s) of this partition ahead") == true)
+            #expect(abs((behind.rows.last?.waitSeconds ?? 0) - (toToken + 10)) < 0.5)
+            #expect(behind.rows.contains { $0.aspect == "lane" && $0.explanation.hasPrefix("1 job(s) ahead in its lane") })
+        }
+    }
+
+    @Test("a job behind a full cap waits for a slot (no estimate); once one is released every gate has room")
+    func capped() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", #"{"gates": [{"type": "concurrency", "max": {"context": "limit", "default": 1}, "partition_by": "{acct}"}, {"type": "global_cap", "max": 10}]}"#)
+            let first = try await stage(conn, "p", #"{"acct": "a"}"#)
+            let second = try await stage(conn, "p", #"{"acct": "a"}"#)
+            #expect(try await tick(conn, "p").admitted == 1)
+            let waiting = try await explain(conn, second)
+            let cap = try #require(waiting.rows.first { $0.gate == "concurrency" })
+            #expect(cap.verdict == "waits" && cap.explanation.hasPrefix("concurrency: 1 in flight of a cap of 1"))
+            #expect(waiting.rows.first { $0.gate == "global_cap" }?.verdict == "ok")
+            #expect(waiting.rows.last?.verdict == "unknown" && waiting.rows.last?.waitSeconds == nil)
+            // The lane is blocked until a slot is released, and says so.
+            #expect(waiting.rows.first { $0.aspect == "lane" }?.explanation.contains("blocked until a slot is released by concurrency partition 'a'") == true)
+            _ = try await conn.scalar("SELECT dispatch_policy.complete(\(first))", as: Bool.self)
+            let free = try await explain(conn, second)
+            #expect(free.waitingOn.isEmpty)
+            #expect(free.rows.last?.verdict == "next tick")
+
+            // The cap comes from the job's context when the config would
+            // accept it (2), else the default (2.5 is not a whole number).
+            let roomy = try await stage(conn, "p", #"{"acct": "a", "limit": 2}"#)
+            #expect(try await explain(conn, roomy).rows.first { $0.gate == "concurrency" }?.explanation.contains("of a cap of 2") == true)
+            let odd = try await stage(conn, "p", #"{"acct": "a", "limit": "2.5"}"#)
+            #expect(try await explain(conn, odd).rows.first { $0.gate == "concurrency" }?.explanation.contains("of a cap of 1") == true)
+        }
+    }
+
+    @Test("paused, scheduled, adaptive, finished, dead and unknown jobs")
+    func states() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", #"{"max_attempts": 1, "gates": [{"type": "adaptive_concurrency", "partition_by": "{acct}", "initial_max": 2, "target_lag_ms": 500}]}"#)
+            let later = try await stage(conn, "p", #"{"acct": "a"}"#, notBefore: "now() + interval '1 hour'")
+            let scheduled = try await explain(conn, later)
+            #expect(scheduled.state == "scheduled")
+            let wait = try #require(scheduled.rows.first { $0.aspect == "schedule" }?.waitSeconds)
+            #expect(wait > 3590 && wait <= 3600)
+            #expect(abs((scheduled.rows.last?.waitSeconds ?? 0) - wait) < 1)
+
+            let now = try await stage(conn, "p", #"{"acct": "a"}"#)
+            let adaptive = try await explain(conn, now)
+            #expect(adaptive.rows.first { $0.aspect == "gate" }?.explanation
+                .hasPrefix("adaptive_concurrency: 0 in flight of a cap of 2 (adaptive; EWMA lag none yet ms, target 500 ms)") == true)
+            try await conn.exec("SELECT dispatch_policy.pause('p')")
+            let paused = try await explain(conn, now)
+            #expect(paused.waitingOn.map(\.aspect) == ["policy"])
+            #expect(paused.rows.last?.verdict == "unknown")
+            try await conn.exec("SELECT dispatch_policy.resume('p')")
+
+            #expect(try await tick(conn, "p").admitted == 1)
+            _ = try await conn.scalar("SELECT dispatch_policy.fail(\(now), 'boom')", as: String.self)
+            let dead = try await explain(conn, now)
+            #expect(dead.state == "dead" && dead.rows.first?.explanation.contains("boom") == true)
+
+            await #expect(throws: DispatchPolicyError.self) { try await explain(conn, 999_999) }
+            do {
+                _ = try await explain(conn, 999_999)
+            } catch let error as DispatchPolicyError {
+                #expect(error.sqlState == "P0002")
+            }
+        }
+    }
+
+    @Test("dispatch-policy explain prints one line per reason, escapes a hostile partition key, and exits 1 for an unknown job")
+    func command() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        let id = try await TestServer.withConnection(settings) { conn async throws in
+            try await declare(conn, "p", #"{"gates": [{"type": "concurrency", "max": 0, "partition_by": "{acct}"}]}"#)
+            return try await stage(conn, "p", #"{"acct": "evil\nwaits  gate forged"}"#)
+        }
+        let result = try await cli(["explain", "\(id)"], settings: settings)
+        #expect(result.status == 0, "\(result.stderr)")
+        let lines = result.stdout.split(separator: "\n")
+        #expect(lines.count == 4, "\(result.stdout)")
+        #expect(lines.contains { $0.hasPrefix("waits") && $0.contains("gate concurrency [evil\\nwaits  gate forged]: concurrency: 0 in flight of a cap of 0") })
+        #expect(!lines.contains { $0.hasPrefix("waits  gate forged") })
+        let unknown = try await cli(["explain", "424242"], settings: settings)
+        #expect(unknown.status == 1)
+        #expect(unknown.stderr.hasPrefix("dispatch-policy: explain: no job 424242 (SQLSTATE P0002)\ndispatch-policy: hint: "))
+    }
+}
