@@ -328,7 +328,7 @@ BEGIN
       RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,
                       cardinality(ids), quote_literal(_admit.policy)
         USING ERRCODE = '55000',
-              HINT = 'Admit only jobs fetched with fetch_batch while holding the policy''s tick lock; a job deleted since cannot be admitted (fetch again).';
+              HINT = 'Admit only jobs fetched with fetch_batch while holding the policy''s tick lock; a job deleted since cannot be admitted (fetch again). After a failed tick_finish, call tick_abort.';
     END IF;
 
     -- Slots per counter, once; then create missing counters, lock them (and
@@ -505,37 +505,70 @@ AS $$
          ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED)) r
 $$;
 
--- Releases what tick_begin took: the session-level tick lock (every level
--- this session holds; pg_locks says which), and the session's
--- statement_timeout as it was before the tick.
+-- Releases what tick_begin took: the session-level tick lock (once, or
+-- every level this session holds, which pg_locks tells), and the session's
+-- statement_timeout and idle_session_timeout as they were before the tick.
+-- The lock is first taken at transaction level too, so it is held until
+-- this transaction commits: another runner never ticks the policy before
+-- the writes of this one are visible (the session lock alone is given back
+-- before the commit, and a runner that got in between read counters and
+-- observations from before it: caps exceeded, observations folded twice).
 CREATE FUNCTION dispatch_policy._tick_release(policy text, all_levels boolean)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 DECLARE
   key bigint := dispatch_policy._tick_lock_key(_tick_release.policy);
-  saved text := current_setting('dispatch_policy.timeout_outside_tick', true);
+  marker text := coalesce(current_setting('dispatch_policy.tick_locked', true), '');
+  saved text;
   released boolean := false;
 BEGIN
-  IF saved IS NOT NULL AND saved <> '' THEN
-    PERFORM set_config('statement_timeout', saved, false);
-    PERFORM set_config('dispatch_policy.timeout_outside_tick', '', false);
+  -- The settings belong to this session's tick, of this policy only.
+  IF marker IN ('', _tick_release.policy) THEN
+    saved := current_setting('dispatch_policy.timeout_outside_tick', true);
+    IF saved IS NOT NULL AND saved <> '' THEN
+      PERFORM set_config('statement_timeout', saved, false);
+      PERFORM set_config('dispatch_policy.timeout_outside_tick', '', false);
+    END IF;
+    saved := current_setting('dispatch_policy.idle_outside_tick', true);
+    IF saved IS NOT NULL AND saved <> '' THEN
+      PERFORM set_config('idle_session_timeout', saved, false);
+      PERFORM set_config('dispatch_policy.idle_outside_tick', '', false);
+    END IF;
+    PERFORM set_config('dispatch_policy.tick_locked', '', false);
   END IF;
-  PERFORM set_config('dispatch_policy.tick_locked', '', false);
   IF NOT all_levels THEN
+    -- Granted at once: this session holds the lock (never waits for another's).
+    PERFORM pg_try_advisory_xact_lock(key);
     RETURN pg_advisory_unlock(key);
   END IF;
-  WHILE EXISTS (SELECT 1 FROM pg_locks l
-                WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted AND l.objsubid = 1
-                  AND l.mode = 'ExclusiveLock'
-                  AND l.classid::text::bigint = (key >> 32) & 4294967295 AND l.objid::text::bigint = key & 4294967295) LOOP
-    released := pg_advisory_unlock(key) OR released;
+  -- After a failure: this transaction wrote nothing of the tick (the failed
+  -- call rolled back), so no transaction-level hold is needed. pg_locks shows
+  -- one row for every level held.
+  WHILE dispatch_policy._holds_tick_lock(_tick_release.policy) LOOP
+    EXIT WHEN NOT pg_advisory_unlock(key);
+    released := true;
   END LOOP;
   RETURN released;
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._tick_release(text, boolean) IS
-  'Internal: gives back the session-level tick lock of a policy (once, or every level held: all_levels) and restores the statement_timeout tick_begin replaced.';
+  'Internal: gives back the session-level tick lock of a policy (once, or every level held: all_levels), holding it at transaction level until this transaction ends, and restores the statement_timeout and idle_session_timeout tick_begin replaced (when the tick under way is of this policy).';
+
+-- Whether this session holds the policy's tick lock at session level.
+CREATE FUNCTION dispatch_policy._holds_tick_lock(policy text)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY INVOKER
+AS $$
+  SELECT EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted AND l.objsubid = 1
+      AND l.mode = 'ExclusiveLock'
+      AND l.classid::text::bigint = (dispatch_policy._tick_lock_key(_holds_tick_lock.policy) >> 32) & 4294967295
+      AND l.objid::text::bigint = dispatch_policy._tick_lock_key(_holds_tick_lock.policy) & 4294967295)
+$$;
+COMMENT ON FUNCTION dispatch_policy._holds_tick_lock(text) IS
+  'Internal: whether this session holds the tick lock of a policy, at any level (pg_locks).';
 
 CREATE FUNCTION dispatch_policy.tick_begin(
   policy text, batch_size integer, round_robin_quantum integer, max_observations integer DEFAULT 10000,
@@ -563,6 +596,13 @@ BEGIN
     RAISE EXCEPTION 'this session is in the tick of policy %', quote_literal(current_setting('dispatch_policy.tick_locked'))
       USING ERRCODE = '55000', HINT = 'End it with tick_finish or tick_abort first.';
   END IF;
+  -- A tick_begin rolled back with its transaction (BEGIN ... ROLLBACK) keeps
+  -- the lock, which is not transactional: taking it again would stack a
+  -- level that tick_finish never gives back.
+  IF dispatch_policy._holds_tick_lock(tick_begin.policy) THEN
+    RAISE EXCEPTION 'this session still holds the tick lock of policy % from a tick that did not end', quote_literal(tick_begin.policy)
+      USING ERRCODE = '55000', HINT = 'Call dispatch_policy.tick_abort(policy) (a tick_begin rolled back with its transaction keeps the lock).';
+  END IF;
   -- Session level: the lock outlives this call's transaction, until
   -- tick_finish or tick_abort (or the session's end).
   IF NOT pg_try_advisory_lock(dispatch_policy._tick_lock_key(tick_begin.policy)) THEN
@@ -577,6 +617,12 @@ BEGIN
     PERFORM set_config('dispatch_policy.timeout_outside_tick', current_setting('statement_timeout'), false);
     PERFORM set_config('statement_timeout', timeout_ms::text, false);
   END IF;
+  -- Between the calls the session is idle, not in a transaction: a client
+  -- that stops answering (frozen, partitioned away) would keep the lock
+  -- until TCP gives up. The server ends a session idle this long (at least
+  -- a second; 60 s without timeout_ms) and the lock with it.
+  PERFORM set_config('dispatch_policy.idle_outside_tick', current_setting('idle_session_timeout'), false);
+  PERFORM set_config('idle_session_timeout', greatest(coalesce(timeout_ms, 60000), 1000)::text, false);
   -- Time is read after the lock, so it never goes backwards between ticks of
   -- one policy; every primitive gets this same time.
   at := clock_timestamp();
@@ -642,7 +688,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_begin(text, integer, integer, integer, integer) IS
-  'The first call of a tick; the tick''s calls run in autocommit, each its own transaction. Takes the policy''s tick lock at session level (held until tick_finish, tick_abort or the session''s end; 55000 if this session is already in a tick) and sets the session''s statement_timeout to timeout_ms until then; then, if the policy is not paused: reads (does not remove) up to max_observations observations of every adaptive gate, promote_scheduled and fetch_batch, with the policy''s batch_size and round_robin_quantum (else the arguments); no fetch while a global_cap is full. Rows by kind: busy, unknown or paused (one row; nothing else done, no lock kept); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order); done (last: nothing fetched or observed, the lock is given back and the tick is over).';
+  'The first call of a tick; the tick''s calls run in autocommit, each its own transaction. Takes the policy''s tick lock at session level (held until tick_finish, tick_abort or the session''s end; 55000 if this session is already in a tick or still holds the lock) and, until then, sets the session''s statement_timeout to timeout_ms and its idle_session_timeout to timeout_ms (at least 1 s; 60 s without timeout_ms), so a client that stops answering between the calls loses its session and the lock; then, if the policy is not paused: reads (does not remove) up to max_observations observations of every adaptive gate, promote_scheduled and fetch_batch, with the policy''s batch_size and round_robin_quantum (else the arguments); no fetch while a global_cap is full. Rows by kind: busy, unknown or paused (one row; nothing else done, no lock kept); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order); done (last: nothing fetched or observed, the lock is given back and the tick is over).';
 
 CREATE FUNCTION dispatch_policy.tick_abort(policy text)
 RETURNS boolean
@@ -651,7 +697,7 @@ AS $$
   SELECT dispatch_policy._tick_release(tick_abort.policy, true)
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_abort(text) IS
-  'Ends a tick of the policy begun in this session without admitting: gives the tick lock back and restores the statement_timeout. Whether a lock was held. Safe to call when none is (a runner calls it after any failed tick).';
+  'Ends a tick of the policy begun in this session without admitting: gives back every level of the tick lock this session holds and, when the tick under way is of this policy, restores statement_timeout and idle_session_timeout. Whether a lock was held. Safe to call when none is (a runner calls it after any failed tick).';
 
 CREATE FUNCTION dispatch_policy.tick_state(
   policy text, now timestamptz,
@@ -776,3 +822,19 @@ END
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_finish(text, timestamptz, bigint[], text[], text[], text[], text[], double precision[], integer, jsonb, text[], text[], integer[], double precision[], double precision[], bigint[], bigint[], bigint[], timestamptz[], text[], boolean[], double precision[], text[], text[], integer[], text[], text[], bigint[]) IS
   'The last call of a tick begun by tick_begin in this session (55000 otherwise), in one transaction; it gives the tick lock back and restores the statement_timeout (on an error, call tick_abort). It does: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor); block lanes (block_lanes, or the keyless lane where block_keyless; for block_seconds, at most 30 days, ''Infinity'' for until released; on block_gates/block_partitions ('''' for time alone), only while that counter still holds block_in_flight or more, -1 for no check); save_adaptive (parallel arrays, as its fields); unblock lanes waiting on adaptive partitions whose cap grew (unblock_gates, unblock_partitions); delete the observations folded (observation_ids, as tick_begin returned them; added to observation_minutes). Returns the number admitted.';
+
+-- pause waits for a tick under way (its admissions are the last); a paused
+-- policy's next tick_begin admits nothing.
+CREATE OR REPLACE FUNCTION dispatch_policy.pause(policy text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+BEGIN
+  PERFORM dispatch_policy._require_policy(pause.policy);
+  PERFORM pg_advisory_xact_lock(dispatch_policy._tick_lock_key(pause.policy));
+  UPDATE dispatch_policy.policies p SET paused = true, updated_at = now()
+  WHERE p.name = pause.policy AND NOT p.paused;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.pause(text) IS
+  'Stops admission for a policy; staging continues. Waits for a tick of it under way to end, so nothing is admitted after pause returns. Unknown policy: SQLSTATE 42704.';

@@ -134,6 +134,33 @@ struct LaneTests {
         }
     }
 
+    /// Found by the bench: sync_lanes probed each next key with "key IS NULL
+    /// OR round_robin_key > key", which no index bound serves, so every probe
+    /// read from the first key (quadratic: minutes at 10,000 lanes, before a
+    /// new runner's first tick).
+    @Test("sync_lanes finds the lanes of jobs written directly with about one row read per lane")
+    func syncLanesIsLinear() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", PolicyConfig(roundRobinBy: "{t}"))
+            try await conn.exec("""
+                INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context, round_robin_key)
+                SELECT nextval('dispatch_policy.job_ids'), 'p', 'default', to_jsonb(i), '{}', 'k' || lpad((i % 2000)::text, 4, '0')
+                FROM generate_series(1, 4000) i
+                """)
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.lanes") == 0)
+            try await conn.exec("ANALYZE dispatch_policy.staged_jobs")
+            try await conn.exec("BEGIN")
+            #expect(try await conn.scalar("SELECT dispatch_policy.sync_lanes()", as: Int.self) == 2000)
+            let read = try await conn.scalar("""
+                SELECT (coalesce(sum(seq_tup_read), 0) + coalesce(sum(idx_tup_fetch), 0))::int FROM pg_stat_xact_user_tables
+                WHERE schemaname = 'dispatch_policy' AND relname = 'staged_jobs'
+                """, as: Int.self)
+            try await conn.exec("COMMIT")
+            #expect(read < 10_000, "sync_lanes read \(read) rows of staged_jobs for 2,000 lanes")
+            #expect(try await jobsWithoutLane(conn) == 0)
+        }
+    }
+
     /// Jobs made eligible other than by stage() get lanes: by promotion, by
     /// an UPDATE, and (written directly) by sync_lanes.
     @Test("jobs made eligible by promotion, by hand, or written directly are reached")

@@ -602,13 +602,20 @@ final class CountingExecutor: SQLExecutor {
     }
 }
 
-/// Advisory locks this session holds, and its statement_timeout.
-private func sessionState(_ conn: PostgresConnection) async throws -> (locks: Int, timeout: String) {
-    try #require(try await conn.rows(
+/// Advisory locks this session holds, its statement_timeout and its idle_session_timeout.
+private func sessionState(_ conn: PostgresConnection) async throws -> SessionState {
+    let (locks, timeout, idle) = try #require(try await conn.rows(
         """
         SELECT (SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
-               current_setting('statement_timeout')
-        """, logger: TestServer.logger).first).decode((Int, String).self)
+               current_setting('statement_timeout'), current_setting('idle_session_timeout')
+        """, logger: TestServer.logger).first).decode((Int, String, String).self)
+    return SessionState(locks: locks, timeout: timeout, idle: idle)
+}
+
+private struct SessionState: Equatable {
+    var locks: Int
+    var timeout: String
+    var idle: String
 }
 
 @Suite("Tick: three round trips in autocommit", .timeLimit(.minutes(8)))
@@ -703,10 +710,121 @@ struct TickCallTests {
                 #expect(try await other.scalar("SELECT kind FROM dispatch_policy.tick_begin('p', 10, NULL)", as: String.self) == "busy")
                 await #expect(throws: DispatchPolicyError.self) { try await other.exec(finish) }
             }
+            // Aborting another policy's tick leaves this one's alone.
+            #expect(try await !conn.scalar("SELECT dispatch_policy.tick_abort('q')", as: Bool.self))
+            #expect(try await sessionState(conn).locks == 1)
             #expect(try await conn.scalar("SELECT dispatch_policy.tick_abort('p')", as: Bool.self))
             #expect(try await !conn.scalar("SELECT dispatch_policy.tick_abort('p')", as: Bool.self))
             #expect(try await sessionState(conn).locks == 0)
             #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.staged_jobs") == 2)
+
+            // A tick_begin rolled back with its transaction keeps the lock
+            // (not transactional): the next tick_begin says so instead of
+            // stacking a level tick_finish would never give back.
+            try await conn.exec("BEGIN")
+            _ = try await conn.rows("SELECT * FROM dispatch_policy.tick_begin('p', 10, NULL)", logger: TestServer.logger)
+            try await conn.exec("ROLLBACK")
+            #expect(try await sessionState(conn).locks == 1)
+            await #expect(throws: DispatchPolicyError.self) {
+                try await conn.exec("SELECT * FROM dispatch_policy.tick_begin('p', 10, NULL)")
+            }
+            #expect(try await conn.scalar("SELECT dispatch_policy.tick_abort('p')", as: Bool.self))
+            #expect(try await sessionState(conn).locks == 0)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.tick_begin('p', 10, NULL) WHERE kind = 'job'") == 2)
+            #expect(try await conn.scalar("SELECT dispatch_policy.tick_abort('p')", as: Bool.self))
+        }
+    }
+
+    /// Found by a hostile pass: tick_finish gave the session lock back in its
+    /// body, before its transaction committed; a runner that got in between
+    /// read the counters (and observations) from before it and admitted past
+    /// the cap (observations were folded twice).
+    @Test("another runner cannot tick the policy until a tick's admission is committed")
+    func lockHeldUntilCommit() async throws {
+        try await withTestDatabase { conn, settings in
+            try await declare(conn, "p", PolicyConfig { Gate.concurrency(max: 2, partitionBy: "{acct}") })
+            try await stage(conn, "p", 6) { _ in ["acct": "a"] }
+            // A commit that takes 2 s, in the sessions that ask for it.
+            try await conn.exec("""
+                CREATE FUNCTION public.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$
+                """)
+            try await conn.exec("""
+                CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON dispatch_policy.admitted_jobs
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+                WHEN (current_setting('test.slow_commit', true) = 'on') EXECUTE FUNCTION public.slow_commit()
+                """)
+            try await TestServer.withConnection(settings) { slow async throws in
+                try await slow.exec("SET test.slow_commit = on")
+                let first = Task { try await Ticker(connection: slow, logger: TestServer.logger).tick(policy: "p", reap: false) }
+                #expect(try await waitUntil(20) {
+                    try await conn.scalar("""
+                        SELECT count(*)::int FROM pg_stat_activity
+                        WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE '%tick_finish(%'
+                        """, as: Int.self) == 1
+                }, "the first tick never reached its slow commit")
+                let second = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p", reap: false)
+                #expect(second.outcome == .busy)
+                #expect(try await first.value.admitted == 2)
+            }
+            #expect(try await count(conn, "SELECT in_flight FROM dispatch_policy.inflight_counters WHERE partition = 'a'") == 2)
+            #expect(try await tick(conn, "p").admitted == 0)
+            #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.admitted_jobs") == 2)
+            try await expectCountersConsistent(conn)
+        }
+    }
+
+    /// Found by a hostile pass: a runner frozen between the calls (SIGSTOP,
+    /// a partition) is idle, not idle in a transaction, so nothing ended its
+    /// session and the policy stayed locked for every other runner.
+    @Test("a session that stops answering in the middle of a tick is ended by the server, and the lock with it")
+    func frozenSession() async throws {
+        try await withTestDatabase { conn, settings in
+            try await declare(conn, "p", PolicyConfig())
+            try await stage(conn, "p", 1)
+            let before = try await sessionState(conn)
+            // A query on a connection the server ended may never return
+            // (postgres-nio#487): the frozen session is watched from outside.
+            let frozen = try await settings.connect(logger: TestServer.logger)
+            defer { _ = Task { _ = try? await untilDeadline(.now + .seconds(2)) { try await frozen.close() } } }
+            let pid = try await frozen.scalar("SELECT pg_backend_pid()", as: Int32.self)
+            #expect(try await frozen.scalar("SELECT count(*)::int FROM dispatch_policy.tick_begin('p', 10, NULL, 100, 1000) WHERE kind = 'job'") == 1)
+            #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p", reap: false).outcome == .busy)
+            // Idle for more than the tick's 1 s: the server ends the session.
+            #expect(try await waitUntil(20) {
+                try await conn.scalar("SELECT count(*)::int FROM pg_stat_activity WHERE pid = \(pid)", as: Int.self) == 0
+            }, "the frozen session was not ended")
+            #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p", reap: false).admitted == 1)
+            // A tick that ends restores the setting.
+            #expect(try await sessionState(conn) == before)
+        }
+    }
+
+    @Test("pause waits for a tick under way, so nothing is admitted after it returns")
+    func pauseWaitsForTick() async throws {
+        try await withTestDatabase { conn, settings in
+            try await declare(conn, "p", PolicyConfig())
+            try await stage(conn, "p", 2)
+            let ids = try await conn.rows("SELECT id FROM dispatch_policy.tick_begin('p', 10, NULL) WHERE kind = 'job'", logger: TestServer.logger)
+                .map { try $0.decode(Int64.self) }
+            #expect(ids.count == 2)
+            let paused = Mutex(false)
+            let pausing = Task {
+                try await TestServer.withConnection(settings) { other async throws in
+                    try await other.exec("SELECT dispatch_policy.pause('p')")
+                    paused.withLock { $0 = true }
+                }
+            }
+            try await Task.sleep(for: .milliseconds(500))
+            #expect(!paused.withLock { $0 }, "pause returned while a tick was admitting")
+            let admitted = try await conn.scalar("""
+                SELECT dispatch_policy.tick_finish('p', now(), \(ids)::bigint[], '{}', '{}', '{}', '{}', '{}')
+                """, as: Int.self)
+            #expect(admitted == 2)
+            try await pausing.value
+            #expect(paused.withLock { $0 })
+            try await stage(conn, "p", 1)
+            #expect(try await tick(conn, "p").outcome == .paused)
         }
     }
 }
