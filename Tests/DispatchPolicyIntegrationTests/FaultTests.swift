@@ -609,10 +609,11 @@ struct FaultTests {
         do {
             let db = ManagedConnection(settings: via, role: "test", logger: TestServer.logger)
             await #expect(throws: DispatchPolicyError.self) {
-                try await db.run("a call", timeout: .seconds(5), until: .now + .milliseconds(300)) { _ in }
+                try await db.run("a call", timeout: .seconds(5), until: .now + .seconds(1)) { _ in }
             }
             await db.close()
-            #expect(proxy.accepted == 1)
+            // The attempt goes on (connect timeout 10 s), held by the proxy.
+            #expect(try await waitUntil(10) { proxy.accepted == 1 })
             proxy.open()
             #expect(try await waitUntil(10) { proxy.ended == 1 }, "the late connection was kept")
             #expect(await !db.isOpen)

@@ -788,9 +788,9 @@ struct TickCallTests {
             let frozen = try await settings.connect(logger: TestServer.logger)
             defer { _ = Task { _ = try? await untilDeadline(.now + .seconds(2)) { try await frozen.close() } } }
             let pid = try await frozen.scalar("SELECT pg_backend_pid()", as: Int32.self)
-            #expect(try await frozen.scalar("SELECT count(*)::int FROM dispatch_policy.tick_begin('p', 10, NULL, 100, 1000) WHERE kind = 'job'") == 1)
+            #expect(try await frozen.scalar("SELECT count(*)::int FROM dispatch_policy.tick_begin('p', 10, NULL, 100, 5000) WHERE kind = 'job'") == 1)
             #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p", reap: false).outcome == .busy)
-            // Idle for more than the tick's 1 s: the server ends the session.
+            // Idle for more than the tick's 5 s: the server ends the session.
             #expect(try await waitUntil(20) {
                 try await conn.scalar("SELECT count(*)::int FROM pg_stat_activity WHERE pid = \(pid)", as: Int.self) == 0
             }, "the frozen session was not ended")
