@@ -165,13 +165,6 @@ BEGIN
         RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
           format('throttle: %s token(s) of %s now (%s per %s s); %s%s job(s) of this partition ahead of it',
                  round(tokens::numeric, 2), burst, rate, per, CASE WHEN scanned >= 10000 THEN 'at least ' ELSE '' END, ahead_in_partition), NULL::float8;
-        IF ahead_in_partition + 1 > tokens THEN
-          IF rate > 0 THEN
-            estimate := greatest(estimate, (ahead_in_partition + 1 - tokens) * per / rate);
-          ELSE
-            estimable := false;
-          END IF;
-        END IF;
       ELSE
         waits := true; reasons := array_append(reasons, format('throttle %s on %s', name, quote_literal(part))::text);
         RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
@@ -181,6 +174,10 @@ BEGIN
                         CASE WHEN scanned >= 10000 THEN 'at least ' ELSE '' END, ahead_in_partition)
             ELSE format('throttle: %s token(s) and a rate of 0: it never refills', round(tokens::numeric, 2)) END,
           CASE WHEN rate > 0 THEN (1 - tokens) * per / rate END;
+      END IF;
+      -- Its turn comes when the bucket holds a token for it and for every
+      -- job of its partition ahead of it.
+      IF ahead_in_partition + 1 > tokens THEN
         IF rate > 0 THEN
           estimate := greatest(estimate, (ahead_in_partition + 1 - tokens) * per / rate);
         ELSE
@@ -202,22 +199,17 @@ BEGIN
       ELSE
         cap := dispatch_policy._gate_number(g -> 'max', j.context, kind || '.max');
       END IF;
-      IF held < cap THEN
-        RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
-          format('%s: %s in flight of a cap of %s%s', kind, held, cap,
-                 CASE WHEN kind = 'adaptive_concurrency'
-                   THEN format(' (adaptive; EWMA lag %s ms, target %s ms)', coalesce(round(a.ewma_lag_ms::numeric, 1)::text, 'none yet'),
-                               g -> 'target_lag_ms') ELSE '' END), NULL::float8;
-      ELSE
+      IF held >= cap THEN
         waits := true; estimable := false;
         reasons := array_append(reasons, format('%s %s on %s', kind, name, quote_literal(part))::text);
-        RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
-          format('%s: %s in flight of a cap of %s%s: it waits for a slot to be released (complete, fail or an expired lease)',
-                 kind, held, cap,
-                 CASE WHEN kind = 'adaptive_concurrency'
-                   THEN format(' (adaptive; EWMA lag %s ms, target %s ms)', coalesce(round(a.ewma_lag_ms::numeric, 1)::text, 'none yet'),
-                               g -> 'target_lag_ms') ELSE '' END), NULL::float8;
       END IF;
+      RETURN QUERY SELECT 'gate'::text, name, part, CASE WHEN held < cap THEN 'ok' ELSE 'waits' END,
+        format('%s: %s in flight of a cap of %s%s%s', kind, held, cap,
+               CASE WHEN kind = 'adaptive_concurrency'
+                 THEN format(' (adaptive; EWMA lag %s ms, target %s ms)', coalesce(round(a.ewma_lag_ms::numeric, 1)::text, 'none yet'),
+                             g -> 'target_lag_ms') ELSE '' END,
+               CASE WHEN held >= cap THEN ': it waits for a slot to be released (complete, fail or an expired lease)' ELSE '' END),
+        NULL::float8;
     ELSE
       RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
         format('%s: orders a batch across partitions; it never refuses a job', kind), NULL::float8;

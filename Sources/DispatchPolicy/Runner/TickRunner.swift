@@ -17,7 +17,8 @@ public struct TickRunnerOptions: Sendable {
     public var once = false
     /// Return after this long (cron: `--for 55s`); nil runs until shutdown.
     public var runFor: Duration?
-    /// Pause after a pass that admitted something. Either pause is cut short
+    /// Pause after a pass that admitted something, or found a policy being
+    /// ticked by another runner (its work goes on). Either pause is cut short
     /// by NOTIFY and ends when the next thing is due by the clock: a
     /// scheduled job, a lease running out, the next whole token of a
     /// throttle partition that refused jobs.
@@ -234,6 +235,7 @@ public struct TickRunner: Service {
             if let deadline, ContinuousClock.now >= deadline, passes > 0 { break }
             passes += 1
             var admitted = 0
+            var sawBusy = false
             var nextWake: Duration?
             let passStarted = ContinuousClock.now
             do {
@@ -280,6 +282,9 @@ public struct TickRunner: Service {
                         }
                         summaries[policy, default: PolicySummary(policy: policy)].add(result)
                         admitted += result.admitted
+                        // Another runner is ticking it: the work is not done,
+                        // so look again after the busy pause, not the idle one.
+                        if result.outcome == .busy { sawBusy = true }
                         if let next = result.nextTokenIn { nextWake = min(nextWake ?? next, next) }
                         if failing.removeValue(forKey: policy) != nil {
                             logger.info("policy recovered", metadata: ["policy.name": "\(policy)"])
@@ -320,7 +325,7 @@ public struct TickRunner: Service {
                 lastPassError = wrapped.description
             }
             if options.once { break }
-            var pause = admitted > 0 ? options.busyPause : options.idlePause
+            var pause = admitted > 0 || sawBusy ? options.busyPause : options.idlePause
             // Sleep until the next thing that can change by the clock, not
             // longer (measured from the start of the pass that found it).
             if let nextWake { pause = min(pause, max(passStarted + nextWake - .now, .milliseconds(1))) }
