@@ -14,12 +14,20 @@ AS $$
   ), given AS (
     SELECT CASE WHEN jsonb_typeof(value) = 'object'
                 THEN dispatch_policy._context_text(context -> (value ->> 'context')) END AS text
-  ), parsed AS (
-    -- A JSON number's form only (no hexadecimal, inf or nan), exponent kept
-    -- within what numeric holds.
-    SELECT CASE WHEN g.text ~ '^\s*-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]{1,4})?\s*$'
-                THEN btrim(g.text)::numeric END AS n
+  ), trimmed AS (
+    -- Unicode White_Space at either end, as the runner trims it.
+    SELECT regexp_replace(g.text,
+             '^[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+|[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+$',
+             '', 'g') AS text
     FROM given g
+  ), parsed AS (
+    -- A JSON number's form only (no hexadecimal, inf or nan). An exponent of
+    -- more than four digits (after leading zeros) is beyond every bound:
+    -- the runner's double overflows or underflows there, and so would numeric.
+    SELECT CASE WHEN t.text ~ '^-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$'
+                 AND length(coalesce(substring(t.text FROM '[eE][+-]?0*([0-9]+)$'), '')) <= 4
+                THEN t.text::numeric END AS n
+    FROM trimmed t
   )
   SELECT CASE
            WHEN jsonb_typeof(value) = 'object' AND dispatch_policy._within_limit(p.n, _gate_number.field)
@@ -55,6 +63,11 @@ DECLARE
   ahead bigint;
   ahead_in_partition bigint;
   scanned bigint;
+  ahead_contexts jsonb[];
+  at_least text;
+  needed numeric;
+  to_token numeric;
+  estimate_at_least boolean := false;
   ln dispatch_policy.lanes;
   waits boolean := false;
   estimate double precision := 0;
@@ -126,18 +139,38 @@ BEGIN
       AND (s.priority, s.id) < (j.priority, j.id);
   END IF;
   SELECT * INTO ln FROM dispatch_policy.lanes l WHERE l.policy = j.policy AND l.lane IS NOT DISTINCT FROM j.round_robin_key;
+  -- The fetch passes a blocked lane over, whatever its jobs' gates say now.
+  IF ln.blocked_until > at THEN
+    waits := true;
+    reasons := array_append(reasons, 'its lane is blocked'::text);
+    IF ln.blocked_until = 'infinity' THEN
+      estimable := false;
+    ELSE
+      estimate := greatest(estimate, extract(epoch FROM ln.blocked_until - at)::double precision);
+    END IF;
+  END IF;
   RETURN QUERY SELECT 'lane'::text, NULL::text, coalesce(j.round_robin_key, '(no key)'),
     CASE WHEN ln.blocked_until > at THEN 'waits' ELSE 'info' END,
     format('%s job(s) ahead in its lane %s%s; %s lane(s) of the policy ready for the rotation', ahead,
            coalesce(quote_literal(j.round_robin_key), '(jobs without a key)'),
            CASE WHEN ln.policy IS NULL THEN ', which has no lanes row yet (the runner''s maintenance adds it)'
-                WHEN ln.blocked_until > at AND ln.blocked_gate IS NOT NULL
-                  THEN format(', blocked until %s by %s partition %s', CASE WHEN ln.blocked_until = 'infinity' THEN 'a slot is released' ELSE ln.blocked_until::text END,
+                WHEN ln.blocked_until = 'infinity' AND ln.blocked_gate IS NOT NULL
+                  THEN format(', blocked by %s partition %s until it has room (a slot released, a config change)',
                               ln.blocked_gate, quote_literal(ln.blocked_partition))
+                WHEN ln.blocked_until > at AND ln.blocked_gate IS NOT NULL
+                  THEN format(', blocked until %s by %s partition %s', ln.blocked_until, ln.blocked_gate, quote_literal(ln.blocked_partition))
                 WHEN ln.blocked_until > at THEN format(', passed over until %s', ln.blocked_until)
                 ELSE ', ready' END,
            (SELECT count(*) FROM dispatch_policy.lanes r WHERE r.policy = j.policy AND (r.blocked_until IS NULL OR r.blocked_until <= at))),
-    NULL::float8;
+    CASE WHEN ln.blocked_until > at AND ln.blocked_until < 'infinity' THEN extract(epoch FROM ln.blocked_until - at)::float8 END;
+
+  -- The nearest jobs ahead of it in the fetch order, once for every
+  -- throttle: those of its partition take tokens first. Bounded: an
+  -- explanation must not scan the backlog.
+  SELECT coalesce(array_agg(s.context), '{}'), count(*) INTO ahead_contexts, scanned
+  FROM (SELECT s.context FROM dispatch_policy.staged_jobs s
+        WHERE s.policy = j.policy AND s.not_before IS NULL AND (s.priority, s.id) < (j.priority, j.id)
+        ORDER BY s.priority DESC, s.id DESC LIMIT 2000) s;
 
   parts := dispatch_policy._gate_partitions(pol.config, j.context);
   FOR g IN SELECT x FROM jsonb_array_elements(coalesce(pol.config -> 'gates', '[]'::jsonb)) AS x LOOP
@@ -153,35 +186,48 @@ BEGIN
                                       ELSE least(greatest(rate, 1), 1000000) END);
       tokens := CASE WHEN b.policy IS NULL THEN burst
                      ELSE dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, at) END;
-      -- Jobs ahead of it in the same partition take tokens first: counted
-      -- among the nearest 10,000 jobs ahead of it (a bound, not a scan of
-      -- the backlog).
-      SELECT count(*) FILTER (WHERE dispatch_policy._partition_key(g ->> 'partition_by', s.context) = part), count(*)
-      INTO ahead_in_partition, scanned
-      FROM (SELECT s.context FROM dispatch_policy.staged_jobs s
-            WHERE s.policy = j.policy AND s.not_before IS NULL AND (s.priority, s.id) < (j.priority, j.id)
-            ORDER BY s.priority DESC, s.id DESC LIMIT 10000) s;
-      IF tokens >= 1 THEN
+      SELECT count(*) INTO ahead_in_partition
+      FROM unnest(ahead_contexts) AS c(context)
+      WHERE dispatch_policy._partition_key(g ->> 'partition_by', c.context) = part;
+      at_least := CASE WHEN scanned >= 2000 THEN 'at least ' ELSE '' END;
+      -- Seconds until the bucket holds a token for it and for every job of
+      -- its partition ahead of it (numeric: a tiny rate must not overflow);
+      -- NULL beyond a century.
+      IF rate > 0 THEN
+        needed := greatest((ahead_in_partition + 1)::numeric - tokens::numeric, 0) * per::numeric / rate::numeric;
+        IF needed > 3153600000 THEN needed := NULL; END IF;
+        to_token := CASE WHEN tokens >= 1 THEN 0 ELSE (1 - tokens::numeric) * per::numeric / rate::numeric END;
+        IF to_token > 3153600000 THEN to_token := NULL; END IF;
+      END IF;
+      IF rate = 0 THEN
+        -- The runner admits nothing through a throttle of rate 0.
+        waits := true; estimable := false;
+        reasons := array_append(reasons, format('throttle %s has a rate of 0', name)::text);
+        RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
+          'throttle: a rate of 0 admits nothing (declare a rate above 0)'::text, NULL::float8;
+      ELSIF tokens >= 1 THEN
         RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
           format('throttle: %s token(s) of %s now (%s per %s s); %s%s job(s) of this partition ahead of it',
-                 round(tokens::numeric, 2), burst, rate, per, CASE WHEN scanned >= 10000 THEN 'at least ' ELSE '' END, ahead_in_partition), NULL::float8;
+                 round(tokens::numeric, 2), burst, rate, per, at_least, ahead_in_partition), NULL::float8;
       ELSE
         waits := true; reasons := array_append(reasons, format('throttle %s on %s', name, quote_literal(part))::text);
         RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
-          CASE WHEN rate > 0
-            THEN format('throttle: %s token(s) of %s (%s per %s s): the next whole token in %s s; %s%s job(s) of this partition ahead of it',
-                        round(tokens::numeric, 2), burst, rate, per, round(((1 - tokens) * per / rate)::numeric, 3),
-                        CASE WHEN scanned >= 10000 THEN 'at least ' ELSE '' END, ahead_in_partition)
-            ELSE format('throttle: %s token(s) and a rate of 0: it never refills', round(tokens::numeric, 2)) END,
-          CASE WHEN rate > 0 THEN (1 - tokens) * per / rate END;
+          format('throttle: %s token(s) of %s (%s per %s s): the next whole token in %s; %s%s job(s) of this partition ahead of it',
+                 round(tokens::numeric, 2), burst, rate, per,
+                 CASE WHEN to_token IS NULL THEN 'more than a century' ELSE round(to_token, 3) || ' s' END,
+                 at_least, ahead_in_partition),
+          to_token::float8;
       END IF;
-      -- Its turn comes when the bucket holds a token for it and for every
-      -- job of its partition ahead of it.
-      IF ahead_in_partition + 1 > tokens THEN
-        IF rate > 0 THEN
-          estimate := greatest(estimate, (ahead_in_partition + 1 - tokens) * per / rate);
-        ELSE
+      IF rate > 0 AND ahead_in_partition + 1 > tokens THEN
+        IF needed IS NULL THEN
           estimable := false;
+        ELSE
+          estimate := greatest(estimate, needed::double precision);
+          IF tokens >= 1 THEN
+            reasons := array_append(reasons,
+              format('throttle %s on %s: %s%s job(s) ahead take its tokens', name, quote_literal(part), at_least, ahead_in_partition)::text);
+          END IF;
+          IF at_least <> '' THEN estimate_at_least := true; END IF;
         END IF;
       END IF;
     ELSIF kind IN ('concurrency', 'global_cap', 'adaptive_concurrency') THEN
@@ -206,7 +252,8 @@ BEGIN
       RETURN QUERY SELECT 'gate'::text, name, part, CASE WHEN held < cap THEN 'ok' ELSE 'waits' END,
         format('%s: %s in flight of a cap of %s%s%s', kind, held, cap,
                CASE WHEN kind = 'adaptive_concurrency'
-                 THEN format(' (adaptive; EWMA lag %s ms, target %s ms)', coalesce(round(a.ewma_lag_ms::numeric, 1)::text, 'none yet'),
+                 THEN format(' (adaptive; %s, target %s ms)',
+                             coalesce('EWMA lag ' || round(a.ewma_lag_ms::numeric, 1) || ' ms', 'no lag observed yet'),
                              g -> 'target_lag_ms') ELSE '' END,
                CASE WHEN held >= cap THEN ': it waits for a slot to be released (complete, fail or an expired lease)' ELSE '' END),
         NULL::float8;
@@ -224,10 +271,11 @@ BEGIN
   END IF;
 
   RETURN QUERY SELECT 'estimate'::text, NULL::text, NULL::text,
-    CASE WHEN NOT waits AND estimate = 0 THEN 'next tick' WHEN estimable THEN 'estimated' ELSE 'unknown' END,
+    CASE WHEN NOT waits AND estimate = 0 AND estimable THEN 'next tick' WHEN estimable THEN 'estimated' ELSE 'unknown' END,
     CASE
-      WHEN NOT waits AND estimate = 0 THEN 'every gate has room: admitted by the next tick that reaches its lane'
-      WHEN estimable THEN format('admitted in about %s s (%s), if nothing else takes its tokens first',
+      WHEN NOT waits AND estimate = 0 AND estimable THEN 'every gate has room: admitted by the next tick that reaches its lane'
+      WHEN estimable THEN format('admitted in %sabout %s s (%s), if nothing else takes its tokens first',
+                                 CASE WHEN estimate_at_least THEN 'at least ' ELSE '' END,
                                  round(estimate::numeric, 1), array_to_string(reasons, ', '))
       ELSE format('no estimate: %s', array_to_string(reasons, ', '))
     END,

@@ -70,20 +70,30 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
         return Self.oneLine(line)
     }
 
-    /// `text` with every control character written as `\u{…}` (`\n` for a newline).
+    /// `text` with every control character written as `\u{…}` (`\n` for a
+    /// newline): C0, DEL and C1 controls (U+0085 NEL, U+009B CSI), the line
+    /// and paragraph separators, and the bidirectional controls that reorder
+    /// what a terminal shows.
     public static func oneLine(_ text: String) -> String {
-        guard text.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else { return text }
+        guard text.unicodeScalars.contains(where: needsEscape) else { return text }
         var out = String.UnicodeScalarView()
         for scalar in text.unicodeScalars {
             if scalar == "\n" {
                 out.append(contentsOf: "\\n".unicodeScalars)
-            } else if scalar.value < 0x20 || scalar.value == 0x7F {
+            } else if needsEscape(scalar) {
                 out.append(contentsOf: "\\u{\(String(scalar.value, radix: 16))}".unicodeScalars)
             } else {
                 out.append(scalar)
             }
         }
         return String(out)
+    }
+
+    static func needsEscape(_ scalar: Unicode.Scalar) -> Bool {
+        switch scalar.value {
+        case 0..<0x20, 0x7F...0x9F, 0x2028, 0x2029, 0x200E, 0x200F, 0x202A...0x202E, 0x2066...0x2069, 0x061C: true
+        default: false
+        }
     }
 }
 

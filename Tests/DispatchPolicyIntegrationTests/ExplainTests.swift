@@ -70,7 +70,7 @@ struct ExplainTests {
             #expect(waiting.rows.first { $0.gate == "global_cap" }?.verdict == "ok")
             #expect(waiting.rows.last?.verdict == "unknown" && waiting.rows.last?.waitSeconds == nil)
             // The lane is blocked until a slot is released, and says so.
-            #expect(waiting.rows.first { $0.aspect == "lane" }?.explanation.contains("blocked until a slot is released by concurrency partition 'a'") == true)
+            #expect(waiting.rows.first { $0.aspect == "lane" }?.explanation.contains("blocked by concurrency partition 'a' until it has room") == true)
             _ = try await conn.scalar("SELECT dispatch_policy.complete(\(first))", as: Bool.self)
             let free = try await explain(conn, second)
             #expect(free.waitingOn.isEmpty)
@@ -99,7 +99,7 @@ struct ExplainTests {
             let now = try await stage(conn, "p", #"{"acct": "a"}"#)
             let adaptive = try await explain(conn, now)
             #expect(adaptive.rows.first { $0.aspect == "gate" }?.explanation
-                .hasPrefix("adaptive_concurrency: 0 in flight of a cap of 2 (adaptive; EWMA lag none yet ms, target 500 ms)") == true)
+                .hasPrefix("adaptive_concurrency: 0 in flight of a cap of 2 (adaptive; no lag observed yet, target 500 ms)") == true)
             try await conn.exec("SELECT dispatch_policy.pause('p')")
             let paused = try await explain(conn, now)
             #expect(paused.waitingOn.map(\.aspect) == ["policy"])
@@ -117,6 +117,54 @@ struct ExplainTests {
             } catch let error as DispatchPolicyError {
                 #expect(error.sqlState == "P0002")
             }
+        }
+    }
+
+    /// Found by a hostile pass on explain: each of these said "ok / next
+    /// tick" for a job the next tick refused, or failed outright.
+    @Test("explain agrees with the tick: a blocked lane, a rate of 0, a tiny rate, a number padded with Unicode spaces")
+    func agreesWithTheTick() async throws {
+        try await withTestDatabase { conn, _ in
+            // A lane blocked on a full cap stays passed over, though a later
+            // job of it carries a higher cap in its context.
+            try await declare(conn, "cm", #"{"gates": [{"type": "concurrency", "max": {"context": "m", "default": 1}, "partition_by": "{p}"}]}"#)
+            _ = try await stage(conn, "cm", #"{"p": "x", "m": 1}"#)
+            #expect(try await tick(conn, "cm").admitted == 1)
+            _ = try await stage(conn, "cm", #"{"p": "x", "m": 1}"#)
+            #expect(try await tick(conn, "cm").admitted == 0)
+            let roomy = try await stage(conn, "cm", #"{"p": "x", "m": 5}"#)
+            let blocked = try await explain(conn, roomy)
+            #expect(blocked.rows.first { $0.gate == "concurrency" }?.verdict == "ok")
+            #expect(blocked.waitingOn.map(\.aspect) == ["lane"])
+            #expect(blocked.rows.last?.verdict == "unknown")
+            #expect(try await tick(conn, "cm").admitted == 0)
+
+            // A throttle of rate 0 admits nothing, whatever its bucket holds.
+            try await declare(conn, "r0", #"{"gates": [{"type": "throttle", "name": "z", "rate": 0, "per": 1}]}"#)
+            let never = try await stage(conn, "r0", "{}")
+            let zero = try await explain(conn, never)
+            #expect(zero.rows.first { $0.gate == "z" }?.verdict == "waits")
+            #expect(zero.rows.last?.verdict == "unknown")
+            #expect(try await tick(conn, "r0").admitted == 0)
+
+            // A rate of 1e-300 tokens a year: no overflow, no 300-digit wait.
+            try await declare(conn, "tiny", #"{"gates": [{"type": "throttle", "name": "th", "rate": 1e-300, "per": 31536000, "burst": 1}]}"#)
+            var ids: [Int64] = []
+            for _ in 0..<6 { ids.append(try await stage(conn, "tiny", "{}")) }
+            #expect(try await tick(conn, "tiny").admitted == 1)
+            let slow = try await explain(conn, ids[5])
+            #expect(slow.rows.first { $0.gate == "th" }?.explanation.contains("the next whole token in more than a century") == true)
+            #expect(slow.rows.last?.verdict == "unknown")
+
+            // A context number padded with Unicode spaces (the runner trims
+            // them): read as the runner reads it, not an error.
+            try await declare(conn, "sp", #"{"gates": [{"type": "concurrency", "max": {"context": "m", "default": 1}}]}"#)
+            for pad in ["\u{2003}", "\u{3000}", "\u{00A0}", "\u{2028}"] {
+                let padded = try await conn.scalar(
+                    "SELECT dispatch_policy.stage('sp', '{}', jsonb_build_object('m', \(pad + "4" + pad)::text))", as: Int64.self)
+                #expect(try await explain(conn, padded).rows.first { $0.gate == "concurrency" }?.explanation.contains("of a cap of 4") == true)
+            }
+            #expect(try await tick(conn, "sp").admitted == 4)
         }
     }
 
