@@ -85,11 +85,17 @@ public struct GateState: Sendable, Equatable {
     public var inFlight: [GateKey: Int] = [:]
     /// current_max per adaptive partition.
     public var adaptiveCap: [GateKey: Int] = [:]
+    /// Partitions an operator paused (`dispatch_policy.pause_partition`):
+    /// they admit nothing until resumed or their pause runs out.
+    public var paused: Set<GateKey> = []
 
-    public init(tokens: [GateKey: Double] = [:], inFlight: [GateKey: Int] = [:], adaptiveCap: [GateKey: Int] = [:]) {
+    public init(
+        tokens: [GateKey: Double] = [:], inFlight: [GateKey: Int] = [:], adaptiveCap: [GateKey: Int] = [:], paused: Set<GateKey> = []
+    ) {
         self.tokens = tokens
         self.inFlight = inFlight
         self.adaptiveCap = adaptiveCap
+        self.paused = paused
     }
 }
 
@@ -308,6 +314,21 @@ public struct Admission: Sendable {
             var slotKeys: [GateKey] = []
             for (index, gate) in gates.enumerated() where gate.type != .fairInterleave {
                 let key = GateKey(gate: gate.effectiveName, partition: row.partitions[index])
+                if state.paused.contains(key) {
+                    // Paused by an operator: refused. A lane whose key is the
+                    // partition was blocked by pause_partition itself; any
+                    // other lane it stops is looked at again in a second (a
+                    // resume, or a pause running out, is not seen sooner).
+                    decision.refusedByGate[gate.effectiveName, default: 0] += 1
+                    if row.row.lane > 0 {
+                        var tally = lanes[row.row.lane] ?? LaneTally(key: row.row.roundRobinKey)
+                        tally.see(row.partitions)
+                        tally.refusals.insert(key)
+                        tally.waits[key] = 1
+                        lanes[row.row.lane] = tally
+                    }
+                    continue rows
+                }
                 let room: Bool
                 switch gate.type {
                 case .throttle:

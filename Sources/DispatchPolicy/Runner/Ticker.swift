@@ -366,6 +366,8 @@ public struct Ticker: Sendable {
                 case "counter":
                     guard let inFlight else { throw Self.malformed(kind) }
                     state.inFlight[key] = inFlight
+                case "paused":
+                    state.paused.insert(key)
                 case "adaptive":
                     guard let cap, let credit, let since else { throw Self.malformed(kind) }
                     state.adaptiveCap[key] = cap
