@@ -100,7 +100,7 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
 extension DispatchPolicyError {
     /// Converts a postgres-nio error into a ``DispatchPolicyError``, keeping
     /// the server's SQLSTATE, message, detail and hint.
-    static func from(_ error: any Error, code: Code = .server, context: String? = nil) -> DispatchPolicyError {
+    public static func from(_ error: any Error, code: Code = .server, context: String? = nil) -> DispatchPolicyError {
         if let error = error as? DispatchPolicyError { return error }
         if let error = error as? PostgresTransactionError {
             return from(error.closureError ?? error.commitError ?? error.beginError ?? error.rollbackError ?? error,

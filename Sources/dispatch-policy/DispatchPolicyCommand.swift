@@ -1,5 +1,10 @@
 import ArgumentParser
 import DispatchPolicy
+import DispatchPolicyAdmin
+import Metrics
+#if canImport(Glibc)
+import Glibc
+#endif
 import Foundation
 import Logging
 import PostgresNIO
@@ -17,7 +22,7 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
-            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self, Explain.self, Check.self,
+            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self, Explain.self, Check.self, Admin.self,
         ]
     )
 }
@@ -358,53 +363,118 @@ struct Explain: AsyncParsableCommand {
 
 struct Status: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show dispatch_policy.policy_overview: counts per policy, the error of any policy whose ticks fail, and the runners and workers with their reconnects.")
+        abstract: "Show dispatch_policy.policy_overview: counts per policy, the error of any policy whose ticks fail, and the runners and workers with their reconnects.",
+        discussion: """
+            With --policy, that policy only, what limits it now (the admin's hints) and its busiest \
+            partitions. With --watch, the tables are redrawn in place every --interval until Ctrl-C.
+            """)
 
     @OptionGroup var connection: ConnectionOptions
 
+    @Option(help: "Show one policy: its counts, hints and busiest partitions.")
+    var policy: String?
+
+    @Flag(help: "Redraw every --interval until interrupted.")
+    var watch = false
+
+    @Option(parsing: .unconditional, help: "With --watch: how often to redraw (100ms to 1h).")
+    var interval: String = "2s"
+
+    @Option(parsing: .unconditional, help: "With --policy: how many partitions to list, busiest first (1 to 1000).")
+    var partitions: Int = 10
+
+    func validate() throws {
+        do { _ = try DurationParser.parse(interval, flag: "--interval", within: .milliseconds(100) ... .seconds(3600)) } catch let error as DispatchPolicyError {
+            throw ValidationError(error.message)
+        }
+        guard (1...1000).contains(partitions) else { throw ValidationError("--partitions must be from 1 to 1000, got \(partitions)") }
+    }
+
     func run() async throws {
+        let pause = try DurationParser.parse(interval, flag: "--interval", within: .milliseconds(100) ... .seconds(3600))
         try await connection.withConnection { conn, logger in
-            var rows: [[String]] = []
-            var errors: [String] = []
-            for try await (policy, pending, scheduled, inFlight, completed, failed, dead, oldest, paused, failures, error, retry) in try await conn.query(
-                """
-                SELECT policy, pending, scheduled, in_flight, completed_24h, failed_24h, dead,
-                       coalesce(nullif(extract(day FROM oldest_pending_age)::int, 0)::text || 'd ', '')
-                         || coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused,
-                       tick_failures, last_error, to_char(retry_at, 'YYYY-MM-DD HH24:MI:SS TZ')
-                FROM dispatch_policy.policy_overview ORDER BY policy
-                """, logger: logger
-            ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, Bool, Int?, String?, String?).self) {
-                let state = paused ? "paused" : failures != nil ? "failing" : "active"
-                rows.append([policy, state, "\(pending)", "\(scheduled)", "\(inFlight)",
-                             "\(completed)", "\(failed)", "\(dead)", oldest])
-                if let failures {
-                    errors.append("\(policy): \(failures) failed tick\(failures == 1 ? "" : "s") in a row, retry at \(retry ?? "-"): \(error ?? "")")
+            let terminal = isatty(STDOUT_FILENO) == 1
+            repeat {
+                let text = try await render(conn, logger: logger)
+                if watch && terminal {
+                    // Home, draw, clear what the previous frame left below.
+                    print("\u{1B}[H" + text.replacingOccurrences(of: "\n", with: "\u{1B}[K\n") + "\u{1B}[K\u{1B}[J", terminator: "\n")
+                } else {
+                    print(text + (watch ? "\n" : ""))
                 }
-            }
-            print(TextTable.render(
-                header: ["POLICY", "STATE", "PENDING", "SCHEDULED", "IN FLIGHT", "DONE 24H", "FAILED 24H", "DEAD", "OLDEST"],
-                rows: rows))
-            if !errors.isEmpty {
-                print("\nfailing:\n" + errors.map { "  " + $0 }.joined(separator: "\n"))
-            }
-            // Runners and workers, with the sessions they lost and reopened.
-            var processes: [[String]] = []
-            for try await (name, kind, started, seen, reconnects, lost) in try await conn.query(
-                """
-                SELECT name, kind, to_char(started_at, 'YYYY-MM-DD HH24:MI:SS'),
-                       extract(epoch FROM now() - last_seen_at)::bigint || 's ago', reconnects,
-                       coalesce(to_char(last_lost_at, 'YYYY-MM-DD HH24:MI:SS') || ': ' || left(last_lost_error, 120), '-')
-                FROM dispatch_policy.processes ORDER BY kind, name
-                """, logger: logger
-            ).decode((String, String, String, String, Int, String).self) {
-                processes.append([name, kind, started, seen, "\(reconnects)", DispatchPolicyError.oneLine(lost)])
-            }
-            if !processes.isEmpty {
-                print("\n" + TextTable.render(
-                    header: ["PROCESS", "KIND", "STARTED", "LAST SEEN", "RECONNECTS", "LAST LOST SESSION"], rows: processes))
+                if watch { try await Task.sleep(for: pause) }
+            } while watch
+        }
+    }
+
+    func render(_ conn: PostgresConnection, logger: Logger) async throws -> String {
+        var out: [String] = []
+        if let policy {
+            guard try await conn.rows("SELECT 1 FROM dispatch_policy.policies WHERE name = \(policy)", logger: logger).first != nil else {
+                throw DispatchPolicyError(code: .invalidArgument, message: "no policy named \(policy)", sqlState: "42704",
+                                          hint: "dispatch-policy policy list shows the declared policies.")
             }
         }
+        var rows: [[String]] = []
+        var errors: [String] = []
+        for try await (policy, pending, scheduled, inFlight, completed, failed, dead, oldest, paused, failures, error, retry) in try await conn.query(
+            """
+            SELECT policy, pending, scheduled, in_flight, completed_24h, failed_24h, dead,
+                   coalesce(nullif(extract(day FROM oldest_pending_age)::int, 0)::text || 'd ', '')
+                     || coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused,
+                   tick_failures, last_error, to_char(retry_at, 'YYYY-MM-DD HH24:MI:SS TZ')
+            FROM dispatch_policy.policy_overview WHERE \(policy)::text IS NULL OR policy = \(policy)::text ORDER BY policy
+            """, logger: logger
+        ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, Bool, Int?, String?, String?).self) {
+            let state = paused ? "paused" : failures != nil ? "failing" : "active"
+            rows.append([policy, state, "\(pending)", "\(scheduled)", "\(inFlight)",
+                         "\(completed)", "\(failed)", "\(dead)", oldest])
+            if let failures {
+                errors.append("\(policy): \(failures) failed tick\(failures == 1 ? "" : "s") in a row, retry at \(retry ?? "-"): \(error ?? "")")
+            }
+        }
+        out.append(TextTable.render(
+            header: ["POLICY", "STATE", "PENDING", "SCHEDULED", "IN FLIGHT", "DONE 24H", "FAILED 24H", "DEAD", "OLDEST"],
+            rows: rows))
+        if !errors.isEmpty {
+            out.append("\nfailing:\n" + errors.map { "  " + $0 }.joined(separator: "\n"))
+        }
+        // Runners and workers, with the sessions they lost and reopened.
+        var processes: [[String]] = []
+        for try await (name, kind, started, seen, reconnects, lost) in try await conn.query(
+            """
+            SELECT name, kind, to_char(started_at, 'YYYY-MM-DD HH24:MI:SS'),
+                   extract(epoch FROM now() - last_seen_at)::bigint || 's ago', reconnects,
+                   coalesce(to_char(last_lost_at, 'YYYY-MM-DD HH24:MI:SS') || ': ' || left(last_lost_error, 120), '-')
+            FROM dispatch_policy.processes ORDER BY kind, name
+            """, logger: logger
+        ).decode((String, String, String, String, Int, String).self) {
+            processes.append([name, kind, started, seen, "\(reconnects)", DispatchPolicyError.oneLine(lost)])
+        }
+        if !processes.isEmpty && policy == nil {
+            out.append("\n" + TextTable.render(
+                header: ["PROCESS", "KIND", "STARTED", "LAST SEEN", "RECONNECTS", "LAST LOST SESSION"], rows: processes))
+        }
+        if let policy {
+            let store = AdminStore(executor: conn, logger: logger)
+            if let row = try await store.policies().first(where: { $0.name == policy }) {
+                let hints = Hints.of(row, limits: try await store.limits()[policy])
+                out.append("\nlimits now:\n" + (hints.isEmpty ? "  nothing: every gate has room" : hints.map { "  " + DispatchPolicyError.oneLine($0) }.joined(separator: "\n")))
+                out.append("\nlast 24 h: \(row.admitted24h) admitted, throughput \(Format.number((row.throughputPerMinute * 10).rounded() / 10))/min, queue lag P50 \(row.lagP50ms.map(Format.milliseconds) ?? "-"), P95 \(row.lagP95ms.map(Format.milliseconds) ?? "-")")
+            }
+            let busiest = try await store.partitions(policy: policy, search: nil, sort: .inFlight, after: nil, onlyBusy: false, limit: partitions)
+            if !busiest.isEmpty {
+                out.append("\n" + TextTable.render(
+                    header: ["GATE", "PARTITION", "IN FLIGHT", "CAP", "TOKENS", "EWMA LAG", "LAST ADMITTED"],
+                    rows: busiest.map { row in
+                        [row.gate, row.partition + (row.paused ? " (paused)" : ""), "\(row.inFlight)", Format.number(row.cap),
+                         row.tokens.map { Format.number(($0 * 10).rounded(.down) / 10) } ?? "-",
+                         row.ewmaLagMs.map(Format.milliseconds) ?? "-",
+                         row.lastAdmitted.map { Format.seconds(-$0.timeIntervalSinceNow) + " ago" } ?? "-"].map(DispatchPolicyError.oneLine)
+                    }))
+            }
+        }
+        return out.joined(separator: "\n")
     }
 }
 
@@ -641,19 +711,39 @@ struct Run: AsyncParsableCommand {
     @Option(name: .customLong("shutdown-timeout"), parsing: .unconditional, help: "On SIGTERM or SIGINT, wait this long for the current tick, then abandon it (1s to 1h).")
     var shutdownTimeout: String = "10s"
 
+    @Option(help: "Serve /metrics (Prometheus text format) on HOST:PORT, such as 127.0.0.1:9464.")
+    var metrics: String?
+
     func validate() throws {
         do { _ = try DurationParser.parse(shutdownTimeout, flag: "--shutdown-timeout", within: CLILimits.shutdownTimeout) } catch let error as DispatchPolicyError {
             throw ValidationError(error.message)
+        }
+        if let metrics, AdminServer.parseBind(metrics) == nil {
+            throw ValidationError("--metrics must be HOST:PORT, [IPv6]:PORT or :PORT, got \(metrics)")
         }
     }
 
     func run() async throws {
         let logger = connection.makeLogger()
         try await reportingErrors {
-            let options = try runner.makeOptions()
+            var options = try runner.makeOptions()
             let settings = try ConnectionSettings.resolve(url: connection.databaseURL)
+            var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+            if let metrics {
+                // The runner's counters and tick timings, and the per-policy
+                // gauges read at scrape time through a one-session pool.
+                _ = ProcessMetrics.registry
+                options.metrics = DispatchPolicyMetrics()
+                let client = PostgresClient(
+                    configuration: try settings.with(session: .admin).clientConfiguration(maximumConnections: 1), backgroundLogger: logger)
+                let server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
+                                             registry: ProcessMetrics.registry, logger: logger)
+                services.append(.init(service: client))
+                services.append(.init(service: try httpService(router: server.metricsRouter(), bind: metrics, flag: "--metrics", logger: logger)))
+            }
             let service = TickRunner(connection: settings, options: options, logger: logger)
-            var configuration = ServiceGroupConfiguration(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+            services.append(.init(service: service))
+            var configuration = ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
             configuration.maximumGracefulShutdownDuration = try DurationParser.parse(
                 shutdownTimeout, flag: "--shutdown-timeout", within: CLILimits.shutdownTimeout)
             // Every wait of the runner ends on cancellation; this only bounds a bug.

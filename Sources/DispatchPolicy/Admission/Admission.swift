@@ -124,6 +124,8 @@ public struct AdmissionDecision: Sendable, Equatable {
     public var takes: [GateKey: Double] = [:]
     /// Rows refused, by the first gate (in declared order) that had no room.
     public var refusedByGate: [String: Int] = [:]
+    /// The same refusals per gate partition (the history's `refused`).
+    public var refusedByPartition: [GateKey: Int] = [:]
     /// Adaptive partitions whose cap turned a job away in this tick: their cap
     /// is what limits them, so successes may grow it.
     public var adaptiveLimited: Set<GateKey> = []
@@ -320,6 +322,7 @@ public struct Admission: Sendable {
                     // other lane it stops is looked at again in a second (a
                     // resume, or a pause running out, is not seen sooner).
                     decision.refusedByGate[gate.effectiveName, default: 0] += 1
+                    decision.refusedByPartition[key, default: 0] += 1
                     if row.row.lane > 0 {
                         var tally = lanes[row.row.lane] ?? LaneTally(key: row.row.roundRobinKey)
                         tally.see(row.partitions)
@@ -355,6 +358,7 @@ public struct Admission: Sendable {
                 }
                 if !room {
                     decision.refusedByGate[gate.effectiveName, default: 0] += 1
+                    decision.refusedByPartition[key, default: 0] += 1
                     let starved = consumed.contains(key)
                     if firstStarvedLane == nil, row.row.lane > 0, starved { firstStarvedLane = row.row.lane }
                     if row.row.lane > 0 {

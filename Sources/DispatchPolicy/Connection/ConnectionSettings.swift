@@ -137,6 +137,28 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// The same settings for a `PostgresClient` (a pool of up to
+    /// `maximumConnections` sessions), as the admin UI uses.
+    public func clientConfiguration(maximumConnections: Int = 4) throws -> PostgresClient.Configuration {
+        let single = try postgresConfiguration()
+        var configuration: PostgresClient.Configuration
+        switch endpoint {
+        case .unixSocket(let path):
+            configuration = .init(unixSocketPath: path, username: username, password: password, database: database)
+        case .tcp(let host, let port):
+            let tls: PostgresClient.Configuration.TLS
+            switch self.tls {
+            case .disable: tls = .disable
+            case .prefer: tls = .prefer(.makeClientConfiguration())
+            case .require: tls = .require(.makeClientConfiguration())
+            }
+            configuration = .init(host: host, port: port, username: username, password: password, database: database, tls: tls)
+        }
+        configuration.options.additionalStartupParameters = single.options.additionalStartupParameters
+        configuration.options.maximumConnections = maximumConnections
+        return configuration
+    }
+
     /// Opens a connection with these settings.
     public func connect(logger: Logger) async throws -> PostgresConnection {
         let configuration = try postgresConfiguration()

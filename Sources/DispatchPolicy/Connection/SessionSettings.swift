@@ -36,6 +36,11 @@ public struct SessionSettings: Sendable, Equatable {
     public static let worker = SessionSettings(
         statementTimeout: .seconds(30), idleInTransactionTimeout: .seconds(60), connectionCheckInterval: .seconds(2))
 
+    /// The admin UI and `/metrics`: every page's queries are read-only and
+    /// short; one that takes longer than 10 s is cancelled by the server.
+    public static let admin = SessionSettings(
+        statementTimeout: .seconds(10), idleInTransactionTimeout: .seconds(30), connectionCheckInterval: .seconds(2))
+
     /// The startup parameters, in milliseconds (0 turns a setting off).
     public var parameters: [(String, String)] {
         [("statement_timeout", statementTimeout), ("idle_in_transaction_session_timeout", idleInTransactionTimeout),

@@ -36,6 +36,8 @@ public struct TickRunnerOptions: Sendable {
     public var failureBackoff: Duration = .seconds(1)
     public var maxFailureBackoff: Duration = .seconds(60)
     public var tick = TickSettings()
+    /// Where ticks are counted and timed (``DispatchPolicyMetrics``).
+    public var metrics = DispatchPolicyMetrics()
     /// Server settings of the runner's sessions (see ``SessionSettings``).
     public var session = SessionSettings.runner
     /// How this runner is listed in `dispatch_policy.processes`.
@@ -281,6 +283,7 @@ public struct TickRunner: Service {
                             try await Ticker(connection: conn, settings: settings, logger: logger).tick(policy: policy, reap: work.expiredLeases)
                         }
                         summaries[policy, default: PolicySummary(policy: policy)].add(result)
+                        options.metrics.record(result)
                         admitted += result.admitted
                         // Another runner is ticking it: the work is not done,
                         // so look again after the busy pause, not the idle one.
@@ -304,6 +307,7 @@ public struct TickRunner: Service {
                             continue
                         }
                         summaries[policy, default: PolicySummary(policy: policy)].failures += 1
+                        options.metrics.recordTickFailure(policy: policy)
                         summaries[policy, default: PolicySummary(policy: policy)].lastError = wrapped.description
                         await recordFailure(policy: policy, error: wrapped, db: db, until: hardDeadline, failing: &failing)
                     }

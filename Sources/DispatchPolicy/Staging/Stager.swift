@@ -68,10 +68,16 @@ public struct JobSpec: Sendable, Equatable {
 public struct Stager: Sendable {
     public let executor: any SQLExecutor
     public let logger: Logger
+    /// Where staged jobs are counted (``DispatchPolicyMetrics``). A job
+    /// staged in a transaction the caller then rolls back is counted too.
+    public var metrics: DispatchPolicyMetrics
 
-    public init(executor: any SQLExecutor, logger: Logger = Logger(label: "dispatch-policy")) {
+    public init(
+        executor: any SQLExecutor, logger: Logger = Logger(label: "dispatch-policy"), metrics: DispatchPolicyMetrics = DispatchPolicyMetrics()
+    ) {
         self.executor = executor
         self.logger = logger
+        self.metrics = metrics
     }
 
     /// The times `not_before` may take: years 1 to 9999. (PostgreSQL goes
@@ -100,7 +106,9 @@ public struct Stager: Sendable {
               priority => \(job.priority.map(Int.init))::integer, not_before => \(job.notBefore)::timestamptz)
             """,
             logger: logger)
-        return try rows.first?.decode(Int64?.self) ?? nil
+        let id = try rows.first?.decode(Int64?.self) ?? nil
+        metrics.recordStaged(policy: policy, inserted: id != nil)
+        return id
     }
 
     /// Stages many jobs in one call (all or nothing); ids in input order, nil
@@ -115,6 +123,8 @@ public struct Stager: Sendable {
             ORDER BY t.n
             """,
             logger: logger)
-        return try rows.map { try $0.decode(Int64?.self) }
+        let ids = try rows.map { try $0.decode(Int64?.self) }
+        for id in ids { metrics.recordStaged(policy: policy, inserted: id != nil) }
+        return ids
     }
 }

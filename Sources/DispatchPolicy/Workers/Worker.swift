@@ -51,6 +51,8 @@ public struct WorkerOptions: Sendable {
     public var callTimeout: Duration?
     /// How often the worker reports itself alive in `dispatch_policy.processes`.
     public var reportInterval: Duration = .seconds(60)
+    /// Where outcomes are counted (``DispatchPolicyMetrics``).
+    public var metrics = DispatchPolicyMetrics()
 
     var boundedCallTimeout: Duration { callTimeout ?? (session.statementTimeout ?? .seconds(30)) + .seconds(5) }
 
@@ -325,7 +327,9 @@ public struct Worker: Service {
             log.warning("lease lost: the handler was cancelled and its outcome is not reported", metadata: ["reason": "\(reason)"])
         case .finished(.success):
             switch await completions.complete(id: job.id, attempt: job.attempt) {
-            case .success(.completed), .success(.alreadyFinished):
+            case .success(.completed):
+                options.metrics.recordCompleted(policy: job.policy)
+            case .success(.alreadyFinished):
                 break
             case .success(let outcome):
                 log.warning("outcome not recorded: the attempt is no longer current", metadata: ["job.outcome": "\(outcome.rawValue)"])
@@ -347,6 +351,7 @@ public struct Worker: Service {
                     ).first?.decode(String.self)
                 }
                 log.info("job failed", metadata: ["error": "\(error)", "job.state": "\(state ?? "")"])
+                if let state { options.metrics.recordFailed(policy: job.policy, dead: state == "dead") }
             }
         }
     }

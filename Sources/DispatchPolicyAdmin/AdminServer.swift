@@ -1,0 +1,496 @@
+import DispatchPolicy
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import Mustache
+import PostgresNIO
+import Prometheus
+
+/// How the admin behaves.
+public struct AdminOptions: Sendable {
+    /// Actions need this token (from `DISPATCH_POLICY_ADMIN_TOKEN`); nil: read-only.
+    public var token: String?
+    /// Export per-partition series on `/metrics` (their number grows with
+    /// the tenants: off by default).
+    public var partitionMetrics = false
+    /// At most this many partition series per scrape.
+    public var partitionMetricsLimit = 1000
+    /// Rows per page of the partition and dead-job lists.
+    public var pageSize = 50
+
+    public init(token: String? = nil) {
+        self.token = token
+    }
+}
+
+/// The admin web UI and `/metrics`, as a Hummingbird router. Every page is
+/// rendered on the server from Mustache templates; tenant-chosen values
+/// (partition keys, args, errors) are HTML-escaped. Actions are POST only,
+/// need the admin token, and carry a CSRF field.
+public struct AdminServer: Sendable {
+    public let store: AdminStore
+    public let options: AdminOptions
+    public let registry: PrometheusCollectorRegistry
+    let auth: AdminAuth
+    let templates: MustacheLibrary
+    let logger: Logger
+
+    public init(store: AdminStore, options: AdminOptions, registry: PrometheusCollectorRegistry, logger: Logger) throws {
+        self.store = store
+        self.options = options
+        self.registry = registry
+        self.auth = try AdminAuth(token: options.token)
+        self.templates = try Templates.library()
+        self.logger = logger
+    }
+
+    public func router() -> Router<BasicRequestContext> {
+        let router = Router()
+        router.add(middleware: SecurityHeaders())
+        router.get("/") { request, _ in try await self.page(request) { session in try await self.overview(session) } }
+        router.get("/policies/:name") { request, context in
+            let name = try context.parameters.require("name")
+            return try await self.page(request) { session in try await self.policy(name, request: request, session: session) }
+        }
+        router.get("/jobs") { request, _ -> Response in
+            guard let text = request.uri.queryParameters.get("id"), let id = Int64(text.trimmingCharacters(in: .whitespaces)) else {
+                return Self.redirect("/", flashError: "A job id is a whole number.")
+            }
+            return Self.redirect("/jobs/\(id)")
+        }
+        router.get("/jobs/:id") { request, context in
+            let text = try context.parameters.require("id")
+            return try await self.page(request) { session in try await self.job(text, session: session) }
+        }
+        router.get("/dead") { request, _ in try await self.page(request) { session in try await self.dead(request, session: session) } }
+        router.get("/login") { request, _ in
+            try await self.page(request) { session in
+                guard self.auth.actionsEnabled else { throw PageError(.notFound, "Actions are off: start the admin with --allow-actions.") }
+                return ("login", ["title": "Sign in"])
+            }
+        }
+        router.post("/login") { request, _ in try await self.login(request) }
+        router.post("/logout") { request, _ in try await self.logout(request) }
+        router.post("/actions/:action") { request, context in
+            let action = try context.parameters.require("action")
+            return try await self.act(action, request: request)
+        }
+        router.get("/assets/admin.css") { _, _ in Self.asset(Assets.css, type: "text/css; charset=utf-8") }
+        router.get("/assets/admin.js") { _, _ in Self.asset(Assets.js, type: "text/javascript; charset=utf-8") }
+        router.get("/metrics") { _, _ in await self.metrics() }
+        router.get("/healthz") { _, _ -> Response in
+            do {
+                _ = try await self.store.executor.rows("SELECT 1", logger: self.logger)
+                return Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n")))
+            } catch {
+                return Response(status: .serviceUnavailable, headers: [.contentType: "text/plain"],
+                                body: .init(byteBuffer: ByteBuffer(string: "database unavailable\n")))
+            }
+        }
+        return router
+    }
+
+    /// Only `/metrics` and `/healthz`, for `dispatch-policy run --metrics`.
+    public func metricsRouter() -> Router<BasicRequestContext> {
+        let router = Router()
+        router.get("/metrics") { _, _ in await self.metrics() }
+        router.get("/healthz") { _, _ -> Response in
+            Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n")))
+        }
+        return router
+    }
+
+    /// `host:port`, `[v6]:port` or `:port` (all interfaces) as a bind address.
+    public static func parseBind(_ text: String) -> (host: String, port: Int)? {
+        var host: Substring
+        var portText: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else { return nil }
+            host = text[text.index(after: text.startIndex)..<close]
+            portText = text[text.index(close, offsetBy: 2)...]
+        } else {
+            guard let colon = text.lastIndex(of: ":") else { return nil }
+            host = text[..<colon]
+            portText = text[text.index(after: colon)...]
+            if host.contains(":") { return nil }
+        }
+        if host.isEmpty { host = "0.0.0.0" }
+        guard let port = Int(portText), (0...65_535).contains(port), portText.allSatisfy(\.isASCII) else { return nil }
+        return (String(host), port)
+    }
+
+    // MARK: Page plumbing
+
+    struct Session {
+        var signedIn: Bool
+        var canSignIn: Bool
+        var csrf: String?
+        var flash: String?
+        var flashError: String?
+    }
+
+    struct PageError: Error {
+        var status: HTTPResponse.Status
+        var message: String
+        init(_ status: HTTPResponse.Status, _ message: String) {
+            self.status = status
+            self.message = message
+        }
+    }
+
+    func session(_ request: Request) -> Session {
+        let signedIn = auth.acceptsSession(request.cookies[AdminAuth.sessionCookie]?.value)
+        let query = request.uri.queryParameters
+        return Session(
+            signedIn: signedIn, canSignIn: auth.actionsEnabled && !signedIn, csrf: signedIn ? auth.csrfValue : nil,
+            flash: query.get("flash").map { String($0.prefix(300)) }, flashError: query.get("error").map { String($0.prefix(300)) })
+    }
+
+    func page(_ request: Request, _ build: (Session) async throws -> (String, [String: Any])) async throws -> Response {
+        let started = ContinuousClock.now
+        let session = session(request)
+        var status = HTTPResponse.Status.ok
+        var template: String
+        var values: [String: Any]
+        do {
+            (template, values) = try await build(session)
+        } catch let error as PageError {
+            (status, template, values) = (error.status, "error", ["title": "\(error.status.code)", "status": "\(error.status.code) \(error.status.reasonPhrase)", "message": error.message])
+        } catch {
+            let wrapped = DispatchPolicyError.from(error)
+            logger.warning("admin page failed", metadata: ["path": "\(request.uri.path)", "error": "\(wrapped)"])
+            (status, template, values) = (.serviceUnavailable, "error", ["title": "Unavailable", "status": "503 Service Unavailable",
+                                                                          "message": "The database did not answer: \(wrapped.description)"])
+        }
+        values["session"] = ["signedIn": session.signedIn, "canSignIn": session.canSignIn, "csrf": session.csrf ?? ""] as [String: Any]
+        if let flash = session.flash { values["flash"] = flash }
+        if let flashError = session.flashError { values["flashError"] = flashError }
+        values["renderedAt"] = Self.timeFormatter.string(from: Date())
+        let elapsed = ContinuousClock.now - started
+        values["renderMs"] = "\(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000)"
+        let html = templates.render(values, withTemplate: template) ?? "template \(template) missing"
+        return Response(status: status, headers: [.contentType: "text/html; charset=utf-8", .cacheControl: "no-store"],
+                        body: .init(byteBuffer: ByteBuffer(string: html)))
+    }
+
+    static func asset(_ text: String, type: String) -> Response {
+        Response(status: .ok, headers: [.contentType: type, .cacheControl: "max-age=300"], body: .init(byteBuffer: ByteBuffer(string: text)))
+    }
+
+    static func redirect(_ location: String, flash: String? = nil, flashError: String? = nil) -> Response {
+        var target = location
+        var items: [URLQueryItem] = []
+        if let flash { items.append(URLQueryItem(name: "flash", value: flash)) }
+        if let flashError { items.append(URLQueryItem(name: "error", value: flashError)) }
+        if !items.isEmpty {
+            var components = URLComponents()
+            components.queryItems = items
+            target += (target.contains("?") ? "&" : "?") + (components.percentEncodedQuery ?? "")
+        }
+        return Response(status: .seeOther, headers: [.location: target])
+    }
+
+    static let timeFormatter: DateFormatter = {
+        let formatter = DateFormatter()
+        formatter.dateFormat = "yyyy-MM-dd HH:mm:ss"
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        return formatter
+    }()
+
+    static func time(_ date: Date?) -> String { date.map { timeFormatter.string(from: $0) } ?? "-" }
+
+    static func path(_ segment: String) -> String {
+        segment.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(CharacterSet(charactersIn: "/?#"))) ?? segment
+    }
+
+    static func query(_ pairs: [(String, String)]) -> String {
+        var components = URLComponents()
+        components.queryItems = pairs.map { URLQueryItem(name: $0.0, value: $0.1) }
+        return components.percentEncodedQuery ?? ""
+    }
+
+    // MARK: Pages
+
+    func overview(_ session: Session) async throws -> (String, [String: Any]) {
+        let policies = try await store.policies()
+        let limits = try await store.limits()
+        let since = Date().addingTimeInterval(-3600)
+        var rows: [[String: Any]] = []
+        for policy in policies {
+            let limit = limits[policy.name]
+            let finished = policy.completed24h + policy.failed24h
+            let headroom: String
+            if let cap = limit?.globalCap, let inFlight = limit?.globalInFlight {
+                headroom = "\(max(Int64(cap) - inFlight, 0)) of \(Format.number(cap)) (global)"
+            } else {
+                headroom = "per partition"
+            }
+            let samples = (try? await store.minutes(policy: policy.name, since: since)) ?? []
+            rows.append([
+                "name": policy.name, "urlName": Self.path(policy.name),
+                "state": policy.paused ? "paused" : (policy.tickFailures ?? 0) > 0 ? "failing" : "active",
+                "pending": policy.pending, "scheduled": policy.scheduled, "inFlight": policy.inFlight, "admitted24h": policy.admitted24h,
+                "completed24h": policy.completed24h, "failed24h": policy.failed24h,
+                "failurePercent": finished > 0 ? String(format: "%.1f %%", Double(policy.failed24h) * 100 / Double(finished)) : "-",
+                "dead": policy.dead, "throughput": Format.number((policy.throughputPerMinute * 10).rounded() / 10),
+                "lagP50": policy.lagP50ms.map(Format.milliseconds) ?? "-", "lagP95": policy.lagP95ms.map(Format.milliseconds) ?? "-",
+                "oldest": policy.oldestPendingSeconds.map(Format.seconds) ?? "-", "headroom": headroom,
+                "trend": Chart.sparkline(samples.map(Self.point), label: "completions and lag of \(policy.name), last hour"),
+                "hints": Hints.of(policy, limits: limit),
+            ])
+        }
+        return ("overview", ["title": "Policies", "policies": rows])
+    }
+
+    static func point(_ sample: AdminStore.MinuteSample) -> Chart.Point {
+        Chart.Point(minute: sample.minute, completed: sample.completed, failed: sample.failed, avgLagMs: sample.avgLagMs)
+    }
+
+    func policy(_ name: String, request: Request, session: Session) async throws -> (String, [String: Any]) {
+        guard let detail = try await store.policy(name) else { throw PageError(.notFound, "No policy named \(name).") }
+        let query = request.uri.queryParameters
+        let search = query.get("q").map { String($0.prefix(200)) }
+        let onlyBusy = query.get("busy") == "1"
+        let sort = query.get("sort").flatMap(AdminStore.PartitionSort.init(rawValue:)) ?? .partition
+        let after = query.get("after").flatMap { AdminStore.PartitionCursor(token: $0) }
+        let watch = Array(query.getAll("watch").map { String($0.prefix(1024)) }.prefix(50))
+        let since = Date().addingTimeInterval(-3600)
+        let pageSize = options.pageSize
+
+        let overview = try await store.policies().first { $0.name == name }
+        let limits = try await store.limits()[name]
+        let samples = try await store.minutes(policy: name, since: since)
+        let partitions = try await store.partitions(
+            policy: name, search: search, sort: sort, after: after, onlyBusy: onlyBusy, limit: pageSize + 1)
+        let watched = watch.isEmpty ? [] : try await store.partitions(
+            policy: name, search: nil, after: nil, onlyBusy: false, only: watch, limit: 200)
+        let laneAfter = query.get("lane_after").map { String($0.prefix(1024)) }
+        let lanes = try await store.lanes(policy: name, search: nil, after: laneAfter, limit: pageSize + 1)
+
+        let actions: [String: Any]? = session.signedIn
+            ? ["csrf": session.csrf ?? "", "pauseAction": detail.paused ? "resume" : "pause", "pauseLabel": detail.paused ? "Resume" : "Pause"]
+            : nil
+        func row(_ partition: AdminStore.PartitionRow) async -> [String: Any] {
+            let spark = (try? await store.minutes(policy: name, gate: partition.gate, partition: partition.partition, since: since)) ?? []
+            var values: [String: Any] = [
+                "gate": partition.gate, "gateType": partition.gateType, "partition": partition.partition, "inFlight": partition.inFlight,
+                "cap": Format.number(partition.cap),
+                "tokens": partition.tokens.map { t in partition.burst.map { "\(Format.number((t * 10).rounded(.down) / 10)) / \(Format.number($0))" } ?? Format.number(t) } ?? "-",
+                "ewma": partition.ewmaLagMs.map(Format.milliseconds) ?? "-", "lastAdmitted": Self.time(partition.lastAdmitted),
+                "spark": Chart.sparkline(spark.map(Self.point), label: "completions and lag of \(partition.partition), last hour"),
+                "paused": partition.paused, "policy": name,
+            ]
+            if session.signedIn {
+                values["actions"] = ["csrf": session.csrf ?? "", "pauseAction": partition.paused ? "resume" : "pause",
+                                     "pauseLabel": partition.paused ? "Resume" : "Pause"] as [String: Any]
+            }
+            return values
+        }
+        var partitionRows: [[String: Any]] = []
+        for partition in partitions.prefix(pageSize) { partitionRows.append(await row(partition)) }
+        var watchedRows: [[String: Any]] = []
+        for partition in watched { watchedRows.append(await row(partition)) }
+
+        var values: [String: Any] = [
+            "title": name, "name": name, "urlName": Self.path(name), "state": detail.paused ? "paused" : "active",
+            "hints": overview.map { Hints.of($0, limits: limits) } ?? [],
+            "chart": Chart.svg(samples.map(Self.point), label: "completions per minute and average queue lag of \(name), last hour"),
+            "partitions": partitionRows, "watched": watchedRows, "watchParams": watch, "query": search ?? "",
+            "onlyBusy": onlyBusy, "sortPartition": sort == .partition, "sortInFlight": sort == .inFlight,
+            "gates": detail.gates.map { ["name": $0.name, "type": $0.type, "partitionBy": $0.partitionBy ?? "-"] },
+            "config": detail.configJSON,
+            "lanes": lanes.prefix(pageSize).map { lane -> [String: Any] in
+                var blocked = "-"
+                if let until = lane.blockedUntil {
+                    blocked = until == .distantFuture || until.timeIntervalSince1970 > 1e11
+                        ? "until \(lane.blockedGate ?? "a gate") [\(lane.blockedPartition ?? "")] frees a slot"
+                        : "until \(Self.time(until)) UTC" + (lane.blockedGate.map { " (\($0))" } ?? "")
+                }
+                return ["lane": lane.lane ?? "(jobs without a key)",
+                        "pending": lane.pending > AdminStore.laneCountCap ? "\(AdminStore.laneCountCap)+" : "\(lane.pending)",
+                        "blocked": blocked]
+            },
+        ]
+        if let actions { values["actions"] = actions }
+        if partitions.count > pageSize, let last = partitions.prefix(pageSize).last {
+            var pairs: [(String, String)] = [("sort", sort.rawValue),
+                                             ("after", AdminStore.PartitionCursor(gate: last.gate, partition: last.partition, inFlight: last.inFlight).token)]
+            if let search { pairs.append(("q", search)) }
+            if onlyBusy { pairs.append(("busy", "1")) }
+            pairs += watch.map { ("watch", $0) }
+            values["next"] = "/policies/\(Self.path(name))?\(Self.query(pairs))"
+        }
+        if lanes.count > pageSize, let last = lanes.prefix(pageSize).last, let key = last.lane {
+            values["lanesNext"] = "/policies/\(Self.path(name))?\(Self.query([("lane_after", key)] + watch.map { ("watch", $0) }))"
+        }
+        return ("policy", values)
+    }
+
+    func job(_ text: String, session: Session) async throws -> (String, [String: Any]) {
+        guard let id = Int64(text) else { throw PageError(.badRequest, "A job id is a whole number.") }
+        guard let job = try await store.job(id) else { throw PageError(.notFound, "No job \(id): never staged, or pruned after it completed.") }
+        let explanation = try await store.explain(id)
+        let failures = try await store.failures(job: id)
+        var timeline: [(Date, String)] = []
+        if let at = job.createdAt { timeline.append((at, "staged")) }
+        if let at = job.notBefore { timeline.append((at, "eligible (not_before)")) }
+        for failure in failures { timeline.append((failure.failedAt, "attempt \(failure.attempt) failed")) }
+        if let at = job.admittedAt { timeline.append((at, "admitted (attempt \(job.attempt))")) }
+        if let at = job.startedAt { timeline.append((at, "started by a worker")) }
+        if let at = job.finishedAt { timeline.append((at, job.state)) }
+        var values: [String: Any] = [
+            "title": "Job \(id)", "id": id, "state": job.state, "policy": job.policy, "urlPolicy": Self.path(job.policy), "queue": job.queue,
+            "attempt": job.attempt, "args": job.argsJSON, "context": job.contextJSON,
+            "explain": explanation.rows.map { row -> [String: Any] in
+                ["verdict": row.verdict, "aspect": row.aspect, "gate": row.gate ?? "", "partition": row.partition ?? "",
+                 "explanation": row.explanation, "wait": row.waitSeconds.map(Format.seconds) ?? ""]
+            },
+            "partitions": job.partitions.map { ["gate": $0.gate, "partition": $0.partition] },
+            "timeline": timeline.sorted { $0.0 < $1.0 }.map { ["at": Self.time($0.0), "what": $0.1] },
+            "failures": failures.map { ["attempt": $0.attempt, "at": Self.time($0.failedAt), "error": $0.error] as [String: Any] },
+        ]
+        if let key = job.dedupeKey { values["dedupeKey"] = key }
+        if let key = job.roundRobinKey { values["roundRobinKey"] = key }
+        if session.signedIn {
+            values["actions"] = ["csrf": session.csrf ?? "", "canCancel": job.state == "pending" || job.state == "scheduled",
+                                 "canRetry": job.state == "dead"] as [String: Any]
+        }
+        return ("job", values)
+    }
+
+    func dead(_ request: Request, session: Session) async throws -> (String, [String: Any]) {
+        let query = request.uri.queryParameters
+        let policy = query.get("policy").map { String($0) }.flatMap { $0.isEmpty ? nil : $0 }
+        var before: (Date, Int64)?
+        if let text = query.get("before") {
+            let parts = text.split(separator: "_")
+            if parts.count == 2, let micros = Int64(parts[0]), let id = Int64(parts[1]) {
+                before = (Date(timeIntervalSince1970: Double(micros) / 1e6), id)
+            }
+        }
+        let jobs = try await store.deadJobs(policy: policy, before: before, limit: options.pageSize + 1)
+        var values: [String: Any] = [
+            "title": "Dead jobs",
+            "jobs": jobs.prefix(options.pageSize).map { job -> [String: Any] in
+                var row: [String: Any] = ["id": job.id, "policy": job.policy, "attempts": job.attempt, "at": Self.time(job.finishedAt),
+                                          "error": job.lastError.map { String($0.prefix(500)) } ?? ""]
+                if session.signedIn { row["actions"] = ["csrf": session.csrf ?? ""] }
+                return row
+            },
+        ]
+        if let policy { values["policy"] = policy }
+        if jobs.count > options.pageSize, let last = jobs.prefix(options.pageSize).last {
+            let micros = Int64((last.finishedAt.timeIntervalSince1970 * 1e6).rounded(.down))
+            var pairs = [("before", "\(micros)_\(last.id)")]
+            if let policy { pairs.append(("policy", policy)) }
+            values["next"] = "/dead?\(Self.query(pairs))"
+        }
+        return ("dead", values)
+    }
+
+    // MARK: Sign-in and actions
+
+    static let maximumFormBytes = 16 * 1024
+
+    func form(_ request: Request) async throws -> [String: String] {
+        let body = try await request.body.collect(upTo: Self.maximumFormBytes)
+        let text = String(buffer: body)
+        var components = URLComponents()
+        components.percentEncodedQuery = text.replacingOccurrences(of: "+", with: "%20")
+        var fields: [String: String] = [:]
+        for item in components.queryItems ?? [] where fields[item.name] == nil { fields[item.name] = item.value ?? "" }
+        return fields
+    }
+
+    func login(_ request: Request) async throws -> Response {
+        guard auth.actionsEnabled else { return Self.redirect("/", flashError: "Actions are off: start the admin with --allow-actions.") }
+        let fields = try await form(request)
+        guard let token = fields["token"], auth.accepts(token: token), let value = auth.sessionValue else {
+            logger.warning("admin sign-in refused")
+            return Self.redirect("/login", flashError: "That token is not the admin token.")
+        }
+        var response = Self.redirect("/", flash: "Signed in: actions are available.")
+        response.setCookie(Cookie(name: AdminAuth.sessionCookie, value: value, path: "/", httpOnly: true, sameSite: .strict))
+        return response
+    }
+
+    func logout(_ request: Request) async throws -> Response {
+        let fields = try await form(request)
+        guard auth.acceptsCSRF(fields["csrf"]) else { return Self.forbidden("The form is stale or forged (CSRF check failed).") }
+        var response = Self.redirect("/", flash: "Signed out.")
+        response.setCookie(Cookie(name: AdminAuth.sessionCookie, value: "", maxAge: 0, path: "/", httpOnly: true, sameSite: .strict))
+        return response
+    }
+
+    static func forbidden(_ message: String) -> Response {
+        Response(status: .forbidden, headers: [.contentType: "text/plain; charset=utf-8"], body: .init(byteBuffer: ByteBuffer(string: message + "\n")))
+    }
+
+    /// Whether the request may act: the bearer token (scripts), or the
+    /// session cookie with the CSRF field (browsers).
+    func mayAct(_ request: Request, fields: [String: String]) -> Bool {
+        if let header = request.headers[.authorization], header.hasPrefix("Bearer ") {
+            return auth.accepts(token: String(header.dropFirst("Bearer ".count)))
+        }
+        return auth.acceptsSession(request.cookies[AdminAuth.sessionCookie]?.value) && auth.acceptsCSRF(fields["csrf"])
+    }
+
+    func act(_ action: String, request: Request) async throws -> Response {
+        guard auth.actionsEnabled else { return Self.forbidden("Actions are off: start the admin with --allow-actions and DISPATCH_POLICY_ADMIN_TOKEN.") }
+        let fields = try await form(request)
+        guard mayAct(request, fields: fields) else { return Self.forbidden("Sign in with the admin token first (or send Authorization: Bearer TOKEN); the form may be stale or forged.") }
+        let back = request.headers[.referer].flatMap(Self.sameOriginPath) ?? "/"
+        do {
+            let message = try await AdminActions(store: store).run(action, fields: fields)
+            logger.notice("admin action", metadata: ["action": "\(action)", "fields": "\(fields.filter { $0.key != "csrf" })"])
+            return Self.redirect(back, flash: message)
+        } catch let error as AdminActions.Refusal {
+            return Self.redirect(back, flashError: error.message)
+        } catch {
+            let wrapped = DispatchPolicyError.from(error)
+            return Self.redirect(back, flashError: wrapped.description + (wrapped.hint.map { " " + $0 } ?? ""))
+        }
+    }
+
+    /// The path and query of a same-site referer (never redirect elsewhere).
+    static func sameOriginPath(_ referer: String) -> String? {
+        guard let url = URLComponents(string: referer), url.path.hasPrefix("/") else { return nil }
+        var path = url.percentEncodedPath
+        if let items = url.queryItems?.filter({ $0.name != "flash" && $0.name != "error" }), !items.isEmpty {
+            var components = URLComponents()
+            components.queryItems = items
+            path += "?" + (components.percentEncodedQuery ?? "")
+        }
+        return path.hasPrefix("//") ? nil : path
+    }
+
+    // MARK: Metrics
+
+    /// The process's metrics plus per-policy gauges read now (and
+    /// per-partition ones when enabled). A database that does not answer
+    /// gives `dispatch_policy_up 0` and the process's own series.
+    func metrics() async -> Response {
+        await PolicyGauges(store: store, registry: registry, options: options, logger: logger).update()
+        return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                        body: .init(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
+    }
+}
+
+/// Content-Security-Policy and friends on every response: scripts and styles
+/// from this origin only, no framing, no sniffing.
+struct SecurityHeaders<Context: RequestContext>: RouterMiddleware {
+    static var referrerPolicy: HTTPField.Name { HTTPField.Name("Referrer-Policy")! }
+    static var frameOptions: HTTPField.Name { HTTPField.Name("X-Frame-Options")! }
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        var response = try await next(request, context)
+        response.headers[.contentSecurityPolicy] =
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        response.headers[.xContentTypeOptions] = "nosniff"
+        response.headers[Self.referrerPolicy] = "same-origin"
+        response.headers[Self.frameOptions] = "DENY"
+        return response
+    }
+}

@@ -1,0 +1,485 @@
+import DispatchPolicy
+import Foundation
+import Logging
+import PostgresNIO
+
+/// The admin's reads and actions, one SQL statement each. Every read is
+/// O(rows shown): the counters and per-minute samples of migration 0016, the
+/// gate state tables, and index range scans bounded by a LIMIT.
+public struct AdminStore: Sendable {
+    public let executor: any SQLExecutor
+    public let logger: Logger
+
+    public init(executor: any SQLExecutor, logger: Logger) {
+        self.executor = executor
+        self.logger = logger
+    }
+
+    // MARK: Overview
+
+    public struct PolicyRow: Sendable, Equatable {
+        public var name: String
+        public var pending: Int64
+        public var scheduled: Int64
+        public var inFlight: Int64
+        public var admitted24h: Int64
+        public var completed24h: Int64
+        public var failed24h: Int64
+        public var dead: Int64
+        public var oldestPendingSeconds: Double?
+        public var paused: Bool
+        public var tickFailures: Int?
+        public var lastError: String?
+        public var lagP50ms: Double?
+        public var lagP95ms: Double?
+        public var throughputPerMinute: Double
+    }
+
+    public func policies() async throws -> [PolicyRow] {
+        try await executor.rows(
+            """
+            SELECT policy, pending, scheduled, in_flight, admitted_24h, completed_24h, failed_24h, dead,
+                   extract(epoch FROM oldest_pending_age)::float8, paused, tick_failures, last_error,
+                   lag_p50_ms::float8, lag_p95_ms::float8, coalesce(throughput_per_min, 0)::float8
+            FROM dispatch_policy.policy_overview ORDER BY policy
+            """, logger: logger
+        ).map { row in
+            let (name, pending, scheduled, inFlight, admitted, completed, failed, dead, oldest, paused, failures, error, p50, p95, rate) =
+                try row.decode((String, Int64, Int64, Int64, Int64, Int64, Int64, Int64, Double?, Bool, Int?, String?, Double?, Double?, Double).self)
+            return PolicyRow(
+                name: name, pending: pending, scheduled: scheduled, inFlight: inFlight, admitted24h: admitted, completed24h: completed,
+                failed24h: failed, dead: dead, oldestPendingSeconds: oldest, paused: paused, tickFailures: failures, lastError: error,
+                lagP50ms: p50, lagP95ms: p95, throughputPerMinute: rate)
+        }
+    }
+
+    /// What limits each policy now, from the gate state (cheap: keyed rows).
+    public struct Limits: Sendable, Equatable {
+        /// Lanes waiting for a throttle's next token, per gate.
+        public var throttleBoundLanes: [String: Int] = [:]
+        /// Lanes waiting for a slot of a full concurrency or adaptive partition, per gate.
+        public var capBoundLanes: [String: Int] = [:]
+        /// The global cap's in-flight count and max, when the policy has one.
+        public var globalInFlight: Int64?
+        public var globalCap: Double?
+        /// The adaptive partition with the highest EWMA lag and the gate's target.
+        public var adaptiveWorst: (gate: String, partition: String, ewmaMs: Double, targetMs: Double, cap: Int)?
+        /// Per-minute pending growth: minutes in a row (newest first) that staged more than they admitted.
+        public var growingMinutes = 0
+        /// Completions and failures in the last hour.
+        public var completedHour: Int64 = 0
+        public var failedHour: Int64 = 0
+
+        public static func == (a: Limits, b: Limits) -> Bool {
+            a.throttleBoundLanes == b.throttleBoundLanes && a.capBoundLanes == b.capBoundLanes && a.globalInFlight == b.globalInFlight
+                && a.globalCap == b.globalCap && a.adaptiveWorst?.gate == b.adaptiveWorst?.gate
+                && a.adaptiveWorst?.partition == b.adaptiveWorst?.partition && a.adaptiveWorst?.ewmaMs == b.adaptiveWorst?.ewmaMs
+                && a.growingMinutes == b.growingMinutes && a.completedHour == b.completedHour && a.failedHour == b.failedHour
+        }
+    }
+
+    public func limits() async throws -> [String: Limits] {
+        var result: [String: Limits] = [:]
+        // Blocked lanes, by the gate that blocks them ('' = by a throttle's clock).
+        for row in try await executor.rows(
+            """
+            SELECT l.policy, coalesce(l.blocked_gate, ''), (l.blocked_until = 'infinity') AS by_slot, count(*)
+            FROM dispatch_policy.lanes l
+            WHERE l.blocked_until > now()
+            GROUP BY 1, 2, 3
+            """, logger: logger)
+        {
+            let (policy, gate, bySlot, count) = try row.decode((String, String, Bool, Int64).self)
+            if bySlot && !gate.isEmpty {
+                result[policy, default: Limits()].capBoundLanes[gate, default: 0] += Int(count)
+            } else {
+                result[policy, default: Limits()].throttleBoundLanes[gate.isEmpty ? "throttle" : gate, default: 0] += Int(count)
+            }
+        }
+        // Global caps.
+        for row in try await executor.rows(
+            """
+            SELECT p.name, coalesce(g ->> 'name', g ->> 'type'), dispatch_policy._json_number(g -> 'max')::float8,
+                   coalesce((SELECT c.in_flight FROM dispatch_policy.inflight_counters c
+                             WHERE c.policy = p.name AND c.gate = coalesce(g ->> 'name', g ->> 'type')
+                             ORDER BY c.in_flight DESC LIMIT 1), 0)::bigint
+            FROM dispatch_policy.policies p
+            CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
+            WHERE g ->> 'type' = 'global_cap'
+            """, logger: logger)
+        {
+            let (policy, _, cap, inFlight) = try row.decode((String, String, Double?, Int64).self)
+            result[policy, default: Limits()].globalCap = cap
+            result[policy, default: Limits()].globalInFlight = inFlight
+        }
+        // The adaptive partition furthest over its target, per policy.
+        for row in try await executor.rows(
+            """
+            SELECT DISTINCT ON (a.policy) a.policy, a.gate, a.partition, a.ewma_lag_ms,
+                   coalesce(dispatch_policy._json_number(g -> 'target_lag_ms'), 0)::float8, a.current_max
+            FROM dispatch_policy.adaptive_stats a
+            JOIN dispatch_policy.policies p ON p.name = a.policy
+            CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
+            WHERE g ->> 'type' = 'adaptive_concurrency' AND coalesce(g ->> 'name', g ->> 'type') = a.gate
+            ORDER BY a.policy, a.ewma_lag_ms / greatest(coalesce(dispatch_policy._json_number(g -> 'target_lag_ms'), 1), 1) DESC
+            """, logger: logger)
+        {
+            let (policy, gate, partition, ewma, target, cap) = try row.decode((String, String, String, Double, Double, Int).self)
+            result[policy, default: Limits()].adaptiveWorst = (gate, partition, ewma, target, cap)
+        }
+        // The last hour, per minute (0016's samples), newest first.
+        var growing: Set<String> = []
+        for row in try await executor.rows(
+            """
+            SELECT p.name, m.minute, m.staged, m.admitted, m.completed, m.failed
+            FROM dispatch_policy.policies p
+            CROSS JOIN LATERAL dispatch_policy.policy_minutes(p.name, now() - interval '60 minutes') m
+            ORDER BY p.name, m.minute DESC
+            """, logger: logger)
+        {
+            let (policy, minute, staged, admitted, completed, failed) = try row.decode((String, Date, Int64, Int64, Int64, Int64).self)
+            var limits = result[policy, default: Limits()]
+            limits.completedHour += completed
+            limits.failedHour += failed
+            // Whole minutes in a row that staged more than they admitted (the
+            // current minute is not over: it neither counts nor breaks the run).
+            if minute.timeIntervalSinceNow > -60 {
+                growing.insert(policy)
+            } else if growing.contains(policy) {
+                if staged > admitted { limits.growingMinutes += 1 } else { growing.remove(policy) }
+            }
+            result[policy] = limits
+        }
+        return result
+    }
+
+    // MARK: Policy page
+
+    public struct MinuteSample: Sendable, Equatable {
+        public var minute: Date
+        public var admitted: Int64
+        public var refused: Int64
+        public var completed: Int64
+        public var failed: Int64
+        public var avgLagMs: Double?
+        public var p95LagMs: Double?
+    }
+
+    /// One row per minute from `since` (gaps as zeros).
+    public func minutes(policy: String, since: Date) async throws -> [MinuteSample] {
+        try await executor.rows(
+            """
+            SELECT minute, admitted, refused, completed, failed, avg_lag_ms::float8, p95_lag_ms::float8
+            FROM dispatch_policy.policy_minutes(\(policy), \(since)) ORDER BY minute
+            """, logger: logger
+        ).map(Self.sample)
+    }
+
+    /// One row per minute from `since` for one gate partition (attempts that
+    /// finished, completed or failed, are not told apart per partition:
+    /// `completed` holds them all).
+    public func minutes(policy: String, gate: String, partition: String, since: Date) async throws -> [MinuteSample] {
+        try await executor.rows(
+            """
+            SELECT minute, admitted, refused, finished, 0::bigint, avg_lag_ms::float8, p95_lag_ms::float8
+            FROM dispatch_policy.partition_minutes(\(policy), \(gate), \(partition), \(since)) ORDER BY minute
+            """, logger: logger
+        ).map(Self.sample)
+    }
+
+    static func sample(_ row: PostgresRow) throws -> MinuteSample {
+        let (minute, admitted, refused, completed, failed, avg, p95) =
+            try row.decode((Date, Int64, Int64, Int64, Int64, Double?, Double?).self)
+        return MinuteSample(minute: minute, admitted: admitted, refused: refused, completed: completed, failed: failed, avgLagMs: avg, p95LagMs: p95)
+    }
+
+    public struct PolicyDetail: Sendable, Equatable {
+        public var name: String
+        public var configJSON: String
+        public var paused: Bool
+        public var gates: [Gate]
+        public struct Gate: Sendable, Equatable {
+            public var name: String
+            public var type: String
+            public var partitionBy: String?
+        }
+    }
+
+    public func policy(_ name: String) async throws -> PolicyDetail? {
+        guard let row = try await executor.rows(
+            "SELECT name, jsonb_pretty(config), paused FROM dispatch_policy.policies WHERE name = \(name)", logger: logger
+        ).first else { return nil }
+        let (policy, config, paused) = try row.decode((String, String, Bool).self)
+        let gates = try await executor.rows(
+            """
+            SELECT coalesce(g ->> 'name', g ->> 'type'), g ->> 'type', g ->> 'partition_by'
+            FROM dispatch_policy.policies p
+            CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) WITH ORDINALITY AS x(g, n)
+            WHERE p.name = \(name) ORDER BY x.n
+            """, logger: logger
+        ).map { row in
+            let (gate, type, by) = try row.decode((String, String, String?).self)
+            return PolicyDetail.Gate(name: gate, type: type, partitionBy: by)
+        }
+        return PolicyDetail(name: policy, configJSON: config, paused: paused, gates: gates)
+    }
+
+    /// A gate partition as its state rows describe it.
+    public struct PartitionRow: Sendable, Equatable {
+        public var gate: String
+        public var gateType: String
+        public var partition: String
+        public var inFlight: Int64
+        public var cap: Double?
+        public var tokens: Double?
+        public var burst: Double?
+        public var ewmaLagMs: Double?
+        public var lastAdmitted: Date?
+        public var paused: Bool
+    }
+
+    /// The orders the partition list offers, each with keyset pagination.
+    public enum PartitionSort: String, Sendable, CaseIterable {
+        /// By gate, then partition key.
+        case partition
+        /// Most jobs in flight first, then by gate and partition key.
+        case inFlight = "in_flight"
+    }
+
+    /// Where a page of partitions starts: after this row of the previous page.
+    public struct PartitionCursor: Sendable, Equatable {
+        public var gate: String
+        public var partition: String
+        public var inFlight: Int64
+
+        public init(gate: String, partition: String, inFlight: Int64) {
+            self.gate = gate
+            self.partition = partition
+            self.inFlight = inFlight
+        }
+
+        /// URL-safe text form (base64url of the fields).
+        public var token: String {
+            let text = "\(inFlight)\u{1F}\(gate)\u{1F}\(partition)"
+            return Data(text.utf8).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+                .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        }
+
+        public init?(token: String) {
+            var base64 = token.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+            while base64.count % 4 != 0 { base64 += "=" }
+            guard base64.count <= 4096, let data = Data(base64Encoded: base64), let text = String(data: data, encoding: .utf8) else { return nil }
+            let parts = text.split(separator: "\u{1F}", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3, let inFlight = Int64(parts[0]) else { return nil }
+            self.init(gate: String(parts[1]), partition: String(parts[2]), inFlight: inFlight)
+        }
+    }
+
+    /// A page of a policy's gate partitions, keyset-paginated on (gate,
+    /// partition): `after` is the last row of the previous page. `search`
+    /// keeps partitions whose key contains it (case-insensitive).
+    /// `onlyBusy` keeps partitions with jobs in flight or a bucket below
+    /// its burst. `only` restricts to these partition keys (the watched list).
+    public func partitions(
+        policy: String, search: String?, sort: PartitionSort = .partition, after: PartitionCursor?, onlyBusy: Bool,
+        only: [String]? = nil, limit: Int
+    ) async throws -> [PartitionRow] {
+        let pattern = search.flatMap { $0.isEmpty ? nil : "%" + Self.escapeLike($0) + "%" }
+        return try await executor.rows(
+            """
+            WITH gates AS (
+              SELECT coalesce(g ->> 'name', g ->> 'type') AS gate, g ->> 'type' AS gate_type, g AS config
+              FROM dispatch_policy.policies p
+              CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
+              WHERE p.name = \(policy)
+            ), known AS (
+              SELECT gate, partition FROM dispatch_policy.throttle_buckets WHERE policy = \(policy)
+              UNION SELECT gate, partition FROM dispatch_policy.inflight_counters WHERE policy = \(policy)
+              UNION SELECT gate, partition FROM dispatch_policy.adaptive_stats WHERE policy = \(policy)
+            )
+            SELECT k.gate, gt.gate_type, k.partition, coalesce(c.in_flight, 0)::bigint,
+                   CASE gt.gate_type WHEN 'adaptive_concurrency' THEN a.current_max::float8
+                                     ELSE dispatch_policy._json_number(gt.config -> 'max')::float8 END,
+                   dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, now())::float8,
+                   b.burst::float8, a.ewma_lag_ms::float8,
+                   greatest(c.last_admitted_at, b.last_admitted_at),
+                   EXISTS (SELECT 1 FROM dispatch_policy.paused_partitions pp
+                           WHERE pp.policy = \(policy) AND pp.gate = k.gate AND pp.partition = k.partition
+                             AND (pp.until IS NULL OR pp.until > now()))
+            FROM known k
+            JOIN gates gt ON gt.gate = k.gate
+            LEFT JOIN dispatch_policy.throttle_buckets b ON b.policy = \(policy) AND b.gate = k.gate AND b.partition = k.partition
+            LEFT JOIN dispatch_policy.inflight_counters c ON c.policy = \(policy) AND c.gate = k.gate AND c.partition = k.partition
+            LEFT JOIN dispatch_policy.adaptive_stats a ON a.policy = \(policy) AND a.gate = k.gate AND a.partition = k.partition
+            WHERE (\(pattern)::text IS NULL OR k.partition ILIKE \(pattern)::text)
+              AND (\(after?.gate)::text IS NULL
+                   OR (\(sort.rawValue) = 'partition' AND (k.gate, k.partition) > (\(after?.gate)::text, \(after?.partition)::text))
+                   OR (\(sort.rawValue) = 'in_flight'
+                       AND (-coalesce(c.in_flight, 0), k.gate, k.partition) > (-\(after?.inFlight)::bigint, \(after?.gate)::text, \(after?.partition)::text)))
+              AND (\(only)::text[] IS NULL OR k.partition = ANY (\(only)::text[]))
+              AND (NOT \(onlyBusy) OR coalesce(c.in_flight, 0) > 0 OR b.tokens < b.burst)
+            ORDER BY CASE WHEN \(sort.rawValue) = 'in_flight' THEN -coalesce(c.in_flight, 0) ELSE 0 END, k.gate, k.partition
+            LIMIT \(limit)
+            """, logger: logger
+        ).map { row in
+            let (gate, type, partition, inFlight, cap, tokens, burst, ewma, last, paused) =
+                try row.decode((String, String, String, Int64, Double?, Double?, Double?, Double?, Date?, Bool).self)
+            return PartitionRow(
+                gate: gate, gateType: type, partition: partition, inFlight: inFlight, cap: cap, tokens: tokens, burst: burst,
+                ewmaLagMs: ewma, lastAdmitted: last, paused: paused)
+        }
+    }
+
+    /// A round-robin lane with jobs waiting, its pending count (counted up to
+    /// `countCap` through the lane's index) and whether it is blocked.
+    public struct LaneRow: Sendable, Equatable {
+        public var lane: String?
+        public var pending: Int64
+        public var blockedUntil: Date?
+        public var blockedGate: String?
+        public var blockedPartition: String?
+    }
+
+    public static let laneCountCap = 10_000
+
+    public func lanes(policy: String, search: String?, after: String?, limit: Int) async throws -> [LaneRow] {
+        let pattern = search.flatMap { $0.isEmpty ? nil : "%" + Self.escapeLike($0) + "%" }
+        return try await executor.rows(
+            """
+            SELECT l.lane,
+                   (SELECT count(*) FROM (SELECT 1 FROM dispatch_policy.staged_jobs s
+                      WHERE s.policy = l.policy AND s.not_before IS NULL
+                        AND s.round_robin_key IS NOT DISTINCT FROM l.lane
+                      LIMIT \(Self.laneCountCap + 1)) x)::bigint,
+                   CASE WHEN l.blocked_until > now() THEN l.blocked_until END, l.blocked_gate, l.blocked_partition
+            FROM dispatch_policy.lanes l
+            WHERE l.policy = \(policy)
+              AND (\(pattern)::text IS NULL OR l.lane ILIKE \(pattern)::text)
+              AND (\(after)::text IS NULL OR l.lane > \(after)::text)
+            ORDER BY l.lane NULLS LAST
+            LIMIT \(limit)
+            """, logger: logger
+        ).map { row in
+            let (lane, pending, until, gate, partition) = try row.decode((String?, Int64, Date?, String?, String?).self)
+            return LaneRow(lane: lane, pending: pending, blockedUntil: until, blockedGate: gate, blockedPartition: partition)
+        }
+    }
+
+    // MARK: Jobs
+
+    public struct JobDetail: Sendable, Equatable {
+        public var id: Int64
+        public var policy: String
+        public var queue: String
+        public var state: String
+        public var attempt: Int
+        public var argsJSON: String
+        public var contextJSON: String
+        public var dedupeKey: String?
+        public var roundRobinKey: String?
+        public var createdAt: Date?
+        public var stagedAt: Date?
+        public var notBefore: Date?
+        public var admittedAt: Date?
+        public var startedAt: Date?
+        public var finishedAt: Date?
+        public var lastError: String?
+        public var partitions: [(gate: String, partition: String)]
+
+        public static func == (a: JobDetail, b: JobDetail) -> Bool {
+            a.id == b.id && a.state == b.state && a.attempt == b.attempt && a.argsJSON == b.argsJSON
+        }
+    }
+
+    public func job(_ id: Int64) async throws -> JobDetail? {
+        guard let row = try await executor.rows(
+            """
+            SELECT j.id, j.policy, j.queue, j.state, j.attempt, jsonb_pretty(j.args), jsonb_pretty(j.context), j.dedupe_key,
+                   j.round_robin_key, j.created_at, j.staged_at, j.not_before, j.admitted_at, j.started_at, j.finished_at, j.last_error
+            FROM (
+              SELECT s.id, s.policy, s.queue, CASE WHEN s.not_before > now() THEN 'scheduled' ELSE 'pending' END AS state,
+                     s.attempt, s.args, s.context, s.dedupe_key, s.round_robin_key, s.created_at, s.staged_at, s.not_before,
+                     NULL::timestamptz AS admitted_at, NULL::timestamptz AS started_at, NULL::timestamptz AS finished_at, s.last_error
+              FROM dispatch_policy.staged_jobs s WHERE s.id = \(id)
+              UNION ALL
+              SELECT a.id, a.policy, a.queue, 'admitted', a.attempt, a.args, a.context, a.dedupe_key, a.round_robin_key, a.created_at,
+                     a.staged_at, NULL, a.admitted_at, a.started_at, NULL, NULL
+              FROM dispatch_policy.admitted_jobs a WHERE a.id = \(id)
+              UNION ALL
+              SELECT f.id, f.policy, f.queue, f.status, f.attempts, f.args, f.context, f.dedupe_key, NULL, f.created_at, NULL, NULL,
+                     f.admitted_at, f.started_at, f.finished_at, f.last_error
+              FROM dispatch_policy.finished_jobs f WHERE f.id = \(id)
+            ) j LIMIT 1
+            """, logger: logger
+        ).first else { return nil }
+        let decoded = try row.decode(
+            (Int64, String, String, String, Int, String, String, String?, String?, Date?, Date?, Date?, Date?, Date?, Date?, String?).self)
+        let partitions = try await executor.rows(
+            """
+            SELECT coalesce(g ->> 'name', g ->> 'type'),
+                   CASE WHEN g ->> 'type' = 'global_cap' THEN 'default'
+                        ELSE coalesce(dispatch_policy._render_template(g ->> 'partition_by', j.context), 'default') END
+            FROM (SELECT policy, context FROM dispatch_policy.staged_jobs WHERE id = \(id)
+                  UNION ALL SELECT policy, context FROM dispatch_policy.admitted_jobs WHERE id = \(id)
+                  UNION ALL SELECT policy, context FROM dispatch_policy.finished_jobs WHERE id = \(id) LIMIT 1) j
+            JOIN dispatch_policy.policies p ON p.name = j.policy
+            CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) WITH ORDINALITY AS x(g, n)
+            ORDER BY x.n
+            """, logger: logger
+        ).map { try $0.decode((String, String).self) }
+        return JobDetail(
+            id: decoded.0, policy: decoded.1, queue: decoded.2, state: decoded.3, attempt: decoded.4, argsJSON: decoded.5,
+            contextJSON: decoded.6, dedupeKey: decoded.7, roundRobinKey: decoded.8, createdAt: decoded.9, stagedAt: decoded.10,
+            notBefore: decoded.11, admittedAt: decoded.12, startedAt: decoded.13, finishedAt: decoded.14, lastError: decoded.15,
+            partitions: partitions.map { (gate: $0.0, partition: $0.1) })
+    }
+
+    public struct Failure: Sendable, Equatable {
+        public var attempt: Int
+        public var failedAt: Date
+        public var error: String
+    }
+
+    public func failures(job id: Int64, limit: Int = 50) async throws -> [Failure] {
+        try await executor.rows(
+            """
+            SELECT attempt, failed_at, error FROM dispatch_policy.job_failures
+            WHERE job_id = \(id) ORDER BY failed_at DESC LIMIT \(limit)
+            """, logger: logger
+        ).map { row in
+            let (attempt, at, error) = try row.decode((Int, Date, String).self)
+            return Failure(attempt: attempt, failedAt: at, error: error)
+        }
+    }
+
+    public struct DeadJob: Sendable, Equatable {
+        public var id: Int64
+        public var policy: String
+        public var attempt: Int
+        public var finishedAt: Date
+        public var lastError: String?
+    }
+
+    /// Dead jobs, newest first, keyset-paginated on (finished_at, id).
+    public func deadJobs(policy: String?, before: (Date, Int64)?, limit: Int) async throws -> [DeadJob] {
+        try await executor.rows(
+            """
+            SELECT id, policy, attempts, finished_at, last_error FROM dispatch_policy.finished_jobs
+            WHERE status = 'dead' AND (\(policy)::text IS NULL OR policy = \(policy)::text)
+              AND (\(before?.0)::timestamptz IS NULL OR (finished_at, id) < (\(before?.0)::timestamptz, \(before?.1)::bigint))
+            ORDER BY finished_at DESC, id DESC LIMIT \(limit)
+            """, logger: logger
+        ).map { row in
+            let (id, policy, attempt, at, error) = try row.decode((Int64, String, Int, Date, String?).self)
+            return DeadJob(id: id, policy: policy, attempt: attempt, finishedAt: at, lastError: error)
+        }
+    }
+
+    public func explain(_ id: Int64) async throws -> JobExplanation {
+        try await JobExplanation.load(id: id, on: executor, logger: logger)
+    }
+
+    static func escapeLike(_ text: String) -> String {
+        text.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "%", with: "\\%").replacingOccurrences(of: "_", with: "\\_")
+    }
+}

@@ -1,0 +1,97 @@
+import ArgumentParser
+import DispatchPolicy
+import DispatchPolicyAdmin
+import Foundation
+import Hummingbird
+import Logging
+import Metrics
+import PostgresNIO
+import Prometheus
+import ServiceLifecycle
+
+/// The process-wide Prometheus registry, installed as the swift-metrics
+/// backend once (the library's counters and timers land in it).
+enum ProcessMetrics {
+    static let registry: PrometheusCollectorRegistry = {
+        let registry = PrometheusCollectorRegistry()
+        var factory = PrometheusMetricsFactory(registry: registry)
+        // Tick durations: 1 ms to 60 s.
+        factory.defaultDurationHistogramBuckets = [
+            .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+            .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5), .seconds(10),
+            .seconds(30), .seconds(60),
+        ]
+        MetricsSystem.bootstrap(factory)
+        return registry
+    }()
+}
+
+/// An HTTP listener for the admin or the runner's `/metrics`.
+func httpService(
+    router: Router<BasicRequestContext>, bind: String, flag: String, logger: Logger
+) throws -> some Service {
+    guard let (host, port) = AdminServer.parseBind(bind) else {
+        throw DispatchPolicyError(code: .invalidArgument, message: "\(flag) must be HOST:PORT, [IPv6]:PORT or :PORT, got \(bind)")
+    }
+    return Application(
+        router: router, configuration: .init(address: .hostname(host, port: port), serverName: nil),
+        onServerRunning: { channel in
+            let address = channel.localAddress.map { "\($0.ipAddress ?? host):\($0.port ?? port)" } ?? bind
+            FileHandle.standardError.write(Data("dispatch-policy: listening on http://\(address)\n".utf8))
+        },
+        logger: logger)
+}
+
+struct Admin: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve the admin web UI and /metrics: policies, partitions, charts, jobs, explain, dead jobs; actions with --allow-actions.",
+        discussion: """
+            Binds 127.0.0.1:8080 by default. Viewing needs no sign-in: bind to loopback, or put the admin \
+            behind your own authentication. Actions (pause/resume a policy or a partition, cancel, retry, \
+            drain) are off unless --allow-actions is given and DISPATCH_POLICY_ADMIN_TOKEN holds a token \
+            of 16 characters or more; a browser signs in with it once, a script sends \
+            "Authorization: Bearer TOKEN". Nothing on a page is fetched from another site.
+            """)
+
+    @OptionGroup var connection: ConnectionOptions
+
+    @Option(help: "Address to listen on: HOST:PORT, [IPv6]:PORT or :PORT (port 0 picks a free one).")
+    var bind = "127.0.0.1:8080"
+
+    @Flag(name: .customLong("allow-actions"), help: "Enable actions; needs DISPATCH_POLICY_ADMIN_TOKEN.")
+    var allowActions = false
+
+    @Flag(name: .customLong("partition-metrics"), help: "Export per-partition gauges on /metrics (up to 1000 series per kind).")
+    var partitionMetrics = false
+
+    func run() async throws {
+        let logger = connection.makeLogger()
+        try await reportingErrors {
+            var options = AdminOptions()
+            options.partitionMetrics = partitionMetrics
+            if allowActions {
+                guard let token = ProcessInfo.processInfo.environment["DISPATCH_POLICY_ADMIN_TOKEN"], !token.isEmpty else {
+                    throw DispatchPolicyError(
+                        code: .invalidArgument, message: "--allow-actions needs DISPATCH_POLICY_ADMIN_TOKEN (16 characters or more)",
+                        hint: "export DISPATCH_POLICY_ADMIN_TOKEN=$(openssl rand -hex 24)")
+                }
+                options.token = token
+            }
+            let settings = try ConnectionSettings.resolve(url: connection.databaseURL).with(session: .admin)
+            let client = PostgresClient(configuration: try settings.clientConfiguration(), backgroundLogger: logger)
+            let server: AdminServer
+            do {
+                server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: options,
+                                         registry: ProcessMetrics.registry, logger: logger)
+            } catch let error as AdminAuthError {
+                throw DispatchPolicyError(code: .invalidArgument, message: error.description)
+            }
+            let http = try httpService(router: server.router(), bind: bind, flag: "--bind", logger: logger)
+            var configuration = ServiceGroupConfiguration(
+                services: [.init(service: client), .init(service: http)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+            configuration.maximumGracefulShutdownDuration = .seconds(10)
+            configuration.maximumCancellationDuration = .seconds(5)
+            try await ServiceGroup(configuration: configuration).run()
+        }
+    }
+}

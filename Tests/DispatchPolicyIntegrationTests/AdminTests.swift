@@ -1,0 +1,281 @@
+import DispatchPolicy
+import DispatchPolicyAdmin
+import Foundation
+import Hummingbird
+import HummingbirdTesting
+import Logging
+import Metrics
+import PostgresNIO
+import Prometheus
+import Testing
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+private let token = "test-admin-token-0123456789"
+
+private func declare(_ conn: PostgresConnection, _ name: String, _ config: String) async throws {
+    try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: name, config: config)
+}
+
+private func stage(_ conn: PostgresConnection, _ policy: String, _ context: String) async throws -> Int64 {
+    try await conn.scalar("SELECT dispatch_policy.stage(\(policy), '{\"n\": 1}', \(context)::jsonb)", as: Int64.self)
+}
+
+/// The admin router on `conn`'s database, tested in process.
+private func withAdmin<T: Sendable>(
+    _ conn: PostgresConnection, token: String? = nil, pageSize: Int = 50, registry: PrometheusCollectorRegistry = .init(),
+    _ body: @Sendable @escaping (any TestClientProtocol) async throws -> T
+) async throws -> T {
+    var options = AdminOptions(token: token)
+    options.pageSize = pageSize
+    let server = try AdminServer(store: AdminStore(executor: conn, logger: TestServer.logger), options: options,
+                                 registry: registry, logger: TestServer.logger)
+    let app = Application(router: server.router())
+    return try await app.test(.router) { client in try await body(client) }
+}
+
+private func html(_ response: TestResponse) -> String { String(buffer: response.body) }
+
+private func form(_ fields: [(String, String)]) -> ByteBuffer {
+    var components = URLComponents()
+    components.queryItems = fields.map { URLQueryItem(name: $0.0, value: $0.1) }
+    return ByteBuffer(string: components.percentEncodedQuery ?? "")
+}
+
+private let formHeaders: HTTPFields = [.contentType: "application/x-www-form-urlencoded"]
+
+@Suite("Admin web UI", .timeLimit(.minutes(8)))
+struct AdminTests {
+    @Test("pages render from the database; every value a tenant chose is escaped; unknown things are 404")
+    func pages() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "hooks", #"""
+                {"max_attempts": 1,
+                 "gates": [{"type": "throttle", "name": "per_tenant", "rate": 1, "per": 60, "partition_by": "{tenant}"},
+                           {"type": "global_cap", "max": 50}]}
+                """#)
+            let evil = #"<script>alert("x")</script>"#
+            let first = try await stage(conn, "hooks", #"{"tenant": "\u003cscript\u003ealert(\"x\")\u003c/script\u003e"}"#)
+            _ = try await stage(conn, "hooks", #"{"tenant": "\u003cscript\u003ealert(\"x\")\u003c/script\u003e"}"#)
+            for tenant in ["a", "b", "c"] { _ = try await stage(conn, "hooks", #"{"tenant": "\#(tenant)"}"#) }
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "hooks")
+            // One that dies, with a hostile error text.
+            let dead = try await conn.scalar("SELECT id FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'a'", as: Int64.self)
+            _ = try await conn.scalar("SELECT dispatch_policy.fail(\(dead), \(evil))", as: String.self)
+            let waiting = try await conn.scalar("SELECT min(id) FROM dispatch_policy.staged_jobs", as: Int64.self)
+
+            try await withAdmin(conn, pageSize: 2) { client in
+                try await client.execute(uri: "/", method: .get) { response in
+                    #expect(response.status == .ok)
+                    let page = html(response)
+                    #expect(page.contains(#"<a href="/policies/hooks">hooks</a>"#))
+                    #expect(!page.contains("<script>alert"))
+                    #expect(response.headers[.contentSecurityPolicy]?.contains("script-src 'self'") == true)
+                    #expect(page.contains("<svg"), "a trend sparkline per policy")
+                }
+                // Partitions, two per page, cursor-paginated; the hostile key escaped.
+                let first = try await client.execute(uri: "/policies/hooks", method: .get) { response in
+                    #expect(response.status == .ok)
+                    return html(response)
+                }
+                #expect(!first.contains("<script>alert"))
+                #expect(first.contains("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"))
+                #expect(first.contains("Lanes with jobs waiting"))
+                let next = try #require(first.components(separatedBy: #"<p class="pager"><a href=""#).dropFirst().first?
+                    .components(separatedBy: "\"").first)
+                let second = try await client.execute(uri: next.replacingOccurrences(of: "&amp;", with: "&"), method: .get) { html($0) }
+                // 1 global_cap partition + 4 tenants' throttle partitions = 5 rows: the second page has 2 more.
+                #expect(second.components(separatedBy: "<button class=\"watch\"").count - 1 == 2)
+                #expect(second.contains(#"data-partition="b""#) || second.contains(#"data-partition="c""#))
+                // Search, and the watched list from the address.
+                let searched = try await client.execute(uri: "/policies/hooks?q=scr", method: .get) { html($0) }
+                #expect(searched.components(separatedBy: "<button class=\"watch\"").count - 1 == 1)
+                let watched = try await client.execute(uri: "/policies/hooks?watch=c", method: .get) { html($0) }
+                #expect(watched.contains("Watched partitions") && !watched.contains("None. Press"))
+
+                try await client.execute(uri: "/jobs/\(waiting)", method: .get) { response in
+                    #expect(response.status == .ok)
+                    let page = html(response)
+                    #expect(page.contains("Why it is where it is"))
+                    #expect(page.contains("waits"))
+                    #expect(!page.contains("<script>alert"))
+                }
+                try await client.execute(uri: "/dead", method: .get) { response in
+                    let page = html(response)
+                    #expect(page.contains("/jobs/\(dead)"))
+                    #expect(page.contains("&lt;script&gt;"))
+                    #expect(!page.contains("<script>alert"))
+                }
+                try await client.execute(uri: "/jobs/\(dead)", method: .get) { response in
+                    #expect(html(response).contains("Attempts that failed"))
+                }
+                try await client.execute(uri: "/jobs/99999999", method: .get) { #expect($0.status == .notFound) }
+                try await client.execute(uri: "/jobs/x", method: .get) { #expect($0.status == .badRequest) }
+                try await client.execute(uri: "/policies/nope", method: .get) { #expect($0.status == .notFound) }
+                try await client.execute(uri: "/assets/admin.js", method: .get) { #expect(html($0).contains("localStorage")) }
+                try await client.execute(uri: "/assets/admin.css", method: .get) { #expect(html($0).contains("prefers-color-scheme")) }
+            }
+            _ = first
+        }
+    }
+
+    @Test("actions: off without a token; with one they need the bearer token or a signed-in session and its CSRF field")
+    func actions() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", #"{"gates": [{"type": "concurrency", "name": "c", "max": 5, "partition_by": "{tenant}"}]}"#)
+            let job = try await stage(conn, "p", #"{"tenant": "a"}"#)
+            @Sendable func paused() async throws -> Bool { try await conn.scalar("SELECT paused FROM dispatch_policy.policies WHERE name = 'p'", as: Bool.self) }
+
+            try await withAdmin(conn) { client in
+                try await client.execute(uri: "/actions/pause", method: .post, headers: formHeaders, body: form([("policy", "p")])) {
+                    #expect($0.status == .forbidden)
+                }
+                try await client.execute(uri: "/login", method: .get) { #expect($0.status == .notFound) }
+            }
+            #expect(try await paused() == false)
+
+            try await withAdmin(conn, token: token) { client in
+                // No credentials; a wrong bearer token.
+                try await client.execute(uri: "/actions/pause", method: .post, headers: formHeaders, body: form([("policy", "p")])) {
+                    #expect($0.status == .forbidden)
+                }
+                var wrong = formHeaders
+                wrong[.authorization] = "Bearer not-the-token-at-all"
+                try await client.execute(uri: "/actions/pause", method: .post, headers: wrong, body: form([("policy", "p")])) {
+                    #expect($0.status == .forbidden)
+                }
+                #expect(try await paused() == false)
+                // A script with the token.
+                var bearer = formHeaders
+                bearer[.authorization] = "Bearer \(token)"
+                try await client.execute(uri: "/actions/pause", method: .post, headers: bearer, body: form([("policy", "p")])) {
+                    #expect($0.status == .seeOther)
+                    #expect($0.headers[.location]?.contains("flash=") == true)
+                }
+                #expect(try await paused())
+                // A browser: a wrong token signs nobody in.
+                try await client.execute(uri: "/login", method: .post, headers: formHeaders, body: form([("token", "wrong")])) {
+                    #expect($0.headers[.setCookie] == nil)
+                }
+                let cookie = try await client.execute(uri: "/login", method: .post, headers: formHeaders, body: form([("token", token)])) {
+                    response -> String in
+                    let header = try #require(response.headers[.setCookie])
+                    #expect(header.contains("HttpOnly") && header.contains("SameSite=Strict"))
+                    return String(header.split(separator: ";")[0])
+                }
+                var session = formHeaders
+                session[.cookie] = cookie
+                // The session alone is not enough: a forged form has no CSRF field.
+                try await client.execute(uri: "/actions/resume", method: .post, headers: session, body: form([("policy", "p")])) {
+                    #expect($0.status == .forbidden)
+                }
+                #expect(try await paused())
+                // The page gives the signed-in browser its CSRF field.
+                let page = try await client.execute(uri: "/policies/p", method: .get, headers: [.cookie: cookie]) { html($0) }
+                let csrf = try #require(page.components(separatedBy: #"name="csrf" value=""#).dropFirst().first?.components(separatedBy: "\"").first)
+                try await client.execute(uri: "/actions/resume", method: .post, headers: session, body: form([("csrf", csrf), ("policy", "p")])) {
+                    #expect($0.status == .seeOther)
+                }
+                #expect(try await paused() == false)
+                // Cancel through the form; a refusal comes back as a message, not a 500.
+                try await client.execute(uri: "/actions/cancel", method: .post, headers: session, body: form([("csrf", csrf), ("id", "\(job)")])) {
+                    #expect($0.status == .seeOther)
+                }
+                #expect(try await conn.scalar("SELECT status FROM dispatch_policy.finished_jobs WHERE id = \(job)", as: String.self) == "cancelled")
+                try await client.execute(uri: "/actions/retry", method: .post, headers: session, body: form([("csrf", csrf), ("id", "\(job)")])) {
+                    #expect($0.status == .seeOther)
+                    #expect($0.headers[.location]?.contains("error=") == true, "a cancelled job is not dead: refused")
+                }
+                try await client.execute(uri: "/actions/pause-partition", method: .post, headers: session,
+                                         body: form([("csrf", csrf), ("policy", "p"), ("gate", "c"), ("partition", "a")])) {
+                    #expect($0.status == .seeOther)
+                }
+                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.paused_partitions", as: Int64.self) == 1)
+                try await client.execute(uri: "/actions/nonsense", method: .post, headers: session, body: form([("csrf", csrf)])) {
+                    #expect($0.headers[.location]?.contains("error=") == true)
+                }
+            }
+        }
+    }
+
+    @Test("/metrics: the runner's counters and tick histogram, per-policy gauges read at scrape time, partition series only when asked")
+    func metrics() async throws {
+        try await withTestDatabase { conn, settings in
+            try await declare(conn, "p", #"{"gates": [{"type": "throttle", "name": "t", "rate": 2, "per": 3600, "partition_by": "{tenant}"}]}"#)
+            for _ in 0..<5 { _ = try await stage(conn, "p", #"{"tenant": "a"}"#) }
+            let registry = PrometheusCollectorRegistry()
+            var options = TickRunnerOptions()
+            options.once = true
+            options.metrics = DispatchPolicyMetrics(factory: PrometheusMetricsFactory(registry: registry))
+            _ = try await TickRunner(connection: settings, options: options, logger: TestServer.logger).runLoop()
+
+            let text = try await withAdmin(conn, registry: registry) { client in
+                try await client.execute(uri: "/metrics", method: .get) { html($0) }
+            }
+            #expect(text.contains(#"dispatch_policy_admitted_total{policy="p"} 2"#))
+            #expect(text.contains(#"dispatch_policy_refused_total{policy="p",gate="t"} 3"#))
+            #expect(text.contains(#"dispatch_policy_tick_duration_seconds_count{policy="p"}"#))
+            #expect(text.contains(#"dispatch_policy_pending{policy="p"} 3"#))
+            #expect(text.contains(#"dispatch_policy_in_flight{policy="p"} 2"#))
+            #expect(text.contains("dispatch_policy_up 1"))
+            #expect(!text.contains("dispatch_policy_partition_"))
+
+            var partitionOptions = AdminOptions()
+            partitionOptions.partitionMetrics = true
+            let server = try AdminServer(store: AdminStore(executor: conn, logger: TestServer.logger), options: partitionOptions,
+                                         registry: registry, logger: TestServer.logger)
+            let withPartitions = try await Application(router: server.router()).test(.router) { client in
+                try await client.execute(uri: "/metrics", method: .get) { html($0) }
+            }
+            #expect(withPartitions.contains(#"dispatch_policy_partition_tokens{policy="p",gate="t",partition="a"} 0"#))
+        }
+    }
+
+    @Test("status --policy: the policy's counts, what limits it now, and its busiest partitions; an unknown policy is an error")
+    func statusPolicy() async throws {
+        try await withTestDatabase { conn, settings in
+            try await declare(conn, "p", #"{"gates": [{"type": "concurrency", "name": "c", "max": 1, "partition_by": "{tenant}"}]}"#)
+            for tenant in ["a", "a", "b"] { _ = try await stage(conn, "p", #"{"tenant": "\#(tenant)"}"#) }
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+            let status = try await cli(["status", "--policy", "p"], settings: settings)
+            #expect(status.status == 0, "\(status.stderr)")
+            #expect(status.stdout.contains("limits now:"))
+            #expect(status.stdout.contains("at concurrency cap: 1 lane waiting for a slot of c"), "\(status.stdout)")
+            let table = status.stdout.components(separatedBy: "GATE  PARTITION").last ?? ""
+            #expect(table.contains("c     a") && table.contains("c     b"), "\(status.stdout)")
+            let unknown = try await cli(["status", "--policy", "nope"], settings: settings)
+            #expect(unknown.status == 1 && unknown.stderr.contains("no policy named nope"))
+        }
+    }
+
+    @Test("dispatch-policy admin and run --metrics listen where asked and stop on SIGTERM; --allow-actions without a token is refused")
+    func commands() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        let refused = try await cli(["admin", "--allow-actions", "--bind", "127.0.0.1:0"], settings: settings)
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("DISPATCH_POLICY_ADMIN_TOKEN"))
+        let bad = try await cli(["run", "--metrics", "nowhere"], settings: settings)
+        #expect(bad.status != 0 && bad.stderr.contains("--metrics"))
+
+        for arguments in [["admin", "--bind", "127.0.0.1:0"], ["run", "--metrics", "127.0.0.1:0", "--idle-pause", "100ms"]] {
+            var environment = ProcessInfo.processInfo.environment
+            environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+            let child = try spawnChild(cliPath, arguments, environment: environment)
+            var address: String?
+            _ = try await waitUntil(30) {
+                address = child.output().stderr.components(separatedBy: "listening on ").dropFirst().first?
+                    .components(separatedBy: "\n").first
+                return address != nil
+            }
+            let base = try #require(address, "\(arguments): \(child.output().stderr)")
+            let (data, response) = try await URLSession.shared.data(from: URL(string: "\(base)/metrics")!)
+            #expect((response as? HTTPURLResponse)?.statusCode == 200)
+            #expect(String(decoding: data, as: UTF8.self).contains("dispatch_policy_up 1"), "\(arguments)")
+            kill(child.pid, SIGTERM)
+            let ending = await child.wait()
+            #expect(ending == .exited(0), "\(arguments): \(child.output().stderr)")
+        }
+    }
+}
