@@ -263,10 +263,39 @@ ALTER TABLE dispatch_policy.stat_deltas SET (
 -- finished before the trigger exists, and counted by the backfill, or
 -- blocked until this migration commits, and counted by the trigger, which
 -- it sees once it gets its lock), and no job row changes between them and
--- the backfill below: every row is counted exactly once. Writers touch
--- several job tables in varying orders, so a migration run while they are
--- busy may be chosen as a deadlock victim: it then rolls back whole and can
--- be run again.
+-- the backfill below: every row is counted exactly once.
+--
+-- Writers take the job tables in varying orders (a stager staged_jobs; the
+-- tick staged_jobs then admitted_jobs; fail() admitted_jobs, job_failures,
+-- finished_jobs, then staged_jobs), so taking the four locks one at a time,
+-- waiting for each, can deadlock with a writer. They are taken first, in one
+-- LOCK statement under a lock_timeout shorter than the deadlock_timeout: a
+-- conflict gives every lock back (the subtransaction rolls back) and the
+-- migration tries again a moment later, for up to about 30 seconds; while
+-- it waits, new writers queue behind it, so the transactions in its way end
+-- and it gets in. The CREATE TRIGGERs then find the locks already held.
+DO $$
+DECLARE
+  saved text := current_setting('lock_timeout');
+  tries integer := 0;
+BEGIN
+  LOOP
+    BEGIN
+      PERFORM set_config('lock_timeout', '200ms', true);
+      LOCK TABLE dispatch_policy.staged_jobs, dispatch_policy.admitted_jobs, dispatch_policy.finished_jobs,
+                 dispatch_policy.job_failures IN SHARE ROW EXCLUSIVE MODE;
+      EXIT;
+    EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+      tries := tries + 1;
+      IF tries >= 120 THEN
+        RAISE;
+      END IF;
+      PERFORM pg_sleep(0.02 + random() * 0.05);
+    END;
+  END LOOP;
+  PERFORM set_config('lock_timeout', saved, true);
+END
+$$;
 
 CREATE FUNCTION dispatch_policy._history_staged()
 RETURNS trigger
