@@ -882,8 +882,11 @@ CROSS JOIN LATERAL (
     FROM priorities r WHERE r.priority IS NOT NULL
   )
   SELECT min((SELECT s.staged_at FROM dispatch_policy.staged_jobs s
-              WHERE s.policy = p.name AND s.not_before IS NULL AND s.priority = r.priority
-              ORDER BY s.id LIMIT 1)) AS staged_at
+              -- The policy as a range, not =: with =, the primary key also
+              -- gives id order, and the planner may walk it through every
+              -- other policy's rows (and the dead ones of admitted jobs).
+              WHERE s.policy >= p.name AND s.policy <= p.name AND s.not_before IS NULL AND s.priority = r.priority
+              ORDER BY s.policy, s.priority, s.id LIMIT 1)) AS staged_at
   FROM priorities r WHERE r.priority IS NOT NULL) head
 -- The last day of minute rows (at most 1,441), one pass.
 CROSS JOIN LATERAL (
