@@ -56,3 +56,122 @@ END
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_state(text, timestamptz, text[], text[], double precision[], double precision[], double precision[], text[], text[], text[], text[], integer[]) IS
   'The second call of a tick: the gate state of a batch''s partitions in one call, from parallel arrays. Buckets are refilled (refill_buckets: created full, locked, returned as kind bucket with tokens); counters are read without locking (kind counter, in_flight; 0 for a missing one: only admission raises a counter, and it locks); adaptive state as read_adaptive (kind adaptive); partitions among them paused by pause_partition, while the pause lasts (kind paused, gate and partition only): the tick refuses their jobs.';
+
+-- prune as in 0016, and what the actions of 0017 leave behind: cancelled
+-- jobs past the retention (as completed ones; row cancelled_jobs) and
+-- partition pauses that ended or whose gate is gone (row partition_pauses,
+-- when no policies are named).
+CREATE OR REPLACE FUNCTION dispatch_policy.prune(
+  retention interval DEFAULT '7 days', idle interval DEFAULT '1 hour', now timestamptz DEFAULT now(), policies text[] DEFAULT NULL
+)
+RETURNS TABLE (what text, removed bigint)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  n bigint;
+BEGIN
+  PERFORM dispatch_policy._require_now(prune.now);
+  IF retention IS NULL OR NOT dispatch_policy._within_limit(extract(epoch FROM retention), 'prune.retention') THEN
+    RAISE EXCEPTION 'retention %', dispatch_policy._limit_rule('prune.retention')
+      USING ERRCODE = '22023',
+            DETAIL = format('retention is %s.', coalesce(trim_scale(extract(epoch FROM retention)) || ' seconds', 'NULL'));
+  END IF;
+  IF idle IS NULL OR NOT dispatch_policy._within_limit(extract(epoch FROM idle), 'prune.idle') THEN
+    RAISE EXCEPTION 'idle %', dispatch_policy._limit_rule('prune.idle')
+      USING ERRCODE = '22023',
+            DETAIL = format('idle is %s.', coalesce(trim_scale(extract(epoch FROM idle)) || ' seconds', 'NULL'));
+  END IF;
+
+  -- History first: the deltas written since the last fold (at most 1,000,000
+  -- rows a call), every policy's (folding one policy's would not be cheaper).
+  what := 'stat_deltas'; removed := dispatch_policy.fold_stats(prune.now, 1000000); RETURN NEXT;
+
+  -- Gate rows are deleted only when nobody holds them (SKIP LOCKED), all in
+  -- one sorted statement each.
+  DELETE FROM dispatch_policy.throttle_buckets t
+  WHERE (t.policy, t.gate, t.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'throttle')))
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_buckets'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.inflight_counters c
+  WHERE (c.policy, c.gate, c.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
+    WHERE x.in_flight = 0 AND (prune.policies IS NULL OR x.policy = ANY (prune.policies))
+      AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._slot_gates(p.config)))
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_counters'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.adaptive_stats a
+  WHERE (a.policy, a.gate, a.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.adaptive_stats x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_adaptive'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.observations o
+  WHERE o.id IN (
+    SELECT x.id FROM dispatch_policy.observations x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'orphaned_observations'; removed := n; RETURN NEXT;
+
+  -- Idle partitions: a full bucket or an empty counter untouched for `idle`
+  -- is the same as no row (a missing bucket starts full, a missing counter at 0).
+  DELETE FROM dispatch_policy.throttle_buckets t
+  WHERE (t.policy, t.gate, t.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND x.refilled_at < prune.now - idle
+      AND dispatch_policy._bucket_tokens(x.tokens, x.rate, x.per_seconds, x.burst, x.refilled_at, prune.now) >= x.burst
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_buckets'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.inflight_counters c
+  WHERE (c.policy, c.gate, c.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND x.in_flight = 0 AND x.updated_at < prune.now - idle
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_counters'; removed := n; RETURN NEXT;
+
+  DELETE FROM dispatch_policy.finished_jobs f
+  WHERE f.status = 'completed' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'completed_jobs'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.finished_jobs f
+  WHERE f.status = 'cancelled' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'cancelled_jobs'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.job_failures jf
+  WHERE jf.failed_at < prune.now - retention AND (prune.policies IS NULL OR jf.policy = ANY (prune.policies))
+    AND NOT EXISTS (SELECT 1 FROM dispatch_policy.finished_jobs f WHERE f.id = jf.job_id AND f.status = 'dead');
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'failures'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.observation_minutes m
+  WHERE m.minute < prune.now - retention AND (prune.policies IS NULL OR m.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'observation_minutes'; removed := n; RETURN NEXT;
+  -- Minute rows: a policy's for retention, a gate partition's for the
+  -- retention or a day, whichever is shorter (there may be one per active
+  -- partition and minute). At most 1,000,000 a call, oldest first (by
+  -- stat_minutes_minute_idx); the next call goes on.
+  DELETE FROM dispatch_policy.stat_minutes m
+  WHERE m.ctid = ANY (ARRAY(
+    SELECT x.ctid FROM dispatch_policy.stat_minutes x
+    WHERE x.minute < prune.now - least(retention, interval '1 day')
+      AND (x.gate <> '' OR x.minute < prune.now - retention)
+      AND (prune.policies IS NULL OR x.policy = ANY (prune.policies))
+    ORDER BY x.minute
+    LIMIT 1000000));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'stat_minutes'; removed := n; RETURN NEXT;
+  IF prune.policies IS NULL THEN
+    -- Pauses that ended, and pauses of gates no longer declared (0017).
+    what := 'partition_pauses'; removed := dispatch_policy._expire_partition_pauses(prune.now); RETURN NEXT;
+    DELETE FROM dispatch_policy.round_robin_cursors r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
+    DELETE FROM dispatch_policy.runner_failures r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
+    -- Counters of policies that are gone and hold nothing any more.
+    DELETE FROM dispatch_policy.policy_counters c
+    WHERE c.pending = 0 AND c.scheduled = 0 AND c.in_flight = 0 AND c.dead = 0
+      AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = c.policy)
+      AND NOT EXISTS (SELECT 1 FROM dispatch_policy.stat_deltas d WHERE d.policy = c.policy);
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.prune(interval, interval, timestamptz, text[]) IS
+  'Maintenance: folds the history deltas (fold_stats, up to 1,000,000 rows; row stat_deltas), then deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), completed and cancelled jobs, failures of non-dead jobs and per-minute aggregates older than retention (0 to 100 years, else 22023), stat_minutes rows older than retention (a gate partition''s: older than retention or a day, whichever is shorter; at most 1,000,000 a call; row stat_minutes), and partition pauses that ended or whose gate is gone (row partition_pauses, only when policies is NULL); only of the given policies when policies is not NULL (the fold is always of every policy). Gate rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';

@@ -272,8 +272,10 @@ public struct AdminServer: Sendable {
         let actions: [String: Any]? = session.signedIn
             ? ["csrf": session.csrf ?? "", "pauseAction": detail.paused ? "resume" : "pause", "pauseLabel": detail.paused ? "Resume" : "Pause"]
             : nil
-        func row(_ partition: AdminStore.PartitionRow) async -> [String: Any] {
-            let spark = (try? await store.minutes(policy: name, gate: partition.gate, partition: partition.partition, since: since)) ?? []
+        let shown = Array(partitions.prefix(pageSize)) + watched
+        let sparks = try await store.minutes(policy: name, partitions: shown.map { ($0.gate, $0.partition) }, since: since)
+        func row(_ partition: AdminStore.PartitionRow) -> [String: Any] {
+            let spark = sparks[partition.gate]?[partition.partition] ?? []
             var values: [String: Any] = [
                 "gate": partition.gate, "gateType": partition.gateType, "partition": partition.partition, "inFlight": partition.inFlight,
                 "cap": Format.number(partition.cap),
@@ -289,9 +291,9 @@ public struct AdminServer: Sendable {
             return values
         }
         var partitionRows: [[String: Any]] = []
-        for partition in partitions.prefix(pageSize) { partitionRows.append(await row(partition)) }
+        for partition in partitions.prefix(pageSize) { partitionRows.append(row(partition)) }
         var watchedRows: [[String: Any]] = []
-        for partition in watched { watchedRows.append(await row(partition)) }
+        for partition in watched { watchedRows.append(row(partition)) }
 
         var values: [String: Any] = [
             "title": name, "name": name, "urlName": Self.path(name), "state": detail.paused ? "paused" : "active",

@@ -175,16 +175,29 @@ public struct AdminStore: Sendable {
         ).map(Self.sample)
     }
 
-    /// One row per minute from `since` for one gate partition (attempts that
+    /// Per-minute rows of many gate partitions in one statement (the
+    /// sparklines of a page), keyed by gate and partition. Attempts that
     /// finished, completed or failed, are not told apart per partition:
-    /// `completed` holds them all).
-    public func minutes(policy: String, gate: String, partition: String, since: Date) async throws -> [MinuteSample] {
-        try await executor.rows(
+    /// `completed` holds them all.
+    public func minutes(policy: String, partitions: [(gate: String, partition: String)], since: Date) async throws
+        -> [String: [String: [MinuteSample]]]
+    {
+        guard !partitions.isEmpty else { return [:] }
+        var result: [String: [String: [MinuteSample]]] = [:]
+        for row in try await executor.rows(
             """
-            SELECT minute, admitted, refused, finished, 0::bigint, avg_lag_ms::float8, p95_lag_ms::float8
-            FROM dispatch_policy.partition_minutes(\(policy), \(gate), \(partition), \(since)) ORDER BY minute
-            """, logger: logger
-        ).map(Self.sample)
+            SELECT k.gate, k.partition, m.minute, m.admitted, m.refused, m.finished, 0::bigint, m.avg_lag_ms::float8, m.p95_lag_ms::float8
+            FROM unnest(\(partitions.map(\.gate))::text[], \(partitions.map(\.partition))::text[]) WITH ORDINALITY AS k(gate, partition, n)
+            CROSS JOIN LATERAL dispatch_policy.partition_minutes(\(policy), k.gate, k.partition, \(since)) m
+            ORDER BY k.n, m.minute
+            """, logger: logger)
+        {
+            let (gate, partition, minute, admitted, refused, completed, failed, avg, p95) =
+                try row.decode((String, String, Date, Int64, Int64, Int64, Int64, Double?, Double?).self)
+            result[gate, default: [:]][partition, default: []].append(
+                MinuteSample(minute: minute, admitted: admitted, refused: refused, completed: completed, failed: failed, avgLagMs: avg, p95LagMs: p95))
+        }
+        return result
     }
 
     static func sample(_ row: PostgresRow) throws -> MinuteSample {

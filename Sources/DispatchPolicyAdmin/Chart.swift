@@ -44,6 +44,8 @@ public enum Chart {
         time.dateFormat = "HH:mm"
         time.timeZone = TimeZone(identifier: "UTC")
         for (index, point) in points.enumerated() {
+            // A sparkline draws (and titles) only the minutes that had something.
+            if !axes && point.completed == 0 && point.failed == 0 && point.avgLagMs == nil { continue }
             let x = left + Double(index) * step
             let doneHeight = plotHeight * Double(point.completed) / Double(maxDone)
             let failHeight = plotHeight * Double(point.failed) / Double(maxDone)

@@ -22,6 +22,7 @@ enum Templates {
         <meta charset="utf-8">
         <meta name="viewport" content="width=device-width, initial-scale=1">
         <title>{{title}} · dispatch-policy</title>
+        <link rel="icon" href="data:,">
         <link rel="stylesheet" href="/assets/admin.css">
         <script src="/assets/admin.js" defer></script>
         </head>
@@ -54,7 +55,7 @@ enum Templates {
         {{> head}}
         <h1>Policies</h1>
         {{^policies}}<p class="empty">No policies declared yet. Declare one with <code>dispatch-policy policy apply FILE</code>.</p>{{/policies}}
-        {{#policies.count}}
+        {{^empty(policies)}}
         <table class="grid">
         <thead><tr><th>Policy</th><th>State</th><th class="n">Pending</th><th class="n">Scheduled</th><th class="n">In flight</th><th class="n">Admitted 24 h</th><th class="n">Completed 24 h</th><th class="n">Failed 24 h</th><th class="n">Failure %</th><th class="n">Dead</th><th class="n">Throughput</th><th class="n">Lag P50 / P95</th><th class="n">Oldest pending</th><th>Headroom</th><th>Pending trend</th></tr></thead>
         <tbody>
@@ -68,18 +69,18 @@ enum Templates {
           <td class="n">{{throughput}}/min</td><td class="n">{{lagP50}} / {{lagP95}}</td><td class="n">{{oldest}}</td>
           <td>{{headroom}}</td><td>{{{trend}}}</td>
         </tr>
-        {{#hints.count}}<tr class="hints"><td></td><td colspan="14"><ul>{{#hints}}<li>{{.}}</li>{{/hints}}</ul></td></tr>{{/hints.count}}
+        {{^empty(hints)}}<tr class="hints"><td></td><td colspan="14"><ul>{{#hints}}<li>{{.}}</li>{{/hints}}</ul></td></tr>{{/empty(hints)}}
         {{/policies}}
         </tbody>
         </table>
-        {{/policies.count}}
+        {{/empty(policies)}}
         {{> foot}}
         """
 
     static let policy = """
         {{> head}}
         <h1>{{name}} <span class="state {{state}}">{{state}}</span></h1>
-        {{#hints.count}}<ul class="hints">{{#hints}}<li>{{.}}</li>{{/hints}}</ul>{{/hints.count}}
+        {{^empty(hints)}}<ul class="hints">{{#hints}}<li>{{.}}</li>{{/hints}}</ul>{{/empty(hints)}}
         {{#actions}}
         <div class="actions">
           <form method="post" action="/actions/{{pauseAction}}"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="policy" value="{{name}}"><button>{{pauseLabel}} policy</button></form>
@@ -93,8 +94,8 @@ enum Templates {
         </section>
         <section>
         <h2>Watched partitions</h2>
-        {{^watched.count}}<p class="empty">None. Press ☆ on a partition to keep it here (stored in this browser and in the page's address).</p>{{/watched.count}}
-        {{#watched.count}}<table class="grid partitions">{{> partitionHead}}<tbody>{{#watched}}{{> partitionRow}}{{/watched}}</tbody></table>{{/watched.count}}
+        {{#empty(watched)}}<p class="empty">None. Press ☆ on a partition to keep it here (stored in this browser and in the page's address).</p>{{/empty(watched)}}
+        {{^empty(watched)}}<table class="grid partitions">{{> partitionHead}}<tbody>{{#watched}}{{> partitionRow}}{{/watched}}</tbody></table>{{/empty(watched)}}
         </section>
         <section>
         <h2>Partitions</h2>
@@ -105,20 +106,20 @@ enum Templates {
           {{#watchParams}}<input type="hidden" name="watch" value="{{.}}">{{/watchParams}}
           <button>Apply</button>
         </form>
-        {{^partitions.count}}<p class="empty">No gate state yet: partitions appear once a job is admitted or refused through a throttle, concurrency or adaptive gate.</p>{{/partitions.count}}
-        {{#partitions.count}}<table class="grid partitions">{{> partitionHead}}<tbody>{{#partitions}}{{> partitionRow}}{{/partitions}}</tbody></table>{{/partitions.count}}
+        {{#empty(partitions)}}<p class="empty">No gate state yet: partitions appear once a job is admitted or refused through a throttle, concurrency or adaptive gate.</p>{{/empty(partitions)}}
+        {{^empty(partitions)}}<table class="grid partitions">{{> partitionHead}}<tbody>{{#partitions}}{{> partitionRow}}{{/partitions}}</tbody></table>{{/empty(partitions)}}
         {{#next}}<p class="pager"><a href="{{next}}">Next page →</a></p>{{/next}}
         </section>
         <section>
         <h2>Lanes with jobs waiting</h2>
         <p class="note">The round-robin fetch rotates over these. A blocked lane takes no batch slot until its gate lets it through.</p>
-        {{^lanes.count}}<p class="empty">No jobs waiting.</p>{{/lanes.count}}
-        {{#lanes.count}}
+        {{#empty(lanes)}}<p class="empty">No jobs waiting.</p>{{/empty(lanes)}}
+        {{^empty(lanes)}}
         <table class="grid"><thead><tr><th>Lane</th><th class="n">Pending</th><th>Blocked</th></tr></thead><tbody>
         {{#lanes}}<tr><td>{{lane}}</td><td class="n">{{pending}}</td><td>{{blocked}}</td></tr>{{/lanes}}
         </tbody></table>
         {{#lanesNext}}<p class="pager"><a href="{{lanesNext}}">More lanes →</a></p>{{/lanesNext}}
-        {{/lanes.count}}
+        {{/empty(lanes)}}
         </section>
         <section>
         <h2>Gates</h2>
@@ -171,10 +172,10 @@ enum Templates {
         </tbody></table></section>
         <section><h2>Timeline</h2><ol class="timeline">{{#timeline}}<li><time>{{at}}</time> {{what}}</li>{{/timeline}}</ol></section>
         <section><h2>Attempts that failed</h2>
-        {{^failures.count}}<p class="empty">None.</p>{{/failures.count}}
-        {{#failures.count}}<table class="grid"><thead><tr><th class="n">Attempt</th><th>At</th><th>Error</th></tr></thead><tbody>
+        {{#empty(failures)}}<p class="empty">None.</p>{{/empty(failures)}}
+        {{^empty(failures)}}<table class="grid"><thead><tr><th class="n">Attempt</th><th>At</th><th>Error</th></tr></thead><tbody>
         {{#failures}}<tr><td class="n">{{attempt}}</td><td>{{at}}</td><td><pre>{{error}}</pre></td></tr>{{/failures}}
-        </tbody></table>{{/failures.count}}</section>
+        </tbody></table>{{/empty(failures)}}</section>
         <section><h2>Args</h2><pre>{{args}}</pre><h2>Context</h2><pre>{{context}}</pre></section>
         {{> foot}}
         """
@@ -182,11 +183,11 @@ enum Templates {
     static let dead = """
         {{> head}}
         <h1>Dead jobs{{#policy}} of {{policy}}{{/policy}}</h1>
-        {{^jobs.count}}<p class="empty">No dead jobs.</p>{{/jobs.count}}
-        {{#jobs.count}}<table class="grid"><thead><tr><th>Job</th><th>Policy</th><th class="n">Attempts</th><th>Died</th><th>Last error</th>{{#actions}}<th></th>{{/actions}}</tr></thead><tbody>
+        {{#empty(jobs)}}<p class="empty">No dead jobs.</p>{{/empty(jobs)}}
+        {{^empty(jobs)}}<table class="grid"><thead><tr><th>Job</th><th>Policy</th><th class="n">Attempts</th><th>Died</th><th>Last error</th>{{#actions}}<th></th>{{/actions}}</tr></thead><tbody>
         {{#jobs}}<tr><td><a href="/jobs/{{id}}">{{id}}</a></td><td>{{policy}}</td><td class="n">{{attempts}}</td><td>{{at}}</td><td class="error">{{error}}</td>
         {{#actions}}<td><form method="post" action="/actions/retry"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{id}}"><button>Retry</button></form></td>{{/actions}}</tr>{{/jobs}}
-        </tbody></table>{{/jobs.count}}
+        </tbody></table>{{/empty(jobs)}}
         {{#next}}<p class="pager"><a href="{{next}}">Older →</a></p>{{/next}}
         {{> foot}}
         """

@@ -61,9 +61,17 @@ struct ActionTests {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", #"{"gates": [{"type": "throttle", "name": "t", "rate": 100, "per": 1, "partition_by": "{tenant}"}]}"#)
             _ = try await stage(conn, "p", #"{"tenant": "a"}"#)
-            try await conn.exec("SELECT dispatch_policy.pause_partition('p', 't', 'a', until => now() + interval '1.5 seconds')")
+            // Until the pause ends, ticks admit nothing (the first comes well
+            // before its end, even on a loaded machine); then one admits it.
+            try await conn.exec("SELECT dispatch_policy.pause_partition('p', 't', 'a', until => now() + interval '5 seconds')")
             #expect(try await tick(conn, "p").admitted == 0)
-            #expect(try await waitUntil(10) { try await tick(conn, "p").admitted == 1 })
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.staged_jobs", as: Int64.self) == 1)
+            var admitted = 0
+            #expect(try await waitUntil(20) {
+                admitted += try await tick(conn, "p").admitted
+                return admitted == 1
+            })
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.paused_partitions_now('p')", as: Int64.self) == 0)
         }
     }
 

@@ -421,6 +421,9 @@ public struct Ticker: Sendable {
                 }
             }
             let takes = decision.takes.sorted { $0.key < $1.key }
+            let refusals = decision.refusedByPartition.sorted { $0.key < $1.key }
+            // The refusals go into the history in the same statement (the
+            // function in FROM runs first; both commit or neither does).
             result.admitted = try await scalar(
                 """
                 SELECT dispatch_policy.tick_finish(
@@ -437,6 +440,9 @@ public struct Ticker: Sendable {
                   \(blocks.map(\.seconds))::float8[], \(blocks.map { $0.releasedBy?.gate ?? "" })::text[],
                   \(blocks.map { $0.releasedBy?.partition ?? "" })::text[], \(blocks.map { $0.inFlight ?? -1 })::integer[],
                   \(grown.map(\.gate))::text[], \(grown.map(\.partition))::text[], \(observationIDs)::bigint[])
+                FROM dispatch_policy._record_refusals(
+                  \(policy), \(now), \(refusals.map(\.key.gate))::text[], \(refusals.map(\.key.partition))::text[],
+                  \(refusals.map(\.value))::integer[])
                 """,
                 as: Int.self, logger: logger)
         }
