@@ -221,6 +221,10 @@ struct AdminTests {
             #expect(text.contains(#"dispatch_policy_in_flight{policy="p"} 2"#))
             #expect(text.contains("dispatch_policy_up 1"))
             #expect(!text.contains("dispatch_policy_partition_"))
+            // The same refusals are in the history, per policy and per partition.
+            #expect(try await conn.scalar("SELECT sum(refused)::int FROM dispatch_policy.policy_minutes('p', now() - interval '5 minutes')", as: Int.self) == 3)
+            #expect(try await conn.scalar(
+                "SELECT sum(refused)::int FROM dispatch_policy.partition_minutes('p', 't', 'a', now() - interval '5 minutes')", as: Int.self) == 3)
 
             var partitionOptions = AdminOptions()
             partitionOptions.partitionMetrics = true
@@ -229,7 +233,10 @@ struct AdminTests {
             let withPartitions = try await Application(router: server.router()).test(.router) { client in
                 try await client.execute(uri: "/metrics", method: .get) { html($0) }
             }
-            #expect(withPartitions.contains(#"dispatch_policy_partition_tokens{policy="p",gate="t",partition="a"} 0"#))
+            // 2 tokens taken, refilling at 2 an hour: nearly none left.
+            let tokens = withPartitions.components(separatedBy: #"dispatch_policy_partition_tokens{policy="p",gate="t",partition="a"} "#)
+                .dropFirst().first?.components(separatedBy: "\n").first.flatMap(Double.init)
+            #expect(tokens.map { $0 >= 0 && $0 < 0.1 } == true, "\(withPartitions)")
         }
     }
 
