@@ -674,7 +674,9 @@ struct Tick: AsyncParsableCommand {
                 options.once = true
             }
             let settings = try ConnectionSettings.resolve(url: connection.databaseURL)
-            let report = try await TickRunner(connection: settings, options: options, logger: logger).runLoop()
+            let report = try await ProcessTracing.around(logger: logger) { [options] in
+                try await TickRunner(connection: settings, options: options, logger: logger).runLoop()
+            }
             if report.policies.isEmpty {
                 print("nothing to admit")
             }
@@ -740,6 +742,9 @@ struct Run: AsyncParsableCommand {
                                              registry: ProcessMetrics.registry, logger: logger)
                 services.append(.init(service: client))
                 services.append(.init(service: try httpService(router: server.metricsRouter(), bind: metrics, flag: "--metrics", logger: logger)))
+            }
+            if let tracing = try ProcessTracing.makeService() {
+                services.append(.init(service: tracing))
             }
             let service = TickRunner(connection: settings, options: options, logger: logger)
             services.append(.init(service: service))

@@ -61,11 +61,13 @@ struct ActionTests {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", #"{"gates": [{"type": "throttle", "name": "t", "rate": 100, "per": 1, "partition_by": "{tenant}"}]}"#)
             _ = try await stage(conn, "p", #"{"tenant": "a"}"#)
-            // Until the pause ends, ticks admit nothing (the first comes well
-            // before its end, even on a loaded machine); then one admits it.
-            try await conn.exec("SELECT dispatch_policy.pause_partition('p', 't', 'a', until => now() + interval '5 seconds')")
+            // While the pause lasts, ticks admit nothing; pausing again with a
+            // near end replaces it (no timing to win on a loaded machine);
+            // once that end passes, a tick admits the job by itself.
+            try await conn.exec("SELECT dispatch_policy.pause_partition('p', 't', 'a', until => now() + interval '1 hour')")
             #expect(try await tick(conn, "p").admitted == 0)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.staged_jobs", as: Int64.self) == 1)
+            try await conn.exec("SELECT dispatch_policy.pause_partition('p', 't', 'a', until => now() + interval '1 second')")
             var admitted = 0
             #expect(try await waitUntil(20) {
                 admitted += try await tick(conn, "p").admitted

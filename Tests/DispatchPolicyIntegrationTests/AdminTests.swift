@@ -7,6 +7,7 @@ import Logging
 import Metrics
 import PostgresNIO
 import Prometheus
+import Synchronization
 import Testing
 
 #if canImport(FoundationNetworking)
@@ -321,5 +322,64 @@ struct AdminBrowserTests {
         #expect(result.stdout.contains("all browser checks passed"))
         kill(admin.pid, SIGTERM)
         #expect(await admin.wait() == .exited(0))
+    }
+}
+
+/// What an OTLP/HTTP collector received.
+private final class Received: Sendable {
+    private let bodies = Mutex<[(path: String, body: [UInt8])]>([])
+    func add(_ path: String, _ body: [UInt8]) { bodies.withLock { $0.append((path, body)) } }
+    var all: [(path: String, body: [UInt8])] { bodies.withLock { $0 } }
+}
+
+@Suite("Traces over OTLP", .timeLimit(.minutes(5)))
+struct TracingTests {
+    @Test("with an OTLP endpoint set, tick exports a span per tick (policy, admitted); without one it sends nothing")
+    func ticksAreTraced() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await declare(conn, "traced", #"{"gates": [{"type": "global_cap", "max": 10}]}"#)
+            for _ in 0..<3 { _ = try await stage(conn, "traced", "{}") }
+        }
+        let received = Received()
+        let router = Router()
+        router.post("/v1/traces") { request, _ -> Response in
+            let body = try await request.body.collect(upTo: 10 << 20)
+            received.add(request.uri.path, Array(buffer: body))
+            return Response(status: .ok)
+        }
+        try await Application(router: router).test(.live) { client in
+            let port = try #require(client.port)
+            var environment = ProcessInfo.processInfo.environment
+            environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+            environment.removeValue(forKey: "OTEL_EXPORTER_OTLP_ENDPOINT")
+            environment.removeValue(forKey: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            // No endpoint: nothing is sent.
+            let plain = try await runProcess(cliPath, ["tick", "--once"], environment: environment)
+            #expect(plain.status == 0, "\(plain.stderr)")
+            #expect(received.all.isEmpty)
+
+            try await TestServer.withConnection(settings) { conn async throws in
+                for _ in 0..<2 { _ = try await stage(conn, "traced", "{}") }
+            }
+            environment["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:\(port)"
+            let traced = try await runProcess(cliPath, ["tick", "--once"], environment: environment)
+            #expect(traced.status == 0, "\(traced.stderr)")
+            #expect(traced.stdout.contains("admitted 2"))
+            let exports = received.all
+            #expect(exports.count >= 1)
+            #expect(exports.allSatisfy { $0.path == "/v1/traces" })
+            let bytes = exports.flatMap(\.body)
+            func has(_ text: String) -> Bool {
+                let needle = Array(text.utf8)
+                return bytes.indices.contains { start in
+                    start + needle.count <= bytes.count && Array(bytes[start..<start + needle.count]) == needle
+                }
+            }
+            #expect(has("dispatch_policy.tick"))
+            #expect(has("dispatch_policy.policy") && has("traced"))
+            #expect(has("dispatch_policy.admitted"))
+            #expect(has("dispatch-policy"), "the service name")
+        }
     }
 }

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import PostgresNIO
 import ServiceLifecycle
+import Tracing
 
 /// How a ``TickRunner`` loops.
 public struct TickRunnerOptions: Sendable {
@@ -279,8 +280,17 @@ public struct TickRunner: Service {
                     let policy = work.name
                     if let state = failing[policy], ContinuousClock.now < state.retryAt { continue }
                     do {
-                        let result = try await db.run("the tick of policy \(policy)", timeout: options.tickCallTimeout, until: hardDeadline) { conn in
-                            try await Ticker(connection: conn, settings: settings, logger: logger).tick(policy: policy, reap: work.expiredLeases)
+                        // A span per tick (a no-op unless the application bootstrapped a tracer).
+                        let result = try await withSpan("dispatch_policy.tick", ofKind: .internal) { span in
+                            span.attributes["dispatch_policy.policy"] = policy
+                            let result = try await db.run("the tick of policy \(policy)", timeout: options.tickCallTimeout, until: hardDeadline) { conn in
+                                try await Ticker(connection: conn, settings: settings, logger: logger).tick(policy: policy, reap: work.expiredLeases)
+                            }
+                            span.attributes["dispatch_policy.outcome"] = result.outcome.rawValue
+                            span.attributes["dispatch_policy.fetched"] = result.fetched
+                            span.attributes["dispatch_policy.admitted"] = result.admitted
+                            span.attributes["dispatch_policy.refused"] = result.refusedByGate.values.reduce(0, +)
+                            return result
                         }
                         summaries[policy, default: PolicySummary(policy: policy)].add(result)
                         options.metrics.record(result)

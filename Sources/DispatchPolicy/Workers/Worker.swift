@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import PostgresNIO
 import ServiceLifecycle
+import Tracing
 
 /// A claimed job, as a handler sees it.
 public struct Job: Sendable, Equatable {
@@ -274,7 +275,15 @@ public struct Worker: Service {
         let outcome: Outcome = await withTaskGroup(of: Outcome?.self) { group in
             group.addTask {
                 do {
-                    try await handler(job)
+                    // A span per attempt (a no-op unless a tracer is bootstrapped);
+                    // an error thrown by the handler is recorded on it.
+                    try await withSpan("dispatch_policy.job", ofKind: .consumer) { span in
+                        span.attributes["dispatch_policy.policy"] = job.policy
+                        span.attributes["dispatch_policy.queue"] = job.queue
+                        span.attributes["dispatch_policy.job.id"] = Int(job.id)
+                        span.attributes["dispatch_policy.job.attempt"] = job.attempt
+                        try await handler(job)
+                    }
                     return .finished(.success(()))
                 } catch {
                     return .finished(.failure(error))
