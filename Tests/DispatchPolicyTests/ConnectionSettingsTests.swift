@@ -14,6 +14,24 @@ struct ConnectionSettingsTests {
         #expect(s.description == "postgres://app@db.example:6543/jobs")
     }
 
+    @Test("an IPv6 literal host, as psql takes it: the address without its brackets, printed back with them")
+    func ipv6() throws {
+        let s = try ConnectionSettings(url: "postgres://u@[::1]:5433/db")
+        #expect(s.endpoint == .tcp(host: "::1", port: 5433))
+        #expect(s.description == "postgres://u@[::1]:5433/db")
+        #expect(try ConnectionSettings(url: s.description).endpoint == s.endpoint)
+    }
+
+    @Test("an error about a URL never prints its password, whether or not the URL parses")
+    func redactionOfUnparsable() {
+        for url in ["postgres://app:hunter2@[db.example/jobs", "mysql://app:hunter2@db/jobs?password=hunter2",
+                    "not a url at all password=hunter2", "mysql://app:hun ter2@db/x"] {
+            let error = #expect(throws: DispatchPolicyError.self) { try ConnectionSettings(url: url) }
+            #expect(error.map { !$0.description.contains("hunter2") && !$0.description.contains("hun ter2") } == true, "\(url): \(String(describing: error))")
+        }
+        #expect(ConnectionSettingsRedaction.of("postgres://app:hunter2@[db.example/jobs") == "postgres://app:***@(not shown)")
+    }
+
     @Test("postgresql:// and a Unix socket directory in ?host=")
     func socketURL() throws {
         let s = try ConnectionSettings(url: "postgresql://postgres@/postgres?host=/tmp/pg-dir&port=5433")

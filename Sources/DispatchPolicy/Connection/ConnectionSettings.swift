@@ -67,7 +67,9 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         let path = components.percentEncodedPath.removingPercentEncoding ?? components.path
         let database = path.hasPrefix("/") ? String(path.dropFirst()) : path
         try self.init(parts: Parts(
-            host: query["host"] ?? components.percentEncodedHost.flatMap { $0.isEmpty ? nil : ($0.removingPercentEncoding ?? $0) } ?? environment["PGHOST"],
+            // An IPv6 literal is written in brackets ([::1]); the address is what is inside.
+            host: query["host"] ?? components.percentEncodedHost.flatMap { $0.isEmpty ? nil : Self.unbracketed($0.removingPercentEncoding ?? $0) }
+                ?? environment["PGHOST"],
             // A port URLComponents cannot hold (beyond Int) is kept as text, to be refused.
             port: query["port"] ?? components.port.map(String.init) ?? components.rangeOfPort.map { String(url[$0]) }
                 ?? environment["PGPORT"],
@@ -76,6 +78,10 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
             database: query["dbname"] ?? (database.isEmpty ? nil : database) ?? environment["PGDATABASE"],
             sslmode: query["sslmode"] ?? environment["PGSSLMODE"]
         ), environment: environment)
+    }
+
+    static func unbracketed(_ host: String) -> String {
+        host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
     }
 
     private struct Parts {
@@ -202,7 +208,7 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         let db = database.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? database
         switch endpoint {
         case .tcp(let host, let port):
-            return "postgres://\(user)@\(host):\(port)/\(db)"
+            return "postgres://\(user)@\(host.contains(":") ? "[\(host)]" : host):\(port)/\(db)"
         case .unixSocket(let path):
             var dir = path
             var port = "5432"
@@ -214,9 +220,29 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
-    private static func redact(_ url: String) -> String {
-        guard var components = URLComponents(string: url), components.password != nil else { return url }
-        components.password = "***"
-        return components.string ?? "(unparsable URL)"
+    /// The URL with any password shown as `***`: the one in the user
+    /// information and a `password=` parameter. A string that is not a URL
+    /// keeps only what comes before a `:` in the user information.
+    static func redact(_ url: String) -> String { ConnectionSettingsRedaction.of(url) }
+}
+
+/// How an error shows a database URL: its password never.
+public enum ConnectionSettingsRedaction {
+    /// The URL with any password shown as `***`.
+    public static func of(_ url: String) -> String {
+        guard var components = URLComponents(string: url), components.scheme != nil else {
+            guard let schemeEnd = url.range(of: "://") else { return "(not shown: it is not a URL)" }
+            let rest = url[schemeEnd.upperBound...]
+            guard let at = rest.lastIndex(of: "@") else {
+                return url.contains("password") ? "(not shown: it cannot be parsed and may hold a password)" : url
+            }
+            let user = rest[..<at].prefix { $0 != ":" }
+            return String(url[..<schemeEnd.upperBound]) + user + (rest[..<at].contains(":") ? ":***" : "") + "@(not shown)"
+        }
+        if components.password != nil { components.password = "***" }
+        if let items = components.queryItems, items.contains(where: { $0.name == "password" }) {
+            components.queryItems = items.map { $0.name == "password" ? URLQueryItem(name: "password", value: "***") : $0 }
+        }
+        return components.string ?? "(not shown: it cannot be printed)"
     }
 }
