@@ -57,10 +57,12 @@ $$;
 COMMENT ON FUNCTION dispatch_policy.tick_state(text, timestamptz, text[], text[], double precision[], double precision[], double precision[], text[], text[], text[], text[], integer[]) IS
   'The second call of a tick: the gate state of a batch''s partitions in one call, from parallel arrays. Buckets are refilled (refill_buckets: created full, locked, returned as kind bucket with tokens); counters are read without locking (kind counter, in_flight; 0 for a missing one: only admission raises a counter, and it locks); adaptive state as read_adaptive (kind adaptive); partitions among them paused by pause_partition, while the pause lasts (kind paused, gate and partition only): the tick refuses their jobs.';
 
--- prune as in 0016, and what the actions of 0017 leave behind: cancelled
--- jobs past the retention (as completed ones; row cancelled_jobs) and
--- partition pauses that ended or whose gate is gone (row partition_pauses,
--- when no policies are named).
+-- prune: history first (0016: fold the deltas, row stat_deltas; trim the
+-- minute rows, row stat_minutes, a gate partition's after a day at most, at
+-- most 1,000,000 a call), then what the actions of 0017 leave behind:
+-- cancelled jobs past the retention (as completed ones; row cancelled_jobs)
+-- and partition pauses that ended or whose gate is gone (row
+-- partition_pauses, when no policies are named).
 CREATE OR REPLACE FUNCTION dispatch_policy.prune(
   retention interval DEFAULT '7 days', idle interval DEFAULT '1 hour', now timestamptz DEFAULT now(), policies text[] DEFAULT NULL
 )
