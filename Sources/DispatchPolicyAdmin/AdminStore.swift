@@ -360,10 +360,16 @@ public struct AdminStore: Sendable {
         return try await executor.rows(
             """
             SELECT l.lane,
-                   (SELECT count(*) FROM (SELECT 1 FROM dispatch_policy.staged_jobs s
-                      WHERE s.policy = l.policy AND s.not_before IS NULL
-                        AND s.round_robin_key IS NOT DISTINCT FROM l.lane
-                      LIMIT \(Self.laneCountCap + 1)) x)::bigint,
+                   -- Each through its lane's index (IS NOT DISTINCT FROM would use none).
+                   CASE WHEN l.lane IS NULL THEN
+                     (SELECT count(*) FROM (SELECT 1 FROM dispatch_policy.staged_jobs s
+                        WHERE s.policy = l.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+                        LIMIT \(Self.laneCountCap + 1)) x)
+                   ELSE
+                     (SELECT count(*) FROM (SELECT 1 FROM dispatch_policy.staged_jobs s
+                        WHERE s.policy = l.policy AND s.not_before IS NULL AND s.round_robin_key = l.lane
+                        LIMIT \(Self.laneCountCap + 1)) x)
+                   END::bigint,
                    CASE WHEN l.blocked_until > now() THEN l.blocked_until END, l.blocked_gate, l.blocked_partition
             FROM dispatch_policy.lanes l
             WHERE l.policy = \(policy)

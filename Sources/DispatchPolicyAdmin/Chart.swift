@@ -40,9 +40,6 @@ public enum Chart {
         let maxLag = max(lags.max() ?? 0, 1)
         let step = plotWidth / Double(points.count)
         let barWidth = max(step - 1, 1)
-        let time = DateFormatter()
-        time.dateFormat = "HH:mm"
-        time.timeZone = TimeZone(identifier: "UTC")
         for (index, point) in points.enumerated() {
             // A sparkline draws (and titles) only the minutes that had something.
             if !axes && point.completed == 0 && point.failed == 0 && point.avgLagMs == nil { continue }
@@ -50,7 +47,7 @@ public enum Chart {
             let doneHeight = plotHeight * Double(point.completed) / Double(maxDone)
             let failHeight = plotHeight * Double(point.failed) / Double(maxDone)
             let lagText = point.avgLagMs.map { Format.milliseconds($0) } ?? "no lag samples"
-            let tip = "\(time.string(from: point.minute)) UTC: \(point.completed) completed, \(point.failed) failed, average lag \(lagText)"
+            let tip = "\(hhmm(point.minute)) UTC: \(point.completed) completed, \(point.failed) failed, average lag \(lagText)"
             out += "<g><title>\(HTML.escape(tip))</title>"
             out += "<rect class=\"hit\" x=\(q(x)) y=\(q(top)) width=\(q(step)) height=\(q(plotHeight))/>"
             if point.completed > 0 {
@@ -82,14 +79,26 @@ public enum Chart {
             out += "<text class=\"axis\" x=\"\(f(left - 4))\" y=\"\(f(top + plotHeight))\" text-anchor=\"end\">0</text>"
             out += "<text class=\"axis lag-axis\" x=\"\(f(left + plotWidth + 4))\" y=\"\(f(top + 10))\">\(HTML.escape(Format.milliseconds(maxLag)))</text>"
             if let first = points.first, let last = points.last {
-                out += "<text class=\"axis\" x=\"\(f(left))\" y=\"\(height - 4)\">\(time.string(from: first.minute))</text>"
-                out += "<text class=\"axis\" x=\"\(f(left + plotWidth))\" y=\"\(height - 4)\" text-anchor=\"end\">\(time.string(from: last.minute)) UTC</text>"
+                out += "<text class=\"axis\" x=\"\(f(left))\" y=\"\(height - 4)\">\(hhmm(first.minute))</text>"
+                out += "<text class=\"axis\" x=\"\(f(left + plotWidth))\" y=\"\(height - 4)\" text-anchor=\"end\">\(hhmm(last.minute)) UTC</text>"
             }
         }
         return out + "</svg>"
     }
 
-    private static func f(_ value: Double) -> String { String(format: "%.1f", value) }
+    /// One decimal, without a formatter (this runs for every bar of every sparkline).
+    private static func f(_ value: Double) -> String {
+        guard value.isFinite else { return "0" }
+        let tenths = Int((value * 10).rounded())
+        return "\(tenths < 0 ? "-" : "")\(abs(tenths) / 10).\(abs(tenths) % 10)"
+    }
+
+    /// The UTC hour and minute of a date, as HH:mm.
+    static func hhmm(_ date: Date) -> String {
+        let minutes = Int((date.timeIntervalSince1970 / 60).rounded(.down)) % 1440
+        let m = minutes < 0 ? minutes + 1440 : minutes
+        return (m / 60 < 10 ? "0" : "") + "\(m / 60):" + (m % 60 < 10 ? "0" : "") + "\(m % 60)"
+    }
     private static func q(_ value: Double) -> String { "\"\(f(value))\"" }
 }
 
