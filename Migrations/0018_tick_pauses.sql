@@ -177,3 +177,23 @@ END
 $$;
 COMMENT ON FUNCTION dispatch_policy.prune(interval, interval, timestamptz, text[]) IS
   'Maintenance: folds the history deltas (fold_stats, up to 1,000,000 rows; row stat_deltas), then deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), completed and cancelled jobs, failures of non-dead jobs and per-minute aggregates older than retention (0 to 100 years, else 22023), stat_minutes rows older than retention (a gate partition''s: older than retention or a day, whichever is shorter; at most 1,000,000 a call; row stat_minutes), and partition pauses that ended or whose gate is gone (row partition_pauses, only when policies is NULL); only of the given policies when policies is not NULL (the fold is always of every policy). Gate rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';
+
+-- A pause belongs to its gate: a config that no longer has that gate (or no
+-- longer partitions it) ends the pause, so declaring the gate again later
+-- does not silently bring back a pause nobody sees (found by a hostile pass).
+CREATE FUNCTION dispatch_policy._end_pauses_of_removed_gates()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+BEGIN
+  DELETE FROM dispatch_policy.paused_partitions pp
+  WHERE pp.policy = NEW.name AND dispatch_policy._partitioned_gate(NEW.config, pp.gate) IS NULL;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._end_pauses_of_removed_gates() IS
+  'Internal trigger: when a policy''s config changes, deletes its partition pauses of gates the new config does not have (or does not partition).';
+CREATE TRIGGER policies_end_pauses
+  AFTER UPDATE OF config ON dispatch_policy.policies
+  FOR EACH ROW WHEN (OLD.config IS DISTINCT FROM NEW.config)
+  EXECUTE FUNCTION dispatch_policy._end_pauses_of_removed_gates();

@@ -34,6 +34,7 @@ public struct AdminServer: Sendable {
     public let registry: PrometheusCollectorRegistry
     let auth: AdminAuth
     let templates: MustacheLibrary
+    let exported = ExportedGauges()
     let logger: Logger
 
     public init(store: AdminStore, options: AdminOptions, registry: PrometheusCollectorRegistry, logger: Logger) throws {
@@ -54,7 +55,7 @@ public struct AdminServer: Sendable {
             return try await self.page(request) { session in try await self.policy(name, request: request, session: session) }
         }
         router.get("/jobs") { request, _ -> Response in
-            guard let text = request.uri.queryParameters.get("id"), let id = Int64(text.trimmingCharacters(in: .whitespaces)) else {
+            guard let text = Self.query(request).value("id"), let id = Int64(text.trimmingCharacters(in: .whitespaces)) else {
                 return Self.redirect("/", flashError: "A job id is a whole number.")
             }
             return Self.redirect("/jobs/\(id)")
@@ -141,10 +142,10 @@ public struct AdminServer: Sendable {
 
     func session(_ request: Request) -> Session {
         let signedIn = auth.acceptsSession(request.cookies[AdminAuth.sessionCookie]?.value)
-        let query = request.uri.queryParameters
+        let query = Self.query(request)
         return Session(
             signedIn: signedIn, canSignIn: auth.actionsEnabled && !signedIn, csrf: signedIn ? auth.csrfValue : nil,
-            flash: query.get("flash").map { String($0.prefix(300)) }, flashError: query.get("error").map { String($0.prefix(300)) })
+            flash: query.value("flash").map { String($0.prefix(300)) }, flashError: query.value("error").map { String($0.prefix(300)) })
     }
 
     func page(_ request: Request, _ build: (Session) async throws -> (String, [String: Any])) async throws -> Response {
@@ -172,6 +173,12 @@ public struct AdminServer: Sendable {
         let html = templates.render(values, withTemplate: template) ?? "template \(template) missing"
         return Response(status: status, headers: [.contentType: "text/html; charset=utf-8", .cacheControl: "no-store"],
                         body: .init(byteBuffer: ByteBuffer(string: html)))
+    }
+
+    /// The query string, decoded as a browser's form encodes it ('+' is a
+    /// space); a query that cannot be decoded counts as none.
+    static func query(_ request: Request) -> FormFields {
+        request.uri.query.flatMap { FormFields($0) } ?? FormFields("")!
     }
 
     static func asset(_ text: String, type: String) -> Response {
@@ -250,12 +257,12 @@ public struct AdminServer: Sendable {
 
     func policy(_ name: String, request: Request, session: Session) async throws -> (String, [String: Any]) {
         guard let detail = try await store.policy(name) else { throw PageError(.notFound, "No policy named \(name).") }
-        let query = request.uri.queryParameters
-        let search = query.get("q").map { String($0.prefix(200)) }
-        let onlyBusy = query.get("busy") == "1"
-        let sort = query.get("sort").flatMap(AdminStore.PartitionSort.init(rawValue:)) ?? .partition
-        let after = query.get("after").flatMap { AdminStore.PartitionCursor(token: $0) }
-        let watch = Array(query.getAll("watch").map { String($0.prefix(1024)) }.prefix(50))
+        let query = Self.query(request)
+        let search = query.value("q").map { String($0.prefix(200)) }
+        let onlyBusy = query.value("busy") == "1"
+        let sort = query.value("sort").flatMap(AdminStore.PartitionSort.init(rawValue:)) ?? .partition
+        let after = query.value("after").flatMap { AdminStore.PartitionCursor(token: $0) }
+        let watch = Array(query.values("watch").map { String($0.prefix(1024)) }.prefix(50))
         let since = Date().addingTimeInterval(-3600)
         let pageSize = options.pageSize
 
@@ -266,7 +273,7 @@ public struct AdminServer: Sendable {
             policy: name, search: search, sort: sort, after: after, onlyBusy: onlyBusy, limit: pageSize + 1)
         let watched = watch.isEmpty ? [] : try await store.partitions(
             policy: name, search: nil, after: nil, onlyBusy: false, only: watch, limit: 200)
-        let laneAfter = query.get("lane_after").map { String($0.prefix(1024)) }
+        let laneAfter = query.value("lane_after").map { String($0.prefix(1024)) }
         let lanes = try await store.lanes(policy: name, search: nil, after: laneAfter, limit: pageSize + 1)
 
         let actions: [String: Any]? = session.signedIn
@@ -363,10 +370,10 @@ public struct AdminServer: Sendable {
     }
 
     func dead(_ request: Request, session: Session) async throws -> (String, [String: Any]) {
-        let query = request.uri.queryParameters
-        let policy = query.get("policy").map { String($0) }.flatMap { $0.isEmpty ? nil : $0 }
+        let query = Self.query(request)
+        let policy = query.value("policy").flatMap { $0.isEmpty ? nil : $0 }
         var before: (Date, Int64)?
-        if let text = query.get("before") {
+        if let text = query.value("before") {
             let parts = text.split(separator: "_")
             if parts.count == 2, let micros = Int64(parts[0]), let id = Int64(parts[1]) {
                 before = (Date(timeIntervalSince1970: Double(micros) / 1e6), id)
@@ -396,14 +403,14 @@ public struct AdminServer: Sendable {
 
     static let maximumFormBytes = 16 * 1024
 
+    /// The fields of a form body (application/x-www-form-urlencoded); a
+    /// body that is not one gives a 400, never a crash.
     func form(_ request: Request) async throws -> [String: String] {
         let body = try await request.body.collect(upTo: Self.maximumFormBytes)
-        let text = String(buffer: body)
-        var components = URLComponents()
-        components.percentEncodedQuery = text.replacingOccurrences(of: "+", with: "%20")
-        var fields: [String: String] = [:]
-        for item in components.queryItems ?? [] where fields[item.name] == nil { fields[item.name] = item.value ?? "" }
-        return fields
+        guard let fields = FormFields(String(buffer: body)) else {
+            throw HTTPError(.badRequest, message: "The body is not a form (application/x-www-form-urlencoded).")
+        }
+        return fields.first
     }
 
     func login(_ request: Request) async throws -> Response {
@@ -433,8 +440,9 @@ public struct AdminServer: Sendable {
     /// Whether the request may act: the bearer token (scripts), or the
     /// session cookie with the CSRF field (browsers).
     func mayAct(_ request: Request, fields: [String: String]) -> Bool {
-        if let header = request.headers[.authorization], header.hasPrefix("Bearer ") {
-            return auth.accepts(token: String(header.dropFirst("Bearer ".count)))
+        // The scheme is case-insensitive (RFC 9110); the token is what follows its spaces.
+        if let header = request.headers[.authorization], header.lowercased().hasPrefix("bearer ") {
+            return auth.accepts(token: header.dropFirst("bearer ".count).trimmingCharacters(in: .whitespaces))
         }
         return auth.acceptsSession(request.cookies[AdminAuth.sessionCookie]?.value) && auth.acceptsCSRF(fields["csrf"])
     }
@@ -474,7 +482,7 @@ public struct AdminServer: Sendable {
     /// per-partition ones when enabled). A database that does not answer
     /// gives `dispatch_policy_up 0` and the process's own series.
     func metrics() async -> Response {
-        await PolicyGauges(store: store, registry: registry, options: options, logger: logger).update()
+        await PolicyGauges(store: store, registry: registry, options: options, exported: exported, logger: logger).update()
         return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
                         body: .init(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
     }
@@ -495,4 +503,36 @@ struct SecurityHeaders<Context: RequestContext>: RouterMiddleware {
         response.headers[Self.frameOptions] = "DENY"
         return response
     }
+}
+
+/// Fields of an application/x-www-form-urlencoded text (a form body or a
+/// query string): '&'-separated `name=value` pairs, '+' for a space,
+/// percent-escapes for the rest. nil when an escape does not decode to
+/// UTF-8. NUL characters are dropped (PostgreSQL text cannot hold them).
+public struct FormFields: Sendable {
+    public let pairs: [(name: String, value: String)]
+
+    public init?(_ text: String) {
+        var pairs: [(String, String)] = []
+        for part in text.split(separator: "&", omittingEmptySubsequences: true) {
+            let pieces = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            guard let name = Self.decode(pieces[0]), let value = Self.decode(pieces.count > 1 ? pieces[1] : "") else { return nil }
+            pairs.append((name, value))
+        }
+        self.pairs = pairs
+    }
+
+    static func decode(_ text: Substring) -> String? {
+        text.replacingOccurrences(of: "+", with: " ").removingPercentEncoding?.replacingOccurrences(of: "\u{0}", with: "")
+    }
+
+    /// The first value of each name.
+    public var first: [String: String] {
+        var fields: [String: String] = [:]
+        for (name, value) in pairs where fields[name] == nil { fields[name] = value }
+        return fields
+    }
+
+    public func value(_ name: String) -> String? { pairs.first { $0.name == name }?.value }
+    public func values(_ name: String) -> [String] { pairs.filter { $0.name == name }.map(\.value) }
 }

@@ -283,7 +283,8 @@ public struct AdminStore: Sendable {
             while base64.count % 4 != 0 { base64 += "=" }
             guard base64.count <= 4096, let data = Data(base64Encoded: base64), let text = String(data: data, encoding: .utf8) else { return nil }
             let parts = text.split(separator: "\u{1F}", maxSplits: 2, omittingEmptySubsequences: false)
-            guard parts.count == 3, let inFlight = Int64(parts[0]) else { return nil }
+            // in_flight is an integer column: a forged cursor beyond it is no cursor.
+            guard parts.count == 3, let inFlight = Int64(parts[0]), (0...Int64(Int32.max)).contains(inFlight) else { return nil }
             self.init(gate: String(parts[1]), partition: String(parts[2]), inFlight: inFlight)
         }
     }

@@ -402,6 +402,8 @@ struct Status: AsyncParsableCommand {
                 } else {
                     print(text + (watch ? "\n" : ""))
                 }
+                // A frame at a time, also on a pipe (block-buffered otherwise).
+                fflush(nil)  // every output stream: stdout is not concurrency-safe to name
                 if watch { try await Task.sleep(for: pause) }
             } while watch
         }

@@ -77,6 +77,20 @@ struct ActionTests {
         }
     }
 
+    @Test("a pause ends with its gate: declaring the gate again later does not bring it back")
+    func pauseEndsWithItsGate() async throws {
+        try await withTestDatabase { conn, _ in
+            let withGate = #"{"gates": [{"type": "throttle", "name": "t", "rate": 100, "per": 1, "partition_by": "{tenant}"}]}"#
+            try await declare(conn, "p", withGate)
+            try await conn.exec("SELECT dispatch_policy.pause_partition('p', 't', 'a')")
+            try await declare(conn, "p", #"{"gates": [{"type": "global_cap", "max": 10}]}"#)
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.paused_partitions", as: Int64.self) == 0)
+            try await declare(conn, "p", withGate)
+            _ = try await stage(conn, "p", #"{"tenant": "a"}"#)
+            #expect(try await tick(conn, "p").admitted == 1)
+        }
+    }
+
     @Test("cancel and drain finish staged jobs as cancelled and free their dedupe keys; retry stages a dead job again under the same id")
     func cancelDrainRetry() async throws {
         try await withTestDatabase { conn, _ in

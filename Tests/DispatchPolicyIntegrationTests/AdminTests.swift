@@ -92,6 +92,9 @@ struct AdminTests {
                 #expect(second.contains(#"data-partition="b""#) || second.contains(#"data-partition="c""#))
                 // Search, and the watched list from the address.
                 let searched = try await client.execute(uri: "/policies/hooks?q=scr", method: .get) { html($0) }
+                // A browser's form sends a space as '+'.
+                let spaced = try await client.execute(uri: "/policies/hooks?q=ipt%3Ealert%28%22x%22%29%3C%2Fscr", method: .get) { html($0) }
+                #expect(spaced.components(separatedBy: "<button class=\"watch\"").count - 1 == 1)
                 #expect(searched.components(separatedBy: "<button class=\"watch\"").count - 1 == 1)
                 let watched = try await client.execute(uri: "/policies/hooks?watch=c", method: .get) { html($0) }
                 #expect(watched.contains("Watched partitions") && !watched.contains("None. Press"))
@@ -197,6 +200,21 @@ struct AdminTests {
                 try await client.execute(uri: "/actions/nonsense", method: .post, headers: session, body: form([("csrf", csrf)])) {
                     #expect($0.headers[.location]?.contains("error=") == true)
                 }
+                // A body that is not a form is a 400, signed in or not, and the admin lives on.
+                for body in ["csrf=%", "token=%zz", "{\"policy\": \"p\"}%"] {
+                    try await client.execute(uri: "/logout", method: .post, headers: formHeaders, body: ByteBuffer(string: body)) {
+                        #expect($0.status == .badRequest, "\(body)")
+                    }
+                    try await client.execute(uri: "/actions/pause", method: .post, headers: bearer, body: ByteBuffer(string: body)) {
+                        #expect($0.status == .badRequest, "\(body)")
+                    }
+                }
+                // The scheme of the Authorization header is case-insensitive.
+                var lower = formHeaders
+                lower[.authorization] = "bearer  \(token)"
+                try await client.execute(uri: "/actions/resume", method: .post, headers: lower, body: form([("policy", "p")])) {
+                    #expect($0.status == .seeOther)
+                }
             }
         }
     }
@@ -234,6 +252,17 @@ struct AdminTests {
             let withPartitions = try await Application(router: server.router()).test(.router) { client in
                 try await client.execute(uri: "/metrics", method: .get) { html($0) }
             }
+            // A policy that is gone is no longer exported (nor its partitions).
+            try await conn.exec("DELETE FROM dispatch_policy.staged_jobs")
+            try await conn.exec("DELETE FROM dispatch_policy.admitted_jobs")
+            try await conn.exec("DELETE FROM dispatch_policy.throttle_buckets")
+            try await conn.exec("DELETE FROM dispatch_policy.policies")
+            let after = try await Application(router: server.router()).test(.router) { client in
+                try await client.execute(uri: "/metrics", method: .get) { html($0) }
+            }
+            #expect(!after.contains(#"policy="p""#) || after.contains("dispatch_policy_admitted_total"), "\(after)")
+            #expect(!after.contains(#"dispatch_policy_pending{policy="p"}"#))
+            #expect(!after.contains("dispatch_policy_partition_tokens"))
             // 2 tokens taken, refilling at 2 an hour: nearly none left.
             let tokens = withPartitions.components(separatedBy: #"dispatch_policy_partition_tokens{policy="p",gate="t",partition="a"} "#)
                 .dropFirst().first?.components(separatedBy: "\n").first.flatMap(Double.init)
@@ -292,20 +321,17 @@ struct AdminTests {
 /// Debian's chromium through Playwright (scripts/test installs both).
 @Suite("Admin in a browser", .timeLimit(.minutes(5)))
 struct AdminBrowserTests {
-    @Test("theme, auto-refresh with the scroll kept, watched partitions in localStorage and the address, sign-in and an action; nothing from another origin")
+    @Test("on a demo's database: charts, theme, auto-refresh with the scroll kept, watched partitions in localStorage and the address, a job's explain, sign-in and an action; nothing from another origin; screenshots")
     func browser() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        try await TestServer.withConnection(settings) { conn async throws in
-            try await declare(conn, "p", #"{"gates": [{"type": "concurrency", "name": "c", "max": 5, "partition_by": "{tenant}"}]}"#)
-            try await conn.exec("""
-                SELECT dispatch_policy.stage('p', '{}', jsonb_build_object('tenant', t))
-                FROM (SELECT chr(97 + i % 26) || (i / 26)::text AS t FROM generate_series(0, 59) i
-                      UNION ALL SELECT 'b') x
-                """)
-            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
-        }
         var environment = ProcessInfo.processInfo.environment
         environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+        // A short demo leaves a live database: completions, failures, jobs waiting.
+        let demo = try await runProcess(cliPath, ["demo", "--duration", "6s"], environment: environment)
+        #expect(demo.status == 0, "\(demo.stderr)")
+        let job = try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.scalar("SELECT min(id) FROM dispatch_policy.staged_jobs WHERE policy = 'demo_webhooks'", as: Int64.self)
+        }
         environment["DISPATCH_POLICY_ADMIN_TOKEN"] = token
         let admin = try spawnChild(cliPath, ["admin", "--allow-actions", "--bind", "127.0.0.1:0"], environment: environment)
         defer { kill(admin.pid, SIGKILL) }
@@ -315,11 +341,18 @@ struct AdminBrowserTests {
             return address != nil
         }
         let base = try #require(address, "\(admin.output().stderr)")
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .appending(path: "browser/admin_browser.py").path
-        let result = try await runProcess("/usr/bin/env", ["python3", script, base, token], environment: ProcessInfo.processInfo.environment)
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        let shots = FileManager.default.temporaryDirectory.appending(path: "dp-shots-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: shots, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: shots) }
+        let result = try await runProcess(
+            "/usr/bin/env", ["python3", root.appending(path: "browser/admin_browser.py").path, base, token, "\(job)", shots.path],
+            environment: ProcessInfo.processInfo.environment)
         #expect(result.status == 0, "\(result.stdout)\n\(result.stderr)")
         #expect(result.stdout.contains("all browser checks passed"))
+        for name in ["overview.png", "policy.png", "job.png"] {
+            #expect(FileManager.default.fileExists(atPath: shots.appending(path: name).path), "\(name)")
+        }
         kill(admin.pid, SIGTERM)
         #expect(await admin.wait() == .exited(0))
     }

@@ -134,7 +134,10 @@ struct AdminUnitTests {
 
     @Test("a partition cursor survives its text form, whatever the key holds; garbage is no cursor")
     func cursor() {
-        let cursor = AdminStore.PartitionCursor(gate: "g", partition: "a\u{1F}b/c?d=é", inFlight: -3)
+        let cursor = AdminStore.PartitionCursor(gate: "g", partition: "a\u{1F}b/c?d=é", inFlight: 3)
+        // Counts beyond the column's range are forged: no cursor (was a 503 from the database).
+        #expect(AdminStore.PartitionCursor(token: AdminStore.PartitionCursor(gate: "g", partition: "p", inFlight: -1).token) == nil)
+        #expect(AdminStore.PartitionCursor(token: AdminStore.PartitionCursor(gate: "g", partition: "p", inFlight: .min).token) == nil)
         #expect(AdminStore.PartitionCursor(token: cursor.token) == cursor)
         #expect(!cursor.token.contains("/") && !cursor.token.contains("+") && !cursor.token.contains("="))
         #expect(AdminStore.PartitionCursor(token: "!!!") == nil)
@@ -146,5 +149,24 @@ struct AdminUnitTests {
         #expect(AdminServer.sameOriginPath("http://127.0.0.1:8080/policies/a%20b?q=x&flash=old") == "/policies/a%20b?q=x")
         #expect(AdminServer.sameOriginPath("https://evil.example//evil.example/x") == nil)
         #expect(AdminServer.sameOriginPath("javascript:alert(1)") == nil)
+    }
+}
+
+@Suite("Form fields")
+struct FormFieldsTests {
+    @Test("'+' is a space, escapes decode, the first of a name wins; a broken escape is no form (a 400, never a crash)")
+    func parse() throws {
+        let fields = try #require(FormFields("q=acme+corp&watch=a%20b&watch=c&x=%3Cy%3E&empty=&flag"))
+        #expect(fields.value("q") == "acme corp")
+        #expect(fields.values("watch") == ["a b", "c"])
+        #expect(fields.value("x") == "<y>")
+        #expect(fields.value("empty") == "" && fields.value("flag") == "")
+        #expect(fields.first["watch"] == "a b")
+        #expect(FormFields("csrf=%") == nil)
+        #expect(FormFields("token=%zz") == nil)
+        #expect(FormFields("a=%FF") == nil, "not UTF-8")
+        #expect(FormFields("token=a b&t=<x>")?.value("t") == "<x>")
+        #expect(FormFields("q=a%00b")?.value("q") == "ab", "NUL is dropped")
+        #expect(FormFields("")?.pairs.isEmpty == true)
     }
 }

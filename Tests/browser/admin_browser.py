@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """The admin UI in a real browser (Debian's chromium through Playwright).
 
-Run by AdminBrowserTests against an admin it started on a database it
-filled: policy "p" with partitions "a" ... of gate "c". Checks what only a
-browser shows: the page fetches nothing from another origin and logs no
-script error; the theme and the auto-refresh choice persist in
-localStorage, and a refresh keeps the scroll position; watching a partition
-puts it in the address and in localStorage, and a bare address gets the
-watched list back; signing in with the token and pressing an action
-button acts, with its CSRF field.
+Run by AdminBrowserTests against an admin on a database a short
+`dispatch-policy demo` left behind (policies demo_webhooks and
+demo_reports, completions, failures, jobs waiting). Checks what only a
+browser shows: the pages fetch nothing from another origin and log no
+script error; the charts render (bars and a lag line); the theme and the
+auto-refresh choice persist in localStorage, and a refresh keeps the scroll
+position; watching a partition puts it in the address and in localStorage,
+and a bare address gets the watched list back; a job's page explains it;
+signing in with the token and pressing an action button acts, with its
+CSRF field. Screenshots of the overview, a policy page and a job's explain
+go to SCREENSHOT_DIR (the README's come from here).
 
-Usage: admin_browser.py BASE_URL TOKEN [SCREENSHOT_DIR]
+Usage: admin_browser.py BASE_URL TOKEN JOB_ID [SCREENSHOT_DIR]
 Exit status 0 when every check passed; the failed check is printed.
 """
 import re
@@ -19,8 +22,9 @@ import time
 
 from playwright.sync_api import sync_playwright
 
-base, token = sys.argv[1], sys.argv[2]
-shots = sys.argv[3] if len(sys.argv) > 3 else None
+base, token, job = sys.argv[1], sys.argv[2], sys.argv[3]
+shots = sys.argv[4] if len(sys.argv) > 4 else None
+policy = "demo_webhooks"
 
 
 def check(condition, what):
@@ -39,27 +43,35 @@ with sync_playwright() as p:
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
     page.goto(base + "/")
-    check(page.locator("a[href='/policies/p']").count() == 1, "the overview lists policy p")
+    check(page.locator(f"a[href='/policies/{policy}']").count() == 1, f"the overview lists {policy}")
+    check(page.locator("td svg.chart").count() >= 2, "a trend per policy")
+    if shots:
+        page.screenshot(path=f"{shots}/overview.png", full_page=True)
     check(page.evaluate("document.documentElement.dataset.theme") == "auto", "the theme starts as auto")
     page.select_option("#theme", "dark")
     check(page.evaluate("document.documentElement.dataset.theme") == "dark", "choosing dark applies at once")
-    if shots:
-        page.screenshot(path=f"{shots}/overview-dark.png", full_page=True)
     page.reload()
     check(page.evaluate("document.documentElement.dataset.theme") == "dark", "the theme survives a reload (localStorage)")
     page.select_option("#theme", "light")
 
+    # The policy page: its chart has bars (completions) and a lag line.
+    page.goto(base + f"/policies/{policy}")
+    check(page.locator("section svg.chart rect.done").count() > 0, "the chart draws completions as bars")
+    check(page.locator("section svg.chart path.lag").count() > 0, "and the average lag as a line")
+    check(page.locator("section svg.chart title").count() > 0, "with a tooltip per minute")
     # Watch a partition: it goes into the address and into localStorage.
-    page.goto(base + "/policies/p")
-    page.locator("button.watch[data-partition='b']").first.click()
+    star = page.locator("section:has(h2:text('Partitions')) button.watch").first
+    key = star.get_attribute("data-partition")
+    star.click()
     page.wait_for_load_state()
-    check("watch=b" in page.url, "watching b puts it in the address")
-    check(page.locator("section:has(h2:text('Watched partitions')) td.key").first.inner_text().strip() == "b",
-          "the watched list shows b")
+    check("watch=" in page.url, f"watching {key} puts it in the address")
+    check(page.locator("section:has(h2:text('Watched partitions')) td.key").first.inner_text().strip() == key,
+          f"the watched list shows {key}")
     check(page.locator("section:has(h2:text('Watched partitions')) button.watch.on").count() == 1, "its star is on")
-    page.goto(base + "/policies/p")
-    page.wait_for_url("**watch=b**")
-    check("watch=b" in page.url, "a bare address gets the watched list back from localStorage")
+    page.goto(base + f"/policies/{policy}")
+    page.wait_for_url("**watch=**")
+    check(key in page.locator("section:has(h2:text('Watched partitions')) td.key").first.inner_text(),
+          "a bare address gets the watched list back from localStorage")
     if shots:
         page.screenshot(path=f"{shots}/policy.png", full_page=True)
     page.locator("section:has(h2:text('Watched partitions')) button.watch").first.click()
@@ -67,8 +79,15 @@ with sync_playwright() as p:
     check(re.search(r"[?&]watch=", page.url) is None and "nowatch=1" in page.url, "unwatching empties the list")
     check(page.locator("section:has(h2:text('Watched partitions')) td.key").count() == 0, "nothing is watched now")
 
+    # A job's page explains where it is.
+    page.goto(base + f"/jobs/{job}")
+    check(page.locator("h2:text('Why it is where it is')").count() == 1, "a job's page explains it")
+    check(page.locator("table.grid tbody tr").count() > 0, "with rows")
+    if shots:
+        page.screenshot(path=f"{shots}/job.png", full_page=True)
+
     # Auto-refresh: off by default; 2 s reloads the page and keeps the scroll position.
-    page.goto(base + "/policies/p")
+    page.goto(base + f"/policies/{policy}?nowatch=1")
     check(page.locator("#refresh").input_value() == "0", "auto-refresh is off by default")
     page.evaluate("window.scrollTo(0, 400)")
     stamp = page.locator("footer").inner_text()
@@ -87,10 +106,10 @@ with sync_playwright() as p:
     page.click("form[action='/login'] button")
     page.wait_for_load_state()
     check(page.locator("text=Signed in").count() == 1, "signing in with the token works")
-    page.goto(base + "/policies/p?nowatch=1")
+    page.goto(base + f"/policies/{policy}?nowatch=1")
     page.click("form[action='/actions/pause'] button")
     page.wait_for_load_state()
-    check(page.locator("p.flash").inner_text().startswith("Paused p"), "the pause button pauses the policy")
+    check(page.locator("p.flash").inner_text().startswith(f"Paused {policy}"), "the pause button pauses the policy")
     check(page.locator("h1 .state").inner_text() == "paused", "the page shows it paused")
     page.click("form[action='/actions/resume'] button")
     page.wait_for_load_state()
