@@ -57,7 +57,7 @@ enum Templates {
         {{^policies}}<p class="empty">No policies declared yet. Declare one with <code>dispatch-policy policy apply FILE</code>.</p>{{/policies}}
         {{^empty(policies)}}
         <table class="grid">
-        <thead><tr><th>Policy</th><th>State</th><th class="n">Pending</th><th class="n">Scheduled</th><th class="n">In flight</th><th class="n">Admitted 24 h</th><th class="n">Completed 24 h</th><th class="n">Failed 24 h</th><th class="n">Failure %</th><th class="n">Dead</th><th class="n">Throughput</th><th class="n">Lag P50 / P95</th><th class="n">Oldest pending</th><th>Headroom</th><th>Pending trend</th></tr></thead>
+        <thead><tr><th>Policy</th><th>State</th><th class="n">Pending</th><th class="n">Scheduled</th><th class="n">In flight</th><th class="n">Admitted 24 h</th><th class="n">Completed 24 h</th><th class="n">Failed 24 h</th><th class="n">Failure %</th><th class="n">Dead</th><th class="n">Throughput</th><th class="n">Lag P50 / P95</th><th class="n">Oldest pending</th><th>Headroom</th><th>Last hour</th></tr></thead>
         <tbody>
         {{#policies}}
         <tr>
