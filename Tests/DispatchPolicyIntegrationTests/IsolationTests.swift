@@ -246,7 +246,7 @@ struct IsolationTests {
                 group.addTask { _ = try await runner.runLoop() }
                 try await Task.sleep(for: .milliseconds(500))
                 try await TestServer.withConnection(settings) { conn async throws in try await conn.exec("SELECT dispatch_policy.stage('b_fast', '1')") }
-                let admitted = try await waitUntil(5) {
+                let admitted = try await waitUntil(15) {
                     try await TestServer.withConnection(settings) { conn async throws in
                         try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'b_fast'", as: Int.self) == 1
                     }

@@ -746,10 +746,11 @@ struct TickCallTests {
         try await withTestDatabase { conn, settings in
             try await declare(conn, "p", PolicyConfig { Gate.concurrency(max: 2, partitionBy: "{acct}") })
             try await stage(conn, "p", 6) { _ in ["acct": "a"] }
-            // A commit that takes 2 s, in the sessions that ask for it.
+            // A commit that takes 5 s a row, in the sessions that ask for it
+            // (room for the second tick on a loaded machine).
             try await conn.exec("""
                 CREATE FUNCTION public.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$
+                BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$
                 """)
             try await conn.exec("""
                 CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON dispatch_policy.admitted_jobs

@@ -42,8 +42,15 @@ with sync_playwright() as p:
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
+    # On a loaded machine the admin's first connection can be slow: a page
+    # that says the database did not answer is retried for 30 s.
     page.goto(base + "/")
-    check(page.locator(f"a[href='/policies/{policy}']").count() == 1, f"the overview lists {policy}")
+    deadline = time.time() + 30
+    while page.locator(f"a[href='/policies/{policy}']").count() == 0 and time.time() < deadline:
+        time.sleep(1)
+        page.reload()
+    check(page.locator(f"a[href='/policies/{policy}']").count() == 1,
+          f"the overview lists {policy} (page: {page.locator('main').inner_text()[:300]!r})")
     check(page.locator("td svg.chart").count() >= 2, "a trend per policy")
     if shots:
         page.screenshot(path=f"{shots}/overview.png", full_page=True)
