@@ -121,6 +121,8 @@ public struct AdminStore: Sendable {
             JOIN dispatch_policy.policies p ON p.name = a.policy
             CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
             WHERE g ->> 'type' = 'adaptive_concurrency' AND coalesce(g ->> 'name', g ->> 'type') = a.gate
+              -- No EWMA before the partition's first observation.
+              AND a.ewma_lag_ms IS NOT NULL
             ORDER BY a.policy, a.ewma_lag_ms / greatest(coalesce(dispatch_policy._json_number(g -> 'target_lag_ms'), 1), 1) DESC
             """, logger: logger)
         {

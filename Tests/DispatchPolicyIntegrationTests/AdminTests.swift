@@ -66,12 +66,19 @@ struct AdminTests {
             let dead = try await conn.scalar("SELECT id FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'a'", as: Int64.self)
             _ = try await conn.scalar("SELECT dispatch_policy.fail(\(dead), \(evil))", as: String.self)
             let waiting = try await conn.scalar("SELECT min(id) FROM dispatch_policy.staged_jobs", as: Int64.self)
+            // An adaptive partition that has admitted but observed nothing yet has
+            // no EWMA (NULL): the overview once failed to decode it (503).
+            try await declare(conn, "adapt", #"{"gates": [{"type": "adaptive_concurrency", "partition_by": "{tenant}", "initial_max": 2, "target_lag_ms": 100}]}"#)
+            _ = try await stage(conn, "adapt", #"{"tenant": "a"}"#)
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "adapt")
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.adaptive_stats WHERE ewma_lag_ms IS NULL", as: Int64.self) == 1)
 
             try await withAdmin(conn, pageSize: 2) { client in
                 try await client.execute(uri: "/", method: .get) { response in
                     #expect(response.status == .ok)
                     let page = html(response)
                     #expect(page.contains(#"<a href="/policies/hooks">hooks</a>"#))
+                    #expect(page.contains(#"<a href="/policies/adapt">adapt</a>"#))
                     #expect(!page.contains("<script>alert"))
                     #expect(response.headers[.contentSecurityPolicy]?.contains("script-src 'self'") == true)
                     #expect(page.contains("<svg"), "a trend sparkline per policy")
