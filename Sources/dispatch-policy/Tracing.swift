@@ -33,7 +33,7 @@ enum ProcessTracing {
     }
 
     /// Runs `body` with the exporter running beside it, then flushes what it
-    /// recorded (waiting 5 s at most): for commands that end by themselves.
+    /// recorded (waiting 15 s at most): for commands that end by themselves.
     static func around<T: Sendable>(logger: Logger, _ body: @Sendable () async throws -> T) async throws -> T {
         guard let service = try makeService() else { return try await body() }
         let group = ServiceGroup(configuration: .init(services: [.init(service: service)], logger: logger))
@@ -42,8 +42,8 @@ enum ProcessTracing {
             let result: Result<T, any Error>
             do { result = .success(try await body()) } catch { result = .failure(error) }
             await group.triggerGracefulShutdown()
-            // Whichever ends first: the exporter's flush, or 5 s.
-            tasks.addTask { try? await Task.sleep(for: .seconds(5)) }
+            // Whichever ends first: the exporter's flush, or 15 s.
+            tasks.addTask { try? await Task.sleep(for: .seconds(15)) }
             _ = try? await tasks.next()
             tasks.cancelAll()
             return try result.get()

@@ -403,6 +403,8 @@ struct TracingTests {
                 for _ in 0..<2 { _ = try await stage(conn, "traced", "{}") }
             }
             environment["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:\(port)"
+            // Export while the tick runs too, not only at the flush on exit.
+            environment["OTEL_BSP_SCHEDULE_DELAY"] = "200"
             let traced = try await runProcess(cliPath, ["tick", "--once"], environment: environment)
             #expect(traced.status == 0, "\(traced.stderr)")
             #expect(traced.stdout.contains("admitted 2"))
