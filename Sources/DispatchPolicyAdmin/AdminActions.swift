@@ -8,6 +8,9 @@ import Logging
 struct AdminActions {
     let store: AdminStore
 
+    /// Jobs one drain from the UI cancels (drain's default).
+    static let drainBatch = 10_000
+
     struct Refusal: Error {
         var message: String
     }
@@ -43,6 +46,18 @@ struct AdminActions {
             let (policy, gate, partition) = (try field("policy"), try field("gate"), try field("partition"))
             _ = try await executor.rows("SELECT dispatch_policy.resume_partition(\(policy), \(gate), \(partition))", logger: logger)
             return "Resumed partition \(partition) of \(gate) in \(policy)."
+        case "admit-now":
+            let (policy, gate, partition) = (try field("policy"), try field("gate"), try field("partition"))
+            let text = fields["max"].flatMap { $0.isEmpty ? nil : $0 } ?? "1"
+            guard let maxJobs = Int(text), FieldLimits.batchSize.contains(Double(maxJobs)) else {
+                throw Refusal(message: "admit-now: max must be a whole number from 1 to 100000.")
+            }
+            let result = try await executor.withSession { conn in
+                try await Ticker(connection: conn, logger: logger).admitNow(
+                    policy: policy, gate: gate, partition: partition, maxJobs: maxJobs)
+            }
+            let report = AdmitNowReport(result, requested: maxJobs).text
+            return "Partition \(partition) of \(gate) in \(policy): \(report)."
         case "cancel":
             let job = try id()
             let cancelled = try await executor.rows(
@@ -59,10 +74,12 @@ struct AdminActions {
             let partition = fields["partition"].flatMap { $0.isEmpty ? nil : $0 }
             let count = try await executor.rows(
                 """
-                SELECT dispatch_policy.drain(\(policy), \(gate)::text, \(partition)::text, reason => 'drained from the admin UI')
+                SELECT dispatch_policy.drain(\(policy), \(gate)::text, \(partition)::text, \(Self.drainBatch)::integer,
+                                             reason => 'drained from the admin UI')
                 """, logger: logger
             ).first?.decode(Int64.self) ?? 0
-            return "Cancelled \(count) staged job\(count == 1 ? "" : "s") of \(policy)\(partition.map { " [\($0)]" } ?? "")."
+            let more = count >= Self.drainBatch ? " That is the most one drain cancels: more may remain, drain again." : ""
+            return "Cancelled \(count) staged job\(count == 1 ? "" : "s") of \(policy)\(partition.map { " [\($0)]" } ?? "").\(more)"
         default:
             throw Refusal(message: "There is no action \(action).")
         }

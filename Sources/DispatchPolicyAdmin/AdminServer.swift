@@ -35,6 +35,7 @@ public struct AdminServer: Sendable {
     let auth: AdminAuth
     let templates: MustacheLibrary
     let exported = ExportedGauges()
+    let signIns = SignInLimiter()
     let logger: Logger
 
     public init(store: AdminStore, options: AdminOptions, registry: PrometheusCollectorRegistry, logger: Logger) throws {
@@ -56,9 +57,9 @@ public struct AdminServer: Sendable {
         }
         router.get("/jobs") { request, _ -> Response in
             guard let text = Self.query(request).value("id"), let id = Int64(text.trimmingCharacters(in: .whitespaces)) else {
-                return Self.redirect("/", flashError: "A job id is a whole number.")
+                return redirect("/", flashError: "A job id is a whole number.")
             }
-            return Self.redirect("/jobs/\(id)")
+            return redirect("/jobs/\(id)")
         }
         router.get("/jobs/:id") { request, context in
             let text = try context.parameters.require("id")
@@ -141,11 +142,19 @@ public struct AdminServer: Sendable {
     }
 
     func session(_ request: Request) -> Session {
-        let signedIn = auth.acceptsSession(request.cookies[AdminAuth.sessionCookie]?.value)
+        let cookie = request.cookies[AdminAuth.sessionCookie]?.value
+        let signedIn = auth.acceptsSession(cookie)
         let query = Self.query(request)
+        // Only messages this admin signed: a link with a made-up message shows nothing.
+        let signature = query.value("sig")
+        func signed(_ name: String) -> String? {
+            guard let text = query.value(name), auth.acceptsFlash(name + ":" + text, signature: signature) else { return nil }
+            return String(text.prefix(300))
+        }
         return Session(
-            signedIn: signedIn, canSignIn: auth.actionsEnabled && !signedIn, csrf: signedIn ? auth.csrfValue : nil,
-            flash: query.value("flash").map { String($0.prefix(300)) }, flashError: query.value("error").map { String($0.prefix(300)) })
+            signedIn: signedIn, canSignIn: auth.actionsEnabled && !signedIn,
+            csrf: signedIn ? cookie.flatMap { auth.csrfValue(session: $0) } : nil,
+            flash: signed("flash"), flashError: signed("error"))
     }
 
     func page(_ request: Request, _ build: (Session) async throws -> (String, [String: Any])) async throws -> Response {
@@ -185,11 +194,18 @@ public struct AdminServer: Sendable {
         Response(status: .ok, headers: [.contentType: type, .cacheControl: "max-age=300"], body: .init(byteBuffer: ByteBuffer(string: text)))
     }
 
-    static func redirect(_ location: String, flash: String? = nil, flashError: String? = nil) -> Response {
+    /// A 303 to `location`, with a message to show there (signed, so only
+    /// this admin's own messages are shown).
+    func redirect(_ location: String, flash: String? = nil, flashError: String? = nil) -> Response {
         var target = location
         var items: [URLQueryItem] = []
-        if let flash { items.append(URLQueryItem(name: "flash", value: flash)) }
-        if let flashError { items.append(URLQueryItem(name: "error", value: flashError)) }
+        if let flash {
+            items.append(URLQueryItem(name: "flash", value: flash))
+            items.append(URLQueryItem(name: "sig", value: auth.flashSignature("flash:" + flash)))
+        } else if let flashError {
+            items.append(URLQueryItem(name: "error", value: flashError))
+            items.append(URLQueryItem(name: "sig", value: auth.flashSignature("error:" + flashError)))
+        }
         if !items.isEmpty {
             var components = URLComponents()
             components.queryItems = items
@@ -414,22 +430,41 @@ public struct AdminServer: Sendable {
     }
 
     func login(_ request: Request) async throws -> Response {
-        guard auth.actionsEnabled else { return Self.redirect("/", flashError: "Actions are off: start the admin with --allow-actions.") }
-        let fields = try await form(request)
-        guard let token = fields["token"], auth.accepts(token: token), let value = auth.sessionValue else {
-            logger.warning("admin sign-in refused")
-            return Self.redirect("/login", flashError: "That token is not the admin token.")
+        guard auth.actionsEnabled else { return redirect("/", flashError: "Actions are off: start the admin with --allow-actions.") }
+        if let wait = signIns.retryAfter() {
+            let seconds = max(1, wait.components.seconds + (wait.components.attoseconds > 0 ? 1 : 0))
+            return Response(status: .tooManyRequests, headers: [.contentType: "text/plain; charset=utf-8", .retryAfter: "\(seconds)"],
+                            body: .init(byteBuffer: ByteBuffer(string: "Too many failed sign-ins: try again in \(seconds) s.\n")))
         }
-        var response = Self.redirect("/", flash: "Signed in: actions are available.")
-        response.setCookie(Cookie(name: AdminAuth.sessionCookie, value: value, path: "/", httpOnly: true, sameSite: .strict))
+        let fields = try await form(request)
+        guard let token = fields["token"], auth.accepts(token: token), let value = auth.sessionValue() else {
+            signIns.recordFailure()
+            logger.warning("admin sign-in refused")
+            return redirect("/login", flashError: "That token is not the admin token.")
+        }
+        var response = redirect("/", flash: "Signed in: actions are available.")
+        response.setCookie(Cookie(
+            name: AdminAuth.sessionCookie, value: value, maxAge: Int(AdminAuth.sessionLifetime.components.seconds), path: "/",
+            secure: Self.isHTTPS(request), httpOnly: true, sameSite: .strict))
         return response
+    }
+
+    /// Whether the browser reached the admin over HTTPS (through a proxy
+    /// that says so): the session cookie is then marked Secure.
+    static func isHTTPS(_ request: Request) -> Bool {
+        if request.uri.scheme?.rawValue == "https" { return true }
+        guard let name = HTTPField.Name("X-Forwarded-Proto"), let proto = request.headers[name] else { return false }
+        return proto.split(separator: ",").first?.trimmingCharacters(in: .whitespaces).lowercased() == "https"
     }
 
     func logout(_ request: Request) async throws -> Response {
         let fields = try await form(request)
-        guard auth.acceptsCSRF(fields["csrf"]) else { return Self.forbidden("The form is stale or forged (CSRF check failed).") }
-        var response = Self.redirect("/", flash: "Signed out.")
-        response.setCookie(Cookie(name: AdminAuth.sessionCookie, value: "", maxAge: 0, path: "/", httpOnly: true, sameSite: .strict))
+        guard auth.acceptsCSRF(fields["csrf"], session: request.cookies[AdminAuth.sessionCookie]?.value) else {
+            return Self.forbidden("The form is stale or forged (CSRF check failed).")
+        }
+        var response = redirect("/", flash: "Signed out.")
+        response.setCookie(Cookie(name: AdminAuth.sessionCookie, value: "", maxAge: 0, path: "/", secure: Self.isHTTPS(request),
+                                  httpOnly: true, sameSite: .strict))
         return response
     }
 
@@ -444,7 +479,7 @@ public struct AdminServer: Sendable {
         if let header = request.headers[.authorization], header.lowercased().hasPrefix("bearer ") {
             return auth.accepts(token: header.dropFirst("bearer ".count).trimmingCharacters(in: .whitespaces))
         }
-        return auth.acceptsSession(request.cookies[AdminAuth.sessionCookie]?.value) && auth.acceptsCSRF(fields["csrf"])
+        return auth.acceptsCSRF(fields["csrf"], session: request.cookies[AdminAuth.sessionCookie]?.value)
     }
 
     func act(_ action: String, request: Request) async throws -> Response {
@@ -455,12 +490,12 @@ public struct AdminServer: Sendable {
         do {
             let message = try await AdminActions(store: store).run(action, fields: fields)
             logger.notice("admin action", metadata: ["action": "\(action)", "fields": "\(fields.filter { $0.key != "csrf" })"])
-            return Self.redirect(back, flash: message)
+            return redirect(back, flash: message)
         } catch let error as AdminActions.Refusal {
-            return Self.redirect(back, flashError: error.message)
+            return redirect(back, flashError: error.message)
         } catch {
             let wrapped = DispatchPolicyError.from(error)
-            return Self.redirect(back, flashError: wrapped.description + (wrapped.hint.map { " " + $0 } ?? ""))
+            return redirect(back, flashError: wrapped.description + (wrapped.hint.map { " " + $0 } ?? ""))
         }
     }
 
@@ -468,7 +503,7 @@ public struct AdminServer: Sendable {
     static func sameOriginPath(_ referer: String) -> String? {
         guard let url = URLComponents(string: referer), url.path.hasPrefix("/") else { return nil }
         var path = url.percentEncodedPath
-        if let items = url.queryItems?.filter({ $0.name != "flash" && $0.name != "error" }), !items.isEmpty {
+        if let items = url.queryItems?.filter({ !["flash", "error", "sig"].contains($0.name) }), !items.isEmpty {
             var components = URLComponents()
             components.queryItems = items
             path += "?" + (components.percentEncodedQuery ?? "")

@@ -30,6 +30,7 @@ enum Assets {
         .flash { padding: .5rem .8rem; border-radius: 4px; background: var(--row); border: 1px solid var(--line); }
         .flash.error { background: var(--warn-bg); color: var(--warn-fg); }
         .actions { display: flex; gap: .5rem; margin: .5rem 0; } .actions form, .row-actions form { display: inline; }
+        .admit-now input[type=number] { width: 5em; }
         button { font: inherit; padding: .15rem .6rem; border: 1px solid var(--line); border-radius: 4px; background: var(--row); color: var(--fg); cursor: pointer; }
         button.danger { border-color: var(--failed); }
         button.watch { border: none; background: none; font-size: 16px; padding: 0 .2rem; }

@@ -142,6 +142,7 @@ enum Templates {
           <td class="n">{{inFlight}}</td><td class="n">{{cap}}</td><td class="n">{{tokens}}</td><td class="n">{{ewma}}</td><td>{{lastAdmitted}}</td><td>{{{spark}}}</td>
           {{#actions}}<td class="row-actions">
             <form method="post" action="/actions/{{pauseAction}}-partition"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="policy" value="{{policy}}"><input type="hidden" name="gate" value="{{gate}}"><input type="hidden" name="partition" value="{{partition}}"><button>{{pauseLabel}}</button></form>
+            <form method="post" action="/actions/admit-now" class="admit-now"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="policy" value="{{policy}}"><input type="hidden" name="gate" value="{{gate}}"><input type="hidden" name="partition" value="{{partition}}"><input type="number" name="max" value="1" min="1" max="100000" aria-label="How many to admit now"><button title="Admit up to this many pending jobs of the partition now, through its gates">Admit now</button></form>
             <form method="post" action="/actions/drain" class="confirm" data-confirm="Cancel the staged jobs of this partition?"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="policy" value="{{policy}}"><input type="hidden" name="gate" value="{{gate}}"><input type="hidden" name="partition" value="{{partition}}"><button class="danger">Drain</button></form>
           </td>{{/actions}}
         </tr>
@@ -195,7 +196,7 @@ enum Templates {
     static let login = """
         {{> head}}
         <h1>Sign in to act</h1>
-        <p>Viewing needs no sign-in. Actions (pause, resume, cancel, retry, drain) need the token the admin was started with (<code>DISPATCH_POLICY_ADMIN_TOKEN</code>).</p>
+        <p>Viewing needs no sign-in. Actions (pause, resume, admit now, cancel, retry, drain) need the token the admin was started with (<code>DISPATCH_POLICY_ADMIN_TOKEN</code>).</p>
         <form method="post" action="/login"><label>Token <input type="password" name="token" autocomplete="current-password" required></label> <button>Sign in</button></form>
         {{> foot}}
         """

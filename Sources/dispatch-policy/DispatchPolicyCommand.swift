@@ -22,7 +22,7 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
-            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, Status.self, Explain.self, Check.self, Admin.self,
+            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, AdmitNow.self, Status.self, Explain.self, Check.self, Admin.self,
         ]
     )
 }
@@ -345,6 +345,44 @@ struct Resume: AsyncParsableCommand {
     }
 }
 
+struct AdmitNow: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "admit-now",
+        abstract: "Admit up to N pending jobs of one gate partition now, outside the round-robin rotation.",
+        discussion: """
+            A tick restricted to the partition: the policy's lock, every gate checked, tokens and slots taken             as for any admission. Jobs a gate refuses stay staged; the line says which gate refused how many.             Jobs scheduled for later are not admitted; a paused policy or partition admits nothing.             Waits up to 10 s for a runner's tick of the policy under way. Exits 1 when nothing was admitted.
+            """)
+
+    @OptionGroup var connection: ConnectionOptions
+
+    @Argument(help: "The policy name.")
+    var policy: String
+
+    @Option(help: "A partitioned gate of the policy (throttle, concurrency or adaptive_concurrency with partition_by).")
+    var gate: String
+
+    @Option(help: "The partition key, as status --policy and partition_overview show it.")
+    var partition: String
+
+    @Option(name: .customLong("max"), parsing: .unconditional, help: "At most this many jobs (1 to 100000).")
+    var maxJobs: Int = 1
+
+    func validate() throws {
+        guard FieldLimits.batchSize.contains(Double(maxJobs)) else {
+            throw ValidationError("--max must be an integer from 1 to 100000, got \(maxJobs)")
+        }
+    }
+
+    func run() async throws {
+        let result = try await connection.withConnection { conn, logger in
+            try await Ticker(connection: conn, logger: logger).admitNow(
+                policy: policy, gate: gate, partition: partition, maxJobs: maxJobs)
+        }
+        print(AdmitNowReport(result, requested: maxJobs).text)
+        if result.admitted == 0 { throw ExitCode.failure }
+    }
+}
+
 struct Explain: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Why a job waits: each gate of its policy in its partition (ok or waits, with the numbers), its lane, schedule and an estimated wait (dispatch_policy.explain). Exits 1 for an unknown job.")
@@ -584,8 +622,8 @@ enum CLILimits {
 
 /// Options of the admission loop shared by `tick` and `run`.
 struct RunnerOptions: ParsableArguments {
-    @Option(help: "Admit only this policy (default: every policy with work).")
-    var policy: String?
+    @Option(help: "Admit only this policy; repeat for several (default: every policy with work).")
+    var policy: [String] = []
 
     @Option(name: .customLong("batch-size"), parsing: .unconditional, help: "Rows per tick for policies that do not set batch_size (1 to 100000).")
     var batchSize: Int = TickSettings().batchSize
@@ -620,7 +658,9 @@ struct RunnerOptions: ParsableArguments {
             throw DispatchPolicyError(code: .invalidArgument, message: "--quantum must be an integer from 1 to 100000, got \(quantum)")
         }
         var options = TickRunnerOptions()
-        options.policy = policy
+        // Each named once, in the order given (a repeated name is not an error).
+        var seen = Set<String>()
+        options.policies = policy.isEmpty ? nil : policy.filter { seen.insert($0).inserted }
         options.busyPause = try DurationParser.parse(busyPause, flag: "--busy-pause", within: CLILimits.busyPause)
         options.idlePause = try DurationParser.parse(idlePause, flag: "--idle-pause", within: CLILimits.idlePause)
         options.retentionSeconds = Int(try DurationParser.parse(retention, flag: "--retention", within: CLILimits.retention).components.seconds)

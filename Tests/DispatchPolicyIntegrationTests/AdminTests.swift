@@ -1,6 +1,7 @@
 import DispatchPolicy
 import DispatchPolicyAdmin
 import Foundation
+import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
 import Logging
@@ -220,6 +221,69 @@ struct AdminTests {
                 var lower = formHeaders
                 lower[.authorization] = "bearer  \(token)"
                 try await client.execute(uri: "/actions/resume", method: .post, headers: lower, body: form([("policy", "p")])) {
+                    #expect($0.status == .seeOther)
+                }
+            }
+        }
+    }
+
+    @Test("admit now from the policy page; messages shown only when the admin signed them; sign-ins limited; the cookie expires")
+    func admitNowAndSessions() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", #"{"gates": [{"type": "concurrency", "name": "c", "max": 2, "partition_by": "{tenant}"}]}"#)
+            for _ in 0..<3 { _ = try await stage(conn, "p", #"{"tenant": "a"}"#) }
+            _ = try await stage(conn, "p", #"{"tenant": "b"}"#)
+            try await withAdmin(conn, token: token) { client in
+                var bearer = formHeaders
+                bearer[.authorization] = "Bearer \(token)"
+                bearer[.referer] = "http://127.0.0.1:8080/policies/p"
+                let location = try await client.execute(uri: "/actions/admit-now", method: .post, headers: bearer,
+                                                         body: form([("policy", "p"), ("gate", "c"), ("partition", "a"), ("max", "3")])) {
+                    response -> String in
+                    #expect(response.status == .seeOther)
+                    return try #require(response.headers[.location])
+                }
+                #expect(location.hasPrefix("/policies/p?flash="))
+                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'a'", as: Int64.self) == 2)
+                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'b'", as: Int64.self) == 0)
+                // The redirect's message is shown; the same text with another signature, or none, is not.
+                let shown = try await client.execute(uri: location, method: .get) { html($0) }
+                #expect(shown.contains("admitted 2 of 3 fetched (asked for 3); refused c=1"))
+                let forged = location.replacingOccurrences(of: "sig=", with: "sig=0")
+                #expect(!(try await client.execute(uri: forged, method: .get) { html($0) }).contains("admitted 2 of 3"))
+                let unsigned = "/policies/p?flash=Cancelled%20every%20job"
+                #expect(!(try await client.execute(uri: unsigned, method: .get) { html($0) }).contains("Cancelled every job"))
+                // Bad max: a message, nothing admitted.
+                try await client.execute(uri: "/actions/admit-now", method: .post, headers: bearer,
+                                         body: form([("policy", "p"), ("gate", "c"), ("partition", "b"), ("max", "lots")])) {
+                    #expect($0.headers[.location]?.contains("error=") == true)
+                }
+                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs", as: Int64.self) == 2)
+
+                // The session cookie lasts 12 hours, and is Secure behind an HTTPS proxy.
+                var proxied = formHeaders
+                proxied[HTTPField.Name("X-Forwarded-Proto")!] = "https"
+                try await client.execute(uri: "/login", method: .post, headers: proxied, body: form([("token", token)])) {
+                    let header = try #require($0.headers[.setCookie])
+                    #expect(header.contains("Max-Age=43200") && header.contains("Secure"), "\(header)")
+                }
+                try await client.execute(uri: "/login", method: .post, headers: formHeaders, body: form([("token", token)])) {
+                    let header = try #require($0.headers[.setCookie])
+                    #expect(!header.contains("Secure"))
+                }
+                // Ten wrong tokens in a minute, then sign-in is refused for a while, even with the right token.
+                for _ in 0..<10 {
+                    try await client.execute(uri: "/login", method: .post, headers: formHeaders, body: form([("token", "wrong")])) {
+                        #expect($0.status == .seeOther)
+                    }
+                }
+                try await client.execute(uri: "/login", method: .post, headers: formHeaders, body: form([("token", token)])) {
+                    #expect($0.status == .tooManyRequests)
+                    #expect($0.headers[.retryAfter] != nil)
+                    #expect($0.headers[.setCookie] == nil)
+                }
+                // A script with the token is not affected.
+                try await client.execute(uri: "/actions/pause", method: .post, headers: bearer, body: form([("policy", "p")])) {
                     #expect($0.status == .seeOther)
                 }
             }

@@ -602,6 +602,9 @@ final class CountingExecutor: SQLExecutor {
         seen.withLock { $0.append(query.sql) }
         return try await base.run(query, logger: logger)
     }
+    func withSession<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
+        try await body(base)
+    }
 }
 
 /// Advisory locks this session holds, its statement_timeout and its idle_session_timeout.

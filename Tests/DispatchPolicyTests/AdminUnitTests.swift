@@ -112,12 +112,59 @@ struct AdminUnitTests {
         #expect(auth.accepts(token: "0123456789abcdef0123"))
         #expect(!auth.accepts(token: "0123456789abcdef012"))
         #expect(!auth.accepts(token: "0123456789abcdef0124"))
-        #expect(auth.acceptsSession(auth.sessionValue))
-        #expect(!auth.acceptsSession(auth.csrfValue), "the CSRF field is not a session")
-        #expect(auth.acceptsCSRF(auth.csrfValue))
-        #expect(!auth.acceptsCSRF(auth.sessionValue))
+        let session = try #require(auth.sessionValue())
+        #expect(auth.acceptsSession(session))
+        let csrf = try #require(auth.csrfValue(session: session))
+        #expect(!auth.acceptsSession(csrf), "the CSRF field is not a session")
+        #expect(auth.acceptsCSRF(csrf, session: session))
+        #expect(!auth.acceptsCSRF(session, session: session))
+        #expect(!auth.acceptsCSRF(csrf, session: nil), "a CSRF field without its session")
         let other = try AdminAuth(token: "another-token-of-length")
-        #expect(!auth.acceptsSession(other.sessionValue))
+        #expect(!auth.acceptsSession(other.sessionValue()))
+        #expect(!auth.acceptsCSRF(other.csrfValue(session: session), session: session))
+        // Another session's CSRF field does not pass.
+        let later = try #require(auth.sessionValue(now: Date().addingTimeInterval(5)))
+        #expect(!auth.acceptsCSRF(auth.csrfValue(session: later), session: session))
+        // Tampered or malformed cookies.
+        #expect(!auth.acceptsSession("1" + session))
+        #expect(!auth.acceptsSession(session.replacingOccurrences(of: ".", with: "")))
+        #expect(!auth.acceptsSession(".\(session.split(separator: ".")[1])"))
+        #expect(!auth.acceptsSession("99999999999999999999.\(session.split(separator: ".")[1])"))
+    }
+
+    @Test("a session cookie expires after its lifetime; one from the future beyond the clock skew is refused")
+    func sessionExpiry() throws {
+        let auth = try AdminAuth(token: "0123456789abcdef0123")
+        let issued = Date(timeIntervalSince1970: 1_800_000_000)
+        let session = try #require(auth.sessionValue(now: issued))
+        let lifetime = TimeInterval(AdminAuth.sessionLifetime.components.seconds)
+        #expect(auth.acceptsSession(session, now: issued.addingTimeInterval(lifetime - 1)))
+        #expect(!auth.acceptsSession(session, now: issued.addingTimeInterval(lifetime + 1)))
+        #expect(auth.acceptsSession(session, now: issued.addingTimeInterval(-30)))
+        #expect(!auth.acceptsSession(session, now: issued.addingTimeInterval(-120)))
+        let csrf = try #require(auth.csrfValue(session: session))
+        #expect(!auth.acceptsCSRF(csrf, session: session, now: issued.addingTimeInterval(lifetime + 1)))
+    }
+
+    @Test("flash messages are shown only with this admin's signature")
+    func flashSignature() throws {
+        let auth = try AdminAuth(token: nil)
+        let signature = auth.flashSignature("flash:Cancelled job 5.")
+        #expect(auth.acceptsFlash("flash:Cancelled job 5.", signature: signature))
+        #expect(!auth.acceptsFlash("flash:Cancelled job 6.", signature: signature))
+        #expect(!auth.acceptsFlash("error:Cancelled job 5.", signature: signature))
+        #expect(!auth.acceptsFlash("flash:Cancelled job 5.", signature: nil))
+        #expect(!(try AdminAuth(token: nil)).acceptsFlash("flash:Cancelled job 5.", signature: signature), "another process's key")
+    }
+
+    @Test("sign-ins: past the failures allowed in a window, refused until it ends")
+    func signInLimiter() {
+        let limiter = SignInLimiter(maxFailures: 3, window: .seconds(60))
+        let start = ContinuousClock.now
+        #expect(limiter.retryAfter(now: start) == nil)
+        for second in 0..<3 { limiter.recordFailure(now: start + .seconds(second)) }
+        #expect(limiter.retryAfter(now: start + .seconds(3)) == .seconds(57))
+        #expect(limiter.retryAfter(now: start + .seconds(60)) == nil, "the first failure left the window")
     }
 
     @Test("bind addresses: host:port, [v6]:port, :port; anything else is refused")
@@ -146,7 +193,7 @@ struct AdminUnitTests {
 
     @Test("after an action the admin returns only to a path on itself, never to another site")
     func redirects() {
-        #expect(AdminServer.sameOriginPath("http://127.0.0.1:8080/policies/a%20b?q=x&flash=old") == "/policies/a%20b?q=x")
+        #expect(AdminServer.sameOriginPath("http://127.0.0.1:8080/policies/a%20b?q=x&flash=old&sig=ab") == "/policies/a%20b?q=x")
         #expect(AdminServer.sameOriginPath("https://evil.example//evil.example/x") == nil)
         #expect(AdminServer.sameOriginPath("javascript:alert(1)") == nil)
     }

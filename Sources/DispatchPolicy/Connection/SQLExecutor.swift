@@ -5,17 +5,38 @@ import PostgresNIO
 /// `PostgresClient`. The SQL-access types of this module take either.
 public protocol SQLExecutor: Sendable {
     func run(_ query: PostgresQuery, logger: Logger) async throws -> PostgresRowSequence
+    /// Runs `body` on one session throughout (what needs a session-level
+    /// lock, such as a tick): the connection itself, or one leased from the
+    /// pool for the call.
+    func withSession<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T
 }
 
 extension PostgresConnection: SQLExecutor {
     public func run(_ query: PostgresQuery, logger: Logger) async throws -> PostgresRowSequence {
         try await self.query(query, logger: logger)
     }
+
+    public func withSession<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
+        try await body(self)
+    }
 }
 
 extension PostgresClient: SQLExecutor {
     public func run(_ query: PostgresQuery, logger: Logger) async throws -> PostgresRowSequence {
         try await self.query(query, logger: logger)
+    }
+
+    /// A session that could not give a tick's lock back is closed, never
+    /// returned to the pool holding it.
+    public func withSession<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
+        try await withConnection { conn in
+            do {
+                return try await body(conn)
+            } catch let error as Ticker.SessionUnusable {
+                try? await conn.close()
+                throw error
+            }
+        }
     }
 }
 

@@ -69,6 +69,36 @@ public struct TickResult: Sendable, Equatable {
     }
 }
 
+/// A sentence on what an admit-now did, for the CLI and the admin UI.
+public struct AdmitNowReport: Sendable {
+    public let result: TickResult
+    public let requested: Int
+
+    public init(_ result: TickResult, requested: Int) {
+        self.result = result
+        self.requested = requested
+    }
+
+    public var text: String {
+        switch result.outcome {
+        case .busy:
+            return "policy \(result.policy): a tick of another runner did not end in time; nothing admitted, try again"
+        case .paused:
+            return "policy \(result.policy) is paused; nothing admitted"
+        case .unknown:
+            return "unknown policy: '\(result.policy)'"
+        case .ran:
+            if result.fetched == 0 { return "admitted 0: no pending job of the partition is eligible now" }
+            var text = "admitted \(result.admitted) of \(result.fetched) fetched (asked for \(requested))"
+            let refused = result.refusedByGate.filter { $0.value > 0 }.sorted { $0.key < $1.key }
+            if !refused.isEmpty {
+                text += "; refused " + refused.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            }
+            return text
+        }
+    }
+}
+
 /// A policy the runner should look at.
 public struct PolicyWork: Sendable, Equatable {
     public var name: String
@@ -252,7 +282,7 @@ public struct Ticker: Sendable {
         // failure tick_abort gives it back; a session that cannot must end
         // (it would keep the policy from every other runner).
         do {
-            result = try await tickCalls(policy: policy, logger: log)
+            result = try await tickCalls(policy: policy, only: nil, logger: log)
             result.reaped = reaped
         } catch {
             do {
@@ -271,13 +301,66 @@ public struct Ticker: Sendable {
         return result
     }
 
+    /// Admits up to `maxJobs` pending jobs of one gate partition now, outside
+    /// the rotation: a tick whose fetch is restricted to the partition (see
+    /// `tick_begin`'s `only_gate`, `only_partition`). Everything else is a
+    /// tick's: the policy's lock, one transaction per call, every gate
+    /// checked, tokens and slots taken; a job a gate refuses stays staged
+    /// (``TickResult/refusedByGate`` says which). The rotation and the
+    /// lanes are left as they were. Jobs scheduled for later are not
+    /// admitted. While another runner ticks the policy this waits for it,
+    /// up to `wait`, then returns outcome ``TickResult/Outcome/busy``.
+    /// Errors (nothing changed): unknown policy or gate 42704, a gate that is
+    /// not partitioned or `maxJobs` outside `limits()` batch_size 22023.
+    public func admitNow(
+        policy: String, gate: String, partition: String, maxJobs: Int, wait: Duration = .seconds(10)
+    ) async throws -> TickResult {
+        let started = ContinuousClock.now
+        var log = logger
+        log[metadataKey: "policy.name"] = "\(policy)"
+        let target = PartitionTarget(gate: gate, partition: partition, maxJobs: maxJobs)
+        while true {
+            var result: TickResult
+            do {
+                result = try await tickCalls(policy: policy, only: target, logger: log)
+            } catch {
+                do {
+                    _ = try await session.rows("SELECT dispatch_policy.tick_abort(\(policy))", logger: log)
+                } catch let abort {
+                    throw SessionUnusable(reason: "could not end the failed admission of policy \(policy) (\(DispatchPolicyError.from(abort))) after: \(DispatchPolicyError.from(error))")
+                }
+                throw error
+            }
+            if result.outcome == .busy, ContinuousClock.now - started < wait {
+                try await Task.sleep(for: .milliseconds(50))
+                continue
+            }
+            result.duration = ContinuousClock.now - started
+            log.info("admitted now from a partition", metadata: [
+                "gate.name": "\(gate)", "partition.key": "\(partition)", "tick.admitted": "\(result.admitted)",
+                "tick.fetched": "\(result.fetched)", "tick.outcome": "\(result.outcome.rawValue)",
+            ])
+            return result
+        }
+    }
+
+    /// The fetch of ``admitNow(policy:gate:partition:maxJobs:wait:)``.
+    struct PartitionTarget {
+        var gate: String
+        var partition: String
+        var maxJobs: Int
+    }
+
     /// The tick's three calls (see `Migrations/0014_tick.sql`), three round
     /// trips: `tick_begin` locks, reads observations, promotes and fetches
     /// (and ends the tick when there is nothing to do); `tick_state` reads
     /// the gate state of the batch's partitions; `tick_finish` admits, saves
     /// the adaptive state and unlocks. The decision and the AIMD fold are
     /// made here, between them.
-    private func tickCalls(policy: String, logger: Logger) async throws -> TickResult {
+    /// With `only`, the fetch is that partition's (admit now): the rotation
+    /// is held and no lane blocked, since the batch says nothing of the
+    /// lanes' other jobs.
+    private func tickCalls(policy: String, only: PartitionTarget?, logger: Logger) async throws -> TickResult {
         var result = TickResult(policy: policy, outcome: .ran)
         var header: (config: String, now: Date)?
         var observations: [GateKey: [Observation]] = [:]
@@ -287,8 +370,9 @@ public struct Ticker: Sendable {
         for row in try await session.rows(
             """
             SELECT kind, id, priority, round_robin_key, context, lane, gate, partition, lag_ms, success, observed_at, config, now
-            FROM dispatch_policy.tick_begin(\(policy), \(settings.batchSize)::integer, \(settings.roundRobinQuantum)::integer,
-                                            \(settings.maxObservationsPerTick)::integer, \(timeoutMilliseconds)::integer)
+            FROM dispatch_policy.tick_begin(\(policy), \(only?.maxJobs ?? settings.batchSize)::integer, \(settings.roundRobinQuantum)::integer,
+                                            \(settings.maxObservationsPerTick)::integer, \(timeoutMilliseconds)::integer,
+                                            \(only?.gate)::text, \(only?.partition)::text)
             """,
             logger: logger
         ) {
@@ -381,7 +465,7 @@ public struct Ticker: Sendable {
 
         let decision = admission.evaluate(ordered, state: state, buckets: needed.buckets)
         result.refusedByGate = decision.refusedByGate
-        result.cursor = decision.cursor
+        result.cursor = only != nil ? nil : decision.cursor
         result.nextTokenIn = decision.tokenWaits.values.min().map(Duration.clamped(seconds:))
         for (key, tokens) in state.tokens {
             result.tokens[key.gate, default: TokenSummary()].add(left: tokens - (decision.takes[key] ?? 0))
@@ -400,14 +484,14 @@ public struct Ticker: Sendable {
             updates.append((key, controller, taken.map(\.at).max() ?? now))
         }
 
-        let cursor: String? = switch decision.cursor {
+        let cursor: String? = switch only != nil ? .hold : decision.cursor {
         case nil: nil
         case .hold: #"{"hold": true}"#
         case .after(let key): try Self.json(CursorJSON(last_key: key))
         }
         // Adaptive caps that grew: lanes waiting on them are ready again.
         let grown = updates.filter { $0.controller.currentMax > (state.adaptiveCap[$0.key] ?? Int.max) }.map(\.key)
-        let blocks = decision.laneBlocks
+        let blocks = only != nil ? [] : decision.laneBlocks
         result.lanesBlocked = blocks.count
         // Always called: it ends the tick (gives the lock back).
         do {
