@@ -28,7 +28,8 @@ enum ProcessMetrics {
 
 /// An HTTP listener for the admin or the runner's `/metrics`.
 func httpService(
-    router: Router<BasicRequestContext>, bind: String, flag: String, logger: Logger
+    router: Router<BasicRequestContext>, bind: String, flag: String, logger: Logger,
+    onListening: (@Sendable (String) -> Void)? = nil
 ) throws -> some Service {
     guard let (host, port) = AdminServer.parseBind(bind) else {
         throw DispatchPolicyError(code: .invalidArgument, message: "\(flag) must be HOST:PORT, [IPv6]:PORT or :PORT, got \(bind)")
@@ -38,6 +39,7 @@ func httpService(
         onServerRunning: { channel in
             let address = channel.localAddress.map { "\($0.ipAddress ?? host):\($0.port ?? port)" } ?? bind
             FileHandle.standardError.write(Data("dispatch-policy: listening on http://\(address)\n".utf8))
+            onListening?("http://\(address)")
         },
         logger: logger)
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import DispatchPolicy
+import DispatchPolicyAdmin
 import EmbeddedPostgres
 import Foundation
 import Logging
@@ -31,10 +32,16 @@ struct Demo: AsyncParsableCommand {
         do { _ = try DurationParser.parse(duration, flag: "--duration", within: CLILimits.demo) } catch let error as DispatchPolicyError {
             throw ValidationError(error.message)
         }
+        if let admin, AdminServer.parseBind(admin) == nil {
+            throw ValidationError("--admin must be HOST:PORT, [IPv6]:PORT or :PORT, got \(admin)")
+        }
     }
 
     @Flag(help: "Leave the private cluster running at the end and print its URL.")
     var keep = false
+
+    @Option(help: "Also serve the admin web UI (read-only) on HOST:PORT while the demo runs, such as 127.0.0.1:8080.")
+    var admin: String?
 
     func run() async throws {
         var logger = Logger(label: "dispatch-policy.demo")
@@ -54,7 +61,8 @@ struct Demo: AsyncParsableCommand {
                 }
                 settings = try ConnectionSettings(url: cluster!.url())
             }
-            let driver = DemoDriver(settings: settings, runFor: runFor, logger: logger)
+            let adminURL = SharedAddress()
+            let driver = DemoDriver(settings: settings, runFor: runFor, logger: logger, adminURL: adminURL)
             try await driver.prepare()
             var runnerOptions = TickRunnerOptions()
             // Only the demo's own policies: a shared database's others are not ours.
@@ -77,18 +85,27 @@ struct Demo: AsyncParsableCommand {
                 try await Task.sleep(for: .milliseconds(Int.random(in: 60...240)))
                 if Int.random(in: 0..<100) < 3 { throw DemoFailure() }
             }
-            let group = ServiceGroup(configuration: .init(
-                services: [
-                    .init(service: runner), .init(service: webhooks), .init(service: reports),
-                    .init(service: driver, successTerminationBehavior: .gracefullyShutdownGroup),
-                ],
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger))
+            var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+                .init(service: runner), .init(service: webhooks), .init(service: reports),
+                .init(service: driver, successTerminationBehavior: .gracefullyShutdownGroup),
+            ]
+            if let admin {
+                // The admin UI on the demo's database, read-only, for as long as the demo runs.
+                let client = PostgresClient(configuration: try settings.with(session: .admin).clientConfiguration(), backgroundLogger: logger)
+                let server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
+                                             registry: ProcessMetrics.registry, logger: logger)
+                services.append(.init(service: client))
+                services.append(.init(service: try httpService(
+                    router: server.router(), bind: admin, flag: "--admin", logger: logger,
+                    onListening: { address in adminURL.set(address) })))
+            }
+            let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
             try await group.run()
             try await driver.printSummary()
             if let cluster {
                 if keep {
                     print("\nthe database is still running: \(cluster.url())")
+                    print("look at it in the admin UI: dispatch-policy admin --database-url '\(cluster.url())'")
                     print("stop it with: \(geteuid() == 0 ? "runuser -u postgres -- " : "")\(cluster.binDirectory)/pg_ctl -D \(cluster.dataDirectory) stop")
                 } else {
                     try? cluster.stop()
@@ -96,6 +113,13 @@ struct Demo: AsyncParsableCommand {
             }
         }
     }
+}
+
+/// An address a listener reports once it is up.
+final class SharedAddress: Sendable {
+    private let state = Mutex<String?>(nil)
+    func set(_ address: String) { state.withLock { $0 = address } }
+    var value: String? { state.withLock { $0 } }
 }
 
 struct DemoFailure: Error, CustomStringConvertible {
@@ -108,6 +132,8 @@ struct DemoDriver: Service {
     let settings: ConnectionSettings
     let runFor: Duration
     let logger: Logger
+    /// Where the admin UI is served during the demo (nil: it is not, or not yet).
+    let adminURL: SharedAddress
 
     static let smallTenants = (1...12).map { String(format: "t%02d", $0) }
     static let noisyRate = 20.0
@@ -213,7 +239,8 @@ struct DemoDriver: Service {
     func render(_ conn: PostgresConnection, elapsed: Duration, previous: inout [String: Int], sample: inout Sample, live: Bool) async throws {
         let admitted = try await admissions(conn)
         var lines: [String] = []
-        lines.append("dispatch-policy demo — \(elapsed.components.seconds)s of \(runFor.components.seconds)s   (Ctrl-C ends it)")
+        lines.append("dispatch-policy demo — \(elapsed.components.seconds)s of \(runFor.components.seconds)s   (Ctrl-C ends it)"
+                     + (adminURL.value.map { "   admin UI: \($0)" } ?? ""))
         lines.append("")
         var rows: [[String]] = []
         for row in try await conn.rows(

@@ -1,5 +1,8 @@
 import DispatchPolicy
 import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
 import Testing
 
 @Suite("Demo", .timeLimit(.minutes(8)))
@@ -65,8 +68,24 @@ struct DemoTests {
                 """, as: String.self)
         }
         let url = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
-        let result = try await cli(["demo", "--duration", "4s", "--database-url", url], settings: settings)
-        #expect(result.status == 0, "\(result.stderr)")
+        // With the admin UI served while it runs (read-only): its overview lists the demo's policies.
+        let child = try spawnChild(cliPath, ["demo", "--duration", "6s", "--database-url", url, "--admin", "127.0.0.1:0"],
+                                   environment: ProcessInfo.processInfo.environment)
+        var address: String?
+        _ = try await waitUntil(60) {
+            address = child.output().stderr.components(separatedBy: "listening on ").dropFirst().first?.components(separatedBy: "\n").first
+            return address != nil
+        }
+        let base = try #require(address, "\(child.output().stderr)")
+        let (data, response) = try await URLSession.shared.data(from: URL(string: "\(base)/")!)
+        #expect((response as? HTTPURLResponse)?.statusCode == 200)
+        #expect(String(decoding: data, as: UTF8.self).contains("demo_webhooks"))
+        let ending = await child.wait()
+        #expect(ending == .exited(0), "\(child.output().stderr)")
+        #expect(child.output().stdout.contains("=== summary ==="))
+        // Gone with the demo.
+        await #expect(throws: (any Error).self) { _ = try await URLSession.shared.data(from: URL(string: "\(base)/")!) }
+        #expect(try await cli(["demo", "--admin", "nowhere"], settings: settings).status == 64)
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await conn.scalar("""
                 SELECT string_agg(x::text, '|' ORDER BY x::text) FROM (
