@@ -238,8 +238,9 @@ public struct AdminServer: Sendable {
 
     func overview(_ session: Session) async throws -> (String, [String: Any]) {
         let policies = try await store.policies()
-        let limits = try await store.limits()
         let since = Date().addingTimeInterval(-3600)
+        let minutes = try await store.recentMinutes(since: since)
+        let limits = try await store.limits(minutes: minutes)
         var rows: [[String: Any]] = []
         for policy in policies {
             let limit = limits[policy.name]
@@ -250,7 +251,7 @@ public struct AdminServer: Sendable {
             } else {
                 headroom = "per partition"
             }
-            let samples = (try? await store.minutes(policy: policy.name, since: since)) ?? []
+            let samples = minutes[policy.name] ?? []
             rows.append([
                 "name": policy.name, "urlName": Self.path(policy.name),
                 "state": policy.paused ? "paused" : (policy.tickFailures ?? 0) > 0 ? "failing" : "active",
@@ -282,9 +283,9 @@ public struct AdminServer: Sendable {
         let since = Date().addingTimeInterval(-3600)
         let pageSize = options.pageSize
 
-        let overview = try await store.policies().first { $0.name == name }
-        let limits = try await store.limits()[name]
-        let samples = try await store.minutes(policy: name, since: since)
+        let overview = try await store.policies(only: name).first
+        let samples = try await store.recentMinutes(only: name, since: since)[name] ?? []
+        let limits = try await store.limits(only: name, minutes: [name: samples])[name]
         let partitions = try await store.partitions(
             policy: name, search: search, sort: sort, after: after, onlyBusy: onlyBusy, limit: pageSize + 1)
         let watched = watch.isEmpty ? [] : try await store.partitions(

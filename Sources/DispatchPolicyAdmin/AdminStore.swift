@@ -35,13 +35,16 @@ public struct AdminStore: Sendable {
         public var throughputPerMinute: Double
     }
 
-    public func policies() async throws -> [PolicyRow] {
+    /// Every policy's overview, or only the one named `only`.
+    public func policies(only: String? = nil) async throws -> [PolicyRow] {
         try await executor.rows(
             """
             SELECT policy, pending, scheduled, in_flight, admitted_24h, completed_24h, failed_24h, dead,
                    extract(epoch FROM oldest_pending_age)::float8, paused, tick_failures, last_error,
                    lag_p50_ms::float8, lag_p95_ms::float8, coalesce(throughput_per_min, 0)::float8
-            FROM dispatch_policy.policy_overview ORDER BY policy
+            FROM dispatch_policy.policy_overview
+            WHERE \(only)::text IS NULL OR policy = \(only)::text
+            ORDER BY policy
             """, logger: logger
         ).map { row in
             let (name, pending, scheduled, inFlight, admitted, completed, failed, dead, oldest, paused, failures, error, p50, p95, rate) =
@@ -70,6 +73,20 @@ public struct AdminStore: Sendable {
         public var completedHour: Int64 = 0
         public var failedHour: Int64 = 0
 
+        /// Adds the last hour's minutes: completions, failures, and how many
+        /// whole minutes in a row, newest first, staged more than they
+        /// admitted (the current minute is not over: it neither counts nor
+        /// breaks the run).
+        public mutating func add(hour samples: [MinuteSample], now: Date = Date()) {
+            var growing = true
+            for sample in samples.sorted(by: { $0.minute > $1.minute }) {
+                completedHour += sample.completed
+                failedHour += sample.failed
+                guard now.timeIntervalSince(sample.minute) >= 60, growing else { continue }
+                if sample.staged > sample.admitted { growingMinutes += 1 } else { growing = false }
+            }
+        }
+
         public static func == (a: Limits, b: Limits) -> Bool {
             a.throttleBoundLanes == b.throttleBoundLanes && a.capBoundLanes == b.capBoundLanes && a.globalInFlight == b.globalInFlight
                 && a.globalCap == b.globalCap && a.adaptiveWorst?.gate == b.adaptiveWorst?.gate
@@ -78,14 +95,17 @@ public struct AdminStore: Sendable {
         }
     }
 
-    public func limits() async throws -> [String: Limits] {
+    /// What limits each policy (or only the one named `only`) now.
+    /// `minutes`: the policies' last hour, as ``recentMinutes(only:since:)``
+    /// gives it (read once, shared with the charts).
+    public func limits(only: String? = nil, minutes: [String: [MinuteSample]]) async throws -> [String: Limits] {
         var result: [String: Limits] = [:]
         // Blocked lanes, by the gate that blocks them ('' = by a throttle's clock).
         for row in try await executor.rows(
             """
             SELECT l.policy, coalesce(l.blocked_gate, ''), (l.blocked_until = 'infinity') AS by_slot, count(*)
             FROM dispatch_policy.lanes l
-            WHERE l.blocked_until > now()
+            WHERE l.blocked_until > now() AND (\(only)::text IS NULL OR l.policy = \(only)::text)
             GROUP BY 1, 2, 3
             """, logger: logger)
         {
@@ -105,7 +125,7 @@ public struct AdminStore: Sendable {
                              ORDER BY c.in_flight DESC LIMIT 1), 0)::bigint
             FROM dispatch_policy.policies p
             CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
-            WHERE g ->> 'type' = 'global_cap'
+            WHERE g ->> 'type' = 'global_cap' AND (\(only)::text IS NULL OR p.name = \(only)::text)
             """, logger: logger)
         {
             let (policy, _, cap, inFlight) = try row.decode((String, String, Double?, Int64).self)
@@ -123,34 +143,38 @@ public struct AdminStore: Sendable {
             WHERE g ->> 'type' = 'adaptive_concurrency' AND coalesce(g ->> 'name', g ->> 'type') = a.gate
               -- No EWMA before the partition's first observation.
               AND a.ewma_lag_ms IS NOT NULL
+              AND (\(only)::text IS NULL OR a.policy = \(only)::text)
             ORDER BY a.policy, a.ewma_lag_ms / greatest(coalesce(dispatch_policy._json_number(g -> 'target_lag_ms'), 1), 1) DESC
             """, logger: logger)
         {
             let (policy, gate, partition, ewma, target, cap) = try row.decode((String, String, String, Double, Double, Int).self)
             result[policy, default: Limits()].adaptiveWorst = (gate, partition, ewma, target, cap)
         }
-        // The last hour, per minute (0016's samples), newest first.
-        var growing: Set<String> = []
+        // The last hour, per minute, newest first.
+        for (policy, samples) in minutes where only == nil || policy == only {
+            result[policy, default: Limits()].add(hour: samples)
+        }
+        return result
+    }
+
+    /// The last minutes of every policy (or only `only`), one statement: one
+    /// row per minute from `since`, gaps as zeros, keyed by policy.
+    public func recentMinutes(only: String? = nil, since: Date) async throws -> [String: [MinuteSample]] {
+        var result: [String: [MinuteSample]] = [:]
         for row in try await executor.rows(
             """
-            SELECT p.name, m.minute, m.staged, m.admitted, m.completed, m.failed
+            SELECT p.name, m.minute, m.staged, m.admitted, m.refused, m.completed, m.failed, m.avg_lag_ms::float8, m.p95_lag_ms::float8
             FROM dispatch_policy.policies p
-            CROSS JOIN LATERAL dispatch_policy.policy_minutes(p.name, now() - interval '60 minutes') m
-            ORDER BY p.name, m.minute DESC
+            CROSS JOIN LATERAL dispatch_policy.policy_minutes(p.name, \(since)) m
+            WHERE \(only)::text IS NULL OR p.name = \(only)::text
+            ORDER BY p.name, m.minute
             """, logger: logger)
         {
-            let (policy, minute, staged, admitted, completed, failed) = try row.decode((String, Date, Int64, Int64, Int64, Int64).self)
-            var limits = result[policy, default: Limits()]
-            limits.completedHour += completed
-            limits.failedHour += failed
-            // Whole minutes in a row that staged more than they admitted (the
-            // current minute is not over: it neither counts nor breaks the run).
-            if minute.timeIntervalSinceNow > -60 {
-                growing.insert(policy)
-            } else if growing.contains(policy) {
-                if staged > admitted { limits.growingMinutes += 1 } else { growing.remove(policy) }
-            }
-            result[policy] = limits
+            let (policy, minute, staged, admitted, refused, completed, failed, avg, p95) =
+                try row.decode((String, Date, Int64, Int64, Int64, Int64, Int64, Double?, Double?).self)
+            result[policy, default: []].append(MinuteSample(
+                minute: minute, staged: staged, admitted: admitted, refused: refused, completed: completed, failed: failed,
+                avgLagMs: avg, p95LagMs: p95))
         }
         return result
     }
@@ -159,6 +183,8 @@ public struct AdminStore: Sendable {
 
     public struct MinuteSample: Sendable, Equatable {
         public var minute: Date
+        /// Jobs staged that minute (0 where not known: partition rows).
+        public var staged: Int64 = 0
         public var admitted: Int64
         public var refused: Int64
         public var completed: Int64
@@ -167,15 +193,6 @@ public struct AdminStore: Sendable {
         public var p95LagMs: Double?
     }
 
-    /// One row per minute from `since` (gaps as zeros).
-    public func minutes(policy: String, since: Date) async throws -> [MinuteSample] {
-        try await executor.rows(
-            """
-            SELECT minute, admitted, refused, completed, failed, avg_lag_ms::float8, p95_lag_ms::float8
-            FROM dispatch_policy.policy_minutes(\(policy), \(since)) ORDER BY minute
-            """, logger: logger
-        ).map(Self.sample)
-    }
 
     /// Per-minute rows of many gate partitions in one statement (the
     /// sparklines of a page), keyed by gate and partition. Attempts that
@@ -200,12 +217,6 @@ public struct AdminStore: Sendable {
                 MinuteSample(minute: minute, admitted: admitted, refused: refused, completed: completed, failed: failed, avgLagMs: avg, p95LagMs: p95))
         }
         return result
-    }
-
-    static func sample(_ row: PostgresRow) throws -> MinuteSample {
-        let (minute, admitted, refused, completed, failed, avg, p95) =
-            try row.decode((Date, Int64, Int64, Int64, Int64, Double?, Double?).self)
-        return MinuteSample(minute: minute, admitted: admitted, refused: refused, completed: completed, failed: failed, avgLagMs: avg, p95LagMs: p95)
     }
 
     public struct PolicyDetail: Sendable, Equatable {

@@ -497,8 +497,9 @@ struct Status: AsyncParsableCommand {
         }
         if let policy {
             let store = AdminStore(executor: conn, logger: logger)
-            if let row = try await store.policies().first(where: { $0.name == policy }) {
-                let hints = Hints.of(row, limits: try await store.limits()[policy])
+            if let row = try await store.policies(only: policy).first {
+                let minutes = try await store.recentMinutes(only: policy, since: Date().addingTimeInterval(-3600))
+                let hints = Hints.of(row, limits: try await store.limits(only: policy, minutes: minutes)[policy])
                 out.append("\nlimits now:\n" + (hints.isEmpty ? "  nothing: every gate has room" : hints.map { "  " + DispatchPolicyError.oneLine($0) }.joined(separator: "\n")))
                 out.append("\nlast 24 h: \(row.admitted24h) admitted, throughput \(Format.number((row.throughputPerMinute * 10).rounded() / 10))/min, queue lag P50 \(row.lagP50ms.map(Format.milliseconds) ?? "-"), P95 \(row.lagP95ms.map(Format.milliseconds) ?? "-")")
             }

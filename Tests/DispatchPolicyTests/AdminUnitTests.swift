@@ -132,6 +132,29 @@ struct AdminUnitTests {
         #expect(!auth.acceptsSession("99999999999999999999.\(session.split(separator: ".")[1])"))
     }
 
+    @Test("pending growth: whole minutes in a row, newest first, that staged more than they admitted; the current minute does not count")
+    func growth() {
+        let now = Date(timeIntervalSince1970: 1_800_000_030)
+        let thisMinute = Date(timeIntervalSince1970: 1_800_000_000)
+        func sample(_ minutesAgo: Int, staged: Int64, admitted: Int64) -> AdminStore.MinuteSample {
+            AdminStore.MinuteSample(minute: thisMinute.addingTimeInterval(Double(-60 * minutesAgo)), staged: staged, admitted: admitted,
+                                    refused: 0, completed: admitted, failed: 1, avgLagMs: nil, p95LagMs: nil)
+        }
+        // The current minute admitted more (not over: ignored); 3 growing minutes, then one that kept up.
+        var samples = [sample(0, staged: 0, admitted: 50)]
+        samples += (1...3).map { sample($0, staged: 10, admitted: 5) }
+        samples.append(sample(4, staged: 5, admitted: 5))
+        samples += (5...20).map { sample($0, staged: 10, admitted: 5) }
+        var limits = AdminStore.Limits()
+        limits.add(hour: samples.shuffled(), now: now)
+        #expect(limits.growingMinutes == 3)
+        #expect(limits.completedHour == 50 + 5 * 19 + 5)
+        #expect(limits.failedHour == 21)
+        var steady = AdminStore.Limits()
+        steady.add(hour: [sample(1, staged: 5, admitted: 5), sample(2, staged: 9, admitted: 1)], now: now)
+        #expect(steady.growingMinutes == 0)
+    }
+
     @Test("a session cookie expires after its lifetime; one from the future beyond the clock skew is refused")
     func sessionExpiry() throws {
         let auth = try AdminAuth(token: "0123456789abcdef0123")
