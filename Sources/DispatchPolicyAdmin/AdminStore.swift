@@ -312,17 +312,58 @@ public struct AdminStore: Sendable {
         only: [String]? = nil, limit: Int
     ) async throws -> [PartitionRow] {
         let pattern = search.flatMap { $0.isEmpty ? nil : "%" + Self.escapeLike($0) + "%" }
-        return try await executor.rows(
+        // Where the rows without jobs in flight (all rows, sorted by
+        // partition) start: after the cursor, or from the first when the
+        // cursor is still among the busy rows. ('' sorts before every gate name.)
+        let idleAfter: (gate: String, partition: String) =
+            if let after, sort == .partition || after.inFlight == 0 { (after.gate, after.partition) } else { ("", "") }
+        var binds = PostgresBindings()
+        binds.append(policy)                                   // $1
+        binds.append(pattern)                                  // $2
+        binds.append(only)                                     // $3
+        binds.append(onlyBusy)                                 // $4
+        binds.append(idleAfter.gate)                           // $5
+        binds.append(idleAfter.partition)                      // $6
+        binds.append(sort == .inFlight)                        // $7: busy rows come first, from their own branch
+        binds.append(after?.gate)                              // $8
+        binds.append(after?.partition)                         // $9
+        binds.append(after.map { Int64($0.inFlight) })         // $10
+        binds.append(limit)                                    // $11
+        // A row of a gate-state table (alias x) that may be on the page.
+        let candidate = """
+            (x.gate, x.partition) > ($5::text, $6::text)
+            AND ($2::text IS NULL OR x.partition ILIKE $2::text)
+            AND ($3::text[] IS NULL OR x.partition = ANY ($3::text[]))
+            AND (NOT $7 OR NOT EXISTS (SELECT 1 FROM dispatch_policy.inflight_counters y
+                                       WHERE y.policy = $1 AND y.gate = x.gate AND y.partition = x.partition AND y.in_flight > 0))
+            AND (NOT $4 OR EXISTS (SELECT 1 FROM dispatch_policy.inflight_counters y
+                                   WHERE y.policy = $1 AND y.gate = x.gate AND y.partition = x.partition AND y.in_flight > 0)
+                        OR EXISTS (SELECT 1 FROM dispatch_policy.throttle_buckets y
+                                   WHERE y.policy = $1 AND y.gate = x.gate AND y.partition = x.partition AND y.tokens < y.burst))
             """
+        let branches = ["throttle_buckets", "inflight_counters", "adaptive_stats"].map { table in
+            "(SELECT x.gate, x.partition FROM dispatch_policy.\(table) x WHERE x.policy = $1 AND \(candidate) ORDER BY x.gate, x.partition LIMIT $11)"
+        }
+        let sql = """
             WITH gates AS (
               SELECT coalesce(g ->> 'name', g ->> 'type') AS gate, g ->> 'type' AS gate_type, g AS config
               FROM dispatch_policy.policies p
               CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
-              WHERE p.name = \(policy)
+              WHERE p.name = $1
             ), known AS (
-              SELECT gate, partition FROM dispatch_policy.throttle_buckets WHERE policy = \(policy)
-              UNION SELECT gate, partition FROM dispatch_policy.inflight_counters WHERE policy = \(policy)
-              UNION SELECT gate, partition FROM dispatch_policy.adaptive_stats WHERE policy = \(policy)
+              -- The page's candidates, O(page): from each gate-state table the
+              -- first rows of the order after the cursor (its primary key
+              -- gives them in order and starts at the cursor), and with sort
+              -- in_flight the busy ones (in_flight > 0: at most one per job in
+              -- flight) before all the others. The query below orders them again.
+              \(branches.joined(separator: "\nUNION\n"))
+              UNION
+              (SELECT x.gate, x.partition FROM dispatch_policy.inflight_counters x
+               WHERE $7 AND x.policy = $1 AND x.in_flight > 0
+                 AND ($2::text IS NULL OR x.partition ILIKE $2::text)
+                 AND ($3::text[] IS NULL OR x.partition = ANY ($3::text[]))
+                 AND ($8::text IS NULL OR (-x.in_flight, x.gate, x.partition) > (-$10::bigint, $8::text, $9::text))
+               ORDER BY x.in_flight DESC, x.gate, x.partition LIMIT $11)
             )
             SELECT k.gate, gt.gate_type, k.partition, coalesce(c.in_flight, 0)::bigint,
                    CASE gt.gate_type WHEN 'adaptive_concurrency' THEN a.current_max::float8
@@ -331,24 +372,21 @@ public struct AdminStore: Sendable {
                    b.burst::float8, a.ewma_lag_ms::float8,
                    greatest(c.last_admitted_at, b.last_admitted_at),
                    EXISTS (SELECT 1 FROM dispatch_policy.paused_partitions pp
-                           WHERE pp.policy = \(policy) AND pp.gate = k.gate AND pp.partition = k.partition
+                           WHERE pp.policy = $1 AND pp.gate = k.gate AND pp.partition = k.partition
                              AND (pp.until IS NULL OR pp.until > now()))
             FROM known k
             JOIN gates gt ON gt.gate = k.gate
-            LEFT JOIN dispatch_policy.throttle_buckets b ON b.policy = \(policy) AND b.gate = k.gate AND b.partition = k.partition
-            LEFT JOIN dispatch_policy.inflight_counters c ON c.policy = \(policy) AND c.gate = k.gate AND c.partition = k.partition
-            LEFT JOIN dispatch_policy.adaptive_stats a ON a.policy = \(policy) AND a.gate = k.gate AND a.partition = k.partition
-            WHERE (\(pattern)::text IS NULL OR k.partition ILIKE \(pattern)::text)
-              AND (\(after?.gate)::text IS NULL
-                   OR (\(sort.rawValue) = 'partition' AND (k.gate, k.partition) > (\(after?.gate)::text, \(after?.partition)::text))
-                   OR (\(sort.rawValue) = 'in_flight'
-                       AND (-coalesce(c.in_flight, 0), k.gate, k.partition) > (-\(after?.inFlight)::bigint, \(after?.gate)::text, \(after?.partition)::text)))
-              AND (\(only)::text[] IS NULL OR k.partition = ANY (\(only)::text[]))
-              AND (NOT \(onlyBusy) OR coalesce(c.in_flight, 0) > 0 OR b.tokens < b.burst)
-            ORDER BY CASE WHEN \(sort.rawValue) = 'in_flight' THEN -coalesce(c.in_flight, 0) ELSE 0 END, k.gate, k.partition
-            LIMIT \(limit)
-            """, logger: logger
-        ).map { row in
+            LEFT JOIN dispatch_policy.throttle_buckets b ON b.policy = $1 AND b.gate = k.gate AND b.partition = k.partition
+            LEFT JOIN dispatch_policy.inflight_counters c ON c.policy = $1 AND c.gate = k.gate AND c.partition = k.partition
+            LEFT JOIN dispatch_policy.adaptive_stats a ON a.policy = $1 AND a.gate = k.gate AND a.partition = k.partition
+            WHERE ($8::text IS NULL
+                   OR (NOT $7 AND (k.gate, k.partition) > ($8::text, $9::text))
+                   OR ($7 AND (-coalesce(c.in_flight, 0), k.gate, k.partition) > (-$10::bigint, $8::text, $9::text)))
+              AND (NOT $4 OR coalesce(c.in_flight, 0) > 0 OR b.tokens < b.burst)
+            ORDER BY CASE WHEN $7 THEN -coalesce(c.in_flight, 0) ELSE 0 END, k.gate, k.partition
+            LIMIT $11
+            """
+        return try await executor.rows(PostgresQuery(unsafeSQL: sql, binds: binds), logger: logger).map { row in
             let (gate, type, partition, inFlight, cap, tokens, burst, ewma, last, paused) =
                 try row.decode((String, String, String, Int64, Double?, Double?, Double?, Double?, Date?, Bool).self)
             return PartitionRow(

@@ -290,6 +290,81 @@ struct AdminTests {
         }
     }
 
+    /// The partition list reads only what a page needs (the candidates of
+    /// each gate-state table after the cursor): paging through it must give
+    /// exactly the brute-force order, every sort and filter, across the
+    /// boundary between busy and idle rows.
+    @Test("partition pages: every sort and filter, page after page, equal the whole list ordered by brute force")
+    func partitionPages() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", #"""
+                {"gates": [{"type": "throttle", "name": "t", "rate": 10, "per": 60, "burst": 10, "partition_by": "{tenant}"},
+                           {"type": "concurrency", "name": "c", "max": 5, "partition_by": "{tenant}"},
+                           {"type": "adaptive_concurrency", "name": "a", "initial_max": 2, "target_lag_ms": 500, "partition_by": "{tenant}"}]}
+                """#)
+            // Gate state as ticks would leave it: buckets for 0–199 (some spent),
+            // counters for every third of 0–299 (0 to 3 in flight), adaptive 100–150.
+            try await conn.exec("""
+                INSERT INTO dispatch_policy.throttle_buckets (policy, gate, partition, tokens, rate, per_seconds, burst, refilled_at)
+                SELECT 'p', 't', 'k' || lpad(i::text, 3, '0'), CASE WHEN i % 7 = 0 THEN 3 ELSE 10 END, 10, 60, 10, now()
+                FROM generate_series(0, 199) i
+                """)
+            try await conn.exec("""
+                INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight)
+                SELECT 'p', 'c', 'k' || lpad(i::text, 3, '0'), (i * 7) % 4 FROM generate_series(0, 299, 3) i
+                """)
+            try await conn.exec("""
+                INSERT INTO dispatch_policy.adaptive_stats (policy, gate, partition, current_max)
+                SELECT 'p', 'a', 'k' || lpad(i::text, 3, '0'), 2 FROM generate_series(100, 150) i
+                """)
+            struct Row: Equatable { var gate: String; var partition: String; var inFlight: Int64; var busy: Bool }
+            var all: [String: Row] = [:]
+            for row in try await conn.rows("SELECT gate, partition, tokens < burst FROM dispatch_policy.throttle_buckets", logger: TestServer.logger) {
+                let (gate, partition, spent) = try row.decode((String, String, Bool).self)
+                all[gate + "/" + partition] = Row(gate: gate, partition: partition, inFlight: 0, busy: spent)
+            }
+            for row in try await conn.rows("SELECT gate, partition, in_flight FROM dispatch_policy.inflight_counters", logger: TestServer.logger) {
+                let (gate, partition, inFlight) = try row.decode((String, String, Int64).self)
+                all[gate + "/" + partition] = Row(gate: gate, partition: partition, inFlight: inFlight, busy: inFlight > 0)
+            }
+            for row in try await conn.rows("SELECT gate, partition FROM dispatch_policy.adaptive_stats", logger: TestServer.logger) {
+                let (gate, partition) = try row.decode((String, String).self)
+                all[gate + "/" + partition] = Row(gate: gate, partition: partition, inFlight: 0, busy: false)
+            }
+            let store = AdminStore(executor: conn, logger: TestServer.logger)
+            for sort in AdminStore.PartitionSort.allCases {
+                for onlyBusy in [false, true] {
+                    for search in [nil, "1", "K05"] {
+                        let expected = all.values
+                            .filter { !onlyBusy || $0.busy }
+                            .filter { search == nil || $0.partition.lowercased().contains(search!.lowercased()) }
+                            .sorted { a, b in
+                                if sort == .inFlight, a.inFlight != b.inFlight { return a.inFlight > b.inFlight }
+                                return (a.gate, a.partition) < (b.gate, b.partition)
+                            }
+                            .map { "\($0.gate)/\($0.partition)" }
+                        var paged: [String] = []
+                        var after: AdminStore.PartitionCursor?
+                        var pages = 0
+                        while pages < 200 {
+                            pages += 1
+                            let page = try await store.partitions(
+                                policy: "p", search: search, sort: sort, after: after, onlyBusy: onlyBusy, limit: 7)
+                            paged += page.map { "\($0.gate)/\($0.partition)" }
+                            guard page.count == 7, let last = page.last else { break }
+                            after = AdminStore.PartitionCursor(gate: last.gate, partition: last.partition, inFlight: last.inFlight)
+                        }
+                        #expect(paged == expected, "sort \(sort), only busy \(onlyBusy), search \(search ?? "-"): \(paged.count) paged, \(expected.count) expected")
+                        #expect(!expected.isEmpty)
+                    }
+                }
+            }
+            // The watched list: only those keys, whatever else there is.
+            let watched = try await store.partitions(policy: "p", search: nil, after: nil, onlyBusy: false, only: ["k003", "k120"], limit: 50)
+            #expect(watched.map { "\($0.gate)/\($0.partition)" } == ["a/k120", "c/k003", "c/k120", "t/k003", "t/k120"])
+        }
+    }
+
     @Test("/metrics: the runner's counters and tick histogram, per-policy gauges read at scrape time, partition series only when asked")
     func metrics() async throws {
         try await withTestDatabase { conn, settings in
