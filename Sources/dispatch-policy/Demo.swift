@@ -71,10 +71,16 @@ struct Demo: AsyncParsableCommand {
             runnerOptions.idlePause = .milliseconds(250)
             let runner = TickRunner(connection: settings, options: runnerOptions, logger: logger)
             var webhookOptions = WorkerOptions()
-            webhookOptions.concurrency = 24
+            // More workers than the global cap: the cap, not the workers, is what binds.
+            webhookOptions.concurrency = 32
             webhookOptions.name = "demo-webhooks"
             var webhooks = Worker(connection: settings, options: webhookOptions, logger: logger)
-            webhooks.register("demo_webhooks") { _ in try await Task.sleep(for: .milliseconds(Int.random(in: 20...80))) }
+            // Four small tenants' endpoints are slow: their account's
+            // concurrency cap binds. The others answer fast.
+            webhooks.register("demo_webhooks") { job in
+                let slow = DemoDriver.slowTenants.contains { job.contextJSON.contains(#""account": "\#($0)""#) }
+                try await Task.sleep(for: .milliseconds(slow ? Int.random(in: 100...250) : Int.random(in: 20...80)))
+            }
             var reportOptions = WorkerOptions()
             reportOptions.queues = ["reports"]
             reportOptions.concurrency = 10
@@ -134,10 +140,15 @@ struct DemoDriver: Service {
     let logger: Logger
     /// Where the admin UI is served during the demo (nil: it is not, or not yet).
     let adminURL: SharedAddress
+    /// When the demo began (its history starts here).
+    let startedAt = Date()
 
     static let smallTenants = (1...12).map { String(format: "t%02d", $0) }
-    static let noisyRate = 20.0
-    static let noisyBurst = 20.0
+    /// Small tenants whose endpoints are slow and who have more to send:
+    /// their account's concurrency cap binds.
+    static let slowTenants: Set<String> = ["t01", "t02", "t03", "t04"]
+    static let noisyRate = 5.0
+    static let noisyBurst = 5.0
     static let accountCap = 4
     static let globalCap = 24
 
@@ -173,9 +184,11 @@ struct DemoDriver: Service {
         }
         _ = try await stager.stageMany(policy: "demo_webhooks", noisy)
         _ = try await stager.stageMany(policy: "demo_reports", try (0..<300).map { try JobSpec(args: ["report": $0], context: ["account": "acme"], queue: "reports") })
-        // Then twelve small tenants behind it.
+        // Then twelve small tenants behind it: at first they all want more
+        // slots than the global cap has; four of them, with slow endpoints
+        // and 40 webhooks each, then keep their account's cap full.
         for tenant in Self.smallTenants {
-            _ = try await stager.stageMany(policy: "demo_webhooks", try (0..<15).map {
+            _ = try await stager.stageMany(policy: "demo_webhooks", try (0..<(Self.slowTenants.contains(tenant) ? 40 : 15)).map {
                 try JobSpec(args: ["event": $0], context: ["account": tenant, "endpoint": "\(tenant)-hook"])
             })
             _ = try await stager.stageMany(policy: "demo_reports", try (0..<10).map {
@@ -185,8 +198,6 @@ struct DemoDriver: Service {
     }
 
     struct Sample {
-        var maxAccountInFlight = 0
-        var maxGlobalInFlight = 0
         var adaptiveCaps: [String: (min: Int, max: Int)] = [:]
     }
 
@@ -284,13 +295,6 @@ struct DemoDriver: Service {
         }
         lines.append(TextTable.render(header: ["GATE/PARTITION", "IN FLIGHT", "CAP", "TOKENS", "EWMA LAG"], rows: partitions))
 
-        for row in try await conn.rows(
-            "SELECT gate, partition, in_flight FROM dispatch_policy.inflight_counters WHERE policy = 'demo_webhooks'", logger: logger
-        ) {
-            let (gate, _, inFlight) = try row.decode((String, String, Int).self)
-            if gate == "per_account" { sample.maxAccountInFlight = max(sample.maxAccountInFlight, inFlight) }
-            if gate == "global_cap" { sample.maxGlobalInFlight = max(sample.maxGlobalInFlight, inFlight) }
-        }
         for row in try await conn.rows("SELECT partition, current_max FROM dispatch_policy.adaptive_stats WHERE policy = 'demo_reports'", logger: logger) {
             let (partition, cap) = try row.decode((String, Int).self)
             let seen = sample.adaptiveCaps[partition] ?? (cap, cap)
@@ -322,9 +326,10 @@ struct DemoDriver: Service {
             """, logger: logger
         ).first?.decode((Int, Double).self) else { return }
         let allowed = Self.noisyBurst + Self.noisyRate * throttled.1
-        let rate = throttled.1 > 0 ? Double(max(throttled.0 - Int(Self.noisyBurst), 0)) / throttled.1 : 0
-        print(String(format: "throttle     acme-hook: %d admitted in %.1f s = %.1f/s after the burst (limit %.0f/s, burst %.0f; allowed at most %.0f) %@",
-                     throttled.0, throttled.1, rate, Self.noisyRate, Self.noisyBurst, allowed, Double(throttled.0) <= allowed + 1e-9 ? "HELD" : "EXCEEDED"))
+        let throttleRefusals = try await Self.refusals(conn, gate: "per_endpoint", partitions: ["acme-hook"], since: startedAt, logger: logger)
+        print(String(format: "throttle     acme-hook: %d admitted in %.1f s (limit %.0f/s, burst %.0f: at most %.0f); %@ %@",
+                     throttled.0, throttled.1, Self.noisyRate, Self.noisyBurst, allowed, Self.refusedText(throttleRefusals),
+                     Double(throttled.0) <= allowed + 1e-9 ? "HELD" : "EXCEEDED"))
         // Fairness: how long small tenants waited for their first admission, behind acme's 3,000.
         let waits = try await conn.rows(
             """
@@ -339,9 +344,24 @@ struct DemoDriver: Service {
         print(String(format: "fairness     %d of %d small tenants admitted; the slowest waited %.2f s for its first job, behind acme's 3,000",
                      small.count, Self.smallTenants.count, worst))
         let pendingAcme = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE context ->> 'account' = 'acme' AND policy = 'demo_webhooks'")
-        print("             acme still has \(pendingAcme) webhooks waiting: its endpoint's limit, not the other tenants, sets its pace")
-        print("concurrency  highest sampled in flight per account: \(sample.maxAccountInFlight) (cap \(Self.accountCap)) \(sample.maxAccountInFlight <= Self.accountCap ? "HELD" : "EXCEEDED")")
-        print("global cap   highest sampled in flight: \(sample.maxGlobalInFlight) (cap \(Self.globalCap)) \(sample.maxGlobalInFlight <= Self.globalCap ? "HELD" : "EXCEEDED")")
+        print("             acme still has \(pendingAcme) webhooks waiting" + (throttleRefusals > 0 ? ": its endpoint's limit, not the other tenants, sets its pace" : ""))
+        // Caps, from every attempt's run: [started_at, finished_at) of the
+        // webhooks (still running: until now). A run lies within the time its
+        // job held a slot (claimed after its admission committed, finished
+        // before its release committed), so two runs that overlap held two
+        // slots at once: the peak is never above what the gate let through.
+        // (Admission times would not do: admitted_at is the tick's clock,
+        // read before a slot released in the same instant.)
+        // Whether a gate bound: the refusals the ticks recorded in the history.
+        let perAccount = try await Self.runPeak(conn, partitionBy: "account", logger: logger)
+        let global = try await Self.runPeak(conn, partitionBy: nil, logger: logger)
+        let accountRefusals = try await Self.refusals(
+            conn, gate: "per_account", partitions: ["acme"] + Self.smallTenants, since: startedAt, logger: logger)
+        let globalRefusals = try await Self.refusals(conn, gate: "global_cap", partitions: ["default"], since: startedAt, logger: logger)
+        print("concurrency  at most \(perAccount) webhooks ran at once per account (cap \(Self.accountCap)); "
+              + Self.refusedText(accountRefusals) + (perAccount <= Self.accountCap ? " HELD" : " EXCEEDED"))
+        print("global cap   at most \(global) webhooks ran at once in all (cap \(Self.globalCap)); "
+              + Self.refusedText(globalRefusals) + (global <= Self.globalCap ? " HELD" : " EXCEEDED"))
         let caps = sample.adaptiveCaps.sorted { $0.key < $1.key }.prefix(4).map { "\($0.key) \($0.value.min)–\($0.value.max)" }
         let final = try await conn.rows(
             "SELECT partition, current_max, coalesce(round(ewma_lag_ms)::int, 0) FROM dispatch_policy.adaptive_stats WHERE policy = 'demo_reports' AND partition = 'acme'",
@@ -354,6 +374,52 @@ struct DemoDriver: Service {
         ).map { try $0.decode((String, Int, Int).self) }
         let failures = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.job_failures WHERE policy LIKE 'demo\\_%'")
         print("done         " + totals.map { "\($0.0): \($0.1) completed, \($0.2) dead" }.joined(separator: "; ") + "; \(failures) failed attempts retried through admission")
+    }
+}
+
+extension DemoDriver {
+    /// The most webhooks that ran at once, in one partition (the value of
+    /// `key` in their context) or in all (nil), from every attempt's run:
+    /// [started_at, finished_at), or until now for a run not over. A run lies
+    /// within the time its job held a slot (claimed after its admission
+    /// committed, finished before its release committed), so runs that
+    /// overlap held slots at once: the peak is never above what the gates
+    /// let through. (Admission times would not do: admitted_at is the tick's
+    /// clock, read before a slot released in the same instant.)
+    static func runPeak(_ conn: PostgresConnection, partitionBy key: String?, logger: Logger) async throws -> Int {
+        try await conn.rows(
+            """
+            WITH runs AS (
+              SELECT coalesce(context ->> \(key)::text, '') AS part, started_at AS s, finished_at AS e
+              FROM dispatch_policy.finished_jobs WHERE policy = 'demo_webhooks' AND started_at IS NOT NULL
+              UNION ALL
+              SELECT coalesce(context ->> \(key)::text, ''), started_at, clock_timestamp()
+              FROM dispatch_policy.admitted_jobs WHERE policy = 'demo_webhooks' AND started_at IS NOT NULL
+            ), events AS (
+              SELECT part, s AS t, 1 AS d FROM runs UNION ALL SELECT part, e, -1 FROM runs
+            )
+            -- An end before a start at the same instant: the slot was free.
+            SELECT coalesce(max(n), 0)::int FROM (
+              SELECT sum(d) OVER (PARTITION BY part ORDER BY t, d ROWS UNBOUNDED PRECEDING) AS n FROM events) x
+            """, logger: logger
+        ).first?.decode(Int.self) ?? 0
+    }
+
+    /// Refusals of a gate's partitions since `since`, as the ticks recorded
+    /// them in the history (a waiting job counts once per tick that refused it).
+    static func refusals(_ conn: PostgresConnection, gate: String, partitions: [String], since: Date, logger: Logger) async throws -> Int64 {
+        try await conn.rows(
+            """
+            SELECT coalesce(sum(m.refused), 0)::bigint
+            FROM unnest(\(partitions)::text[]) AS k(partition)
+            CROSS JOIN LATERAL dispatch_policy.partition_minutes('demo_webhooks', \(gate), k.partition, \(since)) m
+            """, logger: logger
+        ).first?.decode(Int64.self) ?? 0
+    }
+
+    /// Whether the gate bound in this run.
+    static func refusedText(_ refusals: Int64) -> String {
+        refusals > 0 ? "it bound: \(refusals) refusals" : "it never bound: not reached in this run"
     }
 }
 
