@@ -2,14 +2,15 @@
 """Runs the README's SQL and CLI examples, in README order, against one
 scratch database, so that every example a reader copies works.
 
-Usage: Tests/readme/run_readme.py [--list] [--keep] [README]
+Usage: Tests/readme/run_readme.py [--list] [--keep] [--verbose] [README]
 
 Connection: the libpq variables (PGHOST, PGPORT, PGUSER, PGPASSWORD,
 PGDATABASE, PGSSLMODE) name a server and a database to connect to first.
 The script creates a fresh database there, readme_<pid>, migrates it with
 `$DISPATCH_POLICY_BIN migrate` (default: .build/debug/dispatch-policy from
 the repository root), runs the examples in it and drops it at the end
-(--keep leaves it). --list prints what would run, and needs no server.
+(--keep leaves it). --list prints what would run, and needs no server;
+--verbose prints every block's output.
 Python 3 standard library only, plus psql on PATH (or $PSQL) and bash.
 
 Which fenced code blocks run (the rule):
@@ -126,7 +127,7 @@ def parse(text):
             marker = (number, match.group(1))
             i += 1
             continue
-        if "readme-test:" in line:
+        if re.match(r"^\s*<!--", line) and "readme-test" in line:
             raise ReadmeError(f"line {number}: not a marker this script understands: {line.strip()}")
         fence = FENCE.match(line)
         if fence:
@@ -223,37 +224,38 @@ def indent(text, prefix="    "):
 
 
 class Runner:
-    def __init__(self, readme, binary, psql, env, workdir):
-        self.readme = readme
-        self.binary = binary
+    """Runs blocks; each method returns (error, output), error None when the block did what it should."""
+
+    def __init__(self, psql, env, workdir):
         self.psql = psql
         self.env = env
         self.workdir = workdir
 
     def psql_block(self, block, path):
-        """Returns None when the block did what it should, else the error to print."""
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(block.lines) + "\n")
         stop = "0" if block.expect else "1"
         command = [self.psql, "-X", "-q", "-P", "pager=off", "-v", f"ON_ERROR_STOP={stop}", "-v", "VERBOSITY=verbose", "-f", path]
         status, out, err = run(command, self.env, self.workdir, COMMAND_TIMEOUT)
+        output = out + err
         if status is None:
-            return f"psql did not finish within {COMMAND_TIMEOUT} s\n" + indent(err)
+            return f"psql did not finish within {COMMAND_TIMEOUT} s\n" + indent(err), output
         # psql:FILE:N: ERROR:  SQLSTATE: message -- N is the block's line where the statement ended.
         errors = re.findall(r"^psql:" + re.escape(path) + r":(\d+): (?:ERROR|FATAL):  (\w{5}): (.*)$", err, re.M)
-        where = [f"README line {block.first + int(n) - 1}: SQLSTATE {code}: {message}" for n, code, message in errors]
+        where = [f"the statement ending at README line {block.first + int(n) - 1}: SQLSTATE {code}: {message}"
+                 for n, code, message in errors]
         if block.expect:
             wrong = [w for w, (_, code, _) in zip(where, errors) if code != block.expect]
             if status != 0:
-                return f"psql exited with status {status}\n" + indent(err)
+                return f"psql exited with status {status}\n" + indent(err), output
             if not errors:
-                return f"expected an error with SQLSTATE {block.expect}, but every statement succeeded"
+                return f"expected an error with SQLSTATE {block.expect}, but every statement succeeded", output
             if wrong:
-                return f"expected only SQLSTATE {block.expect}, got:\n" + indent("\n".join(wrong))
-            return None
+                return f"expected only SQLSTATE {block.expect}, got:\n" + indent("\n".join(wrong)), output
+            return None, output
         if status != 0 or errors:
-            return (("\n".join(where) + "\n") if where else f"psql exited with status {status}\n") + indent(err)
-        return None
+            return (("\n".join(where) + "\n") if where else f"psql exited with status {status}\n") + indent(err), output
+        return None, output
 
     def shell_block(self, block, path):
         lines = block.lines
@@ -266,17 +268,18 @@ class Runner:
         with open(path, "w", encoding="utf-8") as f:
             f.write(prologue + "\n" + "\n".join(lines) + "\n")
         status, out, err = run(["bash", path], self.env, self.workdir, BLOCK_TIMEOUT)
+        output = out + err
         if status is None:
-            return f"the block did not finish within {BLOCK_TIMEOUT} s\n" + indent(out) + indent(err)
+            return f"the block did not finish within {BLOCK_TIMEOUT} s\n" + indent(out) + indent(err), output
         if block.expect:
             if status == 0:
-                return f"expected a failure with SQLSTATE {block.expect}, but the block exited 0\n" + indent(out)
+                return f"expected a failure with SQLSTATE {block.expect}, but the block exited 0\n" + indent(out), output
             if f"SQLSTATE {block.expect}" not in err:
-                return f"expected SQLSTATE {block.expect} on standard error, got:\n" + indent(err)
-            return None
+                return f"expected SQLSTATE {block.expect} on standard error, got:\n" + indent(err), output
+            return None, output
         if status != 0:
-            return f"exit status {status}\n" + indent(out) + indent(err)
-        return None
+            return f"exit status {status}\n" + indent(out) + indent(err), output
+        return None, output
 
 
 def main():
@@ -284,11 +287,14 @@ def main():
     parser.add_argument("readme", nargs="?", help="default: README.md of the repository")
     parser.add_argument("--list", action="store_true", help="print each block and whether it runs; connect to nothing")
     parser.add_argument("--keep", action="store_true", help="leave the scratch database (and print its URL)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="print every block's output")
     options = parser.parse_args()
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     readme = options.readme or os.path.join(root, "README.md")
     name = os.path.relpath(readme)
+    if name.startswith(".."):
+        name = readme
     try:
         with open(readme, encoding="utf-8") as f:
             blocks = parse(f.read())
@@ -352,7 +358,7 @@ def main():
             return 1
         print(f"readme: {len(runnable)} blocks in {name}, run in {database} with {binary}")
 
-        runner = Runner(readme, binary, psql, env, scratch)
+        runner = Runner(psql, env, scratch)
         for b in runnable:
             where = f"{name}:{b.line} {b.label()}"
             if b.skip:
@@ -361,7 +367,7 @@ def main():
                 continue
             started = time.monotonic()
             path = os.path.join(workdir, f"block-{b.line}.{'sql' if b.kind != 'sh' else 'sh'}")
-            error = runner.shell_block(b, path) if b.kind == "sh" else runner.psql_block(b, path)
+            error, output = runner.shell_block(b, path) if b.kind == "sh" else runner.psql_block(b, path)
             ran += 1
             took = f"{time.monotonic() - started:.1f} s"
             if error:
@@ -370,6 +376,8 @@ def main():
             else:
                 expect = f", failed with {b.expect} as expected" if b.expect else ""
                 print(f"ok    {where} ({took}{expect})", flush=True)
+            if options.verbose:
+                print(indent(output), end="", flush=True)
     finally:
         if created and not options.keep:
             status, _, err = admin_sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
