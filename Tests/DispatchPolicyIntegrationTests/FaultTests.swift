@@ -619,8 +619,9 @@ struct FaultTests {
             #expect(await !db.isOpen)
         }
         do {
-            // Open, then dropped without close().
-            let db = ManagedConnection(settings: via, role: "test", logger: TestServer.logger)
+            // Open, then dropped without close(). (A loaded machine once took
+            // over 10 s, the default, to open a session through the proxy.)
+            let db = ManagedConnection(settings: via, role: "test", logger: TestServer.logger, connectTimeout: .seconds(30))
             try await db.run("a call", timeout: .seconds(5)) { conn in _ = try await conn.query("SELECT 1", logger: TestServer.logger) }
             #expect(await db.isOpen)
         }
