@@ -268,7 +268,6 @@ public struct Ticker: Sendable {
     /// false when the caller knows there are none: it saves a transaction).
     public func tick(policy: String, reap: Bool = true) async throws -> TickResult {
         let started = ContinuousClock.now
-        var result = TickResult(policy: policy, outcome: .ran)
         var log = logger
         log[metadataKey: "policy.name"] = "\(policy)"
         // Expired leases are reaped in a transaction of their own, first:
@@ -281,17 +280,10 @@ public struct Ticker: Sendable {
         // lock at session level until tick_finish gives it back. After any
         // failure tick_abort gives it back; a session that cannot must end
         // (it would keep the policy from every other runner).
-        do {
-            result = try await tickCalls(policy: policy, only: nil, logger: log)
-            result.reaped = reaped
-        } catch {
-            do {
-                _ = try await session.rows("SELECT dispatch_policy.tick_abort(\(policy))", logger: log)
-            } catch let abort {
-                throw SessionUnusable(reason: "could not end the failed tick of policy \(policy) (\(DispatchPolicyError.from(abort))) after: \(DispatchPolicyError.from(error))")
-            }
-            throw error
+        var result = try await abortingOnFailure(policy: policy, logger: log) {
+            try await tickCalls(policy: policy, only: nil, logger: log)
         }
+        result.reaped = reaped
         result.duration = ContinuousClock.now - started
         if result.admitted > 0 || result.reaped > 0 {
             log.info("tick", metadata: [
@@ -320,16 +312,8 @@ public struct Ticker: Sendable {
         log[metadataKey: "policy.name"] = "\(policy)"
         let target = PartitionTarget(gate: gate, partition: partition, maxJobs: maxJobs)
         while true {
-            var result: TickResult
-            do {
-                result = try await tickCalls(policy: policy, only: target, logger: log)
-            } catch {
-                do {
-                    _ = try await session.rows("SELECT dispatch_policy.tick_abort(\(policy))", logger: log)
-                } catch let abort {
-                    throw SessionUnusable(reason: "could not end the failed admission of policy \(policy) (\(DispatchPolicyError.from(abort))) after: \(DispatchPolicyError.from(error))")
-                }
-                throw error
+            var result = try await abortingOnFailure(policy: policy, logger: log) {
+                try await tickCalls(policy: policy, only: target, logger: log)
             }
             if result.outcome == .busy, ContinuousClock.now - started < wait {
                 try await Task.sleep(for: .milliseconds(50))
@@ -341,6 +325,22 @@ public struct Ticker: Sendable {
                 "tick.fetched": "\(result.fetched)", "tick.outcome": "\(result.outcome.rawValue)",
             ])
             return result
+        }
+    }
+
+    /// Runs a tick's calls; after any failure gives the policy's lock back
+    /// (`tick_abort`), and when even that fails throws ``SessionUnusable``:
+    /// the session must end, or the policy stays locked.
+    private func abortingOnFailure(policy: String, logger: Logger, _ calls: () async throws -> TickResult) async throws -> TickResult {
+        do {
+            return try await calls()
+        } catch {
+            do {
+                _ = try await session.rows("SELECT dispatch_policy.tick_abort(\(policy))", logger: logger)
+            } catch let abort {
+                throw SessionUnusable(reason: "could not end the failed tick of policy \(policy) (\(DispatchPolicyError.from(abort))) after: \(DispatchPolicyError.from(error))")
+            }
+            throw error
         }
     }
 
