@@ -23,6 +23,12 @@ struct AdminActions {
             guard let value = fields[name], !value.isEmpty else { throw Refusal(message: "\(action): the field \(name) is missing.") }
             return value
         }
+        /// A partition key: present, and possibly empty (a job without the
+        /// template's key renders to the empty partition).
+        func partitionField() throws -> String {
+            guard let value = fields["partition"] else { throw Refusal(message: "\(action): the field partition is missing.") }
+            return value
+        }
         func id() throws -> Int64 {
             guard let id = Int64(try field("id")), id > 0 else { throw Refusal(message: "\(action): id must be a job id (a positive whole number).") }
             return id
@@ -37,17 +43,17 @@ struct AdminActions {
             _ = try await executor.rows("SELECT dispatch_policy.resume(\(policy))", logger: logger)
             return "Resumed \(policy)."
         case "pause-partition":
-            let (policy, gate, partition) = (try field("policy"), try field("gate"), try field("partition"))
+            let (policy, gate, partition) = (try field("policy"), try field("gate"), try partitionField())
             _ = try await executor.rows(
                 "SELECT dispatch_policy.pause_partition(\(policy), \(gate), \(partition), reason => 'paused from the admin UI')",
                 logger: logger)
             return "Paused partition \(partition) of \(gate) in \(policy)."
         case "resume-partition":
-            let (policy, gate, partition) = (try field("policy"), try field("gate"), try field("partition"))
+            let (policy, gate, partition) = (try field("policy"), try field("gate"), try partitionField())
             _ = try await executor.rows("SELECT dispatch_policy.resume_partition(\(policy), \(gate), \(partition))", logger: logger)
             return "Resumed partition \(partition) of \(gate) in \(policy)."
         case "admit-now":
-            let (policy, gate, partition) = (try field("policy"), try field("gate"), try field("partition"))
+            let (policy, gate, partition) = (try field("policy"), try field("gate"), try partitionField())
             let text = fields["max"].flatMap { $0.isEmpty ? nil : $0 } ?? "1"
             guard let maxJobs = Int(text), FieldLimits.batchSize.contains(Double(maxJobs)) else {
                 throw Refusal(message: "admit-now: max must be a whole number from 1 to 100000.")
@@ -70,8 +76,9 @@ struct AdminActions {
             return "Job \(job) is staged again."
         case "drain":
             let policy = try field("policy")
+            // A partition of a gate, or (neither given) the whole policy.
             let gate = fields["gate"].flatMap { $0.isEmpty ? nil : $0 }
-            let partition = fields["partition"].flatMap { $0.isEmpty ? nil : $0 }
+            let partition = gate == nil ? nil : fields["partition"]
             let count = try await executor.rows(
                 """
                 SELECT dispatch_policy.drain(\(policy), \(gate)::text, \(partition)::text, \(Self.drainBatch)::integer,

@@ -99,34 +99,50 @@ public struct AdminAuth: Sendable {
     }
 }
 
-/// Failed sign-ins allowed per window, for the whole admin: past them,
-/// `/login` answers 429 until the window ends. A token of 16 characters or
-/// more cannot be guessed at this pace; the limit keeps a script from
-/// trying, and the log from filling. Signed-in sessions and bearer tokens
-/// are not affected.
+/// Failed attempts with a wrong token (sign-ins, bearer tokens) allowed per
+/// client and window: past them, that client gets 429 until the window
+/// ends, even with the right token. A token of 16 characters or more cannot
+/// be guessed at this pace; the limit keeps a script from trying, and the
+/// log from filling. A client is its IP address: behind a proxy all clients
+/// share the proxy's, and one of them can keep the others from signing in.
+/// Signed-in sessions are not affected. At most `maxClients` clients are
+/// tracked (the oldest forgotten first).
 public final class SignInLimiter: Sendable {
     public let maxFailures: Int
     public let window: Duration
-    private let failures = Mutex<[ContinuousClock.Instant]>([])
+    public let maxClients: Int
+    private let failures = Mutex<[String: [ContinuousClock.Instant]]>([:])
 
-    public init(maxFailures: Int = 10, window: Duration = .seconds(60)) {
+    public init(maxFailures: Int = 10, window: Duration = .seconds(60), maxClients: Int = 10_000) {
         self.maxFailures = maxFailures
         self.window = window
+        self.maxClients = maxClients
     }
 
-    /// nil: a sign-in may be tried; else how long until one may.
-    public func retryAfter(now: ContinuousClock.Instant = .now) -> Duration? {
-        failures.withLock { list in
+    /// nil: the client may try; else how long until it may.
+    public func retryAfter(client: String, now: ContinuousClock.Instant = .now) -> Duration? {
+        failures.withLock { all in
+            guard var list = all[client] else { return nil }
             list.removeAll { now - $0 >= window }
+            all[client] = list.isEmpty ? nil : list
             guard list.count >= maxFailures, let oldest = list.first else { return nil }
             return window - (now - oldest)
         }
     }
 
-    public func recordFailure(now: ContinuousClock.Instant = .now) {
-        failures.withLock { list in
+    public func recordFailure(client: String, now: ContinuousClock.Instant = .now) {
+        failures.withLock { all in
+            if all[client] == nil, all.count >= maxClients {
+                // Forget the clients whose failures are all outside the window, else the one that failed longest ago.
+                all = all.filter { $0.value.contains { now - $0 < window } }
+                if all.count >= maxClients, let oldest = all.min(by: { ($0.value.last ?? now) < ($1.value.last ?? now) })?.key {
+                    all[oldest] = nil
+                }
+            }
+            var list = all[client, default: []]
             list.removeAll { now - $0 >= window }
             list.append(now)
+            all[client] = list
         }
     }
 }

@@ -7,6 +7,22 @@ import Mustache
 import PostgresNIO
 import Prometheus
 
+/// The admin's request context: the client's address, for the limit of
+/// failed attempts with a wrong token.
+public struct AdminRequestContext: RequestContext, RemoteAddressRequestContext {
+    public var coreContext: CoreRequestContextStorage
+    public let remoteAddress: SocketAddress?
+
+    public init(source: ApplicationRequestContextSource) {
+        self.coreContext = .init(source: source)
+        self.remoteAddress = source.channel.remoteAddress
+    }
+
+    /// The client's IP address ("unknown" when the channel has none).
+    /// Behind a proxy every client is the proxy.
+    var client: String { remoteAddress?.ipAddress ?? "unknown" }
+}
+
 /// How the admin behaves.
 public struct AdminOptions: Sendable {
     /// Actions need this token (from `DISPATCH_POLICY_ADMIN_TOKEN`); nil: read-only.
@@ -47,8 +63,8 @@ public struct AdminServer: Sendable {
         self.logger = logger
     }
 
-    public func router() -> Router<BasicRequestContext> {
-        let router = Router()
+    public func router() -> Router<AdminRequestContext> {
+        let router = Router(context: AdminRequestContext.self)
         router.add(middleware: SecurityHeaders())
         router.get("/") { request, _ in try await self.page(request) { session in try await self.overview(session) } }
         router.get("/policies/:name") { request, context in
@@ -72,11 +88,11 @@ public struct AdminServer: Sendable {
                 return ("login", ["title": "Sign in"])
             }
         }
-        router.post("/login") { request, _ in try await self.login(request) }
+        router.post("/login") { request, context in try await self.login(request, client: context.client) }
         router.post("/logout") { request, _ in try await self.logout(request) }
         router.post("/actions/:action") { request, context in
             let action = try context.parameters.require("action")
-            return try await self.act(action, request: request)
+            return try await self.act(action, request: request, client: context.client)
         }
         router.get("/assets/admin.css") { _, _ in Self.asset(Assets.css, type: "text/css; charset=utf-8") }
         router.get("/assets/admin.js") { _, _ in Self.asset(Assets.js, type: "text/javascript; charset=utf-8") }
@@ -187,7 +203,8 @@ public struct AdminServer: Sendable {
     /// The query string, decoded as a browser's form encodes it ('+' is a
     /// space); a query that cannot be decoded counts as none.
     static func query(_ request: Request) -> FormFields {
-        request.uri.query.flatMap { FormFields($0) } ?? FormFields("")!
+        // PostgreSQL text holds no NUL: a query string with one counts as none.
+        request.uri.query.flatMap { FormFields($0) }.flatMap { $0.containsNUL ? nil : $0 } ?? FormFields("")!
     }
 
     static func asset(_ text: String, type: String) -> Response {
@@ -240,6 +257,7 @@ public struct AdminServer: Sendable {
         let policies = try await store.policies()
         let since = Date().addingTimeInterval(-3600)
         let minutes = try await store.recentMinutes(since: since)
+        let pending = try await store.pendingMinutes(since: since)
         let limits = try await store.limits(minutes: minutes)
         var rows: [[String: Any]] = []
         for policy in policies {
@@ -262,6 +280,7 @@ public struct AdminServer: Sendable {
                 "lagP50": policy.lagP50ms.map(Format.milliseconds) ?? "-", "lagP95": policy.lagP95ms.map(Format.milliseconds) ?? "-",
                 "oldest": policy.oldestPendingSeconds.map(Format.seconds) ?? "-", "headroom": headroom,
                 "trend": Chart.sparkline(samples.map(Self.point), label: "completions and lag of \(policy.name), last hour"),
+                "pendingTrend": Chart.pendingLine(pending[policy.name] ?? [], label: "pending jobs of \(policy.name), last hour"),
                 "hints": Hints.of(policy, limits: limit),
             ])
         }
@@ -277,6 +296,7 @@ public struct AdminServer: Sendable {
         let query = Self.query(request)
         let search = query.value("q").map { String($0.prefix(200)) }
         let onlyBusy = query.value("busy") == "1"
+        let onlyPending = query.value("pending") == "1"
         let sort = query.value("sort").flatMap(AdminStore.PartitionSort.init(rawValue:)) ?? .partition
         let after = query.value("after").flatMap { AdminStore.PartitionCursor(token: $0) }
         let watch = Array(query.values("watch").map { String($0.prefix(1024)) }.prefix(50))
@@ -287,7 +307,7 @@ public struct AdminServer: Sendable {
         let samples = try await store.recentMinutes(only: name, since: since)[name] ?? []
         let limits = try await store.limits(only: name, minutes: [name: samples])[name]
         let partitions = try await store.partitions(
-            policy: name, search: search, sort: sort, after: after, onlyBusy: onlyBusy, limit: pageSize + 1)
+            policy: name, search: search, sort: sort, after: after, onlyBusy: onlyBusy, onlyPending: onlyPending, limit: pageSize + 1)
         let watched = watch.isEmpty ? [] : try await store.partitions(
             policy: name, search: nil, after: nil, onlyBusy: false, only: watch, limit: 200)
         let laneAfter = query.value("lane_after").map { String($0.prefix(1024)) }
@@ -305,10 +325,12 @@ public struct AdminServer: Sendable {
                 "cap": Format.number(partition.cap),
                 "tokens": partition.tokens.map { t in partition.burst.map { "\(Format.number((t * 10).rounded(.down) / 10)) / \(Format.number($0))" } ?? Format.number(t) } ?? "-",
                 "ewma": partition.ewmaLagMs.map(Format.milliseconds) ?? "-", "lastAdmitted": Self.time(partition.lastAdmitted),
+                "pending": partition.pending, "lastStaged": Self.time(partition.lastStaged),
                 "spark": Chart.sparkline(spark.map(Self.point), label: "completions and lag of \(partition.partition), last hour"),
                 "paused": partition.paused, "policy": name,
             ]
-            if session.signedIn {
+            // Actions only where they can work: a partitioned gate's partition.
+            if session.signedIn && partition.partitioned {
                 values["actions"] = ["csrf": session.csrf ?? "", "pauseAction": partition.paused ? "resume" : "pause",
                                      "pauseLabel": partition.paused ? "Resume" : "Pause"] as [String: Any]
             }
@@ -324,7 +346,7 @@ public struct AdminServer: Sendable {
             "hints": overview.map { Hints.of($0, limits: limits) } ?? [],
             "chart": Chart.svg(samples.map(Self.point), label: "completions per minute and average queue lag of \(name), last hour"),
             "partitions": partitionRows, "watched": watchedRows, "watchParams": watch, "query": search ?? "",
-            "onlyBusy": onlyBusy, "sortPartition": sort == .partition, "sortInFlight": sort == .inFlight,
+            "onlyBusy": onlyBusy, "onlyPending": onlyPending, "sortPartition": sort == .partition, "sortInFlight": sort == .inFlight,
             "gates": detail.gates.map { ["name": $0.name, "type": $0.type, "partitionBy": $0.partitionBy ?? "-"] },
             "config": detail.configJSON,
             "lanes": lanes.prefix(pageSize).map { lane -> [String: Any] in
@@ -345,6 +367,7 @@ public struct AdminServer: Sendable {
                                              ("after", AdminStore.PartitionCursor(gate: last.gate, partition: last.partition, inFlight: last.inFlight).token)]
             if let search { pairs.append(("q", search)) }
             if onlyBusy { pairs.append(("busy", "1")) }
+            if onlyPending { pairs.append(("pending", "1")) }
             pairs += watch.map { ("watch", $0) }
             values["next"] = "/policies/\(Self.path(name))?\(Self.query(pairs))"
         }
@@ -430,17 +453,21 @@ public struct AdminServer: Sendable {
         return fields.first
     }
 
-    func login(_ request: Request) async throws -> Response {
+    /// 429 while `client` has failed too often (``SignInLimiter``).
+    func limited(_ client: String) -> Response? {
+        guard let wait = signIns.retryAfter(client: client) else { return nil }
+        let seconds = max(1, wait.components.seconds + (wait.components.attoseconds > 0 ? 1 : 0))
+        return Response(status: .tooManyRequests, headers: [.contentType: "text/plain; charset=utf-8", .retryAfter: "\(seconds)"],
+                        body: .init(byteBuffer: ByteBuffer(string: "Too many failed attempts with a wrong token: try again in \(seconds) s.\n")))
+    }
+
+    func login(_ request: Request, client: String) async throws -> Response {
         guard auth.actionsEnabled else { return redirect("/", flashError: "Actions are off: start the admin with --allow-actions.") }
-        if let wait = signIns.retryAfter() {
-            let seconds = max(1, wait.components.seconds + (wait.components.attoseconds > 0 ? 1 : 0))
-            return Response(status: .tooManyRequests, headers: [.contentType: "text/plain; charset=utf-8", .retryAfter: "\(seconds)"],
-                            body: .init(byteBuffer: ByteBuffer(string: "Too many failed sign-ins: try again in \(seconds) s.\n")))
-        }
+        if let response = limited(client) { return response }
         let fields = try await form(request)
         guard let token = fields["token"], auth.accepts(token: token), let value = auth.sessionValue() else {
-            signIns.recordFailure()
-            logger.warning("admin sign-in refused")
+            signIns.recordFailure(client: client)
+            logger.warning("admin sign-in refused", metadata: ["client": "\(client)"])
             return redirect("/login", flashError: "That token is not the admin token.")
         }
         var response = redirect("/", flash: "Signed in: actions are available.")
@@ -476,17 +503,30 @@ public struct AdminServer: Sendable {
     /// Whether the request may act: the bearer token (scripts), or the
     /// session cookie with the CSRF field (browsers).
     func mayAct(_ request: Request, fields: [String: String]) -> Bool {
-        // The scheme is case-insensitive (RFC 9110); the token is what follows its spaces.
-        if let header = request.headers[.authorization], header.lowercased().hasPrefix("bearer ") {
-            return auth.accepts(token: header.dropFirst("bearer ".count).trimmingCharacters(in: .whitespaces))
-        }
+        if let token = Self.bearer(request) { return auth.accepts(token: token) }
         return auth.acceptsCSRF(fields["csrf"], session: request.cookies[AdminAuth.sessionCookie]?.value)
     }
 
-    func act(_ action: String, request: Request) async throws -> Response {
+    /// The bearer token of the request, if it sends one. The scheme is
+    /// case-insensitive (RFC 9110); the token is what follows its spaces.
+    static func bearer(_ request: Request) -> String? {
+        guard let header = request.headers[.authorization], header.lowercased().hasPrefix("bearer ") else { return nil }
+        return header.dropFirst("bearer ".count).trimmingCharacters(in: .whitespaces)
+    }
+
+    func act(_ action: String, request: Request, client: String) async throws -> Response {
         guard auth.actionsEnabled else { return Self.forbidden("Actions are off: start the admin with --allow-actions and DISPATCH_POLICY_ADMIN_TOKEN.") }
+        // A wrong bearer token counts as a failed sign-in of its client.
+        let bearer = Self.bearer(request)
+        if bearer != nil, let response = limited(client) { return response }
         let fields = try await form(request)
-        guard mayAct(request, fields: fields) else { return Self.forbidden("Sign in with the admin token first (or send Authorization: Bearer TOKEN); the form may be stale or forged.") }
+        guard mayAct(request, fields: fields) else {
+            if bearer != nil {
+                signIns.recordFailure(client: client)
+                logger.warning("admin action refused: wrong bearer token", metadata: ["client": "\(client)"])
+            }
+            return Self.forbidden("Sign in with the admin token first (or send Authorization: Bearer TOKEN); the form may be stale or forged.")
+        }
         let back = request.headers[.referer].flatMap(Self.sameOriginPath) ?? "/"
         do {
             let message = try await AdminActions(store: store).run(action, fields: fields)
@@ -570,5 +610,7 @@ public struct FormFields: Sendable {
     }
 
     public func value(_ name: String) -> String? { pairs.first { $0.name == name }?.value }
+    /// Whether a name or value holds a NUL (no PostgreSQL text can).
+    public var containsNUL: Bool { pairs.contains { $0.name.contains("\u{0}") || $0.value.contains("\u{0}") } }
     public func values(_ name: String) -> [String] { pairs.filter { $0.name == name }.map(\.value) }
 }

@@ -157,6 +157,25 @@ public struct AdminStore: Sendable {
         return result
     }
 
+    /// Pending jobs at the end of each minute from `since`, per policy (or
+    /// only `only`), reconstructed from the history (`pending_minutes`), one statement.
+    public func pendingMinutes(only: String? = nil, since: Date) async throws -> [String: [(minute: Date, pending: Int64, scheduled: Int64)]] {
+        var result: [String: [(minute: Date, pending: Int64, scheduled: Int64)]] = [:]
+        for row in try await executor.rows(
+            """
+            SELECT p.name, m.minute, m.pending, m.scheduled
+            FROM dispatch_policy.policies p
+            CROSS JOIN LATERAL dispatch_policy.pending_minutes(p.name, \(since)) m
+            WHERE \(only)::text IS NULL OR p.name = \(only)::text
+            ORDER BY p.name, m.minute
+            """, logger: logger)
+        {
+            let (policy, minute, pending, scheduled) = try row.decode((String, Date, Int64, Int64).self)
+            result[policy, default: []].append((minute, pending, scheduled))
+        }
+        return result
+    }
+
     /// The last minutes of every policy (or only `only`), one statement: one
     /// row per minute from `since`, gaps as zeros, keyed by policy.
     public func recentMinutes(only: String? = nil, since: Date) async throws -> [String: [MinuteSample]] {
@@ -254,6 +273,9 @@ public struct AdminStore: Sendable {
     public struct PartitionRow: Sendable, Equatable {
         public var gate: String
         public var gateType: String
+        /// A gate with a partition_by (throttle, concurrency, adaptive): its
+        /// partitions can be paused, drained and admitted from.
+        public var partitioned = true
         public var partition: String
         public var inFlight: Int64
         public var cap: Double?
@@ -262,6 +284,10 @@ public struct AdminStore: Sendable {
         public var ewmaLagMs: Double?
         public var lastAdmitted: Date?
         public var paused: Bool
+        /// Staged jobs (eligible and scheduled) in the partition, and when one
+        /// was last staged into it (`partition_pending`).
+        public var pending: Int64 = 0
+        public var lastStaged: Date?
     }
 
     /// The orders the partition list offers, each with keyset pagination.
@@ -294,7 +320,9 @@ public struct AdminStore: Sendable {
         public init?(token: String) {
             var base64 = token.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
             while base64.count % 4 != 0 { base64 += "=" }
-            guard base64.count <= 4096, let data = Data(base64Encoded: base64), let text = String(data: data, encoding: .utf8) else { return nil }
+            // PostgreSQL text holds no NUL: a cursor with one is no cursor (not a query error).
+            guard base64.count <= 4096, let data = Data(base64Encoded: base64), let text = String(data: data, encoding: .utf8),
+                  !text.contains("\u{0}") else { return nil }
             let parts = text.split(separator: "\u{1F}", maxSplits: 2, omittingEmptySubsequences: false)
             // in_flight is an integer column: a forged cursor beyond it is no cursor.
             guard parts.count == 3, let inFlight = Int64(parts[0]), (0...Int64(Int32.max)).contains(inFlight) else { return nil }
@@ -309,7 +337,7 @@ public struct AdminStore: Sendable {
     /// its burst. `only` restricts to these partition keys (the watched list).
     public func partitions(
         policy: String, search: String?, sort: PartitionSort = .partition, after: PartitionCursor?, onlyBusy: Bool,
-        only: [String]? = nil, limit: Int
+        onlyPending: Bool = false, only: [String]? = nil, limit: Int
     ) async throws -> [PartitionRow] {
         let pattern = search.flatMap { $0.isEmpty ? nil : "%" + Self.escapeLike($0) + "%" }
         // Where the rows without jobs in flight (all rows, sorted by
@@ -329,6 +357,7 @@ public struct AdminStore: Sendable {
         binds.append(after?.partition)                         // $9
         binds.append(after.map { Int64($0.inFlight) })         // $10
         binds.append(limit)                                    // $11
+        binds.append(onlyPending)                              // $12
         // A row of a gate-state table (alias x) that may be on the page.
         let candidate = """
             (x.gate, x.partition) > ($5::text, $6::text)
@@ -336,17 +365,19 @@ public struct AdminStore: Sendable {
             AND ($3::text[] IS NULL OR x.partition = ANY ($3::text[]))
             AND (NOT $7 OR NOT EXISTS (SELECT 1 FROM dispatch_policy.inflight_counters y
                                        WHERE y.policy = $1 AND y.gate = x.gate AND y.partition = x.partition AND y.in_flight > 0))
+            AND (NOT $12 OR EXISTS (SELECT 1 FROM dispatch_policy.partition_counters y
+                                    WHERE y.policy = $1 AND y.gate = x.gate AND y.partition = x.partition AND y.pending > 0))
             AND (NOT $4 OR EXISTS (SELECT 1 FROM dispatch_policy.inflight_counters y
                                    WHERE y.policy = $1 AND y.gate = x.gate AND y.partition = x.partition AND y.in_flight > 0)
                         OR EXISTS (SELECT 1 FROM dispatch_policy.throttle_buckets y
                                    WHERE y.policy = $1 AND y.gate = x.gate AND y.partition = x.partition AND y.tokens < y.burst))
             """
-        let branches = ["throttle_buckets", "inflight_counters", "adaptive_stats"].map { table in
+        let branches = ["throttle_buckets", "inflight_counters", "adaptive_stats", "partition_counters"].map { table in
             "(SELECT x.gate, x.partition FROM dispatch_policy.\(table) x WHERE x.policy = $1 AND \(candidate) ORDER BY x.gate, x.partition LIMIT $11)"
         }
         let sql = """
             WITH gates AS (
-              SELECT coalesce(g ->> 'name', g ->> 'type') AS gate, g ->> 'type' AS gate_type, g AS config
+              SELECT coalesce(g ->> 'name', g ->> 'type') AS gate, g ->> 'type' AS gate_type, g AS config, p.config AS config_all
               FROM dispatch_policy.policies p
               CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
               WHERE p.name = $1
@@ -360,12 +391,15 @@ public struct AdminStore: Sendable {
               UNION
               (SELECT x.gate, x.partition FROM dispatch_policy.inflight_counters x
                WHERE $7 AND x.policy = $1 AND x.in_flight > 0
+                 AND (NOT $12 OR EXISTS (SELECT 1 FROM dispatch_policy.partition_counters y
+                                         WHERE y.policy = $1 AND y.gate = x.gate AND y.partition = x.partition AND y.pending > 0))
                  AND ($2::text IS NULL OR x.partition ILIKE $2::text)
                  AND ($3::text[] IS NULL OR x.partition = ANY ($3::text[]))
                  AND ($8::text IS NULL OR (-x.in_flight, x.gate, x.partition) > (-$10::bigint, $8::text, $9::text))
                ORDER BY x.in_flight DESC, x.gate, x.partition LIMIT $11)
             )
-            SELECT k.gate, gt.gate_type, k.partition, coalesce(c.in_flight, 0)::bigint,
+            SELECT k.gate, gt.gate_type, dispatch_policy._partitioned_gate(gt.config_all, k.gate) IS NOT NULL,
+                   k.partition, coalesce(c.in_flight, 0)::bigint,
                    CASE gt.gate_type WHEN 'adaptive_concurrency' THEN a.current_max::float8
                                      ELSE dispatch_policy._json_number(gt.config -> 'max')::float8 END,
                    dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, now())::float8,
@@ -386,13 +420,38 @@ public struct AdminStore: Sendable {
             ORDER BY CASE WHEN $7 THEN -coalesce(c.in_flight, 0) ELSE 0 END, k.gate, k.partition
             LIMIT $11
             """
-        return try await executor.rows(PostgresQuery(unsafeSQL: sql, binds: binds), logger: logger).map { row in
-            let (gate, type, partition, inFlight, cap, tokens, burst, ewma, last, paused) =
-                try row.decode((String, String, String, Int64, Double?, Double?, Double?, Double?, Date?, Bool).self)
+        var rows = try await executor.rows(PostgresQuery(unsafeSQL: sql, binds: binds), logger: logger).map { row in
+            let (gate, type, isPartitioned, partition, inFlight, cap, tokens, burst, ewma, last, paused) =
+                try row.decode((String, String, Bool, String, Int64, Double?, Double?, Double?, Double?, Date?, Bool).self)
             return PartitionRow(
-                gate: gate, gateType: type, partition: partition, inFlight: inFlight, cap: cap, tokens: tokens, burst: burst,
-                ewmaLagMs: ewma, lastAdmitted: last, paused: paused)
+                gate: gate, gateType: type, partitioned: isPartitioned, partition: partition, inFlight: inFlight, cap: cap, tokens: tokens,
+                burst: burst, ewmaLagMs: ewma, lastAdmitted: last, paused: paused)
         }
+        // Pending and last staged of the page's partitions, exact, one statement.
+        let partitioned = rows.filter(\.partitioned)
+        guard !partitioned.isEmpty else { return rows }
+        var counts: [String: (pending: Int64, last: Date?)] = [:]
+        for row in try await executor.rows(
+            """
+            SELECT x.gate, pp.partition, pp.pending, pp.last_staged_at
+            FROM (SELECT u.gate, array_agg(u.partition) AS keys
+                  FROM unnest(\(partitioned.map(\.gate))::text[], \(partitioned.map(\.partition))::text[]) AS u(gate, partition)
+                  -- The gate as the policy is now (redeclared since the page's query: no count).
+                  WHERE dispatch_policy._partitioned_gate((SELECT p.config FROM dispatch_policy.policies p WHERE p.name = \(policy)), u.gate) IS NOT NULL
+                  GROUP BY u.gate) x
+            CROSS JOIN LATERAL dispatch_policy.partition_pending(\(policy), x.gate, x.keys) pp
+            """, logger: logger)
+        {
+            let (gate, partition, pending, last) = try row.decode((String, String, Int64, Date?).self)
+            counts[gate + "\u{1F}" + partition] = (pending, last)
+        }
+        for index in rows.indices {
+            if let count = counts[rows[index].gate + "\u{1F}" + rows[index].partition] {
+                rows[index].pending = count.pending
+                rows[index].lastStaged = count.last
+            }
+        }
+        return rows
     }
 
     /// A round-robin lane with jobs waiting, its pending count (counted up to

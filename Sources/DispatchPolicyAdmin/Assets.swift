@@ -30,6 +30,7 @@ enum Assets {
         .flash { padding: .5rem .8rem; border-radius: 4px; background: var(--row); border: 1px solid var(--line); }
         .flash.error { background: var(--warn-bg); color: var(--warn-fg); }
         .actions { display: flex; gap: .5rem; margin: .5rem 0; } .actions form, .row-actions form { display: inline; }
+        .chart path.pending { fill: none; stroke: var(--fg); stroke-width: 1.2; opacity: .75; }
         .admit-now input[type=number] { width: 5em; }
         button { font: inherit; padding: .15rem .6rem; border: 1px solid var(--line); border-radius: 4px; background: var(--row); color: var(--fg); cursor: pointer; }
         button.danger { border-color: var(--failed); }

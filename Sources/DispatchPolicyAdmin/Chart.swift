@@ -86,6 +86,27 @@ public enum Chart {
         return out + "</svg>"
     }
 
+    /// The pending jobs at the end of each minute as a line (a row's pending
+    /// trend), with a tooltip per minute; `scheduled` are included in the
+    /// tooltip only.
+    public static func pendingLine(_ samples: [(minute: Date, pending: Int64, scheduled: Int64)], label: String) -> String {
+        let width = 120.0, height = 24.0
+        var out = "<svg class=\"chart pending\" xmlns=\"http://www.w3.org/2000/svg\" width=\"120\" height=\"24\" viewBox=\"0 0 120 24\" role=\"img\" aria-label=\"\(HTML.escape(label))\">"
+        guard !samples.isEmpty else { return out + "</svg>" }
+        let top = max(samples.map(\.pending).max() ?? 0, 1)
+        let step = width / Double(samples.count)
+        var path = ""
+        for (index, sample) in samples.enumerated() {
+            let x = (Double(index) + 0.5) * step
+            let y = 1 + (height - 2) * (1 - Double(max(sample.pending, 0)) / Double(top))
+            path += "\(index == 0 ? "M" : "L")\(f(x)) \(f(y)) "
+            let tip = "\(hhmm(sample.minute)) UTC: \(sample.pending) pending, \(sample.scheduled) scheduled"
+            out += "<g><title>\(HTML.escape(tip))</title><rect class=\"hit\" x=\(q(Double(index) * step)) y=\"0\" width=\(q(step)) height=\"24\"/></g>"
+        }
+        out += "<path class=\"pending\" d=\"\(path.trimmingCharacters(in: .whitespaces))\"/>"
+        return out + "</svg>"
+    }
+
     /// One decimal, without a formatter (this runs for every bar of every sparkline).
     private static func f(_ value: Double) -> String {
         guard value.isFinite else { return "0" }

@@ -57,7 +57,7 @@ enum Templates {
         {{^policies}}<p class="empty">No policies declared yet. Declare one with <code>dispatch-policy policy apply FILE</code>.</p>{{/policies}}
         {{^empty(policies)}}
         <table class="grid">
-        <thead><tr><th>Policy</th><th>State</th><th class="n">Pending</th><th class="n">Scheduled</th><th class="n">In flight</th><th class="n">Admitted 24 h</th><th class="n">Completed 24 h</th><th class="n">Failed 24 h</th><th class="n">Failure %</th><th class="n">Dead</th><th class="n">Throughput</th><th class="n">Lag P50 / P95</th><th class="n">Oldest pending</th><th>Headroom</th><th>Last hour</th></tr></thead>
+        <thead><tr><th>Policy</th><th>State</th><th class="n">Pending</th><th class="n">Scheduled</th><th class="n">In flight</th><th class="n">Admitted 24 h</th><th class="n">Completed 24 h</th><th class="n">Failed 24 h</th><th class="n">Failure %</th><th class="n">Dead</th><th class="n">Throughput</th><th class="n">Lag P50 / P95</th><th class="n">Oldest pending</th><th>Headroom</th><th>Pending, last hour</th><th>Done and lag, last hour</th></tr></thead>
         <tbody>
         {{#policies}}
         <tr>
@@ -67,9 +67,9 @@ enum Templates {
           <td class="n">{{admitted24h}}</td><td class="n">{{completed24h}}</td><td class="n">{{failed24h}}</td><td class="n">{{failurePercent}}</td>
           <td class="n">{{#dead}}<a href="/dead?policy={{urlName}}">{{dead}}</a>{{/dead}}{{^dead}}0{{/dead}}</td>
           <td class="n">{{throughput}}/min</td><td class="n">{{lagP50}} / {{lagP95}}</td><td class="n">{{oldest}}</td>
-          <td>{{headroom}}</td><td>{{{trend}}}</td>
+          <td>{{headroom}}</td><td>{{{pendingTrend}}}</td><td>{{{trend}}}</td>
         </tr>
-        {{^empty(hints)}}<tr class="hints"><td></td><td colspan="14"><ul>{{#hints}}<li>{{.}}</li>{{/hints}}</ul></td></tr>{{/empty(hints)}}
+        {{^empty(hints)}}<tr class="hints"><td></td><td colspan="15"><ul>{{#hints}}<li>{{.}}</li>{{/hints}}</ul></td></tr>{{/empty(hints)}}
         {{/policies}}
         </tbody>
         </table>
@@ -101,12 +101,13 @@ enum Templates {
         <h2>Partitions</h2>
         <form class="filters" method="get" action="/policies/{{urlName}}">
           <input type="search" name="q" value="{{query}}" placeholder="Search partitions" aria-label="Search partitions">
+          <label><input type="checkbox" name="pending" value="1" {{#onlyPending}}checked{{/onlyPending}}> only with jobs waiting</label>
           <label><input type="checkbox" name="busy" value="1" {{#onlyBusy}}checked{{/onlyBusy}}> only busy</label>
           <label>Sort <select name="sort"><option value="partition" {{#sortPartition}}selected{{/sortPartition}}>partition</option><option value="in_flight" {{#sortInFlight}}selected{{/sortInFlight}}>in flight</option></select></label>
           {{#watchParams}}<input type="hidden" name="watch" value="{{.}}">{{/watchParams}}
           <button>Apply</button>
         </form>
-        {{#empty(partitions)}}<p class="empty">No gate state yet: partitions appear once a job is admitted or refused through a throttle, concurrency or adaptive gate.</p>{{/empty(partitions)}}
+        {{#empty(partitions)}}<p class="empty">No partitions yet: a partition appears once a job is staged into it or admitted or refused through a throttle, concurrency or adaptive gate.</p>{{/empty(partitions)}}
         {{^empty(partitions)}}<table class="grid partitions">{{> partitionHead}}<tbody>{{#partitions}}{{> partitionRow}}{{/partitions}}</tbody></table>{{/empty(partitions)}}
         {{#next}}<p class="pager"><a href="{{next}}">Next page →</a></p>{{/next}}
         </section>
@@ -132,14 +133,14 @@ enum Templates {
         """
 
     static let partitionHead = """
-        <thead><tr><th></th><th>Gate</th><th>Partition</th><th class="n">In flight</th><th class="n">Cap</th><th class="n">Tokens</th><th class="n">EWMA lag</th><th>Last admitted</th><th>Last hour</th>{{#actions}}<th>Actions</th>{{/actions}}</tr></thead>
+        <thead><tr><th></th><th>Gate</th><th>Partition</th><th class="n">Pending</th><th class="n">In flight</th><th class="n">Cap</th><th class="n">Tokens</th><th class="n">EWMA lag</th><th>Last staged</th><th>Last admitted</th><th>Last hour</th>{{#actions}}<th>Actions</th>{{/actions}}</tr></thead>
         """
 
     static let partitionRow = """
         <tr class="{{#paused}}paused{{/paused}}">
           <td><button class="watch" type="button" data-partition="{{partition}}" aria-label="Watch {{partition}}">☆</button></td>
           <td>{{gate}} <small>{{gateType}}</small></td><td class="key">{{partition}}{{#paused}} <span class="state paused">paused</span>{{/paused}}</td>
-          <td class="n">{{inFlight}}</td><td class="n">{{cap}}</td><td class="n">{{tokens}}</td><td class="n">{{ewma}}</td><td>{{lastAdmitted}}</td><td>{{{spark}}}</td>
+          <td class="n">{{pending}}</td><td class="n">{{inFlight}}</td><td class="n">{{cap}}</td><td class="n">{{tokens}}</td><td class="n">{{ewma}}</td><td>{{lastStaged}}</td><td>{{lastAdmitted}}</td><td>{{{spark}}}</td>
           {{#actions}}<td class="row-actions">
             <form method="post" action="/actions/{{pauseAction}}-partition"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="policy" value="{{policy}}"><input type="hidden" name="gate" value="{{gate}}"><input type="hidden" name="partition" value="{{partition}}"><button>{{pauseLabel}}</button></form>
             <form method="post" action="/actions/admit-now" class="admit-now"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="policy" value="{{policy}}"><input type="hidden" name="gate" value="{{gate}}"><input type="hidden" name="partition" value="{{partition}}"><input type="number" name="max" value="1" min="1" max="100000" aria-label="How many to admit now"><button title="Admit up to this many pending jobs of the partition now, through its gates">Admit now</button></form>

@@ -27,17 +27,21 @@ enum ProcessMetrics {
 }
 
 /// An HTTP listener for the admin or the runner's `/metrics`.
-func httpService(
-    router: Router<BasicRequestContext>, bind: String, flag: String, logger: Logger,
+func httpService<Context: RequestContext>(
+    router: Router<Context>, bind: String, flag: String, logger: Logger,
     onListening: (@Sendable (String) -> Void)? = nil
-) throws -> some Service {
+) throws -> some Service where Context.Source == ApplicationRequestContextSource {
     guard let (host, port) = AdminServer.parseBind(bind) else {
         throw DispatchPolicyError(code: .invalidArgument, message: "\(flag) must be HOST:PORT, [IPv6]:PORT or :PORT, got \(bind)")
     }
     return Application(
         router: router, configuration: .init(address: .hostname(host, port: port), serverName: nil),
         onServerRunning: { channel in
-            let address = channel.localAddress.map { "\($0.ipAddress ?? host):\($0.port ?? port)" } ?? bind
+            let address = channel.localAddress.map { local -> String in
+                let ip = local.ipAddress ?? host
+                // An IPv6 address in a URL is in brackets.
+                return "\(ip.contains(":") ? "[\(ip)]" : ip):\(local.port ?? port)"
+            } ?? bind
             FileHandle.standardError.write(Data("dispatch-policy: listening on http://\(address)\n".utf8))
             onListening?("http://\(address)")
         },

@@ -350,7 +350,10 @@ struct AdmitNow: AsyncParsableCommand {
         commandName: "admit-now",
         abstract: "Admit up to N pending jobs of one gate partition now, outside the round-robin rotation.",
         discussion: """
-            A tick restricted to the partition: the policy's lock, every gate checked, tokens and slots taken             as for any admission. Jobs a gate refuses stay staged; the line says which gate refused how many.             Jobs scheduled for later are not admitted; a paused policy or partition admits nothing.             Waits up to 10 s for a runner's tick of the policy under way. Exits 1 when nothing was admitted.
+            A tick restricted to the partition: the policy's lock, every gate checked, tokens and slots taken \
+            as for any admission. Jobs a gate refuses stay staged; the line says which gate refused how many. \
+            Jobs scheduled for later are not admitted; a paused policy or partition admits nothing. \
+            Waits up to 10 s for a runner's tick of the policy under way. Exits 1 when nothing was admitted.
             """)
 
     @OptionGroup var connection: ConnectionOptions
@@ -506,11 +509,12 @@ struct Status: AsyncParsableCommand {
             let busiest = try await store.partitions(policy: policy, search: nil, sort: .inFlight, after: nil, onlyBusy: false, limit: partitions)
             if !busiest.isEmpty {
                 out.append("\n" + TextTable.render(
-                    header: ["GATE", "PARTITION", "IN FLIGHT", "CAP", "TOKENS", "EWMA LAG", "LAST ADMITTED"],
+                    header: ["GATE", "PARTITION", "PENDING", "IN FLIGHT", "CAP", "TOKENS", "EWMA LAG", "LAST STAGED", "LAST ADMITTED"],
                     rows: busiest.map { row in
-                        [row.gate, row.partition + (row.paused ? " (paused)" : ""), "\(row.inFlight)", Format.number(row.cap),
+                        [row.gate, row.partition + (row.paused ? " (paused)" : ""), "\(row.pending)", "\(row.inFlight)", Format.number(row.cap),
                          row.tokens.map { Format.number(($0 * 10).rounded(.down) / 10) } ?? "-",
                          row.ewmaLagMs.map(Format.milliseconds) ?? "-",
+                         row.lastStaged.map { Format.seconds(-$0.timeIntervalSinceNow) + " ago" } ?? "-",
                          row.lastAdmitted.map { Format.seconds(-$0.timeIntervalSinceNow) + " ago" } ?? "-"].map(DispatchPolicyError.oneLine)
                     }))
             }

@@ -271,7 +271,16 @@ struct AdminTests {
                     let header = try #require($0.headers[.setCookie])
                     #expect(!header.contains("Secure"))
                 }
-                // Ten wrong tokens in a minute, then sign-in is refused for a while, even with the right token.
+                // The empty partition (a job without the template's key) can be acted on.
+                _ = try await stage(conn, "p", #"{"other": 1}"#)
+                try await client.execute(uri: "/actions/admit-now", method: .post, headers: bearer,
+                                         body: form([("policy", "p"), ("gate", "c"), ("partition", ""), ("max", "1")])) {
+                    #expect($0.headers[.location]?.contains("flash=") == true, "\($0.headers[.location] ?? "")")
+                }
+                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE NOT context ? 'tenant'", as: Int64.self) == 1)
+                // A cursor or search with a NUL is ignored, not a database error.
+                try await client.execute(uri: "/policies/p?q=%00&after=MB9jAB9h", method: .get) { #expect($0.status == .ok) }
+                // Ten wrong tokens in a minute, then this client is refused for a while, even with the right token.
                 for _ in 0..<10 {
                     try await client.execute(uri: "/login", method: .post, headers: formHeaders, body: form([("token", "wrong")])) {
                         #expect($0.status == .seeOther)
@@ -282,9 +291,21 @@ struct AdminTests {
                     #expect($0.headers[.retryAfter] != nil)
                     #expect($0.headers[.setCookie] == nil)
                 }
-                // A script with the token is not affected.
                 try await client.execute(uri: "/actions/pause", method: .post, headers: bearer, body: form([("policy", "p")])) {
-                    #expect($0.status == .seeOther)
+                    #expect($0.status == .tooManyRequests, "a bearer token from the same client too")
+                }
+            }
+            // Wrong bearer tokens count too (a fresh admin: its own limiter).
+            try await withAdmin(conn, token: token) { client in
+                var wrong = formHeaders
+                wrong[.authorization] = "Bearer not-the-token-at-all"
+                for _ in 0..<10 {
+                    try await client.execute(uri: "/actions/resume", method: .post, headers: wrong, body: form([("policy", "p")])) {
+                        #expect($0.status == .forbidden)
+                    }
+                }
+                try await client.execute(uri: "/actions/resume", method: .post, headers: wrong, body: form([("policy", "p")])) {
+                    #expect($0.status == .tooManyRequests)
                 }
             }
         }
@@ -362,6 +383,43 @@ struct AdminTests {
             // The watched list: only those keys, whatever else there is.
             let watched = try await store.partitions(policy: "p", search: nil, after: nil, onlyBusy: false, only: ["k003", "k120"], limit: 50)
             #expect(watched.map { "\($0.gate)/\($0.partition)" } == ["a/k120", "c/k003", "c/k120", "t/k003", "t/k120"])
+        }
+    }
+
+    @Test("partitions show their pending jobs and last staged time; one with jobs but no gate state yet is listed; only-with-jobs filter; the overview's pending trend")
+    func partitionPending() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", #"{"gates": [{"type": "throttle", "name": "t", "rate": 1, "per": 3600, "burst": 1, "partition_by": "{tenant}"}]}"#)
+            for tenant in ["a", "a", "a", "b"] { _ = try await stage(conn, "p", #"{"tenant": "\#(tenant)"}"#) }
+            // One token each: a keeps 2 waiting, b none.
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
+            // c is staged after the tick: no gate state, only its counter (once folded).
+            _ = try await stage(conn, "p", #"{"tenant": "c"}"#)
+            let store = AdminStore(executor: conn, logger: TestServer.logger)
+            func listed(onlyPending: Bool) async throws -> [String: (Int64, Bool)] {
+                var seen: [String: (Int64, Bool)] = [:]
+                for row in try await store.partitions(policy: "p", search: nil, after: nil, onlyBusy: false, onlyPending: onlyPending, limit: 50) {
+                    seen[row.partition] = (row.pending, row.lastStaged != nil)
+                }
+                return seen
+            }
+            var all = try await listed(onlyPending: false)
+            #expect(all["a"]?.0 == 2 && all["a"]?.1 == true)
+            #expect(all["b"]?.0 == 0 && all["b"]?.1 == true, "b's job was admitted; it was staged, so it has a last staged time")
+            try await conn.exec("SELECT dispatch_policy.fold_stats()")
+            all = try await listed(onlyPending: false)
+            #expect(all["c"]?.0 == 1, "\(all)")
+            let waiting = try await listed(onlyPending: true)
+            #expect(Set(waiting.keys) == ["a", "c"])
+            // The page and its filter link.
+            try await withAdmin(conn) { client in
+                let page = try await client.execute(uri: "/policies/p?pending=1", method: .get) { html($0) }
+                #expect(page.contains("Last staged") && page.contains("only with jobs waiting"))
+                #expect(page.contains(#"name="pending" value="1" checked"#))
+                let overview = try await client.execute(uri: "/", method: .get) { html($0) }
+                #expect(overview.contains("pending jobs of p, last hour"))
+                #expect(overview.contains("3 pending, 0 scheduled"), "the trend's last minute")
+            }
         }
     }
 

@@ -130,6 +130,20 @@ struct AdmitNowTests {
         }
     }
 
+    @Test("with the global cap full, admit-now says so")
+    func globalCapFull() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "p", #"""
+                {"gates": [{"type": "concurrency", "name": "c", "max": 5, "partition_by": "{tenant}"}, {"type": "global_cap", "max": 2}]}
+                """#)
+            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('tenant', 't' || (i % 2))) FROM generate_series(1, 6) i")
+            #expect(try await admitNow(conn, "p", gate: "c", partition: "t0", max: 5).admitted == 2)
+            let full = try await admitNow(conn, "p", gate: "c", partition: "t1", max: 5)
+            #expect(full.admitted == 0 && full.globalCapFull)
+            #expect(AdmitNowReport(full, requested: 5).text.contains("global cap is full"))
+        }
+    }
+
     @Test("admit-now racing runners never passes a cap")
     func racingRunners() async throws {
         let settings = try await TestServer.shared.freshDatabase()

@@ -180,14 +180,19 @@ struct AdminUnitTests {
         #expect(!(try AdminAuth(token: nil)).acceptsFlash("flash:Cancelled job 5.", signature: signature), "another process's key")
     }
 
-    @Test("sign-ins: past the failures allowed in a window, refused until it ends")
+    @Test("wrong tokens: past the failures allowed in a window, that client is refused until it ends; others are not")
     func signInLimiter() {
-        let limiter = SignInLimiter(maxFailures: 3, window: .seconds(60))
+        let limiter = SignInLimiter(maxFailures: 3, window: .seconds(60), maxClients: 2)
         let start = ContinuousClock.now
-        #expect(limiter.retryAfter(now: start) == nil)
-        for second in 0..<3 { limiter.recordFailure(now: start + .seconds(second)) }
-        #expect(limiter.retryAfter(now: start + .seconds(3)) == .seconds(57))
-        #expect(limiter.retryAfter(now: start + .seconds(60)) == nil, "the first failure left the window")
+        #expect(limiter.retryAfter(client: "a", now: start) == nil)
+        for second in 0..<3 { limiter.recordFailure(client: "a", now: start + .seconds(second)) }
+        #expect(limiter.retryAfter(client: "a", now: start + .seconds(3)) == .seconds(57))
+        #expect(limiter.retryAfter(client: "b", now: start + .seconds(3)) == nil, "another client is not limited")
+        #expect(limiter.retryAfter(client: "a", now: start + .seconds(60)) == nil, "the first failure left the window")
+        // Tracking is bounded: a third client pushes out the one that failed longest ago.
+        limiter.recordFailure(client: "b", now: start + .seconds(61))
+        for second in 0..<3 { limiter.recordFailure(client: "c", now: start + .seconds(62 + second)) }
+        #expect(limiter.retryAfter(client: "c", now: start + .seconds(65)) != nil)
     }
 
     @Test("bind addresses: host:port, [v6]:port, :port; anything else is refused")

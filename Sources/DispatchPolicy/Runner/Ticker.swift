@@ -61,6 +61,9 @@ public struct TickResult: Sendable, Equatable {
     /// partition that refused them has room): the fetch passes them over
     /// until their block ends.
     public var lanesBlocked = 0
+    /// Set by ``Ticker/admitNow(policy:gate:partition:maxJobs:wait:)`` when
+    /// nothing was fetched because a global cap of the policy is full.
+    public var globalCapFull = false
     public var duration: Duration = .zero
 
     public init(policy: String, outcome: Outcome) {
@@ -88,7 +91,11 @@ public struct AdmitNowReport: Sendable {
         case .unknown:
             return "unknown policy: '\(result.policy)'"
         case .ran:
-            if result.fetched == 0 { return "admitted 0: no pending job of the partition is eligible now" }
+            if result.fetched == 0 {
+                return result.globalCapFull
+                    ? "admitted 0: the policy's global cap is full; jobs are admitted again as slots are released"
+                    : "admitted 0: no pending job of the partition is eligible now"
+            }
             var text = "admitted \(result.admitted) of \(result.fetched) fetched (asked for \(requested))"
             let refused = result.refusedByGate.filter { $0.value > 0 }.sorted { $0.key < $1.key }
             if !refused.isEmpty {
@@ -318,6 +325,18 @@ public struct Ticker: Sendable {
             if result.outcome == .busy, ContinuousClock.now - started < wait {
                 try await Task.sleep(for: .milliseconds(50))
                 continue
+            }
+            if result.outcome == .ran && result.fetched == 0 {
+                // Say why: tick_begin fetches nothing while a global cap is full.
+                result.globalCapFull = try await scalar(
+                    """
+                    SELECT EXISTS (
+                      SELECT 1 FROM dispatch_policy.policies p
+                      CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
+                      JOIN dispatch_policy.inflight_counters c
+                        ON c.policy = p.name AND c.gate = coalesce(g ->> 'name', g ->> 'type') AND c.partition = 'default'
+                      WHERE p.name = \(policy) AND g ->> 'type' = 'global_cap' AND c.in_flight >= dispatch_policy._json_number(g -> 'max'))
+                    """, as: Bool.self, logger: log)
             }
             result.duration = ContinuousClock.now - started
             log.info("admitted now from a partition", metadata: [
