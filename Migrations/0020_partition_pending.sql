@@ -40,17 +40,18 @@
 --     gate added, removed or renamed, or a partition_by changed) has the
 --     partitions of its staged jobs rendered again in the same transaction
 --     (sync_partitions), and the UPDATE trigger moves their counts. That
---     costs one render and one row update per staged job of the policy,
---     and the redeclare holds a SHARE ROW EXCLUSIVE lock on staged_jobs
---     from before its config is written until it commits: every writer of
---     staged_jobs (stagers and ticks of every policy) waits for it (about
---     10 s per million staged jobs of the policy, see bench/partitions.sh),
---     and it waits for the writers in flight. This is what makes it exact:
---     stage and stage_many check inside their INSERT, whose snapshot is
---     taken after its lock, that the templates they rendered with are still
---     the policy's (else the row trigger renders the new ones), so a stager
---     either committed before the re-render (and is rendered again by it)
---     or stores what the new config renders;
+--     costs one render and one row update per staged job of the policy
+--     (see bench/partitions.sh). Stagers and the re-render agree through
+--     an advisory lock per policy (_partitions_lock_key): whatever renders
+--     a job's partitions (stage, stage_many, the row trigger) holds it
+--     shared from before it reads the policy's templates until it commits;
+--     the re-render holds it exclusively until the redeclare commits. So a
+--     stager either committed before the re-render (which then sees its
+--     jobs) or waits for the redeclare and reads the new templates. Only
+--     stagers of that policy wait, for as long as the re-render takes;
+--     ticks and other policies do not. The redeclare takes it after the
+--     tick lock and the admitted jobs' rows (_rebuild_gate_state), which a
+--     failing worker re-staging a job takes in that order too: no deadlock;
 --   * a direct INSERT without partitions (a restore of an old dump, fail()
 --     and the reaper re-staging a retry, retry(), a DBA's INSERT) gets them
 --     from a row trigger; an UPDATE of a job's policy or context renders
@@ -112,8 +113,7 @@ $$;
 
 -- The throttle, concurrency and adaptive_concurrency gates with a
 -- partition_by, in config order (as _partitioned_gate defines them). Never
--- raises, also for a config not validated yet (the lock trigger below reads
--- a config before policies_validate has checked it).
+-- raises, also for a config that is not valid (it is a generated column).
 CREATE FUNCTION dispatch_policy._partition_gates(config jsonb)
 RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
@@ -330,13 +330,23 @@ COMMENT ON COLUMN dispatch_policy.partition_counters.updated_at IS 'When a fold 
 -- ---------------------------------------------------------------------------
 -- Rows written without stage(), and jobs whose policy or context changes.
 
+CREATE FUNCTION dispatch_policy._partitions_lock_key(policy text)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT hashtextextended('dispatch_policy.partitions.' || policy, 0)
+$$;
+COMMENT ON FUNCTION dispatch_policy._partitions_lock_key(text) IS
+  'Internal: the advisory lock of a policy''s partition templates: held shared (until commit) by whatever renders a staged job''s partitions, from before it reads the templates; exclusively by sync_partitions (and so a redeclare that changes them) while it renders the policy''s staged jobs again.';
+
 CREATE FUNCTION dispatch_policy._staged_partitions()
 RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 BEGIN
-  -- A fresh snapshot (READ COMMITTED), taken after the statement's lock on
-  -- staged_jobs: the config as a redeclare that held the table left it.
+  -- Then the policy's templates as a redeclare under way leaves them (the
+  -- next statement's snapshot is taken after the lock, in READ COMMITTED).
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(NEW.policy));
   NEW.partitions := coalesce(
     (SELECT dispatch_policy._render_partitions(p.partition_gates, p.partition_templates, p.partition_prefixes,
                                                p.partition_keys, p.partition_suffixes, NEW.context)
@@ -581,10 +591,9 @@ COMMENT ON FUNCTION dispatch_policy.fold_stats(timestamptz, integer) IS
 -- ---------------------------------------------------------------------------
 -- Staging renders the partitions in its INSERT.
 
--- _stage as in 0013, copied; changes: the INSERT into staged_jobs also
--- stores partitions, rendered with the policy's templates as read with its
--- lane_template, if the INSERT (whose snapshot is taken after its lock on
--- staged_jobs, see the top of this file) still finds them; and its plans
+-- _stage as in 0013, copied; changes: it takes the policy's partitions lock
+-- shared first, the INSERT into staged_jobs also stores partitions,
+-- rendered with the templates read with the lane_template, and its plans
 -- are generic (see below).
 CREATE OR REPLACE FUNCTION dispatch_policy._stage(policy text, jobs jsonb, field_prefix text)
 RETURNS bigint[]
@@ -607,6 +616,10 @@ DECLARE
   ids bigint[];
   lanes text[];
 BEGIN
+  -- Until commit: a redeclare does not render the policy's staged jobs
+  -- again before these are visible to it, nor change the templates read
+  -- below meanwhile (see _partitions_lock_key).
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(_stage.policy));
   SELECT p.lane_template, p.partition_gates, p.partition_templates, p.partition_prefixes, p.partition_keys,
          p.partition_suffixes
   INTO template, part_gates, part_templates, part_prefixes, part_keys, part_suffixes
@@ -678,14 +691,8 @@ BEGIN
       SELECT p.id, _stage.policy, p.queue, p.priority, p.args, p.context, p.dedupe_key,
              dispatch_policy._round_robin_key(template, p.context, p.round_robin_key),
              CASE WHEN p.not_before > now() THEN p.not_before END,
-             -- The templates read above, if this statement (whose snapshot
-             -- is taken after its lock on staged_jobs) still finds them;
-             -- else NULL: the row trigger renders the config it finds.
-             CASE WHEN (SELECT pol.partition_gates IS NOT DISTINCT FROM part_gates
-                               AND pol.partition_templates IS NOT DISTINCT FROM part_templates
-                        FROM dispatch_policy.policies pol WHERE pol.name = _stage.policy)
-                  THEN dispatch_policy._render_partitions(part_gates, part_templates, part_prefixes, part_keys,
-                                                          part_suffixes, p.context) END
+             dispatch_policy._render_partitions(part_gates, part_templates, part_prefixes, part_keys, part_suffixes,
+                                                p.context)
       FROM prepared p
       WHERE p.dedupe_key IS NULL OR p.id IN (SELECT k.job_id FROM keyed k)
       ORDER BY p.n
@@ -725,8 +732,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._stage(text, jsonb, text) IS
   'Internal: stages a JSON array of job specs (stage_many, and stage() for input its own check does not accept at a glance): checks every element first (nothing is stored if one is bad; the error names the field), dedupes, inserts in one statement (with each job''s partitions of the policy''s partitioned gates), adds the lanes of the jobs eligible now, notifies dispatch_policy_staged once.';
 
--- stage() as in 0013, copied; one change: the INSERT also stores the job's
--- partitions, from the policy's partition_templates read in that statement.
+-- stage() as in 0013, copied; changes: it takes the policy's partitions lock
+-- shared first, and the INSERT also stores the job's partitions, rendered
+-- with the templates read with the lane_template.
 CREATE OR REPLACE FUNCTION dispatch_policy.stage(
   policy          text,
   args            jsonb,
@@ -753,6 +761,8 @@ DECLARE
   lane text;
   due timestamptz;
 BEGIN
+  -- As _stage: the templates read next stay the policy's until commit.
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(stage.policy));
   SELECT p.lane_template, p.partition_gates, p.partition_templates, p.partition_prefixes, p.partition_keys,
          p.partition_suffixes
   INTO template, part_gates, part_templates, part_prefixes, part_keys, part_suffixes
@@ -806,13 +816,7 @@ BEGIN
     (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, partitions)
   VALUES (job_id, stage.policy, coalesce(stage.queue, 'default'), coalesce(stage.priority, 0), stage.args, job_context,
           stage.dedupe_key, dispatch_policy._round_robin_key(template, job_context, stage.round_robin_key),
-          CASE WHEN stage.not_before > now() THEN stage.not_before END,
-          -- The templates read above, if this statement still finds them
-          -- (see _stage); else NULL, for the row trigger.
-          CASE WHEN (SELECT pol.partition_gates IS NOT DISTINCT FROM part_gates
-                            AND pol.partition_templates IS NOT DISTINCT FROM part_templates
-                     FROM dispatch_policy.policies pol WHERE pol.name = stage.policy)
-               THEN job_partitions END)
+          CASE WHEN stage.not_before > now() THEN stage.not_before END, job_partitions)
   RETURNING staged_jobs.round_robin_key, staged_jobs.not_before INTO lane, due;
   IF due IS NULL THEN
     PERFORM dispatch_policy._add_lanes(stage.policy, ARRAY[lane]);
@@ -839,6 +843,9 @@ DECLARE
 BEGIN
   FOR pol IN SELECT * FROM dispatch_policy.policies p
              WHERE sync_partitions.policies IS NULL OR p.name = ANY (sync_partitions.policies) ORDER BY p.name LOOP
+    -- Stagers of the policy wait from here until commit (and this waits
+    -- for those in flight); policies in name order.
+    PERFORM pg_advisory_xact_lock(dispatch_policy._partitions_lock_key(pol.name));
     -- The arrays as parameters (see _render_partitions). The staged_jobs
     -- triggers move the counts (_history_staged).
     UPDATE dispatch_policy.staged_jobs s
@@ -855,36 +862,12 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.sync_partitions(text[]) IS
-  'Maintenance: renders again the stored partitions (staged_jobs.partitions) of the staged jobs of the given policies (NULL: all declared policies) and updates those that differ from what the policy''s config renders; the staged_jobs triggers move their pending counts between partitions. Returns how many jobs changed. A redeclare that changes a partitioned gate''s template runs it for its policy; call it by hand only after writing partitions directly, or after a stager in a REPEATABLE READ transaction raced a redeclare. Costs one render per staged job of those policies (it reads them all) and one row update per job that changed; jobs of policies not declared are left as they are.';
+  'Maintenance: renders again the stored partitions (staged_jobs.partitions) of the staged jobs of the given policies (NULL: all declared policies) and updates those that differ from what the policy''s config renders; the staged_jobs triggers move their pending counts between partitions. Returns how many jobs changed. Holds each policy''s partitions lock (_partitions_lock_key) exclusively until commit: its stagers wait. A redeclare that changes a partitioned gate''s template runs it for its policy; call it by hand only after writing partitions directly, or after a stager in a REPEATABLE READ transaction raced a redeclare. Costs one render per staged job of those policies (it reads them all) and one row update per job that changed; jobs of policies not declared are left as they are.';
 
--- Taken before the config is written (a BEFORE trigger), so that the
--- redeclare holds it before any of its writes to staged_jobs (the lanes
--- trigger's, this re-render's): two redeclares queue on it instead of
--- deadlocking on a lock upgrade. SHARE ROW EXCLUSIVE conflicts with the
--- ROW EXCLUSIVE lock of every INSERT, UPDATE and DELETE and with itself:
--- writers of staged_jobs in flight finish first, later ones wait for the
--- commit. Only when the templates change; validation (policies_validate)
--- may run after this trigger, so the config is read without assuming it
--- valid (_partition_gates never raises).
-CREATE FUNCTION dispatch_policy._lock_staged_for_partitions()
-RETURNS trigger
-LANGUAGE plpgsql SECURITY INVOKER
-AS $$
-BEGIN
-  IF OLD.partition_gates IS DISTINCT FROM dispatch_policy._partition_gates(NEW.config)
-     OR OLD.partition_templates IS DISTINCT FROM dispatch_policy._partition_templates(NEW.config) THEN
-    LOCK TABLE dispatch_policy.staged_jobs IN SHARE ROW EXCLUSIVE MODE;
-  END IF;
-  RETURN NEW;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy._lock_staged_for_partitions() IS
-  'Internal trigger (BEFORE UPDATE of a policy''s config): when its partitioned gates or their templates change, locks staged_jobs in SHARE ROW EXCLUSIVE mode until commit, so that no job is staged with the old templates after the re-render (policies_partitions) and two such redeclares queue instead of deadlocking.';
-CREATE TRIGGER policies_partitions_lock
-  BEFORE UPDATE OF config ON dispatch_policy.policies
-  FOR EACH ROW WHEN (OLD.config IS DISTINCT FROM NEW.config)
-  EXECUTE FUNCTION dispatch_policy._lock_staged_for_partitions();
-
+-- After policies_config_changed (AFTER triggers fire in name order), whose
+-- _rebuild_gate_state takes the tick lock and the admitted jobs' rows first:
+-- the order in which a failing worker, re-staging a job, takes a row and
+-- then the partitions lock (see the top of this file).
 CREATE FUNCTION dispatch_policy._policy_partitions_changed()
 RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER
@@ -900,7 +883,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._policy_partitions_changed() IS
-  'Internal trigger: a policy declared, or redeclared with other partitioned gates or templates, has its staged jobs'' partitions rendered again (sync_partitions; one render and, where it changed, one row update per staged job of the policy, under the lock policies_partitions_lock took).';
+  'Internal trigger: a policy declared, or redeclared with other partitioned gates or templates, has its staged jobs'' partitions rendered again (sync_partitions; one render and, where it changed, one row update per staged job of the policy; the policy''s stagers wait until the redeclare commits).';
 CREATE TRIGGER policies_partitions
   AFTER INSERT OR UPDATE OF config ON dispatch_policy.policies
   FOR EACH ROW EXECUTE FUNCTION dispatch_policy._policy_partitions_changed();

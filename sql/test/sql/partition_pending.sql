@@ -193,22 +193,27 @@ VALUES (nextval('dispatch_policy.job_ids'), 'p', 'default', '1', '{}', '[]');
 \set VERBOSITY default
 
 -- Redeclared. A change that leaves the partitioned gates and templates as
--- they were renders nothing again and does not lock staged_jobs; a changed
--- template, a renamed gate, a removed one do (the lock until commit).
-CREATE TEMP VIEW staged_lock AS
-SELECT count(*) AS share_row_exclusive FROM pg_locks
-WHERE pid = pg_backend_pid() AND relation = 'dispatch_policy.staged_jobs'::regclass AND mode = 'ShareRowExclusiveLock';
+-- they were renders nothing again and leaves stagers alone; a changed
+-- template, a renamed gate, a removed one render the policy's staged jobs
+-- again, holding its partitions lock until commit (stagers of the policy
+-- wait).
+CREATE TEMP VIEW partitions_lock AS
+SELECT l.mode, count(*) FROM pg_locks l
+WHERE l.pid = pg_backend_pid() AND l.locktype = 'advisory' AND l.objsubid = 1
+  AND l.classid::text::bigint = (dispatch_policy._partitions_lock_key('p') >> 32) & 4294967295
+  AND l.objid::text::bigint = dispatch_policy._partitions_lock_key('p') & 4294967295
+GROUP BY 1 ORDER BY 1;
 SELECT dispatch_policy.fold_stats() > 0 AS folded;
 BEGIN;
 SELECT dispatch_policy.declare_policy('p', (SELECT jsonb_set(config, '{gates,1,max}', '6') FROM dispatch_policy.policies WHERE name = 'p'));
-SELECT * FROM staged_lock;
+SELECT * FROM partitions_lock;
 SELECT count(*) AS partition_deltas FROM dispatch_policy.stat_deltas WHERE gate <> '';
 COMMIT;
 SELECT dispatch_policy.fold_stats() > 0 AS folded;
 BEGIN;
 SELECT dispatch_policy.declare_policy('p', (SELECT jsonb_set(config, '{gates,0,partition_by}', '"tenant:{tenant}"')
                                             FROM dispatch_policy.policies WHERE name = 'p'));
-SELECT * FROM staged_lock;
+SELECT * FROM partitions_lock;
 COMMIT;
 SELECT * FROM compare;
 SELECT partition, pending FROM dispatch_policy.partition_pending('p', 'per_tenant', ARRAY['t1', 'tenant:t1', 'tenant:t2']);
