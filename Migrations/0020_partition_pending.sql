@@ -1065,20 +1065,28 @@ WITH gates AS (
   FROM dispatch_policy.admitted_jobs a, jsonb_each_text(a.partitions) AS k
   GROUP BY 1, 2, 3
 ), known AS (
-  SELECT policy, gate, partition FROM waiting WHERE pending > 0
-  UNION SELECT policy, gate, partition FROM held
-  UNION SELECT policy, gate, partition FROM dispatch_policy.throttle_buckets
-  UNION SELECT policy, gate, partition FROM dispatch_policy.inflight_counters
-  UNION SELECT policy, gate, partition FROM dispatch_policy.adaptive_stats
+  -- Every source of a partition in one aggregation, not joined one to
+  -- another (the planner cannot size these CTEs; joined, a misestimate
+  -- made nested loops over 10,000 partitions take 30 s). Listed: a
+  -- partition with staged jobs, or in any other source.
+  SELECT x.policy, x.gate, x.partition, sum(x.pending) AS pending, max(x.last_staged_at) AS last_staged_at,
+         sum(x.held) AS held
+  FROM (SELECT w.policy, w.gate, w.partition, w.pending, w.last_staged_at, NULL::bigint AS held FROM waiting w
+        UNION ALL SELECT h.policy, h.gate, h.partition, NULL, NULL, h.in_flight FROM held h
+        UNION ALL SELECT t.policy, t.gate, t.partition, NULL, NULL, NULL FROM dispatch_policy.throttle_buckets t
+        UNION ALL SELECT i.policy, i.gate, i.partition, NULL, NULL, NULL FROM dispatch_policy.inflight_counters i
+        UNION ALL SELECT s.policy, s.gate, s.partition, NULL, NULL, NULL FROM dispatch_policy.adaptive_stats s) x
+  GROUP BY 1, 2, 3
+  HAVING coalesce(sum(x.pending), 0) > 0 OR count(*) > count(x.pending)
 )
 SELECT
   k.policy,
   k.gate,
   gt.gate_type,
   k.partition,
-  CASE WHEN gt.source IS NOT NULL THEN coalesce(w.pending, 0)::bigint END AS pending,
+  CASE WHEN gt.source IS NOT NULL THEN coalesce(k.pending, 0)::bigint END AS pending,
   CASE WHEN gt.gate_type IN ('concurrency', 'global_cap', 'adaptive_concurrency')
-       THEN coalesce(c.in_flight, 0) ELSE coalesce(h.in_flight, 0)::integer END AS in_flight,
+       THEN coalesce(c.in_flight, 0) ELSE coalesce(k.held, 0)::integer END AS in_flight,
   CASE gt.gate_type
     WHEN 'concurrency' THEN dispatch_policy._json_number(gt.config -> 'max')
     WHEN 'global_cap' THEN dispatch_policy._json_number(gt.config -> 'max')
@@ -1088,12 +1096,11 @@ SELECT
     dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, now())
   END AS tokens,
   a.ewma_lag_ms,
-  w.last_staged_at,
+  k.last_staged_at,
   greatest(c.last_admitted_at, b.last_admitted_at) AS last_admitted_at
 FROM known k
 JOIN gates gt ON gt.policy = k.policy AND gt.gate = k.gate
-LEFT JOIN waiting w ON w.policy = k.policy AND w.gate = k.gate AND w.partition = k.partition
-LEFT JOIN held h ON h.policy = k.policy AND h.gate = k.gate AND h.partition = k.partition
+-- Primary-key probes.
 LEFT JOIN dispatch_policy.throttle_buckets b ON b.policy = k.policy AND b.gate = k.gate AND b.partition = k.partition
 LEFT JOIN dispatch_policy.inflight_counters c ON c.policy = k.policy AND c.gate = k.gate AND c.partition = k.partition
 LEFT JOIN dispatch_policy.adaptive_stats a ON a.policy = k.policy AND a.gate = k.gate AND a.partition = k.partition;
