@@ -44,7 +44,8 @@ ORDER BY 1, 2, 3;
 SELECT dispatch_policy.declare_policy('h', '{"gates": [{"type": "concurrency", "max": 100, "partition_by": "{a}"}], "max_attempts": 2}');
 SELECT dispatch_policy.declare_policy('quiet', '{}');
 
--- Staging: stage_many (one statement, one delta row) and stage; a future
+-- Staging: stage_many (one statement: one delta row for the policy, and since
+-- 0020 one per gate partition: x, y and the empty key) and stage; a future
 -- not_before is scheduled, a past one pending.
 SELECT cardinality(dispatch_policy.stage_many('h', '[
   {"args": 1, "context": {"a": "x"}}, {"args": 2, "context": {"a": "x"}}, {"args": 3, "context": {"a": "y"}},
