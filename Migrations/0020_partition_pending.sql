@@ -140,34 +140,29 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._partition_templates(jsonb) IS
   'Internal: the partition_by templates of a config''s partitioned gates, in the order of _partition_gates; ''{}'' for none. Never raises. policies.partition_templates.';
 
--- A template with exactly one placeholder (the usual "{account_id}" or
--- "acct:{account_id}") split into what precedes it, its key and what follows
--- it, so that staging renders it with one lookup in the job's context;
--- NULL for any other template (rendered by _render_template).
-CREATE FUNCTION dispatch_policy._template_part(template text, part text)
-RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
-AS $$
-  SELECT CASE
-    WHEN template IS NULL OR strpos(template, '{') = 0 OR strpos(template, '}') < strpos(template, '{')
-         OR strpos(substr(template, strpos(template, '{') + 1), '{') <> 0 THEN NULL
-    WHEN part = 'prefix' THEN left(template, strpos(template, '{') - 1)
-    WHEN part = 'key' THEN substr(template, strpos(template, '{') + 1, strpos(template, '}') - strpos(template, '{') - 1)
-    WHEN part = 'suffix' THEN substr(template, strpos(template, '}') + 1)
-  END
-$$;
-COMMENT ON FUNCTION dispatch_policy._template_part(text, text) IS
-  'Internal: of a template with exactly one {key} placeholder, the text before it (part ''prefix''), its key (''key'') or the text after it (''suffix''), as _render_template renders such a template; NULL for a template with none or several.';
-
+-- Of templates with exactly one placeholder (the usual "{account_id}" or
+-- "acct:{account_id}"), what precedes it, its key or what follows it, so
+-- that staging renders such a template with one lookup in the job's
+-- context; NULL for any other template (rendered by _render_template).
+-- Self-contained (it calls no function of the schema): a generated column
+-- of policies uses it, and pg_restore creates that table, inlining this
+-- body, before functions it has no recorded dependency on.
 CREATE FUNCTION dispatch_policy._template_parts(templates text[], part text)
 RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
 AS $$
-  SELECT coalesce(array_agg(dispatch_policy._template_part(t.template, part) ORDER BY t.n), '{}')
+  SELECT coalesce(array_agg(
+           CASE
+             WHEN t.template IS NULL OR strpos(t.template, '{') = 0 OR strpos(t.template, '}') < strpos(t.template, '{')
+                  OR strpos(substr(t.template, strpos(t.template, '{') + 1), '{') <> 0 THEN NULL
+             WHEN part = 'prefix' THEN left(t.template, strpos(t.template, '{') - 1)
+             WHEN part = 'key' THEN substr(t.template, strpos(t.template, '{') + 1, strpos(t.template, '}') - strpos(t.template, '{') - 1)
+             WHEN part = 'suffix' THEN substr(t.template, strpos(t.template, '}') + 1)
+           END ORDER BY t.n), '{}')
   FROM unnest(templates) WITH ORDINALITY AS t(template, n)
 $$;
 COMMENT ON FUNCTION dispatch_policy._template_parts(text[], text) IS
-  'Internal: _template_part of each template, in order.';
+  'Internal: of each template with exactly one {key} placeholder, the text before it (part ''prefix''), its key (''key'') or the text after it (''suffix''), as _render_template renders such a template; NULL for a template with none or several; in order. Calls no other function (see the migration: pg_restore inlines it when it creates policies).';
 
 ALTER TABLE dispatch_policy.policies
   ADD COLUMN partition_gates text[] GENERATED ALWAYS AS (dispatch_policy._partition_gates(config)) STORED,
@@ -223,7 +218,7 @@ AS $$
   END
 $$;
 COMMENT ON FUNCTION dispatch_policy._partition_of(text, text, text, text, jsonb) IS
-  'Internal: _partition_key(template, context), given the template''s _template_part prefix, key and suffix (all NULL: _partition_key_general). Inlinable.';
+  'Internal: _partition_key(template, context), given the template''s prefix, key and suffix (_template_parts) (all NULL: _partition_key_general). Inlinable.';
 
 CREATE FUNCTION dispatch_policy._render_partitions_general(
   gates text[], templates text[], prefixes text[], keys text[], suffixes text[], context jsonb
