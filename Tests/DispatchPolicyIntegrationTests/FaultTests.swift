@@ -613,9 +613,9 @@ struct FaultTests {
             }
             await db.close()
             // The attempt goes on (connect timeout 10 s), held by the proxy.
-            #expect(try await waitUntil(10) { proxy.accepted == 1 })
+            #expect(try await waitUntil(30) { proxy.accepted == 1 })
             proxy.open()
-            #expect(try await waitUntil(30) { proxy.ended == 1 }, "the late connection was kept")
+            #expect(try await waitUntil(90) { proxy.ended == 1 }, "the late connection was kept")
             #expect(await !db.isOpen)
         }
         do {
@@ -625,6 +625,6 @@ struct FaultTests {
             try await db.run("a call", timeout: .seconds(5)) { conn in _ = try await conn.query("SELECT 1", logger: TestServer.logger) }
             #expect(await db.isOpen)
         }
-        #expect(try await waitUntil(30) { proxy.ended == 2 }, "the session of a dropped ManagedConnection was kept")
+        #expect(try await waitUntil(90) { proxy.ended == 2 }, "the session of a dropped ManagedConnection was kept")
     }
 }
