@@ -84,7 +84,7 @@ extension FieldLimit {
 
 @Suite("Bounds: every numeric field, at, inside and beyond its limits", .timeLimit(.minutes(8)))
 struct BoundsTests {
-    @Test("the runner's limits table is the database's", .timeLimit(.minutes(1)))
+    @Test("the runner's limits table is the database's", .timeLimit(.minutes(3)))
     func sameLimits() async throws {
         try await withTestDatabase { conn, _ in
             let rows = try await conn.rows(

@@ -622,7 +622,7 @@ struct FaultTests {
             // Open, then dropped without close(). (A loaded machine once took
             // over 10 s, the default, to open a session through the proxy.)
             let db = ManagedConnection(settings: via, role: "test", logger: TestServer.logger, connectTimeout: .seconds(30))
-            try await db.run("a call", timeout: .seconds(5)) { conn in _ = try await conn.query("SELECT 1", logger: TestServer.logger) }
+            try await db.run("a call", timeout: .seconds(30)) { conn in _ = try await conn.query("SELECT 1", logger: TestServer.logger) }
             #expect(await db.isOpen)
         }
         #expect(try await waitUntil(90) { proxy.ended == 2 }, "the session of a dropped ManagedConnection was kept")
