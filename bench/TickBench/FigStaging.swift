@@ -50,8 +50,9 @@ enum StagingFigures {
             })
             rawRates.append(try await calls { conn in
                 _ = try await conn.rows("""
-                    INSERT INTO raw_staged (id, policy, queue, priority, args, context, round_robin_key)
-                    VALUES (nextval('raw_ids'), 'staging', 'default', 0, \(spec.argsJSON)::jsonb, \(storedContext)::jsonb, 't1')
+                    INSERT INTO raw_staged (id, policy, queue, priority, args, context, round_robin_key, partitions)
+                    VALUES (nextval('raw_ids'), 'staging', 'default', 0, \(spec.argsJSON)::jsonb, \(storedContext)::jsonb, 't1',
+                            '{"tenant": "t1"}')
                     """, logger: logger)
             })
         }
@@ -72,9 +73,10 @@ enum StagingFigures {
                         rows += try await stager.stageMany(policy: "staging", specs).count
                     } else {
                         rows += try await conns[0].rows("""
-                            INSERT INTO raw_staged (id, policy, queue, priority, args, context, round_robin_key)
+                            INSERT INTO raw_staged (id, policy, queue, priority, args, context, round_robin_key, partitions)
                             SELECT nextval('raw_ids'), 'staging', 'default', 0, e -> 'args',
-                                   (e -> 'context') || '{"priority": 0, "queue_name": "default"}', e -> 'context' ->> 'tenant'
+                                   (e -> 'context') || '{"priority": 0, "queue_name": "default"}', e -> 'context' ->> 'tenant',
+                                   jsonb_build_object('tenant', e -> 'context' ->> 'tenant')
                             FROM jsonb_array_elements(\(array)::jsonb) e
                             RETURNING 1
                             """, logger: logger).count
