@@ -205,7 +205,7 @@ DECLARE
   path text;
   gate_type text;
   gate_name text;
-  seen jsonb := '{}';
+  seen jsonb := '{}'::jsonb;
   n numeric;
   lo numeric;
   hi numeric;

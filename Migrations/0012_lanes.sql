@@ -273,11 +273,11 @@ DECLARE
   taken integer := 0;
   pos integer := 0;
   width integer;
-  got_ids bigint[] := '{}';
-  got_lanes integer[] := '{}';
-  got_ranks integer[] := '{}';
-  full_lanes integer[] := '{}';
-  empty_lanes text[] := '{}';
+  got_ids bigint[] := '{}'::bigint[];
+  got_lanes integer[] := '{}'::integer[];
+  got_ranks integer[] := '{}'::integer[];
+  full_lanes integer[] := '{}'::integer[];
+  empty_lanes text[] := '{}'::text[];
   keyless_empty boolean := false;
   more bigint[];
   lane_of integer;
@@ -468,7 +468,7 @@ AS $$
 DECLARE
   p text;
   found_lanes text[];
-  added bigint := 0;
+  added bigint := 0::bigint;
   n bigint;
 BEGIN
   FOR p IN SELECT x.name FROM dispatch_policy.policies x

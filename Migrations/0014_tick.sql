@@ -322,7 +322,7 @@ BEGIN
       FROM moved m JOIN parts pa ON pa.id = m.id
       RETURNING queue, round_robin_key
     )
-    SELECT count(*), array_agg(DISTINCT i.queue), array_agg(DISTINCT i.round_robin_key)
+    SELECT count(*)::integer, array_agg(DISTINCT i.queue), array_agg(DISTINCT i.round_robin_key)
     INTO admitted, queues, keys FROM inserted i;
     IF admitted <> cardinality(ids) THEN
       RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,

@@ -105,9 +105,9 @@ LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
 AS $$
 DECLARE
   bounds double precision[] := dispatch_policy._lag_bucket_bounds();
-  total bigint := 0;
+  total bigint := 0::bigint;
   rank double precision;
-  seen bigint := 0;
+  seen bigint := 0::bigint;
   lower double precision;
   upper double precision;
   i integer;

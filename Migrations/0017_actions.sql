@@ -580,9 +580,9 @@ DECLARE
   estimate_at_least boolean := false;
   ln dispatch_policy.lanes;
   waits boolean := false;
-  estimate double precision := 0;
+  estimate double precision := 0::double precision;
   estimable boolean := true;
-  reasons text[] := '{}';
+  reasons text[] := '{}'::text[];
   a dispatch_policy.adaptive_stats;
   initial integer;
   ceiling integer;
@@ -775,7 +775,7 @@ BEGIN
         initial := coalesce(dispatch_policy._json_number(g -> 'initial_max')::integer, 3);
         floor_ := coalesce(dispatch_policy._json_number(g -> 'min')::integer, 1);
         ceiling := dispatch_policy._json_number(g -> 'max')::integer;
-        cap := coalesce(a.current_max, initial);
+        cap := coalesce(a.current_max, initial)::double precision;
         -- An idle partition may run at least initial_max (the runner's safety valve).
         IF held = 0 THEN cap := greatest(cap, initial); END IF;
         IF ceiling IS NOT NULL THEN cap := least(cap, greatest(ceiling, floor_)); END IF;

@@ -833,7 +833,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 DECLARE
   pol dispatch_policy.policies;
-  changed bigint := 0;
+  changed bigint := 0::bigint;
   n bigint;
 BEGIN
   FOR pol IN SELECT * FROM dispatch_policy.policies p
@@ -908,7 +908,7 @@ LANGUAGE plpgsql STABLE SECURITY INVOKER
 SET jit = off
 AS $$
 DECLARE
-  bad integer;
+  bad bigint;
 BEGIN
   PERFORM dispatch_policy._require_partitioned_gate(dispatch_policy._require_policy(partition_pending.policy),
                                                     partition_pending.gate);
