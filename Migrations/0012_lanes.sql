@@ -281,7 +281,6 @@ DECLARE
   keyless_empty boolean := false;
   more bigint[];
   lane_of integer;
-  i integer;
 BEGIN
   PERFORM dispatch_policy._require_now(fetch_batch.now);
   IF batch_size IS NULL OR NOT dispatch_policy._within_limit(batch_size, 'batch_size') THEN

@@ -110,7 +110,6 @@ DECLARE
   seen bigint := 0::bigint;
   lower double precision;
   upper double precision;
-  i integer;
 BEGIN
   IF hist IS NULL OR fraction IS NULL OR fraction < 0 OR fraction > 1 THEN
     RETURN NULL;
