@@ -126,6 +126,14 @@ GRANT EXECUTE ON FUNCTION
   dispatch_policy.resume_partition(text, text, text),
   dispatch_policy.repair(timestamptz)
   TO dispatch_policy_operator;
+-- tick_abort gives back only this session's own tick lock: with it, admit
+-- now by an operator without the runner role fails on tick_begin alone
+-- (42501), instead of also failing to end the tick it never began.
+GRANT EXECUTE ON FUNCTION
+  dispatch_policy.tick_abort(text),
+  dispatch_policy._tick_release(text, boolean),
+  dispatch_policy._holds_tick_lock(text)
+  TO dispatch_policy_operator;
 
 -- Runner: reads every table and writes all but the policies and the
 -- migrations' record.

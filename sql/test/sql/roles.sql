@@ -291,8 +291,9 @@ SELECT id, context ->> 'tenant' AS tenant FROM dispatch_policy.staged_jobs WHERE
 SELECT * FROM dispatch_policy.tick_begin('jobs', 5, 50, only_gate => 'per_tenant', only_partition => 'a');
 \echo :SQLSTATE
 SELECT id, context ->> 'tenant' AS tenant FROM dispatch_policy.staged_jobs WHERE policy = 'jobs' ORDER BY id;
-SELECT dispatch_policy.tick_abort('jobs');
-\echo :SQLSTATE
+-- (tick_abort, which the runner calls after a failed tick, is the
+-- operator's too: it only gives back this session's tick lock, if any.)
+SELECT dispatch_policy.tick_abort('jobs') AS released;
 RESET SESSION AUTHORIZATION;
 SELECT count(*) AS tick_locks_held FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid();
 
