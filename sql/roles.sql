@@ -4,15 +4,16 @@
 --   psql -v ON_ERROR_STOP=1 -d DB -f "$(pg_config --sharedir)/extension/dispatch_policy_roles.sql"
 --   psql -v ON_ERROR_STOP=1 -d DB -f sql/roles.sql           (from a checkout)
 --
--- Run it as a superuser, or as the schema's owner with CREATEROLE, in each
--- database where the schema exists (installed by `dispatch-policy migrate`
--- or CREATE EXTENSION dispatch_policy, migration 0022 or later), and again
--- after every migrate or extension update: it grants on the objects that
--- exist when it runs. It is idempotent and all or nothing (one
--- transaction): roles are created when missing (they are cluster-wide, so
--- a second database finds them), every privilege of the four roles on the
--- schema is revoked and granted again, so a privilege removed from this
--- file is removed from the roles. Then, for example:
+-- Run it as a superuser, or as the schema's owner (with CREATEROLE if the
+-- roles do not exist in the cluster yet), in each database where the
+-- schema exists (`dispatch-policy migrate` or CREATE EXTENSION
+-- dispatch_policy, migration 0022 or later), and again after every migrate
+-- or extension update: it grants on the objects that exist when it runs.
+-- It is idempotent and all or nothing (one transaction). Roles are
+-- cluster-wide: a missing one is created, an existing one kept as it is.
+-- Every privilege of the four roles on the schema is revoked and granted
+-- again, so a privilege removed from this file is removed from the roles.
+-- Then, for example:
 --
 --   GRANT dispatch_policy_stager TO app;
 --   GRANT dispatch_policy_worker TO worker;
@@ -29,8 +30,9 @@
 --                           reads (explain, check, the history, the
 --                           admin's helpers), and the actions pause, resume,
 --                           cancel, retry, drain, pause_partition,
---                           resume_partition, repair. Admit now is a tick:
---                           it needs dispatch_policy_runner as well.
+--                           resume_partition, repair (and tick_abort).
+--                           Admit now is a tick: it needs
+--                           dispatch_policy_runner as well.
 -- dispatch_policy_runner    the tick runner (run, tick, admit-now) and its
 --                           maintenance: every function but declare_policy,
 --                           reads every table, writes every table but
@@ -48,7 +50,7 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 
 DO $$
 DECLARE
-  role_name text;
+  r record;
 BEGIN
   IF to_regnamespace('dispatch_policy') IS NULL THEN
     RAISE EXCEPTION 'schema dispatch_policy does not exist in database %', current_database()
@@ -61,11 +63,24 @@ BEGIN
       USING ERRCODE = '55000',
             HINT = 'Upgrade the schema first (dispatch-policy migrate), then run this file again.';
   END IF;
-  FOREACH role_name IN ARRAY ARRAY['dispatch_policy_stager', 'dispatch_policy_worker',
-                                   'dispatch_policy_operator', 'dispatch_policy_runner'] LOOP
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = role_name) THEN
+  -- Roles that exist are left as they are (another database's run created
+  -- them, or a DBA did): only creating one needs CREATEROLE.
+  FOR r IN
+    SELECT * FROM (VALUES
+      ('dispatch_policy_stager',
+       'dispatch-policy: stages jobs (stage, stage_many); reads nothing. Created by dispatch_policy_roles.sql.'),
+      ('dispatch_policy_worker',
+       'dispatch-policy: claims jobs and reports their outcome (claim, heartbeat, started, complete, complete_many, fail). Created by dispatch_policy_roles.sql.'),
+      ('dispatch_policy_operator',
+       'dispatch-policy: reads everything (views, tables, explain, check) and runs the operator actions; admit now also needs dispatch_policy_runner. Created by dispatch_policy_roles.sql.'),
+      ('dispatch_policy_runner',
+       'dispatch-policy: ticks and maintenance (run, tick, admit-now); needs EXECUTE on the policies'' sql targets. Created by dispatch_policy_roles.sql.')
+    ) AS roles (name, comment)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles x WHERE x.rolname = r.name) THEN
       BEGIN
-        EXECUTE format('CREATE ROLE %I NOLOGIN', role_name);
+        EXECUTE format('CREATE ROLE %I NOLOGIN', r.name);
+        EXECUTE format('COMMENT ON ROLE %I IS %L', r.name, r.comment);
       EXCEPTION WHEN duplicate_object OR unique_violation THEN
         NULL;  -- created meanwhile by another session running this file
       END;
@@ -73,15 +88,6 @@ BEGIN
   END LOOP;
 END
 $$;
-
-COMMENT ON ROLE dispatch_policy_stager IS
-  'dispatch-policy: stages jobs (stage, stage_many); reads nothing. Created by dispatch_policy_roles.sql.';
-COMMENT ON ROLE dispatch_policy_worker IS
-  'dispatch-policy: claims jobs and reports their outcome (claim, heartbeat, started, complete, complete_many, fail). Created by dispatch_policy_roles.sql.';
-COMMENT ON ROLE dispatch_policy_operator IS
-  'dispatch-policy: reads everything (views, tables, explain, check) and runs the operator actions; admit now also needs dispatch_policy_runner. Created by dispatch_policy_roles.sql.';
-COMMENT ON ROLE dispatch_policy_runner IS
-  'dispatch-policy: ticks and maintenance (run, tick, admit-now); needs EXECUTE on policies'' sql targets. Created by dispatch_policy_roles.sql.';
 
 -- Start from nothing, so that a rerun leaves exactly what follows.
 REVOKE ALL ON SCHEMA dispatch_policy
