@@ -17,6 +17,7 @@
 \set VERBOSITY default
 SET client_min_messages = warning;
 DROP EXTENSION IF EXISTS dispatch_policy CASCADE;
+DROP FUNCTION IF EXISTS public.upgrade_outbox(bigint, text, jsonb, jsonb);
 DROP TABLE IF EXISTS public.upgrade_outbox;
 RESET client_min_messages;
 
