@@ -412,6 +412,33 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._gate_partitions(jsonb, jsonb) IS
   'Internal: {"gate": "partition"} of a job context under a policy config, for every gate (the same keys the runner computes).';
 
+-- Keys stored before: 0.1.0 rendered them at any length. Fitted as every
+-- writer fits them from now on, so that a job admitted before still holds
+-- its slot in the partition later admissions count (else its tenant's cap
+-- would admit again), and a bucket, an adaptive cap and its observations
+-- keep their state. A round-robin key is fitted where it is the rendering
+-- of round_robin_by (one given to stage() is kept as given), so the jobs of
+-- a tenant stay in one lane. A fitted key cannot collide with another: 0.1.0
+-- stored none of this form.
+UPDATE dispatch_policy.throttle_buckets SET partition = dispatch_policy._fit_key(partition)
+WHERE octet_length(partition) > 256;
+UPDATE dispatch_policy.inflight_counters SET partition = dispatch_policy._fit_key(partition)
+WHERE octet_length(partition) > 256;
+UPDATE dispatch_policy.adaptive_stats SET partition = dispatch_policy._fit_key(partition)
+WHERE octet_length(partition) > 256;
+UPDATE dispatch_policy.observations SET partition = dispatch_policy._fit_key(partition)
+WHERE octet_length(partition) > 256;
+UPDATE dispatch_policy.observation_minutes SET partition = dispatch_policy._fit_key(partition)
+WHERE octet_length(partition) > 256;
+UPDATE dispatch_policy.admitted_jobs a
+SET partitions = (SELECT jsonb_object_agg(s.key, dispatch_policy._fit_key(s.value)) FROM jsonb_each_text(a.partitions) AS s)
+WHERE CASE WHEN jsonb_typeof(a.partitions) = 'object'
+           THEN EXISTS (SELECT 1 FROM jsonb_each_text(a.partitions) AS s WHERE octet_length(s.value) > 256) END;
+UPDATE dispatch_policy.staged_jobs s SET round_robin_key = dispatch_policy._fit_key(s.round_robin_key)
+FROM dispatch_policy.policies p
+WHERE p.name = s.policy AND octet_length(s.round_robin_key) > 256
+  AND s.round_robin_key = dispatch_policy._render_template(p.config ->> 'round_robin_by', s.context);
+
 -- Staging limits. The bounds are read once per call and passed in, so the
 -- per-job check stays inlinable.
 DROP FUNCTION dispatch_policy._job_spec_problem(jsonb);

@@ -133,6 +133,17 @@ COMMENT ON COLUMN dispatch_policy.admitted_jobs.target IS
   '''ready_queue'': claimable with claim(); ''sql'': handed to the policy''s sql target function at admission (never claimable).';
 COMMENT ON COLUMN dispatch_policy.admitted_jobs.partitions IS
   'Gate name -> partition key of this job for every gate of its policy. The entries of slot-holding gates (concurrency, global_cap, adaptive_concurrency) are the slots completion releases; redeclaring the policy recomputes them.';
+-- Jobs admitted before recorded their slots only. Their other gates'
+-- partitions (throttle, fair_interleave) are added as admission renders
+-- them, so that what reads a job's partitions (partition_overview's jobs in
+-- flight per partition, the history per partition) counts these jobs too.
+-- The slots stay as recorded: the counters count them.
+UPDATE dispatch_policy.admitted_jobs a
+SET partitions = (SELECT coalesce(jsonb_object_agg(g.key, g.value), '{}'::jsonb)
+                  FROM jsonb_each(dispatch_policy._gate_partitions(p.config, a.context)) AS g
+                  WHERE NOT (g.key = ANY (dispatch_policy._slot_gates(p.config)))) || a.partitions
+FROM dispatch_policy.policies p
+WHERE p.name = a.policy AND jsonb_typeof(a.partitions) = 'object' AND jsonb_typeof(a.context) = 'object';
 DROP INDEX dispatch_policy.admitted_jobs_claim_idx;
 CREATE INDEX admitted_jobs_claim_idx
   ON dispatch_policy.admitted_jobs (queue, priority, id)
