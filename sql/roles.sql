@@ -7,7 +7,7 @@
 -- Run it as a superuser, or as the schema's owner (with CREATEROLE if the
 -- roles do not exist in the cluster yet), in each database where the
 -- schema exists (`dispatch-policy migrate` or CREATE EXTENSION
--- dispatch_policy, migration 0022 or later), and again after every migrate
+-- dispatch_policy, migration 0021 or later), and again after every migrate
 -- or extension update: it grants on the objects that exist when it runs.
 -- It is idempotent and all or nothing (one transaction). Roles are
 -- cluster-wide: a missing one is created, an existing one kept as it is.
@@ -43,7 +43,7 @@
 --
 -- Policies (declare_policy, `dispatch-policy policy apply`) and migrations
 -- are the schema owner's. The functions the first three roles call to
--- change jobs are SECURITY DEFINER (migration 0022); a tick is not.
+-- change jobs are SECURITY DEFINER (migration 0021); a tick is not.
 
 BEGIN;
 SET LOCAL search_path = pg_catalog, pg_temp;
@@ -59,7 +59,7 @@ BEGIN
   END IF;
   IF NOT (SELECT p.prosecdef FROM pg_catalog.pg_proc p
           WHERE p.oid = to_regprocedure('dispatch_policy.stage_many(text, jsonb)')) THEN
-    RAISE EXCEPTION 'the dispatch_policy schema predates migration 0022 (privileges)'
+    RAISE EXCEPTION 'the dispatch_policy schema predates migration 0021 (privileges)'
       USING ERRCODE = '55000',
             HINT = 'Upgrade the schema first (dispatch-policy migrate), then run this file again.';
   END IF;

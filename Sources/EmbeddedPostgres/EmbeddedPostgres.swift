@@ -236,7 +236,22 @@ public final class EmbeddedPostgres: Sendable {
 /// posix_spawn and waitpid, without Foundation's Process (whose child
 /// monitoring on Linux can miss an exit when another Process object is
 /// released while its child still runs).
-enum Spawn {
+public enum Spawn {
+    /// Adds to `actions` the closing in the child of every descriptor from 3
+    /// up (glibc's posix_spawn_file_actions_addclosefrom_np, looked up at run
+    /// time as Swift's Glibc module does not export it; else each
+    /// descriptor open now).
+    public static func closeInherited(_ actions: inout posix_spawn_file_actions_t) {
+        typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
+        if let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") {
+            _ = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, 3)
+            return
+        }
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
+            if let fd = Int32(name), fd > 2 { posix_spawn_file_actions_addclose(&actions, fd) }
+        }
+    }
+
     /// Runs `executable` with standard input from /dev/null and standard
     /// output and error into `outputPath`. Returns the exit status when
     /// `wait` is true, else 0 right after starting it.
@@ -247,6 +262,10 @@ enum Spawn {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        // Nothing else of this process: an inherited socket (a database
+        // session) would stay open as long as the child (the watchdog lives
+        // as long as the cluster), and its server session with it.
+        Spawn.closeInherited(&actions)
 
         let argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }

@@ -462,7 +462,7 @@ struct FencingTests {
         ], logger: TestServer.logger))
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
-            _ = try await waitUntil(20) {
+            _ = try await waitUntil(60) {
                 try await TestServer.withConnection(settings) { conn async throws in
                     try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE policy = 'mine'", as: Int.self) == 1
                 }

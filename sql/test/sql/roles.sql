@@ -1,4 +1,4 @@
--- pg_regress tests of the roles (issue 11): what migration 0022 leaves to
+-- pg_regress tests of the roles (issue 11): what migration 0021 leaves to
 -- PUBLIC (nothing) and makes SECURITY DEFINER, then sql/roles.sql, and a
 -- login of each role showing what it can and cannot do (42501 where not).
 -- Roles are cluster-wide: the four dispatch_policy_* roles are created if
