@@ -83,8 +83,10 @@ struct Admin: AsyncParsableCommand {
                 }
                 options.token = token
             }
-            let settings = try ConnectionSettings.resolve(url: connection.databaseURL).with(session: .admin)
-            let client = PostgresClient(configuration: try settings.clientConfiguration(), backgroundLogger: logger)
+            let settings = try connection.settings().with(session: .admin)
+            // A pool connects to one host: the one target_session_attrs picks now.
+            let client = PostgresClient(
+                configuration: try settings.clientConfiguration(endpoint: try await settings.settle(logger: logger)), backgroundLogger: logger)
             let server: AdminServer
             do {
                 server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: options,

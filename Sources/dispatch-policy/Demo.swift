@@ -49,9 +49,9 @@ struct Demo: AsyncParsableCommand {
         try await reportingErrors {
             let runFor = try DurationParser.parse(duration, flag: "--duration", within: CLILimits.demo)
             var cluster: EmbeddedPostgres?
-            let settings: ConnectionSettings
+            var settings: ConnectionSettings
             if let url = databaseURL ?? ProcessInfo.processInfo.environment["DATABASE_URL"], !url.isEmpty {
-                settings = try ConnectionSettings(url: url)
+                settings = try ConnectionSettings.resolve(url: url)
             } else {
                 print("starting a private PostgreSQL cluster...")
                 do {
@@ -61,6 +61,7 @@ struct Demo: AsyncParsableCommand {
                 }
                 settings = try ConnectionSettings(url: cluster!.url())
             }
+            settings.fallbackApplicationName = "dispatch-policy demo"
             let adminURL = SharedAddress()
             let driver = DemoDriver(settings: settings, runFor: runFor, logger: logger, adminURL: adminURL)
             try await driver.prepare()

@@ -22,7 +22,7 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
-            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, AdmitNow.self, Status.self, Explain.self, Check.self, Admin.self,
+            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, AdmitNow.self, Work.self, Status.self, Explain.self, Check.self, Admin.self,
         ]
     )
 }
@@ -38,6 +38,19 @@ struct ConnectionOptions: ParsableArguments {
 
     @Flag(name: .shortAndLong, help: "Log what is done (info level) to standard error.")
     var verbose = false
+
+    /// The connection settings, with `dispatch-policy COMMAND` as the
+    /// application name unless one is given.
+    func settings() throws -> ConnectionSettings {
+        try ConnectionSettings.resolve(url: databaseURL, fallbackApplicationName: Self.applicationName)
+    }
+
+    /// `dispatch-policy` and the command run (`dispatch-policy run`, `dispatch-policy policy apply`).
+    static var applicationName: String {
+        let words = CommandLine.arguments.dropFirst().prefix { !$0.hasPrefix("-") }
+        let command = words.first == "policy" ? words.prefix(2) : words.prefix(1)
+        return (["dispatch-policy"] + command).joined(separator: " ")
+    }
 
     func makeLogger() -> Logger {
         LoggingSystem.bootstrap { label in
@@ -58,7 +71,7 @@ struct ConnectionOptions: ParsableArguments {
     func withConnection<T>(_ body: (PostgresConnection, Logger) async throws -> T) async throws -> T {
         let logger = makeLogger()
         return try await reportingErrors {
-            try await ConnectionSettings.resolve(url: databaseURL).withConnection(logger: logger) { connection in
+            try await settings().withConnection(logger: logger) { connection in
                 let done = CommandDone()
                 connection.closeFuture.whenComplete { _ in
                     DispatchQueue.global().asyncAfter(deadline: .now() + 2) {
@@ -720,7 +733,7 @@ struct Tick: AsyncParsableCommand {
             } else {
                 options.once = true
             }
-            let settings = try ConnectionSettings.resolve(url: connection.databaseURL)
+            let settings = try connection.settings()
             let report = try await ProcessTracing.around(logger: logger) { [options] in
                 try await TickRunner(connection: settings, options: options, logger: logger).runLoop()
             }
@@ -776,7 +789,7 @@ struct Run: AsyncParsableCommand {
         let logger = connection.makeLogger()
         try await reportingErrors {
             var options = try runner.makeOptions()
-            let settings = try ConnectionSettings.resolve(url: connection.databaseURL)
+            let settings = try connection.settings()
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
             if let metrics {
                 // The runner's counters and tick timings, and the per-policy
@@ -784,7 +797,9 @@ struct Run: AsyncParsableCommand {
                 _ = ProcessMetrics.registry
                 options.metrics = DispatchPolicyMetrics()
                 let client = PostgresClient(
-                    configuration: try settings.with(session: .admin).clientConfiguration(maximumConnections: 1), backgroundLogger: logger)
+                    configuration: try settings.with(session: .admin).clientConfiguration(
+                        maximumConnections: 1, endpoint: try await settings.settle(logger: logger)),
+                    backgroundLogger: logger)
                 let server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
                                              registry: ProcessMetrics.registry, logger: logger)
                 services.append(.init(service: client))

@@ -605,7 +605,7 @@ struct FaultTests {
         defer { proxy.stop() }
         var via = settings
         via.endpoint = .tcp(host: "127.0.0.1", port: proxy.port)
-        via.tls = .disable
+        via.sslMode = .disable
         do {
             let db = ManagedConnection(settings: via, role: "test", logger: TestServer.logger)
             await #expect(throws: DispatchPolicyError.self) {

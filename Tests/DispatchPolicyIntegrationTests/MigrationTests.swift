@@ -195,6 +195,62 @@ struct MigrationTests {
         }
     }
 
+    /// The 0.1.0 data of the pg_regress upgrade test (sql/test/sql/upgrade.sql,
+    /// between its "0.1.0 in use." and "The update." markers): policies, and
+    /// jobs in every state left by the 0.1.0 API.
+    static func v010InUse() throws -> String {
+        let text = try String(contentsOf: packageRoot.appending(path: "sql/test/sql/upgrade.sql"), encoding: .utf8)
+        let start = try #require(text.range(of: "-- 0.1.0 in use.\n"))
+        let end = try #require(text.range(of: "-- The update.\n"))
+        return String(text[start.upperBound..<end.lowerBound])
+    }
+
+    @Test("migrate from 0.1.0 (migrations 0001-0006) with jobs in every state: rows kept, check() clean, the catalog of a fresh migrate, jobs admitted")
+    func migrateFrom010() async throws {
+        try await withTestDatabase(migrated: false) { conn, settings in
+            let released = Migration.embedded.prefix { ($0.version ?? 0) <= 6 }
+            try #require(released.count == 6)
+            try await Migrator(migrations: Array(released), logger: TestServer.logger).migrate(on: conn)
+            let psql = try await TestServer.shared.binDirectory() + "/psql"
+            let setup = try await runProcess(psql, ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+                                             environment: libpqEnvironment(settings), stdin: try Self.v010InUse())
+            try #require(setup.status == 0, "the 0.1.0 data: \(setup.stderr)")
+            let jobsSQL: PostgresQuery = """
+                SELECT string_agg(id::text || ':' || policy, ',' ORDER BY id) FROM (
+                  SELECT id, policy FROM dispatch_policy.staged_jobs UNION ALL
+                  SELECT id, policy FROM dispatch_policy.admitted_jobs UNION ALL
+                  SELECT id, policy FROM dispatch_policy.finished_jobs) j
+                """
+            let before = try await conn.scalar(jobsSQL, as: String.self)
+
+            let report = try await Migrator(logger: TestServer.logger).migrate(on: conn)
+            #expect(report.applied.count == Migration.embedded.count - 6)
+            #expect(try await conn.scalar(jobsSQL, as: String.self) == before, "every job of 0.1.0 is still there")
+            let findings = try await conn.rows("SELECT row_to_json(c)::text FROM dispatch_policy.check() c", logger: TestServer.logger)
+                .map { try $0.decode(String.self) }
+            #expect(findings == [], "check() after the upgrade")
+            let upgraded = try await conn.scalar(schemaFingerprintSQL, as: String.self)
+            let fresh = try await TestServer.shared.freshDatabase(migrated: false)
+            let freshPrint = try await TestServer.withConnection(fresh) { other in
+                try await Migrator(logger: TestServer.logger).migrate(on: other)
+                return try await other.scalar(schemaFingerprintSQL, as: String.self)
+            }
+            let upgradedLines = Set(upgraded.split(separator: "\n")), freshLines = Set(freshPrint.split(separator: "\n"))
+            #expect(upgradedLines.subtracting(freshLines).sorted() == [], "only after the upgrade")
+            #expect(freshLines.subtracting(upgradedLines).sorted() == [], "only in a fresh migrate")
+
+            // The runner of this version admits what 0.1.0 left waiting.
+            let pending = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE not_before <= now()", as: Int.self)
+            try #require(pending > 0)
+            var admitted = 0
+            for policy in ["webhooks", "reports", "long_keys", "mailer"] {
+                admitted += try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: policy).admitted
+            }
+            #expect(admitted > 0)
+            #expect(try await conn.rows("SELECT 1 FROM dispatch_policy.check()", logger: TestServer.logger).isEmpty)
+        }
+    }
+
     @Test("CREATE EXTENSION dispatch_policy gives the same objects as migrate")
     func extensionMatchesMigrate() async throws {
         try await withTestDatabase(migrated: false) { conn, _ in

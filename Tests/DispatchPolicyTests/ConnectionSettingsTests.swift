@@ -10,7 +10,7 @@ struct ConnectionSettingsTests {
         #expect(s.username == "app")
         #expect(s.password == "s@cret")
         #expect(s.database == "jobs")
-        #expect(s.tls == .require)
+        #expect(s.sslMode == .require)
         #expect(s.description == "postgres://app@db.example:6543/jobs")
     }
 
@@ -29,14 +29,16 @@ struct ConnectionSettingsTests {
             let error = #expect(throws: DispatchPolicyError.self) { try ConnectionSettings(url: url) }
             #expect(error.map { !$0.description.contains("hunter2") && !$0.description.contains("hun ter2") } == true, "\(url): \(String(describing: error))")
         }
-        #expect(ConnectionSettingsRedaction.of("postgres://app:hunter2@[db.example/jobs") == "postgres://app:***@(not shown)")
+        #expect(ConnectionSettingsRedaction.of("postgres://app:hunter2@[db.example/jobs") == "postgres://app:***@[db.example/jobs")
+        #expect(ConnectionSettingsRedaction.of("host=h password='a b\\'c' user=u") == "host=h password=*** user=u")
+        #expect(ConnectionSettingsRedaction.of("postgres://u@h/db?sslmode=require&password=x%20y&a=b") == "postgres://u@h/db?sslmode=require&password=***&a=b")
     }
 
     @Test("postgresql:// and a Unix socket directory in ?host=")
     func socketURL() throws {
         let s = try ConnectionSettings(url: "postgresql://postgres@/postgres?host=/tmp/pg-dir&port=5433")
         #expect(s.endpoint == .unixSocket(path: "/tmp/pg-dir/.s.PGSQL.5433"))
-        #expect(s.tls == .disable)
+        #expect(s.sslMode == .prefer, "as given; TLS does not apply to a socket")
         #expect(s.description == "postgres://postgres@/postgres?host=/tmp/pg-dir&port=5433")
         #expect(try ConnectionSettings(url: s.description).endpoint == s.endpoint)
     }
@@ -49,7 +51,7 @@ struct ConnectionSettingsTests {
         #expect(s.username == "envuser")
         #expect(s.password == "pw")
         #expect(s.database == "envdb")
-        #expect(s.tls == .prefer)
+        #expect(s.sslMode == .prefer)
     }
 
     @Test("PG* variables alone; the database defaults to the user")
@@ -58,7 +60,7 @@ struct ConnectionSettingsTests {
         #expect(s.endpoint == .unixSocket(path: "/var/run/postgresql/.s.PGSQL.5432"))
         #expect(s.database == "worker")
         let t = try ConnectionSettings(environment: ["USER": "me"])
-        #expect(t.endpoint == .tcp(host: "localhost", port: 5432))
+        #expect(t.endpoint == .unixSocket(path: "\(ConnectionSettings.defaultHost)/.s.PGSQL.5432"), "libpq's default: the socket directory")
         #expect(t.username == "me")
     }
 

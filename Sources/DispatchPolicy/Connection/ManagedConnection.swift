@@ -93,7 +93,11 @@ public actor ManagedConnection {
         let task = Task { [settings, logger, connectTimeout, role] in
             // A connection that opens after the deadline is closed, not leaked.
             let late = Mutex<(abandoned: Bool, conn: PostgresConnection?)>((false, nil))
-            let attempt: PostgresConnection? = try await untilDeadline(.now + connectTimeout) {
+            // Every host may take its own connect_timeout (twice, when sslmode
+            // allow or prefer tries again the other way).
+            let rounds = settings.targetSessionAttributes == .preferStandby ? 2 : 1
+            let bound = max(connectTimeout, settings.perHostTimeout * (2 * rounds * settings.hosts.count))
+            let attempt: PostgresConnection? = try await untilDeadline(.now + bound) {
                 let conn = try await settings.connect(logger: logger)
                 if late.withLock({ state in state.conn = conn; return state.abandoned }) { Self.closeUnawaited(conn) }
                 return conn
@@ -103,7 +107,7 @@ public actor ManagedConnection {
             }
             guard let attempt else {
                 throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(settings)",
-                                          detail: "no answer within \(Self.describe(connectTimeout))")
+                                          detail: "no answer within \(Self.describe(bound))")
             }
             return attempt
         }

@@ -1,0 +1,81 @@
+import DispatchPolicy
+import Foundation
+import PostgresNIO
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("dispatch-policy work: a command per job", .timeLimit(.minutes(3)))
+struct WorkCommandTests {
+    @Test("runs the command once per job with its args on stdin and its identity in the environment; exit 0 completes, another status fails with stderr's tail; SIGTERM drains")
+    func runsJobs() async throws {
+        try await withTestDatabase { conn, settings in
+            try await conn.exec(#"SELECT dispatch_policy.declare_policy('jobs', '{"max_attempts": 1}')"#)
+            for n in 1...4 {
+                try await conn.exec(PostgresQuery(unsafeSQL: #"SELECT dispatch_policy.stage('jobs', '{"n": \#(n)}', '{"tenant": "t\#(n)"}')"#))
+            }
+            try await conn.exec(#"SELECT dispatch_policy.stage('jobs', '{"fail": true}')"#)
+            // Runs for a while: SIGTERM comes while it runs, and the worker waits for it.
+            try await conn.exec(#"SELECT dispatch_policy.stage('jobs', '{"slow": true}')"#)
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "jobs")
+
+            let out = FileManager.default.temporaryDirectory.path + "/dp-work-\(UUID().uuidString)"
+            try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: out) }
+            let script = #"""
+                args=$(cat)
+                printf '%s|%s|%s|%s|%s\n' "$args" "$DISPATCH_POLICY_POLICY" "$DISPATCH_POLICY_QUEUE" "$DISPATCH_POLICY_ATTEMPT" "$DISPATCH_POLICY_CONTEXT" > "$OUT/$DISPATCH_POLICY_JOB_ID"
+                case "$args" in
+                  *fail*) echo "noise that scrolls away" >&2; echo "cannot reach the endpoint" >&2; exit 3 ;;
+                  *slow*) touch "$OUT/slow-started"; sleep 3; echo done > "$OUT/slow-finished" ;;
+                esac
+                """#
+            var env = ProcessInfo.processInfo.environment
+            env["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+            env["OUT"] = out
+            let worker = try spawnChild(cliPath, ["work", "--policy", "jobs", "--concurrency", "3", "--", "/bin/sh", "-c", script], environment: env)
+            let started = try await waitUntil(60) { FileManager.default.fileExists(atPath: out + "/slow-started") }
+            #expect(started, "the slow job did not start: \(worker.output().stderr)")
+            // Everything but the slow job is done, then SIGTERM: the slow job still ends completed.
+            _ = try await waitUntil(60) {
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs", as: Int.self) == 5
+            }
+            kill(worker.pid, SIGTERM)
+            let ending = await worker.wait()
+            #expect(ending == .exited(0), "\(worker.output().stderr)")
+            #expect(FileManager.default.fileExists(atPath: out + "/slow-finished"), "the worker did not wait for the running command")
+
+            let rows = try await conn.rows(
+                "SELECT id, status, args::text, coalesce(last_error, '') FROM dispatch_policy.finished_jobs ORDER BY id", logger: TestServer.logger)
+            var statuses: [String: String] = [:]
+            for row in rows {
+                let (id, status, args, error) = try row.decode((Int64, String, String, String).self)
+                statuses[args] = status
+                let seen = try String(contentsOfFile: "\(out)/\(id)", encoding: .utf8).split(separator: "|").map(String.init)
+                #expect(seen.count == 5)
+                #expect(try JSONSerialization.jsonObject(with: Data(seen[0].utf8)) as? NSDictionary
+                        == JSONSerialization.jsonObject(with: Data(args.utf8)) as? NSDictionary, "args on stdin")
+                #expect(seen[1] == "jobs" && seen[2] == "default" && seen[3] == "1")
+                if args.contains("fail") {
+                    #expect(error == "/bin/sh exited with status 3: noise that scrolls away\ncannot reach the endpoint")
+                }
+                if args.contains("\"n\": 2") { #expect(seen[4].contains("\"tenant\": \"t2\"")) }
+            }
+            #expect(statuses.count == 6, "\(statuses)")
+            #expect(statuses.filter { $0.value == "completed" }.count == 5)
+            #expect(statuses[#"{"fail": true}"#] == "dead")
+            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self) == 0)
+        }
+    }
+
+    @Test("usage: at least one --policy, a command after --, a bounded concurrency (exit 64)")
+    func usage() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        for arguments in [["work", "--", "true"], ["work", "--policy", "p"], ["work", "--policy", "p", "--concurrency", "0", "--", "true"]] {
+            let result = try await cli(arguments, settings: settings)
+            #expect(result.status == 64, "\(arguments): \(result.stderr)")
+        }
+    }
+}
