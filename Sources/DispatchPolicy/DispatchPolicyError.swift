@@ -16,6 +16,7 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
             case migrationFailed
             case schemaInstalledAsExtension
             case connectionLost
+            case client
         }
 
         private let base: Base
@@ -41,6 +42,11 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
         /// on its next call.
         public static let connectionLost = Self(.connectionLost)
 
+        /// The client failed without an answer from the server: a connection
+        /// that could not be made, a TLS handshake, a protocol error. See
+        /// ``DispatchPolicyError/underlying``.
+        public static let client = Self(.client)
+
         public var description: String { base.rawValue }
     }
 
@@ -51,8 +57,11 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
     public var sqlState: String?
     public var detail: String?
     public var hint: String?
+    /// The error this one was made from (a `PSQLError`, a TLS error...), when there was one.
+    public var underlying: (any Error)?
 
-    public init(code: Code, message: String, sqlState: String? = nil, detail: String? = nil, hint: String? = nil) {
+    public init(code: Code, message: String, sqlState: String? = nil, detail: String? = nil, hint: String? = nil, underlying: (any Error)? = nil) {
+        self.underlying = underlying
         self.code = code
         self.message = message
         self.sqlState = sqlState
@@ -114,12 +123,16 @@ extension DispatchPolicyError {
                     message: prefix + (info[.message] ?? "server error"),
                     sqlState: info[.sqlState],
                     detail: info[.detail],
-                    hint: info[.hint]
+                    hint: info[.hint],
+                    underlying: error
                 )
             }
-            return DispatchPolicyError(code: code, message: prefix + "\(psql.code)" + (psql.underlying.map { ": \($0)" } ?? ""))
+            // Not the server's: the client's side of the connection failed.
+            return DispatchPolicyError(
+                code: code == .server ? .client : code, message: prefix + "\(psql.code)" + (psql.underlying.map { ": \($0)" } ?? ""),
+                underlying: error)
         }
-        return DispatchPolicyError(code: code, message: prefix + String(describing: error))
+        return DispatchPolicyError(code: code == .server ? .client : code, message: prefix + String(describing: error), underlying: error)
     }
 }
 

@@ -28,7 +28,7 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
 }
 
 enum DispatchPolicyVersion {
-    static let current = "0.1.0"
+    static let current = "0.2.0-dev"
 }
 
 /// Options every command that talks to the database shares.

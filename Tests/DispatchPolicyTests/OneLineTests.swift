@@ -16,3 +16,21 @@ struct OneLineTests {
         #expect(DispatchPolicyError.oneLine("abc\u{202E}fed\u{2066}\u{200F}") == "abc\\u{202e}fed\\u{2066}\\u{200f}")
     }
 }
+
+@Suite("Errors keep what they were made from")
+struct UnderlyingErrorTests {
+    struct Broken: Error {}
+
+    @Test("a client-side fault is .client, not .server, and the original error is kept")
+    func clientSide() {
+        let wrapped = DispatchPolicyError.from(Broken(), context: "reading")
+        #expect(wrapped.code == .client)
+        #expect(wrapped.underlying is Broken)
+        #expect(wrapped.message.hasPrefix("reading: "))
+        // A code the caller chose is kept.
+        #expect(DispatchPolicyError.from(Broken(), code: .migrationFailed).code == .migrationFailed)
+        // A DispatchPolicyError passes through unchanged.
+        let own = DispatchPolicyError(code: .invalidArgument, message: "x")
+        #expect(DispatchPolicyError.from(own).code == .invalidArgument)
+    }
+}

@@ -447,7 +447,7 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
             throw wrapped
         }
         throw DispatchPolicyError(
-            code: .server, message: "cannot connect to \(self): no host is usable (target_session_attrs=\(targetSessionAttributes.rawValue))",
+            code: .client, message: "cannot connect to \(self): no host is usable (target_session_attrs=\(targetSessionAttributes.rawValue))",
             detail: failures.map { "\($0.0): \($0.1.message)" }.joined(separator: "\n"),
             hint: "Set --database-url, DATABASE_URL or the PG* variables.")
     }
