@@ -102,6 +102,17 @@ let package = Package(
             ],
             path: "bench/TickBench"
         ),
+        // The README's Swift examples, compiled so they cannot drift
+        // (ReadmeSnippetTests ties the two together).
+        .executableTarget(
+            name: "readme-swift-examples",
+            dependencies: [
+                "DispatchPolicy",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Examples/ReadmeSwift"
+        ),
         // Generators shared by the unit and integration fuzz tests.
         .target(
             name: "DispatchPolicyTestSupport",

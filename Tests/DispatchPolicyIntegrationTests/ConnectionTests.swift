@@ -285,7 +285,7 @@ struct ConnectionTests {
         try #require(portA != portB || a.endpoint != b.endpoint)
 
         // The first host is read-only: the session lands on the second.
-        let db = ManagedConnection(settings: both, role: "test runner", logger: TestServer.logger)
+        let db = ManagedConnection(settings: both, role: "test runner", logger: TestServer.logger, connectTimeout: .seconds(60))
         let where1 = try await db.run("port", timeout: .seconds(60)) { conn in
             try await conn.scalar("SELECT current_setting('port') || ':' || current_setting('transaction_read_only')", as: String.self)
         }

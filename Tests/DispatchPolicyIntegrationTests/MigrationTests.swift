@@ -195,6 +195,21 @@ struct MigrationTests {
         }
     }
 
+    /// The catalog fingerprint of a new database after `migrate`.
+    static func freshMigrateFingerprint() async throws -> String {
+        let fresh = try await TestServer.shared.freshDatabase(migrated: false)
+        return try await TestServer.withConnection(fresh) { other in
+            try await Migrator(logger: TestServer.logger).migrate(on: other)
+            return try await other.scalar(schemaFingerprintSQL, as: String.self)
+        }
+    }
+
+    /// The lines of each fingerprint that the other lacks, sorted.
+    static func differences(_ a: String, _ b: String) -> ([Substring], [Substring]) {
+        let left = Set(a.split(separator: "\n")), right = Set(b.split(separator: "\n"))
+        return (left.subtracting(right).sorted(), right.subtracting(left).sorted())
+    }
+
     /// The 0.1.0 data of the pg_regress upgrade test (sql/test/sql/upgrade.sql,
     /// between its "0.1.0 in use." and "The update." markers): policies, and
     /// jobs in every state left by the 0.1.0 API.
@@ -230,14 +245,9 @@ struct MigrationTests {
                 .map { try $0.decode(String.self) }
             #expect(findings == [], "check() after the upgrade")
             let upgraded = try await conn.scalar(schemaFingerprintSQL, as: String.self)
-            let fresh = try await TestServer.shared.freshDatabase(migrated: false)
-            let freshPrint = try await TestServer.withConnection(fresh) { other in
-                try await Migrator(logger: TestServer.logger).migrate(on: other)
-                return try await other.scalar(schemaFingerprintSQL, as: String.self)
-            }
-            let upgradedLines = Set(upgraded.split(separator: "\n")), freshLines = Set(freshPrint.split(separator: "\n"))
-            #expect(upgradedLines.subtracting(freshLines).sorted() == [], "only after the upgrade")
-            #expect(freshLines.subtracting(upgradedLines).sorted() == [], "only in a fresh migrate")
+            let (onlyUpgraded, onlyFresh) = try await Self.differences(upgraded, Self.freshMigrateFingerprint())
+            #expect(onlyUpgraded == [], "only after the upgrade")
+            #expect(onlyFresh == [], "only in a fresh migrate")
 
             // The runner of this version admits what 0.1.0 left waiting.
             let pending = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE not_before <= now()", as: Int.self)
@@ -264,14 +274,9 @@ struct MigrationTests {
                 as: Int.self)
             #expect(members > 20)
 
-            let migrated = try await TestServer.shared.freshDatabase(migrated: false)
-            let fromMigrate = try await TestServer.withConnection(migrated) { other in
-                try await Migrator(logger: TestServer.logger).migrate(on: other)
-                return try await other.scalar(schemaFingerprintSQL, as: String.self)
-            }
-            let extensionLines = Set(fromExtension.split(separator: "\n")), migrateLines = Set(fromMigrate.split(separator: "\n"))
-            #expect(extensionLines.subtracting(migrateLines).sorted() == [], "only in the extension (is the installed extension stale? make -C sql install)")
-            #expect(migrateLines.subtracting(extensionLines).sorted() == [], "only from migrate")
+            let (onlyExtension, onlyMigrate) = try await Self.differences(fromExtension, Self.freshMigrateFingerprint())
+            #expect(onlyExtension == [], "only in the extension (is the installed extension stale? make -C sql install)")
+            #expect(onlyMigrate == [], "only from migrate")
             #expect(fromExtension.contains("function dispatch_policy.stage("))
 
             // And migrate refuses to run over the extension's schema.

@@ -315,7 +315,9 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
             configuration = .init(host: host, port: port, username: username, password: password, database: database, tls: tls)
         }
         configuration.options.additionalStartupParameters = startupParameters
-        configuration.options.connectTimeout = .nanoseconds(Int64(perHostTimeout.settingMilliseconds) * 1_000_000)
+        // The whole attempt is bounded by perHostTimeout (connectBounded); the
+        // TCP connect a little later, so one error says what ran out.
+        configuration.options.connectTimeout = .nanoseconds(Int64((perHostTimeout + .seconds(1)).settingMilliseconds) * 1_000_000)
         return configuration
     }
 

@@ -77,6 +77,19 @@ public actor ManagedConnection {
         return (current.conn, current.watch)
     }
 
+    /// The longest opening a session may take: `connectTimeout`, or more
+    /// when the settings list several hosts, each of which may take its own
+    /// connect_timeout (twice over TCP with sslmode allow or prefer, which
+    /// try again the other way; twice over with prefer-standby).
+    nonisolated var connectBound: Duration {
+        let rounds = settings.targetSessionAttributes == .preferStandby ? 2 : 1
+        let attempts = settings.hosts.reduce(0) { sum, host in
+            if case .tcp = host, [.allow, .prefer].contains(settings.sslMode) { return sum + 2 }
+            return sum + 1
+        }
+        return max(connectTimeout, settings.perHostTimeout * (rounds * attempts))
+    }
+
     /// The live connection and the watch of its closing.
     private func session() async throws -> (conn: PostgresConnection, watch: CloseWatch) {
         if let current, !current.isClosed { return (current.conn, current.watch) }
@@ -93,10 +106,7 @@ public actor ManagedConnection {
         let task = Task { [settings, logger, connectTimeout, role] in
             // A connection that opens after the deadline is closed, not leaked.
             let late = Mutex<(abandoned: Bool, conn: PostgresConnection?)>((false, nil))
-            // Every host may take its own connect_timeout (twice, when sslmode
-            // allow or prefer tries again the other way).
-            let rounds = settings.targetSessionAttributes == .preferStandby ? 2 : 1
-            let bound = max(connectTimeout, settings.perHostTimeout * (2 * rounds * settings.hosts.count))
+            let bound = connectBound
             let attempt: PostgresConnection? = try await untilDeadline(.now + bound) {
                 let conn = try await settings.connect(logger: logger)
                 if late.withLock({ state in state.conn = conn; return state.abandoned }) { Self.closeUnawaited(conn) }
@@ -206,7 +216,7 @@ public actor ManagedConnection {
         if let live = await liveSession() {
             (conn, watch) = live
         } else {
-            var connectBy = ContinuousClock.now + connectTimeout
+            var connectBy = ContinuousClock.now + connectBound
             if let hardDeadline { connectBy = min(connectBy, hardDeadline) }
             guard let opened = try await untilDeadline(connectBy, { try await self.session() }) else {
                 throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(settings)",
