@@ -71,7 +71,7 @@ struct Admin: AsyncParsableCommand {
     var partitionMetrics = false
 
     func run() async throws {
-        let logger = connection.makeLogger()
+        let logger = connection.makeLogger(defaultLevel: .info)
         try await reportingErrors {
             var options = AdminOptions()
             options.partitionMetrics = partitionMetrics

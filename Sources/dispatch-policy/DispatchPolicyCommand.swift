@@ -36,7 +36,7 @@ struct ConnectionOptions: ParsableArguments {
     @Option(name: .customLong("database-url"), help: "postgres://user:password@host:port/database (default: DATABASE_URL, then PG* variables).")
     var databaseURL: String?
 
-    @Flag(name: .shortAndLong, help: "Log what is done (info level) to standard error.")
+    @Flag(name: .shortAndLong, help: "Log more to standard error: info level (debug for the services run, work and admin).")
     var verbose = false
 
     /// The connection settings, with `dispatch-policy COMMAND` as the
@@ -52,10 +52,14 @@ struct ConnectionOptions: ParsableArguments {
         return (["dispatch-policy"] + command).joined(separator: " ")
     }
 
-    func makeLogger() -> Logger {
+    /// A logger to standard error. Commands log warnings and errors; the
+    /// services (`run`, `work`, `admin`) pass `.info`, so a lost and
+    /// restored connection shows. `--verbose` goes one level further.
+    func makeLogger(defaultLevel: Logger.Level = .warning) -> Logger {
+        let level: Logger.Level = verbose ? (defaultLevel == .info ? .debug : .info) : defaultLevel
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = verbose ? .info : .warning
+            handler.logLevel = level
             return handler
         }
         return Logger(label: "dispatch-policy")
@@ -786,7 +790,7 @@ struct Run: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let logger = connection.makeLogger()
+        let logger = connection.makeLogger(defaultLevel: .info)
         try await reportingErrors {
             var options = try runner.makeOptions()
             let settings = try connection.settings()

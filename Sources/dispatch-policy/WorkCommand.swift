@@ -58,6 +58,10 @@ struct Work: AsyncParsableCommand {
     func validate() throws {
         guard !policies.isEmpty else { throw ValidationError("at least one --policy is needed") }
         guard !command.isEmpty else { throw ValidationError("the command to run comes after --, as in: dispatch-policy work --policy p -- ./handle-job") }
+        guard JobCommand.resolve(command[0]) != nil else {
+            // Else every job would burn through its attempts and end dead.
+            throw ValidationError("\(command[0]) is not an executable file\(command[0].contains("/") ? "" : " on PATH")")
+        }
         guard (1...1000).contains(concurrency) else { throw ValidationError("--concurrency must be from 1 to 1000, got \(concurrency)") }
         do {
             _ = try DurationParser.parse(killAfter, flag: "--kill-after", within: Self.killAfterRange)
@@ -68,7 +72,9 @@ struct Work: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let logger = connection.makeLogger()
+        // A closed standard output or error (a log reader gone) is not a reason to die.
+        signal(SIGPIPE, SIG_IGN)
+        let logger = connection.makeLogger(defaultLevel: .info)
         try await reportingErrors {
             let settings = try connection.settings()
             var options = WorkerOptions()
@@ -102,8 +108,43 @@ struct JobCommand: Sendable {
 
     static let tailBytes = 2048
 
+    /// The job's args in an unlinked temporary file (mode 0600), open for
+    /// reading from its start.
+    static func argsFile(_ job: Job) throws -> FileDescriptor {
+        let directory = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
+        let path = "\(directory)/dispatch-policy-job-\(job.id)-\(UUID().uuidString)"
+        let fd = try FileDescriptor.open(
+            FilePath(path), .readWrite, options: [.create, .exclusiveCreate], permissions: [.ownerReadWrite])
+        unlink(path)
+        do {
+            try fd.writeAll(Array(job.argsJSON.utf8))
+            try fd.seek(offset: 0, from: .start)
+        } catch {
+            try? fd.close()
+            throw error
+        }
+        return fd
+    }
+
+    /// Where `name` would be run from: itself when it holds a slash, else
+    /// the first executable file of that name on PATH; nil when none.
+    static func resolve(_ name: String, path: String? = ProcessInfo.processInfo.environment["PATH"]) -> String? {
+        func runnable(_ file: String) -> Bool {
+            var isDirectory: ObjCBool = false
+            return FileManager.default.fileExists(atPath: file, isDirectory: &isDirectory) && !isDirectory.boolValue && access(file, X_OK) == 0
+        }
+        if name.contains("/") { return runnable(name) ? name : nil }
+        for dir in (path ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":") where runnable("\(dir)/\(name)") {
+            return "\(dir)/\(name)"
+        }
+        return nil
+    }
+
     func run(_ job: Job) async throws {
         let executable: Executable = command[0].contains("/") ? .path(FilePath(command[0])) : .name(command[0])
+        // The args from a file, not a pipe: a command may exit without reading
+        // them (a pipe written after its reader is gone is an error).
+        let input = try Self.argsFile(job)
         var platform = PlatformOptions()
         // Cancelled (the lease was lost, or the worker is cancelled): SIGTERM, then SIGKILL.
         platform.teardownSequence = [.gracefulShutDown(allowedDurationToNextStep: killAfter)]
@@ -118,7 +159,7 @@ struct JobCommand: Sendable {
                 "DISPATCH_POLICY_CONTEXT": job.contextJSON,
             ]),
             platformOptions: platform,
-            input: .string(job.argsJSON),
+            input: .fileDescriptor(input, closeAfterSpawningProcess: true),
             output: .currentStandardOutput,
             error: .sequence
         ) { execution in
@@ -126,7 +167,8 @@ struct JobCommand: Sendable {
             var tail: [UInt8] = []
             for try await chunk in execution.standardError {
                 let bytes = chunk.withUnsafeBytes { Array($0) }
-                FileHandle.standardError.write(Data(bytes))
+                // A closed standard error (a log reader gone) must not end the worker.
+                try? FileHandle.standardError.write(contentsOf: Data(bytes))
                 tail.append(contentsOf: bytes)
                 if tail.count > Self.tailBytes { tail.removeFirst(tail.count - Self.tailBytes) }
             }

@@ -506,12 +506,12 @@ struct AdminTests {
             let child = try spawnChild(cliPath, arguments, environment: environment)
             var address: String?
             _ = try await waitUntil(30) {
-                address = child.output().stderr.components(separatedBy: "listening on ").dropFirst().first?
+                address = child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?
                     .components(separatedBy: "\n").first
                 return address != nil
             }
             let base = try #require(address, "\(arguments): \(child.output().stderr)")
-            let (data, response) = try await URLSession.shared.data(from: URL(string: "\(base)/metrics")!)
+            let (data, response) = try await URLSession.shared.data(from: try #require(URL(string: "\(base)/metrics")))
             #expect((response as? HTTPURLResponse)?.statusCode == 200)
             #expect(String(decoding: data, as: UTF8.self).contains("dispatch_policy_up 1"), "\(arguments)")
             kill(child.pid, SIGTERM)
@@ -541,7 +541,7 @@ struct AdminBrowserTests {
         defer { kill(admin.pid, SIGKILL) }
         var address: String?
         _ = try await waitUntil(30) {
-            address = admin.output().stderr.components(separatedBy: "listening on ").dropFirst().first?.components(separatedBy: "\n").first
+            address = admin.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?.components(separatedBy: "\n").first
             return address != nil
         }
         let base = try #require(address, "\(admin.output().stderr)")

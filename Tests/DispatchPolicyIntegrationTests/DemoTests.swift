@@ -76,11 +76,11 @@ struct DemoTests {
                                    environment: ProcessInfo.processInfo.environment)
         var address: String?
         _ = try await waitUntil(60) {
-            address = child.output().stderr.components(separatedBy: "listening on ").dropFirst().first?.components(separatedBy: "\n").first
+            address = child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?.components(separatedBy: "\n").first
             return address != nil
         }
         let base = try #require(address, "\(child.output().stderr)")
-        let (data, response) = try await URLSession.shared.data(from: URL(string: "\(base)/")!)
+        let (data, response) = try await URLSession.shared.data(from: try #require(URL(string: "\(base)/")))
         #expect((response as? HTTPURLResponse)?.statusCode == 200)
         #expect(String(decoding: data, as: UTF8.self).contains("demo_webhooks"))
         let ending = await child.wait()

@@ -70,10 +70,35 @@ struct WorkCommandTests {
         }
     }
 
+    /// Found by a hostile pass: a command that exits without reading its
+    /// args (true) made the worker trap on the unwritten pipe.
+    @Test("a command that never reads its args, with large args, completes its jobs and the worker lives on")
+    func ignoresStdin() async throws {
+        try await withTestDatabase { conn, settings in
+            try await conn.exec(#"SELECT dispatch_policy.declare_policy('quiet', '{}')"#)
+            let big = String(repeating: "x", count: 1_000_000)
+            for _ in 1...6 {
+                try await conn.exec(PostgresQuery(unsafeSQL: #"SELECT dispatch_policy.stage('quiet', jsonb_build_object('blob', '\#(big)'))"#))
+            }
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "quiet")
+            var env = ProcessInfo.processInfo.environment
+            env["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+            let worker = try spawnChild(cliPath, ["work", "--policy", "quiet", "--concurrency", "6", "--", "true"], environment: env)
+            let done = try await waitUntil(60) {
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 6
+            }
+            #expect(done, "\(worker.output().stderr.suffix(2000))")
+            kill(worker.pid, SIGTERM)
+            #expect(await worker.wait() == .exited(0), "\(worker.output().stderr.suffix(2000))")
+        }
+    }
+
     @Test("usage: at least one --policy, a command after --, a bounded concurrency (exit 64)")
     func usage() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        for arguments in [["work", "--", "true"], ["work", "--policy", "p"], ["work", "--policy", "p", "--concurrency", "0", "--", "true"]] {
+        for arguments in [["work", "--", "true"], ["work", "--policy", "p"], ["work", "--policy", "p", "--concurrency", "0", "--", "true"],
+                          // A typo would turn every job dead: refused at the start.
+                          ["work", "--policy", "p", "--", "/nonexistent/cmd"], ["work", "--policy", "p", "--", "no-such-command-here"]] {
             let result = try await cli(arguments, settings: settings)
             #expect(result.status == 64, "\(arguments): \(result.stderr)")
         }

@@ -123,6 +123,32 @@ struct ConnInfoTests {
         #expect(try ConnectionSettings(conninfo: "connect_timeout=0 host=h", environment: [:], files: .none).connectTimeout == nil)
     }
 
+    /// Found by a hostile pass: each of these printed a password, or part of one.
+    @Test("no error shows a password, however the string is malformed", arguments: [
+        "postgres://pwuser:s3cr?et@127.0.0.1:55450/postgres",
+        "host=127.0.0.1 password\t=\tTABSECRET bogus",
+        "postgres://127.0.0.1/db?pass%77ord=PCTSECRET&bogus",
+        "host=127.0.0.1 password=se#HASHSECRET bogus",
+        "host=127.0.0.1 password=se\\ BSSECRET bogus",
+        "host=127.0.0.1 password=a b SPACESECRET",
+        "postgres://u:pw@h/db?password=QUERYSECRET&x",
+    ])
+    func noPasswordInErrors(_ text: String) {
+        let error = #expect(throws: DispatchPolicyError.self) { try ConnectionSettings(conninfo: text, environment: [:], files: .none) }
+        let shown = error.map { "\($0.description) \($0.hint ?? "")" } ?? ""
+        for secret in ["s3cr", "et@", "TABSECRET", "PCTSECRET", "HASHSECRET", "BSSECRET", "SPACESECRET", "QUERYSECRET", ":pw@"] {
+            #expect(!shown.contains(secret), "\(secret) shown: \(shown)")
+        }
+    }
+
+    @Test("a NUL in the URL is refused, as libpq refuses it")
+    func nul() {
+        for url in ["postgres://postgres@127.0.0.1%00:5432/db", "postgres://u@h/post%00gres", "postgres://post%00gres@h/db"] {
+            let error = #expect(throws: DispatchPolicyError.self) { try ConnectionSettings(conninfo: url, environment: [:], files: .none) }
+            #expect(error?.message.contains("forbidden value %00") == true, "\(url)")
+        }
+    }
+
     @Test("the application name: given, else the fallback (the CLI's command)")
     func applicationName() throws {
         let fallback = try ConnectionSettings.resolve(url: "postgres://h/db", environment: [:], fallbackApplicationName: "dispatch-policy run", files: .none)
@@ -145,5 +171,12 @@ struct ConnInfoTests {
         #expect(try require.tlsConfiguration().certificateVerification == .none)
         let system = try ConnectionSettings(conninfo: "host=h sslmode=verify-ca sslrootcert=system", environment: [:], files: files([:]))
         #expect(try system.tlsConfiguration().certificateVerification == .noHostnameVerification)
+        // As libpq: a named root certificate that is missing makes require verify nothing;
+        // a missing client certificate is no client certificate.
+        let missing = try ConnectionSettings(conninfo: "host=h sslmode=require sslrootcert=/nonexistent sslcert=/missing.crt sslkey=/missing.key",
+                                             environment: ["HOME": "/nohome"], files: files([:]))
+        let relaxed = try missing.tlsConfiguration()
+        #expect(relaxed.certificateVerification == .none)
+        #expect(relaxed.certificateChain.isEmpty)
     }
 }

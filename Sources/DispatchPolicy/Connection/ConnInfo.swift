@@ -102,9 +102,10 @@ enum ConnInfo {
             if hosts.contains(where: { !$0.isEmpty }) { result["host"] = hosts.joined(separator: ",") }
             if ports.contains(where: { !$0.isEmpty }) { result["port"] = ports.joined(separator: ",") }
         }
-        for item in (query ?? "").split(separator: "&") {
+        for (number, item) in (query ?? "").split(separator: "&").enumerated() {
+            // The text is not quoted back: it may be part of a password.
             guard let eq = item.firstIndex(of: "=") else {
-                throw ParseError(message: "URL parameter \"\(item.prefix(40))\" has no \"=\"")
+                throw ParseError(message: "URL parameter \(number + 1) has no \"=\"")
             }
             var name = try decode(item[..<eq], "a parameter name")
             var value = try decode(item[item.index(after: eq)...], "a parameter value")
@@ -119,6 +120,10 @@ enum ConnInfo {
         guard let decoded = String(text).removingPercentEncoding else {
             throw ParseError(message: "\(what) in the URL has an invalid percent-encoding")
         }
+        // As libpq: a NUL would cut the value short (or forge a startup parameter).
+        guard !decoded.contains("\u{0}") else {
+            throw ParseError(message: "forbidden value %00 in \(what) of the URL")
+        }
         return decoded
     }
 
@@ -128,14 +133,17 @@ enum ConnInfo {
         var result: [String: String] = [:]
         var chars = Array(text)[...]
         func skipSpaces() { while let c = chars.first, c.isWhitespace { chars = chars.dropFirst() } }
+        var words = 0
         while true {
             skipSpaces()
             guard !chars.isEmpty else { break }
+            words += 1
             var name = ""
             while let c = chars.first, c != "=", !c.isWhitespace { name.append(c); chars = chars.dropFirst() }
             skipSpaces()
             guard chars.first == "=" else {
-                throw ParseError(message: "missing \"=\" after \"\(name.prefix(40))\" in the connection string")
+                // The word is not quoted back: it may be part of a password.
+                throw ParseError(message: "missing \"=\" after word \(words) of the connection string")
             }
             chars = chars.dropFirst()
             skipSpaces()
@@ -212,39 +220,65 @@ enum ConnInfo {
         return nil
     }
 
-    /// `text` with any password replaced by `***`: in a URL's user
-    /// information, a `password=` URL parameter, or a `password=` keyword.
-    /// Works on text that does not parse, too.
+    /// `text` with any password replaced by `***`, for an error that shows
+    /// a string that may not parse: in a URL, everything between the user
+    /// name and the last `@`, and the value of every parameter whose name
+    /// (percent-decoded) contains "pass"; in a keyword/value string, the
+    /// value of every such keyword, quoted or not, escapes included.
     static func redact(_ text: String) -> String {
         var out = text
         if let scheme = out.range(of: "://") {
-            let authorityEnd = out[scheme.upperBound...].firstIndex { $0 == "/" || $0 == "?" } ?? out.endIndex
-            if let at = out[scheme.upperBound..<authorityEnd].lastIndex(of: "@"),
-               let colon = out[scheme.upperBound..<at].firstIndex(of: ":") {
+            let rest = out[scheme.upperBound...]
+            if let at = rest.lastIndex(of: "@"), let colon = rest[..<at].firstIndex(of: ":") {
                 out.replaceSubrange(out.index(after: colon)..<at, with: "***")
             }
         }
-        // password=... as a URL parameter or a keyword; a quoted value too.
+        // name = value pairs, in a URL's query or a keyword/value string.
         var result = ""
-        var rest = Substring(out)
-        while let range = rest.range(of: "password", options: .caseInsensitive) {
-            result += rest[..<range.upperBound]
-            rest = rest[range.upperBound...]
-            var probe = rest.drop { $0 == " " }
-            guard probe.first == "=" else { continue }
-            probe = probe.dropFirst().drop { $0 == " " }
-            result += "=***"
+        var chars = Substring(out)
+        while !chars.isEmpty {
+            // A run of name characters, then optional whitespace and "=".
+            let nameEnd = chars.firstIndex { $0 == "=" || $0 == "&" || $0 == "?" || $0.isWhitespace } ?? chars.endIndex
+            let name = chars[..<nameEnd]
+            var probe = chars[nameEnd...].drop { $0 == " " || $0 == "\t" }
+            guard !name.isEmpty, probe.first == "=" else {
+                let step = nameEnd == chars.startIndex ? chars.index(after: chars.startIndex) : nameEnd
+                result += chars[..<step]
+                chars = chars[step...]
+                continue
+            }
+            probe = probe.dropFirst()
+            let spaces = probe.prefix { $0 == " " || $0 == "\t" }
+            probe = probe.dropFirst(spaces.count)
+            // The value: quoted (to the closing quote, \ escaping) or to the next space or "&".
+            var end = probe.startIndex
             if probe.first == "'" {
-                var index = probe.index(after: probe.startIndex)
-                while index < probe.endIndex, probe[index] != "'" {
-                    if probe[index] == "\\" { index = probe.index(after: index) }
-                    if index < probe.endIndex { index = probe.index(after: index) }
+                end = probe.index(after: end)
+                while end < probe.endIndex, probe[end] != "'" {
+                    if probe[end] == "\\" { end = probe.index(after: end) }
+                    if end < probe.endIndex { end = probe.index(after: end) }
                 }
-                rest = index < probe.endIndex ? probe[probe.index(after: index)...] : probe[probe.endIndex...]
+                if end < probe.endIndex { end = probe.index(after: end) }
             } else {
-                rest = probe.drop { $0 != "&" && $0 != " " && $0 != "#" }
+                while end < probe.endIndex, !probe[end].isWhitespace, probe[end] != "&" {
+                    if probe[end] == "\\" { end = probe.index(after: end) }
+                    if end < probe.endIndex { end = probe.index(after: end) }
+                }
+            }
+            let decodedName = (String(name).removingPercentEncoding ?? String(name)).lowercased()
+            result += chars[..<probe.startIndex]
+            let isPassword = decodedName.contains("pass")
+            result += isPassword ? "***" : String(probe[..<end])
+            chars = probe[end...]
+            // Words after an unquoted password that are not name=value pairs
+            // were probably meant as part of it (a password with spaces).
+            while isPassword, !chars.isEmpty {
+                let next = chars.drop { $0 == " " || $0 == "\t" }
+                let word = next.prefix { !$0.isWhitespace }
+                guard !word.isEmpty, !word.contains("="), !word.contains("&") else { break }
+                chars = next.dropFirst(word.count)
             }
         }
-        return result + rest
+        return result
     }
 }

@@ -333,8 +333,9 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         let defaultRoot = homeDirectory.map { "\($0)/.postgresql/root.crt" }
         let root = sslRootCert ?? defaultRoot.flatMap { files.exists($0) ? $0 : nil }
         var mode = sslMode
-        // libpq: a root certificate that is there makes require verify the chain.
-        if mode == .require, root != nil { mode = .verifyCA }
+        // libpq: a root certificate that is there makes require verify the
+        // chain; one that is named but missing verifies nothing.
+        if mode == .require, let root, root == "system" || files.exists(root) { mode = .verifyCA }
         switch mode {
         case .disable, .allow, .prefer, .require:
             configuration.certificateVerification = .none
@@ -356,7 +357,8 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         }
         let defaultCert = homeDirectory.map { "\($0)/.postgresql/postgresql.crt" }
         let defaultKey = homeDirectory.map { "\($0)/.postgresql/postgresql.key" }
-        if let cert = sslCert ?? defaultCert.flatMap({ files.exists($0) ? $0 : nil }) {
+        // libpq: a client certificate file that is not there is no client certificate.
+        if let cert = (sslCert ?? defaultCert).flatMap({ files.exists($0) ? $0 : nil }) {
             guard let key = sslKey ?? defaultKey else { throw refuse("sslcert \(cert) is set, but no sslkey") }
             if let permissions = files.permissions(key), permissions & 0o077 != 0,
                !(files.ownerIsRoot(key) && permissions & 0o037 == 0) {
@@ -462,7 +464,11 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         let raw = wrapped.message
         if psql.code == .authMechanismRequiresPassword {
             wrapped.message = "the server asks for a password and none was given"
-            wrapped.hint = "Give it in the URL, PGPASSWORD or the password file (\(passfile ?? "~/.pgpass"), mode 0600)."
+            if let passfile, let mode = files.permissions(passfile), mode & 0o077 != 0 {
+                wrapped.hint = "The password file \(passfile) was ignored: it has group or world access; permissions should be u=rw (0600) or less."
+            } else {
+                wrapped.hint = "Give it in the URL, PGPASSWORD or the password file (\(passfile ?? "~/.pgpass"), mode 0600)."
+            }
         } else if psql.code == .sslUnsupported {
             wrapped.message = "the server does not accept TLS connections (sslmode=\(sslMode.rawValue))"
         } else if let extra = psql.underlying as? NIOSSLExtraError, extra == .failedToValidateHostname {

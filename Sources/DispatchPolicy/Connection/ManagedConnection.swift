@@ -165,7 +165,7 @@ public actor ManagedConnection {
                 if opened > 1 { reconnects += 1 }
                 if connectFailures > 0 || opened > 1 {
                     // At warning level, like the loss it ends (debug when that was not logged).
-                    logger.log(level: lossRepeated && connectFailures == 0 ? .debug : .warning, "database connection restored", metadata: [
+                    logger.log(level: lossRepeated && connectFailures == 0 ? .debug : .info, "database connection restored", metadata: [
                         "connection.role": "\(role)", "connection.failed_attempts": "\(connectFailures)",
                     ])
                 }
@@ -180,7 +180,7 @@ public actor ManagedConnection {
                 let delay = min(backoff.lowerBound * (1 << exponent), backoff.upperBound)
                 retryAt = .now + delay
                 if lastConnectError != message {
-                    logger.error("cannot connect to the database; retrying with backoff", metadata: [
+                    logger.warning("cannot connect to the database; retrying with backoff", metadata: [
                         "connection.role": "\(role)", "error": "\(message)", "retry.in": "\(Self.describe(delay))",
                     ])
                 }
@@ -290,7 +290,7 @@ public actor ManagedConnection {
         // on a read-only server) is logged at debug level, not every time.
         let repeated = lastLoss.map { $0.reason == reason && Date().timeIntervalSince($0.at) < 60 } ?? false
         lastLoss = (Date(), reason)
-        logger.log(level: repeated ? .debug : .error, "database connection lost; reconnecting", metadata: [
+        logger.log(level: repeated ? .debug : .info, "database connection lost; reconnecting", metadata: [
             "connection.role": "\(role)", "reason": "\(reason)",
         ])
         lossRepeated = repeated

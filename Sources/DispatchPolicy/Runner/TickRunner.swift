@@ -334,7 +334,7 @@ public struct TickRunner: Service {
                     report.lastConnectionError = wrapped.description
                 } else if lastPassError != wrapped.description {
                     // Once per distinct error (an unmigrated database fails every pass).
-                    logger.error("admission pass failed; retrying", metadata: ["error": "\(wrapped)"])
+                    logger.warning("admission pass failed; retrying", metadata: ["error": "\(wrapped)"])
                 }
                 lastPassError = wrapped.description
             }
@@ -372,7 +372,7 @@ public struct TickRunner: Service {
         let message = error.description
         failing[policy] = Failing(failures: failures, message: message, retryAt: .now + backoff)
         if previous?.message != message {
-            logger.error("policy tick failed; other policies continue", metadata: [
+            logger.warning("policy tick failed; other policies continue", metadata: [
                 "policy.name": "\(policy)", "error": "\(message)", "retry.in": "\(backoff)",
             ])
         }
@@ -438,7 +438,7 @@ public struct TickRunner: Service {
             for (what, n) in rows where n > 0 { removed[what] = n }
         }
         if reaped > 0 || !removed.isEmpty {
-            logger.info("maintenance", metadata: ["maintenance.reaped": "\(reaped)", "maintenance.pruned": "\(removed)"])
+            logger.debug("maintenance", metadata: ["maintenance.reaped": "\(reaped)", "maintenance.pruned": "\(removed)"])
         }
     }
 
@@ -459,7 +459,7 @@ public struct TickRunner: Service {
             report.maintenanceFailures += 1
             report.lastMaintenanceError = "\(name): \(message)"
             if errors[name] != message {
-                logger.error("maintenance step failed; the others continue", metadata: [
+                logger.warning("maintenance step failed; the others continue", metadata: [
                     "maintenance.step": "\(name)", "error": "\(message)",
                 ])
             }

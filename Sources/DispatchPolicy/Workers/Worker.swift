@@ -175,7 +175,7 @@ public struct Worker: Service {
                             // round reconnects (with backoff). A claim in flight when it
                             // was lost is rolled back: its jobs stay admitted, unclaimed.
                             if DispatchPolicyError.from(error).code != .connectionLost {
-                                logger.error("claim failed", metadata: ["worker.queue": "\(queue)", "error": "\(error)"])
+                                logger.warning("claim failed", metadata: ["worker.queue": "\(queue)", "error": "\(error)"])
                             }
                             break
                         }
