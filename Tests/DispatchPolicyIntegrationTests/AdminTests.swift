@@ -502,7 +502,7 @@ struct AdminTests {
 
         for arguments in [["admin", "--bind", "127.0.0.1:0"], ["run", "--metrics", "127.0.0.1:0", "--idle-pause", "100ms"]] {
             var environment = ProcessInfo.processInfo.environment
-            environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+            environment["DATABASE_URL"] = databaseURL(settings)
             let child = try spawnChild(cliPath, arguments, environment: environment)
             var address: String?
             _ = try await waitUntil(30) {
@@ -529,7 +529,7 @@ struct AdminBrowserTests {
     func browser() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         var environment = ProcessInfo.processInfo.environment
-        environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+        environment["DATABASE_URL"] = databaseURL(settings)
         // A short demo leaves a live database: completions, failures, jobs waiting.
         let demo = try await runProcess(cliPath, ["demo", "--duration", "6s"], environment: environment)
         #expect(demo.status == 0, "\(demo.stderr)")
@@ -588,7 +588,7 @@ struct TracingTests {
         try await Application(router: router).test(.live) { client in
             let port = try #require(client.port)
             var environment = ProcessInfo.processInfo.environment
-            environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+            environment["DATABASE_URL"] = databaseURL(settings)
             environment.removeValue(forKey: "OTEL_EXPORTER_OTLP_ENDPOINT")
             environment.removeValue(forKey: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             // No endpoint: nothing is sent.

@@ -12,11 +12,16 @@ let cliPath: String = {
     return dir.appending(path: "dispatch-policy").path
 }()
 
+/// `settings` as the CLI's DATABASE_URL (the test clusters have no TLS).
+func databaseURL(_ settings: ConnectionSettings) -> String {
+    settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+}
+
 /// Runs the CLI against `settings` (through DATABASE_URL unless `env` says otherwise).
 func cli(_ arguments: [String], settings: ConnectionSettings, env: [String: String]? = nil, stdin: String? = nil) async throws -> ProcessResult {
     var environment = env ?? ProcessInfo.processInfo.environment
     if env == nil {
-        environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+        environment["DATABASE_URL"] = databaseURL(settings)
     }
     return try await runProcess(cliPath, arguments, environment: environment, stdin: stdin)
 }
@@ -107,7 +112,7 @@ struct CLITests {
         try Data(bytes).write(to: URL(fileURLWithPath: path))
         let fromPath = try await cli(["policy", "apply", path], settings: settings)
         var environment = ProcessInfo.processInfo.environment
-        environment["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+        environment["DATABASE_URL"] = databaseURL(settings)
         let fromPipe = try await runProcess("/bin/sh", ["-c", "exec \"$0\" policy apply - < \"$1\"", cliPath, path], environment: environment)
         for result in [fromPath, fromPipe] {
             #expect(result.status == 1)
@@ -166,7 +171,7 @@ struct CLITests {
         // DATABASE_URL wins over PG*: point PG* at a database that does not exist.
         var env = libpqEnvironment(settings)
         env["PGDATABASE"] = "does_not_exist"
-        env["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+        env["DATABASE_URL"] = databaseURL(settings)
         let viaURL = try await cli(["policy", "list"], settings: settings, env: env)
         #expect(viaURL.status == 0, "\(viaURL.stderr)")
 

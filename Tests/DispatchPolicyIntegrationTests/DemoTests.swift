@@ -70,7 +70,7 @@ struct DemoTests {
                   UNION ALL SELECT row(s.*)::text FROM dispatch_policy.staged_jobs s WHERE policy = 'billing') x
                 """, as: String.self)
         }
-        let url = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+        let url = databaseURL(settings)
         // With the admin UI served while it runs (read-only): its overview lists the demo's policies.
         let child = try spawnChild(cliPath, ["demo", "--duration", "6s", "--database-url", url, "--admin", "127.0.0.1:0"],
                                    environment: ProcessInfo.processInfo.environment)

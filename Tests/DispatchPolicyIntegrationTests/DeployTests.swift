@@ -15,7 +15,7 @@ struct DeployTests {
         let roles = try await runProcess(psql, ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", packageRoot.appending(path: "sql/roles.sql").path], environment: env)
         try #require(roles.status == 0, "roles.sql: \(roles.stderr)")
         env["DISPATCH_POLICY_BIN"] = cliPath
-        env["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+        env["DATABASE_URL"] = databaseURL(settings)
         let result = try await runProcess("/bin/bash", [packageRoot.appending(path: "deploy/try.sh").path], environment: env)
         #expect(result.status == 0, "deploy/try.sh failed (status \(result.status)):\n\(result.stdout)\n\(result.stderr)")
         #expect((result.stdout + result.stderr).contains("worker: the 3 admitted jobs end completed"), "the worker part ran")

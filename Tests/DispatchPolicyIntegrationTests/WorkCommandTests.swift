@@ -33,7 +33,7 @@ struct WorkCommandTests {
                 esac
                 """#
             var env = ProcessInfo.processInfo.environment
-            env["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+            env["DATABASE_URL"] = databaseURL(settings)
             env["OUT"] = out
             let worker = try spawnChild(cliPath, ["work", "--policy", "jobs", "--concurrency", "3", "--", "/bin/sh", "-c", script], environment: env)
             let started = try await waitUntil(60) { FileManager.default.fileExists(atPath: out + "/slow-started") }
@@ -82,7 +82,7 @@ struct WorkCommandTests {
             }
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "quiet")
             var env = ProcessInfo.processInfo.environment
-            env["DATABASE_URL"] = settings.description + (settings.description.contains("?") ? "&" : "?") + "sslmode=disable"
+            env["DATABASE_URL"] = databaseURL(settings)
             let worker = try spawnChild(cliPath, ["work", "--policy", "quiet", "--concurrency", "6", "--", "true"], environment: env)
             let done = try await waitUntil(60) {
                 try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 6
