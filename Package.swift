@@ -110,6 +110,7 @@ let package = Package(
                 "DispatchPolicy",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
             ],
             path: "Examples/ReadmeSwift"
         ),

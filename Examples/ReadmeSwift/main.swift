@@ -5,6 +5,7 @@
 import DispatchPolicy
 import ServiceLifecycle
 import Logging
+import PostgresNIO
 
 struct WebhookEvent: Decodable {
     var eventID: Int
@@ -41,6 +42,15 @@ func readmeExamples(logger: Logger, json: String) async throws {
     }
     try await ServiceGroup(configuration: .init(services: [runner, worker],
                                                 gracefulShutdownSignals: [.sigterm], logger: logger)).run()
+    // A service with a pool of its own: the runner, the worker and staging
+    // lease its connections, only their LISTENs keep one each. The pool must
+    // be running (here in the same group, listed first so it stops last).
+    let client = PostgresClient(configuration: try settings.clientConfiguration(maximumConnections: 8), backgroundLogger: logger)
+    var pooledWorker = Worker(client: client, logger: logger)
+    pooledWorker.register("webhooks") { job in try await deliver(try job.args(as: WebhookEvent.self)) }
+    let services: [any Service] = [client, TickRunner(client: client, logger: logger), pooledWorker]
+    // ... and in a request handler: try await Stager(executor: client).stage(policy: "webhooks", spec)
+    try await ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm], logger: logger)).run()
     _ = id
 }
 

@@ -19,8 +19,36 @@ import Synchronization
 /// with backoff while the server cannot be reached. Each loss and each
 /// reconnect is logged once, and counted (``reconnects``, ``lastLoss``) for
 /// `dispatch_policy.runners`.
+///
+/// Sessions come from connection settings (each opened by this), or from
+/// the application's pool (``init(client:role:logger:connectTimeout:)``):
+/// then every call leases a connection for its own length and gives it back,
+/// and a connection that died, timed out or cannot serve (read-only) is
+/// closed so that the pool replaces it instead of lending it again. Only
+/// ``connection()`` keeps a leased connection (LISTEN needs a session of its
+/// own); calls then run on it until it is dropped.
 public actor ManagedConnection {
-    public let settings: ConnectionSettings
+    /// Where sessions come from.
+    enum Source: Sendable {
+        case settings(ConnectionSettings)
+        case pool(PostgresClient)
+
+        var settings: ConnectionSettings? {
+            if case .settings(let settings) = self { return settings }
+            return nil
+        }
+    }
+    nonisolated let source: Source
+    /// The settings sessions are opened with; nil when they are leased from
+    /// the application's pool.
+    public nonisolated var settings: ConnectionSettings? { source.settings }
+    /// The server, in messages.
+    private nonisolated var target: String {
+        switch source {
+        case .settings(let settings): return "\(settings)"
+        case .pool: return "the application's PostgresClient"
+        }
+    }
     /// What this session is for, in log lines: "runner", "worker claims", ...
     public let role: String
     private let logger: Logger
@@ -53,11 +81,30 @@ public actor ManagedConnection {
         settings: ConnectionSettings, role: String, logger: Logger,
         connectTimeout: Duration = .seconds(10), backoff: ClosedRange<Duration> = .milliseconds(100) ... .seconds(5)
     ) {
-        self.settings = settings
+        self.source = .settings(settings)
         self.role = role
         self.logger = logger
         self.connectTimeout = connectTimeout
         self.backoff = backoff
+    }
+
+    /// Sessions leased from the application's pool: each call leases one
+    /// for its own length (waiting at most `connectTimeout` for it, on top of
+    /// the call's timeout). The pool's owner runs it (`client.run()`, or a
+    /// `ServiceGroup`) and chooses its sessions' settings.
+    public init(client: PostgresClient, role: String, logger: Logger, connectTimeout: Duration = .seconds(10)) {
+        self.source = .pool(client)
+        self.role = role
+        self.logger = logger
+        self.connectTimeout = connectTimeout
+        self.backoff = .milliseconds(100) ... .seconds(5)
+    }
+
+    init(_ source: Source, role: String, logger: Logger, connectTimeout: Duration) {
+        switch source {
+        case .settings(let settings): self.init(settings: settings, role: role, logger: logger, connectTimeout: connectTimeout)
+        case .pool(let client): self.init(client: client, role: role, logger: logger, connectTimeout: connectTimeout)
+        }
     }
 
     /// Calls `handler` with every connection this opens from now on.
@@ -65,7 +112,8 @@ public actor ManagedConnection {
         onConnect = handler
     }
 
-    /// The live connection, opening one when there is none or it closed.
+    /// The live connection, opening one when there is none or it closed (or,
+    /// on a pool, leasing one and keeping it until it is dropped or closed).
     /// While backing off after a failed attempt, throws at once.
     public func connection() async throws -> PostgresConnection {
         try await session().conn
@@ -82,6 +130,7 @@ public actor ManagedConnection {
     /// connect_timeout (twice over TCP with sslmode allow or prefer, which
     /// try again the other way; twice over with prefer-standby).
     nonisolated var connectBound: Duration {
+        guard let settings else { return connectTimeout }
         let rounds = settings.targetSessionAttributes == .preferStandby ? 2 : 1
         let attempts = settings.hosts.reduce(0) { sum, host in
             if case .tcp = host, [.allow, .prefer].contains(settings.sslMode) { return sum + 2 }
@@ -100,15 +149,15 @@ public actor ManagedConnection {
         if let connecting { return try await settle(connecting) }
         if let retryAt, ContinuousClock.now < retryAt {
             throw DispatchPolicyError(
-                code: .connectionLost, message: lastConnectError ?? "\(role): cannot connect to \(settings)",
+                code: .connectionLost, message: lastConnectError ?? "\(role): cannot connect to \(target)",
                 detail: "next attempt in \(Self.describe(retryAt - .now))")
         }
-        let task = Task { [settings, logger, connectTimeout, role] in
+        let task = Task { [source, logger, role, target] in
             // A connection that opens after the deadline is closed, not leaked.
             let late = Mutex<(abandoned: Bool, conn: PostgresConnection?)>((false, nil))
             let bound = connectBound
             let attempt: PostgresConnection? = try await untilDeadline(.now + bound) {
-                let conn = try await settings.connect(logger: logger)
+                let conn = try await Self.open(source, logger: logger)
                 if late.withLock({ state in state.conn = conn; return state.abandoned }) { Self.closeUnawaited(conn) }
                 return conn
             }
@@ -116,7 +165,7 @@ public actor ManagedConnection {
                 Self.closeUnawaited(conn)
             }
             guard let attempt else {
-                throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(settings)",
+                throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(target)",
                                           detail: "no answer within \(Self.describe(bound))")
             }
             return attempt
@@ -125,6 +174,30 @@ public actor ManagedConnection {
         let attempt = Attempt(id: attempts, task: task)
         connecting = attempt
         return try await settle(attempt)
+    }
+
+    /// Opens a session: connects with the settings, or leases a connection
+    /// from the pool and keeps the lease until the connection closes (the
+    /// pool then discards it and opens another when it needs one).
+    private static func open(_ source: Source, logger: Logger) async throws -> PostgresConnection {
+        switch source {
+        case .settings(let settings):
+            return try await settings.connect(logger: logger)
+        case .pool(let client):
+            let handOver = HandOver()
+            Task {
+                do {
+                    try await client.withConnection { conn in
+                        handOver.give(.success(conn))
+                        // Held until whoever has it closes it.
+                        try? await conn.closeFuture.get()
+                    }
+                } catch {
+                    handOver.give(.failure(error))
+                }
+            }
+            return try await handOver.take()
+        }
     }
 
     /// A connection attempt that callers may share.
@@ -209,6 +282,9 @@ public actor ManagedConnection {
         if let hardDeadline, ContinuousClock.now >= hardDeadline {
             throw DispatchPolicyError(code: .connectionLost, message: "\(role): no time left for \(what)")
         }
+        if case .pool(let client) = source, await liveSession() == nil {
+            return try await runLeased(client, what, timeout: timeout, until: hardDeadline, body)
+        }
         // Opening a session is bounded too (by its connect timeout, the
         // caller's deadline and cancellation): a server that accepts and
         // never answers must not hold a shutdown or a `--for` run.
@@ -219,7 +295,7 @@ public actor ManagedConnection {
             var connectBy = ContinuousClock.now + connectBound
             if let hardDeadline { connectBy = min(connectBy, hardDeadline) }
             guard let opened = try await untilDeadline(connectBy, { try await self.session() }) else {
-                throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(settings)",
+                throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(target)",
                                           detail: "no answer in time for \(what)")
             }
             (conn, watch) = opened
@@ -251,6 +327,97 @@ public actor ManagedConnection {
                                       detail: "the connection was closed; the next call opens a new one")
         }
         return value
+    }
+
+    /// ``run(_:timeout:until:_:)`` on a connection leased from the pool for
+    /// the call: the lease and the call together are bounded by
+    /// `connectTimeout` plus `timeout`. A connection that died, did not
+    /// answer in time or cannot serve is closed before it goes back, so the
+    /// pool never lends it again, and the call throws
+    /// ``DispatchPolicyError/Code/connectionLost``; so does a pool that lends
+    /// nothing in time.
+    private nonisolated func runLeased<T: Sendable>(
+        _ client: PostgresClient, _ what: String, timeout: Duration, until hardDeadline: ContinuousClock.Instant?,
+        _ body: @escaping @Sendable (PostgresConnection) async throws -> T
+    ) async throws -> T {
+        let start = ContinuousClock.now
+        var deadline = start + connectTimeout + timeout
+        if let hardDeadline { deadline = min(deadline, hardDeadline) }
+        let leased = Mutex<PostgresConnection?>(nil)
+        let value: T?
+        do {
+            value = try await untilDeadline(deadline) {
+                try await client.withConnection { conn in
+                    leased.withLock { $0 = conn }
+                    do {
+                        return try await body(conn)
+                    } catch {
+                        if Self.endsSession(error) || Self.needsNewSession(error) { Self.closeUnawaited(conn) }
+                        throw error
+                    }
+                }
+            }
+        } catch is CancellationError {
+            // Abandoned mid-call: its answer may never come, so the pool must not get it back.
+            if let conn = leased.withLock({ $0 }) { Self.closeUnawaited(conn) }
+            throw CancellationError()
+        } catch {
+            let reason = DispatchPolicyError.from(error).description
+            guard let conn = leased.withLock({ $0 }) else {
+                await poolFailed(reason)
+                throw DispatchPolicyError(code: .connectionLost, message: "\(role): the pool lent no connection for \(what)",
+                                          detail: reason)
+            }
+            guard conn.isClosed || Self.endsSession(error) || Self.needsNewSession(error) else { throw error }
+            await leaseLost(conn, reason: "\(what) failed: \(reason)")
+            throw DispatchPolicyError(code: .connectionLost, message: "\(role): the database session ended during \(what)",
+                                      detail: reason)
+        }
+        guard let value else {
+            guard let conn = leased.withLock({ $0 }) else {
+                let reason = "no connection within \(Self.describe(deadline - start))"
+                await poolFailed(reason)
+                throw DispatchPolicyError(
+                    code: .connectionLost, message: "\(role): the pool lent no connection for \(what)", detail: reason,
+                    hint: "The PostgresClient must be running (client.run(), or in the ServiceGroup) and able to connect.")
+            }
+            let reason = "\(what) did not return within \(Self.describe(deadline - start))"
+            await leaseLost(conn, reason: reason)
+            throw DispatchPolicyError(code: .connectionLost, message: "\(role): \(reason)",
+                                      detail: "the connection was closed; the pool opens another")
+        }
+        await leaseServed()
+        return value
+    }
+
+    /// The pool could not lend a connection: logged once per distinct reason.
+    private func poolFailed(_ reason: String) {
+        connectFailures += 1
+        if lastConnectError != reason {
+            logger.warning("no connection from the application's pool; retrying", metadata: [
+                "connection.role": "\(role)", "error": "\(reason)",
+            ])
+        }
+        lastConnectError = reason
+    }
+
+    /// A leased connection was lost: closed (so the pool discards it),
+    /// logged and counted as a loss and a reconnect.
+    private func leaseLost(_ conn: PostgresConnection, reason: String) {
+        lost(conn, reason: reason)
+        reconnects += 1
+    }
+
+    /// A call on a leased connection came back: the pool serves again.
+    private func leaseServed() {
+        if connectedAt == nil { connectedAt = Date() }
+        if connectFailures > 0 {
+            logger.info("database connection restored", metadata: [
+                "connection.role": "\(role)", "connection.failed_attempts": "\(connectFailures)",
+            ])
+        }
+        connectFailures = 0
+        lastConnectError = nil
     }
 
     /// The wait for a call ended because its connection closed.
@@ -365,6 +532,37 @@ public actor ManagedConnection {
     /// closed before it is freed.
     deinit {
         if let conn = current?.conn { Self.closeUnawaited(conn) }
+    }
+}
+
+/// A connection leased in one task and handed to another: the first
+/// outcome given is the one taken.
+private final class HandOver: Sendable {
+    private struct State {
+        var result: Result<PostgresConnection, any Error>?
+        var taker: CheckedContinuation<PostgresConnection, any Error>?
+    }
+    private let state = Mutex(State())
+
+    func give(_ result: Result<PostgresConnection, any Error>) {
+        let taker: CheckedContinuation<PostgresConnection, any Error>? = state.withLock { state in
+            guard state.result == nil else { return nil }
+            state.result = result
+            defer { state.taker = nil }
+            return state.taker
+        }
+        taker?.resume(with: result)
+    }
+
+    func take() async throws -> PostgresConnection {
+        try await withCheckedThrowingContinuation { taker in
+            let ready: Result<PostgresConnection, any Error>? = state.withLock { state in
+                if let result = state.result { return result }
+                state.taker = taker
+                return nil
+            }
+            if let ready { taker.resume(with: ready) }
+        }
     }
 }
 

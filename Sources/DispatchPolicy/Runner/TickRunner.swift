@@ -150,13 +150,36 @@ public struct RunReport: Sendable, Equatable {
 /// error, recorded in `dispatch_policy.runner_failures` (shown by `status`)
 /// and retried with capped exponential backoff, while every other policy
 /// keeps its pace. Maintenance is isolated the same way, per policy.
+///
+/// It opens its own sessions from ``ConnectionSettings``, or uses the
+/// application's `PostgresClient` (``init(client:options:logger:)``): each
+/// call then leases a pooled connection and gives it back, and only the
+/// LISTEN for wake-ups keeps one for the runner's life.
 public struct TickRunner: Service {
-    public let connection: ConnectionSettings
+    /// The settings its sessions are opened with; nil when it uses the
+    /// application's pool.
+    public let connection: ConnectionSettings?
     public let options: TickRunnerOptions
     public let logger: Logger
+    private let source: ManagedConnection.Source
 
     public init(connection: ConnectionSettings, options: TickRunnerOptions = TickRunnerOptions(), logger: Logger) {
         self.connection = connection
+        self.source = .settings(connection.with(session: options.session))
+        self.options = options
+        self.logger = logger
+    }
+
+    /// A runner on the application's pool, which must be running
+    /// (`client.run()`, or in the same `ServiceGroup`). It leases a
+    /// connection per call, and keeps one for LISTEN unless `options.once`;
+    /// a pool of 2 connections is enough, more lets the application's own
+    /// queries go on alongside. `options.session` is not applied: the
+    /// pool's configuration sets its sessions' parameters (see
+    /// ``SessionSettings/parameters``).
+    public init(client: PostgresClient, options: TickRunnerOptions = TickRunnerOptions(), logger: Logger) {
+        self.connection = nil
+        self.source = .pool(client)
         self.options = options
         self.logger = logger
     }
@@ -179,16 +202,12 @@ public struct TickRunner: Service {
     public func runLoop() async throws -> RunReport {
         let deadline = options.runFor.map { ContinuousClock.now + $0 }
         let wake = WakeSignal()
-        let db = ManagedConnection(
-            settings: connection.with(session: options.session), role: "runner", logger: logger,
-            connectTimeout: options.connectTimeout)
+        let db = ManagedConnection(source, role: "runner", logger: logger, connectTimeout: options.connectTimeout)
         // A session that closes wakes the loop, which then reconnects.
         await db.onConnect { conn in
             conn.closeFuture.whenComplete { _ in Task { await wake.signal() } }
         }
-        let listening = ManagedConnection(
-            settings: connection.with(session: options.session), role: "runner notifications", logger: logger,
-            connectTimeout: options.connectTimeout)
+        let listening = ManagedConnection(source, role: "runner notifications", logger: logger, connectTimeout: options.connectTimeout)
         let listener: Task<Void, Never>? = options.once ? nil : Task {
             await NotificationListener(
                 connection: listening, channels: ["dispatch_policy_staged", "dispatch_policy_released"], logger: logger

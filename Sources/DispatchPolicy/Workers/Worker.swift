@@ -87,13 +87,30 @@ public struct WorkerOptions: Sendable {
 public struct Worker: Service {
     public typealias Handler = @Sendable (Job) async throws -> Void
 
-    public let connection: ConnectionSettings
+    /// The settings its sessions are opened with; nil when it uses the
+    /// application's pool.
+    public var connection: ConnectionSettings? { source.settings }
+    private let source: ManagedConnection.Source
     public var options: WorkerOptions
     public let logger: Logger
     private var handlers: [String: Handler] = [:]
 
     public init(connection: ConnectionSettings, options: WorkerOptions = WorkerOptions(), logger: Logger) {
-        self.connection = connection
+        self.source = .settings(connection)
+        self.options = options
+        self.logger = logger
+    }
+
+    /// A worker on the application's pool, which must be running
+    /// (`client.run()`, or in the same `ServiceGroup`). Claims, heartbeats
+    /// and outcomes each lease a connection for the call; only the LISTEN
+    /// for admitted jobs keeps one. Size the pool for the LISTEN, a claim,
+    /// and the heartbeats and outcomes of `concurrency` jobs at once (they
+    /// wait for a connection otherwise, within their timeouts).
+    /// `options.session` is not applied: the pool's configuration sets its
+    /// sessions' parameters (see ``SessionSettings/parameters``).
+    public init(client: PostgresClient, options: WorkerOptions = WorkerOptions(), logger: Logger) {
+        self.source = .pool(client)
         self.options = options
         self.logger = logger
     }
@@ -109,10 +126,14 @@ public struct Worker: Service {
         // never queues behind completions that wait on a counter row the tick
         // holds, which would idle the worker while admitted jobs wait. Each
         // session is reopened with backoff when it is lost (ManagedConnection).
-        let settings = connection.with(session: options.session)
-        let claimer = ManagedConnection(settings: settings, role: "worker claims", logger: logger, connectTimeout: options.connectTimeout)
-        let reporter = ManagedConnection(settings: settings, role: "worker outcomes", logger: logger, connectTimeout: options.connectTimeout)
-        let listener = ManagedConnection(settings: settings, role: "worker notifications", logger: logger, connectTimeout: options.connectTimeout)
+        // On a pool, each call leases a connection of its own instead.
+        let source: ManagedConnection.Source = switch self.source {
+        case .settings(let settings): .settings(settings.with(session: options.session))
+        case .pool: self.source
+        }
+        let claimer = ManagedConnection(source, role: "worker claims", logger: logger, connectTimeout: options.connectTimeout)
+        let reporter = ManagedConnection(source, role: "worker outcomes", logger: logger, connectTimeout: options.connectTimeout)
+        let listener = ManagedConnection(source, role: "worker notifications", logger: logger, connectTimeout: options.connectTimeout)
         await loop(claimer: claimer, reporter: reporter, listener: listener)
         if !Task.isCancelled { await claimer.forgetProcess(name: options.name) }
         for db in [claimer, reporter, listener] { await db.close() }
