@@ -151,3 +151,12 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// Swift 6 mode plus the upcoming features that make dependencies and
+// existentials explicit, on every target of this package.
+for target in package.targets where target.type != .plugin {
+    target.swiftSettings = (target.swiftSettings ?? []) + [
+        .enableUpcomingFeature("ExistentialAny"),
+        .enableUpcomingFeature("MemberImportVisibility"),
+    ]
+}

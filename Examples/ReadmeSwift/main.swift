@@ -6,6 +6,7 @@ import DispatchPolicy
 import ServiceLifecycle
 import Logging
 import PostgresNIO
+import UnixSignals
 
 struct WebhookEvent: Decodable {
     var eventID: Int

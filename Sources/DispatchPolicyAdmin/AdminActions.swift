@@ -1,6 +1,7 @@
 import DispatchPolicy
 import Foundation
 import Logging
+import PostgresNIO
 
 /// The admin's actions, each one call of a documented SQL function (see the
 /// README's "Operator actions"), so psql, the CLI and the browser do the

@@ -8,6 +8,7 @@ import Metrics
 import PostgresNIO
 import Prometheus
 import ServiceLifecycle
+import UnixSignals
 
 /// The process-wide Prometheus registry, installed as the swift-metrics
 /// backend once (the library's counters and timers land in it).

@@ -10,6 +10,7 @@ import Logging
 import PostgresNIO
 import ServiceLifecycle
 import Synchronization
+import UnixSignals
 
 @main
 struct DispatchPolicyCommand: AsyncParsableCommand {

@@ -9,6 +9,7 @@ import Subprocess
 import System
 #else
 import SystemPackage
+import UnixSignals
 #endif
 
 /// `dispatch-policy work`: a worker for any language. Claims jobs of the

@@ -1,6 +1,7 @@
 import DispatchPolicy
 import Foundation
 import Testing
+import PostgresNIO
 
 /// The dispatch-policy binary built next to the test bundle.
 let cliPath: String = {

@@ -4,6 +4,7 @@ import Foundation
 import FoundationNetworking
 #endif
 import Testing
+import PostgresNIO
 
 @Suite("Demo", .timeLimit(.minutes(8)))
 struct DemoTests {

@@ -1,6 +1,8 @@
 import DispatchPolicy
 import Synchronization
 import Testing
+import PostgresNIO
+import NIOSSL
 
 /// In-memory files for connection settings: path → (text, mode).
 private func files(_ entries: [String: (String, Int)], home: String? = "/home/u") -> FileAccess {

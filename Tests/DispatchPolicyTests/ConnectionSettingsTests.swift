@@ -1,5 +1,6 @@
 import DispatchPolicy
 import Testing
+import PostgresNIO
 
 @Suite("Connection settings")
 struct ConnectionSettingsTests {

@@ -1,5 +1,6 @@
 @testable import DispatchPolicy
 import Testing
+import FoundationEssentials
 
 @Suite("SQL statement splitter")
 struct SQLStatementSplitterTests {

@@ -1,5 +1,6 @@
 import Logging
 import PostgresNIO
+import Foundation
 
 /// Why a job is where it is: the rows of `dispatch_policy.explain(id)`.
 public struct JobExplanation: Sendable, Equatable {
