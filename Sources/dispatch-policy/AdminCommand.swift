@@ -85,9 +85,8 @@ struct Admin: AsyncParsableCommand {
                 options.token = token
             }
             let settings = try connection.settings().with(session: .admin)
-            // A pool connects to one host: the one target_session_attrs picks now.
-            let client = PostgresClient(
-                configuration: try settings.clientConfiguration(endpoint: try await settings.settle(logger: logger)), backgroundLogger: logger)
+            // A pool on the host target_session_attrs picks, following a failover.
+            let client = try await FailoverClient.settle(settings, logger: logger)
             let server: AdminServer
             do {
                 server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: options,

@@ -801,10 +801,8 @@ struct Run: AsyncParsableCommand {
                 // gauges read at scrape time through a one-session pool.
                 _ = ProcessMetrics.registry
                 options.metrics = DispatchPolicyMetrics()
-                let client = PostgresClient(
-                    configuration: try settings.with(session: .admin).clientConfiguration(
-                        maximumConnections: 1, endpoint: try await settings.settle(logger: logger)),
-                    backgroundLogger: logger)
+                // On the host target_session_attrs picks, following a failover.
+                let client = try await FailoverClient.settle(settings.with(session: .admin), maximumConnections: 1, logger: logger)
                 let server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
                                              registry: ProcessMetrics.registry, logger: logger)
                 services.append(.init(service: client))

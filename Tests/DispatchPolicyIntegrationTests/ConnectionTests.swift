@@ -298,12 +298,35 @@ struct ConnectionTests {
         let none = await #expect(throws: DispatchPolicyError.self) { try await ro.withConnection(logger: TestServer.logger) { _ in } }
         #expect(none?.message.contains("no host is usable") == true)
 
+        // A pool (the admin's) settles there too, and checks every second.
+        let pool = try await FailoverClient.settle(both, maximumConnections: 2, checkInterval: .seconds(1), logger: TestServer.logger)
+        let poolTask = Task { try await pool.run() }
+        defer { poolTask.cancel() }
+        let poolWhere1: String = try await pool.rows("SELECT current_setting('port')", logger: TestServer.logger)[0].decode(String.self)
+        #expect(poolWhere1 == portB)
+
         // Failover: the second host turns read-only, the first writable, the
         // session is cut. The runner's next call reconnects to the first.
         try await readOnly(b, true)
         try await readOnly(a, false)
         let pid = try await db.run("pid", timeout: .seconds(60)) { try await $0.scalar("SELECT pg_backend_pid()", as: Int32.self) }
         try await b.withConnection(logger: TestServer.logger) { try await $0.exec("SELECT pg_terminate_backend(\(pid))") }
+        // The pool's sessions are cut too; the ones it opens again on the
+        // second host are read-only, which its check finds: it moves.
+        try await b.withConnection(logger: TestServer.logger) { conn in
+            try await conn.exec(PostgresQuery(unsafeSQL: """
+                SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(database)' AND pid <> pg_backend_pid()
+                """))
+        }
+        var poolWhere2 = ""
+        let poolMoved = try await waitUntil(60) {
+            poolWhere2 = (try? await pool.rows(
+                "SELECT current_setting('port') || ':' || current_setting('transaction_read_only')", logger: TestServer.logger
+            ).first?.decode(String.self)) ?? ""
+            return poolWhere2 == "\(portA):off"
+        }
+        #expect(poolMoved, "after the failover the pool's sessions are on \(poolWhere2)")
+        #expect(pool.moves == 1)
         var where2 = ""
         let moved = try await waitUntil(60) {
             where2 = (try? await db.run("port", timeout: .seconds(60)) { conn in

@@ -31,7 +31,7 @@ public actor ManagedConnection {
     /// Where sessions come from.
     enum Source: Sendable {
         case settings(ConnectionSettings)
-        case pool(PostgresClient)
+        case pool(any ConnectionPool)
 
         var settings: ConnectionSettings? {
             if case .settings(let settings) = self { return settings }
@@ -46,7 +46,7 @@ public actor ManagedConnection {
     private nonisolated var target: String {
         switch source {
         case .settings(let settings): return "\(settings)"
-        case .pool: return "the application's PostgresClient"
+        case .pool: return "the application's pool"
         }
     }
     /// What this session is for, in log lines: "runner", "worker claims", ...
@@ -92,7 +92,7 @@ public actor ManagedConnection {
     /// for its own length (waiting at most `connectTimeout` for it, on top of
     /// the call's timeout). The pool's owner runs it (`client.run()`, or a
     /// `ServiceGroup`) and chooses its sessions' settings.
-    public init(client: PostgresClient, role: String, logger: Logger, connectTimeout: Duration = .seconds(10)) {
+    public init(client: any ConnectionPool, role: String, logger: Logger, connectTimeout: Duration = .seconds(10)) {
         self.source = .pool(client)
         self.role = role
         self.logger = logger
@@ -187,7 +187,7 @@ public actor ManagedConnection {
             let handOver = HandOver()
             Task {
                 do {
-                    try await client.withConnection { conn in
+                    try await client.withSession { conn in
                         handOver.give(.success(conn))
                         // Held until whoever has it closes it.
                         try? await conn.closeFuture.get()
@@ -337,7 +337,7 @@ public actor ManagedConnection {
     /// ``DispatchPolicyError/Code/connectionLost``; so does a pool that lends
     /// nothing in time.
     private nonisolated func runLeased<T: Sendable>(
-        _ client: PostgresClient, _ what: String, timeout: Duration, until hardDeadline: ContinuousClock.Instant?,
+        _ client: any ConnectionPool, _ what: String, timeout: Duration, until hardDeadline: ContinuousClock.Instant?,
         _ body: @escaping @Sendable (PostgresConnection) async throws -> T
     ) async throws -> T {
         let start = ContinuousClock.now
@@ -347,7 +347,7 @@ public actor ManagedConnection {
         let value: T?
         do {
             value = try await untilDeadline(deadline) {
-                try await client.withConnection { conn in
+                try await client.withSession { conn in
                     leased.withLock { $0 = conn }
                     do {
                         return try await body(conn)

@@ -21,6 +21,13 @@ extension PostgresConnection: SQLExecutor {
     }
 }
 
+/// A pool of sessions that lends one per call: a `PostgresClient`, or a
+/// ``FailoverClient``. ``TickRunner``, ``Worker`` and ``ManagedConnection``
+/// take either.
+public protocol ConnectionPool: SQLExecutor {}
+
+extension PostgresClient: ConnectionPool {}
+
 extension PostgresClient: SQLExecutor {
     public func run(_ query: PostgresQuery, logger: Logger) async throws -> PostgresRowSequence {
         try await self.query(query, logger: logger)

@@ -177,7 +177,7 @@ public struct TickRunner: Service {
     /// queries go on alongside. `options.session` is not applied: the
     /// pool's configuration sets its sessions' parameters (see
     /// ``SessionSettings/parameters``).
-    public init(client: PostgresClient, options: TickRunnerOptions = TickRunnerOptions(), logger: Logger) {
+    public init(client: any ConnectionPool, options: TickRunnerOptions = TickRunnerOptions(), logger: Logger) {
         self.connection = nil
         self.source = .pool(client)
         self.options = options

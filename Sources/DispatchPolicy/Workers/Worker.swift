@@ -109,7 +109,7 @@ public struct Worker: Service {
     /// wait for a connection otherwise, within their timeouts).
     /// `options.session` is not applied: the pool's configuration sets its
     /// sessions' parameters (see ``SessionSettings/parameters``).
-    public init(client: PostgresClient, options: WorkerOptions = WorkerOptions(), logger: Logger) {
+    public init(client: any ConnectionPool, options: WorkerOptions = WorkerOptions(), logger: Logger) {
         self.source = .pool(client)
         self.options = options
         self.logger = logger
