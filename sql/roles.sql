@@ -23,7 +23,7 @@
 -- dispatch_policy_stager    stage, stage_many. Nothing else: it reads no
 --                           table, not even the jobs it staged.
 -- dispatch_policy_worker    claim, heartbeat, started, complete,
---                           complete_many, fail, report_process,
+--                           complete_many, fail, defer, report_process,
 --                           forget_process (all a Swift Worker calls).
 -- dispatch_policy_operator  reads every table and view (job args and
 --                           context included), every function that only
@@ -34,15 +34,16 @@
 --                           Admit now is a tick: it needs
 --                           dispatch_policy_runner as well.
 -- dispatch_policy_runner    the tick runner (run, tick, admit-now) and its
---                           maintenance: every function but declare_policy,
+--                           maintenance: every function but declare_policy
+--                           and drop_policy,
 --                           reads every table, writes every table but
 --                           policies and schema_migrations. A tick calls
 --                           a policy's `sql` target with the runner's
 --                           rights: grant it EXECUTE on the target (and
 --                           what the target writes, e.g. pgq.insert_event).
 --
--- Policies (declare_policy, `dispatch-policy policy apply`) and migrations
--- are the schema owner's. The functions the first three roles call to
+-- Policies (declare_policy, drop_policy, `dispatch-policy policy apply`)
+-- and migrations are the schema owner's. The functions the first three roles call to
 -- change jobs are SECURITY DEFINER (migration 0021); a tick is not.
 
 BEGIN;
@@ -70,7 +71,7 @@ BEGIN
       ('dispatch_policy_stager',
        'dispatch-policy: stages jobs (stage, stage_many); reads nothing. Created by dispatch_policy_roles.sql.'),
       ('dispatch_policy_worker',
-       'dispatch-policy: claims jobs and reports their outcome (claim, heartbeat, started, complete, complete_many, fail). Created by dispatch_policy_roles.sql.'),
+       'dispatch-policy: claims jobs and reports their outcome (claim, heartbeat, started, complete, complete_many, fail, defer). Created by dispatch_policy_roles.sql.'),
       ('dispatch_policy_operator',
        'dispatch-policy: reads everything (views, tables, explain, check) and runs the operator actions; admit now also needs dispatch_policy_runner. Created by dispatch_policy_roles.sql.'),
       ('dispatch_policy_runner',
@@ -116,6 +117,7 @@ GRANT EXECUTE ON FUNCTION
   dispatch_policy.complete(bigint, timestamptz, integer),
   dispatch_policy.complete_many(bigint[], integer[], timestamptz),
   dispatch_policy.fail(bigint, text, interval, timestamptz, integer),
+  dispatch_policy.defer(bigint, timestamptz, text, boolean, integer, timestamptz),
   dispatch_policy.report_process(text, text, timestamptz, timestamptz, integer, timestamptz, text),
   dispatch_policy.forget_process(text)
   TO dispatch_policy_worker;
@@ -161,10 +163,11 @@ BEGIN
   LOOP
     EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO dispatch_policy_operator', object);
   END LOOP;
-  -- Runner: every function but declare_policy (policies are the owner's).
+  -- Runner: every function but declare_policy and drop_policy (policies
+  -- are the owner's).
   FOR object IN
     SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
-    WHERE p.pronamespace = 'dispatch_policy'::regnamespace AND p.proname <> 'declare_policy'
+    WHERE p.pronamespace = 'dispatch_policy'::regnamespace AND p.proname NOT IN ('declare_policy', 'drop_policy')
     ORDER BY 1
   LOOP
     EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO dispatch_policy_runner', object);

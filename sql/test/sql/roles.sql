@@ -66,7 +66,7 @@ ORDER BY c.relkind, c.relname;
 
 -- The functions that change something (VOLATILE) each role may call. The
 -- operator also calls every IMMUTABLE or STABLE function (they only read);
--- the runner every function but declare_policy.
+-- the runner every function but declare_policy and drop_policy.
 SELECT p.proname,
        has_function_privilege('dispatch_policy_stager', p.oid, 'EXECUTE') AS stager,
        has_function_privilege('dispatch_policy_worker', p.oid, 'EXECUTE') AS worker,
@@ -191,6 +191,10 @@ SELECT * FROM dispatch_policy.tick_begin('jobs', 10, 10);
 \echo :SQLSTATE
 SELECT dispatch_policy.complete(:job_of_b);
 \echo :SQLSTATE
+SELECT * FROM dispatch_policy.defer(:job_of_b, now() + interval '1 minute', 'HTTP 429');
+\echo :SQLSTATE
+SELECT dispatch_policy.drop_policy('jobs', force => true);
+\echo :SQLSTATE
 RESET SESSION AUTHORIZATION;
 
 -- Runner: ticks and maintains.
@@ -208,6 +212,8 @@ SELECT dispatch_policy.report_process('runner-1', 'runner', now(), now(), 0, NUL
 SELECT dispatch_policy.declare_policy('jobs', '{}');
 \echo :SQLSTATE
 UPDATE dispatch_policy.policies SET paused = true;
+\echo :SQLSTATE
+SELECT dispatch_policy.drop_policy('jobs', force => true);
 \echo :SQLSTATE
 DELETE FROM dispatch_policy.schema_migrations;
 \echo :SQLSTATE
@@ -239,6 +245,9 @@ SELECT dispatch_policy.started(:job_of_b);
 SELECT dispatch_policy.complete(:job_of_b);
 SELECT * FROM dispatch_policy.complete_many(ARRAY[:job_of_a], ARRAY[NULL]::integer[]);
 SELECT dispatch_policy.fail(:job_a2, 'boom');
+-- defer: back to staging until then, no attempt counted (this policy has
+-- no throttle: nothing to pause).
+SELECT state, paused FROM dispatch_policy.defer(:job_a3, now() + interval '1 hour', 'HTTP 429', pause_partition => true);
 SELECT dispatch_policy.report_process('worker-1', 'worker', now(), now(), 0, NULL, NULL);
 SELECT dispatch_policy.forget_process('worker-1');
 SELECT args FROM dispatch_policy.staged_jobs;
@@ -250,6 +259,8 @@ SELECT dispatch_policy.stage('jobs', '{}');
 SELECT * FROM dispatch_policy.tick_begin('jobs', 10, 10);
 \echo :SQLSTATE
 SELECT dispatch_policy.pause('jobs');
+\echo :SQLSTATE
+SELECT dispatch_policy.drop_policy('jobs', force => true);
 \echo :SQLSTATE
 RESET SESSION AUTHORIZATION;
 
@@ -285,6 +296,10 @@ UPDATE dispatch_policy.staged_jobs SET priority = -1;
 DELETE FROM dispatch_policy.finished_jobs;
 \echo :SQLSTATE
 SELECT dispatch_policy.complete(:job_of_a);
+\echo :SQLSTATE
+SELECT * FROM dispatch_policy.defer(:job_of_a, now() + interval '1 minute', 'HTTP 429');
+\echo :SQLSTATE
+SELECT dispatch_policy.drop_policy('jobs', force => true);
 \echo :SQLSTATE
 -- Admit now is a tick: a pure operator gets 42501 and nothing changes.
 SELECT id, context ->> 'tenant' AS tenant FROM dispatch_policy.staged_jobs WHERE policy = 'jobs' ORDER BY id;
