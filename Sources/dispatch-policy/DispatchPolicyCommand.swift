@@ -160,8 +160,32 @@ struct PolicyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "policy",
         abstract: "Declare and inspect policies.",
-        subcommands: [Apply.self, List.self, Show.self]
+        subcommands: [Apply.self, List.self, Show.self, Drop.self]
     )
+
+    struct Drop: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Drop a policy and all its state (its history stays until pruned).",
+            discussion: """
+            Refused (SQLSTATE 2BP01, nothing changed) while the policy has staged or admitted jobs, \
+            unless --force, which finishes them as cancelled first. Needs the schema owner's rights.
+            """)
+
+        @OptionGroup var connection: ConnectionOptions
+
+        @Argument(help: "The policy name.")
+        var name: String
+
+        @Flag(help: "Cancel the policy's staged and admitted jobs, then drop it.")
+        var force = false
+
+        func run() async throws {
+            try await connection.withConnection { conn, logger in
+                let cancelled = try await PolicyCatalog(executor: conn, logger: logger).drop(name, force: force)
+                print("dropped \(name)" + (cancelled > 0 ? " (\(cancelled) job\(cancelled == 1 ? "" : "s") cancelled)" : ""))
+            }
+        }
+    }
 
     struct Apply: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

@@ -40,7 +40,7 @@ struct CLITests {
         #expect(second.stdout == "up to date (\(Migration.embedded.count) migrations applied)\n")
     }
 
-    @Test("policy apply, list and show; show prints what apply reads")
+    @Test("policy apply, list, show and drop; show prints what apply reads")
     func policyCommands() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         let file = FileManager.default.temporaryDirectory.appending(path: "policies-\(UUID().uuidString).json")
@@ -73,6 +73,19 @@ struct CLITests {
         let missing = try await cli(["policy", "show", "nope"], settings: settings)
         #expect(missing.status != 0)
         #expect(missing.stderr == "dispatch-policy: unknown policy: 'nope' (SQLSTATE 42704)\n")
+
+        // drop: refused while a job is staged, then forced (the job cancelled).
+        try await TestServer.withConnection(settings) { conn async throws in
+            try await conn.exec("SELECT dispatch_policy.stage('emails', '{}')")
+        }
+        let refused = try await cli(["policy", "drop", "emails"], settings: settings)
+        #expect(refused.status != 0)
+        #expect(refused.stderr.contains("2BP01"), "\(refused.stderr)")
+        let forced = try await cli(["policy", "drop", "emails", "--force"], settings: settings)
+        #expect(forced.status == 0, "\(forced.stderr)")
+        #expect(forced.stdout == "dropped emails (1 job cancelled)\n")
+        let after = try await cli(["policy", "list"], settings: settings)
+        #expect(!after.stdout.contains("emails"))
     }
 
     @Test("an invalid policy file fails with one line naming the field and SQLSTATE, and stores nothing")

@@ -20,6 +20,7 @@ import CoreMetrics
 /// | `dispatch_policy_staged_total` | counter | policy, result (`inserted`, `deduplicated`) |
 /// | `dispatch_policy_jobs_completed_total` | counter | policy |
 /// | `dispatch_policy_jobs_failed_total` | counter | policy, result (`retry`, `dead`) |
+/// | `dispatch_policy_jobs_deferred_total` | counter | policy |
 public struct DispatchPolicyMetrics: Sendable {
     let factory: any MetricsFactory
 
@@ -71,6 +72,11 @@ public struct DispatchPolicyMetrics: Sendable {
         Counter(label: "dispatch_policy_jobs_failed_total",
                 dimensions: [("policy", policy), ("result", dead ? "dead" : "retry")], factory: factory)
             .increment()
+    }
+
+    /// A job a handler deferred (``Defer``): staged again, no attempt counted.
+    public func recordDeferred(policy: String) {
+        Counter(label: "dispatch_policy_jobs_deferred_total", dimensions: [("policy", policy)], factory: factory).increment()
     }
 
     /// Whole nanoseconds, 0 for a negative duration, saturating at `Int64.max`.

@@ -89,6 +89,8 @@ public enum FieldLimits {
     public static let failError = FieldLimit("fail.error", 0, 8192, integral: true, unit: "characters")
     public static let pruneRetention = FieldLimit("prune.retention", 0, 3_153_600_000, integral: false, default: 604_800, unit: "seconds")
     public static let pruneIdle = FieldLimit("prune.idle", 0, 3_153_600_000, integral: false, default: 3600, unit: "seconds")
+    public static let deferUntil = FieldLimit("defer.until", 0, 2_592_000, integral: false, unit: "seconds", minimumExclusive: true)
+    public static let deferReason = FieldLimit("defer.reason", 1, 1024, integral: true, unit: "characters")
 
     /// Every bound `dispatch_policy.limits()` has, in its order.
     public static let database: [FieldLimit] = [
@@ -96,5 +98,6 @@ public enum FieldLimits {
         globalCapMax, adaptiveInitialMax, adaptiveMin, adaptiveMax, adaptiveTargetLagMs, adaptiveEWMAAlpha,
         adaptiveFailureDecrease, adaptiveOverloadDecrease, jobPriority, jobQueue, jobDedupeKey, jobRoundRobinKey, jobContext,
         partitionKey, claimMax, claimWorker, completeManyJobs, failRetryIn, failError, pruneRetention, pruneIdle,
+        deferUntil, deferReason,
     ]
 }

@@ -57,6 +57,17 @@ public struct PolicyCatalog: Sendable {
         _ = try await executor.rows("SELECT dispatch_policy.resume(\(name))", logger: logger)
     }
 
+    /// Drops the policy and every row of its state (`dispatch_policy.drop_policy`);
+    /// returns how many jobs were cancelled. Refused (SQLSTATE 2BP01) while
+    /// it has staged or admitted jobs, unless `force`, which finishes them as
+    /// `cancelled` first. Its history stays until pruned. Only the schema's
+    /// owner may call it.
+    @discardableResult
+    public func drop(_ name: String, force: Bool = false) async throws -> Int {
+        try await executor.rows("SELECT dispatch_policy.drop_policy(\(name), force => \(force))", logger: logger)
+            .first?.decode(Int.self) ?? 0
+    }
+
     private static func record(_ row: PostgresRow) throws -> PolicyRecord {
         let (name, config, paused, created, updated) = try row.decode((String, String, Bool, Date, Date).self)
         return PolicyRecord(name: name, config: config, paused: paused, createdAt: created, updatedAt: updated)

@@ -26,6 +26,43 @@ public struct Job: Sendable, Equatable {
     }
 }
 
+/// Thrown by a handler whose downstream said "not now" (an HTTP 429 with
+/// Retry-After, a maintenance window): the job goes back to staging until
+/// `until` without counting an attempt (`dispatch_policy.defer`), its slots
+/// are released, and nothing is reported as a failure. With
+/// `pausePartition`, the job's throttle partitions are paused until then
+/// too, so its partition's other jobs wait as well; the pause ends by
+/// itself.
+///
+/// `until` is at most 30 days away (`FieldLimits.deferUntil`), `reason` 1
+/// to 1024 characters (`FieldLimits.deferReason`); the server refuses
+/// others (SQLSTATE 22023), and the attempt is then failed with that error.
+///
+/// ```swift
+/// worker.register("send_webhook") { job in
+///     let response = try await post(job)
+///     if response.status == 429 { throw Defer(for: .seconds(response.retryAfter), reason: "429 from the endpoint", pausePartition: true) }
+/// }
+/// ```
+public struct Defer: Error, Sendable, Equatable {
+    public var until: Date
+    public var reason: String
+    public var pausePartition: Bool
+
+    public init(until: Date, reason: String, pausePartition: Bool = false) {
+        self.until = until
+        self.reason = reason
+        self.pausePartition = pausePartition
+    }
+
+    /// Deferred for `delay` from now.
+    public init(for delay: Duration, reason: String, pausePartition: Bool = false) {
+        let (seconds, attoseconds) = delay.components
+        self.init(until: Date().addingTimeInterval(Double(seconds) + Double(attoseconds) / 1e18), reason: reason,
+                  pausePartition: pausePartition)
+    }
+}
+
 /// How a ``Worker`` claims and runs jobs.
 public struct WorkerOptions: Sendable {
     /// Queues to claim from, in turn.
@@ -366,24 +403,50 @@ public struct Worker: Service {
             case .failure(let error):
                 log.error("could not record the job's outcome", metadata: ["error": "\(error)"])
             }
-        case .finished(.failure(let error)):
-            let retry = options.retryIn.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
-                .map { FieldLimits.failRetryIn.clamp($0) }
-            let message = String(describing: error)
+        case .finished(.failure(let deferral as Defer)):
             await report(job, log: log) {
-                let state = try await conn.run("recording a failure", timeout: options.boundedCallTimeout) { conn in
-                    try await conn.rows(
-                        """
-                        SELECT dispatch_policy.fail(\(job.id), \(message),
-                                                    make_interval(secs => \(retry)::float8), attempt => \(job.attempt)::integer)
-                        """,
-                        logger: log
-                    ).first?.decode(String.self)
+                do {
+                    let paused = try await conn.run("deferring a job", timeout: options.boundedCallTimeout) { conn in
+                        try await conn.rows(
+                            """
+                            SELECT paused::text FROM dispatch_policy.defer(\(job.id), \(deferral.until), \(deferral.reason),
+                                                                          pause_partition => \(deferral.pausePartition),
+                                                                          attempt => \(job.attempt)::integer)
+                            """,
+                            logger: log
+                        ).first?.decode(String?.self)
+                    }
+                    log.info("job deferred", metadata: [
+                        "job.until": "\(deferral.until)", "reason": "\(deferral.reason)", "paused": "\((paused ?? nil) ?? "-")",
+                    ])
+                    options.metrics.recordDeferred(policy: job.policy)
+                } catch let refused as DispatchPolicyError where refused.sqlState == "22023" || refused.sqlState == "22004" {
+                    // A deferral out of bounds (too far, no reason): the attempt fails with why.
+                    try await fail(job, error: "defer refused: \(refused.message)", conn: conn, log: log)
                 }
-                log.info("job failed", metadata: ["error": "\(error)", "job.state": "\(state ?? "")"])
-                if let state { options.metrics.recordFailed(policy: job.policy, dead: state == "dead") }
+            }
+        case .finished(.failure(let error)):
+            await report(job, log: log) {
+                try await fail(job, error: String(describing: error), conn: conn, log: log)
             }
         }
+    }
+
+    /// Fails the attempt: staged again after the backoff (or `retryIn`), or dead.
+    private func fail(_ job: Job, error message: String, conn: ManagedConnection, log: Logger) async throws {
+        let retry = options.retryIn.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+            .map { FieldLimits.failRetryIn.clamp($0) }
+        let state = try await conn.run("recording a failure", timeout: options.boundedCallTimeout) { conn in
+            try await conn.rows(
+                """
+                SELECT dispatch_policy.fail(\(job.id), \(message),
+                                            make_interval(secs => \(retry)::float8), attempt => \(job.attempt)::integer)
+                """,
+                logger: log
+            ).first?.decode(String.self)
+        }
+        log.info("job failed", metadata: ["error": "\(message)", "job.state": "\(state ?? "")"])
+        if let state { options.metrics.recordFailed(policy: job.policy, dead: state == "dead") }
     }
 
     /// Records an outcome, retrying a deadlock or serialization abort; an
