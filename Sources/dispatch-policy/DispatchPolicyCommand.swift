@@ -767,6 +767,9 @@ struct Run: AsyncParsableCommand {
         discussion: """
             A lost database session (a restart, a failover, pg_terminate_backend) is reopened with backoff; \
             "dispatch-policy status" lists the runner with its reconnects. \
+            With --metrics, /healthz answers 200 while the runner's session is open and its last pass \
+            completed within 3 x max(--idle-pause, --busy-pause) plus the longest a tick may take \
+            (--tick-timeout + 5 s, at least 30 s), else 503 and why. \
             On SIGTERM or SIGINT the runner finishes its current tick; one still running after \
             --shutdown-timeout is abandoned (rolled back) and the process exits.
             """)
@@ -807,7 +810,8 @@ struct Run: AsyncParsableCommand {
                 let server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
                                              registry: ProcessMetrics.registry, logger: logger)
                 services.append(.init(service: client))
-                services.append(.init(service: try httpService(router: server.metricsRouter(), bind: metrics, flag: "--metrics", logger: logger)))
+                services.append(.init(service: try httpService(
+                    router: server.metricsRouter(health: options.health), bind: metrics, flag: "--metrics", logger: logger)))
             }
             if let tracing = try ProcessTracing.makeService() {
                 services.append(.init(service: tracing))
