@@ -25,7 +25,7 @@ public struct AdminRequestContext: RequestContext, RemoteAddressRequestContext {
 
 /// How the admin behaves.
 public struct AdminOptions: Sendable {
-    /// Actions need this token (from `DISPATCH_POLICY_ADMIN_TOKEN`); nil: read-only.
+    /// Actions need this token (from `--token-file` or `DISPATCH_POLICY_ADMIN_TOKEN`); nil: read-only.
     public var token: String?
     /// Export per-partition series on `/metrics` (their number grows with
     /// the tenants: off by default).
@@ -527,7 +527,7 @@ public struct AdminServer: Sendable {
     }
 
     func act(_ action: String, request: Request, client: String) async throws -> Response {
-        guard auth.actionsEnabled else { return Self.forbidden("Actions are off: start the admin with --allow-actions and DISPATCH_POLICY_ADMIN_TOKEN.") }
+        guard auth.actionsEnabled else { return Self.forbidden("Actions are off: start the admin with --allow-actions and a token (--token-file or DISPATCH_POLICY_ADMIN_TOKEN).") }
         // A wrong bearer token counts as a failed sign-in of its client.
         let bearer = Self.bearer(request)
         if bearer != nil, let response = limited(client) { return response }

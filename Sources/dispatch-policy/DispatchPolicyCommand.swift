@@ -19,6 +19,8 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
         discussion: """
             Connects with --database-url, else DATABASE_URL, else the PG* variables \
             (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE).
+
+            \(ExitStatus.help)
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
@@ -40,9 +42,16 @@ struct ConnectionOptions: ParsableArguments {
     var verbose = false
 
     /// The connection settings, with `dispatch-policy COMMAND` as the
-    /// application name unless one is given.
+    /// application name unless one is given. Settings that cannot be used
+    /// (an unparsable URL, a missing TLS file) are a ``ConfigurationError``.
     func settings() throws -> ConnectionSettings {
-        try ConnectionSettings.resolve(url: databaseURL, fallbackApplicationName: Self.applicationName)
+        do {
+            let settings = try ConnectionSettings.resolve(url: databaseURL, fallbackApplicationName: Self.applicationName)
+            try settings.checkTLSFiles()
+            return settings
+        } catch let error as DispatchPolicyError where error.code == .invalidConnectionSettings {
+            throw ConfigurationError(error)
+        }
     }
 
     /// `dispatch-policy` and the command run (`dispatch-policy run`, `dispatch-policy policy apply`).
@@ -98,10 +107,15 @@ final class CommandDone: Sendable {
     var value: Bool { state.withLock { $0 } }
 }
 
-/// Prints an error as one line (`dispatch-policy: ...`) and exits non-zero.
+/// Prints an error as one line (`dispatch-policy: ...`) and exits non-zero:
+/// 78 for a ``ConfigurationError``, 1 for the others (``ExitStatus``).
 func reportingErrors<T>(_ body: () async throws -> T) async throws -> T {
     do {
         return try await body()
+    } catch let configuration as ConfigurationError {
+        printError(configuration.error.description)
+        if let hint = configuration.error.hint, !hint.isEmpty { printError("hint: \(hint)") }
+        throw ExitStatus.configuration
     } catch let error as DispatchPolicyError {
         printError(error.description)
         // The server's HINT (the migrations and validators write one where
