@@ -719,9 +719,10 @@ struct Tick: AsyncParsableCommand {
         discussion: """
             Safe to start every minute from cron while the previous run is still going: \
             runners share work through per-policy locks.
-              * * * * *  dispatch-policy tick --for 55s
-            Prints one line per policy: admitted, refused by gate, tokens left, time per tick. \
-            A policy whose ticks fail does not stop the others; the run then exits 1.
+              * * * * *  dispatch-policy tick --for 55s --quiet
+            Prints one line per policy: admitted, refused by gate, tokens left, time per tick \
+            (nothing with --quiet). A policy whose ticks fail does not stop the others; the run \
+            then exits 1 and says why on standard error, --quiet or not.
             """)
 
     @OptionGroup var connection: ConnectionOptions
@@ -732,6 +733,9 @@ struct Tick: AsyncParsableCommand {
 
     @Option(name: .customLong("for"), parsing: .unconditional, help: "Keep admitting for this long, such as 55s (1ms to 365d).")
     var runFor: String?
+
+    @Flag(name: .shortAndLong, help: "Print nothing when the run succeeds (errors still go to standard error; the exit status is the same).")
+    var quiet = false
 
     func validate() throws {
         if once && runFor != nil { throw ValidationError("--once and --for exclude each other") }
@@ -755,11 +759,11 @@ struct Tick: AsyncParsableCommand {
             let report = try await ProcessTracing.around(logger: logger) { [options] in
                 try await TickRunner(connection: settings, options: options, logger: logger).runLoop()
             }
-            if report.policies.isEmpty {
+            if report.policies.isEmpty && !quiet {
                 print("nothing to admit")
             }
             for summary in report.policies {
-                print(summary.line)
+                if !quiet { print(summary.line) }
                 if summary.failures > 0 {
                     printError("policy \(summary.policy): \(summary.failures) tick\(summary.failures == 1 ? "" : "s") failed: \(summary.lastError ?? "")")
                 }

@@ -299,6 +299,41 @@ struct CLITests {
             }
         }
     }
+
+    /// Issue 11, finding 4: cron mailed tick's line every minute unless its
+    /// output went to /dev/null.
+    @Test("tick --quiet prints nothing when it succeeds; its errors still go to standard error with the same status")
+    func tickQuiet() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+            try await conn.exec("SELECT dispatch_policy.stage('p', '{}')")
+        }
+        let loud = try await cli(["tick"], settings: settings)
+        #expect(loud.status == 0 && loud.stdout.hasPrefix("p: admitted 1 in 1 tick"), "\(loud.stdout)")
+        try await TestServer.withConnection(settings) { conn in try await conn.exec("SELECT dispatch_policy.stage('p', '{}')") }
+        for arguments in [["tick", "--quiet"], ["tick", "-q", "--for", "300ms"], ["tick", "-q"]] {
+            let quiet = try await cli(arguments, settings: settings)
+            #expect(quiet.status == 0 && quiet.stdout.isEmpty && quiet.stderr.isEmpty, "\(arguments): \(quiet.stdout)\(quiet.stderr)")
+        }
+        #expect(try await TestServer.withConnection(settings) { conn in
+            try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self)
+        } == 2)
+        let failed = try await cli(["tick", "--quiet", "--policy", "nope"], settings: settings)
+        #expect(failed.status == 1 && failed.stdout.isEmpty && failed.stderr.contains("unknown policy: 'nope'"), "\(failed)")
+        // A policy whose tick fails: the others admit, and the run says so.
+        try await TestServer.withConnection(settings) { conn in
+            try await conn.exec("""
+                CREATE FUNCTION public.down(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION 'target down'; END $$
+                """)
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "broken", config: try PolicyConfig(target: .sql(function: "public.down")).json())
+            try await conn.exec("SELECT dispatch_policy.stage('broken', '{}')")
+        }
+        let broken = try await cli(["tick", "-q"], settings: settings)
+        #expect(broken.status == 1 && broken.stdout.isEmpty && broken.stderr.contains("policy broken: 1 tick failed"), "\(broken)")
+    }
 }
 
 /// The HTTP status of `request`, redirects not followed.
