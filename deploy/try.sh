@@ -26,6 +26,11 @@
 #   DATABASE_URL and a few variables of the test (a port 0 to listen on, the
 #   policy, an admin token, the worker's command); each variable ExecStart
 #   uses must be set by Environment= or named in deploy/env's example.
+#   LoadCredential=ID:PATH (PATH in /etc/dispatch-policy) is played as
+#   systemd would: a file ID, mode 0400, in a directory of the unit's own,
+#   named by CREDENTIALS_DIRECTORY. Each unit's RestartPreventExitStatus=
+#   must hold 64 and 78 (usage and configuration errors, which a restart
+#   cannot cure).
 #   Started in the background with only PATH, HOME, LANG, the PG* variables
 #   and those, as systemd would:
 #   - the runner admits the jobs staged, serves /metrics and /healthz;
@@ -33,7 +38,8 @@
 #     command once per job with the job on stdin and in its environment, the
 #     jobs end completed, and on SIGTERM it waits for a running command;
 #   - the admin answers /healthz, its pages and /metrics, refuses a wrong
-#     token and pauses and resumes the policy with the right one;
+#     token and pauses and resumes the policy with the right one (read from
+#     its credential), and exits 78 with an empty token file;
 #   then each gets SIGTERM alone (KillMode=mixed) and must exit 0 within the
 #   unit's TimeoutStopSec; the runner's TimeoutStopSec must exceed its
 #   --shutdown-timeout and the 5 s it may take after. Their standard error
@@ -84,7 +90,7 @@ cleanup() {
     exec 2>/dev/null
     for name in "${!PID[@]}"; do kill -KILL -- "-${PID[$name]}" "${PID[$name]}"; done
     [[ -n ${WATCHDOG:-} ]] && kill "$WATCHDOG" 2>/dev/null
-    if [[ ${DISPATCH_POLICY_TRY_KEEP:-0} == 1 ]]; then say "kept $WORK"; else rm -rf "$WORK"; fi
+    if [[ ${DISPATCH_POLICY_TRY_KEEP:-0} == 1 ]]; then say "kept $WORK"; else chmod -R u+w "$WORK"; rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'say "over ${LIMIT}s: giving up" >&2; exit 1' USR1
@@ -159,6 +165,7 @@ unit_values() {
 declare -A UENV=()   # the environment of the unit being prepared
 ARGV=()              # its ExecStart, expanded
 ENVFILES=()          # its EnvironmentFile= examples in deploy/env
+declare -A CREDENTIAL=()  # the value try.sh gives each credential ID of LoadCredential=
 
 # prepare UNIT INSTANCE NAME=VALUE...: fills UENV (the unit's Environment=,
 # then the test's values in place of its EnvironmentFile=), ENVFILES and ARGV.
@@ -182,6 +189,24 @@ prepare() {
         fi
     done < <(unit_values "$unit" EnvironmentFile)
     for assignment in "$@"; do UENV[${assignment%%=*}]=${assignment#*=}; done
+    # LoadCredential=ID:PATH, as systemd: the file's copy in a directory of the unit's own.
+    local credential id source directory=$WORK/credentials/$(basename "$unit")
+    while IFS= read -r credential; do
+        id=${credential%%:*} source=${credential#*:}
+        if [[ $source != /etc/dispatch-policy/* ]]; then
+            fail "$(basename "$unit"): LoadCredential=$credential does not read from /etc/dispatch-policy"; return 1
+        elif [[ -z ${CREDENTIAL[$id]+set} ]]; then
+            fail "$(basename "$unit"): LoadCredential=$credential: try.sh has no value for $id"; return 1
+        fi
+        mkdir -p "$directory" && chmod 0700 "$directory" && rm -f "$directory/$id"
+        (umask 0277 && printf '%s' "${CREDENTIAL[$id]}" >"$directory/$id")
+        chmod 0500 "$directory"
+        UENV[CREDENTIALS_DIRECTORY]=$directory
+    done < <(unit_values "$unit" LoadCredential)
+    local codes
+    codes=" $(unit_values "$unit" RestartPreventExitStatus | tr '\n' ' ') "
+    [[ $codes == *" 64 "* && $codes == *" 78 "* ]] && ok "$(basename "$unit"): RestartPreventExitStatus= holds 64 and 78" \
+        || fail "$(basename "$unit"): RestartPreventExitStatus= must hold 64 (usage) and 78 (configuration), has${codes% }"
 
     local line
     line=$(unit_values "$unit" ExecStart)
@@ -228,6 +253,8 @@ check_variable() {
         grep -Eq "^#?[[:space:]]*$name=" "$example" && return 0
     done
     [[ -n ${UENV[$name]+set} ]] && unit_values "$unit" Environment | grep -Eq "(^|[[:space:]])$name=" && return 0
+    # Set by systemd itself when the unit loads a credential.
+    [[ $name == CREDENTIALS_DIRECTORY ]] && unit_values "$unit" LoadCredential | grep -q . && return 0
     fail "$(basename "$unit"): ExecStart uses \$$name, which neither Environment= nor ${ENVFILES[*]##*/} sets"
     return 1
 }
@@ -516,7 +543,18 @@ if (( RUNNER_UP == 1 )); then stop runner "$RUNNER_UNIT"; fi
 say "--- dispatch-policy-admin.service"
 
 TOKEN=try-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
-if prepare "$ADMIN_UNIT" "" "ADMIN_BIND=127.0.0.1:0" "ADMIN_OPTIONS=--allow-actions" "DISPATCH_POLICY_ADMIN_TOKEN=$TOKEN"; then
+# An empty token file: a configuration error, which systemd must not restart.
+CREDENTIAL[admin-token]=""
+if prepare "$ADMIN_UNIT" "" "ADMIN_BIND=127.0.0.1:0" "ADMIN_OPTIONS=--allow-actions"; then
+    $SETSID env -i "PATH=$SYS_PATH" "HOME=${HOME:-/}" "DATABASE_URL=$DATABASE_URL" \
+        "CREDENTIALS_DIRECTORY=${UENV[CREDENTIALS_DIRECTORY]:-}" timeout 30 "${ARGV[@]}" >/dev/null 2>"$WORK/admin-empty.err"
+    rc=$?
+    [[ $rc == 78 ]] && ok "admin: an empty token file exits 78 (not restarted)" \
+        || { fail "admin: an empty token file exits $rc, not 78"; show "$WORK/admin-empty.err"; }
+fi
+# The token as systemd hands it over: a credential file, with its newline.
+CREDENTIAL[admin-token]=$TOKEN$'\n'
+if prepare "$ADMIN_UNIT" "" "ADMIN_BIND=127.0.0.1:0" "ADMIN_OPTIONS=--allow-actions"; then
     say "runs: ${ARGV[*]}"
     start admin "$ROLE_OPERATOR"
     if address=$(listening admin); then

@@ -3,7 +3,7 @@ import Foundation
 import Synchronization
 
 /// Who may act. Actions are off unless the admin was started with
-/// `--allow-actions` and a token (`DISPATCH_POLICY_ADMIN_TOKEN`). A browser
+/// `--allow-actions` and a token (`--token-file` or `DISPATCH_POLICY_ADMIN_TOKEN`). A browser
 /// signs in once with the token and gets an HttpOnly, SameSite=Strict
 /// session cookie that lasts ``sessionLifetime``; every form carries a CSRF
 /// field bound to that session. A script sends `Authorization: Bearer
@@ -152,7 +152,7 @@ public enum AdminAuthError: Error, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .weakToken: "DISPATCH_POLICY_ADMIN_TOKEN must be at least \(AdminAuth.minimumTokenLength) characters"
+        case .weakToken: "the admin token must be at least \(AdminAuth.minimumTokenLength) characters"
         }
     }
 }

@@ -25,7 +25,7 @@ public struct AdminRequestContext: RequestContext, RemoteAddressRequestContext {
 
 /// How the admin behaves.
 public struct AdminOptions: Sendable {
-    /// Actions need this token (from `DISPATCH_POLICY_ADMIN_TOKEN`); nil: read-only.
+    /// Actions need this token (from `--token-file` or `DISPATCH_POLICY_ADMIN_TOKEN`); nil: read-only.
     public var token: String?
     /// Export per-partition series on `/metrics` (their number grows with
     /// the tenants: off by default).
@@ -97,26 +97,38 @@ public struct AdminServer: Sendable {
         router.get("/assets/admin.css") { _, _ in Self.asset(Assets.css, type: "text/css; charset=utf-8") }
         router.get("/assets/admin.js") { _, _ in Self.asset(Assets.js, type: "text/javascript; charset=utf-8") }
         router.get("/metrics") { _, _ in await self.metrics() }
-        router.get("/healthz") { _, _ -> Response in
-            do {
-                _ = try await self.store.executor.rows("SELECT 1", logger: self.logger)
-                return Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n")))
-            } catch {
-                return Response(status: .serviceUnavailable, headers: [.contentType: "text/plain"],
-                                body: .init(byteBuffer: ByteBuffer(string: "database unavailable\n")))
-            }
-        }
+        router.get("/healthz") { _, _ in await self.databaseHealth() }
         return router
     }
 
     /// Only `/metrics` and `/healthz`, for `dispatch-policy run --metrics`.
-    public func metricsRouter() -> Router<BasicRequestContext> {
+    /// With `health` (the runner's), `/healthz` answers for the runner:
+    /// 200 while its session is open and its last pass is recent, else 503
+    /// with the reason. Without, it answers for the database, as the admin's.
+    public func metricsRouter(health: RunnerHealth? = nil) -> Router<BasicRequestContext> {
         let router = Router()
         router.get("/metrics") { _, _ in await self.metrics() }
         router.get("/healthz") { _, _ -> Response in
-            Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n")))
+            guard let health else { return await self.databaseHealth() }
+            let verdict = health.verdict()
+            return Self.health(verdict.healthy ? nil : verdict.reason)
         }
         return router
+    }
+
+    /// How long `/healthz` waits for the database's `SELECT 1`.
+    public static let healthProbeBound: Duration = .seconds(2)
+
+    /// 200 `ok` when the database answers `SELECT 1` within
+    /// ``healthProbeBound``, else 503 with the reason.
+    func databaseHealth() async -> Response {
+        Self.health(await DatabaseProbe.check(store.executor, within: Self.healthProbeBound, logger: logger))
+    }
+
+    /// 200 `ok`, or 503 and the reason (one line).
+    static func health(_ failure: String?) -> Response {
+        Response(status: failure == nil ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain; charset=utf-8"],
+                 body: .init(byteBuffer: ByteBuffer(string: (failure.map(DispatchPolicyError.oneLine) ?? "ok") + "\n")))
     }
 
     /// `host:port`, `[v6]:port` or `:port` (all interfaces) as a bind address.
@@ -515,7 +527,7 @@ public struct AdminServer: Sendable {
     }
 
     func act(_ action: String, request: Request, client: String) async throws -> Response {
-        guard auth.actionsEnabled else { return Self.forbidden("Actions are off: start the admin with --allow-actions and DISPATCH_POLICY_ADMIN_TOKEN.") }
+        guard auth.actionsEnabled else { return Self.forbidden("Actions are off: start the admin with --allow-actions and a token (--token-file or DISPATCH_POLICY_ADMIN_TOKEN).") }
         // A wrong bearer token counts as a failed sign-in of its client.
         let bearer = Self.bearer(request)
         if bearer != nil, let response = limited(client) { return response }

@@ -197,7 +197,7 @@ enum Templates {
     static let login = """
         {{> head}}
         <h1>Sign in to act</h1>
-        <p>Viewing needs no sign-in. Actions (pause, resume, admit now, cancel, retry, drain) need the token the admin was started with (<code>DISPATCH_POLICY_ADMIN_TOKEN</code>).</p>
+        <p>Viewing needs no sign-in. Actions (pause, resume, admit now, cancel, retry, drain) need the token the admin was started with (<code>--token-file</code> or <code>DISPATCH_POLICY_ADMIN_TOKEN</code>).</p>
         <form method="post" action="/login"><label>Token <input type="password" name="token" autocomplete="current-password" required></label> <button>Sign in</button></form>
         {{> foot}}
         """

@@ -55,9 +55,14 @@ struct Admin: AsyncParsableCommand {
         discussion: """
             Binds 127.0.0.1:8080 by default. Viewing needs no sign-in: bind to loopback, or put the admin \
             behind your own authentication. Actions (pause/resume a policy or a partition, cancel, retry, \
-            drain) are off unless --allow-actions is given and DISPATCH_POLICY_ADMIN_TOKEN holds a token \
-            of 16 characters or more; a browser signs in with it once, a script sends \
-            "Authorization: Bearer TOKEN". Nothing on a page is fetched from another site.
+            drain) are off unless --allow-actions is given with a token of 16 characters or more, \
+            from --token-file PATH (mode 0600 or less; one trailing newline is ignored) or from \
+            DISPATCH_POLICY_ADMIN_TOKEN, not both; a browser signs in with it once, a script sends \
+            "Authorization: Bearer TOKEN". Under systemd, give it as a credential: \
+            LoadCredential=admin-token:/etc/dispatch-policy/admin-token and \
+            --token-file ${CREDENTIALS_DIRECTORY}/admin-token (its mode is not checked there). \
+            Nothing on a page is fetched from another site. \
+            /healthz answers 200 when the database answers SELECT 1 within 2 s, else 503 and why.
             """)
 
     @OptionGroup var connection: ConnectionOptions
@@ -65,8 +70,17 @@ struct Admin: AsyncParsableCommand {
     @Option(help: "Address to listen on: HOST:PORT, [IPv6]:PORT or :PORT (port 0 picks a free one).")
     var bind = "127.0.0.1:8080"
 
-    @Flag(name: .customLong("allow-actions"), help: "Enable actions; needs DISPATCH_POLICY_ADMIN_TOKEN.")
+    @Flag(name: .customLong("allow-actions"), help: "Enable actions; needs --token-file or DISPATCH_POLICY_ADMIN_TOKEN.")
     var allowActions = false
+
+    @Option(name: .customLong("token-file"), help: "With --allow-actions: read the token from this file (not read without --allow-actions).")
+    var tokenFile: String?
+
+    func validate() throws {
+        if tokenFile != nil, let token = ProcessInfo.processInfo.environment["DISPATCH_POLICY_ADMIN_TOKEN"], !token.isEmpty {
+            throw ValidationError("--token-file and DISPATCH_POLICY_ADMIN_TOKEN exclude each other: give the token one way")
+        }
+    }
 
     @Flag(name: .customLong("partition-metrics"), help: "Export per-partition gauges on /metrics (up to 1000 series per kind).")
     var partitionMetrics = false
@@ -77,12 +91,15 @@ struct Admin: AsyncParsableCommand {
             var options = AdminOptions()
             options.partitionMetrics = partitionMetrics
             if allowActions {
-                guard let token = ProcessInfo.processInfo.environment["DISPATCH_POLICY_ADMIN_TOKEN"], !token.isEmpty else {
-                    throw DispatchPolicyError(
-                        code: .invalidArgument, message: "--allow-actions needs DISPATCH_POLICY_ADMIN_TOKEN (16 characters or more)",
-                        hint: "export DISPATCH_POLICY_ADMIN_TOKEN=$(openssl rand -hex 24)")
+                if let tokenFile {
+                    options.token = try TokenFile.read(tokenFile)
+                } else if let token = ProcessInfo.processInfo.environment["DISPATCH_POLICY_ADMIN_TOKEN"], !token.isEmpty {
+                    options.token = token
+                } else {
+                    throw ConfigurationError(
+                        "--allow-actions needs a token of 16 characters or more: --token-file PATH or DISPATCH_POLICY_ADMIN_TOKEN",
+                        hint: "openssl rand -hex 24 > token && chmod 0600 token, then --token-file token")
                 }
-                options.token = token
             }
             let settings = try connection.settings().with(session: .admin)
             // A pool on the host target_session_attrs picks, following a failover.
@@ -92,7 +109,7 @@ struct Admin: AsyncParsableCommand {
                 server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: options,
                                          registry: ProcessMetrics.registry, logger: logger)
             } catch let error as AdminAuthError {
-                throw DispatchPolicyError(code: .invalidArgument, message: error.description)
+                throw ConfigurationError(error.description)
             }
             let http = try httpService(router: server.router(), bind: bind, flag: "--bind", logger: logger)
             var configuration = ServiceGroupConfiguration(

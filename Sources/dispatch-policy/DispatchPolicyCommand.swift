@@ -20,6 +20,8 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
         discussion: """
             Connects with --database-url, else DATABASE_URL, else the PG* variables \
             (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE).
+
+            \(ExitStatus.help)
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
@@ -41,9 +43,16 @@ struct ConnectionOptions: ParsableArguments {
     var verbose = false
 
     /// The connection settings, with `dispatch-policy COMMAND` as the
-    /// application name unless one is given.
+    /// application name unless one is given. Settings that cannot be used
+    /// (an unparsable URL, a missing TLS file) are a ``ConfigurationError``.
     func settings() throws -> ConnectionSettings {
-        try ConnectionSettings.resolve(url: databaseURL, fallbackApplicationName: Self.applicationName)
+        do {
+            let settings = try ConnectionSettings.resolve(url: databaseURL, fallbackApplicationName: Self.applicationName)
+            try settings.checkTLSFiles()
+            return settings
+        } catch let error as DispatchPolicyError where error.code == .invalidConnectionSettings {
+            throw ConfigurationError(error)
+        }
     }
 
     /// `dispatch-policy` and the command run (`dispatch-policy run`, `dispatch-policy policy apply`).
@@ -99,10 +108,15 @@ final class CommandDone: Sendable {
     var value: Bool { state.withLock { $0 } }
 }
 
-/// Prints an error as one line (`dispatch-policy: ...`) and exits non-zero.
+/// Prints an error as one line (`dispatch-policy: ...`) and exits non-zero:
+/// 78 for a ``ConfigurationError``, 1 for the others (``ExitStatus``).
 func reportingErrors<T>(_ body: () async throws -> T) async throws -> T {
     do {
         return try await body()
+    } catch let configuration as ConfigurationError {
+        printError(configuration.error.description)
+        if let hint = configuration.error.hint, !hint.isEmpty { printError("hint: \(hint)") }
+        throw ExitStatus.configuration
     } catch let error as DispatchPolicyError {
         printError(error.description)
         // The server's HINT (the migrations and validators write one where
@@ -730,9 +744,10 @@ struct Tick: AsyncParsableCommand {
         discussion: """
             Safe to start every minute from cron while the previous run is still going: \
             runners share work through per-policy locks.
-              * * * * *  dispatch-policy tick --for 55s
-            Prints one line per policy: admitted, refused by gate, tokens left, time per tick. \
-            A policy whose ticks fail does not stop the others; the run then exits 1.
+              * * * * *  dispatch-policy tick --for 55s --quiet
+            Prints one line per policy: admitted, refused by gate, tokens left, time per tick \
+            (nothing with --quiet). A policy whose ticks fail does not stop the others; the run \
+            then exits 1 and says why on standard error, --quiet or not.
             """)
 
     @OptionGroup var connection: ConnectionOptions
@@ -743,6 +758,9 @@ struct Tick: AsyncParsableCommand {
 
     @Option(name: .customLong("for"), parsing: .unconditional, help: "Keep admitting for this long, such as 55s (1ms to 365d).")
     var runFor: String?
+
+    @Flag(name: .shortAndLong, help: "Print nothing when the run succeeds (errors still go to standard error; the exit status is the same).")
+    var quiet = false
 
     func validate() throws {
         if once && runFor != nil { throw ValidationError("--once and --for exclude each other") }
@@ -766,11 +784,11 @@ struct Tick: AsyncParsableCommand {
             let report = try await ProcessTracing.around(logger: logger) { [options] in
                 try await TickRunner(connection: settings, options: options, logger: logger).runLoop()
             }
-            if report.policies.isEmpty {
+            if report.policies.isEmpty && !quiet {
                 print("nothing to admit")
             }
             for summary in report.policies {
-                print(summary.line)
+                if !quiet { print(summary.line) }
                 if summary.failures > 0 {
                     printError("policy \(summary.policy): \(summary.failures) tick\(summary.failures == 1 ? "" : "s") failed: \(summary.lastError ?? "")")
                 }
@@ -792,6 +810,9 @@ struct Run: AsyncParsableCommand {
         discussion: """
             A lost database session (a restart, a failover, pg_terminate_backend) is reopened with backoff; \
             "dispatch-policy status" lists the runner with its reconnects. \
+            With --metrics, /healthz answers 200 while the runner's session is open and its last pass \
+            completed within 3 x max(--idle-pause, --busy-pause) plus the longest a tick may take \
+            (--tick-timeout + 5 s, at least 30 s), else 503 and why. \
             On SIGTERM or SIGINT the runner finishes its current tick; one still running after \
             --shutdown-timeout is abandoned (rolled back) and the process exits.
             """)
@@ -830,7 +851,8 @@ struct Run: AsyncParsableCommand {
                 let server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
                                              registry: ProcessMetrics.registry, logger: logger)
                 services.append(.init(service: client))
-                services.append(.init(service: try httpService(router: server.metricsRouter(), bind: metrics, flag: "--metrics", logger: logger)))
+                services.append(.init(service: try httpService(
+                    router: server.metricsRouter(health: options.health), bind: metrics, flag: "--metrics", logger: logger)))
             }
             if let tracing = try ProcessTracing.makeService() {
                 services.append(.init(service: tracing))

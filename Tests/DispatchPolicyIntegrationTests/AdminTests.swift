@@ -495,7 +495,7 @@ struct AdminTests {
     func commands() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         let refused = try await cli(["admin", "--allow-actions", "--bind", "127.0.0.1:0"], settings: settings)
-        #expect(refused.status == 1)
+        #expect(refused.status == 78)
         #expect(refused.stderr.contains("DISPATCH_POLICY_ADMIN_TOKEN"))
         let bad = try await cli(["run", "--metrics", "nowhere"], settings: settings)
         #expect(bad.status != 0 && bad.stderr.contains("--metrics"))

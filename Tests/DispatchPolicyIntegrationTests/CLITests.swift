@@ -1,5 +1,8 @@
 import DispatchPolicy
 import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
 import Testing
 import PostgresNIO
 
@@ -201,4 +204,162 @@ struct CLITests {
         #expect(refused.stderr.split(separator: "\n").count == 2)
         #expect(refused.stderr.hasSuffix("dispatch-policy: hint: Set --database-url, DATABASE_URL or the PG* variables.\n"))
     }
+
+    /// Issue 11, finding 1: configuration errors exited 1, which systemd's
+    /// Restart=on-failure retried forever.
+    @Test("exit statuses follow sysexits: 64 for usage, 78 for configuration, 1 for runtime failures")
+    func exitStatuses() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        let missing = "/nonexistent/dispatch-policy-\(UUID().uuidString)/root.crt"
+        let cases: [(arguments: [String], url: String?, status: Int32, stderr: String)] = [
+            (["tick", "--no-such-flag"], nil, 64, "Unknown option"),
+            (["tick", "--once", "--for", "1s"], nil, 64, "--once and --for exclude each other"),
+            (["run", "--idle-pause", "forever"], nil, 64, "--idle-pause"),
+            (["work", "--policy", "p"], nil, 64, "the command to run comes after --"),
+            (["status"], "mysql://db.example/app", 78, "a database URL must start with postgres://"),
+            (["run"], "postgres://u@localhost:70000/db", 78, "port must be a number from 1 to 65535"),
+            (["tick"], "postgres://u@localhost/db?sslmode=sometimes", 78, "sslmode must be one of"),
+            (["run"], "postgres://u@localhost/db?sslmode=verify-full&sslrootcert=\(missing)", 78, "cannot read the root certificate"),
+            (["work", "--policy", "p", "--", "true"], "postgres://u@localhost/db?nonsense=1", 78, "unknown connection option \"nonsense\""),
+            (["admin", "--allow-actions", "--bind", "127.0.0.1:0"], nil, 78, "--allow-actions needs a token"),
+            (["policy", "list"], "postgres://nobody@127.0.0.1:1/nothing?sslmode=disable", 1, "cannot connect to"),
+            (["tick", "--policy", "nope"], nil, 1, "unknown policy: 'nope'"),
+        ]
+        for (arguments, url, status, stderr) in cases {
+            var environment = ProcessInfo.processInfo.environment
+            environment["DATABASE_URL"] = url ?? databaseURL(settings)
+            environment["DISPATCH_POLICY_ADMIN_TOKEN"] = nil
+            let result = try await cli(arguments, settings: settings, env: environment)
+            #expect(result.status == status, "\(arguments) with \(url ?? "the test database"): \(result.stderr)")
+            #expect(result.stderr.contains(stderr), "\(arguments): \(result.stderr)")
+        }
+        // Said in --help.
+        let help = try await cli(["--help"], settings: settings)
+        let words = help.stdout.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        #expect(words.contains("64 a usage error and 78 a configuration error"), "\(help.stdout)")
+    }
+
+    /// Issue 11, finding 3: the admin token came only from the environment.
+    @Test("admin --token-file: read as libpq reads a password file; empty, unreadable, group-readable or doubled tokens are refused")
+    func tokenFile() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+        }
+        let directory = FileManager.default.temporaryDirectory.appending(path: "token-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let token = "token-\(UUID().uuidString)"
+        func file(_ name: String, _ text: String, mode: Int) throws -> String {
+            let path = "\(directory)/\(name)"
+            try Data(text.utf8).write(to: URL(fileURLWithPath: path))
+            try FileManager.default.setAttributes([.posixPermissions: mode], ofItemAtPath: path)
+            return path
+        }
+        var environment = ProcessInfo.processInfo.environment
+        environment["DATABASE_URL"] = databaseURL(settings)
+        environment["DISPATCH_POLICY_ADMIN_TOKEN"] = nil
+        environment["CREDENTIALS_DIRECTORY"] = nil
+        let admin = ["admin", "--allow-actions", "--bind", "127.0.0.1:0", "--token-file"]
+        let refusals: [(path: String, extra: [String: String], status: Int32, stderr: String)] = [
+            (try file("empty", "", mode: 0o600), [:], 78, "is empty"),
+            (try file("newline", "\n", mode: 0o600), [:], 78, "is empty"),
+            (try file("open", token + "\n", mode: 0o644), [:], 78, "has group or world access; permissions should be u=rw (0600) or less"),
+            (try file("group", token, mode: 0o640), [:], 78, "has group or world access"),
+            (try file("short", "short\n", mode: 0o600), [:], 78, "at least 16 characters"),
+            ("\(directory)/missing", [:], 78, "cannot read the token file"),
+            (try file("both", token, mode: 0o600), ["DISPATCH_POLICY_ADMIN_TOKEN": token], 64, "exclude each other"),
+        ]
+        for refusal in refusals {
+            // Bounded: an admin that accepted the file would serve until stopped (124 then).
+            let result = try await runProcess("/usr/bin/timeout", ["20", cliPath] + admin + [refusal.path],
+                                              environment: environment.merging(refusal.extra) { $1 })
+            #expect(result.status == refusal.status, "\(refusal.path): \(result.stderr)")
+            #expect(result.stderr.contains(refusal.stderr), "\(refusal.path): \(result.stderr)")
+        }
+        // Started: from a 0600 file (its newline stripped, CRLF too), and
+        // from a systemd credential, whose mode is systemd's business.
+        let credentials = "\(directory)/credentials"
+        try FileManager.default.createDirectory(atPath: credentials, withIntermediateDirectories: true)
+        let runs: [(path: String, credentials: String?)] = [
+            (try file("good", token + "\n", mode: 0o600), nil),
+            (try file("crlf", token + "\r\n", mode: 0o400), nil),
+            (try file("credentials/admin-token", token + "\n", mode: 0o640), credentials),
+        ]
+        for run in runs {
+            var env = environment
+            env["CREDENTIALS_DIRECTORY"] = run.credentials
+            let child = try spawnChild(cliPath, admin + [run.path], environment: env)
+            var address: String?
+            _ = try await waitUntil(30) {
+                address = child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?
+                    .components(separatedBy: "\n").first
+                return address != nil || child.output().stderr.contains("dispatch-policy: ") && !child.output().stderr.contains("listening")
+            }
+            let base = try #require(address, "\(run.path): \(child.output().stderr)")
+            for (bearer, expected) in [(token + "x", 403), (token, 303)] {
+                var request = URLRequest(url: try #require(URL(string: "\(base)/actions/pause")))
+                request.httpMethod = "POST"
+                request.setValue("Bearer \(bearer)", forHTTPHeaderField: "Authorization")
+                request.setValue("application/x-www-form-urlencoded", forHTTPHeaderField: "Content-Type")
+                request.httpBody = Data("policy=p".utf8)
+                let status = try await statusCode(request)
+                #expect(status == expected, "\(run.path), token \(bearer == token ? "right" : "wrong"): \(status)")
+            }
+            kill(child.pid, SIGTERM)
+            #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
+            try await TestServer.withConnection(settings) { conn in
+                try await PolicyCatalog(executor: conn, logger: TestServer.logger).resume("p")
+            }
+        }
+    }
+
+    /// Issue 11, finding 4: cron mailed tick's line every minute unless its
+    /// output went to /dev/null.
+    @Test("tick --quiet prints nothing when it succeeds; its errors still go to standard error with the same status")
+    func tickQuiet() async throws {
+        let settings = try await TestServer.shared.freshDatabase()
+        try await TestServer.withConnection(settings) { conn in
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
+            try await conn.exec("SELECT dispatch_policy.stage('p', '{}')")
+        }
+        let loud = try await cli(["tick"], settings: settings)
+        #expect(loud.status == 0 && loud.stdout.hasPrefix("p: admitted 1 in 1 tick"), "\(loud.stdout)")
+        try await TestServer.withConnection(settings) { conn in try await conn.exec("SELECT dispatch_policy.stage('p', '{}')") }
+        for arguments in [["tick", "--quiet"], ["tick", "-q", "--for", "300ms"], ["tick", "-q"]] {
+            let quiet = try await cli(arguments, settings: settings)
+            #expect(quiet.status == 0 && quiet.stdout.isEmpty && quiet.stderr.isEmpty, "\(arguments): \(quiet.stdout)\(quiet.stderr)")
+        }
+        #expect(try await TestServer.withConnection(settings) { conn in
+            try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self)
+        } == 2)
+        let failed = try await cli(["tick", "--quiet", "--policy", "nope"], settings: settings)
+        #expect(failed.status == 1 && failed.stdout.isEmpty && failed.stderr.contains("unknown policy: 'nope'"), "\(failed)")
+        // A policy whose tick fails: the others admit, and the run says so.
+        try await TestServer.withConnection(settings) { conn in
+            try await conn.exec("""
+                CREATE FUNCTION public.down(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION 'target down'; END $$
+                """)
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "broken", config: try PolicyConfig(target: .sql(function: "public.down")).json())
+            try await conn.exec("SELECT dispatch_policy.stage('broken', '{}')")
+        }
+        let broken = try await cli(["tick", "-q"], settings: settings)
+        #expect(broken.status == 1 && broken.stdout.isEmpty && broken.stderr.contains("policy broken: 1 tick failed"), "\(broken)")
+    }
+}
+
+/// The HTTP status of `request`, redirects not followed.
+private func statusCode(_ request: URLRequest) async throws -> Int {
+    final class NoRedirects: NSObject, URLSessionTaskDelegate {
+        func urlSession(_ session: URLSession, task: URLSessionTask, willPerformHTTPRedirection response: HTTPURLResponse,
+                        newRequest request: URLRequest, completionHandler: @escaping (URLRequest?) -> Void) {
+            completionHandler(nil)
+        }
+    }
+    let session = URLSession(configuration: .ephemeral, delegate: NoRedirects(), delegateQueue: nil)
+    defer { session.finishTasksAndInvalidate() }
+    let (_, response) = try await session.data(for: request)
+    return (response as? HTTPURLResponse)?.statusCode ?? 0
 }

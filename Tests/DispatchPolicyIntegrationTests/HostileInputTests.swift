@@ -212,7 +212,7 @@ let hostileCommands: [HostileCommand] = [
     .init(arguments: ["tick", "--lease", "1.5s"], status: 64, stderr: "--lease must be whole seconds"),
     .init(arguments: ["tick", "--batch-size", "-1"], status: 64, stderr: "--batch-size must be an integer from 1 to 100000"),
     .init(arguments: ["tick", "--lease", "-1s"], status: 64, stderr: "--lease must be a duration"),
-    .init(arguments: ["status", "--database-url", "postgres://u@localhost:9223372036854775808/db"], status: 1, stderr: "port must be a number from 1 to 65535"),
+    .init(arguments: ["status", "--database-url", "postgres://u@localhost:9223372036854775808/db"], status: 78, stderr: "port must be a number from 1 to 65535"),
 ]
 
 @Suite("Hostile input", .timeLimit(.minutes(8)))
@@ -243,7 +243,7 @@ struct HostileInputTests {
         }
     }
 
-    @Test("each hostile CLI invocation is a usage error (64) or a one-line error (1), and changes nothing", arguments: hostileCommands)
+    @Test("each hostile CLI invocation is a usage error (64), a configuration error (78) or a one-line error (1), and changes nothing", arguments: hostileCommands)
     func commands(_ command: HostileCommand) async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in

@@ -39,6 +39,9 @@ public struct TickRunnerOptions: Sendable {
     public var tick = TickSettings()
     /// Where ticks are counted and timed (``DispatchPolicyMetrics``).
     public var metrics = DispatchPolicyMetrics()
+    /// Where the runner says whether it is connected and when its last pass
+    /// completed (``RunnerHealth``; `run --metrics` serves it as `/healthz`).
+    public var health = RunnerHealth()
     /// Server settings of the runner's sessions (see ``SessionSettings``).
     public var session = SessionSettings.runner
     /// How this runner is listed in `dispatch_policy.processes`.
@@ -203,9 +206,13 @@ public struct TickRunner: Service {
         let deadline = options.runFor.map { ContinuousClock.now + $0 }
         let wake = WakeSignal()
         let db = ManagedConnection(source, role: "runner", logger: logger, connectTimeout: options.connectTimeout)
+        options.health.started(bound: options.healthBound)
         // A session that closes wakes the loop, which then reconnects.
-        await db.onConnect { conn in
-            conn.closeFuture.whenComplete { _ in Task { await wake.signal() } }
+        await db.onConnect { [health = options.health] conn in
+            conn.closeFuture.whenComplete { _ in
+                health.connectionClosed()
+                Task { await wake.signal() }
+            }
         }
         let listening = ManagedConnection(source, role: "runner notifications", logger: logger, connectTimeout: options.connectTimeout)
         let listener: Task<Void, Never>? = options.once ? nil : Task {
@@ -341,8 +348,10 @@ public struct TickRunner: Service {
                         await recordFailure(policy: policy, error: wrapped, db: db, until: hardDeadline, failing: &failing)
                     }
                 }
+                options.health.passCompleted()
             } catch {
                 let wrapped = DispatchPolicyError.from(error)
+                options.health.passFailed(wrapped.description, lost: wrapped.code == .connectionLost)
                 // The pass failed outside one policy's tick: its transaction
                 // rolled back, so nothing is lost. A one-shot run reports it; the
                 // others count it and try again (a lost session is reopened with
