@@ -35,7 +35,7 @@ struct WorkCommandTests {
             var env = ProcessInfo.processInfo.environment
             env["DATABASE_URL"] = databaseURL(settings)
             env["OUT"] = out
-            let worker = try spawnChild(cliPath, ["work", "--policy", "jobs", "--concurrency", "3", "--", "/bin/sh", "-c", script], environment: env)
+            let worker = try await spawnChild(cliPath, ["work", "--policy", "jobs", "--concurrency", "3", "--", "/bin/sh", "-c", script], environment: env)
             let started = try await waitUntil(60) { FileManager.default.fileExists(atPath: out + "/slow-started") }
             #expect(started, "the slow job did not start: \(worker.output().stderr)")
             // Everything but the slow job is done, then SIGTERM: the slow job still ends completed.
@@ -83,7 +83,7 @@ struct WorkCommandTests {
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "quiet")
             var env = ProcessInfo.processInfo.environment
             env["DATABASE_URL"] = databaseURL(settings)
-            let worker = try spawnChild(cliPath, ["work", "--policy", "quiet", "--concurrency", "6", "--", "true"], environment: env)
+            let worker = try await spawnChild(cliPath, ["work", "--policy", "quiet", "--concurrency", "6", "--", "true"], environment: env)
             let done = try await waitUntil(60) {
                 try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 6
             }
