@@ -32,16 +32,8 @@ func withPrivateCluster<T: Sendable>(
         result = .failure(error)
     }
     // The tests resume what they stopped before this (a stopped backend would hold the shutdown).
-    try? await offCooperativePool { try cluster.stop() }
+    try? await cluster.stop()
     return try result.get()
-}
-
-/// Runs blocking work on a thread of its own, so the two cooperative
-/// threads of this machine stay free for the services under test.
-func offCooperativePool<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-        Thread { continuation.resume(with: Result { try work() }) }.start()
-    }
 }
 
 /// The pids of the client sessions of the current database other than
@@ -164,7 +156,7 @@ struct FaultTests {
                     "no admission after the runner's sessions were terminated")
 
             // A restart: sessions end, connections are refused for a moment.
-            try await offCooperativePool { try cluster.restart() }
+            try await cluster.restart()
             #expect(try await waitUntil(20) { try await listening() }, "the runner did not listen again after the restart")
             try await stage(settings, "p")
             #expect(try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 4 },
@@ -500,7 +492,7 @@ struct FaultTests {
                 try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs") >= 30
             })
             for _ in 0..<2 {
-                try await offCooperativePool { try cluster.restart() }
+                try await cluster.restart()
                 try await Task.sleep(for: .seconds(1))
             }
             let before = try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs")
