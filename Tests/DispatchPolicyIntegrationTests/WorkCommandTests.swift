@@ -93,6 +93,32 @@ struct WorkCommandTests {
         }
     }
 
+    /// Issue 11: commands are started through swift-subprocess.
+    @Test("a command has its standard input, output and error, and no other descriptor of the worker (its database sessions above all)")
+    func commandInheritsNothing() async throws {
+        try await withTestDatabase { conn, settings in
+            try await conn.exec(#"SELECT dispatch_policy.declare_policy('fds', '{}')"#)
+            try await conn.exec(#"SELECT dispatch_policy.stage('fds', '{}')"#)
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "fds")
+            var env = ProcessInfo.processInfo.environment
+            env["DATABASE_URL"] = databaseURL(settings)
+            // The shell's own descriptors, while the worker holds its sessions,
+            // onto the worker's standard output (a redirection would add the
+            // shell's saved copy of it).
+            let worker = try await spawnChild(cliPath, ["work", "--policy", "fds", "--", "/bin/sh", "-c", "ls /proc/$$/fd; true"], environment: env)
+            let done = try await waitUntil(60) {
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 1
+            }
+            #expect(done, "\(worker.output().stderr.suffix(2000))")
+            let workerFDs = openDescriptors(String(worker.pid))
+            kill(worker.pid, SIGTERM)
+            #expect(await worker.wait() == .exited(0), "\(worker.output().stderr.suffix(2000))")
+            let fds = worker.output().stdout.split(separator: "\n").compactMap { Int($0) }.sorted()
+            #expect(fds == [0, 1, 2], "the worker had \(workerFDs)")
+            #expect(workerFDs.count > 3, "the worker had nothing else to pass on")
+        }
+    }
+
     @Test("usage: at least one --policy, a command after --, a bounded concurrency (exit 64)")
     func usage() async throws {
         let settings = try await TestServer.shared.freshDatabase()
