@@ -69,6 +69,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Linux only at run time: the cluster's watchdog watches this process
+        // through /proc, and a root process runs the server with runuser.
         .target(
             name: "EmbeddedPostgres",
             dependencies: [

@@ -38,6 +38,11 @@ public struct EmbeddedPostgresError: Error, Sendable, CustomStringConvertible {
 /// runs as the `postgres` user. Unless ``Options/keepRunning`` is set, a small
 /// watchdog stops the cluster and deletes its directory as soon as this
 /// process exits, however it exits.
+///
+/// Linux only: the watchdog watches this process through /proc, and a root
+/// process runs the server tools with util-linux's `runuser`. Elsewhere
+/// ``start(_:logger:)`` refuses unless ``Options/keepRunning`` is set (no
+/// watchdog; stop the cluster yourself).
 public final class EmbeddedPostgres: Sendable {
     public struct Options: Sendable {
         /// Where to create the cluster's directory; default the system temp directory.
@@ -96,6 +101,12 @@ public final class EmbeddedPostgres: Sendable {
 
     /// Creates and starts a new cluster; returns once it accepts connections.
     public static func start(_ options: Options = Options(), logger: Logger = Logger(label: "embedded-postgres")) async throws -> EmbeddedPostgres {
+        #if !os(Linux)
+        guard options.keepRunning else {
+            throw EmbeddedPostgresError(
+                message: "the embedded cluster's watchdog runs on Linux only (it watches this process through /proc); start it with keepRunning and stop it yourself")
+        }
+        #endif
         let bin = try findBinDirectory(options.binDirectory)
         var template = Array("\(options.parentDirectory)/dispatch-policy-pg-XXXXXX".utf8CString)
         guard let made = mkdtemp(&template) else {
@@ -223,6 +234,9 @@ public final class EmbeddedPostgres: Sendable {
     /// ("template is being accessed by other users"). It runs in a session
     /// of its own (`createSession`), so a Ctrl-C or a hangup of our terminal,
     /// which ends us, does not reach it.
+    ///
+    /// Linux only: it watches this process through /proc (`kill -0` cannot,
+    /// when the watch runs as postgres and we as root).
     private func startWatchdog() async throws {
         let script = """
             {
