@@ -108,28 +108,23 @@ public final class EmbeddedPostgres: Sendable {
         }
         #endif
         let bin = try findBinDirectory(options.binDirectory)
-        var template = Array("\(options.parentDirectory)/dispatch-policy-pg-XXXXXX".utf8CString)
-        guard let made = mkdtemp(&template) else {
-            throw EmbeddedPostgresError(message: "cannot create a temporary directory in \(options.parentDirectory): \(String(cString: strerror(errno)))")
-        }
-        let directory = String(cString: made)
         let asPostgres = geteuid() == 0
+        var postgresUser: (uid: uid_t, gid: gid_t)?
         if asPostgres {
             guard let pw = getpwnam("postgres") else {
                 throw EmbeddedPostgresError(message: "running as root, but there is no postgres user to run the server as (PostgreSQL refuses to run as root)")
             }
-            guard chown(directory, pw.pointee.pw_uid, pw.pointee.pw_gid) == 0 else {
-                throw EmbeddedPostgresError(message: "cannot hand \(directory) to the postgres user: \(String(cString: strerror(errno)))")
-            }
+            postgresUser = (pw.pointee.pw_uid, pw.pointee.pw_gid)
         }
+        // The watchdog makes the directory itself: a process interrupted
+        // while the cluster is being made (Ctrl-C in the demo) leaves no
+        // directory without a watchdog to remove it.
+        let directory = options.keepRunning
+            ? try makeDirectory(in: options.parentDirectory, owner: postgresUser)
+            : try await startWatchdog(in: options.parentDirectory, binDirectory: bin, runAsPostgres: asPostgres)
         let port = options.tcpPort ?? 5432
         let cluster = EmbeddedPostgres(
             directory: directory, binDirectory: bin, port: port, tcpEnabled: options.tcpPort != nil, runAsPostgres: asPostgres)
-        // The watchdog starts before initdb: a process interrupted while the
-        // cluster is being made (Ctrl-C in the demo) leaves no directory.
-        if !options.keepRunning {
-            try await cluster.startWatchdog()
-        }
         logger.debug("initdb", metadata: ["postgres.directory": "\(directory)"])
         do {
             try await cluster.runTool(
@@ -221,46 +216,74 @@ public final class EmbeddedPostgres: Sendable {
     /// Enough for initdb's chatter; a tool that writes more fails.
     private static let toolOutputLimit = 1 << 20
 
-    /// Starts a detached shell that waits for this process to end, then stops
-    /// the cluster and removes its directory.
+    /// A new directory in `parent` (for a cluster without a watchdog),
+    /// handed to `owner`.
+    private static func makeDirectory(in parent: String, owner: (uid: uid_t, gid: gid_t)?) throws -> String {
+        var template = Array("\(parent)/dispatch-policy-pg-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else {
+            throw EmbeddedPostgresError(message: "cannot create a temporary directory in \(parent): \(String(cString: strerror(errno)))")
+        }
+        let directory = String(cString: made)
+        if let owner, chown(directory, owner.uid, owner.gid) != 0 {
+            throw EmbeddedPostgresError(message: "cannot hand \(directory) to the postgres user: \(String(cString: strerror(errno)))")
+        }
+        return directory
+    }
+
+    /// Makes the cluster's directory in `parent` and starts a detached shell
+    /// that waits for this process to end, then stops the cluster and
+    /// removes the directory; returns the directory. The shell makes the
+    /// directory itself (mktemp, as the user the server runs as), so the
+    /// directory never exists without its watchdog, however early this
+    /// process is interrupted.
     ///
-    /// The shell puts the watch in the background (`&`) and exits at once,
-    /// so `run` returns as soon as it is started and nothing of this process
-    /// waits on the watch: it is reparented to init and lives as long as the
-    /// cluster. Its standard streams are /dev/null (no pipe of whoever
-    /// started us held open) and, as in every child of swift-subprocess, no
-    /// other descriptor of this process is inherited: an inherited database
+    /// The shell puts the watch in the background (`&`), prints the
+    /// directory and exits, so `run` returns at once and nothing of this
+    /// process waits on the watch: it is reparented to init and lives as
+    /// long as the cluster, in the directory (its working directory: how
+    /// one is found). Its standard streams are /dev/null (no pipe of ours
+    /// held open) and, as in every child of swift-subprocess, no other
+    /// descriptor of this process is inherited: an inherited database
     /// socket would keep its server session alive as long as the watch
     /// ("template is being accessed by other users"). It runs in a session
-    /// of its own (`createSession`), so a Ctrl-C or a hangup of our terminal,
-    /// which ends us, does not reach it.
+    /// of its own (`createSession`), so a Ctrl-C or a hangup of our
+    /// terminal, which ends us, does not reach it.
     ///
     /// Linux only: it watches this process through /proc (`kill -0` cannot,
     /// when the watch runs as postgres and we as root).
-    private func startWatchdog() async throws {
+    private static func startWatchdog(in parent: String, binDirectory: String, runAsPostgres: Bool) async throws -> String {
         let script = """
+            dir=$(mktemp -d "$2/dispatch-policy-pg-XXXXXX") || exit 1
+            cd "$dir" || exit 1
             {
             while [ -d /proc/$1 ]; do sleep 1; done
-            "$2/pg_ctl" -D "$3/data" -m immediate -w stop >/dev/null 2>&1
-            rm -rf "$3"
-            } &
+            "$3/pg_ctl" -D "$dir/data" -m immediate -w stop
+            cd /
+            rm -rf "$dir"
+            } </dev/null >/dev/null 2>&1 &
+            printf '%s' "$dir"
             """
+        let arguments = ["-c", script, "watchdog", String(getpid()), parent, binDirectory]
         let (executable, args) = runAsPostgres
-            ? ("/usr/sbin/runuser", ["-u", "postgres", "--", "/bin/sh", "-c", script, "watchdog", String(getpid()), binDirectory, directory])
-            : ("/bin/sh", ["-c", script, "watchdog", String(getpid()), binDirectory, directory])
+            ? ("/usr/sbin/runuser", ["-u", "postgres", "--", "/bin/sh"] + arguments)
+            : ("/bin/sh", arguments)
         var platform = PlatformOptions()
         platform.createSession = true
-        let result: ExecutionResult<Void, DiscardedOutput, DiscardedOutput>
+        let result: ExecutionResult<Void, StringOutput<UTF8>, StringOutput<UTF8>>
         do {
             result = try await Subprocess.run(
                 .path(FilePath(executable)), arguments: Arguments(args), platformOptions: platform,
-                input: .none, output: .discarded, error: .discarded)
+                input: .none, output: .string(limit: 4096), error: .string(limit: 4096))
         } catch {
             throw EmbeddedPostgresError(message: "cannot start the watchdog: \(error)")
         }
-        guard result.terminationStatus.isSuccess else {
-            throw EmbeddedPostgresError(message: "cannot start the watchdog: \(result.terminationStatus)")
+        let directory = result.standardOutput
+        guard result.terminationStatus.isSuccess, directory.hasPrefix(parent + "/dispatch-policy-pg-") else {
+            throw EmbeddedPostgresError(
+                message: "cannot create a temporary directory in \(parent) with its watchdog (\(result.terminationStatus))",
+                log: result.standardError)
         }
+        return directory
     }
 
     private static func quoteForPgCtl(_ value: String) -> String {

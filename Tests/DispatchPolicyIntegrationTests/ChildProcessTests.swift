@@ -60,7 +60,9 @@ struct ChildProcessTests {
         let watchdogs = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).filter { name in
             guard Int32(name) != nil, let cmdline = FileManager.default.contents(atPath: "/proc/\(name)/cmdline") else { return false }
             let args = cmdline.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
-            return args.contains("watchdog") && args.contains(cluster.directory)
+            // It waits in the cluster's directory.
+            return args.contains("watchdog")
+                && (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(name)/cwd")) == cluster.directory
         }
         try #require(!watchdogs.isEmpty, "no watchdog process for \(cluster.directory)")
         for pid in watchdogs {
