@@ -26,7 +26,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
         // OTLP/HTTP only: the gRPC exporter's dependencies are not built.
         .package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0", traits: ["OTLPHTTP"]),
-        // Child processes: the commands `dispatch-policy work` runs per job.
+        // Child processes: the commands `dispatch-policy work` runs per job, the
+        // embedded cluster's tools and the CLI the tests run.
         .package(url: "https://github.com/swiftlang/swift-subprocess.git", from: "1.0.2"),
         // scripts/docs: the DocC documentation (swift package generate-documentation).
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
@@ -70,10 +71,13 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Linux only at run time: the cluster's watchdog watches this process
+        // through /proc, and a root process runs the server with runuser.
         .target(
             name: "EmbeddedPostgres",
             dependencies: [
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Subprocess", package: "swift-subprocess"),
             ]
         ),
         .executableTarget(
@@ -148,6 +152,7 @@ let package = Package(
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
+                .product(name: "Subprocess", package: "swift-subprocess"),
             ]
         ),
     ],

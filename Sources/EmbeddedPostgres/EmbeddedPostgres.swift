@@ -1,8 +1,15 @@
 import Foundation
 import Logging
+import Subprocess
 
 #if canImport(Glibc)
 import Glibc
+#endif
+
+#if canImport(System)
+import System
+#else
+import SystemPackage
 #endif
 
 /// The one error type of the `EmbeddedPostgres` module.
@@ -31,6 +38,11 @@ public struct EmbeddedPostgresError: Error, Sendable, CustomStringConvertible {
 /// runs as the `postgres` user. Unless ``Options/keepRunning`` is set, a small
 /// watchdog stops the cluster and deletes its directory as soon as this
 /// process exits, however it exits.
+///
+/// Linux only: the watchdog watches this process through /proc, and a root
+/// process runs the server tools with util-linux's `runuser`. Elsewhere
+/// ``start(_:logger:)`` refuses unless ``Options/keepRunning`` is set (no
+/// watchdog; stop the cluster yourself).
 public final class EmbeddedPostgres: Sendable {
     public struct Options: Sendable {
         /// Where to create the cluster's directory; default the system temp directory.
@@ -89,32 +101,33 @@ public final class EmbeddedPostgres: Sendable {
 
     /// Creates and starts a new cluster; returns once it accepts connections.
     public static func start(_ options: Options = Options(), logger: Logger = Logger(label: "embedded-postgres")) async throws -> EmbeddedPostgres {
-        let bin = try findBinDirectory(options.binDirectory)
-        var template = Array("\(options.parentDirectory)/dispatch-policy-pg-XXXXXX".utf8CString)
-        guard let made = mkdtemp(&template) else {
-            throw EmbeddedPostgresError(message: "cannot create a temporary directory in \(options.parentDirectory): \(String(cString: strerror(errno)))")
+        #if !os(Linux)
+        guard options.keepRunning else {
+            throw EmbeddedPostgresError(
+                message: "the embedded cluster's watchdog runs on Linux only (it watches this process through /proc); start it with keepRunning and stop it yourself")
         }
-        let directory = String(cString: made)
+        #endif
+        let bin = try findBinDirectory(options.binDirectory)
         let asPostgres = geteuid() == 0
+        var postgresUser: (uid: uid_t, gid: gid_t)?
         if asPostgres {
             guard let pw = getpwnam("postgres") else {
                 throw EmbeddedPostgresError(message: "running as root, but there is no postgres user to run the server as (PostgreSQL refuses to run as root)")
             }
-            guard chown(directory, pw.pointee.pw_uid, pw.pointee.pw_gid) == 0 else {
-                throw EmbeddedPostgresError(message: "cannot hand \(directory) to the postgres user: \(String(cString: strerror(errno)))")
-            }
+            postgresUser = (pw.pointee.pw_uid, pw.pointee.pw_gid)
         }
+        // The watchdog makes the directory itself: a process interrupted
+        // while the cluster is being made (Ctrl-C in the demo) leaves no
+        // directory without a watchdog to remove it.
+        let directory = options.keepRunning
+            ? try makeDirectory(in: options.parentDirectory, owner: postgresUser)
+            : try await startWatchdog(in: options.parentDirectory, binDirectory: bin, runAsPostgres: asPostgres)
         let port = options.tcpPort ?? 5432
         let cluster = EmbeddedPostgres(
             directory: directory, binDirectory: bin, port: port, tcpEnabled: options.tcpPort != nil, runAsPostgres: asPostgres)
-        // The watchdog starts before initdb: a process interrupted while the
-        // cluster is being made (Ctrl-C in the demo) leaves no directory.
-        if !options.keepRunning {
-            try cluster.startWatchdog()
-        }
         logger.debug("initdb", metadata: ["postgres.directory": "\(directory)"])
         do {
-            try cluster.runTool(
+            try await cluster.runTool(
                 "initdb", ["-D", cluster.dataDirectory, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
         } catch {
             try? FileManager.default.removeItem(atPath: directory)
@@ -137,7 +150,7 @@ public final class EmbeddedPostgres: Sendable {
             .map { "-c \($0.key)=\(quoteForPgCtl($0.value))" }
             .joined(separator: " ")
         do {
-            try cluster.runTool("pg_ctl", ["-D", cluster.dataDirectory, "-l", cluster.logFile, "-w", "-t", "120", "-o", serverOptions, "start"])
+            try await cluster.runTool("pg_ctl", ["-D", cluster.dataDirectory, "-l", cluster.logFile, "-w", "-t", "120", "-o", serverOptions, "start"])
         } catch var error as EmbeddedPostgresError {
             error.log = (error.log ?? "") + "\n" + cluster.logTail()
             throw error
@@ -147,16 +160,16 @@ public final class EmbeddedPostgres: Sendable {
     }
 
     /// Stops the server and deletes its directory.
-    public func stop() throws {
-        try runTool("pg_ctl", ["-D", dataDirectory, "-m", "fast", "-w", "stop"])
+    public func stop() async throws {
+        try await runTool("pg_ctl", ["-D", dataDirectory, "-m", "fast", "-w", "stop"])
         try? FileManager.default.removeItem(atPath: directory)
     }
 
     /// Restarts the server as an operator would (`pg_ctl restart -m fast`):
     /// every session is ended, open transactions roll back, and the server
     /// accepts connections again, with the same settings, when this returns.
-    public func restart() throws {
-        try runTool("pg_ctl", ["-D", dataDirectory, "-l", logFile, "-m", "fast", "-w", "-t", "120", "restart"])
+    public func restart() async throws {
+        try await runTool("pg_ctl", ["-D", dataDirectory, "-l", logFile, "-m", "fast", "-w", "-t", "120", "restart"])
     }
 
     /// The last lines of the server log.
@@ -176,30 +189,101 @@ public final class EmbeddedPostgres: Sendable {
     }
 
     /// Runs a server tool to completion; throws with its output when it fails.
-    private func runTool(_ tool: String, _ arguments: [String]) throws {
+    /// Standard input is /dev/null; output and error are collected together.
+    /// swift-subprocess closes every other descriptor of this process in the
+    /// child (close_range, or posix_spawn's addclosefrom), so no database
+    /// session of ours ends up held open by the server `pg_ctl` starts.
+    private func runTool(_ tool: String, _ arguments: [String]) async throws {
         let (executable, args) = command(tool, arguments)
-        let outputPath = directory + "/.\(tool)-output"
-        let status = try Spawn.run(executable, args, outputPath: outputPath, wait: true)
-        let output = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
-        try? FileManager.default.removeItem(atPath: outputPath)
-        guard status == 0 else {
-            throw EmbeddedPostgresError(message: "\(tool) failed with status \(status)", log: output)
+        let result: ExecutionResult<Void, StringOutput<UTF8>, CombinedErrorOutput>
+        do {
+            result = try await Subprocess.run(
+                .path(FilePath(executable)), arguments: Arguments(args),
+                input: .none, output: .string(limit: Self.toolOutputLimit), error: .combinedWithOutput)
+        } catch {
+            throw EmbeddedPostgresError(message: "cannot run \(tool): \(error)")
+        }
+        switch result.terminationStatus {
+        case .exited(0):
+            return
+        case .exited(let status):
+            throw EmbeddedPostgresError(message: "\(tool) failed with status \(status)", log: result.standardOutput)
+        case .signaled(let signal):
+            throw EmbeddedPostgresError(message: "\(tool) was killed by signal \(signal)", log: result.standardOutput)
         }
     }
 
-    /// Starts a detached shell that waits for this process to end, then stops
-    /// the cluster and removes its directory. Its standard streams go to
-    /// /dev/null so it never holds a pipe of whoever started us open.
-    private func startWatchdog() throws {
+    /// Enough for initdb's chatter; a tool that writes more fails.
+    private static let toolOutputLimit = 1 << 20
+
+    /// A new directory in `parent` (for a cluster without a watchdog),
+    /// handed to `owner`.
+    private static func makeDirectory(in parent: String, owner: (uid: uid_t, gid: gid_t)?) throws -> String {
+        var template = Array("\(parent)/dispatch-policy-pg-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else {
+            throw EmbeddedPostgresError(message: "cannot create a temporary directory in \(parent): \(String(cString: strerror(errno)))")
+        }
+        let directory = String(cString: made)
+        if let owner, chown(directory, owner.uid, owner.gid) != 0 {
+            throw EmbeddedPostgresError(message: "cannot hand \(directory) to the postgres user: \(String(cString: strerror(errno)))")
+        }
+        return directory
+    }
+
+    /// Makes the cluster's directory in `parent` and starts a detached shell
+    /// that waits for this process to end, then stops the cluster and
+    /// removes the directory; returns the directory. The shell makes the
+    /// directory itself (mktemp, as the user the server runs as), so the
+    /// directory never exists without its watchdog, however early this
+    /// process is interrupted.
+    ///
+    /// The shell puts the watch in the background (`&`), prints the
+    /// directory and exits, so `run` returns at once and nothing of this
+    /// process waits on the watch: it is reparented to init and lives as
+    /// long as the cluster, in the directory (its working directory: how
+    /// one is found). Its standard streams are /dev/null (no pipe of ours
+    /// held open) and, as in every child of swift-subprocess, no other
+    /// descriptor of this process is inherited: an inherited database
+    /// socket would keep its server session alive as long as the watch
+    /// ("template is being accessed by other users"). It runs in a session
+    /// of its own (`createSession`), so a Ctrl-C or a hangup of our
+    /// terminal, which ends us, does not reach it.
+    ///
+    /// Linux only: it watches this process through /proc (`kill -0` cannot,
+    /// when the watch runs as postgres and we as root).
+    private static func startWatchdog(in parent: String, binDirectory: String, runAsPostgres: Bool) async throws -> String {
         let script = """
+            dir=$(mktemp -d "$2/dispatch-policy-pg-XXXXXX") || exit 1
+            cd "$dir" || exit 1
+            {
             while [ -d /proc/$1 ]; do sleep 1; done
-            "$2/pg_ctl" -D "$3/data" -m immediate -w stop >/dev/null 2>&1
-            rm -rf "$3"
+            "$3/pg_ctl" -D "$dir/data" -m immediate -w stop
+            cd /
+            rm -rf "$dir"
+            } </dev/null >/dev/null 2>&1 &
+            printf '%s' "$dir"
             """
+        let arguments = ["-c", script, "watchdog", String(getpid()), parent, binDirectory]
         let (executable, args) = runAsPostgres
-            ? ("/usr/sbin/runuser", ["-u", "postgres", "--", "/bin/sh", "-c", script, "watchdog", String(getpid()), binDirectory, directory])
-            : ("/bin/sh", ["-c", script, "watchdog", String(getpid()), binDirectory, directory])
-        _ = try Spawn.run(executable, args, outputPath: "/dev/null", wait: false)
+            ? ("/usr/sbin/runuser", ["-u", "postgres", "--", "/bin/sh"] + arguments)
+            : ("/bin/sh", arguments)
+        var platform = PlatformOptions()
+        platform.createSession = true
+        let result: ExecutionResult<Void, StringOutput<UTF8>, StringOutput<UTF8>>
+        do {
+            result = try await Subprocess.run(
+                .path(FilePath(executable)), arguments: Arguments(args), platformOptions: platform,
+                input: .none, output: .string(limit: 4096), error: .string(limit: 4096))
+        } catch {
+            throw EmbeddedPostgresError(message: "cannot start the watchdog: \(error)")
+        }
+        let directory = result.standardOutput
+        guard result.terminationStatus.isSuccess, directory.hasPrefix(parent + "/dispatch-policy-pg-") else {
+            throw EmbeddedPostgresError(
+                message: "cannot create a temporary directory in \(parent) with its watchdog (\(result.terminationStatus))",
+                log: result.standardError)
+        }
+        return directory
     }
 
     private static func quoteForPgCtl(_ value: String) -> String {
@@ -230,58 +314,5 @@ public final class EmbeddedPostgres: Sendable {
         throw EmbeddedPostgresError(
             message: "no PostgreSQL server binaries found (looked in PG_BINDIR, /usr/lib/postgresql/*/bin and PATH)",
             log: "On Debian: apt-get install postgresql-15")
-    }
-}
-
-/// posix_spawn and waitpid, without Foundation's Process (whose child
-/// monitoring on Linux can miss an exit when another Process object is
-/// released while its child still runs).
-public enum Spawn {
-    /// Adds to `actions` the closing in the child of every descriptor from 3
-    /// up (glibc's posix_spawn_file_actions_addclosefrom_np, looked up at run
-    /// time as Swift's Glibc module does not export it; else each
-    /// descriptor open now).
-    public static func closeInherited(_ actions: inout posix_spawn_file_actions_t) {
-        typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
-        if let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") {
-            _ = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, 3)
-            return
-        }
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
-            if let fd = Int32(name), fd > 2 { posix_spawn_file_actions_addclose(&actions, fd) }
-        }
-    }
-
-    /// Runs `executable` with standard input from /dev/null and standard
-    /// output and error into `outputPath`. Returns the exit status when
-    /// `wait` is true, else 0 right after starting it.
-    static func run(_ executable: String, _ arguments: [String], outputPath: String, wait: Bool) throws -> Int32 {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        // Nothing else of this process: an inherited socket (a database
-        // session) would stay open as long as the child (the watchdog lives
-        // as long as the cluster), and its server session with it.
-        Spawn.closeInherited(&actions)
-
-        let argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, executable, &actions, nil, argv, environ)
-        guard spawned == 0 else {
-            throw EmbeddedPostgresError(message: "cannot run \(executable): \(String(cString: strerror(spawned)))")
-        }
-        guard wait else { return 0 }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) == -1 {
-            guard errno == EINTR else {
-                throw EmbeddedPostgresError(message: "waiting for \(executable) failed: \(String(cString: strerror(errno)))")
-            }
-        }
-        // WIFEXITED / WEXITSTATUS, which Swift does not import as functions.
-        return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
     }
 }

@@ -116,7 +116,7 @@ struct Demo: AsyncParsableCommand {
                     print("look at it in the admin UI: dispatch-policy admin --database-url '\(cluster.url())'")
                     print("stop it with: \(geteuid() == 0 ? "runuser -u postgres -- " : "")\(cluster.binDirectory)/pg_ctl -D \(cluster.dataDirectory) stop")
                 } else {
-                    try? cluster.stop()
+                    try? await cluster.stop()
                 }
             }
         }

@@ -14,6 +14,10 @@ import UnixSignals
 
 /// `dispatch-policy work`: a worker for any language. Claims jobs of the
 /// given policies from the ready queue and runs a command once per job.
+///
+/// Unix only (Linux, macOS): a command whose lease is lost is stopped with
+/// SIGTERM, then SIGKILL (swift-subprocess's teardown sequence, which
+/// Windows does not have).
 struct Work: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "work",

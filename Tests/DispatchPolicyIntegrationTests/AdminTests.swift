@@ -503,7 +503,7 @@ struct AdminTests {
         for arguments in [["admin", "--bind", "127.0.0.1:0"], ["run", "--metrics", "127.0.0.1:0", "--idle-pause", "100ms"]] {
             var environment = ProcessInfo.processInfo.environment
             environment["DATABASE_URL"] = databaseURL(settings)
-            let child = try spawnChild(cliPath, arguments, environment: environment)
+            let child = try await spawnChild(cliPath, arguments, environment: environment)
             var address: String?
             _ = try await waitUntil(30) {
                 address = child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?
@@ -537,7 +537,7 @@ struct AdminBrowserTests {
             try await conn.scalar("SELECT min(id) FROM dispatch_policy.staged_jobs WHERE policy = 'demo_webhooks'", as: Int64.self)
         }
         environment["DISPATCH_POLICY_ADMIN_TOKEN"] = token
-        let admin = try spawnChild(cliPath, ["admin", "--allow-actions", "--bind", "127.0.0.1:0"], environment: environment)
+        let admin = try await spawnChild(cliPath, ["admin", "--allow-actions", "--bind", "127.0.0.1:0"], environment: environment)
         defer { kill(admin.pid, SIGKILL) }
         var address: String?
         _ = try await waitUntil(30) {

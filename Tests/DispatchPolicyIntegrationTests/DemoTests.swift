@@ -41,7 +41,7 @@ struct DemoTests {
         var env = ProcessInfo.processInfo.environment
         env["DATABASE_URL"] = nil
         env["TMPDIR"] = parent
-        let child = try spawnChild(cliPath, ["demo", "--duration", "30s"], environment: env)
+        let child = try await spawnChild(cliPath, ["demo", "--duration", "30s"], environment: env)
         defer { kill(child.pid, SIGKILL) }
         let made = try await waitUntil(30) {
             ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).contains { $0.hasPrefix("dispatch-policy-pg-") }
@@ -73,7 +73,7 @@ struct DemoTests {
         }
         let url = databaseURL(settings)
         // With the admin UI served while it runs (read-only): its overview lists the demo's policies.
-        let child = try spawnChild(cliPath, ["demo", "--duration", "6s", "--database-url", url, "--admin", "127.0.0.1:0"],
+        let child = try await spawnChild(cliPath, ["demo", "--duration", "6s", "--database-url", url, "--admin", "127.0.0.1:0"],
                                    environment: ProcessInfo.processInfo.environment)
         var address: String?
         _ = try await waitUntil(60) {

@@ -32,16 +32,8 @@ func withPrivateCluster<T: Sendable>(
         result = .failure(error)
     }
     // The tests resume what they stopped before this (a stopped backend would hold the shutdown).
-    try? await offCooperativePool { try cluster.stop() }
+    try? await cluster.stop()
     return try result.get()
-}
-
-/// Runs blocking work on a thread of its own, so the two cooperative
-/// threads of this machine stay free for the services under test.
-func offCooperativePool<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-        Thread { continuation.resume(with: Result { try work() }) }.start()
-    }
 }
 
 /// The pids of the client sessions of the current database other than
@@ -137,7 +129,7 @@ struct FaultTests {
             try await TestServer.withConnection(settings) { conn in
                 try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
             }
-            let child = try spawnChild(cliPath, ["run", "--idle-pause", "60s"], environment: libpqEnvironment(settings))
+            let child = try await spawnChild(cliPath, ["run", "--idle-pause", "60s"], environment: libpqEnvironment(settings))
             var stopped = false
             defer { if !stopped { kill(child.pid, SIGKILL) } }
             // One session LISTENs on both channels (pg_stat_activity shows its last LISTEN).
@@ -164,7 +156,7 @@ struct FaultTests {
                     "no admission after the runner's sessions were terminated")
 
             // A restart: sessions end, connections are refused for a moment.
-            try await offCooperativePool { try cluster.restart() }
+            try await cluster.restart()
             #expect(try await waitUntil(20) { try await listening() }, "the runner did not listen again after the restart")
             try await stage(settings, "p")
             #expect(try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 4 },
@@ -200,7 +192,7 @@ struct FaultTests {
                 try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
             }
             let started = ContinuousClock.now
-            let child = try spawnChild(cliPath, ["tick", "--for", "4s", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
+            let child = try await spawnChild(cliPath, ["tick", "--for", "4s", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
             defer { kill(child.pid, SIGKILL) }
             let frozen = try await freezeIdleSession(settings, query: "SELECT name, failing, expired%")
             defer { if let frozen { kill(frozen, SIGCONT) } }
@@ -224,7 +216,7 @@ struct FaultTests {
             try await TestServer.withConnection(settings) { conn in
                 try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
             }
-            let child = try spawnChild(
+            let child = try await spawnChild(
                 cliPath, ["run", "--idle-pause", "100ms", "--shutdown-timeout", "2s"], environment: libpqEnvironment(settings))
             defer { kill(child.pid, SIGKILL) }
             // The look for work (the start of its text: pg_stat_activity cuts long queries).
@@ -384,7 +376,7 @@ struct FaultTests {
                 try await holder.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs ORDER BY id LIMIT 25")
                 try await holder.exec("BEGIN")
                 try await holder.exec(PostgresQuery(unsafeSQL: lockQuery))
-                let child = try spawnChild(cliPath, ["run", "--busy-pause", "0ms", "--idle-pause", "10ms"], environment: env)
+                let child = try await spawnChild(cliPath, ["run", "--busy-pause", "0ms", "--idle-pause", "10ms"], environment: env)
                 // The runner's tick waits for the row, inside its transaction.
                 // (Watched from another session: pg_stat_activity is a snapshot
                 // taken once per transaction.)
@@ -439,7 +431,7 @@ struct FaultTests {
         }
         // The doomed worker: claims three jobs, commits, and "runs" them.
         let psql = try await TestServer.shared.binDirectory() + "/psql"
-        let doomed = try spawnChild(psql, ["-X", "-q", "-c", "SELECT id FROM dispatch_policy.claim('default', 'doomed', 3)", "-c", "SELECT pg_sleep(60)"],
+        let doomed = try await spawnChild(psql, ["-X", "-q", "-c", "SELECT id FROM dispatch_policy.claim('default', 'doomed', 3)", "-c", "SELECT pg_sleep(60)"],
                                     environment: libpqEnvironment(settings))
         defer { kill(doomed.pid, SIGKILL) }
         #expect(try await waitUntil(20) {
@@ -500,7 +492,7 @@ struct FaultTests {
                 try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs") >= 30
             })
             for _ in 0..<2 {
-                try await offCooperativePool { try cluster.restart() }
+                try await cluster.restart()
                 try await Task.sleep(for: .seconds(1))
             }
             let before = try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs")
@@ -543,7 +535,7 @@ struct FaultTests {
         var env = ProcessInfo.processInfo.environment
         env["DATABASE_URL"] = "postgres://nobody@127.0.0.1:\(port)/nothing?sslmode=disable"
 
-        let run = try spawnChild(cliPath, ["run", "--shutdown-timeout", "1s"], environment: env)
+        let run = try await spawnChild(cliPath, ["run", "--shutdown-timeout", "1s"], environment: env)
         defer { kill(run.pid, SIGKILL) }
         try await Task.sleep(for: .seconds(2))
         let signalled = ContinuousClock.now
@@ -553,7 +545,7 @@ struct FaultTests {
         #expect(ending == .exited(0), "\(run.output().stderr)")
 
         let started = ContinuousClock.now
-        let tick = try spawnChild(cliPath, ["tick", "--for", "2s"], environment: env)
+        let tick = try await spawnChild(cliPath, ["tick", "--for", "2s"], environment: env)
         defer { kill(tick.pid, SIGKILL) }
         let tickEnding = await tick.wait()
         #expect(ContinuousClock.now - started < .seconds(6), "tick --for 2s took \(ContinuousClock.now - started)")
@@ -572,7 +564,7 @@ struct FaultTests {
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
             try await conn.exec(PostgresQuery(unsafeSQL: "ALTER DATABASE \(settings.database) SET default_transaction_read_only = on"))
         }
-        let child = try spawnChild(cliPath, ["run", "--idle-pause", "200ms"], environment: libpqEnvironment(settings))
+        let child = try await spawnChild(cliPath, ["run", "--idle-pause", "200ms"], environment: libpqEnvironment(settings))
         defer { kill(child.pid, SIGKILL) }
         // Its sessions are read-only; a job staged in a writable session waits.
         #expect(try await waitUntil(20) { try await sessionPids(settings, query: "LISTEN%").count == 1 })

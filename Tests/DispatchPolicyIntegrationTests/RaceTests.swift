@@ -26,7 +26,7 @@ struct RaceTests {
         var env = libpqEnvironment(settings)
         env["DATABASE_URL"] = nil
         for round in 0..<4 {
-            let child = try spawnChild(cliPath, ["run", "--busy-pause", "0ms", "--idle-pause", "10ms"], environment: env)
+            let child = try await spawnChild(cliPath, ["run", "--busy-pause", "0ms", "--idle-pause", "10ms"], environment: env)
             // Complete jobs meanwhile, one per transaction as a worker does, so
             // slots are released while ticks take them.
             try await TestServer.withConnection(settings) { conn in
@@ -74,7 +74,7 @@ struct KilledSessionTests {
                 .declare(name: "slow", config: try PolicyConfig(target: .sql(function: "public.slow")).json())
             try await conn.exec("SELECT dispatch_policy.stage('slow', '1')")
         }
-        let child = try spawnChild(cliPath, ["run", "--tick-timeout", "5m"], environment: libpqEnvironment(settings))
+        let child = try await spawnChild(cliPath, ["run", "--tick-timeout", "5m"], environment: libpqEnvironment(settings))
         let sleeping = try await waitUntil(30) {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.scalar("""

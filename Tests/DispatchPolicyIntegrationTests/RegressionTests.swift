@@ -33,7 +33,7 @@ struct ProcessResult {
 
 /// Runs a program to completion, capturing its output.
 func runProcess(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String? = nil) async throws -> ProcessResult {
-    let child = try spawnChild(executable, arguments, environment: environment, stdin: stdin)
+    let child = try await spawnChild(executable, arguments, environment: environment, stdin: stdin)
     let ending = await child.wait()
     let (out, err) = child.output()
     let status: Int32

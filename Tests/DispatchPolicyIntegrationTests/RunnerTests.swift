@@ -240,7 +240,7 @@ struct RunnerTests {
     func runCommandStopsOnSignalLive(_ signal: Int32) async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await setUp(settings, PolicyConfig { Gate.concurrency(max: 3) }, jobs: 10)
-        let child = try spawnChild(cliPath, ["run", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
+        let child = try await spawnChild(cliPath, ["run", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
         try await waitUntil(10) { try await admittedCount(settings) >= 3 }
         let admitted = try await admittedCount(settings)
         #expect(admitted == 3)

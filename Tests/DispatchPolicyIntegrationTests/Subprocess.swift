@@ -1,17 +1,27 @@
-import EmbeddedPostgres
 import Foundation
+import Subprocess
+import Testing
 
-#if canImport(Glibc)
-import Glibc
+#if canImport(System)
+import System
+#else
+import SystemPackage
 #endif
 
-/// A child process started with posix_spawn. Tests do not use Foundation's
-/// Process: on Linux its exit monitoring can miss a child's exit when many
-/// run at once (seen here: waitUntilExit hung on a zombie).
+/// A child process of a test (the CLI, psql, make), run with
+/// swift-subprocess. It inherits no descriptor of the test process but its
+/// standard streams (swift-subprocess closes the rest in the child), so no
+/// database session of the tests stays open in it.
+///
+/// Unlike swift-subprocess's structured `run { }`, a Child outlives the call
+/// that starts it, as the tests need: they signal it by pid and wait for it
+/// when they choose. A task of its own runs it to its end and reaps it;
+/// ``wait()`` awaits that task.
 struct Child: Sendable {
     let pid: pid_t
     let stdoutPath: String
     let stderrPath: String
+    fileprivate let ending: Task<Ending, Never>
 
     /// How the child ended: its exit status, or the signal that killed it.
     enum Ending: Sendable, Equatable {
@@ -19,54 +29,65 @@ struct Child: Sendable {
         case signaled(Int32)
     }
 
-    /// Waits for the child on a dedicated thread (never a cooperative one).
+    /// Waits for the child to end (it is reaped then: its pid may be reused).
     func wait() async -> Ending {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Ending, Never>) in
-            let pid = self.pid
-            Thread {
-                var status: Int32 = 0
-                while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
-                let ending: Ending = (status & 0x7f) == 0 ? .exited((status >> 8) & 0xff) : .signaled(status & 0x7f)
-                continuation.resume(returning: ending)
-            }.start()
-        }
+        await ending.value
     }
 
+    /// What it wrote so far (all of it once it ended).
     func output() -> (stdout: String, stderr: String) {
         ((try? String(contentsOfFile: stdoutPath, encoding: .utf8)) ?? "",
          (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "")
     }
 }
 
-/// Starts `executable`; standard output and error go to temporary files,
-/// standard input comes from `stdin` (or /dev/null).
-func spawnChild(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String? = nil) throws -> Child {
+/// Starts `executable` (a path) with exactly `environment`; standard output
+/// and error go to temporary files, standard input comes from `stdin` (or
+/// /dev/null). Returns once it runs.
+func spawnChild(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String? = nil) async throws -> Child {
     let dir = FileManager.default.temporaryDirectory.path
     let id = UUID().uuidString
     let outPath = "\(dir)/dp-child-\(id).out", errPath = "\(dir)/dp-child-\(id).err"
     var inPath = "/dev/null"
     if let stdin {
+        // A file, not a pipe: a child that exits without reading all of it is no error.
         inPath = "\(dir)/dp-child-\(id).in"
         try stdin.write(toFile: inPath, atomically: true, encoding: .utf8)
     }
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, inPath, O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    // No other descriptor of the test process (its database sessions above all).
-    Spawn.closeInherited(&actions)
-    let argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
-    let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-    defer {
-        argv.forEach { free($0) }
-        envp.forEach { free($0) }
+    let input = try FileDescriptor.open(FilePath(inPath), .readOnly)
+    let output = try FileDescriptor.open(FilePath(outPath), .writeOnly, options: [.create, .truncate], permissions: [.ownerReadWrite, .groupRead, .otherRead])
+    let error = try FileDescriptor.open(FilePath(errPath), .writeOnly, options: [.create, .truncate], permissions: [.ownerReadWrite, .groupRead, .otherRead])
+    let environment = Dictionary(uniqueKeysWithValues: environment.map { (Environment.Key(stringLiteral: $0.key), $0.value) })
+
+    // The pid once it runs, or why it could not be started.
+    let (started, start) = AsyncThrowingStream<pid_t, any Error>.makeStream()
+    let ending = Task { () -> Child.Ending in
+        var running = false
+        do {
+            let result = try await Subprocess.run(
+                .path(FilePath(executable)), arguments: Arguments(arguments), environment: .custom(environment),
+                input: .fileDescriptor(input, closeAfterSpawningProcess: true),
+                output: .fileDescriptor(output, closeAfterSpawningProcess: true),
+                error: .fileDescriptor(error, closeAfterSpawningProcess: true)
+            ) { execution in
+                running = true
+                start.yield(execution.processIdentifier.value)
+                start.finish()
+            }
+            switch result.terminationStatus {
+            case .exited(let code): return .exited(code)
+            case .signaled(let signal): return .signaled(signal)
+            }
+        } catch {
+            start.finish(throwing: error)
+            // Started, but not watched to its end (never seen): a failed test, not a hang.
+            if running { Issue.record(error, "waiting for \(executable)") }
+            return .exited(-1)
+        }
     }
-    var pid: pid_t = 0
-    let result = posix_spawn(&pid, executable, &actions, nil, argv, envp)
-    guard result == 0 else {
-        throw NSError(domain: "spawn", code: Int(result), userInfo: [NSLocalizedDescriptionKey: "cannot run \(executable): \(String(cString: strerror(result)))"])
+    for try await pid in started {
+        return Child(pid: pid, stdoutPath: outPath, stderrPath: errPath, ending: ending)
     }
-    return Child(pid: pid, stdoutPath: outPath, stderrPath: errPath)
+    // The stream ends with a pid or an error; only cancellation gets here.
+    throw CancellationError()
 }

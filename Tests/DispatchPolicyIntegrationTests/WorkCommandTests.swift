@@ -35,7 +35,7 @@ struct WorkCommandTests {
             var env = ProcessInfo.processInfo.environment
             env["DATABASE_URL"] = databaseURL(settings)
             env["OUT"] = out
-            let worker = try spawnChild(cliPath, ["work", "--policy", "jobs", "--concurrency", "3", "--", "/bin/sh", "-c", script], environment: env)
+            let worker = try await spawnChild(cliPath, ["work", "--policy", "jobs", "--concurrency", "3", "--", "/bin/sh", "-c", script], environment: env)
             let started = try await waitUntil(60) { FileManager.default.fileExists(atPath: out + "/slow-started") }
             #expect(started, "the slow job did not start: \(worker.output().stderr)")
             // Everything but the slow job is done, then SIGTERM: the slow job still ends completed.
@@ -83,13 +83,39 @@ struct WorkCommandTests {
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "quiet")
             var env = ProcessInfo.processInfo.environment
             env["DATABASE_URL"] = databaseURL(settings)
-            let worker = try spawnChild(cliPath, ["work", "--policy", "quiet", "--concurrency", "6", "--", "true"], environment: env)
+            let worker = try await spawnChild(cliPath, ["work", "--policy", "quiet", "--concurrency", "6", "--", "true"], environment: env)
             let done = try await waitUntil(60) {
                 try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 6
             }
             #expect(done, "\(worker.output().stderr.suffix(2000))")
             kill(worker.pid, SIGTERM)
             #expect(await worker.wait() == .exited(0), "\(worker.output().stderr.suffix(2000))")
+        }
+    }
+
+    /// Issue 11: commands are started through swift-subprocess.
+    @Test("a command has its standard input, output and error, and no other descriptor of the worker (its database sessions above all)")
+    func commandInheritsNothing() async throws {
+        try await withTestDatabase { conn, settings in
+            try await conn.exec(#"SELECT dispatch_policy.declare_policy('fds', '{}')"#)
+            try await conn.exec(#"SELECT dispatch_policy.stage('fds', '{}')"#)
+            _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "fds")
+            var env = ProcessInfo.processInfo.environment
+            env["DATABASE_URL"] = databaseURL(settings)
+            // The shell's own descriptors, while the worker holds its sessions,
+            // onto the worker's standard output (a redirection would add the
+            // shell's saved copy of it).
+            let worker = try await spawnChild(cliPath, ["work", "--policy", "fds", "--", "/bin/sh", "-c", "ls /proc/$$/fd; true"], environment: env)
+            let done = try await waitUntil(60) {
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 1
+            }
+            #expect(done, "\(worker.output().stderr.suffix(2000))")
+            let workerFDs = openDescriptors(String(worker.pid))
+            kill(worker.pid, SIGTERM)
+            #expect(await worker.wait() == .exited(0), "\(worker.output().stderr.suffix(2000))")
+            let fds = worker.output().stdout.split(separator: "\n").compactMap { Int($0) }.sorted()
+            #expect(fds == [0, 1, 2], "the worker had \(workerFDs)")
+            #expect(workerFDs.count > 3, "the worker had nothing else to pass on")
         }
     }
 

@@ -102,7 +102,7 @@ struct TickBench {
         let missed = rows.filter { $0.met == false }
         print("")
         print("\(rows.filter { $0.met == true }.count) targets met, \(missed.count) missed, \(breaches.count) limits breached, \(crashed.count) figures crashed")
-        try? cluster?.stop()
+        try? await cluster?.stop()
         if !breaches.isEmpty || !crashed.isEmpty { exit(1) }
     }
 }
