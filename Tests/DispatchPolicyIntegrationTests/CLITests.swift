@@ -289,7 +289,7 @@ struct CLITests {
         for run in runs {
             var env = environment
             env["CREDENTIALS_DIRECTORY"] = run.credentials
-            let child = try spawnChild(cliPath, admin + [run.path], environment: env)
+            let child = try await spawnChild(cliPath, admin + [run.path], environment: env)
             var address: String?
             _ = try await waitUntil(30) {
                 address = child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?
