@@ -1,3 +1,5 @@
+// swift-format-ignore-file
+// (Its lines are the README's, as written there: ReadmeSnippetTests.)
 // The README's Swift examples, compiled with the package so they cannot
 // drift: ReadmeSnippetTests checks that every ```swift block of the README
 // appears here verbatim (imports at the top of this file, the rest in

@@ -60,7 +60,9 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
     /// The error this one was made from (a `PSQLError`, a TLS error...), when there was one.
     public var underlying: (any Error)?
 
-    public init(code: Code, message: String, sqlState: String? = nil, detail: String? = nil, hint: String? = nil, underlying: (any Error)? = nil) {
+    public init(
+        code: Code, message: String, sqlState: String? = nil, detail: String? = nil, hint: String? = nil, underlying: (any Error)? = nil
+    ) {
         self.underlying = underlying
         self.code = code
         self.message = message
@@ -112,8 +114,9 @@ extension DispatchPolicyError {
     public static func from(_ error: any Error, code: Code = .server, context: String? = nil) -> DispatchPolicyError {
         if let error = error as? DispatchPolicyError { return error }
         if let error = error as? PostgresTransactionError {
-            return from(error.closureError ?? error.commitError ?? error.beginError ?? error.rollbackError ?? error,
-                        code: code, context: context)
+            return from(
+                error.closureError ?? error.commitError ?? error.beginError ?? error.rollbackError ?? error,
+                code: code, context: context)
         }
         let prefix = context.map { "\($0): " } ?? ""
         if let psql = error as? PSQLError {

@@ -31,7 +31,9 @@ struct AdminActions {
             return value
         }
         func id() throws -> Int64 {
-            guard let id = Int64(try field("id")), id > 0 else { throw Refusal(message: "\(action): id must be a job id (a positive whole number).") }
+            guard let id = Int64(try field("id")), id > 0 else {
+                throw Refusal(message: "\(action): id must be a job id (a positive whole number).")
+            }
             return id
         }
         switch action {
@@ -67,9 +69,10 @@ struct AdminActions {
             return "Partition \(partition) of \(gate) in \(policy): \(report)."
         case "cancel":
             let job = try id()
-            let cancelled = try await executor.rows(
-                "SELECT dispatch_policy.cancel(\(job), 'cancelled from the admin UI')", logger: logger
-            ).first?.decode(Bool.self) ?? false
+            let cancelled =
+                try await executor.rows(
+                    "SELECT dispatch_policy.cancel(\(job), 'cancelled from the admin UI')", logger: logger
+                ).first?.decode(Bool.self) ?? false
             return cancelled ? "Cancelled job \(job)." : "Job \(job) was not waiting: nothing to cancel."
         case "retry":
             let job = try id()
@@ -80,12 +83,13 @@ struct AdminActions {
             // A partition of a gate, or (neither given) the whole policy.
             let gate = fields["gate"].flatMap { $0.isEmpty ? nil : $0 }
             let partition = gate == nil ? nil : fields["partition"]
-            let count = try await executor.rows(
-                """
-                SELECT dispatch_policy.drain(\(policy), \(gate)::text, \(partition)::text, \(Self.drainBatch)::integer,
-                                             reason => 'drained from the admin UI')
-                """, logger: logger
-            ).first?.decode(Int64.self) ?? 0
+            let count =
+                try await executor.rows(
+                    """
+                    SELECT dispatch_policy.drain(\(policy), \(gate)::text, \(partition)::text, \(Self.drainBatch)::integer,
+                                                 reason => 'drained from the admin UI')
+                    """, logger: logger
+                ).first?.decode(Int64.self) ?? 0
             let more = count >= Self.drainBatch ? " That is the most one drain cancels: more may remain, drain again." : ""
             return "Cancelled \(count) staged job\(count == 1 ? "" : "s") of \(policy)\(partition.map { " [\($0)]" } ?? "").\(more)"
         default:

@@ -127,8 +127,9 @@ public struct AdminServer: Sendable {
 
     /// 200 `ok`, or 503 and the reason (one line).
     static func health(_ failure: String?) -> Response {
-        Response(status: failure == nil ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain; charset=utf-8"],
-                 body: .init(byteBuffer: ByteBuffer(string: (failure.map(DispatchPolicyError.oneLine) ?? "ok") + "\n")))
+        Response(
+            status: failure == nil ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain; charset=utf-8"],
+            body: .init(byteBuffer: ByteBuffer(string: (failure.map(DispatchPolicyError.oneLine) ?? "ok") + "\n")))
     }
 
     /// `host:port`, `[v6]:port` or `:port` (all interfaces) as a bind address.
@@ -194,12 +195,20 @@ public struct AdminServer: Sendable {
         do {
             (template, values) = try await build(session)
         } catch let error as PageError {
-            (status, template, values) = (error.status, "error", ["title": "\(error.status.code)", "status": "\(error.status.code) \(error.status.reasonPhrase)", "message": error.message])
+            (status, template, values) = (
+                error.status, "error",
+                ["title": "\(error.status.code)", "status": "\(error.status.code) \(error.status.reasonPhrase)", "message": error.message]
+            )
         } catch {
             let wrapped = DispatchPolicyError.from(error)
             logger.warning("admin page failed", metadata: ["path": "\(request.uri.path)", "error": "\(wrapped)"])
-            (status, template, values) = (.serviceUnavailable, "error", ["title": "Unavailable", "status": "503 Service Unavailable",
-                                                                          "message": "The database did not answer: \(wrapped.description)"])
+            (status, template, values) = (
+                .serviceUnavailable, "error",
+                [
+                    "title": "Unavailable", "status": "503 Service Unavailable",
+                    "message": "The database did not answer: \(wrapped.description)",
+                ]
+            )
         }
         values["session"] = ["signedIn": session.signedIn, "canSignIn": session.canSignIn, "csrf": session.csrf ?? ""] as [String: Any]
         if let flash = session.flash { values["flash"] = flash }
@@ -208,8 +217,9 @@ public struct AdminServer: Sendable {
         let elapsed = ContinuousClock.now - started
         values["renderMs"] = "\(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000)"
         let html = templates.render(values, withTemplate: template) ?? "template \(template) missing"
-        return Response(status: status, headers: [.contentType: "text/html; charset=utf-8", .cacheControl: "no-store"],
-                        body: .init(byteBuffer: ByteBuffer(string: html)))
+        return Response(
+            status: status, headers: [.contentType: "text/html; charset=utf-8", .cacheControl: "no-store"],
+            body: .init(byteBuffer: ByteBuffer(string: html)))
     }
 
     /// The query string, decoded as a browser's form encodes it ('+' is a
@@ -220,7 +230,8 @@ public struct AdminServer: Sendable {
     }
 
     static func asset(_ text: String, type: String) -> Response {
-        Response(status: .ok, headers: [.contentType: type, .cacheControl: "max-age=300"], body: .init(byteBuffer: ByteBuffer(string: text)))
+        Response(
+            status: .ok, headers: [.contentType: type, .cacheControl: "max-age=300"], body: .init(byteBuffer: ByteBuffer(string: text)))
     }
 
     /// A 303 to `location`, with a message to show there (signed, so only
@@ -320,13 +331,20 @@ public struct AdminServer: Sendable {
         let limits = try await store.limits(only: name, minutes: [name: samples])[name]
         let partitions = try await store.partitions(
             policy: name, search: search, sort: sort, after: after, onlyBusy: onlyBusy, onlyPending: onlyPending, limit: pageSize + 1)
-        let watched = watch.isEmpty ? [] : try await store.partitions(
-            policy: name, search: nil, after: nil, onlyBusy: false, only: watch, limit: 200)
+        let watched =
+            watch.isEmpty
+            ? []
+            : try await store.partitions(
+                policy: name, search: nil, after: nil, onlyBusy: false, only: watch, limit: 200)
         let laneAfter = query.value("lane_after").map { String($0.prefix(1024)) }
         let lanes = try await store.lanes(policy: name, search: nil, after: laneAfter, limit: pageSize + 1)
 
-        let actions: [String: Any]? = session.signedIn
-            ? ["csrf": session.csrf ?? "", "pauseAction": detail.paused ? "resume" : "pause", "pauseLabel": detail.paused ? "Resume" : "Pause"]
+        let actions: [String: Any]? =
+            session.signedIn
+            ? [
+                "csrf": session.csrf ?? "", "pauseAction": detail.paused ? "resume" : "pause",
+                "pauseLabel": detail.paused ? "Resume" : "Pause",
+            ]
             : nil
         let shown = Array(partitions.prefix(pageSize)) + watched
         let sparks = try await store.minutes(policy: name, partitions: shown.map { ($0.gate, $0.partition) }, since: since)
@@ -335,7 +353,9 @@ public struct AdminServer: Sendable {
             var values: [String: Any] = [
                 "gate": partition.gate, "gateType": partition.gateType, "partition": partition.partition, "inFlight": partition.inFlight,
                 "cap": Format.number(partition.cap),
-                "tokens": partition.tokens.map { t in partition.burst.map { "\(Format.number((t * 10).rounded(.down) / 10)) / \(Format.number($0))" } ?? Format.number(t) } ?? "-",
+                "tokens": partition.tokens.map { t in
+                    partition.burst.map { "\(Format.number((t * 10).rounded(.down) / 10)) / \(Format.number($0))" } ?? Format.number(t)
+                } ?? "-",
                 "ewma": partition.ewmaLagMs.map(Format.milliseconds) ?? "-", "lastAdmitted": Self.time(partition.lastAdmitted),
                 "pending": partition.pending, "lastStaged": Self.time(partition.lastStaged),
                 "spark": Chart.sparkline(spark.map(Self.point), label: "completions and lag of \(partition.partition), last hour"),
@@ -343,8 +363,11 @@ public struct AdminServer: Sendable {
             ]
             // Actions only where they can work: a partitioned gate's partition.
             if session.signedIn && partition.partitioned {
-                values["actions"] = ["csrf": session.csrf ?? "", "pauseAction": partition.paused ? "resume" : "pause",
-                                     "pauseLabel": partition.paused ? "Resume" : "Pause"] as [String: Any]
+                values["actions"] =
+                    [
+                        "csrf": session.csrf ?? "", "pauseAction": partition.paused ? "resume" : "pause",
+                        "pauseLabel": partition.paused ? "Resume" : "Pause",
+                    ] as [String: Any]
             }
             return values
         }
@@ -364,19 +387,24 @@ public struct AdminServer: Sendable {
             "lanes": lanes.prefix(pageSize).map { lane -> [String: Any] in
                 var blocked = "-"
                 if let until = lane.blockedUntil {
-                    blocked = until == .distantFuture || until.timeIntervalSince1970 > 1e11
+                    blocked =
+                        until == .distantFuture || until.timeIntervalSince1970 > 1e11
                         ? "until \(lane.blockedGate ?? "a gate") [\(lane.blockedPartition ?? "")] frees a slot"
                         : "until \(Self.time(until)) UTC" + (lane.blockedGate.map { " (\($0))" } ?? "")
                 }
-                return ["lane": lane.lane ?? "(jobs without a key)",
-                        "pending": lane.pending > AdminStore.laneCountCap ? "\(AdminStore.laneCountCap)+" : "\(lane.pending)",
-                        "blocked": blocked]
+                return [
+                    "lane": lane.lane ?? "(jobs without a key)",
+                    "pending": lane.pending > AdminStore.laneCountCap ? "\(AdminStore.laneCountCap)+" : "\(lane.pending)",
+                    "blocked": blocked,
+                ]
             },
         ]
         if let actions { values["actions"] = actions }
         if partitions.count > pageSize, let last = partitions.prefix(pageSize).last {
-            var pairs: [(String, String)] = [("sort", sort.rawValue),
-                                             ("after", AdminStore.PartitionCursor(gate: last.gate, partition: last.partition, inFlight: last.inFlight).token)]
+            var pairs: [(String, String)] = [
+                ("sort", sort.rawValue),
+                ("after", AdminStore.PartitionCursor(gate: last.gate, partition: last.partition, inFlight: last.inFlight).token),
+            ]
             if let search { pairs.append(("q", search)) }
             if onlyBusy { pairs.append(("busy", "1")) }
             if onlyPending { pairs.append(("pending", "1")) }
@@ -391,7 +419,9 @@ public struct AdminServer: Sendable {
 
     func job(_ text: String, session: Session) async throws -> (String, [String: Any]) {
         guard let id = Int64(text) else { throw PageError(.badRequest, "A job id is a whole number.") }
-        guard let job = try await store.job(id) else { throw PageError(.notFound, "No job \(id): never staged, or pruned after it completed.") }
+        guard let job = try await store.job(id) else {
+            throw PageError(.notFound, "No job \(id): never staged, or pruned after it completed.")
+        }
         let explanation = try await store.explain(id)
         let failures = try await store.failures(job: id)
         var timeline: [(Date, String)] = []
@@ -402,11 +432,14 @@ public struct AdminServer: Sendable {
         if let at = job.startedAt { timeline.append((at, "started by a worker")) }
         if let at = job.finishedAt { timeline.append((at, job.state)) }
         var values: [String: Any] = [
-            "title": "Job \(id)", "id": id, "state": job.state, "policy": job.policy, "urlPolicy": Self.path(job.policy), "queue": job.queue,
+            "title": "Job \(id)", "id": id, "state": job.state, "policy": job.policy, "urlPolicy": Self.path(job.policy),
+            "queue": job.queue,
             "attempt": job.attempt, "args": job.argsJSON, "context": job.contextJSON,
             "explain": explanation.rows.map { row -> [String: Any] in
-                ["verdict": row.verdict, "aspect": row.aspect, "gate": row.gate ?? "", "partition": row.partition ?? "",
-                 "explanation": row.explanation, "wait": row.waitSeconds.map(Format.seconds) ?? ""]
+                [
+                    "verdict": row.verdict, "aspect": row.aspect, "gate": row.gate ?? "", "partition": row.partition ?? "",
+                    "explanation": row.explanation, "wait": row.waitSeconds.map(Format.seconds) ?? "",
+                ]
             },
             "partitions": job.partitions.map { ["gate": $0.gate, "partition": $0.partition] },
             "timeline": timeline.sorted { $0.0 < $1.0 }.map { ["at": Self.time($0.0), "what": $0.1] },
@@ -415,8 +448,11 @@ public struct AdminServer: Sendable {
         if let key = job.dedupeKey { values["dedupeKey"] = key }
         if let key = job.roundRobinKey { values["roundRobinKey"] = key }
         if session.signedIn {
-            values["actions"] = ["csrf": session.csrf ?? "", "canCancel": job.state == "pending" || job.state == "scheduled",
-                                 "canRetry": job.state == "dead"] as [String: Any]
+            values["actions"] =
+                [
+                    "csrf": session.csrf ?? "", "canCancel": job.state == "pending" || job.state == "scheduled",
+                    "canRetry": job.state == "dead",
+                ] as [String: Any]
         }
         return ("job", values)
     }
@@ -435,8 +471,10 @@ public struct AdminServer: Sendable {
         var values: [String: Any] = [
             "title": "Dead jobs",
             "jobs": jobs.prefix(options.pageSize).map { job -> [String: Any] in
-                var row: [String: Any] = ["id": job.id, "policy": job.policy, "attempts": job.attempt, "at": Self.time(job.finishedAt),
-                                          "error": job.lastError.map { String($0.prefix(500)) } ?? ""]
+                var row: [String: Any] = [
+                    "id": job.id, "policy": job.policy, "attempts": job.attempt, "at": Self.time(job.finishedAt),
+                    "error": job.lastError.map { String($0.prefix(500)) } ?? "",
+                ]
                 if session.signedIn { row["actions"] = ["csrf": session.csrf ?? ""] }
                 return row
             },
@@ -469,8 +507,9 @@ public struct AdminServer: Sendable {
     func limited(_ client: String) -> Response? {
         guard let wait = signIns.retryAfter(client: client) else { return nil }
         let seconds = max(1, wait.components.seconds + (wait.components.attoseconds > 0 ? 1 : 0))
-        return Response(status: .tooManyRequests, headers: [.contentType: "text/plain; charset=utf-8", .retryAfter: "\(seconds)"],
-                        body: .init(byteBuffer: ByteBuffer(string: "Too many failed attempts with a wrong token: try again in \(seconds) s.\n")))
+        return Response(
+            status: .tooManyRequests, headers: [.contentType: "text/plain; charset=utf-8", .retryAfter: "\(seconds)"],
+            body: .init(byteBuffer: ByteBuffer(string: "Too many failed attempts with a wrong token: try again in \(seconds) s.\n")))
     }
 
     func login(_ request: Request, client: String) async throws -> Response {
@@ -483,9 +522,10 @@ public struct AdminServer: Sendable {
             return redirect("/login", flashError: "That token is not the admin token.")
         }
         var response = redirect("/", flash: "Signed in: actions are available.")
-        response.setCookie(Cookie(
-            name: AdminAuth.sessionCookie, value: value, maxAge: Int(AdminAuth.sessionLifetime.components.seconds), path: "/",
-            secure: Self.isHTTPS(request), httpOnly: true, sameSite: .strict))
+        response.setCookie(
+            Cookie(
+                name: AdminAuth.sessionCookie, value: value, maxAge: Int(AdminAuth.sessionLifetime.components.seconds), path: "/",
+                secure: Self.isHTTPS(request), httpOnly: true, sameSite: .strict))
         return response
     }
 
@@ -503,13 +543,17 @@ public struct AdminServer: Sendable {
             return Self.forbidden("The form is stale or forged (CSRF check failed).")
         }
         var response = redirect("/", flash: "Signed out.")
-        response.setCookie(Cookie(name: AdminAuth.sessionCookie, value: "", maxAge: 0, path: "/", secure: Self.isHTTPS(request),
-                                  httpOnly: true, sameSite: .strict))
+        response.setCookie(
+            Cookie(
+                name: AdminAuth.sessionCookie, value: "", maxAge: 0, path: "/", secure: Self.isHTTPS(request),
+                httpOnly: true, sameSite: .strict))
         return response
     }
 
     static func forbidden(_ message: String) -> Response {
-        Response(status: .forbidden, headers: [.contentType: "text/plain; charset=utf-8"], body: .init(byteBuffer: ByteBuffer(string: message + "\n")))
+        Response(
+            status: .forbidden, headers: [.contentType: "text/plain; charset=utf-8"],
+            body: .init(byteBuffer: ByteBuffer(string: message + "\n")))
     }
 
     /// Whether the request may act: the bearer token (scripts), or the
@@ -527,7 +571,10 @@ public struct AdminServer: Sendable {
     }
 
     func act(_ action: String, request: Request, client: String) async throws -> Response {
-        guard auth.actionsEnabled else { return Self.forbidden("Actions are off: start the admin with --allow-actions and a token (--token-file or DISPATCH_POLICY_ADMIN_TOKEN).") }
+        guard auth.actionsEnabled else {
+            return Self.forbidden(
+                "Actions are off: start the admin with --allow-actions and a token (--token-file or DISPATCH_POLICY_ADMIN_TOKEN).")
+        }
         // A wrong bearer token counts as a failed sign-in of its client.
         let bearer = Self.bearer(request)
         if bearer != nil, let response = limited(client) { return response }
@@ -537,7 +584,8 @@ public struct AdminServer: Sendable {
                 signIns.recordFailure(client: client)
                 logger.warning("admin action refused: wrong bearer token", metadata: ["client": "\(client)"])
             }
-            return Self.forbidden("Sign in with the admin token first (or send Authorization: Bearer TOKEN); the form may be stale or forged.")
+            return Self.forbidden(
+                "Sign in with the admin token first (or send Authorization: Bearer TOKEN); the form may be stale or forged.")
         }
         let back = request.headers[.referer].flatMap(Self.sameOriginPath) ?? "/"
         do {
@@ -571,8 +619,9 @@ public struct AdminServer: Sendable {
     /// gives `dispatch_policy_up 0` and the process's own series.
     func metrics() async -> Response {
         await PolicyGauges(store: store, registry: registry, options: options, exported: exported, logger: logger).update()
-        return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-                        body: .init(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
+        return Response(
+            status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+            body: .init(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
     }
 }
 

@@ -48,7 +48,8 @@ public struct AdminStore: Sendable {
             """, logger: logger
         ).map { row in
             let (name, pending, scheduled, inFlight, admitted, completed, failed, dead, oldest, paused, failures, error, p50, p95, rate) =
-                try row.decode((String, Int64, Int64, Int64, Int64, Int64, Int64, Int64, Double?, Bool, Int?, String?, Double?, Double?, Double).self)
+                try row.decode(
+                    (String, Int64, Int64, Int64, Int64, Int64, Int64, Int64, Double?, Bool, Int?, String?, Double?, Double?, Double).self)
             return PolicyRow(
                 name: name, pending: pending, scheduled: scheduled, inFlight: inFlight, admitted24h: admitted, completed24h: completed,
                 failed24h: failed, dead: dead, oldestPendingSeconds: oldest, paused: paused, tickFailures: failures, lastError: error,
@@ -159,7 +160,9 @@ public struct AdminStore: Sendable {
 
     /// Pending jobs at the end of each minute from `since`, per policy (or
     /// only `only`), reconstructed from the history (`pending_minutes`), one statement.
-    public func pendingMinutes(only: String? = nil, since: Date) async throws -> [String: [(minute: Date, pending: Int64, scheduled: Int64)]] {
+    public func pendingMinutes(only: String? = nil, since: Date) async throws -> [String: [(
+        minute: Date, pending: Int64, scheduled: Int64
+    )]] {
         var result: [String: [(minute: Date, pending: Int64, scheduled: Int64)]] = [:]
         for row in try await executor.rows(
             """
@@ -191,9 +194,10 @@ public struct AdminStore: Sendable {
         {
             let (policy, minute, staged, admitted, refused, completed, failed, avg, p95) =
                 try row.decode((String, Date, Int64, Int64, Int64, Int64, Int64, Double?, Double?).self)
-            result[policy, default: []].append(MinuteSample(
-                minute: minute, staged: staged, admitted: admitted, refused: refused, completed: completed, failed: failed,
-                avgLagMs: avg, p95LagMs: p95))
+            result[policy, default: []].append(
+                MinuteSample(
+                    minute: minute, staged: staged, admitted: admitted, refused: refused, completed: completed, failed: failed,
+                    avgLagMs: avg, p95LagMs: p95))
         }
         return result
     }
@@ -211,7 +215,6 @@ public struct AdminStore: Sendable {
         public var avgLagMs: Double?
         public var p95LagMs: Double?
     }
-
 
     /// Per-minute rows of many gate partitions in one statement (the
     /// sparklines of a page), keyed by gate and partition. Attempts that
@@ -233,7 +236,9 @@ public struct AdminStore: Sendable {
             let (gate, partition, minute, admitted, refused, completed, failed, avg, p95) =
                 try row.decode((String, String, Date, Int64, Int64, Int64, Int64, Double?, Double?).self)
             result[gate, default: [:]][partition, default: []].append(
-                MinuteSample(minute: minute, admitted: admitted, refused: refused, completed: completed, failed: failed, avgLagMs: avg, p95LagMs: p95))
+                MinuteSample(
+                    minute: minute, admitted: admitted, refused: refused, completed: completed, failed: failed, avgLagMs: avg, p95LagMs: p95
+                ))
         }
         return result
     }
@@ -251,9 +256,11 @@ public struct AdminStore: Sendable {
     }
 
     public func policy(_ name: String) async throws -> PolicyDetail? {
-        guard let row = try await executor.rows(
-            "SELECT name, jsonb_pretty(config), paused FROM dispatch_policy.policies WHERE name = \(name)", logger: logger
-        ).first else { return nil }
+        guard
+            let row = try await executor.rows(
+                "SELECT name, jsonb_pretty(config), paused FROM dispatch_policy.policies WHERE name = \(name)", logger: logger
+            ).first
+        else { return nil }
         let (policy, config, paused) = try row.decode((String, String, Bool).self)
         let gates = try await executor.rows(
             """
@@ -322,7 +329,8 @@ public struct AdminStore: Sendable {
             while base64.count % 4 != 0 { base64 += "=" }
             // PostgreSQL text holds no NUL: a cursor with one is no cursor (not a query error).
             guard base64.count <= 4096, let data = Data(base64Encoded: base64), let text = String(data: data, encoding: .utf8),
-                  !text.contains("\u{0}") else { return nil }
+                !text.contains("\u{0}")
+            else { return nil }
             let parts = text.split(separator: "\u{1F}", maxSplits: 2, omittingEmptySubsequences: false)
             // in_flight is an integer column: a forged cursor beyond it is no cursor.
             guard parts.count == 3, let inFlight = Int64(parts[0]), (0...Int64(Int32.max)).contains(inFlight) else { return nil }
@@ -346,18 +354,18 @@ public struct AdminStore: Sendable {
         let idleAfter: (gate: String, partition: String) =
             if let after, sort == .partition || after.inFlight == 0 { (after.gate, after.partition) } else { ("", "") }
         var binds = PostgresBindings()
-        binds.append(policy)                                   // $1
-        binds.append(pattern)                                  // $2
-        binds.append(only)                                     // $3
-        binds.append(onlyBusy)                                 // $4
-        binds.append(idleAfter.gate)                           // $5
-        binds.append(idleAfter.partition)                      // $6
-        binds.append(sort == .inFlight)                        // $7: busy rows come first, from their own branch
-        binds.append(after?.gate)                              // $8
-        binds.append(after?.partition)                         // $9
-        binds.append(after.map { Int64($0.inFlight) })         // $10
-        binds.append(limit)                                    // $11
-        binds.append(onlyPending)                              // $12
+        binds.append(policy)  // $1
+        binds.append(pattern)  // $2
+        binds.append(only)  // $3
+        binds.append(onlyBusy)  // $4
+        binds.append(idleAfter.gate)  // $5
+        binds.append(idleAfter.partition)  // $6
+        binds.append(sort == .inFlight)  // $7: busy rows come first, from their own branch
+        binds.append(after?.gate)  // $8
+        binds.append(after?.partition)  // $9
+        binds.append(after.map { Int64($0.inFlight) })  // $10
+        binds.append(limit)  // $11
+        binds.append(onlyPending)  // $12
         // A row of a gate-state table (alias x) that may be on the page.
         let candidate = """
             (x.gate, x.partition) > ($5::text, $6::text)
@@ -522,26 +530,28 @@ public struct AdminStore: Sendable {
     }
 
     public func job(_ id: Int64) async throws -> JobDetail? {
-        guard let row = try await executor.rows(
-            """
-            SELECT j.id, j.policy, j.queue, j.state, j.attempt, jsonb_pretty(j.args), jsonb_pretty(j.context), j.dedupe_key,
-                   j.round_robin_key, j.created_at, j.staged_at, j.not_before, j.admitted_at, j.started_at, j.finished_at, j.last_error
-            FROM (
-              SELECT s.id, s.policy, s.queue, CASE WHEN s.not_before > now() THEN 'scheduled' ELSE 'pending' END AS state,
-                     s.attempt, s.args, s.context, s.dedupe_key, s.round_robin_key, s.created_at, s.staged_at, s.not_before,
-                     NULL::timestamptz AS admitted_at, NULL::timestamptz AS started_at, NULL::timestamptz AS finished_at, s.last_error
-              FROM dispatch_policy.staged_jobs s WHERE s.id = \(id)
-              UNION ALL
-              SELECT a.id, a.policy, a.queue, 'admitted', a.attempt, a.args, a.context, a.dedupe_key, a.round_robin_key, a.created_at,
-                     a.staged_at, NULL, a.admitted_at, a.started_at, NULL, NULL
-              FROM dispatch_policy.admitted_jobs a WHERE a.id = \(id)
-              UNION ALL
-              SELECT f.id, f.policy, f.queue, f.status, f.attempts, f.args, f.context, f.dedupe_key, NULL, f.created_at, NULL, NULL,
-                     f.admitted_at, f.started_at, f.finished_at, f.last_error
-              FROM dispatch_policy.finished_jobs f WHERE f.id = \(id)
-            ) j LIMIT 1
-            """, logger: logger
-        ).first else { return nil }
+        guard
+            let row = try await executor.rows(
+                """
+                SELECT j.id, j.policy, j.queue, j.state, j.attempt, jsonb_pretty(j.args), jsonb_pretty(j.context), j.dedupe_key,
+                       j.round_robin_key, j.created_at, j.staged_at, j.not_before, j.admitted_at, j.started_at, j.finished_at, j.last_error
+                FROM (
+                  SELECT s.id, s.policy, s.queue, CASE WHEN s.not_before > now() THEN 'scheduled' ELSE 'pending' END AS state,
+                         s.attempt, s.args, s.context, s.dedupe_key, s.round_robin_key, s.created_at, s.staged_at, s.not_before,
+                         NULL::timestamptz AS admitted_at, NULL::timestamptz AS started_at, NULL::timestamptz AS finished_at, s.last_error
+                  FROM dispatch_policy.staged_jobs s WHERE s.id = \(id)
+                  UNION ALL
+                  SELECT a.id, a.policy, a.queue, 'admitted', a.attempt, a.args, a.context, a.dedupe_key, a.round_robin_key, a.created_at,
+                         a.staged_at, NULL, a.admitted_at, a.started_at, NULL, NULL
+                  FROM dispatch_policy.admitted_jobs a WHERE a.id = \(id)
+                  UNION ALL
+                  SELECT f.id, f.policy, f.queue, f.status, f.attempts, f.args, f.context, f.dedupe_key, NULL, f.created_at, NULL, NULL,
+                         f.admitted_at, f.started_at, f.finished_at, f.last_error
+                  FROM dispatch_policy.finished_jobs f WHERE f.id = \(id)
+                ) j LIMIT 1
+                """, logger: logger
+            ).first
+        else { return nil }
         let decoded = try row.decode(
             (Int64, String, String, String, Int, String, String, String?, String?, Date?, Date?, Date?, Date?, Date?, Date?, String?).self)
         let partitions = try await executor.rows(
@@ -610,6 +620,7 @@ public struct AdminStore: Sendable {
     }
 
     static func escapeLike(_ text: String) -> String {
-        text.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "%", with: "\\%").replacingOccurrences(of: "_", with: "\\_")
+        text.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "%", with: "\\%").replacingOccurrences(
+            of: "_", with: "\\_")
     }
 }

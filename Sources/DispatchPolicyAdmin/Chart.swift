@@ -30,10 +30,14 @@ public enum Chart {
     }
 
     static func render(_ points: [Point], width: Int, height: Int, axes: Bool, label: String) -> String {
-        let left = axes ? 44.0 : 0, right = axes ? 44.0 : 0, top = axes ? 8.0 : 1, bottom = axes ? 18.0 : 1
+        let left = axes ? 44.0 : 0
+        let right = axes ? 44.0 : 0
+        let top = axes ? 8.0 : 1
+        let bottom = axes ? 18.0 : 1
         let plotWidth = Double(width) - left - right
         let plotHeight = Double(height) - top - bottom
-        var out = "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"\(width)\" height=\"\(height)\" viewBox=\"0 0 \(width) \(height)\" role=\"img\" aria-label=\"\(HTML.escape(label))\">"
+        var out =
+            "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"\(width)\" height=\"\(height)\" viewBox=\"0 0 \(width) \(height)\" role=\"img\" aria-label=\"\(HTML.escape(label))\">"
         guard !points.isEmpty else { return out + "</svg>" }
         let maxDone = max(points.map { $0.completed + $0.failed }.max() ?? 0, 1)
         let lags = points.compactMap(\.avgLagMs).filter { $0.isFinite && $0 >= 0 }
@@ -54,7 +58,8 @@ public enum Chart {
                 out += "<rect class=\"done\" x=\(q(x)) y=\(q(top + plotHeight - doneHeight)) width=\(q(barWidth)) height=\(q(doneHeight))/>"
             }
             if point.failed > 0 {
-                out += "<rect class=\"failed\" x=\(q(x)) y=\(q(top + plotHeight - doneHeight - failHeight)) width=\(q(barWidth)) height=\(q(failHeight))/>"
+                out +=
+                    "<rect class=\"failed\" x=\(q(x)) y=\(q(top + plotHeight - doneHeight - failHeight)) width=\(q(barWidth)) height=\(q(failHeight))/>"
             }
             out += "</g>"
         }
@@ -77,10 +82,12 @@ public enum Chart {
         if axes {
             out += "<text class=\"axis\" x=\"\(f(left - 4))\" y=\"\(f(top + 10))\" text-anchor=\"end\">\(maxDone)/min</text>"
             out += "<text class=\"axis\" x=\"\(f(left - 4))\" y=\"\(f(top + plotHeight))\" text-anchor=\"end\">0</text>"
-            out += "<text class=\"axis lag-axis\" x=\"\(f(left + plotWidth + 4))\" y=\"\(f(top + 10))\">\(HTML.escape(Format.milliseconds(maxLag)))</text>"
+            out +=
+                "<text class=\"axis lag-axis\" x=\"\(f(left + plotWidth + 4))\" y=\"\(f(top + 10))\">\(HTML.escape(Format.milliseconds(maxLag)))</text>"
             if let first = points.first, let last = points.last {
                 out += "<text class=\"axis\" x=\"\(f(left))\" y=\"\(height - 4)\">\(hhmm(first.minute))</text>"
-                out += "<text class=\"axis\" x=\"\(f(left + plotWidth))\" y=\"\(height - 4)\" text-anchor=\"end\">\(hhmm(last.minute)) UTC</text>"
+                out +=
+                    "<text class=\"axis\" x=\"\(f(left + plotWidth))\" y=\"\(height - 4)\" text-anchor=\"end\">\(hhmm(last.minute)) UTC</text>"
             }
         }
         return out + "</svg>"
@@ -90,8 +97,10 @@ public enum Chart {
     /// trend), with a tooltip per minute; `scheduled` are included in the
     /// tooltip only.
     public static func pendingLine(_ samples: [(minute: Date, pending: Int64, scheduled: Int64)], label: String) -> String {
-        let width = 120.0, height = 24.0
-        var out = "<svg class=\"chart pending\" xmlns=\"http://www.w3.org/2000/svg\" width=\"120\" height=\"24\" viewBox=\"0 0 120 24\" role=\"img\" aria-label=\"\(HTML.escape(label))\">"
+        let width = 120.0
+        let height = 24.0
+        var out =
+            "<svg class=\"chart pending\" xmlns=\"http://www.w3.org/2000/svg\" width=\"120\" height=\"24\" viewBox=\"0 0 120 24\" role=\"img\" aria-label=\"\(HTML.escape(label))\">"
         guard !samples.isEmpty else { return out + "</svg>" }
         let top = max(samples.map(\.pending).max() ?? 0, 1)
         let step = width / Double(samples.count)
@@ -101,7 +110,8 @@ public enum Chart {
             let y = 1 + (height - 2) * (1 - Double(max(sample.pending, 0)) / Double(top))
             path += "\(index == 0 ? "M" : "L")\(f(x)) \(f(y)) "
             let tip = "\(hhmm(sample.minute)) UTC: \(sample.pending) pending, \(sample.scheduled) scheduled"
-            out += "<g><title>\(HTML.escape(tip))</title><rect class=\"hit\" x=\(q(Double(index) * step)) y=\"0\" width=\(q(step)) height=\"24\"/></g>"
+            out +=
+                "<g><title>\(HTML.escape(tip))</title><rect class=\"hit\" x=\(q(Double(index) * step)) y=\"0\" width=\(q(step)) height=\"24\"/></g>"
         }
         out += "<path class=\"pending\" d=\"\(path.trimmingCharacters(in: .whitespaces))\"/>"
         return out + "</svg>"
@@ -135,7 +145,10 @@ public enum Format {
         guard s.isFinite, s >= 0 else { return "-" }
         if s < 60 { return s < 10 ? String(format: "%.1f s", s) : "\(Int(s.rounded())) s" }
         let total = Int(min(s, 1e12).rounded())
-        let days = total / 86_400, hours = total % 86_400 / 3600, minutes = total % 3600 / 60, secs = total % 60
+        let days = total / 86_400
+        let hours = total % 86_400 / 3600
+        let minutes = total % 3600 / 60
+        let secs = total % 60
         if days > 0 { return "\(days)d \(hours)h" }
         if hours > 0 { return "\(hours)h \(minutes)m" }
         return "\(minutes)m \(secs)s"

@@ -28,7 +28,8 @@ public enum Hints {
         }
         if let worst = limits.adaptiveWorst, worst.targetMs > 0, worst.ewmaMs > worst.targetMs {
             hints.append(
-                "adaptive cap shrinking on \(worst.gate) [\(worst.partition)]: EWMA \(Format.milliseconds(worst.ewmaMs)) > target \(Format.milliseconds(worst.targetMs)), cap \(worst.cap)")
+                "adaptive cap shrinking on \(worst.gate) [\(worst.partition)]: EWMA \(Format.milliseconds(worst.ewmaMs)) > target \(Format.milliseconds(worst.targetMs)), cap \(worst.cap)"
+            )
         }
         if limits.growingMinutes >= growingMinutes, policy.pending > 0 {
             hints.append("pending growing for \(limits.growingMinutes) min: more staged than admitted each minute")

@@ -3,13 +3,13 @@ import Logging
 import Subprocess
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 #if canImport(System)
-import System
+    import System
 #else
-import SystemPackage
+    import SystemPackage
 #endif
 
 /// The one error type of the `EmbeddedPostgres` module.
@@ -58,7 +58,8 @@ public final class EmbeddedPostgres: Sendable {
         public var settings: [String: String]
 
         public init(
-            parentDirectory: String = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp", binDirectory: String? = nil, tcpPort: Int? = nil,
+            parentDirectory: String = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp",
+            binDirectory: String? = nil, tcpPort: Int? = nil,
             keepRunning: Bool = false, settings: [String: String] = [:]
         ) {
             self.parentDirectory = parentDirectory
@@ -100,26 +101,32 @@ public final class EmbeddedPostgres: Sendable {
     }
 
     /// Creates and starts a new cluster; returns once it accepts connections.
-    public static func start(_ options: Options = Options(), logger: Logger = Logger(label: "embedded-postgres")) async throws -> EmbeddedPostgres {
+    public static func start(_ options: Options = Options(), logger: Logger = Logger(label: "embedded-postgres")) async throws
+        -> EmbeddedPostgres
+    {
         #if !os(Linux)
-        guard options.keepRunning else {
-            throw EmbeddedPostgresError(
-                message: "the embedded cluster's watchdog runs on Linux only (it watches this process through /proc); start it with keepRunning and stop it yourself")
-        }
+            guard options.keepRunning else {
+                throw EmbeddedPostgresError(
+                    message:
+                        "the embedded cluster's watchdog runs on Linux only (it watches this process through /proc); start it with keepRunning and stop it yourself"
+                )
+            }
         #endif
         let bin = try findBinDirectory(options.binDirectory)
         let asPostgres = geteuid() == 0
         var postgresUser: (uid: uid_t, gid: gid_t)?
         if asPostgres {
             guard let pw = getpwnam("postgres") else {
-                throw EmbeddedPostgresError(message: "running as root, but there is no postgres user to run the server as (PostgreSQL refuses to run as root)")
+                throw EmbeddedPostgresError(
+                    message: "running as root, but there is no postgres user to run the server as (PostgreSQL refuses to run as root)")
             }
             postgresUser = (pw.pointee.pw_uid, pw.pointee.pw_gid)
         }
         // The watchdog makes the directory itself: a process interrupted
         // while the cluster is being made (Ctrl-C in the demo) leaves no
         // directory without a watchdog to remove it.
-        let directory = options.keepRunning
+        let directory =
+            options.keepRunning
             ? try makeDirectory(in: options.parentDirectory, owner: postgresUser)
             : try await startWatchdog(in: options.parentDirectory, binDirectory: bin, runAsPostgres: asPostgres)
         let port = options.tcpPort ?? 5432
@@ -150,7 +157,8 @@ public final class EmbeddedPostgres: Sendable {
             .map { "-c \($0.key)=\(quoteForPgCtl($0.value))" }
             .joined(separator: " ")
         do {
-            try await cluster.runTool("pg_ctl", ["-D", cluster.dataDirectory, "-l", cluster.logFile, "-w", "-t", "120", "-o", serverOptions, "start"])
+            try await cluster.runTool(
+                "pg_ctl", ["-D", cluster.dataDirectory, "-l", cluster.logFile, "-w", "-t", "120", "-o", serverOptions, "start"])
         } catch var error as EmbeddedPostgresError {
             error.log = (error.log ?? "") + "\n" + cluster.logTail()
             throw error
@@ -264,7 +272,8 @@ public final class EmbeddedPostgres: Sendable {
             printf '%s' "$dir"
             """
         let arguments = ["-c", script, "watchdog", String(getpid()), parent, binDirectory]
-        let (executable, args) = runAsPostgres
+        let (executable, args) =
+            runAsPostgres
             ? ("/usr/sbin/runuser", ["-u", "postgres", "--", "/bin/sh"] + arguments)
             : ("/bin/sh", arguments)
         var platform = PlatformOptions()

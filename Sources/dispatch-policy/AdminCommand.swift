@@ -38,11 +38,12 @@ func httpService<Context: RequestContext>(
     return Application(
         router: router, configuration: .init(address: .hostname(host, port: port), serverName: nil),
         onServerRunning: { channel in
-            let address = channel.localAddress.map { local -> String in
-                let ip = local.ipAddress ?? host
-                // An IPv6 address in a URL is in brackets.
-                return "\(ip.contains(":") ? "[\(ip)]" : ip):\(local.port ?? port)"
-            } ?? bind
+            let address =
+                channel.localAddress.map { local -> String in
+                    let ip = local.ipAddress ?? host
+                    // An IPv6 address in a URL is in brackets.
+                    return "\(ip.contains(":") ? "[\(ip)]" : ip):\(local.port ?? port)"
+                } ?? bind
             FileHandle.standardError.write(Data("dispatch-policy: listening on http://\(address)\n".utf8))
             onListening?("http://\(address)")
         },
@@ -51,7 +52,8 @@ func httpService<Context: RequestContext>(
 
 struct Admin: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve the admin web UI and /metrics: policies, partitions, charts, jobs, explain, dead jobs; actions with --allow-actions.",
+        abstract:
+            "Serve the admin web UI and /metrics: policies, partitions, charts, jobs, explain, dead jobs; actions with --allow-actions.",
         discussion: """
             Binds 127.0.0.1:8080 by default. Viewing needs no sign-in: bind to loopback, or put the admin \
             behind your own authentication. Actions (pause/resume a policy or a partition, cancel, retry, \
@@ -73,7 +75,8 @@ struct Admin: AsyncParsableCommand {
     @Flag(name: .customLong("allow-actions"), help: "Enable actions; needs --token-file or DISPATCH_POLICY_ADMIN_TOKEN.")
     var allowActions = false
 
-    @Option(name: .customLong("token-file"), help: "With --allow-actions: read the token from this file (not read without --allow-actions).")
+    @Option(
+        name: .customLong("token-file"), help: "With --allow-actions: read the token from this file (not read without --allow-actions).")
     var tokenFile: String?
 
     func validate() throws {
@@ -106,8 +109,9 @@ struct Admin: AsyncParsableCommand {
             let client = try await FailoverClient.settle(settings, logger: logger)
             let server: AdminServer
             do {
-                server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: options,
-                                         registry: ProcessMetrics.registry, logger: logger)
+                server = try AdminServer(
+                    store: AdminStore(executor: client, logger: logger), options: options,
+                    registry: ProcessMetrics.registry, logger: logger)
             } catch let error as AdminAuthError {
                 throw ConfigurationError(error.description)
             }

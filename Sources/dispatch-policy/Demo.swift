@@ -9,8 +9,8 @@ import ServiceLifecycle
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
-import UnixSignals
+    import Glibc
+    import UnixSignals
 #endif
 
 struct Demo: AsyncParsableCommand {
@@ -99,22 +99,29 @@ struct Demo: AsyncParsableCommand {
             ]
             if let admin {
                 // The admin UI on the demo's database, read-only, for as long as the demo runs.
-                let client = PostgresClient(configuration: try settings.with(session: .admin).clientConfiguration(), backgroundLogger: logger)
-                let server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
-                                             registry: ProcessMetrics.registry, logger: logger)
+                let client = PostgresClient(
+                    configuration: try settings.with(session: .admin).clientConfiguration(), backgroundLogger: logger)
+                let server = try AdminServer(
+                    store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
+                    registry: ProcessMetrics.registry, logger: logger)
                 services.append(.init(service: client))
-                services.append(.init(service: try httpService(
-                    router: server.router(), bind: admin, flag: "--admin", logger: logger,
-                    onListening: { address in adminURL.set(address) })))
+                services.append(
+                    .init(
+                        service: try httpService(
+                            router: server.router(), bind: admin, flag: "--admin", logger: logger,
+                            onListening: { address in adminURL.set(address) })))
             }
-            let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            let group = ServiceGroup(
+                configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
             try await group.run()
             try await driver.printSummary()
             if let cluster {
                 if keep {
                     print("\nthe database is still running: \(cluster.url())")
                     print("look at it in the admin UI: dispatch-policy admin --database-url '\(cluster.url())'")
-                    print("stop it with: \(geteuid() == 0 ? "runuser -u postgres -- " : "")\(cluster.binDirectory)/pg_ctl -D \(cluster.dataDirectory) stop")
+                    print(
+                        "stop it with: \(geteuid() == 0 ? "runuser -u postgres -- " : "")\(cluster.binDirectory)/pg_ctl -D \(cluster.dataDirectory) stop"
+                    )
                 } else {
                     try? await cluster.stop()
                 }
@@ -161,8 +168,9 @@ struct DemoDriver: Service {
     private func prepare(_ conn: PostgresConnection) async throws {
         try await Migrator(logger: logger).migrate(on: conn)
         let webhooks = PolicyConfig(roundRobinBy: "{account}", batchSize: 200) {
-            Gate.throttle(name: "per_endpoint", rate: .context("rate_limit", default: 30), per: 1,
-                          burst: .context("rate_limit", default: 30), partitionBy: "{endpoint}")
+            Gate.throttle(
+                name: "per_endpoint", rate: .context("rate_limit", default: 30), per: 1,
+                burst: .context("rate_limit", default: 30), partitionBy: "{endpoint}")
             Gate.concurrency(name: "per_account", max: .constant(Double(Self.accountCap)), partitionBy: "{account}")
             Gate.globalCap(max: Self.globalCap)
             Gate.fairInterleave()
@@ -174,9 +182,12 @@ struct DemoDriver: Service {
         try await catalog.declare(name: "demo_webhooks", config: try webhooks.json())
         try await catalog.declare(name: "demo_reports", config: try reports.json())
         // Start from a clean slate when run twice against the same database.
-        for table in ["staged_jobs", "admitted_jobs", "finished_jobs", "job_failures", "throttle_buckets",
-                      "inflight_counters", "adaptive_stats", "observations", "observation_minutes"] {
-            _ = try await conn.rows(PostgresQuery(unsafeSQL: "DELETE FROM dispatch_policy.\(table) WHERE policy LIKE 'demo\\_%'"), logger: logger)
+        for table in [
+            "staged_jobs", "admitted_jobs", "finished_jobs", "job_failures", "throttle_buckets",
+            "inflight_counters", "adaptive_stats", "observations", "observation_minutes",
+        ] {
+            _ = try await conn.rows(
+                PostgresQuery(unsafeSQL: "DELETE FROM dispatch_policy.\(table) WHERE policy LIKE 'demo\\_%'"), logger: logger)
         }
         _ = try await conn.rows("DELETE FROM dispatch_policy.dedupe_keys WHERE policy LIKE 'demo\\_%'", logger: logger)
         let stager = Stager(executor: conn, logger: logger)
@@ -185,17 +196,22 @@ struct DemoDriver: Service {
             try JobSpec(args: ["event": i], context: ["account": "acme", "endpoint": "acme-hook", "rate_limit": "\(Int(Self.noisyRate))"])
         }
         _ = try await stager.stageMany(policy: "demo_webhooks", noisy)
-        _ = try await stager.stageMany(policy: "demo_reports", try (0..<300).map { try JobSpec(args: ["report": $0], context: ["account": "acme"], queue: "reports") })
+        _ = try await stager.stageMany(
+            policy: "demo_reports", try (0..<300).map { try JobSpec(args: ["report": $0], context: ["account": "acme"], queue: "reports") })
         // Then twelve small tenants behind it: at first they all want more
         // slots than the global cap has; four of them, with slow endpoints
         // and 40 webhooks each, then keep their account's cap full.
         for tenant in Self.smallTenants {
-            _ = try await stager.stageMany(policy: "demo_webhooks", try (0..<(Self.slowTenants.contains(tenant) ? 40 : 15)).map {
-                try JobSpec(args: ["event": $0], context: ["account": tenant, "endpoint": "\(tenant)-hook"])
-            })
-            _ = try await stager.stageMany(policy: "demo_reports", try (0..<10).map {
-                try JobSpec(args: ["report": $0], context: ["account": tenant], queue: "reports")
-            })
+            _ = try await stager.stageMany(
+                policy: "demo_webhooks",
+                try (0..<(Self.slowTenants.contains(tenant) ? 40 : 15)).map {
+                    try JobSpec(args: ["event": $0], context: ["account": tenant, "endpoint": "\(tenant)-hook"])
+                })
+            _ = try await stager.stageMany(
+                policy: "demo_reports",
+                try (0..<10).map {
+                    try JobSpec(args: ["report": $0], context: ["account": tenant], queue: "reports")
+                })
         }
     }
 
@@ -249,11 +265,13 @@ struct DemoDriver: Service {
         return result
     }
 
-    func render(_ conn: PostgresConnection, elapsed: Duration, previous: inout [String: Int], sample: inout Sample, live: Bool) async throws {
+    func render(_ conn: PostgresConnection, elapsed: Duration, previous: inout [String: Int], sample: inout Sample, live: Bool) async throws
+    {
         let admitted = try await admissions(conn)
         var lines: [String] = []
-        lines.append("dispatch-policy demo — \(elapsed.components.seconds)s of \(runFor.components.seconds)s   (Ctrl-C ends it)"
-                     + (adminURL.value.map { "   admin UI: \($0)" } ?? ""))
+        lines.append(
+            "dispatch-policy demo — \(elapsed.components.seconds)s of \(runFor.components.seconds)s   (Ctrl-C ends it)"
+                + (adminURL.value.map { "   admin UI: \($0)" } ?? ""))
         lines.append("")
         var rows: [[String]] = []
         for row in try await conn.rows(
@@ -297,7 +315,9 @@ struct DemoDriver: Service {
         }
         lines.append(TextTable.render(header: ["GATE/PARTITION", "IN FLIGHT", "CAP", "TOKENS", "EWMA LAG"], rows: partitions))
 
-        for row in try await conn.rows("SELECT partition, current_max FROM dispatch_policy.adaptive_stats WHERE policy = 'demo_reports'", logger: logger) {
+        for row in try await conn.rows(
+            "SELECT partition, current_max FROM dispatch_policy.adaptive_stats WHERE policy = 'demo_reports'", logger: logger)
+        {
             let (partition, cap) = try row.decode((String, Int).self)
             let seen = sample.adaptiveCaps[partition] ?? (cap, cap)
             sample.adaptiveCaps[partition] = (min(seen.min, cap), max(seen.max, cap))
@@ -306,7 +326,10 @@ struct DemoDriver: Service {
             print("\u{1B}[H\u{1B}[2J" + lines.joined(separator: "\n"))
         } else {
             // Not a terminal (CI, a pipe): one compact line a second.
-            print("t=\(elapsed.components.seconds)s " + rows.map { "\($0[0]): pending \($0[1]), admitted/s \($0[2]), in flight \($0[3]), done \($0[4])" }.joined(separator: "; "))
+            print(
+                "t=\(elapsed.components.seconds)s "
+                    + rows.map { "\($0[0]): pending \($0[1]), admitted/s \($0[2]), in flight \($0[3]), done \($0[4])" }.joined(
+                        separator: "; "))
         }
         fflush(nil)
     }
@@ -320,18 +343,23 @@ struct DemoDriver: Service {
         let sample = DemoDriver.lastSample.withLock { $0 }
         print("\n=== summary ===")
         // Throttle: admissions of the noisy endpoint against burst + rate × t.
-        guard let throttled = try await conn.rows(
-            """
-            SELECT count(*)::int, coalesce(extract(epoch FROM max(t) - min(t)), 0)::float8 FROM (
-              SELECT admitted_at AS t FROM dispatch_policy.admitted_jobs WHERE context ->> 'endpoint' = 'acme-hook'
-              UNION ALL SELECT admitted_at FROM dispatch_policy.finished_jobs WHERE context ->> 'endpoint' = 'acme-hook') x
-            """, logger: logger
-        ).first?.decode((Int, Double).self) else { return }
+        guard
+            let throttled = try await conn.rows(
+                """
+                SELECT count(*)::int, coalesce(extract(epoch FROM max(t) - min(t)), 0)::float8 FROM (
+                  SELECT admitted_at AS t FROM dispatch_policy.admitted_jobs WHERE context ->> 'endpoint' = 'acme-hook'
+                  UNION ALL SELECT admitted_at FROM dispatch_policy.finished_jobs WHERE context ->> 'endpoint' = 'acme-hook') x
+                """, logger: logger
+            ).first?.decode((Int, Double).self)
+        else { return }
         let allowed = Self.noisyBurst + Self.noisyRate * throttled.1
-        let throttleRefusals = try await Self.refusals(conn, gate: "per_endpoint", partitions: ["acme-hook"], since: startedAt, logger: logger)
-        print(String(format: "throttle     acme-hook: %d admitted in %.1f s (limit %.0f/s, burst %.0f: at most %.0f); %@ %@",
-                     throttled.0, throttled.1, Self.noisyRate, Self.noisyBurst, allowed, Self.refusedText(throttleRefusals),
-                     Double(throttled.0) <= allowed + 1e-9 ? "HELD" : "EXCEEDED"))
+        let throttleRefusals = try await Self.refusals(
+            conn, gate: "per_endpoint", partitions: ["acme-hook"], since: startedAt, logger: logger)
+        print(
+            String(
+                format: "throttle     acme-hook: %d admitted in %.1f s (limit %.0f/s, burst %.0f: at most %.0f); %@ %@",
+                throttled.0, throttled.1, Self.noisyRate, Self.noisyBurst, allowed, Self.refusedText(throttleRefusals),
+                Double(throttled.0) <= allowed + 1e-9 ? "HELD" : "EXCEEDED"))
         // Fairness: how long small tenants waited for their first admission, behind acme's 3,000.
         let waits = try await conn.rows(
             """
@@ -343,10 +371,15 @@ struct DemoDriver: Service {
         ).map { try $0.decode((String, Double).self) }
         let small = waits.filter { $0.0 != "acme" }
         let worst = small.map(\.1).max() ?? .infinity
-        print(String(format: "fairness     %d of %d small tenants admitted; the slowest waited %.2f s for its first job, behind acme's 3,000",
-                     small.count, Self.smallTenants.count, worst))
-        let pendingAcme = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE context ->> 'account' = 'acme' AND policy = 'demo_webhooks'")
-        print("             acme still has \(pendingAcme) webhooks waiting" + (throttleRefusals > 0 ? ": its endpoint's limit, not the other tenants, sets its pace" : ""))
+        print(
+            String(
+                format: "fairness     %d of %d small tenants admitted; the slowest waited %.2f s for its first job, behind acme's 3,000",
+                small.count, Self.smallTenants.count, worst))
+        let pendingAcme = try await conn.scalar(
+            "SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE context ->> 'account' = 'acme' AND policy = 'demo_webhooks'")
+        print(
+            "             acme still has \(pendingAcme) webhooks waiting"
+                + (throttleRefusals > 0 ? ": its endpoint's limit, not the other tenants, sets its pace" : ""))
         // Caps, from every attempt's run: [started_at, finished_at) of the
         // webhooks (still running: until now). A run lies within the time its
         // job held a slot (claimed after its admission committed, finished
@@ -360,22 +393,28 @@ struct DemoDriver: Service {
         let accountRefusals = try await Self.refusals(
             conn, gate: "per_account", partitions: ["acme"] + Self.smallTenants, since: startedAt, logger: logger)
         let globalRefusals = try await Self.refusals(conn, gate: "global_cap", partitions: ["default"], since: startedAt, logger: logger)
-        print("concurrency  at most \(perAccount) webhooks ran at once per account (cap \(Self.accountCap)); "
-              + Self.refusedText(accountRefusals) + (perAccount <= Self.accountCap ? " HELD" : " EXCEEDED"))
-        print("global cap   at most \(global) webhooks ran at once in all (cap \(Self.globalCap)); "
-              + Self.refusedText(globalRefusals) + (global <= Self.globalCap ? " HELD" : " EXCEEDED"))
+        print(
+            "concurrency  at most \(perAccount) webhooks ran at once per account (cap \(Self.accountCap)); "
+                + Self.refusedText(accountRefusals) + (perAccount <= Self.accountCap ? " HELD" : " EXCEEDED"))
+        print(
+            "global cap   at most \(global) webhooks ran at once in all (cap \(Self.globalCap)); "
+                + Self.refusedText(globalRefusals) + (global <= Self.globalCap ? " HELD" : " EXCEEDED"))
         let caps = sample.adaptiveCaps.sorted { $0.key < $1.key }.prefix(4).map { "\($0.key) \($0.value.min)–\($0.value.max)" }
         let final = try await conn.rows(
             "SELECT partition, current_max, coalesce(round(ewma_lag_ms)::int, 0) FROM dispatch_policy.adaptive_stats WHERE policy = 'demo_reports' AND partition = 'acme'",
             logger: logger
         ).first.map { try $0.decode((String, Int, Int).self) }
-        print("adaptive     caps seen (min–max): \(caps.joined(separator: ", "))" + (final.map { "; acme now \($0.1) with EWMA lag \($0.2) ms (target 250 ms)" } ?? ""))
+        print(
+            "adaptive     caps seen (min–max): \(caps.joined(separator: ", "))"
+                + (final.map { "; acme now \($0.1) with EWMA lag \($0.2) ms (target 250 ms)" } ?? ""))
         let totals = try await conn.rows(
             "SELECT policy, count(*) FILTER (WHERE status = 'completed')::int, count(*) FILTER (WHERE status = 'dead')::int FROM dispatch_policy.finished_jobs WHERE policy LIKE 'demo\\_%' GROUP BY 1 ORDER BY 1",
             logger: logger
         ).map { try $0.decode((String, Int, Int).self) }
         let failures = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.job_failures WHERE policy LIKE 'demo\\_%'")
-        print("done         " + totals.map { "\($0.0): \($0.1) completed, \($0.2) dead" }.joined(separator: "; ") + "; \(failures) failed attempts retried through admission")
+        print(
+            "done         " + totals.map { "\($0.0): \($0.1) completed, \($0.2) dead" }.joined(separator: "; ")
+                + "; \(failures) failed attempts retried through admission")
     }
 }
 
@@ -409,7 +448,8 @@ extension DemoDriver {
 
     /// Refusals of a gate's partitions since `since`, as the ticks recorded
     /// them in the history (a waiting job counts once per tick that refused it).
-    static func refusals(_ conn: PostgresConnection, gate: String, partitions: [String], since: Date, logger: Logger) async throws -> Int64 {
+    static func refusals(_ conn: PostgresConnection, gate: String, partitions: [String], since: Date, logger: Logger) async throws -> Int64
+    {
         try await conn.rows(
             """
             SELECT coalesce(sum(m.refused), 0)::bigint

@@ -1,16 +1,17 @@
 import ArgumentParser
 import DispatchPolicy
 import DispatchPolicyAdmin
-import Metrics
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import Logging
+import Metrics
 import PostgresNIO
 import ServiceLifecycle
 import Synchronization
 import UnixSignals
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 @main
 struct DispatchPolicyCommand: AsyncParsableCommand {
@@ -25,7 +26,8 @@ struct DispatchPolicyCommand: AsyncParsableCommand {
             """,
         version: DispatchPolicyVersion.current,
         subcommands: [
-            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, AdmitNow.self, Work.self, Status.self, Explain.self, Check.self, Admin.self,
+            Demo.self, Migrate.self, PolicyCommand.self, Stage.self, Tick.self, Run.self, Pause.self, Resume.self, AdmitNow.self, Work.self,
+            Status.self, Explain.self, Check.self, Admin.self,
         ]
     )
 }
@@ -36,7 +38,8 @@ enum DispatchPolicyVersion {
 
 /// Options every command that talks to the database shares.
 struct ConnectionOptions: ParsableArguments {
-    @Option(name: .customLong("database-url"), help: "postgres://user:password@host:port/database (default: DATABASE_URL, then PG* variables).")
+    @Option(
+        name: .customLong("database-url"), help: "postgres://user:password@host:port/database (default: DATABASE_URL, then PG* variables).")
     var databaseURL: String?
 
     @Flag(name: .shortAndLong, help: "Log more to standard error: info level (debug for the services run, work and admin).")
@@ -90,7 +93,8 @@ struct ConnectionOptions: ParsableArguments {
                 connection.closeFuture.whenComplete { _ in
                     DispatchQueue.global().asyncAfter(deadline: .now() + 2) {
                         guard !done.value else { return }
-                        printError("the database session ended before the command finished; nothing after its last completed statement was done")
+                        printError(
+                            "the database session ended before the command finished; nothing after its last completed statement was done")
                         Foundation.exit(1)
                     }
                 }
@@ -181,9 +185,9 @@ struct PolicyCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Drop a policy and all its state (its history stays until pruned).",
             discussion: """
-            Refused (SQLSTATE 2BP01, nothing changed) while the policy has staged or admitted jobs, \
-            unless --force, which finishes them as cancelled first. Needs the schema owner's rights.
-            """)
+                Refused (SQLSTATE 2BP01, nothing changed) while the policy has staged or admitted jobs, \
+                unless --force, which finishes them as cancelled first. Needs the schema owner's rights.
+                """)
 
         @OptionGroup var connection: ConnectionOptions
 
@@ -289,7 +293,9 @@ struct PolicyCommand: AsyncParsableCommand {
 
 struct Stage: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Stage one job; prints its id. A job dropped as a duplicate prints nothing on standard output, says so on standard error and exits 0.")
+        abstract:
+            "Stage one job; prints its id. A job dropped as a duplicate prints nothing on standard output, says so on standard error and exits 0."
+    )
 
     @OptionGroup var connection: ConnectionOptions
 
@@ -317,7 +323,10 @@ struct Stage: AsyncParsableCommand {
     @Option(name: .customLong("not-before"), parsing: .unconditional, help: "Do not admit before this ISO 8601 time.")
     var notBefore: String?
 
-    @Option(parsing: .unconditional, help: "Do not admit before this delay from now, such as 30s or 5m (at most \(DurationParser.describe(CLILimits.delay.upperBound))).")
+    @Option(
+        parsing: .unconditional,
+        help: "Do not admit before this delay from now, such as 30s or 5m (at most \(DurationParser.describe(CLILimits.delay.upperBound)))."
+    )
     var delay: String?
 
     var delayDuration: Duration? {
@@ -444,7 +453,9 @@ struct AdmitNow: AsyncParsableCommand {
 
 struct Explain: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Why a job waits: each gate of its policy in its partition (ok or waits, with the numbers), its lane, schedule and an estimated wait (dispatch_policy.explain). Exits 1 for an unknown job.")
+        abstract:
+            "Why a job waits: each gate of its policy in its partition (ok or waits, with the numbers), its lane, schedule and an estimated wait (dispatch_policy.explain). Exits 1 for an unknown job."
+    )
 
     @OptionGroup var connection: ConnectionOptions
 
@@ -460,7 +471,8 @@ struct Explain: AsyncParsableCommand {
 
 struct Status: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show dispatch_policy.policy_overview: counts per policy, the error of any policy whose ticks fail, and the runners and workers with their reconnects.",
+        abstract:
+            "Show dispatch_policy.policy_overview: counts per policy, the error of any policy whose ticks fail, and the runners and workers with their reconnects.",
         discussion: """
             With --policy, that policy only, what limits it now (the admin's hints) and its busiest \
             partitions. With --watch, the tables are redrawn in place every --interval until Ctrl-C.
@@ -481,7 +493,9 @@ struct Status: AsyncParsableCommand {
     var partitions: Int = 10
 
     func validate() throws {
-        do { _ = try DurationParser.parse(interval, flag: "--interval", within: .milliseconds(100) ... .seconds(3600)) } catch let error as DispatchPolicyError {
+        do { _ = try DurationParser.parse(interval, flag: "--interval", within: .milliseconds(100) ... .seconds(3600)) } catch let error
+            as DispatchPolicyError
+        {
             throw ValidationError(error.message)
         }
         guard (1...1000).contains(partitions) else { throw ValidationError("--partitions must be from 1 to 1000, got \(partitions)") }
@@ -510,31 +524,38 @@ struct Status: AsyncParsableCommand {
         var out: [String] = []
         if let policy {
             guard try await conn.rows("SELECT 1 FROM dispatch_policy.policies WHERE name = \(policy)", logger: logger).first != nil else {
-                throw DispatchPolicyError(code: .invalidArgument, message: "no policy named \(policy)", sqlState: "42704",
-                                          hint: "dispatch-policy policy list shows the declared policies.")
+                throw DispatchPolicyError(
+                    code: .invalidArgument, message: "no policy named \(policy)", sqlState: "42704",
+                    hint: "dispatch-policy policy list shows the declared policies.")
             }
         }
         var rows: [[String]] = []
         var errors: [String] = []
-        for try await (policy, pending, scheduled, inFlight, completed, failed, dead, oldest, paused, failures, error, retry) in try await conn.query(
-            """
-            SELECT policy, pending, scheduled, in_flight, completed_24h, failed_24h, dead,
-                   coalesce(nullif(extract(day FROM oldest_pending_age)::int, 0)::text || 'd ', '')
-                     || coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused,
-                   tick_failures, last_error, to_char(retry_at, 'YYYY-MM-DD HH24:MI:SS TZ')
-            FROM dispatch_policy.policy_overview WHERE \(policy)::text IS NULL OR policy = \(policy)::text ORDER BY policy
-            """, logger: logger
-        ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, Bool, Int?, String?, String?).self) {
+        for try await (policy, pending, scheduled, inFlight, completed, failed, dead, oldest, paused, failures, error, retry)
+            in try await conn.query(
+                """
+                SELECT policy, pending, scheduled, in_flight, completed_24h, failed_24h, dead,
+                       coalesce(nullif(extract(day FROM oldest_pending_age)::int, 0)::text || 'd ', '')
+                         || coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused,
+                       tick_failures, last_error, to_char(retry_at, 'YYYY-MM-DD HH24:MI:SS TZ')
+                FROM dispatch_policy.policy_overview WHERE \(policy)::text IS NULL OR policy = \(policy)::text ORDER BY policy
+                """, logger: logger
+            ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, Bool, Int?, String?, String?).self)
+        {
             let state = paused ? "paused" : failures != nil ? "failing" : "active"
-            rows.append([policy, state, "\(pending)", "\(scheduled)", "\(inFlight)",
-                         "\(completed)", "\(failed)", "\(dead)", oldest])
+            rows.append([
+                policy, state, "\(pending)", "\(scheduled)", "\(inFlight)",
+                "\(completed)", "\(failed)", "\(dead)", oldest,
+            ])
             if let failures {
-                errors.append("\(policy): \(failures) failed tick\(failures == 1 ? "" : "s") in a row, retry at \(retry ?? "-"): \(error ?? "")")
+                errors.append(
+                    "\(policy): \(failures) failed tick\(failures == 1 ? "" : "s") in a row, retry at \(retry ?? "-"): \(error ?? "")")
             }
         }
-        out.append(TextTable.render(
-            header: ["POLICY", "STATE", "PENDING", "SCHEDULED", "IN FLIGHT", "DONE 24H", "FAILED 24H", "DEAD", "OLDEST"],
-            rows: rows))
+        out.append(
+            TextTable.render(
+                header: ["POLICY", "STATE", "PENDING", "SCHEDULED", "IN FLIGHT", "DONE 24H", "FAILED 24H", "DEAD", "OLDEST"],
+                rows: rows))
         if !errors.isEmpty {
             out.append("\nfailing:\n" + errors.map { "  " + $0 }.joined(separator: "\n"))
         }
@@ -551,28 +572,44 @@ struct Status: AsyncParsableCommand {
             processes.append([name, kind, started, seen, "\(reconnects)", DispatchPolicyError.oneLine(lost)])
         }
         if !processes.isEmpty && policy == nil {
-            out.append("\n" + TextTable.render(
-                header: ["PROCESS", "KIND", "STARTED", "LAST SEEN", "RECONNECTS", "LAST LOST SESSION"], rows: processes))
+            out.append(
+                "\n"
+                    + TextTable.render(
+                        header: ["PROCESS", "KIND", "STARTED", "LAST SEEN", "RECONNECTS", "LAST LOST SESSION"], rows: processes))
         }
         if let policy {
             let store = AdminStore(executor: conn, logger: logger)
             if let row = try await store.policies(only: policy).first {
                 let minutes = try await store.recentMinutes(only: policy, since: Date().addingTimeInterval(-3600))
                 let hints = Hints.of(row, limits: try await store.limits(only: policy, minutes: minutes)[policy])
-                out.append("\nlimits now:\n" + (hints.isEmpty ? "  nothing: every gate has room" : hints.map { "  " + DispatchPolicyError.oneLine($0) }.joined(separator: "\n")))
-                out.append("\nlast 24 h: \(row.admitted24h) admitted, throughput \(Format.number((row.throughputPerMinute * 10).rounded() / 10))/min, queue lag P50 \(row.lagP50ms.map(Format.milliseconds) ?? "-"), P95 \(row.lagP95ms.map(Format.milliseconds) ?? "-")")
+                out.append(
+                    "\nlimits now:\n"
+                        + (hints.isEmpty
+                            ? "  nothing: every gate has room"
+                            : hints.map { "  " + DispatchPolicyError.oneLine($0) }.joined(separator: "\n")))
+                out.append(
+                    "\nlast 24 h: \(row.admitted24h) admitted, throughput \(Format.number((row.throughputPerMinute * 10).rounded() / 10))/min, queue lag P50 \(row.lagP50ms.map(Format.milliseconds) ?? "-"), P95 \(row.lagP95ms.map(Format.milliseconds) ?? "-")"
+                )
             }
-            let busiest = try await store.partitions(policy: policy, search: nil, sort: .inFlight, after: nil, onlyBusy: false, limit: partitions)
+            let busiest = try await store.partitions(
+                policy: policy, search: nil, sort: .inFlight, after: nil, onlyBusy: false, limit: partitions)
             if !busiest.isEmpty {
-                out.append("\n" + TextTable.render(
-                    header: ["GATE", "PARTITION", "PENDING", "IN FLIGHT", "CAP", "TOKENS", "EWMA LAG", "LAST STAGED", "LAST ADMITTED"],
-                    rows: busiest.map { row in
-                        [row.gate, row.partition + (row.paused ? " (paused)" : ""), "\(row.pending)", "\(row.inFlight)", Format.number(row.cap),
-                         row.tokens.map { Format.number(($0 * 10).rounded(.down) / 10) } ?? "-",
-                         row.ewmaLagMs.map(Format.milliseconds) ?? "-",
-                         row.lastStaged.map { Format.seconds(-$0.timeIntervalSinceNow) + " ago" } ?? "-",
-                         row.lastAdmitted.map { Format.seconds(-$0.timeIntervalSinceNow) + " ago" } ?? "-"].map(DispatchPolicyError.oneLine)
-                    }))
+                out.append(
+                    "\n"
+                        + TextTable.render(
+                            header: [
+                                "GATE", "PARTITION", "PENDING", "IN FLIGHT", "CAP", "TOKENS", "EWMA LAG", "LAST STAGED", "LAST ADMITTED",
+                            ],
+                            rows: busiest.map { row in
+                                [
+                                    row.gate, row.partition + (row.paused ? " (paused)" : ""), "\(row.pending)", "\(row.inFlight)",
+                                    Format.number(row.cap),
+                                    row.tokens.map { Format.number(($0 * 10).rounded(.down) / 10) } ?? "-",
+                                    row.ewmaLagMs.map(Format.milliseconds) ?? "-",
+                                    row.lastStaged.map { Format.seconds(-$0.timeIntervalSinceNow) + " ago" } ?? "-",
+                                    row.lastAdmitted.map { Format.seconds(-$0.timeIntervalSinceNow) + " ago" } ?? "-",
+                                ].map(DispatchPolicyError.oneLine)
+                            }))
             }
         }
         return out.joined(separator: "\n")
@@ -581,7 +618,8 @@ struct Status: AsyncParsableCommand {
 
 struct Check: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Reconcile the stored state: list every inconsistency (dispatch_policy.check()); --repair fixes them all in one transaction.",
+        abstract:
+            "Reconcile the stored state: list every inconsistency (dispatch_policy.check()); --repair fixes them all in one transaction.",
         discussion: """
             Checks that every job is in exactly one state, that in-flight counters equal the admitted jobs \
             holding a slot under each policy's current config, that no throttle bucket is above its burst, \
@@ -595,11 +633,17 @@ struct Check: AsyncParsableCommand {
     @Flag(help: "Fix everything found, atomically (dispatch_policy.repair()), and print each change.")
     var repair = false
 
-    @Option(name: .customLong("lock-timeout"), parsing: .unconditional, help: "With --repair: give up when the locks repair needs (every policy's tick lock, the admitted jobs, gate state) are not free within this (1s to 1h).")
+    @Option(
+        name: .customLong("lock-timeout"), parsing: .unconditional,
+        help:
+            "With --repair: give up when the locks repair needs (every policy's tick lock, the admitted jobs, gate state) are not free within this (1s to 1h)."
+    )
     var lockTimeout: String = "10s"
 
     func validate() throws {
-        do { _ = try DurationParser.parse(lockTimeout, flag: "--lock-timeout", within: CLILimits.shutdownTimeout) } catch let error as DispatchPolicyError {
+        do { _ = try DurationParser.parse(lockTimeout, flag: "--lock-timeout", within: CLILimits.shutdownTimeout) } catch let error
+            as DispatchPolicyError
+        {
             throw ValidationError(error.message)
         }
     }
@@ -614,7 +658,8 @@ struct Check: AsyncParsableCommand {
                 _ = try await conn.rows("BEGIN", logger: logger)
                 let changes: [(String, String?, String?, String?, Int64?, String)]
                 do {
-                    _ = try await conn.rows("SELECT set_config('lock_timeout', \(String(wait.components.seconds * 1000))::text || 'ms', true)", logger: logger)
+                    _ = try await conn.rows(
+                        "SELECT set_config('lock_timeout', \(String(wait.components.seconds * 1000))::text || 'ms', true)", logger: logger)
                     changes = try await conn.rows(
                         "SELECT finding, policy, gate, partition_key, job_id, action FROM dispatch_policy.repair()", logger: logger
                     ).map { try $0.decode((String, String?, String?, String?, Int64?, String).self) }
@@ -623,7 +668,9 @@ struct Check: AsyncParsableCommand {
                     _ = try? await conn.rows("ROLLBACK", logger: logger)
                     if let wrapped = error as? DispatchPolicyError, wrapped.sqlState == "55P03" {
                         throw DispatchPolicyError(
-                            code: .server, message: "repair could not take its locks within \(lockTimeout): a tick or a worker holds them; nothing was changed",
+                            code: .server,
+                            message:
+                                "repair could not take its locks within \(lockTimeout): a tick or a worker holds them; nothing was changed",
                             sqlState: "55P03", hint: "Try again, or raise --lock-timeout.")
                     }
                     throw error
@@ -631,9 +678,13 @@ struct Check: AsyncParsableCommand {
                 if changes.isEmpty {
                     print("nothing to repair")
                 } else {
-                    print(TextTable.render(
-                        header: ["REPAIRED", "POLICY", "GATE", "PARTITION", "JOB", "CHANGE"],
-                        rows: changes.map { [$0.0, $0.1 ?? "-", $0.2 ?? "-", $0.3 ?? "-", $0.4.map(String.init) ?? "-", $0.5].map(DispatchPolicyError.oneLine) }))
+                    print(
+                        TextTable.render(
+                            header: ["REPAIRED", "POLICY", "GATE", "PARTITION", "JOB", "CHANGE"],
+                            rows: changes.map {
+                                [$0.0, $0.1 ?? "-", $0.2 ?? "-", $0.3 ?? "-", $0.4.map(String.init) ?? "-", $0.5].map(
+                                    DispatchPolicyError.oneLine)
+                            }))
                     print("\n\(changes.count) change\(changes.count == 1 ? "" : "s") made")
                 }
             }
@@ -644,10 +695,16 @@ struct Check: AsyncParsableCommand {
                 if !repair { print("consistent: no findings") }
             } else {
                 if repair { print("") }
-                print(TextTable.render(
-                    header: ["FINDING", "POLICY", "GATE", "PARTITION", "JOB", "DETAIL"],
-                    rows: findings.map { [$0.0, $0.1 ?? "-", $0.2 ?? "-", $0.3 ?? "-", $0.4.map(String.init) ?? "-", $0.5].map(DispatchPolicyError.oneLine) }))
-                print("\n\(findings.count) finding\(findings.count == 1 ? "" : "s")\(repair ? " remain" : "; dispatch-policy check --repair fixes them")")
+                print(
+                    TextTable.render(
+                        header: ["FINDING", "POLICY", "GATE", "PARTITION", "JOB", "DETAIL"],
+                        rows: findings.map {
+                            [$0.0, $0.1 ?? "-", $0.2 ?? "-", $0.3 ?? "-", $0.4.map(String.init) ?? "-", $0.5].map(
+                                DispatchPolicyError.oneLine)
+                        }))
+                print(
+                    "\n\(findings.count) finding\(findings.count == 1 ? "" : "s")\(repair ? " remain" : "; dispatch-policy check --repair fixes them")"
+                )
             }
             return findings.count
         }
@@ -686,25 +743,41 @@ struct RunnerOptions: ParsableArguments {
     @Option(help: "Admit only this policy; repeat for several (default: every policy with work).")
     var policy: [String] = []
 
-    @Option(name: .customLong("batch-size"), parsing: .unconditional, help: "Rows per tick for policies that do not set batch_size (1 to 100000).")
+    @Option(
+        name: .customLong("batch-size"), parsing: .unconditional,
+        help: "Rows per tick for policies that do not set batch_size (1 to 100000).")
     var batchSize: Int = TickSettings().batchSize
 
-    @Option(name: .customLong("quantum"), parsing: .unconditional, help: "Rows per round-robin key per tick for policies that do not set round_robin_quantum (1 to 100000).")
+    @Option(
+        name: .customLong("quantum"), parsing: .unconditional,
+        help: "Rows per round-robin key per tick for policies that do not set round_robin_quantum (1 to 100000).")
     var quantum: Int = TickSettings().roundRobinQuantum
 
-    @Option(name: .customLong("lease"), parsing: .unconditional, help: "Lease for policies that do not set lease_seconds, such as 15m (1s to 365d; default: the database's, 15m).")
+    @Option(
+        name: .customLong("lease"), parsing: .unconditional,
+        help: "Lease for policies that do not set lease_seconds, such as 15m (1s to 365d; default: the database's, 15m).")
     var lease: String?
 
-    @Option(name: .customLong("busy-pause"), parsing: .unconditional, help: "Pause after a productive pass, cut short by NOTIFY and by what is due: a scheduled job, a lease, a throttle's next token (0 to 1h).")
+    @Option(
+        name: .customLong("busy-pause"), parsing: .unconditional,
+        help:
+            "Pause after a productive pass, cut short by NOTIFY and by what is due: a scheduled job, a lease, a throttle's next token (0 to 1h)."
+    )
     var busyPause: String = "50ms"
 
-    @Option(name: .customLong("idle-pause"), parsing: .unconditional, help: "Pause after an idle pass, cut short by NOTIFY and by what is due: a scheduled job, a lease, a throttle's next token (0 to 1h).")
+    @Option(
+        name: .customLong("idle-pause"), parsing: .unconditional,
+        help:
+            "Pause after an idle pass, cut short by NOTIFY and by what is due: a scheduled job, a lease, a throttle's next token (0 to 1h)."
+    )
     var idlePause: String = "1s"
 
     @Option(parsing: .unconditional, help: "Delete completed jobs, failures and per-minute aggregates older than this (0 to 100 years).")
     var retention: String = "7d"
 
-    @Option(name: .customLong("tick-timeout"), parsing: .unconditional, help: "Longest one tick may take (a slow sql target): longer fails that policy's tick (1s to 1h).")
+    @Option(
+        name: .customLong("tick-timeout"), parsing: .unconditional,
+        help: "Longest one tick may take (a slow sql target): longer fails that policy's tick (1s to 1h).")
     var tickTimeout: String = "60s"
 
     func validate() throws {
@@ -724,11 +797,13 @@ struct RunnerOptions: ParsableArguments {
         options.policies = policy.isEmpty ? nil : policy.filter { seen.insert($0).inserted }
         options.busyPause = try DurationParser.parse(busyPause, flag: "--busy-pause", within: CLILimits.busyPause)
         options.idlePause = try DurationParser.parse(idlePause, flag: "--idle-pause", within: CLILimits.idlePause)
-        options.retentionSeconds = Int(try DurationParser.parse(retention, flag: "--retention", within: CLILimits.retention).components.seconds)
+        options.retentionSeconds = Int(
+            try DurationParser.parse(retention, flag: "--retention", within: CLILimits.retention).components.seconds)
         let leaseSeconds = try lease.map { text -> Int in
             let duration = try DurationParser.parse(text, flag: "--lease", within: CLILimits.lease)
             guard duration.components.attoseconds == 0 else {
-                throw DispatchPolicyError(code: .invalidArgument, message: "--lease must be whole seconds (leases are stored in seconds), got \(text)")
+                throw DispatchPolicyError(
+                    code: .invalidArgument, message: "--lease must be whole seconds (leases are stored in seconds), got \(text)")
             }
             return Int(duration.components.seconds)
         }
@@ -759,7 +834,8 @@ struct Tick: AsyncParsableCommand {
     @Option(name: .customLong("for"), parsing: .unconditional, help: "Keep admitting for this long, such as 55s (1ms to 365d).")
     var runFor: String?
 
-    @Flag(name: .shortAndLong, help: "Print nothing when the run succeeds (errors still go to standard error; the exit status is the same).")
+    @Flag(
+        name: .shortAndLong, help: "Print nothing when the run succeeds (errors still go to standard error; the exit status is the same).")
     var quiet = false
 
     func validate() throws {
@@ -790,11 +866,15 @@ struct Tick: AsyncParsableCommand {
             for summary in report.policies {
                 if !quiet { print(summary.line) }
                 if summary.failures > 0 {
-                    printError("policy \(summary.policy): \(summary.failures) tick\(summary.failures == 1 ? "" : "s") failed: \(summary.lastError ?? "")")
+                    printError(
+                        "policy \(summary.policy): \(summary.failures) tick\(summary.failures == 1 ? "" : "s") failed: \(summary.lastError ?? "")"
+                    )
                 }
             }
             if let error = report.lastConnectionError {
-                printError("database session lost or unavailable \(report.connectionFailures) time\(report.connectionFailures == 1 ? "" : "s"): \(error)")
+                printError(
+                    "database session lost or unavailable \(report.connectionFailures) time\(report.connectionFailures == 1 ? "" : "s"): \(error)"
+                )
             }
             if let error = report.lastMaintenanceError {
                 printError("maintenance failed \(report.maintenanceFailures) time\(report.maintenanceFailures == 1 ? "" : "s"): \(error)")
@@ -820,14 +900,18 @@ struct Run: AsyncParsableCommand {
     @OptionGroup var connection: ConnectionOptions
     @OptionGroup var runner: RunnerOptions
 
-    @Option(name: .customLong("shutdown-timeout"), parsing: .unconditional, help: "On SIGTERM or SIGINT, wait this long for the current tick, then abandon it (1s to 1h).")
+    @Option(
+        name: .customLong("shutdown-timeout"), parsing: .unconditional,
+        help: "On SIGTERM or SIGINT, wait this long for the current tick, then abandon it (1s to 1h).")
     var shutdownTimeout: String = "10s"
 
     @Option(help: "Serve /metrics (Prometheus text format) on HOST:PORT, such as 127.0.0.1:9464.")
     var metrics: String?
 
     func validate() throws {
-        do { _ = try DurationParser.parse(shutdownTimeout, flag: "--shutdown-timeout", within: CLILimits.shutdownTimeout) } catch let error as DispatchPolicyError {
+        do { _ = try DurationParser.parse(shutdownTimeout, flag: "--shutdown-timeout", within: CLILimits.shutdownTimeout) } catch let error
+            as DispatchPolicyError
+        {
             throw ValidationError(error.message)
         }
         if let metrics, AdminServer.parseBind(metrics) == nil {
@@ -848,11 +932,14 @@ struct Run: AsyncParsableCommand {
                 options.metrics = DispatchPolicyMetrics()
                 // On the host target_session_attrs picks, following a failover.
                 let client = try await FailoverClient.settle(settings.with(session: .admin), maximumConnections: 1, logger: logger)
-                let server = try AdminServer(store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
-                                             registry: ProcessMetrics.registry, logger: logger)
+                let server = try AdminServer(
+                    store: AdminStore(executor: client, logger: logger), options: AdminOptions(),
+                    registry: ProcessMetrics.registry, logger: logger)
                 services.append(.init(service: client))
-                services.append(.init(service: try httpService(
-                    router: server.metricsRouter(health: options.health), bind: metrics, flag: "--metrics", logger: logger)))
+                services.append(
+                    .init(
+                        service: try httpService(
+                            router: server.metricsRouter(health: options.health), bind: metrics, flag: "--metrics", logger: logger)))
             }
             if let tracing = try ProcessTracing.makeService() {
                 services.append(.init(service: tracing))

@@ -16,7 +16,8 @@ enum ExitStatus {
     static let configuration = ExitCode(78)
 
     /// The lines of the top-level `--help`.
-    static let help = "Exit status: 0 done; 1 a runtime failure (the database, a job, a policy); 64 a usage error and 78 a configuration error (DATABASE_URL, PG* variables, TLS files, the admin token file), which a restart does not cure."
+    static let help =
+        "Exit status: 0 done; 1 a runtime failure (the database, a job, a policy); 64 a usage error and 78 a configuration error (DATABASE_URL, PG* variables, TLS files, the admin token file), which a restart does not cure."
 }
 
 /// The process cannot do anything useful until its configuration changes:
@@ -38,7 +39,8 @@ extension ConnectionSettings {
     /// that fails again at every retry.
     func checkTLSFiles() throws {
         guard [SSLMode.require, .verifyCA, .verifyFull].contains(sslMode),
-              hosts.contains(where: { if case .tcp = $0 { true } else { false } }) else { return }
+            hosts.contains(where: { if case .tcp = $0 { true } else { false } })
+        else { return }
         _ = try tlsConfiguration()
     }
 }
@@ -49,11 +51,15 @@ extension ConnectionSettings {
 /// it is under `$CREDENTIALS_DIRECTORY`, which systemd makes for the
 /// service alone (LoadCredential=).
 enum TokenFile {
-    static func read(_ path: String, environment: [String: String] = ProcessInfo.processInfo.environment) throws(ConfigurationError) -> String {
-        let underCredentials = environment["CREDENTIALS_DIRECTORY"].map { directory in
-            !directory.isEmpty && URL(fileURLWithPath: path).standardizedFileURL.path.hasPrefix(
-                URL(fileURLWithPath: directory).standardizedFileURL.path + "/")
-        } ?? false
+    static func read(_ path: String, environment: [String: String] = ProcessInfo.processInfo.environment) throws(ConfigurationError)
+        -> String
+    {
+        let underCredentials =
+            environment["CREDENTIALS_DIRECTORY"].map { directory in
+                !directory.isEmpty
+                    && URL(fileURLWithPath: path).standardizedFileURL.path.hasPrefix(
+                        URL(fileURLWithPath: directory).standardizedFileURL.path + "/")
+            } ?? false
         var info = stat()
         guard stat(path, &info) == 0 else {
             throw ConfigurationError("cannot read the token file \(path): \(String(cString: strerror(errno)))")

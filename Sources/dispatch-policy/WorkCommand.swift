@@ -6,10 +6,10 @@ import ServiceLifecycle
 import Subprocess
 
 #if canImport(System)
-import System
+    import System
 #else
-import SystemPackage
-import UnixSignals
+    import SystemPackage
+    import UnixSignals
 #endif
 
 /// `dispatch-policy work`: a worker for any language. Claims jobs of the
@@ -49,10 +49,14 @@ struct Work: AsyncParsableCommand {
     @Option(help: "Commands run at once (1 to 1000).")
     var concurrency: Int = 4
 
-    @Option(name: .customLong("kill-after"), parsing: .unconditional, help: "After SIGTERM to a command whose lease was lost, SIGKILL after this long (0s to 1h).")
+    @Option(
+        name: .customLong("kill-after"), parsing: .unconditional,
+        help: "After SIGTERM to a command whose lease was lost, SIGKILL after this long (0s to 1h).")
     var killAfter: String = "10s"
 
-    @Option(name: .customLong("shutdown-timeout"), parsing: .unconditional, help: "On SIGTERM or SIGINT, wait this long for running commands (1s to 1h).")
+    @Option(
+        name: .customLong("shutdown-timeout"), parsing: .unconditional,
+        help: "On SIGTERM or SIGINT, wait this long for running commands (1s to 1h).")
     var shutdownTimeout: String = "60s"
 
     @Argument(parsing: .postTerminator, help: "The command and its arguments, after --.")
@@ -62,7 +66,9 @@ struct Work: AsyncParsableCommand {
 
     func validate() throws {
         guard !policies.isEmpty else { throw ValidationError("at least one --policy is needed") }
-        guard !command.isEmpty else { throw ValidationError("the command to run comes after --, as in: dispatch-policy work --policy p -- ./handle-job") }
+        guard !command.isEmpty else {
+            throw ValidationError("the command to run comes after --, as in: dispatch-policy work --policy p -- ./handle-job")
+        }
         guard JobCommand.resolve(command[0]) != nil else {
             // Else every job would burn through its attempts and end dead.
             throw ValidationError("\(command[0]) is not an executable file\(command[0].contains("/") ? "" : " on PATH")")
@@ -92,7 +98,8 @@ struct Work: AsyncParsableCommand {
             for policy in Set(policies) {
                 worker.register(policy) { job in try await runner.run(job) }
             }
-            var configuration = ServiceGroupConfiguration(services: [.init(service: worker)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+            var configuration = ServiceGroupConfiguration(
+                services: [.init(service: worker)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
             configuration.maximumGracefulShutdownDuration = try DurationParser.parse(
                 shutdownTimeout, flag: "--shutdown-timeout", within: CLILimits.shutdownTimeout)
             configuration.maximumCancellationDuration = runner.killAfter + .seconds(5)
@@ -136,7 +143,8 @@ struct JobCommand: Sendable {
     static func resolve(_ name: String, path: String? = ProcessInfo.processInfo.environment["PATH"]) -> String? {
         func runnable(_ file: String) -> Bool {
             var isDirectory: ObjCBool = false
-            return FileManager.default.fileExists(atPath: file, isDirectory: &isDirectory) && !isDirectory.boolValue && access(file, X_OK) == 0
+            return FileManager.default.fileExists(atPath: file, isDirectory: &isDirectory) && !isDirectory.boolValue
+                && access(file, X_OK) == 0
         }
         if name.contains("/") { return runnable(name) ? name : nil }
         for dir in (path ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":") where runnable("\(dir)/\(name)") {

@@ -30,7 +30,9 @@ struct ActionTests {
     @Test("a paused partition admits nothing, even inside a lane it shares; the others of the lane go on; resume lets it through")
     func pausedPartitionInMixedLane() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", #"""
+            try await declare(
+                conn, "p",
+                #"""
                 {"round_robin_by": "{region}",
                  "gates": [{"type": "concurrency", "name": "per_tenant", "max": 10, "partition_by": "{tenant}"}]}
                 """#)
@@ -59,7 +61,8 @@ struct ActionTests {
     @Test("a pause that runs out admits again by itself")
     func pauseRunsOut() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", #"{"gates": [{"type": "throttle", "name": "t", "rate": 100, "per": 1, "partition_by": "{tenant}"}]}"#)
+            try await declare(
+                conn, "p", #"{"gates": [{"type": "throttle", "name": "t", "rate": 100, "per": 1, "partition_by": "{tenant}"}]}"#)
             _ = try await stage(conn, "p", #"{"tenant": "a"}"#)
             // While the pause lasts, ticks admit nothing; pausing again with a
             // near end replaces it (no timing to win on a loaded machine);
@@ -69,10 +72,11 @@ struct ActionTests {
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.staged_jobs", as: Int64.self) == 1)
             try await conn.exec("SELECT dispatch_policy.pause_partition('p', 't', 'a', until => now() + interval '1 second')")
             var admitted = 0
-            #expect(try await waitUntil(20) {
-                admitted += try await tick(conn, "p").admitted
-                return admitted == 1
-            })
+            #expect(
+                try await waitUntil(20) {
+                    admitted += try await tick(conn, "p").admitted
+                    return admitted == 1
+                })
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.paused_partitions_now('p')", as: Int64.self) == 0)
         }
     }
@@ -94,12 +98,15 @@ struct ActionTests {
     @Test("cancel and drain finish staged jobs as cancelled and free their dedupe keys; retry stages a dead job again under the same id")
     func cancelDrainRetry() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", #"{"max_attempts": 1, "gates": [{"type": "concurrency", "name": "c", "max": 5, "partition_by": "{tenant}"}]}"#)
+            try await declare(
+                conn, "p", #"{"max_attempts": 1, "gates": [{"type": "concurrency", "name": "c", "max": 5, "partition_by": "{tenant}"}]}"#)
             let keyed = try await conn.scalar(
                 "SELECT dispatch_policy.stage('p', '{}', '{\"tenant\": \"a\"}', dedupe_key => 'k')", as: Int64.self)
             #expect(try await conn.scalar("SELECT dispatch_policy.cancel(\(keyed), 'not needed')", as: Bool.self))
-            #expect(try await conn.scalar("SELECT status || ':' || last_error FROM dispatch_policy.finished_jobs WHERE id = \(keyed)", as: String.self)
-                == "cancelled:not needed")
+            #expect(
+                try await conn.scalar(
+                    "SELECT status || ':' || last_error FROM dispatch_policy.finished_jobs WHERE id = \(keyed)", as: String.self)
+                    == "cancelled:not needed")
             // The key is free again.
             let again = try await conn.scalar(
                 "SELECT dispatch_policy.stage('p', '{}', '{\"tenant\": \"a\"}', dedupe_key => 'k')", as: Int64?.self)

@@ -12,7 +12,7 @@ import Synchronization
 import Testing
 
 #if canImport(FoundationNetworking)
-import FoundationNetworking
+    import FoundationNetworking
 #endif
 
 private let token = "test-admin-token-0123456789"
@@ -32,8 +32,9 @@ private func withAdmin<T: Sendable>(
 ) async throws -> T {
     var options = AdminOptions(token: token)
     options.pageSize = pageSize
-    let server = try AdminServer(store: AdminStore(executor: conn, logger: TestServer.logger), options: options,
-                                 registry: registry, logger: TestServer.logger)
+    let server = try AdminServer(
+        store: AdminStore(executor: conn, logger: TestServer.logger), options: options,
+        registry: registry, logger: TestServer.logger)
     let app = Application(router: server.router())
     return try await app.test(.router) { client in try await body(client) }
 }
@@ -53,7 +54,9 @@ struct AdminTests {
     @Test("pages render from the database; every value a tenant chose is escaped; unknown things are 404")
     func pages() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "hooks", #"""
+            try await declare(
+                conn, "hooks",
+                #"""
                 {"max_attempts": 1,
                  "gates": [{"type": "throttle", "name": "per_tenant", "rate": 1, "per": 60, "partition_by": "{tenant}"},
                            {"type": "global_cap", "max": 50}]}
@@ -64,15 +67,19 @@ struct AdminTests {
             for tenant in ["a", "b", "c"] { _ = try await stage(conn, "hooks", #"{"tenant": "\#(tenant)"}"#) }
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "hooks")
             // One that dies, with a hostile error text.
-            let dead = try await conn.scalar("SELECT id FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'a'", as: Int64.self)
+            let dead = try await conn.scalar(
+                "SELECT id FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'a'", as: Int64.self)
             _ = try await conn.scalar("SELECT dispatch_policy.fail(\(dead), \(evil))", as: String.self)
             let waiting = try await conn.scalar("SELECT min(id) FROM dispatch_policy.staged_jobs", as: Int64.self)
             // An adaptive partition that has admitted but observed nothing yet has
             // no EWMA (NULL): the overview once failed to decode it (503).
-            try await declare(conn, "adapt", #"{"gates": [{"type": "adaptive_concurrency", "partition_by": "{tenant}", "initial_max": 2, "target_lag_ms": 100}]}"#)
+            try await declare(
+                conn, "adapt",
+                #"{"gates": [{"type": "adaptive_concurrency", "partition_by": "{tenant}", "initial_max": 2, "target_lag_ms": 100}]}"#)
             _ = try await stage(conn, "adapt", #"{"tenant": "a"}"#)
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "adapt")
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.adaptive_stats WHERE ewma_lag_ms IS NULL", as: Int64.self) == 1)
+            #expect(
+                try await conn.scalar("SELECT count(*) FROM dispatch_policy.adaptive_stats WHERE ewma_lag_ms IS NULL", as: Int64.self) == 1)
 
             try await withAdmin(conn, pageSize: 2) { client in
                 try await client.execute(uri: "/", method: .get) { response in
@@ -92,8 +99,9 @@ struct AdminTests {
                 #expect(!first.contains("<script>alert"))
                 #expect(first.contains("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"))
                 #expect(first.contains("Lanes with jobs waiting"))
-                let next = try #require(first.components(separatedBy: #"<p class="pager"><a href=""#).dropFirst().first?
-                    .components(separatedBy: "\"").first)
+                let next = try #require(
+                    first.components(separatedBy: #"<p class="pager"><a href=""#).dropFirst().first?
+                        .components(separatedBy: "\"").first)
                 let second = try await client.execute(uri: next.replacingOccurrences(of: "&amp;", with: "&"), method: .get) { html($0) }
                 // 1 global_cap partition + 4 tenants' throttle partitions = 5 rows: the second page has 2 more.
                 #expect(second.components(separatedBy: "<button class=\"watch\"").count - 1 == 2)
@@ -138,7 +146,9 @@ struct AdminTests {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", #"{"gates": [{"type": "concurrency", "name": "c", "max": 5, "partition_by": "{tenant}"}]}"#)
             let job = try await stage(conn, "p", #"{"tenant": "a"}"#)
-            @Sendable func paused() async throws -> Bool { try await conn.scalar("SELECT paused FROM dispatch_policy.policies WHERE name = 'p'", as: Bool.self) }
+            @Sendable func paused() async throws -> Bool {
+                try await conn.scalar("SELECT paused FROM dispatch_policy.policies WHERE name = 'p'", as: Bool.self)
+            }
 
             try await withAdmin(conn) { client in
                 try await client.execute(uri: "/actions/pause", method: .post, headers: formHeaders, body: form([("policy", "p")])) {
@@ -186,22 +196,33 @@ struct AdminTests {
                 #expect(try await paused())
                 // The page gives the signed-in browser its CSRF field.
                 let page = try await client.execute(uri: "/policies/p", method: .get, headers: [.cookie: cookie]) { html($0) }
-                let csrf = try #require(page.components(separatedBy: #"name="csrf" value=""#).dropFirst().first?.components(separatedBy: "\"").first)
-                try await client.execute(uri: "/actions/resume", method: .post, headers: session, body: form([("csrf", csrf), ("policy", "p")])) {
+                let csrf = try #require(
+                    page.components(separatedBy: #"name="csrf" value=""#).dropFirst().first?.components(separatedBy: "\"").first)
+                try await client.execute(
+                    uri: "/actions/resume", method: .post, headers: session, body: form([("csrf", csrf), ("policy", "p")])
+                ) {
                     #expect($0.status == .seeOther)
                 }
                 #expect(try await paused() == false)
                 // Cancel through the form; a refusal comes back as a message, not a 500.
-                try await client.execute(uri: "/actions/cancel", method: .post, headers: session, body: form([("csrf", csrf), ("id", "\(job)")])) {
+                try await client.execute(
+                    uri: "/actions/cancel", method: .post, headers: session, body: form([("csrf", csrf), ("id", "\(job)")])
+                ) {
                     #expect($0.status == .seeOther)
                 }
-                #expect(try await conn.scalar("SELECT status FROM dispatch_policy.finished_jobs WHERE id = \(job)", as: String.self) == "cancelled")
-                try await client.execute(uri: "/actions/retry", method: .post, headers: session, body: form([("csrf", csrf), ("id", "\(job)")])) {
+                #expect(
+                    try await conn.scalar("SELECT status FROM dispatch_policy.finished_jobs WHERE id = \(job)", as: String.self)
+                        == "cancelled")
+                try await client.execute(
+                    uri: "/actions/retry", method: .post, headers: session, body: form([("csrf", csrf), ("id", "\(job)")])
+                ) {
                     #expect($0.status == .seeOther)
                     #expect($0.headers[.location]?.contains("error=") == true, "a cancelled job is not dead: refused")
                 }
-                try await client.execute(uri: "/actions/pause-partition", method: .post, headers: session,
-                                         body: form([("csrf", csrf), ("policy", "p"), ("gate", "c"), ("partition", "a")])) {
+                try await client.execute(
+                    uri: "/actions/pause-partition", method: .post, headers: session,
+                    body: form([("csrf", csrf), ("policy", "p"), ("gate", "c"), ("partition", "a")])
+                ) {
                     #expect($0.status == .seeOther)
                 }
                 #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.paused_partitions", as: Int64.self) == 1)
@@ -237,15 +258,21 @@ struct AdminTests {
                 var bearer = formHeaders
                 bearer[.authorization] = "Bearer \(token)"
                 bearer[.referer] = "http://127.0.0.1:8080/policies/p"
-                let location = try await client.execute(uri: "/actions/admit-now", method: .post, headers: bearer,
-                                                         body: form([("policy", "p"), ("gate", "c"), ("partition", "a"), ("max", "3")])) {
+                let location = try await client.execute(
+                    uri: "/actions/admit-now", method: .post, headers: bearer,
+                    body: form([("policy", "p"), ("gate", "c"), ("partition", "a"), ("max", "3")])
+                ) {
                     response -> String in
                     #expect(response.status == .seeOther)
                     return try #require(response.headers[.location])
                 }
                 #expect(location.hasPrefix("/policies/p?flash="))
-                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'a'", as: Int64.self) == 2)
-                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'b'", as: Int64.self) == 0)
+                #expect(
+                    try await conn.scalar(
+                        "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'a'", as: Int64.self) == 2)
+                #expect(
+                    try await conn.scalar(
+                        "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE context ->> 'tenant' = 'b'", as: Int64.self) == 0)
                 // The redirect's message is shown; the same text with another signature, or none, is not.
                 let shown = try await client.execute(uri: location, method: .get) { html($0) }
                 #expect(shown.contains("admitted 2 of 3 fetched (asked for 3); refused c=1"))
@@ -254,8 +281,10 @@ struct AdminTests {
                 let unsigned = "/policies/p?flash=Cancelled%20every%20job"
                 #expect(!(try await client.execute(uri: unsigned, method: .get) { html($0) }).contains("Cancelled every job"))
                 // Bad max: a message, nothing admitted.
-                try await client.execute(uri: "/actions/admit-now", method: .post, headers: bearer,
-                                         body: form([("policy", "p"), ("gate", "c"), ("partition", "b"), ("max", "lots")])) {
+                try await client.execute(
+                    uri: "/actions/admit-now", method: .post, headers: bearer,
+                    body: form([("policy", "p"), ("gate", "c"), ("partition", "b"), ("max", "lots")])
+                ) {
                     #expect($0.headers[.location]?.contains("error=") == true)
                 }
                 #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs", as: Int64.self) == 2)
@@ -273,11 +302,15 @@ struct AdminTests {
                 }
                 // The empty partition (a job without the template's key) can be acted on.
                 _ = try await stage(conn, "p", #"{"other": 1}"#)
-                try await client.execute(uri: "/actions/admit-now", method: .post, headers: bearer,
-                                         body: form([("policy", "p"), ("gate", "c"), ("partition", ""), ("max", "1")])) {
+                try await client.execute(
+                    uri: "/actions/admit-now", method: .post, headers: bearer,
+                    body: form([("policy", "p"), ("gate", "c"), ("partition", ""), ("max", "1")])
+                ) {
                     #expect($0.headers[.location]?.contains("flash=") == true, "\($0.headers[.location] ?? "")")
                 }
-                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE NOT context ? 'tenant'", as: Int64.self) == 1)
+                #expect(
+                    try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE NOT context ? 'tenant'", as: Int64.self)
+                        == 1)
                 // A cursor or search with a NUL is ignored, not a database error.
                 try await client.execute(uri: "/policies/p?q=%00&after=MB9jAB9h", method: .get) { #expect($0.status == .ok) }
                 // Ten wrong tokens in a minute, then this client is refused for a while, even with the right token.
@@ -318,33 +351,47 @@ struct AdminTests {
     @Test("partition pages: every sort and filter, page after page, equal the whole list ordered by brute force")
     func partitionPages() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", #"""
+            try await declare(
+                conn, "p",
+                #"""
                 {"gates": [{"type": "throttle", "name": "t", "rate": 10, "per": 60, "burst": 10, "partition_by": "{tenant}"},
                            {"type": "concurrency", "name": "c", "max": 5, "partition_by": "{tenant}"},
                            {"type": "adaptive_concurrency", "name": "a", "initial_max": 2, "target_lag_ms": 500, "partition_by": "{tenant}"}]}
                 """#)
             // Gate state as ticks would leave it: buckets for 0–199 (some spent),
             // counters for every third of 0–299 (0 to 3 in flight), adaptive 100–150.
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.throttle_buckets (policy, gate, partition, tokens, rate, per_seconds, burst, refilled_at)
                 SELECT 'p', 't', 'k' || lpad(i::text, 3, '0'), CASE WHEN i % 7 = 0 THEN 3 ELSE 10 END, 10, 60, 10, now()
                 FROM generate_series(0, 199) i
                 """)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight)
                 SELECT 'p', 'c', 'k' || lpad(i::text, 3, '0'), (i * 7) % 4 FROM generate_series(0, 299, 3) i
                 """)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.adaptive_stats (policy, gate, partition, current_max)
                 SELECT 'p', 'a', 'k' || lpad(i::text, 3, '0'), 2 FROM generate_series(100, 150) i
                 """)
-            struct Row: Equatable { var gate: String; var partition: String; var inFlight: Int64; var busy: Bool }
+            struct Row: Equatable {
+                var gate: String
+                var partition: String
+                var inFlight: Int64
+                var busy: Bool
+            }
             var all: [String: Row] = [:]
-            for row in try await conn.rows("SELECT gate, partition, tokens < burst FROM dispatch_policy.throttle_buckets", logger: TestServer.logger) {
+            for row in try await conn.rows(
+                "SELECT gate, partition, tokens < burst FROM dispatch_policy.throttle_buckets", logger: TestServer.logger)
+            {
                 let (gate, partition, spent) = try row.decode((String, String, Bool).self)
                 all[gate + "/" + partition] = Row(gate: gate, partition: partition, inFlight: 0, busy: spent)
             }
-            for row in try await conn.rows("SELECT gate, partition, in_flight FROM dispatch_policy.inflight_counters", logger: TestServer.logger) {
+            for row in try await conn.rows(
+                "SELECT gate, partition, in_flight FROM dispatch_policy.inflight_counters", logger: TestServer.logger)
+            {
                 let (gate, partition, inFlight) = try row.decode((String, String, Int64).self)
                 all[gate + "/" + partition] = Row(gate: gate, partition: partition, inFlight: inFlight, busy: inFlight > 0)
             }
@@ -375,21 +422,29 @@ struct AdminTests {
                             guard page.count == 7, let last = page.last else { break }
                             after = AdminStore.PartitionCursor(gate: last.gate, partition: last.partition, inFlight: last.inFlight)
                         }
-                        #expect(paged == expected, "sort \(sort), only busy \(onlyBusy), search \(search ?? "-"): \(paged.count) paged, \(expected.count) expected")
+                        #expect(
+                            paged == expected,
+                            "sort \(sort), only busy \(onlyBusy), search \(search ?? "-"): \(paged.count) paged, \(expected.count) expected"
+                        )
                         #expect(!expected.isEmpty)
                     }
                 }
             }
             // The watched list: only those keys, whatever else there is.
-            let watched = try await store.partitions(policy: "p", search: nil, after: nil, onlyBusy: false, only: ["k003", "k120"], limit: 50)
+            let watched = try await store.partitions(
+                policy: "p", search: nil, after: nil, onlyBusy: false, only: ["k003", "k120"], limit: 50)
             #expect(watched.map { "\($0.gate)/\($0.partition)" } == ["a/k120", "c/k003", "c/k120", "t/k003", "t/k120"])
         }
     }
 
-    @Test("partitions show their pending jobs and last staged time; one with jobs but no gate state yet is listed; only-with-jobs filter; the overview's pending trend")
+    @Test(
+        "partitions show their pending jobs and last staged time; one with jobs but no gate state yet is listed; only-with-jobs filter; the overview's pending trend"
+    )
     func partitionPending() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", #"{"gates": [{"type": "throttle", "name": "t", "rate": 1, "per": 3600, "burst": 1, "partition_by": "{tenant}"}]}"#)
+            try await declare(
+                conn, "p",
+                #"{"gates": [{"type": "throttle", "name": "t", "rate": 1, "per": 3600, "burst": 1, "partition_by": "{tenant}"}]}"#)
             for tenant in ["a", "a", "a", "b"] { _ = try await stage(conn, "p", #"{"tenant": "\#(tenant)"}"#) }
             // One token each: a keeps 2 waiting, b none.
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
@@ -398,7 +453,9 @@ struct AdminTests {
             let store = AdminStore(executor: conn, logger: TestServer.logger)
             func listed(onlyPending: Bool) async throws -> [String: (Int64, Bool)] {
                 var seen: [String: (Int64, Bool)] = [:]
-                for row in try await store.partitions(policy: "p", search: nil, after: nil, onlyBusy: false, onlyPending: onlyPending, limit: 50) {
+                for row in try await store.partitions(
+                    policy: "p", search: nil, after: nil, onlyBusy: false, onlyPending: onlyPending, limit: 50)
+                {
                     seen[row.partition] = (row.pending, row.lastStaged != nil)
                 }
                 return seen
@@ -426,7 +483,8 @@ struct AdminTests {
     @Test("/metrics: the runner's counters and tick histogram, per-policy gauges read at scrape time, partition series only when asked")
     func metrics() async throws {
         try await withTestDatabase { conn, settings in
-            try await declare(conn, "p", #"{"gates": [{"type": "throttle", "name": "t", "rate": 2, "per": 3600, "partition_by": "{tenant}"}]}"#)
+            try await declare(
+                conn, "p", #"{"gates": [{"type": "throttle", "name": "t", "rate": 2, "per": 3600, "partition_by": "{tenant}"}]}"#)
             for _ in 0..<5 { _ = try await stage(conn, "p", #"{"tenant": "a"}"#) }
             let registry = PrometheusCollectorRegistry()
             var options = TickRunnerOptions()
@@ -445,14 +503,19 @@ struct AdminTests {
             #expect(text.contains("dispatch_policy_up 1"))
             #expect(!text.contains("dispatch_policy_partition_"))
             // The same refusals are in the history, per policy and per partition.
-            #expect(try await conn.scalar("SELECT sum(refused)::int FROM dispatch_policy.policy_minutes('p', now() - interval '5 minutes')", as: Int.self) == 3)
-            #expect(try await conn.scalar(
-                "SELECT sum(refused)::int FROM dispatch_policy.partition_minutes('p', 't', 'a', now() - interval '5 minutes')", as: Int.self) == 3)
+            #expect(
+                try await conn.scalar(
+                    "SELECT sum(refused)::int FROM dispatch_policy.policy_minutes('p', now() - interval '5 minutes')", as: Int.self) == 3)
+            #expect(
+                try await conn.scalar(
+                    "SELECT sum(refused)::int FROM dispatch_policy.partition_minutes('p', 't', 'a', now() - interval '5 minutes')",
+                    as: Int.self) == 3)
 
             var partitionOptions = AdminOptions()
             partitionOptions.partitionMetrics = true
-            let server = try AdminServer(store: AdminStore(executor: conn, logger: TestServer.logger), options: partitionOptions,
-                                         registry: registry, logger: TestServer.logger)
+            let server = try AdminServer(
+                store: AdminStore(executor: conn, logger: TestServer.logger), options: partitionOptions,
+                registry: registry, logger: TestServer.logger)
             let withPartitions = try await Application(router: server.router()).test(.router) { client in
                 try await client.execute(uri: "/metrics", method: .get) { html($0) }
             }
@@ -506,7 +569,8 @@ struct AdminTests {
             let child = try await spawnChild(cliPath, arguments, environment: environment)
             var address: String?
             _ = try await waitUntil(30) {
-                address = child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?
+                address =
+                    child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?
                     .components(separatedBy: "\n").first
                 return address != nil
             }
@@ -525,7 +589,9 @@ struct AdminTests {
 /// Debian's chromium through Playwright (scripts/test installs both).
 @Suite("Admin in a browser", .timeLimit(.minutes(5)))
 struct AdminBrowserTests {
-    @Test("on a demo's database: charts, theme, auto-refresh with the scroll kept, watched partitions in localStorage and the address, a job's explain, sign-in and an action; nothing from another origin; screenshots")
+    @Test(
+        "on a demo's database: charts, theme, auto-refresh with the scroll kept, watched partitions in localStorage and the address, a job's explain, sign-in and an action; nothing from another origin; screenshots"
+    )
     func browser() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         var environment = ProcessInfo.processInfo.environment
@@ -541,7 +607,10 @@ struct AdminBrowserTests {
         defer { kill(admin.pid, SIGKILL) }
         var address: String?
         _ = try await waitUntil(30) {
-            address = admin.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?.components(separatedBy: "\n").first
+            address =
+                admin.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?.components(
+                    separatedBy: "\n"
+                ).first
             return address != nil
         }
         let base = try #require(address, "\(admin.output().stderr)")

@@ -79,10 +79,12 @@ struct AdmissionAudit {
             ORDER BY pg_xact_commit_timestamp(xid), xid::text::bigint, seq
             """, logger: TestServer.logger
         ).map { row in
-            let (kind, policy, job, attempt, context, at, cap, xid) = try row.decode((String, String, Int64, Int, String, Double, Int, Int64).self)
+            let (kind, policy, job, attempt, context, at, cap, xid) = try row.decode(
+                (String, String, Int64, Int, String, Double, Int, Int64).self)
             let fields = try JSONDecoder().decode([String: String].self, from: Data(context.utf8))
-            return Event(kind: try #require(Event.Kind(rawValue: kind)), policy: policy, jobID: job, attempt: attempt,
-                         context: fields, admittedAt: at, cap: cap, xid: xid)
+            return Event(
+                kind: try #require(Event.Kind(rawValue: kind)), policy: policy, jobID: job, attempt: attempt,
+                context: fields, admittedAt: at, cap: cap, xid: xid)
         }
     }
 
@@ -141,7 +143,8 @@ struct AdmissionAudit {
                 if !inserted { report.violations.append("\(cap.gate): job \(attemptKey) admitted twice") }
                 let count = held[partition, default: []].count
                 if count > limit {
-                    report.violations.append("\(cap.gate)/\(partition): \(count) jobs holding a slot after admitting \(attemptKey), cap \(limit)")
+                    report.violations.append(
+                        "\(cap.gate)/\(partition): \(count) jobs holding a slot after admitting \(attemptKey), cap \(limit)")
                 }
                 if count == limit { report.admissionsAtCap += 1 }
                 if count > (report.peak[partition]?.held ?? 0) { report.peak[partition] = (count, limit) }
@@ -188,9 +191,10 @@ struct AdmissionAuditTests {
     private func event(
         _ kind: AdmissionAudit.Event.Kind, _ job: Int64, acct: String = "a", at: Double = 0, cap: Int = 0, xid: Int64? = nil
     ) -> AdmissionAudit.Event {
-        AdmissionAudit.Event(kind: kind, policy: "p", jobID: job, attempt: 1,
-                             context: kind == .cap ? ["gate": "adaptive", "partition": acct] : ["acct": acct],
-                             admittedAt: at, cap: cap, xid: xid ?? job)
+        AdmissionAudit.Event(
+            kind: kind, policy: "p", jobID: job, attempt: 1,
+            context: kind == .cap ? ["gate": "adaptive", "partition": acct] : ["acct": acct],
+            admittedAt: at, cap: cap, xid: xid ?? job)
     }
 
     @Test("a replay catches a cap exceeded for one instant, a double admission and a release of nothing")

@@ -18,8 +18,10 @@ private func admitNow(
 
 /// Tenants of the admitted jobs, in admission order.
 private func admittedTenants(_ conn: PostgresConnection) async throws -> [String] {
-    try await conn.rows("SELECT context ->> 'tenant' FROM dispatch_policy.admitted_jobs ORDER BY admitted_at, id", logger: TestServer.logger)
-        .map { try $0.decode(String.self) }
+    try await conn.rows(
+        "SELECT context ->> 'tenant' FROM dispatch_policy.admitted_jobs ORDER BY admitted_at, id", logger: TestServer.logger
+    )
+    .map { try $0.decode(String.self) }
 }
 
 /// Three tenants, jobs interleaved: a0 b0 c0 a1 b1 c1 ...; tenant c's are last
@@ -36,7 +38,8 @@ struct AdmitNowTests {
     func admitsThroughTheGates() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", policy)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('tenant', (ARRAY['a','b','c'])[i % 3 + 1]))
                 FROM generate_series(0, 29) i
                 """)
@@ -45,8 +48,10 @@ struct AdmitNowTests {
             let paused = try await admitNow(conn, "p", gate: "c", partition: "c", max: 2)
             #expect(paused.outcome == .paused && paused.admitted == 0)
             try await conn.exec("SELECT dispatch_policy.resume('p')")
-            let cursorBefore = try await conn.rows("SELECT last_key FROM dispatch_policy.round_robin_cursors WHERE policy = 'p'", logger: TestServer.logger)
-                .map { try $0.decode(String?.self) }
+            let cursorBefore = try await conn.rows(
+                "SELECT last_key FROM dispatch_policy.round_robin_cursors WHERE policy = 'p'", logger: TestServer.logger
+            )
+            .map { try $0.decode(String?.self) }
 
             let first = try await admitNow(conn, "p", gate: "c", partition: "c", max: 2)
             #expect(first.outcome == .ran)
@@ -57,17 +62,25 @@ struct AdmitNowTests {
             #expect(second.admitted == 1)
             #expect(second.refusedByGate["c"] == 4)
             #expect(try await admittedTenants(conn) == ["c", "c", "c"])
-            #expect(try await conn.scalar("SELECT in_flight FROM dispatch_policy.inflight_counters WHERE gate = 'c' AND partition = 'c'", as: Int.self) == 3)
+            #expect(
+                try await conn.scalar(
+                    "SELECT in_flight FROM dispatch_policy.inflight_counters WHERE gate = 'c' AND partition = 'c'", as: Int.self) == 3)
             // The throttle's tokens were taken: 4 - 3 left.
-            let tokens = try await conn.scalar("SELECT tokens FROM dispatch_policy.throttle_buckets WHERE gate = 't' AND partition = 'c'", as: Double.self)
+            let tokens = try await conn.scalar(
+                "SELECT tokens FROM dispatch_policy.throttle_buckets WHERE gate = 't' AND partition = 'c'", as: Double.self)
             #expect(tokens < 1.01 && tokens > 0.99)
             // Nothing more while the slots are taken.
             let third = try await admitNow(conn, "p", gate: "c", partition: "c", max: 5)
             #expect(third.admitted == 0 && third.refusedByGate["c"] == 5)
             // The rotation has not moved, and no lane was blocked.
-            #expect(try await conn.rows("SELECT last_key FROM dispatch_policy.round_robin_cursors WHERE policy = 'p'", logger: TestServer.logger)
+            #expect(
+                try await conn.rows(
+                    "SELECT last_key FROM dispatch_policy.round_robin_cursors WHERE policy = 'p'", logger: TestServer.logger
+                )
                 .map { try $0.decode(String?.self) } == cursorBefore)
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.lanes WHERE policy = 'p' AND blocked_until IS NOT NULL", as: Int64.self) == 0)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*) FROM dispatch_policy.lanes WHERE policy = 'p' AND blocked_until IS NOT NULL", as: Int64.self) == 0)
             // A slot freed by complete(): one more, and its token is the last whole one.
             let id = try await conn.scalar("SELECT min(id) FROM dispatch_policy.admitted_jobs", as: Int64.self)
             try await conn.exec("SELECT dispatch_policy.complete(\(id))")
@@ -117,7 +130,9 @@ struct AdmitNowTests {
             }
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs", as: Int64.self) == 0)
             // The session is usable afterwards: no lock left behind.
-            #expect(try await conn.scalar("SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()", as: Int.self) == 0)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()", as: Int.self) == 0)
 
             // Another session holds the policy's tick lock: busy after the wait; admitted once it is given back.
             try await TestServer.withConnection(settings) { other in
@@ -134,10 +149,13 @@ struct AdmitNowTests {
     @Test("with the global cap full, admit-now says so")
     func globalCapFull() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", #"""
+            try await declare(
+                conn, "p",
+                #"""
                 {"gates": [{"type": "concurrency", "name": "c", "max": 5, "partition_by": "{tenant}"}, {"type": "global_cap", "max": 2}]}
                 """#)
-            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('tenant', 't' || (i % 2))) FROM generate_series(1, 6) i")
+            try await conn.exec(
+                "SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('tenant', 't' || (i % 2))) FROM generate_series(1, 6) i")
             #expect(try await admitNow(conn, "p", gate: "c", partition: "t0", max: 5).admitted == 2)
             let full = try await admitNow(conn, "p", gate: "c", partition: "t1", max: 5)
             #expect(full.admitted == 0 && full.globalCapFull)
@@ -149,12 +167,15 @@ struct AdmitNowTests {
     func racingRunners() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn in
-            try await declare(conn, "p", #"""
+            try await declare(
+                conn, "p",
+                #"""
                 {"round_robin_by": "{tenant}",
                  "gates": [{"type": "concurrency", "name": "c", "max": 2, "partition_by": "{tenant}"},
                            {"type": "global_cap", "max": 5}]}
                 """#)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('tenant', 't' || (i % 4)))
                 FROM generate_series(1, 400) i
                 """)
@@ -194,7 +215,8 @@ struct AdmitNowTests {
                         while progress.going {
                             round += 1
                             let n = try await admitNow(
-                                conn, "p", gate: "c", partition: "t\((round + operatorIndex) % 4)", max: 3, wait: .seconds(2)).admitted
+                                conn, "p", gate: "c", partition: "t\((round + operatorIndex) % 4)", max: 3, wait: .seconds(2)
+                            ).admitted
                             admitted += n
                             progress.add(n)
                         }
@@ -206,15 +228,20 @@ struct AdmitNowTests {
                 try await TestServer.withConnection(settings) { conn in
                     var worst = 0
                     while progress.going {
-                        let (perTenant, total) = try #require(try await conn.rows("""
-                            SELECT coalesce(max(n), 0)::int, coalesce(sum(n), 0)::int
-                            FROM (SELECT count(*) AS n FROM dispatch_policy.admitted_jobs GROUP BY context ->> 'tenant') x
-                            """, logger: TestServer.logger).first).decode((Int, Int).self)
+                        let (perTenant, total) = try #require(
+                            try await conn.rows(
+                                """
+                                SELECT coalesce(max(n), 0)::int, coalesce(sum(n), 0)::int
+                                FROM (SELECT count(*) AS n FROM dispatch_policy.admitted_jobs GROUP BY context ->> 'tenant') x
+                                """, logger: TestServer.logger
+                            ).first
+                        ).decode((Int, Int).self)
                         #expect(perTenant <= 2, "a tenant had \(perTenant) in flight")
                         #expect(total <= 5, "\(total) in flight under a global cap of 5")
                         worst = max(worst, total)
                         // Free the slots so admission goes on (in one call, slots in order).
-                        try await conn.exec("""
+                        try await conn.exec(
+                            """
                             WITH a AS (SELECT array_agg(id) AS ids, array_agg(NULL::integer) AS attempts FROM dispatch_policy.admitted_jobs)
                             SELECT count(*) FROM a, dispatch_policy.complete_many(coalesce(a.ids, '{}'), coalesce(a.attempts, '{}'))
                             """)

@@ -36,8 +36,12 @@ let configFields: [ConfigField] = [
     .init(limit: FieldLimits.adaptiveInitialMax, path: "gates[0].initial_max") {
         gate(#""type": "adaptive_concurrency", "target_lag_ms": 100, "initial_max": \#($0)"#)
     },
-    .init(limit: FieldLimits.adaptiveMin, path: "gates[0].min") { gate(#""type": "adaptive_concurrency", "target_lag_ms": 100, "min": \#($0)"#) },
-    .init(limit: FieldLimits.adaptiveMax, path: "gates[0].max") { gate(#""type": "adaptive_concurrency", "target_lag_ms": 100, "max": \#($0)"#) },
+    .init(limit: FieldLimits.adaptiveMin, path: "gates[0].min") {
+        gate(#""type": "adaptive_concurrency", "target_lag_ms": 100, "min": \#($0)"#)
+    },
+    .init(limit: FieldLimits.adaptiveMax, path: "gates[0].max") {
+        gate(#""type": "adaptive_concurrency", "target_lag_ms": 100, "max": \#($0)"#)
+    },
     .init(limit: FieldLimits.adaptiveTargetLagMs, path: "gates[0].target_lag_ms") {
         gate(#""type": "adaptive_concurrency", "target_lag_ms": \#($0)"#)
     },
@@ -96,7 +100,8 @@ struct BoundsTests {
             ).map { row in
                 let (field, lo, loEx, hi, hiEx, integral, value, unit) =
                     try row.decode((String, Double, Bool, Double, Bool, Bool, Double?, String).self)
-                return FieldLimit(field, lo, hi, integral: integral, default: value, unit: unit, minimumExclusive: loEx, maximumExclusive: hiEx)
+                return FieldLimit(
+                    field, lo, hi, integral: integral, default: value, unit: unit, minimumExclusive: loEx, maximumExclusive: hiEx)
             }
             #expect(rows == FieldLimits.database)
         }
@@ -175,22 +180,28 @@ struct BoundsTests {
     @Test("a context value beyond the bounds takes the default and cannot poison a bucket or maintenance")
     func contextCannotPoison() async throws {
         try await withTestDatabase { conn, _ in
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig {
-                Gate.throttle(rate: .context("rate_limit", default: 5), per: .context("window", default: 1),
-                              burst: .context("rate_limit", default: 5), partitionBy: "{ep}")
-            }.json())
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "p",
+                config: try PolicyConfig {
+                    Gate.throttle(
+                        rate: .context("rate_limit", default: 5), per: .context("window", default: 1),
+                        burst: .context("rate_limit", default: 5), partitionBy: "{ep}")
+                }.json())
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '1', '{"ep": "x", "rate_limit": 1e308, "window": 1e-308}')"#)
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '2', '{"ep": "x", "rate_limit": 2}')"#)
             let ticker = Ticker(connection: conn, logger: TestServer.logger)
             // The bucket takes the first job's values: rate and window fall back to their defaults.
             #expect(try await ticker.tick(policy: "p").admitted == 2)
-            let (rate, per, burst) = try #require(try await conn.rows(
-                "SELECT rate, per_seconds, burst FROM dispatch_policy.throttle_buckets", logger: TestServer.logger
-            ).first).decode((Double, Double, Double).self)
+            let (rate, per, burst) = try #require(
+                try await conn.rows(
+                    "SELECT rate, per_seconds, burst FROM dispatch_policy.throttle_buckets", logger: TestServer.logger
+                ).first
+            ).decode((Double, Double, Double).self)
             #expect(rate == 5 && per == 1 && burst == 5)
             // An hour later refill and prune still work.
-            #expect(try await conn.scalar(
-                "SELECT count(*) FROM dispatch_policy.prune('7 days', '1 hour', now() + interval '2 hours')", as: Int.self) > 0)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*) FROM dispatch_policy.prune('7 days', '1 hour', now() + interval '2 hours')", as: Int.self) > 0)
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '3', '{"ep": "x"}')"#)
             #expect(try await ticker.tick(policy: "p").outcome == .ran)
             // The database refuses a poisoned bucket outright.
@@ -204,9 +215,11 @@ struct BoundsTests {
     @Test("per comes from the job's context when it is within bounds")
     func perFromContext() async throws {
         try await withTestDatabase { conn, _ in
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig {
-                Gate.throttle(rate: 1, per: .context("window", default: 3600), burst: 1, partitionBy: "{ep}")
-            }.json())
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "p",
+                config: try PolicyConfig {
+                    Gate.throttle(rate: 1, per: .context("window", default: 3600), burst: 1, partitionBy: "{ep}")
+                }.json())
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '1', '{"ep": "fast", "window": 0.5}')"#)
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '2', '{"ep": "slow"}')"#)
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
@@ -223,10 +236,12 @@ struct BoundsTests {
     @Test("nothing one job carries can stop its policy: long keys are stored shortened, long names refused at staging")
     func oneJobCannotBlock() async throws {
         try await withTestDatabase { conn, _ in
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig(roundRobinBy: "{acct}") {
-                Gate.concurrency(max: 5, partitionBy: "{acct}")
-                Gate.throttle(rate: 100, per: 1, partitionBy: "ep:{acct}")
-            }.json())
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "p",
+                config: try PolicyConfig(roundRobinBy: "{acct}") {
+                    Gate.concurrency(max: 5, partitionBy: "{acct}")
+                    Gate.throttle(rate: 100, per: 1, partitionBy: "ep:{acct}")
+                }.json())
             let long = String(repeating: "x", count: 3800) + "\u{E9}"
             try await conn.exec("SELECT dispatch_policy.stage('p', '1', jsonb_build_object('acct', \(long)::text))")
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '2', '{"acct": "short"}')"#)
@@ -235,19 +250,27 @@ struct BoundsTests {
             let result = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
             #expect(result.admitted == 2)
             let fitted = PartitionKey.fit(long)
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.inflight_counters WHERE partition = \(fitted)", as: Int.self) == 1)
+            #expect(
+                try await conn.scalar("SELECT count(*) FROM dispatch_policy.inflight_counters WHERE partition = \(fitted)", as: Int.self)
+                    == 1)
             // Swift (which admitted) and SQL (which the views and redeclare use) agree on the key.
-            #expect(try await conn.scalar(
-                "SELECT partition = dispatch_policy._partition_key('ep:{acct}', jsonb_build_object('acct', \(long)::text)) FROM dispatch_policy.throttle_buckets WHERE partition LIKE 'ep:xxx%'",
-                as: Bool.self))
-            #expect(try await conn.scalar("SELECT partition FROM dispatch_policy.throttle_buckets WHERE partition LIKE 'ep:xxx%'", as: String.self) == PartitionKey.fit("ep:" + long))
+            #expect(
+                try await conn.scalar(
+                    "SELECT partition = dispatch_policy._partition_key('ep:{acct}', jsonb_build_object('acct', \(long)::text)) FROM dispatch_policy.throttle_buckets WHERE partition LIKE 'ep:xxx%'",
+                    as: Bool.self))
+            #expect(
+                try await conn.scalar(
+                    "SELECT partition FROM dispatch_policy.throttle_buckets WHERE partition LIKE 'ep:xxx%'", as: String.self)
+                    == PartitionKey.fit("ep:" + long))
             try await expectCountersConsistent(conn)
             for (field, call) in [
                 ("queue", "SELECT dispatch_policy.stage('p', '1', queue => repeat('q', 9000))"),
                 ("dedupe_key", "SELECT dispatch_policy.stage('p', '1', dedupe_key => repeat('k', 10000))"),
                 ("round_robin_key", "SELECT dispatch_policy.stage('p', '1', round_robin_key => repeat('k', 10000))"),
             ] {
-                let error = await expectSQLError("22023", "\(field) must be a string of 1 to") { try await conn.exec(PostgresQuery(unsafeSQL: call)) }
+                let error = await expectSQLError("22023", "\(field) must be a string of 1 to") {
+                    try await conn.exec(PostgresQuery(unsafeSQL: call))
+                }
                 #expect(error?.hint == "Nothing was stored.")
             }
         }
@@ -257,19 +280,24 @@ struct BoundsTests {
     @Test("partition_overview shows what is in flight for every gate type")
     func inFlightForEveryGate() async throws {
         try await withTestDatabase { conn, _ in
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig {
-                Gate.throttle(rate: 10, per: 1, partitionBy: "{ep}")
-                Gate.concurrency(max: 5, partitionBy: "{acct}")
-                Gate.fairInterleave()
-            }.json())
-            try await conn.exec(#"SELECT dispatch_policy.stage_many('p', '[{"args": 1, "context": {"ep": "e", "acct": "a"}}, {"args": 2, "context": {"ep": "e", "acct": "b"}}]')"#)
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "p",
+                config: try PolicyConfig {
+                    Gate.throttle(rate: 10, per: 1, partitionBy: "{ep}")
+                    Gate.concurrency(max: 5, partitionBy: "{acct}")
+                    Gate.fairInterleave()
+                }.json())
+            try await conn.exec(
+                #"SELECT dispatch_policy.stage_many('p', '[{"args": 1, "context": {"ep": "e", "acct": "a"}}, {"args": 2, "context": {"ep": "e", "acct": "b"}}]')"#
+            )
             #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p").admitted == 2)
             let rows = try await conn.rows(
                 "SELECT gate, partition, in_flight FROM dispatch_policy.partition_overview ORDER BY 1, 2", logger: TestServer.logger
             ).map { try $0.decode((String, String, Int).self) }
-            #expect(rows.map { "\($0.0)/\($0.1)=\($0.2)" } == [
-                "concurrency/a=1", "concurrency/b=1", "fair_interleave/e=2", "throttle/e=2",
-            ])
+            #expect(
+                rows.map { "\($0.0)/\($0.1)=\($0.2)" } == [
+                    "concurrency/a=1", "concurrency/b=1", "fair_interleave/e=2", "throttle/e=2",
+                ])
         }
     }
 }

@@ -1,10 +1,11 @@
 import DispatchPolicy
 import Foundation
-#if canImport(FoundationNetworking)
-import FoundationNetworking
-#endif
-import Testing
 import PostgresNIO
+import Testing
+
+#if canImport(FoundationNetworking)
+    import FoundationNetworking
+#endif
 
 /// The dispatch-policy binary built next to the test bundle.
 let cliPath: String = {
@@ -22,7 +23,9 @@ func databaseURL(_ settings: ConnectionSettings) -> String {
 }
 
 /// Runs the CLI against `settings` (through DATABASE_URL unless `env` says otherwise).
-func cli(_ arguments: [String], settings: ConnectionSettings, env: [String: String]? = nil, stdin: String? = nil) async throws -> ProcessResult {
+func cli(_ arguments: [String], settings: ConnectionSettings, env: [String: String]? = nil, stdin: String? = nil) async throws
+    -> ProcessResult
+{
     var environment = env ?? ProcessInfo.processInfo.environment
     if env == nil {
         environment["DATABASE_URL"] = databaseURL(settings)
@@ -48,9 +51,9 @@ struct CLITests {
         let settings = try await TestServer.shared.freshDatabase()
         let file = FileManager.default.temporaryDirectory.appending(path: "policies-\(UUID().uuidString).json")
         try """
-            [{"name": "webhooks", "config": \(designExampleConfig)},
-             {"name": "emails", "config": {"gates": [{"type": "global_cap", "max": 2}]}}]
-            """.write(to: file, atomically: true, encoding: .utf8)
+        [{"name": "webhooks", "config": \(designExampleConfig)},
+         {"name": "emails", "config": {"gates": [{"type": "global_cap", "max": 2}]}}]
+        """.write(to: file, atomically: true, encoding: .utf8)
         defer { try? FileManager.default.removeItem(at: file) }
 
         let apply = try await cli(["policy", "apply", file.path], settings: settings)
@@ -70,7 +73,9 @@ struct CLITests {
         let reapply = try await cli(["policy", "apply", "-"], settings: other, stdin: show.stdout)
         #expect(reapply.status == 0, "\(reapply.stderr)")
         try await TestServer.withConnection(other) { conn async throws in
-            #expect(try await conn.scalar("SELECT config = \(designExampleConfig)::jsonb FROM dispatch_policy.policies WHERE name = 'webhooks'", as: Bool.self))
+            #expect(
+                try await conn.scalar(
+                    "SELECT config = \(designExampleConfig)::jsonb FROM dispatch_policy.policies WHERE name = 'webhooks'", as: Bool.self))
         }
 
         let missing = try await cli(["policy", "show", "nope"], settings: settings)
@@ -94,9 +99,11 @@ struct CLITests {
     @Test("an invalid policy file fails with one line naming the field and SQLSTATE, and stores nothing")
     func invalidPolicy() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        let result = try await cli(["policy", "apply", "-"], settings: settings, stdin: """
-            [{"name": "ok", "config": {}}, {"name": "bad", "config": {"gates": [{"type": "throttle", "rate": 1, "per": 0}]}}]
-            """)
+        let result = try await cli(
+            ["policy", "apply", "-"], settings: settings,
+            stdin: """
+                [{"name": "ok", "config": {}}, {"name": "bad", "config": {"gates": [{"type": "throttle", "rate": 1, "per": 0}]}}]
+                """)
         #expect(result.status == 1)
         // One line, then the server's hint on a line of its own when it gives one.
         let lines = result.stderr.split(separator: "\n")
@@ -113,9 +120,11 @@ struct CLITests {
         #expect(notJSON.stderr.hasPrefix("dispatch-policy: policy file is not valid JSON"))
 
         // One policy twice in an array: refused, nothing declared.
-        let twice = try await cli(["policy", "apply", "-"], settings: settings, stdin: """
-            [{"name": "a", "config": {}}, {"name": "b", "config": {}}, {"name": "a", "config": {"batch_size": 5}}]
-            """)
+        let twice = try await cli(
+            ["policy", "apply", "-"], settings: settings,
+            stdin: """
+                [{"name": "a", "config": {}}, {"name": "b", "config": {}}, {"name": "a", "config": {"batch_size": 5}}]
+                """)
         #expect(twice.status == 1)
         #expect(twice.stderr.hasPrefix("dispatch-policy: policy file[2].name repeats a of policy file[0]"), "\(twice.stderr)")
         #expect(try await cli(["policy", "list"], settings: settings).stdout.split(separator: "\n").count == 1)
@@ -130,7 +139,8 @@ struct CLITests {
         let fromPath = try await cli(["policy", "apply", path], settings: settings)
         var environment = ProcessInfo.processInfo.environment
         environment["DATABASE_URL"] = databaseURL(settings)
-        let fromPipe = try await runProcess("/bin/sh", ["-c", "exec \"$0\" policy apply - < \"$1\"", cliPath, path], environment: environment)
+        let fromPipe = try await runProcess(
+            "/bin/sh", ["-c", "exec \"$0\" policy apply - < \"$1\"", cliPath, path], environment: environment)
         for result in [fromPath, fromPipe] {
             #expect(result.status == 1)
             #expect(result.stderr.contains("is not UTF-8 text (byte 13 does not begin a UTF-8 character)"), "\(result.stderr)")
@@ -142,8 +152,13 @@ struct CLITests {
     @Test("stage prints the job id, and nothing on stdout for a duplicate (exit 0); errors exit non-zero with the server's hint")
     func stage() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        _ = try await cli(["policy", "apply", "-"], settings: settings, stdin: #"{"name": "p", "config": {"round_robin_by": "{account}"}}"#)
-        let first = try await cli(["stage", "p", "--args", #"{"n": 1}"#, "--context", #"{"account": "a"}"#, "--dedupe-key", "k", "--queue", "q", "--priority", "3"], settings: settings)
+        _ = try await cli(
+            ["policy", "apply", "-"], settings: settings, stdin: #"{"name": "p", "config": {"round_robin_by": "{account}"}}"#)
+        let first = try await cli(
+            [
+                "stage", "p", "--args", #"{"n": 1}"#, "--context", #"{"account": "a"}"#, "--dedupe-key", "k", "--queue", "q", "--priority",
+                "3",
+            ], settings: settings)
         #expect(first.status == 0, "\(first.stderr)")
         let id = try #require(Int64(first.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))
         let again = try await cli(["stage", "p", "--args", "{}", "--dedupe-key", "k"], settings: settings)
@@ -153,20 +168,23 @@ struct CLITests {
         let later = try await cli(["stage", "p", "--args", "{}", "--delay", "10m"], settings: settings)
         #expect(later.status == 0)
         try await TestServer.withConnection(settings) { conn async throws in
-            let (queue, priority, rr) = try #require(try await conn.rows(
-                "SELECT queue, priority, round_robin_key FROM dispatch_policy.staged_jobs WHERE id = \(id)", logger: TestServer.logger
-            ).first).decode((String, Int, String).self)
+            let (queue, priority, rr) = try #require(
+                try await conn.rows(
+                    "SELECT queue, priority, round_robin_key FROM dispatch_policy.staged_jobs WHERE id = \(id)", logger: TestServer.logger
+                ).first
+            ).decode((String, Int, String).self)
             #expect(queue == "q" && priority == 3 && rr == "a")
             #expect(try await conn.scalar("SELECT scheduled FROM dispatch_policy.policy_overview", as: Int.self) == 1)
         }
 
         let unknown = try await cli(["stage", "nope", "--args", "{}"], settings: settings)
         #expect(unknown.status == 1)
-        #expect(unknown.stderr == """
-            dispatch-policy: unknown policy: 'nope' (SQLSTATE 42704)
-            dispatch-policy: hint: Declare it first with dispatch_policy.declare_policy(name, config) or "dispatch-policy policy apply FILE".
+        #expect(
+            unknown.stderr == """
+                dispatch-policy: unknown policy: 'nope' (SQLSTATE 42704)
+                dispatch-policy: hint: Declare it first with dispatch_policy.declare_policy(name, config) or "dispatch-policy policy apply FILE".
 
-            """)
+                """)
         let badJSON = try await cli(["stage", "p", "--args", "{"], settings: settings)
         #expect(badJSON.status == 1)
         #expect(badJSON.stderr == "dispatch-policy: --args is not valid JSON: {\n")
@@ -220,7 +238,10 @@ struct CLITests {
             (["run"], "postgres://u@localhost:70000/db", 78, "port must be a number from 1 to 65535"),
             (["tick"], "postgres://u@localhost/db?sslmode=sometimes", 78, "sslmode must be one of"),
             (["run"], "postgres://u@localhost/db?sslmode=verify-full&sslrootcert=\(missing)", 78, "cannot read the root certificate"),
-            (["work", "--policy", "p", "--", "true"], "postgres://u@localhost/db?nonsense=1", 78, "unknown connection option \"nonsense\""),
+            (
+                ["work", "--policy", "p", "--", "true"], "postgres://u@localhost/db?nonsense=1", 78,
+                "unknown connection option \"nonsense\""
+            ),
             (["admin", "--allow-actions", "--bind", "127.0.0.1:0"], nil, 78, "--allow-actions needs a token"),
             (["policy", "list"], "postgres://nobody@127.0.0.1:1/nothing?sslmode=disable", 1, "cannot connect to"),
             (["tick", "--policy", "nope"], nil, 1, "unknown policy: 'nope'"),
@@ -272,8 +293,9 @@ struct CLITests {
         ]
         for refusal in refusals {
             // Bounded: an admin that accepted the file would serve until stopped (124 then).
-            let result = try await runProcess("/usr/bin/timeout", ["20", cliPath] + admin + [refusal.path],
-                                              environment: environment.merging(refusal.extra) { $1 })
+            let result = try await runProcess(
+                "/usr/bin/timeout", ["20", cliPath] + admin + [refusal.path],
+                environment: environment.merging(refusal.extra) { $1 })
             #expect(result.status == refusal.status, "\(refusal.path): \(result.stderr)")
             #expect(result.stderr.contains(refusal.stderr), "\(refusal.path): \(result.stderr)")
         }
@@ -292,7 +314,8 @@ struct CLITests {
             let child = try await spawnChild(cliPath, admin + [run.path], environment: env)
             var address: String?
             _ = try await waitUntil(30) {
-                address = child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?
+                address =
+                    child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?
                     .components(separatedBy: "\n").first
                 return address != nil || child.output().stderr.contains("dispatch-policy: ") && !child.output().stderr.contains("listening")
             }
@@ -330,14 +353,16 @@ struct CLITests {
             let quiet = try await cli(arguments, settings: settings)
             #expect(quiet.status == 0 && quiet.stdout.isEmpty && quiet.stderr.isEmpty, "\(arguments): \(quiet.stdout)\(quiet.stderr)")
         }
-        #expect(try await TestServer.withConnection(settings) { conn in
-            try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self)
-        } == 2)
+        #expect(
+            try await TestServer.withConnection(settings) { conn in
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self)
+            } == 2)
         let failed = try await cli(["tick", "--quiet", "--policy", "nope"], settings: settings)
         #expect(failed.status == 1 && failed.stdout.isEmpty && failed.stderr.contains("unknown policy: 'nope'"), "\(failed)")
         // A policy whose tick fails: the others admit, and the run says so.
         try await TestServer.withConnection(settings) { conn in
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.down(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
                 BEGIN RAISE EXCEPTION 'target down'; END $$
                 """)
@@ -353,8 +378,10 @@ struct CLITests {
 /// The HTTP status of `request`, redirects not followed.
 private func statusCode(_ request: URLRequest) async throws -> Int {
     final class NoRedirects: NSObject, URLSessionTaskDelegate {
-        func urlSession(_ session: URLSession, task: URLSessionTask, willPerformHTTPRedirection response: HTTPURLResponse,
-                        newRequest request: URLRequest, completionHandler: @escaping (URLRequest?) -> Void) {
+        func urlSession(
+            _ session: URLSession, task: URLSessionTask, willPerformHTTPRedirection response: HTTPURLResponse,
+            newRequest request: URLRequest, completionHandler: @escaping (URLRequest?) -> Void
+        ) {
             completionHandler(nil)
         }
     }

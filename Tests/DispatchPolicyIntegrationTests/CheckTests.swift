@@ -1,7 +1,8 @@
-@testable import DispatchPolicy
 import Foundation
 import PostgresNIO
 import Testing
+
+@testable import DispatchPolicy
 
 /// The findings of `dispatch_policy.check()`, as "finding policy/gate/partition" lines.
 func checkFindings(_ conn: PostgresConnection) async throws -> [String] {
@@ -21,13 +22,17 @@ struct CheckTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
-                name: "p", config: try PolicyConfig {
+                name: "p",
+                config: try PolicyConfig {
                     Gate.concurrency(max: 2, partitionBy: "{t}")
                     Gate.throttle(rate: 5, per: 1, burst: 5, partitionBy: "{t}")
                 }.json())
-            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('t', i % 2), dedupe_key => 'k' || i) FROM generate_series(1, 6) i")
+            try await conn.exec(
+                "SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('t', i % 2), dedupe_key => 'k' || i) FROM generate_series(1, 6) i"
+            )
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
-            _ = try await conn.rows("SELECT dispatch_policy.complete(id) FROM dispatch_policy.claim('default', 'w', 1)", logger: TestServer.logger)
+            _ = try await conn.rows(
+                "SELECT dispatch_policy.complete(id) FROM dispatch_policy.claim('default', 'w', 1)", logger: TestServer.logger)
             #expect(try await checkFindings(conn) == [], "a state only the product wrote must be consistent")
         }
         let clean = try await cli(["check"], settings: settings)
@@ -36,9 +41,11 @@ struct CheckTests {
 
         try await TestServer.withConnection(settings) { conn async throws in
             try await conn.exec("UPDATE dispatch_policy.inflight_counters SET in_flight = in_flight + 1 WHERE partition = '1'")
-            try await conn.exec("UPDATE dispatch_policy.throttle_buckets SET burst = 50, tokens = 50, refilled_at = now() WHERE partition = '0'")
+            try await conn.exec(
+                "UPDATE dispatch_policy.throttle_buckets SET burst = 50, tokens = 50, refilled_at = now() WHERE partition = '0'")
             // A finished job whose dedupe key was left behind.
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
                 SELECT policy, 'left-behind', id FROM dispatch_policy.finished_jobs LIMIT 1
                 """)
@@ -57,12 +64,16 @@ struct CheckTests {
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await checkFindings(conn) == [])
             try await expectCountersConsistent(conn)
-            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.dedupe_keys WHERE dedupe_key = 'left-behind'", as: Int.self) == 0)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*)::int FROM dispatch_policy.dedupe_keys WHERE dedupe_key = 'left-behind'", as: Int.self) == 0)
             // Nothing a user staged was lost.
-            #expect(try await conn.scalar("""
-                SELECT (SELECT count(*) FROM dispatch_policy.staged_jobs) + (SELECT count(*) FROM dispatch_policy.admitted_jobs)
-                     + (SELECT count(*) FROM dispatch_policy.finished_jobs)
-                """, as: Int.self) == 6)
+            #expect(
+                try await conn.scalar(
+                    """
+                    SELECT (SELECT count(*) FROM dispatch_policy.staged_jobs) + (SELECT count(*) FROM dispatch_policy.admitted_jobs)
+                         + (SELECT count(*) FROM dispatch_policy.finished_jobs)
+                    """, as: Int.self) == 6)
         }
         let again = try await cli(["check", "--repair"], settings: settings)
         #expect(again.status == 0)
@@ -76,7 +87,8 @@ struct CheckTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
-            try await conn.exec("INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight) VALUES ('p', 'gone', 'x', 1)")
+            try await conn.exec(
+                "INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight) VALUES ('p', 'gone', 'x', 1)")
             // A tick of p in progress: its lock held.
             try await conn.exec("BEGIN")
             #expect(try await conn.scalar("SELECT dispatch_policy.try_lock_policy('p')", as: Bool.self))

@@ -1,8 +1,9 @@
-@testable import DispatchPolicy
 import Foundation
 import PostgresNIO
 import Synchronization
 import Testing
+
+@testable import DispatchPolicy
 
 @Suite("Worker: completion batches", .timeLimit(.minutes(8)))
 struct CompletionBatcherTests {
@@ -35,7 +36,8 @@ struct CompletionBatcherTests {
     func batches() async throws {
         try await withTestDatabase { conn, settings async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
-            try await conn.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 50) i))")
+            try await conn.exec(
+                "SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 50) i))")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
             let jobs = try await conn.rows("SELECT id, attempt FROM dispatch_policy.claim('default', 'w', 50)", logger: TestServer.logger)
                 .map { try $0.decode((Int64, Int).self) }

@@ -6,7 +6,7 @@ import PostgresNIO
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A private cluster with TLS on (a certificate authority and certificates
@@ -35,7 +35,9 @@ actor TLSServer {
 
     private static func openssl(_ arguments: [String], in dir: String) async throws {
         let result = try await runProcess("/usr/bin/openssl", arguments, environment: ProcessInfo.processInfo.environment)
-        guard result.status == 0 else { throw EmbeddedPostgresError(message: "openssl \(arguments.joined(separator: " ")): \(result.stderr)") }
+        guard result.status == 0 else {
+            throw EmbeddedPostgresError(message: "openssl \(arguments.joined(separator: " ")): \(result.stderr)")
+        }
     }
 
     private static func start() async throws -> Server {
@@ -43,28 +45,41 @@ actor TLSServer {
         try FileManager.default.createDirectory(atPath: dir + "/home", withIntermediateDirectories: true)
         func path(_ name: String) -> String { "\(dir)/\(name)" }
         for ca in ["ca", "other-ca"] {
-            try await openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=dispatch-policy test \(ca)",
-                               "-keyout", path("\(ca).key"), "-out", path("\(ca).crt")], in: dir)
+            try await openssl(
+                [
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=dispatch-policy test \(ca)",
+                    "-keyout", path("\(ca).key"), "-out", path("\(ca).crt"),
+                ], in: dir)
         }
         // The server's certificate names localhost only (not 127.0.0.1): verify-full
         // passes for one and fails for the other.
         try "subjectAltName=DNS:localhost\n".write(toFile: path("server.ext"), atomically: true, encoding: .utf8)
-        try await openssl(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", path("server.key"), "-out", path("server.csr")], in: dir)
-        try await openssl(["x509", "-req", "-in", path("server.csr"), "-CA", path("ca.crt"), "-CAkey", path("ca.key"), "-CAcreateserial",
-                           "-days", "2", "-extfile", path("server.ext"), "-out", path("server.crt")], in: dir)
-        try await openssl(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=certuser", "-keyout", path("client.key"), "-out", path("client.csr")], in: dir)
-        try await openssl(["x509", "-req", "-in", path("client.csr"), "-CA", path("ca.crt"), "-CAkey", path("ca.key"), "-CAcreateserial",
-                           "-days", "2", "-out", path("client.crt")], in: dir)
+        try await openssl(
+            ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", path("server.key"), "-out", path("server.csr")],
+            in: dir)
+        try await openssl(
+            [
+                "x509", "-req", "-in", path("server.csr"), "-CA", path("ca.crt"), "-CAkey", path("ca.key"), "-CAcreateserial",
+                "-days", "2", "-extfile", path("server.ext"), "-out", path("server.crt"),
+            ], in: dir)
+        try await openssl(
+            ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=certuser", "-keyout", path("client.key"), "-out", path("client.csr")],
+            in: dir)
+        try await openssl(
+            [
+                "x509", "-req", "-in", path("client.csr"), "-CA", path("ca.crt"), "-CAkey", path("ca.key"), "-CAcreateserial",
+                "-days", "2", "-out", path("client.crt"),
+            ], in: dir)
         try """
-            local all all trust
-            hostssl all ssluser 127.0.0.1/32 trust
-            hostnossl all ssluser 127.0.0.1/32 reject
-            hostnossl all plainuser 127.0.0.1/32 trust
-            hostssl all plainuser 127.0.0.1/32 reject
-            hostssl all certuser 127.0.0.1/32 cert
-            host all pwuser 127.0.0.1/32 scram-sha-256
-            host all all 127.0.0.1/32 trust
-            """.write(toFile: path("pg_hba.conf"), atomically: true, encoding: .utf8)
+        local all all trust
+        hostssl all ssluser 127.0.0.1/32 trust
+        hostnossl all ssluser 127.0.0.1/32 reject
+        hostnossl all plainuser 127.0.0.1/32 trust
+        hostssl all plainuser 127.0.0.1/32 reject
+        hostssl all certuser 127.0.0.1/32 cert
+        host all pwuser 127.0.0.1/32 scram-sha-256
+        host all all 127.0.0.1/32 trust
+        """.write(toFile: path("pg_hba.conf"), atomically: true, encoding: .utf8)
         for file in ["server.key", "client.key"] {
             try FileManager.default.setAttributes([.posixPermissions: 0o600], ofItemAtPath: path(file))
         }
@@ -74,10 +89,13 @@ actor TLSServer {
             for file in ["server.key", "server.crt", "ca.crt", "pg_hba.conf"] { chown(path(file), pw.pointee.pw_uid, pw.pointee.pw_gid) }
         }
         let port = try freePort()
-        let cluster = try await EmbeddedPostgres.start(.init(tcpPort: port, settings: [
-            "ssl": "on", "ssl_cert_file": path("server.crt"), "ssl_key_file": path("server.key"), "ssl_ca_file": path("ca.crt"),
-            "hba_file": path("pg_hba.conf"), "password_encryption": "scram-sha-256",
-        ]), logger: TestServer.logger)
+        let cluster = try await EmbeddedPostgres.start(
+            .init(
+                tcpPort: port,
+                settings: [
+                    "ssl": "on", "ssl_cert_file": path("server.crt"), "ssl_key_file": path("server.key"), "ssl_ca_file": path("ca.crt"),
+                    "hba_file": path("pg_hba.conf"), "password_encryption": "scram-sha-256",
+                ]), logger: TestServer.logger)
         let admin = try ConnectionSettings(url: cluster.url())
         try await admin.withConnection(logger: TestServer.logger) { conn in
             for user in ["ssluser", "plainuser", "certuser"] {
@@ -157,7 +175,9 @@ struct ConnectionTests {
         }
     }
 
-    func expect(_ conninfo: String, environment: [String: String] = [:], _ expected: Outcome, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+    func expect(
+        _ conninfo: String, environment: [String: String] = [:], _ expected: Outcome, sourceLocation: SourceLocation = #_sourceLocation
+    ) async throws {
         let got = try await outcome(conninfo, environment: environment)
         switch (expected, got) {
         case (.tls, .tls), (.plain, .plain): break
@@ -185,7 +205,8 @@ struct ConnectionTests {
         let base = "port={port} dbname=postgres user=ssluser"
         try await expect("host=127.0.0.1 \(base) sslmode=verify-ca", .refused("root.crt does not exist"))
         try await expect("host=127.0.0.1 \(base) sslmode=verify-ca sslrootcert={certs}/ca.crt", .tls)
-        try await expect("host=127.0.0.1 \(base) sslmode=verify-ca sslrootcert={certs}/other-ca.crt", .refused("not signed by the root certificate"))
+        try await expect(
+            "host=127.0.0.1 \(base) sslmode=verify-ca sslrootcert={certs}/other-ca.crt", .refused("not signed by the root certificate"))
         try await expect("host=127.0.0.1 \(base) sslmode=verify-full sslrootcert={certs}/ca.crt", .refused("does not name 127.0.0.1"))
         try await expect("host=localhost \(base) sslmode=verify-full sslrootcert={certs}/ca.crt", .tls)
         // The same through PGSSLMODE and PGSSLROOTCERT.
@@ -196,7 +217,8 @@ struct ConnectionTests {
         defer { try? FileManager.default.removeItem(atPath: home) }
         let server = try await TLSServer.shared.get()
         try FileManager.default.copyItem(atPath: server.certs + "/other-ca.crt", toPath: home + "/.postgresql/root.crt")
-        try await expect("host=127.0.0.1 \(base) sslmode=require", environment: ["HOME": home], .refused("not signed by the root certificate"))
+        try await expect(
+            "host=127.0.0.1 \(base) sslmode=require", environment: ["HOME": home], .refused("not signed by the root certificate"))
     }
 
     @Test("a client certificate: sslcert and sslkey (or PGSSLCERT, PGSSLKEY) for cert authentication")
@@ -222,38 +244,48 @@ struct ConnectionTests {
         try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: dir + "/.pgpass")
         try await expect(base, environment: ["HOME": dir], .refused("asks for a password and none was given"))
         try """
-            [jobs-tls]
-            host=localhost
-            port=\(server.port)
-            dbname=postgres
-            sslmode=verify-full
-            sslrootcert=\(server.certs)/ca.crt
-            """.write(toFile: dir + "/services.conf", atomically: true, encoding: .utf8)
+        [jobs-tls]
+        host=localhost
+        port=\(server.port)
+        dbname=postgres
+        sslmode=verify-full
+        sslrootcert=\(server.certs)/ca.crt
+        """.write(toFile: dir + "/services.conf", atomically: true, encoding: .utf8)
         try await expect("service=jobs-tls user=ssluser", environment: ["PGSERVICEFILE": dir + "/services.conf"], .tls)
         try await expect("user=ssluser", environment: ["PGSERVICEFILE": dir + "/services.conf", "PGSERVICE": "jobs-tls"], .tls)
     }
 
-    @Test("application_name: the one given, else the command's; connect_timeout bounds a host that never answers, and the next host is tried")
+    @Test(
+        "application_name: the one given, else the command's; connect_timeout bounds a host that never answers, and the next host is tried")
     func nameAndTimeout() async throws {
         let server = try await TLSServer.shared.get()
-        var settings = try ConnectionSettings(conninfo: "host=127.0.0.1 port=\(server.port) dbname=postgres user=postgres", environment: ["HOME": server.emptyHome])
+        var settings = try ConnectionSettings(
+            conninfo: "host=127.0.0.1 port=\(server.port) dbname=postgres user=postgres", environment: ["HOME": server.emptyHome])
         settings.fallbackApplicationName = "dispatch-policy run"
-        let name: String = try await settings.withConnection(logger: TestServer.logger) { try await $0.scalar("SELECT current_setting('application_name')") }
+        let name: String = try await settings.withConnection(logger: TestServer.logger) {
+            try await $0.scalar("SELECT current_setting('application_name')")
+        }
         #expect(name == "dispatch-policy run")
-        let given = try ConnectionSettings.resolve(url: "postgres://postgres@127.0.0.1:\(server.port)/postgres?application_name=billing",
-                                                   environment: ["HOME": server.emptyHome], fallbackApplicationName: "dispatch-policy run")
-        let givenName: String = try await given.withConnection(logger: TestServer.logger) { try await $0.scalar("SELECT current_setting('application_name')") }
+        let given = try ConnectionSettings.resolve(
+            url: "postgres://postgres@127.0.0.1:\(server.port)/postgres?application_name=billing",
+            environment: ["HOME": server.emptyHome], fallbackApplicationName: "dispatch-policy run")
+        let givenName: String = try await given.withConnection(logger: TestServer.logger) {
+            try await $0.scalar("SELECT current_setting('application_name')")
+        }
         #expect(givenName == "billing")
 
         let silent = try SilentListener()
         defer { silent.close() }
-        let hung = try ConnectionSettings(conninfo: "host=127.0.0.1 port=\(silent.port) user=postgres connect_timeout=2", environment: ["HOME": server.emptyHome])
+        let hung = try ConnectionSettings(
+            conninfo: "host=127.0.0.1 port=\(silent.port) user=postgres connect_timeout=2", environment: ["HOME": server.emptyHome])
         let error = await #expect(throws: DispatchPolicyError.self) { try await hung.withConnection(logger: TestServer.logger) { _ in } }
         #expect(error?.message.contains("no answer within 2") == true, "\(String(describing: error))")
         let next = try ConnectionSettings(
             conninfo: "host=127.0.0.1,127.0.0.1 port=\(silent.port),\(server.port) dbname=postgres user=postgres connect_timeout=2",
             environment: ["HOME": server.emptyHome])
-        let port: String = try await next.withConnection(logger: TestServer.logger) { try await $0.scalar("SELECT current_setting('port')") }
+        let port: String = try await next.withConnection(logger: TestServer.logger) {
+            try await $0.scalar("SELECT current_setting('port')")
+        }
         #expect(port == String(server.port))
     }
 
@@ -262,7 +294,8 @@ struct ConnectionTests {
         let tls = try await TLSServer.shared.get()
         let shared = try await TestServer.shared.get()
         let database = "dp_failover_\(getpid())"
-        let a = try ConnectionSettings(url: tls.cluster.url()), b = shared.admin
+        let a = try ConnectionSettings(url: tls.cluster.url())
+        let b = shared.admin
         for server in [a, b] {
             try await server.withConnection(logger: TestServer.logger) { conn in
                 try await conn.exec(PostgresQuery(unsafeSQL: "DROP DATABASE IF EXISTS \(database)"))
@@ -271,7 +304,11 @@ struct ConnectionTests {
         }
         func readOnly(_ server: ConnectionSettings, _ on: Bool) async throws {
             try await server.withConnection(logger: TestServer.logger) { conn in
-                try await conn.exec(PostgresQuery(unsafeSQL: "ALTER DATABASE \(database) \(on ? "SET default_transaction_read_only = on" : "RESET default_transaction_read_only")"))
+                try await conn.exec(
+                    PostgresQuery(
+                        unsafeSQL:
+                            "ALTER DATABASE \(database) \(on ? "SET default_transaction_read_only = on" : "RESET default_transaction_read_only")"
+                    ))
             }
         }
         try await readOnly(a, true)
@@ -293,7 +330,10 @@ struct ConnectionTests {
         // read-only and primary pick accordingly; standby finds none (no server is in recovery).
         var ro = both
         ro.targetSessionAttributes = .readOnly
-        #expect(try await ro.withConnection(logger: TestServer.logger) { try await $0.scalar("SELECT current_setting('port')", as: String.self) } == portA)
+        #expect(
+            try await ro.withConnection(logger: TestServer.logger) {
+                try await $0.scalar("SELECT current_setting('port')", as: String.self)
+            } == portA)
         ro.targetSessionAttributes = .standby
         let none = await #expect(throws: DispatchPolicyError.self) { try await ro.withConnection(logger: TestServer.logger) { _ in } }
         #expect(none?.message.contains("no host is usable") == true)
@@ -314,24 +354,29 @@ struct ConnectionTests {
         // The pool's sessions are cut too; the ones it opens again on the
         // second host are read-only, which its check finds: it moves.
         try await b.withConnection(logger: TestServer.logger) { conn in
-            try await conn.exec(PostgresQuery(unsafeSQL: """
-                SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(database)' AND pid <> pg_backend_pid()
-                """))
+            try await conn.exec(
+                PostgresQuery(
+                    unsafeSQL: """
+                        SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(database)' AND pid <> pg_backend_pid()
+                        """))
         }
         var poolWhere2 = ""
         let poolMoved = try await waitUntil(60) {
-            poolWhere2 = (try? await pool.rows(
-                "SELECT current_setting('port') || ':' || current_setting('transaction_read_only')", logger: TestServer.logger
-            ).first?.decode(String.self)) ?? ""
+            poolWhere2 =
+                (try? await pool.rows(
+                    "SELECT current_setting('port') || ':' || current_setting('transaction_read_only')", logger: TestServer.logger
+                ).first?.decode(String.self)) ?? ""
             return poolWhere2 == "\(portA):off"
         }
         #expect(poolMoved, "after the failover the pool's sessions are on \(poolWhere2)")
         #expect(pool.moves == 1)
         var where2 = ""
         let moved = try await waitUntil(60) {
-            where2 = (try? await db.run("port", timeout: .seconds(60)) { conn in
-                try await conn.scalar("SELECT current_setting('port') || ':' || current_setting('transaction_read_only')", as: String.self)
-            }) ?? ""
+            where2 =
+                (try? await db.run("port", timeout: .seconds(60)) { conn in
+                    try await conn.scalar(
+                        "SELECT current_setting('port') || ':' || current_setting('transaction_read_only')", as: String.self)
+                }) ?? ""
             return where2 == "\(portA):off"
         }
         #expect(moved, "after the failover the session is on \(where2)")

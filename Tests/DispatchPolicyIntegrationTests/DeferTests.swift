@@ -19,7 +19,9 @@ private actor Starts {
 /// `pausePartition` the partition's other jobs wait too.
 @Suite("Worker: Defer", .timeLimit(.minutes(8)))
 struct DeferTests {
-    @Test("Defer: the job runs again after until as the same attempt; its slot goes to the next job at once; pausePartition holds the partition; out of bounds fails the attempt")
+    @Test(
+        "Defer: the job runs again after until as the same attempt; its slot goes to the next job at once; pausePartition holds the partition; out of bounds fails the attempt"
+    )
     func deferral() async throws { try await LiveTests.exclusive { try await deferralLive() } }
 
     func deferralLive() async throws {
@@ -32,7 +34,8 @@ struct DeferTests {
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try config.json())
             // a: defers itself once (no pause); b: defers itself once, pausing
             // its partition; c: defers 40 days ahead (out of bounds).
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage('p', jsonb_build_object('n', n), jsonb_build_object('acct', acct))
                 FROM (VALUES (1, 'a'), (2, 'a'), (3, 'b'), (4, 'b'), (5, 'c')) v(n, acct) ORDER BY n
                 """)
@@ -89,17 +92,22 @@ struct DeferTests {
         }
         try await TestServer.withConnection(settings) { conn async throws in
             // No attempt counted: completed at attempt 1, no failure recorded.
-            #expect(try await conn.scalar(
-                "SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self) == 4)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self)
+                    == 4)
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.job_failures WHERE job_id <> 5", as: Int.self) == 0)
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.job_deferrals", as: Int.self) == 2)
-            #expect(try await conn.scalar(
-                "SELECT count(*)::int FROM dispatch_policy.job_deferrals WHERE paused IS NOT NULL AND paused <> '{}'", as: Int.self) == 1)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*)::int FROM dispatch_policy.job_deferrals WHERE paused IS NOT NULL AND paused <> '{}'", as: Int.self)
+                    == 1)
             // 40 days is beyond defer.until: the attempt failed with why (max_attempts 1: dead).
             let error = try await conn.scalar("SELECT error FROM dispatch_policy.job_failures WHERE job_id = 5", as: String.self)
             #expect(error.contains("defer refused"), "\(error)")
             #expect(try await conn.scalar("SELECT status FROM dispatch_policy.finished_jobs WHERE id = 5", as: String.self) == "dead")
-            #expect(try await conn.scalar("SELECT coalesce(sum(in_flight), 0)::int FROM dispatch_policy.inflight_counters", as: Int.self) == 0)
+            #expect(
+                try await conn.scalar("SELECT coalesce(sum(in_flight), 0)::int FROM dispatch_policy.inflight_counters", as: Int.self) == 0)
         }
     }
 }

@@ -1,10 +1,11 @@
 import DispatchPolicy
 import Foundation
-#if canImport(FoundationNetworking)
-import FoundationNetworking
-#endif
-import Testing
 import PostgresNIO
+import Testing
+
+#if canImport(FoundationNetworking)
+    import FoundationNetworking
+#endif
 
 @Suite("Demo", .timeLimit(.minutes(8)))
 struct DemoTests {
@@ -49,8 +50,9 @@ struct DemoTests {
         try #require(made, "the demo made no cluster directory in TMPDIR: \(child.output().stderr)")
         kill(child.pid, SIGINT)
         _ = await child.wait()
-        #expect(try await waitUntil(20) { ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).isEmpty },
-                "left behind: \((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? [])")
+        #expect(
+            try await waitUntil(20) { ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).isEmpty },
+            "left behind: \((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? [])")
     }
 
     /// Regression (15): `demo --database-url` claimed and failed a real
@@ -65,7 +67,8 @@ struct DemoTests {
             try await conn.exec(#"SELECT dispatch_policy.stage_many('billing', '[{"args": 1}, {"args": 2, "queue": "reports"}]')"#)
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "billing")
             try await conn.exec(#"SELECT dispatch_policy.stage('billing', '3')"#)
-            return try await conn.scalar("""
+            return try await conn.scalar(
+                """
                 SELECT string_agg(x::text, '|' ORDER BY x::text) FROM (
                   SELECT row(a.*)::text FROM dispatch_policy.admitted_jobs a WHERE policy = 'billing'
                   UNION ALL SELECT row(s.*)::text FROM dispatch_policy.staged_jobs s WHERE policy = 'billing') x
@@ -73,11 +76,15 @@ struct DemoTests {
         }
         let url = databaseURL(settings)
         // With the admin UI served while it runs (read-only): its overview lists the demo's policies.
-        let child = try await spawnChild(cliPath, ["demo", "--duration", "6s", "--database-url", url, "--admin", "127.0.0.1:0"],
-                                   environment: ProcessInfo.processInfo.environment)
+        let child = try await spawnChild(
+            cliPath, ["demo", "--duration", "6s", "--database-url", url, "--admin", "127.0.0.1:0"],
+            environment: ProcessInfo.processInfo.environment)
         var address: String?
         _ = try await waitUntil(60) {
-            address = child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?.components(separatedBy: "\n").first
+            address =
+                child.output().stderr.components(separatedBy: "dispatch-policy: listening on ").dropFirst().first?.components(
+                    separatedBy: "\n"
+                ).first
             return address != nil
         }
         let base = try #require(address, "\(child.output().stderr)")
@@ -91,11 +98,13 @@ struct DemoTests {
         await #expect(throws: (any Error).self) { _ = try await URLSession.shared.data(from: URL(string: "\(base)/")!) }
         #expect(try await cli(["demo", "--admin", "nowhere"], settings: settings).status == 64)
         try await TestServer.withConnection(settings) { conn async throws in
-            #expect(try await conn.scalar("""
-                SELECT string_agg(x::text, '|' ORDER BY x::text) FROM (
-                  SELECT row(a.*)::text FROM dispatch_policy.admitted_jobs a WHERE policy = 'billing'
-                  UNION ALL SELECT row(s.*)::text FROM dispatch_policy.staged_jobs s WHERE policy = 'billing') x
-                """, as: String.self) == before)
+            #expect(
+                try await conn.scalar(
+                    """
+                    SELECT string_agg(x::text, '|' ORDER BY x::text) FROM (
+                      SELECT row(a.*)::text FROM dispatch_policy.admitted_jobs a WHERE policy = 'billing'
+                      UNION ALL SELECT row(s.*)::text FROM dispatch_policy.staged_jobs s WHERE policy = 'billing') x
+                    """, as: String.self) == before)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.job_failures WHERE policy = 'billing'", as: Int.self) == 0)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE policy LIKE 'demo%'", as: Int.self) > 0)
         }

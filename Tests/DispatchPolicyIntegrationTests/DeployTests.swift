@@ -12,7 +12,8 @@ struct DeployTests {
         let settings = try await TestServer.shared.freshDatabase()
         var env = libpqEnvironment(settings)
         let psql = try await TestServer.shared.binDirectory() + "/psql"
-        let roles = try await runProcess(psql, ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", packageRoot.appending(path: "sql/roles.sql").path], environment: env)
+        let roles = try await runProcess(
+            psql, ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", packageRoot.appending(path: "sql/roles.sql").path], environment: env)
         try #require(roles.status == 0, "roles.sql: \(roles.stderr)")
         env["DISPATCH_POLICY_BIN"] = cliPath
         env["DATABASE_URL"] = databaseURL(settings)

@@ -17,7 +17,8 @@ private func explain(_ conn: PostgresConnection, _ id: Int64) async throws -> Jo
 }
 
 private func stage(_ conn: PostgresConnection, _ policy: String, _ context: String, notBefore: String = "NULL") async throws -> Int64 {
-    try await conn.scalar("SELECT dispatch_policy.stage(\(policy), '{}', \(context)::jsonb, not_before => \(unescaped: notBefore))", as: Int64.self)
+    try await conn.scalar(
+        "SELECT dispatch_policy.stage(\(policy), '{}', \(context)::jsonb, not_before => \(unescaped: notBefore))", as: Int64.self)
 }
 
 @Suite("Explain: why a job waits", .timeLimit(.minutes(8)))
@@ -25,7 +26,9 @@ struct ExplainTests {
     @Test("a throttled job: the gate, its partition, the tokens, the time to the next token, and a wait that counts the jobs ahead")
     func throttled() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", #"{"gates": [{"type": "throttle", "name": "per_acct", "rate": 1, "per": 3600, "burst": 1, "partition_by": "{acct}"}]}"#)
+            try await declare(
+                conn, "p",
+                #"{"gates": [{"type": "throttle", "name": "per_acct", "rate": 1, "per": 3600, "burst": 1, "partition_by": "{acct}"}]}"#)
             // One token an hour: a loaded machine cannot see it refill during the test.
             let first = try await stage(conn, "p", #"{"acct": "a"}"#)
             let second = try await stage(conn, "p", #"{"acct": "a"}"#)
@@ -61,7 +64,10 @@ struct ExplainTests {
     @Test("a job behind a full cap waits for a slot (no estimate); once one is released every gate has room")
     func capped() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", #"{"gates": [{"type": "concurrency", "max": {"context": "limit", "default": 1}, "partition_by": "{acct}"}, {"type": "global_cap", "max": 10}]}"#)
+            try await declare(
+                conn, "p",
+                #"{"gates": [{"type": "concurrency", "max": {"context": "limit", "default": 1}, "partition_by": "{acct}"}, {"type": "global_cap", "max": 10}]}"#
+            )
             let first = try await stage(conn, "p", #"{"acct": "a"}"#)
             let second = try await stage(conn, "p", #"{"acct": "a"}"#)
             #expect(try await tick(conn, "p").admitted == 1)
@@ -71,7 +77,9 @@ struct ExplainTests {
             #expect(waiting.rows.first { $0.gate == "global_cap" }?.verdict == "ok")
             #expect(waiting.rows.last?.verdict == "unknown" && waiting.rows.last?.waitSeconds == nil)
             // The lane is blocked until a slot is released, and says so.
-            #expect(waiting.rows.first { $0.aspect == "lane" }?.explanation.contains("blocked by concurrency partition 'a' until it has room") == true)
+            #expect(
+                waiting.rows.first { $0.aspect == "lane" }?.explanation.contains("blocked by concurrency partition 'a' until it has room")
+                    == true)
             _ = try await conn.scalar("SELECT dispatch_policy.complete(\(first))", as: Bool.self)
             let free = try await explain(conn, second)
             #expect(free.waitingOn.isEmpty)
@@ -89,7 +97,10 @@ struct ExplainTests {
     @Test("paused, scheduled, adaptive, finished, dead and unknown jobs")
     func states() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", #"{"max_attempts": 1, "gates": [{"type": "adaptive_concurrency", "partition_by": "{acct}", "initial_max": 2, "target_lag_ms": 500}]}"#)
+            try await declare(
+                conn, "p",
+                #"{"max_attempts": 1, "gates": [{"type": "adaptive_concurrency", "partition_by": "{acct}", "initial_max": 2, "target_lag_ms": 500}]}"#
+            )
             let later = try await stage(conn, "p", #"{"acct": "a"}"#, notBefore: "now() + interval '1 hour'")
             let scheduled = try await explain(conn, later)
             #expect(scheduled.state == "scheduled")
@@ -99,8 +110,9 @@ struct ExplainTests {
 
             let now = try await stage(conn, "p", #"{"acct": "a"}"#)
             let adaptive = try await explain(conn, now)
-            #expect(adaptive.rows.first { $0.aspect == "gate" }?.explanation
-                .hasPrefix("adaptive_concurrency: 0 in flight of a cap of 2 (adaptive; no lag observed yet, target 500 ms)") == true)
+            #expect(
+                adaptive.rows.first { $0.aspect == "gate" }?.explanation
+                    .hasPrefix("adaptive_concurrency: 0 in flight of a cap of 2 (adaptive; no lag observed yet, target 500 ms)") == true)
             try await conn.exec("SELECT dispatch_policy.pause('p')")
             let paused = try await explain(conn, now)
             #expect(paused.waitingOn.map(\.aspect) == ["policy"])
@@ -128,7 +140,8 @@ struct ExplainTests {
         try await withTestDatabase { conn, _ in
             // A lane blocked on a full cap stays passed over, though a later
             // job of it carries a higher cap in its context.
-            try await declare(conn, "cm", #"{"gates": [{"type": "concurrency", "max": {"context": "m", "default": 1}, "partition_by": "{p}"}]}"#)
+            try await declare(
+                conn, "cm", #"{"gates": [{"type": "concurrency", "max": {"context": "m", "default": 1}, "partition_by": "{p}"}]}"#)
             _ = try await stage(conn, "cm", #"{"p": "x", "m": 1}"#)
             #expect(try await tick(conn, "cm").admitted == 1)
             _ = try await stage(conn, "cm", #"{"p": "x", "m": 1}"#)
@@ -149,7 +162,8 @@ struct ExplainTests {
             #expect(try await tick(conn, "r0").admitted == 0)
 
             // A rate of 1e-300 tokens a year: no overflow, no 300-digit wait.
-            try await declare(conn, "tiny", #"{"gates": [{"type": "throttle", "name": "th", "rate": 1e-300, "per": 31536000, "burst": 1}]}"#)
+            try await declare(
+                conn, "tiny", #"{"gates": [{"type": "throttle", "name": "th", "rate": 1e-300, "per": 31536000, "burst": 1}]}"#)
             var ids: [Int64] = []
             for _ in 0..<6 { ids.append(try await stage(conn, "tiny", "{}")) }
             #expect(try await tick(conn, "tiny").admitted == 1)
@@ -163,7 +177,8 @@ struct ExplainTests {
             for pad in ["\u{2003}", "\u{3000}", "\u{00A0}", "\u{2028}"] {
                 let padded = try await conn.scalar(
                     "SELECT dispatch_policy.stage('sp', '{}', jsonb_build_object('m', \(pad + "4" + pad)::text))", as: Int64.self)
-                #expect(try await explain(conn, padded).rows.first { $0.gate == "concurrency" }?.explanation.contains("of a cap of 4") == true)
+                #expect(
+                    try await explain(conn, padded).rows.first { $0.gate == "concurrency" }?.explanation.contains("of a cap of 4") == true)
             }
             #expect(try await tick(conn, "sp").admitted == 4)
         }
@@ -180,7 +195,10 @@ struct ExplainTests {
         #expect(result.status == 0, "\(result.stderr)")
         let lines = result.stdout.split(separator: "\n")
         #expect(lines.count == 4, "\(result.stdout)")
-        #expect(lines.contains { $0.hasPrefix("waits") && $0.contains("gate concurrency [evil\\nwaits  gate forged]: concurrency: 0 in flight of a cap of 0") })
+        #expect(
+            lines.contains {
+                $0.hasPrefix("waits") && $0.contains("gate concurrency [evil\\nwaits  gate forged]: concurrency: 0 in flight of a cap of 0")
+            })
         #expect(!lines.contains { $0.hasPrefix("waits  gate forged") })
         let unknown = try await cli(["explain", "424242"], settings: settings)
         #expect(unknown.status == 1)

@@ -19,7 +19,9 @@ struct FairnessTests {
     /// with or without fair_interleave, because every tick started from the
     /// same key.
     @Test("equally backlogged tenants get equal shares under a binding global cap (Jain's index ≥ 0.99)", arguments: [false, true])
-    func equalShares(fairInterleave: Bool) async throws { try await LiveTests.exclusive { try await equalSharesLive(fairInterleave: fairInterleave) } }
+    func equalShares(fairInterleave: Bool) async throws {
+        try await LiveTests.exclusive { try await equalSharesLive(fairInterleave: fairInterleave) }
+    }
 
     func equalSharesLive(fairInterleave: Bool) async throws {
         let settings = try await TestServer.shared.freshDatabase()
@@ -31,7 +33,8 @@ struct FairnessTests {
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "fair", config: try config.json())
             // Staged tenant by tenant, as a burst from each in turn.
             for tenant in 0..<100 {
-                try await conn.exec("""
+                try await conn.exec(
+                    """
                     SELECT dispatch_policy.stage_many('fair', (SELECT jsonb_agg(jsonb_build_object('args', i,
                       'context', jsonb_build_object('t', \(String(format: "t%03d", tenant))::text))) FROM generate_series(1, 300) i))
                     """)

@@ -1,4 +1,3 @@
-@testable import DispatchPolicy
 import EmbeddedPostgres
 import Foundation
 import Logging
@@ -6,8 +5,10 @@ import PostgresNIO
 import Synchronization
 import Testing
 
+@testable import DispatchPolicy
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A PostgreSQL cluster of one test's own, for faults that must not reach
@@ -142,30 +143,37 @@ struct FaultTests {
             #expect(try await terminateSessions(settings, query: "LISTEN%") == 1)
             #expect(try await waitUntil(20) { try await listening() }, "the notification session was not replaced")
             try await stage(settings, "p")
-            #expect(try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 2 },
-                    "a job staged after the notification session was replaced waited for the idle pause")
+            #expect(
+                try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 2 },
+                "a job staged after the notification session was replaced waited for the idle pause")
             // The notification session's reconnect counts in status too.
-            #expect(try await waitUntil(10) {
-                try await count(settings, "SELECT coalesce(max(reconnects), 0) FROM dispatch_policy.processes WHERE kind = 'runner'") >= 1
-            }, "status does not count the notification session's reconnect")
+            #expect(
+                try await waitUntil(10) {
+                    try await count(settings, "SELECT coalesce(max(reconnects), 0) FROM dispatch_policy.processes WHERE kind = 'runner'")
+                        >= 1
+                }, "status does not count the notification session's reconnect")
 
             // Every session of the runner.
             #expect(try await terminateSessions(settings) >= 2)
             try await stage(settings, "p")
-            #expect(try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 3 },
-                    "no admission after the runner's sessions were terminated")
+            #expect(
+                try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 3 },
+                "no admission after the runner's sessions were terminated")
 
             // A restart: sessions end, connections are refused for a moment.
             try await cluster.restart()
             #expect(try await waitUntil(20) { try await listening() }, "the runner did not listen again after the restart")
             try await stage(settings, "p")
-            #expect(try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 4 },
-                    "no admission after a restart")
+            #expect(
+                try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 4 },
+                "no admission after a restart")
 
             // Visible to operators: the runner's reconnects and its last loss.
-            #expect(try await waitUntil(10) {
-                try await count(settings, "SELECT coalesce(max(reconnects), 0) FROM dispatch_policy.processes WHERE kind = 'runner'") >= 2
-            }, "dispatch_policy.processes does not show the reconnects")
+            #expect(
+                try await waitUntil(10) {
+                    try await count(settings, "SELECT coalesce(max(reconnects), 0) FROM dispatch_policy.processes WHERE kind = 'runner'")
+                        >= 2
+                }, "dispatch_policy.processes does not show the reconnects")
             let status = try await cli(["status"], settings: settings, env: libpqEnvironment(settings))
             #expect(status.stdout.contains("RECONNECTS"), "\(status.stdout)")
 
@@ -192,7 +200,8 @@ struct FaultTests {
                 try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
             }
             let started = ContinuousClock.now
-            let child = try await spawnChild(cliPath, ["tick", "--for", "4s", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
+            let child = try await spawnChild(
+                cliPath, ["tick", "--for", "4s", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
             defer { kill(child.pid, SIGKILL) }
             let frozen = try await freezeIdleSession(settings, query: "SELECT name, failing, expired%")
             defer { if let frozen { kill(frozen, SIGCONT) } }
@@ -296,7 +305,8 @@ struct FaultTests {
             // reaped and admitted again within seconds.
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
                 name: "p", config: try PolicyConfig(leaseSeconds: 3) { Gate.concurrency(max: 3, partitionBy: "{t}") }.json())
-            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('t', i % 4)) FROM generate_series(1, \(jobs)) i")
+            try await conn.exec(
+                "SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('t', i % 4)) FROM generate_series(1, \(jobs)) i")
         }
         let runs = Mutex<[Int64: Int]>([:])
         let services = busyRunnerAndWorker(settings, concurrency: 6) { job in
@@ -316,13 +326,15 @@ struct FaultTests {
         #expect(terminated >= 12, "only \(terminated) sessions were terminated")
         if !done {
             let state = try await TestServer.withConnection(settings) { conn in
-                try await conn.rows("""
+                try await conn.rows(
+                    """
                     SELECT 'admitted ' || count(*) || ' claimed ' || count(worker) || ' expired ' || count(*) FILTER (WHERE lease_expires_at < now())
                     FROM dispatch_policy.admitted_jobs
                     UNION ALL SELECT 'staged ' || count(*) FROM dispatch_policy.staged_jobs
                     UNION ALL SELECT 'counters ' || coalesce(string_agg(gate || '/' || partition || '=' || in_flight, ' '), '') FROM dispatch_policy.inflight_counters
                     UNION ALL SELECT 'sessions ' || coalesce(string_agg(state || ':' || left(query, 40), ' | '), '') FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
-                    """, logger: TestServer.logger).map { try $0.decode(String.self) }
+                    """, logger: TestServer.logger
+                ).map { try $0.decode(String.self) }
             }
             Issue.record("not every job completed: \(state)")
         }
@@ -358,7 +370,9 @@ struct FaultTests {
                 Gate.adaptiveConcurrency(name: "adaptive", partitionBy: "{acct}", initialMax: 50, targetLagMs: 60_000)
             }
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "k", config: try config.json())
-            try await conn.exec("SELECT dispatch_policy.stage('k', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 4))) FROM generate_series(1, \(jobs)) i")
+            try await conn.exec(
+                "SELECT dispatch_policy.stage('k', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 4))) FROM generate_series(1, \(jobs)) i"
+            )
             // Gate state for every partition exists once one tick has run.
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "k")
         }
@@ -382,13 +396,15 @@ struct FaultTests {
                 // taken once per transaction.)
                 var victim: Int32?
                 let waiting = try await waitUntil(20) {
-                    victim = try await TestServer.withConnection(settings) { watcher in try await watcher.rows(
-                        """
-                        SELECT pid FROM pg_stat_activity
-                        WHERE datname = current_database() AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'
-                          AND xact_start IS NOT NULL AND backend_type = 'client backend'
-                        """, logger: TestServer.logger
-                    ).first?.decode(Int32.self) }
+                    victim = try await TestServer.withConnection(settings) { watcher in
+                        try await watcher.rows(
+                            """
+                            SELECT pid FROM pg_stat_activity
+                            WHERE datname = current_database() AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'
+                              AND xact_start IS NOT NULL AND backend_type = 'client backend'
+                            """, logger: TestServer.logger
+                        ).first?.decode(Int32.self)
+                    }
                     return victim != nil
                 }
                 kill(child.pid, SIGKILL)
@@ -396,14 +412,17 @@ struct FaultTests {
                 try await holder.exec("COMMIT")
                 try #require(waiting, "round \(round): the runner never waited on the held row inside a transaction")
                 // The killed runner's session ends by itself (client_connection_check_interval).
-                #expect(try await waitUntil(15) {
-                    try await holder.scalar("SELECT count(*)::int FROM pg_stat_activity WHERE pid = \(victim ?? 0)", as: Int.self) == 0
-                }, "round \(round): the killed runner's session lived on")
+                #expect(
+                    try await waitUntil(15) {
+                        try await holder.scalar("SELECT count(*)::int FROM pg_stat_activity WHERE pid = \(victim ?? 0)", as: Int.self) == 0
+                    }, "round \(round): the killed runner's session lived on")
                 // Nothing lost, nothing leaked, after every kill.
-                #expect(try await holder.scalar("""
-                    SELECT (SELECT count(*) FROM dispatch_policy.staged_jobs) + (SELECT count(*) FROM dispatch_policy.admitted_jobs)
-                         + (SELECT count(*) FROM dispatch_policy.finished_jobs)
-                    """, as: Int.self) == jobs)
+                #expect(
+                    try await holder.scalar(
+                        """
+                        SELECT (SELECT count(*) FROM dispatch_policy.staged_jobs) + (SELECT count(*) FROM dispatch_policy.admitted_jobs)
+                             + (SELECT count(*) FROM dispatch_policy.finished_jobs)
+                        """, as: Int.self) == jobs)
                 try await expectCountersConsistent(holder)
                 #expect(try await checkFindings(holder) == [], "round \(round)")
             }
@@ -425,21 +444,27 @@ struct FaultTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
-                name: "p", config: try PolicyConfig(leaseSeconds: 2) { Gate.concurrency(name: "per_acct", max: 3, partitionBy: "{acct}") }.json())
-            try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 2))) FROM generate_series(1, 12) i")
+                name: "p",
+                config: try PolicyConfig(leaseSeconds: 2) { Gate.concurrency(name: "per_acct", max: 3, partitionBy: "{acct}") }.json())
+            try await conn.exec(
+                "SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 2))) FROM generate_series(1, 12) i")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
         }
         // The doomed worker: claims three jobs, commits, and "runs" them.
         let psql = try await TestServer.shared.binDirectory() + "/psql"
-        let doomed = try await spawnChild(psql, ["-X", "-q", "-c", "SELECT id FROM dispatch_policy.claim('default', 'doomed', 3)", "-c", "SELECT pg_sleep(60)"],
-                                    environment: libpqEnvironment(settings))
+        let doomed = try await spawnChild(
+            psql, ["-X", "-q", "-c", "SELECT id FROM dispatch_policy.claim('default', 'doomed', 3)", "-c", "SELECT pg_sleep(60)"],
+            environment: libpqEnvironment(settings))
         defer { kill(doomed.pid, SIGKILL) }
-        #expect(try await waitUntil(20) {
-            try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE worker = 'doomed'") == 3
-        }, "the doomed worker never claimed")
+        #expect(
+            try await waitUntil(20) {
+                try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE worker = 'doomed'") == 3
+            }, "the doomed worker never claimed")
         let claimed = try await TestServer.withConnection(settings) { conn in
-            try await conn.rows("SELECT id FROM dispatch_policy.admitted_jobs WHERE worker = 'doomed' ORDER BY id", logger: TestServer.logger)
-                .map { try $0.decode(Int64.self) }
+            try await conn.rows(
+                "SELECT id FROM dispatch_policy.admitted_jobs WHERE worker = 'doomed' ORDER BY id", logger: TestServer.logger
+            )
+            .map { try $0.decode(Int64.self) }
         }
         kill(doomed.pid, SIGKILL)
         #expect(await doomed.wait() == .signaled(SIGKILL))
@@ -461,10 +486,14 @@ struct FaultTests {
         #expect(done, "the jobs of the killed worker were not finished")
         try await TestServer.withConnection(settings) { conn async throws in
             // Its three jobs ran a second attempt; the others one.
-            let retried = try await conn.rows("SELECT id FROM dispatch_policy.finished_jobs WHERE attempts = 2 ORDER BY id", logger: TestServer.logger)
-                .map { try $0.decode(Int64.self) }
+            let retried = try await conn.rows(
+                "SELECT id FROM dispatch_policy.finished_jobs WHERE attempts = 2 ORDER BY id", logger: TestServer.logger
+            )
+            .map { try $0.decode(Int64.self) }
             #expect(retried == claimed)
-            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.job_failures WHERE job_id = ANY (\(claimed))", as: Int.self) == 3)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*)::int FROM dispatch_policy.job_failures WHERE job_id = ANY (\(claimed))", as: Int.self) == 3)
             try await expectCountersConsistent(conn)
             #expect(try await checkFindings(conn) == [])
         }
@@ -480,17 +509,21 @@ struct FaultTests {
             let jobs = 300
             try await TestServer.withConnection(settings) { conn async throws in
                 try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
-                    name: "p", config: try PolicyConfig(leaseSeconds: 3) {
+                    name: "p",
+                    config: try PolicyConfig(leaseSeconds: 3) {
                         Gate.concurrency(name: "per_acct", max: 4, partitionBy: "{acct}")
                         Gate.throttle(name: "rate", rate: 60, per: 1, burst: 10)
                     }.json())
-                try await conn.exec("SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 3))) FROM generate_series(1, \(jobs)) i")
+                try await conn.exec(
+                    "SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 3))) FROM generate_series(1, \(jobs)) i"
+                )
             }
             let services = busyRunnerAndWorker(settings, concurrency: 8) { _ in try await Task.sleep(for: .milliseconds(20)) }
             // Under way, then restarted twice.
-            #expect(try await waitUntil(20) {
-                try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs") >= 30
-            })
+            #expect(
+                try await waitUntil(20) {
+                    try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs") >= 30
+                })
             for _ in 0..<2 {
                 try await cluster.restart()
                 try await Task.sleep(for: .seconds(1))
@@ -527,7 +560,9 @@ struct FaultTests {
         address.sin_family = sa_family_t(AF_INET)
         address.sin_addr.s_addr = inet_addr("127.0.0.1")
         address.sin_port = 0
-        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
         try #require(bound == 0 && listen(fd, 16) == 0)
         var length = socklen_t(MemoryLayout<sockaddr_in>.size)
         _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
@@ -578,9 +613,10 @@ struct FaultTests {
             try await conn.exec("SET default_transaction_read_only = off")
             try await conn.exec(PostgresQuery(unsafeSQL: "ALTER DATABASE \(settings.database) RESET default_transaction_read_only"))
         }
-        #expect(try await waitUntil(15) {
-            try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 1
-        }, "the runner kept its read-only session")
+        #expect(
+            try await waitUntil(15) {
+                try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 1
+            }, "the runner kept its read-only session")
         kill(child.pid, SIGTERM)
         #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
     }

@@ -27,8 +27,10 @@ final class Intervals: Sendable {
             var found: [String] = []
             for i in runs.indices {
                 for j in runs.indices where j > i {
-                    let a = runs[i], b = runs[j]
-                    let aEnd = a.end ?? .now, bEnd = b.end ?? .now
+                    let a = runs[i]
+                    let b = runs[j]
+                    let aEnd = a.end ?? .now
+                    let bEnd = b.end ?? .now
                     if a.start < bEnd && b.start < aEnd {
                         found.append("job \(a.id)#\(a.attempt) and job \(b.id)#\(b.attempt)")
                     }
@@ -57,8 +59,10 @@ struct FencingTests {
             try await conn.exec("SELECT dispatch_policy.stage('p', '1')")
             let ticker = Ticker(connection: conn, logger: TestServer.logger)
             _ = try await ticker.tick(policy: "p")
-            let (id, first) = try #require(try await conn.rows("SELECT id, attempt FROM dispatch_policy.claim('default', 'w1')", logger: TestServer.logger).first)
-                .decode((Int64, Int).self)
+            let (id, first) = try #require(
+                try await conn.rows("SELECT id, attempt FROM dispatch_policy.claim('default', 'w1')", logger: TestServer.logger).first
+            )
+            .decode((Int64, Int).self)
             #expect(first == 1)
             // The first worker stalls; its lease runs out and the job is admitted again.
             try await conn.exec("UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 second'")
@@ -84,7 +88,9 @@ struct FencingTests {
             // The current attempt finishes normally; a repeat is a no-op, a stale one still refused.
             #expect(try await conn.scalar("SELECT dispatch_policy.complete(\(id), attempt => 2)", as: Bool.self))
             #expect(try await conn.scalar("SELECT dispatch_policy.complete(\(id), attempt => 2)", as: Bool.self) == false)
-            await expectSQLError("DP001", "is not the current attempt") { try await conn.exec("SELECT dispatch_policy.complete(\(id), attempt => 1)") }
+            await expectSQLError("DP001", "is not the current attempt") {
+                try await conn.exec("SELECT dispatch_policy.complete(\(id), attempt => 1)")
+            }
             #expect(try await conn.scalar("SELECT in_flight FROM dispatch_policy.inflight_counters", as: Int.self) == 0)
         }
     }
@@ -145,19 +151,24 @@ struct FencingTests {
     @Test("complete_many finishes many jobs as complete() would each, and reports stale and unknown ones without changing them")
     func completeMany() async throws {
         try await withTestDatabase { conn, _ in
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig(leaseSeconds: 60) {
-                Gate.concurrency(max: 5, partitionBy: "{acct}")
-                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 5, targetLagMs: 60_000)
-            }.json())
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "p",
+                config: try PolicyConfig(leaseSeconds: 60) {
+                    Gate.concurrency(max: 5, partitionBy: "{acct}")
+                    Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 5, targetLagMs: 60_000)
+                }.json())
             for n in 1...4 {
-                try await conn.exec("""
+                try await conn.exec(
+                    """
                     SELECT dispatch_policy.stage('p', \(String(n))::jsonb, context => '{"acct": "a"}', dedupe_key => \("k\(n)"))
                     """)
             }
             let ticker = Ticker(connection: conn, logger: TestServer.logger)
             _ = try await ticker.tick(policy: "p")
-            let claimed = try await conn.rows("SELECT id, attempt FROM dispatch_policy.claim('default', 'w', 10) ORDER BY id", logger: TestServer.logger)
-                .map { try $0.decode((Int64, Int).self) }
+            let claimed = try await conn.rows(
+                "SELECT id, attempt FROM dispatch_policy.claim('default', 'w', 10) ORDER BY id", logger: TestServer.logger
+            )
+            .map { try $0.decode((Int64, Int).self) }
             try #require(claimed.count == 4)
             let (j1, j2, j3, j4) = (claimed[0].0, claimed[1].0, claimed[2].0, claimed[3].0)
             // j3's lease runs out; it is admitted again as attempt 2.
@@ -165,25 +176,40 @@ struct FencingTests {
             try await conn.exec("SELECT dispatch_policy.reap_leases('p')")
             try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = NULL")
             _ = try await ticker.tick(policy: "p")
-            let before = try await conn.scalar("SELECT string_agg(row(a.*)::text, ',' ORDER BY id) FROM dispatch_policy.admitted_jobs a WHERE id IN (\(j3), \(j4))", as: String.self)
+            let before = try await conn.scalar(
+                "SELECT string_agg(row(a.*)::text, ',' ORDER BY id) FROM dispatch_policy.admitted_jobs a WHERE id IN (\(j3), \(j4))",
+                as: String.self)
 
             func completeMany(_ ids: String, _ attempts: String) async throws -> [String] {
-                try await conn.rows(PostgresQuery(unsafeSQL: "SELECT id || ':' || outcome FROM dispatch_policy.complete_many(\(ids), \(attempts))"),
-                                    logger: TestServer.logger).map { try $0.decode(String.self) }
+                try await conn.rows(
+                    PostgresQuery(unsafeSQL: "SELECT id || ':' || outcome FROM dispatch_policy.complete_many(\(ids), \(attempts))"),
+                    logger: TestServer.logger
+                ).map { try $0.decode(String.self) }
             }
             // j1 twice (one row), j2 with whichever attempt is current, j3's stale attempt, an unknown id.
-            #expect(try await completeMany("ARRAY[\(j1), \(j2), \(j1), \(j3), 999999]::bigint[]", "ARRAY[1, NULL, 1, 1, NULL]::integer[]")
+            #expect(
+                try await completeMany("ARRAY[\(j1), \(j2), \(j1), \(j3), 999999]::bigint[]", "ARRAY[1, NULL, 1, 1, NULL]::integer[]")
                     == ["\(j1):completed", "\(j2):completed", "\(j3):stale", "999999:not_admitted"])
-            #expect(try await completeMany("ARRAY[\(j1), \(j2)]::bigint[]", "ARRAY[1, NULL]::integer[]")
+            #expect(
+                try await completeMany("ARRAY[\(j1), \(j2)]::bigint[]", "ARRAY[1, NULL]::integer[]")
                     == ["\(j1):already_finished", "\(j2):already_finished"])
             #expect(try await completeMany("'{}'::bigint[]", "'{}'::integer[]") == [])
             // What complete() leaves: finished rows, freed dedupe keys, released slots, observations.
-            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 2)
-            #expect(try await conn.scalar("SELECT string_agg(dedupe_key, ',' ORDER BY dedupe_key) FROM dispatch_policy.dedupe_keys", as: String.self) == "k3,k4")
+            #expect(
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self)
+                    == 2)
+            #expect(
+                try await conn.scalar(
+                    "SELECT string_agg(dedupe_key, ',' ORDER BY dedupe_key) FROM dispatch_policy.dedupe_keys", as: String.self) == "k3,k4")
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.observations WHERE success", as: Int.self) == 2)
-            #expect(try await conn.scalar("SELECT string_agg(row(a.*)::text, ',' ORDER BY id) FROM dispatch_policy.admitted_jobs a WHERE id IN (\(j3), \(j4))", as: String.self) == before)
+            #expect(
+                try await conn.scalar(
+                    "SELECT string_agg(row(a.*)::text, ',' ORDER BY id) FROM dispatch_policy.admitted_jobs a WHERE id IN (\(j3), \(j4))",
+                    as: String.self) == before)
             try await expectCountersConsistent(conn)
-            #expect(try await conn.scalar("SELECT in_flight FROM dispatch_policy.inflight_counters WHERE gate = 'concurrency'", as: Int.self) == 2)
+            #expect(
+                try await conn.scalar("SELECT in_flight FROM dispatch_policy.inflight_counters WHERE gate = 'concurrency'", as: Int.self)
+                    == 2)
 
             // Bad arguments: an error naming them, and nothing changes.
             await expectSQLError("22023", "ids and attempts must be arrays of the same length") {
@@ -196,7 +222,8 @@ struct FencingTests {
                 try await conn.exec("SELECT dispatch_policy.complete_many(ARRAY[\(j4), NULL]::bigint[], ARRAY[1, 1]::integer[])")
             }
             await expectSQLError("22023", "ids must hold at most 10000 jobs") {
-                try await conn.exec("""
+                try await conn.exec(
+                    """
                     SELECT dispatch_policy.complete_many(array_fill(\(j4)::bigint, ARRAY[10001]), array_fill(NULL::integer, ARRAY[10001]))
                     """)
             }
@@ -233,7 +260,8 @@ struct FencingTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
-            try await conn.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 400) i))")
+            try await conn.exec(
+                "SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 400) i))")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
         }
         var options = WorkerOptions()
@@ -245,7 +273,8 @@ struct FencingTests {
         let services = DetachedServices([worker])
         let killed = try await waitUntil(30) {
             try await TestServer.withConnection(settings) { conn async throws in
-                try await conn.scalar("""
+                try await conn.scalar(
+                    """
                     SELECT count(pg_terminate_backend(pid))::int FROM pg_stat_activity
                     WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%dispatch_policy.complete_many(%'
                     """, as: Int.self) > 0
@@ -257,7 +286,8 @@ struct FencingTests {
             // Claimed and never recorded: the batch the kill rolled back (at
             // most two rounds of the pool), then at most two rounds more, stuck
             // behind the query that never returns. (Before: ~100 jobs/s, all lost.)
-            let lost = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self)
+            let lost = try await conn.scalar(
+                "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self)
             #expect(lost <= 4 * options.concurrency, "\(lost) jobs claimed after outcomes stopped being recorded")
         }
         await services.shutDown()
@@ -274,7 +304,8 @@ struct FencingTests {
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger)
                 .declare(name: "p", config: try PolicyConfig(leaseSeconds: 2).json())
-            try await conn.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 4) i))")
+            try await conn.exec(
+                "SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 4) i))")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
         }
         let intervals = Intervals()
@@ -292,7 +323,8 @@ struct FencingTests {
         // Another session holds the first job's row for 5 s: longer than its lease.
         let locker = Task {
             try await TestServer.withConnection(settings) { conn async throws in
-                try await conn.exec("""
+                try await conn.exec(
+                    """
                     WITH locked AS MATERIALIZED (
                       SELECT id FROM dispatch_policy.admitted_jobs WHERE id = (SELECT min(id) FROM dispatch_policy.admitted_jobs) FOR UPDATE)
                     SELECT pg_sleep(5) FROM locked
@@ -309,7 +341,10 @@ struct FencingTests {
         #expect(done, "the jobs whose rows were free did not complete")
         try await TestServer.withConnection(settings) { conn async throws in
             // The three free jobs completed in their first attempt; the locked one lost its lease.
-            #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self) == 3)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self)
+                    == 3)
         }
         #expect(try await waitUntil(30) { services.isFinished }, "the worker did not shut down")
     }
@@ -327,11 +362,13 @@ struct FencingTests {
             try await conn.exec("SELECT dispatch_policy.stage('p', '1')")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
             // Every claim now takes 1.5 s: longer than the lease.
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$
                 """)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE TRIGGER slow_claim BEFORE UPDATE ON dispatch_policy.admitted_jobs
                 FOR EACH ROW WHEN (OLD.started_at IS NULL AND NEW.started_at IS NOT NULL) EXECUTE FUNCTION public.slow_claim()
                 """)
@@ -345,7 +382,8 @@ struct FencingTests {
         }
         try await runUntil(worker, timeout: 30) {
             try await TestServer.withConnection(settings) { conn async throws in
-                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self) == 1
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self)
+                    == 1
             }
         }
         try await Task.sleep(for: .milliseconds(500))
@@ -356,7 +394,9 @@ struct FencingTests {
     /// handler, 3 handlers ran at once (heartbeats at a fixed 30 s; a lost
     /// lease only logged).
     @Test("with concurrency 1, two handlers never run at once, even when heartbeats cannot keep the lease", arguments: [false, true])
-    func neverTwoHandlers(heartbeatsWork: Bool) async throws { try await LiveTests.exclusive { try await neverTwoHandlersLive(heartbeatsWork: heartbeatsWork) } }
+    func neverTwoHandlers(heartbeatsWork: Bool) async throws {
+        try await LiveTests.exclusive { try await neverTwoHandlersLive(heartbeatsWork: heartbeatsWork) }
+    }
 
     func neverTwoHandlersLive(heartbeatsWork: Bool) async throws {
         let settings = try await TestServer.shared.freshDatabase()
@@ -408,11 +448,16 @@ struct FencingTests {
         try await TestServer.withConnection(settings) { conn async throws in
             if heartbeatsWork {
                 // Heartbeats kept each lease: each job ran once and completed.
-                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self) == 2)
+                #expect(
+                    try await conn.scalar(
+                        "SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self) == 2
+                )
             } else {
                 // Every attempt lost its lease; none reported an outcome.
                 #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs", as: Int.self) == 0)
-                #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.job_failures WHERE error <> 'lease expired'", as: Int.self) == 0)
+                #expect(
+                    try await conn.scalar("SELECT count(*) FROM dispatch_policy.job_failures WHERE error <> 'lease expired'", as: Int.self)
+                        == 0)
             }
         }
     }
@@ -421,7 +466,8 @@ struct FencingTests {
     @Test("jobs handed to a sql target are never claimable")
     func sqlTargetJobsAreNotClaimable() async throws {
         try await withTestDatabase { conn, _ in
-            try await conn.exec("CREATE FUNCTION public.deliver(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql AS 'SELECT 1'")
+            try await conn.exec(
+                "CREATE FUNCTION public.deliver(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql AS 'SELECT 1'")
             let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
             try await catalog.declare(name: "handed", config: try PolicyConfig(target: .sql(function: "public.deliver")).json())
             try await catalog.declare(name: "ready", config: "{}")
@@ -457,9 +503,11 @@ struct FencingTests {
         options.pollInterval = .milliseconds(50)
         var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
         worker.register("mine") { _ in }
-        let group = ServiceGroup(configuration: .init(services: [
-            TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger), worker,
-        ], logger: TestServer.logger))
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [
+                    TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger), worker,
+                ], logger: TestServer.logger))
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
             _ = try await waitUntil(60) {
@@ -473,8 +521,10 @@ struct FencingTests {
         }
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE policy = 'mine'", as: Int.self) == 1)
-            #expect(try await conn.scalar(
-                "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'billing' AND started_at IS NULL AND attempt = 1", as: Int.self) == 1)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'billing' AND started_at IS NULL AND attempt = 1",
+                    as: Int.self) == 1)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.job_failures", as: Int.self) == 0)
         }
     }
@@ -486,14 +536,20 @@ struct FencingTests {
         try await withTestDatabase { conn, _ in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
             try await conn.exec(#"SELECT dispatch_policy.stage_many('p', '[{"args": 1}, {"args": 2}]')"#)
-            _ = try await Ticker(connection: conn, settings: TickSettings(batchSize: 1, leaseSeconds: 3600), logger: TestServer.logger).tick(policy: "p")
+            _ = try await Ticker(connection: conn, settings: TickSettings(batchSize: 1, leaseSeconds: 3600), logger: TestServer.logger)
+                .tick(policy: "p")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
-            let leases = try await conn.rows("SELECT lease_seconds FROM dispatch_policy.admitted_jobs ORDER BY id", logger: TestServer.logger)
-                .map { try $0.decode(Int.self) }
+            let leases = try await conn.rows(
+                "SELECT lease_seconds FROM dispatch_policy.admitted_jobs ORDER BY id", logger: TestServer.logger
+            )
+            .map { try $0.decode(Int.self) }
             #expect(leases == [3600, 900])
-            let (id, lease, seconds) = try #require(try await conn.rows(
-                "SELECT id, lease_seconds, extract(epoch FROM lease_expires_at - now())::float8 FROM dispatch_policy.claim('default', 'w', 1)",
-                logger: TestServer.logger).first).decode((Int64, Int, Double).self)
+            let (id, lease, seconds) = try #require(
+                try await conn.rows(
+                    "SELECT id, lease_seconds, extract(epoch FROM lease_expires_at - now())::float8 FROM dispatch_policy.claim('default', 'w', 1)",
+                    logger: TestServer.logger
+                ).first
+            ).decode((Int64, Int, Double).self)
             #expect(lease == 3600 && abs(seconds - 3600) < 5)
             let extended = try await conn.scalar(
                 "SELECT extract(epoch FROM dispatch_policy.heartbeat(\(id), now() + interval '100 seconds', attempt => 1) - now())::float8",

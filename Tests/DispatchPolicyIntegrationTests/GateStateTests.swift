@@ -19,7 +19,8 @@ struct GateStateTests {
     func keyIdentity() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig { Gate.concurrency(max: 2, partitionBy: "{t}") })
-            let nfd = "cafe\u{301}", nfc = "caf\u{E9}"
+            let nfd = "cafe\u{301}"
+            let nfc = "caf\u{E9}"
             for key in [nfd, nfd] { try await conn.exec("SELECT dispatch_policy.stage('p', '1', jsonb_build_object('t', \(key)::text))") }
             #expect(try await tick(conn, "p").admitted == 2)
             for key in [nfc, nfd, "\u{212B}", "\u{C5}", "a", "\u{430}"] {
@@ -42,12 +43,15 @@ struct GateStateTests {
         let settings = try await TestServer.shared.freshDatabase()
         let partitions = 40
         try await TestServer.withConnection(settings) { conn async throws in
-            try await declare(conn, "p", PolicyConfig(batchSize: 2000) {
-                Gate.concurrency(max: 1000, partitionBy: "{a}")
-                Gate.concurrency(name: "second", max: 1000, partitionBy: "{b}")
-                Gate.globalCap(max: 10_000)
-            })
-            try await conn.exec("""
+            try await declare(
+                conn, "p",
+                PolicyConfig(batchSize: 2000) {
+                    Gate.concurrency(max: 1000, partitionBy: "{a}")
+                    Gate.concurrency(name: "second", max: 1000, partitionBy: "{b}")
+                    Gate.globalCap(max: 10_000)
+                })
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i,
                   'context', jsonb_build_object('a', 'a' || (i % \(partitions)), 'b', 'b' || ((i * 7) % \(partitions))))) FROM generate_series(1, 1200) i))
                 """)
@@ -103,10 +107,12 @@ struct GateStateTests {
     func tickReapingAndComplete() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         let (j2, _) = try await TestServer.withConnection(settings) { conn async throws -> (Int64, Int64) in
-            try await declare(conn, "p", PolicyConfig(leaseSeconds: 60) {
-                Gate.concurrency(max: 10, partitionBy: "{k}")
-                Gate.globalCap(max: 10)
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig(leaseSeconds: 60) {
+                    Gate.concurrency(max: 10, partitionBy: "{k}")
+                    Gate.globalCap(max: 10)
+                })
             let j1 = try await conn.scalar(#"SELECT dispatch_policy.stage('p', '1', '{"k": "b"}')"#, as: Int64.self)
             let j2 = try await conn.scalar(#"SELECT dispatch_policy.stage('p', '2', '{"k": "a"}')"#, as: Int64.self)
             #expect(try await tick(conn, "p").admitted == 2)
@@ -119,7 +125,8 @@ struct GateStateTests {
         try await TestServer.withConnection(settings) { holder async throws in
             // Hold counter concurrency/a, so the worker and the tick queue behind it.
             try await holder.exec("BEGIN")
-            try await holder.exec("SELECT 1 FROM dispatch_policy.inflight_counters WHERE gate = 'concurrency' AND partition = 'a' FOR UPDATE")
+            try await holder.exec(
+                "SELECT 1 FROM dispatch_policy.inflight_counters WHERE gate = 'concurrency' AND partition = 'a' FOR UPDATE")
             try await withThrowingTaskGroup(of: String?.self) { group in
                 group.addTask {
                     try await TestServer.withConnection(settings) { worker async throws in
@@ -155,7 +162,9 @@ struct GateStateTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { first async throws in
             try await TestServer.withConnection(settings) { second async throws in
-                #expect(try await first.scalar("SELECT hashtext('dispatch_policy.tick.p250493') = hashtext('dispatch_policy.tick.p272813')", as: Bool.self))
+                #expect(
+                    try await first.scalar(
+                        "SELECT hashtext('dispatch_policy.tick.p250493') = hashtext('dispatch_policy.tick.p272813')", as: Bool.self))
                 try await first.exec("BEGIN")
                 #expect(try await first.scalar("SELECT dispatch_policy.try_lock_policy('p250493')", as: Bool.self))
                 #expect(try await second.scalar("SELECT dispatch_policy.try_lock_policy('p272813')", as: Bool.self))
@@ -166,18 +175,24 @@ struct GateStateTests {
     }
 
     /// Regression (7): a cosmetic template change left 4 in flight under max 2.
-    @Test("redeclaring a policy keeps in-flight jobs counted under the new gates", arguments: [
-        // (new template, new gate name)
-        ("acct:{acct}", "concurrency"), ("{acct}", "per_account"),
-    ])
+    @Test(
+        "redeclaring a policy keeps in-flight jobs counted under the new gates",
+        arguments: [
+            // (new template, new gate name)
+            ("acct:{acct}", "concurrency"), ("{acct}", "per_account"),
+        ])
     func redeclareKeepsInFlight(template: String, name: String) async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig { Gate.concurrency(max: 2, partitionBy: "{acct}") })
-            try await conn.exec(#"SELECT dispatch_policy.stage_many('p', '[{"args": 1, "context": {"acct": "a"}}, {"args": 2, "context": {"acct": "a"}}, {"args": 3, "context": {"acct": "a"}}, {"args": 4, "context": {"acct": "a"}}]')"#)
+            try await conn.exec(
+                #"SELECT dispatch_policy.stage_many('p', '[{"args": 1, "context": {"acct": "a"}}, {"args": 2, "context": {"acct": "a"}}, {"args": 3, "context": {"acct": "a"}}, {"args": 4, "context": {"acct": "a"}}]')"#
+            )
             #expect(try await tick(conn, "p").admitted == 2)
             try await declare(conn, "p", PolicyConfig { Gate.concurrency(name: name, max: 2, partitionBy: template) })
             #expect(try await tick(conn, "p").admitted == 0)
-            #expect(try await conn.scalar("SELECT sum(in_flight) FROM dispatch_policy.inflight_counters WHERE gate = \(name)", as: Int.self) == 2)
+            #expect(
+                try await conn.scalar("SELECT sum(in_flight) FROM dispatch_policy.inflight_counters WHERE gate = \(name)", as: Int.self)
+                    == 2)
             try await expectCountersConsistent(conn)
             // Completing a job releases the slot it holds under the new config.
             let id = try await conn.scalar("SELECT min(id) FROM dispatch_policy.admitted_jobs", as: Int64.self)
@@ -200,15 +215,20 @@ struct GateStateTests {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig(batchSize: 10, roundRobinQuantum: 5))
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '"old"', priority => -100)"#)
-            try await declare(conn, "p", PolicyConfig(roundRobinBy: "{t}", batchSize: 10, roundRobinQuantum: 5) {
-                Gate.globalCap(max: 1000)
-            })
-            try await conn.exec("""
+            try await declare(
+                conn, "p",
+                PolicyConfig(roundRobinBy: "{t}", batchSize: 10, roundRobinQuantum: 5) {
+                    Gate.globalCap(max: 1000)
+                })
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i, 'context', jsonb_build_object('t', 't' || (i % 20))))
                                                         FROM generate_series(1, 400) i))
                 """)
             var ticks = 0
-            while try await conn.scalar(#"SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE args = '"old"'"#, as: Int.self) == 0 && ticks < 20 {
+            while try await conn.scalar(#"SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE args = '"old"'"#, as: Int.self) == 0
+                && ticks < 20
+            {
                 _ = try await tick(conn, "p")
                 ticks += 1
             }
@@ -231,7 +251,8 @@ struct GateStateTests {
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.observations", as: Int.self) == 0)
             #expect(try await Ticker(connection: conn, logger: TestServer.logger).policiesWithWork() == [])
             // Left by an older version: prune removes them.
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.observations (policy, gate, partition, job_id, lag_ms, success)
                 VALUES ('p', 'gone', 'x', 1, 5, true), ('nobody', 'adaptive_concurrency', 'x', 2, 5, true)
                 """)

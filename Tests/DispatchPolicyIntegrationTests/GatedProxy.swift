@@ -94,7 +94,10 @@ final class GatedProxy: Sendable {
                     if sent < n { break }
                 }
                 shutdown(to, Int32(SHUT_WR))
-                if halves.withLock({ $0 += 1; return $0 }) == 2 {
+                if halves.withLock({
+                    $0 += 1
+                    return $0
+                }) == 2 {
                     close(client)
                     close(server)
                     state.withLock { $0.ended += 1 }
@@ -114,14 +117,20 @@ final class GatedProxy: Sendable {
             let ok = withUnsafePointer(to: &address) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
             }
-            if ok != 0 { close(fd); return -1 }
+            if ok != 0 {
+                close(fd)
+                return -1
+            }
             return fd
         case .unixSocket(let path):
             let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
             var address = sockaddr_un()
             address.sun_family = sa_family_t(AF_UNIX)
             let bytes = Array(path.utf8)
-            guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { close(fd); return -1 }
+            guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+                close(fd)
+                return -1
+            }
             withUnsafeMutableBytes(of: &address.sun_path) { raw in
                 for (i, byte) in bytes.enumerated() { raw[i] = byte }
                 raw[bytes.count] = 0
@@ -129,7 +138,10 @@ final class GatedProxy: Sendable {
             let ok = withUnsafePointer(to: &address) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
             }
-            if ok != 0 { close(fd); return -1 }
+            if ok != 0 {
+                close(fd)
+                return -1
+            }
             return fd
         }
     }

@@ -32,7 +32,8 @@ private func consume(_ conn: PostgresConnection) async throws -> [(Int64, Date)]
     var events: [(Int64, Date)] = []
     while let batch = try await conn.scalar("SELECT pgq.next_batch('jobs', 'test_consumer')", as: Int64?.self) {
         for row in try await conn.rows(
-            "SELECT (ev_data::jsonb ->> 'id')::bigint, ev_time FROM pgq.get_batch_events(\(batch)) ORDER BY ev_id", logger: TestServer.logger
+            "SELECT (ev_data::jsonb ->> 'id')::bigint, ev_time FROM pgq.get_batch_events(\(batch)) ORDER BY ev_id",
+            logger: TestServer.logger
         ) {
             events.append(try row.decode((Int64, Date).self))
         }
@@ -56,7 +57,8 @@ struct HandoffTests {
                 Gate.concurrency(max: 100)
             }
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try config.json())
-            try await conn.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 12) i))")
+            try await conn.exec(
+                "SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 12) i))")
             let ticker = Ticker(connection: conn, logger: TestServer.logger)
             let start = ContinuousClock.now
             var admitted = 0
@@ -68,7 +70,9 @@ struct HandoffTests {
             let events = try await consume(conn)
             #expect(events.count == 12)
             #expect(Set(events.map(\.0)).count == 12)
-            let ids = try await conn.rows("SELECT id FROM dispatch_policy.admitted_jobs ORDER BY id", logger: TestServer.logger).map { try $0.decode(Int64.self) }
+            let ids = try await conn.rows("SELECT id FROM dispatch_policy.admitted_jobs ORDER BY id", logger: TestServer.logger).map {
+                try $0.decode(Int64.self)
+            }
             #expect(events.map(\.0).sorted() == ids)
             // The throttle shows: at most burst + rate × t admissions in any window t,
             // on the clock the bucket uses (the tick's; PgQ stamps its events with
@@ -99,7 +103,8 @@ struct HandoffTests {
                 .declare(name: "p", config: try PolicyConfig(target: .sql(function: "public.to_pgq")).json())
             try await conn.exec("SELECT dispatch_policy.stage_many('p', '[{\"args\": 1}, {\"args\": 2}]')")
             try await conn.exec("BEGIN")
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.admit('p', (SELECT jsonb_agg(jsonb_build_object('id', id)) FROM dispatch_policy.fetch_batch('p', 10)))
                 """)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs", as: Int.self) == 2)
@@ -107,7 +112,9 @@ struct HandoffTests {
             #expect(try await consume(conn).isEmpty)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.staged_jobs", as: Int.self) == 2)
             // A target that fails aborts the whole admission the same way.
-            try await conn.exec("CREATE OR REPLACE FUNCTION public.to_pgq(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'queue down'; END $$")
+            try await conn.exec(
+                "CREATE OR REPLACE FUNCTION public.to_pgq(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'queue down'; END $$"
+            )
             await expectSQLError("P0001", "queue down") {
                 _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
             }

@@ -46,30 +46,41 @@ struct HealthTests {
         options.busyPause = .milliseconds(10)
         let health = options.health
         // The metrics router's store is only read by /metrics; /healthz reads the runner.
-        let client = PostgresClient(configuration: try settings.clientConfiguration(maximumConnections: 1), backgroundLogger: TestServer.logger)
-        let server = try AdminServer(store: AdminStore(executor: client, logger: TestServer.logger), options: AdminOptions(),
-                                     registry: PrometheusCollectorRegistry(), logger: TestServer.logger)
+        let client = PostgresClient(
+            configuration: try settings.clientConfiguration(maximumConnections: 1), backgroundLogger: TestServer.logger)
+        let server = try AdminServer(
+            store: AdminStore(executor: client, logger: TestServer.logger), options: AdminOptions(),
+            registry: PrometheusCollectorRegistry(), logger: TestServer.logger)
         let router = server.metricsRouter(health: health)
         #expect(try await healthz(router) == "503 the runner has not started")
 
         let services = DetachedServices([client, TickRunner(connection: settings, options: options, logger: TestServer.logger)])
         do {
             var seen = ""
-            #expect(try await waitUntil(20) { seen = try await healthz(router); return seen == "200 ok" }, "\(seen)")
+            #expect(
+                try await waitUntil(20) {
+                    seen = try await healthz(router)
+                    return seen == "200 ok"
+                }, "\(seen)")
 
             try await allowConnections(settings, false)
             var down = ""
-            #expect(try await waitUntil(20) {
-                down = try await healthz(router)
-                return down.hasPrefix("503 ")
-            }, "still healthy after its sessions were ended and no new one can open")
+            #expect(
+                try await waitUntil(20) {
+                    down = try await healthz(router)
+                    return down.hasPrefix("503 ")
+                }, "still healthy after its sessions were ended and no new one can open")
             #expect(down.hasPrefix("503 database connection lost since "), "\(down)")
             // It stays down while no session can open (the runner keeps trying).
             try await Task.sleep(for: .seconds(1))
             #expect(try await healthz(router).hasPrefix("503 database connection lost since "))
 
             try await allowConnections(settings, true)
-            #expect(try await waitUntil(30) { seen = try await healthz(router); return seen == "200 ok" }, "\(seen)")
+            #expect(
+                try await waitUntil(30) {
+                    seen = try await healthz(router)
+                    return seen == "200 ok"
+                }, "\(seen)")
         } catch {
             try? await allowConnections(settings, true)
             await services.shutDown()
@@ -92,8 +103,9 @@ struct HealthTests {
             configuration.options.connectTimeout = .seconds(30)
             let client = PostgresClient(configuration: configuration, backgroundLogger: TestServer.logger)
             let services = DetachedServices([client])
-            let server = try AdminServer(store: AdminStore(executor: client, logger: TestServer.logger), options: AdminOptions(),
-                                         registry: PrometheusCollectorRegistry(), logger: TestServer.logger)
+            let server = try AdminServer(
+                store: AdminStore(executor: client, logger: TestServer.logger), options: AdminOptions(),
+                registry: PrometheusCollectorRegistry(), logger: TestServer.logger)
             let router = server.router()
             if gated {
                 let started = ContinuousClock.now
@@ -103,7 +115,11 @@ struct HealthTests {
                 #expect(waited >= .seconds(2) && waited < .seconds(10), "\(waited)")
                 proxy.open()
                 var seen = ""
-            #expect(try await waitUntil(20) { seen = try await healthz(router); return seen == "200 ok" }, "\(seen)")
+                #expect(
+                    try await waitUntil(20) {
+                        seen = try await healthz(router)
+                        return seen == "200 ok"
+                    }, "\(seen)")
             } else {
                 #expect(try await healthz(router) == "200 ok")
                 try await allowConnections(settings, false)
@@ -111,7 +127,11 @@ struct HealthTests {
                 try await allowConnections(settings, true)
                 #expect(refused.hasPrefix("503 the database did not answer"), "\(refused)")
                 var seen = ""
-            #expect(try await waitUntil(20) { seen = try await healthz(router); return seen == "200 ok" }, "\(seen)")
+                #expect(
+                    try await waitUntil(20) {
+                        seen = try await healthz(router)
+                        return seen == "200 ok"
+                    }, "\(seen)")
             }
             await services.shutDown()
         }

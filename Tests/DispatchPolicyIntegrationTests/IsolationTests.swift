@@ -98,7 +98,8 @@ struct IsolationTests {
         try await TestServer.withConnection(settings) { conn async throws in
             try await conn.exec("CREATE TABLE public.target_down (down boolean)")
             try await conn.exec("INSERT INTO public.target_down VALUES (true)")
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.hook(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
                 BEGIN
                   IF (SELECT down FROM public.target_down) THEN RAISE EXCEPTION 'target down'; END IF;
@@ -113,7 +114,8 @@ struct IsolationTests {
         let capture = LogCapture()
         try await runUntil(runner(settings, for: .seconds(120), logger: capture.logger), timeout: 60) {
             try await TestServer.withConnection(settings) { conn async throws in
-                try await conn.scalar("""
+                try await conn.scalar(
+                    """
                     SELECT (SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'b_mail') = 3
                        AND coalesce((SELECT failures FROM dispatch_policy.runner_failures WHERE policy = 'a_hook'), 0) >= 3
                     """, as: Bool.self)
@@ -122,9 +124,12 @@ struct IsolationTests {
         try await TestServer.withConnection(settings) { conn async throws in
             // Backoff 0.2, 0.4, 0.8, then 1 s: at most about one attempt a second,
             // where a 50 ms idle pause without backoff would give twenty.
-            let (failures, seconds) = try #require(try await conn.rows(
-                "SELECT failures, extract(epoch FROM last_failed_at - first_failed_at)::float8 FROM dispatch_policy.runner_failures",
-                logger: TestServer.logger).first).decode((Int, Double).self)
+            let (failures, seconds) = try #require(
+                try await conn.rows(
+                    "SELECT failures, extract(epoch FROM last_failed_at - first_failed_at)::float8 FROM dispatch_policy.runner_failures",
+                    logger: TestServer.logger
+                ).first
+            ).decode((Int, Double).self)
             #expect(Double(failures) <= 4 + seconds, "\(failures) failed ticks in \(seconds) s")
             #expect(try await conn.scalar("SELECT error FROM dispatch_policy.runner_failures", as: String.self).contains("target down"))
         }
@@ -134,7 +139,9 @@ struct IsolationTests {
         #expect(status.stdout.contains("a_hook") && status.stdout.contains("failing"))
         #expect(status.stdout.contains("target down"))
         try await TestServer.withConnection(settings) { conn async throws in
-            #expect(try await conn.scalar("SELECT tick_failures >= 2 FROM dispatch_policy.policy_overview WHERE policy = 'a_hook'", as: Bool.self))
+            #expect(
+                try await conn.scalar(
+                    "SELECT tick_failures >= 2 FROM dispatch_policy.policy_overview WHERE policy = 'a_hook'", as: Bool.self))
             try await conn.exec("UPDATE public.target_down SET down = false")
         }
         // Fixed: the next run admits it and clears the failure.
@@ -165,11 +172,13 @@ struct IsolationTests {
             }
             // Both policies have an admitted job whose lease ran out; reaping a's fails.
             try await conn.exec("UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 minute'")
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN RAISE EXCEPTION 'cannot record a failure of a'; END $$
                 """)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE TRIGGER refuse BEFORE INSERT ON dispatch_policy.job_failures
                 FOR EACH ROW WHEN (NEW.policy = 'a') EXECUTE FUNCTION public.refuse()
                 """)
@@ -196,7 +205,8 @@ struct IsolationTests {
     func slowTargetTimesOutLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.slow(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql AS 'SELECT pg_sleep(60)'
                 """)
             let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
@@ -231,7 +241,9 @@ struct IsolationTests {
             try await catalog.declare(name: "b_fast", config: "{}")
             try await conn.exec(#"SELECT dispatch_policy.stage_many('a_reap', '[{"args": 1}, {"args": 2}]')"#)
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "a_reap")
-            try await conn.exec("UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = (SELECT max(id) FROM dispatch_policy.admitted_jobs)")
+            try await conn.exec(
+                "UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = (SELECT max(id) FROM dispatch_policy.admitted_jobs)"
+            )
         }
         try await TestServer.withConnection(settings) { worker async throws in
             // A worker completes one job inside its own long transaction: it holds the global_cap counter.
@@ -245,10 +257,13 @@ struct IsolationTests {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { _ = try await runner.runLoop() }
                 try await Task.sleep(for: .milliseconds(500))
-                try await TestServer.withConnection(settings) { conn async throws in try await conn.exec("SELECT dispatch_policy.stage('b_fast', '1')") }
+                try await TestServer.withConnection(settings) { conn async throws in
+                    try await conn.exec("SELECT dispatch_policy.stage('b_fast', '1')")
+                }
                 let admitted = try await waitUntil(15) {
                     try await TestServer.withConnection(settings) { conn async throws in
-                        try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'b_fast'", as: Int.self) == 1
+                        try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = 'b_fast'", as: Int.self)
+                            == 1
                     }
                 }
                 #expect(admitted, "b_fast waited behind a_reap's reaping")
@@ -265,11 +280,13 @@ struct IsolationTests {
     func errorsOnOneLine() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
-            try await conn.exec(#"""
+            try await conn.exec(
+                #"""
                 CREATE FUNCTION public.liar(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
                 BEGIN RAISE EXCEPTION E'down\n2026-01-01 info forged log line\033[0m'; END $$
                 """#)
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig(target: .sql(function: "public.liar")).json())
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "p", config: try PolicyConfig(target: .sql(function: "public.liar")).json())
             try await conn.exec("SELECT dispatch_policy.stage('p', '1')")
         }
         let tick = try await cli(["tick"], settings: settings)

@@ -14,7 +14,8 @@ private func tick(_ conn: PostgresConnection, _ policy: String) async throws -> 
 
 /// Pending jobs the round-robin fetch cannot reach: eligible, with no lane.
 private func jobsWithoutLane(_ conn: PostgresConnection) async throws -> Int {
-    try await conn.scalar("""
+    try await conn.scalar(
+        """
         SELECT count(*)::int FROM dispatch_policy.staged_jobs s
         WHERE s.not_before IS NULL
           AND NOT EXISTS (SELECT 1 FROM dispatch_policy.lanes l WHERE l.policy = s.policy
@@ -33,10 +34,13 @@ struct LaneTests {
     @Test("a job of a free partition is admitted in the first tick behind 2,000 jobs of a throttled one")
     func freePartitionBehindThrottledBacklog() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "webhooks", PolicyConfig(batchSize: 100) {
-                Gate.throttle(rate: 1, per: 60, burst: 1, partitionBy: "{endpoint}")
-            })
-            try await conn.exec("""
+            try await declare(
+                conn, "webhooks",
+                PolicyConfig(batchSize: 100) {
+                    Gate.throttle(rate: 1, per: 60, burst: 1, partitionBy: "{endpoint}")
+                })
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('webhooks', (SELECT jsonb_agg(jsonb_build_object(
                   'args', i, 'context', jsonb_build_object('endpoint', 'slow.example')))
                   FROM generate_series(1, 2000) i))
@@ -48,8 +52,10 @@ struct LaneTests {
             // The slow endpoint's bucket is empty now: its lane waits for the
             // next token, and the next tick fetches nothing of it.
             #expect(first.lanesBlocked == 1)
-            #expect(try await conn.scalar(
-                "SELECT blocked_until > now() AND blocked_gate IS NULL FROM dispatch_policy.lanes WHERE lane = 'slow.example'", as: Bool.self))
+            #expect(
+                try await conn.scalar(
+                    "SELECT blocked_until > now() AND blocked_gate IS NULL FROM dispatch_policy.lanes WHERE lane = 'slow.example'",
+                    as: Bool.self))
             #expect(try await tick(conn, "webhooks").fetched == 0)
         }
     }
@@ -59,17 +65,21 @@ struct LaneTests {
     @Test("100,000 blocked partitions and one free one: the free one is admitted in the first tick, reading O(batch) rows")
     func oneFreeAmongManyBlocked() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig(batchSize: 50) {
-                Gate.throttle(rate: 1, per: 3600, burst: 1, partitionBy: "{tenant}")
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig(batchSize: 50) {
+                    Gate.throttle(rate: 1, per: 3600, burst: 1, partitionBy: "{tenant}")
+                })
             // 100,000 tenants, each blocked (an empty bucket, its lane blocked
             // for the hour its next token takes), staged first; one free tenant last.
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object(
                   'args', i, 'context', jsonb_build_object('tenant', 't' || lpad(i::text, 6, '0'))))
                   FROM generate_series(1, 100000) i))
                 """)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.throttle_buckets (policy, gate, partition, tokens, rate, per_seconds, burst, refilled_at)
                 SELECT 'p', 'throttle', lane, 0, 1, 3600, 1, now() FROM dispatch_policy.lanes WHERE policy = 'p'
                 """)
@@ -81,8 +91,10 @@ struct LaneTests {
             // What the fetch reads, in its own transaction's statistics.
             try await conn.exec("BEGIN")
             let fetched = try await conn.rows(
-                "SELECT id FROM dispatch_policy.fetch_batch('p', 50, 50, now())", logger: TestServer.logger).count
-            let read = try await conn.scalar("""
+                "SELECT id FROM dispatch_policy.fetch_batch('p', 50, 50, now())", logger: TestServer.logger
+            ).count
+            let read = try await conn.scalar(
+                """
                 SELECT (coalesce(sum(seq_tup_read), 0) + coalesce(sum(idx_tup_fetch), 0))::int FROM pg_stat_xact_user_tables
                 WHERE schemaname = 'dispatch_policy' AND relname IN ('staged_jobs', 'lanes')
                 """, as: Int.self)
@@ -103,7 +115,8 @@ struct LaneTests {
     func blockedUntilReleased() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig { Gate.concurrency(max: 1, partitionBy: "{tenant}") })
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i, 'context', jsonb_build_object('tenant', 'a')))
                                                          FROM generate_series(1, 3) i))
                 """)
@@ -111,9 +124,10 @@ struct LaneTests {
             #expect(first.admitted == 1)
             // The other two found the cap full: the lane waits for a release.
             #expect(first.lanesBlocked == 1)
-            #expect(try await conn.scalar(
-                "SELECT blocked_until = 'infinity' AND blocked_gate = 'concurrency' AND blocked_partition = 'a' FROM dispatch_policy.lanes WHERE lane = 'a'",
-                as: Bool.self))
+            #expect(
+                try await conn.scalar(
+                    "SELECT blocked_until = 'infinity' AND blocked_gate = 'concurrency' AND blocked_partition = 'a' FROM dispatch_policy.lanes WHERE lane = 'a'",
+                    as: Bool.self))
             #expect(try await tick(conn, "p").fetched == 0)
             try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
             #expect(try await conn.scalar("SELECT blocked_until IS NULL FROM dispatch_policy.lanes WHERE lane = 'a'", as: Bool.self))
@@ -123,7 +137,8 @@ struct LaneTests {
             // block was written: the lane must stay ready.
             try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.tick_begin('p', 10, NULL) WHERE kind = 'job'") == 1)
-            _ = try await conn.scalar("""
+            _ = try await conn.scalar(
+                """
                 SELECT dispatch_policy.tick_finish('p', now(), '{}', '{}', '{}', '{}', '{}', '{}',
                   block_lanes => '{a}', block_keyless => '{f}', block_seconds => '{Infinity}',
                   block_gates => '{concurrency}', block_partitions => '{a}', block_in_flight => '{1}')
@@ -142,7 +157,8 @@ struct LaneTests {
     func syncLanesIsLinear() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig(roundRobinBy: "{t}"))
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context, round_robin_key)
                 SELECT nextval('dispatch_policy.job_ids'), 'p', 'default', to_jsonb(i), '{}', 'k' || lpad((i % 2000)::text, 4, '0')
                 FROM generate_series(1, 4000) i
@@ -151,7 +167,8 @@ struct LaneTests {
             try await conn.exec("ANALYZE dispatch_policy.staged_jobs")
             try await conn.exec("BEGIN")
             #expect(try await conn.scalar("SELECT dispatch_policy.sync_lanes()", as: Int.self) == 2000)
-            let read = try await conn.scalar("""
+            let read = try await conn.scalar(
+                """
                 SELECT (coalesce(sum(seq_tup_read), 0) + coalesce(sum(idx_tup_fetch), 0))::int FROM pg_stat_xact_user_tables
                 WHERE schemaname = 'dispatch_policy' AND relname = 'staged_jobs'
                 """, as: Int.self)
@@ -171,7 +188,8 @@ struct LaneTests {
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.lanes") == 0)
             try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = NULL")
             #expect(try await jobsWithoutLane(conn) == 0)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context, round_robin_key)
                 VALUES (nextval('dispatch_policy.job_ids'), 'p', 'default', '2', '{}', 'b'),
                        (nextval('dispatch_policy.job_ids'), 'p', 'default', '3', '{}', NULL)
@@ -199,7 +217,9 @@ struct LaneTests {
                         group.addTask {
                             try await TestServer.withConnection(settings) { c in
                                 for i in 0..<20 {
-                                    try await c.exec("SELECT dispatch_policy.stage('p', to_jsonb(\(i)), jsonb_build_object('t', 'k' || \(i % 4 + stager)))")
+                                    try await c.exec(
+                                        "SELECT dispatch_policy.stage('p', to_jsonb(\(i)), jsonb_build_object('t', 'k' || \(i % 4 + stager)))"
+                                    )
                                 }
                             }
                         }
@@ -231,7 +251,8 @@ struct LaneTests {
     func emptyLanesUnderStaging() async throws {
         try await withTestDatabase { conn, settings in
             try await declare(conn, "p", PolicyConfig(roundRobinBy: "{t}", batchSize: 20))
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i, 'context', jsonb_build_object('t', 'a' || lpad(i::text, 3, '0'))))
                                                          FROM generate_series(1, 100) i))
                 """)
@@ -245,8 +266,10 @@ struct LaneTests {
                 // few ticks it takes to pass them all, not never.
                 try await conn.exec(#"SELECT dispatch_policy.stage('p', '"late"', '{"t": "zzz"}')"#)
                 var ticks = 0
-                while try await conn.scalar(#"SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE args = '"late"'"#, as: Int.self) == 0,
-                      ticks < 20 {
+                while try await conn.scalar(#"SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE args = '"late"'"#, as: Int.self)
+                    == 0,
+                    ticks < 20
+                {
                     _ = try await tick(conn, "p")
                     ticks += 1
                 }
@@ -280,8 +303,9 @@ struct LaneTests {
                 try await conn.exec("RESET statement_timeout")
                 try await holder.exec("ROLLBACK")
             }
-            #expect(try await conn.scalar(
-                "SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()") == 0)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()") == 0)
         }
     }
 
@@ -290,28 +314,33 @@ struct LaneTests {
     func blocksEnd() async throws {
         try await withTestDatabase { conn, _ in
             // One token a year: the block is capped (a timestamp overflowed), the tick works.
-            try await declare(conn, "yearly", PolicyConfig {
-                Gate.throttle(rate: 0.000001, per: 31_536_000, partitionBy: "{t}")
-            })
+            try await declare(
+                conn, "yearly",
+                PolicyConfig {
+                    Gate.throttle(rate: 0.000001, per: 31_536_000, partitionBy: "{t}")
+                })
             try await conn.exec(#"SELECT dispatch_policy.stage('yearly', '1', '{"t": "a"}') FROM generate_series(1, 2)"#)
             try await conn.exec(#"SELECT dispatch_policy.stage('yearly', '1', '{"t": "b"}')"#)
             #expect(try await tick(conn, "yearly").admitted == 2)
-            #expect(try await conn.scalar(
-                "SELECT blocked_until BETWEEN now() + interval '29 days' AND now() + interval '31 days' FROM dispatch_policy.lanes WHERE lane = 'a'",
-                as: Bool.self))
+            #expect(
+                try await conn.scalar(
+                    "SELECT blocked_until BETWEEN now() + interval '29 days' AND now() + interval '31 days' FROM dispatch_policy.lanes WHERE lane = 'a'",
+                    as: Bool.self))
 
             // A job whose own cap is 0 holds no slot: its lane is looked at again, not parked.
             try await declare(conn, "own", PolicyConfig { Gate.concurrency(max: .context("max", default: 5), partitionBy: "{t}") })
             try await conn.exec(#"SELECT dispatch_policy.stage('own', '1', '{"t": "a", "max": 0}')"#)
             _ = try await tick(conn, "own")
-            #expect(try await conn.scalar(
-                "SELECT blocked_until < now() + interval '2 seconds' FROM dispatch_policy.lanes WHERE policy = 'own'", as: Bool.self))
+            #expect(
+                try await conn.scalar(
+                    "SELECT blocked_until < now() + interval '2 seconds' FROM dispatch_policy.lanes WHERE policy = 'own'", as: Bool.self))
 
             // A counter corrected by hand (or by repair()) unblocks its lanes.
             try await declare(conn, "drift", PolicyConfig { Gate.concurrency(max: 1, partitionBy: "{t}") })
             try await conn.exec(#"SELECT dispatch_policy.stage('drift', '1', '{"t": "a"}') FROM generate_series(1, 2)"#)
             #expect(try await tick(conn, "drift").admitted == 1)
-            #expect(try await conn.scalar("SELECT blocked_until = 'infinity' FROM dispatch_policy.lanes WHERE policy = 'drift'", as: Bool.self))
+            #expect(
+                try await conn.scalar("SELECT blocked_until = 'infinity' FROM dispatch_policy.lanes WHERE policy = 'drift'", as: Bool.self))
             try await conn.exec("DELETE FROM dispatch_policy.admitted_jobs WHERE policy = 'drift'")
             try await conn.exec("SELECT * FROM dispatch_policy.repair()")
             #expect(try await tick(conn, "drift").admitted == 1)
@@ -333,9 +362,11 @@ struct LaneTests {
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '"a"', '{"tenant": "A"}') FROM generate_series(1, 100)"#)
             try await conn.exec(#"SELECT dispatch_policy.stage('p', '"b"', '{"tenant": "B"}')"#)
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE round_robin_key IS NULL") == 101)
-            try await declare(conn, "p", PolicyConfig(batchSize: 50, roundRobinQuantum: 10) {
-                Gate.throttle(rate: 1, per: 60, partitionBy: "{tenant}")
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig(batchSize: 50, roundRobinQuantum: 10) {
+                    Gate.throttle(rate: 1, per: 60, partitionBy: "{tenant}")
+                })
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE round_robin_key IS NULL") == 0)
             #expect(try await tick(conn, "p").admitted == 2)
             #expect(try await conn.scalar(#"SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE args = '"b"'"#) == 1)
@@ -351,7 +382,8 @@ struct LaneTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await declare(conn, "p", PolicyConfig { Gate.throttle(rate: 5, per: 1, burst: 1, partitionBy: "{tenant}") })
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i, 'context', jsonb_build_object('tenant', 't' || (i / 200))))
                                                          FROM generate_series(0, 3999) i))
                 """)
@@ -364,7 +396,8 @@ struct LaneTests {
         // Every tenant past its burst: each lane comes back for its tokens.
         let everyone = try await waitUntil(60) {
             try await TestServer.withConnection(settings) { conn async throws in
-                try await conn.scalar("""
+                try await conn.scalar(
+                    """
                     SELECT count(*)::int FROM (SELECT FROM dispatch_policy.admitted_jobs
                                                GROUP BY context ->> 'tenant' HAVING count(*) >= 3) t
                     """, as: Int.self) == 20

@@ -62,7 +62,8 @@ struct MigrationTests {
             #expect(second.applied.isEmpty)
             #expect(second.alreadyApplied.count == Migration.embedded.count)
             #expect(try await conn.scalar(schemaFingerprintSQL, as: String.self) == before)
-            #expect(try await conn.scalar("SELECT max(applied_at)::text FROM dispatch_policy.schema_migrations", as: String.self) == appliedAt)
+            #expect(
+                try await conn.scalar("SELECT max(applied_at)::text FROM dispatch_policy.schema_migrations", as: String.self) == appliedAt)
         }
     }
 
@@ -83,7 +84,8 @@ struct MigrationTests {
         #expect(allApplied.sorted() == Migration.embedded.map(\.fileName).sorted())
         #expect(reports.filter { !$0.applied.isEmpty }.count == 1)
         try await TestServer.withConnection(settings) { conn async throws in
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.schema_migrations", as: Int.self) == Migration.embedded.count)
+            #expect(
+                try await conn.scalar("SELECT count(*) FROM dispatch_policy.schema_migrations", as: Int.self) == Migration.embedded.count)
         }
     }
 
@@ -107,7 +109,8 @@ struct MigrationTests {
     @Test("a database migrated by a newer build is reported")
     func unknownVersionIsReported() async throws {
         try await withTestDatabase { conn, _ in
-            try await conn.exec("INSERT INTO dispatch_policy.schema_migrations (version, name, checksum) VALUES (9999, '9999_future.sql', 'x')")
+            try await conn.exec(
+                "INSERT INTO dispatch_policy.schema_migrations (version, name, checksum) VALUES (9999, '9999_future.sql', 'x')")
             do {
                 try await Migrator(logger: TestServer.logger).migrate(on: conn)
                 Issue.record("an unknown recorded migration was ignored")
@@ -121,11 +124,13 @@ struct MigrationTests {
     @Test("a failing migration leaves nothing of itself behind and is not recorded")
     func failingMigrationRollsBack() async throws {
         try await withTestDatabase { conn, _ in
-            let bad = Migration(fileName: "0999_bad.sql", sql: """
-                CREATE TABLE dispatch_policy.half_done (id int);
-                CREATE FUNCTION dispatch_policy.f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$;
-                SELECT 1 / 0;
-                """)
+            let bad = Migration(
+                fileName: "0999_bad.sql",
+                sql: """
+                    CREATE TABLE dispatch_policy.half_done (id int);
+                    CREATE FUNCTION dispatch_policy.f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$;
+                    SELECT 1 / 0;
+                    """)
             do {
                 try await Migrator(migrations: Migration.embedded + [bad], logger: TestServer.logger).migrate(on: conn)
                 Issue.record("the failing migration succeeded")
@@ -152,15 +157,18 @@ struct MigrationTests {
             let before = Array(Migration.embedded.prefix { ($0.version ?? 0) < 8 })
             try await Migrator(migrations: before, logger: TestServer.logger).migrate(on: conn)
             try await conn.exec("SELECT dispatch_policy.declare_policy('p', '{}')")
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.staged_jobs (id, policy, queue, args, context, dedupe_key)
                 VALUES (1, 'p', 'default', '1', '[1, 2]', 'k1'), (2, 'p', repeat('q', 20000), '2', '{}', NULL),
                        (3, 'p', 'default', '3', '{}', NULL)
                 """)
             try await conn.exec("INSERT INTO dispatch_policy.dedupe_keys VALUES ('p', 'k1', 1)")
             try await Migrator(logger: TestServer.logger).migrate(on: conn)
-            let dead = try await conn.rows("SELECT id, last_error FROM dispatch_policy.finished_jobs WHERE status = 'dead' ORDER BY id", logger: TestServer.logger)
-                .map { try $0.decode((Int64, String).self) }
+            let dead = try await conn.rows(
+                "SELECT id, last_error FROM dispatch_policy.finished_jobs WHERE status = 'dead' ORDER BY id", logger: TestServer.logger
+            )
+            .map { try $0.decode((Int64, String).self) }
             #expect(dead.map(\.0) == [1, 2])
             #expect(dead.first?.1 == "could not be admitted: its context is not a JSON object")
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.dedupe_keys", as: Int.self) == 0)
@@ -206,7 +214,8 @@ struct MigrationTests {
 
     /// The lines of each fingerprint that the other lacks, sorted.
     static func differences(_ a: String, _ b: String) -> ([Substring], [Substring]) {
-        let left = Set(a.split(separator: "\n")), right = Set(b.split(separator: "\n"))
+        let left = Set(a.split(separator: "\n"))
+        let right = Set(b.split(separator: "\n"))
         return (left.subtracting(right).sorted(), right.subtracting(left).sorted())
     }
 
@@ -220,15 +229,18 @@ struct MigrationTests {
         return String(text[start.upperBound..<end.lowerBound])
     }
 
-    @Test("migrate from 0.1.0 (migrations 0001-0006) with jobs in every state: rows kept, check() clean, the catalog of a fresh migrate, jobs admitted")
+    @Test(
+        "migrate from 0.1.0 (migrations 0001-0006) with jobs in every state: rows kept, check() clean, the catalog of a fresh migrate, jobs admitted"
+    )
     func migrateFrom010() async throws {
         try await withTestDatabase(migrated: false) { conn, settings in
             let released = Migration.embedded.prefix { ($0.version ?? 0) <= 6 }
             try #require(released.count == 6)
             try await Migrator(migrations: Array(released), logger: TestServer.logger).migrate(on: conn)
             let psql = try await TestServer.shared.binDirectory() + "/psql"
-            let setup = try await runProcess(psql, ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"],
-                                             environment: libpqEnvironment(settings), stdin: try Self.v010InUse())
+            let setup = try await runProcess(
+                psql, ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+                environment: libpqEnvironment(settings), stdin: try Self.v010InUse())
             try #require(setup.status == 0, "the 0.1.0 data: \(setup.stderr)")
             let jobsSQL: PostgresQuery = """
                 SELECT string_agg(id::text || ':' || policy, ',' ORDER BY id) FROM (
@@ -250,7 +262,8 @@ struct MigrationTests {
             #expect(onlyFresh == [], "only in a fresh migrate")
 
             // The runner of this version admits what 0.1.0 left waiting.
-            let pending = try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE not_before <= now()", as: Int.self)
+            let pending = try await conn.scalar(
+                "SELECT count(*)::int FROM dispatch_policy.staged_jobs WHERE not_before <= now()", as: Int.self)
             try #require(pending > 0)
             var admitted = 0
             for policy in ["webhooks", "reports", "long_keys", "mailer"] {
@@ -317,12 +330,15 @@ struct DumpRestoreTests {
         let source = try await TestServer.shared.freshDatabase(migrated: installedBy == "migrate")
         let before = try await TestServer.withConnection(source) { conn async throws in
             if installedBy == "extension" { try await conn.exec("CREATE EXTENSION dispatch_policy") }
-            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: try PolicyConfig(maxAttempts: 1) {
-                Gate.concurrency(max: 3, partitionBy: "{acct}")
-                Gate.throttle(rate: 100, per: 1, partitionBy: "{acct}")
-                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 5, targetLagMs: 1000)
-            }.json())
-            try await conn.exec("""
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
+                name: "p",
+                config: try PolicyConfig(maxAttempts: 1) {
+                    Gate.concurrency(max: 3, partitionBy: "{acct}")
+                    Gate.throttle(rate: 100, per: 1, partitionBy: "{acct}")
+                    Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 5, targetLagMs: 1000)
+                }.json())
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 2)), dedupe_key => 'k' || i)
                 FROM generate_series(1, 8) i
                 """)
@@ -336,7 +352,8 @@ struct DumpRestoreTests {
             _ = try await ticker.tick(policy: "p")
             return try await conn.scalar(Self.contentsSQL, as: String.self)
         }
-        #expect(before.contains("finished_jobs: 2") && before.contains("admitted_jobs: 6") && before.contains("job_failures: 1"), "\(before)")
+        #expect(
+            before.contains("finished_jobs: 2") && before.contains("admitted_jobs: 6") && before.contains("job_failures: 1"), "\(before)")
 
         let bin = try await TestServer.shared.binDirectory()
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("dp-dump-\(getpid())-\(installedBy).dump").path

@@ -48,7 +48,8 @@ struct PoolTests {
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
                 name: "p", config: try PolicyConfig { Gate.concurrency(max: 2, partitionBy: "{acct}") }.json())
         }
-        let client = PostgresClient(configuration: try settings.clientConfiguration(maximumConnections: 4), backgroundLogger: TestServer.logger)
+        let client = PostgresClient(
+            configuration: try settings.clientConfiguration(maximumConnections: 4), backgroundLogger: TestServer.logger)
         let ledger = Ledger()
         let (runner, worker) = services(client, ledger: ledger)
         // The pool first: a service group stops its services in reverse order.
@@ -72,7 +73,8 @@ struct PoolTests {
         #expect(stopped)
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self) == 0)
-            #expect(try await conn.scalar("SELECT coalesce(sum(in_flight), 0)::int FROM dispatch_policy.inflight_counters", as: Int.self) == 0)
+            #expect(
+                try await conn.scalar("SELECT coalesce(sum(in_flight), 0)::int FROM dispatch_policy.inflight_counters", as: Int.self) == 0)
             // A clean stop forgets the processes.
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.processes", as: Int.self) == 0)
         }
@@ -86,7 +88,8 @@ struct PoolTests {
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
         }
-        let client = PostgresClient(configuration: try settings.clientConfiguration(maximumConnections: 4), backgroundLogger: TestServer.logger)
+        let client = PostgresClient(
+            configuration: try settings.clientConfiguration(maximumConnections: 4), backgroundLogger: TestServer.logger)
         let ledger = Ledger()
         let (runner, worker) = services(client, ledger: ledger)
         let group = DetachedServices([client, runner, worker])
@@ -117,7 +120,8 @@ struct PoolTests {
     @Test("a pool that is not running: a one-shot runner fails within its bound, saying so, instead of waiting for ever")
     func poolNotRunning() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        let client = PostgresClient(configuration: try settings.clientConfiguration(maximumConnections: 2), backgroundLogger: Logger(label: "quiet"))
+        let client = PostgresClient(
+            configuration: try settings.clientConfiguration(maximumConnections: 2), backgroundLogger: Logger(label: "quiet"))
         var options = TickRunnerOptions()
         options.once = true
         options.connectTimeout = .milliseconds(500)

@@ -18,7 +18,8 @@ struct RaceTests {
                 Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 150, targetLagMs: 60_000)
             }
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "k", config: try config.json())
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('k', (SELECT jsonb_agg(jsonb_build_object('args', i, 'context', jsonb_build_object('acct', 'a' || (i % 7))))
                                                         FROM generate_series(1, \(jobs)) i))
                 """)
@@ -31,8 +32,10 @@ struct RaceTests {
             // slots are released while ticks take them.
             try await TestServer.withConnection(settings) { conn in
                 for _ in 0..<(10 + round * 7) {
-                    for id in try await conn.rows("SELECT id FROM dispatch_policy.admitted_jobs ORDER BY random() LIMIT 20", logger: TestServer.logger)
-                        .map({ try $0.decode(Int64.self) }) {
+                    for id in try await conn.rows(
+                        "SELECT id FROM dispatch_policy.admitted_jobs ORDER BY random() LIMIT 20", logger: TestServer.logger
+                    )
+                    .map({ try $0.decode(Int64.self) }) {
                         _ = try await conn.rows("SELECT dispatch_policy.complete(\(id))", logger: TestServer.logger)
                     }
                     try await Task.sleep(for: .milliseconds(15))
@@ -43,7 +46,8 @@ struct RaceTests {
             #expect(ending == .signaled(SIGKILL), "the runner ended before it was killed: \(child.output().stderr)")
         }
         try await TestServer.withConnection(settings) { conn in
-            let total = try await conn.scalar("""
+            let total = try await conn.scalar(
+                """
                 SELECT (SELECT count(*) FROM dispatch_policy.staged_jobs) + (SELECT count(*) FROM dispatch_policy.admitted_jobs)
                      + (SELECT count(*) FROM dispatch_policy.finished_jobs)
                 """, as: Int.self)
@@ -67,7 +71,8 @@ struct KilledSessionTests {
     func killedRunnerReleasesLockLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.slow(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql AS 'SELECT pg_sleep(60)'
                 """)
             try await PolicyCatalog(executor: conn, logger: TestServer.logger)
@@ -77,7 +82,8 @@ struct KilledSessionTests {
         let child = try await spawnChild(cliPath, ["run", "--tick-timeout", "5m"], environment: libpqEnvironment(settings))
         let sleeping = try await waitUntil(30) {
             try await TestServer.withConnection(settings) { conn async throws in
-                try await conn.scalar("""
+                try await conn.scalar(
+                    """
                     SELECT count(*)::int FROM pg_stat_activity
                     WHERE datname = current_database() AND state = 'active' AND query LIKE '%dispatch_policy.tick_finish(%'
                       AND pid <> pg_backend_pid() AND now() - query_start > interval '1 second'
@@ -93,7 +99,8 @@ struct KilledSessionTests {
         // stayed until the target's 60 s were over.
         let released = try await waitUntil(40) {
             try await TestServer.withConnection(settings) { conn async throws in
-                try await conn.scalar("""
+                try await conn.scalar(
+                    """
                     SELECT count(*)::int FROM pg_stat_activity
                     WHERE datname = current_database() AND query LIKE '%dispatch_policy.tick_finish(%' AND pid <> pg_backend_pid()
                     """, as: Int.self) == 0

@@ -1,9 +1,10 @@
-@testable import DispatchPolicy
 import Foundation
 import Logging
 import PostgresNIO
 import Synchronization
 import Testing
+
+@testable import DispatchPolicy
 
 /// 4 runners and 8 workers on several policies for a sustained period,
 /// shaped so that every kind of cap binds; every admission and release is
@@ -19,25 +20,35 @@ struct RacingRunTests {
     }
 
     private static let workloads: [Workload] = [
-        Workload(policy: "conc", config: PolicyConfig(roundRobinBy: "{acct}") {
-            Gate.concurrency(name: "per_acct", max: 2, partitionBy: "{acct}")
-        }, jobs: 360, context: { ["acct": "a\($0 % 6)"] }),
-        Workload(policy: "adapt", config: PolicyConfig {
-            Gate.adaptiveConcurrency(name: "adaptive", partitionBy: "{acct}", initialMax: 2, targetLagMs: 15, min: 1, max: 4)
-        }, jobs: 240, context: { ["acct": "a\($0 % 4)"] }),
-        Workload(policy: "global", config: PolicyConfig {
-            Gate.globalCap(name: "global", max: 3)
-        }, jobs: 150, context: { _ in [:] }),
-        Workload(policy: "throttle", config: PolicyConfig {
-            Gate.throttle(name: "per_ep", rate: 20, per: 1, burst: 3, partitionBy: "{ep}")
-        }, jobs: 200, context: { ["ep": "e\($0 % 2)"] }),
-        Workload(policy: "mixed", config: PolicyConfig(roundRobinBy: "{acct}") {
-            Gate.throttle(name: "per_ep", rate: 40, per: 1, burst: 5, partitionBy: "{ep}")
-            Gate.concurrency(name: "per_acct", max: 2, partitionBy: "{acct}")
-            Gate.globalCap(name: "global", max: 4)
-            Gate.fairInterleave()
-            Gate.adaptiveConcurrency(name: "adaptive", partitionBy: "{acct}", initialMax: 2, targetLagMs: 15, min: 1, max: 3)
-        }, jobs: 200, context: { ["acct": "a\($0 % 5)", "ep": "e\($0 % 2)"] }),
+        Workload(
+            policy: "conc",
+            config: PolicyConfig(roundRobinBy: "{acct}") {
+                Gate.concurrency(name: "per_acct", max: 2, partitionBy: "{acct}")
+            }, jobs: 360, context: { ["acct": "a\($0 % 6)"] }),
+        Workload(
+            policy: "adapt",
+            config: PolicyConfig {
+                Gate.adaptiveConcurrency(name: "adaptive", partitionBy: "{acct}", initialMax: 2, targetLagMs: 15, min: 1, max: 4)
+            }, jobs: 240, context: { ["acct": "a\($0 % 4)"] }),
+        Workload(
+            policy: "global",
+            config: PolicyConfig {
+                Gate.globalCap(name: "global", max: 3)
+            }, jobs: 150, context: { _ in [:] }),
+        Workload(
+            policy: "throttle",
+            config: PolicyConfig {
+                Gate.throttle(name: "per_ep", rate: 20, per: 1, burst: 3, partitionBy: "{ep}")
+            }, jobs: 200, context: { ["ep": "e\($0 % 2)"] }),
+        Workload(
+            policy: "mixed",
+            config: PolicyConfig(roundRobinBy: "{acct}") {
+                Gate.throttle(name: "per_ep", rate: 40, per: 1, burst: 5, partitionBy: "{ep}")
+                Gate.concurrency(name: "per_acct", max: 2, partitionBy: "{acct}")
+                Gate.globalCap(name: "global", max: 4)
+                Gate.fairInterleave()
+                Gate.adaptiveConcurrency(name: "adaptive", partitionBy: "{acct}", initialMax: 2, targetLagMs: 15, min: 1, max: 3)
+            }, jobs: 200, context: { ["acct": "a\($0 % 5)", "ep": "e\($0 % 2)"] }),
     ]
 
     @Test("no cap exceeded at any instant, no throttle window over its bound, no job lost or admitted twice, no failed pass")
@@ -77,7 +88,10 @@ struct RacingRunTests {
                 var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
                 for workload in Self.workloads {
                     worker.register(workload.policy) { _ in
-                        let n = handled.withLock { $0 += 1; return $0 }
+                        let n = handled.withLock {
+                            $0 += 1
+                            return $0
+                        }
                         try await Task.sleep(for: .milliseconds(Int.random(in: 2...20)))
                         if n % 15 == 0 && ContinuousClock.now < failUntil { throw RacingFailure() }
                     }
@@ -93,7 +107,9 @@ struct RacingRunTests {
             while more {
                 reports += try await withThrowingTaskGroup(of: RunReport.self) { group in
                     for _ in 0..<4 {
-                        group.addTask { try await TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger).runLoop() }
+                        group.addTask {
+                            try await TickRunner(connection: settings, options: runnerOptions, logger: TestServer.logger).runLoop()
+                        }
                     }
                     var all: [RunReport] = []
                     for try await report in group { all.append(report) }
@@ -116,12 +132,16 @@ struct RacingRunTests {
             let failures = reports.map { report in
                 report.maintenanceFailures + report.connectionFailures + report.policies.map(\.failures).reduce(0, +)
             }.reduce(0, +)
-            #expect(failures == 0, "failed passes: \(reports.compactMap { $0.lastMaintenanceError ?? $0.lastConnectionError ?? $0.policies.compactMap(\.lastError).first })")
+            #expect(
+                failures == 0,
+                "failed passes: \(reports.compactMap { $0.lastMaintenanceError ?? $0.lastConnectionError ?? $0.policies.compactMap(\.lastError).first })"
+            )
 
             try await TestServer.withConnection(settings) { conn async throws in
                 // Every job finished, once.
                 let left = try await conn.rows(
-                    "SELECT policy || ' ' || count(*) FROM dispatch_policy.staged_jobs GROUP BY policy ORDER BY 1", logger: TestServer.logger
+                    "SELECT policy || ' ' || count(*) FROM dispatch_policy.staged_jobs GROUP BY policy ORDER BY 1",
+                    logger: TestServer.logger
                 ).map { try $0.decode(String.self) }
                 #expect(left == [], "still staged when the runners stopped: \(left)")
                 #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs", as: Int.self) == total)
@@ -130,8 +150,10 @@ struct RacingRunTests {
 
                 let events = try await AdmissionAudit.events(conn)
                 let admissions = events.filter { $0.kind == .admit }
-                #expect(admissions.count == (try await conn.scalar("SELECT sum(attempts)::int FROM dispatch_policy.finished_jobs", as: Int.self)),
-                        "every attempt admitted once")
+                #expect(
+                    admissions.count
+                        == (try await conn.scalar("SELECT sum(attempts)::int FROM dispatch_policy.finished_jobs", as: Int.self)),
+                    "every attempt admitted once")
                 #expect(admissions.count > total, "some jobs failed and were admitted again")
 
                 // Every cap, exactly, at every instant; and each one bound.
@@ -156,7 +178,8 @@ struct RacingRunTests {
                 #expect(Set(adaptiveCaps).count > 1, "the adaptive cap never moved: \(adaptiveCaps)")
 
                 for (policy, rate, burst) in [("throttle", 20.0, 3.0), ("mixed", 40.0, 5.0)] {
-                    let throttle = AdmissionAudit.throttleExcess(policy: policy, partitionBy: "ep", rate: rate, per: 1, burst: burst, events: events)
+                    let throttle = AdmissionAudit.throttleExcess(
+                        policy: policy, partitionBy: "ep", rate: rate, per: 1, burst: burst, events: events)
                     #expect(throttle.partitions == 2)
                     #expect(throttle.worst <= 1e-6, "\(policy): a window held \(throttle.worst) admissions over its bound")
                     if policy == "throttle" {

@@ -32,7 +32,9 @@ struct ProcessResult {
 }
 
 /// Runs a program to completion, capturing its output.
-func runProcess(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String? = nil) async throws -> ProcessResult {
+func runProcess(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String? = nil) async throws
+    -> ProcessResult
+{
     let child = try await spawnChild(executable, arguments, environment: environment, stdin: stdin)
     let ending = await child.wait()
     let (out, err) = child.output()
@@ -50,7 +52,8 @@ struct RegressionTests {
     func pgRegress() async throws {
         let server = try await TestServer.shared.get()
         let env = libpqEnvironment(server.admin)
-        let result = try await runProcess("/usr/bin/make", ["-C", packageRoot.appending(path: "sql").path, "installcheck"], environment: env)
+        let result = try await runProcess(
+            "/usr/bin/make", ["-C", packageRoot.appending(path: "sql").path, "installcheck"], environment: env)
         if result.status != 0 {
             let diffs = (try? String(contentsOf: packageRoot.appending(path: "sql/test/regression.diffs"), encoding: .utf8)) ?? ""
             Issue.record("pg_regress failed (status \(result.status)):\n\(result.stdout)\n\(result.stderr)\n\(diffs)")

@@ -73,10 +73,12 @@ struct RunnerTests {
     @Test("dispatch-policy tick prints one line per policy: admitted, refused by gate, tokens, time per tick")
     func tickCommand() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        try await setUp(settings, PolicyConfig {
-            Gate.throttle(name: "per_endpoint", rate: 1, per: 3600, burst: 3)
-            Gate.concurrency(max: 2)
-        }, jobs: 10)
+        try await setUp(
+            settings,
+            PolicyConfig {
+                Gate.throttle(name: "per_endpoint", rate: 1, per: 3600, burst: 3)
+                Gate.concurrency(max: 2)
+            }, jobs: 10)
         let once = try await cli(["tick"], settings: settings)
         #expect(once.status == 0, "\(once.stderr)")
         #expect(once.stdout.hasPrefix("p: admitted 2 in 1 tick ("))
@@ -110,7 +112,9 @@ struct RunnerTests {
             for round in 1...2 {
                 if round == 2 {
                     let since = try await lastAdmittedAt(settings)
-                    #expect(try await waitUntilRunnerIdle(settings, lastQuery: "%dispatch_policy.tick_finish(%", startedAfter: since), "the runner did not go idle again")
+                    #expect(
+                        try await waitUntilRunnerIdle(settings, lastQuery: "%dispatch_policy.tick_finish(%", startedAfter: since),
+                        "the runner did not go idle again")
                 }
                 try await TestServer.withConnection(settings) { conn in
                     _ = try await Stager(executor: conn, logger: TestServer.logger).stage(policy: "p", JobSpec(argsJSON: "\(round)"))
@@ -138,10 +142,14 @@ struct RunnerTests {
             try await TestServer.withConnection(settings) { conn in
                 try await conn.exec(#"SELECT dispatch_policy.stage_many('p', '[{"args": 1}, {"args": 2}]')"#)
             }
-            #expect(try await waitUntil(10) { try await admittedCount(settings) == 1 }, "job 1 was not admitted on NOTIFY dispatch_policy_staged")
+            #expect(
+                try await waitUntil(10) { try await admittedCount(settings) == 1 },
+                "job 1 was not admitted on NOTIFY dispatch_policy_staged")
             // Job 2 waits for the slot; the runner sleeps after the tick that admitted job 1.
             let since = try await lastAdmittedAt(settings)
-            #expect(try await waitUntilRunnerIdle(settings, lastQuery: "%dispatch_policy.tick_finish(%", startedAfter: since), "the runner did not go idle again")
+            #expect(
+                try await waitUntilRunnerIdle(settings, lastQuery: "%dispatch_policy.tick_finish(%", startedAfter: since),
+                "the runner did not go idle again")
             try await TestServer.withConnection(settings) { conn async throws in
                 #expect(try await conn.scalar("SELECT dispatch_policy.complete(min(id)) FROM dispatch_policy.admitted_jobs", as: Bool.self))
             }
@@ -189,7 +197,8 @@ struct RunnerTests {
             try await conn.exec("CREATE TABLE public.target_down (down boolean)")
             try await conn.exec("INSERT INTO public.target_down VALUES (true)")
             try await conn.exec("CREATE TABLE public.delivered (id bigint)")
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.deliver(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
                 BEGIN
                   IF (SELECT down FROM public.target_down) THEN RAISE EXCEPTION 'target down'; END IF;
@@ -203,7 +212,8 @@ struct RunnerTests {
         #expect(once.stderr.contains("target down"))
         let failures = {
             try await TestServer.withConnection(settings) { conn in
-                try await conn.scalar("SELECT coalesce(max(failures), 0) FROM dispatch_policy.runner_failures WHERE policy = 'p'", as: Int.self)
+                try await conn.scalar(
+                    "SELECT coalesce(max(failures), 0) FROM dispatch_policy.runner_failures WHERE policy = 'p'", as: Int.self)
             }
         }
         #expect(try await failures() == 1, "tick --once records its failure")
@@ -235,7 +245,9 @@ struct RunnerTests {
     }
 
     @Test("dispatch-policy run admits continuously and exits 0 on SIGTERM and on SIGINT", arguments: [SIGTERM, SIGINT])
-    func runCommandStopsOnSignal(_ signal: Int32) async throws { try await LiveTests.exclusive { try await runCommandStopsOnSignalLive(signal) } }
+    func runCommandStopsOnSignal(_ signal: Int32) async throws {
+        try await LiveTests.exclusive { try await runCommandStopsOnSignalLive(signal) }
+    }
 
     func runCommandStopsOnSignalLive(_ signal: Int32) async throws {
         let settings = try await TestServer.shared.freshDatabase()
@@ -264,11 +276,13 @@ struct RunnerTests {
         try await TestServer.withConnection(settings) { conn in
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
             // Job 1 completed two hours ago, job 2 ten minutes ago; job 3's lease ran out.
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.complete(id, now => now() - interval '2 hours')
                 FROM dispatch_policy.admitted_jobs WHERE args = '{"n": 0}'
                 """)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.complete(id, now => now() - interval '10 minutes')
                 FROM dispatch_policy.admitted_jobs WHERE args = '{"n": 1}'
                 """)
@@ -277,12 +291,17 @@ struct RunnerTests {
         let tick = try await cli(["tick", "--retention", "1h"], settings: settings)
         #expect(tick.status == 0, "\(tick.stderr)")
         try await TestServer.withConnection(settings) { conn in
-            let finished = try await conn.rows("SELECT args::text FROM dispatch_policy.finished_jobs ORDER BY id", logger: TestServer.logger)
-                .map { try $0.decode(String.self) }
+            let finished = try await conn.rows(
+                "SELECT args::text FROM dispatch_policy.finished_jobs ORDER BY id", logger: TestServer.logger
+            )
+            .map { try $0.decode(String.self) }
             #expect(finished == [#"{"n": 1}"#], "only the job completed within the retention is kept")
             // Reaped: a failed attempt, re-staged for a retry.
-            let (attempt, error) = try #require(try await conn.rows(
-                "SELECT attempt, last_error FROM dispatch_policy.staged_jobs", logger: TestServer.logger).first).decode((Int, String).self)
+            let (attempt, error) = try #require(
+                try await conn.rows(
+                    "SELECT attempt, last_error FROM dispatch_policy.staged_jobs", logger: TestServer.logger
+                ).first
+            ).decode((Int, String).self)
             #expect(attempt == 2 && error == "lease expired")
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs", as: Int.self) == 0)
             #expect(try await checkFindings(conn) == [])
@@ -298,10 +317,12 @@ struct RunnerTests {
         let settings = try await TestServer.shared.freshDatabase()
         let key: Int64 = 7_340_004
         try await TestServer.withConnection(settings) { conn in
-            try await conn.exec(PostgresQuery(unsafeSQL: """
-                CREATE FUNCTION public.held(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
-                BEGIN PERFORM pg_advisory_xact_lock_shared(\(key)); END $$
-                """))
+            try await conn.exec(
+                PostgresQuery(
+                    unsafeSQL: """
+                        CREATE FUNCTION public.held(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
+                        BEGIN PERFORM pg_advisory_xact_lock_shared(\(key)); END $$
+                        """))
             let catalog = PolicyCatalog(executor: conn, logger: TestServer.logger)
             try await catalog.declare(name: "x", config: try PolicyConfig(target: .sql(function: "public.held")).json())
             try await catalog.declare(name: "y", config: "{}")

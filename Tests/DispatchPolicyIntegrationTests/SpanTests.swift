@@ -26,7 +26,9 @@ struct HandlerFailure: Error, CustomStringConvertible {
 
 @Suite("Spans of the library (in-memory tracer)", .timeLimit(.minutes(4)))
 struct SpanTests {
-    @Test("a span per tick (policy, outcome, fetched, admitted, refused) and per job attempt (policy, queue, id, attempt), the handler's error recorded")
+    @Test(
+        "a span per tick (policy, outcome, fetched, admitted, refused) and per job attempt (policy, queue, id, attempt), the handler's error recorded"
+    )
     func tickAndJobSpans() async throws {
         let tracer = TestTracer.shared
         let policy = "traced_\(UInt32.random(in: 0 ... .max))"

@@ -14,7 +14,8 @@ private func stagedCount(_ conn: PostgresConnection) async throws -> Int {
 /// Moves a staged job to admitted_jobs the way admission does, keeping its
 /// dedupe key held (admission itself arrives with the tick primitives).
 private func moveToAdmitted(_ conn: PostgresConnection, id: Int64) async throws {
-    try await conn.exec("""
+    try await conn.exec(
+        """
         WITH moved AS (DELETE FROM dispatch_policy.staged_jobs WHERE id = \(id) RETURNING *)
         INSERT INTO dispatch_policy.admitted_jobs
           (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
@@ -32,7 +33,8 @@ struct StagingTests {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p")
             let stager = Stager(executor: conn, logger: TestServer.logger)
-            let first = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: #"{"n": 1}"#, contextJSON: #"{"account_id": 42}"#)))
+            let first = try #require(
+                try await stager.stage(policy: "p", JobSpec(argsJSON: #"{"n": 1}"#, contextJSON: #"{"account_id": 42}"#)))
             let second = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "[1, 2]", queue: "urgent", priority: -5)))
             #expect(second > first)
             let rows = try await conn.rows(
@@ -55,7 +57,8 @@ struct StagingTests {
             _ = try await conn.rows(
                 #"SELECT dispatch_policy.stage('p', '{}', '{"queue_name": "mine", "priority": "high"}', queue => 'q', priority => 3)"#,
                 logger: TestServer.logger)
-            #expect(try await conn.scalar("SELECT context::text FROM dispatch_policy.staged_jobs", as: String.self)
+            #expect(
+                try await conn.scalar("SELECT context::text FROM dispatch_policy.staged_jobs", as: String.self)
                     == #"{"priority": "high", "queue_name": "mine"}"#)
         }
     }
@@ -85,9 +88,11 @@ struct StagingTests {
             _ = try await stager.stage(policy: "p", JobSpec(argsJSON: "1", notBefore: Date().addingTimeInterval(3600)))
             _ = try await stager.stage(policy: "p", JobSpec(argsJSON: "2", notBefore: Date().addingTimeInterval(-3600)))
             _ = try await stager.stage(policy: "p", JobSpec(argsJSON: "3"))
-            let (pending, scheduled) = try #require(try await conn.rows(
-                "SELECT pending, scheduled FROM dispatch_policy.policy_overview WHERE policy = 'p'", logger: TestServer.logger
-            ).first).decode((Int, Int).self)
+            let (pending, scheduled) = try #require(
+                try await conn.rows(
+                    "SELECT pending, scheduled FROM dispatch_policy.policy_overview WHERE policy = 'p'", logger: TestServer.logger
+                ).first
+            ).decode((Int, Int).self)
             #expect(pending == 2)
             #expect(scheduled == 1)
         }
@@ -127,8 +132,9 @@ struct StagingTests {
                 try await conn.exec("SELECT pg_advisory_xact_lock_shared(\(key))")
                 var ids: [Int64?] = []
                 for n in 0..<50 {
-                    ids.append(try await Stager(executor: conn, logger: TestServer.logger)
-                        .stage(policy: "p", JobSpec(argsJSON: "\(stager)", dedupeKey: "k\(n)")))
+                    ids.append(
+                        try await Stager(executor: conn, logger: TestServer.logger)
+                            .stage(policy: "p", JobSpec(argsJSON: "\(stager)", dedupeKey: "k\(n)")))
                 }
                 try await conn.exec("COMMIT")
                 return ids
@@ -182,13 +188,15 @@ struct StagingTests {
             try await declare(conn, "p")
             let stager = Stager(executor: conn, logger: TestServer.logger)
             let existing = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "0", dedupeKey: "taken")))
-            let ids = try await stager.stageMany(policy: "p", [
-                JobSpec(argsJSON: "1", dedupeKey: "a"),
-                JobSpec(argsJSON: "2", dedupeKey: "a"),
-                JobSpec(argsJSON: "3"),
-                JobSpec(argsJSON: "4", dedupeKey: "taken"),
-                JobSpec(argsJSON: "5", dedupeKey: "b", queue: "q", priority: 2),
-            ])
+            let ids = try await stager.stageMany(
+                policy: "p",
+                [
+                    JobSpec(argsJSON: "1", dedupeKey: "a"),
+                    JobSpec(argsJSON: "2", dedupeKey: "a"),
+                    JobSpec(argsJSON: "3"),
+                    JobSpec(argsJSON: "4", dedupeKey: "taken"),
+                    JobSpec(argsJSON: "5", dedupeKey: "b", queue: "q", priority: 2),
+                ])
             #expect(ids.count == 5)
             #expect(ids[1] == nil && ids[3] == nil)
             let stored = try [ids[0], ids[2], ids[4]].map { try #require($0) }
@@ -262,7 +270,9 @@ struct StagingTests {
             let notifications = try await listener.listen(on: "dispatch_policy_staged") { notifications in
                 try await TestServer.withConnection(settings) { stager in
                     // 1,000 rows in one call.
-                    try await stager.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 1000) i))")
+                    try await stager.exec(
+                        "SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 1000) i))"
+                    )
                     // Five stage() calls for two policies in one transaction.
                     try await stager.exec("BEGIN")
                     for (policy, n) in [("p", 1), ("q", 2), ("p", 3), ("q", 4), ("p", 5)] {

@@ -3,9 +3,9 @@ import Subprocess
 import Testing
 
 #if canImport(System)
-import System
+    import System
 #else
-import SystemPackage
+    import SystemPackage
 #endif
 
 /// A child process of a test (the CLI, psql, make), run with
@@ -36,8 +36,10 @@ struct Child: Sendable {
 
     /// What it wrote so far (all of it once it ended).
     func output() -> (stdout: String, stderr: String) {
-        ((try? String(contentsOfFile: stdoutPath, encoding: .utf8)) ?? "",
-         (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "")
+        (
+            (try? String(contentsOfFile: stdoutPath, encoding: .utf8)) ?? "",
+            (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? ""
+        )
     }
 }
 
@@ -47,7 +49,8 @@ struct Child: Sendable {
 func spawnChild(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String? = nil) async throws -> Child {
     let dir = FileManager.default.temporaryDirectory.path
     let id = UUID().uuidString
-    let outPath = "\(dir)/dp-child-\(id).out", errPath = "\(dir)/dp-child-\(id).err"
+    let outPath = "\(dir)/dp-child-\(id).out"
+    let errPath = "\(dir)/dp-child-\(id).err"
     var inPath = "/dev/null"
     if let stdin {
         // A file, not a pipe: a child that exits without reading all of it is no error.
@@ -55,8 +58,10 @@ func spawnChild(_ executable: String, _ arguments: [String], environment: [Strin
         try stdin.write(toFile: inPath, atomically: true, encoding: .utf8)
     }
     let input = try FileDescriptor.open(FilePath(inPath), .readOnly)
-    let output = try FileDescriptor.open(FilePath(outPath), .writeOnly, options: [.create, .truncate], permissions: [.ownerReadWrite, .groupRead, .otherRead])
-    let error = try FileDescriptor.open(FilePath(errPath), .writeOnly, options: [.create, .truncate], permissions: [.ownerReadWrite, .groupRead, .otherRead])
+    let output = try FileDescriptor.open(
+        FilePath(outPath), .writeOnly, options: [.create, .truncate], permissions: [.ownerReadWrite, .groupRead, .otherRead])
+    let error = try FileDescriptor.open(
+        FilePath(errPath), .writeOnly, options: [.create, .truncate], permissions: [.ownerReadWrite, .groupRead, .otherRead])
     let environment = Dictionary(uniqueKeysWithValues: environment.map { (Environment.Key(stringLiteral: $0.key), $0.value) })
 
     // The pid once it runs, or why it could not be started.

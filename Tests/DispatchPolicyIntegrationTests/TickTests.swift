@@ -1,16 +1,20 @@
-@testable import DispatchPolicy
 import Foundation
 import Logging
 import PostgresNIO
 import Synchronization
 import Testing
 
+@testable import DispatchPolicy
+
 private func declare(_ conn: PostgresConnection, _ name: String, _ config: PolicyConfig) async throws {
     try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: name, config: try config.json())
 }
 
 /// Stages `count` jobs whose context is built from the job number.
-private func stage(_ conn: PostgresConnection, _ policy: String, _ count: Int, context: (Int) -> [String: String] = { _ in [:] }, priority: (Int) -> Int32? = { _ in nil }) async throws {
+private func stage(
+    _ conn: PostgresConnection, _ policy: String, _ count: Int, context: (Int) -> [String: String] = { _ in [:] },
+    priority: (Int) -> Int32? = { _ in nil }
+) async throws {
     let jobs = try (0..<count).map { i in try JobSpec(args: ["n": i], context: context(i), priority: priority(i)) }
     _ = try await Stager(executor: conn, logger: TestServer.logger).stageMany(policy: policy, jobs)
 }
@@ -20,7 +24,9 @@ private func tick(_ conn: PostgresConnection, _ policy: String) async throws -> 
 }
 
 private func admittedIDs(_ conn: PostgresConnection) async throws -> [Int64] {
-    try await conn.rows("SELECT id FROM dispatch_policy.admitted_jobs ORDER BY id", logger: TestServer.logger).map { try $0.decode(Int64.self) }
+    try await conn.rows("SELECT id FROM dispatch_policy.admitted_jobs ORDER BY id", logger: TestServer.logger).map {
+        try $0.decode(Int64.self)
+    }
 }
 
 private func count(_ conn: PostgresConnection, _ sql: PostgresQuery) async throws -> Int {
@@ -72,10 +78,12 @@ struct GateEnforcementTests {
     @Test("global_cap caps the whole policy")
     func globalCap() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.concurrency(max: 10, partitionBy: "{acct}")
-                Gate.globalCap(max: 3)
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.concurrency(max: 10, partitionBy: "{acct}")
+                    Gate.globalCap(max: 3)
+                })
             try await stage(conn, "p", 10) { ["acct": "t\($0)"] }
             #expect(try await tick(conn, "p").admitted == 3)
             #expect(try await count(conn, "SELECT in_flight FROM dispatch_policy.inflight_counters WHERE gate = 'global_cap'") == 3)
@@ -90,9 +98,11 @@ struct GateEnforcementTests {
     @Test("throttle admits the burst, then only what has refilled; rate 0 admits nothing")
     func throttle() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.throttle(rate: .context("rate", default: 1), per: 1_000_000, burst: 4, partitionBy: "{ep}")
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.throttle(rate: .context("rate", default: 1), per: 1_000_000, burst: 4, partitionBy: "{ep}")
+                })
             try await stage(conn, "p", 16) { ["ep": $0 < 10 ? "x" : "y", "rate": $0 < 10 ? "1" : "0"] }
             let first = try await tick(conn, "p")
             #expect(first.admitted == 4)  // x: burst 4; y: rate 0
@@ -122,7 +132,7 @@ struct GateEnforcementTests {
             // The bucket never exceeds its burst, however long it waited.
             try await advance("100000000 seconds")
             #expect(try await tick(conn, "p").admitted == 3)  // what x has left: 10 - 7
-            #expect(abs(try await tokens("x") - 1) < 0.001)   // burst 4, 3 taken
+            #expect(abs(try await tokens("x") - 1) < 0.001)  // burst 4, 3 taken
             try await expectCountersConsistent(conn)
             #expect(try await checkFindings(conn) == [])
         }
@@ -131,9 +141,11 @@ struct GateEnforcementTests {
     @Test("a throttle's rate and burst for a partition come from the partition's first job in the batch")
     func bucketFromFirstJob() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.throttle(rate: .context("rate", default: 1), per: 3600, burst: .context("burst", default: 1), partitionBy: "{ep}")
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.throttle(rate: .context("rate", default: 1), per: 3600, burst: .context("burst", default: 1), partitionBy: "{ep}")
+                })
             // x's first job says rate 2, burst 2; the five after it say 100 and 5.
             try await stage(conn, "p", 6) { $0 == 0 ? ["ep": "x", "rate": "2", "burst": "2"] : ["ep": "x", "rate": "100", "burst": "5"] }
             // y's first job says nothing (the defaults); the next one says burst 5.
@@ -172,10 +184,12 @@ struct GateEnforcementTests {
     @Test("two throttles with different names on one partition are both enforced")
     func twoThrottles() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.throttle(name: "per_minute", rate: 10, per: 60)
-                Gate.throttle(name: "per_hour", rate: 600, per: 3600, burst: 3)
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.throttle(name: "per_minute", rate: 10, per: 60)
+                    Gate.throttle(name: "per_hour", rate: 600, per: 3600, burst: 3)
+                })
             try await stage(conn, "p", 20)
             let result = try await tick(conn, "p")
             #expect(result.admitted == 3)
@@ -187,11 +201,13 @@ struct GateEnforcementTests {
     @Test("fair_interleave lets small tenants in ahead of a burst that arrived first")
     func fairInterleave() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.concurrency(max: 100, partitionBy: "{acct}")
-                Gate.globalCap(max: 3)
-                Gate.fairInterleave()
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.concurrency(max: 100, partitionBy: "{acct}")
+                    Gate.globalCap(max: 3)
+                    Gate.fairInterleave()
+                })
             try await stage(conn, "p", 50) { _ in ["acct": "big"] }
             try await stage(conn, "p", 2) { ["acct": "small\($0)"] }
             #expect(try await tick(conn, "p").admitted == 3)
@@ -209,11 +225,13 @@ struct GateEnforcementTests {
     @Test("fair_interleave with its own partition_by interleaves by that, not by the other gates' partitions")
     func fairInterleaveOwnPartition() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.concurrency(max: 100, partitionBy: "{acct}")
-                Gate.globalCap(max: 3)
-                Gate.fairInterleave(partitionBy: "{region}")
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.concurrency(max: 100, partitionBy: "{acct}")
+                    Gate.globalCap(max: 3)
+                    Gate.fairInterleave(partitionBy: "{region}")
+                })
             for acct in ["a", "b", "c"] {
                 try await stage(conn, "p", 10) { _ in ["acct": acct, "region": "eu"] }
             }
@@ -231,29 +249,39 @@ struct GateEnforcementTests {
     @Test("the lag an adaptive gate records is admitted to started, not to finished (until finished only for a job never started)")
     func lagIsAdmittedToStarted() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 5, targetLagMs: 60_000)
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 5, targetLagMs: 60_000)
+                })
             try await stage(conn, "p", 3) { _ in ["acct": "a"] }
             #expect(try await tick(conn, "p").admitted == 3)
             let admittedAt = "(SELECT min(admitted_at) FROM dispatch_policy.admitted_jobs)"
             // Job 1: started 1.5 s after admission, completed a minute after it.
-            try await conn.exec(PostgresQuery(unsafeSQL: """
-                SELECT dispatch_policy.complete(c.id, now => \(admittedAt) + interval '60 seconds')
-                FROM dispatch_policy.claim('default', 'w', 1, now => \(admittedAt) + interval '1.5 seconds') c
-                """))
+            try await conn.exec(
+                PostgresQuery(
+                    unsafeSQL: """
+                        SELECT dispatch_policy.complete(c.id, now => \(admittedAt) + interval '60 seconds')
+                        FROM dispatch_policy.claim('default', 'w', 1, now => \(admittedAt) + interval '1.5 seconds') c
+                        """))
             // Job 2: never started, completed 2 s after admission.
-            try await conn.exec(PostgresQuery(unsafeSQL: """
-                SELECT dispatch_policy.complete(min(id), now => \(admittedAt) + interval '2 seconds')
-                FROM dispatch_policy.admitted_jobs WHERE started_at IS NULL
-                """))
+            try await conn.exec(
+                PostgresQuery(
+                    unsafeSQL: """
+                        SELECT dispatch_policy.complete(min(id), now => \(admittedAt) + interval '2 seconds')
+                        FROM dispatch_policy.admitted_jobs WHERE started_at IS NULL
+                        """))
             // Job 3: started 0.25 s after admission, failed 10 s after it.
-            try await conn.exec(PostgresQuery(unsafeSQL: """
-                SELECT dispatch_policy.fail(c.id, 'boom', now => \(admittedAt) + interval '10 seconds')
-                FROM dispatch_policy.claim('default', 'w', 1, now => \(admittedAt) + interval '0.25 seconds') c
-                """))
-            let lags = try await conn.rows("SELECT lag_ms, success FROM dispatch_policy.observations ORDER BY id", logger: TestServer.logger)
-                .map { try $0.decode((Double, Bool).self) }
+            try await conn.exec(
+                PostgresQuery(
+                    unsafeSQL: """
+                        SELECT dispatch_policy.fail(c.id, 'boom', now => \(admittedAt) + interval '10 seconds')
+                        FROM dispatch_policy.claim('default', 'w', 1, now => \(admittedAt) + interval '0.25 seconds') c
+                        """))
+            let lags = try await conn.rows(
+                "SELECT lag_ms, success FROM dispatch_policy.observations ORDER BY id", logger: TestServer.logger
+            )
+            .map { try $0.decode((Double, Bool).self) }
             #expect(lags.map(\.0) == [1500, 2000, 250])
             #expect(lags.map(\.1) == [true, true, false])
             #expect(try await checkFindings(conn) == [])
@@ -268,23 +296,30 @@ struct GateEnforcementTests {
     @Test("adaptive_concurrency applies its own ewma_alpha, failure_decrease_factor and overload_decrease_factor")
     func adaptiveSettings() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 4, targetLagMs: 1000,
-                                         ewmaAlpha: 0.2, failureDecreaseFactor: 0.25, overloadDecreaseFactor: 0.5)
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.adaptiveConcurrency(
+                        partitionBy: "{acct}", initialMax: 4, targetLagMs: 1000,
+                        ewmaAlpha: 0.2, failureDecreaseFactor: 0.25, overloadDecreaseFactor: 0.5)
+                })
             try await stage(conn, "p", 12) { _ in ["acct": "a"] }
             #expect(try await tick(conn, "p").admitted == 4)
             func claimAndComplete(lag seconds: Double) async throws {
-                try await conn.exec(PostgresQuery(unsafeSQL: """
-                    SELECT dispatch_policy.complete(c.id)
-                    FROM dispatch_policy.claim('default', 'w', 1, now => (
-                      SELECT admitted_at FROM dispatch_policy.admitted_jobs WHERE started_at IS NULL ORDER BY priority, id LIMIT 1
-                    ) + make_interval(secs => \(seconds))) c
-                    """))
+                try await conn.exec(
+                    PostgresQuery(
+                        unsafeSQL: """
+                            SELECT dispatch_policy.complete(c.id)
+                            FROM dispatch_policy.claim('default', 'w', 1, now => (
+                              SELECT admitted_at FROM dispatch_policy.admitted_jobs WHERE started_at IS NULL ORDER BY priority, id LIMIT 1
+                            ) + make_interval(secs => \(seconds))) c
+                            """))
             }
             func stats() async throws -> (cap: Int, ewma: Double) {
-                try #require(try await conn.rows("SELECT current_max, ewma_lag_ms FROM dispatch_policy.adaptive_stats", logger: TestServer.logger)
-                    .first).decode((Int, Double).self)
+                try #require(
+                    try await conn.rows("SELECT current_max, ewma_lag_ms FROM dispatch_policy.adaptive_stats", logger: TestServer.logger)
+                        .first
+                ).decode((Int, Double).self)
             }
             // EWMA: the first lag (0 ms) sets it, the second (2000 ms) moves it by alpha' = 1 - 0.8^(1/4).
             try await claimAndComplete(lag: 0)
@@ -295,7 +330,8 @@ struct GateEnforcementTests {
             #expect(abs(folded.ewma - 2000 * (1 - pow(0.8, 0.25))) < 0.001, "EWMA \(folded.ewma)")
             // A failure, a window after the last decrease: 4 × 0.25 = 1.
             try await conn.exec("UPDATE dispatch_policy.adaptive_stats SET since_decrease = 100")
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.fail(min(id), 'boom', retry_in => interval '1 hour')
                 FROM dispatch_policy.admitted_jobs WHERE started_at IS NULL
                 """)
@@ -316,9 +352,11 @@ struct GateEnforcementTests {
     @Test("adaptive_concurrency never grows past its max, though fast completions keep coming while it binds")
     func adaptiveCeiling() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 60_000, max: 3)
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 60_000, max: 3)
+                })
             try await stage(conn, "p", 40) { _ in ["acct": "a"] }
             var admitted: [Int] = []
             var caps: [Int] = []
@@ -335,12 +373,15 @@ struct GateEnforcementTests {
         }
     }
 
-    @Test("adaptive_concurrency folds observations once: the cap grows by a window of fast completions while it binds, and halves on failure")
+    @Test(
+        "adaptive_concurrency folds observations once: the cap grows by a window of fast completions while it binds, and halves on failure")
     func adaptive() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 60_000)
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 60_000)
+                })
             try await stage(conn, "p", 20) { _ in ["acct": "a"] }
             #expect(try await tick(conn, "p").admitted == 2)
             for id in try await admittedIDs(conn) {
@@ -373,22 +414,30 @@ struct GateEnforcementTests {
     func ordering() async throws {
         try await withTestDatabase { conn, _ in
             try await conn.exec("CREATE TABLE public.handed (seq serial PRIMARY KEY, arg text)")
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.hand(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE sql
                 AS $$ INSERT INTO public.handed (arg) VALUES (coalesce(args ->> 'n', args #>> '{}')) $$
                 """)
             try await declare(conn, "p", PolicyConfig(batchSize: 3, target: .sql(function: "public.hand")))
-            try await stage(conn, "p", 5) { _ in [:] } priority: { $0 == 4 ? -1 : nil }
+            try await stage(conn, "p", 5) { _ in
+                [:]
+            } priority: {
+                $0 == 4 ? -1 : nil
+            }
             _ = try await Stager(executor: conn, logger: TestServer.logger)
                 .stage(policy: "p", JobSpec(argsJSON: "\"later\"", priority: -5, notBefore: Date().addingTimeInterval(3600)))
             func handed() async throws -> [String] {
-                try await conn.rows("SELECT arg FROM public.handed ORDER BY seq", logger: TestServer.logger).map { try $0.decode(String.self) }
+                try await conn.rows("SELECT arg FROM public.handed ORDER BY seq", logger: TestServer.logger).map {
+                    try $0.decode(String.self)
+                }
             }
             let result = try await tick(conn, "p")
             #expect(result.admitted == 3)
             #expect(try await handed() == ["4", "0", "1"])
             // Make the scheduled job due: the next tick promotes and admits it first.
-            try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = now() - interval '1 second' WHERE not_before IS NOT NULL")
+            try await conn.exec(
+                "UPDATE dispatch_policy.staged_jobs SET not_before = now() - interval '1 second' WHERE not_before IS NOT NULL")
             #expect(try await tick(conn, "p").admitted == 3)
             #expect(try await handed() == ["4", "0", "1", "later", "2", "3"])
             #expect(try await checkFindings(conn) == [])
@@ -412,7 +461,8 @@ struct GateEnforcementTests {
     func roundRobinFairness() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig(roundRobinBy: "{tenant}", batchSize: 500, roundRobinQuantum: 50))
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i, 'context', '{"tenant": "noisy"}'::jsonb))
                                                         FROM generate_series(1, 100000) i))
                 """)
@@ -450,14 +500,15 @@ struct AdmissionPrimitiveTests {
         try await withTestDatabase { conn, _ in
             let bucket = #"[{"gate": "t", "partition": "x", "rate": 0.5, "per": 1, "burst": 2}]"#
             func refill(_ at: String) async throws -> Double {
-                try await conn.scalar("SELECT tokens FROM dispatch_policy.refill_buckets('p', \(bucket)::jsonb, \(at)::timestamptz)", as: Double.self)
+                try await conn.scalar(
+                    "SELECT tokens FROM dispatch_policy.refill_buckets('p', \(bucket)::jsonb, \(at)::timestamptz)", as: Double.self)
             }
             #expect(try await refill("2030-01-01 00:00:00+00") == 2)  // new bucket: full
             try await conn.exec("UPDATE dispatch_policy.throttle_buckets SET tokens = 0")
             #expect(try await refill("2030-01-01 00:00:01+00") == 0.5)
             #expect(try await refill("2030-01-01 00:00:02+00") == 1.0)
             #expect(try await refill("2030-01-01 00:00:01+00") == 1.0)  // time going back adds nothing
-            #expect(try await refill("2030-01-01 00:01:00+00") == 2)    // capped at burst
+            #expect(try await refill("2030-01-01 00:01:00+00") == 2)  // capped at burst
         }
     }
 
@@ -516,7 +567,9 @@ struct AdmissionPrimitiveTests {
             let stager = Stager(executor: conn, logger: TestServer.logger)
             let id = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "1", dedupeKey: "k")))
             _ = try await tick(conn, "p")
-            #expect(try await conn.scalar("SELECT dispatch_policy.fail(\(id), 'boom', retry_in => interval '1 hour')", as: String.self) == "retrying")
+            #expect(
+                try await conn.scalar("SELECT dispatch_policy.fail(\(id), 'boom', retry_in => interval '1 hour')", as: String.self)
+                    == "retrying")
             // Waiting for its retry, the job still holds its key.
             #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "k")) == nil)
             #expect(try await conn.scalar("SELECT job_id FROM dispatch_policy.dedupe_keys WHERE dedupe_key = 'k'", as: Int64.self) == id)
@@ -543,17 +596,23 @@ struct AdmissionPrimitiveTests {
             // Redeclaring removed the old gate's buckets already; state left by
             // an older version is pruned.
             #expect(try await count(conn, "SELECT count(*) FROM dispatch_policy.throttle_buckets") == 0)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.throttle_buckets (policy, gate, partition, tokens, rate, per_seconds, burst, refilled_at)
                 VALUES ('p', 'old', '0', 1, 1, 1, 1, now()), ('p', 'old', '1', 1, 1, 1, 1, now())
                 """)
-            try await conn.exec("INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight, updated_at) VALUES ('p', 'concurrency', 'idle', 0, now() - interval '2 hours')")
+            try await conn.exec(
+                "INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight, updated_at) VALUES ('p', 'concurrency', 'idle', 0, now() - interval '2 hours')"
+            )
             // Restricted to other policies, it leaves p alone (the history fold,
             // row stat_deltas, is of every policy: it only moves counts).
-            #expect(try await count(conn, """
-                SELECT sum(removed)::int FROM dispatch_policy.prune('7 days', '1 hour', now() + interval '8 days', policies => '{other}')
-                WHERE what <> 'stat_deltas'
-                """) == 0)
+            #expect(
+                try await count(
+                    conn,
+                    """
+                    SELECT sum(removed)::int FROM dispatch_policy.prune('7 days', '1 hour', now() + interval '8 days', policies => '{other}')
+                    WHERE what <> 'stat_deltas'
+                    """) == 0)
             let removed = try await conn.rows(
                 "SELECT what, removed FROM dispatch_policy.prune('7 days', '1 hour', now() + interval '8 days')", logger: TestServer.logger
             ).reduce(into: [String: Int]()) { removed, row in
@@ -582,7 +641,8 @@ struct TemplateParityTests {
                 let text = try await conn.scalar("SELECT \(context)::jsonb::text", as: String.self)
                 let strings = try #require(ContextStrings.parse(text))
                 for template in templates {
-                    let sql = try await conn.scalar("SELECT dispatch_policy._render_template(\(template), \(context)::jsonb)", as: String.self)
+                    let sql = try await conn.scalar(
+                        "SELECT dispatch_policy._render_template(\(template), \(context)::jsonb)", as: String.self)
                     #expect(Template.render(template, context: strings) == sql, "\(template) with \(context)")
                 }
             }
@@ -609,11 +669,14 @@ final class CountingExecutor: SQLExecutor {
 
 /// Advisory locks this session holds, its statement_timeout and its idle_session_timeout.
 private func sessionState(_ conn: PostgresConnection) async throws -> SessionState {
-    let (locks, timeout, idle) = try #require(try await conn.rows(
-        """
-        SELECT (SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
-               current_setting('statement_timeout'), current_setting('idle_session_timeout')
-        """, logger: TestServer.logger).first).decode((Int, String, String).self)
+    let (locks, timeout, idle) = try #require(
+        try await conn.rows(
+            """
+            SELECT (SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
+                   current_setting('statement_timeout'), current_setting('idle_session_timeout')
+            """, logger: TestServer.logger
+        ).first
+    ).decode((Int, String, String).self)
     return SessionState(locks: locks, timeout: timeout, idle: idle)
 }
 
@@ -628,10 +691,12 @@ struct TickCallTests {
     @Test("a tick that admits is three statements and one with nothing to do is one; no lock or setting outlives it")
     func roundTrips() async throws {
         try await withTestDatabase { conn, _ in
-            try await declare(conn, "p", PolicyConfig {
-                Gate.throttle(rate: 100, per: 1, partitionBy: "{acct}")
-                Gate.concurrency(max: 3, partitionBy: "{acct}")
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig {
+                    Gate.throttle(rate: 100, per: 1, partitionBy: "{acct}")
+                    Gate.concurrency(max: 3, partitionBy: "{acct}")
+                })
             try await stage(conn, "p", 10) { ["acct": $0 % 2 == 0 ? "a" : "b"] }
             let before = try await sessionState(conn)
             let counting = CountingExecutor(conn)
@@ -657,19 +722,24 @@ struct TickCallTests {
     @Test("a tick that fails gives its lock and statement_timeout back, keeps its observations, and admits nothing")
     func failedTick() async throws {
         try await withTestDatabase { conn, settings in
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE TABLE public.target_down (down boolean NOT NULL);
                 """)
             try await conn.exec("INSERT INTO public.target_down VALUES (true)")
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.hand(id bigint, queue text, args jsonb, context jsonb) RETURNS void LANGUAGE plpgsql AS $$
                 BEGIN IF (SELECT down FROM public.target_down) THEN RAISE EXCEPTION 'target down'; END IF; END $$
                 """)
-            try await declare(conn, "p", PolicyConfig(target: .sql(function: "public.hand")) {
-                Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 60_000)
-            })
+            try await declare(
+                conn, "p",
+                PolicyConfig(target: .sql(function: "public.hand")) {
+                    Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 60_000)
+                })
             try await stage(conn, "p", 3) { _ in ["acct": "a"] }
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 INSERT INTO dispatch_policy.observations (policy, gate, partition, job_id, lag_ms, success)
                 SELECT 'p', 'adaptive_concurrency', 'a', 0, 5, true FROM generate_series(1, 4)
                 """)
@@ -695,7 +765,8 @@ struct TickCallTests {
         }
     }
 
-    @Test("tick_finish without tick_begin in the session, or a second tick_begin, is 55000 and changes nothing; tick_abort is safe to repeat")
+    @Test(
+        "tick_finish without tick_begin in the session, or a second tick_begin, is 55000 and changes nothing; tick_abort is safe to repeat")
     func misuse() async throws {
         try await withTestDatabase { conn, settings in
             try await declare(conn, "p", PolicyConfig())
@@ -751,11 +822,13 @@ struct TickCallTests {
             try await stage(conn, "p", 6) { _ in ["acct": "a"] }
             // A commit that takes 5 s a row, in the sessions that ask for it
             // (room for the second tick on a loaded machine).
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE FUNCTION public.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$
                 """)
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON dispatch_policy.admitted_jobs
                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
                 WHEN (current_setting('test.slow_commit', true) = 'on') EXECUTE FUNCTION public.slow_commit()
@@ -763,12 +836,14 @@ struct TickCallTests {
             try await TestServer.withConnection(settings) { slow async throws in
                 try await slow.exec("SET test.slow_commit = on")
                 let first = Task { try await Ticker(connection: slow, logger: TestServer.logger).tick(policy: "p", reap: false) }
-                #expect(try await waitUntil(20) {
-                    try await conn.scalar("""
-                        SELECT count(*)::int FROM pg_stat_activity
-                        WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE '%tick_finish(%'
-                        """, as: Int.self) == 1
-                }, "the first tick never reached its slow commit")
+                #expect(
+                    try await waitUntil(20) {
+                        try await conn.scalar(
+                            """
+                            SELECT count(*)::int FROM pg_stat_activity
+                            WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE '%tick_finish(%'
+                            """, as: Int.self) == 1
+                    }, "the first tick never reached its slow commit")
                 let second = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p", reap: false)
                 #expect(second.outcome == .busy)
                 #expect(try await first.value.admitted == 2)
@@ -794,12 +869,15 @@ struct TickCallTests {
             let frozen = try await settings.connect(logger: TestServer.logger)
             defer { _ = Task { _ = try? await untilDeadline(.now + .seconds(2)) { try await frozen.close() } } }
             let pid = try await frozen.scalar("SELECT pg_backend_pid()", as: Int32.self)
-            #expect(try await frozen.scalar("SELECT count(*)::int FROM dispatch_policy.tick_begin('p', 10, NULL, 100, 5000) WHERE kind = 'job'") == 1)
+            #expect(
+                try await frozen.scalar("SELECT count(*)::int FROM dispatch_policy.tick_begin('p', 10, NULL, 100, 5000) WHERE kind = 'job'")
+                    == 1)
             #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p", reap: false).outcome == .busy)
             // Idle for more than the tick's 5 s: the server ends the session.
-            #expect(try await waitUntil(20) {
-                try await conn.scalar("SELECT count(*)::int FROM pg_stat_activity WHERE pid = \(pid)", as: Int.self) == 0
-            }, "the frozen session was not ended")
+            #expect(
+                try await waitUntil(20) {
+                    try await conn.scalar("SELECT count(*)::int FROM pg_stat_activity WHERE pid = \(pid)", as: Int.self) == 0
+                }, "the frozen session was not ended")
             #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p", reap: false).admitted == 1)
             // A tick that ends restores the setting.
             #expect(try await sessionState(conn) == before)
@@ -811,8 +889,10 @@ struct TickCallTests {
         try await withTestDatabase { conn, settings in
             try await declare(conn, "p", PolicyConfig())
             try await stage(conn, "p", 2)
-            let ids = try await conn.rows("SELECT id FROM dispatch_policy.tick_begin('p', 10, NULL) WHERE kind = 'job'", logger: TestServer.logger)
-                .map { try $0.decode(Int64.self) }
+            let ids = try await conn.rows(
+                "SELECT id FROM dispatch_policy.tick_begin('p', 10, NULL) WHERE kind = 'job'", logger: TestServer.logger
+            )
+            .map { try $0.decode(Int64.self) }
             #expect(ids.count == 2)
             let paused = Mutex(false)
             let pausing = Task {
@@ -823,7 +903,8 @@ struct TickCallTests {
             }
             try await Task.sleep(for: .milliseconds(500))
             #expect(!paused.withLock { $0 }, "pause returned while a tick was admitting")
-            let admitted = try await conn.scalar("""
+            let admitted = try await conn.scalar(
+                """
                 SELECT dispatch_policy.tick_finish('p', now(), \(ids)::bigint[], '{}', '{}', '{}', '{}', '{}')
                 """, as: Int.self)
             #expect(admitted == 2)

@@ -40,7 +40,8 @@ struct WakeTests {
         try await TestServer.withConnection(settings) { conn async throws in
             // Not early: admitted at or after its not_before.
             let early = try await conn.scalar(
-                "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE admitted_at < created_at + interval '1.5 seconds'", as: Int.self)
+                "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE admitted_at < created_at + interval '1.5 seconds'",
+                as: Int.self)
             #expect(early == 0)
         }
         await services.shutDown()

@@ -4,17 +4,20 @@ import PostgresNIO
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 @Suite("dispatch-policy work: a command per job", .timeLimit(.minutes(3)))
 struct WorkCommandTests {
-    @Test("runs the command once per job with its args on stdin and its identity in the environment; exit 0 completes, another status fails with stderr's tail; SIGTERM drains")
+    @Test(
+        "runs the command once per job with its args on stdin and its identity in the environment; exit 0 completes, another status fails with stderr's tail; SIGTERM drains"
+    )
     func runsJobs() async throws {
         try await withTestDatabase { conn, settings in
             try await conn.exec(#"SELECT dispatch_policy.declare_policy('jobs', '{"max_attempts": 1}')"#)
             for n in 1...4 {
-                try await conn.exec(PostgresQuery(unsafeSQL: #"SELECT dispatch_policy.stage('jobs', '{"n": \#(n)}', '{"tenant": "t\#(n)"}')"#))
+                try await conn.exec(
+                    PostgresQuery(unsafeSQL: #"SELECT dispatch_policy.stage('jobs', '{"n": \#(n)}', '{"tenant": "t\#(n)"}')"#))
             }
             try await conn.exec(#"SELECT dispatch_policy.stage('jobs', '{"fail": true}')"#)
             // Runs for a while: SIGTERM comes while it runs, and the worker waits for it.
@@ -35,7 +38,8 @@ struct WorkCommandTests {
             var env = ProcessInfo.processInfo.environment
             env["DATABASE_URL"] = databaseURL(settings)
             env["OUT"] = out
-            let worker = try await spawnChild(cliPath, ["work", "--policy", "jobs", "--concurrency", "3", "--", "/bin/sh", "-c", script], environment: env)
+            let worker = try await spawnChild(
+                cliPath, ["work", "--policy", "jobs", "--concurrency", "3", "--", "/bin/sh", "-c", script], environment: env)
             let started = try await waitUntil(60) { FileManager.default.fileExists(atPath: out + "/slow-started") }
             #expect(started, "the slow job did not start: \(worker.output().stderr)")
             // Everything but the slow job is done, then SIGTERM: the slow job still ends completed.
@@ -48,14 +52,16 @@ struct WorkCommandTests {
             #expect(FileManager.default.fileExists(atPath: out + "/slow-finished"), "the worker did not wait for the running command")
 
             let rows = try await conn.rows(
-                "SELECT id, status, args::text, coalesce(last_error, '') FROM dispatch_policy.finished_jobs ORDER BY id", logger: TestServer.logger)
+                "SELECT id, status, args::text, coalesce(last_error, '') FROM dispatch_policy.finished_jobs ORDER BY id",
+                logger: TestServer.logger)
             var statuses: [String: String] = [:]
             for row in rows {
                 let (id, status, args, error) = try row.decode((Int64, String, String, String).self)
                 statuses[args] = status
                 let seen = try String(contentsOfFile: "\(out)/\(id)", encoding: .utf8).split(separator: "|").map(String.init)
                 #expect(seen.count == 5)
-                #expect(try JSONSerialization.jsonObject(with: Data(seen[0].utf8)) as? NSDictionary
+                #expect(
+                    try JSONSerialization.jsonObject(with: Data(seen[0].utf8)) as? NSDictionary
                         == JSONSerialization.jsonObject(with: Data(args.utf8)) as? NSDictionary, "args on stdin")
                 #expect(seen[1] == "jobs" && seen[2] == "default" && seen[3] == "1")
                 if args.contains("fail") {
@@ -78,14 +84,16 @@ struct WorkCommandTests {
             try await conn.exec(#"SELECT dispatch_policy.declare_policy('quiet', '{}')"#)
             let big = String(repeating: "x", count: 1_000_000)
             for _ in 1...6 {
-                try await conn.exec(PostgresQuery(unsafeSQL: #"SELECT dispatch_policy.stage('quiet', jsonb_build_object('blob', '\#(big)'))"#))
+                try await conn.exec(
+                    PostgresQuery(unsafeSQL: #"SELECT dispatch_policy.stage('quiet', jsonb_build_object('blob', '\#(big)'))"#))
             }
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "quiet")
             var env = ProcessInfo.processInfo.environment
             env["DATABASE_URL"] = databaseURL(settings)
             let worker = try await spawnChild(cliPath, ["work", "--policy", "quiet", "--concurrency", "6", "--", "true"], environment: env)
             let done = try await waitUntil(60) {
-                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 6
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self)
+                    == 6
             }
             #expect(done, "\(worker.output().stderr.suffix(2000))")
             kill(worker.pid, SIGTERM)
@@ -105,9 +113,11 @@ struct WorkCommandTests {
             // The shell's own descriptors, while the worker holds its sessions,
             // onto the worker's standard output (a redirection would add the
             // shell's saved copy of it).
-            let worker = try await spawnChild(cliPath, ["work", "--policy", "fds", "--", "/bin/sh", "-c", "ls /proc/$$/fd; true"], environment: env)
+            let worker = try await spawnChild(
+                cliPath, ["work", "--policy", "fds", "--", "/bin/sh", "-c", "ls /proc/$$/fd; true"], environment: env)
             let done = try await waitUntil(60) {
-                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 1
+                try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self)
+                    == 1
             }
             #expect(done, "\(worker.output().stderr.suffix(2000))")
             let workerFDs = openDescriptors(String(worker.pid))
@@ -122,9 +132,11 @@ struct WorkCommandTests {
     @Test("usage: at least one --policy, a command after --, a bounded concurrency (exit 64)")
     func usage() async throws {
         let settings = try await TestServer.shared.freshDatabase()
-        for arguments in [["work", "--", "true"], ["work", "--policy", "p"], ["work", "--policy", "p", "--concurrency", "0", "--", "true"],
-                          // A typo would turn every job dead: refused at the start.
-                          ["work", "--policy", "p", "--", "/nonexistent/cmd"], ["work", "--policy", "p", "--", "no-such-command-here"]] {
+        for arguments in [
+            ["work", "--", "true"], ["work", "--policy", "p"], ["work", "--policy", "p", "--concurrency", "0", "--", "true"],
+            // A typo would turn every job dead: refused at the start.
+            ["work", "--policy", "p", "--", "/nonexistent/cmd"], ["work", "--policy", "p", "--", "no-such-command-here"],
+        ] {
             let result = try await cli(arguments, settings: settings)
             #expect(result.status == 64, "\(arguments): \(result.stderr)")
         }

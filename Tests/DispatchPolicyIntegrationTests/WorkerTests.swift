@@ -67,7 +67,8 @@ struct WorkerTests {
                 Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 2, targetLagMs: 5_000)
             }
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "send_webhook", config: try config.json())
-            try await conn.exec("""
+            try await conn.exec(
+                """
                 SELECT dispatch_policy.stage_many('send_webhook', (
                   SELECT jsonb_agg(jsonb_build_object('args', jsonb_build_object('n', i), 'context', jsonb_build_object('acct', 'a' || (i % 4)),
                                                       'dedupe_key', 'event:' || i))
@@ -90,14 +91,17 @@ struct WorkerTests {
         #expect(await ledger.runs.count == jobs)
         #expect(await ledger.total == jobs)
         try await TestServer.withConnection(settings) { conn async throws in
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self) == jobs)
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'completed' AND attempts = 1", as: Int.self) == jobs)
             #expect(try await conn.scalar("SELECT coalesce(sum(in_flight), 0) FROM dispatch_policy.inflight_counters", as: Int.self) == 0)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.dedupe_keys", as: Int.self) == 0)
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs", as: Int.self) == 0)
             // One observation per completion: folded into the stats, or waiting for the next tick.
-            #expect(try await conn.scalar(
-                "SELECT (SELECT coalesce(sum(observations), 0) FROM dispatch_policy.adaptive_stats)::int + (SELECT count(*) FROM dispatch_policy.observations)::int",
-                as: Int.self) == jobs)
+            #expect(
+                try await conn.scalar(
+                    "SELECT (SELECT coalesce(sum(observations), 0) FROM dispatch_policy.adaptive_stats)::int + (SELECT count(*) FROM dispatch_policy.observations)::int",
+                    as: Int.self) == jobs)
         }
     }
 
@@ -111,7 +115,10 @@ struct WorkerTests {
                 .declare(name: "flaky", config: try PolicyConfig(maxAttempts: 3) { Gate.concurrency(max: 1) }.json())
             try await conn.exec(#"SELECT dispatch_policy.stage_many('flaky', '[{"args": 1}, {"args": 2}]')"#)
         }
-        struct Boom: Error, CustomStringConvertible { var attempt: Int; var description: String { "boom on attempt \(attempt)" } }
+        struct Boom: Error, CustomStringConvertible {
+            var attempt: Int
+            var description: String { "boom on attempt \(attempt)" }
+        }
         let ledger = Ledger()
         var options = WorkerOptions()
         options.retryIn = .zero
@@ -124,8 +131,11 @@ struct WorkerTests {
         #expect(try await runServices(settings, worker: worker) { try await finishedCount(settings) == 2 })
         #expect(await ledger.total == 6)
         try await TestServer.withConnection(settings) { conn async throws in
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'dead' AND attempts = 3", as: Int.self) == 2)
-            #expect(try await conn.scalar("SELECT min(last_error) FROM dispatch_policy.finished_jobs", as: String.self) == "boom on attempt 3")
+            #expect(
+                try await conn.scalar(
+                    "SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'dead' AND attempts = 3", as: Int.self) == 2)
+            #expect(
+                try await conn.scalar("SELECT min(last_error) FROM dispatch_policy.finished_jobs", as: String.self) == "boom on attempt 3")
             let errors = try await conn.rows(
                 "SELECT error FROM dispatch_policy.job_failures WHERE job_id = (SELECT min(id) FROM dispatch_policy.finished_jobs) ORDER BY attempt",
                 logger: TestServer.logger
@@ -154,7 +164,9 @@ struct WorkerTests {
         worker.register("slow") { _ in try await Task.sleep(for: .milliseconds(4500)) }
         #expect(try await runServices(settings, worker: worker) { try await finishedCount(settings) == 1 })
         try await TestServer.withConnection(settings) { conn async throws in
-            #expect(try await conn.scalar("SELECT status || '/' || attempts FROM dispatch_policy.finished_jobs", as: String.self) == "completed/1")
+            #expect(
+                try await conn.scalar("SELECT status || '/' || attempts FROM dispatch_policy.finished_jobs", as: String.self)
+                    == "completed/1")
             #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.job_failures", as: Int.self) == 0)
         }
     }
@@ -180,8 +192,10 @@ struct WorkerTests {
         _ = try await runServices(settings, worker: worker) { await started.total >= 1 }
         #expect(await started.total == 1)
         try await TestServer.withConnection(settings) { conn async throws in
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 1)
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self) == 0)
+            #expect(
+                try await conn.scalar("SELECT count(*) FROM dispatch_policy.finished_jobs WHERE status = 'completed'", as: Int.self) == 1)
+            #expect(
+                try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE started_at IS NOT NULL", as: Int.self) == 0)
         }
     }
 
@@ -194,7 +208,8 @@ struct WorkerTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
-            try await conn.exec("SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 4) i))")
+            try await conn.exec(
+                "SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 4) i))")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
         }
         let started = Ledger()
@@ -232,9 +247,10 @@ struct WorkerTests {
                 try await conn.exec("UPDATE dispatch_policy.staged_jobs SET attempt = \(attempt), not_before = NULL WHERE id = \(id)")
                 #expect(try await ticker.tick(policy: "p").admitted == 1)
                 let at = "2030-01-01 00:00:00+00"
-                #expect(try await conn.scalar(
-                    "SELECT dispatch_policy.fail(\(id), 'boom', \(retryIn)::interval, now => \(at)::timestamptz, attempt => \(attempt)::integer)",
-                    as: String.self) == "retrying")
+                #expect(
+                    try await conn.scalar(
+                        "SELECT dispatch_policy.fail(\(id), 'boom', \(retryIn)::interval, now => \(at)::timestamptz, attempt => \(attempt)::integer)",
+                        as: String.self) == "retrying")
                 return try await conn.scalar(
                     "SELECT (not_before - \(at)::timestamptz)::text FROM dispatch_policy.staged_jobs WHERE id = \(id) AND attempt = \(attempt + 1)",
                     as: String.self)
@@ -260,11 +276,15 @@ struct WorkerTests {
             // the new expiry is exactly that now plus the 60 s lease, returned and stored.
             try await conn.exec("BEGIN")
             let returned = try await conn.scalar(
-                "SELECT (dispatch_policy.heartbeat(\(id), now => now() + interval '10 minutes', attempt => 1) - now())::text", as: String.self)
+                "SELECT (dispatch_policy.heartbeat(\(id), now => now() + interval '10 minutes', attempt => 1) - now())::text",
+                as: String.self)
             #expect(returned == "00:11:00")
-            let (stored, beat) = try #require(try await conn.rows(
-                "SELECT (lease_expires_at - now())::text, (heartbeat_at - now())::text FROM dispatch_policy.admitted_jobs WHERE id = \(id)",
-                logger: TestServer.logger).first).decode((String, String).self)
+            let (stored, beat) = try #require(
+                try await conn.rows(
+                    "SELECT (lease_expires_at - now())::text, (heartbeat_at - now())::text FROM dispatch_policy.admitted_jobs WHERE id = \(id)",
+                    logger: TestServer.logger
+                ).first
+            ).decode((String, String).self)
             #expect(stored == "00:11:00" && beat == "00:10:00")
             try await conn.exec("COMMIT")
             _ = try await conn.rows("SELECT dispatch_policy.complete(\(id))", logger: TestServer.logger)

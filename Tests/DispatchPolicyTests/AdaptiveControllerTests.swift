@@ -148,9 +148,11 @@ struct AdaptiveControllerTests {
         let result = simulation.run(seconds: 60)
         let settled = result.caps.filter { $0.ms >= 30_000 }.map(\.cap).sorted()
         let median = Double(settled[settled.count / 2])
-        let low = Double(settled.first ?? 0), high = Double(settled.last ?? 0)
-        #expect(low >= median * 0.8 && high <= median * 1.2,
-                "caps after 30 s ranged \(low)–\(high) around \(median)")
+        let low = Double(settled.first ?? 0)
+        let high = Double(settled.last ?? 0)
+        #expect(
+            low >= median * 0.8 && high <= median * 1.2,
+            "caps after 30 s ranged \(low)–\(high) around \(median)")
         #expect(median >= 12, "a settled cap of \(median) cannot keep 10 workers busy between ticks")
         #expect(result.utilization >= 0.9, "the pool completed \(result.completions) of \(Int(result.capacity)) possible")
     }

@@ -137,8 +137,9 @@ struct AdminUnitTests {
         let now = Date(timeIntervalSince1970: 1_800_000_030)
         let thisMinute = Date(timeIntervalSince1970: 1_800_000_000)
         func sample(_ minutesAgo: Int, staged: Int64, admitted: Int64) -> AdminStore.MinuteSample {
-            AdminStore.MinuteSample(minute: thisMinute.addingTimeInterval(Double(-60 * minutesAgo)), staged: staged, admitted: admitted,
-                                    refused: 0, completed: admitted, failed: 1, avgLagMs: nil, p95LagMs: nil)
+            AdminStore.MinuteSample(
+                minute: thisMinute.addingTimeInterval(Double(-60 * minutesAgo)), staged: staged, admitted: admitted,
+                refused: 0, completed: admitted, failed: 1, avgLagMs: nil, p95LagMs: nil)
         }
         // The current minute admitted more (not over: ignored); 3 growing minutes, then one that kept up.
         var samples = [sample(0, staged: 0, admitted: 50)]

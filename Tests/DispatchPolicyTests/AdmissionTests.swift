@@ -19,18 +19,23 @@ func evaluate(_ config: PolicyConfig, _ batch: [BatchRow], state: GateState = Ga
 
 @Suite("Templates")
 struct TemplateTests {
-    @Test("placeholders are replaced from the context; missing keys render empty", arguments: [
-        ("{account_id}", ["account_id": "42"], "42"),
-        ("acct:{account_id}", ["account_id": "42"], "acct:42"),
-        ("{queue_name}:{account_id}", ["queue_name": "urgent", "account_id": "7"], "urgent:7"),
-        ("{missing}", [:], ""),
-        ("shared", ["a": "1"], "shared"),
-        ("a{x}b{y}c", ["x": "1", "y": "two"], "a1btwoc"),
-        // A combining mark right after a brace is text of its own: rendering
-        // works on bytes, not on grapheme clusters.
-        ("{x}\u{301}", ["x": "e"], "e\u{301}"),
-        ("\u{301}{x}:{y}", ["x": "\u{1F3F3}\u{FE0F}\u{200D}\u{1F308}", "y": "caf\u{E9}"], "\u{301}\u{1F3F3}\u{FE0F}\u{200D}\u{1F308}:caf\u{E9}"),
-    ] as [(String, [String: String], String)])
+    @Test(
+        "placeholders are replaced from the context; missing keys render empty",
+        arguments: [
+            ("{account_id}", ["account_id": "42"], "42"),
+            ("acct:{account_id}", ["account_id": "42"], "acct:42"),
+            ("{queue_name}:{account_id}", ["queue_name": "urgent", "account_id": "7"], "urgent:7"),
+            ("{missing}", [:], ""),
+            ("shared", ["a": "1"], "shared"),
+            ("a{x}b{y}c", ["x": "1", "y": "two"], "a1btwoc"),
+            // A combining mark right after a brace is text of its own: rendering
+            // works on bytes, not on grapheme clusters.
+            ("{x}\u{301}", ["x": "e"], "e\u{301}"),
+            (
+                "\u{301}{x}:{y}", ["x": "\u{1F3F3}\u{FE0F}\u{200D}\u{1F308}", "y": "caf\u{E9}"],
+                "\u{301}\u{1F3F3}\u{FE0F}\u{200D}\u{1F308}:caf\u{E9}"
+            ),
+        ] as [(String, [String: String], String)])
     func renders(_ template: String, _ context: [String: String], _ expected: String) {
         #expect(Array(Template.render(template, context: context).utf8) == Array(expected.utf8))
     }
@@ -70,9 +75,11 @@ struct GateValueTests {
         #expect(value.value(in: ["rate_limit": "fast"], within: limit) == 60)
     }
 
-    @Test("a context value outside the field's bounds falls back to the default", arguments: [
-        "1e308", "1000001", "-1", "NaN", "nan", "inf", "Infinity", "0x10", "1e", ".5", "1.", "--1", "1e400", "",
-    ])
+    @Test(
+        "a context value outside the field's bounds falls back to the default",
+        arguments: [
+            "1e308", "1000001", "-1", "NaN", "nan", "inf", "Infinity", "0x10", "1e", ".5", "1.", "--1", "1e400", "",
+        ])
     func outOfBounds(_ text: String) {
         let rate = GateValue.context("r", default: 60)
         #expect(rate.value(in: ["r": text], within: FieldLimits.throttleRate) == 60)
@@ -136,10 +143,13 @@ struct GateValueTests {
 struct PolicyConfigTests {
     @Test("the DSL encodes to the same config as the JSON of DESIGN.md")
     func dslMatchesJSON() throws {
-        let dsl = PolicyConfig(roundRobinBy: "{account_id}", batchSize: 500, roundRobinQuantum: 50, leaseSeconds: 900,
-                               maxAttempts: 25, target: .readyQueue) {
-            Gate.throttle(name: "per_endpoint", rate: .context("rate_limit", default: 60), per: 60, burst: 100,
-                          partitionBy: "{endpoint_id}")
+        let dsl = PolicyConfig(
+            roundRobinBy: "{account_id}", batchSize: 500, roundRobinQuantum: 50, leaseSeconds: 900,
+            maxAttempts: 25, target: .readyQueue
+        ) {
+            Gate.throttle(
+                name: "per_endpoint", rate: .context("rate_limit", default: 60), per: 60, burst: 100,
+                partitionBy: "{endpoint_id}")
             Gate.concurrency(max: 5, partitionBy: "acct:{account_id}")
             Gate.globalCap(max: 200)
             Gate.fairInterleave()
@@ -181,15 +191,17 @@ struct GateEvaluationTests {
         #expect(decision.takes == [GateKey(gate: "throttle", partition: "a"): 3])
         #expect(decision.refusedByGate == ["throttle": 2])
         // Fractional tokens do not admit.
-        let partial = evaluate(config, rows([(1, ["ep": "a"])]),
-                               state: GateState(tokens: [GateKey(gate: "throttle", partition: "a"): 0.99]))
+        let partial = evaluate(
+            config, rows([(1, ["ep": "a"])]),
+            state: GateState(tokens: [GateKey(gate: "throttle", partition: "a"): 0.99]))
         #expect(partial.admitted.isEmpty)
     }
 
     @Test("a throttle that refuses for want of a token says when the next whole one comes; rate 0 never")
     func tokenWaits() {
         let config = PolicyConfig { Gate.throttle(rate: 10, per: 2, burst: 3, partitionBy: "{ep}") }
-        let a = GateKey(gate: "throttle", partition: "a"), b = GateKey(gate: "throttle", partition: "b")
+        let a = GateKey(gate: "throttle", partition: "a")
+        let b = GateKey(gate: "throttle", partition: "b")
         // 0.25 tokens at 5 per second: 0.15 s to the next whole one. b admits and refuses nothing.
         let decision = evaluate(config, rows([(1, ["ep": "a"]), (2, ["ep": "b"])]), state: GateState(tokens: [a: 0.25, b: 3]))
         #expect(decision.admitted.map(\.id) == [2])
@@ -215,9 +227,11 @@ struct GateEvaluationTests {
             Gate.throttle(rate: 100, per: 1, burst: 100, partitionBy: "{ep}")
             Gate.concurrency(max: 1, partitionBy: "{acct}")
         }
-        let decision = evaluate(config, rows([
-            (1, ["acct": "a", "ep": "x"]), (2, ["acct": "a", "ep": "x"]), (3, ["acct": "b", "ep": "x"]),
-        ]))
+        let decision = evaluate(
+            config,
+            rows([
+                (1, ["acct": "a", "ep": "x"]), (2, ["acct": "a", "ep": "x"]), (3, ["acct": "b", "ep": "x"]),
+            ]))
         #expect(decision.admitted.map(\.id) == [1, 3])
         #expect(decision.takes == [GateKey(gate: "throttle", partition: "x"): 2])
         #expect(decision.refusedByGate == ["concurrency": 1])
@@ -229,10 +243,12 @@ struct GateEvaluationTests {
     func concurrency() {
         let config = PolicyConfig { Gate.concurrency(max: .context("max", default: 2), partitionBy: "{acct}") }
         let state = GateState(inFlight: [GateKey(gate: "concurrency", partition: "a"): 1])
-        let decision = evaluate(config, rows([
-            (1, ["acct": "a"]), (2, ["acct": "a"]), (3, ["acct": "b", "max": "3"]), (4, ["acct": "b", "max": "3"]),
-            (5, ["acct": "b", "max": "3"]), (6, ["acct": "b", "max": "3"]),
-        ]), state: state)
+        let decision = evaluate(
+            config,
+            rows([
+                (1, ["acct": "a"]), (2, ["acct": "a"]), (3, ["acct": "b", "max": "3"]), (4, ["acct": "b", "max": "3"]),
+                (5, ["acct": "b", "max": "3"]), (6, ["acct": "b", "max": "3"]),
+            ]), state: state)
         #expect(decision.admitted.map(\.id) == [1, 3, 4, 5])
     }
 
@@ -242,8 +258,9 @@ struct GateEvaluationTests {
             Gate.concurrency(max: 10, partitionBy: "{acct}")
             Gate.globalCap(max: 3)
         }
-        let decision = evaluate(config, rows([(1, ["acct": "a"]), (2, ["acct": "b"]), (3, ["acct": "c"]), (4, ["acct": "d"])]),
-                                state: GateState(inFlight: [GateKey(gate: "global_cap", partition: "default"): 1]))
+        let decision = evaluate(
+            config, rows([(1, ["acct": "a"]), (2, ["acct": "b"]), (3, ["acct": "c"]), (4, ["acct": "d"])]),
+            state: GateState(inFlight: [GateKey(gate: "global_cap", partition: "default"): 1]))
         #expect(decision.admitted.map(\.id) == [1, 2])
         #expect(decision.admitted[0].slots == ["concurrency": "a", "global_cap": "default"])
     }
@@ -265,8 +282,9 @@ struct GateEvaluationTests {
         let config = PolicyConfig { Gate.adaptiveConcurrency(partitionBy: "{acct}", initialMax: 3, targetLagMs: 100) }
         let a = GateKey(gate: "adaptive_concurrency", partition: "a")
         // Busy partition: the cap (1) holds.
-        let busy = evaluate(config, rows([(1, ["acct": "a"]), (2, ["acct": "a"])]),
-                            state: GateState(inFlight: [a: 1], adaptiveCap: [a: 2]))
+        let busy = evaluate(
+            config, rows([(1, ["acct": "a"]), (2, ["acct": "a"])]),
+            state: GateState(inFlight: [a: 1], adaptiveCap: [a: 2]))
         #expect(busy.admitted.map(\.id) == [1])
         // Idle partition whose cap fell to 1: up to initial_max (3) this tick.
         let idle = evaluate(config, rows((1...5).map { ($0, ["acct": "a"]) }), state: GateState(adaptiveCap: [a: 1]))
@@ -299,7 +317,6 @@ struct GateEvaluationTests {
     }
 }
 
-
 /// Which lanes a tick blocks, and until what: pure, from the decision alone.
 @Suite("Lane blocks")
 struct LaneBlockTests {
@@ -320,23 +337,30 @@ struct LaneBlockTests {
     @Test("a throttle of rate 0 blocks its lane until the config changes; a full counter until a release")
     func releaseBlocks() {
         let zero = PolicyConfig { Gate.throttle(rate: 0, per: 1, burst: 1, partitionBy: "{t}") }
-        #expect(evaluate(zero, lane("a", 1, 1...2, ["t": "a"])).laneBlocks
-            == [LaneBlock(lane: "a", seconds: .infinity, releasedBy: GateKey(gate: "throttle", partition: "a"))])
+        #expect(
+            evaluate(zero, lane("a", 1, 1...2, ["t": "a"])).laneBlocks
+                == [LaneBlock(lane: "a", seconds: .infinity, releasedBy: GateKey(gate: "throttle", partition: "a"))])
         let cap = PolicyConfig { Gate.concurrency(max: 2, partitionBy: "{t}") }
         let state = GateState(inFlight: [GateKey(gate: "concurrency", partition: "a"): 1])
         let decision = evaluate(cap, lane(nil, 1, 1...3, ["t": "a"]), state: state)
         #expect(decision.admitted.count == 1)
         // The keyless lane; the counter as the decision left it (1 + 1).
-        #expect(decision.laneBlocks == [LaneBlock(lane: nil, seconds: .infinity,
-                                                  releasedBy: GateKey(gate: "concurrency", partition: "a"), inFlight: 2)])
+        #expect(
+            decision.laneBlocks == [
+                LaneBlock(
+                    lane: nil, seconds: .infinity,
+                    releasedBy: GateKey(gate: "concurrency", partition: "a"), inFlight: 2)
+            ])
     }
 
     @Test("a lane of mixed partitions blocks only when none of it got through, for at most a second")
     func mixedLanes() {
         let config = PolicyConfig(roundRobinBy: "{tenant}") { Gate.throttle(rate: 1, per: 10, burst: 1, partitionBy: "{ep}") }
-        let mixed = [BatchRow(id: 1, roundRobinKey: "t", context: ["tenant": "t", "ep": "x"], lane: 1),
-                     BatchRow(id: 2, roundRobinKey: "t", context: ["tenant": "t", "ep": "x"], lane: 1),
-                     BatchRow(id: 3, roundRobinKey: "t", context: ["tenant": "t", "ep": "y"], lane: 1)]
+        let mixed = [
+            BatchRow(id: 1, roundRobinKey: "t", context: ["tenant": "t", "ep": "x"], lane: 1),
+            BatchRow(id: 2, roundRobinKey: "t", context: ["tenant": "t", "ep": "x"], lane: 1),
+            BatchRow(id: 3, roundRobinKey: "t", context: ["tenant": "t", "ep": "y"], lane: 1),
+        ]
         // Job 2 found x empty, but the lane's next job may be for a free endpoint.
         #expect(evaluate(config, mixed).laneBlocks == [])
         // None through: until the earliest token (y's, in half a second), a second at most.
@@ -349,7 +373,10 @@ struct LaneBlockTests {
 
     @Test("refusals by the global cap block no lane: a full cap stops the whole fetch instead")
     func globalCapBlocksNoLane() {
-        let config = PolicyConfig { Gate.concurrency(max: 10, partitionBy: "{t}"); Gate.globalCap(max: 1) }
+        let config = PolicyConfig {
+            Gate.concurrency(max: 10, partitionBy: "{t}")
+            Gate.globalCap(max: 1)
+        }
         let decision = evaluate(config, lane("a", 1, 1...2, ["t": "a"]) + lane("b", 2, 3...4, ["t": "b"]))
         #expect(decision.admitted.map(\.id) == [1])
         #expect(decision.laneBlocks == [])

@@ -1,8 +1,8 @@
 import DispatchPolicy
+import NIOSSL
+import PostgresNIO
 import Synchronization
 import Testing
-import PostgresNIO
-import NIOSSL
 
 /// In-memory files for connection settings: path → (text, mode).
 private func files(_ entries: [String: (String, Int)], home: String? = "/home/u") -> FileAccess {
@@ -52,10 +52,13 @@ struct ConnInfoTests {
             dbname=svc-db
             sslmode=require
             """
-        let env = ["PGSERVICEFILE": "/etc/svc.conf", "PGHOST": "env-host", "PGDATABASE": "env-db", "PGUSER": "env-user",
-                   "PGAPPNAME": "env-app", "PGCONNECT_TIMEOUT": "1", "PGSSLROOTCERT": "/ca.pem"]
-        let s = try ConnectionSettings(conninfo: "service=jobs dbname=given", environment: env,
-                                       files: files(["/etc/svc.conf": (service, 0o644)]))
+        let env = [
+            "PGSERVICEFILE": "/etc/svc.conf", "PGHOST": "env-host", "PGDATABASE": "env-db", "PGUSER": "env-user",
+            "PGAPPNAME": "env-app", "PGCONNECT_TIMEOUT": "1", "PGSSLROOTCERT": "/ca.pem",
+        ]
+        let s = try ConnectionSettings(
+            conninfo: "service=jobs dbname=given", environment: env,
+            files: files(["/etc/svc.conf": (service, 0o644)]))
         #expect(s.hosts == [.tcp(host: "svc-host", port: 6000)])
         #expect(s.database == "given", "the string wins over the service")
         #expect(s.username == "env-user", "the service leaves it out: PGUSER")
@@ -81,22 +84,27 @@ struct ConnInfoTests {
             *:*:*:app:fallback
             localhost:5432:*:sock:via-socket
             """#
-        let s = try ConnectionSettings(conninfo: "postgres://app@db.example:6543/jobs", environment: [:],
-                                       files: files(["/home/u/.pgpass": (pgpass, 0o600)]))
+        let s = try ConnectionSettings(
+            conninfo: "postgres://app@db.example:6543/jobs", environment: [:],
+            files: files(["/home/u/.pgpass": (pgpass, 0o600)]))
         #expect(s.password == nil, "not given: read per host at connection time")
         #expect(s.password(for: s.hosts[0]) == #"s:cr\t"#)
         #expect(s.password(for: .tcp(host: "elsewhere", port: 5432)) == "fallback")
-        let socket = try ConnectionSettings(conninfo: "user=sock host=\(ConnectionSettings.defaultHost)", environment: [:],
-                                            files: files(["/home/u/.pgpass": (pgpass, 0o600)]))
+        let socket = try ConnectionSettings(
+            conninfo: "user=sock host=\(ConnectionSettings.defaultHost)", environment: [:],
+            files: files(["/home/u/.pgpass": (pgpass, 0o600)]))
         #expect(socket.password(for: socket.hosts[0]) == "via-socket")
-        let open = try ConnectionSettings(conninfo: "postgres://app@db.example:6543/jobs", environment: [:],
-                                          files: files(["/home/u/.pgpass": (pgpass, 0o644)]))
+        let open = try ConnectionSettings(
+            conninfo: "postgres://app@db.example:6543/jobs", environment: [:],
+            files: files(["/home/u/.pgpass": (pgpass, 0o644)]))
         #expect(open.password(for: open.hosts[0]) == nil, "a password file others can read is ignored")
-        let named = try ConnectionSettings(conninfo: "postgres://app@h/db?passfile=/p", environment: ["PGPASSFILE": "/q"],
-                                           files: files(["/p": ("*:*:*:*:from-p", 0o600), "/q": ("*:*:*:*:from-q", 0o600)]))
+        let named = try ConnectionSettings(
+            conninfo: "postgres://app@h/db?passfile=/p", environment: ["PGPASSFILE": "/q"],
+            files: files(["/p": ("*:*:*:*:from-p", 0o600), "/q": ("*:*:*:*:from-q", 0o600)]))
         #expect(named.password(for: named.hosts[0]) == "from-p")
-        let given = try ConnectionSettings(conninfo: "postgres://app:given@h/db", environment: [:],
-                                           files: files(["/home/u/.pgpass": (pgpass, 0o600)]))
+        let given = try ConnectionSettings(
+            conninfo: "postgres://app:given@h/db", environment: [:],
+            files: files(["/home/u/.pgpass": (pgpass, 0o600)]))
         #expect(given.password(for: given.hosts[0]) == "given")
     }
 
@@ -119,22 +127,27 @@ struct ConnInfoTests {
             #expect(error?.message.contains(message) == true, "\(text): \(String(describing: error?.message))")
             #expect(error?.description.contains("'x") != true)
         }
-        #expect(try ConnectionSettings(conninfo: "keepalives=1 gssencmode=disable channel_binding=prefer host=h", environment: [:], files: .none)
+        #expect(
+            try ConnectionSettings(
+                conninfo: "keepalives=1 gssencmode=disable channel_binding=prefer host=h", environment: [:], files: .none
+            )
             .hosts == [.tcp(host: "h", port: 5432)])
         #expect(try ConnectionSettings(conninfo: "postgres://h/db?ssl=true", environment: [:], files: .none).sslMode == .require)
         #expect(try ConnectionSettings(conninfo: "connect_timeout=0 host=h", environment: [:], files: .none).connectTimeout == nil)
     }
 
     /// Found by a hostile pass: each of these printed a password, or part of one.
-    @Test("no error shows a password, however the string is malformed", arguments: [
-        "postgres://pwuser:s3cr?et@127.0.0.1:55450/postgres",
-        "host=127.0.0.1 password\t=\tTABSECRET bogus",
-        "postgres://127.0.0.1/db?pass%77ord=PCTSECRET&bogus",
-        "host=127.0.0.1 password=se#HASHSECRET bogus",
-        "host=127.0.0.1 password=se\\ BSSECRET bogus",
-        "host=127.0.0.1 password=a b SPACESECRET",
-        "postgres://u:pw@h/db?password=QUERYSECRET&x",
-    ])
+    @Test(
+        "no error shows a password, however the string is malformed",
+        arguments: [
+            "postgres://pwuser:s3cr?et@127.0.0.1:55450/postgres",
+            "host=127.0.0.1 password\t=\tTABSECRET bogus",
+            "postgres://127.0.0.1/db?pass%77ord=PCTSECRET&bogus",
+            "host=127.0.0.1 password=se#HASHSECRET bogus",
+            "host=127.0.0.1 password=se\\ BSSECRET bogus",
+            "host=127.0.0.1 password=a b SPACESECRET",
+            "postgres://u:pw@h/db?password=QUERYSECRET&x",
+        ])
     func noPasswordInErrors(_ text: String) {
         let error = #expect(throws: DispatchPolicyError.self) { try ConnectionSettings(conninfo: text, environment: [:], files: .none) }
         let shown = error.map { "\($0.description) \($0.hint ?? "")" } ?? ""
@@ -153,12 +166,14 @@ struct ConnInfoTests {
 
     @Test("the application name: given, else the fallback (the CLI's command)")
     func applicationName() throws {
-        let fallback = try ConnectionSettings.resolve(url: "postgres://h/db", environment: [:], fallbackApplicationName: "dispatch-policy run", files: .none)
+        let fallback = try ConnectionSettings.resolve(
+            url: "postgres://h/db", environment: [:], fallbackApplicationName: "dispatch-policy run", files: .none)
         #expect(fallback.applicationName == nil && fallback.fallbackApplicationName == "dispatch-policy run")
         let config = try fallback.postgresConfiguration()
         #expect(config.options.additionalStartupParameters.contains { $0 == ("application_name", "dispatch-policy run") })
-        let given = try ConnectionSettings.resolve(url: "postgres://h/db?application_name=billing&options=-c%20work_mem%3D8MB", environment: [:],
-                                                   fallbackApplicationName: "dispatch-policy run", files: .none)
+        let given = try ConnectionSettings.resolve(
+            url: "postgres://h/db?application_name=billing&options=-c%20work_mem%3D8MB", environment: [:],
+            fallbackApplicationName: "dispatch-policy run", files: .none)
         let parameters = try given.postgresConfiguration().options.additionalStartupParameters
         #expect(parameters.contains { $0 == ("application_name", "billing") })
         #expect(parameters.contains { $0 == ("options", "-c work_mem=8MB") })
@@ -175,8 +190,9 @@ struct ConnInfoTests {
         #expect(try system.tlsConfiguration().certificateVerification == .noHostnameVerification)
         // As libpq: a named root certificate that is missing makes require verify nothing;
         // a missing client certificate is no client certificate.
-        let missing = try ConnectionSettings(conninfo: "host=h sslmode=require sslrootcert=/nonexistent sslcert=/missing.crt sslkey=/missing.key",
-                                             environment: ["HOME": "/nohome"], files: files([:]))
+        let missing = try ConnectionSettings(
+            conninfo: "host=h sslmode=require sslrootcert=/nonexistent sslcert=/missing.crt sslkey=/missing.key",
+            environment: ["HOME": "/nohome"], files: files([:]))
         let relaxed = try missing.tlsConfiguration()
         #expect(relaxed.certificateVerification == .none)
         #expect(relaxed.certificateChain.isEmpty)

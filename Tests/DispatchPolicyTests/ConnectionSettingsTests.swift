@@ -1,6 +1,6 @@
 import DispatchPolicy
-import Testing
 import PostgresNIO
+import Testing
 
 @Suite("Connection settings")
 struct ConnectionSettingsTests {
@@ -25,14 +25,20 @@ struct ConnectionSettingsTests {
 
     @Test("an error about a URL never prints its password, whether or not the URL parses")
     func redactionOfUnparsable() {
-        for url in ["postgres://app:hunter2@[db.example/jobs", "mysql://app:hunter2@db/jobs?password=hunter2",
-                    "not a url at all password=hunter2", "mysql://app:hun ter2@db/x"] {
+        for url in [
+            "postgres://app:hunter2@[db.example/jobs", "mysql://app:hunter2@db/jobs?password=hunter2",
+            "not a url at all password=hunter2", "mysql://app:hun ter2@db/x",
+        ] {
             let error = #expect(throws: DispatchPolicyError.self) { try ConnectionSettings(url: url) }
-            #expect(error.map { !$0.description.contains("hunter2") && !$0.description.contains("hun ter2") } == true, "\(url): \(String(describing: error))")
+            #expect(
+                error.map { !$0.description.contains("hunter2") && !$0.description.contains("hun ter2") } == true,
+                "\(url): \(String(describing: error))")
         }
         #expect(ConnectionSettingsRedaction.of("postgres://app:hunter2@[db.example/jobs") == "postgres://app:***@[db.example/jobs")
         #expect(ConnectionSettingsRedaction.of("host=h password='a b\\'c' user=u") == "host=h password=*** user=u")
-        #expect(ConnectionSettingsRedaction.of("postgres://u@h/db?sslmode=require&password=x%20y&a=b") == "postgres://u@h/db?sslmode=require&password=***&a=b")
+        #expect(
+            ConnectionSettingsRedaction.of("postgres://u@h/db?sslmode=require&password=x%20y&a=b")
+                == "postgres://u@h/db?sslmode=require&password=***&a=b")
     }
 
     @Test("postgresql:// and a Unix socket directory in ?host=")
@@ -68,17 +74,21 @@ struct ConnectionSettingsTests {
     @Test("resolve: explicit URL, else DATABASE_URL, else PG*")
     func resolveOrder() throws {
         let env = ["DATABASE_URL": "postgres://u@from-env/db", "PGHOST": "from-pghost", "PGUSER": "u"]
-        #expect(try ConnectionSettings.resolve(url: "postgres://u@from-flag/db", environment: env).endpoint == .tcp(host: "from-flag", port: 5432))
+        #expect(
+            try ConnectionSettings.resolve(url: "postgres://u@from-flag/db", environment: env).endpoint
+                == .tcp(host: "from-flag", port: 5432))
         #expect(try ConnectionSettings.resolve(url: nil, environment: env).endpoint == .tcp(host: "from-env", port: 5432))
         var noURL = env
         noURL["DATABASE_URL"] = nil
         #expect(try ConnectionSettings.resolve(url: nil, environment: noURL).endpoint == .tcp(host: "from-pghost", port: 5432))
     }
 
-    @Test("bad settings are refused with a clear message", arguments: [
-        "mysql://u@h/db", "not a url", "postgres://u@h:99999/db", "postgres://u@h/db?sslmode=sometimes",
-        "postgres://u@h:9223372036854775808/db", "postgres://u@h:-1/db",
-    ])
+    @Test(
+        "bad settings are refused with a clear message",
+        arguments: [
+            "mysql://u@h/db", "not a url", "postgres://u@h:99999/db", "postgres://u@h/db?sslmode=sometimes",
+            "postgres://u@h:9223372036854775808/db", "postgres://u@h:-1/db",
+        ])
     func refused(_ url: String) {
         #expect(throws: DispatchPolicyError.self) { try ConnectionSettings(url: url) }
     }
@@ -97,10 +107,12 @@ struct ConnectionSettingsTests {
 
 @Suite("Durations")
 struct DurationParserTests {
-    @Test("units and compounds", arguments: [
-        ("55s", Duration.seconds(55)), ("5m", .seconds(300)), ("1h30m", .seconds(5400)),
-        ("250ms", .milliseconds(250)), ("1.5s", .milliseconds(1500)), ("2d", .seconds(172_800)),
-    ])
+    @Test(
+        "units and compounds",
+        arguments: [
+            ("55s", Duration.seconds(55)), ("5m", .seconds(300)), ("1h30m", .seconds(5400)),
+            ("250ms", .milliseconds(250)), ("1.5s", .milliseconds(1500)), ("2d", .seconds(172_800)),
+        ])
     func parses(_ text: String, _ expected: Duration) {
         #expect(DurationParser.parse(text) == expected)
     }
@@ -122,14 +134,16 @@ struct PolicyFileTests {
         #expect(many.names == ["a", "b"] && many.isArray)
     }
 
-    @Test("shape errors name the place", arguments: [
-        (#"[]"#, "holds no policy"),
-        (#"[{"name": "a"}]"#, "policy file[0].config must be an object"),
-        (#"{"config": {}}"#, "policy file.name must be a string"),
-        (#"{"name": "a", "config": {}, "paused": true}"#, "policy file.paused is not a known field"),
-        (#"[1]"#, "policy file[0] must be an object"),
-        (#"{oops"#, "not valid JSON"),
-    ])
+    @Test(
+        "shape errors name the place",
+        arguments: [
+            (#"[]"#, "holds no policy"),
+            (#"[{"name": "a"}]"#, "policy file[0].config must be an object"),
+            (#"{"config": {}}"#, "policy file.name must be a string"),
+            (#"{"name": "a", "config": {}, "paused": true}"#, "policy file.paused is not a known field"),
+            (#"[1]"#, "policy file[0] must be an object"),
+            (#"{oops"#, "not valid JSON"),
+        ])
     func errors(_ json: String, _ message: String) {
         do {
             _ = try PolicyCatalog.PolicyFile(json: json)
@@ -147,7 +161,10 @@ struct PolicyFileTests {
 struct JobSpecTests {
     @Test("Encodable args and context become JSON text")
     func encodes() throws {
-        struct Args: Encodable { var event: Int; var url: String }
+        struct Args: Encodable {
+            var event: Int
+            var url: String
+        }
         let spec = try JobSpec(args: Args(event: 7, url: "https://x/y"), context: ["account_id": "a1"], dedupeKey: "event:7")
         #expect(spec.argsJSON == #"{"event":7,"url":"https://x/y"}"#)
         #expect(spec.contextJSON == #"{"account_id":"a1"}"#)
@@ -162,14 +179,17 @@ struct SessionSettingsTests {
         let url = try ConnectionSettings(url: "postgres://u@h/db")
         #expect(try url.postgresConfiguration().options.additionalStartupParameters.isEmpty)
         let runner = try url.with(session: .runner).postgresConfiguration().options.additionalStartupParameters
-        #expect(runner.map { "\($0.0)=\($0.1)" } == [
-            "statement_timeout=300000", "idle_in_transaction_session_timeout=60000", "client_connection_check_interval=2000",
-        ])
-        let odd = SessionSettings(statementTimeout: .milliseconds(1500.7), idleInTransactionTimeout: .seconds(-5),
-                                  connectionCheckInterval: .seconds(Int64.max))
-        #expect(odd.parameters.map { "\($0.0)=\($0.1)" } == [
-            "statement_timeout=1500", "idle_in_transaction_session_timeout=0", "client_connection_check_interval=86400000",
-        ])
+        #expect(
+            runner.map { "\($0.0)=\($0.1)" } == [
+                "statement_timeout=300000", "idle_in_transaction_session_timeout=60000", "client_connection_check_interval=2000",
+            ])
+        let odd = SessionSettings(
+            statementTimeout: .milliseconds(1500.7), idleInTransactionTimeout: .seconds(-5),
+            connectionCheckInterval: .seconds(Int64.max))
+        #expect(
+            odd.parameters.map { "\($0.0)=\($0.1)" } == [
+                "statement_timeout=1500", "idle_in_transaction_session_timeout=0", "client_connection_check_interval=86400000",
+            ])
         #expect(SessionSettings(statementTimeout: .zero).parameters.count == 1)
     }
 }

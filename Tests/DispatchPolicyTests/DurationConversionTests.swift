@@ -1,5 +1,6 @@
-@testable import DispatchPolicy
 import Testing
+
+@testable import DispatchPolicy
 
 @Suite("Duration conversions")
 struct DurationConversionTests {

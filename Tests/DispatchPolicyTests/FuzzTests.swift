@@ -21,10 +21,14 @@ let templateGen = Gen<Int>.int(in: 0...4).array(of: 1...5).map { parts -> String
 struct FuzzTests {
     @Test("the config decoder never traps, and the settings it yields are within bounds")
     func configDecoderNeverTraps() async {
-        let numbers = ["0", "-1", "1", "2.5", "1e20", "1e308", "1e-400", "1e400", "-1e308", "3000000000", "9223372036854775808",
-                       "0.0000001", "NaN", "\"5\"", "null", "true", "{}", "[]", "{\"context\": \"k\", \"default\": 1e30}"]
-        let fields = ["rate", "per", "burst", "max", "initial_max", "min", "target_lag_ms", "ewma_alpha",
-                      "failure_decrease_factor", "overload_decrease_factor", "batch_size", "lease_seconds"]
+        let numbers = [
+            "0", "-1", "1", "2.5", "1e20", "1e308", "1e-400", "1e400", "-1e308", "3000000000", "9223372036854775808",
+            "0.0000001", "NaN", "\"5\"", "null", "true", "{}", "[]", "{\"context\": \"k\", \"default\": 1e30}",
+        ]
+        let fields = [
+            "rate", "per", "burst", "max", "initial_max", "min", "target_lag_ms", "ewma_alpha",
+            "failure_decrease_factor", "overload_decrease_factor", "batch_size", "lease_seconds",
+        ]
         let types = ["throttle", "concurrency", "global_cap", "fair_interleave", "adaptive_concurrency", "nope"]
         let gen = Gen<Int>.int(in: 0...10_000).array(of: 1...6)
         await propertyCheck(count: 500, input: gen) { picks in
@@ -38,12 +42,14 @@ struct FuzzTests {
             let rows = admission.prepare([BatchRow(id: 1, context: ["k": "1e308", "m": "NaN"]), BatchRow(id: 2)])
             let needed = admission.requiredState(for: rows)
             for bucket in needed.buckets {
-                #expect(FieldLimits.throttleRate.contains(bucket.rate) && FieldLimits.throttlePer.contains(bucket.per)
+                #expect(
+                    FieldLimits.throttleRate.contains(bucket.rate) && FieldLimits.throttlePer.contains(bucket.per)
                         && FieldLimits.throttleBurst.contains(bucket.burst), "\(json)")
             }
             for gate in config.gates where gate.type == .adaptiveConcurrency {
                 let settings = gate.adaptiveSettings
-                #expect(settings.min >= 1 && settings.initialMax >= settings.min && settings.initialMax <= (settings.max ?? .max), "\(json)")
+                #expect(
+                    settings.min >= 1 && settings.initialMax >= settings.min && settings.initialMax <= (settings.max ?? .max), "\(json)")
             }
             _ = admission.evaluate(rows, state: GateState(), buckets: needed.buckets)
         }

@@ -22,8 +22,15 @@ struct ReadmeSnippetTests {
         var blocks: [[Substring]] = []
         var current: [Substring]?
         for line in readme.split(separator: "\n", omittingEmptySubsequences: false) {
-            if current == nil, line == "```swift" { current = []; continue }
-            if current != nil, line.hasPrefix("```") { blocks.append(current!); current = nil; continue }
+            if current == nil, line == "```swift" {
+                current = []
+                continue
+            }
+            if current != nil, line.hasPrefix("```") {
+                blocks.append(current!)
+                current = nil
+                continue
+            }
             current?.append(line)
         }
         #expect(blocks.count >= 3, "the README's Swift blocks were not found")
@@ -32,13 +39,18 @@ struct ReadmeSnippetTests {
             // Imports sit at the top of the example file; the rest, in order, in its body.
             let body = Self.dedented(block).filter { !$0.hasPrefix("import ") }.map { $0.trimmingCharacters(in: .whitespaces) }
             for importLine in block where importLine.hasPrefix("import ") {
-                #expect(exampleLines.contains(String(importLine)), "README Swift block \(index + 1): \(importLine) is not imported by the example")
+                #expect(
+                    exampleLines.contains(String(importLine)),
+                    "README Swift block \(index + 1): \(importLine) is not imported by the example")
             }
             guard let first = body.first else { continue }
             let start = exampleLines[searchFrom...].indices.first { i in
                 i + body.count <= exampleLines.count && Array(exampleLines[i..<(i + body.count)]) == body
             }
-            #expect(start != nil, "README Swift block \(index + 1) (\(first)) is not in Examples/ReadmeSwift/main.swift as written: the example no longer compiles what the README shows")
+            #expect(
+                start != nil,
+                "README Swift block \(index + 1) (\(first)) is not in Examples/ReadmeSwift/main.swift as written: the example no longer compiles what the README shows"
+            )
             if let start { searchFrom = start + body.count }
         }
     }

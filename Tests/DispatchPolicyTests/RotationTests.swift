@@ -13,18 +13,23 @@ struct KeyIdentityTests {
     @Test("canonically equivalent partition keys are different partitions, as PostgreSQL counts them")
     func equivalentKeysAreDistinct() {
         let config = PolicyConfig { Gate.concurrency(max: 2, partitionBy: "{t}") }
-        let nfd = "cafe\u{301}", nfc = "caf\u{E9}"
+        let nfd = "cafe\u{301}"
+        let nfc = "caf\u{E9}"
         let full = GateState(inFlight: [GateKey(gate: "concurrency", partition: nfd): 2])
-        let decision = evaluate(config, [
-            BatchRow(id: 1, context: ["t": nfc]), BatchRow(id: 2, context: ["t": nfd]),
-        ], state: full)
+        let decision = evaluate(
+            config,
+            [
+                BatchRow(id: 1, context: ["t": nfc]), BatchRow(id: 2, context: ["t": nfd]),
+            ], state: full)
         #expect(decision.admitted.map(\.id) == [1])
         #expect(decision.refusedByGate == ["concurrency": 1])
         // The Angstrom sign and A with ring above, Latin a and Cyrillic а: four partitions.
-        let confusable = evaluate(PolicyConfig { Gate.concurrency(max: 1, partitionBy: "{t}") }, [
-            BatchRow(id: 1, context: ["t": "\u{212B}"]), BatchRow(id: 2, context: ["t": "\u{C5}"]),
-            BatchRow(id: 3, context: ["t": "a"]), BatchRow(id: 4, context: ["t": "\u{430}"]),
-        ])
+        let confusable = evaluate(
+            PolicyConfig { Gate.concurrency(max: 1, partitionBy: "{t}") },
+            [
+                BatchRow(id: 1, context: ["t": "\u{212B}"]), BatchRow(id: 2, context: ["t": "\u{C5}"]),
+                BatchRow(id: 3, context: ["t": "a"]), BatchRow(id: 4, context: ["t": "\u{430}"]),
+            ])
         #expect(confusable.admitted.map(\.id) == [1, 2, 3, 4])
     }
 
@@ -32,10 +37,11 @@ struct KeyIdentityTests {
     func interleaveExact() {
         let config = PolicyConfig { Gate.fairInterleave(partitionBy: "{t}") }
         let admission = Admission(config: config)
-        let ordered = admission.order(admission.prepare([
-            BatchRow(id: 1, context: ["t": "cafe\u{301}"]), BatchRow(id: 2, context: ["t": "cafe\u{301}"]),
-            BatchRow(id: 3, context: ["t": "caf\u{E9}"]),
-        ]))
+        let ordered = admission.order(
+            admission.prepare([
+                BatchRow(id: 1, context: ["t": "cafe\u{301}"]), BatchRow(id: 2, context: ["t": "cafe\u{301}"]),
+                BatchRow(id: 3, context: ["t": "caf\u{E9}"]),
+            ]))
         #expect(ordered.map(\.row.id) == [1, 3, 2])
     }
 }
@@ -79,7 +85,8 @@ struct RotationTests {
         #expect(decision.admitted.map(\.id) == [9])
         #expect(decision.cursor == .hold)
 
-        let keyless = evaluate(PolicyConfig(), [BatchRow(id: 1, roundRobinKey: "a", lane: 1), BatchRow(id: 2, roundRobinKey: nil, lane: 2)])
+        let keyless = evaluate(
+            PolicyConfig(), [BatchRow(id: 1, roundRobinKey: "a", lane: 1), BatchRow(id: 2, roundRobinKey: nil, lane: 2)])
         #expect(keyless.cursor == .after(nil))
         #expect(evaluate(PolicyConfig(), [BatchRow(id: 1, lane: 0)]).cursor == nil)
     }
@@ -101,7 +108,10 @@ struct RotationTests {
                 for index in 0..<tenants.count {
                     let (tenant, priority) = tenants[(start + index) % tenants.count]
                     nextID += 1
-                    rows.append(BatchRow(id: nextID, priority: priority, roundRobinKey: tenant, context: ["t": tenant, "rank": "\(rank)"], lane: index + 1))
+                    rows.append(
+                        BatchRow(
+                            id: nextID, priority: priority, roundRobinKey: tenant, context: ["t": tenant, "rank": "\(rank)"],
+                            lane: index + 1))
                 }
             }
             // fetch_batch's order: priority, then rank, then lane.

@@ -1,6 +1,7 @@
-@testable import DispatchPolicy
-import Testing
 import FoundationEssentials
+import Testing
+
+@testable import DispatchPolicy
 
 @Suite("SQL statement splitter")
 struct SQLStatementSplitterTests {

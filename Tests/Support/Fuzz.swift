@@ -13,4 +13,3 @@ public let trickyCharacters: [Character] = [
 public func trickyString(_ length: ClosedRange<Int>) -> Generator<String, AnySequence<Any>> {
     Gen<Int>.int(in: 0...(trickyCharacters.count - 1)).array(of: length).map { String($0.map { trickyCharacters[$0] }) }.eraseToAny()
 }
-

@@ -39,10 +39,14 @@ enum AdmissionFigures {
 
         // Jobs admitted per second vs the raw statement, one batch of each in
         // turn; `rounds` rounds, a ratio each.
-        var gatedRates: [Double] = [], rawRates: [Double] = []
+        var gatedRates: [Double] = []
+        var rawRates: [Double] = []
         let perRound = jobs / rounds
         for _ in 0..<rounds {
-            var gatedTime = 0.0, rawTime = 0.0, admitted = 0, moved = 0
+            var gatedTime = 0.0
+            var rawTime = 0.0
+            var admitted = 0
+            var moved = 0
             while admitted < perRound || moved < perRound {
                 if admitted < perRound {
                     let start = ContinuousClock.now
@@ -60,22 +64,28 @@ enum AdmissionFigures {
             gatedRates.append(Double(admitted) / gatedTime)
             rawRates.append(Double(moved) / rawTime)
         }
-        let gated = Samples(gatedRates), raw = Samples(rawRates), ratio = Samples.ratios(gated, raw)
+        let gated = Samples(gatedRates)
+        let raw = Samples(rawRates)
+        let ratio = Samples.ratios(gated, raw)
 
         // Tick time at `small` and at `big` pending, alternating.
         _ = try await ticker.tick(policy: "small")
         _ = try await ticker.tick(policy: "large")
-        var smallMs: [Double] = [], largeMs: [Double] = []
+        var smallMs: [Double] = []
+        var largeMs: [Double] = []
         for _ in 0..<bench.pick(15, smoke: 5) {
             smallMs.append(try await timedTick(ticker, "small"))
             largeMs.append(try await timedTick(ticker, "large"))
         }
         let tickRatio = Samples.ratios(Samples(largeMs), Samples(smallMs))
         return [
-            Row(id: "1", figure: "admitted jobs/s through 5 gates vs raw `SKIP LOCKED` + `DELETE` + `INSERT` of the same batch (500)",
+            Row(
+                id: "1", figure: "admitted jobs/s through 5 gates vs raw `SKIP LOCKED` + `DELETE` + `INSERT` of the same batch (500)",
                 measured: "\(gated.format(Fmt.n)) vs \(raw.format(Fmt.n)) jobs/s", result: ratio.format(Fmt.ratio),
                 target: "≥ 0.5", met: ratio.median >= 0.5),
-            Row(id: "5", figure: "tick time (500 rows, 5 gates, 100 tenants) at \(Fmt.n(Double(big))) pending vs \(Fmt.n(Double(small))) pending",
+            Row(
+                id: "5",
+                figure: "tick time (500 rows, 5 gates, 100 tenants) at \(Fmt.n(Double(big))) pending vs \(Fmt.n(Double(small))) pending",
                 measured: "\(Samples(largeMs).format(Fmt.ms)) vs \(Samples(smallMs).format(Fmt.ms))", result: tickRatio.format(Fmt.ratio),
                 target: "≤ 1.3", met: tickRatio.median <= 1.3),
         ]
@@ -91,8 +101,11 @@ enum AdmissionFigures {
     static func makeRawTables(_ db: PostgresConnection, jobs: Int, logger: Logger) async throws {
         _ = try await db.rows("CREATE TABLE raw_pending (id bigint PRIMARY KEY, priority int, args jsonb, context jsonb)", logger: logger)
         _ = try await db.rows("CREATE INDEX ON raw_pending (priority, id)", logger: logger)
-        _ = try await db.rows("CREATE TABLE raw_admitted (id bigint PRIMARY KEY, priority int, args jsonb, context jsonb, admitted_at timestamptz)", logger: logger)
-        _ = try await db.rows("""
+        _ = try await db.rows(
+            "CREATE TABLE raw_admitted (id bigint PRIMARY KEY, priority int, args jsonb, context jsonb, admitted_at timestamptz)",
+            logger: logger)
+        _ = try await db.rows(
+            """
             INSERT INTO raw_pending SELECT i, 0, jsonb_build_object('i', i), jsonb_build_object('tenant', 't' || (i % 100))
             FROM generate_series(1, \(jobs)::int) i
             """, logger: logger)
@@ -100,7 +113,8 @@ enum AdmissionFigures {
 
     /// The raw baseline: lock 500 rows, move them, in one transaction.
     static func rawBatch(_ db: PostgresConnection, logger: Logger) async throws -> Int {
-        let rows = try await db.rows("""
+        let rows = try await db.rows(
+            """
             WITH picked AS (SELECT id FROM raw_pending ORDER BY priority, id LIMIT 500 FOR UPDATE SKIP LOCKED),
                  gone AS (DELETE FROM raw_pending r USING picked p WHERE r.id = p.id RETURNING r.*),
                  done AS (INSERT INTO raw_admitted SELECT id, priority, args, context, now() FROM gone RETURNING 1)

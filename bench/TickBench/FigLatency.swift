@@ -28,12 +28,16 @@ enum LatencyFigures {
             var arrivals = stream.makeAsyncIterator()
             /// The next notification, or nil after 5 s.
             func next() async -> Date? {
-                let timeout = Task { try await Task.sleep(for: .seconds(5)); continuation.yield(.distantPast) }
+                let timeout = Task {
+                    try await Task.sleep(for: .seconds(5))
+                    continuation.yield(.distantPast)
+                }
                 defer { timeout.cancel() }
                 guard let at = await arrivals.next(), at != .distantPast else { return nil }
                 return at
             }
-            var staged: [Double] = [], late: [Double] = []
+            var staged: [Double] = []
+            var late: [Double] = []
             try await Task.sleep(for: .milliseconds(300))
             for i in 0...samples {
                 // Idle: the runner has gone back to its idle pause.
@@ -45,19 +49,26 @@ enum LatencyFigures {
             }
             for i in 0..<scheduled {
                 let due = Date().addingTimeInterval(Double.random(in: 0.2...0.4))
-                _ = try await stager.stage(policy: "latency", JobSpec(argsJSON: "{\"s\": \(i)}", contextJSON: #"{"k": "a"}"#, notBefore: due))
+                _ = try await stager.stage(
+                    policy: "latency", JobSpec(argsJSON: "{\"s\": \(i)}", contextJSON: #"{"k": "a"}"#, notBefore: due))
                 guard let at = await next() else { throw BenchError("scheduled job not admitted within 5 s of its not_before") }
                 late.append(at.timeIntervalSince(due) * 1000)
             }
             return (staged, late)
         }
-        let p50 = percentile(staged, 0.5), p99 = percentile(staged, 0.99)
-        let l50 = percentile(late, 0.5), l99 = percentile(late, 0.99)
+        let p50 = percentile(staged, 0.5)
+        let p99 = percentile(staged, 0.99)
+        let l50 = percentile(late, 0.5)
+        let l99 = percentile(late, 0.99)
         return [
-            Row(id: "4a", figure: "idle `stage()` → admitted notification, live runner (\(staged.count) jobs, one at a time)",
+            Row(
+                id: "4a", figure: "idle `stage()` → admitted notification, live runner (\(staged.count) jobs, one at a time)",
                 measured: String(format: "p50 %@, p99 %@, max %@", Fmt.ms(p50), Fmt.ms(p99), Fmt.ms(staged.max() ?? .nan)),
                 result: "p50 \(Fmt.ms(p50)), p99 \(Fmt.ms(p99))", target: "p50 ≤ 5 ms, p99 ≤ 25 ms", met: p50 <= 5 && p99 <= 25),
-            Row(id: "4b", figure: "lateness of a scheduled job (`not_before` 0.2–0.4 s ahead) to its admitted notification, idle runner (\(late.count) jobs)",
+            Row(
+                id: "4b",
+                figure:
+                    "lateness of a scheduled job (`not_before` 0.2–0.4 s ahead) to its admitted notification, idle runner (\(late.count) jobs)",
                 measured: String(format: "p50 %@, p99 %@, max %@", Fmt.ms(l50), Fmt.ms(l99), Fmt.ms(late.max() ?? .nan)),
                 result: "p50 \(Fmt.ms(l50)), p99 \(Fmt.ms(l99))", target: "p50 ≤ 5 ms, p99 ≤ 25 ms", met: l50 <= 5 && l99 <= 25),
         ]

@@ -55,7 +55,8 @@ enum LimitedFigures {
         _ bench: Bench, _ settings: ConnectionSettings, _ db: PostgresConnection, id: String,
         keys: Int, max: Int, jobMs: Int, workers: Int
     ) async throws -> Row {
-        let limited = "limited_\(id)", unlimited = "unlimited_\(id)"
+        let limited = "limited_\(id)"
+        let unlimited = "unlimited_\(id)"
         let window = bench.pick(Duration.seconds(3), smoke: .seconds(2))
         let rounds = bench.pick(3, smoke: 1)
         let ideal = Double(Swift.min(keys * max, workers)) * 1000 / Double(jobMs)
@@ -65,8 +66,10 @@ enum LimitedFigures {
         for policy in [limited, unlimited] {
             try await bench.stage(db, policy: policy, count: backlog, context: "jsonb_build_object('k', 'k' || (i % \(keys)))")
         }
-        var gated: [Double] = [], free: [Double] = []
-        var handlerMax = 0, inFlightMax = 0
+        var gated: [Double] = []
+        var free: [Double] = []
+        var handlerMax = 0
+        var inFlightMax = 0
         for _ in 0..<rounds {
             let a = try await workload(bench, settings, policy: limited, jobMs: jobMs, workers: workers, duration: window)
             gated.append(a.rate)
@@ -75,12 +78,15 @@ enum LimitedFigures {
             free.append(try await workload(bench, settings, policy: unlimited, jobMs: jobMs, workers: workers, duration: window).rate)
         }
         let ratio = Samples.ratios(Samples(gated), Samples(free))
-        let breach = Swift.max(handlerMax, inFlightMax) > max
+        let breach =
+            Swift.max(handlerMax, inFlightMax) > max
             ? "\(Swift.max(handlerMax, inFlightMax)) of one key in flight, cap \(max)" : nil
         return Row(
             id: id,
-            figure: "limited workload: \(keys == 1 ? "one key" : "\(keys) keys") × concurrency \(max), \(jobMs) ms jobs, \(workers) worker slots, live runner vs the same workers with no limit",
-            measured: "\(Samples(gated).format(Fmt.n)) vs \(Samples(free).format(Fmt.n)) jobs/s (ideal \(Fmt.n(ideal))); most in flight per key: \(inFlightMax) (server), \(handlerMax) (handlers)",
+            figure:
+                "limited workload: \(keys == 1 ? "one key" : "\(keys) keys") × concurrency \(max), \(jobMs) ms jobs, \(workers) worker slots, live runner vs the same workers with no limit",
+            measured:
+                "\(Samples(gated).format(Fmt.n)) vs \(Samples(free).format(Fmt.n)) jobs/s (ideal \(Fmt.n(ideal))); most in flight per key: \(inFlightMax) (server), \(handlerMax) (handlers)",
             result: ratio.format(Fmt.ratio), target: keys == 1 ? "≥ 0.8" : "≥ 0.9",
             met: ratio.median >= (keys == 1 ? 0.8 : 0.9), breach: breach)
     }

@@ -27,15 +27,20 @@ enum MemoryFigures {
             let child = try ChildRunners(cli: cli, settings: settings, policies: [policy])
             do {
                 let deadline = ContinuousClock.now + .seconds(60)
-                while try await db.rows("SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE policy = \(policy)", logger: bench.logger)
-                    .first?.decode(Int.self) ?? 0 < admitted {
-                    guard ContinuousClock.now < deadline else { throw BenchError("the runner did not admit \(admitted) jobs of \(policy) within 60 s") }
+                while try await db.rows(
+                    "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE policy = \(policy)", logger: bench.logger
+                )
+                .first?.decode(Int.self) ?? 0 < admitted {
+                    guard ContinuousClock.now < deadline else {
+                        throw BenchError("the runner did not admit \(admitted) jobs of \(policy) within 60 s")
+                    }
                     try await Task.sleep(for: .milliseconds(200))
                 }
                 // Keep it busy: a staged job wakes it, and it looks at every blocked partition.
                 let end = ContinuousClock.now + settle
                 while ContinuousClock.now < end {
-                    _ = try await Stager(executor: db, logger: bench.logger).stage(policy: policy, JobSpec(argsJSON: "{}", contextJSON: #"{"k": "k1"}"#))
+                    _ = try await Stager(executor: db, logger: bench.logger).stage(
+                        policy: policy, JobSpec(argsJSON: "{}", contextJSON: #"{"k": "k1"}"#))
                     try await Task.sleep(for: .milliseconds(250))
                 }
             } catch {
@@ -49,9 +54,12 @@ enum MemoryFigures {
         let small = try await peak("one", admitted: 1)
         let large = try await peak("many", admitted: partitions)
         let ratio = large.peak / small.peak
-        return [Row(
-            id: "9", figure: "runner memory, `dispatch-policy run` child process (peak RSS, VmHWM): 10,000 active partitions vs 1",
-            measured: String(format: "%.1f MB vs %.1f MB (RSS at the end %.1f vs %.1f MB)", large.peak, small.peak, large.rss, small.rss),
-            result: String(format: "%.1f MB (×%.2f)", large.peak, ratio), target: "≤ 64 MB", met: large.peak <= 64)]
+        return [
+            Row(
+                id: "9", figure: "runner memory, `dispatch-policy run` child process (peak RSS, VmHWM): 10,000 active partitions vs 1",
+                measured: String(
+                    format: "%.1f MB vs %.1f MB (RSS at the end %.1f vs %.1f MB)", large.peak, small.peak, large.rss, small.rss),
+                result: String(format: "%.1f MB (×%.2f)", large.peak, ratio), target: "≤ 64 MB", met: large.peak <= 64)
+        ]
     }
 }

@@ -10,14 +10,22 @@ import PostgresNIO
 enum PeerFigures {
     struct PeerResult: Decodable {
         var rate: Double
-        var most_running: Int
+        var mostRunning: Int
+
+        enum CodingKeys: String, CodingKey {
+            case rate
+            case mostRunning = "most_running"
+        }
     }
 
-    static func pgqueuer(_ bench: Bench, python: String, script: String, dsn: String, jobs: Int, seconds: Double, limit: Int, jobMs: Int) throws -> PeerResult {
+    static func pgqueuer(_ bench: Bench, python: String, script: String, dsn: String, jobs: Int, seconds: Double, limit: Int, jobMs: Int)
+        throws -> PeerResult
+    {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: python)
         p.arguments = [script, "--dsn", dsn, "--jobs", "\(jobs)", "--seconds", "\(seconds)", "--limit", "\(limit)", "--job-ms", "\(jobMs)"]
-        let out = Pipe(), err = Pipe()
+        let out = Pipe()
+        let err = Pipe()
         p.standardOutput = out
         p.standardError = err
         try p.run()
@@ -32,9 +40,14 @@ enum PeerFigures {
 
     @Sendable static func run(_ bench: Bench) async throws -> [Row] {
         guard let python = bench.options.python, let script = bench.options.peerScript,
-              FileManager.default.isExecutableFile(atPath: python) else {
-            return [Row(id: "13", figure: "peer: pgqueuer", measured: "skipped: no pgqueuer virtualenv (bench/run creates bench/.venv; pass --python and --peer-script)",
-                        result: "—", target: "report", met: nil)]
+            FileManager.default.isExecutableFile(atPath: python)
+        else {
+            return [
+                Row(
+                    id: "13", figure: "peer: pgqueuer",
+                    measured: "skipped: no pgqueuer virtualenv (bench/run creates bench/.venv; pass --python and --peer-script)",
+                    result: "—", target: "report", met: nil)
+            ]
         }
         let (settings, db) = try await bench.freshDatabase("peer")
         defer { Task { try? await db.close() } }
@@ -47,26 +60,40 @@ enum PeerFigures {
         // The DSN without the password; a password goes by PGPASSWORD, as for libpq.
         let dsn = settings.description
 
-        var dpLimited: [Double] = [], pqLimited: [Double] = [], dpNoop: [Double] = [], pqNoop: [Double] = []
-        var dpMost = 0, pqMost = 0
+        var dpLimited: [Double] = []
+        var pqLimited: [Double] = []
+        var dpNoop: [Double] = []
+        var pqNoop: [Double] = []
+        var dpMost = 0
+        var pqMost = 0
         for _ in 0..<rounds {
             let a = try await LimitedFigures.workload(bench, settings, policy: "limited", jobMs: 20, workers: 5, duration: window)
             dpLimited.append(a.rate)
             dpMost = max(dpMost, max(a.handlerMax, a.inFlightMax))
-            let b = try pgqueuer(bench, python: python, script: script, dsn: dsn, jobs: 2_000, seconds: seconds(window), limit: 5, jobMs: 20)
+            let b = try pgqueuer(
+                bench, python: python, script: script, dsn: dsn, jobs: 2_000, seconds: seconds(window), limit: 5, jobMs: 20)
             pqLimited.append(b.rate)
-            pqMost = max(pqMost, b.most_running)
+            pqMost = max(pqMost, b.mostRunning)
             dpNoop.append(try await LimitedFigures.workload(bench, settings, policy: "noop", jobMs: 0, workers: 10, duration: window).rate)
-            pqNoop.append(try pgqueuer(bench, python: python, script: script, dsn: dsn, jobs: 30_000, seconds: seconds(window), limit: 0, jobMs: 0).rate)
+            pqNoop.append(
+                try pgqueuer(bench, python: python, script: script, dsn: dsn, jobs: 30_000, seconds: seconds(window), limit: 0, jobMs: 0)
+                    .rate)
         }
         let limitedRatio = Samples.ratios(Samples(dpLimited), Samples(pqLimited))
         let noopRatio = Samples.ratios(Samples(dpNoop), Samples(pqNoop))
         return [
-            Row(id: "13a", figure: "peer, limited workload (concurrency 5, 20 ms jobs, ideal 250 jobs/s): dispatch-policy (live runner, 5 worker slots) vs pgqueuer `concurrency_limit` 5",
-                measured: "\(Samples(dpLimited).format(Fmt.n)) vs \(Samples(pqLimited).format(Fmt.n)) jobs/s (\(Fmt.ratio(Samples(dpLimited).median / 250)) vs \(Fmt.ratio(Samples(pqLimited).median / 250)) of ideal); most running: \(dpMost) vs \(pqMost)",
+            Row(
+                id: "13a",
+                figure:
+                    "peer, limited workload (concurrency 5, 20 ms jobs, ideal 250 jobs/s): dispatch-policy (live runner, 5 worker slots) vs pgqueuer `concurrency_limit` 5",
+                measured:
+                    "\(Samples(dpLimited).format(Fmt.n)) vs \(Samples(pqLimited).format(Fmt.n)) jobs/s (\(Fmt.ratio(Samples(dpLimited).median / 250)) vs \(Fmt.ratio(Samples(pqLimited).median / 250)) of ideal); most running: \(dpMost) vs \(pqMost)",
                 result: limitedRatio.format(Fmt.ratio), target: "report", met: nil,
                 breach: dpMost > 5 ? "dispatch-policy ran \(dpMost) at once, cap 5" : nil),
-            Row(id: "13b", figure: "peer, no-op jobs end to end (backlog → done): dispatch-policy (no gate, live runner, 10 worker slots) vs pgqueuer (no limit, batch 10)",
+            Row(
+                id: "13b",
+                figure:
+                    "peer, no-op jobs end to end (backlog → done): dispatch-policy (no gate, live runner, 10 worker slots) vs pgqueuer (no limit, batch 10)",
                 measured: "\(Samples(dpNoop).format(Fmt.n)) vs \(Samples(pqNoop).format(Fmt.n)) jobs/s",
                 result: noopRatio.format(Fmt.ratio), target: "report", met: nil),
         ]

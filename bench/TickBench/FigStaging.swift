@@ -10,9 +10,11 @@ enum StagingFigures {
         let logger = bench.logger
         let (settings, db) = try await bench.freshDatabase("staging")
         defer { Task { try? await db.close() } }
-        try await bench.declare(db, "staging", PolicyConfig(roundRobinBy: "{tenant}") {
-            Gate.throttle(rate: 100, per: 1, partitionBy: "{tenant}")
-        })
+        try await bench.declare(
+            db, "staging",
+            PolicyConfig(roundRobinBy: "{tenant}") {
+                Gate.throttle(rate: 100, per: 1, partitionBy: "{tenant}")
+            })
         _ = try await db.rows("CREATE TABLE raw_staged (LIKE dispatch_policy.staged_jobs INCLUDING ALL)", logger: logger)
         _ = try await db.rows("CREATE SEQUENCE raw_ids", logger: logger)
         let window = bench.pick(Duration.seconds(2), smoke: .seconds(1))
@@ -43,18 +45,22 @@ enum StagingFigures {
             }
             return Double(counts) / seconds(window)
         }
-        var stageRates: [Double] = [], rawRates: [Double] = []
+        var stageRates: [Double] = []
+        var rawRates: [Double] = []
         for _ in 0..<rounds {
-            stageRates.append(try await calls { conn in
-                _ = try await Stager(executor: conn, logger: logger).stage(policy: "staging", spec)
-            })
-            rawRates.append(try await calls { conn in
-                _ = try await conn.rows("""
-                    INSERT INTO raw_staged (id, policy, queue, priority, args, context, round_robin_key, partitions)
-                    VALUES (nextval('raw_ids'), 'staging', 'default', 0, \(spec.argsJSON)::jsonb, \(storedContext)::jsonb, 't1',
-                            '{"tenant": "t1"}')
-                    """, logger: logger)
-            })
+            stageRates.append(
+                try await calls { conn in
+                    _ = try await Stager(executor: conn, logger: logger).stage(policy: "staging", spec)
+                })
+            rawRates.append(
+                try await calls { conn in
+                    _ = try await conn.rows(
+                        """
+                        INSERT INTO raw_staged (id, policy, queue, priority, args, context, round_robin_key, partitions)
+                        VALUES (nextval('raw_ids'), 'staging', 'default', 0, \(spec.argsJSON)::jsonb, \(storedContext)::jsonb, 't1',
+                                '{"tenant": "t1"}')
+                        """, logger: logger)
+                })
         }
 
         // stage_many, 1,000 jobs a call, vs INSERT ... SELECT of the same
@@ -62,7 +68,8 @@ enum StagingFigures {
         let specs = (0..<1000).map { i in JobSpec(argsJSON: #"{"n": \#(i)}"#, contextJSON: #"{"tenant": "t\#(i % 100)"}"#) }
         let array = "[" + specs.map { #"{"args":\#($0.argsJSON),"context":\#($0.contextJSON)}"# }.joined(separator: ",") + "]"
         let stager = Stager(executor: conns[0], logger: logger)
-        var manyRates: [Double] = [], rawManyRates: [Double] = []
+        var manyRates: [Double] = []
+        var rawManyRates: [Double] = []
         for _ in 0..<rounds {
             for side in 0..<2 {
                 let deadline = ContinuousClock.now + window
@@ -72,14 +79,16 @@ enum StagingFigures {
                     if side == 0 {
                         rows += try await stager.stageMany(policy: "staging", specs).count
                     } else {
-                        rows += try await conns[0].rows("""
+                        rows += try await conns[0].rows(
+                            """
                             INSERT INTO raw_staged (id, policy, queue, priority, args, context, round_robin_key, partitions)
                             SELECT nextval('raw_ids'), 'staging', 'default', 0, e -> 'args',
                                    (e -> 'context') || '{"priority": 0, "queue_name": "default"}', e -> 'context' ->> 'tenant',
                                    jsonb_build_object('tenant', e -> 'context' ->> 'tenant')
                             FROM jsonb_array_elements(\(array)::jsonb) e
                             RETURNING 1
-                            """, logger: logger).count
+                            """, logger: logger
+                        ).count
                     }
                 }
                 let rate = Double(rows) / seconds(ContinuousClock.now - start)
@@ -89,11 +98,15 @@ enum StagingFigures {
         let one = Samples.ratios(Samples(stageRates), Samples(rawRates))
         let many = Samples.ratios(Samples(manyRates), Samples(rawManyRates))
         return [
-            Row(id: "2a", figure: "`stage()` calls/s vs raw single-row `INSERT` of the same row, same indexes, 2 connections",
-                measured: "\(Samples(stageRates).format(Fmt.n)) vs \(Samples(rawRates).format(Fmt.n)) rows/s", result: one.format(Fmt.ratio),
+            Row(
+                id: "2a", figure: "`stage()` calls/s vs raw single-row `INSERT` of the same row, same indexes, 2 connections",
+                measured: "\(Samples(stageRates).format(Fmt.n)) vs \(Samples(rawRates).format(Fmt.n)) rows/s",
+                result: one.format(Fmt.ratio),
                 target: "≥ 0.7", met: one.median >= 0.7),
-            Row(id: "2b", figure: "`stage_many`, 1,000 jobs a call, vs raw `INSERT … SELECT` of the same rows",
-                measured: "\(Samples(manyRates).format(Fmt.n)) vs \(Samples(rawManyRates).format(Fmt.n)) rows/s", result: many.format(Fmt.ratio),
+            Row(
+                id: "2b", figure: "`stage_many`, 1,000 jobs a call, vs raw `INSERT … SELECT` of the same rows",
+                measured: "\(Samples(manyRates).format(Fmt.n)) vs \(Samples(rawManyRates).format(Fmt.n)) rows/s",
+                result: many.format(Fmt.ratio),
                 target: "≥ 0.7", met: many.median >= 0.7),
         ]
     }

@@ -8,7 +8,7 @@ import PostgresNIO
 import ServiceLifecycle
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Median, min and max of several measurements of one thing.
@@ -103,7 +103,8 @@ struct BenchOptions: Sendable {
             case "--python": options.python = it.next()
             case "--peer-script": options.peerScript = it.next()
             case "--help", "-h":
-                print("""
+                print(
+                    """
                     usage: dispatch-policy-bench [--smoke] [--long] [--only NAME[,NAME]] [--cli PATH] [--python PATH --peer-script PATH]
                     figures: \(Figures.all.map(\.name).joined(separator: " "))
                     """)
@@ -158,21 +159,25 @@ struct Bench: Sendable {
         var staged = 0
         while staged < count {
             let n = Swift.min(50_000, count - staged)
-            _ = try await db.rows(PostgresQuery(unsafeSQL: """
-                SELECT cardinality(dispatch_policy.stage_many('\(policy)', (
-                  SELECT jsonb_agg(jsonb_build_object('args', jsonb_build_object('i', i), 'context', \(context)))
-                  FROM generate_series(\(from + staged)::int, \(from + staged + n - 1)::int) i)))
-                """), logger: logger)
+            _ = try await db.rows(
+                PostgresQuery(
+                    unsafeSQL: """
+                        SELECT cardinality(dispatch_policy.stage_many('\(policy)', (
+                          SELECT jsonb_agg(jsonb_build_object('args', jsonb_build_object('i', i), 'context', \(context)))
+                          FROM generate_series(\(from + staged)::int, \(from + staged + n - 1)::int) i)))
+                        """), logger: logger)
             staged += n
         }
     }
 
     /// Admissions of `policy` (admitted or finished since) with admitted_at in [from, to).
     func admissions(_ db: PostgresConnection, policy: String, from: Date, to: Date) async throws -> Int {
-        try await db.rows("""
+        try await db.rows(
+            """
             SELECT (SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE policy = \(policy) AND admitted_at >= \(from) AND admitted_at < \(to))
                  + (SELECT count(*) FROM dispatch_policy.finished_jobs WHERE policy = \(policy) AND admitted_at >= \(from) AND admitted_at < \(to))
-            """, logger: logger).first?.decode(Int.self) ?? 0
+            """, logger: logger
+        ).first?.decode(Int.self) ?? 0
     }
 
     /// The server's clock, and the tokens then in the throttle buckets of
@@ -180,10 +185,12 @@ struct Bench: Sendable {
     /// what a throttle allows in a window is these plus rate × its length.
     func windowStart(_ db: PostgresConnection, policy: String) async throws -> (Date, Double) {
         do {
-            let row = try await db.rows("""
+            let row = try await db.rows(
+                """
                 SELECT now(), coalesce(sum(tokens), 0)::float8 FROM dispatch_policy.partition_overview
                 WHERE policy = \(policy) AND gate_type = 'throttle'
-                """, logger: logger).first
+                """, logger: logger
+            ).first
             return try row?.decode((Date, Double).self) ?? (Date(), 0)
         } catch {
             // The view changed shape: count from now, with no tokens (a bound a little low).
@@ -215,7 +222,10 @@ func withLive<T: Sendable>(
 ) async throws -> T {
     let group = ServiceGroup(configuration: .init(services: services, logger: logger))
     return try await withThrowingTaskGroup(of: T?.self) { tasks in
-        tasks.addTask { try await group.run(); return nil }
+        tasks.addTask {
+            try await group.run()
+            return nil
+        }
         let result: Result<T, any Error>
         do { result = .success(try await body()) } catch { result = .failure(error) }
         await group.triggerGracefulShutdown()
@@ -357,10 +367,12 @@ actor InFlightSampler {
         let db = try await settings.connect(logger: logger)
         defer { Task { try? await db.close() } }
         while !Task.isCancelled {
-            let row = try await db.rows("""
+            let row = try await db.rows(
+                """
                 SELECT coalesce(max(n), 0)::int, coalesce(sum(n), 0)::int FROM (
                   SELECT count(*) AS n FROM dispatch_policy.admitted_jobs WHERE policy = \(policy) GROUP BY context ->> \(key)) x
-                """, logger: logger).first
+                """, logger: logger
+            ).first
             let (perKey, total) = try row?.decode((Int, Int).self) ?? (0, 0)
             await record(perKey: perKey, total: total)
             try? await Task.sleep(for: every)

@@ -48,7 +48,10 @@ struct TickBench {
         logger.logLevel = .error
         let unknown = options.only.subtracting(Figures.all.map(\.name))
         guard unknown.isEmpty else {
-            FileHandle.standardError.write(Data("dispatch-policy-bench: unknown figure \(unknown.sorted()) (figures: \(Figures.all.map(\.name).joined(separator: " ")))\n".utf8))
+            FileHandle.standardError.write(
+                Data(
+                    "dispatch-policy-bench: unknown figure \(unknown.sorted()) (figures: \(Figures.all.map(\.name).joined(separator: " ")))\n"
+                        .utf8))
             exit(2)
         }
         var cluster: EmbeddedPostgres?
@@ -65,7 +68,8 @@ struct TickBench {
         }
         let started = Date()
         let mode = options.smoke ? "smoke" : (options.long ? "full, long" : "full")
-        FileHandle.standardError.write(Data("dispatch-policy-bench (\(mode)), PostgreSQL \(version), \(ProcessInfo.processInfo.activeProcessorCount) cores\n".utf8))
+        FileHandle.standardError.write(
+            Data("dispatch-policy-bench (\(mode)), PostgreSQL \(version), \(ProcessInfo.processInfo.activeProcessorCount) cores\n".utf8))
 
         var rows: [Row] = []
         var crashed: [String] = []
@@ -78,8 +82,10 @@ struct TickBench {
                 for row in got { log("\(row.figure): \(row.measured) → \(row.result) [\(row.metText)]") }
             } catch {
                 crashed.append(figure.name)
-                rows.append(Row(id: figure.name, figure: "\(figure.name): crashed", measured: "\(error)".replacingOccurrences(of: "\n", with: " "),
-                                result: "—", target: "—", met: nil, breach: "crashed"))
+                rows.append(
+                    Row(
+                        id: figure.name, figure: "\(figure.name): crashed", measured: "\(error)".replacingOccurrences(of: "\n", with: " "),
+                        result: "—", target: "—", met: nil, breach: "crashed"))
                 log("CRASHED: \(error)")
             }
             await bench.dropDatabase(figure.name)
@@ -88,7 +94,8 @@ struct TickBench {
 
         let elapsed = Date().timeIntervalSince(started)
         let date = ISO8601DateFormatter.string(from: started, timeZone: .current, formatOptions: [.withFullDate])
-        print("""
+        print(
+            """
             dispatch-policy-bench, \(mode) mode, \(date), \(ProcessInfo.processInfo.activeProcessorCount)-core machine, \
             PostgreSQL \(version)\(cluster != nil ? " (private cluster, fsync off)" : ""), \(String(format: "%.0f", elapsed)) s
 
@@ -101,7 +108,9 @@ struct TickBench {
         let breaches = rows.filter { $0.breach != nil && !crashed.contains($0.id) }
         let missed = rows.filter { $0.met == false }
         print("")
-        print("\(rows.filter { $0.met == true }.count) targets met, \(missed.count) missed, \(breaches.count) limits breached, \(crashed.count) figures crashed")
+        print(
+            "\(rows.filter { $0.met == true }.count) targets met, \(missed.count) missed, \(breaches.count) limits breached, \(crashed.count) figures crashed"
+        )
         try? await cluster?.stop()
         if !breaches.isEmpty || !crashed.isEmpty { exit(1) }
     }

@@ -245,7 +245,8 @@ public struct Admission: Sendable {
     public func bucket(of gate: Gate, for row: BatchRow) -> (rate: Double, per: Double, burst: Double) {
         let rate = gate.rate?.value(in: row.context, within: FieldLimits.throttleRate) ?? 0
         let per = gate.per?.value(in: row.context, within: FieldLimits.throttlePer) ?? 1
-        let burst = gate.burst?.value(in: row.context, within: FieldLimits.throttleBurst)
+        let burst =
+            gate.burst?.value(in: row.context, within: FieldLimits.throttleBurst)
             ?? FieldLimits.throttleBurst.clamp(Swift.max(rate, 1))
         return (rate, per, burst)
     }
@@ -398,9 +399,10 @@ public struct Admission: Sendable {
             }
             var partitions: [String: String] = [:]
             for (index, gate) in gates.enumerated() { partitions[gate.effectiveName] = row.partitions[index] }
-            decision.admitted.append(.init(
-                id: row.row.id, partitions: partitions,
-                slots: Dictionary(slotKeys.map { ($0.gate, $0.partition) }, uniquingKeysWith: { a, _ in a })))
+            decision.admitted.append(
+                .init(
+                    id: row.row.id, partitions: partitions,
+                    slots: Dictionary(slotKeys.map { ($0.gate, $0.partition) }, uniquingKeysWith: { a, _ in a })))
         }
         decision.cursor = Self.cursor(rows: rows.map(\.row), firstStarvedLane: firstStarvedLane)
         decision.laneBlocks = lanes.keys.sorted().compactMap { lanes[$0]?.block }
@@ -431,7 +433,10 @@ public struct Admission: Sendable {
         var inFlight: [GateKey: Int] = [:]
 
         mutating func see(_ partitions: [String]) {
-            guard let first else { self.first = partitions; return }
+            guard let first else {
+                self.first = partitions
+                return
+            }
             if !mixed && !partitions.elementsEqual(first, by: { ExactString($0) == ExactString($1) }) { mixed = true }
         }
 

@@ -34,14 +34,16 @@ public enum ContextStrings {
         /// The object at `i` as template strings: strings decoded, null left
         /// out, any other value as its JSON text.
         mutating func object() -> [String: String]? {
-            guard let members = members(value: { scanner -> String?? in
-                guard scanner.i < scanner.bytes.count else { return nil }
-                if scanner.bytes[scanner.i] == UInt8(ascii: "\"") { return scanner.string().map { .some($0) } }
-                let start = scanner.i
-                guard scanner.skipValue(), scanner.i > start else { return nil }
-                let raw = String(decoding: scanner.bytes[start..<scanner.i], as: UTF8.self).trimmingWhitespace()
-                return .some(raw == "null" ? nil : raw)
-            }) else { return nil }
+            guard
+                let members = members(value: { scanner -> String?? in
+                    guard scanner.i < scanner.bytes.count else { return nil }
+                    if scanner.bytes[scanner.i] == UInt8(ascii: "\"") { return scanner.string().map { .some($0) } }
+                    let start = scanner.i
+                    guard scanner.skipValue(), scanner.i > start else { return nil }
+                    let raw = String(decoding: scanner.bytes[start..<scanner.i], as: UTF8.self).trimmingWhitespace()
+                    return .some(raw == "null" ? nil : raw)
+                })
+            else { return nil }
             var result: [String: String] = [:]
             // Only ASCII keys: templates and gate values can name no other,
             // and Swift's String equality would merge keys PostgreSQL keeps
@@ -60,7 +62,10 @@ public enum ContextStrings {
             i += 1
             var result: [(key: String, value: T)] = []
             skipSpace()
-            if i < bytes.count, bytes[i] == UInt8(ascii: "}") { i += 1; return result }
+            if i < bytes.count, bytes[i] == UInt8(ascii: "}") {
+                i += 1
+                return result
+            }
             while true {
                 skipSpace()
                 guard let key = string() else { return nil }
@@ -72,8 +77,14 @@ public enum ContextStrings {
                 result.append((key, item))
                 skipSpace()
                 guard i < bytes.count else { return nil }
-                if bytes[i] == UInt8(ascii: ",") { i += 1; continue }
-                if bytes[i] == UInt8(ascii: "}") { i += 1; return result }
+                if bytes[i] == UInt8(ascii: ",") {
+                    i += 1
+                    continue
+                }
+                if bytes[i] == UInt8(ascii: "}") {
+                    i += 1
+                    return result
+                }
                 return nil
             }
         }
@@ -85,8 +96,15 @@ public enum ContextStrings {
             var out: [UInt8] = []
             while i < bytes.count {
                 let b = bytes[i]
-                if b == UInt8(ascii: "\"") { i += 1; return String(decoding: out, as: UTF8.self) }
-                if b != UInt8(ascii: "\\") { out.append(b); i += 1; continue }
+                if b == UInt8(ascii: "\"") {
+                    i += 1
+                    return String(decoding: out, as: UTF8.self)
+                }
+                if b != UInt8(ascii: "\\") {
+                    out.append(b)
+                    i += 1
+                    continue
+                }
                 i += 1
                 guard i < bytes.count else { return nil }
                 let e = bytes[i]
@@ -103,7 +121,8 @@ public enum ContextStrings {
                 case UInt8(ascii: "u"):
                     guard var scalar = hex4() else { return nil }
                     if (0xD800..<0xDC00).contains(scalar), i + 1 < bytes.count, bytes[i] == UInt8(ascii: "\\"),
-                       bytes[i + 1] == UInt8(ascii: "u") {
+                        bytes[i + 1] == UInt8(ascii: "u")
+                    {
                         i += 2
                         guard let low = hex4(), (0xDC00..<0xE000).contains(low) else { return nil }
                         scalar = 0x10000 + ((scalar - 0xD800) << 10) + (low - 0xDC00)
@@ -161,7 +180,10 @@ public enum ContextStrings {
             i += 1
             var result: [[(key: String, kind: Kind)]?] = []
             skipSpace()
-            if i < bytes.count, bytes[i] == UInt8(ascii: "]") { i += 1; return result }
+            if i < bytes.count, bytes[i] == UInt8(ascii: "]") {
+                i += 1
+                return result
+            }
             while true {
                 skipSpace()
                 guard i < bytes.count else { return nil }
@@ -174,8 +196,14 @@ public enum ContextStrings {
                 }
                 skipSpace()
                 guard i < bytes.count else { return nil }
-                if bytes[i] == UInt8(ascii: ",") { i += 1; continue }
-                if bytes[i] == UInt8(ascii: "]") { i += 1; return result }
+                if bytes[i] == UInt8(ascii: ",") {
+                    i += 1
+                    continue
+                }
+                if bytes[i] == UInt8(ascii: "]") {
+                    i += 1
+                    return result
+                }
                 return nil
             }
         }
@@ -201,7 +229,10 @@ public enum ContextStrings {
                 } else if b == UInt8(ascii: "}") || b == UInt8(ascii: "]") {
                     if depth == 0 { return true }
                     depth -= 1
-                    if depth == 0 { i += 1; return true }
+                    if depth == 0 {
+                        i += 1
+                        return true
+                    }
                 } else if depth == 0 && (b == UInt8(ascii: ",")) {
                     return true
                 }

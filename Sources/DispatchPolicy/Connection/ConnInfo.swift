@@ -77,9 +77,11 @@ enum ConnInfo {
             }
         }
         if !authority.isEmpty {
-            var hosts: [String] = [], ports: [String] = []
+            var hosts: [String] = []
+            var ports: [String] = []
             for spec in authority.split(separator: ",", omittingEmptySubsequences: false) {
-                var host = Substring(""), port = Substring("")
+                var host = Substring("")
+                var port = Substring("")
                 if spec.hasPrefix("[") {
                     guard let close = spec.firstIndex(of: "]") else {
                         throw ParseError(message: "an IPv6 host address in the URL has no closing bracket")
@@ -87,7 +89,9 @@ enum ConnInfo {
                     host = spec[spec.index(after: spec.startIndex)..<close]
                     guard !host.isEmpty else { throw ParseError(message: "an IPv6 host address in the URL is empty") }
                     let after = spec[spec.index(after: close)...]
-                    if after.hasPrefix(":") { port = after.dropFirst() } else if !after.isEmpty {
+                    if after.hasPrefix(":") {
+                        port = after.dropFirst()
+                    } else if !after.isEmpty {
                         throw ParseError(message: "unexpected text after an IPv6 host address in the URL")
                     }
                 } else if let colon = spec.lastIndex(of: ":") {
@@ -139,7 +143,10 @@ enum ConnInfo {
             guard !chars.isEmpty else { break }
             words += 1
             var name = ""
-            while let c = chars.first, c != "=", !c.isWhitespace { name.append(c); chars = chars.dropFirst() }
+            while let c = chars.first, c != "=", !c.isWhitespace {
+                name.append(c)
+                chars = chars.dropFirst()
+            }
             skipSpaces()
             guard chars.first == "=" else {
                 // The word is not quoted back: it may be part of a password.
@@ -153,15 +160,26 @@ enum ConnInfo {
                 var closed = false
                 while let c = chars.first {
                     chars = chars.dropFirst()
-                    if c == "\\", let next = chars.first { value.append(next); chars = chars.dropFirst(); continue }
-                    if c == "'" { closed = true; break }
+                    if c == "\\", let next = chars.first {
+                        value.append(next)
+                        chars = chars.dropFirst()
+                        continue
+                    }
+                    if c == "'" {
+                        closed = true
+                        break
+                    }
                     value.append(c)
                 }
                 guard closed else { throw ParseError(message: "unterminated quoted value in the connection string") }
             } else {
                 while let c = chars.first, !c.isWhitespace {
                     chars = chars.dropFirst()
-                    if c == "\\", let next = chars.first { value.append(next); chars = chars.dropFirst(); continue }
+                    if c == "\\", let next = chars.first {
+                        value.append(next)
+                        chars = chars.dropFirst()
+                        continue
+                    }
                     value.append(c)
                 }
             }
@@ -191,7 +209,9 @@ enum ConnInfo {
                 throw ParseError(message: "syntax error in service file, line \(number + 1)")
             }
             let key = line[..<eq].trimmingCharacters(in: .whitespaces)
-            if key == "service" { throw ParseError(message: "nested service specifications are not supported (service file, line \(number + 1))") }
+            if key == "service" {
+                throw ParseError(message: "nested service specifications are not supported (service file, line \(number + 1))")
+            }
             found?[key] = String(line[line.index(after: eq)...]).trimmingCharacters(in: .whitespaces)
         }
         return found
@@ -206,9 +226,19 @@ enum ConnInfo {
             var fields: [String] = [""]
             var escaped = false
             for c in rawLine {
-                if escaped { fields[fields.count - 1].append(c); escaped = false; continue }
-                if c == "\\" { escaped = true; continue }
-                if c == ":" && fields.count < 5 { fields.append(""); continue }
+                if escaped {
+                    fields[fields.count - 1].append(c)
+                    escaped = false
+                    continue
+                }
+                if c == "\\" {
+                    escaped = true
+                    continue
+                }
+                if c == ":" && fields.count < 5 {
+                    fields.append("")
+                    continue
+                }
                 fields[fields.count - 1].append(c)
             }
             guard fields.count == 5 else { continue }

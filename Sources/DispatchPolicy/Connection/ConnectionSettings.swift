@@ -162,11 +162,13 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         }
         for (name, value) in given where !ConnInfo.keywords.contains(name) {
             guard let allowed = ConnInfo.ignored[name] else {
-                throw refuse("unknown connection option \"\(name)\"",
-                             detail: "dispatch-policy takes \(ConnInfo.keywords.sorted().joined(separator: ", "))")
+                throw refuse(
+                    "unknown connection option \"\(name)\"",
+                    detail: "dispatch-policy takes \(ConnInfo.keywords.sorted().joined(separator: ", "))")
             }
             if let allowed, !allowed.contains(value) {
-                throw refuse("connection option \(name)=\(value) is not supported", detail: "accepted: \(allowed.sorted().joined(separator: ", "))")
+                throw refuse(
+                    "connection option \(name)=\(value) is not supported", detail: "accepted: \(allowed.sorted().joined(separator: ", "))")
             }
             given[name] = nil
         }
@@ -182,8 +184,9 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
                 if found != nil { break }
             }
             guard let found else {
-                throw refuse("definition of service \"\(name)\" not found",
-                             detail: "looked in \([userFile, systemFile].compactMap { $0 }.joined(separator: " and "))")
+                throw refuse(
+                    "definition of service \"\(name)\" not found",
+                    detail: "looked in \([userFile, systemFile].compactMap { $0 }.joined(separator: " and "))")
             }
             for (key, value) in found where given[key] == nil {
                 guard ConnInfo.keywords.contains(key) || ConnInfo.ignored[key] != nil else {
@@ -211,9 +214,10 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
                 throw refuse("port must be a number from 1 to 65535", detail: "got \(effectivePort)")
             }
             let host = rawHost.isEmpty ? Self.defaultHost : rawHost
-            endpoints.append(host.hasPrefix("/")
-                ? .unixSocket(path: "\(host.hasSuffix("/") ? String(host.dropLast()) : host)/.s.PGSQL.\(port)")
-                : .tcp(host: host, port: port))
+            endpoints.append(
+                host.hasPrefix("/")
+                    ? .unixSocket(path: "\(host.hasSuffix("/") ? String(host.dropLast()) : host)/.s.PGSQL.\(port)")
+                    : .tcp(host: host, port: port))
         }
 
         let modeText = value("sslmode") ?? "prefer"
@@ -222,8 +226,9 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         }
         let attributesText = value("target_session_attrs") ?? "any"
         guard let attributes = TargetSessionAttributes(rawValue: attributesText) else {
-            throw refuse("target_session_attrs must be one of \(TargetSessionAttributes.allCases.map(\.rawValue).joined(separator: ", "))",
-                         detail: "got \(attributesText)")
+            throw refuse(
+                "target_session_attrs must be one of \(TargetSessionAttributes.allCases.map(\.rawValue).joined(separator: ", "))",
+                detail: "got \(attributesText)")
         }
         var timeout: Duration?
         if let text = value("connect_timeout") {
@@ -233,7 +238,8 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
             // As libpq: 0 is no limit (here: the default bound), 1 is 2.
             timeout = seconds == 0 ? nil : .seconds(max(seconds, 2))
         }
-        let user = value("user")
+        let user =
+            value("user")
             ?? environment["USER"].flatMap { $0.isEmpty ? nil : $0 }
             ?? ProcessInfo.processInfo.userName
         self.init(endpoint: endpoints[0], username: user, password: given["password"], database: value("dbname"), sslMode: mode)
@@ -255,9 +261,9 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
     /// platform's packages.
     public static var defaultHost: String {
         #if os(Linux)
-        "/var/run/postgresql"
+            "/var/run/postgresql"
         #else
-        "/tmp"
+            "/tmp"
         #endif
     }
     static let defaultSysconfDirectory = "/etc/postgresql-common"
@@ -344,7 +350,9 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
             configuration.trustRoots = .certificates([])
         case .verifyCA, .verifyFull:
             guard let root else {
-                throw refuse("sslmode=\(sslMode.rawValue) needs a root certificate: \(defaultRoot ?? "~/.postgresql/root.crt") does not exist; set sslrootcert (a file, or system)")
+                throw refuse(
+                    "sslmode=\(sslMode.rawValue) needs a root certificate: \(defaultRoot ?? "~/.postgresql/root.crt") does not exist; set sslrootcert (a file, or system)"
+                )
             }
             configuration.certificateVerification = mode == .verifyFull ? .fullVerification : .noHostnameVerification
             if root != "system" {
@@ -361,8 +369,11 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         if let cert = (sslCert ?? defaultCert).flatMap({ files.exists($0) ? $0 : nil }) {
             guard let key = sslKey ?? defaultKey else { throw refuse("sslcert \(cert) is set, but no sslkey") }
             if let permissions = files.permissions(key), permissions & 0o077 != 0,
-               !(files.ownerIsRoot(key) && permissions & 0o037 == 0) {
-                throw refuse("private key file \(key) has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root")
+                !(files.ownerIsRoot(key) && permissions & 0o037 == 0)
+            {
+                throw refuse(
+                    "private key file \(key) has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root"
+                )
             }
             do {
                 configuration.certificateChain = try NIOSSLCertificate.fromPEMFile(cert).map { .certificate($0) }
@@ -451,7 +462,8 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
             throw wrapped
         }
         throw DispatchPolicyError(
-            code: .client, message: "cannot connect to \(self): no host is usable (target_session_attrs=\(targetSessionAttributes.rawValue))",
+            code: .client,
+            message: "cannot connect to \(self): no host is usable (target_session_attrs=\(targetSessionAttributes.rawValue))",
             detail: failures.map { "\($0.0): \($0.1.message)" }.joined(separator: "\n"),
             hint: "Set --database-url, DATABASE_URL or the PG* variables.")
     }
@@ -465,7 +477,8 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         if psql.code == .authMechanismRequiresPassword {
             wrapped.message = "the server asks for a password and none was given"
             if let passfile, let mode = files.permissions(passfile), mode & 0o077 != 0 {
-                wrapped.hint = "The password file \(passfile) was ignored: it has group or world access; permissions should be u=rw (0600) or less."
+                wrapped.hint =
+                    "The password file \(passfile) was ignored: it has group or world access; permissions should be u=rw (0600) or less."
             } else {
                 wrapped.hint = "Give it in the URL, PGPASSWORD or the password file (\(passfile ?? "~/.pgpass"), mode 0600)."
             }
@@ -474,7 +487,8 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         } else if let extra = psql.underlying as? NIOSSLExtraError, extra == .failedToValidateHostname {
             wrapped.message = "the server's certificate does not name \(endpoint.hostAndPort.host) (sslmode=verify-full)"
         } else if raw.contains("CERTIFICATE_VERIFY_FAILED") {
-            wrapped.message = "the server's certificate is not signed by the root certificate \(sslRootCert ?? "~/.postgresql/root.crt") (sslmode=\(sslMode.rawValue); libpq verifies with sslmode=require too when a root certificate is there)"
+            wrapped.message =
+                "the server's certificate is not signed by the root certificate \(sslRootCert ?? "~/.postgresql/root.crt") (sslmode=\(sslMode.rawValue); libpq verifies with sslmode=require too when a root certificate is there)"
         } else {
             return wrapped
         }
@@ -509,11 +523,21 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         logger[metadataKey: "connection.id"] = "\(id)"
         let result: PostgresConnection? = try await untilDeadline(.now + perHostTimeout) { [logger] in
             let conn = try await PostgresConnection.connect(configuration: configuration, id: id, logger: logger)
-            if late.withLock({ state in state.conn = conn; return state.abandoned }) { try? await conn.close() }
+            if late.withLock({ state in
+                state.conn = conn
+                return state.abandoned
+            }) {
+                try? await conn.close()
+            }
             return conn
         }
         guard let result else {
-            if let conn = late.withLock({ state in state.abandoned = true; return state.conn }) { try? await conn.close() }
+            if let conn = late.withLock({ state in
+                state.abandoned = true
+                return state.conn
+            }) {
+                try? await conn.close()
+            }
             throw DispatchPolicyError(code: .connectionLost, message: "no answer within \(perHostTimeout) (connect_timeout)")
         }
         return result
@@ -528,7 +552,8 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
         guard wanted != .any else { return nil }
         let rows = try await conn.query(
             "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.current_setting('transaction_read_only') = 'on'", logger: logger)
-        var inRecovery = false, readOnly = false
+        var inRecovery = false
+        var readOnly = false
         for try await (recovery, ro) in rows.decode((Bool, Bool).self) { (inRecovery, readOnly) = (recovery, ro) }
         switch wanted {
         case .any, .preferStandby: return nil
@@ -568,7 +593,8 @@ public struct ConnectionSettings: Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         let user = username.addingPercentEncoding(withAllowedCharacters: .urlUserAllowed) ?? username
         let db = database.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? database
-        var tcp: [String] = [], sockets: [(host: String, port: String)] = []
+        var tcp: [String] = []
+        var sockets: [(host: String, port: String)] = []
         for endpoint in hosts {
             switch endpoint {
             case .tcp: tcp.append(endpoint.description)

@@ -21,12 +21,15 @@ func untilDeadline<T: Sendable>(
     let race = DeadlineRace<T>()
     return try await withTaskCancellationHandler {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T?, any Error>) in
-            race.start(continuation, work: Task {
-                do { race.finish(.success(try await body())) } catch { race.finish(.failure(error)) }
-            }, timer: Task {
-                try? await Task.sleep(until: deadline, clock: .continuous)
-                race.finish(.success(nil))
-            })
+            race.start(
+                continuation,
+                work: Task {
+                    do { race.finish(.success(try await body())) } catch { race.finish(.failure(error)) }
+                },
+                timer: Task {
+                    try? await Task.sleep(until: deadline, clock: .continuous)
+                    race.finish(.success(nil))
+                })
             abandon? { error in race.finish(.failure(error)) }
         }
     } onCancel: {

@@ -36,8 +36,10 @@ public final class FailoverClient: ConnectionPool, Service, Sendable {
     private let state: Mutex<State>
     private let wake = WakeSignal()
 
-    private init(settings: ConnectionSettings, endpoint: ConnectionSettings.Endpoint, maximumConnections: Int,
-                 checkInterval: Duration, logger: Logger) throws {
+    private init(
+        settings: ConnectionSettings, endpoint: ConnectionSettings.Endpoint, maximumConnections: Int,
+        checkInterval: Duration, logger: Logger
+    ) throws {
         self.settings = settings
         self.maximumConnections = maximumConnections
         self.checkInterval = checkInterval
@@ -91,7 +93,8 @@ public final class FailoverClient: ConnectionPool, Service, Sendable {
     private func noteFailure(_ error: any Error) {
         guard follows else { return }
         let wrapped = DispatchPolicyError.from(error)
-        let sessionFault = ManagedConnection.endsSession(error) || ManagedConnection.needsNewSession(error)
+        let sessionFault =
+            ManagedConnection.endsSession(error) || ManagedConnection.needsNewSession(error)
             || wrapped.code == .connectionLost || wrapped.code == .client || (error as? PSQLError).map { $0.serverInfo == nil } == true
         guard sessionFault else { return }
         state.withLock { $0.suspect = true }
@@ -134,11 +137,12 @@ public final class FailoverClient: ConnectionPool, Service, Sendable {
         let logger = logger
         let verdict: String?
         do {
-            verdict = try await untilDeadline(.now + settings.perHostTimeout) {
-                try await client.withConnection { conn in
-                    try await ConnectionSettings.mismatch(conn, wanted: wanted, logger: logger)
-                }
-            } ?? "no session within \(settings.perHostTimeout)"
+            verdict =
+                try await untilDeadline(.now + settings.perHostTimeout) {
+                    try await client.withConnection { conn in
+                        try await ConnectionSettings.mismatch(conn, wanted: wanted, logger: logger)
+                    }
+                } ?? "no session within \(settings.perHostTimeout)"
         } catch {
             verdict = DispatchPolicyError.from(error).description
         }
@@ -147,9 +151,11 @@ public final class FailoverClient: ConnectionPool, Service, Sendable {
         do {
             found = try await settings.settle(logger: logger)
         } catch {
-            logger.warning("the pool's host is no longer usable, and no other is", metadata: [
-                "connection.host": "\(endpoint)", "reason": "\(verdict)", "error": "\(error)",
-            ])
+            logger.warning(
+                "the pool's host is no longer usable, and no other is",
+                metadata: [
+                    "connection.host": "\(endpoint)", "reason": "\(verdict)", "error": "\(error)",
+                ])
             return nil
         }
         guard found != endpoint else { return nil }
@@ -167,9 +173,11 @@ public final class FailoverClient: ConnectionPool, Service, Sendable {
             state.endpoint = found
             state.moves += 1
         }
-        logger.info("the pool follows target_session_attrs to another host", metadata: [
-            "connection.from": "\(endpoint)", "connection.to": "\(found)", "reason": "\(verdict)",
-        ])
+        logger.info(
+            "the pool follows target_session_attrs to another host",
+            metadata: [
+                "connection.from": "\(endpoint)", "connection.to": "\(found)", "reason": "\(verdict)",
+            ])
         return moved
     }
 }

@@ -158,15 +158,26 @@ public actor ManagedConnection {
             let bound = connectBound
             let attempt: PostgresConnection? = try await untilDeadline(.now + bound) {
                 let conn = try await Self.open(source, logger: logger)
-                if late.withLock({ state in state.conn = conn; return state.abandoned }) { Self.closeUnawaited(conn) }
+                if late.withLock({ state in
+                    state.conn = conn
+                    return state.abandoned
+                }) {
+                    Self.closeUnawaited(conn)
+                }
                 return conn
             }
-            if attempt == nil, let conn = late.withLock({ state in state.abandoned = true; return state.conn }) {
+            if attempt == nil,
+                let conn = late.withLock({ state in
+                    state.abandoned = true
+                    return state.conn
+                })
+            {
                 Self.closeUnawaited(conn)
             }
             guard let attempt else {
-                throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(target)",
-                                          detail: "no answer within \(Self.describe(bound))")
+                throw DispatchPolicyError(
+                    code: .connectionLost, message: "\(role): cannot connect to \(target)",
+                    detail: "no answer within \(Self.describe(bound))")
             }
             return attempt
         }
@@ -238,9 +249,11 @@ public actor ManagedConnection {
                 if opened > 1 { reconnects += 1 }
                 if connectFailures > 0 || opened > 1 {
                     // At warning level, like the loss it ends (debug when that was not logged).
-                    logger.log(level: lossRepeated && connectFailures == 0 ? .debug : .info, "database connection restored", metadata: [
-                        "connection.role": "\(role)", "connection.failed_attempts": "\(connectFailures)",
-                    ])
+                    logger.log(
+                        level: lossRepeated && connectFailures == 0 ? .debug : .info, "database connection restored",
+                        metadata: [
+                            "connection.role": "\(role)", "connection.failed_attempts": "\(connectFailures)",
+                        ])
                 }
                 connectFailures = 0
                 lastConnectError = nil
@@ -253,9 +266,11 @@ public actor ManagedConnection {
                 let delay = min(backoff.lowerBound * (1 << exponent), backoff.upperBound)
                 retryAt = .now + delay
                 if lastConnectError != message {
-                    logger.warning("cannot connect to the database; retrying with backoff", metadata: [
-                        "connection.role": "\(role)", "error": "\(message)", "retry.in": "\(Self.describe(delay))",
-                    ])
+                    logger.warning(
+                        "cannot connect to the database; retrying with backoff",
+                        metadata: [
+                            "connection.role": "\(role)", "error": "\(message)", "retry.in": "\(Self.describe(delay))",
+                        ])
                 }
                 lastConnectError = message
                 lastAttemptError = DispatchPolicyError(code: .connectionLost, message: message)
@@ -295,8 +310,9 @@ public actor ManagedConnection {
             var connectBy = ContinuousClock.now + connectBound
             if let hardDeadline { connectBy = min(connectBy, hardDeadline) }
             guard let opened = try await untilDeadline(connectBy, { try await self.session() }) else {
-                throw DispatchPolicyError(code: .connectionLost, message: "\(role): cannot connect to \(target)",
-                                          detail: "no answer in time for \(what)")
+                throw DispatchPolicyError(
+                    code: .connectionLost, message: "\(role): cannot connect to \(target)",
+                    detail: "no answer in time for \(what)")
             }
             (conn, watch) = opened
         }
@@ -310,21 +326,23 @@ public actor ManagedConnection {
             // has closed, the call has a moment to fail by itself, then is abandoned.
             var token: Int?
             defer { if let token { watch.remove(token) } }
-            value = try await untilDeadline(deadline, abandon: { giveUp in token = watch.add(giveUp) }) { try await body(conn) }
+            value = try await untilDeadline(deadline, abandon: { giveUp in token = watch.add(giveUp) }, { try await body(conn) })
         } catch is CancellationError {
             throw CancellationError()
         } catch {
             guard conn.isClosed || Self.endsSession(error) || Self.needsNewSession(error) else { throw error }
             let reason = DispatchPolicyError.from(error).description
             await drop(conn, reason: "\(what) failed: \(reason)")
-            throw DispatchPolicyError(code: .connectionLost, message: "\(role): the database session ended during \(what)",
-                                      detail: reason)
+            throw DispatchPolicyError(
+                code: .connectionLost, message: "\(role): the database session ended during \(what)",
+                detail: reason)
         }
         guard let value else {
             let reason = "\(what) did not return within \(Self.describe(deadline - start))"
             await drop(conn, reason: reason)
-            throw DispatchPolicyError(code: .connectionLost, message: "\(role): \(reason)",
-                                      detail: "the connection was closed; the next call opens a new one")
+            throw DispatchPolicyError(
+                code: .connectionLost, message: "\(role): \(reason)",
+                detail: "the connection was closed; the next call opens a new one")
         }
         return value
     }
@@ -365,13 +383,15 @@ public actor ManagedConnection {
             let reason = DispatchPolicyError.from(error).description
             guard let conn = leased.withLock({ $0 }) else {
                 await poolFailed(reason)
-                throw DispatchPolicyError(code: .connectionLost, message: "\(role): the pool lent no connection for \(what)",
-                                          detail: reason)
+                throw DispatchPolicyError(
+                    code: .connectionLost, message: "\(role): the pool lent no connection for \(what)",
+                    detail: reason)
             }
             guard conn.isClosed || Self.endsSession(error) || Self.needsNewSession(error) else { throw error }
             await leaseLost(conn, reason: "\(what) failed: \(reason)")
-            throw DispatchPolicyError(code: .connectionLost, message: "\(role): the database session ended during \(what)",
-                                      detail: reason)
+            throw DispatchPolicyError(
+                code: .connectionLost, message: "\(role): the database session ended during \(what)",
+                detail: reason)
         }
         guard let value else {
             guard let conn = leased.withLock({ $0 }) else {
@@ -383,8 +403,9 @@ public actor ManagedConnection {
             }
             let reason = "\(what) did not return within \(Self.describe(deadline - start))"
             await leaseLost(conn, reason: reason)
-            throw DispatchPolicyError(code: .connectionLost, message: "\(role): \(reason)",
-                                      detail: "the connection was closed; the pool opens another")
+            throw DispatchPolicyError(
+                code: .connectionLost, message: "\(role): \(reason)",
+                detail: "the connection was closed; the pool opens another")
         }
         await leaseServed()
         return value
@@ -394,9 +415,11 @@ public actor ManagedConnection {
     private func poolFailed(_ reason: String) {
         connectFailures += 1
         if lastConnectError != reason {
-            logger.warning("no connection from the application's pool; retrying", metadata: [
-                "connection.role": "\(role)", "error": "\(reason)",
-            ])
+            logger.warning(
+                "no connection from the application's pool; retrying",
+                metadata: [
+                    "connection.role": "\(role)", "error": "\(reason)",
+                ])
         }
         lastConnectError = reason
     }
@@ -412,9 +435,11 @@ public actor ManagedConnection {
     private func leaseServed() {
         if connectedAt == nil { connectedAt = Date() }
         if connectFailures > 0 {
-            logger.info("database connection restored", metadata: [
-                "connection.role": "\(role)", "connection.failed_attempts": "\(connectFailures)",
-            ])
+            logger.info(
+                "database connection restored",
+                metadata: [
+                    "connection.role": "\(role)", "connection.failed_attempts": "\(connectFailures)",
+                ])
         }
         connectFailures = 0
         lastConnectError = nil
@@ -457,9 +482,11 @@ public actor ManagedConnection {
         // on a read-only server) is logged at debug level, not every time.
         let repeated = lastLoss.map { $0.reason == reason && Date().timeIntervalSince($0.at) < 60 } ?? false
         lastLoss = (Date(), reason)
-        logger.log(level: repeated ? .debug : .info, "database connection lost; reconnecting", metadata: [
-            "connection.role": "\(role)", "reason": "\(reason)",
-        ])
+        logger.log(
+            level: repeated ? .debug : .info, "database connection lost; reconnecting",
+            metadata: [
+                "connection.role": "\(role)", "reason": "\(reason)",
+            ])
         lossRepeated = repeated
         Self.closeUnawaited(conn)
     }
@@ -487,7 +514,8 @@ public actor ManagedConnection {
             if let theirs = await other.lastLoss, theirs.at > (loss?.at ?? .distantPast) { loss = theirs }
         }
         do {
-            _ = try await run("reporting the process", timeout: timeout, until: hardDeadline) { [logger, connectedAt, reconnects, loss] conn in
+            _ = try await run("reporting the process", timeout: timeout, until: hardDeadline) {
+                [logger, connectedAt, reconnects, loss] conn in
                 try await conn.rows(
                     """
                     SELECT dispatch_policy.report_process(\(name), \(kind), \(startedAt), \(connectedAt ?? Date()),
@@ -504,7 +532,8 @@ public actor ManagedConnection {
     public nonisolated func forgetProcess(name: String, until hardDeadline: ContinuousClock.Instant? = nil) async {
         await run("forgetting the process", timeout: .seconds(2), until: hardDeadline) { [logger] conn in
             _ = try await conn.rows("SELECT dispatch_policy.forget_process(\(name))", logger: logger)
-        } ifFails: { _ in }
+        } ifFails: { _ in
+        }
     }
 
     /// Closes the connection, waiting at most `timeout` for the server to

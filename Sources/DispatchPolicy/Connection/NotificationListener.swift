@@ -77,9 +77,11 @@ struct NotificationListener: Sendable {
                 quickFailures += 1
                 let delay = min(Duration.seconds(1) * (1 << min(quickFailures - 1, 5)), .seconds(30))
                 if quickFailures == 1 {
-                    logger.warning("notifications unavailable; the owner polls meanwhile, retrying with backoff", metadata: [
-                        "error": "\(reason ?? "the session ended")", "retry.in": "\(delay)",
-                    ])
+                    logger.warning(
+                        "notifications unavailable; the owner polls meanwhile, retrying with backoff",
+                        metadata: [
+                            "error": "\(reason ?? "the session ended")", "retry.in": "\(delay)",
+                        ])
                 }
                 try? await Task.sleep(for: delay)
             } else {

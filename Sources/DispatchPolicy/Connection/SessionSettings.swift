@@ -43,9 +43,11 @@ public struct SessionSettings: Sendable, Equatable {
 
     /// The startup parameters, in milliseconds (0 turns a setting off).
     public var parameters: [(String, String)] {
-        [("statement_timeout", statementTimeout), ("idle_in_transaction_session_timeout", idleInTransactionTimeout),
-         ("client_connection_check_interval", connectionCheckInterval)]
-            .compactMap { name, value in value.map { (name, String($0.settingMilliseconds)) } }
+        [
+            ("statement_timeout", statementTimeout), ("idle_in_transaction_session_timeout", idleInTransactionTimeout),
+            ("client_connection_check_interval", connectionCheckInterval),
+        ]
+        .compactMap { name, value in value.map { (name, String($0.settingMilliseconds)) } }
     }
 }
 

@@ -1,6 +1,6 @@
+import Foundation
 import Logging
 import PostgresNIO
-import Foundation
 
 /// Why a job is where it is: the rows of `dispatch_policy.explain(id)`.
 public struct JobExplanation: Sendable, Equatable {
@@ -31,7 +31,8 @@ public struct JobExplanation: Sendable, Equatable {
             "SELECT aspect, gate, partition, verdict, explanation, wait_seconds FROM dispatch_policy.explain(\(id))",
             logger: logger
         ).map { row in
-            let (aspect, gate, partition, verdict, explanation, wait) = try row.decode((String, String?, String?, String, String, Double?).self)
+            let (aspect, gate, partition, verdict, explanation, wait) = try row.decode(
+                (String, String?, String?, String, String, Double?).self)
             return Row(aspect: aspect, gate: gate, partition: partition, verdict: verdict, explanation: explanation, waitSeconds: wait)
         }
         return JobExplanation(id: id, rows: rows)

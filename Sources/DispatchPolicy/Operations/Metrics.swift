@@ -57,9 +57,11 @@ public struct DispatchPolicyMetrics: Sendable {
 
     /// A `stage` call: a new job, or one dropped as a duplicate.
     public func recordStaged(policy: String, inserted: Bool) {
-        Counter(label: "dispatch_policy_staged_total",
-                dimensions: [("policy", policy), ("result", inserted ? "inserted" : "deduplicated")], factory: factory)
-            .increment()
+        Counter(
+            label: "dispatch_policy_staged_total",
+            dimensions: [("policy", policy), ("result", inserted ? "inserted" : "deduplicated")], factory: factory
+        )
+        .increment()
     }
 
     /// A job a worker completed (as recorded by the database).
@@ -69,9 +71,11 @@ public struct DispatchPolicyMetrics: Sendable {
 
     /// A failed attempt: staged again for a retry, or dead.
     public func recordFailed(policy: String, dead: Bool) {
-        Counter(label: "dispatch_policy_jobs_failed_total",
-                dimensions: [("policy", policy), ("result", dead ? "dead" : "retry")], factory: factory)
-            .increment()
+        Counter(
+            label: "dispatch_policy_jobs_failed_total",
+            dimensions: [("policy", policy), ("result", dead ? "dead" : "retry")], factory: factory
+        )
+        .increment()
     }
 
     /// A job a handler deferred (``Defer``): staged again, no attempt counted.

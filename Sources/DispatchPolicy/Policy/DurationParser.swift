@@ -42,7 +42,9 @@ public enum DurationParser {
         guard let value = parse(text), range.contains(value) else {
             throw DispatchPolicyError(
                 code: .invalidArgument,
-                message: "\(flag) must be a duration from \(describe(range.lowerBound)) to \(describe(range.upperBound)), such as 50ms, 30s, 5m, 2h or 7d; got \(text.prefix(80))")
+                message:
+                    "\(flag) must be a duration from \(describe(range.lowerBound)) to \(describe(range.upperBound)), such as 50ms, 30s, 5m, 2h or 7d; got \(text.prefix(80))"
+            )
         }
         return value
     }

@@ -66,7 +66,8 @@ public enum FieldLimits {
     public static let throttleBurst = FieldLimit("throttle.burst", 1, 1_000_000, integral: false, unit: "tokens")
     public static let concurrencyMax = FieldLimit("concurrency.max", 0, 1_000_000, integral: true, unit: "jobs")
     public static let globalCapMax = FieldLimit("global_cap.max", 0, 1_000_000, integral: true, unit: "jobs")
-    public static let adaptiveInitialMax = FieldLimit("adaptive_concurrency.initial_max", 1, 1_000_000, integral: true, default: 3, unit: "jobs")
+    public static let adaptiveInitialMax = FieldLimit(
+        "adaptive_concurrency.initial_max", 1, 1_000_000, integral: true, default: 3, unit: "jobs")
     public static let adaptiveMin = FieldLimit("adaptive_concurrency.min", 1, 1_000_000, integral: true, default: 1, unit: "jobs")
     public static let adaptiveMax = FieldLimit("adaptive_concurrency.max", 1, 1_000_000, integral: true, unit: "jobs")
     public static let adaptiveTargetLagMs = FieldLimit("adaptive_concurrency.target_lag_ms", 1, 86_400_000, integral: false, unit: "ms")
@@ -75,7 +76,8 @@ public enum FieldLimits {
     public static let adaptiveFailureDecrease = FieldLimit(
         "adaptive_concurrency.failure_decrease_factor", 0, 1, integral: false, default: 0.5, minimumExclusive: true, maximumExclusive: true)
     public static let adaptiveOverloadDecrease = FieldLimit(
-        "adaptive_concurrency.overload_decrease_factor", 0, 1, integral: false, default: 0.95, minimumExclusive: true, maximumExclusive: true)
+        "adaptive_concurrency.overload_decrease_factor", 0, 1, integral: false, default: 0.95, minimumExclusive: true,
+        maximumExclusive: true)
     public static let jobPriority = FieldLimit("job.priority", -2_147_483_648, 2_147_483_647, integral: true, default: 0)
     public static let jobQueue = FieldLimit("job.queue", 1, 128, integral: true, unit: "bytes")
     public static let jobDedupeKey = FieldLimit("job.dedupe_key", 1, 512, integral: true, unit: "bytes")

@@ -104,7 +104,8 @@ extension PolicyCatalog {
                 guard let members = scanner.members() else {
                     var value = ContextStrings.Scanner(Array(text.utf8))
                     if value.kindOfValue() != nil, value.atEnd() {
-                        throw DispatchPolicyError(code: .invalidArgument, message: "policy file must be an object {\"name\": ..., \"config\": {...}}")
+                        throw DispatchPolicyError(
+                            code: .invalidArgument, message: "policy file must be an object {\"name\": ..., \"config\": {...}}")
                     }
                     throw Self.notJSON
                 }
@@ -119,10 +120,12 @@ extension PolicyCatalog {
             names = try entries.enumerated().map { index, members in
                 let at = isArray ? "[\(index)]" : ""
                 guard let members else {
-                    throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at) must be an object {\"name\": ..., \"config\": {...}}")
+                    throw DispatchPolicyError(
+                        code: .invalidArgument, message: "policy file\(at) must be an object {\"name\": ..., \"config\": {...}}")
                 }
                 if let unknown = members.map(\.key).sorted().first(where: { $0 != "name" && $0 != "config" }) {
-                    throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at).\(unknown) is not a known field (known: name, config)")
+                    throw DispatchPolicyError(
+                        code: .invalidArgument, message: "policy file\(at).\(unknown) is not a known field (known: name, config)")
                 }
                 guard case .string(let name)? = members.last(where: { $0.key == "name" })?.kind else {
                     throw DispatchPolicyError(code: .invalidArgument, message: "policy file\(at).name must be a string")

@@ -33,8 +33,13 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case gates, roundRobinBy = "round_robin_by", batchSize = "batch_size", roundRobinQuantum = "round_robin_quantum"
-        case leaseSeconds = "lease_seconds", maxAttempts = "max_attempts", target
+        case gates
+        case roundRobinBy = "round_robin_by"
+        case batchSize = "batch_size"
+        case roundRobinQuantum = "round_robin_quantum"
+        case leaseSeconds = "lease_seconds"
+        case maxAttempts = "max_attempts"
+        case target
     }
 
     public init(
@@ -55,8 +60,9 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil,
         @GatesBuilder gates: () -> [Gate]
     ) {
-        self.init(gates: gates(), roundRobinBy: roundRobinBy, batchSize: batchSize, roundRobinQuantum: roundRobinQuantum,
-                  leaseSeconds: leaseSeconds, maxAttempts: maxAttempts, target: target)
+        self.init(
+            gates: gates(), roundRobinBy: roundRobinBy, batchSize: batchSize, roundRobinQuantum: roundRobinQuantum,
+            leaseSeconds: leaseSeconds, maxAttempts: maxAttempts, target: target)
     }
 
     public init(from decoder: any Decoder) throws {
@@ -120,7 +126,8 @@ public enum GateValue: Codable, Sendable, Equatable, ExpressibleByIntegerLiteral
             return limit.clamp(value)
         case .context(let key, let fallback):
             if let text = context[key], let value = Self.decimal(text), limit.contains(value),
-               !limit.integral || Self.isIntegerLiteral(text) {
+                !limit.integral || Self.isIntegerLiteral(text)
+            {
                 return value
             }
             return limit.clamp(fallback)
@@ -157,8 +164,10 @@ public enum GateValue: Codable, Sendable, Equatable, ExpressibleByIntegerLiteral
         }
         guard bytes.isEmpty, let value = Double(trimmed), value.isFinite else { return nil }
         // 1e-400 parses as 0: a value no double holds is not 0.
-        if value == 0, trimmed.utf8.prefix(while: { $0 != UInt8(ascii: "e") && $0 != UInt8(ascii: "E") })
-            .contains(where: { $0 >= UInt8(ascii: "1") && $0 <= UInt8(ascii: "9") }) {
+        if value == 0,
+            trimmed.utf8.prefix(while: { $0 != UInt8(ascii: "e") && $0 != UInt8(ascii: "E") })
+                .contains(where: { $0 >= UInt8(ascii: "1") && $0 <= UInt8(ascii: "9") })
+        {
             return nil
         }
         return value
@@ -245,9 +254,15 @@ public struct Gate: Codable, Sendable, Equatable {
     public var overloadDecreaseFactor: Double?
 
     enum CodingKeys: String, CodingKey {
-        case type, name, partitionBy = "partition_by", rate, per, burst, max, initialMax = "initial_max"
-        case targetLagMs = "target_lag_ms", min, ewmaAlpha = "ewma_alpha"
-        case failureDecreaseFactor = "failure_decrease_factor", overloadDecreaseFactor = "overload_decrease_factor"
+        case type, name
+        case partitionBy = "partition_by"
+        case rate, per, burst, max
+        case initialMax = "initial_max"
+        case targetLagMs = "target_lag_ms"
+        case min
+        case ewmaAlpha = "ewma_alpha"
+        case failureDecreaseFactor = "failure_decrease_factor"
+        case overloadDecreaseFactor = "overload_decrease_factor"
     }
 
     public init(type: Kind, name: String? = nil, partitionBy: String? = nil) {
@@ -262,7 +277,9 @@ public struct Gate: Codable, Sendable, Equatable {
     /// Whether admitted jobs hold a slot of this gate until they finish.
     public var holdsSlots: Bool { type == .concurrency || type == .globalCap || type == .adaptiveConcurrency }
 
-    public static func throttle(name: String? = nil, rate: GateValue, per: GateValue, burst: GateValue? = nil, partitionBy: String? = nil) -> Gate {
+    public static func throttle(name: String? = nil, rate: GateValue, per: GateValue, burst: GateValue? = nil, partitionBy: String? = nil)
+        -> Gate
+    {
         var gate = Gate(type: .throttle, name: name, partitionBy: partitionBy)
         gate.rate = rate
         gate.per = per

@@ -1,7 +1,7 @@
 import Foundation
 import Logging
-import Synchronization
 import PostgresNIO
+import Synchronization
 
 /// A read-only view of a running ``TickRunner``: whether its session to the
 /// database is open, and when its last admission pass completed. The runner

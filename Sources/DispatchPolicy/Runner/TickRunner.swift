@@ -215,12 +215,15 @@ public struct TickRunner: Service {
             }
         }
         let listening = ManagedConnection(source, role: "runner notifications", logger: logger, connectTimeout: options.connectTimeout)
-        let listener: Task<Void, Never>? = options.once ? nil : Task {
-            await NotificationListener(
-                connection: listening, channels: ["dispatch_policy_staged", "dispatch_policy_released"], logger: logger
-            ).run { _, _ in await wake.signal() }
-            await listening.close()
-        }
+        let listener: Task<Void, Never>? =
+            options.once
+            ? nil
+            : Task {
+                await NotificationListener(
+                    connection: listening, channels: ["dispatch_policy_staged", "dispatch_policy_released"], logger: logger
+                ).run { _, _ in await wake.signal() }
+                await listening.close()
+            }
         defer { listener?.cancel() }
         var report = RunReport()
         do {
@@ -276,7 +279,9 @@ public struct TickRunner: Service {
                         guard exists else {
                             throw DispatchPolicyError(
                                 code: .server, message: "unknown policy: '\(only)'", sqlState: "42704",
-                                hint: "Declare it first with dispatch_policy.declare_policy(name, config) or \"dispatch-policy policy apply FILE\".")
+                                hint:
+                                    "Declare it first with dispatch_policy.declare_policy(name, config) or \"dispatch-policy policy apply FILE\"."
+                            )
                         }
                     }
                     checkedPolicies = true
@@ -285,8 +290,10 @@ public struct TickRunner: Service {
                 // reconnect, and once per maintenance interval.
                 var reconnects = await db.reconnects
                 for other in others { reconnects += await other.reconnects }
-                if !options.once, reconnects != reportedReconnects
-                    || lastReport.map({ ContinuousClock.now - $0 >= options.maintenanceInterval }) ?? true {
+                if !options.once,
+                    reconnects != reportedReconnects
+                        || lastReport.map({ ContinuousClock.now - $0 >= options.maintenanceInterval }) ?? true
+                {
                     await db.reportAlive(name: options.name, kind: "runner", startedAt: startedAt, others: others, until: hardDeadline)
                     lastReport = .now
                     reportedReconnects = reconnects
@@ -309,8 +316,11 @@ public struct TickRunner: Service {
                         // A span per tick (a no-op unless the application bootstrapped a tracer).
                         let result = try await withSpan("dispatch_policy.tick", ofKind: .internal) { span in
                             span.attributes["dispatch_policy.policy"] = policy
-                            let result = try await db.run("the tick of policy \(policy)", timeout: options.tickCallTimeout, until: hardDeadline) { conn in
-                                try await Ticker(connection: conn, settings: settings, logger: logger).tick(policy: policy, reap: work.expiredLeases)
+                            let result = try await db.run(
+                                "the tick of policy \(policy)", timeout: options.tickCallTimeout, until: hardDeadline
+                            ) { conn in
+                                try await Ticker(connection: conn, settings: settings, logger: logger).tick(
+                                    policy: policy, reap: work.expiredLeases)
                             }
                             span.attributes["dispatch_policy.outcome"] = result.outcome.rawValue
                             span.attributes["dispatch_policy.fetched"] = result.fetched
@@ -331,7 +341,8 @@ public struct TickRunner: Service {
                         if work.failing && result.outcome == .ran {
                             await db.run("clearing the policy's failure", timeout: options.callTimeout, until: hardDeadline) { conn in
                                 _ = try await conn.rows("SELECT dispatch_policy.clear_runner_failure(\(policy))", logger: logger)
-                            } ifFails: { _ in }
+                            } ifFails: { _ in
+                            }
                         }
                     } catch {
                         let wrapped = DispatchPolicyError.from(error)
@@ -400,9 +411,11 @@ public struct TickRunner: Service {
         let message = error.description
         failing[policy] = Failing(failures: failures, message: message, retryAt: .now + backoff)
         if previous?.message != message {
-            logger.warning("policy tick failed; other policies continue", metadata: [
-                "policy.name": "\(policy)", "error": "\(message)", "retry.in": "\(backoff)",
-            ])
+            logger.warning(
+                "policy tick failed; other policies continue",
+                metadata: [
+                    "policy.name": "\(policy)", "error": "\(message)", "retry.in": "\(backoff)",
+                ])
         }
         let seconds = Double(backoff.components.seconds) + Double(backoff.components.attoseconds) / 1e18
         let sqlState = error.sqlState
@@ -412,7 +425,8 @@ public struct TickRunner: Service {
                 SELECT dispatch_policy.record_runner_failure(\(policy), \(message), \(sqlState),
                                                              now() + make_interval(secs => \(seconds)::float8))
                 """, logger: logger)
-        } ifFails: { _ in }
+        } ifFails: { _ in
+        }
     }
 
     /// Reaps expired leases, one policy at a time, and prunes old rows: each
@@ -436,7 +450,8 @@ public struct TickRunner: Service {
         }
         for policy in expired {
             try await step("reap:\(policy)", report: &report, errors: &errors) {
-                reaped += try await db.run("reaping the leases of policy \(policy)", timeout: options.tickCallTimeout, until: hardDeadline) { conn in
+                reaped += try await db.run("reaping the leases of policy \(policy)", timeout: options.tickCallTimeout, until: hardDeadline)
+                { conn in
                     try await Ticker(connection: conn, settings: settings, logger: logger).reapLeases(policy: policy)
                 }
             }
@@ -487,9 +502,11 @@ public struct TickRunner: Service {
             report.maintenanceFailures += 1
             report.lastMaintenanceError = "\(name): \(message)"
             if errors[name] != message {
-                logger.warning("maintenance step failed; the others continue", metadata: [
-                    "maintenance.step": "\(name)", "error": "\(message)",
-                ])
+                logger.warning(
+                    "maintenance step failed; the others continue",
+                    metadata: [
+                        "maintenance.step": "\(name)", "error": "\(message)",
+                    ])
             }
             errors[name] = message
         }

@@ -293,9 +293,11 @@ public struct Ticker: Sendable {
         result.reaped = reaped
         result.duration = ContinuousClock.now - started
         if result.admitted > 0 || result.reaped > 0 {
-            log.info("tick", metadata: [
-                "tick.admitted": "\(result.admitted)", "tick.fetched": "\(result.fetched)", "tick.reaped": "\(result.reaped)",
-            ])
+            log.info(
+                "tick",
+                metadata: [
+                    "tick.admitted": "\(result.admitted)", "tick.fetched": "\(result.fetched)", "tick.reaped": "\(result.reaped)",
+                ])
         }
         return result
     }
@@ -339,10 +341,12 @@ public struct Ticker: Sendable {
                     """, as: Bool.self, logger: log)
             }
             result.duration = ContinuousClock.now - started
-            log.info("admitted now from a partition", metadata: [
-                "gate.name": "\(gate)", "partition.key": "\(partition)", "tick.admitted": "\(result.admitted)",
-                "tick.fetched": "\(result.fetched)", "tick.outcome": "\(result.outcome.rawValue)",
-            ])
+            log.info(
+                "admitted now from a partition",
+                metadata: [
+                    "gate.name": "\(gate)", "partition.key": "\(partition)", "tick.admitted": "\(result.admitted)",
+                    "tick.fetched": "\(result.fetched)", "tick.outcome": "\(result.outcome.rawValue)",
+                ])
             return result
         }
     }
@@ -357,7 +361,10 @@ public struct Ticker: Sendable {
             do {
                 _ = try await session.rows("SELECT dispatch_policy.tick_abort(\(policy))", logger: logger)
             } catch let abort {
-                throw SessionUnusable(reason: "could not end the failed tick of policy \(policy) (\(DispatchPolicyError.from(abort))) after: \(DispatchPolicyError.from(error))")
+                throw SessionUnusable(
+                    reason:
+                        "could not end the failed tick of policy \(policy) (\(DispatchPolicyError.from(abort))) after: \(DispatchPolicyError.from(error))"
+                )
             }
             throw error
         }
@@ -497,17 +504,19 @@ public struct Ticker: Sendable {
         for (key, taken) in observations.sorted(by: { $0.key < $1.key }) {
             guard let settings = adaptiveSettings[key.gate], var controller = adaptive[key] else { continue }
             for observation in taken {
-                controller.observe(lagMs: observation.lag, success: observation.success,
-                                   limited: decision.adaptiveLimited.contains(key), settings: settings)
+                controller.observe(
+                    lagMs: observation.lag, success: observation.success,
+                    limited: decision.adaptiveLimited.contains(key), settings: settings)
             }
             updates.append((key, controller, taken.map(\.at).max() ?? now))
         }
 
-        let cursor: String? = switch only != nil ? .hold : decision.cursor {
-        case nil: nil
-        case .hold: #"{"hold": true}"#
-        case .after(let key): try Self.json(CursorJSON(last_key: key))
-        }
+        let cursor: String? =
+            switch only != nil ? .hold : decision.cursor {
+            case nil: nil
+            case .hold: #"{"hold": true}"#
+            case .after(let key): try Self.json(CursorJSON(lastKey: key))
+            }
         // Adaptive caps that grew: lanes waiting on them are ready again.
         let grown = updates.filter { $0.controller.currentMax > (state.adaptiveCap[$0.key] ?? Int.max) }.map(\.key)
         let blocks = only != nil ? [] : decision.laneBlocks
@@ -579,15 +588,15 @@ public struct Ticker: Sendable {
     // MARK: - JSON plumbing
 
     struct CursorJSON: Encodable {
-        var last_key: String?
+        var lastKey: String?
 
         func encode(to encoder: any Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             // An explicit null: the lane of jobs without a key.
-            try c.encode(last_key, forKey: .last_key)
+            try c.encode(lastKey, forKey: .lastKey)
         }
 
-        enum CodingKeys: String, CodingKey { case last_key }
+        enum CodingKeys: String, CodingKey { case lastKey = "last_key" }
     }
 
     static func json(_ value: some Encodable) throws -> String {
@@ -596,7 +605,8 @@ public struct Ticker: Sendable {
 
     static func decodeStrings(_ text: String) throws -> [String: String] {
         guard let strings = ContextStrings.parse(text) else {
-            throw DispatchPolicyError(code: .server, message: "tick_begin returned a context that is not a JSON object: \(text.prefix(200))")
+            throw DispatchPolicyError(
+                code: .server, message: "tick_begin returned a context that is not a JSON object: \(text.prefix(200))")
         }
         return strings
     }

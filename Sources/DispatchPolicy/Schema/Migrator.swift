@@ -63,7 +63,8 @@ public struct Migrator: Sendable {
         if let unknown = recorded.first(where: { !known.contains($0.version) }) {
             throw DispatchPolicyError(
                 code: .migrationUnknownToThisBuild,
-                message: "the database has migration \(unknown.name) (version \(unknown.version)), which this build of dispatch-policy does not know",
+                message:
+                    "the database has migration \(unknown.name) (version \(unknown.version)), which this build of dispatch-policy does not know",
                 hint: "Run a dispatch-policy at least as new as the one that migrated this database.")
         }
 
@@ -75,7 +76,8 @@ public struct Migrator: Sendable {
                 guard done.checksum == checksum else {
                     throw DispatchPolicyError(
                         code: .migrationChecksumMismatch,
-                        message: "migration \(migration.fileName) was changed after it was applied (recorded checksum \(done.checksum.prefix(12))…, file \(checksum.prefix(12))…)",
+                        message:
+                            "migration \(migration.fileName) was changed after it was applied (recorded checksum \(done.checksum.prefix(12))…, file \(checksum.prefix(12))…)",
                         hint: "Applied migrations must not be edited: restore the file and add a new migration instead.")
                 }
                 already.append(migration.fileName)
@@ -126,7 +128,8 @@ public struct Migrator: Sendable {
                 "SELECT encode(sha256(convert_to(\(migration.sql), 'UTF8')), 'hex')", logger: logger
             ).collect()
             guard let checksum = try rows.first?.decode(String.self) else {
-                throw DispatchPolicyError(code: .migrationFailed, message: "migrate: the server returned no checksum for \(migration.fileName)")
+                throw DispatchPolicyError(
+                    code: .migrationFailed, message: "migrate: the server returned no checksum for \(migration.fileName)")
             }
             return checksum
         }
@@ -151,12 +154,13 @@ public struct Migrator: Sendable {
             _ = try await connection.rows("COMMIT", logger: logger)
         } catch {
             _ = try? await connection.rows("ROLLBACK", logger: logger)
-            let where_ = index < statements.count
+            let location =
+                index < statements.count
                 ? " at statement \(index + 1) of \(statements.count): \(statements[index].prefix(80).split(separator: "\n").first ?? "")"
                 : ""
             var wrapped = DispatchPolicyError.from(error)
             wrapped.code = .migrationFailed
-            wrapped.message = "migration \(migration.fileName) failed\(where_): \(wrapped.message)"
+            wrapped.message = "migration \(migration.fileName) failed\(location): \(wrapped.message)"
             wrapped.hint = wrapped.hint ?? "Nothing of \(migration.fileName) was applied."
             throw wrapped
         }

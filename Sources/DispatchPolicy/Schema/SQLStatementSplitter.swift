@@ -39,23 +39,31 @@ public enum SQLStatementSplitter {
                 i += 2
                 while i < chars.count && depth > 0 {
                     if chars[i] == "/" && i + 1 < chars.count && chars[i + 1] == "*" {
-                        depth += 1; i += 2
+                        depth += 1
+                        i += 2
                     } else if chars[i] == "*" && i + 1 < chars.count && chars[i + 1] == "/" {
-                        depth -= 1; i += 2
+                        depth -= 1
+                        i += 2
                     } else {
                         i += 1
                     }
                 }
             case "'":
                 hasCode = true
-                let backslashEscapes = i > 0 && (chars[i - 1] == "E" || chars[i - 1] == "e")
+                let backslashEscapes =
+                    i > 0 && (chars[i - 1] == "E" || chars[i - 1] == "e")
                     && !(i > 1 && isIdentifierChar(chars[i - 2]))
                 i += 1
                 while i < chars.count {
                     if backslashEscapes && chars[i] == "\\" {
                         i += 2
                     } else if chars[i] == "'" {
-                        if i + 1 < chars.count && chars[i + 1] == "'" { i += 2 } else { i += 1; break }
+                        if i + 1 < chars.count && chars[i + 1] == "'" {
+                            i += 2
+                        } else {
+                            i += 1
+                            break
+                        }
                     } else {
                         i += 1
                     }
@@ -65,7 +73,12 @@ public enum SQLStatementSplitter {
                 i += 1
                 while i < chars.count {
                     if chars[i] == "\"" {
-                        if i + 1 < chars.count && chars[i + 1] == "\"" { i += 2 } else { i += 1; break }
+                        if i + 1 < chars.count && chars[i + 1] == "\"" {
+                            i += 2
+                        } else {
+                            i += 1
+                            break
+                        }
                     } else {
                         i += 1
                     }
@@ -108,7 +121,7 @@ extension String {
     func trimmingWhitespace() -> String {
         let scalars = unicodeScalars
         guard let first = scalars.firstIndex(where: { !$0.properties.isWhitespace }),
-              let last = scalars.lastIndex(where: { !$0.properties.isWhitespace })
+            let last = scalars.lastIndex(where: { !$0.properties.isWhitespace })
         else { return "" }
         return String(scalars[first...last])
     }

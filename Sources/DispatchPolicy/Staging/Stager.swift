@@ -73,7 +73,8 @@ public struct Stager: Sendable {
     public var metrics: DispatchPolicyMetrics
 
     public init(
-        executor: any SQLExecutor, logger: Logger = Logger(label: "dispatch-policy"), metrics: DispatchPolicyMetrics = DispatchPolicyMetrics()
+        executor: any SQLExecutor, logger: Logger = Logger(label: "dispatch-policy"),
+        metrics: DispatchPolicyMetrics = DispatchPolicyMetrics()
     ) {
         self.executor = executor
         self.logger = logger
@@ -83,7 +84,7 @@ public struct Stager: Sendable {
     /// The times `not_before` may take: years 1 to 9999. (PostgreSQL goes
     /// further, but the driver's date encoding traps beyond year 294276.)
     public static let notBeforeRange: ClosedRange<Date> =
-        Date(timeIntervalSince1970: -62_135_596_800) ... Date(timeIntervalSince1970: 253_402_300_799)
+        Date(timeIntervalSince1970: -62_135_596_800)...Date(timeIntervalSince1970: 253_402_300_799)
 
     static func checkNotBefore(_ date: Date?, field: String = "not_before") throws {
         guard let date else { return }

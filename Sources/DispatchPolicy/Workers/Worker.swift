@@ -58,8 +58,9 @@ public struct Defer: Error, Sendable, Equatable {
     /// Deferred for `delay` from now.
     public init(for delay: Duration, reason: String, pausePartition: Bool = false) {
         let (seconds, attoseconds) = delay.components
-        self.init(until: Date().addingTimeInterval(Double(seconds) + Double(attoseconds) / 1e18), reason: reason,
-                  pausePartition: pausePartition)
+        self.init(
+            until: Date().addingTimeInterval(Double(seconds) + Double(attoseconds) / 1e18), reason: reason,
+            pausePartition: pausePartition)
     }
 }
 
@@ -164,10 +165,11 @@ public struct Worker: Service {
         // holds, which would idle the worker while admitted jobs wait. Each
         // session is reopened with backoff when it is lost (ManagedConnection).
         // On a pool, each call leases a connection of its own instead.
-        let source: ManagedConnection.Source = switch self.source {
-        case .settings(let settings): .settings(settings.with(session: options.session))
-        case .pool: self.source
-        }
+        let source: ManagedConnection.Source =
+            switch self.source {
+            case .settings(let settings): .settings(settings.with(session: options.session))
+            case .pool: self.source
+            }
         let claimer = ManagedConnection(source, role: "worker claims", logger: logger, connectTimeout: options.connectTimeout)
         let reporter = ManagedConnection(source, role: "worker outcomes", logger: logger, connectTimeout: options.connectTimeout)
         let listener = ManagedConnection(source, role: "worker notifications", logger: logger, connectTimeout: options.connectTimeout)
@@ -193,7 +195,8 @@ public struct Worker: Service {
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
                 // Without notifications the worker still polls every pollInterval.
-                await NotificationListener(connection: listener, channels: ["dispatch_policy_admitted"], logger: logger).run { channel, payload in
+                await NotificationListener(connection: listener, channels: ["dispatch_policy_admitted"], logger: logger).run {
+                    channel, payload in
                     if channel == nil || queues.contains(payload) { await wake.signal() }
                 }
             }
@@ -213,8 +216,9 @@ public struct Worker: Service {
                         lastReport = .now
                         reportedReconnects = reconnects
                     }
-                    var free = min(options.concurrency - (await running.value),
-                                   2 * options.concurrency - (await unreported.value))
+                    var free = min(
+                        options.concurrency - (await running.value),
+                        2 * options.concurrency - (await unreported.value))
                     var claimedAny = false
                     var tried = 0
                     while free > 0 && tried < options.queues.count && !policies.isEmpty {
@@ -282,8 +286,9 @@ public struct Worker: Service {
         ).map { row in
             let (id, policy, queue, args, context, attempt, expires, lease) =
                 try row.decode((Int64, String, String, String, String, Int, Date, Int).self)
-            return Job(id: id, policy: policy, queue: queue, argsJSON: args, contextJSON: context, attempt: attempt,
-                       leaseExpiresAt: expires, leaseSeconds: lease)
+            return Job(
+                id: id, policy: policy, queue: queue, argsJSON: args, contextJSON: context, attempt: attempt,
+                leaseExpiresAt: expires, leaseSeconds: lease)
         }
     }
 
@@ -416,9 +421,11 @@ public struct Worker: Service {
                             logger: log
                         ).first?.decode(String?.self)
                     }
-                    log.info("job deferred", metadata: [
-                        "job.until": "\(deferral.until)", "reason": "\(deferral.reason)", "paused": "\((paused ?? nil) ?? "-")",
-                    ])
+                    log.info(
+                        "job deferred",
+                        metadata: [
+                            "job.until": "\(deferral.until)", "reason": "\(deferral.reason)", "paused": "\((paused ?? nil) ?? "-")",
+                        ])
                     options.metrics.recordDeferred(policy: job.policy)
                 } catch let refused as DispatchPolicyError where refused.sqlState == "22023" || refused.sqlState == "22004" {
                     // A deferral out of bounds (too far, no reason): the attempt fails with why.
@@ -504,7 +511,8 @@ actor CompletionBatcher {
     /// committed (or at once with an error when the batcher has stopped).
     func complete(id: Int64, attempt: Int) async -> Result<Outcome, DispatchPolicyError> {
         if closed {
-            return .failure(DispatchPolicyError.from(CancellationError(), context: "the worker was cancelled before the outcome was recorded"))
+            return .failure(
+                DispatchPolicyError.from(CancellationError(), context: "the worker was cancelled before the outcome was recorded"))
         }
         return await withCheckedContinuation { reply in
             pending.append((id, attempt, reply))
