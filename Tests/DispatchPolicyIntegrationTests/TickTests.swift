@@ -701,7 +701,9 @@ struct TickCallTests {
             let before = try await sessionState(conn)
             let counting = CountingExecutor(conn)
             var settings = TickSettings()
-            settings.timeout = .seconds(7)
+            // Generous: the test counts statements, and CI's load once made
+            // one of them miss 7 s.
+            settings.timeout = .seconds(60)
             let ticker = Ticker(connection: conn, session: counting, settings: settings, logger: TestServer.logger)
             let busy = try await ticker.tick(policy: "p", reap: false)
             #expect(busy.admitted == 6)
@@ -745,7 +747,7 @@ struct TickCallTests {
                 """)
             let before = try await sessionState(conn)
             var tickSettings = TickSettings()
-            tickSettings.timeout = .seconds(7)
+            tickSettings.timeout = .seconds(60)
             let ticker = Ticker(connection: conn, settings: tickSettings, logger: TestServer.logger)
             await #expect(throws: DispatchPolicyError.self) { try await ticker.tick(policy: "p", reap: false) }
             #expect(try await sessionState(conn) == before)
