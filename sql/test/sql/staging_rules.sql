@@ -140,6 +140,10 @@ SELECT dispatch_policy.stage_many('cap', '[{"args": 5, "context": {"t": "b"}}, {
                                           {"args": 7, "context": {"t": "a"}}]');
 \echo :SQLSTATE
 SELECT pg_temp.state() = :'before' AS nothing_changed;
+-- Keep mode with rules (the rules path): a staged duplicate is kept, untouched.
+SELECT dispatch_policy.stage('cap', '"kept"', '{"t": "c"}', dedupe_key => 'kx') AS kx \gset
+SELECT id = :kx AS same_job, outcome FROM dispatch_policy.stage_outcome('cap', '"new"', '{"t": "c"}', dedupe_key => 'kx');
+SELECT args FROM dispatch_policy.staged_jobs WHERE id = :kx;
 -- Keeping or replacing is not a new job: no refusal.
 SELECT dispatch_policy.declare_policy('cap', '{"round_robin_by": "{t}", "max_pending_per_partition": 2, "dedupe_mode": "replace"}');
 SELECT dispatch_policy.stage('cap', '8', '{"t": "b"}', dedupe_key => 'x') IS NOT NULL AS staged;
