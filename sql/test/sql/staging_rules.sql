@@ -214,6 +214,11 @@ SELECT dispatch_policy.stage('mw', '1') AS m1 \gset
 SELECT dispatch_policy.stage('mw', '2', expires_at => now() + interval '10 seconds') AS m2 \gset
 SELECT dispatch_policy.stage('mw', '3', expires_at => now() + interval '1 hour') AS m3 \gset
 SELECT args, expires_at - staged_at AS deadline FROM dispatch_policy.staged_jobs WHERE policy = 'mw' ORDER BY id;
+-- explain shows a staged job's deadline, and an expired job as finished.
+SELECT aspect, verdict, explanation LIKE 'expires at % (in %): finished as expired if not admitted by then' AS says
+FROM dispatch_policy.explain(:m2) WHERE aspect = 'deadline';
+SELECT aspect, verdict, explanation LIKE 'expired at % after 0 attempt(s): expired at % (expires_at) before it was admitted' AS says
+FROM dispatch_policy.explain(:e4);
 -- A retry keeps its deadline.
 SELECT expires_at AS m1_expires FROM dispatch_policy.staged_jobs WHERE id = :m1 \gset
 SELECT pg_temp.admit('mw', ARRAY[:m1]::bigint[]) AS admitted;
