@@ -38,6 +38,37 @@
 -- retry()) or a deferred job staged again gets it back from a row trigger.
 
 -- ---------------------------------------------------------------------------
+-- Locks. The ALTER TABLEs and CREATE TRIGGERs below take ACCESS EXCLUSIVE
+-- (or SHARE ROW EXCLUSIVE) locks on finished_jobs, staged_jobs and
+-- policies, which stagers, ticks and workers write in varying orders;
+-- taken one at a time they can deadlock with a writer (seen under
+-- partition_race.sh's load). As in 0016 and 0020: all at once, under a
+-- lock_timeout shorter than the deadlock_timeout, trying again for up to
+-- about 30 s; held until the migration commits.
+DO $$
+DECLARE
+  saved text := current_setting('lock_timeout');
+  tries integer := 0;
+BEGIN
+  LOOP
+    BEGIN
+      PERFORM set_config('lock_timeout', '200ms', true);
+      LOCK TABLE dispatch_policy.policies, dispatch_policy.staged_jobs, dispatch_policy.admitted_jobs,
+                 dispatch_policy.finished_jobs, dispatch_policy.dedupe_keys IN ACCESS EXCLUSIVE MODE;
+      EXIT;
+    EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+      tries := tries + 1;
+      IF tries >= 120 THEN
+        RAISE;
+      END IF;
+      PERFORM pg_sleep(0.02 + random() * 0.05);
+    END;
+  END LOOP;
+  PERFORM set_config('lock_timeout', saved, true);
+END
+$$;
+
+-- ---------------------------------------------------------------------------
 -- Bounds of the new policy fields, appended to the others (0007: limits() is
 -- the one place; FieldLimits in Swift mirrors it row by row).
 
