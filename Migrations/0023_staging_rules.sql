@@ -30,7 +30,19 @@
 -- cannot deadlock with each other. The delete trigger locks its rows in the
 -- same order. A tick that admits jobs of a partition therefore waits for a
 -- stager of that partition to commit (and the stager for the tick's
--- transaction), never the reverse order on the same rows.
+-- transaction). Lock order of a stager of a policy with staging rules:
+-- advisory locks of its dedupe keys (sorted), the staged jobs that hold
+-- them (by id; replace only), the counter rows (sorted); after that it
+-- waits for nothing (a holder staged meanwhile is taken SKIP LOCKED, or
+-- kept). A tick locks its jobs SKIP LOCKED, then their counter rows (sorted,
+-- one statement), in tick_begin's transaction (expiry) and again in
+-- tick_finish's (admission). A transaction that deletes or inserts staged
+-- jobs of a capped policy in several statements holds counter rows taken
+-- out of order and can deadlock with a stager (one of them is rolled
+-- back); the runner does not (sql/test/race/backlog_race.sh).
+-- A retry, a deferral or retry() puts an accepted job back: it counts,
+-- but no cap refuses or drops for it, so a partition can briefly hold more
+-- than its cap.
 --
 -- Deadlines survive re-staging: staged_jobs.expires_at is the column the
 -- expiry scan reads (a partial index of the jobs that have one), and
@@ -260,18 +272,20 @@ LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 #variable_conflict use_column
 BEGIN
-  WITH gone AS (
-    SELECT o.policy, o.round_robin_key AS lane, count(*) AS n
-    FROM old_jobs o JOIN dispatch_policy.policies p ON p.name = o.policy AND p.config ? 'max_pending_per_partition'
-    GROUP BY 1, 2
-  ), locked AS (
-    SELECT c.ctid AS row_id, g.n
-    FROM dispatch_policy.backlog_counters c JOIN gone g ON g.policy = c.policy AND g.lane IS NOT DISTINCT FROM c.lane
-    ORDER BY c.policy, c.lane NULLS LAST
-    FOR UPDATE OF c
-  )
-  UPDATE dispatch_policy.backlog_counters c SET staged = greatest(c.staged - l.n, 0)
-  FROM locked l WHERE c.ctid = l.row_id;
+  -- The rows first, in sorted order; then the update by key (its
+  -- statement sees what a stager that held a row committed meanwhile).
+  PERFORM 1
+  FROM dispatch_policy.backlog_counters c
+  JOIN (SELECT DISTINCT o.policy, o.round_robin_key AS lane
+        FROM old_jobs o JOIN dispatch_policy.policies p ON p.name = o.policy AND p.config ? 'max_pending_per_partition') g
+    ON g.policy = c.policy AND g.lane IS NOT DISTINCT FROM c.lane
+  ORDER BY c.policy, c.lane NULLS LAST
+  FOR UPDATE OF c;
+  UPDATE dispatch_policy.backlog_counters c SET staged = greatest(c.staged - g.n, 0)
+  FROM (SELECT o.policy, o.round_robin_key AS lane, count(*) AS n
+        FROM old_jobs o JOIN dispatch_policy.policies p ON p.name = o.policy AND p.config ? 'max_pending_per_partition'
+        GROUP BY 1, 2) g
+  WHERE g.policy = c.policy AND g.lane IS NOT DISTINCT FROM c.lane;
   RETURN NULL;
 END
 $$;
@@ -657,6 +671,7 @@ DECLARE
   notify boolean := false;
   lanes_now text[] := '{}'::text[];
   lane_keys text[];
+  old_lanes text[] := '{}'::text[];
 BEGIN
   -- As _stage: the templates read next stay the policy's until commit.
   PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(_stage_rules.policy));
@@ -718,18 +733,47 @@ BEGIN
   max_wait := make_interval(secs => (pol.config ->> 'max_wait')::double precision);
   total := jsonb_array_length(jobs);
 
-  -- The cap: the counter rows of every lane of this call, locked in sorted
-  -- order before anything is staged (stagers of several partitions cannot
-  -- deadlock), held until commit.
+  -- This call's dedupe keys, in sorted order, before anything else: the
+  -- loop below inserts them in input order, which two calls with the same
+  -- keys in opposite orders would do crosswise. Namespaced advisory locks,
+  -- held until commit; only this path takes them (every staging of a policy
+  -- with staging rules comes here).
+  PERFORM pg_advisory_xact_lock(hashtext('dispatch_policy.dedupe.' || _stage_rules.policy || '.' || k.key))
+  FROM (SELECT DISTINCT t.job ->> 'dedupe_key' AS key FROM jsonb_array_elements(jobs) AS t(job)
+        WHERE t.job ->> 'dedupe_key' IS NOT NULL ORDER BY 1) k;
+
+  -- Replace: the staged jobs that hold this call's keys, locked first (by
+  -- id), before any counter row: a tick locks the jobs it fetched before it
+  -- takes their counter rows (the delete trigger), so taking them in the
+  -- same order cannot deadlock with it; a job the tick admits meanwhile is
+  -- gone when this lock is granted, and is kept. A holder not locked here
+  -- (one staged by another transaction since) is locked in the loop below
+  -- only if free (SKIP LOCKED), else kept: nothing waits while counter rows
+  -- are held.
+  IF replace_mode THEN
+    SELECT coalesce(array_agg(x.round_robin_key), '{}') INTO old_lanes
+    FROM (SELECT s.round_robin_key FROM dispatch_policy.staged_jobs s
+          WHERE s.id IN (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                         WHERE d.policy = _stage_rules.policy
+                           AND d.dedupe_key IN (SELECT t.job ->> 'dedupe_key' FROM jsonb_array_elements(jobs) AS t(job)))
+          ORDER BY s.id
+          FOR UPDATE) x;
+  END IF;
+
+  -- The cap: the counter rows of every lane of this call (and of the jobs
+  -- it may replace), locked in sorted order before anything is staged
+  -- (stagers of several partitions cannot deadlock), held until commit.
   IF cap IS NOT NULL THEN
-    SELECT coalesce(array_agg(DISTINCT dispatch_policy._round_robin_key(
-             pol.lane_template,
-             jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
-                                'priority', coalesce((t.job ->> 'priority')::numeric::integer, 0))
-               || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb),
-             t.job ->> 'round_robin_key')), '{}')
-    INTO lane_keys
-    FROM jsonb_array_elements(jobs) AS t(job);
+    SELECT coalesce(array_agg(DISTINCT k), '{}') INTO lane_keys
+    FROM (SELECT dispatch_policy._round_robin_key(
+                   pol.lane_template,
+                   jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
+                                      'priority', coalesce((t.job ->> 'priority')::numeric::integer, 0))
+                     || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb),
+                   t.job ->> 'round_robin_key') AS k
+          FROM jsonb_array_elements(jobs) AS t(job)
+          UNION ALL
+          SELECT o FROM unnest(old_lanes) AS o) l;
     INSERT INTO dispatch_policy.backlog_counters AS c (policy, lane, staged)
     SELECT _stage_rules.policy, k, 0 FROM unnest(lane_keys) AS k ORDER BY k NULLS LAST
     ON CONFLICT (policy, lane) DO NOTHING;
@@ -766,7 +810,7 @@ BEGIN
         WHERE d.policy = _stage_rules.policy AND d.dedupe_key = job_key;
         old := NULL;
         IF replace_mode AND holder IS NOT NULL THEN
-          SELECT * INTO old FROM dispatch_policy.staged_jobs s WHERE s.id = holder FOR UPDATE;
+          SELECT * INTO old FROM dispatch_policy.staged_jobs s WHERE s.id = holder FOR UPDATE SKIP LOCKED;
         END IF;
         IF old.id IS NOT NULL THEN
           -- Replace: args, context and what derives from it; the id, the
