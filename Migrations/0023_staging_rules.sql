@@ -243,7 +243,7 @@ CREATE TABLE dispatch_policy.backlog_counters (
 );
 CREATE UNIQUE INDEX backlog_counters_key ON dispatch_policy.backlog_counters (policy, lane) NULLS NOT DISTINCT;
 COMMENT ON TABLE dispatch_policy.backlog_counters IS
-  'Staged jobs (pending and scheduled) per lane key, of the policies that declare max_pending_per_partition only: what the cap is checked against, in O(1). Kept by statement triggers on staged_jobs (inserts add, deletes take away) and by a replace that moves a job to another lane; rebuilt from staged_jobs when a policy gains the cap or its lane_template changes; deleted when it loses the cap or is dropped. A stager of a capped policy holds the rows of its lanes (sorted) until commit. Rows at 0 are deleted by prune().';
+  'Staged jobs (pending and scheduled) per lane key, of the policies that declare max_pending_per_partition only: what the cap is checked against, in O(1). Kept by statement triggers on staged_jobs (inserts add, deletes take away) and by a replace that moves a job to another lane; rebuilt from staged_jobs when a policy gains the cap or its lane_template changes; deleted when it loses the cap or is dropped. A stager of a capped policy holds the rows of its lanes (sorted) until commit. Rows at 0 stay (a stager counts on finding its row; prune() does not delete them): one per lane key a capped policy has had.';
 COMMENT ON COLUMN dispatch_policy.backlog_counters.policy IS 'Policy.';
 COMMENT ON COLUMN dispatch_policy.backlog_counters.lane IS 'The lane key (staged_jobs.round_robin_key); NULL: the policy''s jobs without one.';
 COMMENT ON COLUMN dispatch_policy.backlog_counters.staged IS 'How many of its jobs are staged.';
