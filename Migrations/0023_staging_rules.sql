@@ -812,6 +812,19 @@ BEGIN
         IF replace_mode AND holder IS NOT NULL THEN
           SELECT * INTO old FROM dispatch_policy.staged_jobs s WHERE s.id = holder FOR UPDATE SKIP LOCKED;
         END IF;
+        IF old.id IS NOT NULL AND cap IS NOT NULL AND old.round_robin_key IS DISTINCT FROM job_lane
+           AND array_position(lane_keys, old.round_robin_key) IS NULL THEN
+          -- A holder staged since the locks above, moving out of a lane
+          -- whose counter row is not held: taken only if free, else kept.
+          PERFORM 1 FROM dispatch_policy.backlog_counters c
+          WHERE c.policy = _stage_rules.policy AND c.lane IS NOT DISTINCT FROM old.round_robin_key
+          FOR UPDATE SKIP LOCKED;
+          IF FOUND THEN
+            lane_keys := lane_keys || old.round_robin_key;
+          ELSE
+            old := NULL;
+          END IF;
+        END IF;
         IF old.id IS NOT NULL THEN
           -- Replace: args, context and what derives from it; the id, the
           -- attempt and staged_at stay. The row triggers render the
