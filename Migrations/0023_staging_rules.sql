@@ -802,12 +802,19 @@ BEGIN
     new_id := nextval('dispatch_policy.job_ids');
 
     IF job_key IS NOT NULL THEN
-      INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
-      VALUES (_stage_rules.policy, job_key, new_id)
-      ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING;
-      IF NOT FOUND THEN
+      -- The key, or the job that holds it; a key freed between the two
+      -- (its job finished) is taken on the next turn.
+      holder := NULL;
+      LOOP
+        INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+        VALUES (_stage_rules.policy, job_key, new_id)
+        ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING;
+        EXIT WHEN FOUND;
         SELECT d.job_id INTO holder FROM dispatch_policy.dedupe_keys d
         WHERE d.policy = _stage_rules.policy AND d.dedupe_key = job_key;
+        EXIT WHEN holder IS NOT NULL;
+      END LOOP;
+      IF holder IS NOT NULL THEN
         old := NULL;
         IF replace_mode AND holder IS NOT NULL THEN
           SELECT * INTO old FROM dispatch_policy.staged_jobs s WHERE s.id = holder FOR UPDATE SKIP LOCKED;
@@ -936,6 +943,9 @@ AS $$
 DECLARE
   config jsonb;
   ids bigint[];
+  holder bigint;
+  kept integer[] := '{}'::integer[];
+  inserted integer[] := '{}'::integer[];
 BEGIN
   SELECT p.config INTO config FROM dispatch_policy.policies p WHERE p.name = _stage_outcomes.policy;
   IF dispatch_policy._staging_rules_apply(config)
@@ -949,11 +959,28 @@ BEGIN
     RETURN;
   END IF;
   ids := dispatch_policy._stage(_stage_outcomes.policy, jobs, field_prefix);
+  FOR i IN 1 .. coalesce(cardinality(ids), 0) LOOP
+    IF ids[i] IS NULL THEN
+      holder := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                 WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+      IF holder IS NULL THEN
+        -- Its key was freed since (the job holding it finished): staged now.
+        ids[i] := (dispatch_policy._stage(_stage_outcomes.policy, jsonb_build_array(jobs -> (i - 1)), field_prefix))[1];
+        IF ids[i] IS NOT NULL THEN
+          inserted := inserted || i;
+        ELSE
+          ids[i] := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                     WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+        END IF;
+      ELSE
+        ids[i] := holder;
+      END IF;
+      kept := kept || i;
+    END IF;
+  END LOOP;
   RETURN QUERY
-    SELECT t.n::integer,
-           coalesce(t.id, (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
-                           WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (t.n::integer - 1) ->> 'dedupe_key')),
-           CASE WHEN t.id IS NULL THEN 'kept' ELSE 'inserted' END
+    SELECT t.n::integer, t.id,
+           CASE WHEN t.n::integer = ANY (kept) AND NOT t.n::integer = ANY (inserted) THEN 'kept' ELSE 'inserted' END
     FROM unnest(ids) WITH ORDINALITY AS t(id, n)
     ORDER BY t.n;
 END
@@ -1040,15 +1067,21 @@ BEGIN
                                                        job_context);
   job_id := nextval('dispatch_policy.job_ids');
   IF stage_outcome.dedupe_key IS NOT NULL THEN
-    INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
-    VALUES (stage_outcome.policy, stage_outcome.dedupe_key, job_id)
-    ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING;
-    IF NOT FOUND THEN
+    -- Only with a key: the primary key makes concurrent stages of the same
+    -- key store one job. A key freed between the insert and the lookup (its
+    -- job finished) is taken on the next turn.
+    LOOP
+      INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+      VALUES (stage_outcome.policy, stage_outcome.dedupe_key, job_id)
+      ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING;
+      EXIT WHEN FOUND;
       SELECT d.job_id INTO id FROM dispatch_policy.dedupe_keys d
       WHERE d.policy = stage_outcome.policy AND d.dedupe_key = stage_outcome.dedupe_key;
-      outcome := 'kept';
-      RETURN;
-    END IF;
+      IF id IS NOT NULL THEN
+        outcome := 'kept';
+        RETURN;
+      END IF;
+    END LOOP;
   END IF;
   INSERT INTO dispatch_policy.staged_jobs
     (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, partitions)
