@@ -93,6 +93,13 @@ public enum FieldLimits {
     public static let pruneIdle = FieldLimit("prune.idle", 0, 3_153_600_000, integral: false, default: 3600, unit: "seconds")
     public static let deferUntil = FieldLimit("defer.until", 0, 2_592_000, integral: false, unit: "seconds", minimumExclusive: true)
     public static let deferReason = FieldLimit("defer.reason", 1, 1024, integral: true, unit: "characters")
+    /// Tokens one job takes from a throttle's bucket (issue 12); never more
+    /// than the bucket's burst, which staging checks.
+    public static let throttleCost = FieldLimit(
+        "throttle.cost", 0, 1_000_000, integral: false, default: 1, unit: "tokens", minimumExclusive: true)
+    /// A round-robin key's share: its lane gets quantum × weight rows per
+    /// fetch and weight rows per round of the batch (issue 12).
+    public static let roundRobinWeight = FieldLimit("round_robin_weight", 1, 1000, integral: true, default: 1)
 
     /// Every bound `dispatch_policy.limits()` has, in its order.
     public static let database: [FieldLimit] = [
@@ -100,6 +107,6 @@ public enum FieldLimits {
         globalCapMax, adaptiveInitialMax, adaptiveMin, adaptiveMax, adaptiveTargetLagMs, adaptiveEWMAAlpha,
         adaptiveFailureDecrease, adaptiveOverloadDecrease, jobPriority, jobQueue, jobDedupeKey, jobRoundRobinKey, jobContext,
         partitionKey, claimMax, claimWorker, completeManyJobs, failRetryIn, failError, pruneRetention, pruneIdle,
-        deferUntil, deferReason,
+        deferUntil, deferReason, throttleCost, roundRobinWeight,
     ]
 }

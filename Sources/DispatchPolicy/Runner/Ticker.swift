@@ -514,8 +514,8 @@ public struct Ticker: Sendable {
         let cursor: String? =
             switch only != nil ? .hold : decision.cursor {
             case nil: nil
-            case .hold: #"{"hold": true}"#
-            case .after(let key): try Self.json(CursorJSON(lastKey: key))
+            case .hold: try Self.json(CursorJSON(hold: true, starved: decision.starved))
+            case .after(let key): try Self.json(CursorJSON(lastKey: key, starved: decision.starved))
             }
         // Adaptive caps that grew: lanes waiting on them are ready again.
         let grown = updates.filter { $0.controller.currentMax > (state.adaptiveCap[$0.key] ?? Int.max) }.map(\.key)
@@ -588,15 +588,34 @@ public struct Ticker: Sendable {
     // MARK: - JSON plumbing
 
     struct CursorJSON: Encodable {
-        var lastKey: String?
+        var hold = false
+        var lastKey: String? = nil
+        /// With weighted lanes: where in its round the first starved lane
+        /// stopped (`_admit` keeps it as the cursor's `served`).
+        var starved: StarvedRow? = nil
 
         func encode(to encoder: any Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
-            // An explicit null: the lane of jobs without a key.
-            try c.encode(lastKey, forKey: .lastKey)
+            if hold {
+                try c.encode(true, forKey: .hold)
+            } else {
+                // An explicit null: the lane of jobs without a key.
+                try c.encode(lastKey, forKey: .lastKey)
+            }
+            if let starved {
+                var s = c.nestedContainer(keyedBy: StarvedKeys.self, forKey: .starved)
+                try s.encode(starved.lane, forKey: .lane)
+                try s.encode(starved.index, forKey: .index)
+                try s.encode(starved.weight, forKey: .weight)
+            }
         }
 
-        enum CodingKeys: String, CodingKey { case lastKey = "last_key" }
+        enum CodingKeys: String, CodingKey {
+            case hold
+            case lastKey = "last_key"
+            case starved
+        }
+        enum StarvedKeys: String, CodingKey { case lane, index, weight }
     }
 
     static func json(_ value: some Encodable) throws -> String {
