@@ -147,16 +147,16 @@ public struct TokenSummary: Sendable, Equatable {
     /// The fewest tokens left in any of them.
     public var lowest = Double.infinity
     public var partitions = 0
-    /// Partitions left with less than one whole token: they admit nothing
-    /// more until they refill.
+    /// Partitions left with less than one whole token, or too few for the
+    /// cost of a job they refused: they admit nothing more until they refill.
     public var bound = 0
 
     public init() {}
 
-    mutating func add(left: Double) {
+    mutating func add(left: Double, refused: Bool = false) {
         lowest = min(lowest, left)
         partitions += 1
-        if left < 1 { bound += 1 }
+        if left < 1 || refused { bound += 1 }
     }
 
     /// `0.4 (lowest of 2, 1 throttle-bound)`.
@@ -494,7 +494,8 @@ public struct Ticker: Sendable {
         result.cursor = only != nil ? nil : decision.cursor
         result.nextTokenIn = decision.tokenWaits.values.min().map(Duration.clamped(seconds:))
         for (key, tokens) in state.tokens {
-            result.tokens[key.gate, default: TokenSummary()].add(left: tokens - (decision.takes[key] ?? 0))
+            result.tokens[key.gate, default: TokenSummary()].add(
+                left: tokens - (decision.takes[key] ?? 0), refused: decision.tokenWaits[key] != nil)
         }
 
         // Fold after deciding: growth needs to know whether the cap turned
@@ -514,7 +515,7 @@ public struct Ticker: Sendable {
         let cursor: String? =
             switch only != nil ? .hold : decision.cursor {
             case nil: nil
-            case .hold: try Self.json(CursorJSON(hold: true, starved: decision.starved))
+            case .hold: try Self.json(CursorJSON(hold: true, starved: only != nil ? nil : decision.starved))
             case .after(let key): try Self.json(CursorJSON(lastKey: key, starved: decision.starved))
             }
         // Adaptive caps that grew: lanes waiting on them are ready again.
