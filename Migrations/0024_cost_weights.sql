@@ -29,8 +29,8 @@
 -- ---------------------------------------------------------------------------
 -- Bounds (limits() is the one place).
 
--- limits() as in the migration before, copied; changes: throttle.cost and
--- round_robin_weight appended (FieldLimits in Swift appends the same rows).
+-- limits() as in 0023, copied; change: throttle.cost and round_robin_weight
+-- appended (FieldLimits in Swift appends the same rows).
 CREATE OR REPLACE FUNCTION dispatch_policy.limits()
 RETURNS TABLE (field text, minimum numeric, minimum_exclusive boolean, maximum numeric, maximum_exclusive boolean,
                integral boolean, default_value numeric, unit text, description text)
@@ -99,6 +99,12 @@ AS $$
      'How far after now defer() may hold a job back (and pause its throttle partitions): at most 30 days.'),
     ('defer.reason', 1, false, 1024, false, true, NULL, 'characters',
      'Why a job was deferred (defer()); longer text is refused.'),
+    ('debounce', 0, false, 86400, false, false, 0, 'seconds',
+     'dedupe_mode replace: a replaced staged job is not admitted before this long after the replace (its not_before is pushed out, never pulled in).'),
+    ('max_pending_per_partition', 1, false, 10000000, false, true, NULL, 'jobs',
+     'Most staged jobs (pending and scheduled) per lane key of a policy (its keyless jobs count as one partition); on_overflow says what staging one more does.'),
+    ('max_wait', 0, true, 31536000, false, false, NULL, 'seconds',
+     'A job staged without expires_at expires this long after it was staged (with expires_at: the earlier of the two); an expired job is finished as expired, never admitted.'),
     ('throttle.cost', 0, true, 1000000, false, false, 1, 'tokens',
      'Tokens one job takes from a throttle''s bucket (a value: a number or {"context", "default"}); at most its burst.'),
     ('round_robin_weight', 1, false, 1000, false, true, 1, '',
@@ -106,7 +112,6 @@ AS $$
 $$;
 COMMENT ON FUNCTION dispatch_policy.limits() IS
   'Every bound of a config field, job field, worker call argument and key length, in one place: validation and error texts are derived from it. unit ''bytes'' bounds a string''s UTF-8 length.';
-
 
 -- ---------------------------------------------------------------------------
 -- Validation.
@@ -144,163 +149,109 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._require_throttle_cost(jsonb, text) IS
   'Internal: validates a throttle gate''s cost (a value within limits() throttle.cost) and that it (or its default) is at most the gate''s burst (or its default; without burst the rate, at least 1); raises the config error (22023) naming path.cost; returns the cost.';
 
--- validate_policy as in 0007, copied; changes: round_robin_weight and a
--- throttle's cost.
-CREATE OR REPLACE FUNCTION dispatch_policy.validate_policy(name text, config jsonb)
+-- The config as _validate_policy_base knows it: without round_robin_weight
+-- and without the cost of throttle gates (other gates keep a cost, so the
+-- base refuses it as an unknown field).
+CREATE FUNCTION dispatch_policy._without_cost_weights(config jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT CASE
+           WHEN jsonb_typeof(config) <> 'object' THEN config
+           WHEN jsonb_typeof(config -> 'gates') = 'array' THEN
+             jsonb_set(config - 'round_robin_weight', '{gates}',
+                       coalesce((SELECT jsonb_agg(CASE WHEN jsonb_typeof(x.g) = 'object' AND x.g ->> 'type' = 'throttle'
+                                                       THEN x.g - 'cost' ELSE x.g END ORDER BY x.n)
+                                 FROM jsonb_array_elements(config -> 'gates') WITH ORDINALITY AS x(g, n)), '[]'::jsonb))
+           ELSE config - 'round_robin_weight'
+         END
+$$;
+COMMENT ON FUNCTION dispatch_policy._without_cost_weights(jsonb) IS
+  'Internal: a config without round_robin_weight and without the cost of its throttle gates (0024), for _validate_policy_base.';
+
+-- Validates what _without_cost_weights took out, after the base accepted the
+-- rest: round_robin_weight (a value within limits() round_robin_weight) and
+-- each throttle's cost (_require_throttle_cost).
+CREATE FUNCTION dispatch_policy._validate_cost_weights(config jsonb)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
 AS $$
 DECLARE
   gate jsonb;
-  i integer := 0;
-  path text;
-  gate_type text;
-  gate_name text;
-  seen jsonb := '{}'::jsonb;
-  n numeric;
-  lo numeric;
-  hi numeric;
+  i bigint;
 BEGIN
-  IF validate_policy.name IS NULL OR validate_policy.name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
-    RAISE EXCEPTION 'invalid policy name: %', coalesce(quote_literal(left(validate_policy.name, 200)), 'NULL')
-      USING ERRCODE = '22023',
-            DETAIL = 'A policy name is 1 to 128 characters: letters, digits, _ . : -, starting with a letter or digit.',
-            HINT = 'Nothing was stored.';
-  END IF;
-  IF config IS NULL OR jsonb_typeof(config) <> 'object' THEN
-    PERFORM dispatch_policy._config_error('config', 'must be a JSON object', config);
-  END IF;
-
-  PERFORM dispatch_policy._require_known_keys(config,
-    ARRAY['gates', 'round_robin_by', 'batch_size', 'round_robin_quantum',
-          'lease_seconds', 'max_attempts', 'target', 'round_robin_weight'], '');
-
-  FOREACH path IN ARRAY ARRAY['batch_size', 'round_robin_quantum', 'lease_seconds', 'max_attempts'] LOOP
-    IF config ? path THEN
-      PERFORM dispatch_policy._require_limit(config -> path, path, path);
-    END IF;
-  END LOOP;
   IF config ? 'round_robin_weight' THEN
     PERFORM dispatch_policy._require_gate_value(config -> 'round_robin_weight', 'round_robin_weight', 'round_robin_weight', true);
   END IF;
-  IF config ? 'round_robin_by' THEN
-    PERFORM dispatch_policy._require_template(config -> 'round_robin_by', 'round_robin_by');
-  END IF;
-
-  IF config ? 'target' THEN
-    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'target') = 'object',
-      'target', 'must be an object such as {"type": "ready_queue"}', config -> 'target');
-    PERFORM dispatch_policy._require(config -> 'target' ->> 'type' IN ('ready_queue', 'sql'),
-      'target.type', 'must be one of ready_queue, sql', config -> 'target' -> 'type');
-    IF config -> 'target' ->> 'type' = 'ready_queue' THEN
-      PERFORM dispatch_policy._require_known_keys(config -> 'target', ARRAY['type'], 'target.');
-    ELSE
-      PERFORM dispatch_policy._require_known_keys(config -> 'target', ARRAY['type', 'function'], 'target.');
-      PERFORM dispatch_policy._require(
-        config -> 'target' ->> 'function' ~ '^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}$',
-        'target.function', 'must name a function as schema.name', config -> 'target' -> 'function');
-    END IF;
-  END IF;
-
-  IF config ? 'gates' THEN
-    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'gates') = 'array',
-      'gates', 'must be an array of gate objects', config -> 'gates');
-    PERFORM dispatch_policy._require(jsonb_array_length(config -> 'gates') <= 32,
-      'gates', 'must hold at most 32 gates', to_jsonb(jsonb_array_length(config -> 'gates')));
-    FOR gate IN SELECT g FROM jsonb_array_elements(config -> 'gates') AS g LOOP
-      path := format('gates[%s]', i);
-      PERFORM dispatch_policy._require(jsonb_typeof(gate) = 'object', path, 'must be an object', gate);
-      gate_type := gate ->> 'type';
-      PERFORM dispatch_policy._require(
-        gate_type IN ('throttle', 'concurrency', 'global_cap', 'fair_interleave', 'adaptive_concurrency'),
-        path || '.type',
-        'must be one of throttle, concurrency, global_cap, fair_interleave, adaptive_concurrency',
-        gate -> 'type');
-
-      PERFORM dispatch_policy._require_known_keys(gate,
-        CASE gate_type
-          WHEN 'throttle' THEN ARRAY['type', 'name', 'partition_by', 'rate', 'per', 'burst', 'cost']
-          WHEN 'concurrency' THEN ARRAY['type', 'name', 'partition_by', 'max']
-          WHEN 'global_cap' THEN ARRAY['type', 'name', 'max']
-          WHEN 'fair_interleave' THEN ARRAY['type', 'name', 'partition_by']
-          ELSE ARRAY['type', 'name', 'partition_by', 'initial_max', 'target_lag_ms', 'min', 'max',
-                     'ewma_alpha', 'failure_decrease_factor', 'overload_decrease_factor']
-        END, path || '.');
-
-      IF gate ? 'name' THEN
-        PERFORM dispatch_policy._require(
-          jsonb_typeof(gate -> 'name') = 'string' AND gate ->> 'name' ~ '^[A-Za-z0-9_.:-]{1,64}$',
-          path || '.name', 'must be 1 to 64 characters: letters, digits, _ . : -', gate -> 'name');
+  IF jsonb_typeof(config -> 'gates') = 'array' THEN
+    FOR gate, i IN SELECT x.g, x.n - 1 FROM jsonb_array_elements(config -> 'gates') WITH ORDINALITY AS x(g, n) LOOP
+      IF gate ->> 'type' = 'throttle' AND gate ? 'cost' THEN
+        PERFORM dispatch_policy._require_throttle_cost(gate, format('gates[%s]', i));
       END IF;
-      gate_name := coalesce(gate ->> 'name', gate_type);
-      IF seen ? gate_name THEN
-        PERFORM dispatch_policy._config_error(path || '.name',
-          format('must be unique in the policy: %s is also the name of %s (a gate''s name defaults to its type)',
-                 quote_ident(gate_name), seen ->> gate_name),
-          to_jsonb(gate_name));
-      END IF;
-      seen := seen || jsonb_build_object(gate_name, path);
-
-      IF gate ? 'partition_by' THEN
-        PERFORM dispatch_policy._require_template(gate -> 'partition_by', path || '.partition_by');
-      END IF;
-
-      CASE gate_type
-        WHEN 'throttle' THEN
-          PERFORM dispatch_policy._require(gate ? 'rate', path || '.rate', 'is required', NULL);
-          PERFORM dispatch_policy._require_gate_value(gate -> 'rate', path || '.rate', 'throttle.rate', true);
-          PERFORM dispatch_policy._require(gate ? 'per', path || '.per', 'is required (seconds)', NULL);
-          PERFORM dispatch_policy._require_gate_value(gate -> 'per', path || '.per', 'throttle.per', true);
-          IF gate ? 'burst' THEN
-            PERFORM dispatch_policy._require_gate_value(gate -> 'burst', path || '.burst', 'throttle.burst', true);
-          END IF;
-          IF gate ? 'cost' THEN
-            PERFORM dispatch_policy._require_throttle_cost(gate, path);
-          END IF;
-        WHEN 'concurrency' THEN
-          PERFORM dispatch_policy._require(gate ? 'max', path || '.max', 'is required', NULL);
-          PERFORM dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'concurrency.max', true);
-        WHEN 'global_cap' THEN
-          PERFORM dispatch_policy._require(gate ? 'max', path || '.max', 'is required', NULL);
-          PERFORM dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'global_cap.max', false);
-        WHEN 'fair_interleave' THEN
-          NULL;
-        WHEN 'adaptive_concurrency' THEN
-          PERFORM dispatch_policy._require(gate ? 'target_lag_ms', path || '.target_lag_ms',
-            'is required (the acceptable queue lag in ms)', NULL);
-          PERFORM dispatch_policy._require_gate_value(gate -> 'target_lag_ms', path || '.target_lag_ms',
-            'adaptive_concurrency.target_lag_ms', false);
-          lo := 1;
-          IF gate ? 'min' THEN
-            lo := dispatch_policy._require_gate_value(gate -> 'min', path || '.min', 'adaptive_concurrency.min', false);
-          END IF;
-          hi := NULL;
-          IF gate ? 'max' THEN
-            hi := dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'adaptive_concurrency.max', false);
-            PERFORM dispatch_policy._require(hi >= lo, path || '.max', format('must be at least min (%s)', lo), gate -> 'max');
-          END IF;
-          IF gate ? 'initial_max' THEN
-            n := dispatch_policy._require_gate_value(gate -> 'initial_max', path || '.initial_max',
-                                                     'adaptive_concurrency.initial_max', false);
-            PERFORM dispatch_policy._require(n >= lo AND (hi IS NULL OR n <= hi), path || '.initial_max',
-              format('must be an integer from min (%s) to max (%s)', lo, coalesce(hi::text, 'unbounded')),
-              gate -> 'initial_max');
-          END IF;
-          FOREACH gate_name IN ARRAY ARRAY['ewma_alpha', 'failure_decrease_factor', 'overload_decrease_factor'] LOOP
-            IF gate ? gate_name THEN
-              PERFORM dispatch_policy._require_gate_value(gate -> gate_name, path || '.' || gate_name,
-                                                          'adaptive_concurrency.' || gate_name, false);
-            END IF;
-          END LOOP;
-      END CASE;
-      i := i + 1;
     END LOOP;
   END IF;
 END
 $$;
-COMMENT ON FUNCTION dispatch_policy.validate_policy(text, jsonb) IS
-  'Checks a policy name and config without storing anything; raises SQLSTATE 22023 naming the first invalid field (for example gates[1].per) and the rule it breaks. Numeric bounds come from dispatch_policy.limits(); a throttle''s cost may not exceed its burst (numbers, or the defaults of context values).';
+COMMENT ON FUNCTION dispatch_policy._validate_cost_weights(jsonb) IS
+  'Internal: validates a config''s round_robin_weight (a value, limits() round_robin_weight) and the cost of each throttle gate (limits() throttle.cost, at most the burst); 22023 naming the field.';
 
+-- validate_policy as in 0023, copied; change: round_robin_weight and a
+-- throttle's cost are known, taken out for _validate_policy_base and
+-- checked by _validate_cost_weights.
+CREATE OR REPLACE FUNCTION dispatch_policy.validate_policy(name text, config jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+DECLARE
+  rules CONSTANT text[] := ARRAY['dedupe_mode', 'debounce', 'max_pending_per_partition', 'on_overflow', 'max_wait'];
+BEGIN
+  IF config IS NULL OR jsonb_typeof(config) <> 'object' THEN
+    PERFORM dispatch_policy._validate_policy_base(validate_policy.name, config);
+    RETURN;
+  END IF;
+  IF validate_policy.name IS NOT NULL AND validate_policy.name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+    PERFORM dispatch_policy._require_known_keys(config,
+      ARRAY['gates', 'round_robin_by', 'batch_size', 'round_robin_quantum',
+            'lease_seconds', 'max_attempts', 'target', 'round_robin_weight'] || rules, '');
+  END IF;
+  -- The base knows neither round_robin_weight nor a throttle's cost (0024):
+  -- checked below, after everything it checks.
+  PERFORM dispatch_policy._validate_policy_base(validate_policy.name,
+    dispatch_policy._without_cost_weights(config) - rules);
+  PERFORM dispatch_policy._validate_cost_weights(config);
+
+  IF config ? 'dedupe_mode' THEN
+    PERFORM dispatch_policy._require(config ->> 'dedupe_mode' IN ('keep', 'replace') AND jsonb_typeof(config -> 'dedupe_mode') = 'string',
+      'dedupe_mode', 'must be one of keep, replace', config -> 'dedupe_mode');
+  END IF;
+  IF config ? 'debounce' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'debounce') = 'number', 'debounce', 'must be a number (seconds)',
+                                     config -> 'debounce');
+    PERFORM dispatch_policy._require_limit(config -> 'debounce', 'debounce', 'debounce');
+    PERFORM dispatch_policy._require(config ->> 'dedupe_mode' = 'replace', 'debounce',
+      'is only valid with dedupe_mode replace', config -> 'debounce');
+  END IF;
+  IF config ? 'max_pending_per_partition' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'max_pending_per_partition') = 'number',
+      'max_pending_per_partition', 'must be a number (jobs)', config -> 'max_pending_per_partition');
+    PERFORM dispatch_policy._require_limit(config -> 'max_pending_per_partition', 'max_pending_per_partition',
+                                           'max_pending_per_partition');
+  END IF;
+  IF config ? 'on_overflow' THEN
+    PERFORM dispatch_policy._require(config ->> 'on_overflow' IN ('reject', 'drop_oldest') AND jsonb_typeof(config -> 'on_overflow') = 'string',
+      'on_overflow', 'must be one of reject, drop_oldest', config -> 'on_overflow');
+    PERFORM dispatch_policy._require(config ? 'max_pending_per_partition', 'on_overflow',
+      'is only valid with max_pending_per_partition', config -> 'on_overflow');
+  END IF;
+  IF config ? 'max_wait' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'max_wait') = 'number', 'max_wait', 'must be a number (seconds)',
+                                     config -> 'max_wait');
+    PERFORM dispatch_policy._require_limit(config -> 'max_wait', 'max_wait', 'max_wait');
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.validate_policy(text, jsonb) IS
+  'Checks a policy name and config without storing anything; raises SQLSTATE 22023 naming the first invalid field (for example gates[1].per) and the rule it breaks. Numeric bounds come from dispatch_policy.limits(). Staging rules (0023): dedupe_mode keep|replace; debounce (seconds, limits() debounce, only with dedupe_mode replace); max_pending_per_partition (an integer, limits()); on_overflow reject|drop_oldest (only with max_pending_per_partition); max_wait (seconds, limits()). Cost and weights (0024): round_robin_weight (a value, limits() round_robin_weight); a throttle''s cost (a value, limits() throttle.cost, at most the burst).';
 
 -- ---------------------------------------------------------------------------
 -- Staging refuses a job whose cost exceeds its bucket's burst: it could
@@ -352,8 +303,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._job_cost_problem(jsonb, jsonb) IS
   'Internal: for a job context (as stored, with queue_name and priority), the first throttle of cost_gates (policies.cost_gates) whose cost for the job exceeds its burst for the job, as {"gate", "path", "cost", "burst"}; NULL when none does.';
 
--- Raises the staging error for the first job of jobs (contexts as stored)
--- whose cost exceeds a burst. field_prefix names the job as _stage does
+-- Raises the staging error for the first job of jobs (contexts as stored;
+-- NULL for an element the staging paths refuse on their own) whose cost
+-- exceeds a burst. field_prefix names the job as _stage does
 -- ('jobs[%s].' for stage_many, '' for stage).
 CREATE FUNCTION dispatch_policy._require_job_costs(cost_gates jsonb, contexts jsonb[], field_prefix text)
 RETURNS void
@@ -368,7 +320,7 @@ BEGIN
   END IF;
   SELECT c.n - 1 AS idx, dispatch_policy._job_cost_problem(cost_gates, c.context) AS problem INTO bad
   FROM unnest(contexts) WITH ORDINALITY AS c(context, n)
-  WHERE dispatch_policy._job_cost_problem(cost_gates, c.context) IS NOT NULL
+  WHERE c.context IS NOT NULL AND dispatch_policy._job_cost_problem(cost_gates, c.context) IS NOT NULL
   ORDER BY c.n
   LIMIT 1;
   IF FOUND THEN
@@ -385,8 +337,76 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._require_job_costs(jsonb, jsonb[], text) IS
   'Internal: raises 22023 for the first job (by its context as stored) whose cost exceeds its burst for one of cost_gates (policies.cost_gates), naming the job (field_prefix formatted with its index), the gate, the cost and the burst; nothing when cost_gates is NULL.';
 
--- stage() as in the migration before, copied; change: the cost check (0024).
-CREATE OR REPLACE FUNCTION dispatch_policy.stage(
+-- _stage_outcomes as in 0023, copied; change: the cost check first.
+CREATE OR REPLACE FUNCTION dispatch_policy._stage_outcomes(policy text, jobs jsonb, field_prefix text)
+RETURNS TABLE (idx integer, id bigint, outcome text)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+#variable_conflict use_column
+DECLARE
+  config jsonb;
+  ids bigint[];
+  cost_gates jsonb;
+  holder bigint;
+  kept integer[] := '{}'::integer[];
+  inserted integer[] := '{}'::integer[];
+BEGIN
+  SELECT p.config, p.cost_gates INTO config, cost_gates FROM dispatch_policy.policies p WHERE p.name = _stage_outcomes.policy;
+  -- A job that costs more than its bucket holds could never be admitted
+  -- (0024): refused before anything is stored, naming the job. Elements
+  -- that are not objects with an object context are left to the checks of
+  -- the paths below.
+  IF cost_gates IS NOT NULL AND jsonb_typeof(jobs) = 'array' THEN
+    PERFORM dispatch_policy._require_job_costs(cost_gates,
+      ARRAY(SELECT CASE WHEN jsonb_typeof(t.job) = 'object' AND coalesce(jsonb_typeof(t.job -> 'context'), 'null') IN ('object', 'null')
+                        THEN jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
+                                                'priority', coalesce(dispatch_policy._json_number(t.job -> 'priority'), 0))
+                             || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) END
+            FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n) ORDER BY t.n),
+      field_prefix);
+  END IF;
+  IF dispatch_policy._staging_rules_apply(config)
+     OR (jsonb_typeof(jobs) = 'array'
+         AND EXISTS (SELECT 1 FROM jsonb_array_elements(jobs) AS t(job)
+                     WHERE CASE WHEN jsonb_typeof(t.job) = 'object'
+                                THEN t.job - ARRAY['args', 'context', 'dedupe_key', 'round_robin_key', 'queue', 'priority',
+                                                   'not_before'] <> '{}'::jsonb
+                                ELSE false END)) THEN
+    RETURN QUERY SELECT r.idx, r.id, r.outcome FROM dispatch_policy._stage_rules(_stage_outcomes.policy, jobs, field_prefix) r;
+    RETURN;
+  END IF;
+  ids := dispatch_policy._stage(_stage_outcomes.policy, jobs, field_prefix);
+  FOR i IN 1 .. coalesce(cardinality(ids), 0) LOOP
+    IF ids[i] IS NULL THEN
+      holder := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                 WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+      IF holder IS NULL THEN
+        -- Its key was freed since (the job holding it finished): staged now.
+        ids[i] := (dispatch_policy._stage(_stage_outcomes.policy, jsonb_build_array(jobs -> (i - 1)), field_prefix))[1];
+        IF ids[i] IS NOT NULL THEN
+          inserted := inserted || i;
+        ELSE
+          ids[i] := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                     WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+        END IF;
+      ELSE
+        ids[i] := holder;
+      END IF;
+      kept := kept || i;
+    END IF;
+  END LOOP;
+  RETURN QUERY
+    SELECT t.n::integer, t.id,
+           CASE WHEN t.n::integer = ANY (kept) AND NOT t.n::integer = ANY (inserted) THEN 'kept' ELSE 'inserted' END
+    FROM unnest(ids) WITH ORDINALITY AS t(id, n)
+    ORDER BY t.n;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._stage_outcomes(text, jsonb, text) IS
+  'Internal: refuses (22023) the first job whose cost exceeds its burst for a throttle with a cost (0024), then stages a JSON array of job specs and returns (idx, id, outcome) per element: through _stage_rules when the policy declares a staging rule or a job has expires_at (or a field _stage does not know, so the error lists expires_at), else through _stage (one statement), where a job not stored is kept and its id is the job that holds its key.';
+
+-- stage_outcome as in 0023, copied; change: the cost check (0024).
+CREATE OR REPLACE FUNCTION dispatch_policy.stage_outcome(
   policy          text,
   args            jsonb,
   context         jsonb DEFAULT '{}',
@@ -394,13 +414,18 @@ CREATE OR REPLACE FUNCTION dispatch_policy.stage(
   round_robin_key text DEFAULT NULL,
   queue           text DEFAULT NULL,
   priority        integer DEFAULT NULL,
-  not_before      timestamptz DEFAULT NULL
+  not_before      timestamptz DEFAULT NULL,
+  expires_at      timestamptz DEFAULT NULL,
+  OUT id          bigint,
+  OUT outcome     text
 )
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, dispatch_policy, pg_temp
 AS $$
+#variable_conflict use_variable
 DECLARE
   template text;
+  config jsonb;
   part_gates text[];
   part_templates text[];
   part_prefixes text[];
@@ -411,230 +436,92 @@ DECLARE
   job_id bigint;
   lane text;
   due timestamptz;
+  r record;
   cost_gates jsonb;
 BEGIN
   -- As _stage: the templates read next stay the policy's until commit.
-  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(stage.policy));
-  SELECT p.lane_template, p.partition_gates, p.partition_templates, p.partition_prefixes, p.partition_keys,
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(stage_outcome.policy));
+  SELECT p.lane_template, p.config, p.partition_gates, p.partition_templates, p.partition_prefixes, p.partition_keys,
          p.partition_suffixes, p.cost_gates
-  INTO template, part_gates, part_templates, part_prefixes, part_keys, part_suffixes, cost_gates
-  FROM dispatch_policy.policies p WHERE p.name = stage.policy;
+  INTO template, config, part_gates, part_templates, part_prefixes, part_keys, part_suffixes, cost_gates
+  FROM dispatch_policy.policies p WHERE p.name = stage_outcome.policy;
   IF NOT FOUND
-     OR stage.args IS NULL OR jsonb_typeof(stage.args) = 'null'
-     OR jsonb_typeof(stage.context) NOT IN ('object', 'null')
-     -- The general path measures the context exactly; here a compressed or
-     -- borderline one is left to it.
-     OR pg_column_size(stage.context) > dispatch_policy._limit_max('job.context') - 8
-     OR pg_column_compression(stage.context) IS NOT NULL
-     OR octet_length(stage.dedupe_key) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.dedupe_key')
-     OR octet_length(stage.round_robin_key) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.round_robin_key')
-     OR octet_length(stage.queue) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.queue')
-     OR NOT isfinite(stage.not_before)
+     OR stage_outcome.expires_at IS NOT NULL
+     OR dispatch_policy._staging_rules_apply(config)
+     OR stage_outcome.args IS NULL OR jsonb_typeof(stage_outcome.args) = 'null'
+     OR jsonb_typeof(stage_outcome.context) NOT IN ('object', 'null')
+     OR pg_column_size(stage_outcome.context) > dispatch_policy._limit_max('job.context') - 8
+     OR pg_column_compression(stage_outcome.context) IS NOT NULL
+     OR octet_length(stage_outcome.dedupe_key) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.dedupe_key')
+     OR octet_length(stage_outcome.round_robin_key) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.round_robin_key')
+     OR octet_length(stage_outcome.queue) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.queue')
+     OR NOT isfinite(stage_outcome.not_before)
   THEN
-    -- SQL NULLs become JSON nulls, which the spec check reads as "not given"
-    -- (and as the 22004 error for args).
-    RETURN (dispatch_policy._stage(
-      stage.policy,
+    -- The general path, which raises the errors naming the field. An
+    -- infinite expires_at is passed as text, which the check refuses.
+    SELECT o.id, o.outcome INTO r
+    FROM dispatch_policy._stage_outcomes(
+      stage_outcome.policy,
       jsonb_build_array(jsonb_build_object(
-        'args', stage.args,
-        'context', stage.context,
-        'dedupe_key', stage.dedupe_key,
-        'round_robin_key', stage.round_robin_key,
-        'queue', stage.queue,
-        'priority', stage.priority,
-        'not_before', stage.not_before
-      )),
-      ''))[1];
+        'args', stage_outcome.args,
+        'context', stage_outcome.context,
+        'dedupe_key', stage_outcome.dedupe_key,
+        'round_robin_key', stage_outcome.round_robin_key,
+        'queue', stage_outcome.queue,
+        'priority', stage_outcome.priority,
+        'not_before', stage_outcome.not_before
+      ) || CASE WHEN stage_outcome.expires_at IS NULL THEN '{}'::jsonb
+                ELSE jsonb_build_object('expires_at', stage_outcome.expires_at) END),
+      '') o;
+    id := r.id;
+    outcome := r.outcome;
+    RETURN;
   END IF;
 
-  job_context := jsonb_build_object('queue_name', coalesce(stage.queue, 'default'), 'priority', coalesce(stage.priority, 0))
-                 || coalesce(nullif(stage.context, 'null'::jsonb), '{}'::jsonb);
+  job_context := jsonb_build_object('queue_name', coalesce(stage_outcome.queue, 'default'),
+                                    'priority', coalesce(stage_outcome.priority, 0))
+                 || coalesce(nullif(stage_outcome.context, 'null'::jsonb), '{}'::jsonb);
   -- A job that costs more than its bucket holds could never be admitted (0024).
   IF cost_gates IS NOT NULL THEN
     PERFORM dispatch_policy._require_job_costs(cost_gates, ARRAY[job_context], '');
   END IF;
-  -- An assignment (a plan made once per session) rather than in the
-  -- INSERT, whose plan would be made again on every call.
   job_partitions := dispatch_policy._render_partitions(part_gates, part_templates, part_prefixes, part_keys, part_suffixes,
                                                        job_context);
   job_id := nextval('dispatch_policy.job_ids');
-  -- Only with a key: the primary key makes concurrent stages of the same
-  -- key store one job (the later waits for the earlier's transaction).
-  IF stage.dedupe_key IS NOT NULL THEN
-    INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
-    VALUES (stage.policy, stage.dedupe_key, job_id)
-    ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING;
-    IF NOT FOUND THEN
-      RETURN NULL;
-    END IF;
+  IF stage_outcome.dedupe_key IS NOT NULL THEN
+    -- Only with a key: the primary key makes concurrent stages of the same
+    -- key store one job. A key freed between the insert and the lookup (its
+    -- job finished) is taken on the next turn.
+    LOOP
+      INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+      VALUES (stage_outcome.policy, stage_outcome.dedupe_key, job_id)
+      ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING;
+      EXIT WHEN FOUND;
+      SELECT d.job_id INTO id FROM dispatch_policy.dedupe_keys d
+      WHERE d.policy = stage_outcome.policy AND d.dedupe_key = stage_outcome.dedupe_key;
+      IF id IS NOT NULL THEN
+        outcome := 'kept';
+        RETURN;
+      END IF;
+    END LOOP;
   END IF;
   INSERT INTO dispatch_policy.staged_jobs
     (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, partitions)
-  VALUES (job_id, stage.policy, coalesce(stage.queue, 'default'), coalesce(stage.priority, 0), stage.args, job_context,
-          stage.dedupe_key, dispatch_policy._round_robin_key(template, job_context, stage.round_robin_key),
-          CASE WHEN stage.not_before > now() THEN stage.not_before END, job_partitions)
+  VALUES (job_id, stage_outcome.policy, coalesce(stage_outcome.queue, 'default'), coalesce(stage_outcome.priority, 0),
+          stage_outcome.args, job_context, stage_outcome.dedupe_key,
+          dispatch_policy._round_robin_key(template, job_context, stage_outcome.round_robin_key),
+          CASE WHEN stage_outcome.not_before > now() THEN stage_outcome.not_before END, job_partitions)
   RETURNING staged_jobs.round_robin_key, staged_jobs.not_before INTO lane, due;
   IF due IS NULL THEN
-    PERFORM dispatch_policy._add_lanes(stage.policy, ARRAY[lane]);
+    PERFORM dispatch_policy._add_lanes(stage_outcome.policy, ARRAY[lane]);
   END IF;
-  PERFORM pg_notify('dispatch_policy_staged', stage.policy);
-  RETURN job_id;
+  PERFORM pg_notify('dispatch_policy_staged', stage_outcome.policy);
+  id := job_id;
+  outcome := 'inserted';
 END
 $$;
-COMMENT ON FUNCTION dispatch_policy.stage(text, jsonb, jsonb, text, text, text, integer, timestamptz) IS
-  'Stages one job and returns its id, or NULL when a job of the same policy with the same dedupe_key is pending or admitted. Adds queue_name and priority to the context unless set; derives round_robin_key (the job''s lane) from the policy''s lane_template (round_robin_by, else its gates'' partition_by templates) when not given; stores the job''s partition of each partitioned gate (staged_jobs.partitions); a not_before in the future schedules the job. Errors: unknown policy 42704, NULL args 22004, a field out of its limits() bounds or otherwise invalid 22023 (the message names the field).';
-
-
--- _stage as in the migration before, copied; change: the cost check (0024).
-CREATE OR REPLACE FUNCTION dispatch_policy._stage(policy text, jobs jsonb, field_prefix text)
-RETURNS bigint[]
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
--- With the templates as constants, a custom plan of the INSERT looks much
--- cheaper than the generic one (every branch of _render_partitions folds
--- away), so the plan cache made a new plan on every call: 1 ms more for a
--- call of 10 jobs. The generic plan renders a job's partitions in about
--- 2 us; the other statements here were generic plans already.
-SET plan_cache_mode = force_generic_plan
-AS $$
-DECLARE
-  template text;
-  part_gates text[];
-  part_templates text[];
-  part_prefixes text[];
-  part_keys text[];
-  part_suffixes text[];
-  bad record;
-  ids bigint[];
-  lanes text[];
-  cost_gates jsonb;
-BEGIN
-  -- Until commit: a redeclare does not render the policy's staged jobs
-  -- again before these are visible to it, nor change the templates read
-  -- below meanwhile (see _partitions_lock_key).
-  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(_stage.policy));
-  SELECT p.lane_template, p.partition_gates, p.partition_templates, p.partition_prefixes, p.partition_keys,
-         p.partition_suffixes, p.cost_gates
-  INTO template, part_gates, part_templates, part_prefixes, part_keys, part_suffixes, cost_gates
-  FROM dispatch_policy.policies p WHERE p.name = _stage.policy;
-  IF NOT FOUND THEN
-    PERFORM dispatch_policy._require_policy(_stage.policy);
-  END IF;
-  IF jobs IS NULL OR jsonb_typeof(jobs) <> 'array' THEN
-    RAISE EXCEPTION 'jobs must be a JSON array of job objects'
-      USING ERRCODE = '22023', DETAIL = format('jobs is %s.', coalesce('a JSON ' || jsonb_typeof(jobs), 'NULL')),
-            HINT = 'Pass [{"args": ...}, ...]. Nothing was stored.';
-  END IF;
-
-  SELECT t.n - 1 AS idx, t.job,
-         dispatch_policy._job_spec_problem(
-           t.job, dispatch_policy._limit_max('job.queue')::integer, dispatch_policy._limit_max('job.dedupe_key')::integer,
-           dispatch_policy._limit_max('job.round_robin_key')::integer, dispatch_policy._limit_max('job.context')::integer
-         ) AS problem
-  INTO bad
-  FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
-  WHERE dispatch_policy._job_spec_problem(
-          t.job, dispatch_policy._limit_max('job.queue')::integer, dispatch_policy._limit_max('job.dedupe_key')::integer,
-          dispatch_policy._limit_max('job.round_robin_key')::integer, dispatch_policy._limit_max('job.context')::integer
-        ) IS NOT NULL
-  ORDER BY t.n
-  LIMIT 1;
-  IF FOUND THEN
-    RAISE EXCEPTION '% %', rtrim(format(field_prefix, bad.idx) || bad.problem[2], '.'), bad.problem[3]
-      USING ERRCODE = bad.problem[1],
-            DETAIL = format('%s is %s.', rtrim(format(field_prefix, bad.idx) || bad.problem[2], '.'),
-                            coalesce(left(CASE WHEN bad.problem[2] = '' THEN bad.job ELSE bad.job -> bad.problem[2] END::text, 200),
-                                     'missing')),
-            HINT = 'Nothing was stored.';
-  END IF;
-
-  -- A job that costs more than its bucket holds could never be admitted
-  -- (0024): refused before anything is stored, naming the job.
-  IF cost_gates IS NOT NULL THEN
-    PERFORM dispatch_policy._require_job_costs(cost_gates,
-      ARRAY(SELECT jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
-                                      'priority', coalesce((t.job ->> 'priority')::numeric::integer, 0))
-                   || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb)
-            FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n) ORDER BY t.n),
-      field_prefix);
-  END IF;
-
-  BEGIN
-    WITH input AS MATERIALIZED (
-      SELECT t.n,
-             nextval('dispatch_policy.job_ids') AS id,
-             t.job -> 'args' AS args,
-             coalesce(t.job ->> 'queue', 'default') AS queue,
-             coalesce((t.job ->> 'priority')::numeric::integer, 0) AS priority,
-             coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) AS context,
-             t.job ->> 'dedupe_key' AS dedupe_key,
-             t.job ->> 'round_robin_key' AS round_robin_key,
-             (t.job ->> 'not_before')::timestamptz AS not_before
-      FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
-      ORDER BY t.n
-    ), checked AS (
-      -- 'infinity' parses but would keep a job waiting forever.
-      SELECT i.*, CASE WHEN isfinite(i.not_before) OR i.not_before IS NULL THEN i.not_before
-                       ELSE ('not a finite time: ' || i.not_before::text)::timestamptz END AS due
-      FROM input i
-    ), prepared AS (
-      SELECT i.n, i.id, i.args, i.queue, i.priority, i.dedupe_key, i.round_robin_key, i.due AS not_before,
-             jsonb_build_object('queue_name', i.queue, 'priority', i.priority) || i.context AS context
-      FROM checked i
-    ), keyed AS (
-      INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
-      SELECT DISTINCT ON (p.dedupe_key) _stage.policy, p.dedupe_key, p.id
-      FROM prepared p
-      WHERE p.dedupe_key IS NOT NULL
-      ORDER BY p.dedupe_key, p.n
-      ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING
-      RETURNING job_id
-    ), staged AS (
-      INSERT INTO dispatch_policy.staged_jobs
-        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, partitions)
-      SELECT p.id, _stage.policy, p.queue, p.priority, p.args, p.context, p.dedupe_key,
-             dispatch_policy._round_robin_key(template, p.context, p.round_robin_key),
-             CASE WHEN p.not_before > now() THEN p.not_before END,
-             dispatch_policy._render_partitions(part_gates, part_templates, part_prefixes, part_keys, part_suffixes,
-                                                p.context)
-      FROM prepared p
-      WHERE p.dedupe_key IS NULL OR p.id IN (SELECT k.job_id FROM keyed k)
-      ORDER BY p.n
-      RETURNING id, round_robin_key, not_before
-    )
-    SELECT coalesce(array_agg(s.id ORDER BY p.n), '{}'),
-           coalesce(array_agg(DISTINCT s.round_robin_key) FILTER (WHERE s.id IS NOT NULL AND s.not_before IS NULL), '{}')
-    INTO ids, lanes
-    FROM prepared p LEFT JOIN staged s ON s.id = p.id;
-  EXCEPTION
-    -- A not_before that does not parse ('someday', '+99:00', an unknown time
-    -- zone) or is infinite. Only on this error path: find the element.
-    WHEN invalid_datetime_format OR datetime_field_overflow OR invalid_time_zone_displacement_value
-         OR invalid_parameter_value THEN
-      SELECT t.n - 1 AS idx, t.job -> 'not_before' AS value INTO bad
-      FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
-      WHERE CASE WHEN dispatch_policy._is_timestamptz(t.job ->> 'not_before')
-                 THEN NOT isfinite((t.job ->> 'not_before')::timestamptz) ELSE true END
-      ORDER BY t.n LIMIT 1;
-      IF NOT FOUND THEN
-        RAISE;
-      END IF;
-      RAISE EXCEPTION '% must be a finite timestamp', format(field_prefix, bad.idx) || 'not_before'
-        USING ERRCODE = '22023',
-              DETAIL = format('%snot_before is %s.', format(field_prefix, bad.idx), left(bad.value::text, 200)),
-              HINT = 'Use ISO 8601, such as 2026-01-31T12:00:00Z. Nothing was stored.';
-  END;
-
-  -- The lanes of the jobs eligible now (scheduled ones get theirs when promoted).
-  PERFORM dispatch_policy._add_lanes(_stage.policy, lanes);
-  IF cardinality(array_remove(ids, NULL)) > 0 THEN
-    PERFORM pg_notify('dispatch_policy_staged', _stage.policy);
-  END IF;
-  RETURN ids;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy._stage(text, jsonb, text) IS
-  'Internal: stages a JSON array of job specs (stage_many, and stage() for input its own check does not accept at a glance): checks every element first (nothing is stored if one is bad; the error names the field), dedupes, inserts in one statement (with each job''s partitions of the policy''s partitioned gates), adds the lanes of the jobs eligible now, notifies dispatch_policy_staged once.';
-
+COMMENT ON FUNCTION dispatch_policy.stage_outcome(text, jsonb, jsonb, text, text, text, integer, timestamptz, timestamptz) IS
+  'Stages one job as stage() does and says what happened: outcome inserted (a new job, id), kept (a job of the same policy with the same dedupe_key is admitted, or staged under dedupe_mode keep: nothing changed, id is that job), replaced (dedupe_mode replace and that job is still staged: its args, context, queue, priority, round-robin key, partitions and expires_at are now this call''s, its not_before is pushed to now + debounce if later; id is that job) or dropped (only in stage_many_outcomes). expires_at: the job''s deadline (must be later than now; the policy''s max_wait gives staged_at + max_wait, the earlier of the two applies); a job not admitted by then is finished as expired. With max_pending_per_partition, a new job in a partition (lane key) at the cap is refused with DP002 (on_overflow reject) or the partition''s oldest staged jobs (lowest id) are finished as dropped (drop_oldest). Errors, nothing changed: unknown policy 42704, NULL args 22004, a cost above its burst for a throttle with a cost (0024) 22023, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 naming the field, a full partition DP002.';
 
 -- ---------------------------------------------------------------------------
 -- Weighted fairness.
@@ -681,7 +568,7 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._lane_weight(text, text, jsonb) IS
   'Internal: the round_robin_weight (weight_value, from the policy config) of a policy''s lane, read from the context of the lane''s first eligible job when it is {"context", "default"}; 1 without a weight; within limits() round_robin_weight.';
 
--- fetch_batch as in 0012, copied; changes: round_robin_weight. A lane of
+-- fetch_batch as in 0023, copied; change: round_robin_weight. A lane of
 -- weight w fetches quantum x w rows and gives w rows per round of the batch;
 -- the cursor's served (what the first lane already had of its round) is
 -- taken off its first round.
@@ -722,6 +609,9 @@ DECLARE
   first_offset integer := 0;
 BEGIN
   PERFORM dispatch_policy._require_now(fetch_batch.now);
+  -- Deadlines (0023): jobs whose expires_at has passed are finished as
+  -- expired first, so the fetch below never returns one.
+  PERFORM dispatch_policy._expire_staged(fetch_batch.policy, fetch_batch.now);
   IF batch_size IS NULL OR NOT dispatch_policy._within_limit(batch_size, 'batch_size') THEN
     RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
       USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', coalesce(batch_size::text, 'NULL'));
@@ -794,7 +684,8 @@ BEGIN
     SELECT got_ids || coalesce(array_agg(r.id ORDER BY r.lane, r.rank), '{}'),
            got_lanes || coalesce(array_agg(pos + r.lane ORDER BY r.lane, r.rank), '{}'),
            got_ranks || coalesce(array_agg(r.rank ORDER BY r.lane, r.rank), '{}'),
-           full_lanes || coalesce(array_agg(pos + r.lane) FILTER (WHERE r.rank = least(quantum * weights[pos + r.lane], batch_size)), '{}'),
+           full_lanes || coalesce(array_agg(pos + r.lane) FILTER (WHERE r.rank = least(quantum * weights[pos + r.lane], batch_size)),
+                                  '{}'),
            empty_lanes || coalesce(ARRAY(SELECT k.key FROM unnest(chunk) WITH ORDINALITY AS k(key, n)
                                          WHERE k.key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fetched x WHERE x.lane = k.n)), '{}'),
            keyless_empty OR coalesce(array_position(chunk, NULL) IS NOT NULL
@@ -846,10 +737,9 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz) IS
-  'Locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: from the policy''s ready lanes (dispatch_policy.lanes) in rotation order after its cursor, up to that many rows of each, as many lanes as fill the batch, then more rows of lanes that gave a whole quantum; rows interleaved (every lane''s first row, then every lane''s second, ...; with round_robin_weight, a lane of weight w gives quantum x w rows and w rows per round, its weight read from its first eligible job; the first lane gives first what is left of a round the last tick cut short, round_robin_cursors.served), lane = the lane''s place in this rotation. Blocked lanes are passed over without a look; lanes whose block ran out are unblocked first; lanes found empty are deleted. Without round_robin_quantum: the oldest rows, lane 0. The cursor is moved by admit.';
+  'Finishes the policy''s jobs whose deadline passed as expired (0023), then locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: from the policy''s ready lanes (dispatch_policy.lanes) in rotation order after its cursor, up to that many rows of each, as many lanes as fill the batch, then more rows of lanes that gave a whole quantum; rows interleaved (every lane''s first row, then every lane''s second, ...; with round_robin_weight, a lane of weight w gives quantum x w rows and w rows per round, its weight read from its first eligible job; the first lane gives first what is left of a round the last tick cut short, round_robin_cursors.served), lane = the lane''s place in this rotation. Blocked lanes are passed over without a look; lanes whose block ran out are unblocked first; lanes found empty are deleted. Without round_robin_quantum: the oldest rows, lane 0. The cursor is moved by admit.';
 
-
--- _admit as in 0014, copied; changes: the round-robin cursor also keeps
+-- _admit as in 0014, copied; change: the round-robin cursor also keeps
 -- served and served_lane (weighted lanes, round_robin_weight).
 CREATE OR REPLACE FUNCTION dispatch_policy._admit(
   policy text, ids bigint[], gate_names text[], partitions text[],
@@ -1027,7 +917,8 @@ BEGIN
       ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
       DO UPDATE SET last_key = EXCLUDED.last_key, updated_at = EXCLUDED.updated_at, served = EXCLUDED.served,
                     served_lane = EXCLUDED.served_lane;
-    ELSE
+    ELSIF jsonb_typeof(starved) = 'object' THEN
+      -- Held on a weighted lane: only the round's progress changes.
       INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at, served, served_lane)
       VALUES (_admit.policy, NULL, _admit.now, new_served, CASE WHEN new_served > 0 THEN starved ->> 'lane' END)
       ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
@@ -1050,11 +941,10 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb, text[], text[]) IS
   'Internal: admit with parallel arrays (the one implementation): ids; gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane); round_robin_cursor {"last_key": K} or {"hold": true}, with weighted lanes also "starved": {"lane", "index", "weight"} (the first starved job: its lane, its place among the lane''s jobs in the batch from 1, the lane''s weight), from which the cursor''s served is kept.';
 
-
 -- ---------------------------------------------------------------------------
 -- explain shows a throttle's cost.
 
--- explain as in 0017, copied; changes: a throttle gate's row shows the job's
+-- explain as in 0023, copied; change: a throttle gate's row shows the job's
 -- cost (gate field cost) and waits until the bucket holds it, and the estimate
 -- adds up the costs of the jobs ahead in its partition.
 CREATE OR REPLACE FUNCTION dispatch_policy.explain(id bigint)
@@ -1147,6 +1037,25 @@ BEGIN
     reasons := array_append(reasons, 'scheduled for later'::text);
     RETURN QUERY SELECT 'schedule'::text, NULL::text, NULL::text, 'waits'::text,
       format('scheduled: not before %s', j.not_before), extract(epoch FROM j.not_before - at)::float8;
+  END IF;
+  -- Deferred by its worker (0022): the latest deferral still ahead.
+  RETURN QUERY SELECT 'deferred'::text, NULL::text, NULL::text, 'info'::text,
+    format('deferred by its worker until %s (%s deferral%s): %s', d.until, d.n, CASE WHEN d.n = 1 THEN '' ELSE 's' END,
+           left(d.reason, 300)),
+    NULL::float8
+  FROM (SELECT x.until, x.reason, count(*) OVER () AS n, x.id AS deferral
+        FROM dispatch_policy.job_deferrals x WHERE x.job_id = j.id) d
+  WHERE d.until > at
+  ORDER BY d.deferral DESC LIMIT 1;
+  -- Its deadline (0023).
+  IF j.expires_at IS NOT NULL THEN
+    RETURN QUERY SELECT 'deadline'::text, NULL::text, NULL::text,
+      CASE WHEN j.expires_at <= at THEN 'expired' ELSE 'ok' END,
+      CASE WHEN j.expires_at <= at
+           THEN format('expired at %s: the next tick finishes it as expired instead of admitting it', j.expires_at)
+           ELSE format('expires at %s (in %s): finished as expired if not admitted by then', j.expires_at,
+                       date_trunc('second', j.expires_at - at)) END,
+      NULL::float8;
   END IF;
 
   -- Its place in its lane (the fetch takes a lane's jobs by priority, then id).
@@ -1338,12 +1247,9 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.explain(bigint) IS
-  'Why a job is where it is. For a pending or scheduled job, one row per reason (aspect job, policy, schedule, lane, gate, estimate): for each gate of its policy, in its partition, ok or waits with the numbers (tokens now, the job''s cost where the throttle has one, and the time until the bucket holds it (the next whole token without a cost); in flight against the cap; the adaptive cap and EWMA lag) or, when an operator paused that partition (pause_partition), waits with the pause''s end (wait_seconds; none without until) and reason; whether it is scheduled or the policy paused or failing, its place in its lane (and whether a pause blocks the lane), and an estimated wait in seconds (wait_seconds) where one can be computed (throttles, schedules and pauses with an end; a full cap or a pause without an end has none). For an admitted or finished (completed, dead, cancelled) job, one row saying so. P0002 for an id with no job.';
-
+  'Why a job is where it is. For a pending or scheduled job, one row per reason (aspect job, policy, schedule, deferred, deadline, lane, gate, estimate): for each gate of its policy, in its partition, ok or waits with the numbers (tokens now, the job''s cost where the throttle has one, and the time until the bucket holds it (the next whole token without a cost); in flight against the cap; the adaptive cap and EWMA lag) or, when an operator paused that partition (pause_partition), waits with the pause''s end (wait_seconds; none without until) and reason, the latest deferral by its worker while its until is ahead (aspect deferred: info with until, how many deferrals and the reason), its deadline (aspect deadline: ok with expires_at, or expired when it passed and the next tick will finish it as expired); whether it is scheduled or the policy paused or failing, its place in its lane (and whether a pause blocks the lane), and an estimated wait in seconds (wait_seconds) where one can be computed (throttles, schedules and pauses with an end; a full cap or a pause without an end has none). For an admitted or finished (completed, dead, cancelled, expired, dropped) job, one row saying so. P0002 for an id with no job.';
 
 -- ---------------------------------------------------------------------------
--- Privileges (see 0021): CREATE OR REPLACE reset stage() to what its copy
--- states; the new functions are PUBLIC's until revoked.
-ALTER FUNCTION dispatch_policy.stage(text, jsonb, jsonb, text, text, text, integer, timestamptz)
-  SECURITY DEFINER SET search_path = pg_catalog, dispatch_policy, pg_temp;
+-- Privileges (see 0021): the new functions are PUBLIC's until revoked
+-- (stage_outcome states its SECURITY DEFINER and search_path itself).
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch_policy FROM PUBLIC;

@@ -20,7 +20,7 @@
 --   GRANT dispatch_policy_runner TO runner;
 --   GRANT dispatch_policy_operator TO ops;   -- and dispatch_policy_runner to admit now
 --
--- dispatch_policy_stager    stage, stage_many. Nothing else: it reads no
+-- dispatch_policy_stager    stage, stage_outcome, stage_many, stage_many_outcomes. Nothing else: it reads no
 --                           table, not even the jobs it staged.
 -- dispatch_policy_worker    claim, heartbeat, started, complete,
 --                           complete_many, fail, defer, report_process,
@@ -69,7 +69,7 @@ BEGIN
   FOR r IN
     SELECT * FROM (VALUES
       ('dispatch_policy_stager',
-       'dispatch-policy: stages jobs (stage, stage_many); reads nothing. Created by dispatch_policy_roles.sql.'),
+       'dispatch-policy: stages jobs (stage, stage_outcome, stage_many, stage_many_outcomes); reads nothing. Created by dispatch_policy_roles.sql.'),
       ('dispatch_policy_worker',
        'dispatch-policy: claims jobs and reports their outcome (claim, heartbeat, started, complete, complete_many, fail, defer). Created by dispatch_policy_roles.sql.'),
       ('dispatch_policy_operator',
@@ -105,8 +105,10 @@ GRANT USAGE ON SCHEMA dispatch_policy
 
 -- Stager.
 GRANT EXECUTE ON FUNCTION
-  dispatch_policy.stage(text, jsonb, jsonb, text, text, text, integer, timestamptz),
-  dispatch_policy.stage_many(text, jsonb)
+  dispatch_policy.stage(text, jsonb, jsonb, text, text, text, integer, timestamptz, timestamptz),
+  dispatch_policy.stage_outcome(text, jsonb, jsonb, text, text, text, integer, timestamptz, timestamptz),
+  dispatch_policy.stage_many(text, jsonb),
+  dispatch_policy.stage_many_outcomes(text, jsonb)
   TO dispatch_policy_stager;
 
 -- Worker.

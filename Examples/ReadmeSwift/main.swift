@@ -21,9 +21,10 @@ func readmeExamples(logger: Logger, json: String) async throws {
     let connection = try await settings.connect(logger: logger)
     try await Migrator(logger: logger).migrate(on: connection)
     try await PolicyCatalog(executor: connection).declare(name: "webhooks", config: json)
-    let id = try await Stager(executor: connection).stage(
+    let staged = try await Stager(executor: connection).stage(
         policy: "webhooks",
         try JobSpec(args: ["event_id": 123], context: ["account_id": "42"], dedupeKey: "event:123"))
+    // staged.id: the job holding the key; staged.outcome: .inserted, .replaced, .kept or .dropped
 
     let webhooks = PolicyConfig(roundRobinBy: "{account_id}") {
         Gate.throttle(name: "per_endpoint", rate: .context("rate_limit", default: 60), per: 60,
@@ -54,7 +55,7 @@ func readmeExamples(logger: Logger, json: String) async throws {
     let services: [any Service] = [client, TickRunner(client: client, logger: logger), pooledWorker]
     // ... and in a request handler: try await Stager(executor: client).stage(policy: "webhooks", spec)
     try await ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm], logger: logger)).run()
-    _ = id
+    _ = staged
 }
 
 // Built, never run: running it needs a database and runs until stopped.

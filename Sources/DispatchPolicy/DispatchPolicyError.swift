@@ -55,6 +55,10 @@ public struct DispatchPolicyError: Error, Sendable, CustomStringConvertible {
     public var message: String
     /// The SQLSTATE PostgreSQL reported, for ``Code/server`` and ``Code/migrationFailed``.
     public var sqlState: String?
+    /// Staging was refused because the job's partition already holds
+    /// `max_pending_per_partition` staged jobs (`on_overflow` `reject`,
+    /// SQLSTATE `DP002`); nothing was staged.
+    public var isBacklogFull: Bool { sqlState == "DP002" }
     public var detail: String?
     public var hint: String?
     /// The error this one was made from (a `PSQLError`, a TLS error...), when there was one.

@@ -33,6 +33,12 @@ public struct AdminStore: Sendable {
         public var lagP50ms: Double?
         public var lagP95ms: Double?
         public var throughputPerMinute: Double
+        /// Jobs finished as expired (deadline passed before admission) in 24 h.
+        public var expired24h: Int64 = 0
+        /// Jobs finished as dropped (backlog over its cap) in 24 h.
+        public var dropped24h: Int64 = 0
+        /// Deferrals by workers (``DispatchPolicy/Defer``) in 24 h.
+        public var deferred24h: Int64 = 0
     }
 
     /// Every policy's overview, or only the one named `only`.
@@ -41,7 +47,8 @@ public struct AdminStore: Sendable {
             """
             SELECT policy, pending, scheduled, in_flight, admitted_24h, completed_24h, failed_24h, dead,
                    extract(epoch FROM oldest_pending_age)::float8, paused, tick_failures, last_error,
-                   lag_p50_ms::float8, lag_p95_ms::float8, coalesce(throughput_per_min, 0)::float8
+                   lag_p50_ms::float8, lag_p95_ms::float8, coalesce(throughput_per_min, 0)::float8,
+                   expired_24h, dropped_24h, deferred_24h
             FROM dispatch_policy.policy_overview
             WHERE \(only)::text IS NULL OR policy = \(only)::text
             ORDER BY policy
@@ -50,10 +57,15 @@ public struct AdminStore: Sendable {
             let (name, pending, scheduled, inFlight, admitted, completed, failed, dead, oldest, paused, failures, error, p50, p95, rate) =
                 try row.decode(
                     (String, Int64, Int64, Int64, Int64, Int64, Int64, Int64, Double?, Bool, Int?, String?, Double?, Double?, Double).self)
+            let columns = Array(row)
+            let (expired, dropped, deferred) = try (
+                columns[15].decode(Int64.self), columns[16].decode(Int64.self), columns[17].decode(Int64.self)
+            )
             return PolicyRow(
                 name: name, pending: pending, scheduled: scheduled, inFlight: inFlight, admitted24h: admitted, completed24h: completed,
                 failed24h: failed, dead: dead, oldestPendingSeconds: oldest, paused: paused, tickFailures: failures, lastError: error,
-                lagP50ms: p50, lagP95ms: p95, throughputPerMinute: rate)
+                lagP50ms: p50, lagP95ms: p95, throughputPerMinute: rate, expired24h: expired, dropped24h: dropped,
+                deferred24h: deferred)
         }
     }
 

@@ -40,6 +40,10 @@ struct PolicyGauges {
         "dispatch_policy_in_flight": "Admitted jobs not yet finished.",
         "dispatch_policy_dead": "Jobs that failed max_attempts times.",
         "dispatch_policy_paused": "1 when admission is paused.",
+        "dispatch_policy_expired_24h": "Jobs finished as expired (not admitted by their deadline) in the last 24 hours.",
+        "dispatch_policy_dropped_24h":
+            "Jobs finished as dropped (their partition's backlog over max_pending_per_partition) in the last 24 hours.",
+        "dispatch_policy_deferred_24h": "Deferrals by workers (backpressure from downstream) in the last 24 hours.",
         "dispatch_policy_oldest_pending_seconds": "Age of the oldest eligible staged job (0 when none).",
         "dispatch_policy_partition_in_flight": "Admitted jobs holding a slot of this gate partition.",
         "dispatch_policy_partition_tokens": "Throttle tokens available now.",
@@ -72,6 +76,9 @@ struct PolicyGauges {
                 set("dispatch_policy_in_flight", Self.policyLabels, labels, Double(policy.inFlight))
                 set("dispatch_policy_dead", Self.policyLabels, labels, Double(policy.dead))
                 set("dispatch_policy_paused", Self.policyLabels, labels, policy.paused ? 1 : 0)
+                set("dispatch_policy_expired_24h", Self.policyLabels, labels, Double(policy.expired24h))
+                set("dispatch_policy_dropped_24h", Self.policyLabels, labels, Double(policy.dropped24h))
+                set("dispatch_policy_deferred_24h", Self.policyLabels, labels, Double(policy.deferred24h))
                 set("dispatch_policy_oldest_pending_seconds", Self.policyLabels, labels, policy.oldestPendingSeconds ?? 0)
             }
             if options.partitionMetrics {

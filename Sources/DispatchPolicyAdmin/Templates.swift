@@ -57,7 +57,7 @@ enum Templates {
         {{^policies}}<p class="empty">No policies declared yet. Declare one with <code>dispatch-policy policy apply FILE</code>.</p>{{/policies}}
         {{^empty(policies)}}
         <table class="grid">
-        <thead><tr><th>Policy</th><th>State</th><th class="n">Pending</th><th class="n">Scheduled</th><th class="n">In flight</th><th class="n">Admitted 24 h</th><th class="n">Completed 24 h</th><th class="n">Failed 24 h</th><th class="n">Failure %</th><th class="n">Dead</th><th class="n">Throughput</th><th class="n">Lag P50 / P95</th><th class="n">Oldest pending</th><th>Headroom</th><th>Pending, last hour</th><th>Done and lag, last hour</th></tr></thead>
+        <thead><tr><th>Policy</th><th>State</th><th class="n">Pending</th><th class="n">Scheduled</th><th class="n">In flight</th><th class="n">Admitted 24 h</th><th class="n">Completed 24 h</th><th class="n">Failed 24 h</th><th class="n">Failure %</th><th class="n">Dead</th><th class="n" title="Jobs finished as expired (deadline) and as dropped (backlog cap), and deferrals by workers, in 24 hours">Expired / dropped / deferred 24 h</th><th class="n">Throughput</th><th class="n">Lag P50 / P95</th><th class="n">Oldest pending</th><th>Headroom</th><th>Pending, last hour</th><th>Done and lag, last hour</th></tr></thead>
         <tbody>
         {{#policies}}
         <tr>
@@ -66,10 +66,11 @@ enum Templates {
           <td class="n">{{pending}}</td><td class="n">{{scheduled}}</td><td class="n">{{inFlight}}</td>
           <td class="n">{{admitted24h}}</td><td class="n">{{completed24h}}</td><td class="n">{{failed24h}}</td><td class="n">{{failurePercent}}</td>
           <td class="n">{{#dead}}<a href="/dead?policy={{urlName}}">{{dead}}</a>{{/dead}}{{^dead}}0{{/dead}}</td>
+          <td class="n">{{expired24h}} / {{dropped24h}} / {{deferred24h}}</td>
           <td class="n">{{throughput}}/min</td><td class="n">{{lagP50}} / {{lagP95}}</td><td class="n">{{oldest}}</td>
           <td>{{headroom}}</td><td>{{{pendingTrend}}}</td><td>{{{trend}}}</td>
         </tr>
-        {{^empty(hints)}}<tr class="hints"><td></td><td colspan="15"><ul>{{#hints}}<li>{{.}}</li>{{/hints}}</ul></td></tr>{{/empty(hints)}}
+        {{^empty(hints)}}<tr class="hints"><td></td><td colspan="16"><ul>{{#hints}}<li>{{.}}</li>{{/hints}}</ul></td></tr>{{/empty(hints)}}
         {{/policies}}
         </tbody>
         </table>

@@ -79,8 +79,17 @@ struct Demo: AsyncParsableCommand {
             var webhooks = Worker(connection: settings, options: webhookOptions, logger: logger)
             // Four small tenants' endpoints are slow: their account's
             // concurrency cap binds. The others answer fast.
+            // One tenant's endpoint answers 429 with Retry-After: 1 to the
+            // first try of every webhook: the handler defers the job (no
+            // attempt counted) and pauses the endpoint's throttle partition.
+            let answered429 = Mutex(Set<Int64>())
             webhooks.register("demo_webhooks") { job in
                 let slow = DemoDriver.slowTenants.contains { job.contextJSON.contains(#""account": "\#($0)""#) }
+                if job.contextJSON.contains(#""account": "\#(DemoDriver.backpressureTenant)""#),
+                    answered429.withLock({ $0.insert(job.id).inserted })
+                {
+                    throw Defer(for: .seconds(1), reason: "429 Too Many Requests (Retry-After: 1)", pausePartition: true)
+                }
                 try await Task.sleep(for: .milliseconds(slow ? Int.random(in: 100...250) : Int.random(in: 20...80)))
             }
             var reportOptions = WorkerOptions()
@@ -156,6 +165,8 @@ struct DemoDriver: Service {
     /// Small tenants whose endpoints are slow and who have more to send:
     /// their account's concurrency cap binds.
     static let slowTenants: Set<String> = ["t01", "t02", "t03", "t04"]
+    /// A small tenant whose endpoint answers 429 to each webhook's first try.
+    static let backpressureTenant = "t05"
     static let noisyRate = 5.0
     static let noisyBurst = 5.0
     static let accountCap = 4
@@ -184,7 +195,7 @@ struct DemoDriver: Service {
         // Start from a clean slate when run twice against the same database.
         for table in [
             "staged_jobs", "admitted_jobs", "finished_jobs", "job_failures", "throttle_buckets",
-            "inflight_counters", "adaptive_stats", "observations", "observation_minutes",
+            "inflight_counters", "adaptive_stats", "observations", "observation_minutes", "job_deferrals",
         ] {
             _ = try await conn.rows(
                 PostgresQuery(unsafeSQL: "DELETE FROM dispatch_policy.\(table) WHERE policy LIKE 'demo\\_%'"), logger: logger)
@@ -407,6 +418,23 @@ struct DemoDriver: Service {
         print(
             "adaptive     caps seen (min–max): \(caps.joined(separator: ", "))"
                 + (final.map { "; acme now \($0.1) with EWMA lag \($0.2) ms (target 250 ms)" } ?? ""))
+        // Backpressure: the 429s the handler turned into deferrals.
+        guard
+            let (deferrals, deferredJobs, ranAgain, extraAttempts) = try await conn.rows(
+                """
+                SELECT count(*)::int, count(DISTINCT d.job_id)::int,
+                       count(DISTINCT d.job_id) FILTER (WHERE f.status = 'completed')::int,
+                       count(DISTINCT d.job_id) FILTER (WHERE f.attempts > 1)::int
+                FROM dispatch_policy.job_deferrals d
+                LEFT JOIN dispatch_policy.finished_jobs f ON f.id = d.job_id
+                WHERE d.policy = 'demo_webhooks' AND d.deferred_at >= \(startedAt)
+                """, logger: logger
+            ).first?.decode((Int, Int, Int, Int).self)
+        else { return }
+        print(
+            "backpressure \(Self.backpressureTenant)-hook answered 429 \(deferrals) time\(deferrals == 1 ? "" : "s"): \(deferredJobs) "
+                + "webhook\(deferredJobs == 1 ? "" : "s") deferred 1 s with the endpoint paused, \(ranAgain) ran again and completed; "
+                + (extraAttempts == 0 ? "no attempt counted" : "\(extraAttempts) counted an attempt (UNEXPECTED)"))
         let totals = try await conn.rows(
             "SELECT policy, count(*) FILTER (WHERE status = 'completed')::int, count(*) FILTER (WHERE status = 'dead')::int FROM dispatch_policy.finished_jobs WHERE policy LIKE 'demo\\_%' GROUP BY 1 ORDER BY 1",
             logger: logger

@@ -308,7 +308,9 @@ struct Stage: AsyncParsableCommand {
     @Option(help: "Context as a JSON object (values gates read).")
     var context: String = "{}"
 
-    @Option(name: .customLong("dedupe-key"), help: "Store nothing while a job with this key is pending or admitted.")
+    @Option(
+        name: .customLong("dedupe-key"),
+        help: "While a job with this key is pending or admitted, keep it (or, under dedupe_mode replace, replace a pending one's args).")
     var dedupeKey: String?
 
     @Option(name: .customLong("round-robin-key"), help: "Tenant key for round-robin fetch (default: from the policy's round_robin_by).")
@@ -329,12 +331,22 @@ struct Stage: AsyncParsableCommand {
     )
     var delay: String?
 
+    @Option(
+        name: .customLong("expires-at"), parsing: .unconditional,
+        help: "Finish the job as expired if it is not admitted by this ISO 8601 time.")
+    var expiresAt: String?
+
     var delayDuration: Duration? {
         get throws { try delay.map { try DurationParser.parse($0, flag: "--delay", within: CLILimits.delay) } }
     }
 
     func validate() throws {
         if notBefore != nil && delay != nil { throw ValidationError("--not-before and --delay exclude each other") }
+        if let expiresAt {
+            guard let date = Self.parseTime(expiresAt), Stager.notBeforeRange.contains(date) else {
+                throw ValidationError("--expires-at must be an ISO 8601 time from year 1 to 9999, got \(expiresAt.prefix(80))")
+            }
+        }
         do { _ = try delayDuration } catch let error as DispatchPolicyError { throw ValidationError(error.message) }
         if let notBefore {
             guard let date = Self.parseTime(notBefore) else {
@@ -366,13 +378,19 @@ struct Stage: AsyncParsableCommand {
             }
             let job = JobSpec(
                 argsJSON: args, contextJSON: context, dedupeKey: dedupeKey, roundRobinKey: roundRobinKey,
-                queue: queue, priority: priority, notBefore: when)
-            if let id = try await Stager(executor: conn, logger: logger).stage(policy: policy, job) {
-                print(id)
-            } else {
-                // Nothing on standard output: `id=$(dispatch-policy stage ...)`
-                // is empty, and the exit status is still 0 (not an error).
-                printError("deduplicated: a job of \(policy) with dedupe key \(dedupeKey ?? "") is pending or admitted; nothing was staged")
+                queue: queue, priority: priority, notBefore: when, expiresAt: expiresAt.flatMap(Self.parseTime))
+            let staged = try await Stager(executor: conn, logger: logger).stage(policy: policy, job)
+            // Standard output is always the id of the job holding the place:
+            // `id=$(dispatch-policy stage ...)`; what happened goes to
+            // standard error unless it is a plain insert. Exit status 0.
+            print(staged.id)
+            let key = dedupeKey ?? ""
+            switch staged.outcome {
+            case .inserted: break
+            case .kept: printError("kept: job \(staged.id) of \(policy) holds dedupe key \(key); nothing was staged")
+            case .replaced:
+                printError("replaced: pending job \(staged.id) of \(policy) with dedupe key \(key) now has these args and context")
+            case .dropped: printError("dropped: job \(staged.id) was finished as dropped to keep its partition's backlog at the cap")
             }
         }
     }
@@ -531,21 +549,22 @@ struct Status: AsyncParsableCommand {
         }
         var rows: [[String]] = []
         var errors: [String] = []
-        for try await (policy, pending, scheduled, inFlight, completed, failed, dead, oldest, paused, failures, error, retry)
+        for try await (policy, pending, scheduled, inFlight, completed, failed, dead, notRun, oldest, paused, failures, error, retry)
             in try await conn.query(
                 """
                 SELECT policy, pending, scheduled, in_flight, completed_24h, failed_24h, dead,
+                       expired_24h || ' / ' || dropped_24h || ' / ' || deferred_24h,
                        coalesce(nullif(extract(day FROM oldest_pending_age)::int, 0)::text || 'd ', '')
                          || coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused,
                        tick_failures, last_error, to_char(retry_at, 'YYYY-MM-DD HH24:MI:SS TZ')
                 FROM dispatch_policy.policy_overview WHERE \(policy)::text IS NULL OR policy = \(policy)::text ORDER BY policy
                 """, logger: logger
-            ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, Bool, Int?, String?, String?).self)
+            ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, String, Bool, Int?, String?, String?).self)
         {
             let state = paused ? "paused" : failures != nil ? "failing" : "active"
             rows.append([
                 policy, state, "\(pending)", "\(scheduled)", "\(inFlight)",
-                "\(completed)", "\(failed)", "\(dead)", oldest,
+                "\(completed)", "\(failed)", "\(dead)", notRun, oldest,
             ])
             if let failures {
                 errors.append(
@@ -554,7 +573,10 @@ struct Status: AsyncParsableCommand {
         }
         out.append(
             TextTable.render(
-                header: ["POLICY", "STATE", "PENDING", "SCHEDULED", "IN FLIGHT", "DONE 24H", "FAILED 24H", "DEAD", "OLDEST"],
+                header: [
+                    "POLICY", "STATE", "PENDING", "SCHEDULED", "IN FLIGHT", "DONE 24H", "FAILED 24H", "DEAD",
+                    "EXPIRED/DROPPED/DEFERRED 24H", "OLDEST",
+                ],
                 rows: rows))
         if !errors.isEmpty {
             out.append("\nfailing:\n" + errors.map { "  " + $0 }.joined(separator: "\n"))

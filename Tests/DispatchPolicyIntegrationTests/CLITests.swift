@@ -149,7 +149,7 @@ struct CLITests {
         #expect(try await cli(["policy", "list"], settings: settings).stdout.split(separator: "\n").count == 1)
     }
 
-    @Test("stage prints the job id, and nothing on stdout for a duplicate (exit 0); errors exit non-zero with the server's hint")
+    @Test("stage prints the job id, and for a duplicate the holder's id with a note on stderr (exit 0); errors exit non-zero with the hint")
     func stage() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         _ = try await cli(
@@ -163,8 +163,8 @@ struct CLITests {
         let id = try #require(Int64(first.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))
         let again = try await cli(["stage", "p", "--args", "{}", "--dedupe-key", "k"], settings: settings)
         #expect(again.status == 0)
-        #expect(again.stdout.isEmpty)
-        #expect(again.stderr.hasPrefix("dispatch-policy: deduplicated: a job of p with dedupe key k is pending or admitted"))
+        #expect(again.stdout == "\(id)\n")
+        #expect(again.stderr.hasPrefix("dispatch-policy: kept: job \(id) of p holds dedupe key k; nothing was staged"), "\(again.stderr)")
         let later = try await cli(["stage", "p", "--args", "{}", "--delay", "10m"], settings: settings)
         #expect(later.status == 0)
         try await TestServer.withConnection(settings) { conn async throws in

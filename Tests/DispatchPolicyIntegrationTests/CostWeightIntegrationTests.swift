@@ -20,8 +20,7 @@ struct CostWeightIntegrationTests {
             let stager = Stager(executor: conn, logger: TestServer.logger)
             var ids: [Int64] = []
             for units in [4, 4, 4, 1] {
-                let id = try await stager.stage(policy: "api", try JobSpec(args: ["n": units], context: ["units": units]))
-                ids.append(try #require(id))
+                ids.append(try await stager.stage(policy: "api", try JobSpec(args: ["n": units], context: ["units": units])).id)
             }
             // 11 units never fit a bucket of 10: refused, nothing stored, and
             // stage_many is all or nothing.

@@ -29,6 +29,10 @@ struct DemoTests {
         #expect(out.contains("global cap   at most 24 webhooks ran at once in all (cap 24); it bound: "), "\(out)")
         #expect(!out.contains("not reached"), "\(out)")
         #expect(out.contains("adaptive     caps seen"))
+        // The backpressure tenant's 429s: deferred, ran again, no attempt counted.
+        #expect(out.contains("backpressure t05-hook answered 429 "), "\(out)")
+        #expect(out.contains("ran again and completed; no attempt counted"), "\(out)")
+        #expect(!out.contains("UNEXPECTED"), "\(out)")
     }
 
     /// Found in review (issue 10): Ctrl-C during the demo's initdb left an

@@ -368,7 +368,9 @@ struct DumpRestoreTests {
             // dedupe keys still hold, and the gates still count what is in flight.
             let id = try await conn.scalar("SELECT dispatch_policy.stage('p', '9', '{\"acct\": \"a1\"}')", as: Int64.self)
             #expect(try await conn.scalar("SELECT max(id) FROM dispatch_policy.finished_jobs", as: Int64.self) < id)
-            #expect(try await conn.scalar("SELECT dispatch_policy.stage('p', '1', dedupe_key => 'k4') IS NULL", as: Bool.self))
+            #expect(
+                try await conn.scalar(
+                    "SELECT outcome FROM dispatch_policy.stage_outcome('p', '1', dedupe_key => 'k4')", as: String.self) == "kept")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
             try await expectCountersConsistent(conn)
         }

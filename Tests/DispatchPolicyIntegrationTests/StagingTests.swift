@@ -33,10 +33,10 @@ struct StagingTests {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p")
             let stager = Stager(executor: conn, logger: TestServer.logger)
-            let first = try #require(
-                try await stager.stage(policy: "p", JobSpec(argsJSON: #"{"n": 1}"#, contextJSON: #"{"account_id": 42}"#)))
-            let second = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "[1, 2]", queue: "urgent", priority: -5)))
-            #expect(second > first)
+            let first = try await stager.stage(policy: "p", JobSpec(argsJSON: #"{"n": 1}"#, contextJSON: #"{"account_id": 42}"#))
+            let second = try await stager.stage(policy: "p", JobSpec(argsJSON: "[1, 2]", queue: "urgent", priority: -5))
+            #expect(first.outcome == .inserted && second.outcome == .inserted)
+            #expect(second.id > first.id)
             let rows = try await conn.rows(
                 "SELECT queue, priority, args::text, context::text, not_before IS NULL FROM dispatch_policy.staged_jobs ORDER BY id",
                 logger: TestServer.logger
@@ -98,20 +98,25 @@ struct StagingTests {
         }
     }
 
-    @Test("dedupe: NULL while the first job is pending or admitted; other policies and keys are independent")
+    @Test("dedupe: kept (the holder's id) while the first job is pending or admitted; other policies and keys are independent")
     func dedupePendingAndAdmitted() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p")
             try await declare(conn, "q")
             let stager = Stager(executor: conn, logger: TestServer.logger)
-            let first = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "1", dedupeKey: "event:1")))
-            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "event:1")) == nil)
-            #expect(try await stager.stage(policy: "q", JobSpec(argsJSON: "3", dedupeKey: "event:1")) != nil)
-            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "4", dedupeKey: "event:2")) != nil)
-            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "5")) != nil)
-            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "6")) != nil)
-            try await moveToAdmitted(conn, id: first)
-            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "7", dedupeKey: "event:1")) == nil)
+            let first = try await stager.stage(policy: "p", JobSpec(argsJSON: "1", dedupeKey: "event:1"))
+            #expect(first.outcome == .inserted)
+            #expect(
+                try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "event:1")) == StagedJob(id: first.id, outcome: .kept)
+            )
+            #expect(try await stager.stage(policy: "q", JobSpec(argsJSON: "3", dedupeKey: "event:1")).outcome == .inserted)
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "4", dedupeKey: "event:2")).outcome == .inserted)
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "5")).outcome == .inserted)
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "6")).outcome == .inserted)
+            try await moveToAdmitted(conn, id: first.id)
+            #expect(
+                try await stager.stage(policy: "p", JobSpec(argsJSON: "7", dedupeKey: "event:1")) == StagedJob(id: first.id, outcome: .kept)
+            )
             #expect(try await stagedCount(conn) == 4)
         }
     }
@@ -130,7 +135,7 @@ struct StagingTests {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.exec("BEGIN")
                 try await conn.exec("SELECT pg_advisory_xact_lock_shared(\(key))")
-                var ids: [Int64?] = []
+                var ids: [StagedJob] = []
                 for n in 0..<50 {
                     ids.append(
                         try await Stager(executor: conn, logger: TestServer.logger)
@@ -141,10 +146,11 @@ struct StagingTests {
             }
         }
         let ids = perStager.flatMap { $0 }
-        #expect(ids.compactMap { $0 }.count == 50)
-        // Each key went to exactly one stager.
+        #expect(ids.filter { $0.outcome == .inserted }.count == 50)
+        // Each key went to exactly one stager, and the others got its id.
         for n in 0..<50 {
-            #expect(perStager.filter { $0[n] != nil }.count == 1, "key k\(n)")
+            #expect(perStager.filter { $0[n].outcome == .inserted }.count == 1, "key k\(n)")
+            #expect(Set(perStager.map { $0[n].id }).count == 1, "key k\(n)")
         }
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await stagedCount(conn) == 50)
@@ -182,12 +188,12 @@ struct StagingTests {
         }
     }
 
-    @Test("stage_many returns ids in input order and NULL for duplicates, within the call and against staged jobs")
+    @Test("stage_many returns ids in input order, the holder's for duplicates, within the call and against staged jobs")
     func stageManyOrderAndDedupe() async throws {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p")
             let stager = Stager(executor: conn, logger: TestServer.logger)
-            let existing = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "0", dedupeKey: "taken")))
+            let existing = try await stager.stage(policy: "p", JobSpec(argsJSON: "0", dedupeKey: "taken")).id
             let ids = try await stager.stageMany(
                 policy: "p",
                 [
@@ -197,9 +203,9 @@ struct StagingTests {
                     JobSpec(argsJSON: "4", dedupeKey: "taken"),
                     JobSpec(argsJSON: "5", dedupeKey: "b", queue: "q", priority: 2),
                 ])
-            #expect(ids.count == 5)
-            #expect(ids[1] == nil && ids[3] == nil)
-            let stored = try [ids[0], ids[2], ids[4]].map { try #require($0) }
+            #expect(ids.map(\.outcome) == [.inserted, .kept, .inserted, .kept, .inserted])
+            #expect(ids[1].id == ids[0].id && ids[3].id == existing)
+            let stored = [ids[0].id, ids[2].id, ids[4].id]
             #expect(stored == stored.sorted() && stored[0] > existing)
             let args = try await conn.rows(
                 "SELECT args::text FROM dispatch_policy.staged_jobs WHERE id <> \(existing) ORDER BY id", logger: TestServer.logger
@@ -247,8 +253,8 @@ struct StagingTests {
             }
             let ids = try await Stager(executor: conn, logger: TestServer.logger).stageMany(policy: "bulk", jobs)
             #expect(ids.count == 100_000)
-            let stored = ids.compactMap { $0 }
-            #expect(stored.count == 100_000)
+            let stored = ids.map(\.id)
+            #expect(ids.allSatisfy { $0.outcome == .inserted })
             #expect(stored == stored.sorted())
             #expect(try await stagedCount(conn) == 100_000)
             #expect(try await conn.scalar("SELECT count(DISTINCT round_robin_key) FROM dispatch_policy.staged_jobs", as: Int.self) == 100)

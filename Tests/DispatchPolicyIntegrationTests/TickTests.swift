@@ -552,11 +552,12 @@ struct AdmissionPrimitiveTests {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig())
             let stager = Stager(executor: conn, logger: TestServer.logger)
-            let id = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "1", dedupeKey: "k")))
+            let id = try await stager.stage(policy: "p", JobSpec(argsJSON: "1", dedupeKey: "k")).id
             _ = try await tick(conn, "p")
-            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "k")) == nil)
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "k")) == StagedJob(id: id, outcome: .kept))
             _ = try await conn.rows("SELECT dispatch_policy.complete(\(id))", logger: TestServer.logger)
-            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "3", dedupeKey: "k")) != nil)
+            let again = try await stager.stage(policy: "p", JobSpec(argsJSON: "3", dedupeKey: "k"))
+            #expect(again.outcome == .inserted && again.id != id)
         }
     }
 
@@ -565,20 +566,20 @@ struct AdmissionPrimitiveTests {
         try await withTestDatabase { conn, _ in
             try await declare(conn, "p", PolicyConfig(maxAttempts: 2))
             let stager = Stager(executor: conn, logger: TestServer.logger)
-            let id = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "1", dedupeKey: "k")))
+            let id = try await stager.stage(policy: "p", JobSpec(argsJSON: "1", dedupeKey: "k")).id
             _ = try await tick(conn, "p")
             #expect(
                 try await conn.scalar("SELECT dispatch_policy.fail(\(id), 'boom', retry_in => interval '1 hour')", as: String.self)
                     == "retrying")
             // Waiting for its retry, the job still holds its key.
-            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "k")) == nil)
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "2", dedupeKey: "k")) == StagedJob(id: id, outcome: .kept))
             #expect(try await conn.scalar("SELECT job_id FROM dispatch_policy.dedupe_keys WHERE dedupe_key = 'k'", as: Int64.self) == id)
             try await conn.exec("UPDATE dispatch_policy.staged_jobs SET not_before = NULL")
             #expect(try await tick(conn, "p").admitted == 1)
-            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "3", dedupeKey: "k")) == nil)
+            #expect(try await stager.stage(policy: "p", JobSpec(argsJSON: "3", dedupeKey: "k")) == StagedJob(id: id, outcome: .kept))
             // Its last attempt fails: dead, and the key is free.
             #expect(try await conn.scalar("SELECT dispatch_policy.fail(\(id), 'boom again')", as: String.self) == "dead")
-            let next = try #require(try await stager.stage(policy: "p", JobSpec(argsJSON: "4", dedupeKey: "k")))
+            let next = try await stager.stage(policy: "p", JobSpec(argsJSON: "4", dedupeKey: "k")).id
             #expect(next != id)
             #expect(try await conn.scalar("SELECT job_id FROM dispatch_policy.dedupe_keys WHERE dedupe_key = 'k'", as: Int64.self) == next)
             #expect(try await checkFindings(conn) == [])

@@ -172,6 +172,21 @@ struct PolicyConfigTests {
         #expect(encoded == expected)
     }
 
+    @Test("the staging rules' fields have their JSON names both ways")
+    func stagingRulesJSON() throws {
+        let json = """
+            {"dedupe_mode": "replace", "debounce": 2.5, "max_pending_per_partition": 100, "on_overflow": "drop_oldest",
+             "max_wait": 600, "gates": []}
+            """
+        let dsl = PolicyConfig(dedupeMode: .replace, debounce: 2.5, maxPendingPerPartition: 100, onOverflow: .dropOldest, maxWait: 600) {}
+        #expect(try PolicyConfig(json: json) == dsl)
+        let encoded = try #require(try JSONSerialization.jsonObject(with: Data(try dsl.json().utf8)) as? NSDictionary)
+        let expected = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? NSDictionary)
+        #expect(encoded == expected)
+        // An unknown mode is an error, never a trap.
+        #expect(throws: DispatchPolicyError.self) { try PolicyConfig(json: #"{"dedupe_mode": "merge"}"#) }
+    }
+
     @Test("adaptive defaults: initial_max 3 clamped into [min, max], alpha 0.5, factors 0.5 and 0.95")
     func adaptiveDefaults() {
         let gate = Gate.adaptiveConcurrency(targetLagMs: 250)

@@ -17,7 +17,7 @@ import CoreMetrics
 /// | `dispatch_policy_admitted_total` | counter | policy |
 /// | `dispatch_policy_refused_total` | counter | policy, gate |
 /// | `dispatch_policy_reaped_total` | counter | policy |
-/// | `dispatch_policy_staged_total` | counter | policy, result (`inserted`, `deduplicated`) |
+/// | `dispatch_policy_staged_total` | counter | policy, result (``StageOutcome``: `inserted`, `replaced`, `kept`, `dropped`) |
 /// | `dispatch_policy_jobs_completed_total` | counter | policy |
 /// | `dispatch_policy_jobs_failed_total` | counter | policy, result (`retry`, `dead`) |
 /// | `dispatch_policy_jobs_deferred_total` | counter | policy |
@@ -55,11 +55,10 @@ public struct DispatchPolicyMetrics: Sendable {
         Counter(label: "dispatch_policy_tick_failures_total", dimensions: [("policy", policy)], factory: factory).increment()
     }
 
-    /// A `stage` call: a new job, or one dropped as a duplicate.
-    public func recordStaged(policy: String, inserted: Bool) {
+    /// A staged job and what became of it (``StageOutcome``).
+    public func recordStaged(policy: String, outcome: StageOutcome) {
         Counter(
-            label: "dispatch_policy_staged_total",
-            dimensions: [("policy", policy), ("result", inserted ? "inserted" : "deduplicated")], factory: factory
+            label: "dispatch_policy_staged_total", dimensions: [("policy", policy), ("result", outcome.rawValue)], factory: factory
         )
         .increment()
     }

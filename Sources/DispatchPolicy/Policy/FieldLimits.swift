@@ -93,6 +93,9 @@ public enum FieldLimits {
     public static let pruneIdle = FieldLimit("prune.idle", 0, 3_153_600_000, integral: false, default: 3600, unit: "seconds")
     public static let deferUntil = FieldLimit("defer.until", 0, 2_592_000, integral: false, unit: "seconds", minimumExclusive: true)
     public static let deferReason = FieldLimit("defer.reason", 1, 1024, integral: true, unit: "characters")
+    public static let debounce = FieldLimit("debounce", 0, 86_400, integral: false, default: 0, unit: "seconds")
+    public static let maxPendingPerPartition = FieldLimit("max_pending_per_partition", 1, 10_000_000, integral: true, unit: "jobs")
+    public static let maxWait = FieldLimit("max_wait", 0, 31_536_000, integral: false, unit: "seconds", minimumExclusive: true)
     /// Tokens one job takes from a throttle's bucket (issue 12); never more
     /// than the bucket's burst, which staging checks.
     public static let throttleCost = FieldLimit(
@@ -107,6 +110,6 @@ public enum FieldLimits {
         globalCapMax, adaptiveInitialMax, adaptiveMin, adaptiveMax, adaptiveTargetLagMs, adaptiveEWMAAlpha,
         adaptiveFailureDecrease, adaptiveOverloadDecrease, jobPriority, jobQueue, jobDedupeKey, jobRoundRobinKey, jobContext,
         partitionKey, claimMax, claimWorker, completeManyJobs, failRetryIn, failError, pruneRetention, pruneIdle,
-        deferUntil, deferReason, throttleCost, roundRobinWeight,
+        deferUntil, deferReason, debounce, maxPendingPerPartition, maxWait, throttleCost, roundRobinWeight,
     ]
 }

@@ -28,6 +28,30 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
     public var leaseSeconds: Int?
     public var maxAttempts: Int?
     public var target: Target?
+    /// What staging does with the dedupe key of a job still pending:
+    /// `keep` it (the default) or `replace` its args and context.
+    public var dedupeMode: DedupeMode?
+    /// Under `replace`: seconds a replaced job waits from the replacement
+    /// (its `not_before` only moves later). ``FieldLimits/debounce``.
+    public var debounce: Double?
+    /// Most jobs one partition (the job's round-robin key) may have staged.
+    /// ``FieldLimits/maxPendingPerPartition``.
+    public var maxPendingPerPartition: Int?
+    /// What staging into a full partition does: `reject` (SQLSTATE DP002,
+    /// the default) or `drop_oldest`.
+    public var onOverflow: Overflow?
+    /// Seconds a job may wait to be admitted before it is finished as
+    /// `expired`; a job's own `expires_at` may be earlier. ``FieldLimits/maxWait``.
+    public var maxWait: Double?
+
+    public enum DedupeMode: String, Codable, Sendable, Equatable {
+        case keep, replace
+    }
+
+    public enum Overflow: String, Codable, Sendable, Equatable {
+        case reject
+        case dropOldest = "drop_oldest"
+    }
 
     public struct Target: Codable, Sendable, Equatable {
         public var type: String
@@ -46,11 +70,18 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         case leaseSeconds = "lease_seconds"
         case maxAttempts = "max_attempts"
         case target
+        case dedupeMode = "dedupe_mode"
+        case debounce
+        case maxPendingPerPartition = "max_pending_per_partition"
+        case onOverflow = "on_overflow"
+        case maxWait = "max_wait"
     }
 
     public init(
         gates: [Gate] = [], roundRobinBy: String? = nil, batchSize: Int? = nil, roundRobinQuantum: Int? = nil,
-        roundRobinWeight: GateValue? = nil, leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil
+        roundRobinWeight: GateValue? = nil, leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil,
+        dedupeMode: DedupeMode? = nil, debounce: Double? = nil, maxPendingPerPartition: Int? = nil, onOverflow: Overflow? = nil,
+        maxWait: Double? = nil
     ) {
         self.gates = gates
         self.roundRobinBy = roundRobinBy
@@ -60,16 +91,25 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         self.leaseSeconds = leaseSeconds
         self.maxAttempts = maxAttempts
         self.target = target
+        self.dedupeMode = dedupeMode
+        self.debounce = debounce
+        self.maxPendingPerPartition = maxPendingPerPartition
+        self.onOverflow = onOverflow
+        self.maxWait = maxWait
     }
 
     public init(
         roundRobinBy: String? = nil, batchSize: Int? = nil, roundRobinQuantum: Int? = nil,
         roundRobinWeight: GateValue? = nil, leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil,
+        dedupeMode: DedupeMode? = nil, debounce: Double? = nil, maxPendingPerPartition: Int? = nil, onOverflow: Overflow? = nil,
+        maxWait: Double? = nil,
         @GatesBuilder gates: () -> [Gate]
     ) {
         self.init(
             gates: gates(), roundRobinBy: roundRobinBy, batchSize: batchSize, roundRobinQuantum: roundRobinQuantum,
-            roundRobinWeight: roundRobinWeight, leaseSeconds: leaseSeconds, maxAttempts: maxAttempts, target: target)
+            roundRobinWeight: roundRobinWeight, leaseSeconds: leaseSeconds, maxAttempts: maxAttempts, target: target,
+            dedupeMode: dedupeMode, debounce: debounce, maxPendingPerPartition: maxPendingPerPartition, onOverflow: onOverflow,
+            maxWait: maxWait)
     }
 
     public init(from decoder: any Decoder) throws {
@@ -82,6 +122,11 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         leaseSeconds = try c.decodeIfPresent(Int.self, forKey: .leaseSeconds)
         maxAttempts = try c.decodeIfPresent(Int.self, forKey: .maxAttempts)
         target = try c.decodeIfPresent(Target.self, forKey: .target)
+        dedupeMode = try c.decodeIfPresent(DedupeMode.self, forKey: .dedupeMode)
+        debounce = try c.decodeIfPresent(Double.self, forKey: .debounce)
+        maxPendingPerPartition = try c.decodeIfPresent(Int.self, forKey: .maxPendingPerPartition)
+        onOverflow = try c.decodeIfPresent(Overflow.self, forKey: .onOverflow)
+        maxWait = try c.decodeIfPresent(Double.self, forKey: .maxWait)
     }
 
     /// The round-robin weight of a job (1 without `round_robin_weight`),

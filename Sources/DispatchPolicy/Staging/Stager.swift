@@ -4,8 +4,10 @@ import PostgresNIO
 
 /// One job to stage: the fields of `dispatch_policy.stage(...)`.
 ///
-/// `args` and `context` are JSON text; ``init(args:context:dedupeKey:roundRobinKey:queue:priority:notBefore:)``
-/// builds them from `Encodable` values.
+/// `args` and `context` are JSON text; ``init(args:context:dedupeKey:roundRobinKey:queue:priority:notBefore:expiresAt:)``
+/// builds them from `Encodable` values. `expiresAt` is the job's deadline:
+/// not admitted by then, it is finished as `expired` (a policy's `max_wait`
+/// may set an earlier one).
 public struct JobSpec: Sendable, Equatable {
     public var argsJSON: String
     public var contextJSON: String
@@ -14,10 +16,11 @@ public struct JobSpec: Sendable, Equatable {
     public var queue: String?
     public var priority: Int32?
     public var notBefore: Date?
+    public var expiresAt: Date?
 
     public init(
         argsJSON: String, contextJSON: String = "{}", dedupeKey: String? = nil, roundRobinKey: String? = nil,
-        queue: String? = nil, priority: Int32? = nil, notBefore: Date? = nil
+        queue: String? = nil, priority: Int32? = nil, notBefore: Date? = nil, expiresAt: Date? = nil
     ) {
         self.argsJSON = argsJSON
         self.contextJSON = contextJSON
@@ -26,15 +29,17 @@ public struct JobSpec: Sendable, Equatable {
         self.queue = queue
         self.priority = priority
         self.notBefore = notBefore
+        self.expiresAt = expiresAt
     }
 
     public init(
         args: some Encodable, context: some Encodable = [String: String](), dedupeKey: String? = nil,
-        roundRobinKey: String? = nil, queue: String? = nil, priority: Int32? = nil, notBefore: Date? = nil
+        roundRobinKey: String? = nil, queue: String? = nil, priority: Int32? = nil, notBefore: Date? = nil,
+        expiresAt: Date? = nil
     ) throws {
         self.init(
             argsJSON: try Self.json(args), contextJSON: try Self.json(context), dedupeKey: dedupeKey,
-            roundRobinKey: roundRobinKey, queue: queue, priority: priority, notBefore: notBefore)
+            roundRobinKey: roundRobinKey, queue: queue, priority: priority, notBefore: notBefore, expiresAt: expiresAt)
     }
 
     static func json(_ value: some Encodable) throws -> String {
@@ -54,12 +59,54 @@ public struct JobSpec: Sendable, Equatable {
         if let roundRobinKey { fields.append("\"round_robin_key\":\(try Self.json(roundRobinKey))") }
         if let queue { fields.append("\"queue\":\(try Self.json(queue))") }
         if let priority { fields.append("\"priority\":\(priority)") }
-        if let notBefore {
-            let formatter = ISO8601DateFormatter()
-            formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-            fields.append("\"not_before\":\"\(formatter.string(from: notBefore))\"")
-        }
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        if let notBefore { fields.append("\"not_before\":\"\(formatter.string(from: notBefore))\"") }
+        if let expiresAt { fields.append("\"expires_at\":\"\(formatter.string(from: expiresAt))\"") }
         return "{" + fields.joined(separator: ",") + "}"
+    }
+
+    func checkTimes(prefix: String = "") throws {
+        try Stager.checkNotBefore(notBefore, field: prefix + "not_before")
+        try Stager.checkNotBefore(expiresAt, field: prefix + "expires_at")
+    }
+}
+
+/// What staging did with a job (`dispatch_policy.stage_outcome`).
+public enum StageOutcome: String, Sendable, Equatable, CaseIterable {
+    /// A new job holds the key (or the job had no key).
+    case inserted
+    /// The policy's `dedupe_mode` is `replace` and a pending job held the
+    /// key: that job now has the new args and context (and may wait
+    /// `debounce` longer). The id is that job's.
+    case replaced
+    /// A job held the key (pending under `dedupe_mode` `keep`, or admitted
+    /// under either mode) and was left as it was. The id is that job's.
+    case kept
+    /// The job was staged, then finished as `dropped` in the same call to
+    /// keep its partition's backlog at `max_pending_per_partition`
+    /// (`on_overflow` `drop_oldest`).
+    case dropped
+}
+
+/// The id of the job that holds a staged job's place, and what staging did.
+public struct StagedJob: Sendable, Equatable {
+    public var id: Int64
+    public var outcome: StageOutcome
+
+    public init(id: Int64, outcome: StageOutcome) {
+        self.id = id
+        self.outcome = outcome
+    }
+
+    init(row: PostgresRow) throws {
+        let (id, outcome) = try row.decode((Int64?, String?).self)
+        guard let id, let outcome, let known = StageOutcome(rawValue: outcome) else {
+            throw DispatchPolicyError(
+                code: .server, message: "staging answered an unexpected outcome",
+                detail: "id \(id.map(String.init) ?? "NULL"), outcome \(outcome ?? "NULL").")
+        }
+        self.init(id: id, outcome: known)
     }
 }
 
@@ -95,37 +142,46 @@ public struct Stager: Sendable {
         }
     }
 
-    /// Stages one job; returns its id, or nil when deduplicated (a job of the
-    /// same policy with the same dedupe key is pending or admitted).
-    public func stage(policy: String, _ job: JobSpec) async throws -> Int64? {
-        try Self.checkNotBefore(job.notBefore)
+    /// Stages one job: the id of the job that now holds its place (a new
+    /// one, or the one holding its dedupe key) and what happened.
+    ///
+    /// A full backlog under `on_overflow` `reject` throws SQLSTATE `DP002`
+    /// (``DispatchPolicyError/isBacklogFull``), and nothing is staged.
+    public func stage(policy: String, _ job: JobSpec) async throws -> StagedJob {
+        try job.checkTimes()
         let rows = try await executor.rows(
             """
-            SELECT dispatch_policy.stage(
+            SELECT o.id, o.outcome FROM dispatch_policy.stage_outcome(
               policy => \(policy), args => \(job.argsJSON)::jsonb, context => \(job.contextJSON)::jsonb,
               dedupe_key => \(job.dedupeKey), round_robin_key => \(job.roundRobinKey), queue => \(job.queue),
-              priority => \(job.priority.map(Int.init))::integer, not_before => \(job.notBefore)::timestamptz)
+              priority => \(job.priority.map(Int.init))::integer, not_before => \(job.notBefore)::timestamptz,
+              expires_at => \(job.expiresAt)::timestamptz) o
             """,
             logger: logger)
-        let id = try rows.first?.decode(Int64?.self) ?? nil
-        metrics.recordStaged(policy: policy, inserted: id != nil)
-        return id
+        guard let row = rows.first else {
+            throw DispatchPolicyError(code: .server, message: "stage_outcome returned no row")
+        }
+        let staged = try StagedJob(row: row)
+        metrics.recordStaged(policy: policy, outcome: staged.outcome)
+        return staged
     }
 
-    /// Stages many jobs in one call (all or nothing); ids in input order, nil
-    /// where deduplicated, also against an earlier job of the same call.
-    public func stageMany(policy: String, _ jobs: [JobSpec]) async throws -> [Int64?] {
+    /// Stages many jobs in one call, all or nothing; one result per job, in
+    /// input order. A job with the dedupe key of an earlier one of the same
+    /// call is kept or replaces it, as against a staged job.
+    public func stageMany(policy: String, _ jobs: [JobSpec]) async throws -> [StagedJob] {
         guard !jobs.isEmpty else { return [] }
-        for (index, job) in jobs.enumerated() { try Self.checkNotBefore(job.notBefore, field: "jobs[\(index)].not_before") }
+        for (index, job) in jobs.enumerated() { try job.checkTimes(prefix: "jobs[\(index)].") }
         let array = "[" + (try jobs.map { try $0.jsonObject() }).joined(separator: ",") + "]"
         let rows = try await executor.rows(
-            """
-            SELECT t.id FROM unnest(dispatch_policy.stage_many(\(policy), \(array)::jsonb)) WITH ORDINALITY AS t(id, n)
-            ORDER BY t.n
-            """,
+            "SELECT t.id, t.outcome FROM dispatch_policy.stage_many_outcomes(\(policy), \(array)::jsonb) t ORDER BY t.idx",
             logger: logger)
-        let ids = try rows.map { try $0.decode(Int64?.self) }
-        for id in ids { metrics.recordStaged(policy: policy, inserted: id != nil) }
-        return ids
+        let staged = try rows.map { try StagedJob(row: $0) }
+        guard staged.count == jobs.count else {
+            throw DispatchPolicyError(
+                code: .server, message: "stage_many_outcomes returned \(staged.count) rows for \(jobs.count) jobs")
+        }
+        for job in staged { metrics.recordStaged(policy: policy, outcome: job.outcome) }
+        return staged
     }
 }

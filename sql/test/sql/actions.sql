@@ -122,7 +122,7 @@ SELECT * FROM findings;
 -- Its history continues: failures of the first cycle stay.
 SELECT job_id, attempt, error FROM dispatch_policy.job_failures ORDER BY id;
 -- While it waits, its key dedupes as any staged job's does.
-SELECT dispatch_policy.stage('acts', '{}', '{"endpoint": "e1"}', dedupe_key => 'k2') IS NULL AS deduped;
+SELECT outcome = 'kept' AS deduped FROM dispatch_policy.stage_outcome('acts', '{}', '{"endpoint": "e1"}', dedupe_key => 'k2');
 
 -- retry: refusals, nothing changed.
 SELECT digest AS before FROM everything \gset

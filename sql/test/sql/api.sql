@@ -82,7 +82,7 @@ SELECT id, queue, priority, context, round_robin_key, not_before FROM dispatch_p
 
 -- stage: dedupe returns NULL and stores nothing.
 SELECT dispatch_policy.stage('webhooks', '{}', dedupe_key => 'event:1');
-SELECT dispatch_policy.stage('webhooks', '{}', dedupe_key => 'event:1') IS NULL AS deduped;
+SELECT outcome = 'kept' AS deduped FROM dispatch_policy.stage_outcome('webhooks', '{}', dedupe_key => 'event:1');
 SELECT count(*) AS staged FROM dispatch_policy.staged_jobs;
 
 -- stage: errors.

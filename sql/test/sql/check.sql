@@ -193,12 +193,12 @@ SELECT * FROM dispatch_policy.check() ORDER BY 1, 2, 3, 4, 5, 6;
 INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
 VALUES ('mixed', 'k1', 1), ('mixed', 'ghost', 999), ('mixed', 'other', 4);
 DELETE FROM dispatch_policy.dedupe_keys WHERE policy = 'plain' AND dedupe_key = 'p';
-SELECT dispatch_policy.stage('mixed', '{}', dedupe_key => 'k1') IS NULL AS k1_refused;
+SELECT outcome = 'kept' AS k1_refused FROM dispatch_policy.stage_outcome('mixed', '{}', dedupe_key => 'k1');
 SELECT * FROM dispatch_policy.check() ORDER BY 1, 2, 3, 4, 5, 6;
 SELECT * FROM dispatch_policy.repair() ORDER BY 1, 2, 3, 4, 5, 6;
 SELECT * FROM dispatch_policy.check() ORDER BY 1, 2, 3, 4, 5, 6;
 SELECT * FROM dispatch_policy.dedupe_keys ORDER BY 1, 2;
-SELECT dispatch_policy.stage('plain', '{}', dedupe_key => 'p') IS NULL AS p_refused;
+SELECT outcome = 'kept' AS p_refused FROM dispatch_policy.stage_outcome('plain', '{}', dedupe_key => 'p');
 
 -- A job in two tables: an admitted job copied back into staged_jobs (the
 -- admitted copy is kept), a completed job copied into staged_jobs and

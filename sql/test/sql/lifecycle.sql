@@ -334,7 +334,7 @@ SELECT count(*) AS observations_after FROM dispatch_policy.observations WHERE po
 SELECT job_id = :j1 AS j1, policy, attempt, reason, until > deferred_at AS later, paused FROM dispatch_policy.job_deferrals;
 SELECT count(*) AS check_findings FROM dispatch_policy."check"();
 -- While it waits, its key dedupes; its worker's late calls are refused.
-SELECT dispatch_policy.stage('hooks', '{}', '{"endpoint": "e1", "account": "a"}', dedupe_key => 'd1') IS NULL AS deduped;
+SELECT outcome = 'kept' AS deduped FROM dispatch_policy.stage_outcome('hooks', '{}', '{"endpoint": "e1", "account": "a"}', dedupe_key => 'd1');
 SELECT dispatch_policy.complete(:j1, attempt => 1);
 \echo :SQLSTATE
 -- The slot it held is free: the next tick admits job 2, of the same

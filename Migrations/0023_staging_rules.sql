@@ -1,0 +1,1824 @@
+-- Staging rules: debounce, backlog caps per partition, deadlines (issue 12,
+-- SQL level).
+--
+--   dedupe_mode "replace"      staging with the dedupe_key of a job that is
+--   (+ debounce)               still staged replaces its args and context
+--                              (keeping its id); an admitted job is never
+--                              touched; debounce pushes its not_before out
+--   stage_outcome,             every staging call says what happened to each
+--   stage_many_outcomes        job: inserted, replaced, kept or dropped, and
+--                              stage/stage_many always return an id (the job
+--                              that holds the key after the call)
+--   max_pending_per_partition  a cap on a policy's staged jobs per lane key
+--   + on_overflow              (round_robin_key as stored; keyless jobs are
+--                              one partition): reject (DP002, all or nothing)
+--                              or drop_oldest (finished as 'dropped')
+--   expires_at, max_wait       a staged job not admitted by then is finished
+--                              as 'expired' (promote_scheduled, and the fetch
+--                              itself), never admitted late
+--
+-- Backlog counts. Counting a partition's staged jobs on every stage would
+-- cost O(backlog); backlog_counters keeps one row per (policy, lane key) of
+-- the policies that declare max_pending_per_partition only (other policies
+-- pay one statement trigger without rows to write). Statement triggers on
+-- staged_jobs add what is inserted and take away what is deleted (admission,
+-- cancel, expiry, a drop, drop_policy); a replace that moves a job to another
+-- lane moves its count itself. A stager of a capped policy locks the
+-- counter rows of all the lanes of its call, in sorted order (policy, lane,
+-- NULL last), before it stages anything, and holds them until commit: two
+-- stagers of one partition queue there, and stagers of several partitions
+-- cannot deadlock with each other. The delete trigger locks its rows in the
+-- same order. A tick that admits jobs of a partition therefore waits for a
+-- stager of that partition to commit (and the stager for the tick's
+-- transaction). Lock order of a stager of a policy with staging rules:
+-- advisory locks of its dedupe keys (sorted), the staged jobs that hold
+-- them (by id; replace only), the counter rows (sorted); after that it
+-- waits for nothing (a holder staged meanwhile is taken SKIP LOCKED, or
+-- kept). A tick locks its jobs SKIP LOCKED, then their counter rows (sorted,
+-- one statement), in tick_begin's transaction (expiry) and again in
+-- tick_finish's (admission). A transaction that deletes or inserts staged
+-- jobs of a capped policy in several statements holds counter rows taken
+-- out of order and can deadlock with a stager (one of them is rolled
+-- back); the runner does not (sql/test/race/backlog_race.sh).
+-- A retry, a deferral or retry() puts an accepted job back: it counts,
+-- but no cap refuses or drops for it, so a partition can briefly hold more
+-- than its cap.
+--
+-- Deadlines survive re-staging: staged_jobs.expires_at is the column the
+-- expiry scan reads (a partial index of the jobs that have one), and
+-- job_deadlines keeps the deadline by job id, so a retry (fail, the reaper,
+-- retry()) or a deferred job staged again gets it back from a row trigger.
+
+-- ---------------------------------------------------------------------------
+-- Locks. The ALTER TABLEs and CREATE TRIGGERs below take ACCESS EXCLUSIVE
+-- (or SHARE ROW EXCLUSIVE) locks on finished_jobs, staged_jobs and
+-- policies, which stagers, ticks and workers write in varying orders;
+-- taken one at a time they can deadlock with a writer (seen under
+-- partition_race.sh's load). As in 0016 and 0020: all at once, under a
+-- lock_timeout shorter than the deadlock_timeout, trying again for up to
+-- about 30 s; held until the migration commits.
+DO $$
+DECLARE
+  saved text := current_setting('lock_timeout');
+  tries integer := 0;
+BEGIN
+  LOOP
+    BEGIN
+      PERFORM set_config('lock_timeout', '200ms', true);
+      LOCK TABLE dispatch_policy.policies, dispatch_policy.staged_jobs, dispatch_policy.admitted_jobs,
+                 dispatch_policy.finished_jobs, dispatch_policy.dedupe_keys IN ACCESS EXCLUSIVE MODE;
+      EXIT;
+    EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+      tries := tries + 1;
+      IF tries >= 120 THEN
+        RAISE;
+      END IF;
+      PERFORM pg_sleep(0.02 + random() * 0.05);
+    END;
+  END LOOP;
+  PERFORM set_config('lock_timeout', saved, true);
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Bounds of the new policy fields, appended to the others (0007: limits() is
+-- the one place; FieldLimits in Swift mirrors it row by row).
+
+CREATE OR REPLACE FUNCTION dispatch_policy.limits()
+RETURNS TABLE (field text, minimum numeric, minimum_exclusive boolean, maximum numeric, maximum_exclusive boolean,
+               integral boolean, default_value numeric, unit text, description text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  VALUES
+    ('batch_size', 1::numeric, false, 100000::numeric, false, true, 500::numeric, 'rows',
+     'Most jobs one tick fetches for the policy.'),
+    ('round_robin_quantum', 1, false, 100000, false, true, 50, 'rows',
+     'Most jobs one tick fetches per round-robin key before topping up.'),
+    ('lease_seconds', 1, false, 31536000, false, true, 900, 'seconds',
+     'How long an admitted job may run without a heartbeat before it is reaped.'),
+    ('max_attempts', 1, false, 1000, false, true, 25, 'attempts',
+     'Attempts before a failing job is kept as dead.'),
+    ('throttle.rate', 0, false, 1000000, false, false, NULL, 'tokens',
+     'Tokens added per window (per); 0 admits nothing.'),
+    ('throttle.per', 0.001, false, 31536000, false, false, NULL, 'seconds',
+     'The refill window of rate.'),
+    ('throttle.burst', 1, false, 1000000, false, false, NULL, 'tokens',
+     'Bucket capacity; default: the rate, at least 1.'),
+    ('concurrency.max', 0, false, 1000000, false, true, NULL, 'jobs',
+     'Jobs in flight per partition; 0 admits nothing.'),
+    ('global_cap.max', 0, false, 1000000, false, true, NULL, 'jobs',
+     'Jobs in flight in the whole policy; 0 admits nothing.'),
+    ('adaptive_concurrency.initial_max', 1, false, 1000000, false, true, 3, 'jobs',
+     'Starting cap of a partition, and its floor while nothing is in flight (clamped into [min, max]).'),
+    ('adaptive_concurrency.min', 1, false, 1000000, false, true, 1, 'jobs',
+     'The cap never shrinks below this.'),
+    ('adaptive_concurrency.max', 1, false, 1000000, false, true, NULL, 'jobs',
+     'The cap never grows above this (default: no ceiling but the bound).'),
+    ('adaptive_concurrency.target_lag_ms', 1, false, 86400000, false, false, NULL, 'ms',
+     'Queue lag above which the cap shrinks.'),
+    ('adaptive_concurrency.ewma_alpha', 0, true, 1, false, false, 0.5, '',
+     'Weight of one window of observations in the lag average.'),
+    ('adaptive_concurrency.failure_decrease_factor', 0, true, 1, true, false, 0.5, '',
+     'The cap is multiplied by this after a failure (at most once per window).'),
+    ('adaptive_concurrency.overload_decrease_factor', 0, true, 1, true, false, 0.95, '',
+     'The cap is multiplied by this while the lag is above target (at most once per window).'),
+    ('job.priority', -2147483648, false, 2147483647, false, true, 0, '',
+     'Lower is admitted first.'),
+    ('job.queue', 1, false, 128, false, true, NULL, 'bytes',
+     'Queue name (default ''default'').'),
+    ('job.dedupe_key', 1, false, 512, false, true, NULL, 'bytes',
+     'Dedupe key given to stage.'),
+    ('job.round_robin_key', 1, false, 512, false, true, NULL, 'bytes',
+     'Round-robin key given to stage.'),
+    ('job.context', 0, false, 65536, false, true, NULL, 'bytes',
+     'Size of the context object (as stored).'),
+    ('partition_key', 0, false, 256, false, true, NULL, 'bytes',
+     'Rendered partition and round-robin keys longer than this are stored as their first 64 characters, "...", and 32 hex digits of their SHA-256.'),
+    ('claim.max', 1, false, 10000, false, true, 1, 'jobs',
+     'Most jobs one claim() returns.'),
+    ('claim.worker', 0, false, 256, false, true, NULL, 'bytes',
+     'Worker name recorded on claimed jobs.'),
+    ('complete_many.jobs', 0, false, 10000, false, true, NULL, 'jobs',
+     'Most jobs one complete_many() finishes.'),
+    ('fail.retry_in', 0, false, 31536000, false, false, NULL, 'seconds',
+     'Delay before a failed job is retried (default 2^attempt s, at most 3600).'),
+    ('fail.error', 0, false, 8192, false, true, NULL, 'characters',
+     'Error text kept per failed attempt; longer text is cut to this length.'),
+    ('prune.retention', 0, false, 3153600000, false, false, 604800, 'seconds',
+     'History older than this is deleted by prune().'),
+    ('prune.idle', 0, false, 3153600000, false, false, 3600, 'seconds',
+     'Idle gate rows untouched this long are deleted by prune().'),
+    ('defer.until', 0, true, 2592000, false, false, NULL, 'seconds',
+     'How far after now defer() may hold a job back (and pause its throttle partitions): at most 30 days.'),
+    ('defer.reason', 1, false, 1024, false, true, NULL, 'characters',
+     'Why a job was deferred (defer()); longer text is refused.'),
+    ('debounce', 0, false, 86400, false, false, 0, 'seconds',
+     'dedupe_mode replace: a replaced staged job is not admitted before this long after the replace (its not_before is pushed out, never pulled in).'),
+    ('max_pending_per_partition', 1, false, 10000000, false, true, NULL, 'jobs',
+     'Most staged jobs (pending and scheduled) per lane key of a policy (its keyless jobs count as one partition); on_overflow says what staging one more does.'),
+    ('max_wait', 0, true, 31536000, false, false, NULL, 'seconds',
+     'A job staged without expires_at expires this long after it was staged (with expires_at: the earlier of the two); an expired job is finished as expired, never admitted.')
+$$;
+COMMENT ON FUNCTION dispatch_policy.limits() IS
+  'Every bound of a config field, job field, worker call argument and key length, in one place: validation and error texts are derived from it. unit ''bytes'' bounds a string''s UTF-8 length.';
+
+-- ---------------------------------------------------------------------------
+-- Finished as expired or dropped.
+
+ALTER TABLE dispatch_policy.finished_jobs DROP CONSTRAINT finished_jobs_status_check;
+ALTER TABLE dispatch_policy.finished_jobs
+  ADD CONSTRAINT finished_jobs_status_check CHECK (status IN ('completed', 'dead', 'cancelled', 'expired', 'dropped'));
+COMMENT ON TABLE dispatch_policy.finished_jobs IS
+  'Completed jobs, dead jobs (failed max_attempts times), jobs cancelled while staged (cancel, drain, drop_policy with force), jobs that expired while staged (expires_at passed before admission) and jobs dropped by a full partition (on_overflow drop_oldest). Completed, cancelled, expired and dropped rows are pruned after the retention period; dead rows stay until deleted or retried (retry).';
+COMMENT ON COLUMN dispatch_policy.finished_jobs.status IS
+  '''completed'', ''dead'', ''cancelled'' (by cancel(), drain() or drop_policy() while staged), ''expired'' (its expires_at passed while it was staged) or ''dropped'' (the oldest of a partition at max_pending_per_partition with on_overflow drop_oldest).';
+COMMENT ON COLUMN dispatch_policy.finished_jobs.last_error IS
+  'Error of the last failed attempt; for a cancelled job, the reason given to cancel or drain; for an expired or dropped job, why (when it expired; which partition was at which cap). Every attempt''s error is in job_failures.';
+-- policy_overview counts the last day's expired and dropped jobs per policy.
+CREATE INDEX finished_jobs_expired_dropped_idx ON dispatch_policy.finished_jobs (policy, status, finished_at)
+  WHERE status IN ('expired', 'dropped');
+
+-- ---------------------------------------------------------------------------
+-- Deadlines.
+
+ALTER TABLE dispatch_policy.staged_jobs ADD COLUMN expires_at timestamptz;
+ALTER TABLE dispatch_policy.staged_jobs
+  ADD CONSTRAINT staged_jobs_expires_at_check CHECK (isfinite(expires_at));
+COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
+  'The job''s deadline: if not admitted by then it is finished as expired (promote_scheduled, fetch_batch), never admitted. The expires_at given to stage, or staged_at + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
+CREATE INDEX staged_jobs_expires_idx ON dispatch_policy.staged_jobs (policy, expires_at) WHERE expires_at IS NOT NULL;
+-- The oldest staged jobs of a partition, for on_overflow drop_oldest.
+CREATE INDEX staged_jobs_backlog_idx ON dispatch_policy.staged_jobs (policy, round_robin_key, id);
+
+CREATE TABLE dispatch_policy.job_deadlines (
+  job_id     bigint PRIMARY KEY,
+  policy     text NOT NULL,
+  expires_at timestamptz NOT NULL,
+  CONSTRAINT job_deadlines_expires_at_check CHECK (isfinite(expires_at))
+);
+COMMENT ON TABLE dispatch_policy.job_deadlines IS
+  'The deadline of every job staged with one (expires_at or max_wait), by job id, so that a job staged again after admission (a retry by fail, the reaper or retry(); a deferral) keeps it. Written by staging; deleted by prune() once the deadline is older than the retention.';
+COMMENT ON COLUMN dispatch_policy.job_deadlines.job_id IS 'The job.';
+COMMENT ON COLUMN dispatch_policy.job_deadlines.policy IS 'Its policy.';
+COMMENT ON COLUMN dispatch_policy.job_deadlines.expires_at IS 'Its deadline (staged_jobs.expires_at while staged).';
+
+-- A dump keeps the deadlines (see 0009_dump.sql). backlog_counters is not
+-- dumped: a restored policy counts its (then empty) backlog afresh and the
+-- insert trigger counts the restored staged jobs, as 0016's counters.
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'dispatch_policy') THEN
+    PERFORM pg_catalog.pg_extension_config_dump('dispatch_policy.job_deadlines'::regclass, '');
+  END IF;
+END
+$$;
+
+-- A job staged again (created before it was staged: never a fresh stage,
+-- whose created_at and staged_at are both the transaction's now()) gets its
+-- deadline back.
+CREATE FUNCTION dispatch_policy._restaged_deadline()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+BEGIN
+  NEW.expires_at := (SELECT d.expires_at FROM dispatch_policy.job_deadlines d WHERE d.job_id = NEW.id);
+  RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._restaged_deadline() IS
+  'Internal row trigger (BEFORE INSERT) of staged_jobs: a job staged again without expires_at (a retry, a deferral: its created_at is before its staged_at) gets the deadline job_deadlines kept for it, if any.';
+CREATE TRIGGER staged_jobs_restaged_deadline
+  BEFORE INSERT ON dispatch_policy.staged_jobs
+  FOR EACH ROW WHEN (NEW.expires_at IS NULL AND NEW.created_at < NEW.staged_at)
+  EXECUTE FUNCTION dispatch_policy._restaged_deadline();
+
+-- ---------------------------------------------------------------------------
+-- Backlog counters.
+
+CREATE TABLE dispatch_policy.backlog_counters (
+  policy text NOT NULL,
+  lane   text,
+  staged bigint NOT NULL DEFAULT 0,
+  CONSTRAINT backlog_counters_staged_check CHECK (staged >= 0)
+);
+CREATE UNIQUE INDEX backlog_counters_key ON dispatch_policy.backlog_counters (policy, lane) NULLS NOT DISTINCT;
+COMMENT ON TABLE dispatch_policy.backlog_counters IS
+  'Staged jobs (pending and scheduled) per lane key, of the policies that declare max_pending_per_partition only: what the cap is checked against, in O(1). Kept by statement triggers on staged_jobs (inserts add, deletes take away) and by a replace that moves a job to another lane; rebuilt from staged_jobs when a policy gains the cap or its lane_template changes; deleted when it loses the cap or is dropped. A stager of a capped policy holds the rows of its lanes (sorted) until commit. Rows at 0 stay (a stager counts on finding its row; prune() does not delete them): one per lane key a capped policy has had.';
+COMMENT ON COLUMN dispatch_policy.backlog_counters.policy IS 'Policy.';
+COMMENT ON COLUMN dispatch_policy.backlog_counters.lane IS 'The lane key (staged_jobs.round_robin_key); NULL: the policy''s jobs without one.';
+COMMENT ON COLUMN dispatch_policy.backlog_counters.staged IS 'How many of its jobs are staged.';
+
+CREATE FUNCTION dispatch_policy._backlog_inserted()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+#variable_conflict use_column
+BEGIN
+  INSERT INTO dispatch_policy.backlog_counters AS c (policy, lane, staged)
+  SELECT n.policy, n.round_robin_key, count(*)
+  FROM new_jobs n JOIN dispatch_policy.policies p ON p.name = n.policy AND p.config ? 'max_pending_per_partition'
+  GROUP BY 1, 2
+  ORDER BY 1, 2 NULLS LAST
+  ON CONFLICT (policy, lane) DO UPDATE SET staged = c.staged + EXCLUDED.staged;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._backlog_inserted() IS
+  'Internal statement trigger (AFTER INSERT) of staged_jobs: adds the inserted jobs of capped policies to backlog_counters, rows in sorted order.';
+
+CREATE FUNCTION dispatch_policy._backlog_deleted()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+#variable_conflict use_column
+BEGIN
+  -- The rows first, in sorted order; then the update by key (its
+  -- statement sees what a stager that held a row committed meanwhile).
+  PERFORM 1
+  FROM dispatch_policy.backlog_counters c
+  JOIN (SELECT DISTINCT o.policy, o.round_robin_key AS lane
+        FROM old_jobs o JOIN dispatch_policy.policies p ON p.name = o.policy AND p.config ? 'max_pending_per_partition') g
+    ON g.policy = c.policy AND g.lane IS NOT DISTINCT FROM c.lane
+  ORDER BY c.policy, c.lane NULLS LAST
+  FOR UPDATE OF c;
+  UPDATE dispatch_policy.backlog_counters c SET staged = greatest(c.staged - g.n, 0)
+  FROM (SELECT o.policy, o.round_robin_key AS lane, count(*) AS n
+        FROM old_jobs o JOIN dispatch_policy.policies p ON p.name = o.policy AND p.config ? 'max_pending_per_partition'
+        GROUP BY 1, 2) g
+  WHERE g.policy = c.policy AND g.lane IS NOT DISTINCT FROM c.lane;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._backlog_deleted() IS
+  'Internal statement trigger (AFTER DELETE) of staged_jobs: takes the deleted jobs of capped policies off backlog_counters, locking the rows in sorted order (policy, lane, NULL last), as stagers do.';
+
+CREATE FUNCTION dispatch_policy._backlog_truncated()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+BEGIN
+  DELETE FROM dispatch_policy.backlog_counters;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._backlog_truncated() IS
+  'Internal statement trigger (AFTER TRUNCATE) of staged_jobs: no job is staged any more, so no backlog is counted.';
+
+CREATE TRIGGER staged_jobs_backlog_insert
+  AFTER INSERT ON dispatch_policy.staged_jobs
+  REFERENCING NEW TABLE AS new_jobs
+  FOR EACH STATEMENT EXECUTE FUNCTION dispatch_policy._backlog_inserted();
+CREATE TRIGGER staged_jobs_backlog_delete
+  AFTER DELETE ON dispatch_policy.staged_jobs
+  REFERENCING OLD TABLE AS old_jobs
+  FOR EACH STATEMENT EXECUTE FUNCTION dispatch_policy._backlog_deleted();
+CREATE TRIGGER staged_jobs_backlog_truncate
+  AFTER TRUNCATE ON dispatch_policy.staged_jobs
+  FOR EACH STATEMENT EXECUTE FUNCTION dispatch_policy._backlog_truncated();
+
+-- Counts a policy's backlog again from its staged jobs.
+CREATE FUNCTION dispatch_policy._rebuild_backlog(policy text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+#variable_conflict use_column
+BEGIN
+  -- A tick's admissions and stagers of the policy are waited for (the tick
+  -- lock first, as a redeclare takes them), and wait for this until commit.
+  PERFORM pg_advisory_xact_lock(dispatch_policy._tick_lock_key(_rebuild_backlog.policy));
+  PERFORM pg_advisory_xact_lock(dispatch_policy._partitions_lock_key(_rebuild_backlog.policy));
+  DELETE FROM dispatch_policy.backlog_counters c WHERE c.policy = _rebuild_backlog.policy;
+  INSERT INTO dispatch_policy.backlog_counters (policy, lane, staged)
+  SELECT s.policy, s.round_robin_key, count(*)
+  FROM dispatch_policy.staged_jobs s WHERE s.policy = _rebuild_backlog.policy
+  GROUP BY 1, 2 ORDER BY 1, 2 NULLS LAST;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._rebuild_backlog(text) IS
+  'Internal: counts a policy''s staged jobs per lane key into backlog_counters afresh, holding its tick lock and its partitions lock (exclusively) until commit. One scan of the policy''s staged jobs.';
+
+CREATE FUNCTION dispatch_policy._policy_backlog_changed()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    DELETE FROM dispatch_policy.backlog_counters c WHERE c.policy = OLD.name;
+    RETURN NULL;
+  END IF;
+  IF NOT NEW.config ? 'max_pending_per_partition' THEN
+    IF TG_OP = 'UPDATE' AND OLD.config ? 'max_pending_per_partition' THEN
+      DELETE FROM dispatch_policy.backlog_counters c WHERE c.policy = NEW.name;
+    END IF;
+  ELSIF TG_OP = 'INSERT' OR NOT OLD.config ? 'max_pending_per_partition'
+        OR OLD.lane_template IS DISTINCT FROM NEW.lane_template THEN
+    PERFORM dispatch_policy._rebuild_backlog(NEW.name);
+  END IF;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._policy_backlog_changed() IS
+  'Internal trigger: a policy that gains max_pending_per_partition, or keeps it with a changed lane_template (its keyless staged jobs get keys, 0012), has its backlog counted afresh; one that loses it, or is deleted, has its counters deleted.';
+-- AFTER triggers fire in name order: after policies_lanes, which keys the
+-- keyless staged jobs of a new lane_template.
+CREATE TRIGGER policies_zz_backlog
+  AFTER INSERT OR UPDATE OF config OR DELETE ON dispatch_policy.policies
+  FOR EACH ROW EXECUTE FUNCTION dispatch_policy._policy_backlog_changed();
+
+-- Policies declared before this migration have no cap; nothing to count.
+
+-- ---------------------------------------------------------------------------
+-- Finishing staged jobs as expired or dropped.
+
+CREATE FUNCTION dispatch_policy._finish_staged(policy text, ids bigint[], status text, reasons text[])
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  n bigint;
+BEGIN
+  WITH gone AS (
+    DELETE FROM dispatch_policy.staged_jobs s
+    WHERE s.id = ANY (_finish_staged.ids) AND s.policy = _finish_staged.policy
+    RETURNING s.*
+  ), kept AS (
+    INSERT INTO dispatch_policy.finished_jobs
+      (id, policy, queue, priority, args, context, dedupe_key, attempts, status, last_error, created_at, finished_at)
+    SELECT g.id, g.policy, g.queue, g.priority, g.args, g.context, g.dedupe_key, g.attempt - 1, _finish_staged.status,
+           dispatch_policy._action_reason(r.reason), g.created_at, now()
+    FROM gone g JOIN unnest(_finish_staged.ids, _finish_staged.reasons) AS r(id, reason) ON r.id = g.id
+    ORDER BY g.id
+  ), freed AS (
+    DELETE FROM dispatch_policy.dedupe_keys d
+    USING gone g
+    WHERE g.dedupe_key IS NOT NULL AND d.policy = g.policy AND d.dedupe_key = g.dedupe_key AND d.job_id = g.id
+  )
+  SELECT count(*) INTO n FROM gone;
+  RETURN n;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._finish_staged(text, bigint[], text, text[]) IS
+  'Internal: moves the staged jobs of a policy with these ids (locked by the caller) to finished_jobs with this status (expired, dropped) and reasons[i] as the last_error of ids[i], and frees their dedupe keys. Their lanes are left to the fetch, which drops lanes it finds empty. Returns how many.';
+
+CREATE FUNCTION dispatch_policy._expire_staged(policy text, now timestamptz)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  ids bigint[];
+  reasons text[];
+BEGIN
+  -- Jobs a stager holds (replacing one) are skipped: the fetch skips them too.
+  SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'),
+         coalesce(array_agg(format('expired at %s (expires_at) before it was admitted',
+                                   to_char(x.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) ORDER BY x.id), '{}')
+  INTO ids, reasons
+  FROM (SELECT s.id, s.expires_at FROM dispatch_policy.staged_jobs s
+        WHERE s.policy = _expire_staged.policy AND s.expires_at IS NOT NULL AND s.expires_at <= _expire_staged.now
+        ORDER BY s.id
+        FOR UPDATE SKIP LOCKED) x;
+  IF cardinality(ids) = 0 THEN
+    RETURN 0::bigint;
+  END IF;
+  RETURN dispatch_policy._finish_staged(_expire_staged.policy, ids, 'expired', reasons);
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._expire_staged(text, timestamptz) IS
+  'Internal: finishes every staged job of a policy whose expires_at is at or before now as expired (last_error: when it expired), through staged_jobs_expires_idx; jobs locked by another transaction are skipped (the fetch skips them as well). Returns how many.';
+
+-- promote_scheduled as in 0008, copied; change: it first expires the
+-- policy's jobs whose deadline passed (all of them, not max_rows: none may
+-- be fetched after it).
+CREATE OR REPLACE FUNCTION dispatch_policy.promote_scheduled(policy text, max_rows integer, now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  promoted integer;
+BEGIN
+  PERFORM dispatch_policy._require_now(promote_scheduled.now);
+  PERFORM dispatch_policy._expire_staged(promote_scheduled.policy, promote_scheduled.now);
+  UPDATE dispatch_policy.staged_jobs s SET not_before = NULL
+  WHERE s.id IN (
+    SELECT d.id FROM dispatch_policy.staged_jobs d
+    WHERE d.policy = promote_scheduled.policy AND d.not_before IS NOT NULL AND d.not_before <= promote_scheduled.now
+    ORDER BY d.not_before
+    LIMIT max_rows
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS promoted = ROW_COUNT;
+  RETURN promoted;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.promote_scheduled(text, integer, timestamptz) IS
+  'Finishes the policy''s staged jobs whose expires_at is at or before now as expired (all of them; rows locked elsewhere are skipped), then makes up to max_rows scheduled jobs whose not_before has passed eligible (earliest first; rows locked elsewhere are skipped). Returns how many were made eligible. Run by tick_begin before each fetch.';
+
+-- fetch_batch as in 0012, copied; change: it first expires the policy's
+-- jobs whose deadline passed, so it returns none even when promote_scheduled
+-- did not run.
+CREATE OR REPLACE FUNCTION dispatch_policy.fetch_batch(
+  policy text, batch_size integer, round_robin_quantum integer DEFAULT NULL, now timestamptz DEFAULT now()
+)
+RETURNS TABLE (id bigint, priority integer, round_robin_key text, context jsonb, lane integer)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+-- Each lane asks for rows ordered by (round_robin_key, priority, id), which
+-- only staged_jobs_round_robin_idx gives without sorting; with sorts priced
+-- out, it is the plan whatever the statistics say (right after a large
+-- stage_many they may believe the policy holds a row or two).
+SET enable_sort = off
+-- Pricing sorts out inflates the plan's cost past jit_above_cost: no JIT for
+-- a few hundred rows (it costs half a second).
+SET jit = off
+AS $$
+DECLARE
+  keys text[];
+  chunk text[];
+  cursor_key text;
+  quantum integer;
+  taken integer := 0;
+  pos integer := 0;
+  width integer;
+  got_ids bigint[] := '{}'::bigint[];
+  got_lanes integer[] := '{}'::integer[];
+  got_ranks integer[] := '{}'::integer[];
+  full_lanes integer[] := '{}'::integer[];
+  empty_lanes text[] := '{}'::text[];
+  keyless_empty boolean := false;
+  more bigint[];
+  lane_of integer;
+BEGIN
+  PERFORM dispatch_policy._require_now(fetch_batch.now);
+  -- Deadlines (0023): jobs whose expires_at has passed are finished as
+  -- expired first, so the fetch below never returns one.
+  PERFORM dispatch_policy._expire_staged(fetch_batch.policy, fetch_batch.now);
+  IF batch_size IS NULL OR NOT dispatch_policy._within_limit(batch_size, 'batch_size') THEN
+    RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
+      USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', coalesce(batch_size::text, 'NULL'));
+  END IF;
+  IF round_robin_quantum IS NOT NULL AND NOT dispatch_policy._within_limit(round_robin_quantum, 'round_robin_quantum') THEN
+    RAISE EXCEPTION 'round_robin_quantum %', dispatch_policy._limit_rule('round_robin_quantum')
+      USING ERRCODE = '22023', DETAIL = format('round_robin_quantum is %s.', round_robin_quantum);
+  END IF;
+  IF round_robin_quantum IS NULL THEN
+    RETURN QUERY
+      SELECT s.id, s.priority, s.round_robin_key, s.context, 0
+      FROM (SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
+            WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL
+            ORDER BY j.priority, j.id
+            LIMIT batch_size
+            FOR UPDATE SKIP LOCKED) s
+      ORDER BY s.priority, s.id;
+    RETURN;
+  END IF;
+
+  -- Lanes whose block has run out are ready again.
+  UPDATE dispatch_policy.lanes l SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL,
+                                     updated_at = fetch_batch.now
+  WHERE l.policy = fetch_batch.policy AND l.blocked_until <= fetch_batch.now;
+
+  SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = fetch_batch.policy;
+  -- Never more than batch_size rows: a quantum above the batch size is the batch size.
+  quantum := least(round_robin_quantum, batch_size);
+  -- A lane with jobs gives at least one: batch_size lanes are always enough.
+  keys := dispatch_policy._ready_lanes(fetch_batch.policy, cursor_key, batch_size);
+
+  -- Up to `quantum` rows from each lane, as many lanes at a time as could
+  -- fill the rest of the batch, until it is full or the lanes run out.
+  WHILE pos < cardinality(keys) AND taken < batch_size LOOP
+    width := least(ceil((batch_size - taken)::numeric / quantum)::integer, cardinality(keys) - pos);
+    chunk := keys[pos + 1 : pos + width];
+    WITH fetched AS MATERIALIZED (
+      SELECT k.n::integer AS lane, j.id, row_number() OVER (PARTITION BY k.n ORDER BY j.priority, j.id)::integer AS rank
+      FROM unnest(chunk) WITH ORDINALITY AS k(key, n)
+      CROSS JOIN LATERAL (
+        -- The key as a range, not =: with =, the key is a constant and the
+        -- (priority, id) order of staged_jobs_ready_idx would do unsorted.
+        SELECT s.id, s.priority FROM dispatch_policy.staged_jobs s
+        WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
+          AND s.round_robin_key >= k.key AND s.round_robin_key <= k.key
+        ORDER BY s.round_robin_key, s.priority, s.id
+        LIMIT quantum
+        FOR UPDATE SKIP LOCKED) j
+      WHERE k.key IS NOT NULL
+      UNION ALL
+      SELECT array_position(chunk, NULL), s.id, (row_number() OVER (ORDER BY s.priority, s.id))::integer
+      FROM (SELECT s.id, s.priority FROM dispatch_policy.staged_jobs s
+            WHERE array_position(chunk, NULL) IS NOT NULL
+              AND s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+            ORDER BY s.priority, s.id
+            LIMIT quantum
+            FOR UPDATE SKIP LOCKED) s
+    )
+    SELECT got_ids || coalesce(array_agg(r.id ORDER BY r.lane, r.rank), '{}'),
+           got_lanes || coalesce(array_agg(pos + r.lane ORDER BY r.lane, r.rank), '{}'),
+           got_ranks || coalesce(array_agg(r.rank ORDER BY r.lane, r.rank), '{}'),
+           full_lanes || coalesce(array_agg(pos + r.lane) FILTER (WHERE r.rank = quantum), '{}'),
+           empty_lanes || coalesce(ARRAY(SELECT k.key FROM unnest(chunk) WITH ORDINALITY AS k(key, n)
+                                         WHERE k.key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fetched x WHERE x.lane = k.n)), '{}'),
+           keyless_empty OR coalesce(array_position(chunk, NULL) IS NOT NULL
+                                     AND NOT EXISTS (SELECT 1 FROM fetched x WHERE x.lane = array_position(chunk, NULL)), false)
+    INTO got_ids, got_lanes, got_ranks, full_lanes, empty_lanes, keyless_empty
+    FROM fetched r;
+    taken := cardinality(got_ids);
+    pos := pos + width;
+  END LOOP;
+
+  -- The batch is not full and lanes that gave a whole quantum may have more:
+  -- their oldest further rows, interleaved after the first rounds.
+  IF taken < batch_size AND cardinality(full_lanes) > 0 THEN
+    FOREACH lane_of IN ARRAY full_lanes LOOP
+      IF keys[lane_of] IS NULL THEN
+        more := ARRAY(SELECT s.id FROM dispatch_policy.staged_jobs s
+                      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+                        AND s.id <> ALL (got_ids)
+                      ORDER BY s.priority, s.id LIMIT batch_size - taken FOR UPDATE SKIP LOCKED);
+      ELSE
+        more := ARRAY(SELECT s.id FROM dispatch_policy.staged_jobs s
+                      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
+                        AND s.round_robin_key >= keys[lane_of] AND s.round_robin_key <= keys[lane_of]
+                        AND s.id <> ALL (got_ids)
+                      ORDER BY s.round_robin_key, s.priority, s.id LIMIT batch_size - taken FOR UPDATE SKIP LOCKED);
+      END IF;
+      FOR i IN 1 .. coalesce(cardinality(more), 0) LOOP
+        got_ids := got_ids || more[i];
+        got_lanes := got_lanes || lane_of;
+        got_ranks := got_ranks || (quantum + i);
+      END LOOP;
+      taken := cardinality(got_ids);
+      EXIT WHEN taken >= batch_size;
+    END LOOP;
+  END IF;
+
+  IF cardinality(empty_lanes) > 0 OR keyless_empty THEN
+    PERFORM dispatch_policy._drop_empty_lanes(fetch_batch.policy, empty_lanes, keyless_empty);
+  END IF;
+
+  RETURN QUERY
+  SELECT s.id, s.priority, s.round_robin_key, s.context, g.lane
+  FROM unnest(got_ids, got_lanes, got_ranks) AS g(id, lane, rank)
+  JOIN dispatch_policy.staged_jobs s ON s.id = g.id
+  WHERE s.id = ANY (got_ids)
+  ORDER BY s.priority, g.rank, g.lane, s.id
+  LIMIT batch_size;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Staging with the rules: one job at a time, in input order.
+
+-- The settings of the staging rules in a config (validated: see
+-- validate_policy below).
+CREATE FUNCTION dispatch_policy._staging_rules_apply(config jsonb)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT config ->> 'dedupe_mode' = 'replace' OR config ? 'max_pending_per_partition' OR config ? 'max_wait'
+$$;
+COMMENT ON FUNCTION dispatch_policy._staging_rules_apply(jsonb) IS
+  'Internal: whether a config declares a staging rule (dedupe_mode replace, max_pending_per_partition, max_wait): its stagings go through _stage_rules, one job at a time.';
+
+CREATE FUNCTION dispatch_policy._expires_at_problem(job jsonb, now timestamptz)
+RETURNS text[]
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+BEGIN
+  IF coalesce(jsonb_typeof(job -> 'expires_at'), 'null') = 'null' THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(job -> 'expires_at') <> 'string' OR NOT dispatch_policy._is_timestamptz(job ->> 'expires_at')
+     OR NOT isfinite((job ->> 'expires_at')::timestamptz) THEN
+    RETURN ARRAY['22023', 'expires_at', 'must be a finite timestamp string or null'];
+  END IF;
+  IF (job ->> 'expires_at')::timestamptz <= now THEN
+    RETURN ARRAY['22023', 'expires_at', 'must be later than now'];
+  END IF;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._expires_at_problem(jsonb, timestamptz) IS
+  'Internal: the problem of a job spec''s expires_at as {sqlstate, field, rule} (22023: not a finite timestamp string, or not later than now), NULL when absent, null or valid.';
+
+CREATE FUNCTION dispatch_policy._stage_rules(policy text, jobs jsonb, field_prefix text)
+RETURNS TABLE (idx integer, id bigint, outcome text)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+#variable_conflict use_column
+DECLARE
+  pol dispatch_policy.policies;
+  bad record;
+  problem text[];
+  replace_mode boolean;
+  debounce interval;
+  cap bigint;
+  drop_oldest boolean;
+  max_wait interval;
+  total integer;
+  job jsonb;
+  job_context jsonb;
+  job_queue text;
+  job_priority integer;
+  job_lane text;
+  job_due timestamptz;
+  job_expires timestamptz;
+  job_key text;
+  new_id bigint;
+  holder bigint;
+  old dispatch_policy.staged_jobs;
+  backlog bigint;
+  victims bigint[];
+  ids bigint[] := '{}'::bigint[];
+  outcomes text[] := '{}'::text[];
+  dropped bigint[] := '{}'::bigint[];
+  notify boolean := false;
+  lanes_now text[] := '{}'::text[];
+  lane_keys text[];
+  old_lanes text[] := '{}'::text[];
+BEGIN
+  -- As _stage: the templates read next stay the policy's until commit.
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(_stage_rules.policy));
+  SELECT * INTO pol FROM dispatch_policy.policies p WHERE p.name = _stage_rules.policy;
+  IF NOT FOUND THEN
+    PERFORM dispatch_policy._require_policy(_stage_rules.policy);
+  END IF;
+  IF jobs IS NULL OR jsonb_typeof(jobs) <> 'array' THEN
+    RAISE EXCEPTION 'jobs must be a JSON array of job objects'
+      USING ERRCODE = '22023', DETAIL = format('jobs is %s.', coalesce('a JSON ' || jsonb_typeof(jobs), 'NULL')),
+            HINT = 'Pass [{"args": ...}, ...]. Nothing was stored.';
+  END IF;
+
+  -- Every element first, as _stage: the first problem, named.
+  SELECT t.n - 1 AS idx, t.job,
+         coalesce(
+           dispatch_policy._job_spec_problem(
+             CASE WHEN jsonb_typeof(t.job) = 'object' THEN t.job - 'expires_at' ELSE t.job END,
+             dispatch_policy._limit_max('job.queue')::integer, dispatch_policy._limit_max('job.dedupe_key')::integer,
+             dispatch_policy._limit_max('job.round_robin_key')::integer, dispatch_policy._limit_max('job.context')::integer),
+           CASE WHEN coalesce(jsonb_typeof(t.job -> 'not_before'), 'null') = 'string'
+                     AND NOT (dispatch_policy._is_timestamptz(t.job ->> 'not_before')
+                              AND isfinite((t.job ->> 'not_before')::timestamptz))
+                THEN ARRAY['22023', 'not_before', 'must be a finite timestamp'] END,
+           dispatch_policy._expires_at_problem(t.job, now())) AS problem
+  INTO bad
+  FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
+  WHERE coalesce(
+          dispatch_policy._job_spec_problem(
+            CASE WHEN jsonb_typeof(t.job) = 'object' THEN t.job - 'expires_at' ELSE t.job END,
+            dispatch_policy._limit_max('job.queue')::integer, dispatch_policy._limit_max('job.dedupe_key')::integer,
+            dispatch_policy._limit_max('job.round_robin_key')::integer, dispatch_policy._limit_max('job.context')::integer),
+          CASE WHEN coalesce(jsonb_typeof(t.job -> 'not_before'), 'null') = 'string'
+                    AND NOT (dispatch_policy._is_timestamptz(t.job ->> 'not_before')
+                             AND isfinite((t.job ->> 'not_before')::timestamptz))
+               THEN ARRAY['22023', 'not_before', 'must be a finite timestamp'] END,
+          dispatch_policy._expires_at_problem(t.job, now())) IS NOT NULL
+  ORDER BY t.n
+  LIMIT 1;
+  IF FOUND THEN
+    problem := bad.problem;
+    IF problem[3] LIKE 'is not a known field (known: %' THEN
+      problem[3] := 'is not a known field (known: args, context, dedupe_key, round_robin_key, queue, priority, not_before, expires_at)';
+    END IF;
+    RAISE EXCEPTION '% %', rtrim(format(field_prefix, bad.idx) || problem[2], '.'), problem[3]
+      USING ERRCODE = problem[1],
+            DETAIL = format('%s is %s.', rtrim(format(field_prefix, bad.idx) || problem[2], '.'),
+                            coalesce(left(CASE WHEN problem[2] = '' THEN bad.job ELSE bad.job -> problem[2] END::text, 200),
+                                     'missing')),
+            HINT = CASE WHEN problem[2] IN ('not_before', 'expires_at')
+                        THEN 'Use ISO 8601, such as 2026-01-31T12:00:00Z. Nothing was stored.'
+                        ELSE 'Nothing was stored.' END;
+  END IF;
+
+  replace_mode := coalesce(pol.config ->> 'dedupe_mode' = 'replace', false);
+  debounce := make_interval(secs => coalesce((pol.config ->> 'debounce')::double precision, 0));
+  cap := (pol.config ->> 'max_pending_per_partition')::bigint;
+  drop_oldest := coalesce(pol.config ->> 'on_overflow' = 'drop_oldest', false);
+  max_wait := make_interval(secs => (pol.config ->> 'max_wait')::double precision);
+  total := jsonb_array_length(jobs);
+
+  -- This call's dedupe keys, in sorted order, before anything else: the
+  -- loop below inserts them in input order, which two calls with the same
+  -- keys in opposite orders would do crosswise. Namespaced advisory locks,
+  -- held until commit; only this path takes them (every staging of a policy
+  -- with staging rules comes here).
+  PERFORM pg_advisory_xact_lock(hashtext('dispatch_policy.dedupe.' || _stage_rules.policy || '.' || k.key))
+  FROM (SELECT DISTINCT t.job ->> 'dedupe_key' AS key FROM jsonb_array_elements(jobs) AS t(job)
+        WHERE t.job ->> 'dedupe_key' IS NOT NULL ORDER BY 1) k;
+
+  -- Replace: the staged jobs that hold this call's keys, locked first (by
+  -- id), before any counter row: a tick locks the jobs it fetched before it
+  -- takes their counter rows (the delete trigger), so taking them in the
+  -- same order cannot deadlock with it; a job the tick admits meanwhile is
+  -- gone when this lock is granted, and is kept. A holder not locked here
+  -- (one staged by another transaction since) is locked in the loop below
+  -- only if free (SKIP LOCKED), else kept: nothing waits while counter rows
+  -- are held.
+  IF replace_mode THEN
+    SELECT coalesce(array_agg(x.round_robin_key), '{}') INTO old_lanes
+    FROM (SELECT s.round_robin_key FROM dispatch_policy.staged_jobs s
+          WHERE s.id IN (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                         WHERE d.policy = _stage_rules.policy
+                           AND d.dedupe_key IN (SELECT t.job ->> 'dedupe_key' FROM jsonb_array_elements(jobs) AS t(job)))
+          ORDER BY s.id
+          FOR UPDATE) x;
+  END IF;
+
+  -- The cap: the counter rows of every lane of this call (and of the jobs
+  -- it may replace), locked in sorted order before anything is staged
+  -- (stagers of several partitions cannot deadlock), held until commit.
+  IF cap IS NOT NULL THEN
+    SELECT coalesce(array_agg(DISTINCT k), '{}') INTO lane_keys
+    FROM (SELECT dispatch_policy._round_robin_key(
+                   pol.lane_template,
+                   jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
+                                      'priority', coalesce((t.job ->> 'priority')::numeric::integer, 0))
+                     || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb),
+                   t.job ->> 'round_robin_key') AS k
+          FROM jsonb_array_elements(jobs) AS t(job)
+          UNION ALL
+          SELECT o FROM unnest(old_lanes) AS o) l;
+    INSERT INTO dispatch_policy.backlog_counters AS c (policy, lane, staged)
+    SELECT _stage_rules.policy, k, 0 FROM unnest(lane_keys) AS k ORDER BY k NULLS LAST
+    ON CONFLICT (policy, lane) DO NOTHING;
+    PERFORM 1 FROM dispatch_policy.backlog_counters c
+    WHERE c.policy = _stage_rules.policy AND (c.lane = ANY (lane_keys) OR (c.lane IS NULL AND array_position(lane_keys, NULL) IS NOT NULL))
+    ORDER BY c.lane NULLS LAST
+    FOR UPDATE;
+  END IF;
+
+  FOR n IN 1 .. total LOOP
+    job := jobs -> (n - 1);
+    job_queue := coalesce(job ->> 'queue', 'default');
+    job_priority := coalesce((job ->> 'priority')::numeric::integer, 0);
+    job_context := jsonb_build_object('queue_name', job_queue, 'priority', job_priority)
+                   || coalesce(nullif(job -> 'context', 'null'::jsonb), '{}'::jsonb);
+    job_lane := dispatch_policy._round_robin_key(pol.lane_template, job_context, job ->> 'round_robin_key');
+    job_due := (job ->> 'not_before')::timestamptz;
+    IF job_due <= now() THEN
+      job_due := NULL;
+    END IF;
+    job_expires := (job ->> 'expires_at')::timestamptz;
+    IF max_wait IS NOT NULL AND (job_expires IS NULL OR now() + max_wait < job_expires) THEN
+      job_expires := now() + max_wait;
+    END IF;
+    job_key := job ->> 'dedupe_key';
+    new_id := nextval('dispatch_policy.job_ids');
+
+    IF job_key IS NOT NULL THEN
+      -- The key, or the job that holds it; a key freed between the two
+      -- (its job finished) is taken on the next turn.
+      holder := NULL;
+      LOOP
+        INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+        VALUES (_stage_rules.policy, job_key, new_id)
+        ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING;
+        EXIT WHEN FOUND;
+        SELECT d.job_id INTO holder FROM dispatch_policy.dedupe_keys d
+        WHERE d.policy = _stage_rules.policy AND d.dedupe_key = job_key;
+        EXIT WHEN holder IS NOT NULL;
+      END LOOP;
+      IF holder IS NOT NULL THEN
+        old := NULL;
+        IF replace_mode AND holder IS NOT NULL THEN
+          SELECT * INTO old FROM dispatch_policy.staged_jobs s WHERE s.id = holder FOR UPDATE SKIP LOCKED;
+        END IF;
+        IF old.id IS NOT NULL AND cap IS NOT NULL AND old.round_robin_key IS DISTINCT FROM job_lane
+           AND array_position(lane_keys, old.round_robin_key) IS NULL THEN
+          -- A holder staged since the locks above, moving out of a lane
+          -- whose counter row is not held: taken only if free, else kept.
+          PERFORM 1 FROM dispatch_policy.backlog_counters c
+          WHERE c.policy = _stage_rules.policy AND c.lane IS NOT DISTINCT FROM old.round_robin_key
+          FOR UPDATE SKIP LOCKED;
+          IF FOUND THEN
+            lane_keys := lane_keys || old.round_robin_key;
+          ELSE
+            old := NULL;
+          END IF;
+        END IF;
+        IF old.id IS NOT NULL THEN
+          -- Replace: args, context and what derives from it; the id, the
+          -- attempt and staged_at stay. The row triggers render the
+          -- partitions again and move their counts (0020); a lane made
+          -- eligible is added by the staged_jobs_lanes trigger (0012).
+          UPDATE dispatch_policy.staged_jobs s
+          SET args = job -> 'args', context = job_context, queue = job_queue, priority = job_priority,
+              round_robin_key = job_lane, partitions = NULL, expires_at = job_expires,
+              not_before = greatest(s.not_before, job_due, CASE WHEN debounce > interval '0' THEN now() + debounce END)
+          WHERE s.id = old.id;
+          IF job_expires IS NOT NULL THEN
+            INSERT INTO dispatch_policy.job_deadlines AS d (job_id, policy, expires_at)
+            VALUES (old.id, _stage_rules.policy, job_expires)
+            ON CONFLICT (job_id) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+          ELSE
+            DELETE FROM dispatch_policy.job_deadlines d WHERE d.job_id = old.id;
+          END IF;
+          IF cap IS NOT NULL AND old.round_robin_key IS DISTINCT FROM job_lane THEN
+            -- The job moves between partitions: its count moves with it (the
+            -- new lane's row is held already; the old one is taken now).
+            UPDATE dispatch_policy.backlog_counters c SET staged = greatest(c.staged - 1, 0)
+            WHERE c.policy = _stage_rules.policy AND c.lane IS NOT DISTINCT FROM old.round_robin_key;
+            UPDATE dispatch_policy.backlog_counters c SET staged = c.staged + 1
+            WHERE c.policy = _stage_rules.policy AND c.lane IS NOT DISTINCT FROM job_lane;
+          END IF;
+          ids := ids || old.id;
+          outcomes := outcomes || 'replaced'::text;
+          notify := true;
+          CONTINUE;
+        END IF;
+        ids := ids || holder;
+        outcomes := outcomes || 'kept'::text;
+        CONTINUE;
+      END IF;
+    END IF;
+
+    -- A new job. Over the cap: refuse (the whole call), or drop the oldest.
+    IF cap IS NOT NULL THEN
+      SELECT c.staged INTO backlog FROM dispatch_policy.backlog_counters c
+      WHERE c.policy = _stage_rules.policy AND c.lane IS NOT DISTINCT FROM job_lane;
+      IF coalesce(backlog, 0) + 1 > cap THEN
+        IF NOT drop_oldest THEN
+          RAISE EXCEPTION 'partition % of policy % is full: max_pending_per_partition is %',
+                          coalesce(quote_literal(job_lane), '(jobs without a round-robin key)'), quote_literal(_stage_rules.policy), cap
+            USING ERRCODE = 'DP002',
+                  DETAIL = format('%s: the partition holds %s staged job(s) and on_overflow is reject.',
+                                  CASE WHEN field_prefix = '' THEN 'the job' ELSE format('jobs[%s]', n - 1) END, coalesce(backlog, 0)),
+                  HINT = 'Stage it again once the partition''s backlog is admitted (or raise max_pending_per_partition, or declare on_overflow drop_oldest). Nothing was stored.';
+        END IF;
+        IF job_lane IS NULL THEN
+          SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}') INTO victims
+          FROM (SELECT s.id FROM dispatch_policy.staged_jobs s
+                WHERE s.policy = _stage_rules.policy AND s.round_robin_key IS NULL
+                ORDER BY s.id LIMIT coalesce(backlog, 0) + 1 - cap FOR UPDATE SKIP LOCKED) x;
+        ELSE
+          SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}') INTO victims
+          FROM (SELECT s.id FROM dispatch_policy.staged_jobs s
+                WHERE s.policy = _stage_rules.policy AND s.round_robin_key = job_lane
+                ORDER BY s.round_robin_key, s.id LIMIT coalesce(backlog, 0) + 1 - cap FOR UPDATE SKIP LOCKED) x;
+        END IF;
+        PERFORM dispatch_policy._finish_staged(
+          _stage_rules.policy, victims, 'dropped',
+          array_fill(format('dropped: partition %s of policy %s was at max_pending_per_partition %s (on_overflow drop_oldest)',
+                            coalesce(quote_literal(job_lane), '(jobs without a round-robin key)'),
+                            quote_literal(_stage_rules.policy), cap)::text,
+                     ARRAY[cardinality(victims)]));
+        dropped := dropped || victims;
+      END IF;
+    END IF;
+
+    INSERT INTO dispatch_policy.staged_jobs
+      (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, partitions, expires_at)
+    VALUES (new_id, _stage_rules.policy, job_queue, job_priority, job -> 'args', job_context, job_key, job_lane, job_due,
+            dispatch_policy._render_partitions(pol.partition_gates, pol.partition_templates, pol.partition_prefixes,
+                                               pol.partition_keys, pol.partition_suffixes, job_context),
+            job_expires);
+    IF job_expires IS NOT NULL THEN
+      INSERT INTO dispatch_policy.job_deadlines (job_id, policy, expires_at) VALUES (new_id, _stage_rules.policy, job_expires);
+    END IF;
+    IF job_due IS NULL THEN
+      lanes_now := lanes_now || job_lane;
+    END IF;
+    ids := ids || new_id;
+    outcomes := outcomes || 'inserted'::text;
+    notify := true;
+  END LOOP;
+
+  PERFORM dispatch_policy._add_lanes(_stage_rules.policy, lanes_now);
+  IF notify THEN
+    PERFORM pg_notify('dispatch_policy_staged', _stage_rules.policy);
+  END IF;
+  RETURN QUERY
+    SELECT t.n::integer, t.id, CASE WHEN t.id = ANY (dropped) THEN 'dropped' ELSE t.outcome END
+    FROM unnest(ids, outcomes) WITH ORDINALITY AS t(id, outcome, n)
+    ORDER BY t.n;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._stage_rules(text, jsonb, text) IS
+  'Internal: stages a JSON array of job specs one at a time, in order, with the policy''s staging rules (dedupe_mode and debounce, max_pending_per_partition and on_overflow, max_wait) and each job''s expires_at; checks every element first (nothing stored if one is bad). Returns (idx, id, outcome) per element. Locks the backlog counter rows of its lanes in sorted order before staging anything (capped policies). A reject (DP002) aborts the whole call.';
+
+-- The one place outcomes are made: the rules path for a policy with rules
+-- or a job with expires_at; else _stage (0020), whose NULLs are keys held
+-- already: kept, by the job that holds the key.
+CREATE FUNCTION dispatch_policy._stage_outcomes(policy text, jobs jsonb, field_prefix text)
+RETURNS TABLE (idx integer, id bigint, outcome text)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+#variable_conflict use_column
+DECLARE
+  config jsonb;
+  ids bigint[];
+  holder bigint;
+  kept integer[] := '{}'::integer[];
+  inserted integer[] := '{}'::integer[];
+BEGIN
+  SELECT p.config INTO config FROM dispatch_policy.policies p WHERE p.name = _stage_outcomes.policy;
+  IF dispatch_policy._staging_rules_apply(config)
+     OR (jsonb_typeof(jobs) = 'array'
+         AND EXISTS (SELECT 1 FROM jsonb_array_elements(jobs) AS t(job)
+                     WHERE CASE WHEN jsonb_typeof(t.job) = 'object'
+                                THEN t.job - ARRAY['args', 'context', 'dedupe_key', 'round_robin_key', 'queue', 'priority',
+                                                   'not_before'] <> '{}'::jsonb
+                                ELSE false END)) THEN
+    RETURN QUERY SELECT r.idx, r.id, r.outcome FROM dispatch_policy._stage_rules(_stage_outcomes.policy, jobs, field_prefix) r;
+    RETURN;
+  END IF;
+  ids := dispatch_policy._stage(_stage_outcomes.policy, jobs, field_prefix);
+  FOR i IN 1 .. coalesce(cardinality(ids), 0) LOOP
+    IF ids[i] IS NULL THEN
+      holder := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                 WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+      IF holder IS NULL THEN
+        -- Its key was freed since (the job holding it finished): staged now.
+        ids[i] := (dispatch_policy._stage(_stage_outcomes.policy, jsonb_build_array(jobs -> (i - 1)), field_prefix))[1];
+        IF ids[i] IS NOT NULL THEN
+          inserted := inserted || i;
+        ELSE
+          ids[i] := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                     WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+        END IF;
+      ELSE
+        ids[i] := holder;
+      END IF;
+      kept := kept || i;
+    END IF;
+  END LOOP;
+  RETURN QUERY
+    SELECT t.n::integer, t.id,
+           CASE WHEN t.n::integer = ANY (kept) AND NOT t.n::integer = ANY (inserted) THEN 'kept' ELSE 'inserted' END
+    FROM unnest(ids) WITH ORDINALITY AS t(id, n)
+    ORDER BY t.n;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._stage_outcomes(text, jsonb, text) IS
+  'Internal: stages a JSON array of job specs and returns (idx, id, outcome) per element: through _stage_rules when the policy declares a staging rule or a job has expires_at (or a field _stage does not know, so the error lists expires_at), else through _stage (one statement), where a job not stored is kept and its id is the job that holds its key.';
+
+-- stage_outcome: stage() with what happened.
+CREATE FUNCTION dispatch_policy.stage_outcome(
+  policy          text,
+  args            jsonb,
+  context         jsonb DEFAULT '{}',
+  dedupe_key      text DEFAULT NULL,
+  round_robin_key text DEFAULT NULL,
+  queue           text DEFAULT NULL,
+  priority        integer DEFAULT NULL,
+  not_before      timestamptz DEFAULT NULL,
+  expires_at      timestamptz DEFAULT NULL,
+  OUT id          bigint,
+  OUT outcome     text
+)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, dispatch_policy, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+  template text;
+  config jsonb;
+  part_gates text[];
+  part_templates text[];
+  part_prefixes text[];
+  part_keys text[];
+  part_suffixes text[];
+  job_context jsonb;
+  job_partitions jsonb;
+  job_id bigint;
+  lane text;
+  due timestamptz;
+  r record;
+BEGIN
+  -- As _stage: the templates read next stay the policy's until commit.
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(stage_outcome.policy));
+  SELECT p.lane_template, p.config, p.partition_gates, p.partition_templates, p.partition_prefixes, p.partition_keys,
+         p.partition_suffixes
+  INTO template, config, part_gates, part_templates, part_prefixes, part_keys, part_suffixes
+  FROM dispatch_policy.policies p WHERE p.name = stage_outcome.policy;
+  IF NOT FOUND
+     OR stage_outcome.expires_at IS NOT NULL
+     OR dispatch_policy._staging_rules_apply(config)
+     OR stage_outcome.args IS NULL OR jsonb_typeof(stage_outcome.args) = 'null'
+     OR jsonb_typeof(stage_outcome.context) NOT IN ('object', 'null')
+     OR pg_column_size(stage_outcome.context) > dispatch_policy._limit_max('job.context') - 8
+     OR pg_column_compression(stage_outcome.context) IS NOT NULL
+     OR octet_length(stage_outcome.dedupe_key) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.dedupe_key')
+     OR octet_length(stage_outcome.round_robin_key) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.round_robin_key')
+     OR octet_length(stage_outcome.queue) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.queue')
+     OR NOT isfinite(stage_outcome.not_before)
+  THEN
+    -- The general path, which raises the errors naming the field. An
+    -- infinite expires_at is passed as text, which the check refuses.
+    SELECT o.id, o.outcome INTO r
+    FROM dispatch_policy._stage_outcomes(
+      stage_outcome.policy,
+      jsonb_build_array(jsonb_build_object(
+        'args', stage_outcome.args,
+        'context', stage_outcome.context,
+        'dedupe_key', stage_outcome.dedupe_key,
+        'round_robin_key', stage_outcome.round_robin_key,
+        'queue', stage_outcome.queue,
+        'priority', stage_outcome.priority,
+        'not_before', stage_outcome.not_before
+      ) || CASE WHEN stage_outcome.expires_at IS NULL THEN '{}'::jsonb
+                ELSE jsonb_build_object('expires_at', stage_outcome.expires_at) END),
+      '') o;
+    id := r.id;
+    outcome := r.outcome;
+    RETURN;
+  END IF;
+
+  job_context := jsonb_build_object('queue_name', coalesce(stage_outcome.queue, 'default'),
+                                    'priority', coalesce(stage_outcome.priority, 0))
+                 || coalesce(nullif(stage_outcome.context, 'null'::jsonb), '{}'::jsonb);
+  job_partitions := dispatch_policy._render_partitions(part_gates, part_templates, part_prefixes, part_keys, part_suffixes,
+                                                       job_context);
+  job_id := nextval('dispatch_policy.job_ids');
+  IF stage_outcome.dedupe_key IS NOT NULL THEN
+    -- Only with a key: the primary key makes concurrent stages of the same
+    -- key store one job. A key freed between the insert and the lookup (its
+    -- job finished) is taken on the next turn.
+    LOOP
+      INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+      VALUES (stage_outcome.policy, stage_outcome.dedupe_key, job_id)
+      ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING;
+      EXIT WHEN FOUND;
+      SELECT d.job_id INTO id FROM dispatch_policy.dedupe_keys d
+      WHERE d.policy = stage_outcome.policy AND d.dedupe_key = stage_outcome.dedupe_key;
+      IF id IS NOT NULL THEN
+        outcome := 'kept';
+        RETURN;
+      END IF;
+    END LOOP;
+  END IF;
+  INSERT INTO dispatch_policy.staged_jobs
+    (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, partitions)
+  VALUES (job_id, stage_outcome.policy, coalesce(stage_outcome.queue, 'default'), coalesce(stage_outcome.priority, 0),
+          stage_outcome.args, job_context, stage_outcome.dedupe_key,
+          dispatch_policy._round_robin_key(template, job_context, stage_outcome.round_robin_key),
+          CASE WHEN stage_outcome.not_before > now() THEN stage_outcome.not_before END, job_partitions)
+  RETURNING staged_jobs.round_robin_key, staged_jobs.not_before INTO lane, due;
+  IF due IS NULL THEN
+    PERFORM dispatch_policy._add_lanes(stage_outcome.policy, ARRAY[lane]);
+  END IF;
+  PERFORM pg_notify('dispatch_policy_staged', stage_outcome.policy);
+  id := job_id;
+  outcome := 'inserted';
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.stage_outcome(text, jsonb, jsonb, text, text, text, integer, timestamptz, timestamptz) IS
+  'Stages one job as stage() does and says what happened: outcome inserted (a new job, id), kept (a job of the same policy with the same dedupe_key is admitted, or staged under dedupe_mode keep: nothing changed, id is that job), replaced (dedupe_mode replace and that job is still staged: its args, context, queue, priority, round-robin key, partitions and expires_at are now this call''s, its not_before is pushed to now + debounce if later; id is that job) or dropped (only in stage_many_outcomes). expires_at: the job''s deadline (must be later than now; the policy''s max_wait gives staged_at + max_wait, the earlier of the two applies); a job not admitted by then is finished as expired. With max_pending_per_partition, a new job in a partition (lane key) at the cap is refused with DP002 (on_overflow reject) or the partition''s oldest staged jobs (lowest id) are finished as dropped (drop_oldest). Errors, nothing changed: unknown policy 42704, NULL args 22004, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 naming the field, a full partition DP002.';
+
+-- stage: now always an id, and expires_at. A new argument: a new signature.
+DROP FUNCTION dispatch_policy.stage(text, jsonb, jsonb, text, text, text, integer, timestamptz);
+CREATE FUNCTION dispatch_policy.stage(
+  policy          text,
+  args            jsonb,
+  context         jsonb DEFAULT '{}',
+  dedupe_key      text DEFAULT NULL,
+  round_robin_key text DEFAULT NULL,
+  queue           text DEFAULT NULL,
+  priority        integer DEFAULT NULL,
+  not_before      timestamptz DEFAULT NULL,
+  expires_at      timestamptz DEFAULT NULL
+)
+RETURNS bigint
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, dispatch_policy, pg_temp
+AS $$
+  SELECT o.id FROM dispatch_policy.stage_outcome(stage.policy, stage.args, stage.context, stage.dedupe_key, stage.round_robin_key,
+                                                 stage.queue, stage.priority, stage.not_before, stage.expires_at) o
+$$;
+COMMENT ON FUNCTION dispatch_policy.stage(text, jsonb, jsonb, text, text, text, integer, timestamptz, timestamptz) IS
+  'Stages one job and returns the id of the job that holds its dedupe key after the call: the new job, or the job of the same policy with the same dedupe_key that is staged or admitted (kept under dedupe_mode keep, the default; replaced under dedupe_mode replace while it is staged). Never NULL. stage_outcome says which happened. Adds queue_name and priority to the context unless set; derives round_robin_key (the job''s lane) from the policy''s lane_template (round_robin_by, else its gates'' partition_by templates) when not given; stores the job''s partition of each partitioned gate (staged_jobs.partitions); a not_before in the future schedules the job; expires_at (or the policy''s max_wait) sets its deadline. Errors, nothing changed: unknown policy 42704, NULL args 22004, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 (the message names the field), a partition at max_pending_per_partition with on_overflow reject DP002.';
+
+CREATE FUNCTION dispatch_policy.stage_many_outcomes(policy text, jobs jsonb)
+RETURNS TABLE (idx integer, id bigint, outcome text)
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, dispatch_policy, pg_temp
+AS $$
+  SELECT o.idx, o.id, o.outcome FROM dispatch_policy._stage_outcomes(stage_many_outcomes.policy, stage_many_outcomes.jobs, 'jobs[%s].') o
+  ORDER BY o.idx
+$$;
+COMMENT ON FUNCTION dispatch_policy.stage_many_outcomes(text, jsonb) IS
+  'Stages a JSON array of jobs as stage_many() and returns one row per element: idx (1-based position), id (the job that holds its key after the call) and outcome (inserted, kept, replaced, as stage_outcome; dropped: inserted by this call and then dropped by a later element of the same call under on_overflow drop_oldest). A later element with the key of an earlier one is kept (dedupe_mode keep) or replaces it (replace). Job objects take the fields of stage(): args, context, dedupe_key, round_robin_key, queue, priority, not_before, expires_at. All or nothing: one invalid element (jobs[i].field, 22023 or 22004), or one that a full partition refuses (DP002, on_overflow reject), stores nothing. Unknown policy 42704.';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.stage_many(policy text, jobs jsonb)
+RETURNS bigint[]
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, dispatch_policy, pg_temp
+AS $$
+  SELECT coalesce(array_agg(o.id ORDER BY o.idx), '{}')
+  FROM dispatch_policy._stage_outcomes(stage_many.policy, stage_many.jobs, 'jobs[%s].') o
+$$;
+COMMENT ON FUNCTION dispatch_policy.stage_many(text, jsonb) IS
+  'Stages a JSON array of jobs, each an object with the fields of stage() (args, context, dedupe_key, round_robin_key, queue, priority, not_before, expires_at). Returns ids in input order, never NULL: for a deduped element (also against an earlier element of the same call) the id of the job that holds the key (stage_many_outcomes says inserted, kept, replaced or dropped). All or nothing: one invalid element (named as jobs[i].field) stores nothing; with max_pending_per_partition and on_overflow reject, an element over the cap raises DP002 and nothing is stored.';
+
+-- ---------------------------------------------------------------------------
+-- Validation of the new policy fields. 0007's validate_policy, copied as
+-- _validate_policy_base (only its name changed), checks everything else;
+-- the known keys are checked here first, with the new ones.
+
+CREATE FUNCTION dispatch_policy._validate_policy_base(name text, config jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+DECLARE
+  gate jsonb;
+  i integer := 0;
+  path text;
+  gate_type text;
+  gate_name text;
+  seen jsonb := '{}'::jsonb;
+  n numeric;
+  lo numeric;
+  hi numeric;
+BEGIN
+  IF _validate_policy_base.name IS NULL OR _validate_policy_base.name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+    RAISE EXCEPTION 'invalid policy name: %', coalesce(quote_literal(left(_validate_policy_base.name, 200)), 'NULL')
+      USING ERRCODE = '22023',
+            DETAIL = 'A policy name is 1 to 128 characters: letters, digits, _ . : -, starting with a letter or digit.',
+            HINT = 'Nothing was stored.';
+  END IF;
+  IF config IS NULL OR jsonb_typeof(config) <> 'object' THEN
+    PERFORM dispatch_policy._config_error('config', 'must be a JSON object', config);
+  END IF;
+
+  PERFORM dispatch_policy._require_known_keys(config,
+    ARRAY['gates', 'round_robin_by', 'batch_size', 'round_robin_quantum',
+          'lease_seconds', 'max_attempts', 'target'], '');
+
+  FOREACH path IN ARRAY ARRAY['batch_size', 'round_robin_quantum', 'lease_seconds', 'max_attempts'] LOOP
+    IF config ? path THEN
+      PERFORM dispatch_policy._require_limit(config -> path, path, path);
+    END IF;
+  END LOOP;
+  IF config ? 'round_robin_by' THEN
+    PERFORM dispatch_policy._require_template(config -> 'round_robin_by', 'round_robin_by');
+  END IF;
+
+  IF config ? 'target' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'target') = 'object',
+      'target', 'must be an object such as {"type": "ready_queue"}', config -> 'target');
+    PERFORM dispatch_policy._require(config -> 'target' ->> 'type' IN ('ready_queue', 'sql'),
+      'target.type', 'must be one of ready_queue, sql', config -> 'target' -> 'type');
+    IF config -> 'target' ->> 'type' = 'ready_queue' THEN
+      PERFORM dispatch_policy._require_known_keys(config -> 'target', ARRAY['type'], 'target.');
+    ELSE
+      PERFORM dispatch_policy._require_known_keys(config -> 'target', ARRAY['type', 'function'], 'target.');
+      PERFORM dispatch_policy._require(
+        config -> 'target' ->> 'function' ~ '^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}$',
+        'target.function', 'must name a function as schema.name', config -> 'target' -> 'function');
+    END IF;
+  END IF;
+
+  IF config ? 'gates' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'gates') = 'array',
+      'gates', 'must be an array of gate objects', config -> 'gates');
+    PERFORM dispatch_policy._require(jsonb_array_length(config -> 'gates') <= 32,
+      'gates', 'must hold at most 32 gates', to_jsonb(jsonb_array_length(config -> 'gates')));
+    FOR gate IN SELECT g FROM jsonb_array_elements(config -> 'gates') AS g LOOP
+      path := format('gates[%s]', i);
+      PERFORM dispatch_policy._require(jsonb_typeof(gate) = 'object', path, 'must be an object', gate);
+      gate_type := gate ->> 'type';
+      PERFORM dispatch_policy._require(
+        gate_type IN ('throttle', 'concurrency', 'global_cap', 'fair_interleave', 'adaptive_concurrency'),
+        path || '.type',
+        'must be one of throttle, concurrency, global_cap, fair_interleave, adaptive_concurrency',
+        gate -> 'type');
+
+      PERFORM dispatch_policy._require_known_keys(gate,
+        CASE gate_type
+          WHEN 'throttle' THEN ARRAY['type', 'name', 'partition_by', 'rate', 'per', 'burst']
+          WHEN 'concurrency' THEN ARRAY['type', 'name', 'partition_by', 'max']
+          WHEN 'global_cap' THEN ARRAY['type', 'name', 'max']
+          WHEN 'fair_interleave' THEN ARRAY['type', 'name', 'partition_by']
+          ELSE ARRAY['type', 'name', 'partition_by', 'initial_max', 'target_lag_ms', 'min', 'max',
+                     'ewma_alpha', 'failure_decrease_factor', 'overload_decrease_factor']
+        END, path || '.');
+
+      IF gate ? 'name' THEN
+        PERFORM dispatch_policy._require(
+          jsonb_typeof(gate -> 'name') = 'string' AND gate ->> 'name' ~ '^[A-Za-z0-9_.:-]{1,64}$',
+          path || '.name', 'must be 1 to 64 characters: letters, digits, _ . : -', gate -> 'name');
+      END IF;
+      gate_name := coalesce(gate ->> 'name', gate_type);
+      IF seen ? gate_name THEN
+        PERFORM dispatch_policy._config_error(path || '.name',
+          format('must be unique in the policy: %s is also the name of %s (a gate''s name defaults to its type)',
+                 quote_ident(gate_name), seen ->> gate_name),
+          to_jsonb(gate_name));
+      END IF;
+      seen := seen || jsonb_build_object(gate_name, path);
+
+      IF gate ? 'partition_by' THEN
+        PERFORM dispatch_policy._require_template(gate -> 'partition_by', path || '.partition_by');
+      END IF;
+
+      CASE gate_type
+        WHEN 'throttle' THEN
+          PERFORM dispatch_policy._require(gate ? 'rate', path || '.rate', 'is required', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'rate', path || '.rate', 'throttle.rate', true);
+          PERFORM dispatch_policy._require(gate ? 'per', path || '.per', 'is required (seconds)', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'per', path || '.per', 'throttle.per', true);
+          IF gate ? 'burst' THEN
+            PERFORM dispatch_policy._require_gate_value(gate -> 'burst', path || '.burst', 'throttle.burst', true);
+          END IF;
+        WHEN 'concurrency' THEN
+          PERFORM dispatch_policy._require(gate ? 'max', path || '.max', 'is required', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'concurrency.max', true);
+        WHEN 'global_cap' THEN
+          PERFORM dispatch_policy._require(gate ? 'max', path || '.max', 'is required', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'global_cap.max', false);
+        WHEN 'fair_interleave' THEN
+          NULL;
+        WHEN 'adaptive_concurrency' THEN
+          PERFORM dispatch_policy._require(gate ? 'target_lag_ms', path || '.target_lag_ms',
+            'is required (the acceptable queue lag in ms)', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'target_lag_ms', path || '.target_lag_ms',
+            'adaptive_concurrency.target_lag_ms', false);
+          lo := 1;
+          IF gate ? 'min' THEN
+            lo := dispatch_policy._require_gate_value(gate -> 'min', path || '.min', 'adaptive_concurrency.min', false);
+          END IF;
+          hi := NULL;
+          IF gate ? 'max' THEN
+            hi := dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'adaptive_concurrency.max', false);
+            PERFORM dispatch_policy._require(hi >= lo, path || '.max', format('must be at least min (%s)', lo), gate -> 'max');
+          END IF;
+          IF gate ? 'initial_max' THEN
+            n := dispatch_policy._require_gate_value(gate -> 'initial_max', path || '.initial_max',
+                                                     'adaptive_concurrency.initial_max', false);
+            PERFORM dispatch_policy._require(n >= lo AND (hi IS NULL OR n <= hi), path || '.initial_max',
+              format('must be an integer from min (%s) to max (%s)', lo, coalesce(hi::text, 'unbounded')),
+              gate -> 'initial_max');
+          END IF;
+          FOREACH gate_name IN ARRAY ARRAY['ewma_alpha', 'failure_decrease_factor', 'overload_decrease_factor'] LOOP
+            IF gate ? gate_name THEN
+              PERFORM dispatch_policy._require_gate_value(gate -> gate_name, path || '.' || gate_name,
+                                                          'adaptive_concurrency.' || gate_name, false);
+            END IF;
+          END LOOP;
+      END CASE;
+      i := i + 1;
+    END LOOP;
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._validate_policy_base(text, jsonb) IS
+  'Internal: validate_policy as 0007 made it, copied (name, gates, round_robin_by, batch_size, round_robin_quantum, lease_seconds, max_attempts, target); validate_policy calls it with the staging rules'' fields taken out.';
+
+CREATE OR REPLACE FUNCTION dispatch_policy.validate_policy(name text, config jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+DECLARE
+  rules CONSTANT text[] := ARRAY['dedupe_mode', 'debounce', 'max_pending_per_partition', 'on_overflow', 'max_wait'];
+BEGIN
+  IF config IS NULL OR jsonb_typeof(config) <> 'object' THEN
+    PERFORM dispatch_policy._validate_policy_base(validate_policy.name, config);
+    RETURN;
+  END IF;
+  IF validate_policy.name IS NOT NULL AND validate_policy.name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+    PERFORM dispatch_policy._require_known_keys(config,
+      ARRAY['gates', 'round_robin_by', 'batch_size', 'round_robin_quantum',
+            'lease_seconds', 'max_attempts', 'target'] || rules, '');
+  END IF;
+  PERFORM dispatch_policy._validate_policy_base(validate_policy.name, config - rules);
+
+  IF config ? 'dedupe_mode' THEN
+    PERFORM dispatch_policy._require(config ->> 'dedupe_mode' IN ('keep', 'replace') AND jsonb_typeof(config -> 'dedupe_mode') = 'string',
+      'dedupe_mode', 'must be one of keep, replace', config -> 'dedupe_mode');
+  END IF;
+  IF config ? 'debounce' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'debounce') = 'number', 'debounce', 'must be a number (seconds)',
+                                     config -> 'debounce');
+    PERFORM dispatch_policy._require_limit(config -> 'debounce', 'debounce', 'debounce');
+    PERFORM dispatch_policy._require(config ->> 'dedupe_mode' = 'replace', 'debounce',
+      'is only valid with dedupe_mode replace', config -> 'debounce');
+  END IF;
+  IF config ? 'max_pending_per_partition' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'max_pending_per_partition') = 'number',
+      'max_pending_per_partition', 'must be a number (jobs)', config -> 'max_pending_per_partition');
+    PERFORM dispatch_policy._require_limit(config -> 'max_pending_per_partition', 'max_pending_per_partition',
+                                           'max_pending_per_partition');
+  END IF;
+  IF config ? 'on_overflow' THEN
+    PERFORM dispatch_policy._require(config ->> 'on_overflow' IN ('reject', 'drop_oldest') AND jsonb_typeof(config -> 'on_overflow') = 'string',
+      'on_overflow', 'must be one of reject, drop_oldest', config -> 'on_overflow');
+    PERFORM dispatch_policy._require(config ? 'max_pending_per_partition', 'on_overflow',
+      'is only valid with max_pending_per_partition', config -> 'on_overflow');
+  END IF;
+  IF config ? 'max_wait' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'max_wait') = 'number', 'max_wait', 'must be a number (seconds)',
+                                     config -> 'max_wait');
+    PERFORM dispatch_policy._require_limit(config -> 'max_wait', 'max_wait', 'max_wait');
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.validate_policy(text, jsonb) IS
+  'Checks a policy name and config without storing anything; raises SQLSTATE 22023 naming the first invalid field (for example gates[1].per) and the rule it breaks. Numeric bounds come from dispatch_policy.limits(). Staging rules (0023): dedupe_mode keep|replace; debounce (seconds, limits() debounce, only with dedupe_mode replace); max_pending_per_partition (an integer, limits()); on_overflow reject|drop_oldest (only with max_pending_per_partition); max_wait (seconds, limits()).';
+
+-- ---------------------------------------------------------------------------
+-- Counted: the last day's expired and dropped jobs per policy, appended to
+-- policy_overview. Read from finished_jobs through a partial index (policy,
+-- status, finished_at) of those two statuses only, not from the per-minute
+-- history: one index range per policy and status, as long as the last day's
+-- expired or dropped jobs of the policy.
+CREATE OR REPLACE VIEW dispatch_policy.policy_overview AS
+SELECT o.policy, o.pending, o.scheduled, o.in_flight, o.completed_24h, o.failed_24h, o.dead, o.oldest_pending_age,
+       o.paused, o.failing_since, o.tick_failures, o.last_error, o.retry_at, o.admitted_24h, o.lag_p50_ms, o.lag_p95_ms,
+       o.throughput_per_min,
+       (SELECT count(*) FROM dispatch_policy.finished_jobs f
+        WHERE f.policy = o.policy AND f.status = 'expired' AND f.finished_at > now() - interval '24 hours') AS expired_24h,
+       (SELECT count(*) FROM dispatch_policy.finished_jobs f
+        WHERE f.policy = o.policy AND f.status = 'dropped' AND f.finished_at > now() - interval '24 hours') AS dropped_24h,
+       (SELECT count(*) FROM dispatch_policy.job_deferrals d
+        WHERE d.policy = o.policy AND d.deferred_at > now() - interval '24 hours') AS deferred_24h
+FROM dispatch_policy._policy_overview() AS o;
+COMMENT ON COLUMN dispatch_policy.policy_overview.expired_24h IS
+  'Jobs finished as expired (their expires_at passed before admission) in the last 24 hours. Exact (finished_jobs, until pruned).';
+COMMENT ON COLUMN dispatch_policy.policy_overview.dropped_24h IS
+  'Jobs finished as dropped (the oldest of a partition at max_pending_per_partition, on_overflow drop_oldest) in the last 24 hours. Exact (finished_jobs, until pruned).';
+COMMENT ON COLUMN dispatch_policy.policy_overview.deferred_24h IS
+  'Deferrals by workers (defer(): backpressure from downstream) in the last 24 hours. Exact (job_deferrals, until pruned).';
+
+-- ---------------------------------------------------------------------------
+-- explain as in 0017, copied; change: a staged job with a deadline gets a
+-- row of aspect deadline after its schedule.
+CREATE OR REPLACE FUNCTION dispatch_policy.explain(id bigint)
+RETURNS TABLE (aspect text, gate text, partition text, verdict text, explanation text, wait_seconds double precision)
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  j dispatch_policy.staged_jobs;
+  pol dispatch_policy.policies;
+  at timestamptz := now();
+  parts jsonb;
+  g jsonb;
+  name text;
+  kind text;
+  part text;
+  b dispatch_policy.throttle_buckets;
+  rate double precision;
+  per double precision;
+  burst double precision;
+  tokens double precision;
+  cap double precision;
+  held integer;
+  ahead bigint;
+  ahead_in_partition bigint;
+  scanned bigint;
+  ahead_contexts jsonb[];
+  at_least text;
+  needed numeric;
+  to_token numeric;
+  estimate_at_least boolean := false;
+  ln dispatch_policy.lanes;
+  waits boolean := false;
+  estimate double precision := 0::double precision;
+  estimable boolean := true;
+  reasons text[] := '{}'::text[];
+  a dispatch_policy.adaptive_stats;
+  initial integer;
+  ceiling integer;
+  floor_ integer;
+  pp dispatch_policy.paused_partitions;
+BEGIN
+  IF explain.id IS NULL THEN
+    RAISE EXCEPTION 'explain: id must not be NULL' USING ERRCODE = '22004';
+  END IF;
+  SELECT * INTO j FROM dispatch_policy.staged_jobs s WHERE s.id = explain.id;
+  IF NOT FOUND THEN
+    RETURN QUERY
+    SELECT 'job'::text, NULL::text, NULL::text, 'admitted'::text,
+           format('admitted at %s (attempt %s) into queue %s, lease until %s%s; partitions %s',
+                  x.admitted_at, x.attempt, x.queue, x.lease_expires_at,
+                  CASE WHEN x.started_at IS NOT NULL THEN format(', started at %s by %s', x.started_at, coalesce(x.worker, '?'))
+                       ELSE ', not started' END,
+                  x.partitions),
+           NULL::float8
+    FROM dispatch_policy.admitted_jobs x WHERE x.id = explain.id;
+    IF FOUND THEN RETURN; END IF;
+    RETURN QUERY
+    SELECT 'job'::text, NULL::text, NULL::text, f.status,
+           format('%s at %s after %s attempt(s)%s', f.status, f.finished_at, f.attempts,
+                  CASE WHEN f.last_error IS NOT NULL THEN ': ' || left(f.last_error, 500) ELSE '' END),
+           NULL::float8
+    FROM dispatch_policy.finished_jobs f WHERE f.id = explain.id;
+    IF FOUND THEN RETURN; END IF;
+    RAISE EXCEPTION 'explain: no job %', explain.id
+      USING ERRCODE = 'P0002', HINT = 'Completed jobs are kept for the retention prune() is given; a job id never staged has no row.';
+  END IF;
+
+  SELECT * INTO pol FROM dispatch_policy.policies p WHERE p.name = j.policy;
+  RETURN QUERY SELECT 'job'::text, NULL::text, NULL::text,
+    CASE WHEN j.not_before > at THEN 'scheduled' ELSE 'pending' END,
+    format('job %s of policy %s, queue %s, priority %s, attempt %s, staged %s ago%s', j.id, j.policy, j.queue,
+           j.priority, j.attempt, date_trunc('second', at - j.staged_at),
+           CASE WHEN j.last_error IS NOT NULL THEN '; last error: ' || left(j.last_error, 300) ELSE '' END),
+    NULL::float8;
+  IF pol.name IS NULL THEN
+    RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'waits'::text,
+      format('policy %s is not declared: nothing admits this job until it is', quote_literal(j.policy)), NULL::float8;
+    RETURN;
+  END IF;
+  IF pol.paused THEN
+    waits := true; estimable := false; reasons := array_append(reasons, 'the policy is paused'::text);
+    RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'waits'::text,
+      'the policy is paused: nothing is admitted until dispatch_policy.resume(policy)'::text, NULL::float8;
+  END IF;
+  IF j.not_before > at THEN
+    waits := true; estimate := greatest(estimate, extract(epoch FROM j.not_before - at));
+    reasons := array_append(reasons, 'scheduled for later'::text);
+    RETURN QUERY SELECT 'schedule'::text, NULL::text, NULL::text, 'waits'::text,
+      format('scheduled: not before %s', j.not_before), extract(epoch FROM j.not_before - at)::float8;
+  END IF;
+  -- Deferred by its worker (0022): the latest deferral still ahead.
+  RETURN QUERY SELECT 'deferred'::text, NULL::text, NULL::text, 'info'::text,
+    format('deferred by its worker until %s (%s deferral%s): %s', d.until, d.n, CASE WHEN d.n = 1 THEN '' ELSE 's' END,
+           left(d.reason, 300)),
+    NULL::float8
+  FROM (SELECT x.until, x.reason, count(*) OVER () AS n, x.id AS deferral
+        FROM dispatch_policy.job_deferrals x WHERE x.job_id = j.id) d
+  WHERE d.until > at
+  ORDER BY d.deferral DESC LIMIT 1;
+  -- Its deadline (0023).
+  IF j.expires_at IS NOT NULL THEN
+    RETURN QUERY SELECT 'deadline'::text, NULL::text, NULL::text,
+      CASE WHEN j.expires_at <= at THEN 'expired' ELSE 'ok' END,
+      CASE WHEN j.expires_at <= at
+           THEN format('expired at %s: the next tick finishes it as expired instead of admitting it', j.expires_at)
+           ELSE format('expires at %s (in %s): finished as expired if not admitted by then', j.expires_at,
+                       date_trunc('second', j.expires_at - at)) END,
+      NULL::float8;
+  END IF;
+
+  -- Its place in its lane (the fetch takes a lane's jobs by priority, then id).
+  IF j.round_robin_key IS NULL THEN
+    SELECT count(*) INTO ahead FROM dispatch_policy.staged_jobs s
+    WHERE s.policy = j.policy AND s.round_robin_key IS NULL AND s.not_before IS NULL
+      AND (s.priority, s.id) < (j.priority, j.id);
+  ELSE
+    SELECT count(*) INTO ahead FROM dispatch_policy.staged_jobs s
+    WHERE s.policy = j.policy AND s.round_robin_key = j.round_robin_key AND s.not_before IS NULL
+      AND (s.priority, s.id) < (j.priority, j.id);
+  END IF;
+  SELECT * INTO ln FROM dispatch_policy.lanes l WHERE l.policy = j.policy AND l.lane IS NOT DISTINCT FROM j.round_robin_key;
+  -- The fetch passes a blocked lane over, whatever its jobs' gates say now.
+  IF ln.blocked_until > at THEN
+    waits := true;
+    reasons := array_append(reasons, 'its lane is blocked'::text);
+    IF ln.blocked_until = 'infinity' THEN
+      estimable := false;
+    ELSE
+      estimate := greatest(estimate, extract(epoch FROM ln.blocked_until - at)::double precision);
+    END IF;
+  END IF;
+  RETURN QUERY SELECT 'lane'::text, NULL::text, coalesce(j.round_robin_key, '(no key)'),
+    CASE WHEN ln.blocked_until > at THEN 'waits' ELSE 'info' END,
+    format('%s job(s) ahead in its lane %s%s; %s lane(s) of the policy ready for the rotation', ahead,
+           coalesce(quote_literal(j.round_robin_key), '(jobs without a key)'),
+           CASE WHEN ln.policy IS NULL THEN ', which has no lanes row yet (the runner''s maintenance adds it)'
+                WHEN ln.blocked_until > at AND ln.blocked_gate IS NOT NULL
+                     AND EXISTS (SELECT 1 FROM dispatch_policy.paused_partitions x
+                                 WHERE x.policy = j.policy AND x.gate = ln.blocked_gate
+                                   AND x.partition = ln.blocked_partition AND (x.until IS NULL OR x.until > at))
+                  THEN format(', blocked while partition %s of %s is paused (%s)', quote_literal(ln.blocked_partition),
+                              ln.blocked_gate, CASE WHEN ln.blocked_until = 'infinity' THEN 'until resume_partition'
+                                                    ELSE 'until ' || ln.blocked_until END)
+                WHEN ln.blocked_until = 'infinity' AND ln.blocked_gate IS NOT NULL
+                  THEN format(', blocked by %s partition %s until it has room (a slot released, a config change)',
+                              ln.blocked_gate, quote_literal(ln.blocked_partition))
+                WHEN ln.blocked_until > at AND ln.blocked_gate IS NOT NULL
+                  THEN format(', blocked until %s by %s partition %s', ln.blocked_until, ln.blocked_gate, quote_literal(ln.blocked_partition))
+                WHEN ln.blocked_until > at THEN format(', passed over until %s', ln.blocked_until)
+                ELSE ', ready' END,
+           (SELECT count(*) FROM dispatch_policy.lanes r WHERE r.policy = j.policy AND (r.blocked_until IS NULL OR r.blocked_until <= at))),
+    CASE WHEN ln.blocked_until > at AND ln.blocked_until < 'infinity' THEN extract(epoch FROM ln.blocked_until - at)::float8 END;
+
+  -- The nearest jobs ahead of it in the fetch order, once for every
+  -- throttle: those of its partition take tokens first. Bounded: an
+  -- explanation must not scan the backlog.
+  SELECT coalesce(array_agg(s.context), '{}'), count(*) INTO ahead_contexts, scanned
+  FROM (SELECT s.context FROM dispatch_policy.staged_jobs s
+        WHERE s.policy = j.policy AND s.not_before IS NULL AND (s.priority, s.id) < (j.priority, j.id)
+        ORDER BY s.priority DESC, s.id DESC LIMIT 2000) s;
+
+  parts := dispatch_policy._gate_partitions(pol.config, j.context);
+  FOR g IN SELECT x FROM jsonb_array_elements(coalesce(pol.config -> 'gates', '[]'::jsonb)) AS x LOOP
+    name := coalesce(g ->> 'name', g ->> 'type');
+    kind := g ->> 'type';
+    part := parts ->> name;
+    -- A paused partition refuses the job whatever the gate's state.
+    SELECT * INTO pp FROM dispatch_policy.paused_partitions x
+    WHERE x.policy = j.policy AND x.gate = name AND x.partition = part AND (x.until IS NULL OR x.until > at)
+      AND dispatch_policy._partitioned_gate(pol.config, name) IS NOT NULL;
+    IF FOUND THEN
+      waits := true;
+      reasons := array_append(reasons, format('%s %s on %s is paused', kind, name, quote_literal(part))::text);
+      IF pp.until IS NULL THEN
+        estimable := false;
+      ELSE
+        estimate := greatest(estimate, extract(epoch FROM pp.until - at)::double precision);
+      END IF;
+      RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
+        format('%s: the partition is paused (pause_partition at %s) %s%s: none of its jobs is admitted until then',
+               kind, pp.paused_at, CASE WHEN pp.until IS NULL THEN 'until resume_partition' ELSE 'until ' || pp.until END,
+               CASE WHEN pp.reason IS NOT NULL THEN ': ' || left(pp.reason, 300) ELSE '' END),
+        extract(epoch FROM pp.until - at)::float8;
+      CONTINUE;
+    END IF;
+    IF kind = 'throttle' THEN
+      SELECT * INTO b FROM dispatch_policy.throttle_buckets t
+      WHERE t.policy = j.policy AND t.gate = name AND t.partition = part;
+      rate := coalesce(b.rate, dispatch_policy._gate_number(g -> 'rate', j.context, 'throttle.rate'));
+      per := coalesce(b.per_seconds, dispatch_policy._gate_number(g -> 'per', j.context, 'throttle.per'));
+      burst := coalesce(b.burst, CASE WHEN g ? 'burst' THEN dispatch_policy._gate_number(g -> 'burst', j.context, 'throttle.burst')
+                                      ELSE least(greatest(rate, 1), 1000000) END);
+      tokens := CASE WHEN b.policy IS NULL THEN burst
+                     ELSE dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, at) END;
+      SELECT count(*) INTO ahead_in_partition
+      FROM unnest(ahead_contexts) AS c(context)
+      WHERE dispatch_policy._partition_key(g ->> 'partition_by', c.context) = part;
+      at_least := CASE WHEN scanned >= 2000 THEN 'at least ' ELSE '' END;
+      -- Seconds until the bucket holds a token for it and for every job of
+      -- its partition ahead of it (numeric: a tiny rate must not overflow);
+      -- NULL beyond a century.
+      IF rate > 0 THEN
+        needed := greatest((ahead_in_partition + 1)::numeric - tokens::numeric, 0) * per::numeric / rate::numeric;
+        IF needed > 3153600000 THEN needed := NULL; END IF;
+        to_token := CASE WHEN tokens >= 1 THEN 0 ELSE (1 - tokens::numeric) * per::numeric / rate::numeric END;
+        IF to_token > 3153600000 THEN to_token := NULL; END IF;
+      END IF;
+      IF rate = 0 THEN
+        -- The runner admits nothing through a throttle of rate 0.
+        waits := true; estimable := false;
+        reasons := array_append(reasons, format('throttle %s has a rate of 0', name)::text);
+        RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
+          'throttle: a rate of 0 admits nothing (declare a rate above 0)'::text, NULL::float8;
+      ELSIF tokens >= 1 THEN
+        RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
+          format('throttle: %s token(s) of %s now (%s per %s s); %s%s job(s) of this partition ahead of it',
+                 round(tokens::numeric, 2), burst, rate, per, at_least, ahead_in_partition), NULL::float8;
+      ELSE
+        waits := true; reasons := array_append(reasons, format('throttle %s on %s', name, quote_literal(part))::text);
+        RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
+          format('throttle: %s token(s) of %s (%s per %s s): the next whole token in %s; %s%s job(s) of this partition ahead of it',
+                 round(tokens::numeric, 2), burst, rate, per,
+                 CASE WHEN to_token IS NULL THEN 'more than a century' ELSE round(to_token, 3) || ' s' END,
+                 at_least, ahead_in_partition),
+          to_token::float8;
+      END IF;
+      IF rate > 0 AND ahead_in_partition + 1 > tokens THEN
+        IF needed IS NULL THEN
+          estimable := false;
+        ELSE
+          estimate := greatest(estimate, needed::double precision);
+          IF tokens >= 1 THEN
+            reasons := array_append(reasons,
+              format('throttle %s on %s: %s%s job(s) ahead take its tokens', name, quote_literal(part), at_least, ahead_in_partition)::text);
+          END IF;
+          IF at_least <> '' THEN estimate_at_least := true; END IF;
+        END IF;
+      END IF;
+    ELSIF kind IN ('concurrency', 'global_cap', 'adaptive_concurrency') THEN
+      SELECT coalesce(max(c.in_flight), 0) INTO held FROM dispatch_policy.inflight_counters c
+      WHERE c.policy = j.policy AND c.gate = name AND c.partition = part;
+      IF kind = 'adaptive_concurrency' THEN
+        SELECT * INTO a FROM dispatch_policy.adaptive_stats s WHERE s.policy = j.policy AND s.gate = name AND s.partition = part;
+        initial := coalesce(dispatch_policy._json_number(g -> 'initial_max')::integer, 3);
+        floor_ := coalesce(dispatch_policy._json_number(g -> 'min')::integer, 1);
+        ceiling := dispatch_policy._json_number(g -> 'max')::integer;
+        cap := coalesce(a.current_max, initial)::double precision;
+        -- An idle partition may run at least initial_max (the runner's safety valve).
+        IF held = 0 THEN cap := greatest(cap, initial); END IF;
+        IF ceiling IS NOT NULL THEN cap := least(cap, greatest(ceiling, floor_)); END IF;
+      ELSE
+        cap := dispatch_policy._gate_number(g -> 'max', j.context, kind || '.max');
+      END IF;
+      IF held >= cap THEN
+        waits := true; estimable := false;
+        reasons := array_append(reasons, format('%s %s on %s', kind, name, quote_literal(part))::text);
+      END IF;
+      RETURN QUERY SELECT 'gate'::text, name, part, CASE WHEN held < cap THEN 'ok' ELSE 'waits' END,
+        format('%s: %s in flight of a cap of %s%s%s', kind, held, cap,
+               CASE WHEN kind = 'adaptive_concurrency'
+                 THEN format(' (adaptive; %s, target %s ms)',
+                             coalesce('EWMA lag ' || round(a.ewma_lag_ms::numeric, 1) || ' ms', 'no lag observed yet'),
+                             g -> 'target_lag_ms') ELSE '' END,
+               CASE WHEN held >= cap THEN ': it waits for a slot to be released (complete, fail or an expired lease)' ELSE '' END),
+        NULL::float8;
+    ELSE
+      RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
+        format('%s: orders a batch across partitions; it never refuses a job', kind), NULL::float8;
+    END IF;
+  END LOOP;
+
+  IF pol.name IS NOT NULL AND EXISTS (SELECT 1 FROM dispatch_policy.runner_failures f WHERE f.policy = j.policy) THEN
+    waits := true; estimable := false; reasons := array_append(reasons, 'its ticks fail'::text);
+    RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'waits'::text,
+      (SELECT format('the policy''s ticks fail (%s in a row, retry at %s): %s', f.failures, f.retry_at, left(f.error, 300))
+       FROM dispatch_policy.runner_failures f WHERE f.policy = j.policy), NULL::float8;
+  END IF;
+
+  RETURN QUERY SELECT 'estimate'::text, NULL::text, NULL::text,
+    CASE WHEN NOT waits AND estimate = 0 AND estimable THEN 'next tick' WHEN estimable THEN 'estimated' ELSE 'unknown' END,
+    CASE
+      WHEN NOT waits AND estimate = 0 AND estimable THEN 'every gate has room: admitted by the next tick that reaches its lane'
+      WHEN estimable THEN format('admitted in %sabout %s s (%s), if nothing else takes its tokens first',
+                                 CASE WHEN estimate_at_least THEN 'at least ' ELSE '' END,
+                                 round(estimate::numeric, 1), array_to_string(reasons, ', '))
+      ELSE format('no estimate: %s', array_to_string(reasons, ', '))
+    END,
+    CASE WHEN estimable THEN estimate END;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.explain(bigint) IS
+  'Why a job is where it is. For a pending or scheduled job, one row per reason (aspect job, policy, schedule, deferred, deadline, lane, gate, estimate): for each gate of its policy, in its partition, ok or waits with the numbers (tokens now and the time to the next whole token; in flight against the cap; the adaptive cap and EWMA lag) or, when an operator paused that partition (pause_partition), waits with the pause''s end (wait_seconds; none without until) and reason, the latest deferral by its worker while its until is ahead (aspect deferred: info with until, how many deferrals and the reason), its deadline (aspect deadline: ok with expires_at, or expired when it passed and the next tick will finish it as expired); whether it is scheduled or the policy paused or failing, its place in its lane (and whether a pause blocks the lane), and an estimated wait in seconds (wait_seconds) where one can be computed (throttles, schedules and pauses with an end; a full cap or a pause without an end has none). For an admitted or finished (completed, dead, cancelled, expired, dropped) job, one row saying so. P0002 for an id with no job.';
+
+-- ---------------------------------------------------------------------------
+-- prune: 0022's, copied, with three more steps (rows expired_jobs,
+-- dropped_jobs, deadlines) after partition_counters.
+CREATE OR REPLACE FUNCTION dispatch_policy.prune(
+  retention interval DEFAULT '7 days', idle interval DEFAULT '1 hour', now timestamptz DEFAULT now(), policies text[] DEFAULT NULL
+)
+RETURNS TABLE (what text, removed bigint)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  n bigint;
+BEGIN
+  PERFORM dispatch_policy._require_now(prune.now);
+  IF retention IS NULL OR NOT dispatch_policy._within_limit(extract(epoch FROM retention), 'prune.retention') THEN
+    RAISE EXCEPTION 'retention %', dispatch_policy._limit_rule('prune.retention')
+      USING ERRCODE = '22023',
+            DETAIL = format('retention is %s.', coalesce(trim_scale(extract(epoch FROM retention)) || ' seconds', 'NULL'));
+  END IF;
+  IF idle IS NULL OR NOT dispatch_policy._within_limit(extract(epoch FROM idle), 'prune.idle') THEN
+    RAISE EXCEPTION 'idle %', dispatch_policy._limit_rule('prune.idle')
+      USING ERRCODE = '22023',
+            DETAIL = format('idle is %s.', coalesce(trim_scale(extract(epoch FROM idle)) || ' seconds', 'NULL'));
+  END IF;
+
+  -- History first: the deltas written since the last fold (at most 1,000,000
+  -- rows a call), every policy's (folding one policy's would not be cheaper).
+  what := 'stat_deltas'; removed := dispatch_policy.fold_stats(prune.now, 1000000); RETURN NEXT;
+
+  -- Gate rows are deleted only when nobody holds them (SKIP LOCKED), all in
+  -- one sorted statement each.
+  DELETE FROM dispatch_policy.throttle_buckets t
+  WHERE (t.policy, t.gate, t.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'throttle')))
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_buckets'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.inflight_counters c
+  WHERE (c.policy, c.gate, c.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
+    WHERE x.in_flight = 0 AND (prune.policies IS NULL OR x.policy = ANY (prune.policies))
+      AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._slot_gates(p.config)))
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_counters'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.adaptive_stats a
+  WHERE (a.policy, a.gate, a.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.adaptive_stats x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_adaptive'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.observations o
+  WHERE o.id IN (
+    SELECT x.id FROM dispatch_policy.observations x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+                      WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'orphaned_observations'; removed := n; RETURN NEXT;
+
+  -- Idle partitions: a full bucket or an empty counter untouched for `idle`
+  -- is the same as no row (a missing bucket starts full, a missing counter at 0).
+  DELETE FROM dispatch_policy.throttle_buckets t
+  WHERE (t.policy, t.gate, t.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND x.refilled_at < prune.now - idle
+      AND dispatch_policy._bucket_tokens(x.tokens, x.rate, x.per_seconds, x.burst, x.refilled_at, prune.now) >= x.burst
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_buckets'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.inflight_counters c
+  WHERE (c.policy, c.gate, c.partition) IN (
+    SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND x.in_flight = 0 AND x.updated_at < prune.now - idle
+    ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_counters'; removed := n; RETURN NEXT;
+
+  DELETE FROM dispatch_policy.finished_jobs f
+  WHERE f.status = 'completed' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'completed_jobs'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.finished_jobs f
+  WHERE f.status = 'cancelled' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'cancelled_jobs'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.job_failures jf
+  WHERE jf.failed_at < prune.now - retention AND (prune.policies IS NULL OR jf.policy = ANY (prune.policies))
+    AND NOT EXISTS (SELECT 1 FROM dispatch_policy.finished_jobs f WHERE f.id = jf.job_id AND f.status = 'dead');
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'failures'; removed := n; RETURN NEXT;
+  -- Deferrals (0022), as failures but whatever became of the job.
+  DELETE FROM dispatch_policy.job_deferrals jd
+  WHERE jd.deferred_at < prune.now - retention AND (prune.policies IS NULL OR jd.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'deferrals'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.observation_minutes m
+  WHERE m.minute < prune.now - retention AND (prune.policies IS NULL OR m.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'observation_minutes'; removed := n; RETURN NEXT;
+  -- Minute rows: a policy's for retention, a gate partition's for the
+  -- retention or a day, whichever is shorter (there may be one per active
+  -- partition and minute). At most 1,000,000 a call, oldest first (by
+  -- stat_minutes_minute_idx); the next call goes on.
+  DELETE FROM dispatch_policy.stat_minutes m
+  WHERE m.ctid = ANY (ARRAY(
+    SELECT x.ctid FROM dispatch_policy.stat_minutes x
+    WHERE x.minute < prune.now - least(retention, interval '1 day')
+      AND (x.gate <> '' OR x.minute < prune.now - retention)
+      AND (prune.policies IS NULL OR x.policy = ANY (prune.policies))
+    ORDER BY x.minute
+    LIMIT 1000000));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'stat_minutes'; removed := n; RETURN NEXT;
+  -- Gate partitions with nothing staged and no staging within the retention
+  -- (0020). Rows a fold holds are skipped; pending is checked again under
+  -- the row lock.
+  DELETE FROM dispatch_policy.partition_counters c
+  WHERE c.ctid = ANY (ARRAY(
+    SELECT x.ctid FROM dispatch_policy.partition_counters x
+    WHERE x.pending = 0 AND (x.last_staged_at IS NULL OR x.last_staged_at < prune.now - retention)
+      AND (prune.policies IS NULL OR x.policy = ANY (prune.policies))
+    LIMIT 1000000
+    FOR UPDATE SKIP LOCKED))
+    AND c.pending = 0;
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'partition_counters'; removed := n; RETURN NEXT;
+  -- Jobs that expired or were dropped (0023), as cancelled ones; and the
+  -- deadlines kept for re-staged jobs, once past by the retention.
+  DELETE FROM dispatch_policy.finished_jobs f
+  WHERE f.status = 'expired' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'expired_jobs'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.finished_jobs f
+  WHERE f.status = 'dropped' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'dropped_jobs'; removed := n; RETURN NEXT;
+  DELETE FROM dispatch_policy.job_deadlines jd
+  WHERE jd.expires_at < prune.now - retention AND (prune.policies IS NULL OR jd.policy = ANY (prune.policies));
+  GET DIAGNOSTICS n = ROW_COUNT; what := 'deadlines'; removed := n; RETURN NEXT;
+  IF prune.policies IS NULL THEN
+    -- Pauses that ended, and pauses of gates no longer declared (0017).
+    what := 'partition_pauses'; removed := dispatch_policy._expire_partition_pauses(prune.now); RETURN NEXT;
+    DELETE FROM dispatch_policy.round_robin_cursors r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
+    DELETE FROM dispatch_policy.runner_failures r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
+    -- Counters of policies that are gone and hold nothing any more.
+    DELETE FROM dispatch_policy.policy_counters c
+    WHERE c.pending = 0 AND c.scheduled = 0 AND c.in_flight = 0 AND c.dead = 0
+      AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = c.policy)
+      AND NOT EXISTS (SELECT 1 FROM dispatch_policy.stat_deltas d WHERE d.policy = c.policy);
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.prune(interval, interval, timestamptz, text[]) IS
+  'Maintenance: folds the history deltas (fold_stats, up to 1,000,000 rows; row stat_deltas), then deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), completed and cancelled jobs, failures of non-dead jobs, deferrals (row deferrals) and per-minute aggregates older than retention (0 to 100 years, else 22023), stat_minutes rows older than retention (a gate partition''s: older than retention or a day, whichever is shorter; at most 1,000,000 a call; row stat_minutes), partition_counters rows of partitions with no staged job and none staged within retention (at most 1,000,000 a call; row partition_counters), expired and dropped jobs older than retention (rows expired_jobs, dropped_jobs), kept deadlines older than retention (row deadlines), and partition pauses that ended or whose gate is gone (row partition_pauses, only when policies is NULL); only of the given policies when policies is not NULL (the fold is always of every policy). Gate rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';
+
+-- ---------------------------------------------------------------------------
+-- Privileges (0021): stage, stage_outcome, stage_many and
+-- stage_many_outcomes run as the owner (stated in their CREATE above);
+-- sql/roles.sql grants them to dispatch_policy_stager.
+
+REVOKE ALL ON ALL TABLES IN SCHEMA dispatch_policy FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA dispatch_policy FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch_policy FROM PUBLIC;
