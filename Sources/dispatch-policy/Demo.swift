@@ -20,7 +20,9 @@ struct Demo: AsyncParsableCommand {
             Without --database-url (or DATABASE_URL) it starts a throwaway PostgreSQL cluster with the \
             system's binaries and removes it at the end (unless --keep). It stages a burst across many \
             tenants, one of them noisy, runs the runner and simulated workers in this process, shows a \
-            table refreshed about once a second, and ends with a summary of what each gate held. Ctrl-C ends it early.
+            table refreshed about once a second, and ends with a summary of what each gate held: the throttle, the \
+            per-account and global caps, fairness, the adaptive caps, a cost-weighted budget shared by two accounts \
+            of weights 3 and 1, and an endpoint's 429s deferred with backpressure. Ctrl-C ends it early.
             """)
 
     @Option(name: .customLong("database-url"), help: "Use this database instead of a private cluster.")
@@ -68,7 +70,7 @@ struct Demo: AsyncParsableCommand {
             try await driver.prepare()
             var runnerOptions = TickRunnerOptions()
             // Only the demo's own policies: a shared database's others are not ours.
-            runnerOptions.policies = ["demo_reports", "demo_webhooks"]
+            runnerOptions.policies = ["demo_api", "demo_reports", "demo_webhooks"]
             runnerOptions.busyPause = .milliseconds(20)
             runnerOptions.idlePause = .milliseconds(250)
             let runner = TickRunner(connection: settings, options: runnerOptions, logger: logger)
@@ -92,6 +94,16 @@ struct Demo: AsyncParsableCommand {
                 }
                 try await Task.sleep(for: .milliseconds(slow ? Int.random(in: 100...250) : Int.random(in: 20...80)))
             }
+            // Calls to a partner API, on workers of their own (the webhooks'
+            // must all be free for their global cap to bind): quick, and
+            // never the bottleneck; the budget of units per second is.
+            var apiOptions = WorkerOptions()
+            apiOptions.concurrency = 8
+            apiOptions.name = "demo-api"
+            var api = Worker(connection: settings, options: apiOptions, logger: logger)
+            api.register("demo_api") { _ in
+                try await Task.sleep(for: .milliseconds(Int.random(in: 5...20)))
+            }
             var reportOptions = WorkerOptions()
             reportOptions.queues = ["reports"]
             reportOptions.concurrency = 10
@@ -103,7 +115,7 @@ struct Demo: AsyncParsableCommand {
                 if Int.random(in: 0..<100) < 3 { throw DemoFailure() }
             }
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
-                .init(service: runner), .init(service: webhooks), .init(service: reports),
+                .init(service: runner), .init(service: webhooks), .init(service: reports), .init(service: api),
                 .init(service: driver, successTerminationBehavior: .gracefullyShutdownGroup),
             ]
             if let admin {
@@ -170,6 +182,8 @@ struct DemoDriver: Service {
     static let noisyRate = 5.0
     static let noisyBurst = 5.0
     static let accountCap = 4
+    /// The partner API's budget: units per second, and its burst.
+    static let apiRate = 40.0
     static let globalCap = 24
 
     func prepare() async throws {
@@ -189,7 +203,16 @@ struct DemoDriver: Service {
         let reports = PolicyConfig(roundRobinBy: "{account}", batchSize: 100, maxAttempts: 5) {
             Gate.adaptiveConcurrency(name: "adaptive", partitionBy: "{account}", initialMax: 2, targetLagMs: 250, min: 1, max: 12)
         }
+        // A partner API's budget, shared by every account: 40 units a second.
+        // A lookup costs 1 unit, an export 5; gold accounts (weight 3) get
+        // three turns of the round-robin for a free account's one.
+        let api = PolicyConfig(roundRobinBy: "{account}", batchSize: 100, roundRobinWeight: .context("weight", default: 1)) {
+            Gate.throttle(
+                name: "partner_budget", rate: .constant(Self.apiRate), per: 1, burst: .constant(Self.apiRate),
+                cost: .context("units", default: 1))
+        }
         let catalog = PolicyCatalog(executor: conn, logger: logger)
+        try await catalog.declare(name: "demo_api", config: try api.json())
         try await catalog.declare(name: "demo_webhooks", config: try webhooks.json())
         try await catalog.declare(name: "demo_reports", config: try reports.json())
         // Start from a clean slate when run twice against the same database.
@@ -209,6 +232,17 @@ struct DemoDriver: Service {
         _ = try await stager.stageMany(policy: "demo_webhooks", noisy)
         _ = try await stager.stageMany(
             policy: "demo_reports", try (0..<300).map { try JobSpec(args: ["report": $0], context: ["account": "acme"], queue: "reports") })
+        // Two accounts of the partner API, both far more than the budget
+        // allows: every fourth call is an export (5 units).
+        for (account, weight) in [("gold", 3), ("free", 1)] {
+            _ = try await stager.stageMany(
+                policy: "demo_api",
+                try (0..<2000).map {
+                    try JobSpec(
+                        args: ["call": $0],
+                        context: ["account": account, "weight": "\(weight)", "units": $0 % 4 == 3 ? "5" : "1"])
+                })
+        }
         // Then twelve small tenants behind it: at first they all want more
         // slots than the global cap has; four of them, with slow endpoints
         // and 40 webhooks each, then keep their account's cap full.
@@ -418,6 +452,31 @@ struct DemoDriver: Service {
         print(
             "adaptive     caps seen (min–max): \(caps.joined(separator: ", "))"
                 + (final.map { "; acme now \($0.1) with EWMA lag \($0.2) ms (target 250 ms)" } ?? ""))
+        // Cost-weighted throttle: units admitted against burst + rate × t,
+        // and the weighted round-robin's shares.
+        guard
+            let (units, jobs, span, gold) = try await conn.rows(
+                """
+                SELECT coalesce(sum((context ->> 'units')::int), 0)::int, count(*)::int,
+                       coalesce(extract(epoch FROM max(t) - min(t)), 0)::float8,
+                       count(*) FILTER (WHERE context ->> 'account' = 'gold')::int
+                FROM (SELECT context, admitted_at AS t FROM dispatch_policy.admitted_jobs WHERE policy = 'demo_api'
+                      UNION ALL SELECT context, admitted_at FROM dispatch_policy.finished_jobs WHERE policy = 'demo_api') x
+                """, logger: logger
+            ).first?.decode((Int, Int, Double, Int).self)
+        else { return }
+        let budget = Self.apiRate + Self.apiRate * span
+        let costRefusals = try await Self.refusals(
+            conn, policy: "demo_api", gate: "partner_budget", partitions: ["default"], since: startedAt, logger: logger)
+        print(
+            String(
+                format: "cost         partner API: %d units in %d calls over %.1f s (budget %.0f units/s, burst %.0f: at most %.0f); %@ %@",
+                units, jobs, span, Self.apiRate, Self.apiRate, budget, Self.refusedText(costRefusals),
+                Double(units) <= budget + 1e-9 ? "HELD" : "EXCEEDED"))
+        print(
+            String(
+                format: "weights      gold (weight 3) got %.1f %% of the partner API's calls, free (weight 1) %.1f %% (3:1 is 75 / 25)",
+                jobs > 0 ? Double(gold) * 100 / Double(jobs) : 0, jobs > 0 ? Double(jobs - gold) * 100 / Double(jobs) : 0))
         // Backpressure: the 429s the handler turned into deferrals.
         guard
             let (deferrals, deferredJobs, ranAgain, extraAttempts) = try await conn.rows(
@@ -476,13 +535,14 @@ extension DemoDriver {
 
     /// Refusals of a gate's partitions since `since`, as the ticks recorded
     /// them in the history (a waiting job counts once per tick that refused it).
-    static func refusals(_ conn: PostgresConnection, gate: String, partitions: [String], since: Date, logger: Logger) async throws -> Int64
-    {
+    static func refusals(
+        _ conn: PostgresConnection, policy: String = "demo_webhooks", gate: String, partitions: [String], since: Date, logger: Logger
+    ) async throws -> Int64 {
         try await conn.rows(
             """
             SELECT coalesce(sum(m.refused), 0)::bigint
             FROM unnest(\(partitions)::text[]) AS k(partition)
-            CROSS JOIN LATERAL dispatch_policy.partition_minutes('demo_webhooks', \(gate), k.partition, \(since)) m
+            CROSS JOIN LATERAL dispatch_policy.partition_minutes(\(policy), \(gate), k.partition, \(since)) m
             """, logger: logger
         ).first?.decode(Int64.self) ?? 0
     }

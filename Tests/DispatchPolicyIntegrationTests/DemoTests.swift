@@ -19,7 +19,7 @@ struct DemoTests {
         #expect(result.status == 0, "\(result.stderr)")
         let out = result.stdout
         #expect(out.contains("starting a private PostgreSQL cluster"))
-        #expect(out.contains("t=1s demo_reports: pending"))
+        #expect(out.contains("t=1s demo_api: pending") && out.contains("; demo_reports: pending"), "\(out)")
         #expect(out.contains("=== summary ==="))
         #expect(out.contains("throttle     acme-hook:") && out.contains("HELD"))
         #expect(!out.contains("EXCEEDED"))
@@ -29,6 +29,11 @@ struct DemoTests {
         #expect(out.contains("global cap   at most 24 webhooks ran at once in all (cap 24); it bound: "), "\(out)")
         #expect(!out.contains("not reached"), "\(out)")
         #expect(out.contains("adaptive     caps seen"))
+        // The partner API's cost-weighted budget held, and the weights shared it 3:1.
+        #expect(out.contains("cost         partner API: ") && !out.contains("EXCEEDED"), "\(out)")
+        let share = out.components(separatedBy: "weights      gold (weight 3) got ").dropFirst().first?
+            .components(separatedBy: " %").first.flatMap(Double.init)
+        #expect(share.map { (70...80).contains($0) } == true, "gold's share: \(String(describing: share))\n\(out)")
         // The backpressure tenant's 429s: deferred, ran again, no attempt counted.
         #expect(out.contains("backpressure t05-hook answered 429 "), "\(out)")
         #expect(out.contains("ran again and completed; no attempt counted"), "\(out)")
