@@ -37,6 +37,10 @@ public struct Job: Sendable, Equatable {
 /// `until` is at most 30 days away (`FieldLimits.deferUntil`), `reason` 1
 /// to 1024 characters (`FieldLimits.deferReason`); the server refuses
 /// others (SQLSTATE 22023), and the attempt is then failed with that error.
+/// An `until` that has passed by the time the worker reports the deferral
+/// (a report delayed by a loaded machine, or a date in the past) defers the
+/// job to the server's now: it is eligible again at once, still without
+/// counting an attempt.
 ///
 /// ```swift
 /// worker.register("send_webhook") { job in
@@ -414,7 +418,10 @@ public struct Worker: Service {
                     let paused = try await conn.run("deferring a job", timeout: options.boundedCallTimeout) { conn in
                         try await conn.rows(
                             """
-                            SELECT paused::text FROM dispatch_policy.defer(\(job.id), \(deferral.until), \(deferral.reason),
+                            SELECT paused::text FROM dispatch_policy.defer(\(job.id),
+                                                                          greatest(\(deferral.until)::timestamptz,
+                                                                                   now() + interval '1 millisecond'),
+                                                                          \(deferral.reason),
                                                                           pause_partition => \(deferral.pausePartition),
                                                                           attempt => \(job.attempt)::integer)
                             """,
