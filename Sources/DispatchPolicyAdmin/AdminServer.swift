@@ -365,8 +365,8 @@ public struct AdminServer: Sendable {
                 "spark": Chart.sparkline(spark.map(Self.point), label: "completions and lag of \(partition.partition), last hour"),
                 "paused": partition.paused, "policy": name, "shadow": shadow,
                 "wouldRefuse": partition.wouldRefuse.map { "\($0)" } ?? "-",
-                "wouldBeLag": partition.wouldBeLagSeconds.map { Format.seconds($0) + " behind" } ?? "",
             ]
+            if let lag = partition.wouldBeLagSeconds { values["wouldBeLag"] = Format.seconds(lag) + " behind" }
             // Actions only where they can work: a partitioned gate's partition.
             if session.signedIn && partition.partitioned {
                 values["actions"] =

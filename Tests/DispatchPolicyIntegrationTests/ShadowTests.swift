@@ -1,4 +1,7 @@
+import DispatchPolicyAdmin
 import Foundation
+import Hummingbird
+import HummingbirdTesting
 import PostgresNIO
 import Prometheus
 import Testing
@@ -143,6 +146,40 @@ struct ShadowTests {
             try await conn.exec("UPDATE dispatch_policy.lanes SET blocked_until = NULL")
             #expect(try await ticker.tick(policy: "trial").admitted == 1)
             #expect(try await checkFindings(conn) == [])
+        }
+    }
+
+    @Test("status prints the state shadow, tick prints would-refuse per gate, and the admin shows the badge and the column")
+    func surfaces() async throws {
+        try await withTestDatabase { conn, settings in
+            try await declare(conn, "trial", PolicyConfig(mode: .shadow) { Gate.concurrency(max: 1, partitionBy: "{n}") })
+            try await conn.exec(
+                #"SELECT dispatch_policy.stage_many('trial', '[{"args": 1, "context": {"n": "a"}}, {"args": 2, "context": {"n": "a"}}, {"args": 3, "context": {"n": "a"}}]')"#
+            )
+            let tick = try await cli(["tick", "--policy", "trial"], settings: settings)
+            #expect(tick.status == 0, "\(tick.stderr)")
+            #expect(
+                tick.stdout.contains("trial: admitted 3") && tick.stdout.contains("shadow: would refuse concurrency=2"), "\(tick.stdout)")
+            let status = try await cli(["status"], settings: settings)
+            let line = status.stdout.split(separator: "\n").first { $0.hasPrefix("trial ") } ?? ""
+            #expect(line.split(separator: " ").dropFirst().first == "shadow", "\(status.stdout)")
+
+            let server = try AdminServer(
+                store: AdminStore(executor: conn, logger: TestServer.logger), options: AdminOptions(token: nil),
+                registry: PrometheusCollectorRegistry(),
+                logger: TestServer.logger)
+            let app = Application(router: server.router())
+            let (overview, page) = try await app.test(.router) { client in
+                (
+                    try await client.execute(uri: "/", method: .get) { String(buffer: $0.body) },
+                    try await client.execute(uri: "/policies/trial", method: .get) { String(buffer: $0.body) }
+                )
+            }
+            #expect(overview.contains(#"<span class="state shadow">shadow</span>"#))
+            #expect(page.contains(#"<span class="state shadow">shadow</span>"#))
+            #expect(page.contains("Shadow mode: every job the fetch reaches is admitted"))
+            #expect(page.contains(">Would refuse</th>"))
+            #expect(page.contains(#"<td class="n">2</td>"#), "\(page)")
         }
     }
 }
