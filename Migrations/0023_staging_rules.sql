@@ -403,6 +403,11 @@ COMMENT ON FUNCTION dispatch_policy._finish_staged(text, bigint[], text, text[])
 CREATE FUNCTION dispatch_policy._expire_staged(policy text, now timestamptz)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+-- fetch_batch calls this with sorts priced out (enable_sort = off), which
+-- would turn the sort by id below into a scan of the whole table in id
+-- order (the primary key): found by LaneTests, 100,004 rows read for one
+-- ready lane. The few expired rows sort in memory.
+SET enable_sort = on
 AS $$
 DECLARE
   ids bigint[];

@@ -129,7 +129,7 @@ COMMENT ON FUNCTION dispatch_policy._policy_mode(jsonb) IS
 -- with "mode" taken out; then mode itself.
 
 -- BEGIN COPY _validate_policy_modes
--- validate_policy as 0023_staging_rules.sql made it, copied (renamed; nothing else changed).
+-- validate_policy as 0024_cost_weights.sql made it, copied (renamed; nothing else changed).
 CREATE FUNCTION dispatch_policy._validate_policy_modes(name text, config jsonb)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
@@ -144,9 +144,13 @@ BEGIN
   IF _validate_policy_modes.name IS NOT NULL AND _validate_policy_modes.name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
     PERFORM dispatch_policy._require_known_keys(config,
       ARRAY['gates', 'round_robin_by', 'batch_size', 'round_robin_quantum',
-            'lease_seconds', 'max_attempts', 'target'] || rules, '');
+            'lease_seconds', 'max_attempts', 'target', 'round_robin_weight'] || rules, '');
   END IF;
-  PERFORM dispatch_policy._validate_policy_base(_validate_policy_modes.name, config - rules);
+  -- The base knows neither round_robin_weight nor a throttle's cost (0024):
+  -- checked below, after everything it checks.
+  PERFORM dispatch_policy._validate_policy_base(_validate_policy_modes.name,
+    dispatch_policy._without_cost_weights(config) - rules);
+  PERFORM dispatch_policy._validate_cost_weights(config);
 
   IF config ? 'dedupe_mode' THEN
     PERFORM dispatch_policy._require(config ->> 'dedupe_mode' IN ('keep', 'replace') AND jsonb_typeof(config -> 'dedupe_mode') = 'string',
@@ -382,7 +386,7 @@ COMMENT ON COLUMN dispatch_policy.policy_overview.mode IS
 -- estimate is the next tick when nothing else holds the job.
 
 -- BEGIN COPY _explain_enforced
--- explain as 0023_staging_rules.sql made it, copied (renamed; nothing else changed).
+-- explain as 0024_cost_weights.sql made it, copied (renamed; nothing else changed).
 CREATE FUNCTION dispatch_policy._explain_enforced(id bigint)
 RETURNS TABLE (aspect text, gate text, partition text, verdict text, explanation text, wait_seconds double precision)
 LANGUAGE plpgsql STABLE SECURITY INVOKER
@@ -401,6 +405,9 @@ DECLARE
   per double precision;
   burst double precision;
   tokens double precision;
+  cost double precision;
+  ahead_cost double precision;
+  cost_text text;
   cap double precision;
   held integer;
   ahead bigint;
@@ -575,17 +582,24 @@ BEGIN
                                       ELSE least(greatest(rate, 1), 1000000) END);
       tokens := CASE WHEN b.policy IS NULL THEN burst
                      ELSE dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, at) END;
-      SELECT count(*) INTO ahead_in_partition
+      -- The tokens the job takes (cost, default 1), at most the burst, as the runner charges it.
+      cost := least(CASE WHEN g ? 'cost' THEN dispatch_policy._gate_number(g -> 'cost', j.context, 'throttle.cost') ELSE 1 END,
+                    burst);
+      cost_text := CASE WHEN g ? 'cost' THEN format('; this job costs %s token(s)', cost) ELSE '' END;
+      SELECT count(*), coalesce(sum(least(CASE WHEN g ? 'cost'
+                                               THEN dispatch_policy._gate_number(g -> 'cost', c.context, 'throttle.cost')
+                                               ELSE 1 END, burst)), 0)
+      INTO ahead_in_partition, ahead_cost
       FROM unnest(ahead_contexts) AS c(context)
       WHERE dispatch_policy._partition_key(g ->> 'partition_by', c.context) = part;
       at_least := CASE WHEN scanned >= 2000 THEN 'at least ' ELSE '' END;
-      -- Seconds until the bucket holds a token for it and for every job of
+      -- Seconds until the bucket holds its cost and that of every job of
       -- its partition ahead of it (numeric: a tiny rate must not overflow);
       -- NULL beyond a century.
       IF rate > 0 THEN
-        needed := greatest((ahead_in_partition + 1)::numeric - tokens::numeric, 0) * per::numeric / rate::numeric;
+        needed := greatest((ahead_cost + cost)::numeric - tokens::numeric, 0) * per::numeric / rate::numeric;
         IF needed > 3153600000 THEN needed := NULL; END IF;
-        to_token := CASE WHEN tokens >= 1 THEN 0 ELSE (1 - tokens::numeric) * per::numeric / rate::numeric END;
+        to_token := CASE WHEN tokens >= cost THEN 0 ELSE (cost::numeric - tokens::numeric) * per::numeric / rate::numeric END;
         IF to_token > 3153600000 THEN to_token := NULL; END IF;
       END IF;
       IF rate = 0 THEN
@@ -594,25 +608,26 @@ BEGIN
         reasons := array_append(reasons, format('throttle %s has a rate of 0', name)::text);
         RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
           'throttle: a rate of 0 admits nothing (declare a rate above 0)'::text, NULL::float8;
-      ELSIF tokens >= 1 THEN
+      ELSIF tokens >= cost THEN
         RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
-          format('throttle: %s token(s) of %s now (%s per %s s); %s%s job(s) of this partition ahead of it',
-                 round(tokens::numeric, 2), burst, rate, per, at_least, ahead_in_partition), NULL::float8;
+          format('throttle: %s token(s) of %s now (%s per %s s)%s; %s%s job(s) of this partition ahead of it',
+                 round(tokens::numeric, 2), burst, rate, per, cost_text, at_least, ahead_in_partition), NULL::float8;
       ELSE
         waits := true; reasons := array_append(reasons, format('throttle %s on %s', name, quote_literal(part))::text);
         RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
-          format('throttle: %s token(s) of %s (%s per %s s): the next whole token in %s; %s%s job(s) of this partition ahead of it',
-                 round(tokens::numeric, 2), burst, rate, per,
+          format('throttle: %s token(s) of %s (%s per %s s)%s: %s in %s; %s%s job(s) of this partition ahead of it',
+                 round(tokens::numeric, 2), burst, rate, per, cost_text,
+                 CASE WHEN g ? 'cost' THEN 'enough for its cost' ELSE 'the next whole token' END,
                  CASE WHEN to_token IS NULL THEN 'more than a century' ELSE round(to_token, 3) || ' s' END,
                  at_least, ahead_in_partition),
           to_token::float8;
       END IF;
-      IF rate > 0 AND ahead_in_partition + 1 > tokens THEN
+      IF rate > 0 AND ahead_cost + cost > tokens THEN
         IF needed IS NULL THEN
           estimable := false;
         ELSE
           estimate := greatest(estimate, needed::double precision);
-          IF tokens >= 1 THEN
+          IF tokens >= cost THEN
             reasons := array_append(reasons,
               format('throttle %s on %s: %s%s job(s) ahead take its tokens', name, quote_literal(part), at_least, ahead_in_partition)::text);
           END IF;

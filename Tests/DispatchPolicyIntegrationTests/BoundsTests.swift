@@ -29,6 +29,18 @@ let configFields: [ConfigField] = [
     },
     .init(limit: FieldLimits.throttleBurst, path: "gates[0].burst") { gate(#""type": "throttle", "rate": 1, "per": 1, "burst": \#($0)"#) },
     .init(limit: FieldLimits.concurrencyMax, path: "gates[0].max") { gate(#""type": "concurrency", "max": \#($0)"#) },
+    .init(limit: FieldLimits.throttleCost, path: "gates[0].cost") {
+        gate(#""type": "throttle", "rate": 1, "per": 1, "burst": 1000000, "cost": \#($0)"#)
+    },
+    .init(limit: FieldLimits.throttleCost, path: "gates[0].cost.default") {
+        gate(#""type": "throttle", "rate": 1, "per": 1, "burst": 1000000, "cost": {"context": "c", "default": \#($0)}"#)
+    },
+    .init(limit: FieldLimits.roundRobinWeight, path: "round_robin_weight") {
+        #"{"round_robin_by": "{t}", "round_robin_weight": \#($0)}"#
+    },
+    .init(limit: FieldLimits.roundRobinWeight, path: "round_robin_weight.default") {
+        #"{"round_robin_by": "{t}", "round_robin_weight": {"context": "w", "default": \#($0)}}"#
+    },
     .init(limit: FieldLimits.concurrencyMax, path: "gates[0].max.default") {
         gate(#""type": "concurrency", "max": {"context": "m", "default": \#($0)}"#)
     },

@@ -59,4 +59,19 @@ struct RegressionTests {
             Issue.record("pg_regress failed (status \(result.status)):\n\(result.stdout)\n\(result.stderr)\n\(diffs)")
         }
     }
+
+    /// The script builds its own database from Migrations/ with psql and
+    /// races pgbench clients for a few seconds; it exits 1 on a counter
+    /// that disagrees with the staged jobs, a partition of the reject policy
+    /// over its cap, a deadlock or any other error.
+    @Test("backlog_race.sh: stagers, ticks, workers and expiry racing on capped policies keep every backlog counter exact, no deadlock")
+    func backlogRace() async throws {
+        let server = try await TestServer.shared.get()
+        var env = libpqEnvironment(server.admin)
+        env["PATH"] = try await TestServer.shared.binDirectory() + ":" + (env["PATH"] ?? "/usr/bin:/bin")
+        let result = try await runProcess(
+            "/bin/bash", [packageRoot.appending(path: "sql/test/race/backlog_race.sh").path, "6", "6"], environment: env)
+        #expect(result.status == 0, "\(result.stdout)\n\(result.stderr)")
+        #expect(result.stdout.contains("OK: every backlog counter exact"), "\(result.stdout)\n\(result.stderr)")
+    }
 }

@@ -134,16 +134,19 @@ struct StagingRulesTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             // One slot: the first job holds it and the others wait.
-            try await declare(conn, "w", PolicyConfig(maxWait: 1.5) { Gate.globalCap(max: 1) })
+            // w gains its max_wait once its slot holder is admitted (a
+            // loaded machine took over 1.5 s to stage and tick it).
+            try await declare(conn, "w", PolicyConfig { Gate.globalCap(max: 1) })
             try await declare(conn, "e", PolicyConfig { Gate.globalCap(max: 1) })
             let stager = Stager(executor: conn, logger: TestServer.logger)
             // The slot holders are admitted before the others are staged,
             // however slow the machine.
-            _ = try await stager.stage(policy: "w", try JobSpec(args: ["n": 0], expiresAt: Date().addingTimeInterval(3600)))
+            _ = try await stager.stage(policy: "w", try JobSpec(args: ["n": 0]))
             _ = try await stager.stage(policy: "e", try JobSpec(args: ["n": 0]))
             for policy in ["w", "e"] {
                 #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: policy).admitted == 1)
             }
+            try await declare(conn, "w", PolicyConfig(maxWait: 1.5) { Gate.globalCap(max: 1) })
             for n in 1..<3 { _ = try await stager.stage(policy: "w", try JobSpec(args: ["n": n])) }
             // A later expires_at than max_wait: the earlier wins.
             _ = try await stager.stage(policy: "w", try JobSpec(args: ["n": 3], expiresAt: Date().addingTimeInterval(3600)))

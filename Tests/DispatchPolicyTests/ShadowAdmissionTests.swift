@@ -48,6 +48,19 @@ struct ShadowAdmissionTests {
         #expect(decision.laneBlocks.isEmpty)
     }
 
+    @Test("a shadow throttle with a cost takes the cost of every row (0024): the deficit and lag count in tokens")
+    func cost() {
+        // 10 tokens, 60 a minute (1 a second), 5 a job: 4 jobs take 20, two
+        // would wait, and the bucket is 10 short: 10 s behind.
+        let config = PolicyConfig(mode: .shadow) { Gate.throttle(name: "api", rate: 60, per: 60, burst: 10, cost: 5) }
+        let decision = evaluate(config, batch(4))
+        let key = GateKey(gate: "api", partition: "default")
+        #expect(decision.admitted.count == 4)
+        #expect(decision.takes == [key: 20])
+        #expect(decision.wouldRefuse[key]?.count == 2)
+        #expect(abs((decision.wouldRefuse[key]?.lagSeconds ?? 0) - 10) < 1e-9)
+    }
+
     @Test("a shadow bucket stops at the floor of throttle_buckets_tokens_check")
     func floor() {
         let config = PolicyConfig(mode: .shadow) { Gate.throttle(name: "t", rate: 1, per: 60, burst: 2) }

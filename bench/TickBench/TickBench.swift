@@ -29,6 +29,7 @@ enum Figures {
         Figure(name: "runners", run: ScalingFigures.separatePolicies),
         Figure(name: "memory", run: MemoryFigures.run),
         Figure(name: "fairness", run: FairnessFigures.run),
+        Figure(name: "weighted", run: WeightedFigures.run),
         Figure(name: "exactness", run: ThrottleFigures.exactness),
         Figure(name: "adaptive", run: AdaptiveFigures.run),
         Figure(name: "peer", run: PeerFigures.run),

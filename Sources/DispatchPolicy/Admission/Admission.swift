@@ -131,8 +131,13 @@ public struct AdmissionDecision: Sendable, Equatable {
     public var adaptiveLimited: Set<GateKey> = []
     /// Where the round-robin rotation continues (nil: no lanes in the batch).
     public var cursor: CursorMove?
-    /// Seconds until the next whole token, per throttle partition that
-    /// refused a job for want of one (rate above 0): when a tick could admit
+    /// The first starved job (see ``Admission/cursor(rows:firstStarvedLane:)``)
+    /// when its lane's weight is above 1: how far into its weighted round the
+    /// lane got, so the next tick gives it only the rest of that round.
+    public var starved: StarvedRow?
+    /// Seconds until the bucket holds the cost of a job it refused (one
+    /// token unless the gate has a `cost`), per throttle partition, the
+    /// soonest of its refused jobs (rate above 0): when a tick could admit
     /// again.
     public var tokenWaits: [GateKey: Double] = [:]
     /// Lanes of the batch that nothing can leave before their block ends: the
@@ -162,6 +167,23 @@ public struct WouldRefuse: Sendable, Equatable {
         self.count = count
         self.lagSeconds = lagSeconds
         self.overCap = overCap
+    }
+}
+
+/// The first job of the batch refused for want of room this tick's own
+/// admissions took, in a lane of weight above 1 (`round_robin_weight`).
+public struct StarvedRow: Sendable, Equatable {
+    /// The lane: a round-robin key, or nil for the lane of jobs without one.
+    public var lane: String?
+    /// The job's place among its lane's jobs in the batch, from 1.
+    public var index: Int
+    /// The lane's weight (rows per round).
+    public var weight: Int
+
+    public init(lane: String?, index: Int, weight: Int) {
+        self.lane = lane
+        self.index = index
+        self.weight = weight
     }
 }
 
@@ -229,17 +251,24 @@ public struct Admission: Sendable {
     }
 
     /// Applies every fair_interleave gate: rows are regrouped round-robin
-    /// across partitions (first row of each partition in order of first
-    /// appearance, then every partition's second row, ...), keeping the order
-    /// within a partition. Without any template there is nothing to regroup.
+    /// across partitions (the first rows of each partition in order of first
+    /// appearance, then every partition's next ones, ...), keeping the order
+    /// within a partition. A partition takes as many rows per round as its
+    /// weight (the policy's `round_robin_weight` for the partition's first
+    /// row; 1 without one), so weights 1 and 3 share 1 : 3. Without any
+    /// template there is nothing to regroup.
     public func order(_ rows: [PreparedRow]) -> [PreparedRow] {
         var rows = rows
         for (index, gate) in gates.enumerated() where gate.type == .fairInterleave && templates[index] != nil {
             var groups: [ExactString: [PreparedRow]] = [:]
+            var weights: [ExactString: Int] = [:]
             var firstSeen: [ExactString] = []
             for row in rows {
                 let key = ExactString(row.partitions[index])
-                if groups[key] == nil { firstSeen.append(key) }
+                if groups[key] == nil {
+                    firstSeen.append(key)
+                    weights[key] = config.weight(of: row.row.context)
+                }
                 groups[key, default: []].append(row)
             }
             var interleaved: [PreparedRow] = []
@@ -247,7 +276,10 @@ public struct Admission: Sendable {
             var round = 0
             while interleaved.count < rows.count {
                 for key in firstSeen {
-                    if let group = groups[key], round < group.count { interleaved.append(group[round]) }
+                    guard let group = groups[key] else { continue }
+                    let weight = weights[key] ?? 1
+                    let start = round * weight
+                    if start < group.count { interleaved.append(contentsOf: group[start..<Swift.min(start + weight, group.count)]) }
                 }
                 round += 1
             }
@@ -274,6 +306,15 @@ public struct Admission: Sendable {
             gate.burst?.value(in: row.context, within: FieldLimits.throttleBurst)
             ?? FieldLimits.throttleBurst.clamp(Swift.max(rate, 1))
         return (rate, per, burst)
+    }
+
+    /// Tokens a row takes from a throttle (`cost`, default 1, within
+    /// bounds), never more than `burst`: a job staged under an older config
+    /// whose cost exceeds the bucket takes a full bucket instead of waiting
+    /// forever (staging refuses such a job under the current config).
+    public func cost(of gate: Gate, for row: BatchRow, burst: Double) -> Double {
+        let cost = gate.cost?.value(in: row.context, within: FieldLimits.throttleCost) ?? 1
+        return Swift.min(cost, burst)
     }
 
     public func requiredState(for rows: [PreparedRow]) -> RequiredState {
@@ -323,6 +364,7 @@ public struct Admission: Sendable {
     public func evaluate(_ rows: [PreparedRow], state: GateState, buckets: [BucketRequest]) -> AdmissionDecision {
         let rates = Dictionary(buckets.map { ($0.key, $0.rate) }, uniquingKeysWith: { a, _ in a })
         let perSecond = Dictionary(buckets.map { ($0.key, $0.per > 0 ? $0.rate / $0.per : 0) }, uniquingKeysWith: { a, _ in a })
+        let bursts = Dictionary(buckets.map { ($0.key, $0.burst) }, uniquingKeysWith: { a, _ in a })
         var tokens = state.tokens
         var inFlight = state.inFlight
         var decision = AdmissionDecision()
@@ -349,9 +391,16 @@ public struct Admission: Sendable {
         let shadow = config.isShadow
         // Shadow mode: the cap each counter partition was measured against.
         var caps: [GateKey: Double] = [:]
+        // Per lane: its jobs seen so far, and its weight (from its first job).
+        var laneRows: [Int: Int] = [:]
+        var laneWeights: [Int: Int] = [:]
 
         rows: for row in rows {
-            var throttleKeys: [GateKey] = []
+            if row.row.lane > 0 {
+                laneRows[row.row.lane, default: 0] += 1
+                if laneWeights[row.row.lane] == nil { laneWeights[row.row.lane] = config.weight(of: row.row.context) }
+            }
+            var throttleKeys: [(key: GateKey, cost: Double)] = []
             var slotKeys: [GateKey] = []
             for (index, gate) in gates.enumerated() where gate.type != .fairInterleave {
                 let key = GateKey(gate: gate.effectiveName, partition: row.partitions[index])
@@ -374,10 +423,11 @@ public struct Admission: Sendable {
                 let room: Bool
                 switch gate.type {
                 case .throttle:
-                    room = (rates[key] ?? 0) > 0 && (tokens[key] ?? 0) >= 1
-                    throttleKeys.append(key)
+                    let cost = self.cost(of: gate, for: row.row, burst: bursts[key] ?? FieldLimits.throttleBurst.maximum)
+                    room = (rates[key] ?? 0) > 0 && (tokens[key] ?? 0) >= cost
+                    throttleKeys.append((key, cost))
                     if !room, let refill = perSecond[key], refill > 0, refill.isFinite {
-                        let wait = Swift.max(0, 1 - (tokens[key] ?? 0)) / refill
+                        let wait = Swift.max(0, cost - (tokens[key] ?? 0)) / refill
                         if wait.isFinite { decision.tokenWaits[key] = Swift.min(decision.tokenWaits[key] ?? .infinity, wait) }
                     }
                 case .concurrency:
@@ -415,7 +465,14 @@ public struct Admission: Sendable {
                     decision.refusedByGate[gate.effectiveName, default: 0] += 1
                     decision.refusedByPartition[key, default: 0] += 1
                     let starved = consumed.contains(key)
-                    if firstStarvedLane == nil, row.row.lane > 0, starved { firstStarvedLane = row.row.lane }
+                    if firstStarvedLane == nil, row.row.lane > 0, starved {
+                        firstStarvedLane = row.row.lane
+                        let weight = laneWeights[row.row.lane] ?? 1
+                        if weight > 1 {
+                            decision.starved = StarvedRow(
+                                lane: row.row.roundRobinKey, index: laneRows[row.row.lane] ?? 1, weight: weight)
+                        }
+                    }
                     if row.row.lane > 0 {
                         var tally = lanes[row.row.lane] ?? LaneTally(key: row.row.roundRobinKey)
                         tally.see(row.partitions)
@@ -436,9 +493,9 @@ public struct Admission: Sendable {
                     continue rows
                 }
             }
-            for key in throttleKeys {
+            for (key, cost) in throttleKeys {
                 // A shadow take stops at the floor (an enforcing one never gets near).
-                let take = shadow ? Swift.max(0, Swift.min(1, (tokens[key] ?? 0) - Self.shadowTokenFloor)) : 1
+                let take = shadow ? Swift.max(0, Swift.min(cost, (tokens[key] ?? 0) - Self.shadowTokenFloor)) : cost
                 tokens[key, default: 0] -= take
                 if take > 0 { decision.takes[key, default: 0] += take }
                 consumed.insert(key)

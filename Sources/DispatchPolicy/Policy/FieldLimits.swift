@@ -96,6 +96,13 @@ public enum FieldLimits {
     public static let debounce = FieldLimit("debounce", 0, 86_400, integral: false, default: 0, unit: "seconds")
     public static let maxPendingPerPartition = FieldLimit("max_pending_per_partition", 1, 10_000_000, integral: true, unit: "jobs")
     public static let maxWait = FieldLimit("max_wait", 0, 31_536_000, integral: false, unit: "seconds", minimumExclusive: true)
+    /// Tokens one job takes from a throttle's bucket (issue 12); never more
+    /// than the bucket's burst, which staging checks.
+    public static let throttleCost = FieldLimit(
+        "throttle.cost", 0, 1_000_000, integral: false, default: 1, unit: "tokens", minimumExclusive: true)
+    /// A round-robin key's share: its lane gets quantum × weight rows per
+    /// fetch and weight rows per round of the batch (issue 12).
+    public static let roundRobinWeight = FieldLimit("round_robin_weight", 1, 1000, integral: true, default: 1)
 
     /// Every bound `dispatch_policy.limits()` has, in its order.
     public static let database: [FieldLimit] = [
@@ -103,6 +110,6 @@ public enum FieldLimits {
         globalCapMax, adaptiveInitialMax, adaptiveMin, adaptiveMax, adaptiveTargetLagMs, adaptiveEWMAAlpha,
         adaptiveFailureDecrease, adaptiveOverloadDecrease, jobPriority, jobQueue, jobDedupeKey, jobRoundRobinKey, jobContext,
         partitionKey, claimMax, claimWorker, completeManyJobs, failRetryIn, failError, pruneRetention, pruneIdle,
-        deferUntil, deferReason, debounce, maxPendingPerPartition, maxWait,
+        deferUntil, deferReason, debounce, maxPendingPerPartition, maxWait, throttleCost, roundRobinWeight,
     ]
 }

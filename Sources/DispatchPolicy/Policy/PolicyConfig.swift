@@ -20,6 +20,11 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
     public var roundRobinBy: String?
     public var batchSize: Int?
     public var roundRobinQuantum: Int?
+    /// A round-robin key's weight (a value read from the job's context): its
+    /// lane gets `round_robin_quantum × weight` rows per fetch and `weight`
+    /// rows per round of the batch, as does its partition in fair_interleave.
+    /// Default 1; ``FieldLimits/roundRobinWeight`` bounds it.
+    public var roundRobinWeight: GateValue?
     public var leaseSeconds: Int?
     public var maxAttempts: Int?
     public var target: Target?
@@ -74,6 +79,7 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         case roundRobinBy = "round_robin_by"
         case batchSize = "batch_size"
         case roundRobinQuantum = "round_robin_quantum"
+        case roundRobinWeight = "round_robin_weight"
         case leaseSeconds = "lease_seconds"
         case maxAttempts = "max_attempts"
         case target
@@ -87,14 +93,15 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
 
     public init(
         gates: [Gate] = [], roundRobinBy: String? = nil, batchSize: Int? = nil, roundRobinQuantum: Int? = nil,
-        leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil, dedupeMode: DedupeMode? = nil,
-        debounce: Double? = nil, maxPendingPerPartition: Int? = nil, onOverflow: Overflow? = nil, maxWait: Double? = nil,
-        mode: Mode? = nil
+        roundRobinWeight: GateValue? = nil, leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil,
+        dedupeMode: DedupeMode? = nil, debounce: Double? = nil, maxPendingPerPartition: Int? = nil, onOverflow: Overflow? = nil,
+        maxWait: Double? = nil, mode: Mode? = nil
     ) {
         self.gates = gates
         self.roundRobinBy = roundRobinBy
         self.batchSize = batchSize
         self.roundRobinQuantum = roundRobinQuantum
+        self.roundRobinWeight = roundRobinWeight
         self.leaseSeconds = leaseSeconds
         self.maxAttempts = maxAttempts
         self.target = target
@@ -108,14 +115,16 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
 
     public init(
         roundRobinBy: String? = nil, batchSize: Int? = nil, roundRobinQuantum: Int? = nil,
-        leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil, dedupeMode: DedupeMode? = nil,
-        debounce: Double? = nil, maxPendingPerPartition: Int? = nil, onOverflow: Overflow? = nil, maxWait: Double? = nil,
-        mode: Mode? = nil, @GatesBuilder gates: () -> [Gate]
+        roundRobinWeight: GateValue? = nil, leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil,
+        dedupeMode: DedupeMode? = nil, debounce: Double? = nil, maxPendingPerPartition: Int? = nil, onOverflow: Overflow? = nil,
+        maxWait: Double? = nil, mode: Mode? = nil,
+        @GatesBuilder gates: () -> [Gate]
     ) {
         self.init(
             gates: gates(), roundRobinBy: roundRobinBy, batchSize: batchSize, roundRobinQuantum: roundRobinQuantum,
-            leaseSeconds: leaseSeconds, maxAttempts: maxAttempts, target: target, dedupeMode: dedupeMode, debounce: debounce,
-            maxPendingPerPartition: maxPendingPerPartition, onOverflow: onOverflow, maxWait: maxWait, mode: mode)
+            roundRobinWeight: roundRobinWeight, leaseSeconds: leaseSeconds, maxAttempts: maxAttempts, target: target,
+            dedupeMode: dedupeMode, debounce: debounce, maxPendingPerPartition: maxPendingPerPartition, onOverflow: onOverflow,
+            maxWait: maxWait, mode: mode)
     }
 
     public init(from decoder: any Decoder) throws {
@@ -124,6 +133,7 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         roundRobinBy = try c.decodeIfPresent(String.self, forKey: .roundRobinBy)
         batchSize = try c.decodeIfPresent(Int.self, forKey: .batchSize)
         roundRobinQuantum = try c.decodeIfPresent(Int.self, forKey: .roundRobinQuantum)
+        roundRobinWeight = try c.decodeIfPresent(GateValue.self, forKey: .roundRobinWeight)
         leaseSeconds = try c.decodeIfPresent(Int.self, forKey: .leaseSeconds)
         maxAttempts = try c.decodeIfPresent(Int.self, forKey: .maxAttempts)
         target = try c.decodeIfPresent(Target.self, forKey: .target)
@@ -133,6 +143,13 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         onOverflow = try c.decodeIfPresent(Overflow.self, forKey: .onOverflow)
         maxWait = try c.decodeIfPresent(Double.self, forKey: .maxWait)
         mode = try c.decodeIfPresent(Mode.self, forKey: .mode)
+    }
+
+    /// The round-robin weight of a job (1 without `round_robin_weight`),
+    /// within ``FieldLimits/roundRobinWeight``.
+    public func weight(of context: [String: String]) -> Int {
+        guard let roundRobinWeight else { return 1 }
+        return FieldLimits.roundRobinWeight.clampInt(roundRobinWeight.value(in: context, within: FieldLimits.roundRobinWeight))
     }
 
     /// Parses stored config JSON.
@@ -302,6 +319,8 @@ public struct Gate: Codable, Sendable, Equatable {
     public var rate: GateValue?
     public var per: GateValue?
     public var burst: GateValue?
+    /// Tokens one job takes (default 1); ``FieldLimits/throttleCost`` bounds it.
+    public var cost: GateValue?
     // concurrency (a value), global_cap (a number), adaptive_concurrency (the optional ceiling)
     public var max: GateValue?
     // adaptive_concurrency
@@ -315,7 +334,7 @@ public struct Gate: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case type, name
         case partitionBy = "partition_by"
-        case rate, per, burst, max
+        case rate, per, burst, cost, max
         case initialMax = "initial_max"
         case targetLagMs = "target_lag_ms"
         case min
@@ -336,13 +355,14 @@ public struct Gate: Codable, Sendable, Equatable {
     /// Whether admitted jobs hold a slot of this gate until they finish.
     public var holdsSlots: Bool { type == .concurrency || type == .globalCap || type == .adaptiveConcurrency }
 
-    public static func throttle(name: String? = nil, rate: GateValue, per: GateValue, burst: GateValue? = nil, partitionBy: String? = nil)
-        -> Gate
-    {
+    public static func throttle(
+        name: String? = nil, rate: GateValue, per: GateValue, burst: GateValue? = nil, cost: GateValue? = nil, partitionBy: String? = nil
+    ) -> Gate {
         var gate = Gate(type: .throttle, name: name, partitionBy: partitionBy)
         gate.rate = rate
         gate.per = per
         gate.burst = burst
+        gate.cost = cost
         return gate
     }
 

@@ -153,16 +153,16 @@ public struct TokenSummary: Sendable, Equatable {
     /// The fewest tokens left in any of them.
     public var lowest = Double.infinity
     public var partitions = 0
-    /// Partitions left with less than one whole token: they admit nothing
-    /// more until they refill.
+    /// Partitions left with less than one whole token, or too few for the
+    /// cost of a job they refused: they admit nothing more until they refill.
     public var bound = 0
 
     public init() {}
 
-    mutating func add(left: Double) {
+    mutating func add(left: Double, refused: Bool = false) {
         lowest = min(lowest, left)
         partitions += 1
-        if left < 1 { bound += 1 }
+        if left < 1 || refused { bound += 1 }
     }
 
     /// `0.4 (lowest of 2, 1 throttle-bound)`.
@@ -502,7 +502,8 @@ public struct Ticker: Sendable {
         result.cursor = only != nil ? nil : decision.cursor
         result.nextTokenIn = decision.tokenWaits.values.min().map(Duration.clamped(seconds:))
         for (key, tokens) in state.tokens {
-            result.tokens[key.gate, default: TokenSummary()].add(left: tokens - (decision.takes[key] ?? 0))
+            result.tokens[key.gate, default: TokenSummary()].add(
+                left: tokens - (decision.takes[key] ?? 0), refused: decision.tokenWaits[key] != nil)
         }
 
         // Fold after deciding: growth needs to know whether the cap turned
@@ -522,8 +523,8 @@ public struct Ticker: Sendable {
         let cursor: String? =
             switch only != nil ? .hold : decision.cursor {
             case nil: nil
-            case .hold: #"{"hold": true}"#
-            case .after(let key): try Self.json(CursorJSON(lastKey: key))
+            case .hold: try Self.json(CursorJSON(hold: true, starved: only != nil ? nil : decision.starved))
+            case .after(let key): try Self.json(CursorJSON(lastKey: key, starved: decision.starved))
             }
         // Adaptive caps that grew: lanes waiting on them are ready again.
         let grown = updates.filter { $0.controller.currentMax > (state.adaptiveCap[$0.key] ?? Int.max) }.map(\.key)
@@ -604,15 +605,34 @@ public struct Ticker: Sendable {
     // MARK: - JSON plumbing
 
     struct CursorJSON: Encodable {
-        var lastKey: String?
+        var hold = false
+        var lastKey: String? = nil
+        /// With weighted lanes: where in its round the first starved lane
+        /// stopped (`_admit` keeps it as the cursor's `served`).
+        var starved: StarvedRow? = nil
 
         func encode(to encoder: any Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
-            // An explicit null: the lane of jobs without a key.
-            try c.encode(lastKey, forKey: .lastKey)
+            if hold {
+                try c.encode(true, forKey: .hold)
+            } else {
+                // An explicit null: the lane of jobs without a key.
+                try c.encode(lastKey, forKey: .lastKey)
+            }
+            if let starved {
+                var s = c.nestedContainer(keyedBy: StarvedKeys.self, forKey: .starved)
+                try s.encode(starved.lane, forKey: .lane)
+                try s.encode(starved.index, forKey: .index)
+                try s.encode(starved.weight, forKey: .weight)
+            }
         }
 
-        enum CodingKeys: String, CodingKey { case lastKey = "last_key" }
+        enum CodingKeys: String, CodingKey {
+            case hold
+            case lastKey = "last_key"
+            case starved
+        }
+        enum StarvedKeys: String, CodingKey { case lane, index, weight }
     }
 
     /// One entry of `_record_shadow`'s entries.

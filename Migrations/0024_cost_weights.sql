@@ -1,0 +1,1255 @@
+-- Cost-weighted throttles and weighted fairness (issue 12).
+--
+--   throttle gate field cost      a value (a number, or {"context", "default"}):
+--                                 the tokens one job takes from its bucket
+--                                 instead of one; limits() throttle.cost,
+--                                 (0, 1000000], default 1. A cost above the
+--                                 burst is refused when the policy is
+--                                 declared (constants, or the defaults of
+--                                 context values) and when a job is staged
+--                                 (its own values; 22023, nothing stored,
+--                                 stage_many all or nothing).
+--   policy field round_robin_weight
+--                                 a value: a round-robin key's share. Its
+--                                 lane fetches round_robin_quantum x weight
+--                                 rows and gives weight rows per round of the
+--                                 batch; fair_interleave gives its partition
+--                                 weight rows per round (the runner). The
+--                                 weight is read from the lane's first
+--                                 eligible job (one index probe per lane).
+--                                 limits() round_robin_weight, integers
+--                                 [1, 1000], default 1.
+--   round_robin_cursors.served    what the first lane of the next rotation
+--                                 already had of its weighted round, so a
+--                                 tick that admits fewer jobs than a round
+--                                 holds still shares by weight over ticks.
+--
+-- The runner charges the cost (tick_finish's take_tokens); explain shows it.
+
+-- ---------------------------------------------------------------------------
+-- Bounds (limits() is the one place).
+
+-- limits() as in 0023, copied; change: throttle.cost and round_robin_weight
+-- appended (FieldLimits in Swift appends the same rows).
+CREATE OR REPLACE FUNCTION dispatch_policy.limits()
+RETURNS TABLE (field text, minimum numeric, minimum_exclusive boolean, maximum numeric, maximum_exclusive boolean,
+               integral boolean, default_value numeric, unit text, description text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  VALUES
+    ('batch_size', 1::numeric, false, 100000::numeric, false, true, 500::numeric, 'rows',
+     'Most jobs one tick fetches for the policy.'),
+    ('round_robin_quantum', 1, false, 100000, false, true, 50, 'rows',
+     'Most jobs one tick fetches per round-robin key before topping up.'),
+    ('lease_seconds', 1, false, 31536000, false, true, 900, 'seconds',
+     'How long an admitted job may run without a heartbeat before it is reaped.'),
+    ('max_attempts', 1, false, 1000, false, true, 25, 'attempts',
+     'Attempts before a failing job is kept as dead.'),
+    ('throttle.rate', 0, false, 1000000, false, false, NULL, 'tokens',
+     'Tokens added per window (per); 0 admits nothing.'),
+    ('throttle.per', 0.001, false, 31536000, false, false, NULL, 'seconds',
+     'The refill window of rate.'),
+    ('throttle.burst', 1, false, 1000000, false, false, NULL, 'tokens',
+     'Bucket capacity; default: the rate, at least 1.'),
+    ('concurrency.max', 0, false, 1000000, false, true, NULL, 'jobs',
+     'Jobs in flight per partition; 0 admits nothing.'),
+    ('global_cap.max', 0, false, 1000000, false, true, NULL, 'jobs',
+     'Jobs in flight in the whole policy; 0 admits nothing.'),
+    ('adaptive_concurrency.initial_max', 1, false, 1000000, false, true, 3, 'jobs',
+     'Starting cap of a partition, and its floor while nothing is in flight (clamped into [min, max]).'),
+    ('adaptive_concurrency.min', 1, false, 1000000, false, true, 1, 'jobs',
+     'The cap never shrinks below this.'),
+    ('adaptive_concurrency.max', 1, false, 1000000, false, true, NULL, 'jobs',
+     'The cap never grows above this (default: no ceiling but the bound).'),
+    ('adaptive_concurrency.target_lag_ms', 1, false, 86400000, false, false, NULL, 'ms',
+     'Queue lag above which the cap shrinks.'),
+    ('adaptive_concurrency.ewma_alpha', 0, true, 1, false, false, 0.5, '',
+     'Weight of one window of observations in the lag average.'),
+    ('adaptive_concurrency.failure_decrease_factor', 0, true, 1, true, false, 0.5, '',
+     'The cap is multiplied by this after a failure (at most once per window).'),
+    ('adaptive_concurrency.overload_decrease_factor', 0, true, 1, true, false, 0.95, '',
+     'The cap is multiplied by this while the lag is above target (at most once per window).'),
+    ('job.priority', -2147483648, false, 2147483647, false, true, 0, '',
+     'Lower is admitted first.'),
+    ('job.queue', 1, false, 128, false, true, NULL, 'bytes',
+     'Queue name (default ''default'').'),
+    ('job.dedupe_key', 1, false, 512, false, true, NULL, 'bytes',
+     'Dedupe key given to stage.'),
+    ('job.round_robin_key', 1, false, 512, false, true, NULL, 'bytes',
+     'Round-robin key given to stage.'),
+    ('job.context', 0, false, 65536, false, true, NULL, 'bytes',
+     'Size of the context object (as stored).'),
+    ('partition_key', 0, false, 256, false, true, NULL, 'bytes',
+     'Rendered partition and round-robin keys longer than this are stored as their first 64 characters, "...", and 32 hex digits of their SHA-256.'),
+    ('claim.max', 1, false, 10000, false, true, 1, 'jobs',
+     'Most jobs one claim() returns.'),
+    ('claim.worker', 0, false, 256, false, true, NULL, 'bytes',
+     'Worker name recorded on claimed jobs.'),
+    ('complete_many.jobs', 0, false, 10000, false, true, NULL, 'jobs',
+     'Most jobs one complete_many() finishes.'),
+    ('fail.retry_in', 0, false, 31536000, false, false, NULL, 'seconds',
+     'Delay before a failed job is retried (default 2^attempt s, at most 3600).'),
+    ('fail.error', 0, false, 8192, false, true, NULL, 'characters',
+     'Error text kept per failed attempt; longer text is cut to this length.'),
+    ('prune.retention', 0, false, 3153600000, false, false, 604800, 'seconds',
+     'History older than this is deleted by prune().'),
+    ('prune.idle', 0, false, 3153600000, false, false, 3600, 'seconds',
+     'Idle gate rows untouched this long are deleted by prune().'),
+    ('defer.until', 0, true, 2592000, false, false, NULL, 'seconds',
+     'How far after now defer() may hold a job back (and pause its throttle partitions): at most 30 days.'),
+    ('defer.reason', 1, false, 1024, false, true, NULL, 'characters',
+     'Why a job was deferred (defer()); longer text is refused.'),
+    ('debounce', 0, false, 86400, false, false, 0, 'seconds',
+     'dedupe_mode replace: a replaced staged job is not admitted before this long after the replace (its not_before is pushed out, never pulled in).'),
+    ('max_pending_per_partition', 1, false, 10000000, false, true, NULL, 'jobs',
+     'Most staged jobs (pending and scheduled) per lane key of a policy (its keyless jobs count as one partition); on_overflow says what staging one more does.'),
+    ('max_wait', 0, true, 31536000, false, false, NULL, 'seconds',
+     'A job staged without expires_at expires this long after it was staged (with expires_at: the earlier of the two); an expired job is finished as expired, never admitted.'),
+    ('throttle.cost', 0, true, 1000000, false, false, 1, 'tokens',
+     'Tokens one job takes from a throttle''s bucket (a value: a number or {"context", "default"}); at most its burst.'),
+    ('round_robin_weight', 1, false, 1000, false, true, 1, '',
+     'A round-robin key''s share (a value): its lane gets round_robin_quantum x weight rows per fetch and weight rows per round, as its partition does in fair_interleave.')
+$$;
+COMMENT ON FUNCTION dispatch_policy.limits() IS
+  'Every bound of a config field, job field, worker call argument and key length, in one place: validation and error texts are derived from it. unit ''bytes'' bounds a string''s UTF-8 length.';
+
+-- ---------------------------------------------------------------------------
+-- Validation.
+
+-- A throttle's cost: a value within throttle.cost, and not above the
+-- burst. Compared are the numbers the config gives (a constant, or the
+-- default of a context value); without burst, the bucket holds the rate (at
+-- least 1). A job whose own context makes its cost exceed its bucket is
+-- refused when it is staged (_job_cost_problem).
+CREATE FUNCTION dispatch_policy._require_throttle_cost(gate jsonb, path text)
+RETURNS numeric
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+DECLARE
+  cost numeric := dispatch_policy._require_gate_value(gate -> 'cost', path || '.cost', 'throttle.cost', true);
+  burst numeric;
+BEGIN
+  IF gate ? 'burst' THEN
+    burst := dispatch_policy._json_number(CASE WHEN jsonb_typeof(gate -> 'burst') = 'object' THEN gate -> 'burst' -> 'default'
+                                               ELSE gate -> 'burst' END);
+  ELSE
+    burst := least(greatest(dispatch_policy._json_number(CASE WHEN jsonb_typeof(gate -> 'rate') = 'object'
+                                                              THEN gate -> 'rate' -> 'default' ELSE gate -> 'rate' END), 1),
+                   dispatch_policy._limit_max('throttle.burst'));
+  END IF;
+  IF cost > burst THEN
+    PERFORM dispatch_policy._config_error(path || '.cost',
+      format('must be at most the burst (%s%s): a job that costs more tokens than its bucket holds could never be admitted',
+             burst, CASE WHEN gate ? 'burst' THEN '' ELSE ', the rate, as no burst is given' END),
+      gate -> 'cost');
+  END IF;
+  RETURN cost;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._require_throttle_cost(jsonb, text) IS
+  'Internal: validates a throttle gate''s cost (a value within limits() throttle.cost) and that it (or its default) is at most the gate''s burst (or its default; without burst the rate, at least 1); raises the config error (22023) naming path.cost; returns the cost.';
+
+-- The config as _validate_policy_base knows it: without round_robin_weight
+-- and without the cost of throttle gates (other gates keep a cost, so the
+-- base refuses it as an unknown field).
+CREATE FUNCTION dispatch_policy._without_cost_weights(config jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT CASE
+           WHEN jsonb_typeof(config) <> 'object' THEN config
+           WHEN jsonb_typeof(config -> 'gates') = 'array' THEN
+             jsonb_set(config - 'round_robin_weight', '{gates}',
+                       coalesce((SELECT jsonb_agg(CASE WHEN jsonb_typeof(x.g) = 'object' AND x.g ->> 'type' = 'throttle'
+                                                       THEN x.g - 'cost' ELSE x.g END ORDER BY x.n)
+                                 FROM jsonb_array_elements(config -> 'gates') WITH ORDINALITY AS x(g, n)), '[]'::jsonb))
+           ELSE config - 'round_robin_weight'
+         END
+$$;
+COMMENT ON FUNCTION dispatch_policy._without_cost_weights(jsonb) IS
+  'Internal: a config without round_robin_weight and without the cost of its throttle gates (0024), for _validate_policy_base.';
+
+-- Validates what _without_cost_weights took out, after the base accepted the
+-- rest: round_robin_weight (a value within limits() round_robin_weight) and
+-- each throttle's cost (_require_throttle_cost).
+CREATE FUNCTION dispatch_policy._validate_cost_weights(config jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+DECLARE
+  gate jsonb;
+  i bigint;
+BEGIN
+  IF config ? 'round_robin_weight' THEN
+    PERFORM dispatch_policy._require_gate_value(config -> 'round_robin_weight', 'round_robin_weight', 'round_robin_weight', true);
+  END IF;
+  IF jsonb_typeof(config -> 'gates') = 'array' THEN
+    FOR gate, i IN SELECT x.g, x.n - 1 FROM jsonb_array_elements(config -> 'gates') WITH ORDINALITY AS x(g, n) LOOP
+      IF gate ->> 'type' = 'throttle' AND gate ? 'cost' THEN
+        PERFORM dispatch_policy._require_throttle_cost(gate, format('gates[%s]', i));
+      END IF;
+    END LOOP;
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._validate_cost_weights(jsonb) IS
+  'Internal: validates a config''s round_robin_weight (a value, limits() round_robin_weight) and the cost of each throttle gate (limits() throttle.cost, at most the burst); 22023 naming the field.';
+
+-- validate_policy as in 0023, copied; change: round_robin_weight and a
+-- throttle's cost are known, taken out for _validate_policy_base and
+-- checked by _validate_cost_weights.
+CREATE OR REPLACE FUNCTION dispatch_policy.validate_policy(name text, config jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
+AS $$
+DECLARE
+  rules CONSTANT text[] := ARRAY['dedupe_mode', 'debounce', 'max_pending_per_partition', 'on_overflow', 'max_wait'];
+BEGIN
+  IF config IS NULL OR jsonb_typeof(config) <> 'object' THEN
+    PERFORM dispatch_policy._validate_policy_base(validate_policy.name, config);
+    RETURN;
+  END IF;
+  IF validate_policy.name IS NOT NULL AND validate_policy.name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+    PERFORM dispatch_policy._require_known_keys(config,
+      ARRAY['gates', 'round_robin_by', 'batch_size', 'round_robin_quantum',
+            'lease_seconds', 'max_attempts', 'target', 'round_robin_weight'] || rules, '');
+  END IF;
+  -- The base knows neither round_robin_weight nor a throttle's cost (0024):
+  -- checked below, after everything it checks.
+  PERFORM dispatch_policy._validate_policy_base(validate_policy.name,
+    dispatch_policy._without_cost_weights(config) - rules);
+  PERFORM dispatch_policy._validate_cost_weights(config);
+
+  IF config ? 'dedupe_mode' THEN
+    PERFORM dispatch_policy._require(config ->> 'dedupe_mode' IN ('keep', 'replace') AND jsonb_typeof(config -> 'dedupe_mode') = 'string',
+      'dedupe_mode', 'must be one of keep, replace', config -> 'dedupe_mode');
+  END IF;
+  IF config ? 'debounce' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'debounce') = 'number', 'debounce', 'must be a number (seconds)',
+                                     config -> 'debounce');
+    PERFORM dispatch_policy._require_limit(config -> 'debounce', 'debounce', 'debounce');
+    PERFORM dispatch_policy._require(config ->> 'dedupe_mode' = 'replace', 'debounce',
+      'is only valid with dedupe_mode replace', config -> 'debounce');
+  END IF;
+  IF config ? 'max_pending_per_partition' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'max_pending_per_partition') = 'number',
+      'max_pending_per_partition', 'must be a number (jobs)', config -> 'max_pending_per_partition');
+    PERFORM dispatch_policy._require_limit(config -> 'max_pending_per_partition', 'max_pending_per_partition',
+                                           'max_pending_per_partition');
+  END IF;
+  IF config ? 'on_overflow' THEN
+    PERFORM dispatch_policy._require(config ->> 'on_overflow' IN ('reject', 'drop_oldest') AND jsonb_typeof(config -> 'on_overflow') = 'string',
+      'on_overflow', 'must be one of reject, drop_oldest', config -> 'on_overflow');
+    PERFORM dispatch_policy._require(config ? 'max_pending_per_partition', 'on_overflow',
+      'is only valid with max_pending_per_partition', config -> 'on_overflow');
+  END IF;
+  IF config ? 'max_wait' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'max_wait') = 'number', 'max_wait', 'must be a number (seconds)',
+                                     config -> 'max_wait');
+    PERFORM dispatch_policy._require_limit(config -> 'max_wait', 'max_wait', 'max_wait');
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.validate_policy(text, jsonb) IS
+  'Checks a policy name and config without storing anything; raises SQLSTATE 22023 naming the first invalid field (for example gates[1].per) and the rule it breaks. Numeric bounds come from dispatch_policy.limits(). Staging rules (0023): dedupe_mode keep|replace; debounce (seconds, limits() debounce, only with dedupe_mode replace); max_pending_per_partition (an integer, limits()); on_overflow reject|drop_oldest (only with max_pending_per_partition); max_wait (seconds, limits()). Cost and weights (0024): round_robin_weight (a value, limits() round_robin_weight); a throttle''s cost (a value, limits() throttle.cost, at most the burst).';
+
+-- ---------------------------------------------------------------------------
+-- Staging refuses a job whose cost exceeds its bucket's burst: it could
+-- never be admitted (the bucket never holds more than burst tokens).
+
+-- The throttle gates of a config that have a cost, with what staging needs
+-- to check a job against them; NULL when none has (staging then checks
+-- nothing). Computed once per config write (policies.cost_gates).
+CREATE FUNCTION dispatch_policy._cost_gates(config jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT jsonb_agg(jsonb_build_object('index', x.n - 1, 'name', coalesce(x.g ->> 'name', 'throttle'),
+                                      'cost', x.g -> 'cost', 'burst', x.g -> 'burst', 'rate', x.g -> 'rate')
+                   ORDER BY x.n)
+  FROM jsonb_array_elements(CASE WHEN jsonb_typeof(config -> 'gates') = 'array' THEN config -> 'gates' ELSE '[]'::jsonb END)
+       WITH ORDINALITY AS x(g, n)
+  WHERE x.g ->> 'type' = 'throttle' AND x.g ? 'cost'
+$$;
+COMMENT ON FUNCTION dispatch_policy._cost_gates(jsonb) IS
+  'Internal: the throttle gates of a config that have a cost, as [{"index", "name", "cost", "burst", "rate"}] in gate order; NULL when none has one.';
+
+ALTER TABLE dispatch_policy.policies
+  ADD COLUMN cost_gates jsonb GENERATED ALWAYS AS (dispatch_policy._cost_gates(config)) STORED;
+COMMENT ON COLUMN dispatch_policy.policies.cost_gates IS
+  'The throttle gates with a cost (see _cost_gates), read by staging to refuse a job whose cost exceeds its burst; NULL: none.';
+
+-- The first cost gate a job's context makes cost more than its bucket's
+-- burst, as the runner resolves both (_gate_number; without burst: the rate,
+-- at least 1): {"gate", "path", "cost", "burst"}; NULL when it fits them all.
+CREATE FUNCTION dispatch_policy._job_cost_problem(cost_gates jsonb, context jsonb)
+RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT jsonb_build_object('gate', c.g ->> 'name', 'path', format('gates[%s].cost', c.g ->> 'index'),
+                            'cost', c.cost, 'burst', c.burst)
+  FROM (SELECT x.g, x.n,
+               dispatch_policy._gate_number(x.g -> 'cost', context, 'throttle.cost') AS cost,
+               CASE WHEN x.g -> 'burst' IS NOT NULL AND jsonb_typeof(x.g -> 'burst') <> 'null'
+                    THEN dispatch_policy._gate_number(x.g -> 'burst', context, 'throttle.burst')
+                    ELSE least(greatest(dispatch_policy._gate_number(x.g -> 'rate', context, 'throttle.rate'), 1),
+                               dispatch_policy._limit_max('throttle.burst'))
+               END AS burst
+        FROM jsonb_array_elements(cost_gates) WITH ORDINALITY AS x(g, n)) c
+  WHERE c.cost > c.burst
+  ORDER BY c.n
+  LIMIT 1
+$$;
+COMMENT ON FUNCTION dispatch_policy._job_cost_problem(jsonb, jsonb) IS
+  'Internal: for a job context (as stored, with queue_name and priority), the first throttle of cost_gates (policies.cost_gates) whose cost for the job exceeds its burst for the job, as {"gate", "path", "cost", "burst"}; NULL when none does.';
+
+-- Raises the staging error for the first job of jobs (contexts as stored;
+-- NULL for an element the staging paths refuse on their own) whose cost
+-- exceeds a burst. field_prefix names the job as _stage does
+-- ('jobs[%s].' for stage_many, '' for stage).
+CREATE FUNCTION dispatch_policy._require_job_costs(cost_gates jsonb, contexts jsonb[], field_prefix text)
+RETURNS void
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  bad record;
+  job text;
+BEGIN
+  IF cost_gates IS NULL THEN
+    RETURN;
+  END IF;
+  SELECT c.n - 1 AS idx, dispatch_policy._job_cost_problem(cost_gates, c.context) AS problem INTO bad
+  FROM unnest(contexts) WITH ORDINALITY AS c(context, n)
+  WHERE c.context IS NOT NULL AND dispatch_policy._job_cost_problem(cost_gates, c.context) IS NOT NULL
+  ORDER BY c.n
+  LIMIT 1;
+  IF FOUND THEN
+    job := rtrim(format(coalesce(field_prefix, ''), bad.idx), '.');
+    RAISE EXCEPTION '%cost % of throttle % exceeds its burst %: the job could never be admitted',
+      CASE WHEN job <> '' THEN job || ': ' ELSE '' END, bad.problem ->> 'cost', bad.problem ->> 'gate', bad.problem ->> 'burst'
+      USING ERRCODE = '22023',
+            DETAIL = format('%s is %s for this job and its bucket holds at most %s tokens.',
+                            bad.problem ->> 'path', bad.problem ->> 'cost', bad.problem ->> 'burst'),
+            HINT = 'Nothing was stored. Give the job a lower cost in its context, or declare a larger burst.';
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._require_job_costs(jsonb, jsonb[], text) IS
+  'Internal: raises 22023 for the first job (by its context as stored) whose cost exceeds its burst for one of cost_gates (policies.cost_gates), naming the job (field_prefix formatted with its index), the gate, the cost and the burst; nothing when cost_gates is NULL.';
+
+-- _stage_outcomes as in 0023, copied; change: the cost check first.
+CREATE OR REPLACE FUNCTION dispatch_policy._stage_outcomes(policy text, jobs jsonb, field_prefix text)
+RETURNS TABLE (idx integer, id bigint, outcome text)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+#variable_conflict use_column
+DECLARE
+  config jsonb;
+  ids bigint[];
+  cost_gates jsonb;
+  holder bigint;
+  kept integer[] := '{}'::integer[];
+  inserted integer[] := '{}'::integer[];
+BEGIN
+  SELECT p.config, p.cost_gates INTO config, cost_gates FROM dispatch_policy.policies p WHERE p.name = _stage_outcomes.policy;
+  -- A job that costs more than its bucket holds could never be admitted
+  -- (0024): refused before anything is stored, naming the job. Elements
+  -- that are not objects with an object context are left to the checks of
+  -- the paths below.
+  IF cost_gates IS NOT NULL AND jsonb_typeof(jobs) = 'array' THEN
+    PERFORM dispatch_policy._require_job_costs(cost_gates,
+      ARRAY(SELECT CASE WHEN jsonb_typeof(t.job) = 'object' AND coalesce(jsonb_typeof(t.job -> 'context'), 'null') IN ('object', 'null')
+                        THEN jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
+                                                'priority', coalesce(dispatch_policy._json_number(t.job -> 'priority'), 0))
+                             || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) END
+            FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n) ORDER BY t.n),
+      field_prefix);
+  END IF;
+  IF dispatch_policy._staging_rules_apply(config)
+     OR (jsonb_typeof(jobs) = 'array'
+         AND EXISTS (SELECT 1 FROM jsonb_array_elements(jobs) AS t(job)
+                     WHERE CASE WHEN jsonb_typeof(t.job) = 'object'
+                                THEN t.job - ARRAY['args', 'context', 'dedupe_key', 'round_robin_key', 'queue', 'priority',
+                                                   'not_before'] <> '{}'::jsonb
+                                ELSE false END)) THEN
+    RETURN QUERY SELECT r.idx, r.id, r.outcome FROM dispatch_policy._stage_rules(_stage_outcomes.policy, jobs, field_prefix) r;
+    RETURN;
+  END IF;
+  ids := dispatch_policy._stage(_stage_outcomes.policy, jobs, field_prefix);
+  FOR i IN 1 .. coalesce(cardinality(ids), 0) LOOP
+    IF ids[i] IS NULL THEN
+      holder := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                 WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+      IF holder IS NULL THEN
+        -- Its key was freed since (the job holding it finished): staged now.
+        ids[i] := (dispatch_policy._stage(_stage_outcomes.policy, jsonb_build_array(jobs -> (i - 1)), field_prefix))[1];
+        IF ids[i] IS NOT NULL THEN
+          inserted := inserted || i;
+        ELSE
+          ids[i] := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                     WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+        END IF;
+      ELSE
+        ids[i] := holder;
+      END IF;
+      kept := kept || i;
+    END IF;
+  END LOOP;
+  RETURN QUERY
+    SELECT t.n::integer, t.id,
+           CASE WHEN t.n::integer = ANY (kept) AND NOT t.n::integer = ANY (inserted) THEN 'kept' ELSE 'inserted' END
+    FROM unnest(ids) WITH ORDINALITY AS t(id, n)
+    ORDER BY t.n;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._stage_outcomes(text, jsonb, text) IS
+  'Internal: refuses (22023) the first job whose cost exceeds its burst for a throttle with a cost (0024), then stages a JSON array of job specs and returns (idx, id, outcome) per element: through _stage_rules when the policy declares a staging rule or a job has expires_at (or a field _stage does not know, so the error lists expires_at), else through _stage (one statement), where a job not stored is kept and its id is the job that holds its key.';
+
+-- stage_outcome as in 0023, copied; change: the cost check (0024).
+CREATE OR REPLACE FUNCTION dispatch_policy.stage_outcome(
+  policy          text,
+  args            jsonb,
+  context         jsonb DEFAULT '{}',
+  dedupe_key      text DEFAULT NULL,
+  round_robin_key text DEFAULT NULL,
+  queue           text DEFAULT NULL,
+  priority        integer DEFAULT NULL,
+  not_before      timestamptz DEFAULT NULL,
+  expires_at      timestamptz DEFAULT NULL,
+  OUT id          bigint,
+  OUT outcome     text
+)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, dispatch_policy, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+  template text;
+  config jsonb;
+  part_gates text[];
+  part_templates text[];
+  part_prefixes text[];
+  part_keys text[];
+  part_suffixes text[];
+  job_context jsonb;
+  job_partitions jsonb;
+  job_id bigint;
+  lane text;
+  due timestamptz;
+  r record;
+  cost_gates jsonb;
+BEGIN
+  -- As _stage: the templates read next stay the policy's until commit.
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(stage_outcome.policy));
+  SELECT p.lane_template, p.config, p.partition_gates, p.partition_templates, p.partition_prefixes, p.partition_keys,
+         p.partition_suffixes, p.cost_gates
+  INTO template, config, part_gates, part_templates, part_prefixes, part_keys, part_suffixes, cost_gates
+  FROM dispatch_policy.policies p WHERE p.name = stage_outcome.policy;
+  IF NOT FOUND
+     OR stage_outcome.expires_at IS NOT NULL
+     OR dispatch_policy._staging_rules_apply(config)
+     OR stage_outcome.args IS NULL OR jsonb_typeof(stage_outcome.args) = 'null'
+     OR jsonb_typeof(stage_outcome.context) NOT IN ('object', 'null')
+     OR pg_column_size(stage_outcome.context) > dispatch_policy._limit_max('job.context') - 8
+     OR pg_column_compression(stage_outcome.context) IS NOT NULL
+     OR octet_length(stage_outcome.dedupe_key) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.dedupe_key')
+     OR octet_length(stage_outcome.round_robin_key) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.round_robin_key')
+     OR octet_length(stage_outcome.queue) NOT BETWEEN 1 AND dispatch_policy._limit_max('job.queue')
+     OR NOT isfinite(stage_outcome.not_before)
+  THEN
+    -- The general path, which raises the errors naming the field. An
+    -- infinite expires_at is passed as text, which the check refuses.
+    SELECT o.id, o.outcome INTO r
+    FROM dispatch_policy._stage_outcomes(
+      stage_outcome.policy,
+      jsonb_build_array(jsonb_build_object(
+        'args', stage_outcome.args,
+        'context', stage_outcome.context,
+        'dedupe_key', stage_outcome.dedupe_key,
+        'round_robin_key', stage_outcome.round_robin_key,
+        'queue', stage_outcome.queue,
+        'priority', stage_outcome.priority,
+        'not_before', stage_outcome.not_before
+      ) || CASE WHEN stage_outcome.expires_at IS NULL THEN '{}'::jsonb
+                ELSE jsonb_build_object('expires_at', stage_outcome.expires_at) END),
+      '') o;
+    id := r.id;
+    outcome := r.outcome;
+    RETURN;
+  END IF;
+
+  job_context := jsonb_build_object('queue_name', coalesce(stage_outcome.queue, 'default'),
+                                    'priority', coalesce(stage_outcome.priority, 0))
+                 || coalesce(nullif(stage_outcome.context, 'null'::jsonb), '{}'::jsonb);
+  -- A job that costs more than its bucket holds could never be admitted (0024).
+  IF cost_gates IS NOT NULL THEN
+    PERFORM dispatch_policy._require_job_costs(cost_gates, ARRAY[job_context], '');
+  END IF;
+  job_partitions := dispatch_policy._render_partitions(part_gates, part_templates, part_prefixes, part_keys, part_suffixes,
+                                                       job_context);
+  job_id := nextval('dispatch_policy.job_ids');
+  IF stage_outcome.dedupe_key IS NOT NULL THEN
+    -- Only with a key: the primary key makes concurrent stages of the same
+    -- key store one job. A key freed between the insert and the lookup (its
+    -- job finished) is taken on the next turn.
+    LOOP
+      INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+      VALUES (stage_outcome.policy, stage_outcome.dedupe_key, job_id)
+      ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING;
+      EXIT WHEN FOUND;
+      SELECT d.job_id INTO id FROM dispatch_policy.dedupe_keys d
+      WHERE d.policy = stage_outcome.policy AND d.dedupe_key = stage_outcome.dedupe_key;
+      IF id IS NOT NULL THEN
+        outcome := 'kept';
+        RETURN;
+      END IF;
+    END LOOP;
+  END IF;
+  INSERT INTO dispatch_policy.staged_jobs
+    (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, partitions)
+  VALUES (job_id, stage_outcome.policy, coalesce(stage_outcome.queue, 'default'), coalesce(stage_outcome.priority, 0),
+          stage_outcome.args, job_context, stage_outcome.dedupe_key,
+          dispatch_policy._round_robin_key(template, job_context, stage_outcome.round_robin_key),
+          CASE WHEN stage_outcome.not_before > now() THEN stage_outcome.not_before END, job_partitions)
+  RETURNING staged_jobs.round_robin_key, staged_jobs.not_before INTO lane, due;
+  IF due IS NULL THEN
+    PERFORM dispatch_policy._add_lanes(stage_outcome.policy, ARRAY[lane]);
+  END IF;
+  PERFORM pg_notify('dispatch_policy_staged', stage_outcome.policy);
+  id := job_id;
+  outcome := 'inserted';
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.stage_outcome(text, jsonb, jsonb, text, text, text, integer, timestamptz, timestamptz) IS
+  'Stages one job as stage() does and says what happened: outcome inserted (a new job, id), kept (a job of the same policy with the same dedupe_key is admitted, or staged under dedupe_mode keep: nothing changed, id is that job), replaced (dedupe_mode replace and that job is still staged: its args, context, queue, priority, round-robin key, partitions and expires_at are now this call''s, its not_before is pushed to now + debounce if later; id is that job) or dropped (only in stage_many_outcomes). expires_at: the job''s deadline (must be later than now; the policy''s max_wait gives staged_at + max_wait, the earlier of the two applies); a job not admitted by then is finished as expired. With max_pending_per_partition, a new job in a partition (lane key) at the cap is refused with DP002 (on_overflow reject) or the partition''s oldest staged jobs (lowest id) are finished as dropped (drop_oldest). Errors, nothing changed: unknown policy 42704, NULL args 22004, a cost above its burst for a throttle with a cost (0024) 22023, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 naming the field, a full partition DP002.';
+
+-- ---------------------------------------------------------------------------
+-- Weighted fairness.
+
+ALTER TABLE dispatch_policy.round_robin_cursors
+  ADD COLUMN served integer NOT NULL DEFAULT 0,
+  ADD COLUMN served_lane text,
+  ADD CONSTRAINT round_robin_cursors_served_check CHECK (served >= 0 AND served < 1000);
+COMMENT ON COLUMN dispatch_policy.round_robin_cursors.served IS
+  'With round_robin_weight: how many jobs served_lane already had of its current weighted round when the last tick ran out of room; the next fetch, if it starts with that lane, gives it only the rest of the round first. 0: none.';
+COMMENT ON COLUMN dispatch_policy.round_robin_cursors.served_lane IS
+  'The lane served counts for (NULL: the lane of jobs without a key, or none when served is 0).';
+
+-- A lane's weight: round_robin_weight (a value) for the lane's first
+-- eligible job, in fetch order; 1 without round_robin_weight. A constant
+-- weight reads no job; a weight from the context reads one row by the
+-- lane's index (O(1) per lane, whatever its backlog).
+CREATE FUNCTION dispatch_policy._lane_weight(policy text, lane text, weight_value jsonb)
+RETURNS integer
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  first_context jsonb;
+BEGIN
+  IF weight_value IS NULL OR jsonb_typeof(weight_value) = 'null' THEN
+    RETURN 1;
+  END IF;
+  IF jsonb_typeof(weight_value) = 'object' THEN
+    IF _lane_weight.lane IS NULL THEN
+      SELECT s.context INTO first_context FROM dispatch_policy.staged_jobs s
+      WHERE s.policy = _lane_weight.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+      ORDER BY s.priority, s.id LIMIT 1;
+    ELSE
+      SELECT s.context INTO first_context FROM dispatch_policy.staged_jobs s
+      WHERE s.policy = _lane_weight.policy AND s.not_before IS NULL
+        AND s.round_robin_key >= _lane_weight.lane AND s.round_robin_key <= _lane_weight.lane
+      ORDER BY s.round_robin_key, s.priority, s.id LIMIT 1;
+    END IF;
+  END IF;
+  RETURN greatest(1, least(1000, floor(coalesce(
+    dispatch_policy._gate_number(weight_value, coalesce(first_context, '{}'::jsonb), 'round_robin_weight'), 1))))::integer;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._lane_weight(text, text, jsonb) IS
+  'Internal: the round_robin_weight (weight_value, from the policy config) of a policy''s lane, read from the context of the lane''s first eligible job when it is {"context", "default"}; 1 without a weight; within limits() round_robin_weight.';
+
+-- fetch_batch as in 0023, copied; change: round_robin_weight. A lane of
+-- weight w fetches quantum x w rows and gives w rows per round of the batch;
+-- the cursor's served (what the first lane already had of its round) is
+-- taken off its first round.
+CREATE OR REPLACE FUNCTION dispatch_policy.fetch_batch(
+  policy text, batch_size integer, round_robin_quantum integer DEFAULT NULL, now timestamptz DEFAULT now()
+)
+RETURNS TABLE (id bigint, priority integer, round_robin_key text, context jsonb, lane integer)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+-- Each lane asks for rows ordered by (round_robin_key, priority, id), which
+-- only staged_jobs_round_robin_idx gives without sorting; with sorts priced
+-- out, it is the plan whatever the statistics say (right after a large
+-- stage_many they may believe the policy holds a row or two).
+SET enable_sort = off
+-- Pricing sorts out inflates the plan's cost past jit_above_cost: no JIT for
+-- a few hundred rows (it costs half a second).
+SET jit = off
+AS $$
+DECLARE
+  keys text[];
+  chunk text[];
+  cursor_key text;
+  quantum integer;
+  taken integer := 0;
+  pos integer := 0;
+  width integer;
+  got_ids bigint[] := '{}'::bigint[];
+  got_lanes integer[] := '{}'::integer[];
+  got_ranks integer[] := '{}'::integer[];
+  full_lanes integer[] := '{}'::integer[];
+  empty_lanes text[] := '{}'::text[];
+  keyless_empty boolean := false;
+  more bigint[];
+  lane_of integer;
+  weight_value jsonb;
+  weights integer[] := '{}'::integer[];
+  served integer := 0;
+  served_lane text;
+  first_offset integer := 0;
+BEGIN
+  PERFORM dispatch_policy._require_now(fetch_batch.now);
+  -- Deadlines (0023): jobs whose expires_at has passed are finished as
+  -- expired first, so the fetch below never returns one.
+  PERFORM dispatch_policy._expire_staged(fetch_batch.policy, fetch_batch.now);
+  IF batch_size IS NULL OR NOT dispatch_policy._within_limit(batch_size, 'batch_size') THEN
+    RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
+      USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', coalesce(batch_size::text, 'NULL'));
+  END IF;
+  IF round_robin_quantum IS NOT NULL AND NOT dispatch_policy._within_limit(round_robin_quantum, 'round_robin_quantum') THEN
+    RAISE EXCEPTION 'round_robin_quantum %', dispatch_policy._limit_rule('round_robin_quantum')
+      USING ERRCODE = '22023', DETAIL = format('round_robin_quantum is %s.', round_robin_quantum);
+  END IF;
+  IF round_robin_quantum IS NULL THEN
+    RETURN QUERY
+      SELECT s.id, s.priority, s.round_robin_key, s.context, 0
+      FROM (SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
+            WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL
+            ORDER BY j.priority, j.id
+            LIMIT batch_size
+            FOR UPDATE SKIP LOCKED) s
+      ORDER BY s.priority, s.id;
+    RETURN;
+  END IF;
+
+  -- Lanes whose block has run out are ready again.
+  UPDATE dispatch_policy.lanes l SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL,
+                                     updated_at = fetch_batch.now
+  WHERE l.policy = fetch_batch.policy AND l.blocked_until <= fetch_batch.now;
+
+  SELECT c.last_key, c.served, c.served_lane INTO cursor_key, served, served_lane
+  FROM dispatch_policy.round_robin_cursors c WHERE c.policy = fetch_batch.policy;
+  SELECT p.config -> 'round_robin_weight' INTO weight_value FROM dispatch_policy.policies p WHERE p.name = fetch_batch.policy;
+  -- Never more than batch_size rows: a quantum above the batch size is the batch size.
+  quantum := least(round_robin_quantum, batch_size);
+  -- A lane with jobs gives at least one: batch_size lanes are always enough.
+  keys := dispatch_policy._ready_lanes(fetch_batch.policy, cursor_key, batch_size);
+  -- The first lane may have had part of its weighted round in the last tick
+  -- (the cursor's served): it gets the rest of that round first.
+  IF coalesce(served, 0) > 0 AND cardinality(keys) > 0 AND keys[1] IS NOT DISTINCT FROM served_lane THEN
+    first_offset := served;
+  END IF;
+
+  -- Up to `quantum` rows from each lane, as many lanes at a time as could
+  -- fill the rest of the batch, until it is full or the lanes run out.
+  WHILE pos < cardinality(keys) AND taken < batch_size LOOP
+    width := least(ceil((batch_size - taken)::numeric / quantum)::integer, cardinality(keys) - pos);
+    chunk := keys[pos + 1 : pos + width];
+    -- Each lane's weight (round_robin_weight), from its first eligible job:
+    -- it gives quantum x weight rows.
+    weights := weights || ARRAY(SELECT dispatch_policy._lane_weight(fetch_batch.policy, k.key, weight_value)
+                                FROM unnest(chunk) WITH ORDINALITY AS k(key, n) ORDER BY k.n);
+    WITH fetched AS MATERIALIZED (
+      SELECT k.n::integer AS lane, j.id, row_number() OVER (PARTITION BY k.n ORDER BY j.priority, j.id)::integer AS rank
+      FROM unnest(chunk) WITH ORDINALITY AS k(key, n)
+      CROSS JOIN LATERAL (
+        -- The key as a range, not =: with =, the key is a constant and the
+        -- (priority, id) order of staged_jobs_ready_idx would do unsorted.
+        SELECT s.id, s.priority FROM dispatch_policy.staged_jobs s
+        WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
+          AND s.round_robin_key >= k.key AND s.round_robin_key <= k.key
+        ORDER BY s.round_robin_key, s.priority, s.id
+        LIMIT least(quantum * weights[pos + k.n], batch_size)
+        FOR UPDATE SKIP LOCKED) j
+      WHERE k.key IS NOT NULL
+      UNION ALL
+      SELECT array_position(chunk, NULL), s.id, (row_number() OVER (ORDER BY s.priority, s.id))::integer
+      FROM (SELECT s.id, s.priority FROM dispatch_policy.staged_jobs s
+            WHERE array_position(chunk, NULL) IS NOT NULL
+              AND s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+            ORDER BY s.priority, s.id
+            LIMIT least(quantum * weights[pos + array_position(chunk, NULL)], batch_size)
+            FOR UPDATE SKIP LOCKED) s
+    )
+    SELECT got_ids || coalesce(array_agg(r.id ORDER BY r.lane, r.rank), '{}'),
+           got_lanes || coalesce(array_agg(pos + r.lane ORDER BY r.lane, r.rank), '{}'),
+           got_ranks || coalesce(array_agg(r.rank ORDER BY r.lane, r.rank), '{}'),
+           full_lanes || coalesce(array_agg(pos + r.lane) FILTER (WHERE r.rank = least(quantum * weights[pos + r.lane], batch_size)),
+                                  '{}'),
+           empty_lanes || coalesce(ARRAY(SELECT k.key FROM unnest(chunk) WITH ORDINALITY AS k(key, n)
+                                         WHERE k.key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fetched x WHERE x.lane = k.n)), '{}'),
+           keyless_empty OR coalesce(array_position(chunk, NULL) IS NOT NULL
+                                     AND NOT EXISTS (SELECT 1 FROM fetched x WHERE x.lane = array_position(chunk, NULL)), false)
+    INTO got_ids, got_lanes, got_ranks, full_lanes, empty_lanes, keyless_empty
+    FROM fetched r;
+    taken := cardinality(got_ids);
+    pos := pos + width;
+  END LOOP;
+
+  -- The batch is not full and lanes that gave a whole quantum may have more:
+  -- their oldest further rows, interleaved after the first rounds.
+  IF taken < batch_size AND cardinality(full_lanes) > 0 THEN
+    FOREACH lane_of IN ARRAY full_lanes LOOP
+      IF keys[lane_of] IS NULL THEN
+        more := ARRAY(SELECT s.id FROM dispatch_policy.staged_jobs s
+                      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
+                        AND s.id <> ALL (got_ids)
+                      ORDER BY s.priority, s.id LIMIT batch_size - taken FOR UPDATE SKIP LOCKED);
+      ELSE
+        more := ARRAY(SELECT s.id FROM dispatch_policy.staged_jobs s
+                      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
+                        AND s.round_robin_key >= keys[lane_of] AND s.round_robin_key <= keys[lane_of]
+                        AND s.id <> ALL (got_ids)
+                      ORDER BY s.round_robin_key, s.priority, s.id LIMIT batch_size - taken FOR UPDATE SKIP LOCKED);
+      END IF;
+      FOR i IN 1 .. coalesce(cardinality(more), 0) LOOP
+        got_ids := got_ids || more[i];
+        got_lanes := got_lanes || lane_of;
+        got_ranks := got_ranks || (least(quantum * weights[lane_of], batch_size) + i);
+      END LOOP;
+      taken := cardinality(got_ids);
+      EXIT WHEN taken >= batch_size;
+    END LOOP;
+  END IF;
+
+  IF cardinality(empty_lanes) > 0 OR keyless_empty THEN
+    PERFORM dispatch_policy._drop_empty_lanes(fetch_batch.policy, empty_lanes, keyless_empty);
+  END IF;
+
+  RETURN QUERY
+  SELECT s.id, s.priority, s.round_robin_key, s.context, g.lane
+  FROM unnest(got_ids, got_lanes, got_ranks) AS g(id, lane, rank)
+  JOIN dispatch_policy.staged_jobs s ON s.id = g.id
+  WHERE s.id = ANY (got_ids)
+  -- Round by round: a lane of weight w gives w rows per round.
+  ORDER BY s.priority, (g.rank - 1 + CASE WHEN g.lane = 1 THEN first_offset ELSE 0 END) / weights[g.lane], g.lane, g.rank
+  LIMIT batch_size;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz) IS
+  'Finishes the policy''s jobs whose deadline passed as expired (0023), then locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: from the policy''s ready lanes (dispatch_policy.lanes) in rotation order after its cursor, up to that many rows of each, as many lanes as fill the batch, then more rows of lanes that gave a whole quantum; rows interleaved (every lane''s first row, then every lane''s second, ...; with round_robin_weight, a lane of weight w gives quantum x w rows and w rows per round, its weight read from its first eligible job; the first lane gives first what is left of a round the last tick cut short, round_robin_cursors.served), lane = the lane''s place in this rotation. Blocked lanes are passed over without a look; lanes whose block ran out are unblocked first; lanes found empty are deleted. Without round_robin_quantum: the oldest rows, lane 0. The cursor is moved by admit.';
+
+-- _admit as in 0014, copied; change: the round-robin cursor also keeps
+-- served and served_lane (weighted lanes, round_robin_weight).
+CREATE OR REPLACE FUNCTION dispatch_policy._admit(
+  policy text, ids bigint[], gate_names text[], partitions text[],
+  take_gates text[], take_partitions text[], take_tokens double precision[],
+  lease_seconds integer, now timestamptz, round_robin_cursor jsonb,
+  lock_gates text[] DEFAULT '{}', lock_partitions text[] DEFAULT '{}'
+)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  admitted integer := 0;
+  config jsonb;
+  lease integer;
+  slot_gates text[];
+  job record;
+  queues text[];
+  queue_name text;
+  keys text[];
+  cursor_key text;
+  slot_g text[];
+  slot_p text[];
+  slot_n integer[];
+  width integer := coalesce(cardinality(gate_names), 0);
+  starved jsonb := round_robin_cursor -> 'starved';
+  starved_weight integer;
+  starved_offset integer := 0;
+  new_served integer := 0;
+  old_served integer;
+  old_served_lane text;
+BEGIN
+  PERFORM dispatch_policy._require_now(_admit.now);
+  ids := coalesce(ids, '{}');
+  IF coalesce(cardinality(partitions), 0) <> cardinality(ids) * width THEN
+    RAISE EXCEPTION 'partitions must hold one entry per job and gate name'
+      USING ERRCODE = '22023',
+            DETAIL = format('%s jobs and %s gate names need %s partitions; there are %s.', cardinality(ids), width,
+                            cardinality(ids) * width, coalesce(cardinality(partitions), 0)),
+            HINT = 'Nothing was admitted.';
+  END IF;
+  PERFORM dispatch_policy._require_same_length('take_gates, take_partitions and take_tokens', ARRAY[
+    cardinality(take_gates), cardinality(take_partitions), cardinality(take_tokens)]);
+  PERFORM dispatch_policy._require_same_length('lock_gates and lock_partitions', ARRAY[
+    cardinality(lock_gates), cardinality(lock_partitions)]);
+  config := (dispatch_policy._require_policy(_admit.policy)).config;
+  lease := coalesce(_admit.lease_seconds, dispatch_policy._policy_setting(config, 'lease_seconds'));
+  IF NOT dispatch_policy._within_limit(lease, 'lease_seconds') THEN
+    RAISE EXCEPTION 'lease_seconds %', dispatch_policy._limit_rule('lease_seconds')
+      USING ERRCODE = '22023', DETAIL = format('lease_seconds is %s.', lease), HINT = 'Nothing was admitted.';
+  END IF;
+  slot_gates := dispatch_policy._slot_gates(config);
+
+  IF cardinality(ids) > 0 THEN
+    -- Rows are looked up by primary key (= ANY of an array), never by
+    -- joining the staged table against a set the planner cannot size.
+    WITH moved AS (
+      DELETE FROM dispatch_policy.staged_jobs s
+      WHERE s.id = ANY (ids) AND s.policy = _admit.policy
+      RETURNING s.*
+    ), parts AS (
+      SELECT j.id,
+             coalesce(jsonb_strip_nulls(jsonb_object(gate_names, partitions[(j.n - 1) * width + 1 : j.n * width])),
+                      '{}'::jsonb) AS partitions
+      FROM unnest(ids) WITH ORDINALITY AS j(id, n)
+    ), inserted AS (
+      INSERT INTO dispatch_policy.admitted_jobs
+        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
+         admitted_at, lease_expires_at, partitions, lease_seconds, target)
+      SELECT m.id, m.policy, m.queue, m.priority, m.args, m.context, m.dedupe_key, m.round_robin_key, m.attempt,
+             m.created_at, m.staged_at, _admit.now, _admit.now + make_interval(secs => lease), pa.partitions, lease,
+             CASE WHEN config -> 'target' ->> 'type' = 'sql' THEN 'sql' ELSE 'ready_queue' END
+      FROM moved m JOIN parts pa ON pa.id = m.id
+      RETURNING queue, round_robin_key
+    )
+    SELECT count(*)::integer, array_agg(DISTINCT i.queue), array_agg(DISTINCT i.round_robin_key)
+    INTO admitted, queues, keys FROM inserted i;
+    IF admitted <> cardinality(ids) THEN
+      RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,
+                      cardinality(ids), quote_literal(_admit.policy)
+        USING ERRCODE = '55000',
+              HINT = 'Admit only jobs fetched with fetch_batch while holding the policy''s tick lock; a job deleted since cannot be admitted (fetch again). After a failed tick_finish, call tick_abort.';
+    END IF;
+
+    -- Slots per counter, once; then create missing counters, lock them (and
+    -- lock_gates/lock_partitions) in one sorted statement, add.
+    SELECT coalesce(array_agg(s.g ORDER BY s.g, s.p), '{}'), coalesce(array_agg(s.p ORDER BY s.g, s.p), '{}'),
+           coalesce(array_agg(s.n ORDER BY s.g, s.p), '{}')
+    INTO slot_g, slot_p, slot_n
+    FROM (SELECT gate_names[((e.n - 1) % width) + 1] AS g, e.p, count(*)::integer AS n
+          FROM unnest(partitions) WITH ORDINALITY AS e(p, n)
+          WHERE e.p IS NOT NULL AND gate_names[((e.n - 1) % width) + 1] = ANY (slot_gates)
+          GROUP BY 1, 2) s;
+    IF cardinality(slot_g) > 0 THEN
+      INSERT INTO dispatch_policy.inflight_counters AS c (policy, gate, partition, in_flight, updated_at)
+      SELECT _admit.policy, k.g, k.p, 0, _admit.now FROM unnest(slot_g, slot_p) AS k(g, p)
+      ORDER BY 2, 3
+      ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING;
+    END IF;
+  END IF;
+  IF coalesce(cardinality(slot_g), 0) + coalesce(cardinality(lock_gates), 0) > 0 THEN
+    PERFORM 1 FROM dispatch_policy.inflight_counters c
+    WHERE c.policy = _admit.policy
+      AND (c.gate, c.partition) IN (SELECT k.g, k.p FROM unnest(slot_g, slot_p) AS k(g, p)
+                                    UNION SELECT k.g, k.p FROM unnest(lock_gates, lock_partitions) AS k(g, p))
+    ORDER BY c.policy, c.gate, c.partition
+    FOR UPDATE;
+  END IF;
+  IF cardinality(ids) > 0 THEN
+    IF cardinality(slot_g) > 0 THEN
+      UPDATE dispatch_policy.inflight_counters c
+      SET in_flight = c.in_flight + k.n, last_admitted_at = _admit.now, updated_at = _admit.now
+      FROM unnest(slot_g, slot_p, slot_n) AS k(g, p, n)
+      WHERE c.policy = _admit.policy AND c.gate = k.g AND c.partition = k.p;
+    END IF;
+
+    IF coalesce(cardinality(take_gates), 0) > 0 THEN
+      PERFORM 1 FROM dispatch_policy.throttle_buckets t
+      WHERE t.policy = _admit.policy
+        AND (t.gate, t.partition) IN (SELECT k.g, k.p FROM unnest(take_gates, take_partitions) AS k(g, p))
+      ORDER BY t.policy, t.gate, t.partition
+      FOR UPDATE;
+      UPDATE dispatch_policy.throttle_buckets t
+      SET tokens = t.tokens - k.tokens, last_admitted_at = _admit.now
+      FROM (SELECT x.g, x.p, sum(x.tokens) AS tokens FROM unnest(take_gates, take_partitions, take_tokens) AS x(g, p, tokens)
+            GROUP BY 1, 2) k
+      WHERE t.policy = _admit.policy AND t.gate = k.g AND t.partition = k.p;
+    END IF;
+
+    IF config -> 'target' ->> 'type' = 'sql' THEN
+      FOR job IN
+        SELECT a.id, a.queue, a.args, a.context FROM dispatch_policy.admitted_jobs a
+        WHERE a.id = ANY (ids)
+        ORDER BY a.priority, a.id
+      LOOP
+        PERFORM dispatch_policy._hand_off(config -> 'target' ->> 'function', job.id, job.queue, job.args, job.context);
+      END LOOP;
+    ELSE
+      FOREACH queue_name IN ARRAY queues LOOP
+        -- A queue name staged before the length limit existed could overflow
+        -- the NOTIFY payload; workers still poll for it.
+        IF octet_length(queue_name) <= 1024 THEN
+          PERFORM pg_notify('dispatch_policy_admitted', queue_name);
+        END IF;
+      END LOOP;
+    END IF;
+    -- Lanes this admission emptied go now, not at the next fetch (which
+    -- would be a tick for nothing).
+    PERFORM dispatch_policy._drop_empty_lanes(_admit.policy, array_remove(keys, NULL), array_position(keys, NULL) IS NOT NULL);
+  END IF;
+
+  -- The round-robin cursor: as the runner decided, else past the last key
+  -- admitted (in rotation order after the current cursor).
+  IF round_robin_cursor IS NOT NULL THEN
+    -- Weighted lanes: the first starved job's place in its lane's round
+    -- (its index in the batch, after what the lane had of that round before
+    -- this tick when the tick held on it) is what the lane has had of the
+    -- round: the next fetch gives it the rest first.
+    IF jsonb_typeof(starved) = 'object' AND jsonb_typeof(starved -> 'index') = 'number'
+       AND jsonb_typeof(starved -> 'weight') = 'number' THEN
+      starved_weight := least(greatest((starved ->> 'weight')::numeric, 1), 1000)::integer;
+      IF coalesce((round_robin_cursor ->> 'hold')::boolean, false) THEN
+        SELECT c.served, c.served_lane INTO old_served, old_served_lane
+        FROM dispatch_policy.round_robin_cursors c WHERE c.policy = _admit.policy;
+        IF old_served > 0 AND old_served_lane IS NOT DISTINCT FROM starved ->> 'lane' THEN
+          starved_offset := old_served;
+        END IF;
+      END IF;
+      new_served := ((least(greatest((starved ->> 'index')::numeric, 1), 1000000)::integer - 1 + starved_offset)
+                     % starved_weight);
+    END IF;
+    IF NOT coalesce((round_robin_cursor ->> 'hold')::boolean, false) THEN
+      INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at, served, served_lane)
+      VALUES (_admit.policy, round_robin_cursor ->> 'last_key', _admit.now, new_served,
+              CASE WHEN new_served > 0 THEN starved ->> 'lane' END)
+      ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+      DO UPDATE SET last_key = EXCLUDED.last_key, updated_at = EXCLUDED.updated_at, served = EXCLUDED.served,
+                    served_lane = EXCLUDED.served_lane;
+    ELSIF jsonb_typeof(starved) = 'object' THEN
+      -- Held on a weighted lane: only the round's progress changes.
+      INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at, served, served_lane)
+      VALUES (_admit.policy, NULL, _admit.now, new_served, CASE WHEN new_served > 0 THEN starved ->> 'lane' END)
+      ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+      DO UPDATE SET served = EXCLUDED.served, served_lane = EXCLUDED.served_lane
+      WHERE c.served IS DISTINCT FROM EXCLUDED.served OR c.served_lane IS DISTINCT FROM EXCLUDED.served_lane;
+    END IF;
+  ELSIF admitted > 0 THEN
+    SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = _admit.policy;
+    SELECT k INTO cursor_key FROM unnest(keys) AS k
+    ORDER BY CASE WHEN k IS NULL THEN 1 WHEN cursor_key IS NULL OR k > cursor_key THEN 0 ELSE 2 END DESC, k DESC NULLS LAST
+    LIMIT 1;
+    INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at)
+    VALUES (_admit.policy, cursor_key, _admit.now)
+    ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+    DO UPDATE SET last_key = EXCLUDED.last_key, updated_at = EXCLUDED.updated_at, served = 0, served_lane = NULL;
+  END IF;
+  RETURN admitted;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb, text[], text[]) IS
+  'Internal: admit with parallel arrays (the one implementation): ids; gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane); round_robin_cursor {"last_key": K} or {"hold": true}, with weighted lanes also "starved": {"lane", "index", "weight"} (the first starved job: its lane, its place among the lane''s jobs in the batch from 1, the lane''s weight), from which the cursor''s served is kept.';
+
+-- ---------------------------------------------------------------------------
+-- explain shows a throttle's cost.
+
+-- explain as in 0023, copied; change: a throttle gate's row shows the job's
+-- cost (gate field cost) and waits until the bucket holds it, and the estimate
+-- adds up the costs of the jobs ahead in its partition.
+CREATE OR REPLACE FUNCTION dispatch_policy.explain(id bigint)
+RETURNS TABLE (aspect text, gate text, partition text, verdict text, explanation text, wait_seconds double precision)
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  j dispatch_policy.staged_jobs;
+  pol dispatch_policy.policies;
+  at timestamptz := now();
+  parts jsonb;
+  g jsonb;
+  name text;
+  kind text;
+  part text;
+  b dispatch_policy.throttle_buckets;
+  rate double precision;
+  per double precision;
+  burst double precision;
+  tokens double precision;
+  cost double precision;
+  ahead_cost double precision;
+  cost_text text;
+  cap double precision;
+  held integer;
+  ahead bigint;
+  ahead_in_partition bigint;
+  scanned bigint;
+  ahead_contexts jsonb[];
+  at_least text;
+  needed numeric;
+  to_token numeric;
+  estimate_at_least boolean := false;
+  ln dispatch_policy.lanes;
+  waits boolean := false;
+  estimate double precision := 0::double precision;
+  estimable boolean := true;
+  reasons text[] := '{}'::text[];
+  a dispatch_policy.adaptive_stats;
+  initial integer;
+  ceiling integer;
+  floor_ integer;
+  pp dispatch_policy.paused_partitions;
+BEGIN
+  IF explain.id IS NULL THEN
+    RAISE EXCEPTION 'explain: id must not be NULL' USING ERRCODE = '22004';
+  END IF;
+  SELECT * INTO j FROM dispatch_policy.staged_jobs s WHERE s.id = explain.id;
+  IF NOT FOUND THEN
+    RETURN QUERY
+    SELECT 'job'::text, NULL::text, NULL::text, 'admitted'::text,
+           format('admitted at %s (attempt %s) into queue %s, lease until %s%s; partitions %s',
+                  x.admitted_at, x.attempt, x.queue, x.lease_expires_at,
+                  CASE WHEN x.started_at IS NOT NULL THEN format(', started at %s by %s', x.started_at, coalesce(x.worker, '?'))
+                       ELSE ', not started' END,
+                  x.partitions),
+           NULL::float8
+    FROM dispatch_policy.admitted_jobs x WHERE x.id = explain.id;
+    IF FOUND THEN RETURN; END IF;
+    RETURN QUERY
+    SELECT 'job'::text, NULL::text, NULL::text, f.status,
+           format('%s at %s after %s attempt(s)%s', f.status, f.finished_at, f.attempts,
+                  CASE WHEN f.last_error IS NOT NULL THEN ': ' || left(f.last_error, 500) ELSE '' END),
+           NULL::float8
+    FROM dispatch_policy.finished_jobs f WHERE f.id = explain.id;
+    IF FOUND THEN RETURN; END IF;
+    RAISE EXCEPTION 'explain: no job %', explain.id
+      USING ERRCODE = 'P0002', HINT = 'Completed jobs are kept for the retention prune() is given; a job id never staged has no row.';
+  END IF;
+
+  SELECT * INTO pol FROM dispatch_policy.policies p WHERE p.name = j.policy;
+  RETURN QUERY SELECT 'job'::text, NULL::text, NULL::text,
+    CASE WHEN j.not_before > at THEN 'scheduled' ELSE 'pending' END,
+    format('job %s of policy %s, queue %s, priority %s, attempt %s, staged %s ago%s', j.id, j.policy, j.queue,
+           j.priority, j.attempt, date_trunc('second', at - j.staged_at),
+           CASE WHEN j.last_error IS NOT NULL THEN '; last error: ' || left(j.last_error, 300) ELSE '' END),
+    NULL::float8;
+  IF pol.name IS NULL THEN
+    RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'waits'::text,
+      format('policy %s is not declared: nothing admits this job until it is', quote_literal(j.policy)), NULL::float8;
+    RETURN;
+  END IF;
+  IF pol.paused THEN
+    waits := true; estimable := false; reasons := array_append(reasons, 'the policy is paused'::text);
+    RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'waits'::text,
+      'the policy is paused: nothing is admitted until dispatch_policy.resume(policy)'::text, NULL::float8;
+  END IF;
+  IF j.not_before > at THEN
+    waits := true; estimate := greatest(estimate, extract(epoch FROM j.not_before - at));
+    reasons := array_append(reasons, 'scheduled for later'::text);
+    RETURN QUERY SELECT 'schedule'::text, NULL::text, NULL::text, 'waits'::text,
+      format('scheduled: not before %s', j.not_before), extract(epoch FROM j.not_before - at)::float8;
+  END IF;
+  -- Deferred by its worker (0022): the latest deferral still ahead.
+  RETURN QUERY SELECT 'deferred'::text, NULL::text, NULL::text, 'info'::text,
+    format('deferred by its worker until %s (%s deferral%s): %s', d.until, d.n, CASE WHEN d.n = 1 THEN '' ELSE 's' END,
+           left(d.reason, 300)),
+    NULL::float8
+  FROM (SELECT x.until, x.reason, count(*) OVER () AS n, x.id AS deferral
+        FROM dispatch_policy.job_deferrals x WHERE x.job_id = j.id) d
+  WHERE d.until > at
+  ORDER BY d.deferral DESC LIMIT 1;
+  -- Its deadline (0023).
+  IF j.expires_at IS NOT NULL THEN
+    RETURN QUERY SELECT 'deadline'::text, NULL::text, NULL::text,
+      CASE WHEN j.expires_at <= at THEN 'expired' ELSE 'ok' END,
+      CASE WHEN j.expires_at <= at
+           THEN format('expired at %s: the next tick finishes it as expired instead of admitting it', j.expires_at)
+           ELSE format('expires at %s (in %s): finished as expired if not admitted by then', j.expires_at,
+                       date_trunc('second', j.expires_at - at)) END,
+      NULL::float8;
+  END IF;
+
+  -- Its place in its lane (the fetch takes a lane's jobs by priority, then id).
+  IF j.round_robin_key IS NULL THEN
+    SELECT count(*) INTO ahead FROM dispatch_policy.staged_jobs s
+    WHERE s.policy = j.policy AND s.round_robin_key IS NULL AND s.not_before IS NULL
+      AND (s.priority, s.id) < (j.priority, j.id);
+  ELSE
+    SELECT count(*) INTO ahead FROM dispatch_policy.staged_jobs s
+    WHERE s.policy = j.policy AND s.round_robin_key = j.round_robin_key AND s.not_before IS NULL
+      AND (s.priority, s.id) < (j.priority, j.id);
+  END IF;
+  SELECT * INTO ln FROM dispatch_policy.lanes l WHERE l.policy = j.policy AND l.lane IS NOT DISTINCT FROM j.round_robin_key;
+  -- The fetch passes a blocked lane over, whatever its jobs' gates say now.
+  IF ln.blocked_until > at THEN
+    waits := true;
+    reasons := array_append(reasons, 'its lane is blocked'::text);
+    IF ln.blocked_until = 'infinity' THEN
+      estimable := false;
+    ELSE
+      estimate := greatest(estimate, extract(epoch FROM ln.blocked_until - at)::double precision);
+    END IF;
+  END IF;
+  RETURN QUERY SELECT 'lane'::text, NULL::text, coalesce(j.round_robin_key, '(no key)'),
+    CASE WHEN ln.blocked_until > at THEN 'waits' ELSE 'info' END,
+    format('%s job(s) ahead in its lane %s%s; %s lane(s) of the policy ready for the rotation', ahead,
+           coalesce(quote_literal(j.round_robin_key), '(jobs without a key)'),
+           CASE WHEN ln.policy IS NULL THEN ', which has no lanes row yet (the runner''s maintenance adds it)'
+                WHEN ln.blocked_until > at AND ln.blocked_gate IS NOT NULL
+                     AND EXISTS (SELECT 1 FROM dispatch_policy.paused_partitions x
+                                 WHERE x.policy = j.policy AND x.gate = ln.blocked_gate
+                                   AND x.partition = ln.blocked_partition AND (x.until IS NULL OR x.until > at))
+                  THEN format(', blocked while partition %s of %s is paused (%s)', quote_literal(ln.blocked_partition),
+                              ln.blocked_gate, CASE WHEN ln.blocked_until = 'infinity' THEN 'until resume_partition'
+                                                    ELSE 'until ' || ln.blocked_until END)
+                WHEN ln.blocked_until = 'infinity' AND ln.blocked_gate IS NOT NULL
+                  THEN format(', blocked by %s partition %s until it has room (a slot released, a config change)',
+                              ln.blocked_gate, quote_literal(ln.blocked_partition))
+                WHEN ln.blocked_until > at AND ln.blocked_gate IS NOT NULL
+                  THEN format(', blocked until %s by %s partition %s', ln.blocked_until, ln.blocked_gate, quote_literal(ln.blocked_partition))
+                WHEN ln.blocked_until > at THEN format(', passed over until %s', ln.blocked_until)
+                ELSE ', ready' END,
+           (SELECT count(*) FROM dispatch_policy.lanes r WHERE r.policy = j.policy AND (r.blocked_until IS NULL OR r.blocked_until <= at))),
+    CASE WHEN ln.blocked_until > at AND ln.blocked_until < 'infinity' THEN extract(epoch FROM ln.blocked_until - at)::float8 END;
+
+  -- The nearest jobs ahead of it in the fetch order, once for every
+  -- throttle: those of its partition take tokens first. Bounded: an
+  -- explanation must not scan the backlog.
+  SELECT coalesce(array_agg(s.context), '{}'), count(*) INTO ahead_contexts, scanned
+  FROM (SELECT s.context FROM dispatch_policy.staged_jobs s
+        WHERE s.policy = j.policy AND s.not_before IS NULL AND (s.priority, s.id) < (j.priority, j.id)
+        ORDER BY s.priority DESC, s.id DESC LIMIT 2000) s;
+
+  parts := dispatch_policy._gate_partitions(pol.config, j.context);
+  FOR g IN SELECT x FROM jsonb_array_elements(coalesce(pol.config -> 'gates', '[]'::jsonb)) AS x LOOP
+    name := coalesce(g ->> 'name', g ->> 'type');
+    kind := g ->> 'type';
+    part := parts ->> name;
+    -- A paused partition refuses the job whatever the gate's state.
+    SELECT * INTO pp FROM dispatch_policy.paused_partitions x
+    WHERE x.policy = j.policy AND x.gate = name AND x.partition = part AND (x.until IS NULL OR x.until > at)
+      AND dispatch_policy._partitioned_gate(pol.config, name) IS NOT NULL;
+    IF FOUND THEN
+      waits := true;
+      reasons := array_append(reasons, format('%s %s on %s is paused', kind, name, quote_literal(part))::text);
+      IF pp.until IS NULL THEN
+        estimable := false;
+      ELSE
+        estimate := greatest(estimate, extract(epoch FROM pp.until - at)::double precision);
+      END IF;
+      RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
+        format('%s: the partition is paused (pause_partition at %s) %s%s: none of its jobs is admitted until then',
+               kind, pp.paused_at, CASE WHEN pp.until IS NULL THEN 'until resume_partition' ELSE 'until ' || pp.until END,
+               CASE WHEN pp.reason IS NOT NULL THEN ': ' || left(pp.reason, 300) ELSE '' END),
+        extract(epoch FROM pp.until - at)::float8;
+      CONTINUE;
+    END IF;
+    IF kind = 'throttle' THEN
+      SELECT * INTO b FROM dispatch_policy.throttle_buckets t
+      WHERE t.policy = j.policy AND t.gate = name AND t.partition = part;
+      rate := coalesce(b.rate, dispatch_policy._gate_number(g -> 'rate', j.context, 'throttle.rate'));
+      per := coalesce(b.per_seconds, dispatch_policy._gate_number(g -> 'per', j.context, 'throttle.per'));
+      burst := coalesce(b.burst, CASE WHEN g ? 'burst' THEN dispatch_policy._gate_number(g -> 'burst', j.context, 'throttle.burst')
+                                      ELSE least(greatest(rate, 1), 1000000) END);
+      tokens := CASE WHEN b.policy IS NULL THEN burst
+                     ELSE dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, at) END;
+      -- The tokens the job takes (cost, default 1), at most the burst, as the runner charges it.
+      cost := least(CASE WHEN g ? 'cost' THEN dispatch_policy._gate_number(g -> 'cost', j.context, 'throttle.cost') ELSE 1 END,
+                    burst);
+      cost_text := CASE WHEN g ? 'cost' THEN format('; this job costs %s token(s)', cost) ELSE '' END;
+      SELECT count(*), coalesce(sum(least(CASE WHEN g ? 'cost'
+                                               THEN dispatch_policy._gate_number(g -> 'cost', c.context, 'throttle.cost')
+                                               ELSE 1 END, burst)), 0)
+      INTO ahead_in_partition, ahead_cost
+      FROM unnest(ahead_contexts) AS c(context)
+      WHERE dispatch_policy._partition_key(g ->> 'partition_by', c.context) = part;
+      at_least := CASE WHEN scanned >= 2000 THEN 'at least ' ELSE '' END;
+      -- Seconds until the bucket holds its cost and that of every job of
+      -- its partition ahead of it (numeric: a tiny rate must not overflow);
+      -- NULL beyond a century.
+      IF rate > 0 THEN
+        needed := greatest((ahead_cost + cost)::numeric - tokens::numeric, 0) * per::numeric / rate::numeric;
+        IF needed > 3153600000 THEN needed := NULL; END IF;
+        to_token := CASE WHEN tokens >= cost THEN 0 ELSE (cost::numeric - tokens::numeric) * per::numeric / rate::numeric END;
+        IF to_token > 3153600000 THEN to_token := NULL; END IF;
+      END IF;
+      IF rate = 0 THEN
+        -- The runner admits nothing through a throttle of rate 0.
+        waits := true; estimable := false;
+        reasons := array_append(reasons, format('throttle %s has a rate of 0', name)::text);
+        RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
+          'throttle: a rate of 0 admits nothing (declare a rate above 0)'::text, NULL::float8;
+      ELSIF tokens >= cost THEN
+        RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
+          format('throttle: %s token(s) of %s now (%s per %s s)%s; %s%s job(s) of this partition ahead of it',
+                 round(tokens::numeric, 2), burst, rate, per, cost_text, at_least, ahead_in_partition), NULL::float8;
+      ELSE
+        waits := true; reasons := array_append(reasons, format('throttle %s on %s', name, quote_literal(part))::text);
+        RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
+          format('throttle: %s token(s) of %s (%s per %s s)%s: %s in %s; %s%s job(s) of this partition ahead of it',
+                 round(tokens::numeric, 2), burst, rate, per, cost_text,
+                 CASE WHEN g ? 'cost' THEN 'enough for its cost' ELSE 'the next whole token' END,
+                 CASE WHEN to_token IS NULL THEN 'more than a century' ELSE round(to_token, 3) || ' s' END,
+                 at_least, ahead_in_partition),
+          to_token::float8;
+      END IF;
+      IF rate > 0 AND ahead_cost + cost > tokens THEN
+        IF needed IS NULL THEN
+          estimable := false;
+        ELSE
+          estimate := greatest(estimate, needed::double precision);
+          IF tokens >= cost THEN
+            reasons := array_append(reasons,
+              format('throttle %s on %s: %s%s job(s) ahead take its tokens', name, quote_literal(part), at_least, ahead_in_partition)::text);
+          END IF;
+          IF at_least <> '' THEN estimate_at_least := true; END IF;
+        END IF;
+      END IF;
+    ELSIF kind IN ('concurrency', 'global_cap', 'adaptive_concurrency') THEN
+      SELECT coalesce(max(c.in_flight), 0) INTO held FROM dispatch_policy.inflight_counters c
+      WHERE c.policy = j.policy AND c.gate = name AND c.partition = part;
+      IF kind = 'adaptive_concurrency' THEN
+        SELECT * INTO a FROM dispatch_policy.adaptive_stats s WHERE s.policy = j.policy AND s.gate = name AND s.partition = part;
+        initial := coalesce(dispatch_policy._json_number(g -> 'initial_max')::integer, 3);
+        floor_ := coalesce(dispatch_policy._json_number(g -> 'min')::integer, 1);
+        ceiling := dispatch_policy._json_number(g -> 'max')::integer;
+        cap := coalesce(a.current_max, initial)::double precision;
+        -- An idle partition may run at least initial_max (the runner's safety valve).
+        IF held = 0 THEN cap := greatest(cap, initial); END IF;
+        IF ceiling IS NOT NULL THEN cap := least(cap, greatest(ceiling, floor_)); END IF;
+      ELSE
+        cap := dispatch_policy._gate_number(g -> 'max', j.context, kind || '.max');
+      END IF;
+      IF held >= cap THEN
+        waits := true; estimable := false;
+        reasons := array_append(reasons, format('%s %s on %s', kind, name, quote_literal(part))::text);
+      END IF;
+      RETURN QUERY SELECT 'gate'::text, name, part, CASE WHEN held < cap THEN 'ok' ELSE 'waits' END,
+        format('%s: %s in flight of a cap of %s%s%s', kind, held, cap,
+               CASE WHEN kind = 'adaptive_concurrency'
+                 THEN format(' (adaptive; %s, target %s ms)',
+                             coalesce('EWMA lag ' || round(a.ewma_lag_ms::numeric, 1) || ' ms', 'no lag observed yet'),
+                             g -> 'target_lag_ms') ELSE '' END,
+               CASE WHEN held >= cap THEN ': it waits for a slot to be released (complete, fail or an expired lease)' ELSE '' END),
+        NULL::float8;
+    ELSE
+      RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
+        format('%s: orders a batch across partitions; it never refuses a job', kind), NULL::float8;
+    END IF;
+  END LOOP;
+
+  IF pol.name IS NOT NULL AND EXISTS (SELECT 1 FROM dispatch_policy.runner_failures f WHERE f.policy = j.policy) THEN
+    waits := true; estimable := false; reasons := array_append(reasons, 'its ticks fail'::text);
+    RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'waits'::text,
+      (SELECT format('the policy''s ticks fail (%s in a row, retry at %s): %s', f.failures, f.retry_at, left(f.error, 300))
+       FROM dispatch_policy.runner_failures f WHERE f.policy = j.policy), NULL::float8;
+  END IF;
+
+  RETURN QUERY SELECT 'estimate'::text, NULL::text, NULL::text,
+    CASE WHEN NOT waits AND estimate = 0 AND estimable THEN 'next tick' WHEN estimable THEN 'estimated' ELSE 'unknown' END,
+    CASE
+      WHEN NOT waits AND estimate = 0 AND estimable THEN 'every gate has room: admitted by the next tick that reaches its lane'
+      WHEN estimable THEN format('admitted in %sabout %s s (%s), if nothing else takes its tokens first',
+                                 CASE WHEN estimate_at_least THEN 'at least ' ELSE '' END,
+                                 round(estimate::numeric, 1), array_to_string(reasons, ', '))
+      ELSE format('no estimate: %s', array_to_string(reasons, ', '))
+    END,
+    CASE WHEN estimable THEN estimate END;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.explain(bigint) IS
+  'Why a job is where it is. For a pending or scheduled job, one row per reason (aspect job, policy, schedule, deferred, deadline, lane, gate, estimate): for each gate of its policy, in its partition, ok or waits with the numbers (tokens now, the job''s cost where the throttle has one, and the time until the bucket holds it (the next whole token without a cost); in flight against the cap; the adaptive cap and EWMA lag) or, when an operator paused that partition (pause_partition), waits with the pause''s end (wait_seconds; none without until) and reason, the latest deferral by its worker while its until is ahead (aspect deferred: info with until, how many deferrals and the reason), its deadline (aspect deadline: ok with expires_at, or expired when it passed and the next tick will finish it as expired); whether it is scheduled or the policy paused or failing, its place in its lane (and whether a pause blocks the lane), and an estimated wait in seconds (wait_seconds) where one can be computed (throttles, schedules and pauses with an end; a full cap or a pause without an end has none). For an admitted or finished (completed, dead, cancelled, expired, dropped) job, one row saying so. P0002 for an id with no job.';
+
+-- ---------------------------------------------------------------------------
+-- Privileges (see 0021): the new functions are PUBLIC's until revoked
+-- (stage_outcome states its SECURITY DEFINER and search_path itself).
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch_policy FROM PUBLIC;

@@ -1,0 +1,167 @@
+import DispatchPolicy
+import Foundation
+import Testing
+
+/// Cost-weighted throttles and weighted fairness (issue 12), pure.
+@Suite("Cost-weighted throttle")
+struct CostTests {
+    private let a = GateKey(gate: "units", partition: "a")
+
+    private func job(_ id: Int64, _ units: Int? = nil, ep: String = "a") -> BatchRow {
+        var context = ["ep": ep]
+        if let units { context["units"] = String(units) }
+        return BatchRow(id: id, context: context)
+    }
+
+    private var config: PolicyConfig {
+        PolicyConfig {
+            Gate.throttle(name: "units", rate: 100, per: 60, burst: 10, cost: .context("units", default: 1), partitionBy: "{ep}")
+        }
+    }
+
+    @Test("a job takes its cost in tokens; the bucket refuses a job it cannot pay and takes nothing for it")
+    func takesCost() {
+        // 10 tokens: 5 + 3 admitted (8), 4 refused (2 left), 2 admitted, 1 (default cost) refused.
+        let decision = evaluate(config, [job(1, 5), job(2, 3), job(3, 4), job(4, 2), job(5)])
+        #expect(decision.admitted.map(\.id) == [1, 2, 4])
+        #expect(decision.takes == [a: 10])
+        #expect(decision.refusedByGate == ["units": 2])
+    }
+
+    @Test("room means tokens ≥ cost: 4.5 tokens admit a job of 4.5 but not one of 5")
+    func roomIsCost() {
+        let state = GateState(tokens: [a: 4.5])
+        #expect(evaluate(config, [job(1, 5)], state: state).admitted.isEmpty)
+        let fractional = PolicyConfig { Gate.throttle(name: "units", rate: 100, per: 60, burst: 10, cost: 4.5, partitionBy: "{ep}") }
+        let decision = evaluate(fractional, [job(1)], state: state)
+        #expect(decision.admitted.map(\.id) == [1])
+        #expect(decision.takes == [a: 4.5])
+    }
+
+    @Test("the wait for a refused job is until the bucket holds its cost")
+    func waitUsesCost() {
+        // 1 token, cost 7, 100 per 60 s: 6 tokens to go, 3.6 s.
+        let decision = evaluate(config, [job(1, 7)], state: GateState(tokens: [a: 1]))
+        #expect(decision.admitted.isEmpty)
+        #expect(abs((decision.tokenWaits[a] ?? 0) - 3.6) < 1e-9)
+    }
+
+    @Test("a cost out of bounds in the context falls back to the default; above the burst it takes a full bucket")
+    func bounds() {
+        // -5 and "lots" are not costs: the default 1 applies.
+        let decision = evaluate(
+            config, [job(1, -5), BatchRow(id: 2, context: ["ep": "a", "units": "lots"])], state: GateState(tokens: [a: 2]))
+        #expect(decision.takes == [a: 2])
+        // A job staged before the burst shrank (staging refuses it now) is
+        // charged the whole bucket instead of waiting forever.
+        let full = evaluate(config, [job(1, 50)])
+        #expect(full.admitted.map(\.id) == [1])
+        #expect(full.takes == [a: 10])
+    }
+
+    @Test("without cost a job takes one token, as before")
+    func defaultCost() {
+        let plain = PolicyConfig { Gate.throttle(name: "units", rate: 100, per: 60, burst: 3, partitionBy: "{ep}") }
+        let decision = evaluate(plain, [job(1, 5), job(2, 5), job(3, 5), job(4, 5)])
+        #expect(decision.admitted.count == 3)
+        #expect(decision.takes == [a: 3])
+    }
+
+    @Test("the DSL encodes cost and round_robin_weight as the JSON fields")
+    func encodes() throws {
+        let config = PolicyConfig(roundRobinBy: "{tenant}", roundRobinWeight: .context("weight", default: 1)) {
+            Gate.throttle(rate: 100, per: 60, burst: 100, cost: .context("units", default: 1))
+        }
+        let json = try config.json()
+        #expect(json.contains(#""round_robin_weight":{"context":"weight","default":1}"#))
+        #expect(json.contains(#""cost":{"context":"units","default":1}"#))
+        #expect(try PolicyConfig(json: json) == config)
+    }
+
+    @Test("FieldLimits: cost in (0, 1000000] tokens, default 1; weight an integer in [1, 1000], default 1")
+    func limits() {
+        #expect(!FieldLimits.throttleCost.contains(0))
+        #expect(FieldLimits.throttleCost.contains(0.5))
+        #expect(FieldLimits.throttleCost.contains(1_000_000))
+        #expect(!FieldLimits.throttleCost.contains(1_000_001))
+        #expect(!FieldLimits.roundRobinWeight.contains(0))
+        #expect(!FieldLimits.roundRobinWeight.contains(2.5))
+        #expect(FieldLimits.roundRobinWeight.contains(1000))
+        #expect(Array(FieldLimits.database.suffix(2)) == [FieldLimits.throttleCost, FieldLimits.roundRobinWeight])
+    }
+}
+
+@Suite("Weighted fairness")
+struct WeightTests {
+    private let config = PolicyConfig(roundRobinWeight: .context("weight", default: 1)) {
+        Gate.globalCap(max: 1000)
+        Gate.fairInterleave(partitionBy: "{tenant}")
+    }
+
+    private func tenant(_ name: String, weight: Int?, _ ids: ClosedRange<Int64>) -> [BatchRow] {
+        ids.map { id in
+            var context = ["tenant": name]
+            if let weight { context["weight"] = String(weight) }
+            return BatchRow(id: id, context: context)
+        }
+    }
+
+    @Test("fair_interleave gives a partition weight rows per round: weights 1 and 3 order a bbb a bbb ...")
+    func interleavesByWeight() {
+        let admission = Admission(config: config)
+        let batch = tenant("a", weight: 1, 1...4) + tenant("b", weight: 3, 11...22)
+        let ordered = admission.order(admission.prepare(batch)).map(\.row.id)
+        #expect(ordered == [1, 11, 12, 13, 2, 14, 15, 16, 3, 17, 18, 19, 4, 20, 21, 22])
+    }
+
+    @Test("behind a binding cap, weights 1 and 3 get 25 % and 75 % of a tick's room")
+    func shareOfCap() {
+        let capped = PolicyConfig(roundRobinWeight: .context("weight", default: 1)) {
+            Gate.globalCap(max: 40)
+            Gate.fairInterleave(partitionBy: "{tenant}")
+        }
+        let decision = evaluate(capped, tenant("a", weight: 1, 1...100) + tenant("b", weight: 3, 101...200))
+        let a = decision.admitted.filter { $0.id <= 100 }.count
+        #expect(a == 10)
+        #expect(decision.admitted.count - a == 30)
+    }
+
+    @Test("without round_robin_weight, or with weights from nowhere, the rounds are one row each")
+    func unweighted() {
+        let admission = Admission(config: config)
+        let ordered = admission.order(admission.prepare(tenant("a", weight: nil, 1...2) + tenant("b", weight: nil, 3...4)))
+        #expect(ordered.map(\.row.id) == [1, 3, 2, 4])
+        // Out of bounds (0, 1001, 2.5): the default weight 1.
+        #expect(config.weight(of: ["weight": "0"]) == 1)
+        #expect(config.weight(of: ["weight": "1001"]) == 1)
+        #expect(config.weight(of: ["weight": "2.5"]) == 1)
+        #expect(config.weight(of: ["weight": "7"]) == 7)
+        #expect(PolicyConfig().weight(of: ["weight": "7"]) == 1)
+    }
+
+    @Test("a tick cut short inside a weighted round reports where: the first starved job's place in its lane")
+    func starvedRow() {
+        // Lanes a (weight 1) and b (weight 3), fetched a b b b; a shared
+        // bucket of 2 tokens admits a and b's first; b's second is starved.
+        let weighted = PolicyConfig(roundRobinBy: "{tenant}", roundRobinWeight: .context("weight", default: 1)) {
+            Gate.throttle(rate: 1, per: 1, burst: 2)
+        }
+        let batch = [
+            BatchRow(id: 1, roundRobinKey: "a", context: ["tenant": "a", "weight": "1"], lane: 1),
+            BatchRow(id: 2, roundRobinKey: "b", context: ["tenant": "b", "weight": "3"], lane: 2),
+            BatchRow(id: 3, roundRobinKey: "b", context: ["tenant": "b", "weight": "3"], lane: 2),
+            BatchRow(id: 4, roundRobinKey: "b", context: ["tenant": "b", "weight": "3"], lane: 2),
+        ]
+        let decision = evaluate(weighted, batch)
+        #expect(decision.admitted.map(\.id) == [1, 2])
+        #expect(decision.cursor == .after("a"))
+        #expect(decision.starved == StarvedRow(lane: "b", index: 2, weight: 3))
+        // Weight 1 everywhere: nothing to report.
+        let plain = batch.map { row -> BatchRow in
+            var row = row
+            row.context["weight"] = "1"
+            return row
+        }
+        #expect(evaluate(weighted, plain).starved == nil)
+    }
+}
