@@ -295,7 +295,7 @@ public struct AdminServer: Sendable {
             let samples = minutes[policy.name] ?? []
             rows.append([
                 "name": policy.name, "urlName": Self.path(policy.name),
-                "state": policy.paused ? "paused" : (policy.tickFailures ?? 0) > 0 ? "failing" : "active",
+                "state": policy.paused ? "paused" : (policy.tickFailures ?? 0) > 0 ? "failing" : policy.isShadow ? "shadow" : "active",
                 "pending": policy.pending, "scheduled": policy.scheduled, "inFlight": policy.inFlight, "admitted24h": policy.admitted24h,
                 "completed24h": policy.completed24h, "failed24h": policy.failed24h,
                 "failurePercent": finished > 0 ? String(format: "%.1f %%", Double(policy.failed24h) * 100 / Double(finished)) : "-",
@@ -348,6 +348,9 @@ public struct AdminServer: Sendable {
             ]
             : nil
         let shown = Array(partitions.prefix(pageSize)) + watched
+        // Shadow mode (or back from it, with would-refusals still on record):
+        // the partitions show what the gates would have refused.
+        let shadow = overview?.isShadow == true || shown.contains { $0.wouldRefuse != nil }
         let sparks = try await store.minutes(policy: name, partitions: shown.map { ($0.gate, $0.partition) }, since: since)
         func row(_ partition: AdminStore.PartitionRow) -> [String: Any] {
             let spark = sparks[partition.gate]?[partition.partition] ?? []
@@ -360,8 +363,10 @@ public struct AdminServer: Sendable {
                 "ewma": partition.ewmaLagMs.map(Format.milliseconds) ?? "-", "lastAdmitted": Self.time(partition.lastAdmitted),
                 "pending": partition.pending, "lastStaged": Self.time(partition.lastStaged),
                 "spark": Chart.sparkline(spark.map(Self.point), label: "completions and lag of \(partition.partition), last hour"),
-                "paused": partition.paused, "policy": name,
+                "paused": partition.paused, "policy": name, "shadow": shadow,
+                "wouldRefuse": partition.wouldRefuse.map { "\($0)" } ?? "-",
             ]
+            if let lag = partition.wouldBeLagSeconds { values["wouldBeLag"] = Format.seconds(lag) + " behind" }
             // Actions only where they can work: a partitioned gate's partition.
             if session.signedIn && partition.partitioned {
                 values["actions"] =
@@ -378,7 +383,9 @@ public struct AdminServer: Sendable {
         for partition in watched { watchedRows.append(row(partition)) }
 
         var values: [String: Any] = [
-            "title": name, "name": name, "urlName": Self.path(name), "state": detail.paused ? "paused" : "active",
+            "title": name, "name": name, "urlName": Self.path(name),
+            "state": detail.paused ? "paused" : overview?.isShadow == true ? "shadow" : "active", "shadow": shadow,
+            "shadowMode": overview?.isShadow == true,
             "hints": overview.map { Hints.of($0, limits: limits) } ?? [],
             "chart": Chart.svg(samples.map(Self.point), label: "completions per minute and average queue lag of \(name), last hour"),
             "partitions": partitionRows, "watched": watchedRows, "watchParams": watch, "query": search ?? "",

@@ -39,6 +39,12 @@ public struct AdminStore: Sendable {
         public var dropped24h: Int64 = 0
         /// Deferrals by workers (``DispatchPolicy/Defer``) in 24 h.
         public var deferred24h: Int64 = 0
+        /// `enforce`, or `shadow`: the policy admits every job it fetches and
+        /// records what its gates would have refused.
+        public var mode = "enforce"
+
+        /// Whether the policy is in shadow mode.
+        public var isShadow: Bool { mode == "shadow" }
     }
 
     /// Every policy's overview, or only the one named `only`.
@@ -48,7 +54,7 @@ public struct AdminStore: Sendable {
             SELECT policy, pending, scheduled, in_flight, admitted_24h, completed_24h, failed_24h, dead,
                    extract(epoch FROM oldest_pending_age)::float8, paused, tick_failures, last_error,
                    lag_p50_ms::float8, lag_p95_ms::float8, coalesce(throughput_per_min, 0)::float8,
-                   expired_24h, dropped_24h, deferred_24h
+                   expired_24h, dropped_24h, deferred_24h, mode
             FROM dispatch_policy.policy_overview
             WHERE \(only)::text IS NULL OR policy = \(only)::text
             ORDER BY policy
@@ -58,14 +64,15 @@ public struct AdminStore: Sendable {
                 try row.decode(
                     (String, Int64, Int64, Int64, Int64, Int64, Int64, Int64, Double?, Bool, Int?, String?, Double?, Double?, Double).self)
             let columns = Array(row)
-            let (expired, dropped, deferred) = try (
-                columns[15].decode(Int64.self), columns[16].decode(Int64.self), columns[17].decode(Int64.self)
+            let (expired, dropped, deferred, mode) = try (
+                columns[15].decode(Int64.self), columns[16].decode(Int64.self), columns[17].decode(Int64.self),
+                columns[18].decode(String?.self)
             )
             return PolicyRow(
                 name: name, pending: pending, scheduled: scheduled, inFlight: inFlight, admitted24h: admitted, completed24h: completed,
                 failed24h: failed, dead: dead, oldestPendingSeconds: oldest, paused: paused, tickFailures: failures, lastError: error,
                 lagP50ms: p50, lagP95ms: p95, throughputPerMinute: rate, expired24h: expired, dropped24h: dropped,
-                deferred24h: deferred)
+                deferred24h: deferred, mode: mode ?? "enforce")
         }
     }
 
@@ -307,6 +314,12 @@ public struct AdminStore: Sendable {
         /// was last staged into it (`partition_pending`).
         public var pending: Int64 = 0
         public var lastStaged: Date?
+        /// Shadow policies: jobs this partition would have refused (admitted
+        /// anyway); nil when none was recorded.
+        public var wouldRefuse: Int64?
+        /// A throttle: its token deficit over the refill rate, in seconds (how
+        /// far behind an enforcing throttle would be now).
+        public var wouldBeLagSeconds: Double?
     }
 
     /// The orders the partition list offers, each with keyset pagination.
@@ -427,12 +440,17 @@ public struct AdminStore: Sendable {
                    greatest(c.last_admitted_at, b.last_admitted_at),
                    EXISTS (SELECT 1 FROM dispatch_policy.paused_partitions pp
                            WHERE pp.policy = $1 AND pp.gate = k.gate AND pp.partition = k.partition
-                             AND (pp.until IS NULL OR pp.until > now()))
+                             AND (pp.until IS NULL OR pp.until > now())),
+                   r.would_refuse,
+                   CASE WHEN b.rate > 0 THEN
+                     (greatest(-dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, now()), 0)
+                      * b.per_seconds / b.rate)::float8 END
             FROM known k
             JOIN gates gt ON gt.gate = k.gate
             LEFT JOIN dispatch_policy.throttle_buckets b ON b.policy = $1 AND b.gate = k.gate AND b.partition = k.partition
             LEFT JOIN dispatch_policy.inflight_counters c ON c.policy = $1 AND c.gate = k.gate AND c.partition = k.partition
             LEFT JOIN dispatch_policy.adaptive_stats a ON a.policy = $1 AND a.gate = k.gate AND a.partition = k.partition
+            LEFT JOIN dispatch_policy.shadow_refusals r ON r.policy = $1 AND r.gate = k.gate AND r.partition = k.partition
             WHERE ($8::text IS NULL
                    OR (NOT $7 AND (k.gate, k.partition) > ($8::text, $9::text))
                    OR ($7 AND (-coalesce(c.in_flight, 0), k.gate, k.partition) > (-$10::bigint, $8::text, $9::text)))
@@ -443,9 +461,12 @@ public struct AdminStore: Sendable {
         var rows = try await executor.rows(PostgresQuery(unsafeSQL: sql, binds: binds), logger: logger).map { row in
             let (gate, type, isPartitioned, partition, inFlight, cap, tokens, burst, ewma, last, paused) =
                 try row.decode((String, String, Bool, String, Int64, Double?, Double?, Double?, Double?, Date?, Bool).self)
+            let columns = Array(row)
+            let (wouldRefuse, lag) = try (columns[11].decode(Int64?.self), columns[12].decode(Double?.self))
             return PartitionRow(
                 gate: gate, gateType: type, partitioned: isPartitioned, partition: partition, inFlight: inFlight, cap: cap, tokens: tokens,
-                burst: burst, ewmaLagMs: ewma, lastAdmitted: last, paused: paused)
+                burst: burst, ewmaLagMs: ewma, lastAdmitted: last, paused: paused, wouldRefuse: wouldRefuse,
+                wouldBeLagSeconds: lag.flatMap { $0 > 0 ? $0 : nil })
         }
         // Pending and last staged of the page's partitions, exact, one statement.
         let partitioned = rows.filter(\.partitioned)

@@ -25,6 +25,7 @@ enum Assets {
         .key { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; word-break: break-all; }
         .state { border-radius: 3px; padding: 0 .35rem; font-size: 12px; border: 1px solid var(--line); }
         .state.paused, .state.failing { background: var(--warn-bg); color: var(--warn-fg); }
+        .state.shadow { border-style: dashed; color: var(--muted); }
         ul.hints, tr.hints ul { margin: .2rem 0; padding-left: 1.2rem; color: var(--warn-fg); background: var(--warn-bg); border-radius: 4px; }
         tr.hints td { border-bottom: none; padding-top: 0; }
         .flash { padding: .5rem .8rem; border-radius: 4px; background: var(--row); border: 1px solid var(--line); }

@@ -81,6 +81,7 @@ enum Templates {
     static let policy = """
         {{> head}}
         <h1>{{name}} <span class="state {{state}}">{{state}}</span></h1>
+        {{#shadowMode}}<p class="note">Shadow mode: every job the fetch reaches is admitted; the gates only record what they would have refused (the Would refuse column; <code>partition_overview.would_refuse</code>). Redeclare without <code>"mode": "shadow"</code> to enforce them.</p>{{/shadowMode}}
         {{^empty(hints)}}<ul class="hints">{{#hints}}<li>{{.}}</li>{{/hints}}</ul>{{/empty(hints)}}
         {{#actions}}
         <div class="actions">
@@ -134,14 +135,14 @@ enum Templates {
         """
 
     static let partitionHead = """
-        <thead><tr><th></th><th>Gate</th><th>Partition</th><th class="n">Pending</th><th class="n">In flight</th><th class="n">Cap</th><th class="n">Tokens</th><th class="n">EWMA lag</th><th>Last staged</th><th>Last admitted</th><th>Last hour</th>{{#actions}}<th>Actions</th>{{/actions}}</tr></thead>
+        <thead><tr><th></th><th>Gate</th><th>Partition</th><th class="n">Pending</th><th class="n">In flight</th><th class="n">Cap</th><th class="n">Tokens</th><th class="n">EWMA lag</th>{{#shadow}}<th class="n" title="Shadow mode: jobs this partition would have refused, admitted anyway">Would refuse</th>{{/shadow}}<th>Last staged</th><th>Last admitted</th><th>Last hour</th>{{#actions}}<th>Actions</th>{{/actions}}</tr></thead>
         """
 
     static let partitionRow = """
         <tr class="{{#paused}}paused{{/paused}}">
           <td><button class="watch" type="button" data-partition="{{partition}}" aria-label="Watch {{partition}}">☆</button></td>
           <td>{{gate}} <small>{{gateType}}</small></td><td class="key">{{partition}}{{#paused}} <span class="state paused">paused</span>{{/paused}}</td>
-          <td class="n">{{pending}}</td><td class="n">{{inFlight}}</td><td class="n">{{cap}}</td><td class="n">{{tokens}}</td><td class="n">{{ewma}}</td><td>{{lastStaged}}</td><td>{{lastAdmitted}}</td><td>{{{spark}}}</td>
+          <td class="n">{{pending}}</td><td class="n">{{inFlight}}</td><td class="n">{{cap}}</td><td class="n">{{tokens}}</td><td class="n">{{ewma}}</td>{{#shadow}}<td class="n">{{wouldRefuse}}{{#wouldBeLag}} <small>{{wouldBeLag}}</small>{{/wouldBeLag}}</td>{{/shadow}}<td>{{lastStaged}}</td><td>{{lastAdmitted}}</td><td>{{{spark}}}</td>
           {{#actions}}<td class="row-actions">
             <form method="post" action="/actions/{{pauseAction}}-partition"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="policy" value="{{policy}}"><input type="hidden" name="gate" value="{{gate}}"><input type="hidden" name="partition" value="{{partition}}"><button>{{pauseLabel}}</button></form>
             <form method="post" action="/actions/admit-now" class="admit-now"><input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="policy" value="{{policy}}"><input type="hidden" name="gate" value="{{gate}}"><input type="hidden" name="partition" value="{{partition}}"><input type="number" name="max" value="1" min="1" max="100000" aria-label="How many to admit now"><button title="Admit up to this many pending jobs of the partition now, through its gates">Admit now</button></form>

@@ -549,19 +549,20 @@ struct Status: AsyncParsableCommand {
         }
         var rows: [[String]] = []
         var errors: [String] = []
-        for try await (policy, pending, scheduled, inFlight, completed, failed, dead, notRun, oldest, paused, failures, error, retry)
+        for try await (policy, pending, scheduled, inFlight, completed, failed, dead, notRun, oldest, paused, failures, error, retry, mode)
             in try await conn.query(
                 """
                 SELECT policy, pending, scheduled, in_flight, completed_24h, failed_24h, dead,
                        expired_24h || ' / ' || dropped_24h || ' / ' || deferred_24h,
                        coalesce(nullif(extract(day FROM oldest_pending_age)::int, 0)::text || 'd ', '')
                          || coalesce(to_char(oldest_pending_age, 'HH24:MI:SS'), '-'), paused,
-                       tick_failures, last_error, to_char(retry_at, 'YYYY-MM-DD HH24:MI:SS TZ')
+                       tick_failures, last_error, to_char(retry_at, 'YYYY-MM-DD HH24:MI:SS TZ'), mode
                 FROM dispatch_policy.policy_overview WHERE \(policy)::text IS NULL OR policy = \(policy)::text ORDER BY policy
                 """, logger: logger
-            ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, String, Bool, Int?, String?, String?).self)
+            ).decode((String, Int64, Int64, Int64, Int64, Int64, Int64, String, String, Bool, Int?, String?, String?, String?).self)
         {
-            let state = paused ? "paused" : failures != nil ? "failing" : "active"
+            // A shadow policy admits everything: say so rather than "active".
+            let state = paused ? "paused" : failures != nil ? "failing" : mode == "shadow" ? "shadow" : "active"
             rows.append([
                 policy, state, "\(pending)", "\(scheduled)", "\(inFlight)",
                 "\(completed)", "\(failed)", "\(dead)", notRun, oldest,

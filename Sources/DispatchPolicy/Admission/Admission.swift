@@ -143,6 +143,31 @@ public struct AdmissionDecision: Sendable, Equatable {
     /// Lanes of the batch that nothing can leave before their block ends: the
     /// fetch passes them over until then.
     public var laneBlocks: [LaneBlock] = []
+    /// Shadow mode: per gate partition, the jobs it had no room for (they
+    /// were admitted anyway) and how far over its limit the batch left it.
+    public var wouldRefuse: [GateKey: WouldRefuse] = [:]
+    /// Shadow mode: jobs each gate had no room for, by gate name (a job
+    /// counts for every gate that would have refused it).
+    public var wouldRefuseByGate: [String: Int] = [:]
+}
+
+/// What a gate partition of a shadow policy would have done in one tick.
+public struct WouldRefuse: Sendable, Equatable {
+    /// Jobs it had no room for (admitted anyway).
+    public var count = 0
+    /// A throttle: the token deficit the batch left over the refill rate, in
+    /// seconds (how far behind an enforcing throttle would be); nil for
+    /// other gates and for a rate of 0.
+    public var lagSeconds: Double?
+    /// A concurrency, global_cap or adaptive gate: jobs in flight beyond the
+    /// cap after the batch; nil for a throttle.
+    public var overCap: Int?
+
+    public init(count: Int = 0, lagSeconds: Double? = nil, overCap: Int? = nil) {
+        self.count = count
+        self.lagSeconds = lagSeconds
+        self.overCap = overCap
+    }
 }
 
 /// The first job of the batch refused for want of room this tick's own
@@ -323,9 +348,19 @@ public struct Admission: Sendable {
         return RequiredState(buckets: buckets.values.sorted { $0.key < $1.key }, counters: counters.sorted(), adaptive: adaptive)
     }
 
+    /// The lowest a shadow policy's bucket may go: the bound of
+    /// `throttle_buckets_tokens_check`. A take that would pass it takes less.
+    public static let shadowTokenFloor: Double = -1_000_000
+
     /// Decides which rows to admit, in batch order. A row is admitted when
     /// every gate has room for it in the row's partition; a refused row takes
     /// nothing, so later rows of other partitions can still go through.
+    ///
+    /// A shadow policy (``PolicyConfig/Mode/shadow``) admits every row a
+    /// paused partition does not hold: each gate that had no room for a row
+    /// counts it in ``AdmissionDecision/wouldRefuse``, and the row takes its
+    /// tokens and slots all the same (a bucket may go below 0, down to
+    /// ``shadowTokenFloor``; a counter above its cap).
     public func evaluate(_ rows: [PreparedRow], state: GateState, buckets: [BucketRequest]) -> AdmissionDecision {
         let rates = Dictionary(buckets.map { ($0.key, $0.rate) }, uniquingKeysWith: { a, _ in a })
         let perSecond = Dictionary(buckets.map { ($0.key, $0.per > 0 ? $0.rate / $0.per : 0) }, uniquingKeysWith: { a, _ in a })
@@ -353,6 +388,9 @@ public struct Admission: Sendable {
         // Per lane: whether it admitted a job or lost one to this tick's own
         // admissions, and the refusals by state from before the tick.
         var lanes: [Int: LaneTally] = [:]
+        let shadow = config.isShadow
+        // Shadow mode: the cap each counter partition was measured against.
+        var caps: [GateKey: Double] = [:]
         // Per lane: its jobs seen so far, and its weight (from its first job).
         var laneRows: [Int: Int] = [:]
         var laneWeights: [Int: Int] = [:]
@@ -407,6 +445,22 @@ public struct Admission: Sendable {
                 case .fairInterleave:
                     room = true
                 }
+                if !room && shadow {
+                    // Admitted anyway: the gate only records it.
+                    decision.wouldRefuse[key, default: WouldRefuse()].count += 1
+                    decision.wouldRefuseByGate[gate.effectiveName, default: 0] += 1
+                    switch gate.type {
+                    case .concurrency:
+                        caps[key] = gate.max?.value(in: row.row.context, within: FieldLimits.concurrencyMax) ?? 0
+                    case .globalCap:
+                        caps[key] = gate.max?.value(in: [:], within: FieldLimits.globalCapMax) ?? 0
+                    case .adaptiveConcurrency:
+                        caps[key] = Double(adaptiveLimit[key] ?? gate.adaptiveSettings.initialMax)
+                    case .throttle, .fairInterleave:
+                        break
+                    }
+                    continue
+                }
                 if !room {
                     decision.refusedByGate[gate.effectiveName, default: 0] += 1
                     decision.refusedByPartition[key, default: 0] += 1
@@ -440,8 +494,10 @@ public struct Admission: Sendable {
                 }
             }
             for (key, cost) in throttleKeys {
-                tokens[key, default: 0] -= cost
-                decision.takes[key, default: 0] += cost
+                // A shadow take stops at the floor (an enforcing one never gets near).
+                let take = shadow ? Swift.max(0, Swift.min(cost, (tokens[key] ?? 0) - Self.shadowTokenFloor)) : cost
+                tokens[key, default: 0] -= take
+                if take > 0 { decision.takes[key, default: 0] += take }
                 consumed.insert(key)
             }
             for key in slotKeys {
@@ -460,6 +516,18 @@ public struct Admission: Sendable {
                 .init(
                     id: row.row.id, partitions: partitions,
                     slots: Dictionary(slotKeys.map { ($0.gate, $0.partition) }, uniquingKeysWith: { a, _ in a })))
+        }
+        // A shadow policy waits for no token: nothing was refused for one.
+        if shadow { decision.tokenWaits = [:] }
+        for (key, tally) in decision.wouldRefuse {
+            var tally = tally
+            if let cap = caps[key] {
+                tally.overCap = Swift.max(0, Int(clamping: Int64((Double(inFlight[key] ?? 0) - cap).rounded(.up))))
+            } else if let refill = perSecond[key], refill > 0, refill.isFinite {
+                let lag = Swift.max(0, -(tokens[key] ?? 0)) / refill
+                tally.lagSeconds = lag.isFinite ? lag : nil
+            }
+            decision.wouldRefuse[key] = tally
         }
         decision.cursor = Self.cursor(rows: rows.map(\.row), firstStarvedLane: firstStarvedLane)
         decision.laneBlocks = lanes.keys.sorted().compactMap { lanes[$0]?.block }

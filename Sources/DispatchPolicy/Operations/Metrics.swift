@@ -16,6 +16,7 @@ import CoreMetrics
 /// | `dispatch_policy_tick_duration_seconds` | histogram | policy |
 /// | `dispatch_policy_admitted_total` | counter | policy |
 /// | `dispatch_policy_refused_total` | counter | policy, gate |
+/// | `dispatch_policy_would_refuse_total` | counter | policy, gate (shadow policies: jobs a gate had no room for, admitted anyway) |
 /// | `dispatch_policy_reaped_total` | counter | policy |
 /// | `dispatch_policy_staged_total` | counter | policy, result (``StageOutcome``: `inserted`, `replaced`, `kept`, `dropped`) |
 /// | `dispatch_policy_jobs_completed_total` | counter | policy |
@@ -46,6 +47,10 @@ public struct DispatchPolicyMetrics: Sendable {
         }
         for (gate, count) in result.refusedByGate where count > 0 {
             Counter(label: "dispatch_policy_refused_total", dimensions: policy + [("gate", gate)], factory: factory)
+                .increment(by: count)
+        }
+        for (gate, count) in result.wouldRefuseByGate where count > 0 {
+            Counter(label: "dispatch_policy_would_refuse_total", dimensions: policy + [("gate", gate)], factory: factory)
                 .increment(by: count)
         }
     }

@@ -43,6 +43,19 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
     /// Seconds a job may wait to be admitted before it is finished as
     /// `expired`; a job's own `expires_at` may be earlier. ``FieldLimits/maxWait``.
     public var maxWait: Double?
+    /// `enforce` (the default, nil) or `shadow`: every fetched job is
+    /// admitted while the gates record what they would have refused.
+    public var mode: Mode?
+
+    /// Whether a policy's gates refuse jobs (`enforce`) or only record what
+    /// they would have refused (`shadow`: every fetched job is admitted, gate
+    /// state moves as if the gates had let them through).
+    public enum Mode: String, Codable, Sendable, Equatable {
+        case enforce, shadow
+    }
+
+    /// Whether the policy is in shadow mode.
+    public var isShadow: Bool { mode == .shadow }
 
     public enum DedupeMode: String, Codable, Sendable, Equatable {
         case keep, replace
@@ -75,13 +88,14 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         case maxPendingPerPartition = "max_pending_per_partition"
         case onOverflow = "on_overflow"
         case maxWait = "max_wait"
+        case mode
     }
 
     public init(
         gates: [Gate] = [], roundRobinBy: String? = nil, batchSize: Int? = nil, roundRobinQuantum: Int? = nil,
         roundRobinWeight: GateValue? = nil, leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil,
         dedupeMode: DedupeMode? = nil, debounce: Double? = nil, maxPendingPerPartition: Int? = nil, onOverflow: Overflow? = nil,
-        maxWait: Double? = nil
+        maxWait: Double? = nil, mode: Mode? = nil
     ) {
         self.gates = gates
         self.roundRobinBy = roundRobinBy
@@ -96,20 +110,21 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         self.maxPendingPerPartition = maxPendingPerPartition
         self.onOverflow = onOverflow
         self.maxWait = maxWait
+        self.mode = mode
     }
 
     public init(
         roundRobinBy: String? = nil, batchSize: Int? = nil, roundRobinQuantum: Int? = nil,
         roundRobinWeight: GateValue? = nil, leaseSeconds: Int? = nil, maxAttempts: Int? = nil, target: Target? = nil,
         dedupeMode: DedupeMode? = nil, debounce: Double? = nil, maxPendingPerPartition: Int? = nil, onOverflow: Overflow? = nil,
-        maxWait: Double? = nil,
+        maxWait: Double? = nil, mode: Mode? = nil,
         @GatesBuilder gates: () -> [Gate]
     ) {
         self.init(
             gates: gates(), roundRobinBy: roundRobinBy, batchSize: batchSize, roundRobinQuantum: roundRobinQuantum,
             roundRobinWeight: roundRobinWeight, leaseSeconds: leaseSeconds, maxAttempts: maxAttempts, target: target,
             dedupeMode: dedupeMode, debounce: debounce, maxPendingPerPartition: maxPendingPerPartition, onOverflow: onOverflow,
-            maxWait: maxWait)
+            maxWait: maxWait, mode: mode)
     }
 
     public init(from decoder: any Decoder) throws {
@@ -127,6 +142,7 @@ public struct PolicyConfig: Codable, Sendable, Equatable {
         maxPendingPerPartition = try c.decodeIfPresent(Int.self, forKey: .maxPendingPerPartition)
         onOverflow = try c.decodeIfPresent(Overflow.self, forKey: .onOverflow)
         maxWait = try c.decodeIfPresent(Double.self, forKey: .maxWait)
+        mode = try c.decodeIfPresent(Mode.self, forKey: .mode)
     }
 
     /// The round-robin weight of a job (1 without `round_robin_weight`),

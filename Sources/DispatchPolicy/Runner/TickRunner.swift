@@ -78,6 +78,10 @@ public struct PolicySummary: Sendable, Equatable {
     public var reaped = 0
     public var skippedBusy = 0
     public var refusedByGate: [String: Int] = [:]
+    /// The last tick found the policy in shadow mode.
+    public var shadow = false
+    /// Shadow mode: jobs each gate would have refused (admitted anyway).
+    public var wouldRefuseByGate: [String: Int] = [:]
     /// Per throttle gate, as its last tick left it.
     public var tokens: [String: TokenSummary] = [:]
     public var duration: Duration = .zero
@@ -98,6 +102,8 @@ public struct PolicySummary: Sendable, Equatable {
             reaped += result.reaped
             duration += result.duration
             for (gate, n) in result.refusedByGate { refusedByGate[gate, default: 0] += n }
+            shadow = result.shadow
+            for (gate, n) in result.wouldRefuseByGate { wouldRefuseByGate[gate, default: 0] += n }
             for (gate, summary) in result.tokens { tokens[gate] = summary }
         case .paused, .unknown: break
         }
@@ -105,11 +111,18 @@ public struct PolicySummary: Sendable, Equatable {
 
     /// One line: `webhooks: admitted 120 in 3 ticks (2.1 ms/tick); refused
     /// per_endpoint=40; tokens per_endpoint=0.4 (lowest of 2, 1 throttle-bound)`.
+    /// A shadow policy's says so and what its gates would have refused:
+    /// `trial: admitted 10 in 1 tick (1.2 ms/tick); shadow: would refuse
+    /// concurrency=9; refused none`.
     public var line: String {
         var parts = ["\(policy): admitted \(admitted) in \(ticks) tick\(ticks == 1 ? "" : "s")"]
         if ticks > 0 {
             let ms = Double(duration.components.seconds) * 1000 + Double(duration.components.attoseconds) / 1e15
             parts[0] += String(format: " (%.1f ms/tick)", ms / Double(ticks))
+        }
+        if shadow || !wouldRefuseByGate.isEmpty {
+            let would = wouldRefuseByGate.filter { $0.value > 0 }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+            parts.append("shadow: would refuse " + (would.isEmpty ? "none" : would.joined(separator: " ")))
         }
         let refused = refusedByGate.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
         parts.append("refused " + (refused.isEmpty ? "none" : refused.joined(separator: " ")))

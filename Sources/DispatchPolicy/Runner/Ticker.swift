@@ -49,6 +49,12 @@ public struct TickResult: Sendable, Equatable {
     public var reaped = 0
     public var observationsFolded = 0
     public var refusedByGate: [String: Int] = [:]
+    /// The policy is in shadow mode: every fetched job was admitted, and
+    /// ``wouldRefuseByGate`` says what the gates would have refused.
+    public var shadow = false
+    /// Shadow mode: jobs each gate had no room for and that were admitted
+    /// anyway (a job counts for every such gate).
+    public var wouldRefuseByGate: [String: Int] = [:]
     /// Per throttle gate, its partitions this tick touched: the fewest
     /// tokens left, and how many are throttle-bound.
     public var tokens: [String: TokenSummary] = [:]
@@ -491,6 +497,8 @@ public struct Ticker: Sendable {
 
         let decision = admission.evaluate(ordered, state: state, buckets: needed.buckets)
         result.refusedByGate = decision.refusedByGate
+        result.shadow = config.isShadow
+        result.wouldRefuseByGate = decision.wouldRefuseByGate
         result.cursor = only != nil ? nil : decision.cursor
         result.nextTokenIn = decision.tokenWaits.values.min().map(Duration.clamped(seconds:))
         for (key, tokens) in state.tokens {
@@ -535,8 +543,15 @@ public struct Ticker: Sendable {
             }
             let takes = decision.takes.sorted { $0.key < $1.key }
             let refusals = decision.refusedByPartition.sorted { $0.key < $1.key }
-            // The refusals go into the history in the same statement (the
-            // function in FROM runs first; both commit or neither does).
+            let wouldRefuse = try Self.json(
+                decision.wouldRefuse.sorted { $0.key < $1.key }.map {
+                    WouldRefuseJSON(
+                        gate: $0.key.gate, partition: $0.key.partition, wouldRefuse: $0.value.count, lagSeconds: $0.value.lagSeconds,
+                        overCap: $0.value.overCap)
+                })
+            // The refusals go into the history, and a shadow policy's
+            // would-refusals into shadow_refusals, in the same statement (the
+            // functions in FROM run first; all commit or nothing does).
             result.admitted = try await scalar(
                 """
                 SELECT dispatch_policy.tick_finish(
@@ -555,7 +570,8 @@ public struct Ticker: Sendable {
                   \(grown.map(\.gate))::text[], \(grown.map(\.partition))::text[], \(observationIDs)::bigint[])
                 FROM dispatch_policy._record_refusals(
                   \(policy), \(now), \(refusals.map(\.key.gate))::text[], \(refusals.map(\.key.partition))::text[],
-                  \(refusals.map(\.value))::integer[])
+                  \(refusals.map(\.value))::integer[]),
+                dispatch_policy._record_shadow(\(policy), \(now), \(wouldRefuse)::jsonb)
                 """,
                 as: Int.self, logger: logger)
         }
@@ -617,6 +633,22 @@ public struct Ticker: Sendable {
             case starved
         }
         enum StarvedKeys: String, CodingKey { case lane, index, weight }
+    }
+
+    /// One entry of `_record_shadow`'s entries.
+    struct WouldRefuseJSON: Encodable {
+        var gate: String
+        var partition: String
+        var wouldRefuse: Int
+        var lagSeconds: Double?
+        var overCap: Int?
+
+        enum CodingKeys: String, CodingKey {
+            case gate, partition
+            case wouldRefuse = "would_refuse"
+            case lagSeconds = "lag_seconds"
+            case overCap = "over_cap"
+        }
     }
 
     static func json(_ value: some Encodable) throws -> String {
