@@ -37,7 +37,7 @@ public struct AdminStore: Sendable {
         public var expired24h: Int64 = 0
         /// Jobs finished as dropped (backlog over its cap) in 24 h.
         public var dropped24h: Int64 = 0
-        /// Deferrals by workers (``DispatchPolicy/Defer``) in 24 h.
+        /// Deferrals by workers (a handler threw `Defer`) in 24 h.
         public var deferred24h: Int64 = 0
         /// `enforce`, or `shadow`: the policy admits every job it fetches and
         /// records what its gates would have refused.
