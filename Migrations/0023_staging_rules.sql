@@ -733,7 +733,7 @@ BEGIN
 
   replace_mode := coalesce(pol.config ->> 'dedupe_mode' = 'replace', false);
   debounce := make_interval(secs => coalesce((pol.config ->> 'debounce')::double precision, 0));
-  cap := (pol.config ->> 'max_pending_per_partition')::bigint;
+  cap := (pol.config ->> 'max_pending_per_partition')::numeric::bigint;  -- 5.0 is valid JSON for 5
   drop_oldest := coalesce(pol.config ->> 'on_overflow' = 'drop_oldest', false);
   max_wait := make_interval(secs => (pol.config ->> 'max_wait')::double precision);
   total := jsonb_array_length(jobs);
@@ -836,6 +836,12 @@ BEGIN
           ELSE
             old := NULL;
           END IF;
+        END IF;
+        IF old.id IS NOT NULL AND max_wait IS NOT NULL THEN
+          -- The deadline of max_wait runs from the job's staged_at, which a
+          -- replace keeps (found by hostile testing: it ran from the
+          -- replace, so a job replaced often enough never expired).
+          job_expires := least((job ->> 'expires_at')::timestamptz, old.staged_at + max_wait);
         END IF;
         IF old.id IS NOT NULL THEN
           -- Replace: args, context and what derives from it; the id, the
@@ -1800,8 +1806,13 @@ BEGIN
   DELETE FROM dispatch_policy.finished_jobs f
   WHERE f.status = 'dropped' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'dropped_jobs'; removed := n; RETURN NEXT;
+  -- Not of a job still staged or admitted: a retry of it must still expire
+  -- (found by hostile testing: a job in flight past its deadline by the
+  -- retention came back from a failure without one).
   DELETE FROM dispatch_policy.job_deadlines jd
-  WHERE jd.expires_at < prune.now - retention AND (prune.policies IS NULL OR jd.policy = ANY (prune.policies));
+  WHERE jd.expires_at < prune.now - retention AND (prune.policies IS NULL OR jd.policy = ANY (prune.policies))
+    AND NOT EXISTS (SELECT 1 FROM dispatch_policy.admitted_jobs a WHERE a.id = jd.job_id)
+    AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.id = jd.job_id);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'deadlines'; removed := n; RETURN NEXT;
   IF prune.policies IS NULL THEN
     -- Pauses that ended, and pauses of gates no longer declared (0017).

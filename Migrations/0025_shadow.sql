@@ -869,8 +869,11 @@ BEGIN
   DELETE FROM dispatch_policy.finished_jobs f
   WHERE f.status = 'dropped' AND f.finished_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR f.policy = ANY (_prune_base.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'dropped_jobs'; removed := n; RETURN NEXT;
+  -- Not of a job still staged or admitted: a retry of it must still expire.
   DELETE FROM dispatch_policy.job_deadlines jd
-  WHERE jd.expires_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR jd.policy = ANY (_prune_base.policies));
+  WHERE jd.expires_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR jd.policy = ANY (_prune_base.policies))
+    AND NOT EXISTS (SELECT 1 FROM dispatch_policy.admitted_jobs a WHERE a.id = jd.job_id)
+    AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.id = jd.job_id);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'deadlines'; removed := n; RETURN NEXT;
   IF _prune_base.policies IS NULL THEN
     -- Pauses that ended, and pauses of gates no longer declared (0017).

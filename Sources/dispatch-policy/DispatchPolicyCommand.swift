@@ -294,7 +294,7 @@ struct PolicyCommand: AsyncParsableCommand {
 struct Stage: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract:
-            "Stage one job; prints its id. A job dropped as a duplicate prints nothing on standard output, says so on standard error and exits 0."
+            "Stage one job; prints the id of the job holding its place: the new one, or for a duplicate the one holding its dedupe key (kept or replaced, said on standard error; exit 0)."
     )
 
     @OptionGroup var connection: ConnectionOptions

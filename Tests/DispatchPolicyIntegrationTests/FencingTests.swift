@@ -303,7 +303,7 @@ struct FencingTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger)
-                .declare(name: "p", config: try PolicyConfig(leaseSeconds: 2).json())
+                .declare(name: "p", config: try PolicyConfig(leaseSeconds: 3).json())
             try await conn.exec(
                 "SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 4) i))")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
@@ -316,18 +316,19 @@ struct FencingTests {
         worker.register("p") { job in
             let index = intervals.start(job)
             defer { intervals.end(index) }
-            try await Task.sleep(for: .seconds(4))
+            try await Task.sleep(for: .seconds(6))
         }
         let services = DetachedServices([worker])
         #expect(try await waitUntil(30) { intervals.count == 4 })
-        // Another session holds the first job's row for 5 s: longer than its lease.
+        // Another session holds the first job's row for 8 s: longer than its
+        // lease (3 s: a 2 s lease was lost by free jobs too under CI's load).
         let locker = Task {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.exec(
                     """
                     WITH locked AS MATERIALIZED (
                       SELECT id FROM dispatch_policy.admitted_jobs WHERE id = (SELECT min(id) FROM dispatch_policy.admitted_jobs) FOR UPDATE)
-                    SELECT pg_sleep(5) FROM locked
+                    SELECT pg_sleep(8) FROM locked
                     """)
             }
         }

@@ -101,6 +101,16 @@ struct StagingRulesTests {
             #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "b").admitted == 3)
             #expect(try await stager.stage(policy: "b", try JobSpec(args: ["n": 6], context: ["acct": "a"])).outcome == .inserted)
             #expect(try await checkFindings(conn) == [])
+            // Found by hostile testing: a cap written 2.0 (valid JSON for 2)
+            // made every stage fail with 22P02.
+            try await PolicyCatalog(executor: conn, logger: TestServer.logger)
+                .declare(name: "b2", config: #"{"round_robin_by": "{acct}", "max_pending_per_partition": 2.0}"#)
+            for n in 0..<2 { _ = try await stager.stage(policy: "b2", try JobSpec(args: ["n": n], context: ["acct": "a"])) }
+            let full = await #expect(throws: DispatchPolicyError.self) {
+                try await stager.stage(policy: "b2", try JobSpec(args: ["n": 2], context: ["acct": "a"]))
+            }
+            #expect(full?.isBacklogFull == true, "\(String(describing: full))")
+            #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "b2").admitted == 2)
         }
     }
 
@@ -187,6 +197,29 @@ struct StagingRulesTests {
         // status shows them.
         let status = try await cli(["status"], settings: settings)
         #expect(status.stdout.contains("EXPIRED/DROPPED/DEFERRED 24H"), "\(status.stdout)")
+    }
+
+    /// Found by hostile testing: max_wait's deadline ran from a replace,
+    /// not from staged_at (which a replace keeps); and prune deleted the
+    /// kept deadline of a job in flight, so its retry never expired.
+    @Test("max_wait runs from staged_at through replaces; prune keeps the deadline of a job in flight")
+    func deadlineThroughReplaceAndPrune() async throws {
+        try await withTestDatabase { conn, _ in
+            try await declare(conn, "m", PolicyConfig(dedupeMode: .replace, maxWait: 600))
+            let stager = Stager(executor: conn, logger: TestServer.logger)
+            let first = try await stager.stage(policy: "m", try JobSpec(args: ["v": 1], dedupeKey: "k"))
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(try await stager.stage(policy: "m", try JobSpec(args: ["v": 2], dedupeKey: "k")).outcome == .replaced)
+            #expect(
+                try await conn.scalar(
+                    "SELECT expires_at = staged_at + interval '600 seconds' FROM dispatch_policy.staged_jobs WHERE id = \(first.id)",
+                    as: Bool.self))
+            #expect(try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "m").admitted == 1)
+            _ = try await conn.rows(
+                "SELECT * FROM dispatch_policy.prune(retention => interval '0 seconds', now => now() + interval '1 hour')",
+                logger: TestServer.logger)
+            #expect(try await int(conn, "SELECT count(*)::int FROM dispatch_policy.job_deadlines WHERE job_id = \(first.id)") == 1)
+        }
     }
 
     @Test("explain shows a deferred job's until and reason and its deadline; the overview counts the deferral")
