@@ -124,7 +124,7 @@ enum ScalingFigures {
         let warmup = Duration.seconds(1)
         let window = bench.pick(Duration.seconds(4), smoke: .seconds(2))
         let rounds = bench.pick(2, smoke: 1)
-        let backlog = bench.pick(150_000, smoke: 30_000)
+        let backlog = bench.pick(150_000, smoke: 90_000)
         for policy in ["left", "right"] {
             try await bench.declare(db, policy, gates)
             try await bench.stage(db, policy: policy, count: backlog, context: "jsonb_build_object('tenant', 't' || (i % 100))")
