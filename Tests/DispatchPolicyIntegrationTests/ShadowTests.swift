@@ -121,9 +121,9 @@ struct ShadowTests {
             #expect(result.nextTokenIn == nil)
             let row = try await overview(conn, "trial", "per_min")
             #expect(row.wouldRefuse == 3)
-            #expect(try #require(row.tokens) < -2.9)
             // Live: the deficit refills a token a minute while the test runs
-            // (a loaded machine took 5.5 s to get here).
+            // (a loaded machine took 5.5 s, and CI over 6 s, to get here).
+            #expect((-3.01 ... -2.5).contains(try #require(row.tokens)), "\(String(describing: row.tokens))")
             #expect((150...180.5).contains(try #require(row.lag)), "\(String(describing: row.lag))")
             let stored = try await conn.scalar(
                 "SELECT would_be_lag_seconds FROM dispatch_policy.shadow_refusals WHERE policy = 'trial'", as: Double.self)
