@@ -349,7 +349,7 @@ struct CLITests {
         let loud = try await cli(["tick"], settings: settings)
         #expect(loud.status == 0 && loud.stdout.hasPrefix("p: admitted 1 in 1 tick"), "\(loud.stdout)")
         try await TestServer.withConnection(settings) { conn in try await conn.exec("SELECT dispatch_policy.stage('p', '{}')") }
-        for arguments in [["tick", "--quiet"], ["tick", "-q", "--for", "300ms"], ["tick", "-q"]] {
+        for arguments in [["tick", "--quiet"], ["tick", "-q", "--for", "5s"], ["tick", "-q"]] {
             let quiet = try await cli(arguments, settings: settings)
             #expect(quiet.status == 0 && quiet.stdout.isEmpty && quiet.stderr.isEmpty, "\(arguments): \(quiet.stdout)\(quiet.stderr)")
         }

@@ -126,6 +126,35 @@ struct WeightTests {
         #expect(decision.admitted.count - a == 30)
     }
 
+    /// Found in review (issue 12): the gate restarted the round at every
+    /// tick, so behind a cap of 2, after b's carried round (b3, then a1)
+    /// it put b3 b4 first again and a never got a turn.
+    @Test("partitioned by round_robin_by, a fetch in rounds keeps its order (the fetch carried the round); otherwise it is regrouped")
+    func leavesTheFetchOrder() {
+        let byLane = PolicyConfig(roundRobinBy: "{tenant}", roundRobinWeight: .context("weight", default: 1)) {
+            Gate.globalCap(max: 2)
+            Gate.fairInterleave(partitionBy: "{tenant}")
+        }
+        // The fetch after a tick cut b's round after 2 of 3: b3, then a1, then a full round of b.
+        let b = ["tenant": "b", "weight": "3"]
+        let a = ["tenant": "a", "weight": "1"]
+        let fetched = [
+            BatchRow(id: 13, roundRobinKey: "b", context: b, lane: 1), BatchRow(id: 1, roundRobinKey: "a", context: a, lane: 2),
+            BatchRow(id: 14, roundRobinKey: "b", context: b, lane: 1), BatchRow(id: 15, roundRobinKey: "b", context: b, lane: 1),
+            BatchRow(id: 16, roundRobinKey: "b", context: b, lane: 1), BatchRow(id: 2, roundRobinKey: "a", context: a, lane: 2),
+        ]
+        let admission = Admission(config: byLane)
+        #expect(admission.order(admission.prepare(fetched)).map(\.row.id) == [13, 1, 14, 15, 16, 2])
+        #expect(evaluate(byLane, fetched).admitted.map(\.id) == [13, 1])
+        // Another key than the lanes', or a fetch without rounds (lane 0): regrouped as before.
+        let other = PolicyConfig(roundRobinBy: "{region}", roundRobinWeight: .context("weight", default: 1)) {
+            Gate.fairInterleave(partitionBy: "{tenant}")
+        }
+        #expect(Admission(config: other).order(Admission(config: other).prepare(fetched)).map(\.row.id) == [13, 14, 15, 1, 16, 2])
+        let flat = fetched.map { BatchRow(id: $0.id, roundRobinKey: $0.roundRobinKey, context: $0.context) }
+        #expect(admission.order(admission.prepare(flat)).map(\.row.id) == [13, 14, 15, 1, 16, 2])
+    }
+
     @Test("without round_robin_weight, or with weights from nowhere, the rounds are one row each")
     func unweighted() {
         let admission = Admission(config: config)

@@ -257,9 +257,19 @@ public struct Admission: Sendable {
     /// weight (the policy's `round_robin_weight` for the partition's first
     /// row; 1 without one), so weights 1 and 3 share 1 : 3. Without any
     /// template there is nothing to regroup.
+    ///
+    /// A gate partitioned by the policy's `round_robin_by` leaves a batch of
+    /// the round-robin fetch (rows with `lane > 0`, then top-up rows) as it is:
+    /// the fetch has interleaved it by the same key already, with the same
+    /// weights, and has carried a round the last tick cut short
+    /// (`round_robin_cursors.served`). Regrouping it would start every
+    /// tick's round afresh, and behind a cap of 2 a tenant of weight 1 would
+    /// never get a turn after one of weight 3.
     public func order(_ rows: [PreparedRow]) -> [PreparedRow] {
         var rows = rows
+        let fetchedInRounds = config.roundRobinBy != nil && rows.contains { $0.row.lane > 0 }
         for (index, gate) in gates.enumerated() where gate.type == .fairInterleave && templates[index] != nil {
+            if fetchedInRounds && templates[index] == config.roundRobinBy { continue }
             var groups: [ExactString: [PreparedRow]] = [:]
             var weights: [ExactString: Int] = [:]
             var firstSeen: [ExactString] = []
