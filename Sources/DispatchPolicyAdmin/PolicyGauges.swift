@@ -49,6 +49,10 @@ struct PolicyGauges {
         "dispatch_policy_partition_tokens": "Throttle tokens available now.",
         "dispatch_policy_partition_cap": "In-flight cap (static, or the adaptive gate's current cap).",
         "dispatch_policy_partition_ewma_lag_seconds": "Adaptive gate: EWMA of queue lag.",
+        "dispatch_policy_partition_would_refuse":
+            "Shadow policy: jobs this gate partition would have refused (admitted anyway), as recorded in shadow_refusals.",
+        "dispatch_policy_partition_would_be_lag_seconds":
+            "Shadow policy, throttle: the partition's token deficit over its refill rate (how far behind an enforcing throttle would be).",
         "dispatch_policy_up": "1 when the last scrape could read the database, else 0.",
     ]
 
@@ -93,6 +97,12 @@ struct PolicyGauges {
                         if let cap = row.cap { set("dispatch_policy_partition_cap", Self.partitionLabels, labels, cap) }
                         if let ewma = row.ewmaLagMs {
                             set("dispatch_policy_partition_ewma_lag_seconds", Self.partitionLabels, labels, ewma / 1000)
+                        }
+                        if let wouldRefuse = row.wouldRefuse {
+                            set("dispatch_policy_partition_would_refuse", Self.partitionLabels, labels, Double(wouldRefuse))
+                        }
+                        if let lag = row.wouldBeLagSeconds {
+                            set("dispatch_policy_partition_would_be_lag_seconds", Self.partitionLabels, labels, lag)
                         }
                     }
                 }

@@ -166,17 +166,24 @@ struct ShadowTests {
             let line = status.stdout.split(separator: "\n").first { $0.hasPrefix("trial ") } ?? ""
             #expect(line.split(separator: " ").dropFirst().first == "shadow", "\(status.stdout)")
 
+            var options = AdminOptions(token: nil)
+            options.partitionMetrics = true
             let server = try AdminServer(
-                store: AdminStore(executor: conn, logger: TestServer.logger), options: AdminOptions(token: nil),
+                store: AdminStore(executor: conn, logger: TestServer.logger), options: options,
                 registry: PrometheusCollectorRegistry(),
                 logger: TestServer.logger)
             let app = Application(router: server.router())
-            let (overview, page) = try await app.test(.router) { client in
+            let (overview, page, metrics) = try await app.test(.router) { client in
                 (
                     try await client.execute(uri: "/", method: .get) { String(buffer: $0.body) },
-                    try await client.execute(uri: "/policies/trial", method: .get) { String(buffer: $0.body) }
+                    try await client.execute(uri: "/policies/trial", method: .get) { String(buffer: $0.body) },
+                    try await client.execute(uri: "/metrics", method: .get) { String(buffer: $0.body) }
                 )
             }
+            // Found in the hostile pass: would-refusals were on the page but not in the per-partition gauges.
+            #expect(
+                metrics.contains(#"dispatch_policy_partition_would_refuse{policy="trial",gate="concurrency",partition="a"} 2"#),
+                "\(metrics)")
             #expect(overview.contains(#"<span class="state shadow">shadow</span>"#))
             #expect(page.contains(#"<span class="state shadow">shadow</span>"#))
             #expect(page.contains("Shadow mode: every job the fetch reaches is admitted"))

@@ -112,12 +112,14 @@ struct DurationParserTests {
         arguments: [
             ("55s", Duration.seconds(55)), ("5m", .seconds(300)), ("1h30m", .seconds(5400)),
             ("250ms", .milliseconds(250)), ("1.5s", .milliseconds(1500)), ("2d", .seconds(172_800)),
+            // Zero needs no unit (issue 12's hostile pass: `--busy-pause 0` was refused).
+            ("0", .zero), ("0.0", .zero), ("00", .zero), ("0ms", .zero),
         ])
     func parses(_ text: String, _ expected: Duration) {
         #expect(DurationParser.parse(text) == expected)
     }
 
-    @Test("rejects what is not a duration", arguments: ["", "5", "s", "5 parsecs", "-5s", "5x"])
+    @Test("rejects what is not a duration", arguments: ["", "5", "s", "5 parsecs", "-5s", "5x", "0.5", ".", "0..0", "-0", "10"])
     func rejects(_ text: String) {
         #expect(DurationParser.parse(text) == nil)
     }

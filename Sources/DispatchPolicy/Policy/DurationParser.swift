@@ -1,5 +1,5 @@
 /// Parses durations such as `55s`, `5m`, `1h30m`, `250ms` or `1.5s`, as used
-/// by CLI flags (`--for 55s`, `--delay 5m`).
+/// by CLI flags (`--for 55s`, `--delay 5m`); `0` alone needs no unit.
 ///
 /// Never traps: a number too large for any duration (beyond 100 years in
 /// all) is not a duration; ``parse(_:flag:within:)`` also applies a flag's
@@ -11,6 +11,8 @@ public enum DurationParser {
     public static func parse(_ text: String) -> Duration? {
         var rest = Substring(text.trimmingWhitespace())
         guard !rest.isEmpty else { return nil }
+        // Zero needs no unit (`--busy-pause 0`); any other number does.
+        if rest.allSatisfy({ $0 == "0" || $0 == "." }), rest.contains("0"), rest.filter({ $0 == "." }).count <= 1 { return .zero }
         var total = 0.0
         let limit = Double(longest.components.seconds)
         while !rest.isEmpty {
