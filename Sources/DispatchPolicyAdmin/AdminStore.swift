@@ -52,27 +52,27 @@ public struct AdminStore: Sendable {
         try await executor.rows(
             """
             SELECT policy, pending, scheduled, in_flight, admitted_24h, completed_24h, failed_24h, dead,
-                   extract(epoch FROM oldest_pending_age)::float8, paused, tick_failures, last_error,
-                   lag_p50_ms::float8, lag_p95_ms::float8, coalesce(throughput_per_min, 0)::float8,
-                   expired_24h, dropped_24h, deferred_24h, mode
+                   extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_seconds, paused, tick_failures, last_error,
+                   lag_p50_ms::float8 AS lag_p50_ms, lag_p95_ms::float8 AS lag_p95_ms,
+                   coalesce(throughput_per_min, 0)::float8 AS throughput_per_min, expired_24h, dropped_24h, deferred_24h, mode
             FROM dispatch_policy.policy_overview
             WHERE \(only)::text IS NULL OR policy = \(only)::text
             ORDER BY policy
             """, logger: logger
         ).map { row in
-            let (name, pending, scheduled, inFlight, admitted, completed, failed, dead, oldest, paused, failures, error, p50, p95, rate) =
-                try row.decode(
-                    (String, Int64, Int64, Int64, Int64, Int64, Int64, Int64, Double?, Bool, Int?, String?, Double?, Double?, Double).self)
-            let columns = Array(row)
-            let (expired, dropped, deferred, mode) = try (
-                columns[15].decode(Int64.self), columns[16].decode(Int64.self), columns[17].decode(Int64.self),
-                columns[18].decode(String?.self)
-            )
+            // By name: the view gains columns, and a tuple decode stops at 15.
+            let r = row.makeRandomAccess()
             return PolicyRow(
-                name: name, pending: pending, scheduled: scheduled, inFlight: inFlight, admitted24h: admitted, completed24h: completed,
-                failed24h: failed, dead: dead, oldestPendingSeconds: oldest, paused: paused, tickFailures: failures, lastError: error,
-                lagP50ms: p50, lagP95ms: p95, throughputPerMinute: rate, expired24h: expired, dropped24h: dropped,
-                deferred24h: deferred, mode: mode ?? "enforce")
+                name: try r["policy"].decode(String.self), pending: try r["pending"].decode(Int64.self),
+                scheduled: try r["scheduled"].decode(Int64.self), inFlight: try r["in_flight"].decode(Int64.self),
+                admitted24h: try r["admitted_24h"].decode(Int64.self), completed24h: try r["completed_24h"].decode(Int64.self),
+                failed24h: try r["failed_24h"].decode(Int64.self), dead: try r["dead"].decode(Int64.self),
+                oldestPendingSeconds: try r["oldest_pending_seconds"].decode(Double?.self), paused: try r["paused"].decode(Bool.self),
+                tickFailures: try r["tick_failures"].decode(Int?.self), lastError: try r["last_error"].decode(String?.self),
+                lagP50ms: try r["lag_p50_ms"].decode(Double?.self), lagP95ms: try r["lag_p95_ms"].decode(Double?.self),
+                throughputPerMinute: try r["throughput_per_min"].decode(Double.self), expired24h: try r["expired_24h"].decode(Int64.self),
+                dropped24h: try r["dropped_24h"].decode(Int64.self), deferred24h: try r["deferred_24h"].decode(Int64.self),
+                mode: try r["mode"].decode(String?.self) ?? "enforce")
         }
     }
 
