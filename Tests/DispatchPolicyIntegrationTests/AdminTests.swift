@@ -578,7 +578,7 @@ struct AdminTests {
             let (data, response) = try await URLSession.shared.data(from: try #require(URL(string: "\(base)/metrics")))
             #expect((response as? HTTPURLResponse)?.statusCode == 200)
             #expect(String(decoding: data, as: UTF8.self).contains("dispatch_policy_up 1"), "\(arguments)")
-            kill(child.pid, SIGTERM)
+            child.signal(SIGTERM)
             let ending = await child.wait()
             #expect(ending == .exited(0), "\(arguments): \(child.output().stderr)")
         }
@@ -604,7 +604,7 @@ struct AdminBrowserTests {
         }
         environment["DISPATCH_POLICY_ADMIN_TOKEN"] = token
         let admin = try await spawnChild(cliPath, ["admin", "--allow-actions", "--bind", "127.0.0.1:0"], environment: environment)
-        defer { kill(admin.pid, SIGKILL) }
+        defer { admin.signal(SIGKILL) }
         var address: String?
         _ = try await waitUntil(30) {
             address =
@@ -626,7 +626,7 @@ struct AdminBrowserTests {
         for name in ["overview.png", "policy.png", "job.png"] {
             #expect(FileManager.default.fileExists(atPath: shots.appending(path: name).path), "\(name)")
         }
-        kill(admin.pid, SIGTERM)
+        admin.signal(SIGTERM)
         #expect(await admin.wait() == .exited(0))
     }
 }

@@ -329,7 +329,7 @@ struct CLITests {
                 let status = try await statusCode(request)
                 #expect(status == expected, "\(run.path), token \(bearer == token ? "right" : "wrong"): \(status)")
             }
-            kill(child.pid, SIGTERM)
+            child.signal(SIGTERM)
             #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
             try await TestServer.withConnection(settings) { conn in
                 try await PolicyCatalog(executor: conn, logger: TestServer.logger).resume("p")

@@ -59,12 +59,12 @@ struct DemoTests {
         env["DATABASE_URL"] = nil
         env["TMPDIR"] = parent
         let child = try await spawnChild(cliPath, ["demo", "--duration", "30s"], environment: env)
-        defer { kill(child.pid, SIGKILL) }
+        defer { child.signal(SIGKILL) }
         let made = try await waitUntil(30) {
             ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).contains { $0.hasPrefix("dispatch-policy-pg-") }
         }
         try #require(made, "the demo made no cluster directory in TMPDIR: \(child.output().stderr)")
-        kill(child.pid, SIGINT)
+        child.signal(SIGINT)
         _ = await child.wait()
         #expect(
             try await waitUntil(20) { ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).isEmpty },

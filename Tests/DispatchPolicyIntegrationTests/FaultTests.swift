@@ -132,7 +132,7 @@ struct FaultTests {
             }
             let child = try await spawnChild(cliPath, ["run", "--idle-pause", "60s"], environment: libpqEnvironment(settings))
             var stopped = false
-            defer { if !stopped { kill(child.pid, SIGKILL) } }
+            defer { if !stopped { child.signal(SIGKILL) } }
             // One session LISTENs on both channels (pg_stat_activity shows its last LISTEN).
             let listening = { try await sessionPids(settings, query: "LISTEN%").count == 1 }
             #expect(try await waitUntil(20) { try await listening() }, "the runner never listened")
@@ -177,7 +177,7 @@ struct FaultTests {
             let status = try await cli(["status"], settings: settings, env: libpqEnvironment(settings))
             #expect(status.stdout.contains("RECONNECTS"), "\(status.stdout)")
 
-            kill(child.pid, SIGTERM)
+            child.signal(SIGTERM)
             stopped = true
             #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
             let log = child.output().stderr
@@ -202,7 +202,7 @@ struct FaultTests {
             let started = ContinuousClock.now
             let child = try await spawnChild(
                 cliPath, ["tick", "--for", "4s", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
-            defer { kill(child.pid, SIGKILL) }
+            defer { child.signal(SIGKILL) }
             let frozen = try await freezeIdleSession(settings, query: "SELECT name, failing, expired%")
             defer { if let frozen { kill(frozen, SIGCONT) } }
             try #require(frozen != nil, "the runner's session was never seen idle")
@@ -227,7 +227,7 @@ struct FaultTests {
             }
             let child = try await spawnChild(
                 cliPath, ["run", "--idle-pause", "100ms", "--shutdown-timeout", "2s"], environment: libpqEnvironment(settings))
-            defer { kill(child.pid, SIGKILL) }
+            defer { child.signal(SIGKILL) }
             // The look for work (the start of its text: pg_stat_activity cuts long queries).
             let frozen = try await freezeIdleSession(settings, query: "SELECT name, failing, expired%")
             defer { if let frozen { kill(frozen, SIGCONT) } }
@@ -235,7 +235,7 @@ struct FaultTests {
             // The runner's next pass now waits on a session that never answers.
             try await Task.sleep(for: .seconds(1))
             let signalled = ContinuousClock.now
-            kill(child.pid, SIGTERM)
+            child.signal(SIGTERM)
             let ending = await child.wait()
             let took = ContinuousClock.now - signalled
             #expect(took < .seconds(6), "run took \(took) to stop after SIGTERM")
@@ -407,7 +407,7 @@ struct FaultTests {
                     }
                     return victim != nil
                 }
-                kill(child.pid, SIGKILL)
+                child.signal(SIGKILL)
                 #expect(await child.wait() == .signaled(SIGKILL))
                 try await holder.exec("COMMIT")
                 try #require(waiting, "round \(round): the runner never waited on the held row inside a transaction")
@@ -455,7 +455,7 @@ struct FaultTests {
         let doomed = try await spawnChild(
             psql, ["-X", "-q", "-c", "SELECT id FROM dispatch_policy.claim('default', 'doomed', 3)", "-c", "SELECT pg_sleep(60)"],
             environment: libpqEnvironment(settings))
-        defer { kill(doomed.pid, SIGKILL) }
+        defer { doomed.signal(SIGKILL) }
         #expect(
             try await waitUntil(20) {
                 try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE worker = 'doomed'") == 3
@@ -466,7 +466,7 @@ struct FaultTests {
             )
             .map { try $0.decode(Int64.self) }
         }
-        kill(doomed.pid, SIGKILL)
+        doomed.signal(SIGKILL)
         #expect(await doomed.wait() == .signaled(SIGKILL))
 
         var runnerOptions = TickRunnerOptions()
@@ -571,17 +571,17 @@ struct FaultTests {
         env["DATABASE_URL"] = "postgres://nobody@127.0.0.1:\(port)/nothing?sslmode=disable"
 
         let run = try await spawnChild(cliPath, ["run", "--shutdown-timeout", "1s"], environment: env)
-        defer { kill(run.pid, SIGKILL) }
+        defer { run.signal(SIGKILL) }
         try await Task.sleep(for: .seconds(2))
         let signalled = ContinuousClock.now
-        kill(run.pid, SIGTERM)
+        run.signal(SIGTERM)
         let ending = await run.wait()
         #expect(ContinuousClock.now - signalled < .seconds(5), "run took \(ContinuousClock.now - signalled) to stop")
         #expect(ending == .exited(0), "\(run.output().stderr)")
 
         let started = ContinuousClock.now
         let tick = try await spawnChild(cliPath, ["tick", "--for", "2s"], environment: env)
-        defer { kill(tick.pid, SIGKILL) }
+        defer { tick.signal(SIGKILL) }
         let tickEnding = await tick.wait()
         #expect(ContinuousClock.now - started < .seconds(6), "tick --for 2s took \(ContinuousClock.now - started)")
         #expect(tickEnding == .exited(1), "\(tick.output().stderr)")
@@ -600,7 +600,7 @@ struct FaultTests {
             try await conn.exec(PostgresQuery(unsafeSQL: "ALTER DATABASE \(settings.database) SET default_transaction_read_only = on"))
         }
         let child = try await spawnChild(cliPath, ["run", "--idle-pause", "200ms"], environment: libpqEnvironment(settings))
-        defer { kill(child.pid, SIGKILL) }
+        defer { child.signal(SIGKILL) }
         // Its sessions are read-only; a job staged in a writable session waits.
         #expect(try await waitUntil(20) { try await sessionPids(settings, query: "LISTEN%").count == 1 })
         try await TestServer.withConnection(settings) { conn async throws in
@@ -617,7 +617,7 @@ struct FaultTests {
             try await waitUntil(15) {
                 try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 1
             }, "the runner kept its read-only session")
-        kill(child.pid, SIGTERM)
+        child.signal(SIGTERM)
         #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
     }
 

@@ -41,7 +41,7 @@ struct RaceTests {
                     try await Task.sleep(for: .milliseconds(15))
                 }
             }
-            kill(child.pid, SIGKILL)
+            child.signal(SIGKILL)
             let ending = await child.wait()
             #expect(ending == .signaled(SIGKILL), "the runner ended before it was killed: \(child.output().stderr)")
         }
@@ -90,7 +90,7 @@ struct KilledSessionTests {
                     """, as: Int.self) == 1
             }
         }
-        kill(child.pid, SIGKILL)
+        child.signal(SIGKILL)
         _ = await child.wait()
         try #require(sleeping, "the runner never reached the slow target: \(child.output().stderr)")
         let killedAt = ContinuousClock.now

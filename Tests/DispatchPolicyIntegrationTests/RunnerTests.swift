@@ -263,7 +263,7 @@ struct RunnerTests {
         }
         try await waitUntil(10) { try await admittedCount(settings) == 3 }
         #expect(try await admittedCount(settings) == 3)
-        kill(child.pid, signal)
+        child.signal(signal)
         #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await checkFindings(conn) == [])

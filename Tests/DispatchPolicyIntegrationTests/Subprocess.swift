@@ -1,5 +1,6 @@
 import Foundation
 import Subprocess
+import Synchronization
 import Testing
 
 #if canImport(System)
@@ -22,6 +23,7 @@ struct Child: Sendable {
     let stdoutPath: String
     let stderrPath: String
     fileprivate let ending: Task<Ending, Never>
+    fileprivate let reaped: ReapedFlag
 
     /// How the child ended: its exit status, or the signal that killed it.
     enum Ending: Sendable, Equatable {
@@ -34,6 +36,12 @@ struct Child: Sendable {
         await ending.value
     }
 
+    /// Sends `signal` while the child is not yet reaped; after that its pid
+    /// may belong to another process, which is left alone.
+    func signal(_ signal: Int32) {
+        reaped.unlessSet { _ = kill(pid, signal) }
+    }
+
     /// What it wrote so far (all of it once it ended).
     func output() -> (stdout: String, stderr: String) {
         (
@@ -41,6 +49,16 @@ struct Child: Sendable {
             (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? ""
         )
     }
+}
+
+/// Set once a child is reaped; `unlessSet` runs its body under the same
+/// lock, so a signal is never sent after the flag is set.
+final class ReapedFlag: Sendable {
+    private let state = Mutex(false)
+
+    func set() { state.withLock { $0 = true } }
+
+    func unlessSet(_ body: () -> Void) { state.withLock { if !$0 { body() } } }
 }
 
 /// Starts `executable` (a path) with exactly `environment`; standard output
@@ -66,7 +84,9 @@ func spawnChild(_ executable: String, _ arguments: [String], environment: [Strin
 
     // The pid once it runs, or why it could not be started.
     let (started, start) = AsyncThrowingStream<pid_t, any Error>.makeStream()
+    let reaped = ReapedFlag()
     let ending = Task { () -> Child.Ending in
+        defer { reaped.set() }
         var running = false
         do {
             let result = try await Subprocess.run(
@@ -91,7 +111,7 @@ func spawnChild(_ executable: String, _ arguments: [String], environment: [Strin
         }
     }
     for try await pid in started {
-        return Child(pid: pid, stdoutPath: outPath, stderrPath: errPath, ending: ending)
+        return Child(pid: pid, stdoutPath: outPath, stderrPath: errPath, ending: ending, reaped: reaped)
     }
     // The stream ends with a pid or an error; only cancellation gets here.
     throw CancellationError()

@@ -46,7 +46,7 @@ struct WorkCommandTests {
             _ = try await waitUntil(60) {
                 try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs", as: Int.self) == 5
             }
-            kill(worker.pid, SIGTERM)
+            worker.signal(SIGTERM)
             let ending = await worker.wait()
             #expect(ending == .exited(0), "\(worker.output().stderr)")
             #expect(FileManager.default.fileExists(atPath: out + "/slow-finished"), "the worker did not wait for the running command")
@@ -96,7 +96,7 @@ struct WorkCommandTests {
                     == 6
             }
             #expect(done, "\(worker.output().stderr.suffix(2000))")
-            kill(worker.pid, SIGTERM)
+            worker.signal(SIGTERM)
             #expect(await worker.wait() == .exited(0), "\(worker.output().stderr.suffix(2000))")
         }
     }
@@ -121,7 +121,7 @@ struct WorkCommandTests {
             }
             #expect(done, "\(worker.output().stderr.suffix(2000))")
             let workerFDs = openDescriptors(String(worker.pid))
-            kill(worker.pid, SIGTERM)
+            worker.signal(SIGTERM)
             #expect(await worker.wait() == .exited(0), "\(worker.output().stderr.suffix(2000))")
             let fds = worker.output().stdout.split(separator: "\n").compactMap { Int($0) }.sorted()
             #expect(fds == [0, 1, 2], "the worker had \(workerFDs)")
