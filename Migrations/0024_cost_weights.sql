@@ -149,29 +149,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._require_throttle_cost(jsonb, text) IS
   'Internal: validates a throttle gate''s cost (a value within limits() throttle.cost) and that it (or its default) is at most the gate''s burst (or its default; without burst the rate, at least 1); raises the config error (22023) naming path.cost; returns the cost.';
 
--- The config as _validate_policy_base knows it: without round_robin_weight
--- and without the cost of throttle gates (other gates keep a cost, so the
--- base refuses it as an unknown field).
-CREATE FUNCTION dispatch_policy._without_cost_weights(config jsonb)
-RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
-AS $$
-  SELECT CASE
-           WHEN jsonb_typeof(config) <> 'object' THEN config
-           WHEN jsonb_typeof(config -> 'gates') = 'array' THEN
-             jsonb_set(config - 'round_robin_weight', '{gates}',
-                       coalesce((SELECT jsonb_agg(CASE WHEN jsonb_typeof(x.g) = 'object' AND x.g ->> 'type' = 'throttle'
-                                                       THEN x.g - 'cost' ELSE x.g END ORDER BY x.n)
-                                 FROM jsonb_array_elements(config -> 'gates') WITH ORDINALITY AS x(g, n)), '[]'::jsonb))
-           ELSE config - 'round_robin_weight'
-         END
-$$;
-COMMENT ON FUNCTION dispatch_policy._without_cost_weights(jsonb) IS
-  'Internal: a config without round_robin_weight and without the cost of its throttle gates (0024), for _validate_policy_base.';
-
--- Validates what _without_cost_weights took out, after the base accepted the
--- rest: round_robin_weight (a value within limits() round_robin_weight) and
--- each throttle's cost (_require_throttle_cost).
+-- Validates round_robin_weight (a value within limits() round_robin_weight) and
+-- each throttle's cost (_require_throttle_cost); validate_policy calls it
+-- once its gates are checked.
 CREATE FUNCTION dispatch_policy._validate_cost_weights(config jsonb)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
@@ -195,10 +175,8 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._validate_cost_weights(jsonb) IS
   'Internal: validates a config''s round_robin_weight (a value, limits() round_robin_weight) and the cost of each throttle gate (limits() throttle.cost, at most the burst); 22023 naming the field.';
 
--- validate_policy as in 0023, copied; change: round_robin_weight and a
--- throttle's cost are known, taken out for _validate_policy_base and
--- checked by _validate_cost_weights.
--- (validate_policy: its one definition in 0.2.0 is in 0025_shadow.sql.)
+-- validate_policy knows round_robin_weight and a throttle's cost, checked by
+-- _validate_cost_weights (its one definition in 0.2.0 is in 0025_shadow.sql).
 
 -- ---------------------------------------------------------------------------
 -- Staging refuses a job whose cost exceeds its bucket's burst: it could
