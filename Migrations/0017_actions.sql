@@ -547,7 +547,5 @@ COMMENT ON FUNCTION dispatch_policy._expire_partition_pauses(timestamptz) IS
 -- ---------------------------------------------------------------------------
 -- explain (0015) reports a paused partition as the gate that refuses the job,
 -- with the pause's end and reason, and a lane blocked by a pause as such.
--- The same function otherwise: copied from 0015, three additions marked by
--- paused_partitions. (explain: its one definition in 0.2.0 is in
--- 0025_shadow.sql.)
+-- (explain is defined once in 0.2.0, in 0025_shadow.sql.)
 

@@ -85,7 +85,7 @@ CREATE TRIGGER policies_end_pauses
   FOR EACH ROW WHEN (OLD.config IS DISTINCT FROM NEW.config)
   EXECUTE FUNCTION dispatch_policy._end_pauses_of_removed_gates();
 
--- _drop_empty_lanes as in 0012, with the lanes joined from unnest() instead
+-- _drop_empty_lanes (0012 says what it does), with the lanes joined from unnest() instead
 -- of filtered by "lane = ANY (lanes)": with 10,000 lanes in one batch (a
 -- batch_size of 10,000 over a lane per partition) the old statement took 57 s
 -- inside the function, so such a tick never finished within its timeout and
@@ -143,9 +143,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._drop_empty_lanes(text, text[], boolean) IS
   'Internal: deletes the given lanes of a policy (and its keyless lane when keyless) that are ready and have no eligible job, if no stager holds the policy''s lanes lock; else blocks them for a second. Called by fetch_batch for lanes it found empty, by admission for the lanes it drew from, and by cancel and drain.';
 
--- tick_begin as in 0014, with the idle_session_timeout between a tick's
+-- tick_begin keeps the idle_session_timeout between a tick's
 -- calls at least 10 s instead of 1 s: with a tick timeout of 500 ms, a
 -- runner on a loaded machine that took over a second to decide between two
 -- calls lost its session mid-tick (seen on a CI run). A frozen runner still
 -- loses its session, and the policy's lock, after at most that long.
--- (tick_begin: its one definition in 0.2.0 is in 0019_admit_now.sql.)
+-- (tick_begin is defined once in 0.2.0, in 0019_admit_now.sql.)

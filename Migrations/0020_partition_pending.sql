@@ -1107,9 +1107,9 @@ COMMENT ON COLUMN dispatch_policy.partition_overview.last_staged_at IS
   'When a job was last staged into this partition (new, a retry, or moved into it by a changed template), admitted since or not (before 0020: the latest staging among the jobs still waiting).';
 
 -- ---------------------------------------------------------------------------
--- prune: 0018's, copied, with one more step: gate partitions that hold no
+-- prune gets one more step (it is defined once in 0.2.0, in
+-- 0025_shadow.sql): gate partitions that hold no
 -- staged job and had none staged within the retention lose their
 -- partition_counters row (row partition_counters; at most 1,000,000 a
 -- call). A row deleted while a delta for it is still unfolded comes back
 -- with the next fold, as the delta says.
--- (prune: its one definition in 0.2.0 is in 0025_shadow.sql.)

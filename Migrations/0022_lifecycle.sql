@@ -336,9 +336,8 @@ COMMENT ON FUNCTION dispatch_policy.drop_policy(text, boolean) IS
   'Deletes a policy and all its per-policy state: gate state (in-flight counters, throttle buckets, adaptive state, observations), lanes, round-robin cursor, paused partitions, runner failures, dedupe keys and per-partition pending counts. Refuses, changing nothing, while a job of the policy is staged (pending or scheduled) or admitted: SQLSTATE 2BP01, the message giving how many. With force => true, first finishes every such job as cancelled (finished_jobs, reason ''policy NAME dropped'' in last_error; an admitted job''s attempt counts as made, its slots are released and its worker''s next call gets DP001 or P0002), freeing their dedupe keys. History stays under the name: finished_jobs, job_failures, job_deferrals, stat_minutes, observation_minutes and policy_counters (deleted by prune() after their retention; a policy declared again under the name continues it). Waits for a tick of the policy under way (its tick lock) and for stagers of it (its partitions lock), until commit. Returns how many jobs were cancelled. Owner only (as declare_policy). Errors, nothing changed: NULL name or force 22004; unknown policy 42704; jobs without force 2BP01.';
 
 -- ---------------------------------------------------------------------------
--- prune: 0020's, copied, with one more step: deferrals older than the
--- retention (row deferrals).
--- (prune: its one definition in 0.2.0 is in 0025_shadow.sql.)
+-- prune gets one more step (it is defined once in 0.2.0, in
+-- 0025_shadow.sql): deferrals older than the retention (row deferrals).
 
 -- ---------------------------------------------------------------------------
 -- Privileges (0021): defer is a worker call, run as the owner like fail;

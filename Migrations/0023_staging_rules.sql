@@ -1109,14 +1109,12 @@ COMMENT ON COLUMN dispatch_policy.policy_overview.deferred_24h IS
   'Deferrals by workers (defer(): backpressure from downstream) in the last 24 hours. Exact (job_deferrals, until pruned).';
 
 -- ---------------------------------------------------------------------------
--- explain as in 0017, copied; change: a staged job with a deadline gets a
--- row of aspect deadline after its schedule.
--- (explain: its one definition in 0.2.0 is in 0025_shadow.sql.)
+-- explain gives a staged job with a deadline a row of aspect deadline after
+-- its schedule (explain is defined once in 0.2.0, in 0025_shadow.sql).
 
 -- ---------------------------------------------------------------------------
--- prune: 0022's, copied, with three more steps (rows expired_jobs,
--- dropped_jobs, deadlines) after partition_counters.
--- (prune: its one definition in 0.2.0 is in 0025_shadow.sql.)
+-- prune gets three more steps (rows expired_jobs, dropped_jobs, deadlines)
+-- after partition_counters (it is defined once in 0.2.0, in 0025_shadow.sql).
 
 -- ---------------------------------------------------------------------------
 -- Privileges (0021): stage, stage_outcome, stage_many and

@@ -29,8 +29,10 @@
 -- ---------------------------------------------------------------------------
 -- Bounds (limits() is the one place).
 
--- limits() as in 0023, copied; change: throttle.cost and round_robin_weight
--- appended (FieldLimits in Swift appends the same rows).
+-- limits(): 0007's rows, those of 0022 (defer) and 0023 (staging rules),
+-- and throttle.cost and round_robin_weight appended (FieldLimits in Swift
+-- appends the same rows). 0007 defines it first: the DDL of 0008 and 0012
+-- needs its bounds.
 CREATE OR REPLACE FUNCTION dispatch_policy.limits()
 RETURNS TABLE (field text, minimum numeric, minimum_exclusive boolean, maximum numeric, maximum_exclusive boolean,
                integral boolean, default_value numeric, unit text, description text)
@@ -869,10 +871,10 @@ COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[
 -- ---------------------------------------------------------------------------
 -- explain shows a throttle's cost.
 
--- explain as in 0023, copied; change: a throttle gate's row shows the job's
--- cost (gate field cost) and waits until the bucket holds it, and the estimate
--- adds up the costs of the jobs ahead in its partition.
--- (explain: its one definition in 0.2.0 is in 0025_shadow.sql.)
+-- explain: a throttle gate's row shows the job's cost (gate field cost) and
+-- waits until the bucket holds it, and the estimate adds up the costs of the
+-- jobs ahead in its partition (explain is defined once in 0.2.0, in
+-- 0025_shadow.sql).
 
 -- ---------------------------------------------------------------------------
 -- Privileges (see 0021): the new functions are PUBLIC's until revoked
