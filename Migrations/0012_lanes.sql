@@ -167,52 +167,7 @@ CREATE TRIGGER staged_jobs_lanes
 -- When a stager is in flight the empty lanes are passed over for a second
 -- instead: a time block always ends, so a job staged into one meanwhile
 -- waits a second at most, and empty lanes never crowd out the ready ones.
-CREATE FUNCTION dispatch_policy._drop_empty_lanes(policy text, lanes text[], keyless boolean)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-DECLARE
-  locked boolean := false;
-BEGIN
-  BEGIN
-    locked := pg_try_advisory_lock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
-    IF locked THEN
-      DELETE FROM dispatch_policy.lanes l
-      WHERE l.policy = _drop_empty_lanes.policy AND l.lane = ANY (_drop_empty_lanes.lanes) AND l.blocked_until IS NULL
-        AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
-                        WHERE s.policy = l.policy AND s.not_before IS NULL
-                          AND s.round_robin_key >= l.lane AND s.round_robin_key <= l.lane);
-      IF keyless THEN
-        DELETE FROM dispatch_policy.lanes l
-        WHERE l.policy = _drop_empty_lanes.policy AND l.lane IS NULL AND l.blocked_until IS NULL
-          AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
-                          WHERE s.policy = l.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL);
-      END IF;
-      PERFORM pg_advisory_unlock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
-      RETURN;
-    END IF;
-  EXCEPTION WHEN query_canceled OR others THEN
-    -- A session lock outlives the statement: never leave it held (a
-    -- cancelled or timed-out DELETE would block every stager of the policy).
-    IF locked THEN
-      PERFORM pg_advisory_unlock(dispatch_policy._lanes_lock_key(_drop_empty_lanes.policy));
-    END IF;
-    RAISE;
-  END;
-  UPDATE dispatch_policy.lanes l
-  SET blocked_until = now() + interval '1 second', updated_at = now()
-  WHERE l.policy = _drop_empty_lanes.policy AND l.blocked_until IS NULL
-    AND ((l.lane = ANY (_drop_empty_lanes.lanes)
-          AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
-                          WHERE s.policy = l.policy AND s.not_before IS NULL
-                            AND s.round_robin_key >= l.lane AND s.round_robin_key <= l.lane))
-         OR (keyless AND l.lane IS NULL
-             AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s
-                             WHERE s.policy = l.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL)));
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy._drop_empty_lanes(text, text[], boolean) IS
-  'Internal: deletes the given lanes of a policy (and its keyless lane when keyless) that are ready and have no eligible job, if no stager holds the policy''s lanes lock; else blocks them for a second. Called by fetch_batch for lanes it found empty and by admission for the lanes it drew from.';
+-- (_drop_empty_lanes: its one definition in 0.2.0 is in 0018_tick_pauses.sql.)
 
 -- The next ready lanes in rotation order after a key: keys ascending, then
 -- the keyless lane (NULL), then from the first key again up to the given one.
@@ -249,7 +204,6 @@ COMMENT ON FUNCTION dispatch_policy._ready_lanes(text, text, integer) IS
   'Internal: up to n ready lanes of a policy in rotation order after the given key (keys ascending, then NULL for the keyless lane, then from the first key again up to the given one), by index range scans of lanes_ready_idx.';
 
 DROP FUNCTION dispatch_policy._next_round_robin_keys(text, text, integer);
-DROP FUNCTION dispatch_policy._round_robin_key_after(text, text);
 
 CREATE OR REPLACE FUNCTION dispatch_policy.fetch_batch(
   policy text, batch_size integer, round_robin_quantum integer DEFAULT NULL, now timestamptz DEFAULT now()

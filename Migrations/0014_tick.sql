@@ -174,6 +174,7 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._read_adaptive(text, text[], text[], integer[]) IS
   'Internal: read_adaptive with parallel arrays (the one implementation).';
 
+DROP FUNCTION dispatch_policy.read_adaptive(text, jsonb);
 CREATE OR REPLACE FUNCTION dispatch_policy.read_adaptive(policy text, keys jsonb)
 RETURNS TABLE (gate text, partition text, current_max integer, ewma_lag_ms double precision,
                growth_credit double precision, since_decrease bigint)
@@ -185,6 +186,8 @@ AS $$
     ARRAY(SELECT k ->> 'partition' FROM jsonb_array_elements(keys) WITH ORDINALITY AS t(k, n) ORDER BY n),
     ARRAY(SELECT (k ->> 'initial_max')::integer FROM jsonb_array_elements(keys) WITH ORDINALITY AS t(k, n) ORDER BY n)) AS r
 $$;
+COMMENT ON FUNCTION dispatch_policy.read_adaptive(text, jsonb) IS
+  'Adaptive state for many partitions in one call: keys is [{"gate","partition","initial_max"}]; missing rows start at initial_max; rows are locked in (gate, partition) order. Returns the cap, the EWMA lag and the window counters of the AIMD rule.';
 
 CREATE FUNCTION dispatch_policy._save_adaptive(
   policy text, gates text[], partitions text[], current_max integer[], ewma_lag_ms double precision[],
@@ -248,6 +251,8 @@ AS $$
     ARRAY(SELECT (u ->> 'last_observed_at')::timestamptz FROM jsonb_array_elements(updates) WITH ORDINALITY AS t(u, n) ORDER BY n),
     save_adaptive.now)
 $$;
+COMMENT ON FUNCTION dispatch_policy.save_adaptive(text, jsonb, timestamptz) IS
+  'Stores AIMD results for many partitions: updates is [{"gate","partition","current_max","ewma_lag_ms","growth_credit","since_decrease","observations","failures","last_observed_at"}] (observations and failures are increments; current_max from 1 to 1000000).';
 
 -- ---------------------------------------------------------------------------
 -- Admission.
@@ -423,6 +428,7 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb, text[], text[]) IS
   'Internal: admit with parallel arrays (the one implementation): ids; gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane).';
 
+DROP FUNCTION dispatch_policy.admit(text, jsonb, jsonb, integer, timestamptz);
 CREATE OR REPLACE FUNCTION dispatch_policy.admit(
   policy text, jobs jsonb, takes jsonb DEFAULT '[]', lease_seconds integer DEFAULT NULL, now timestamptz DEFAULT now(),
   round_robin_cursor jsonb DEFAULT NULL
@@ -451,6 +457,8 @@ BEGIN
     admit.lease_seconds, admit.now, admit.round_robin_cursor);
 END
 $$;
+COMMENT ON FUNCTION dispatch_policy.admit(text, jsonb, jsonb, integer, timestamptz, jsonb) IS
+  'Admits fetched jobs in the caller''s transaction: jobs is [{"id","partitions":{"gate":"partition"}}] (every gate''s partition; slot-holding gates'' entries take a slot), takes is [{"gate","partition","tokens"}]. Moves rows to admitted_jobs with the lease (lease_seconds, else the policy''s, else 900), adds to in-flight counters and takes tokens (rows locked in sorted order), calls the sql target function or notifies ready-queue workers (NOTIFY dispatch_policy_admitted, queue). round_robin_cursor {"last_key": K} (NULL key: the keyless lane) or {"hold": true} sets the rotation; without it the cursor moves past the last key admitted. SQLSTATE 55000 if a job is not staged.';
 
 -- ---------------------------------------------------------------------------
 -- The consolidated tick, in autocommit: three calls, three round trips.
@@ -570,126 +578,6 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._holds_tick_lock(text) IS
   'Internal: whether this session holds the tick lock of a policy, at any level (pg_locks).';
 
-CREATE FUNCTION dispatch_policy.tick_begin(
-  policy text, batch_size integer, round_robin_quantum integer, max_observations integer DEFAULT 10000,
-  timeout_ms integer DEFAULT NULL
-)
-RETURNS TABLE (kind text, id bigint, priority integer, round_robin_key text, context text, lane integer,
-               gate text, partition text, lag_ms double precision, success boolean, observed_at timestamptz,
-               config text, now timestamptz)
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-DECLARE
-  pol dispatch_policy.policies;
-  at timestamptz;
-  batch integer;
-  quantum integer;
-  adaptive_gate text;
-  fetched integer := 0;
-  observed integer := 0;
-BEGIN
-  IF timeout_ms IS NOT NULL AND timeout_ms < 1 THEN
-    RAISE EXCEPTION 'timeout_ms must be 1 or more (NULL: the session''s statement_timeout)'
-      USING ERRCODE = '22023', DETAIL = format('timeout_ms is %s.', timeout_ms);
-  END IF;
-  IF coalesce(current_setting('dispatch_policy.tick_locked', true), '') <> '' THEN
-    RAISE EXCEPTION 'this session is in the tick of policy %', quote_literal(current_setting('dispatch_policy.tick_locked'))
-      USING ERRCODE = '55000', HINT = 'End it with tick_finish or tick_abort first.';
-  END IF;
-  -- A tick_begin rolled back with its transaction (BEGIN ... ROLLBACK) keeps
-  -- the lock, which is not transactional: taking it again would stack a
-  -- level that tick_finish never gives back.
-  IF dispatch_policy._holds_tick_lock(tick_begin.policy) THEN
-    RAISE EXCEPTION 'this session still holds the tick lock of policy % from a tick that did not end', quote_literal(tick_begin.policy)
-      USING ERRCODE = '55000', HINT = 'Call dispatch_policy.tick_abort(policy) (a tick_begin rolled back with its transaction keeps the lock).';
-  END IF;
-  -- Session level: the lock outlives this call's transaction, until
-  -- tick_finish or tick_abort (or the session's end).
-  IF NOT pg_try_advisory_lock(dispatch_policy._tick_lock_key(tick_begin.policy)) THEN
-    RETURN QUERY SELECT 'busy'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
-                        NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz;
-    RETURN;
-  END IF;
-  PERFORM set_config('dispatch_policy.tick_locked', tick_begin.policy, false);
-  -- Bounds the tick's later calls (tick_state, tick_finish): a slow sql
-  -- target fails its policy's tick instead of holding the runner.
-  IF timeout_ms IS NOT NULL THEN
-    PERFORM set_config('dispatch_policy.timeout_outside_tick', current_setting('statement_timeout'), false);
-    PERFORM set_config('statement_timeout', timeout_ms::text, false);
-  END IF;
-  -- Between the calls the session is idle, not in a transaction: a client
-  -- that stops answering (frozen, partitioned away) would keep the lock
-  -- until TCP gives up. The server ends a session idle this long (at least
-  -- a second; 60 s without timeout_ms) and the lock with it.
-  PERFORM set_config('dispatch_policy.idle_outside_tick', current_setting('idle_session_timeout'), false);
-  PERFORM set_config('idle_session_timeout', greatest(coalesce(timeout_ms, 60000), 1000)::text, false);
-  -- Time is read after the lock, so it never goes backwards between ticks of
-  -- one policy; every primitive gets this same time.
-  at := clock_timestamp();
-  SELECT * INTO pol FROM dispatch_policy.policies p WHERE p.name = tick_begin.policy;
-  IF NOT FOUND OR pol.paused THEN
-    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
-    RETURN QUERY SELECT CASE WHEN pol.name IS NULL THEN 'unknown' ELSE 'paused' END, NULL::bigint, NULL::integer,
-                        NULL::text, NULL::text, NULL::integer, NULL::text, NULL::text, NULL::float8, NULL::boolean,
-                        NULL::timestamptz, NULL::text, NULL::timestamptz;
-    RETURN;
-  END IF;
-  batch := coalesce(dispatch_policy._json_number(pol.config -> 'batch_size')::integer, tick_begin.batch_size,
-                    dispatch_policy._policy_setting(pol.config, 'batch_size'));
-  quantum := coalesce(dispatch_policy._json_number(pol.config -> 'round_robin_quantum')::integer, tick_begin.round_robin_quantum);
-  IF NOT dispatch_policy._within_limit(batch, 'batch_size') THEN
-    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
-    RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
-      USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', batch);
-  END IF;
-  IF quantum IS NOT NULL AND NOT dispatch_policy._within_limit(quantum, 'round_robin_quantum') THEN
-    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
-    RAISE EXCEPTION 'round_robin_quantum %', dispatch_policy._limit_rule('round_robin_quantum')
-      USING ERRCODE = '22023', DETAIL = format('round_robin_quantum is %s.', quantum);
-  END IF;
-
-  RETURN QUERY SELECT 'tick'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
-                      NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, pol.config::text, at;
-
-  -- Read, not removed: tick_finish deletes the ones it folded.
-  FOREACH adaptive_gate IN ARRAY dispatch_policy._gates_of_type(pol.config, 'adaptive_concurrency') LOOP
-    RETURN QUERY
-    SELECT 'observation'::text, o.id, NULL::integer, NULL::text, NULL::text, NULL::integer, adaptive_gate, o.partition,
-           o.lag_ms, o.success, o.observed_at, NULL::text, NULL::timestamptz
-    FROM dispatch_policy.observations o
-    WHERE o.policy = tick_begin.policy AND o.gate = adaptive_gate
-    ORDER BY o.id LIMIT greatest(coalesce(max_observations, 10000), 0);
-    GET DIAGNOSTICS fetched = ROW_COUNT;
-    observed := observed + fetched;
-  END LOOP;
-  fetched := 0;
-
-  PERFORM dispatch_policy.promote_scheduled(tick_begin.policy, batch, at);
-
-  -- A full global cap admits nothing: fetch nothing (no batch slot taken, no
-  -- lane blocked for it); a released slot wakes the runner.
-  IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(pol.config -> 'gates', '[]'::jsonb)) AS g
-                 JOIN dispatch_policy.inflight_counters c
-                   ON c.policy = tick_begin.policy AND c.gate = coalesce(g ->> 'name', g ->> 'type') AND c.partition = 'default'
-                 WHERE g ->> 'type' = 'global_cap' AND c.in_flight >= dispatch_policy._json_number(g -> 'max')) THEN
-    RETURN QUERY
-    SELECT 'job'::text, f.id, f.priority, f.round_robin_key, f.context::text, f.lane, NULL::text, NULL::text,
-           NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz
-    FROM dispatch_policy.fetch_batch(tick_begin.policy, batch, quantum, at) f;
-    GET DIAGNOSTICS fetched = ROW_COUNT;
-  END IF;
-
-  -- Nothing to admit or fold: the tick ends here (one round trip).
-  IF fetched = 0 AND observed = 0 THEN
-    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
-    RETURN QUERY SELECT 'done'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
-                        NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz;
-  END IF;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy.tick_begin(text, integer, integer, integer, integer) IS
-  'The first call of a tick; the tick''s calls run in autocommit, each its own transaction. Takes the policy''s tick lock at session level (held until tick_finish, tick_abort or the session''s end; 55000 if this session is already in a tick or still holds the lock) and, until then, sets the session''s statement_timeout to timeout_ms and its idle_session_timeout to timeout_ms (at least 1 s; 60 s without timeout_ms), so a client that stops answering between the calls loses its session and the lock; then, if the policy is not paused: reads (does not remove) up to max_observations observations of every adaptive gate, promote_scheduled and fetch_batch, with the policy''s batch_size and round_robin_quantum (else the arguments); no fetch while a global_cap is full. Rows by kind: busy, unknown or paused (one row; nothing else done, no lock kept); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order); done (last: nothing fetched or observed, the lock is given back and the tick is over).';
-
 CREATE FUNCTION dispatch_policy.tick_abort(policy text)
 RETURNS boolean
 LANGUAGE sql VOLATILE STRICT SECURITY INVOKER
@@ -698,41 +586,6 @@ AS $$
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_abort(text) IS
   'Ends a tick of the policy begun in this session without admitting: gives back every level of the tick lock this session holds and, when the tick under way is of this policy, restores statement_timeout and idle_session_timeout. Whether a lock was held. Safe to call when none is (a runner calls it after any failed tick).';
-
-CREATE FUNCTION dispatch_policy.tick_state(
-  policy text, now timestamptz,
-  bucket_gates text[], bucket_partitions text[], rates double precision[], pers double precision[],
-  bursts double precision[],
-  counter_gates text[], counter_partitions text[],
-  adaptive_gates text[], adaptive_partitions text[], initial_max integer[]
-)
-RETURNS TABLE (kind text, gate text, partition text, tokens double precision, in_flight integer, current_max integer,
-               ewma_lag_ms double precision, growth_credit double precision, since_decrease bigint)
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-BEGIN
-  PERFORM dispatch_policy._require_policy(tick_state.policy);
-  IF coalesce(cardinality(bucket_gates), 0) > 0 THEN
-    RETURN QUERY
-    SELECT 'bucket'::text, b.gate, b.partition, b.tokens, NULL::integer, NULL::integer, NULL::float8, NULL::float8, NULL::bigint
-    FROM dispatch_policy._refill_buckets(tick_state.policy, bucket_gates, bucket_partitions, rates, pers, bursts,
-                                         tick_state.now) b;
-  END IF;
-  IF coalesce(cardinality(counter_gates), 0) > 0 THEN
-    RETURN QUERY
-    SELECT 'counter'::text, c.gate, c.partition, NULL::float8, c.in_flight, NULL::integer, NULL::float8, NULL::float8, NULL::bigint
-    FROM dispatch_policy._read_counters(tick_state.policy, counter_gates, counter_partitions, false) c;
-  END IF;
-  IF coalesce(cardinality(adaptive_gates), 0) > 0 THEN
-    RETURN QUERY
-    SELECT 'adaptive'::text, a.gate, a.partition, NULL::float8, NULL::integer, a.current_max, a.ewma_lag_ms,
-           a.growth_credit, a.since_decrease
-    FROM dispatch_policy._read_adaptive(tick_state.policy, adaptive_gates, adaptive_partitions, initial_max) a;
-  END IF;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy.tick_state(text, timestamptz, text[], text[], double precision[], double precision[], double precision[], text[], text[], text[], text[], integer[]) IS
-  'The second call of a tick: the gate state of a batch''s partitions in one call, from parallel arrays. Buckets are refilled (refill_buckets: created full, locked, returned as kind bucket with tokens); counters are read without locking (kind counter, in_flight; 0 for a missing one: only admission raises a counter, and it locks); adaptive state as read_adaptive (kind adaptive).';
 
 CREATE FUNCTION dispatch_policy.tick_finish(
   policy text, now timestamptz,

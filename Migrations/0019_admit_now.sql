@@ -26,11 +26,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._fetch_partition(text, text, text, integer) IS
   'Internal: the fetch of tick_begin with only_gate and only_partition: locks (FOR UPDATE SKIP LOCKED) and returns up to max_jobs eligible jobs of the policy whose partition under template (the gate''s partition_by, rendered then fitted) is partition, lower priority first, then staging order; lane 0. Nothing for a NULL template. Renders the policy''s eligible jobs in that order until max_jobs match.';
 
--- tick_begin as in 0018, with only_gate and only_partition. The old
--- signature is dropped: a runner calling it with five arguments gets this
--- one with the defaults.
-DROP FUNCTION dispatch_policy.tick_begin(text, integer, integer, integer, integer);
-
+-- tick_begin, defined once in 0.2.0 (the first call of a tick, 0014; an
+-- idle_session_timeout of at least 10 s between a tick's calls, 0018), with
+-- only_gate and only_partition.
 CREATE FUNCTION dispatch_policy.tick_begin(
   policy text, batch_size integer, round_robin_quantum integer, max_observations integer DEFAULT 10000,
   timeout_ms integer DEFAULT NULL, only_gate text DEFAULT NULL, only_partition text DEFAULT NULL

@@ -30,12 +30,8 @@
 -- too); over-cap counters were never a finding (check() compares counters
 -- with the jobs holding slots).
 --
--- validate_policy, explain and prune are wrapped: the latest version
--- before this migration is copied under another name (_validate_policy_modes,
--- _explain_enforced, _prune_base; only the name changes) and the new one
--- calls it, so the changes are where they show and the copies can be
--- regenerated mechanically. (A rename would keep the old bodies, but they
--- qualify parameters by the function's name.)
+-- validate_policy, explain and prune are defined here whole, once in 0.2.0
+-- (the migrations before this one that changed them point here).
 
 -- ---------------------------------------------------------------------------
 -- What the gates of shadow policies would have done.
@@ -125,33 +121,162 @@ COMMENT ON FUNCTION dispatch_policy._policy_mode(jsonb) IS
   'Internal: a policy config''s mode: shadow when its "mode" is "shadow", else enforce (the default).';
 
 -- ---------------------------------------------------------------------------
--- validate_policy: the version before this migration, renamed and called
--- with "mode" taken out; then mode itself.
+-- validate_policy: every field of a config, mode too. (Its one definition in
+-- 0.2.0: 0007's, with the staging rules of 0023, round_robin_weight and a
+-- throttle's cost of 0024, and mode.)
 
--- BEGIN COPY _validate_policy_modes
--- validate_policy as 0024_cost_weights.sql made it, copied (renamed; nothing else changed).
-CREATE FUNCTION dispatch_policy._validate_policy_modes(name text, config jsonb)
+CREATE OR REPLACE FUNCTION dispatch_policy.validate_policy(name text, config jsonb)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
 AS $$
 DECLARE
-  rules CONSTANT text[] := ARRAY['dedupe_mode', 'debounce', 'max_pending_per_partition', 'on_overflow', 'max_wait'];
+  -- Every top-level field of a config: the one list (the error for an
+  -- unknown field names them).
+  known CONSTANT text[] := ARRAY['gates', 'round_robin_by', 'batch_size', 'round_robin_quantum', 'lease_seconds',
+                                 'max_attempts', 'target', 'round_robin_weight', 'dedupe_mode', 'debounce',
+                                 'max_pending_per_partition', 'on_overflow', 'max_wait', 'mode'];
+  gate jsonb;
+  i integer := 0;
+  path text;
+  gate_type text;
+  gate_name text;
+  seen jsonb := '{}'::jsonb;
+  n numeric;
+  lo numeric;
+  hi numeric;
 BEGIN
+  IF validate_policy.name IS NULL OR validate_policy.name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+    RAISE EXCEPTION 'invalid policy name: %', coalesce(quote_literal(left(validate_policy.name, 200)), 'NULL')
+      USING ERRCODE = '22023',
+            DETAIL = 'A policy name is 1 to 128 characters: letters, digits, _ . : -, starting with a letter or digit.',
+            HINT = 'Nothing was stored.';
+  END IF;
   IF config IS NULL OR jsonb_typeof(config) <> 'object' THEN
-    PERFORM dispatch_policy._validate_policy_base(_validate_policy_modes.name, config);
-    RETURN;
+    PERFORM dispatch_policy._config_error('config', 'must be a JSON object', config);
   END IF;
-  IF _validate_policy_modes.name IS NOT NULL AND _validate_policy_modes.name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
-    PERFORM dispatch_policy._require_known_keys(config,
-      ARRAY['gates', 'round_robin_by', 'batch_size', 'round_robin_quantum',
-            'lease_seconds', 'max_attempts', 'target', 'round_robin_weight'] || rules, '');
+
+  PERFORM dispatch_policy._require_known_keys(config, known, '');
+
+  FOREACH path IN ARRAY ARRAY['batch_size', 'round_robin_quantum', 'lease_seconds', 'max_attempts'] LOOP
+    IF config ? path THEN
+      PERFORM dispatch_policy._require_limit(config -> path, path, path);
+    END IF;
+  END LOOP;
+  IF config ? 'round_robin_by' THEN
+    PERFORM dispatch_policy._require_template(config -> 'round_robin_by', 'round_robin_by');
   END IF;
-  -- The base knows neither round_robin_weight nor a throttle's cost (0024):
-  -- checked below, after everything it checks.
-  PERFORM dispatch_policy._validate_policy_base(_validate_policy_modes.name,
-    dispatch_policy._without_cost_weights(config) - rules);
+
+  IF config ? 'target' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'target') = 'object',
+      'target', 'must be an object such as {"type": "ready_queue"}', config -> 'target');
+    PERFORM dispatch_policy._require(config -> 'target' ->> 'type' IN ('ready_queue', 'sql'),
+      'target.type', 'must be one of ready_queue, sql', config -> 'target' -> 'type');
+    IF config -> 'target' ->> 'type' = 'ready_queue' THEN
+      PERFORM dispatch_policy._require_known_keys(config -> 'target', ARRAY['type'], 'target.');
+    ELSE
+      PERFORM dispatch_policy._require_known_keys(config -> 'target', ARRAY['type', 'function'], 'target.');
+      PERFORM dispatch_policy._require(
+        config -> 'target' ->> 'function' ~ '^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}$',
+        'target.function', 'must name a function as schema.name', config -> 'target' -> 'function');
+    END IF;
+  END IF;
+
+  IF config ? 'gates' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'gates') = 'array',
+      'gates', 'must be an array of gate objects', config -> 'gates');
+    PERFORM dispatch_policy._require(jsonb_array_length(config -> 'gates') <= 32,
+      'gates', 'must hold at most 32 gates', to_jsonb(jsonb_array_length(config -> 'gates')));
+    FOR gate IN SELECT g FROM jsonb_array_elements(config -> 'gates') AS g LOOP
+      path := format('gates[%s]', i);
+      PERFORM dispatch_policy._require(jsonb_typeof(gate) = 'object', path, 'must be an object', gate);
+      gate_type := gate ->> 'type';
+      PERFORM dispatch_policy._require(
+        gate_type IN ('throttle', 'concurrency', 'global_cap', 'fair_interleave', 'adaptive_concurrency'),
+        path || '.type',
+        'must be one of throttle, concurrency, global_cap, fair_interleave, adaptive_concurrency',
+        gate -> 'type');
+
+      PERFORM dispatch_policy._require_known_keys(gate,
+        CASE gate_type
+          WHEN 'throttle' THEN ARRAY['type', 'name', 'partition_by', 'rate', 'per', 'burst', 'cost']
+          WHEN 'concurrency' THEN ARRAY['type', 'name', 'partition_by', 'max']
+          WHEN 'global_cap' THEN ARRAY['type', 'name', 'max']
+          WHEN 'fair_interleave' THEN ARRAY['type', 'name', 'partition_by']
+          ELSE ARRAY['type', 'name', 'partition_by', 'initial_max', 'target_lag_ms', 'min', 'max',
+                     'ewma_alpha', 'failure_decrease_factor', 'overload_decrease_factor']
+        END, path || '.');
+
+      IF gate ? 'name' THEN
+        PERFORM dispatch_policy._require(
+          jsonb_typeof(gate -> 'name') = 'string' AND gate ->> 'name' ~ '^[A-Za-z0-9_.:-]{1,64}$',
+          path || '.name', 'must be 1 to 64 characters: letters, digits, _ . : -', gate -> 'name');
+      END IF;
+      gate_name := coalesce(gate ->> 'name', gate_type);
+      IF seen ? gate_name THEN
+        PERFORM dispatch_policy._config_error(path || '.name',
+          format('must be unique in the policy: %s is also the name of %s (a gate''s name defaults to its type)',
+                 quote_ident(gate_name), seen ->> gate_name),
+          to_jsonb(gate_name));
+      END IF;
+      seen := seen || jsonb_build_object(gate_name, path);
+
+      IF gate ? 'partition_by' THEN
+        PERFORM dispatch_policy._require_template(gate -> 'partition_by', path || '.partition_by');
+      END IF;
+
+      CASE gate_type
+        WHEN 'throttle' THEN
+          PERFORM dispatch_policy._require(gate ? 'rate', path || '.rate', 'is required', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'rate', path || '.rate', 'throttle.rate', true);
+          PERFORM dispatch_policy._require(gate ? 'per', path || '.per', 'is required (seconds)', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'per', path || '.per', 'throttle.per', true);
+          IF gate ? 'burst' THEN
+            PERFORM dispatch_policy._require_gate_value(gate -> 'burst', path || '.burst', 'throttle.burst', true);
+          END IF;
+        WHEN 'concurrency' THEN
+          PERFORM dispatch_policy._require(gate ? 'max', path || '.max', 'is required', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'concurrency.max', true);
+        WHEN 'global_cap' THEN
+          PERFORM dispatch_policy._require(gate ? 'max', path || '.max', 'is required', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'global_cap.max', false);
+        WHEN 'fair_interleave' THEN
+          NULL;
+        WHEN 'adaptive_concurrency' THEN
+          PERFORM dispatch_policy._require(gate ? 'target_lag_ms', path || '.target_lag_ms',
+            'is required (the acceptable queue lag in ms)', NULL);
+          PERFORM dispatch_policy._require_gate_value(gate -> 'target_lag_ms', path || '.target_lag_ms',
+            'adaptive_concurrency.target_lag_ms', false);
+          lo := 1;
+          IF gate ? 'min' THEN
+            lo := dispatch_policy._require_gate_value(gate -> 'min', path || '.min', 'adaptive_concurrency.min', false);
+          END IF;
+          hi := NULL;
+          IF gate ? 'max' THEN
+            hi := dispatch_policy._require_gate_value(gate -> 'max', path || '.max', 'adaptive_concurrency.max', false);
+            PERFORM dispatch_policy._require(hi >= lo, path || '.max', format('must be at least min (%s)', lo), gate -> 'max');
+          END IF;
+          IF gate ? 'initial_max' THEN
+            n := dispatch_policy._require_gate_value(gate -> 'initial_max', path || '.initial_max',
+                                                     'adaptive_concurrency.initial_max', false);
+            PERFORM dispatch_policy._require(n >= lo AND (hi IS NULL OR n <= hi), path || '.initial_max',
+              format('must be an integer from min (%s) to max (%s)', lo, coalesce(hi::text, 'unbounded')),
+              gate -> 'initial_max');
+          END IF;
+          FOREACH gate_name IN ARRAY ARRAY['ewma_alpha', 'failure_decrease_factor', 'overload_decrease_factor'] LOOP
+            IF gate ? gate_name THEN
+              PERFORM dispatch_policy._require_gate_value(gate -> gate_name, path || '.' || gate_name,
+                                                          'adaptive_concurrency.' || gate_name, false);
+            END IF;
+          END LOOP;
+      END CASE;
+      i := i + 1;
+    END LOOP;
+  END IF;
+
+  -- round_robin_weight and a throttle's cost (0024).
   PERFORM dispatch_policy._validate_cost_weights(config);
 
+  -- The staging rules (0023).
   IF config ? 'dedupe_mode' THEN
     PERFORM dispatch_policy._require(config ->> 'dedupe_mode' IN ('keep', 'replace') AND jsonb_typeof(config -> 'dedupe_mode') = 'string',
       'dedupe_mode', 'must be one of keep, replace', config -> 'dedupe_mode');
@@ -180,24 +305,12 @@ BEGIN
                                      config -> 'max_wait');
     PERFORM dispatch_policy._require_limit(config -> 'max_wait', 'max_wait', 'max_wait');
   END IF;
-END
-$$;
--- END COPY _validate_policy_modes
-COMMENT ON FUNCTION dispatch_policy._validate_policy_modes(text, jsonb) IS
-  'Internal: validate_policy as the migrations before 0025 made it (every field but mode); validate_policy calls it with mode taken out.';
 
-CREATE OR REPLACE FUNCTION dispatch_policy.validate_policy(name text, config jsonb)
-RETURNS void
-LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER
-AS $$
-BEGIN
-  IF config IS NULL OR jsonb_typeof(config) <> 'object' OR NOT config ? 'mode' THEN
-    PERFORM dispatch_policy._validate_policy_modes(validate_policy.name, config);
-    RETURN;
+  -- mode (0025).
+  IF config ? 'mode' THEN
+    PERFORM dispatch_policy._require(jsonb_typeof(config -> 'mode') = 'string' AND config ->> 'mode' IN ('enforce', 'shadow'),
+      'mode', 'must be one of enforce, shadow', config -> 'mode');
   END IF;
-  PERFORM dispatch_policy._validate_policy_modes(validate_policy.name, config - 'mode');
-  PERFORM dispatch_policy._require(jsonb_typeof(config -> 'mode') = 'string' AND config ->> 'mode' IN ('enforce', 'shadow'),
-    'mode', 'must be one of enforce, shadow', config -> 'mode');
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.validate_policy(text, jsonb) IS
@@ -380,14 +493,15 @@ COMMENT ON COLUMN dispatch_policy.policy_overview.mode IS
   'enforce, or shadow: the policy admits every job it fetches and records what its gates would have refused (partition_overview.would_refuse).';
 
 -- ---------------------------------------------------------------------------
--- explain: the version before this migration, renamed; for a job of a
--- shadow policy its gate rows that wait say they would (and that the job is
+-- explain: its one definition in 0.2.0 (0015's, with the pauses of 0017,
+-- the deadline of 0023 and a throttle's cost of 0024). For a job of a shadow
+-- policy its gate rows that wait say they would (and that the job is
 -- admitted anyway), a row says the policy is in shadow mode, and the
--- estimate is the next tick when nothing else holds the job.
+-- estimate is the next tick when nothing else holds the job. A job whose
+-- deadline passed gets no estimate of an admission: the next tick finishes
+-- it as expired. The lane row shows the lane's round_robin_weight.
 
--- BEGIN COPY _explain_enforced
--- explain as 0024_cost_weights.sql made it, copied (renamed; nothing else changed).
-CREATE FUNCTION dispatch_policy._explain_enforced(id bigint)
+CREATE OR REPLACE FUNCTION dispatch_policy.explain(id bigint)
 RETURNS TABLE (aspect text, gate text, partition text, verdict text, explanation text, wait_seconds double precision)
 LANGUAGE plpgsql STABLE SECURITY INVOKER
 AS $$
@@ -428,11 +542,18 @@ DECLARE
   ceiling integer;
   floor_ integer;
   pp dispatch_policy.paused_partitions;
+  -- A shadow policy (0025) admits the job whatever its gates say: a gate
+  -- that would make it wait says would wait, and only what still holds the
+  -- job (holds: a pause, a schedule, a blocked lane, failing ticks) delays
+  -- its estimate.
+  shadow boolean := false;
+  holds boolean := false;
+  would_wait CONSTANT text := 'shadow: admitted anyway; it would wait: ';
 BEGIN
-  IF _explain_enforced.id IS NULL THEN
+  IF explain.id IS NULL THEN
     RAISE EXCEPTION 'explain: id must not be NULL' USING ERRCODE = '22004';
   END IF;
-  SELECT * INTO j FROM dispatch_policy.staged_jobs s WHERE s.id = _explain_enforced.id;
+  SELECT * INTO j FROM dispatch_policy.staged_jobs s WHERE s.id = explain.id;
   IF NOT FOUND THEN
     RETURN QUERY
     SELECT 'job'::text, NULL::text, NULL::text, 'admitted'::text,
@@ -442,16 +563,16 @@ BEGIN
                        ELSE ', not started' END,
                   x.partitions),
            NULL::float8
-    FROM dispatch_policy.admitted_jobs x WHERE x.id = _explain_enforced.id;
+    FROM dispatch_policy.admitted_jobs x WHERE x.id = explain.id;
     IF FOUND THEN RETURN; END IF;
     RETURN QUERY
     SELECT 'job'::text, NULL::text, NULL::text, f.status,
            format('%s at %s after %s attempt(s)%s', f.status, f.finished_at, f.attempts,
                   CASE WHEN f.last_error IS NOT NULL THEN ': ' || left(f.last_error, 500) ELSE '' END),
            NULL::float8
-    FROM dispatch_policy.finished_jobs f WHERE f.id = _explain_enforced.id;
+    FROM dispatch_policy.finished_jobs f WHERE f.id = explain.id;
     IF FOUND THEN RETURN; END IF;
-    RAISE EXCEPTION 'explain: no job %', _explain_enforced.id
+    RAISE EXCEPTION 'explain: no job %', explain.id
       USING ERRCODE = 'P0002', HINT = 'Completed jobs are kept for the retention prune() is given; a job id never staged has no row.';
   END IF;
 
@@ -462,18 +583,24 @@ BEGIN
            j.priority, j.attempt, date_trunc('second', at - j.staged_at),
            CASE WHEN j.last_error IS NOT NULL THEN '; last error: ' || left(j.last_error, 300) ELSE '' END),
     NULL::float8;
+  shadow := pol.name IS NOT NULL AND dispatch_policy._policy_mode(pol.config) = 'shadow';
+  IF shadow THEN
+    RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'shadow'::text,
+      'the policy is in shadow mode: its gates are evaluated and what they would refuse is recorded (partition_overview.would_refuse), but every job the fetch reaches is admitted'::text,
+      NULL::float8;
+  END IF;
   IF pol.name IS NULL THEN
     RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'waits'::text,
       format('policy %s is not declared: nothing admits this job until it is', quote_literal(j.policy)), NULL::float8;
     RETURN;
   END IF;
   IF pol.paused THEN
-    waits := true; estimable := false; reasons := array_append(reasons, 'the policy is paused'::text);
+    waits := true; holds := true; estimable := false; reasons := array_append(reasons, 'the policy is paused'::text);
     RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'waits'::text,
       'the policy is paused: nothing is admitted until dispatch_policy.resume(policy)'::text, NULL::float8;
   END IF;
   IF j.not_before > at THEN
-    waits := true; estimate := greatest(estimate, extract(epoch FROM j.not_before - at));
+    waits := true; holds := true; estimate := greatest(estimate, extract(epoch FROM j.not_before - at));
     reasons := array_append(reasons, 'scheduled for later'::text);
     RETURN QUERY SELECT 'schedule'::text, NULL::text, NULL::text, 'waits'::text,
       format('scheduled: not before %s', j.not_before), extract(epoch FROM j.not_before - at)::float8;
@@ -511,7 +638,7 @@ BEGIN
   SELECT * INTO ln FROM dispatch_policy.lanes l WHERE l.policy = j.policy AND l.lane IS NOT DISTINCT FROM j.round_robin_key;
   -- The fetch passes a blocked lane over, whatever its jobs' gates say now.
   IF ln.blocked_until > at THEN
-    waits := true;
+    waits := true; holds := true;
     reasons := array_append(reasons, 'its lane is blocked'::text);
     IF ln.blocked_until = 'infinity' THEN
       estimable := false;
@@ -537,7 +664,12 @@ BEGIN
                 WHEN ln.blocked_until > at AND ln.blocked_gate IS NOT NULL
                   THEN format(', blocked until %s by %s partition %s', ln.blocked_until, ln.blocked_gate, quote_literal(ln.blocked_partition))
                 WHEN ln.blocked_until > at THEN format(', passed over until %s', ln.blocked_until)
-                ELSE ', ready' END,
+                ELSE ', ready' END
+           -- Its share in the rotation (0024), when the policy weighs lanes.
+           || CASE WHEN pol.config ? 'round_robin_weight'
+                   THEN format(', weight %s (round_robin_weight)',
+                               dispatch_policy._lane_weight(j.policy, j.round_robin_key, pol.config -> 'round_robin_weight'))
+                   ELSE '' END,
            (SELECT count(*) FROM dispatch_policy.lanes r WHERE r.policy = j.policy AND (r.blocked_until IS NULL OR r.blocked_until <= at))),
     CASE WHEN ln.blocked_until > at AND ln.blocked_until < 'infinity' THEN extract(epoch FROM ln.blocked_until - at)::float8 END;
 
@@ -559,7 +691,7 @@ BEGIN
     WHERE x.policy = j.policy AND x.gate = name AND x.partition = part AND (x.until IS NULL OR x.until > at)
       AND dispatch_policy._partitioned_gate(pol.config, name) IS NOT NULL;
     IF FOUND THEN
-      waits := true;
+      waits := true; holds := true;
       reasons := array_append(reasons, format('%s %s on %s is paused', kind, name, quote_literal(part))::text);
       IF pp.until IS NULL THEN
         estimable := false;
@@ -606,21 +738,22 @@ BEGIN
         -- The runner admits nothing through a throttle of rate 0.
         waits := true; estimable := false;
         reasons := array_append(reasons, format('throttle %s has a rate of 0', name)::text);
-        RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
-          'throttle: a rate of 0 admits nothing (declare a rate above 0)'::text, NULL::float8;
+        RETURN QUERY SELECT 'gate'::text, name, part, CASE WHEN shadow THEN 'would wait' ELSE 'waits' END,
+          CASE WHEN shadow THEN would_wait ELSE '' END || 'throttle: a rate of 0 admits nothing (declare a rate above 0)', NULL::float8;
       ELSIF tokens >= cost THEN
         RETURN QUERY SELECT 'gate'::text, name, part, 'ok'::text,
           format('throttle: %s token(s) of %s now (%s per %s s)%s; %s%s job(s) of this partition ahead of it',
                  round(tokens::numeric, 2), burst, rate, per, cost_text, at_least, ahead_in_partition), NULL::float8;
       ELSE
         waits := true; reasons := array_append(reasons, format('throttle %s on %s', name, quote_literal(part))::text);
-        RETURN QUERY SELECT 'gate'::text, name, part, 'waits'::text,
+        RETURN QUERY SELECT 'gate'::text, name, part, CASE WHEN shadow THEN 'would wait' ELSE 'waits' END,
+          CASE WHEN shadow THEN would_wait ELSE '' END ||
           format('throttle: %s token(s) of %s (%s per %s s)%s: %s in %s; %s%s job(s) of this partition ahead of it',
                  round(tokens::numeric, 2), burst, rate, per, cost_text,
                  CASE WHEN g ? 'cost' THEN 'enough for its cost' ELSE 'the next whole token' END,
                  CASE WHEN to_token IS NULL THEN 'more than a century' ELSE round(to_token, 3) || ' s' END,
                  at_least, ahead_in_partition),
-          to_token::float8;
+          CASE WHEN NOT shadow THEN to_token::float8 END;
       END IF;
       IF rate > 0 AND ahead_cost + cost > tokens THEN
         IF needed IS NULL THEN
@@ -653,7 +786,9 @@ BEGIN
         waits := true; estimable := false;
         reasons := array_append(reasons, format('%s %s on %s', kind, name, quote_literal(part))::text);
       END IF;
-      RETURN QUERY SELECT 'gate'::text, name, part, CASE WHEN held < cap THEN 'ok' ELSE 'waits' END,
+      RETURN QUERY SELECT 'gate'::text, name, part,
+        CASE WHEN held < cap THEN 'ok' WHEN shadow THEN 'would wait' ELSE 'waits' END,
+        CASE WHEN held >= cap AND shadow THEN would_wait ELSE '' END ||
         format('%s: %s in flight of a cap of %s%s%s', kind, held, cap,
                CASE WHEN kind = 'adaptive_concurrency'
                  THEN format(' (adaptive; %s, target %s ms)',
@@ -668,12 +803,24 @@ BEGIN
   END LOOP;
 
   IF pol.name IS NOT NULL AND EXISTS (SELECT 1 FROM dispatch_policy.runner_failures f WHERE f.policy = j.policy) THEN
-    waits := true; estimable := false; reasons := array_append(reasons, 'its ticks fail'::text);
+    waits := true; holds := true; estimable := false; reasons := array_append(reasons, 'its ticks fail'::text);
     RETURN QUERY SELECT 'policy'::text, NULL::text, NULL::text, 'waits'::text,
       (SELECT format('the policy''s ticks fail (%s in a row, retry at %s): %s', f.failures, f.retry_at, left(f.error, 300))
        FROM dispatch_policy.runner_failures f WHERE f.policy = j.policy), NULL::float8;
   END IF;
 
+  -- A deadline that passed (0023): the next tick finishes the job as
+  -- expired, whatever its gates say; no admission to estimate.
+  IF j.expires_at <= at THEN
+    RETURN QUERY SELECT 'estimate'::text, NULL::text, NULL::text, 'expired'::text,
+      format('not admitted: its deadline passed at %s; the next tick finishes it as expired', j.expires_at), NULL::float8;
+    RETURN;
+  END IF;
+  IF shadow AND NOT holds THEN
+    RETURN QUERY SELECT 'estimate'::text, NULL::text, NULL::text, 'next tick'::text,
+      'shadow mode: admitted by the next tick that reaches its lane, whatever its gates would say'::text, 0::float8;
+    RETURN;
+  END IF;
   RETURN QUERY SELECT 'estimate'::text, NULL::text, NULL::text,
     CASE WHEN NOT waits AND estimate = 0 AND estimable THEN 'next tick' WHEN estimable THEN 'estimated' ELSE 'unknown' END,
     CASE
@@ -686,67 +833,16 @@ BEGIN
     CASE WHEN estimable THEN estimate END;
 END
 $$;
--- END COPY _explain_enforced
-COMMENT ON FUNCTION dispatch_policy._explain_enforced(bigint) IS
-  'Internal: explain as the migrations before 0025 made it, as if every policy enforced its gates; explain calls it.';
-
-CREATE OR REPLACE FUNCTION dispatch_policy.explain(id bigint)
-RETURNS TABLE (aspect text, gate text, partition text, verdict text, explanation text, wait_seconds double precision)
-LANGUAGE plpgsql STABLE SECURITY INVOKER
-AS $$
-DECLARE
-  shadow boolean;
-BEGIN
-  SELECT dispatch_policy._policy_mode(p.config) = 'shadow' INTO shadow
-  FROM dispatch_policy.staged_jobs s JOIN dispatch_policy.policies p ON p.name = s.policy
-  WHERE s.id = explain.id;
-  IF NOT coalesce(shadow, false) THEN
-    RETURN QUERY SELECT e.aspect, e.gate, e.partition, e.verdict, e.explanation, e.wait_seconds
-                 FROM dispatch_policy._explain_enforced(explain.id) AS e;
-    RETURN;
-  END IF;
-  RETURN QUERY
-  WITH base AS (
-    SELECT e.aspect, e.gate, e.partition, e.verdict, e.explanation, e.wait_seconds, n::numeric AS n
-    FROM dispatch_policy._explain_enforced(explain.id) WITH ORDINALITY AS e(aspect, gate, partition, verdict, explanation, wait_seconds, n)
-  ), shadowed AS (
-    -- A gate that waits only would: the job is admitted anyway. A paused
-    -- partition still holds it.
-    SELECT b.aspect, b.gate, b.partition,
-           CASE WHEN b.aspect = 'gate' AND b.verdict = 'waits' AND b.explanation NOT LIKE '%the partition is paused%'
-                THEN 'would wait' ELSE b.verdict END AS verdict,
-           CASE WHEN b.aspect = 'gate' AND b.verdict = 'waits' AND b.explanation NOT LIKE '%the partition is paused%'
-                THEN 'shadow: admitted anyway; it would wait: ' || b.explanation ELSE b.explanation END AS explanation,
-           CASE WHEN b.aspect = 'gate' AND b.verdict = 'waits' AND b.explanation NOT LIKE '%the partition is paused%'
-                THEN NULL ELSE b.wait_seconds END AS wait_seconds,
-           b.n
-    FROM base b
-    UNION ALL
-    SELECT 'policy', NULL, NULL, 'shadow',
-           'the policy is in shadow mode: its gates are evaluated and what they would refuse is recorded (partition_overview.would_refuse), but every job the fetch reaches is admitted',
-           NULL, 1.5
-  ), held AS (
-    SELECT EXISTS (SELECT 1 FROM shadowed s WHERE s.verdict = 'waits') AS waits
-  )
-  SELECT s.aspect, s.gate, s.partition,
-         CASE WHEN s.aspect = 'estimate' AND NOT h.waits THEN 'next tick' ELSE s.verdict END,
-         CASE WHEN s.aspect = 'estimate' AND NOT h.waits
-              THEN 'shadow mode: admitted by the next tick that reaches its lane, whatever its gates would say'
-              ELSE s.explanation END,
-         CASE WHEN s.aspect = 'estimate' AND NOT h.waits THEN 0::float8 ELSE s.wait_seconds END
-  FROM shadowed s CROSS JOIN held h
-  ORDER BY s.n;
-END
-$$;
 COMMENT ON FUNCTION dispatch_policy.explain(bigint) IS
-  'Why a job is where it is. For a pending or scheduled job, one row per reason (aspect job, policy, schedule, deferred, deadline, lane, gate, estimate): for each gate of its policy, in its partition, ok or waits with the numbers (tokens now and the time to the next whole token; in flight against the cap; the adaptive cap and EWMA lag) or, when an operator paused that partition (pause_partition), waits with the pause''s end (wait_seconds; none without until) and reason, the latest deferral by its worker while its until is ahead (aspect deferred: info with until, how many deferrals and the reason), its deadline (aspect deadline: ok with expires_at, or expired when it passed and the next tick will finish it as expired); whether it is scheduled or the policy paused or failing, its place in its lane (and whether a pause blocks the lane), and an estimated wait in seconds (wait_seconds) where one can be computed (throttles, schedules and pauses with an end; a full cap or a pause without an end has none). A job of a shadow policy (0025) gets a row of aspect policy, verdict shadow, and its gates that would make it wait say would wait (shadow: admitted anyway) without a wait; its estimate is the next tick unless something else holds it (a pause, a schedule, a blocked lane). For an admitted or finished (completed, dead, cancelled, expired, dropped) job, one row saying so. P0002 for an id with no job.';
+  'Why a job is where it is. For a pending or scheduled job, one row per reason (aspect job, policy, schedule, deferred, deadline, lane, gate, estimate): for each gate of its policy, in its partition, ok or waits with the numbers (tokens now and the time to the next whole token; in flight against the cap; the adaptive cap and EWMA lag) or, when an operator paused that partition (pause_partition), waits with the pause''s end (wait_seconds; none without until) and reason, the latest deferral by its worker while its until is ahead (aspect deferred: info with until, how many deferrals and the reason), its deadline (aspect deadline: ok with expires_at, or expired when it passed and the next tick will finish it as expired); whether it is scheduled or the policy paused or failing, its place in its lane (and whether a pause blocks the lane), and an estimated wait in seconds (wait_seconds) where one can be computed (throttles, schedules and pauses with an end; a full cap or a pause without an end has none). A job of a shadow policy (0025) gets a row of aspect policy, verdict shadow, and its gates that would make it wait say would wait (shadow: admitted anyway) without a wait; its estimate is the next tick unless something else holds it (a pause, a schedule, a blocked lane). A job whose deadline passed gets an estimate row expired (the next tick finishes it as expired), not an admission. When the policy has round_robin_weight, the lane row gives the lane''s weight. For an admitted or finished (completed, dead, cancelled, expired, dropped) job, one row saying so. P0002 for an id with no job.';
 
 -- ---------------------------------------------------------------------------
--- prune: the version before this migration, renamed; then shadow_refusals.
+-- prune: its one definition in 0.2.0 (0008's, with the history of 0016, the
+-- cancelled jobs and pauses of 0018, partition_counters of 0020, deferrals of
+-- 0022, expired and dropped jobs and deadlines of 0023); then shadow_refusals.
 
--- BEGIN COPY _prune_base
--- prune as 0023_staging_rules.sql made it, copied (renamed; nothing else changed).
-CREATE FUNCTION dispatch_policy._prune_base(
+DROP FUNCTION dispatch_policy.prune(interval, interval, timestamptz);
+CREATE OR REPLACE FUNCTION dispatch_policy.prune(
   retention interval DEFAULT '7 days', idle interval DEFAULT '1 hour', now timestamptz DEFAULT now(), policies text[] DEFAULT NULL
 )
 RETURNS TABLE (what text, removed bigint)
@@ -755,7 +851,7 @@ AS $$
 DECLARE
   n bigint;
 BEGIN
-  PERFORM dispatch_policy._require_now(_prune_base.now);
+  PERFORM dispatch_policy._require_now(prune.now);
   IF retention IS NULL OR NOT dispatch_policy._within_limit(extract(epoch FROM retention), 'prune.retention') THEN
     RAISE EXCEPTION 'retention %', dispatch_policy._limit_rule('prune.retention')
       USING ERRCODE = '22023',
@@ -769,21 +865,21 @@ BEGIN
 
   -- History first: the deltas written since the last fold (at most 1,000,000
   -- rows a call), every policy's (folding one policy's would not be cheaper).
-  what := 'stat_deltas'; removed := dispatch_policy.fold_stats(_prune_base.now, 1000000); RETURN NEXT;
+  what := 'stat_deltas'; removed := dispatch_policy.fold_stats(prune.now, 1000000); RETURN NEXT;
 
   -- Gate rows are deleted only when nobody holds them (SKIP LOCKED), all in
   -- one sorted statement each.
   DELETE FROM dispatch_policy.throttle_buckets t
   WHERE (t.policy, t.gate, t.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
-    WHERE (_prune_base.policies IS NULL OR x.policy = ANY (_prune_base.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
                       WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'throttle')))
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_buckets'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.inflight_counters c
   WHERE (c.policy, c.gate, c.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
-    WHERE x.in_flight = 0 AND (_prune_base.policies IS NULL OR x.policy = ANY (_prune_base.policies))
+    WHERE x.in_flight = 0 AND (prune.policies IS NULL OR x.policy = ANY (prune.policies))
       AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
                       WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._slot_gates(p.config)))
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
@@ -791,14 +887,14 @@ BEGIN
   DELETE FROM dispatch_policy.adaptive_stats a
   WHERE (a.policy, a.gate, a.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.adaptive_stats x
-    WHERE (_prune_base.policies IS NULL OR x.policy = ANY (_prune_base.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
                       WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'removed_gate_adaptive'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.observations o
   WHERE o.id IN (
     SELECT x.id FROM dispatch_policy.observations x
-    WHERE (_prune_base.policies IS NULL OR x.policy = ANY (_prune_base.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p
                       WHERE p.name = x.policy AND x.gate = ANY (dispatch_policy._gates_of_type(p.config, 'adaptive_concurrency')))
     FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'orphaned_observations'; removed := n; RETURN NEXT;
@@ -808,33 +904,33 @@ BEGIN
   DELETE FROM dispatch_policy.throttle_buckets t
   WHERE (t.policy, t.gate, t.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.throttle_buckets x
-    WHERE (_prune_base.policies IS NULL OR x.policy = ANY (_prune_base.policies)) AND x.refilled_at < _prune_base.now - idle
-      AND dispatch_policy._bucket_tokens(x.tokens, x.rate, x.per_seconds, x.burst, x.refilled_at, _prune_base.now) >= x.burst
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND x.refilled_at < prune.now - idle
+      AND dispatch_policy._bucket_tokens(x.tokens, x.rate, x.per_seconds, x.burst, x.refilled_at, prune.now) >= x.burst
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_buckets'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.inflight_counters c
   WHERE (c.policy, c.gate, c.partition) IN (
     SELECT x.policy, x.gate, x.partition FROM dispatch_policy.inflight_counters x
-    WHERE (_prune_base.policies IS NULL OR x.policy = ANY (_prune_base.policies)) AND x.in_flight = 0 AND x.updated_at < _prune_base.now - idle
+    WHERE (prune.policies IS NULL OR x.policy = ANY (prune.policies)) AND x.in_flight = 0 AND x.updated_at < prune.now - idle
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_counters'; removed := n; RETURN NEXT;
 
   DELETE FROM dispatch_policy.finished_jobs f
-  WHERE f.status = 'completed' AND f.finished_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR f.policy = ANY (_prune_base.policies));
+  WHERE f.status = 'completed' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'completed_jobs'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.finished_jobs f
-  WHERE f.status = 'cancelled' AND f.finished_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR f.policy = ANY (_prune_base.policies));
+  WHERE f.status = 'cancelled' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'cancelled_jobs'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.job_failures jf
-  WHERE jf.failed_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR jf.policy = ANY (_prune_base.policies))
+  WHERE jf.failed_at < prune.now - retention AND (prune.policies IS NULL OR jf.policy = ANY (prune.policies))
     AND NOT EXISTS (SELECT 1 FROM dispatch_policy.finished_jobs f WHERE f.id = jf.job_id AND f.status = 'dead');
   GET DIAGNOSTICS n = ROW_COUNT; what := 'failures'; removed := n; RETURN NEXT;
   -- Deferrals (0022), as failures but whatever became of the job.
   DELETE FROM dispatch_policy.job_deferrals jd
-  WHERE jd.deferred_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR jd.policy = ANY (_prune_base.policies));
+  WHERE jd.deferred_at < prune.now - retention AND (prune.policies IS NULL OR jd.policy = ANY (prune.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'deferrals'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.observation_minutes m
-  WHERE m.minute < _prune_base.now - retention AND (_prune_base.policies IS NULL OR m.policy = ANY (_prune_base.policies));
+  WHERE m.minute < prune.now - retention AND (prune.policies IS NULL OR m.policy = ANY (prune.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'observation_minutes'; removed := n; RETURN NEXT;
   -- Minute rows: a policy's for retention, a gate partition's for the
   -- retention or a day, whichever is shorter (there may be one per active
@@ -843,9 +939,9 @@ BEGIN
   DELETE FROM dispatch_policy.stat_minutes m
   WHERE m.ctid = ANY (ARRAY(
     SELECT x.ctid FROM dispatch_policy.stat_minutes x
-    WHERE x.minute < _prune_base.now - least(retention, interval '1 day')
-      AND (x.gate <> '' OR x.minute < _prune_base.now - retention)
-      AND (_prune_base.policies IS NULL OR x.policy = ANY (_prune_base.policies))
+    WHERE x.minute < prune.now - least(retention, interval '1 day')
+      AND (x.gate <> '' OR x.minute < prune.now - retention)
+      AND (prune.policies IS NULL OR x.policy = ANY (prune.policies))
     ORDER BY x.minute
     LIMIT 1000000));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'stat_minutes'; removed := n; RETURN NEXT;
@@ -855,8 +951,8 @@ BEGIN
   DELETE FROM dispatch_policy.partition_counters c
   WHERE c.ctid = ANY (ARRAY(
     SELECT x.ctid FROM dispatch_policy.partition_counters x
-    WHERE x.pending = 0 AND (x.last_staged_at IS NULL OR x.last_staged_at < _prune_base.now - retention)
-      AND (_prune_base.policies IS NULL OR x.policy = ANY (_prune_base.policies))
+    WHERE x.pending = 0 AND (x.last_staged_at IS NULL OR x.last_staged_at < prune.now - retention)
+      AND (prune.policies IS NULL OR x.policy = ANY (prune.policies))
     LIMIT 1000000
     FOR UPDATE SKIP LOCKED))
     AND c.pending = 0;
@@ -864,20 +960,20 @@ BEGIN
   -- Jobs that expired or were dropped (0023), as cancelled ones; and the
   -- deadlines kept for re-staged jobs, once past by the retention.
   DELETE FROM dispatch_policy.finished_jobs f
-  WHERE f.status = 'expired' AND f.finished_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR f.policy = ANY (_prune_base.policies));
+  WHERE f.status = 'expired' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'expired_jobs'; removed := n; RETURN NEXT;
   DELETE FROM dispatch_policy.finished_jobs f
-  WHERE f.status = 'dropped' AND f.finished_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR f.policy = ANY (_prune_base.policies));
+  WHERE f.status = 'dropped' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
   GET DIAGNOSTICS n = ROW_COUNT; what := 'dropped_jobs'; removed := n; RETURN NEXT;
   -- Not of a job still staged or admitted: a retry of it must still expire.
   DELETE FROM dispatch_policy.job_deadlines jd
-  WHERE jd.expires_at < _prune_base.now - retention AND (_prune_base.policies IS NULL OR jd.policy = ANY (_prune_base.policies))
+  WHERE jd.expires_at < prune.now - retention AND (prune.policies IS NULL OR jd.policy = ANY (prune.policies))
     AND NOT EXISTS (SELECT 1 FROM dispatch_policy.admitted_jobs a WHERE a.id = jd.job_id)
     AND NOT EXISTS (SELECT 1 FROM dispatch_policy.staged_jobs s WHERE s.id = jd.job_id);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'deadlines'; removed := n; RETURN NEXT;
-  IF _prune_base.policies IS NULL THEN
+  IF prune.policies IS NULL THEN
     -- Pauses that ended, and pauses of gates no longer declared (0017).
-    what := 'partition_pauses'; removed := dispatch_policy._expire_partition_pauses(_prune_base.now); RETURN NEXT;
+    what := 'partition_pauses'; removed := dispatch_policy._expire_partition_pauses(prune.now); RETURN NEXT;
     DELETE FROM dispatch_policy.round_robin_cursors r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
     DELETE FROM dispatch_policy.runner_failures r WHERE NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = r.policy);
     -- Counters of policies that are gone and hold nothing any more.
@@ -886,22 +982,6 @@ BEGIN
       AND NOT EXISTS (SELECT 1 FROM dispatch_policy.policies p WHERE p.name = c.policy)
       AND NOT EXISTS (SELECT 1 FROM dispatch_policy.stat_deltas d WHERE d.policy = c.policy);
   END IF;
-END
-$$;
--- END COPY _prune_base
-COMMENT ON FUNCTION dispatch_policy._prune_base(interval, interval, timestamptz, text[]) IS
-  'Internal: prune as the migrations before 0025 made it; prune calls it, then prunes shadow_refusals. folds the history deltas (fold_stats, up to 1,000,000 rows; row stat_deltas), then deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), completed and cancelled jobs, failures of non-dead jobs, deferrals (row deferrals) and per-minute aggregates older than retention (0 to 100 years, else 22023), stat_minutes rows older than retention (a gate partition''s: older than retention or a day, whichever is shorter; at most 1,000,000 a call; row stat_minutes), partition_counters rows of partitions with no staged job and none staged within retention (at most 1,000,000 a call; row partition_counters), expired and dropped jobs older than retention (rows expired_jobs, dropped_jobs), kept deadlines older than retention (row deadlines), and partition pauses that ended or whose gate is gone (row partition_pauses, only when policies is NULL); only of the given policies when policies is not NULL (the fold is always of every policy). Gate rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';
-
-CREATE OR REPLACE FUNCTION dispatch_policy.prune(
-  retention interval DEFAULT '7 days', idle interval DEFAULT '1 hour', now timestamptz DEFAULT now(), policies text[] DEFAULT NULL
-)
-RETURNS TABLE (what text, removed bigint)
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-DECLARE
-  n bigint;
-BEGIN
-  RETURN QUERY SELECT r.what, r.removed FROM dispatch_policy._prune_base(retention, idle, prune.now, prune.policies) AS r;
   -- Would-refusals of gates no longer in their policy, and those older than
   -- the retention whose bucket has no deficit left (check() excuses a
   -- deficit by its row). Sorted, skipping rows a tick holds.
@@ -928,7 +1008,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.prune(interval, interval, timestamptz, text[]) IS
-  'Maintenance: everything _prune_base does (folds the history deltas, deletes gate state of gates no longer in their policy, idle partitions, old jobs, failures, deferrals, minute rows, counters, deadlines and ended pauses, as its comment says), then the would-refusals of shadow policies (row shadow_refusals) of gates no longer in their policy, and those last recorded before the retention whose throttle bucket has no deficit left; only of the given policies when policies is not NULL. Rows in use are skipped, never waited for. Returns counts.';
+  'Maintenance: folds the history deltas (fold_stats, up to 1,000,000 rows; row stat_deltas), then deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), completed and cancelled jobs, failures of non-dead jobs, deferrals (row deferrals) and per-minute aggregates older than retention (0 to 100 years, else 22023), stat_minutes rows older than retention (a gate partition''s: older than retention or a day, whichever is shorter; at most 1,000,000 a call; row stat_minutes), partition_counters rows of partitions with no staged job and none staged within retention (at most 1,000,000 a call; row partition_counters), expired and dropped jobs older than retention (rows expired_jobs, dropped_jobs), kept deadlines older than retention (row deadlines), partition pauses that ended or whose gate is gone (row partition_pauses, only when policies is NULL), and the would-refusals of shadow policies (row shadow_refusals) of gates no longer in their policy and those last recorded before the retention whose throttle bucket has no deficit left; only of the given policies when policies is not NULL (the fold is always of every policy). Rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';
 
 -- ---------------------------------------------------------------------------
 -- Privileges (0021).

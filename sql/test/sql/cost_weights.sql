@@ -128,3 +128,12 @@ SELECT dispatch_policy.admit('fair', '[]', '[]', NULL, now(), '{"last_key": "b",
 SELECT last_key, served, served_lane FROM dispatch_policy.round_robin_cursors WHERE policy = 'fair';
 SELECT dispatch_policy.admit('fair', '[]', '[]', NULL, now(), '{"last_key": "a"}');
 SELECT last_key, served, served_lane FROM dispatch_policy.round_robin_cursors WHERE policy = 'fair';
+-- explain gives a job's lane its weight (round_robin_weight, read from the
+-- lane's first job as the fetch reads it); a policy without one, none.
+SELECT s.round_robin_key, e.verdict, e.explanation
+FROM (SELECT DISTINCT ON (round_robin_key) id, round_robin_key FROM dispatch_policy.staged_jobs
+      WHERE policy = 'fair' ORDER BY round_robin_key, id DESC) s,
+     dispatch_policy.explain(s.id) e
+WHERE e.aspect = 'lane' ORDER BY 1;
+SELECT explanation NOT LIKE '%weight%' AS no_weight
+FROM dispatch_policy.explain((SELECT min(id) FROM dispatch_policy.staged_jobs WHERE policy = 'api')) WHERE aspect = 'lane';

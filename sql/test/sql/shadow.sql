@@ -133,3 +133,9 @@ SELECT count(*) AS rows FROM dispatch_policy.shadow_refusals;
 SELECT dispatch_policy._record_shadow('sh', now(), '[{"gate": "per_min", "partition": "x", "would_refuse": 1}]');
 SELECT dispatch_policy.drop_policy('sh', force => true);
 SELECT count(*) AS rows FROM dispatch_policy.shadow_refusals;
+-- A job of a shadow policy whose deadline passed: its gate would make it
+-- wait, but the estimate is not the next tick's admission: it expires.
+SELECT dispatch_policy.declare_policy('sh_late', '{"mode": "shadow", "gates": [{"type": "global_cap", "max": 0}]}');
+SELECT dispatch_policy.stage('sh_late', '1', expires_at => clock_timestamp() + interval '100 milliseconds') AS sh_late1 \gset
+SELECT pg_sleep(0.2);
+SELECT aspect, verdict, wait_seconds FROM dispatch_policy.explain(:sh_late1) WHERE aspect IN ('gate', 'estimate') ORDER BY aspect;

@@ -286,3 +286,13 @@ SELECT pg_temp.state() = :'before' AS nothing_changed;
 SELECT field, minimum, minimum_exclusive, maximum, integral, default_value, unit
 FROM dispatch_policy.limits() WITH ORDINALITY l
 WHERE l.field IN ('debounce', 'max_pending_per_partition', 'max_wait') ORDER BY l.ordinality DESC;
+-- explain of a job whose deadline passed, still staged until the next tick
+-- finishes it: no admission is estimated, even when every gate has room.
+SELECT dispatch_policy.declare_policy('late', '{}');
+SELECT dispatch_policy.stage('late', '1', expires_at => clock_timestamp() + interval '100 milliseconds') AS late1 \gset
+SELECT pg_sleep(0.2);
+SELECT aspect, verdict,
+       CASE aspect WHEN 'deadline' THEN explanation LIKE 'expired at %: the next tick finishes it as expired instead of admitting it'
+                   ELSE explanation LIKE 'not admitted: its deadline passed at %; the next tick finishes it as expired' END AS says,
+       wait_seconds
+FROM dispatch_policy.explain(:late1) WHERE aspect IN ('deadline', 'estimate') ORDER BY aspect;
