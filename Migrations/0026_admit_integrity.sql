@@ -562,6 +562,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb, text[], text[]) IS
   'Internal: admit with parallel arrays (the one implementation): ids (in a tick, of jobs tick_begin fetched: a job whose row changed since the fetch, is gone or is held by a stager is skipped, with its partitions and its takes, and stays as it is; other ids must be staged, 55000 otherwise); gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane); round_robin_cursor {"last_key": K} or {"hold": true}, with weighted lanes also "starved": {"lane", "index", "weight"} (the first starved job: its lane, its place among the lane''s jobs in the batch from 1, the lane''s weight), from which the cursor''s served is kept.';
 
+COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
+  'The job''s deadline: if not admitted by then it is finished as expired (by the next tick''s fetch, fetch_batch), never admitted. The expires_at given to stage, or staged_at + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
+
 -- ---------------------------------------------------------------------------
 -- Privileges (0021).
 
