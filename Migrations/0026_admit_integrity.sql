@@ -165,29 +165,29 @@ BEGIN
                  JOIN dispatch_policy.inflight_counters c
                    ON c.policy = tick_begin.policy AND c.gate = coalesce(g ->> 'name', g ->> 'type') AND c.partition = 'default'
                  WHERE g ->> 'type' = 'global_cap' AND c.in_flight >= dispatch_policy._json_number(g -> 'max')) THEN
-    -- Each fetched row (locked by the fetch) with its version, xmin: every
-    -- write of the row gives it another.
     IF only_gate IS NULL THEN
-      SELECT coalesce(array_agg(f.id ORDER BY f.n), '{}'), coalesce(array_agg(s.xmin::text::bigint ORDER BY f.n), '{}'),
-             array_agg(f.priority ORDER BY f.n), array_agg(f.round_robin_key ORDER BY f.n),
+      SELECT coalesce(array_agg(f.id ORDER BY f.n), '{}'), array_agg(f.priority ORDER BY f.n), array_agg(f.round_robin_key ORDER BY f.n),
              array_agg(f.context ORDER BY f.n), array_agg(f.lane ORDER BY f.n)
-      INTO got_ids, got_versions, got_priorities, got_keys, got_contexts, got_lanes
+      INTO got_ids, got_priorities, got_keys, got_contexts, got_lanes
       FROM dispatch_policy.fetch_batch(tick_begin.policy, batch, quantum, at)
-             WITH ORDINALITY AS f(id, priority, round_robin_key, context, lane, n)
-      JOIN dispatch_policy.staged_jobs s ON s.id = f.id;
+             WITH ORDINALITY AS f(id, priority, round_robin_key, context, lane, n);
     ELSE
       -- fetch_batch expires the policy's jobs whose deadline passed; this
       -- fetch does not.
       PERFORM dispatch_policy._expire_staged(tick_begin.policy, at);
-      SELECT coalesce(array_agg(f.id ORDER BY f.n), '{}'), coalesce(array_agg(s.xmin::text::bigint ORDER BY f.n), '{}'),
-             array_agg(f.priority ORDER BY f.n), array_agg(f.round_robin_key ORDER BY f.n),
+      SELECT coalesce(array_agg(f.id ORDER BY f.n), '{}'), array_agg(f.priority ORDER BY f.n), array_agg(f.round_robin_key ORDER BY f.n),
              array_agg(f.context ORDER BY f.n), array_agg(f.lane ORDER BY f.n)
-      INTO got_ids, got_versions, got_priorities, got_keys, got_contexts, got_lanes
+      INTO got_ids, got_priorities, got_keys, got_contexts, got_lanes
       FROM dispatch_policy._fetch_partition(tick_begin.policy, only_template, only_partition, batch)
-             WITH ORDINALITY AS f(id, priority, round_robin_key, context, lane, n)
-      JOIN dispatch_policy.staged_jobs s ON s.id = f.id;
+             WITH ORDINALITY AS f(id, priority, round_robin_key, context, lane, n);
     END IF;
     fetched := cardinality(got_ids);
+    -- Each fetched row's version, read in a statement after the fetch
+    -- locked it (so as the fetch returned it): xmin, which every write of
+    -- the row changes. NULL (never admitted) for a row not found.
+    got_versions := ARRAY(SELECT s.xmin::text::bigint FROM unnest(got_ids) WITH ORDINALITY AS g(id, n)
+                          LEFT JOIN dispatch_policy.staged_jobs s ON s.id = g.id
+                          ORDER BY g.n);
   ELSE
     -- No fetch: expiry still runs every tick.
     PERFORM dispatch_policy._expire_staged(tick_begin.policy, at);
