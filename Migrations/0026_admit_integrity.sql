@@ -15,14 +15,21 @@
 -- the jobs it returns with their row versions (xmin: every write of a row
 -- gives it a new one, so an equal xmin is an unchanged row), and the
 -- throttle costs the runner derives from their contexts (policies with cost
--- gates only). _admit locks the fetched jobs it is asked to admit FOR UPDATE
--- SKIP LOCKED and admits those whose version is the fetched one; the others
--- are skipped without an error: their slots are not counted and the tokens
--- the runner took for them are given back (min(cost, burst) in each
--- throttle partition). A replaced job stays staged and a later tick decides
--- on it as it is now. Staging never waits for a tick for this (a row a
--- stager holds is skipped). tick_finish returns the number admitted, which
--- does not count the skipped jobs; no signature changes.
+-- gates only). _admit's DELETE of the jobs to admit (which locks them, and
+-- re-reads a row replaced while it waited) takes a fetched job only with
+-- its fetched xmin; the others are skipped without an error: their slots
+-- are not counted and the tokens the runner took for them are given back
+-- (min(cost, burst) in each throttle partition). A replaced job stays
+-- staged and a later tick decides on it as it is now. Staging does not wait
+-- for ticks for this (nothing is locked between the calls; as before, the
+-- admission waits for a stager holding a row it admits). tick_finish
+-- returns the number admitted, which does not count the skipped jobs; no
+-- signature changes. The comparison is exact: a row written after the
+-- fetch has the xmin of a transaction still running when tick_begin
+-- committed, never the fetched one (xids do not wrap within a tick, which
+-- its timeouts bound to seconds); a write that changes nothing still counts
+-- as a change (the job waits for the next tick); freezing keeps the xmin
+-- that the column shows.
 --
 -- Expiry runs once a tick: in fetch_batch (in tick_begin when it does not
 -- call fetch_batch), no longer also in promote_scheduled, which now never
@@ -50,6 +57,7 @@ DECLARE
   observed integer := 0;
   got_ids bigint[] := '{}'::bigint[];
   got_versions bigint[] := '{}'::bigint[];
+  version_ids bigint[] := '{}'::bigint[];
   got_priorities integer[];
   got_keys text[];
   got_contexts jsonb[];
@@ -184,10 +192,9 @@ BEGIN
     fetched := cardinality(got_ids);
     -- Each fetched row's version, read in a statement after the fetch
     -- locked it (so as the fetch returned it): xmin, which every write of
-    -- the row changes. NULL (never admitted) for a row not found.
-    got_versions := ARRAY(SELECT s.xmin::text::bigint FROM unnest(got_ids) WITH ORDINALITY AS g(id, n)
-                          LEFT JOIN dispatch_policy.staged_jobs s ON s.id = g.id
-                          ORDER BY g.n);
+    -- the row changes. By primary key (= ANY of an array), in index order.
+    SELECT coalesce(array_agg(s.id), '{}'), coalesce(array_agg(s.xmin::text::bigint), '{}') INTO version_ids, got_versions
+    FROM dispatch_policy.staged_jobs s WHERE s.id = ANY (got_ids);
   ELSE
     -- No fetch: expiry still runs every tick.
     PERFORM dispatch_policy._expire_staged(tick_begin.policy, at);
@@ -197,7 +204,7 @@ BEGIN
   -- (drop_oldest) one meanwhile. With the throttle costs the runner reads
   -- from the contexts returned here, _admit gives back what the runner took
   -- for a job it skips.
-  PERFORM set_config('dispatch_policy.tick_fetched_ids', got_ids::text, false);
+  PERFORM set_config('dispatch_policy.tick_fetched_ids', version_ids::text, false);
   PERFORM set_config('dispatch_policy.tick_fetched_versions', got_versions::text, false);
   PERFORM set_config('dispatch_policy.tick_fetched_costs',
                      CASE WHEN pol.cost_gates IS NULL OR fetched = 0 THEN ''
@@ -331,7 +338,8 @@ DECLARE
   fetched_ids bigint[];
   fetched_versions bigint[];
   fetched_costs jsonb;
-  kept bigint[];
+  admitted_ids bigint[];
+  expected bigint[];
   skipped_at bigint[];
 BEGIN
   PERFORM dispatch_policy._require_now(_admit.now);
@@ -356,32 +364,70 @@ BEGIN
   slot_gates := dispatch_policy._slot_gates(config);
 
   -- In a tick, the jobs were fetched (and decided on) in an earlier
-  -- transaction and not locked since. A job a stager replaced meanwhile
-  -- (other context, partitions, cost, not_before) or finished (dropped,
-  -- cancelled) is skipped: not admitted, nothing taken for it (its slots are
-  -- not counted, the tokens the runner took for it are given back), and the
-  -- tick goes on; a replaced job stays staged for a later tick, which decides
-  -- on what it is now. A job a stager holds is skipped too, never waited for.
-  -- Ids the tick did not fetch are admitted as outside a tick (they must be
-  -- staged).
+  -- transaction and were not locked since: a stager may have replaced one
+  -- (other context, partitions, cost, not_before) or finished it (dropped,
+  -- cancelled). tick_begin kept the ids and row versions (xmin) it fetched;
+  -- only a row still staged with its fetched version is admitted below. The
+  -- others are skipped: not admitted, nothing taken for them, no error; a
+  -- replaced job stays staged for a later tick, which decides on it as it
+  -- is now.
   IF cardinality(ids) > 0 AND current_setting('dispatch_policy.tick_locked', true) IS NOT DISTINCT FROM _admit.policy
      AND coalesce(current_setting('dispatch_policy.tick_fetched_ids', true), '') <> '' THEN
     fetched_ids := current_setting('dispatch_policy.tick_fetched_ids')::bigint[];
     fetched_versions := current_setting('dispatch_policy.tick_fetched_versions')::bigint[];
-    -- Locked as they are now (a row replaced after this statement began is
-    -- read again, with its new xmin), then compared with the fetch.
-    SELECT coalesce(array_agg(x.id), '{}') INTO kept
-    FROM (SELECT s.id, s.xmin FROM dispatch_policy.staged_jobs s
-          WHERE s.id = ANY (ids) AND s.id = ANY (fetched_ids) AND s.policy = _admit.policy
-          ORDER BY s.id
-          FOR UPDATE SKIP LOCKED) x
-    JOIN unnest(fetched_ids, fetched_versions) AS v(id, version) ON v.id = x.id AND v.version = x.xmin::text::bigint;
-    skipped_at := ARRAY(SELECT j.n FROM unnest(ids) WITH ORDINALITY AS j(id, n)
-                        WHERE j.id = ANY (fetched_ids) AND NOT j.id = ANY (kept));
+    -- Each id's fetched version (a hash join of two arrays; -1: not fetched
+    -- by this tick, not checked).
+    expected := ARRAY(SELECT coalesce(v.version, -1)
+                      FROM unnest(ids) WITH ORDINALITY AS j(id, n)
+                      LEFT JOIN unnest(fetched_ids, fetched_versions) AS v(id, version) ON v.id = j.id
+                      ORDER BY j.n);
+  END IF;
+
+  IF cardinality(ids) > 0 THEN
+    -- Rows are looked up by primary key (= ANY of an array), never by
+    -- joining the staged table against a set the planner cannot size.
+    WITH moved AS (
+      DELETE FROM dispatch_policy.staged_jobs s
+      USING unnest(ids, coalesce(expected, array_fill(-1::bigint, ARRAY[cardinality(ids)]))) AS e(id, version)
+      WHERE s.id = ANY (ids) AND s.id = e.id AND s.policy = _admit.policy
+        -- A job the tick fetched, only as it was fetched: with the xmin it
+        -- had (the DELETE re-reads a row replaced while it waited for it,
+        -- and checks its new xmin).
+        AND (e.version = -1 OR e.version = s.xmin::text::bigint)
+      RETURNING s.*
+    ), parts AS (
+      SELECT j.id,
+             coalesce(jsonb_strip_nulls(jsonb_object(gate_names, partitions[(j.n - 1) * width + 1 : j.n * width])),
+                      '{}'::jsonb) AS partitions
+      FROM unnest(ids) WITH ORDINALITY AS j(id, n)
+    ), inserted AS (
+      INSERT INTO dispatch_policy.admitted_jobs
+        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
+         admitted_at, lease_expires_at, partitions, lease_seconds, target)
+      SELECT m.id, m.policy, m.queue, m.priority, m.args, m.context, m.dedupe_key, m.round_robin_key, m.attempt,
+             m.created_at, m.staged_at, _admit.now, _admit.now + make_interval(secs => lease), pa.partitions, lease,
+             CASE WHEN config -> 'target' ->> 'type' = 'sql' THEN 'sql' ELSE 'ready_queue' END
+      FROM moved m JOIN parts pa ON pa.id = m.id
+      RETURNING id, queue, round_robin_key
+    )
+    SELECT count(*)::integer, array_agg(DISTINCT i.queue), array_agg(DISTINCT i.round_robin_key), coalesce(array_agg(i.id), '{}')
+    INTO admitted, queues, keys, admitted_ids FROM inserted i;
+    IF admitted <> cardinality(ids) AND fetched_ids IS NOT NULL THEN
+      -- Skipped: fetched jobs not admitted (changed or gone since the fetch).
+      skipped_at := ARRAY(SELECT j.n FROM unnest(ids) WITH ORDINALITY AS j(id, n)
+                          WHERE j.id = ANY (fetched_ids) AND NOT j.id = ANY (admitted_ids));
+    END IF;
+    IF admitted <> cardinality(ids) - coalesce(cardinality(skipped_at), 0) THEN
+      RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,
+                      cardinality(ids), quote_literal(_admit.policy)
+        USING ERRCODE = '55000',
+              HINT = 'Admit only jobs fetched with fetch_batch while holding the policy''s tick lock; a job deleted since cannot be admitted (fetch again). After a failed tick_finish, call tick_abort.';
+    END IF;
     IF cardinality(skipped_at) > 0 THEN
       IF coalesce(cardinality(take_gates), 0) > 0 THEN
-        -- The runner took min(cost, burst) in each of a job's throttle
-        -- partitions (cost 1 unless the gate has one, as tick_begin saw it).
+        -- Give back what the runner took for them: min(cost, burst) in each
+        -- of their throttle partitions (cost 1 unless the gate has one, as
+        -- tick_begin saw it).
         fetched_costs := nullif(current_setting('dispatch_policy.tick_fetched_costs', true), '')::jsonb;
         WITH refunds AS (
           SELECT sp.g, sp.p, sum(least(coalesce((fetched_costs -> sp.id::text ->> sp.g)::float8, 1),
@@ -405,43 +451,12 @@ BEGIN
               GROUP BY 1, 2) t
         WHERE t.tokens > 0;
       END IF;
+      -- And count no slot for them.
       partitions := ARRAY(SELECT partitions[(j.n - 1) * width + k.k]
                           FROM unnest(ids) WITH ORDINALITY AS j(id, n) CROSS JOIN generate_series(1, width) AS k(k)
                           WHERE NOT j.n = ANY (skipped_at)
                           ORDER BY j.n, k.k);
       ids := ARRAY(SELECT j.id FROM unnest(ids) WITH ORDINALITY AS j(id, n) WHERE NOT j.n = ANY (skipped_at) ORDER BY j.n);
-    END IF;
-  END IF;
-
-  IF cardinality(ids) > 0 THEN
-    -- Rows are looked up by primary key (= ANY of an array), never by
-    -- joining the staged table against a set the planner cannot size.
-    WITH moved AS (
-      DELETE FROM dispatch_policy.staged_jobs s
-      WHERE s.id = ANY (ids) AND s.policy = _admit.policy
-      RETURNING s.*
-    ), parts AS (
-      SELECT j.id,
-             coalesce(jsonb_strip_nulls(jsonb_object(gate_names, partitions[(j.n - 1) * width + 1 : j.n * width])),
-                      '{}'::jsonb) AS partitions
-      FROM unnest(ids) WITH ORDINALITY AS j(id, n)
-    ), inserted AS (
-      INSERT INTO dispatch_policy.admitted_jobs
-        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
-         admitted_at, lease_expires_at, partitions, lease_seconds, target)
-      SELECT m.id, m.policy, m.queue, m.priority, m.args, m.context, m.dedupe_key, m.round_robin_key, m.attempt,
-             m.created_at, m.staged_at, _admit.now, _admit.now + make_interval(secs => lease), pa.partitions, lease,
-             CASE WHEN config -> 'target' ->> 'type' = 'sql' THEN 'sql' ELSE 'ready_queue' END
-      FROM moved m JOIN parts pa ON pa.id = m.id
-      RETURNING queue, round_robin_key
-    )
-    SELECT count(*)::integer, array_agg(DISTINCT i.queue), array_agg(DISTINCT i.round_robin_key)
-    INTO admitted, queues, keys FROM inserted i;
-    IF admitted <> cardinality(ids) THEN
-      RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,
-                      cardinality(ids), quote_literal(_admit.policy)
-        USING ERRCODE = '55000',
-              HINT = 'Admit only jobs fetched with fetch_batch while holding the policy''s tick lock; a job deleted since cannot be admitted (fetch again). After a failed tick_finish, call tick_abort.';
     END IF;
 
     -- Slots per counter, once; then create missing counters, lock them (and
@@ -560,7 +575,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb, text[], text[]) IS
-  'Internal: admit with parallel arrays (the one implementation): ids (in a tick, of jobs tick_begin fetched: a job whose row changed since the fetch, is gone or is held by a stager is skipped, with its partitions and its takes, and stays as it is; other ids must be staged, 55000 otherwise); gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane); round_robin_cursor {"last_key": K} or {"hold": true}, with weighted lanes also "starved": {"lane", "index", "weight"} (the first starved job: its lane, its place among the lane''s jobs in the batch from 1, the lane''s weight), from which the cursor''s served is kept.';
+  'Internal: admit with parallel arrays (the one implementation): ids (in a tick, of jobs tick_begin fetched: a job whose row changed since the fetch or is gone is skipped, with its slots and its takes, and stays as it is; other ids must be staged, 55000 otherwise); gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane); round_robin_cursor {"last_key": K} or {"hold": true}, with weighted lanes also "starved": {"lane", "index", "weight"} (the first starved job: its lane, its place among the lane''s jobs in the batch from 1, the lane''s weight), from which the cursor''s served is kept.';
 
 COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
   'The job''s deadline: if not admitted by then it is finished as expired (by the next tick''s fetch, fetch_batch), never admitted. The expires_at given to stage, or staged_at + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
