@@ -9,7 +9,7 @@
 #   * policy 'drop': cap 3, on_overflow drop_oldest, dedupe_mode replace,
 #     max_wait 1 s; stage_many with keys (replaces move jobs between
 #     partitions), stage;
-#   * ticks (promote_scheduled, which also expires, and admit), workers
+#   * ticks (promote_scheduled and fetch_batch, which expires, then admit), workers
 #     completing and failing (retries come back with their deadline).
 #
 #   PGHOST=... PGPORT=... PGUSER=... sql/test/race/backlog_race.sh [seconds] [clients]
@@ -63,17 +63,19 @@ SELECT count(*) FROM dispatch_policy.stage_many_outcomes('drop', jsonb_build_arr
   jsonb_build_object('args', 3, 'context', jsonb_build_object('a', (random() * 4)::int), 'dedupe_key', 'k' || (random() * 6)::int)));
 SELECT dispatch_policy.stage('drop', '4', jsonb_build_object('a', (random() * 4)::int));
 SQL
-# A tick's writes as a runner makes them: promote_scheduled (which expires)
-# in one transaction (tick_begin's), admission in the next (tick_finish's),
+# A tick's writes as a runner makes them: promote_scheduled and fetch_batch
+# (which expires) in one transaction (tick_begin's), admission in the next (tick_finish's),
 # each under the policy's tick lock (two ticks of one policy never overlap).
 cat > "$dir/admit.sql" <<'SQL'
 BEGIN;
 SELECT pg_advisory_xact_lock(dispatch_policy._tick_lock_key('drop'));
 SELECT dispatch_policy.promote_scheduled('drop', 20);
+SELECT count(*) FROM dispatch_policy.fetch_batch('drop', 20);
 COMMIT;
 BEGIN;
 SELECT pg_advisory_xact_lock(dispatch_policy._tick_lock_key('rej'));
 SELECT dispatch_policy.promote_scheduled('rej', 20);
+SELECT count(*) FROM dispatch_policy.fetch_batch('rej', 20);
 COMMIT;
 BEGIN;
 SELECT pg_advisory_xact_lock(dispatch_policy._tick_lock_key(p)) FROM unnest(ARRAY['drop', 'rej']) AS p;

@@ -4,7 +4,7 @@
 -- admitted job; debounce; a replace moving a job to another partition with
 -- every count right; max_pending_per_partition with reject (DP002, all or
 -- nothing) and drop_oldest; deadlines (expires_at, max_wait) through
--- promote_scheduled, through a tick and through the fetch alone; the
+-- the fetch (once a tick), through a tick and through the fetch alone; the
 -- counts in policy_overview and prune; every bound refused. Every refusal
 -- shows its error text, its SQLSTATE, and that nothing changed.
 \set SHOW_CONTEXT never
@@ -195,10 +195,16 @@ SELECT dispatch_policy.stage('dl', '1', expires_at => now() + interval '1 minute
 SELECT dispatch_policy.stage('dl', '2', expires_at => now() + interval '1 hour') AS e2 \gset
 SELECT dispatch_policy.stage('dl', '3') AS e3 \gset
 SELECT args, expires_at - staged_at AS deadline FROM dispatch_policy.staged_jobs WHERE policy = 'dl' ORDER BY id;
--- promote_scheduled (run by tick_begin before each fetch) finishes e1.
+-- A scheduled job whose deadline passes before its not_before: promote_scheduled
+-- (run by tick_begin before each fetch) does not make it eligible ...
+SELECT dispatch_policy.stage('dl', '5', expires_at => now() + interval '1 minute',
+                             not_before => now() + interval '30 seconds') AS e5 \gset
 SELECT dispatch_policy.promote_scheduled('dl', 100, now() + interval '2 minutes');
+SELECT state, args, scheduled, status FROM jobs WHERE policy = 'dl' ORDER BY id;
+-- ... and the fetch (once a tick) finishes it and e1 as expired.
+SELECT count(*) AS fetched FROM dispatch_policy.fetch_batch('dl', 100, NULL, now() + interval '2 minutes') f;
 SELECT state, args, status, last_error FROM jobs WHERE policy = 'dl' ORDER BY id;
--- The fetch alone never returns an expired job either.
+-- The fetch never returns an expired job.
 SELECT array_agg(f.id ORDER BY f.id) = ARRAY[:e3]::bigint[] AS only_e3
 FROM dispatch_policy.fetch_batch('dl', 100, NULL, now() + interval '2 hours') f;
 SELECT state, args, status FROM jobs WHERE policy = 'dl' ORDER BY id;

@@ -1,0 +1,588 @@
+-- Admission integrity: a tick admits only the jobs as it decided on them.
+--
+-- A tick is three statements in autocommit: tick_begin fetches a batch and
+-- commits (the rows are not locked after it), the runner decides in memory
+-- from the contexts it fetched, tick_finish admits. Since 0023 a stager can
+-- change a staged job in between: dedupe_mode replace gives it other args,
+-- context (so other partitions and costs), round-robin key, priority and
+-- not_before (debounce); drop_oldest (and cancel) finishes it. _admit used
+-- to admit whatever the row held by then, with the slots and tokens the
+-- runner counted for the old context (a cap was overfilled, check() found
+-- counter and slot mismatches), and failed the whole tick (55000) for a job
+-- gone meanwhile.
+--
+-- Now tick_begin keeps, in session settings until the tick ends, the ids of
+-- the jobs it returns with their row versions (xmin: every write of a row
+-- gives it a new one, so an equal xmin is an unchanged row), and the
+-- throttle costs the runner derives from their contexts (policies with cost
+-- gates only). _admit's DELETE of the jobs to admit (which locks them, and
+-- re-reads a row replaced while it waited) takes a fetched job only with
+-- its fetched xmin; the others are skipped without an error: their slots
+-- are not counted and the tokens the runner took for them are given back
+-- (min(cost, burst) in each throttle partition). A replaced job stays
+-- staged and a later tick decides on it as it is now. Staging does not wait
+-- for ticks for this (nothing is locked between the calls; as before, the
+-- admission waits for a stager holding a row it admits). tick_finish
+-- returns the number admitted, which does not count the skipped jobs; no
+-- signature changes. The comparison is exact: a row written after the
+-- fetch has the xmin of a transaction still running when tick_begin
+-- committed, never the fetched one (xids do not wrap within a tick, which
+-- its timeouts bound to seconds); a write that changes nothing still counts
+-- as a change (the job waits for the next tick); freezing keeps the xmin
+-- that the column shows.
+--
+-- Expiry runs once a tick: in fetch_batch (in tick_begin when it does not
+-- call fetch_batch), no longer also in promote_scheduled, which now never
+-- makes a job past its deadline eligible.
+
+-- tick_begin as in 0019, copied; change: it keeps what it fetched (ids, row
+-- versions, throttle costs) for _admit, and expires when it does not fetch.
+CREATE OR REPLACE FUNCTION dispatch_policy.tick_begin(
+  policy text, batch_size integer, round_robin_quantum integer, max_observations integer DEFAULT 10000,
+  timeout_ms integer DEFAULT NULL, only_gate text DEFAULT NULL, only_partition text DEFAULT NULL
+)
+RETURNS TABLE (kind text, id bigint, priority integer, round_robin_key text, context text, lane integer,
+               gate text, partition text, lag_ms double precision, success boolean, observed_at timestamptz,
+               config text, now timestamptz)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  pol dispatch_policy.policies;
+  at timestamptz;
+  batch integer;
+  quantum integer;
+  adaptive_gate text;
+  fetched integer := 0;
+  only_template text;
+  observed integer := 0;
+  got_ids bigint[] := '{}'::bigint[];
+  got_versions bigint[] := '{}'::bigint[];
+  version_ids bigint[] := '{}'::bigint[];
+  got_priorities integer[];
+  got_keys text[];
+  got_contexts jsonb[];
+  got_lanes integer[];
+BEGIN
+  IF timeout_ms IS NOT NULL AND timeout_ms < 1 THEN
+    RAISE EXCEPTION 'timeout_ms must be 1 or more (NULL: the session''s statement_timeout)'
+      USING ERRCODE = '22023', DETAIL = format('timeout_ms is %s.', timeout_ms);
+  END IF;
+  -- An admission from one gate partition (admit_now): checked before the
+  -- lock, so a bad argument takes nothing.
+  IF only_gate IS NOT NULL OR only_partition IS NOT NULL THEN
+    IF (only_gate IS NULL) <> (only_partition IS NULL) THEN
+      RAISE EXCEPTION 'only_gate and only_partition must be given together'
+        USING ERRCODE = '22023',
+              DETAIL = format('%s is NULL.', CASE WHEN only_gate IS NULL THEN 'only_gate' ELSE 'only_partition' END),
+              HINT = 'Give both to admit from one gate partition, neither for a tick of the whole policy.';
+    END IF;
+    only_template := dispatch_policy._require_partitioned_gate(dispatch_policy._require_policy(tick_begin.policy), only_gate)
+                       ->> 'partition_by';
+    PERFORM dispatch_policy._require_partition(only_partition);
+    IF tick_begin.batch_size IS NULL OR NOT dispatch_policy._within_limit(tick_begin.batch_size, 'batch_size') THEN
+      RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
+        USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', coalesce(tick_begin.batch_size::text, 'NULL'));
+    END IF;
+  END IF;
+  IF coalesce(current_setting('dispatch_policy.tick_locked', true), '') <> '' THEN
+    RAISE EXCEPTION 'this session is in the tick of policy %', quote_literal(current_setting('dispatch_policy.tick_locked'))
+      USING ERRCODE = '55000', HINT = 'End it with tick_finish or tick_abort first.';
+  END IF;
+  -- A tick_begin rolled back with its transaction (BEGIN ... ROLLBACK) keeps
+  -- the lock, which is not transactional: taking it again would stack a
+  -- level that tick_finish never gives back.
+  IF dispatch_policy._holds_tick_lock(tick_begin.policy) THEN
+    RAISE EXCEPTION 'this session still holds the tick lock of policy % from a tick that did not end', quote_literal(tick_begin.policy)
+      USING ERRCODE = '55000', HINT = 'Call dispatch_policy.tick_abort(policy) (a tick_begin rolled back with its transaction keeps the lock).';
+  END IF;
+  -- Session level: the lock outlives this call's transaction, until
+  -- tick_finish or tick_abort (or the session's end).
+  IF NOT pg_try_advisory_lock(dispatch_policy._tick_lock_key(tick_begin.policy)) THEN
+    RETURN QUERY SELECT 'busy'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
+                        NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz;
+    RETURN;
+  END IF;
+  PERFORM set_config('dispatch_policy.tick_locked', tick_begin.policy, false);
+  -- Bounds the tick's later calls (tick_state, tick_finish): a slow sql
+  -- target fails its policy's tick instead of holding the runner.
+  IF timeout_ms IS NOT NULL THEN
+    PERFORM set_config('dispatch_policy.timeout_outside_tick', current_setting('statement_timeout'), false);
+    PERFORM set_config('statement_timeout', timeout_ms::text, false);
+  END IF;
+  -- Between the calls the session is idle, not in a transaction: a client
+  -- that stops answering (frozen, partitioned away) would keep the lock
+  -- until TCP gives up. The server ends a session idle this long (at least
+  -- a second; 60 s without timeout_ms) and the lock with it.
+  PERFORM set_config('dispatch_policy.idle_outside_tick', current_setting('idle_session_timeout'), false);
+  -- At least 10 s: the client works between the calls (a loaded machine
+  -- once took over a second), and a session ended mid-tick fails the tick.
+  PERFORM set_config('idle_session_timeout', greatest(coalesce(timeout_ms, 60000), 10000)::text, false);
+  -- Time is read after the lock, so it never goes backwards between ticks of
+  -- one policy; every primitive gets this same time.
+  at := clock_timestamp();
+  SELECT * INTO pol FROM dispatch_policy.policies p WHERE p.name = tick_begin.policy;
+  IF NOT FOUND OR pol.paused THEN
+    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
+    RETURN QUERY SELECT CASE WHEN pol.name IS NULL THEN 'unknown' ELSE 'paused' END, NULL::bigint, NULL::integer,
+                        NULL::text, NULL::text, NULL::integer, NULL::text, NULL::text, NULL::float8, NULL::boolean,
+                        NULL::timestamptz, NULL::text, NULL::timestamptz;
+    RETURN;
+  END IF;
+  -- From one partition: exactly as many as asked (checked above).
+  -- The gate as the policy is now (it may have been redeclared since the
+  -- check): a gate no longer partitioned fetches nothing.
+  IF only_gate IS NOT NULL THEN
+    only_template := dispatch_policy._partitioned_gate(pol.config, only_gate) ->> 'partition_by';
+  END IF;
+  batch := CASE WHEN only_gate IS NOT NULL THEN tick_begin.batch_size
+                ELSE coalesce(dispatch_policy._json_number(pol.config -> 'batch_size')::integer, tick_begin.batch_size,
+                              dispatch_policy._policy_setting(pol.config, 'batch_size')) END;
+  quantum := coalesce(dispatch_policy._json_number(pol.config -> 'round_robin_quantum')::integer, tick_begin.round_robin_quantum);
+  IF NOT dispatch_policy._within_limit(batch, 'batch_size') THEN
+    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
+    RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
+      USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', batch);
+  END IF;
+  IF quantum IS NOT NULL AND NOT dispatch_policy._within_limit(quantum, 'round_robin_quantum') THEN
+    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
+    RAISE EXCEPTION 'round_robin_quantum %', dispatch_policy._limit_rule('round_robin_quantum')
+      USING ERRCODE = '22023', DETAIL = format('round_robin_quantum is %s.', quantum);
+  END IF;
+
+  RETURN QUERY SELECT 'tick'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
+                      NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, pol.config::text, at;
+
+  -- Read, not removed: tick_finish deletes the ones it folded.
+  FOREACH adaptive_gate IN ARRAY dispatch_policy._gates_of_type(pol.config, 'adaptive_concurrency') LOOP
+    RETURN QUERY
+    SELECT 'observation'::text, o.id, NULL::integer, NULL::text, NULL::text, NULL::integer, adaptive_gate, o.partition,
+           o.lag_ms, o.success, o.observed_at, NULL::text, NULL::timestamptz
+    FROM dispatch_policy.observations o
+    WHERE o.policy = tick_begin.policy AND o.gate = adaptive_gate
+    ORDER BY o.id LIMIT greatest(coalesce(max_observations, 10000), 0);
+    GET DIAGNOSTICS fetched = ROW_COUNT;
+    observed := observed + fetched;
+  END LOOP;
+  fetched := 0;
+
+  PERFORM dispatch_policy.promote_scheduled(tick_begin.policy, batch, at);
+
+  -- A full global cap admits nothing: fetch nothing (no batch slot taken, no
+  -- lane blocked for it); a released slot wakes the runner.
+  IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(pol.config -> 'gates', '[]'::jsonb)) AS g
+                 JOIN dispatch_policy.inflight_counters c
+                   ON c.policy = tick_begin.policy AND c.gate = coalesce(g ->> 'name', g ->> 'type') AND c.partition = 'default'
+                 WHERE g ->> 'type' = 'global_cap' AND c.in_flight >= dispatch_policy._json_number(g -> 'max')) THEN
+    IF only_gate IS NULL THEN
+      SELECT coalesce(array_agg(f.id ORDER BY f.n), '{}'), array_agg(f.priority ORDER BY f.n), array_agg(f.round_robin_key ORDER BY f.n),
+             array_agg(f.context ORDER BY f.n), array_agg(f.lane ORDER BY f.n)
+      INTO got_ids, got_priorities, got_keys, got_contexts, got_lanes
+      FROM dispatch_policy.fetch_batch(tick_begin.policy, batch, quantum, at)
+             WITH ORDINALITY AS f(id, priority, round_robin_key, context, lane, n);
+    ELSE
+      -- fetch_batch expires the policy's jobs whose deadline passed; this
+      -- fetch does not.
+      PERFORM dispatch_policy._expire_staged(tick_begin.policy, at);
+      SELECT coalesce(array_agg(f.id ORDER BY f.n), '{}'), array_agg(f.priority ORDER BY f.n), array_agg(f.round_robin_key ORDER BY f.n),
+             array_agg(f.context ORDER BY f.n), array_agg(f.lane ORDER BY f.n)
+      INTO got_ids, got_priorities, got_keys, got_contexts, got_lanes
+      FROM dispatch_policy._fetch_partition(tick_begin.policy, only_template, only_partition, batch)
+             WITH ORDINALITY AS f(id, priority, round_robin_key, context, lane, n);
+    END IF;
+    fetched := cardinality(got_ids);
+    -- Each fetched row's version, read in a statement after the fetch
+    -- locked it (so as the fetch returned it): xmin, which every write of
+    -- the row changes. By primary key (= ANY of an array), in index order.
+    SELECT coalesce(array_agg(s.id), '{}'), coalesce(array_agg(s.xmin::text::bigint), '{}') INTO version_ids, got_versions
+    FROM dispatch_policy.staged_jobs s WHERE s.id = ANY (got_ids);
+  ELSE
+    -- No fetch: expiry still runs every tick.
+    PERFORM dispatch_policy._expire_staged(tick_begin.policy, at);
+  END IF;
+  -- What _admit compares in tick_finish: the rows are not locked between
+  -- the calls, and a stager may replace (dedupe_mode replace) or drop
+  -- (drop_oldest) one meanwhile. With the throttle costs the runner reads
+  -- from the contexts returned here, _admit gives back what the runner took
+  -- for a job it skips.
+  PERFORM set_config('dispatch_policy.tick_fetched_ids', version_ids::text, false);
+  PERFORM set_config('dispatch_policy.tick_fetched_versions', got_versions::text, false);
+  PERFORM set_config('dispatch_policy.tick_fetched_costs',
+                     CASE WHEN pol.cost_gates IS NULL OR fetched = 0 THEN ''
+                          ELSE (SELECT jsonb_object_agg(g.id::text, (
+                                         SELECT jsonb_object_agg(c.g ->> 'name',
+                                                                 dispatch_policy._gate_number(c.g -> 'cost', g.context, 'throttle.cost'))
+                                         FROM jsonb_array_elements(pol.cost_gates) AS c(g)))
+                                FROM unnest(got_ids, got_contexts) AS g(id, context))::text END,
+                     false);
+  RETURN QUERY
+  SELECT 'job'::text, g.id, g.priority, g.round_robin_key, g.context::text, g.lane, NULL::text, NULL::text,
+         NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz
+  FROM unnest(got_ids, got_priorities, got_keys, got_contexts, got_lanes) WITH ORDINALITY
+         AS g(id, priority, round_robin_key, context, lane, n)
+  ORDER BY g.n;
+
+  -- Nothing to admit or fold: the tick ends here (one round trip).
+  IF fetched = 0 AND observed = 0 THEN
+    PERFORM dispatch_policy._tick_release(tick_begin.policy, false);
+    RETURN QUERY SELECT 'done'::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::integer, NULL::text,
+                        NULL::text, NULL::float8, NULL::boolean, NULL::timestamptz, NULL::text, NULL::timestamptz;
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.tick_begin(text, integer, integer, integer, integer, text, text) IS
+  'The first call of a tick; the tick''s calls run in autocommit, each its own transaction. Takes the policy''s tick lock at session level (held until tick_finish, tick_abort or the session''s end; 55000 if this session is already in a tick or still holds the lock) and, until then, sets the session''s statement_timeout to timeout_ms and its idle_session_timeout to timeout_ms (at least 10 s; 60 s without timeout_ms), so a client that stops answering between the calls loses its session and the lock; then, if the policy is not paused: reads (does not remove) up to max_observations observations of every adaptive gate, promote_scheduled and fetch_batch (without a fetch, _expire_staged), with the policy''s batch_size and round_robin_quantum (else the arguments); no fetch while a global_cap is full. With only_gate and only_partition (both or neither; admit now): the fetch is instead up to batch_size (1 to limits() batch_size, the policy''s own ignored) eligible jobs whose partition of that gate is only_partition (_fetch_partition), outside the rotation; the caller should finish with round_robin_cursor {"hold": true} and no lane blocks. Errors then, before any lock: unknown policy or gate 42704, NULL gate or partition 22004, a gate that is not partitioned, a partition over limits() partition_key, batch_size out of bounds, one of the pair without the other 22023. Rows by kind: busy, unknown or paused (one row; nothing else done, no lock kept); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order); done (last: nothing fetched or observed, the lock is given back and the tick is over). The ids and row versions of the jobs returned (and their throttle costs, for a policy with cost gates) are kept in the session (settings dispatch_policy.tick_fetched_*) until the tick ends: tick_finish admits a job only if its row is unchanged since (see _admit).';
+
+-- _tick_release as in 0016, copied; change: it forgets what the tick fetched.
+CREATE OR REPLACE FUNCTION dispatch_policy._tick_release(policy text, all_levels boolean)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  key bigint := dispatch_policy._tick_lock_key(_tick_release.policy);
+  marker text := coalesce(current_setting('dispatch_policy.tick_locked', true), '');
+  saved text;
+  released boolean := false;
+BEGIN
+  -- The settings belong to this session's tick, of this policy only.
+  IF marker IN ('', _tick_release.policy) THEN
+    saved := current_setting('dispatch_policy.timeout_outside_tick', true);
+    IF saved IS NOT NULL AND saved <> '' THEN
+      PERFORM set_config('statement_timeout', saved, false);
+      PERFORM set_config('dispatch_policy.timeout_outside_tick', '', false);
+    END IF;
+    saved := current_setting('dispatch_policy.idle_outside_tick', true);
+    IF saved IS NOT NULL AND saved <> '' THEN
+      PERFORM set_config('idle_session_timeout', saved, false);
+      PERFORM set_config('dispatch_policy.idle_outside_tick', '', false);
+    END IF;
+    PERFORM set_config('dispatch_policy.tick_locked', '', false);
+    PERFORM set_config('dispatch_policy.tick_fetched_ids', '', false);
+    PERFORM set_config('dispatch_policy.tick_fetched_versions', '', false);
+    PERFORM set_config('dispatch_policy.tick_fetched_costs', '', false);
+  END IF;
+  IF NOT all_levels THEN
+    PERFORM dispatch_policy._fold_stats_if_due();
+    -- Granted at once: this session holds the lock (never waits for another's).
+    PERFORM pg_try_advisory_xact_lock(key);
+    RETURN pg_advisory_unlock(key);
+  END IF;
+  -- After a failure: this transaction wrote nothing of the tick (the failed
+  -- call rolled back), so no transaction-level hold is needed. pg_locks shows
+  -- one row for every level held.
+  WHILE dispatch_policy._holds_tick_lock(_tick_release.policy) LOOP
+    EXIT WHEN NOT pg_advisory_unlock(key);
+    released := true;
+  END LOOP;
+  RETURN released;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._tick_release(text, boolean) IS
+  'Internal: gives back the session-level tick lock of a policy (once, or every level held: all_levels), holding it at transaction level until this transaction ends, and restores the statement_timeout and idle_session_timeout tick_begin replaced and forgets the jobs it fetched (when the tick under way is of this policy). At the end of a tick (not all_levels) it first folds history deltas when due (_fold_stats_if_due).';
+
+-- promote_scheduled as in 0023, copied; change: no expiry (the fetch does
+-- it), and never a job whose deadline passed.
+CREATE OR REPLACE FUNCTION dispatch_policy.promote_scheduled(policy text, max_rows integer, now timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  promoted integer;
+BEGIN
+  PERFORM dispatch_policy._require_now(promote_scheduled.now);
+  UPDATE dispatch_policy.staged_jobs s SET not_before = NULL
+  WHERE s.id IN (
+    SELECT d.id FROM dispatch_policy.staged_jobs d
+    WHERE d.policy = promote_scheduled.policy AND d.not_before IS NOT NULL AND d.not_before <= promote_scheduled.now
+      AND (d.expires_at IS NULL OR d.expires_at > promote_scheduled.now)
+    ORDER BY d.not_before
+    LIMIT max_rows
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS promoted = ROW_COUNT;
+  RETURN promoted;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.promote_scheduled(text, integer, timestamptz) IS
+  'Makes up to max_rows scheduled jobs of a policy whose not_before has passed eligible (earliest first; rows locked elsewhere are skipped), never one whose expires_at has passed (the fetch finishes those as expired). Returns how many were made eligible. Run by tick_begin before each fetch.';
+
+-- _admit as in 0024, copied; change: in a tick, jobs changed or gone since
+-- the fetch are skipped (see the top of this file).
+CREATE OR REPLACE FUNCTION dispatch_policy._admit(
+  policy text, ids bigint[], gate_names text[], partitions text[],
+  take_gates text[], take_partitions text[], take_tokens double precision[],
+  lease_seconds integer, now timestamptz, round_robin_cursor jsonb,
+  lock_gates text[] DEFAULT '{}', lock_partitions text[] DEFAULT '{}'
+)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  admitted integer := 0;
+  config jsonb;
+  lease integer;
+  slot_gates text[];
+  job record;
+  queues text[];
+  queue_name text;
+  keys text[];
+  cursor_key text;
+  slot_g text[];
+  slot_p text[];
+  slot_n integer[];
+  width integer := coalesce(cardinality(gate_names), 0);
+  starved jsonb := round_robin_cursor -> 'starved';
+  starved_weight integer;
+  starved_offset integer := 0;
+  new_served integer := 0;
+  old_served integer;
+  old_served_lane text;
+  fetched_ids bigint[];
+  fetched_versions bigint[];
+  fetched_costs jsonb;
+  admitted_ids bigint[];
+  expected bigint[];
+  skipped_at bigint[];
+BEGIN
+  PERFORM dispatch_policy._require_now(_admit.now);
+  ids := coalesce(ids, '{}');
+  IF coalesce(cardinality(partitions), 0) <> cardinality(ids) * width THEN
+    RAISE EXCEPTION 'partitions must hold one entry per job and gate name'
+      USING ERRCODE = '22023',
+            DETAIL = format('%s jobs and %s gate names need %s partitions; there are %s.', cardinality(ids), width,
+                            cardinality(ids) * width, coalesce(cardinality(partitions), 0)),
+            HINT = 'Nothing was admitted.';
+  END IF;
+  PERFORM dispatch_policy._require_same_length('take_gates, take_partitions and take_tokens', ARRAY[
+    cardinality(take_gates), cardinality(take_partitions), cardinality(take_tokens)]);
+  PERFORM dispatch_policy._require_same_length('lock_gates and lock_partitions', ARRAY[
+    cardinality(lock_gates), cardinality(lock_partitions)]);
+  config := (dispatch_policy._require_policy(_admit.policy)).config;
+  lease := coalesce(_admit.lease_seconds, dispatch_policy._policy_setting(config, 'lease_seconds'));
+  IF NOT dispatch_policy._within_limit(lease, 'lease_seconds') THEN
+    RAISE EXCEPTION 'lease_seconds %', dispatch_policy._limit_rule('lease_seconds')
+      USING ERRCODE = '22023', DETAIL = format('lease_seconds is %s.', lease), HINT = 'Nothing was admitted.';
+  END IF;
+  slot_gates := dispatch_policy._slot_gates(config);
+
+  -- In a tick, the jobs were fetched (and decided on) in an earlier
+  -- transaction and were not locked since: a stager may have replaced one
+  -- (other context, partitions, cost, not_before) or finished it (dropped,
+  -- cancelled). tick_begin kept the ids and row versions (xmin) it fetched;
+  -- only a row still staged with its fetched version is admitted below. The
+  -- others are skipped: not admitted, nothing taken for them, no error; a
+  -- replaced job stays staged for a later tick, which decides on it as it
+  -- is now.
+  IF cardinality(ids) > 0 AND current_setting('dispatch_policy.tick_locked', true) IS NOT DISTINCT FROM _admit.policy
+     AND coalesce(current_setting('dispatch_policy.tick_fetched_ids', true), '') <> '' THEN
+    fetched_ids := current_setting('dispatch_policy.tick_fetched_ids')::bigint[];
+    fetched_versions := current_setting('dispatch_policy.tick_fetched_versions')::bigint[];
+    -- Each id's fetched version (a hash join of two arrays; -1: not fetched
+    -- by this tick, not checked).
+    expected := ARRAY(SELECT coalesce(v.version, -1)
+                      FROM unnest(ids) WITH ORDINALITY AS j(id, n)
+                      LEFT JOIN unnest(fetched_ids, fetched_versions) AS v(id, version) ON v.id = j.id
+                      ORDER BY j.n);
+  END IF;
+
+  IF cardinality(ids) > 0 THEN
+    -- Rows are looked up by primary key (= ANY of an array), never by
+    -- joining the staged table against a set the planner cannot size.
+    WITH moved AS (
+      DELETE FROM dispatch_policy.staged_jobs s
+      USING unnest(ids, coalesce(expected, array_fill(-1::bigint, ARRAY[cardinality(ids)]))) AS e(id, version)
+      WHERE s.id = ANY (ids) AND s.id = e.id AND s.policy = _admit.policy
+        -- A job the tick fetched, only as it was fetched: with the xmin it
+        -- had (the DELETE re-reads a row replaced while it waited for it,
+        -- and checks its new xmin).
+        AND (e.version = -1 OR e.version = s.xmin::text::bigint)
+      RETURNING s.*
+    ), parts AS (
+      SELECT j.id,
+             coalesce(jsonb_strip_nulls(jsonb_object(gate_names, partitions[(j.n - 1) * width + 1 : j.n * width])),
+                      '{}'::jsonb) AS partitions
+      FROM unnest(ids) WITH ORDINALITY AS j(id, n)
+    ), inserted AS (
+      INSERT INTO dispatch_policy.admitted_jobs
+        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, attempt, created_at, staged_at,
+         admitted_at, lease_expires_at, partitions, lease_seconds, target)
+      SELECT m.id, m.policy, m.queue, m.priority, m.args, m.context, m.dedupe_key, m.round_robin_key, m.attempt,
+             m.created_at, m.staged_at, _admit.now, _admit.now + make_interval(secs => lease), pa.partitions, lease,
+             CASE WHEN config -> 'target' ->> 'type' = 'sql' THEN 'sql' ELSE 'ready_queue' END
+      FROM moved m JOIN parts pa ON pa.id = m.id
+      RETURNING id, queue, round_robin_key
+    )
+    SELECT count(*)::integer, array_agg(DISTINCT i.queue), array_agg(DISTINCT i.round_robin_key), coalesce(array_agg(i.id), '{}')
+    INTO admitted, queues, keys, admitted_ids FROM inserted i;
+    IF admitted <> cardinality(ids) AND fetched_ids IS NOT NULL THEN
+      -- Skipped: fetched jobs not admitted (changed or gone since the fetch).
+      skipped_at := ARRAY(SELECT j.n FROM unnest(ids) WITH ORDINALITY AS j(id, n)
+                          WHERE j.id = ANY (fetched_ids) AND NOT j.id = ANY (admitted_ids));
+    END IF;
+    IF admitted <> cardinality(ids) - coalesce(cardinality(skipped_at), 0) THEN
+      RAISE EXCEPTION 'admit: % of % jobs are not staged for policy %', cardinality(ids) - admitted,
+                      cardinality(ids), quote_literal(_admit.policy)
+        USING ERRCODE = '55000',
+              HINT = 'Admit only jobs fetched with fetch_batch while holding the policy''s tick lock; a job deleted since cannot be admitted (fetch again). After a failed tick_finish, call tick_abort.';
+    END IF;
+    IF cardinality(skipped_at) > 0 THEN
+      IF coalesce(cardinality(take_gates), 0) > 0 THEN
+        -- Give back what the runner took for them: min(cost, burst) in each
+        -- of their throttle partitions (cost 1 unless the gate has one, as
+        -- tick_begin saw it).
+        fetched_costs := nullif(current_setting('dispatch_policy.tick_fetched_costs', true), '')::jsonb;
+        WITH refunds AS (
+          SELECT sp.g, sp.p, sum(least(coalesce((fetched_costs -> sp.id::text ->> sp.g)::float8, 1),
+                                       coalesce(b.burst, 'Infinity'::float8))) AS tokens
+          FROM (SELECT gate_names[k.k] AS g, partitions[(j.n - 1) * width + k.k] AS p, j.id
+                FROM unnest(ids) WITH ORDINALITY AS j(id, n) CROSS JOIN generate_series(1, width) AS k(k)
+                WHERE j.n = ANY (skipped_at)) sp
+          LEFT JOIN dispatch_policy.throttle_buckets b ON b.policy = _admit.policy AND b.gate = sp.g AND b.partition = sp.p
+          WHERE sp.p IS NOT NULL
+            AND sp.g IN (SELECT coalesce(x.g ->> 'name', x.g ->> 'type')
+                         FROM jsonb_array_elements(coalesce(config -> 'gates', '[]'::jsonb)) AS x(g)
+                         WHERE x.g ->> 'type' = 'throttle')
+          GROUP BY 1, 2
+        )
+        SELECT coalesce(array_agg(t.g ORDER BY t.g, t.p), '{}'), coalesce(array_agg(t.p ORDER BY t.g, t.p), '{}'),
+               coalesce(array_agg(t.tokens ORDER BY t.g, t.p), '{}')
+        INTO take_gates, take_partitions, take_tokens
+        FROM (SELECT x.g, x.p, sum(x.tokens) - coalesce(max(r.tokens), 0) AS tokens
+              FROM unnest(take_gates, take_partitions, take_tokens) AS x(g, p, tokens)
+              LEFT JOIN refunds r ON r.g = x.g AND r.p = x.p
+              GROUP BY 1, 2) t
+        WHERE t.tokens > 0;
+      END IF;
+      -- And count no slot for them.
+      partitions := ARRAY(SELECT partitions[(j.n - 1) * width + k.k]
+                          FROM unnest(ids) WITH ORDINALITY AS j(id, n) CROSS JOIN generate_series(1, width) AS k(k)
+                          WHERE NOT j.n = ANY (skipped_at)
+                          ORDER BY j.n, k.k);
+      ids := ARRAY(SELECT j.id FROM unnest(ids) WITH ORDINALITY AS j(id, n) WHERE NOT j.n = ANY (skipped_at) ORDER BY j.n);
+    END IF;
+
+    -- Slots per counter, once; then create missing counters, lock them (and
+    -- lock_gates/lock_partitions) in one sorted statement, add.
+    SELECT coalesce(array_agg(s.g ORDER BY s.g, s.p), '{}'), coalesce(array_agg(s.p ORDER BY s.g, s.p), '{}'),
+           coalesce(array_agg(s.n ORDER BY s.g, s.p), '{}')
+    INTO slot_g, slot_p, slot_n
+    FROM (SELECT gate_names[((e.n - 1) % width) + 1] AS g, e.p, count(*)::integer AS n
+          FROM unnest(partitions) WITH ORDINALITY AS e(p, n)
+          WHERE e.p IS NOT NULL AND gate_names[((e.n - 1) % width) + 1] = ANY (slot_gates)
+          GROUP BY 1, 2) s;
+    IF cardinality(slot_g) > 0 THEN
+      INSERT INTO dispatch_policy.inflight_counters AS c (policy, gate, partition, in_flight, updated_at)
+      SELECT _admit.policy, k.g, k.p, 0, _admit.now FROM unnest(slot_g, slot_p) AS k(g, p)
+      ORDER BY 2, 3
+      ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING;
+    END IF;
+  END IF;
+  IF coalesce(cardinality(slot_g), 0) + coalesce(cardinality(lock_gates), 0) > 0 THEN
+    PERFORM 1 FROM dispatch_policy.inflight_counters c
+    WHERE c.policy = _admit.policy
+      AND (c.gate, c.partition) IN (SELECT k.g, k.p FROM unnest(slot_g, slot_p) AS k(g, p)
+                                    UNION SELECT k.g, k.p FROM unnest(lock_gates, lock_partitions) AS k(g, p))
+    ORDER BY c.policy, c.gate, c.partition
+    FOR UPDATE;
+  END IF;
+  IF cardinality(ids) > 0 THEN
+    IF cardinality(slot_g) > 0 THEN
+      UPDATE dispatch_policy.inflight_counters c
+      SET in_flight = c.in_flight + k.n, last_admitted_at = _admit.now, updated_at = _admit.now
+      FROM unnest(slot_g, slot_p, slot_n) AS k(g, p, n)
+      WHERE c.policy = _admit.policy AND c.gate = k.g AND c.partition = k.p;
+    END IF;
+
+    IF coalesce(cardinality(take_gates), 0) > 0 THEN
+      PERFORM 1 FROM dispatch_policy.throttle_buckets t
+      WHERE t.policy = _admit.policy
+        AND (t.gate, t.partition) IN (SELECT k.g, k.p FROM unnest(take_gates, take_partitions) AS k(g, p))
+      ORDER BY t.policy, t.gate, t.partition
+      FOR UPDATE;
+      UPDATE dispatch_policy.throttle_buckets t
+      SET tokens = t.tokens - k.tokens, last_admitted_at = _admit.now
+      FROM (SELECT x.g, x.p, sum(x.tokens) AS tokens FROM unnest(take_gates, take_partitions, take_tokens) AS x(g, p, tokens)
+            GROUP BY 1, 2) k
+      WHERE t.policy = _admit.policy AND t.gate = k.g AND t.partition = k.p;
+    END IF;
+
+    IF config -> 'target' ->> 'type' = 'sql' THEN
+      FOR job IN
+        SELECT a.id, a.queue, a.args, a.context FROM dispatch_policy.admitted_jobs a
+        WHERE a.id = ANY (ids)
+        ORDER BY a.priority, a.id
+      LOOP
+        PERFORM dispatch_policy._hand_off(config -> 'target' ->> 'function', job.id, job.queue, job.args, job.context);
+      END LOOP;
+    ELSE
+      FOREACH queue_name IN ARRAY queues LOOP
+        -- A queue name staged before the length limit existed could overflow
+        -- the NOTIFY payload; workers still poll for it.
+        IF octet_length(queue_name) <= 1024 THEN
+          PERFORM pg_notify('dispatch_policy_admitted', queue_name);
+        END IF;
+      END LOOP;
+    END IF;
+    -- Lanes this admission emptied go now, not at the next fetch (which
+    -- would be a tick for nothing).
+    PERFORM dispatch_policy._drop_empty_lanes(_admit.policy, array_remove(keys, NULL), array_position(keys, NULL) IS NOT NULL);
+  END IF;
+
+  -- The round-robin cursor: as the runner decided, else past the last key
+  -- admitted (in rotation order after the current cursor).
+  IF round_robin_cursor IS NOT NULL THEN
+    -- Weighted lanes: the first starved job's place in its lane's round
+    -- (its index in the batch, after what the lane had of that round before
+    -- this tick when the tick held on it) is what the lane has had of the
+    -- round: the next fetch gives it the rest first.
+    IF jsonb_typeof(starved) = 'object' AND jsonb_typeof(starved -> 'index') = 'number'
+       AND jsonb_typeof(starved -> 'weight') = 'number' THEN
+      starved_weight := least(greatest((starved ->> 'weight')::numeric, 1), 1000)::integer;
+      IF coalesce((round_robin_cursor ->> 'hold')::boolean, false) THEN
+        SELECT c.served, c.served_lane INTO old_served, old_served_lane
+        FROM dispatch_policy.round_robin_cursors c WHERE c.policy = _admit.policy;
+        IF old_served > 0 AND old_served_lane IS NOT DISTINCT FROM starved ->> 'lane' THEN
+          starved_offset := old_served;
+        END IF;
+      END IF;
+      new_served := ((least(greatest((starved ->> 'index')::numeric, 1), 1000000)::integer - 1 + starved_offset)
+                     % starved_weight);
+    END IF;
+    IF NOT coalesce((round_robin_cursor ->> 'hold')::boolean, false) THEN
+      INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at, served, served_lane)
+      VALUES (_admit.policy, round_robin_cursor ->> 'last_key', _admit.now, new_served,
+              CASE WHEN new_served > 0 THEN starved ->> 'lane' END)
+      ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+      DO UPDATE SET last_key = EXCLUDED.last_key, updated_at = EXCLUDED.updated_at, served = EXCLUDED.served,
+                    served_lane = EXCLUDED.served_lane;
+    ELSIF jsonb_typeof(starved) = 'object' THEN
+      -- Held on a weighted lane: only the round's progress changes.
+      INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at, served, served_lane)
+      VALUES (_admit.policy, NULL, _admit.now, new_served, CASE WHEN new_served > 0 THEN starved ->> 'lane' END)
+      ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+      DO UPDATE SET served = EXCLUDED.served, served_lane = EXCLUDED.served_lane
+      WHERE c.served IS DISTINCT FROM EXCLUDED.served OR c.served_lane IS DISTINCT FROM EXCLUDED.served_lane;
+    END IF;
+  ELSIF admitted > 0 THEN
+    SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = _admit.policy;
+    SELECT k INTO cursor_key FROM unnest(keys) AS k
+    ORDER BY CASE WHEN k IS NULL THEN 1 WHEN cursor_key IS NULL OR k > cursor_key THEN 0 ELSE 2 END DESC, k DESC NULLS LAST
+    LIMIT 1;
+    INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at)
+    VALUES (_admit.policy, cursor_key, _admit.now)
+    ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+    DO UPDATE SET last_key = EXCLUDED.last_key, updated_at = EXCLUDED.updated_at, served = 0, served_lane = NULL;
+  END IF;
+  RETURN admitted;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb, text[], text[]) IS
+  'Internal: admit with parallel arrays (the one implementation): ids (in a tick, of jobs tick_begin fetched: a job whose row changed since the fetch or is gone is skipped, with its slots and its takes, and stays as it is; other ids must be staged, 55000 otherwise); gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane); round_robin_cursor {"last_key": K} or {"hold": true}, with weighted lanes also "starved": {"lane", "index", "weight"} (the first starved job: its lane, its place among the lane''s jobs in the batch from 1, the lane''s weight), from which the cursor''s served is kept.';
+
+COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
+  'The job''s deadline: if not admitted by then it is finished as expired (by the next tick''s fetch, fetch_batch), never admitted. The expires_at given to stage, or staged_at + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
+
+-- ---------------------------------------------------------------------------
+-- Privileges (0021).
+
+REVOKE ALL ON ALL TABLES IN SCHEMA dispatch_policy FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA dispatch_policy FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch_policy FROM PUBLIC;
