@@ -46,6 +46,11 @@ public struct TickResult: Sendable, Equatable {
     public var outcome: Outcome
     public var fetched = 0
     public var admitted = 0
+    /// Jobs the gates let through that were not admitted because a stager
+    /// replaced, dropped or cancelled them after the fetch (`tick_finish`
+    /// skips a job whose row changed since `tick_begin` read it; it took
+    /// nothing and is looked at again by a later tick).
+    public var skipped = 0
     public var reaped = 0
     public var observationsFolded = 0
     public var refusedByGate: [String: Int] = [:]
@@ -303,6 +308,7 @@ public struct Ticker: Sendable {
                 "tick",
                 metadata: [
                     "tick.admitted": "\(result.admitted)", "tick.fetched": "\(result.fetched)", "tick.reaped": "\(result.reaped)",
+                    "tick.skipped": "\(result.skipped)",
                 ])
         }
         return result
@@ -574,6 +580,7 @@ public struct Ticker: Sendable {
                 dispatch_policy._record_shadow(\(policy), \(now), \(wouldRefuse)::jsonb)
                 """,
                 as: Int.self, logger: logger)
+            result.skipped = max(0, decision.admitted.count - result.admitted)
         }
         return result
     }
