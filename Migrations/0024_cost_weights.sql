@@ -279,6 +279,21 @@ ALTER TABLE dispatch_policy.policies
 COMMENT ON COLUMN dispatch_policy.policies.cost_gates IS
   'The throttle gates with a cost (see _cost_gates), read by staging to refuse a job whose cost exceeds its burst; NULL: none.';
 
+-- _staging_config as in 0023, copied; change: the cost gates (staging
+-- refuses a job above its burst).
+CREATE OR REPLACE FUNCTION dispatch_policy._staging_config(config jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT jsonb_build_object('lane_template', dispatch_policy._lane_template(config),
+                            'partition_gates', dispatch_policy._partition_gates(config),
+                            'partition_templates', dispatch_policy._partition_templates(config),
+                            'cost_gates', dispatch_policy._cost_gates(config))
+         || jsonb_strip_nulls(jsonb_build_object('dedupe_mode', config -> 'dedupe_mode', 'debounce', config -> 'debounce',
+                                                 'max_pending_per_partition', config -> 'max_pending_per_partition',
+                                                 'on_overflow', config -> 'on_overflow', 'max_wait', config -> 'max_wait'))
+$$;
+
 -- The first cost gate a job's context makes cost more than its bucket's
 -- burst, as the runner resolves both (_gate_number; without burst: the rate,
 -- at least 1): {"gate", "path", "cost", "burst"}; NULL when it fits them all.
@@ -351,6 +366,12 @@ DECLARE
   kept integer[] := '{}'::integer[];
   inserted integer[] := '{}'::integer[];
 BEGIN
+  -- The config read here decides the path below: it stays the policy's
+  -- until commit (a redeclare or drop_policy takes this lock exclusively
+  -- before it writes the policy row; found by hostile testing: read
+  -- without it, a stager took the path without staging rules while a cap
+  -- was being declared, staged past the cap and deadlocked).
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(_stage_outcomes.policy));
   SELECT p.config, p.cost_gates INTO config, cost_gates FROM dispatch_policy.policies p WHERE p.name = _stage_outcomes.policy;
   -- A job that costs more than its bucket holds could never be admitted
   -- (0024): refused before anything is stored, naming the job. Elements
