@@ -478,13 +478,24 @@ AS $$
 DECLARE
   ids bigint[];
   reasons text[];
+  max_wait interval;
 BEGIN
+  max_wait := (SELECT make_interval(secs => (p.config ->> 'max_wait')::double precision)
+               FROM dispatch_policy.policies p WHERE p.name = _expire_staged.policy);
   -- Jobs a stager holds (replacing one) are skipped: the fetch skips them too.
+  -- The reason names what set the deadline: max_wait when it is the time
+  -- the job was staged (created_at: a retry's staged_at is later; a
+  -- replace keeps both) + max_wait (found by hostile testing: it always
+  -- said expires_at), else expires_at.
   SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'),
-         coalesce(array_agg(format('expired at %s (expires_at) before it was admitted',
-                                   to_char(x.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) ORDER BY x.id), '{}')
+         coalesce(array_agg(format('expired at %s (%s) before it was admitted',
+                                   to_char(x.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                                   CASE WHEN x.expires_at = x.created_at + max_wait
+                                        THEN format('max_wait %s s after it was staged',
+                                                    trim_scale(extract(epoch FROM max_wait)))
+                                        ELSE 'expires_at' END) ORDER BY x.id), '{}')
   INTO ids, reasons
-  FROM (SELECT s.id, s.expires_at FROM dispatch_policy.staged_jobs s
+  FROM (SELECT s.id, s.expires_at, s.created_at FROM dispatch_policy.staged_jobs s
         WHERE s.policy = _expire_staged.policy AND s.expires_at IS NOT NULL AND s.expires_at <= _expire_staged.now
         ORDER BY s.id
         FOR UPDATE SKIP LOCKED) x;
@@ -495,7 +506,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._expire_staged(text, timestamptz) IS
-  'Internal: finishes every staged job of a policy whose expires_at is at or before now as expired (last_error: when it expired), through staged_jobs_expires_idx; jobs locked by another transaction are skipped (the fetch skips them as well). Returns how many.';
+  'Internal: finishes every staged job of a policy whose expires_at is at or before now as expired (last_error: when it expired, and whether max_wait or expires_at set the deadline), through staged_jobs_expires_idx; jobs locked by another transaction are skipped (the fetch skips them as well). Returns how many.';
 
 -- promote_scheduled as in 0008, copied; change: it first expires the
 -- policy's jobs whose deadline passed (all of them, not max_rows: none may
@@ -1232,7 +1243,7 @@ AS $$
   ORDER BY o.idx
 $$;
 COMMENT ON FUNCTION dispatch_policy.stage_many_outcomes(text, jsonb) IS
-  'Stages a JSON array of jobs as stage_many() and returns one row per element: idx (1-based position), id (the job that holds its key after the call) and outcome (inserted, kept, replaced, as stage_outcome; dropped: inserted by this call and then dropped by a later element of the same call under on_overflow drop_oldest). A later element with the key of an earlier one is kept (dedupe_mode keep) or replaces it (replace). Job objects take the fields of stage(): args, context, dedupe_key, round_robin_key, queue, priority, not_before, expires_at. All or nothing: one invalid element (jobs[i].field, 22023 or 22004), or one that a full partition refuses (DP002, on_overflow reject), stores nothing. Unknown policy 42704.';
+  'Stages a JSON array of jobs as stage_many() and returns one row per element: idx (1-based position), id (the job that holds its key after the call) and outcome (inserted, kept, replaced, as stage_outcome; dropped: under on_overflow drop_oldest, inserted by this call and then dropped by a later element of the same call, or dropped right away because its partition was full and every older job of it was held by another transaction). A later element with the key of an earlier one is kept (dedupe_mode keep) or replaces it (replace). Job objects take the fields of stage(): args, context, dedupe_key, round_robin_key, queue, priority, not_before, expires_at. All or nothing: one invalid element (jobs[i].field, 22023 or 22004), or one that a full partition refuses (DP002, on_overflow reject), stores nothing. Unknown policy 42704.';
 
 CREATE OR REPLACE FUNCTION dispatch_policy.stage_many(policy text, jobs jsonb)
 RETURNS bigint[]
@@ -1917,6 +1928,46 @@ END
 $$;
 COMMENT ON FUNCTION dispatch_policy.prune(interval, interval, timestamptz, text[]) IS
   'Maintenance: folds the history deltas (fold_stats, up to 1,000,000 rows; row stat_deltas), then deletes gate state of gates no longer in their policy, observations of adaptive gates that are gone, idle partitions (full buckets, empty counters untouched for idle), completed and cancelled jobs, failures of non-dead jobs, deferrals (row deferrals) and per-minute aggregates older than retention (0 to 100 years, else 22023), stat_minutes rows older than retention (a gate partition''s: older than retention or a day, whichever is shorter; at most 1,000,000 a call; row stat_minutes), partition_counters rows of partitions with no staged job and none staged within retention (at most 1,000,000 a call; row partition_counters), expired and dropped jobs older than retention (rows expired_jobs, dropped_jobs), kept deadlines older than retention (row deadlines), and partition pauses that ended or whose gate is gone (row partition_pauses, only when policies is NULL); only of the given policies when policies is not NULL (the fold is always of every policy). Gate rows in use are skipped, never waited for. Dead jobs and their failures are kept. Returns counts.';
+
+-- ---------------------------------------------------------------------------
+-- A worker's call on a job it deferred: _raise_not_admitted as in 0008,
+-- copied; change: a job that defer() handed back to staging, and that waits
+-- as the same attempt, is said to be deferred (found by hostile testing: a
+-- second defer() of the job got DP001 "attempt 1 ... is not the current
+-- attempt", detail "waits for admission as attempt 1 (its lease ran out,
+-- or it failed)", when 1 is its current attempt and neither happened).
+-- Same SQLSTATEs: DP001 with attempt, P0002 without.
+CREATE OR REPLACE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
+RETURNS void
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  status record;
+  deferral record;
+BEGIN
+  SELECT s.attempt, d.reason INTO deferral
+  FROM dispatch_policy.staged_jobs s
+  CROSS JOIN LATERAL (SELECT jd.reason, jd.deferred_at FROM dispatch_policy.job_deferrals jd
+                      WHERE jd.job_id = s.id AND jd.attempt = s.attempt
+                      ORDER BY jd.deferred_at DESC LIMIT 1) d
+  WHERE s.id = _raise_not_admitted.id AND s.staged_at = d.deferred_at;
+  IF FOUND AND (_raise_not_admitted.attempt IS NULL OR _raise_not_admitted.attempt = deferral.attempt) THEN
+    RAISE EXCEPTION 'job % was deferred: attempt % is staged again, not admitted', _raise_not_admitted.id, deferral.attempt
+      USING ERRCODE = CASE WHEN _raise_not_admitted.attempt IS NULL THEN 'P0002' ELSE 'DP001' END,
+            DETAIL = format('defer() handed attempt %s back to staging (reason: %s); after its until it is admitted again as the same attempt, through every gate, and claimed anew.',
+                            deferral.attempt, left(deferral.reason, 200)),
+            HINT = 'Stop working on it: nothing was changed. A deferred job is deferred (or completed, or failed) again only once it is admitted again.';
+  END IF;
+  SELECT * INTO status FROM dispatch_policy._attempt_status(_raise_not_admitted.id, _raise_not_admitted.attempt);
+  IF status.outcome = 'stale' THEN
+    RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
+      USING ERRCODE = 'DP001', DETAIL = status.detail, HINT = 'Stop working on it: nothing was changed.';
+  END IF;
+  RAISE EXCEPTION 'job % is not admitted', id USING ERRCODE = 'P0002', DETAIL = status.detail;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._raise_not_admitted(bigint, integer) IS
+  'Internal: raises DP001 (the given attempt is not the current one) or P0002 (the job is not admitted: staged, finished or unknown), with a DETAIL saying which; a job that defer() handed back to staging and that waits as that attempt is said to be deferred (DP001 with attempt, P0002 without).';
 
 -- ---------------------------------------------------------------------------
 -- Privileges (0021): stage, stage_outcome, stage_many and
