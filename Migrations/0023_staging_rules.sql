@@ -31,18 +31,25 @@
 -- same order. A tick that admits jobs of a partition therefore waits for a
 -- stager of that partition to commit (and the stager for the tick's
 -- transaction). Lock order of a stager of a policy with staging rules:
--- advisory locks of its dedupe keys (sorted), the staged jobs that hold
--- them (by id; replace only), the counter rows (sorted); after that it
--- waits for nothing (a holder staged meanwhile is taken SKIP LOCKED, or
--- kept). A tick locks its jobs SKIP LOCKED, then their counter rows (sorted,
+-- the policy's partitions lock (shared, before it reads the config; a
+-- redeclare that changes what staging reads and drop_policy hold it
+-- exclusively, after the tick lock and the admitted jobs), advisory locks
+-- of its dedupe keys (sorted), the staged jobs that hold them (by id;
+-- replace only), the counter rows (sorted); after that it waits for
+-- nothing (a holder staged meanwhile is taken SKIP LOCKED, or kept; so
+-- are drop_oldest's victims, and when too few are free the new job is
+-- dropped itself, so the cap holds). A tick locks its jobs SKIP LOCKED, then their counter rows (sorted,
 -- one statement), in tick_begin's transaction (expiry) and again in
 -- tick_finish's (admission). A transaction that deletes or inserts staged
 -- jobs of a capped policy in several statements holds counter rows taken
 -- out of order and can deadlock with a stager (one of them is rolled
 -- back); the runner does not (sql/test/race/backlog_race.sh).
 -- A retry, a deferral or retry() puts an accepted job back: it counts,
--- but no cap refuses or drops for it, so a partition can briefly hold more
--- than its cap.
+-- but no cap refuses or drops for it, so a partition can hold more than
+-- its cap for a while (as after a replace that moves a job into a full
+-- partition, or a redeclare that lowers the cap); the next new job under
+-- drop_oldest then drops it down to the cap, oldest first, the jobs that
+-- came back included. Not a check() finding: staging never causes it.
 --
 -- Deadlines survive re-staging: staged_jobs.expires_at is the column the
 -- expiry scan reads (a partial index of the jobs that have one), and
@@ -243,7 +250,7 @@ CREATE TABLE dispatch_policy.backlog_counters (
 );
 CREATE UNIQUE INDEX backlog_counters_key ON dispatch_policy.backlog_counters (policy, lane) NULLS NOT DISTINCT;
 COMMENT ON TABLE dispatch_policy.backlog_counters IS
-  'Staged jobs (pending and scheduled) per lane key, of the policies that declare max_pending_per_partition only: what the cap is checked against, in O(1). Kept by statement triggers on staged_jobs (inserts add, deletes take away) and by a replace that moves a job to another lane; rebuilt from staged_jobs when a policy gains the cap or its lane_template changes; deleted when it loses the cap or is dropped. A stager of a capped policy holds the rows of its lanes (sorted) until commit. Rows at 0 stay (a stager counts on finding its row; prune() does not delete them): one per lane key a capped policy has had.';
+  'Staged jobs (pending and scheduled) per lane key, of the policies that declare max_pending_per_partition only: what the cap is checked against, in O(1). Kept by statement triggers on staged_jobs (inserts add, deletes take away) and by a replace that moves a job to another lane; rebuilt from staged_jobs when a policy gains the cap or its lane_template changes; deleted when it loses the cap or is dropped. A stager of a capped policy holds the rows of its lanes (sorted) until commit. Rows at 0 stay (a stager counts on finding its row; prune() does not delete them): one per lane key a capped policy has had. staged may exceed the cap: retries and deferrals come back past it (never refused or dropped), as do replaces moving a job into a full partition and a redeclare lowering the cap; a new job never leaves it above the cap.';
 COMMENT ON COLUMN dispatch_policy.backlog_counters.policy IS 'Policy.';
 COMMENT ON COLUMN dispatch_policy.backlog_counters.lane IS 'The lane key (staged_jobs.round_robin_key); NULL: the policy''s jobs without one.';
 COMMENT ON COLUMN dispatch_policy.backlog_counters.staged IS 'How many of its jobs are staged.';
@@ -1968,6 +1975,9 @@ END
 $$;
 COMMENT ON FUNCTION dispatch_policy._raise_not_admitted(bigint, integer) IS
   'Internal: raises DP001 (the given attempt is not the current one) or P0002 (the job is not admitted: staged, finished or unknown), with a DETAIL saying which; a job that defer() handed back to staging and that waits as that attempt is said to be deferred (DP001 with attempt, P0002 without).';
+-- defer's comment (0022), with what a second defer gets.
+COMMENT ON FUNCTION dispatch_policy.defer(bigint, timestamptz, text, boolean, integer, timestamptz) IS
+  'For a worker whose downstream said "not now" (HTTP 429 with Retry-After): hands an admitted job back to staging, scheduled for until, without counting an attempt (it is admitted again as the same attempt, through every gate; its dedupe key stays held). Releases its concurrency, global and adaptive slots as complete does, records no observation (not a success, not a failure: the adaptive cap does not move) and no failure; records the deferral in job_deferrals. With pause_partition => true, also pauses each partitioned throttle of the job''s policy in the job''s partition until until (as pause_partition, waiting for a tick under way; a pause without an end or ending later is kept; the pause ends by itself); a policy without a partitioned throttle pauses nothing (paused is ''{}''). Returns one row: state ''scheduled'', not_before (= until), paused (gate -> partition paused; NULL without pause_partition). Errors, nothing changed: NULL id, until, reason or pause_partition 22004; until not finite, not after now or more than limits() defer.until (30 days) after now, reason longer than limits() defer.reason (1024 characters) or empty 22023; with attempt, DP001 when it is not the current attempt; P0002 when the job is not admitted (staged, finished or unknown); a job deferred already, waiting to be admitted again as that attempt, gets the same codes with a message saying it was deferred (a second defer applies once it is admitted again).';
 
 -- ---------------------------------------------------------------------------
 -- Privileges (0021): stage, stage_outcome, stage_many and
