@@ -3,8 +3,9 @@
 # or holds those policies, and checks that nothing deadlocked and that no
 # partition of a policy whose cap never changes went over its cap:
 #   * policy 'redecl': max_pending_per_partition, redeclared in a loop by
-#     one session (the cap's value, dropped and added again, on_overflow
-#     switched); stage and stage_many of 2 jobs over 4 partitions;
+#     one session (the cap taken away and given back in turns, its value
+#     and on_overflow changed); stage and stage_many of 3 jobs over 4
+#     partitions;
 #   * policy 'rp': dedupe_mode replace, cap 5, drop_oldest; declared,
 #     staged into and dropped with drop_policy(force => true) in a loop by
 #     one session while stagers stage with keys (unknown-policy and DP002
@@ -77,11 +78,15 @@ SELECT dispatch_policy.stage_many('fixed', jsonb_build_array(
 SELECT dispatch_policy.stage('fixed', '3', jsonb_build_object('a', (random() * 2)::int));
 SQL
 cat > "$dir/declare.sql" <<'SQL'
-SELECT dispatch_policy.declare_policy('redecl', (ARRAY[
-  '{"round_robin_by": "{a}", "max_pending_per_partition": 50}',
-  '{"round_robin_by": "{a}", "max_pending_per_partition": 40, "on_overflow": "drop_oldest"}',
-  '{"round_robin_by": "{a}"}',
-  '{"round_robin_by": "{a}", "max_pending_per_partition": 30, "on_overflow": "drop_oldest", "dedupe_mode": "replace"}'])[1 + (random() * 3)::int]::jsonb);
+-- The cap taken away and given back in turns (another value, another
+-- on_overflow each time).
+SELECT dispatch_policy.declare_policy('redecl', CASE
+  WHEN (SELECT p.config ? 'max_pending_per_partition' FROM dispatch_policy.policies p WHERE p.name = 'redecl')
+  THEN '{"round_robin_by": "{a}"}'::jsonb
+  ELSE (ARRAY['{"round_robin_by": "{a}", "max_pending_per_partition": 50}',
+              '{"round_robin_by": "{a}", "max_pending_per_partition": 40, "on_overflow": "drop_oldest"}',
+              '{"round_robin_by": "{a}", "max_pending_per_partition": 30, "on_overflow": "drop_oldest", "dedupe_mode": "replace"}'])[1 + (random() * 2)::int]::jsonb
+  END);
 SELECT dispatch_policy.declare_policy('rp', '{"round_robin_by": "{a}", "max_pending_per_partition": 5,
   "on_overflow": "drop_oldest", "dedupe_mode": "replace"}');
 SELECT pg_sleep(0.005);
