@@ -394,13 +394,14 @@ BEGIN
                        || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) END
       FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n) ORDER BY t.n);
     later := ARRAY(
-      SELECT t.n::integer FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
-      WHERE jsonb_typeof(t.job) = 'object' AND jsonb_typeof(t.job -> 'dedupe_key') = 'string'
-        AND (EXISTS (SELECT 1 FROM dispatch_policy.dedupe_keys d
-                     WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = t.job ->> 'dedupe_key')
-             OR EXISTS (SELECT 1 FROM jsonb_array_elements(jobs) WITH ORDINALITY AS e(job, n)
-                        WHERE e.n < t.n AND jsonb_typeof(e.job) = 'object' AND e.job ->> 'dedupe_key' = t.job ->> 'dedupe_key'))
-      ORDER BY t.n);
+      SELECT k.n::integer
+      FROM (SELECT t.n, t.job ->> 'dedupe_key' AS key,
+                   row_number() OVER (PARTITION BY t.job ->> 'dedupe_key' ORDER BY t.n) AS nth
+            FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
+            WHERE jsonb_typeof(t.job) = 'object' AND jsonb_typeof(t.job -> 'dedupe_key') = 'string') k
+      WHERE k.nth > 1
+         OR EXISTS (SELECT 1 FROM dispatch_policy.dedupe_keys d WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = k.key)
+      ORDER BY k.n);
     PERFORM dispatch_policy._require_job_costs(cost_gates,
       ARRAY(SELECT CASE WHEN c.n::integer = ANY (later) THEN NULL ELSE c.context END
             FROM unnest(contexts) WITH ORDINALITY AS c(context, n) ORDER BY c.n),
