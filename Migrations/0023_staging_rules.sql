@@ -31,18 +31,25 @@
 -- same order. A tick that admits jobs of a partition therefore waits for a
 -- stager of that partition to commit (and the stager for the tick's
 -- transaction). Lock order of a stager of a policy with staging rules:
--- advisory locks of its dedupe keys (sorted), the staged jobs that hold
--- them (by id; replace only), the counter rows (sorted); after that it
--- waits for nothing (a holder staged meanwhile is taken SKIP LOCKED, or
--- kept). A tick locks its jobs SKIP LOCKED, then their counter rows (sorted,
+-- the policy's partitions lock (shared, before it reads the config; a
+-- redeclare that changes what staging reads and drop_policy hold it
+-- exclusively, after the tick lock and the admitted jobs), advisory locks
+-- of its dedupe keys (sorted), the staged jobs that hold them (by id;
+-- replace only), the counter rows (sorted); after that it waits for
+-- nothing (a holder staged meanwhile is taken SKIP LOCKED, or kept; so
+-- are drop_oldest's victims, and when too few are free the new job is
+-- dropped itself, so the cap holds). A tick locks its jobs SKIP LOCKED, then their counter rows (sorted,
 -- one statement), in tick_begin's transaction (expiry) and again in
 -- tick_finish's (admission). A transaction that deletes or inserts staged
 -- jobs of a capped policy in several statements holds counter rows taken
 -- out of order and can deadlock with a stager (one of them is rolled
 -- back); the runner does not (sql/test/race/backlog_race.sh).
 -- A retry, a deferral or retry() puts an accepted job back: it counts,
--- but no cap refuses or drops for it, so a partition can briefly hold more
--- than its cap.
+-- but no cap refuses or drops for it, so a partition can hold more than
+-- its cap for a while (as after a replace that moves a job into a full
+-- partition, or a redeclare that lowers the cap); the next new job under
+-- drop_oldest then drops it down to the cap, oldest first, the jobs that
+-- came back included. Not a check() finding: staging never causes it.
 --
 -- Deadlines survive re-staging: staged_jobs.expires_at is the column the
 -- expiry scan reads (a partial index of the jobs that have one), and
@@ -166,7 +173,7 @@ CREATE TABLE dispatch_policy.backlog_counters (
 );
 CREATE UNIQUE INDEX backlog_counters_key ON dispatch_policy.backlog_counters (policy, lane) NULLS NOT DISTINCT;
 COMMENT ON TABLE dispatch_policy.backlog_counters IS
-  'Staged jobs (pending and scheduled) per lane key, of the policies that declare max_pending_per_partition only: what the cap is checked against, in O(1). Kept by statement triggers on staged_jobs (inserts add, deletes take away) and by a replace that moves a job to another lane; rebuilt from staged_jobs when a policy gains the cap or its lane_template changes; deleted when it loses the cap or is dropped. A stager of a capped policy holds the rows of its lanes (sorted) until commit. Rows at 0 stay (a stager counts on finding its row; prune() does not delete them): one per lane key a capped policy has had.';
+  'Staged jobs (pending and scheduled) per lane key, of the policies that declare max_pending_per_partition only: what the cap is checked against, in O(1). Kept by statement triggers on staged_jobs (inserts add, deletes take away) and by a replace that moves a job to another lane; rebuilt from staged_jobs when a policy gains the cap or its lane_template changes; deleted when it loses the cap or is dropped. A stager of a capped policy holds the rows of its lanes (sorted) until commit. Rows at 0 stay (a stager counts on finding its row; prune() does not delete them): one per lane key a capped policy has had. staged may exceed the cap: retries and deferrals come back past it (never refused or dropped), as do replaces moving a job into a full partition and a redeclare lowering the cap; a new job never leaves it above the cap.';
 COMMENT ON COLUMN dispatch_policy.backlog_counters.policy IS 'Policy.';
 COMMENT ON COLUMN dispatch_policy.backlog_counters.lane IS 'The lane key (staged_jobs.round_robin_key); NULL: the policy''s jobs without one.';
 COMMENT ON COLUMN dispatch_policy.backlog_counters.staged IS 'How many of its jobs are staged.';
@@ -265,12 +272,18 @@ RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 BEGIN
+  -- Counter rows are deleted only while no stager of the policy runs (its
+  -- partitions lock, exclusively: declare_policy and drop_policy hold it
+  -- already; a direct write of the row takes it here): a stager holds them
+  -- in sorted order, a DELETE would take them in any order.
   IF TG_OP = 'DELETE' THEN
+    PERFORM pg_advisory_xact_lock(dispatch_policy._partitions_lock_key(OLD.name));
     DELETE FROM dispatch_policy.backlog_counters c WHERE c.policy = OLD.name;
     RETURN NULL;
   END IF;
   IF NOT NEW.config ? 'max_pending_per_partition' THEN
     IF TG_OP = 'UPDATE' AND OLD.config ? 'max_pending_per_partition' THEN
+      PERFORM pg_advisory_xact_lock(dispatch_policy._partitions_lock_key(NEW.name));
       DELETE FROM dispatch_policy.backlog_counters c WHERE c.policy = NEW.name;
     END IF;
   ELSIF TG_OP = 'INSERT' OR NOT OLD.config ? 'max_pending_per_partition'
@@ -289,6 +302,66 @@ CREATE TRIGGER policies_zz_backlog
   FOR EACH ROW EXECUTE FUNCTION dispatch_policy._policy_backlog_changed();
 
 -- Policies declared before this migration have no cap; nothing to count.
+
+-- What staging reads of a config: a redeclare that changes it must not
+-- overlap a stager (see declare_policy below). 0024 adds the cost gates.
+CREATE FUNCTION dispatch_policy._staging_config(config jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT jsonb_build_object('lane_template', dispatch_policy._lane_template(config),
+                            'partition_gates', dispatch_policy._partition_gates(config),
+                            'partition_templates', dispatch_policy._partition_templates(config))
+         || jsonb_strip_nulls(jsonb_build_object('dedupe_mode', config -> 'dedupe_mode', 'debounce', config -> 'debounce',
+                                                 'max_pending_per_partition', config -> 'max_pending_per_partition',
+                                                 'on_overflow', config -> 'on_overflow', 'max_wait', config -> 'max_wait'))
+$$;
+COMMENT ON FUNCTION dispatch_policy._staging_config(jsonb) IS
+  'Internal: the parts of a config that staging reads (lane template, partitioned gates and their templates, the staging rules; cost gates from 0024), as one value to compare: a redeclare that changes it holds the policy''s stagers off (declare_policy).';
+
+-- declare_policy as in 0008; change: the locks a redeclare needs, taken
+-- before the config is written, in the order every writer of a policy
+-- takes them: its tick lock (a tick under way ends first; pause and
+-- drop_policy take it first too), its admitted jobs by id (a worker failing
+-- or deferring a job holds its row, then takes the partitions lock to stage
+-- it again), and, when what staging reads changes (_staging_config), its
+-- partitions lock exclusively (a stager holds it shared from before it
+-- reads the config until commit); then the policy row. A stager therefore
+-- never stages under a config that a redeclare changes before the stager
+-- commits (found by hostile testing: a stager that had read the config
+-- without the lock staged past a cap being added, and its triggers took
+-- counter rows out of order with the redeclare: deadlocks), and never waits
+-- for a tick (the redeclare takes the partitions lock once the tick lock is
+-- its own). A declare that changes nothing takes no lock.
+CREATE OR REPLACE FUNCTION dispatch_policy.declare_policy(name text, config jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  old_config jsonb;
+BEGIN
+  -- Validation is the policies_validate trigger (so a direct write is
+  -- checked too); here first as well, so a bad config waits for nothing.
+  PERFORM dispatch_policy.validate_policy(declare_policy.name, declare_policy.config);
+  IF EXISTS (SELECT 1 FROM dispatch_policy.policies p
+             WHERE p.name = declare_policy.name AND p.config IS NOT DISTINCT FROM declare_policy.config) THEN
+    RETURN;
+  END IF;
+  PERFORM pg_advisory_xact_lock(dispatch_policy._tick_lock_key(declare_policy.name));
+  PERFORM 1 FROM dispatch_policy.admitted_jobs a WHERE a.policy = declare_policy.name ORDER BY a.id FOR UPDATE;
+  SELECT p.config INTO old_config FROM dispatch_policy.policies p WHERE p.name = declare_policy.name;
+  IF NOT FOUND OR dispatch_policy._staging_config(old_config) IS DISTINCT FROM dispatch_policy._staging_config(declare_policy.config) THEN
+    PERFORM pg_advisory_xact_lock(dispatch_policy._partitions_lock_key(declare_policy.name));
+  END IF;
+  INSERT INTO dispatch_policy.policies AS p (name, config)
+  VALUES (declare_policy.name, declare_policy.config)
+  ON CONFLICT ON CONSTRAINT policies_pkey
+  DO UPDATE SET config = EXCLUDED.config, updated_at = now()
+  WHERE p.config IS DISTINCT FROM EXCLUDED.config;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.declare_policy(text, jsonb) IS
+  'Creates or replaces a policy after validating its config (SQLSTATE 22023 naming the field on any problem; nothing is stored then). Replacing a config waits for a running tick of the policy, for workers finishing its admitted jobs and, when what staging reads changes (lane, partitioned gates, staging rules, costs), for its stagers under way, holding off new ones until commit (they then stage under the new config), and recomputes the in-flight counters from the admitted jobs under the new gates, in the same transaction. Declaring the same config again changes nothing and waits for nothing.';
 
 -- ---------------------------------------------------------------------------
 -- Finishing staged jobs as expired or dropped.
@@ -335,13 +408,24 @@ AS $$
 DECLARE
   ids bigint[];
   reasons text[];
+  max_wait interval;
 BEGIN
+  max_wait := (SELECT make_interval(secs => (p.config ->> 'max_wait')::double precision)
+               FROM dispatch_policy.policies p WHERE p.name = _expire_staged.policy);
   -- Jobs a stager holds (replacing one) are skipped: the fetch skips them too.
+  -- The reason names what set the deadline: max_wait when it is the time
+  -- the job was staged (created_at: a retry's staged_at is later; a
+  -- replace keeps both) + max_wait (found by hostile testing: it always
+  -- said expires_at), else expires_at.
   SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'),
-         coalesce(array_agg(format('expired at %s (expires_at) before it was admitted',
-                                   to_char(x.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) ORDER BY x.id), '{}')
+         coalesce(array_agg(format('expired at %s (%s) before it was admitted',
+                                   to_char(x.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                                   CASE WHEN x.expires_at = x.created_at + max_wait
+                                        THEN format('max_wait %s s after it was staged',
+                                                    trim_scale(extract(epoch FROM max_wait)))
+                                        ELSE 'expires_at' END) ORDER BY x.id), '{}')
   INTO ids, reasons
-  FROM (SELECT s.id, s.expires_at FROM dispatch_policy.staged_jobs s
+  FROM (SELECT s.id, s.expires_at, s.created_at FROM dispatch_policy.staged_jobs s
         WHERE s.policy = _expire_staged.policy AND s.expires_at IS NOT NULL AND s.expires_at <= _expire_staged.now
         ORDER BY s.id
         FOR UPDATE SKIP LOCKED) x;
@@ -352,7 +436,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._expire_staged(text, timestamptz) IS
-  'Internal: finishes every staged job of a policy whose expires_at is at or before now as expired (last_error: when it expired), through staged_jobs_expires_idx; jobs locked by another transaction are skipped (the fetch skips them as well). Returns how many.';
+  'Internal: finishes every staged job of a policy whose expires_at is at or before now as expired (last_error: when it expired, and whether max_wait or expires_at set the deadline), through staged_jobs_expires_idx; jobs locked by another transaction are skipped (the fetch skips them as well). Returns how many.';
 
 -- promote_scheduled as in 0008, copied; change: it first expires the
 -- policy's jobs whose deadline passed (all of them, not max_rows: none may
@@ -593,6 +677,7 @@ DECLARE
   old dispatch_policy.staged_jobs;
   backlog bigint;
   victims bigint[];
+  drop_new boolean := false;
   ids bigint[] := '{}'::bigint[];
   outcomes text[] := '{}'::text[];
   dropped bigint[] := '{}'::bigint[];
@@ -815,6 +900,15 @@ BEGIN
                                   CASE WHEN field_prefix = '' THEN 'the job' ELSE format('jobs[%s]', n - 1) END, coalesce(backlog, 0)),
                   HINT = 'Stage it again once the partition''s backlog is admitted (or raise max_pending_per_partition, or declare on_overflow drop_oldest). Nothing was stored.';
         END IF;
+        -- The oldest jobs that are free, down to the cap (one more than
+        -- the cap's excess: the new job takes a place). A job another
+        -- transaction holds (a tick admitting it, a cancel, a SELECT ...
+        -- FOR UPDATE) is passed over, never waited for: this holds the
+        -- partition's counter row, which a tick admitting that job takes
+        -- next (found by hostile testing: waiting deadlocks, and taking
+        -- fewer victims left 3 jobs in a partition capped at 2). When too
+        -- few are free, the new job is dropped as well, right after it is
+        -- stored (below): a stage never leaves its partition above the cap.
         IF job_lane IS NULL THEN
           SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}') INTO victims
           FROM (SELECT s.id FROM dispatch_policy.staged_jobs s
@@ -826,6 +920,7 @@ BEGIN
                 WHERE s.policy = _stage_rules.policy AND s.round_robin_key = job_lane
                 ORDER BY s.round_robin_key, s.id LIMIT coalesce(backlog, 0) + 1 - cap FOR UPDATE SKIP LOCKED) x;
         END IF;
+        drop_new := cardinality(victims) < coalesce(backlog, 0) + 1 - cap;
         PERFORM dispatch_policy._finish_staged(
           _stage_rules.policy, victims, 'dropped',
           array_fill(format('dropped: partition %s of policy %s was at max_pending_per_partition %s (on_overflow drop_oldest)',
@@ -845,11 +940,22 @@ BEGIN
     IF job_expires IS NOT NULL THEN
       INSERT INTO dispatch_policy.job_deadlines (job_id, policy, expires_at) VALUES (new_id, _stage_rules.policy, job_expires);
     END IF;
+    ids := ids || new_id;
+    outcomes := outcomes || 'inserted'::text;
+    IF drop_new THEN
+      -- Too few older jobs were free to drop (above): the new job goes.
+      PERFORM dispatch_policy._finish_staged(
+        _stage_rules.policy, ARRAY[new_id], 'dropped',
+        ARRAY[format('dropped: partition %s of policy %s was at max_pending_per_partition %s (on_overflow drop_oldest) and every older job of it was held by another transaction (a tick admitting it, for one)',
+                     coalesce(quote_literal(job_lane), '(jobs without a round-robin key)'),
+                     quote_literal(_stage_rules.policy), cap)]);
+      dropped := dropped || new_id;
+      drop_new := false;
+      CONTINUE;
+    END IF;
     IF job_due IS NULL THEN
       lanes_now := lanes_now || job_lane;
     END IF;
-    ids := ids || new_id;
-    outcomes := outcomes || 'inserted'::text;
     notify := true;
   END LOOP;
 
@@ -1067,7 +1173,7 @@ AS $$
   ORDER BY o.idx
 $$;
 COMMENT ON FUNCTION dispatch_policy.stage_many_outcomes(text, jsonb) IS
-  'Stages a JSON array of jobs as stage_many() and returns one row per element: idx (1-based position), id (the job that holds its key after the call) and outcome (inserted, kept, replaced, as stage_outcome; dropped: inserted by this call and then dropped by a later element of the same call under on_overflow drop_oldest). A later element with the key of an earlier one is kept (dedupe_mode keep) or replaces it (replace). Job objects take the fields of stage(): args, context, dedupe_key, round_robin_key, queue, priority, not_before, expires_at. All or nothing: one invalid element (jobs[i].field, 22023 or 22004), or one that a full partition refuses (DP002, on_overflow reject), stores nothing. Unknown policy 42704.';
+  'Stages a JSON array of jobs as stage_many() and returns one row per element: idx (1-based position), id (the job that holds its key after the call) and outcome (inserted, kept, replaced, as stage_outcome; dropped: under on_overflow drop_oldest, inserted by this call and then dropped by a later element of the same call, or dropped right away because its partition was full and every older job of it was held by another transaction). A later element with the key of an earlier one is kept (dedupe_mode keep) or replaces it (replace). Job objects take the fields of stage(): args, context, dedupe_key, round_robin_key, queue, priority, not_before, expires_at. All or nothing: one invalid element (jobs[i].field, 22023 or 22004), or one that a full partition refuses (DP002, on_overflow reject), stores nothing. Unknown policy 42704.';
 
 CREATE OR REPLACE FUNCTION dispatch_policy.stage_many(policy text, jobs jsonb)
 RETURNS bigint[]
@@ -1115,6 +1221,49 @@ COMMENT ON COLUMN dispatch_policy.policy_overview.deferred_24h IS
 -- ---------------------------------------------------------------------------
 -- prune gets three more steps (rows expired_jobs, dropped_jobs, deadlines)
 -- after partition_counters (it is defined once in 0.2.0, in 0025_shadow.sql).
+
+-- ---------------------------------------------------------------------------
+-- A worker's call on a job it deferred: _raise_not_admitted as in 0008,
+-- copied; change: a job that defer() handed back to staging, and that waits
+-- as the same attempt, is said to be deferred (found by hostile testing: a
+-- second defer() of the job got DP001 "attempt 1 ... is not the current
+-- attempt", detail "waits for admission as attempt 1 (its lease ran out,
+-- or it failed)", when 1 is its current attempt and neither happened).
+-- Same SQLSTATEs: DP001 with attempt, P0002 without.
+CREATE OR REPLACE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
+RETURNS void
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+AS $$
+DECLARE
+  status record;
+  deferral record;
+BEGIN
+  SELECT s.attempt, d.reason INTO deferral
+  FROM dispatch_policy.staged_jobs s
+  CROSS JOIN LATERAL (SELECT jd.reason, jd.deferred_at FROM dispatch_policy.job_deferrals jd
+                      WHERE jd.job_id = s.id AND jd.attempt = s.attempt
+                      ORDER BY jd.deferred_at DESC LIMIT 1) d
+  WHERE s.id = _raise_not_admitted.id AND s.staged_at = d.deferred_at;
+  IF FOUND AND (_raise_not_admitted.attempt IS NULL OR _raise_not_admitted.attempt = deferral.attempt) THEN
+    RAISE EXCEPTION 'job % was deferred: attempt % is staged again, not admitted', _raise_not_admitted.id, deferral.attempt
+      USING ERRCODE = CASE WHEN _raise_not_admitted.attempt IS NULL THEN 'P0002' ELSE 'DP001' END,
+            DETAIL = format('defer() handed attempt %s back to staging (reason: %s); after its until it is admitted again as the same attempt, through every gate, and claimed anew.',
+                            deferral.attempt, left(deferral.reason, 200)),
+            HINT = 'Stop working on it: nothing was changed. A deferred job is deferred (or completed, or failed) again only once it is admitted again.';
+  END IF;
+  SELECT * INTO status FROM dispatch_policy._attempt_status(_raise_not_admitted.id, _raise_not_admitted.attempt);
+  IF status.outcome = 'stale' THEN
+    RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
+      USING ERRCODE = 'DP001', DETAIL = status.detail, HINT = 'Stop working on it: nothing was changed.';
+  END IF;
+  RAISE EXCEPTION 'job % is not admitted', id USING ERRCODE = 'P0002', DETAIL = status.detail;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy._raise_not_admitted(bigint, integer) IS
+  'Internal: raises DP001 (the given attempt is not the current one) or P0002 (the job is not admitted: staged, finished or unknown), with a DETAIL saying which; a job that defer() handed back to staging and that waits as that attempt is said to be deferred (DP001 with attempt, P0002 without).';
+-- defer's comment (0022), with what a second defer gets.
+COMMENT ON FUNCTION dispatch_policy.defer(bigint, timestamptz, text, boolean, integer, timestamptz) IS
+  'For a worker whose downstream said "not now" (HTTP 429 with Retry-After): hands an admitted job back to staging, scheduled for until, without counting an attempt (it is admitted again as the same attempt, through every gate; its dedupe key stays held). Releases its concurrency, global and adaptive slots as complete does, records no observation (not a success, not a failure: the adaptive cap does not move) and no failure; records the deferral in job_deferrals. With pause_partition => true, also pauses each partitioned throttle of the job''s policy in the job''s partition until until (as pause_partition, waiting for a tick under way; a pause without an end or ending later is kept; the pause ends by itself); a policy without a partitioned throttle pauses nothing (paused is ''{}''). Returns one row: state ''scheduled'', not_before (= until), paused (gate -> partition paused; NULL without pause_partition). Errors, nothing changed: NULL id, until, reason or pause_partition 22004; until not finite, not after now or more than limits() defer.until (30 days) after now, reason longer than limits() defer.reason (1024 characters) or empty 22023; with attempt, DP001 when it is not the current attempt; P0002 when the job is not admitted (staged, finished or unknown); a job deferred already, waiting to be admitted again as that attempt, gets the same codes with a message saying it was deferred (a second defer applies once it is admitted again).';
 
 -- ---------------------------------------------------------------------------
 -- Privileges (0021): stage, stage_outcome, stage_many and

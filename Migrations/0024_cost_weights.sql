@@ -206,6 +206,21 @@ ALTER TABLE dispatch_policy.policies
 COMMENT ON COLUMN dispatch_policy.policies.cost_gates IS
   'The throttle gates with a cost (see _cost_gates), read by staging to refuse a job whose cost exceeds its burst; NULL: none.';
 
+-- _staging_config as in 0023, copied; change: the cost gates (staging
+-- refuses a job above its burst).
+CREATE OR REPLACE FUNCTION dispatch_policy._staging_config(config jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
+AS $$
+  SELECT jsonb_build_object('lane_template', dispatch_policy._lane_template(config),
+                            'partition_gates', dispatch_policy._partition_gates(config),
+                            'partition_templates', dispatch_policy._partition_templates(config),
+                            'cost_gates', dispatch_policy._cost_gates(config))
+         || jsonb_strip_nulls(jsonb_build_object('dedupe_mode', config -> 'dedupe_mode', 'debounce', config -> 'debounce',
+                                                 'max_pending_per_partition', config -> 'max_pending_per_partition',
+                                                 'on_overflow', config -> 'on_overflow', 'max_wait', config -> 'max_wait'))
+$$;
+
 -- The first cost gate a job's context makes cost more than its bucket's
 -- burst, as the runner resolves both (_gate_number; without burst: the rate,
 -- at least 1): {"gate", "path", "cost", "burst"}; NULL when it fits them all.
@@ -264,7 +279,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._require_job_costs(jsonb, jsonb[], text) IS
   'Internal: raises 22023 for the first job (by its context as stored) whose cost exceeds its burst for one of cost_gates (policies.cost_gates), naming the job (field_prefix formatted with its index), the gate, the cost and the burst; nothing when cost_gates is NULL.';
 
--- _stage_outcomes as in 0023, copied; change: the cost check first.
+-- _stage_outcomes as in 0023, copied; change: the cost check first, of
+-- every job that will be stored; a duplicate that may be kept is checked
+-- after staging, and only if it was stored or replaced its holder after all.
 CREATE OR REPLACE FUNCTION dispatch_policy._stage_outcomes(policy text, jobs jsonb, field_prefix text)
 RETURNS TABLE (idx integer, id bigint, outcome text)
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -277,19 +294,44 @@ DECLARE
   holder bigint;
   kept integer[] := '{}'::integer[];
   inserted integer[] := '{}'::integer[];
+  contexts jsonb[];
+  later integer[] := '{}'::integer[];
+  outcomes text[];
 BEGIN
+  -- The config read here decides the path below: it stays the policy's
+  -- until commit (a redeclare or drop_policy takes this lock exclusively
+  -- before it writes the policy row; found by hostile testing: read
+  -- without it, a stager took the path without staging rules while a cap
+  -- was being declared, staged past the cap and deadlocked).
+  PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(_stage_outcomes.policy));
   SELECT p.config, p.cost_gates INTO config, cost_gates FROM dispatch_policy.policies p WHERE p.name = _stage_outcomes.policy;
   -- A job that costs more than its bucket holds could never be admitted
   -- (0024): refused before anything is stored, naming the job. Elements
   -- that are not objects with an object context are left to the checks of
-  -- the paths below.
+  -- the paths below. An element whose dedupe_key is held now, or by an
+  -- earlier element, is most likely kept (the held job is what runs, its
+  -- context is ignored): it is checked after staging, if it was stored or
+  -- replaced the holder (found by hostile testing: a kept duplicate was
+  -- refused with 22023 for a cost nothing would charge).
   IF cost_gates IS NOT NULL AND jsonb_typeof(jobs) = 'array' THEN
+    contexts := ARRAY(
+      SELECT CASE WHEN jsonb_typeof(t.job) = 'object' AND coalesce(jsonb_typeof(t.job -> 'context'), 'null') IN ('object', 'null')
+                  THEN jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
+                                          'priority', coalesce(dispatch_policy._json_number(t.job -> 'priority'), 0))
+                       || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) END
+      FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n) ORDER BY t.n);
+    later := ARRAY(
+      SELECT k.n::integer
+      FROM (SELECT t.n, t.job ->> 'dedupe_key' AS key,
+                   row_number() OVER (PARTITION BY t.job ->> 'dedupe_key' ORDER BY t.n) AS nth
+            FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)
+            WHERE jsonb_typeof(t.job) = 'object' AND jsonb_typeof(t.job -> 'dedupe_key') = 'string') k
+      WHERE k.nth > 1
+         OR EXISTS (SELECT 1 FROM dispatch_policy.dedupe_keys d WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = k.key)
+      ORDER BY k.n);
     PERFORM dispatch_policy._require_job_costs(cost_gates,
-      ARRAY(SELECT CASE WHEN jsonb_typeof(t.job) = 'object' AND coalesce(jsonb_typeof(t.job -> 'context'), 'null') IN ('object', 'null')
-                        THEN jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
-                                                'priority', coalesce(dispatch_policy._json_number(t.job -> 'priority'), 0))
-                             || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) END
-            FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n) ORDER BY t.n),
+      ARRAY(SELECT CASE WHEN c.n::integer = ANY (later) THEN NULL ELSE c.context END
+            FROM unnest(contexts) WITH ORDINALITY AS c(context, n) ORDER BY c.n),
       field_prefix);
   END IF;
   IF dispatch_policy._staging_rules_apply(config)
@@ -299,38 +341,48 @@ BEGIN
                                 THEN t.job - ARRAY['args', 'context', 'dedupe_key', 'round_robin_key', 'queue', 'priority',
                                                    'not_before'] <> '{}'::jsonb
                                 ELSE false END)) THEN
-    RETURN QUERY SELECT r.idx, r.id, r.outcome FROM dispatch_policy._stage_rules(_stage_outcomes.policy, jobs, field_prefix) r;
-    RETURN;
-  END IF;
-  ids := dispatch_policy._stage(_stage_outcomes.policy, jobs, field_prefix);
-  FOR i IN 1 .. coalesce(cardinality(ids), 0) LOOP
-    IF ids[i] IS NULL THEN
-      holder := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
-                 WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
-      IF holder IS NULL THEN
-        -- Its key was freed since (the job holding it finished): staged now.
-        ids[i] := (dispatch_policy._stage(_stage_outcomes.policy, jsonb_build_array(jobs -> (i - 1)), field_prefix))[1];
-        IF ids[i] IS NOT NULL THEN
-          inserted := inserted || i;
+    SELECT array_agg(r.id ORDER BY r.idx), array_agg(r.outcome ORDER BY r.idx) INTO ids, outcomes
+    FROM dispatch_policy._stage_rules(_stage_outcomes.policy, jobs, field_prefix) r;
+  ELSE
+    ids := dispatch_policy._stage(_stage_outcomes.policy, jobs, field_prefix);
+    FOR i IN 1 .. coalesce(cardinality(ids), 0) LOOP
+      IF ids[i] IS NULL THEN
+        holder := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                   WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+        IF holder IS NULL THEN
+          -- Its key was freed since (the job holding it finished): staged now.
+          ids[i] := (dispatch_policy._stage(_stage_outcomes.policy, jsonb_build_array(jobs -> (i - 1)), field_prefix))[1];
+          IF ids[i] IS NOT NULL THEN
+            inserted := inserted || i;
+          ELSE
+            ids[i] := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
+                       WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+          END IF;
         ELSE
-          ids[i] := (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
-                     WHERE d.policy = _stage_outcomes.policy AND d.dedupe_key = jobs -> (i - 1) ->> 'dedupe_key');
+          ids[i] := holder;
         END IF;
-      ELSE
-        ids[i] := holder;
+        kept := kept || i;
       END IF;
-      kept := kept || i;
-    END IF;
-  END LOOP;
+    END LOOP;
+    outcomes := ARRAY(SELECT CASE WHEN t.n::integer = ANY (kept) AND NOT t.n::integer = ANY (inserted) THEN 'kept' ELSE 'inserted' END
+                      FROM unnest(ids) WITH ORDINALITY AS t(id, n) ORDER BY t.n);
+  END IF;
+  -- The duplicates left out above that were stored after all, or replaced
+  -- their holder: their cost is what runs (the call is undone if too high).
+  IF cardinality(later) > 0 THEN
+    PERFORM dispatch_policy._require_job_costs(cost_gates,
+      ARRAY(SELECT CASE WHEN c.n::integer = ANY (later) AND outcomes[c.n::integer] IN ('inserted', 'replaced') THEN c.context END
+            FROM unnest(contexts) WITH ORDINALITY AS c(context, n) ORDER BY c.n),
+      field_prefix);
+  END IF;
   RETURN QUERY
-    SELECT t.n::integer, t.id,
-           CASE WHEN t.n::integer = ANY (kept) AND NOT t.n::integer = ANY (inserted) THEN 'kept' ELSE 'inserted' END
+    SELECT t.n::integer, t.id, outcomes[t.n::integer]
     FROM unnest(ids) WITH ORDINALITY AS t(id, n)
     ORDER BY t.n;
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._stage_outcomes(text, jsonb, text) IS
-  'Internal: refuses (22023) the first job whose cost exceeds its burst for a throttle with a cost (0024), then stages a JSON array of job specs and returns (idx, id, outcome) per element: through _stage_rules when the policy declares a staging rule or a job has expires_at (or a field _stage does not know, so the error lists expires_at), else through _stage (one statement), where a job not stored is kept and its id is the job that holds its key.';
+  'Internal: refuses (22023) the first job whose cost exceeds its burst for a throttle with a cost (0024; a duplicate that is kept is not checked: its context is ignored), then stages a JSON array of job specs and returns (idx, id, outcome) per element: through _stage_rules when the policy declares a staging rule or a job has expires_at (or a field _stage does not know, so the error lists expires_at), else through _stage (one statement), where a job not stored is kept and its id is the job that holds its key.';
 
 -- stage_outcome as in 0023, copied; change: the cost check (0024).
 CREATE OR REPLACE FUNCTION dispatch_policy.stage_outcome(
@@ -408,10 +460,6 @@ BEGIN
   job_context := jsonb_build_object('queue_name', coalesce(stage_outcome.queue, 'default'),
                                     'priority', coalesce(stage_outcome.priority, 0))
                  || coalesce(nullif(stage_outcome.context, 'null'::jsonb), '{}'::jsonb);
-  -- A job that costs more than its bucket holds could never be admitted (0024).
-  IF cost_gates IS NOT NULL THEN
-    PERFORM dispatch_policy._require_job_costs(cost_gates, ARRAY[job_context], '');
-  END IF;
   job_partitions := dispatch_policy._render_partitions(part_gates, part_templates, part_prefixes, part_keys, part_suffixes,
                                                        job_context);
   job_id := nextval('dispatch_policy.job_ids');
@@ -432,6 +480,11 @@ BEGIN
       END IF;
     END LOOP;
   END IF;
+  -- A job that costs more than its bucket holds could never be admitted
+  -- (0024); a kept duplicate (above) is not checked: its context is ignored.
+  IF cost_gates IS NOT NULL THEN
+    PERFORM dispatch_policy._require_job_costs(cost_gates, ARRAY[job_context], '');
+  END IF;
   INSERT INTO dispatch_policy.staged_jobs
     (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, partitions)
   VALUES (job_id, stage_outcome.policy, coalesce(stage_outcome.queue, 'default'), coalesce(stage_outcome.priority, 0),
@@ -448,7 +501,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.stage_outcome(text, jsonb, jsonb, text, text, text, integer, timestamptz, timestamptz) IS
-  'Stages one job as stage() does and says what happened: outcome inserted (a new job, id), kept (a job of the same policy with the same dedupe_key is admitted, or staged under dedupe_mode keep: nothing changed, id is that job), replaced (dedupe_mode replace and that job is still staged: its args, context, queue, priority, round-robin key, partitions and expires_at are now this call''s, its not_before is pushed to now + debounce if later; id is that job) or dropped (only in stage_many_outcomes). expires_at: the job''s deadline (must be later than now; the policy''s max_wait gives staged_at + max_wait, the earlier of the two applies); a job not admitted by then is finished as expired. With max_pending_per_partition, a new job in a partition (lane key) at the cap is refused with DP002 (on_overflow reject) or the partition''s oldest staged jobs (lowest id) are finished as dropped (drop_oldest). Errors, nothing changed: unknown policy 42704, NULL args 22004, a cost above its burst for a throttle with a cost (0024) 22023, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 naming the field, a full partition DP002.';
+  'Stages one job as stage() does and says what happened: outcome inserted (a new job, id), kept (a job of the same policy with the same dedupe_key is admitted, or staged under dedupe_mode keep: nothing changed, id is that job), replaced (dedupe_mode replace and that job is still staged: its args, context, queue, priority, round-robin key, partitions and expires_at are now this call''s, its not_before is pushed to now + debounce if later; id is that job) or dropped (under on_overflow drop_oldest: the job itself, finished as dropped right away, when its partition is full and every older job of it is held by another transaction, such as a tick admitting it; in stage_many_outcomes also a job dropped by a later element of the same call). expires_at: the job''s deadline (must be later than now; the policy''s max_wait gives staged_at + max_wait, the earlier of the two applies); a job not admitted by then is finished as expired. With max_pending_per_partition, a new job in a partition (lane key) at the cap is refused with DP002 (on_overflow reject) or the partition''s oldest staged jobs (lowest id) are finished as dropped (drop_oldest). Errors, nothing changed: unknown policy 42704, NULL args 22004, a cost above its burst for a throttle with a cost (0024; not for a kept duplicate, whose context is ignored) 22023, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 naming the field, a full partition DP002.';
 
 -- ---------------------------------------------------------------------------
 -- Weighted fairness.

@@ -14,12 +14,17 @@ enum LatencyFigures {
         try await bench.declare(db, "latency", PolicyConfig { Gate.concurrency(max: 1_000_000, partitionBy: "{k}") })
         let listener = try await settings.connect(logger: logger)
         defer { Task { try? await listener.close() } }
-        let notifications = try await listener.listen("dispatch_policy_admitted")
         let (stream, continuation) = AsyncStream.makeStream(of: Date.self)
+        // LISTEN is in place once the closure runs: the first stage waits for it.
+        let (listening, isListening) = AsyncStream.makeStream(of: Void.self)
         let reader = Task {
-            for try await _ in notifications { continuation.yield(Date()) }
+            try await listener.listen(on: "dispatch_policy_admitted") { notifications in
+                isListening.finish()
+                for try await _ in notifications { continuation.yield(Date()) }
+            }
         }
         defer { reader.cancel() }
+        for await _ in listening {}
         let stager = Stager(executor: db, logger: logger)
         let samples = bench.pick(100, smoke: 15)
         let scheduled = bench.pick(30, smoke: 6)

@@ -24,7 +24,7 @@ enum MemoryFigures {
 
         /// Peak RSS (VmHWM) of a runner on `policy` once `admitted` jobs are in and it ticked on for `settle`.
         func peak(_ policy: String, admitted: Int) async throws -> (peak: Double, rss: Double) {
-            let child = try ChildRunners(cli: cli, settings: settings, policies: [policy])
+            let child = try await ChildRunners(cli: cli, settings: settings, policies: [policy])
             do {
                 let deadline = ContinuousClock.now + .seconds(60)
                 while try await db.rows(

@@ -6,6 +6,13 @@ import DispatchPolicy
 import Foundation
 import Logging
 import PostgresNIO
+import Subprocess
+
+#if canImport(System)
+    import System
+#else
+    import SystemPackage
+#endif
 
 enum PeerFigures {
     struct PeerResult: Decodable {
@@ -19,21 +26,16 @@ enum PeerFigures {
     }
 
     static func pgqueuer(_ bench: Bench, python: String, script: String, dsn: String, jobs: Int, seconds: Double, limit: Int, jobMs: Int)
-        throws -> PeerResult
+        async throws -> PeerResult
     {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: python)
-        p.arguments = [script, "--dsn", dsn, "--jobs", "\(jobs)", "--seconds", "\(seconds)", "--limit", "\(limit)", "--job-ms", "\(jobMs)"]
-        let out = Pipe()
-        let err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        let errors = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        guard p.terminationStatus == 0, let line = String(decoding: data, as: UTF8.self).split(separator: "\n").last else {
-            throw BenchError("pgqueuer run failed (\(p.terminationStatus)): \(String(decoding: errors, as: UTF8.self).suffix(600))")
+        let arguments = [
+            script, "--dsn", dsn, "--jobs", "\(jobs)", "--seconds", "\(seconds)", "--limit", "\(limit)", "--job-ms", "\(jobMs)",
+        ]
+        let result = try await Subprocess.run(
+            .path(FilePath(python)), arguments: Arguments(arguments), input: .none, output: .string(limit: 1 << 20),
+            error: .string(limit: 1 << 20))
+        guard result.terminationStatus.isSuccess, let line = result.standardOutput.split(separator: "\n").last else {
+            throw BenchError("pgqueuer run failed (\(result.terminationStatus)): \(result.standardError.suffix(600))")
         }
         return try JSONDecoder().decode(PeerResult.self, from: Data(line.utf8))
     }
@@ -70,14 +72,16 @@ enum PeerFigures {
             let a = try await LimitedFigures.workload(bench, settings, policy: "limited", jobMs: 20, workers: 5, duration: window)
             dpLimited.append(a.rate)
             dpMost = max(dpMost, max(a.handlerMax, a.inFlightMax))
-            let b = try pgqueuer(
+            let b = try await pgqueuer(
                 bench, python: python, script: script, dsn: dsn, jobs: 2_000, seconds: seconds(window), limit: 5, jobMs: 20)
             pqLimited.append(b.rate)
             pqMost = max(pqMost, b.mostRunning)
             dpNoop.append(try await LimitedFigures.workload(bench, settings, policy: "noop", jobMs: 0, workers: 10, duration: window).rate)
             pqNoop.append(
-                try pgqueuer(bench, python: python, script: script, dsn: dsn, jobs: 30_000, seconds: seconds(window), limit: 0, jobMs: 0)
-                    .rate)
+                try await pgqueuer(
+                    bench, python: python, script: script, dsn: dsn, jobs: 30_000, seconds: seconds(window), limit: 0, jobMs: 0
+                )
+                .rate)
         }
         let limitedRatio = Samples.ratios(Samples(dpLimited), Samples(pqLimited))
         let noopRatio = Samples.ratios(Samples(dpNoop), Samples(pqNoop))

@@ -48,7 +48,7 @@ enum ScalingFigures {
             for count in [1, 4] {
                 let sampler = InFlightSampler()
                 let w = worker(bench, settings, concurrency: 30, handlers: ["mixed": tracker.handler(sleepMs: 5)])
-                let runners = try ChildRunners(cli: cli, settings: settings, policies: Array(repeating: "mixed", count: count))
+                let runners = try await ChildRunners(cli: cli, settings: settings, policies: Array(repeating: "mixed", count: count))
                 let span: (Date, Double, Date)
                 do {
                     span = try await withLive([w], logger: bench.logger) {
@@ -134,7 +134,7 @@ enum ScalingFigures {
         var split: [Double] = []
         for _ in 0..<rounds {
             for separate in [false, true] {
-                let runners = try ChildRunners(cli: cli, settings: settings, policies: separate ? ["left", "right"] : [nil])
+                let runners = try await ChildRunners(cli: cli, settings: settings, policies: separate ? ["left", "right"] : [nil])
                 let from: Date
                 let to: Date
                 do {

@@ -89,7 +89,7 @@ enum ThrottleFigures {
             })
         let need = Int(rate / per * seconds(duration + warmup) * Double(keys) * 1.3) + 100
         try await bench.stage(db, policy: "exact", count: need, context: "jsonb_build_object('k', 'k' || (i % \(keys)))")
-        let runners = try ChildRunners(cli: cli, settings: settings, policies: Array(repeating: "exact", count: 4))
+        let runners = try await ChildRunners(cli: cli, settings: settings, policies: Array(repeating: "exact", count: 4))
         let from: Date
         let to: Date
         do {

@@ -6,6 +6,14 @@ import Foundation
 import Logging
 import PostgresNIO
 import ServiceLifecycle
+import Subprocess
+import Synchronization
+
+#if canImport(System)
+    import System
+#else
+    import SystemPackage
+#endif
 
 #if canImport(Glibc)
     import Glibc
@@ -253,29 +261,70 @@ func runLive(
     }
 }
 
-/// `dispatch-policy run` child processes: started, then stopped with SIGTERM.
-final class ChildRunners: @unchecked Sendable {
-    // @unchecked: `processes` is set once in init and only read after.
-    let processes: [Process]
+/// `dispatch-policy run` child processes (swift-subprocess): started, then
+/// stopped with SIGTERM (SIGKILL after 10 s). Each child's task runs it to
+/// its end and reaps it; it is signalled only while that task runs.
+final class ChildRunners: Sendable {
+    final class Child: Sendable {
+        let pid: pid_t
+        let ending: Task<Void, Never>
+        let reaped: Reaped
 
-    init(cli: String, settings: ConnectionSettings, policies: [String?], extra: [String] = []) throws {
-        var started: [Process] = []
-        for policy in policies {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: cli)
-            p.arguments = ["run", "--database-url", settings.description] + (policy.map { ["--policy", $0] } ?? []) + extra
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            started.append(p)
+        init(pid: pid_t, ending: Task<Void, Never>, reaped: Reaped) {
+            self.pid = pid
+            self.ending = ending
+            self.reaped = reaped
         }
-        processes = started
+    }
+
+    final class Reaped: Sendable {
+        let state = Mutex(false)
+    }
+
+    let children: [Child]
+
+    init(cli: String, settings: ConnectionSettings, policies: [String?], extra: [String] = []) async throws {
+        var started: [Child] = []
+        do {
+            for policy in policies {
+                let arguments = ["run", "--database-url", settings.description] + (policy.map { ["--policy", $0] } ?? []) + extra
+                started.append(try await Self.start(cli, arguments))
+            }
+        } catch {
+            for child in started { Self.signal(child, SIGKILL) }
+            throw error
+        }
+        children = started
+    }
+
+    private static func start(_ cli: String, _ arguments: [String]) async throws -> Child {
+        let (pids, started) = AsyncThrowingStream<pid_t, any Error>.makeStream()
+        let reaped = Reaped()
+        let ending = Task {
+            defer { reaped.state.withLock { $0 = true } }
+            do {
+                _ = try await Subprocess.run(
+                    .path(FilePath(cli)), arguments: Arguments(arguments), input: .none, output: .discarded, error: .discarded
+                ) { execution in
+                    started.yield(execution.processIdentifier.value)
+                    started.finish()
+                }
+            } catch {
+                started.finish(throwing: error)
+            }
+        }
+        for try await pid in pids { return Child(pid: pid, ending: ending, reaped: reaped) }
+        throw BenchError("\(cli) did not start")
+    }
+
+    private static func signal(_ child: Child, _ signal: Int32) {
+        child.reaped.state.withLock { if !$0 { _ = kill(child.pid, signal) } }
     }
 
     /// Resident set size of each child now, and its peak, in MB (/proc/PID/status).
     func memory() -> [(rss: Double, peak: Double)] {
-        processes.map { p in
-            let status = (try? String(contentsOfFile: "/proc/\(p.processIdentifier)/status", encoding: .utf8)) ?? ""
+        children.map { child in
+            let status = (try? String(contentsOfFile: "/proc/\(child.pid)/status", encoding: .utf8)) ?? ""
             func kb(_ key: String) -> Double {
                 guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix(key + ":") }) else { return .nan }
                 return Double(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") ?? .nan
@@ -285,11 +334,12 @@ final class ChildRunners: @unchecked Sendable {
     }
 
     func stop() async {
-        for p in processes where p.isRunning { kill(p.processIdentifier, SIGTERM) }
-        for _ in 0..<200 where processes.contains(where: \.isRunning) {
+        for child in children { Self.signal(child, SIGTERM) }
+        for _ in 0..<200 where children.contains(where: { child in child.reaped.state.withLock { !$0 } }) {
             try? await Task.sleep(for: .milliseconds(50))
         }
-        for p in processes where p.isRunning { kill(p.processIdentifier, SIGKILL) }
+        for child in children { Self.signal(child, SIGKILL) }
+        for child in children { await child.ending.value }
     }
 }
 

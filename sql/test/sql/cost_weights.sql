@@ -137,3 +137,24 @@ FROM (SELECT DISTINCT ON (round_robin_key) id, round_robin_key FROM dispatch_pol
 WHERE e.aspect = 'lane' ORDER BY 1;
 SELECT explanation NOT LIKE '%weight%' AS no_weight
 FROM dispatch_policy.explain((SELECT min(id) FROM dispatch_policy.staged_jobs WHERE policy = 'api')) WHERE aspect = 'lane';
+
+-- A duplicate that is kept (dedupe_mode keep: the job holding its key is
+-- what runs) is not checked on its cost, which nothing charges: kept, its
+-- holder's id. A duplicate of an earlier element of the same call too. A
+-- job with a key nobody holds is checked (22023), in stage_many too,
+-- as is a replace (dedupe_mode replace), whose context is what runs.
+SELECT dispatch_policy.declare_policy('dup', '{"gates": [{"type": "throttle", "rate": 100, "per": 60, "burst": 10, "cost": {"context": "units", "default": 1}}]}');
+SELECT dispatch_policy.stage('dup', '1', '{"units": 5}', dedupe_key => 'k') AS dup1 \gset
+SELECT id = :dup1 AS holder, outcome FROM dispatch_policy.stage_outcome('dup', '2', '{"units": 50}', dedupe_key => 'k');
+SELECT idx, id = :dup1 AS holder, outcome FROM dispatch_policy.stage_many_outcomes('dup',
+  '[{"args": 3, "context": {"units": 50}, "dedupe_key": "k"}, {"args": 4, "context": {"units": 2}, "dedupe_key": "k2"},
+    {"args": 5, "context": {"units": 60}, "dedupe_key": "k2"}]') ORDER BY idx;
+SELECT dispatch_policy.stage_outcome('dup', '6', '{"units": 50}', dedupe_key => 'k3');
+\echo :SQLSTATE
+SELECT dispatch_policy.stage_many('dup', '[{"args": 7, "context": {"units": 50}, "dedupe_key": "k3"}]');
+\echo :SQLSTATE
+SELECT dispatch_policy.declare_policy('dup_replace', '{"dedupe_mode": "replace", "gates": [{"type": "throttle", "rate": 100, "per": 60, "burst": 10, "cost": {"context": "units", "default": 1}}]}');
+SELECT outcome FROM dispatch_policy.stage_outcome('dup_replace', '1', '{"units": 5}', dedupe_key => 'k');
+SELECT dispatch_policy.stage_outcome('dup_replace', '2', '{"units": 50}', dedupe_key => 'k');
+\echo :SQLSTATE
+SELECT args, context ->> 'units' AS units FROM dispatch_policy.staged_jobs WHERE policy IN ('dup', 'dup_replace') ORDER BY id;

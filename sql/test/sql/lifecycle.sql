@@ -337,6 +337,11 @@ SELECT count(*) AS check_findings FROM dispatch_policy."check"();
 SELECT outcome = 'kept' AS deduped FROM dispatch_policy.stage_outcome('hooks', '{}', '{"endpoint": "e1", "account": "a"}', dedupe_key => 'd1');
 SELECT dispatch_policy.complete(:j1, attempt => 1);
 \echo :SQLSTATE
+-- A second defer of it says it was deferred (DP001 with the attempt, P0002 without).
+SELECT * FROM dispatch_policy.defer(:j1, now() + interval '5 seconds', 'HTTP 429 again', attempt => 1);
+\echo :SQLSTATE
+SELECT * FROM dispatch_policy.defer(:j1, now() + interval '5 seconds', 'HTTP 429 again');
+\echo :SQLSTATE
 -- The slot it held is free: the next tick admits job 2, of the same
 -- account (a cap of 1); the deferred job is not due yet.
 SELECT job = :j2 AS j2, verdict FROM pg_temp.run_tick('hooks');

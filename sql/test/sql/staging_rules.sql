@@ -230,6 +230,10 @@ SELECT expires_at AS m1_expires FROM dispatch_policy.staged_jobs WHERE id = :m1 
 SELECT pg_temp.admit('mw', ARRAY[:m1]::bigint[]) AS admitted;
 SELECT dispatch_policy.fail(:m1, 'boom', retry_in => interval '0');
 SELECT expires_at = :'m1_expires' AS same_deadline, attempt FROM dispatch_policy.staged_jobs WHERE id = :m1;
+-- The reason names what set the deadline: max_wait (m1, a retry too, and
+-- m3, whose expires_at was later) or expires_at (m2).
+SELECT count(*) AS fetched FROM dispatch_policy.fetch_batch('mw', 100, NULL, now() + interval '2 hours');
+SELECT args, status, last_error FROM jobs WHERE policy = 'mw' ORDER BY id;
 
 -- Counted.
 SELECT policy, expired_24h, dropped_24h FROM dispatch_policy.policy_overview WHERE policy IN ('dl', 'drop', 'keep') ORDER BY 1;
