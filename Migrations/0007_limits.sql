@@ -7,6 +7,32 @@
 -- that every reader calls, over columns whose CHECK constraints make
 -- overflow impossible.
 
+-- An upgrade from 0.1.0 (this file begins version 0.2.0; "migrate" applies
+-- a run's files in one transaction, as ALTER EXTENSION UPDATE applies the
+-- script) takes the lock of every 0.1.0 table before it changes anything,
+-- all at once and without waiting (NOWAIT, tried again every 50 ms for up
+-- to 30 s): an upgrade that waited for a table while holding another could
+-- deadlock with a live stager, tick or worker, and be rolled back whole.
+-- Calls of the live system wait for the upgrade's commit.
+DO $$
+BEGIN
+  FOR attempt IN 1 .. 600 LOOP
+    BEGIN
+      LOCK TABLE dispatch_policy.policies, dispatch_policy.dedupe_keys, dispatch_policy.staged_jobs,
+                 dispatch_policy.admitted_jobs, dispatch_policy.finished_jobs, dispatch_policy.job_failures,
+                 dispatch_policy.inflight_counters, dispatch_policy.throttle_buckets, dispatch_policy.adaptive_stats,
+                 dispatch_policy.observations, dispatch_policy.observation_minutes, dispatch_policy.round_robin_cursors
+        IN ACCESS EXCLUSIVE MODE NOWAIT;
+      RETURN;
+    EXCEPTION WHEN lock_not_available THEN
+      PERFORM pg_sleep(0.05);
+    END;
+  END LOOP;
+  RAISE EXCEPTION 'the upgrade to 0.2.0 could not lock the dispatch_policy tables within 30 s: they were never all free at once'
+    USING ERRCODE = '55P03', HINT = 'Nothing was changed. Run the upgrade again when the system is less busy, or stop its runners and workers for the moment.';
+END
+$$;
+
 -- The bounds. The Swift library has the same table (FieldLimits) and a test
 -- compares the two.
 CREATE FUNCTION dispatch_policy.limits()

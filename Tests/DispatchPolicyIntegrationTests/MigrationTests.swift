@@ -147,6 +147,28 @@ struct MigrationTests {
         }
     }
 
+    /// The files of a run apply together (issue 12's fold keeps one
+    /// definition of a function per release, so no session may see the
+    /// schema between two of a release's files).
+    @Test("the pending files of a run apply in one transaction: one that fails leaves none of the run behind")
+    func runIsOneTransaction() async throws {
+        try await withTestDatabase { conn, _ in
+            let good = Migration(fileName: "0998_good.sql", sql: "CREATE TABLE dispatch_policy.good_one (id int);")
+            let bad = Migration(fileName: "0999_bad.sql", sql: "SELECT 1 / 0;")
+            do {
+                try await Migrator(migrations: Migration.embedded + [good, bad], logger: TestServer.logger).migrate(on: conn)
+                Issue.record("the failing migration succeeded")
+            } catch let error as DispatchPolicyError {
+                #expect(error.message.contains("0999_bad.sql"), "\(error)")
+                #expect(error.hint?.contains("Nothing of this run's 2 migrations was applied") == true, "\(error)")
+            }
+            #expect(try await conn.scalar("SELECT to_regclass('dispatch_policy.good_one') IS NULL", as: Bool.self))
+            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.schema_migrations WHERE version >= 998", as: Int.self) == 0)
+            let report = try await Migrator(migrations: Migration.embedded + [good], logger: TestServer.logger).migrate(on: conn)
+            #expect(report.applied == ["0998_good.sql"])
+        }
+    }
+
     /// Found by hostile testing: a job written directly with a context that
     /// is not an object, or a 20 kB queue name, failed every tick of its
     /// policy. 0008 keeps such jobs as dead, with the reason, and constraints

@@ -1,10 +1,16 @@
 import Logging
 import PostgresNIO
 
-/// Applies `Migrations/` to a database: in order, each file in its own
-/// transaction, once, under an advisory lock so that concurrent migrators
-/// wait for each other, recording version and checksum in
+/// Applies `Migrations/` to a database: in order, once, every pending file
+/// of a run in ONE transaction (as `ALTER EXTENSION dispatch_policy UPDATE`
+/// applies a release's script), under an advisory lock so that concurrent
+/// migrators wait for each other, recording version and checksum in
 /// `dispatch_policy.schema_migrations`.
+///
+/// One transaction: no session ever sees the schema between two files of a
+/// release. A release's migrations keep one definition of each function, in
+/// the last file that changes it, so such a state would have functions of
+/// the old release calling what the new one has not created yet.
 ///
 /// Before applying anything it checks what is recorded: an applied file whose
 /// text changed since, or a recorded version this build does not have, stops
@@ -86,12 +92,16 @@ public struct Migrator: Sendable {
             }
         }
 
-        var applied: [String] = []
-        for migration in pending {
-            try await apply(migration, on: connection)
-            applied.append(migration.fileName)
+        guard !pending.isEmpty else { return Report(applied: [], alreadyApplied: already) }
+        _ = try await connection.rows("BEGIN", logger: logger)
+        do {
+            for migration in pending { try await apply(migration, on: connection, of: pending.count) }
+            _ = try await connection.rows("COMMIT", logger: logger)
+        } catch {
+            _ = try? await connection.rows("ROLLBACK", logger: logger)
+            throw error
         }
-        return Report(applied: applied, alreadyApplied: already)
+        return Report(applied: pending.map(\.fileName), alreadyApplied: already)
     }
 
     private func recordedMigrations(on connection: PostgresConnection) async throws -> [Recorded] {
@@ -135,12 +145,12 @@ public struct Migrator: Sendable {
         }
     }
 
-    private func apply(_ migration: Migration, on connection: PostgresConnection) async throws {
+    /// Runs one file's statements and records it, inside the run's transaction.
+    private func apply(_ migration: Migration, on connection: PostgresConnection, of pending: Int) async throws {
         logger.info("applying migration", metadata: ["migration.file": "\(migration.fileName)"])
         let statements = migration.statements
         var index = 0
         do {
-            _ = try await connection.rows("BEGIN", logger: logger)
             for statement in statements {
                 _ = try await connection.rows(PostgresQuery(unsafeSQL: statement), logger: logger)
                 index += 1
@@ -151,9 +161,7 @@ public struct Migrator: Sendable {
                 VALUES (\(migration.version!), \(migration.fileName), encode(sha256(convert_to(\(migration.sql), 'UTF8')), 'hex'))
                 """,
                 logger: logger)
-            _ = try await connection.rows("COMMIT", logger: logger)
         } catch {
-            _ = try? await connection.rows("ROLLBACK", logger: logger)
             let location =
                 index < statements.count
                 ? " at statement \(index + 1) of \(statements.count): \(statements[index].prefix(80).split(separator: "\n").first ?? "")"
@@ -161,7 +169,11 @@ public struct Migrator: Sendable {
             var wrapped = DispatchPolicyError.from(error)
             wrapped.code = .migrationFailed
             wrapped.message = "migration \(migration.fileName) failed\(location): \(wrapped.message)"
-            wrapped.hint = wrapped.hint ?? "Nothing of \(migration.fileName) was applied."
+            wrapped.hint =
+                wrapped.hint
+                ?? (pending == 1
+                    ? "Nothing of \(migration.fileName) was applied."
+                    : "Nothing of this run's \(pending) migrations was applied: they apply together, in one transaction.")
             throw wrapped
         }
     }

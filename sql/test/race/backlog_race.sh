@@ -23,11 +23,8 @@ clients=${2:-8}
 db=dispatch_policy_backlog_race
 dir=$(mktemp -d)
 trap 'cp "$dir/pgbench.out" /tmp/backlog_race_pgbench.out 2>/dev/null; rm -rf "$dir"' EXIT
-psql=(psql -X -q -v ON_ERROR_STOP=1)
-"${psql[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" 2>/dev/null
-for f in Migrations/*.sql; do
-  "${psql[@]}" -d $db -1 -f "$f" >/dev/null
-done
+source sql/test/race/lib.sh
+race_database $db
 "${psql[@]}" -d $db >/dev/null <<'SQL'
 -- rej: no retries (max_attempts 1), so that nothing but staging adds to
 -- its partitions and the cap must hold exactly (a retry or a deferral

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Applies Migrations/0016_history.sql (in one transaction, as
-# "dispatch-policy migrate" does) while pgbench clients stage, admit,
-# complete and fail jobs, then checks that the counters it backfilled plus
-# what its triggers recorded equal the job tables: no row lost or counted
-# twice by a writer committing during the migration.
+# Upgrades a 0.1.0 schema to the newest (every later migration in one
+# transaction, as "dispatch-policy migrate" and ALTER EXTENSION UPDATE do)
+# while pgbench clients stage, admit, complete and fail jobs through the
+# 0.1.0 API, then checks that the counters the upgrade backfilled (0016's
+# history) plus what its triggers recorded equal the job tables: no row
+# lost or counted twice by a writer committing during the upgrade.
 #
 #   PGHOST=... PGPORT=... PGUSER=... sql/test/race/migration_race.sh
 set -euo pipefail
@@ -11,11 +12,8 @@ cd "$(dirname "$0")/../../.."
 db=dispatch_policy_migration_race
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-psql=(psql -X -q -v ON_ERROR_STOP=1)
-"${psql[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" 2>/dev/null
-for f in Migrations/*.sql; do
-  [[ $(basename "$f") < 0016 ]] && "${psql[@]}" -d $db -1 -f "$f" >/dev/null
-done
+source sql/test/race/lib.sh
+race_database $db 0007
 "${psql[@]}" -d $db -c "SELECT dispatch_policy.declare_policy('m', '{\"max_attempts\": 2}')" >/dev/null
 cat > "$dir/stage.sql" <<'SQL'
 SELECT dispatch_policy.stage_many('m', '[{"args": 1}, {"args": 2}, {"args": 3, "not_before": "2999-01-01T00:00:00Z"}]');
@@ -34,9 +32,20 @@ pgbench -n -d $db -c 4 -j 2 -T 12 -f "$dir/stage.sql@3" -f "$dir/admit.sql@2" -f
   > "$dir/pgbench.out" 2>&1 &
 bench=$!
 sleep 4
-"${psql[@]}" -d $db -1 -f Migrations/0016_history.sql >/dev/null
-echo "migration applied under load"
-wait $bench || { cat "$dir/pgbench.out"; exit 1; }
+cat $(ls Migrations/*.sql | awk -F/ '$2 >= "0007"') | "${psql[@]}" -d $db -1 >/dev/null
+echo "upgrade applied under load"
+# A call parsed just before the upgrade commits and run just after may find
+# a function the upgrade dropped and created again ("cache lookup failed
+# for function", XX000: PostgreSQL does not lock functions in use); pgbench
+# stops such a client. That one error is expected of an online upgrade (the
+# README says so; runners and workers retry), any other is not.
+if ! wait $bench; then
+  if grep -E "aborted" "$dir/pgbench.out" | grep -vq "cache lookup failed for function"; then
+    grep -E "error|aborted" "$dir/pgbench.out" | head -5
+    exit 1
+  fi
+  echo "clients stopped by a call racing the upgrade's commit: $(grep -c 'cache lookup failed' "$dir/pgbench.out")"
+fi
 grep -E "processed|failed transactions" "$dir/pgbench.out"
 "${psql[@]}" -d $db -At <<'SQL' | tee "$dir/check.out"
 SELECT format('pending %s/%s scheduled %s/%s in_flight %s/%s dead %s/%s -> %s', o.pending, t.pending, o.scheduled, t.scheduled,

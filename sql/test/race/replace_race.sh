@@ -23,11 +23,8 @@ seconds=${1:-12}
 db=dispatch_policy_replace_race
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-psql=(psql -X -q -v ON_ERROR_STOP=1)
-"${psql[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" 2>/dev/null
-for f in Migrations/*.sql; do
-  "${psql[@]}" -d $db -1 -f "$f" >/dev/null
-done
+source sql/test/race/lib.sh
+race_database $db
 "${psql[@]}" -d $db >/dev/null <<'SQL'
 SELECT dispatch_policy.declare_policy('rep', '{"dedupe_mode": "replace", "round_robin_by": "{acct}",
   "max_pending_per_partition": 2, "on_overflow": "drop_oldest",

@@ -28,11 +28,8 @@ stagers=${2:-4}
 db=dispatch_policy_staging_locks_race
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-psql=(psql -X -q -v ON_ERROR_STOP=1)
-"${psql[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" 2>/dev/null
-for f in Migrations/*.sql; do
-  "${psql[@]}" -d $db -1 -f "$f" >/dev/null
-done
+source sql/test/race/lib.sh
+race_database $db
 "${psql[@]}" -d $db >/dev/null <<'SQL'
 SELECT dispatch_policy.declare_policy('redecl', '{"round_robin_by": "{a}", "max_pending_per_partition": 50}');
 SELECT dispatch_policy.declare_policy('rp', '{"round_robin_by": "{a}", "max_pending_per_partition": 5,
