@@ -71,25 +71,8 @@ AS $$
   SELECT pg_try_advisory_xact_lock(dispatch_policy._tick_lock_key(try_lock_policy.policy))
 $$;
 
-CREATE OR REPLACE FUNCTION dispatch_policy.promote_scheduled(policy text, max_rows integer, now timestamptz DEFAULT now())
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-DECLARE
-  promoted integer;
-BEGIN
-  PERFORM dispatch_policy._require_now(promote_scheduled.now);
-  UPDATE dispatch_policy.staged_jobs s SET not_before = NULL
-  WHERE s.id IN (
-    SELECT d.id FROM dispatch_policy.staged_jobs d
-    WHERE d.policy = promote_scheduled.policy AND d.not_before IS NOT NULL AND d.not_before <= promote_scheduled.now
-    ORDER BY d.not_before
-    LIMIT max_rows
-    FOR UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS promoted = ROW_COUNT;
-  RETURN promoted;
-END
-$$;
+-- promote_scheduled checks now (_require_now). (Its one definition in 0.2.0
+-- is in 0026_admit_integrity.sql.)
 
 -- The gates whose partitions hold a slot until the job finishes.
 CREATE FUNCTION dispatch_policy._slot_gates(config jsonb)
@@ -688,99 +671,11 @@ COMMENT ON COLUMN dispatch_policy.adaptive_stats.since_decrease IS
 -- ---------------------------------------------------------------------------
 -- Round-robin: lanes, and a cursor that moves past what was served.
 
-DROP FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz);
-CREATE FUNCTION dispatch_policy.fetch_batch(
-  policy text, batch_size integer, round_robin_quantum integer DEFAULT NULL, now timestamptz DEFAULT now()
-)
-RETURNS TABLE (id bigint, priority integer, round_robin_key text, context jsonb, lane integer)
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
--- The plan of a lane must not depend on statistics: right after a large
--- stage_many, or for a policy the statistics have not seen, the planner
--- believes the policy holds a row or two and may walk staged_jobs_ready_idx
--- through the whole policy for every lane (0.5-2 s a tick at 30,000 jobs).
--- Each lane asks for rows ordered by (round_robin_key, priority, id), which
--- only staged_jobs_round_robin_idx gives without sorting; with sorts priced
--- out, it is the plan whatever the estimates. (The sorts fetch_batch does
--- need, of at most batch_size rows, are still done: no plan avoids them.)
-SET enable_sort = off
--- Pricing sorts out inflates the plan's cost past jit_above_cost: no JIT for
--- a few hundred rows (it costs half a second).
-SET jit = off
-AS $$
-DECLARE
-  keys text[];
-  keyless_lane integer;
-  cursor_key text;
-  quantum integer;
-BEGIN
-  PERFORM dispatch_policy._require_now(fetch_batch.now);
-  IF round_robin_quantum IS NULL THEN
-    RETURN QUERY
-      SELECT s.id, s.priority, s.round_robin_key, s.context, 0
-      FROM (SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
-            WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL
-            ORDER BY j.priority, j.id
-            LIMIT batch_size
-            FOR UPDATE SKIP LOCKED) s
-      ORDER BY s.priority, s.id;
-    RETURN;
-  END IF;
-
-  SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = fetch_batch.policy;
-  -- Never more than batch_size rows: a quantum above the batch size is the batch size.
-  quantum := least(round_robin_quantum, batch_size);
-  keys := dispatch_policy._next_round_robin_keys(fetch_batch.policy, cursor_key,
-                                                 greatest(1, ceil(batch_size::numeric / quantum)::integer));
-  keyless_lane := array_position(keys, NULL);
-
-  -- Phase 1: up to `quantum` rows of each lane; phase 2: top up with the
-  -- oldest remaining rows. Rows come out interleaved: every lane's first row,
-  -- then every lane's second row, and so on (within each priority).
-  RETURN QUERY
-  WITH per_key AS MATERIALIZED (
-    SELECT j.id, j.priority, j.round_robin_key, j.context, k.n::integer AS lane
-    FROM unnest(keys) WITH ORDINALITY AS k(key, n)
-    CROSS JOIN LATERAL (
-      -- The key as a range, not =: with =, the key is a constant and the
-      -- (priority, id) order of staged_jobs_ready_idx would do unsorted.
-      SELECT s.id, s.priority, s.round_robin_key, s.context FROM dispatch_policy.staged_jobs s
-      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
-        AND s.round_robin_key >= k.key AND s.round_robin_key <= k.key
-      ORDER BY s.round_robin_key, s.priority, s.id
-      LIMIT quantum
-      FOR UPDATE SKIP LOCKED) j
-    WHERE k.key IS NOT NULL
-  ), keyless AS MATERIALIZED (
-    SELECT s.id, s.priority, s.round_robin_key, s.context, keyless_lane AS lane
-    FROM dispatch_policy.staged_jobs s
-    WHERE keyless_lane IS NOT NULL
-      AND s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
-    ORDER BY s.round_robin_key, s.priority, s.id
-    LIMIT quantum
-    FOR UPDATE SKIP LOCKED
-  ), lanes AS (
-    SELECT * FROM per_key UNION ALL SELECT * FROM keyless
-  ), top_up AS MATERIALIZED (
-    SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
-    WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL AND j.id NOT IN (SELECT l.id FROM lanes l)
-    ORDER BY j.priority, j.id
-    LIMIT greatest(batch_size - (SELECT count(*) FROM lanes), 0)
-    FOR UPDATE SKIP LOCKED
-  ), batch AS (
-    SELECT l.id, l.priority, l.round_robin_key, l.context,
-           row_number() OVER (PARTITION BY l.lane ORDER BY l.priority, l.id) AS rank, l.lane
-    FROM lanes l
-    UNION ALL
-    SELECT t.id, t.priority, t.round_robin_key, t.context, quantum + 1, 0 FROM top_up t
-  )
-  SELECT b.id, b.priority, b.round_robin_key, b.context, b.lane
-  FROM batch b
-  ORDER BY b.priority, b.rank, b.lane, b.id
-  LIMIT batch_size;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz) IS
-  'Locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: up to that many rows for each of the next ceil(batch_size / quantum) lanes after the policy''s cursor (a lane per round-robin key, and one for jobs without a key), interleaved, then the oldest remaining rows (lane 0). The cursor is moved by admit.';
+-- fetch_batch returns each job's lane (its place in the rotation; a new
+-- result column, so 0.1.0's is dropped first), with a round_robin_quantum
+-- from the next lanes after the policy's cursor, interleaved, then the
+-- oldest remaining rows (lane 0). (fetch_batch is defined once in 0.2.0,
+-- in 0024_cost_weights.sql.)
 
 -- ---------------------------------------------------------------------------
 -- Runner failures: a failing policy is shown, not silent.

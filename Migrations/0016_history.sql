@@ -642,49 +642,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._fold_stats_if_due() IS
   'Internal: at the end of a tick, folds up to 20,000 deltas (fold_stats) if this session has not tried for a second and no other session holds the fold lock; a failure is a WARNING, never the tick''s error.';
 
--- _tick_release as in 0014, folding first.
-CREATE OR REPLACE FUNCTION dispatch_policy._tick_release(policy text, all_levels boolean)
-RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-DECLARE
-  key bigint := dispatch_policy._tick_lock_key(_tick_release.policy);
-  marker text := coalesce(current_setting('dispatch_policy.tick_locked', true), '');
-  saved text;
-  released boolean := false;
-BEGIN
-  -- The settings belong to this session's tick, of this policy only.
-  IF marker IN ('', _tick_release.policy) THEN
-    saved := current_setting('dispatch_policy.timeout_outside_tick', true);
-    IF saved IS NOT NULL AND saved <> '' THEN
-      PERFORM set_config('statement_timeout', saved, false);
-      PERFORM set_config('dispatch_policy.timeout_outside_tick', '', false);
-    END IF;
-    saved := current_setting('dispatch_policy.idle_outside_tick', true);
-    IF saved IS NOT NULL AND saved <> '' THEN
-      PERFORM set_config('idle_session_timeout', saved, false);
-      PERFORM set_config('dispatch_policy.idle_outside_tick', '', false);
-    END IF;
-    PERFORM set_config('dispatch_policy.tick_locked', '', false);
-  END IF;
-  IF NOT all_levels THEN
-    PERFORM dispatch_policy._fold_stats_if_due();
-    -- Granted at once: this session holds the lock (never waits for another's).
-    PERFORM pg_try_advisory_xact_lock(key);
-    RETURN pg_advisory_unlock(key);
-  END IF;
-  -- After a failure: this transaction wrote nothing of the tick (the failed
-  -- call rolled back), so no transaction-level hold is needed. pg_locks shows
-  -- one row for every level held.
-  WHILE dispatch_policy._holds_tick_lock(_tick_release.policy) LOOP
-    EXIT WHEN NOT pg_advisory_unlock(key);
-    released := true;
-  END LOOP;
-  RETURN released;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy._tick_release(text, boolean) IS
-  'Internal: gives back the session-level tick lock of a policy (once, or every level held: all_levels), holding it at transaction level until this transaction ends, and restores the statement_timeout and idle_session_timeout tick_begin replaced (when the tick under way is of this policy). At the end of a tick (not all_levels) it first folds history deltas when due (_fold_stats_if_due).';
+-- _tick_release folds the history deltas first, at the end of a tick
+-- (_fold_stats_if_due). (0014 defines it, for tick_abort; its last
+-- definition, the one in force, is in 0026_admit_integrity.sql.)
 
 CREATE FUNCTION dispatch_policy._record_refusals(
   policy text, now timestamptz, gates text[], partitions text[], counts integer[]

@@ -35,9 +35,11 @@
 -- call fetch_batch), no longer also in promote_scheduled, which now never
 -- makes a job past its deadline eligible.
 
--- tick_begin as in 0019, copied; change: it keeps what it fetched (ids, row
+-- tick_begin, defined once in 0.2.0 (the first call of a tick, 0014; an
+-- idle_session_timeout of at least 10 s between a tick's calls, 0018;
+-- only_gate and only_partition, 0019): it keeps what it fetched (ids, row
 -- versions, throttle costs) for _admit, and expires when it does not fetch.
-CREATE OR REPLACE FUNCTION dispatch_policy.tick_begin(
+CREATE FUNCTION dispatch_policy.tick_begin(
   policy text, batch_size integer, round_robin_quantum integer, max_observations integer DEFAULT 10000,
   timeout_ms integer DEFAULT NULL, only_gate text DEFAULT NULL, only_partition text DEFAULT NULL
 )
@@ -232,7 +234,8 @@ $$;
 COMMENT ON FUNCTION dispatch_policy.tick_begin(text, integer, integer, integer, integer, text, text) IS
   'The first call of a tick; the tick''s calls run in autocommit, each its own transaction. Takes the policy''s tick lock at session level (held until tick_finish, tick_abort or the session''s end; 55000 if this session is already in a tick or still holds the lock) and, until then, sets the session''s statement_timeout to timeout_ms and its idle_session_timeout to timeout_ms (at least 10 s; 60 s without timeout_ms), so a client that stops answering between the calls loses its session and the lock; then, if the policy is not paused: reads (does not remove) up to max_observations observations of every adaptive gate, promote_scheduled and fetch_batch (without a fetch, _expire_staged), with the policy''s batch_size and round_robin_quantum (else the arguments); no fetch while a global_cap is full. With only_gate and only_partition (both or neither; admit now): the fetch is instead up to batch_size (1 to limits() batch_size, the policy''s own ignored) eligible jobs whose partition of that gate is only_partition (_fetch_partition), outside the rotation; the caller should finish with round_robin_cursor {"hold": true} and no lane blocks. Errors then, before any lock: unknown policy or gate 42704, NULL gate or partition 22004, a gate that is not partitioned, a partition over limits() partition_key, batch_size out of bounds, one of the pair without the other 22023. Rows by kind: busy, unknown or paused (one row; nothing else done, no lock kept); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order); done (last: nothing fetched or observed, the lock is given back and the tick is over). The ids and row versions of the jobs returned (and their throttle costs, for a policy with cost gates) are kept in the session (settings dispatch_policy.tick_fetched_*) until the tick ends: tick_finish admits a job only if its row is unchanged since (see _admit).';
 
--- _tick_release as in 0016, copied; change: it forgets what the tick fetched.
+-- _tick_release (0014's, which tick_abort needs when it is created; folding
+-- the history deltas first, 0016) forgets what the tick fetched.
 CREATE OR REPLACE FUNCTION dispatch_policy._tick_release(policy text, all_levels boolean)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -279,8 +282,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._tick_release(text, boolean) IS
   'Internal: gives back the session-level tick lock of a policy (once, or every level held: all_levels), holding it at transaction level until this transaction ends, and restores the statement_timeout and idle_session_timeout tick_begin replaced and forgets the jobs it fetched (when the tick under way is of this policy). At the end of a tick (not all_levels) it first folds history deltas when due (_fold_stats_if_due).';
 
--- promote_scheduled as in 0023, copied; change: no expiry (the fetch does
--- it), and never a job whose deadline passed.
+-- promote_scheduled, defined once in 0.2.0 (0.1.0's, now checked by
+-- _require_now, 0008): it expires nothing (the fetch does, see above) and
+-- never makes a job whose deadline passed eligible.
 CREATE OR REPLACE FUNCTION dispatch_policy.promote_scheduled(policy text, max_rows integer, now timestamptz DEFAULT now())
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -304,9 +308,14 @@ $$;
 COMMENT ON FUNCTION dispatch_policy.promote_scheduled(text, integer, timestamptz) IS
   'Makes up to max_rows scheduled jobs of a policy whose not_before has passed eligible (earliest first; rows locked elsewhere are skipped), never one whose expires_at has passed (the fetch finishes those as expired). Returns how many were made eligible. Run by tick_begin before each fetch.';
 
--- _admit as in 0024, copied; change: in a tick, jobs changed or gone since
--- the fetch are skipped (see the top of this file).
-CREATE OR REPLACE FUNCTION dispatch_policy._admit(
+-- _admit, defined once in 0.2.0: the one implementation of admit and of
+-- tick_finish's admission (0014). jobs: ids; for each job its partition of
+-- every gate in gate_names, as one flat array (job 1's partitions, then job
+-- 2's, ...; NULL: the job has no partition for that gate). The round-robin
+-- cursor also keeps served and served_lane (weighted lanes, 0024). In a
+-- tick, jobs changed or gone since the fetch are skipped (see the top of
+-- this file).
+CREATE FUNCTION dispatch_policy._admit(
   policy text, ids bigint[], gate_names text[], partitions text[],
   take_gates text[], take_partitions text[], take_tokens double precision[],
   lease_seconds integer, now timestamptz, round_robin_cursor jsonb,
