@@ -293,24 +293,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._attempt_status(bigint, integer) IS
   'Internal: why job id (attempt, when given) is not admitted now: already_finished (the job finished; with attempt, that attempt completed), stale (another attempt holds the job, or it waits, or it finished otherwise) or not_admitted (staged without attempt, or unknown), with a detail.';
 
--- Raises the documented error for a worker call that found no admitted attempt.
-CREATE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
-RETURNS void
-LANGUAGE plpgsql STABLE SECURITY INVOKER
-AS $$
-DECLARE
-  status record;
-BEGIN
-  SELECT * INTO status FROM dispatch_policy._attempt_status(_raise_not_admitted.id, _raise_not_admitted.attempt);
-  IF status.outcome = 'stale' THEN
-    RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
-      USING ERRCODE = 'DP001', DETAIL = status.detail, HINT = 'Stop working on it: nothing was changed.';
-  END IF;
-  RAISE EXCEPTION 'job % is not admitted', id USING ERRCODE = 'P0002', DETAIL = status.detail;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy._raise_not_admitted(bigint, integer) IS
-  'Internal: raises DP001 (the given attempt is not the current one) or P0002 (the job is not admitted: staged, finished or unknown), with a DETAIL saying which.';
+-- _raise_not_admitted raises the documented error for a worker call that
+-- found no admitted attempt (it is defined once in 0.2.0, in
+-- 0023_staging_rules.sql).
 
 -- Ends completed attempts (already removed from admitted_jobs).
 CREATE FUNCTION dispatch_policy._complete_attempts(jobs dispatch_policy.admitted_jobs[], now timestamptz)
@@ -639,21 +624,10 @@ CREATE TRIGGER policies_config_changed
   AFTER UPDATE OF config ON dispatch_policy.policies
   FOR EACH ROW EXECUTE FUNCTION dispatch_policy._policy_config_changed();
 
-CREATE OR REPLACE FUNCTION dispatch_policy.declare_policy(name text, config jsonb)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-BEGIN
-  -- Validation is the policies_validate trigger (so a direct write is checked too).
-  INSERT INTO dispatch_policy.policies AS p (name, config)
-  VALUES (declare_policy.name, declare_policy.config)
-  ON CONFLICT ON CONSTRAINT policies_pkey
-  DO UPDATE SET config = EXCLUDED.config, updated_at = now()
-  WHERE p.config IS DISTINCT FROM EXCLUDED.config;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy.declare_policy(text, jsonb) IS
-  'Creates or replaces a policy after validating its config (SQLSTATE 22023 naming the field on any problem; nothing is stored then). Replacing a config waits for a running tick of the policy and recomputes the in-flight counters from the admitted jobs under the new gates, in the same transaction. Declaring the same config again changes nothing.';
+-- declare_policy leaves validation to the policies_validate trigger (0007),
+-- and a config it replaces waits for a running tick and has the in-flight
+-- counters recomputed (the trigger above). (declare_policy is defined once
+-- in 0.2.0, in 0023_staging_rules.sql.)
 
 -- ---------------------------------------------------------------------------
 -- Adaptive state: windowed AIMD (see AdaptiveController in the Swift library).

@@ -319,20 +319,22 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._staging_config(jsonb) IS
   'Internal: the parts of a config that staging reads (lane template, partitioned gates and their templates, the staging rules; cost gates from 0024), as one value to compare: a redeclare that changes it holds the policy''s stagers off (declare_policy).';
 
--- declare_policy as in 0008; change: the locks a redeclare needs, taken
--- before the config is written, in the order every writer of a policy
--- takes them: its tick lock (a tick under way ends first; pause and
--- drop_policy take it first too), its admitted jobs by id (a worker failing
--- or deferring a job holds its row, then takes the partitions lock to stage
--- it again), and, when what staging reads changes (_staging_config), its
--- partitions lock exclusively (a stager holds it shared from before it
--- reads the config until commit); then the policy row. A stager therefore
--- never stages under a config that a redeclare changes before the stager
--- commits (found by hostile testing: a stager that had read the config
--- without the lock staged past a cap being added, and its triggers took
--- counter rows out of order with the redeclare: deadlocks), and never waits
--- for a tick (the redeclare takes the partitions lock once the tick lock is
--- its own). A declare that changes nothing takes no lock.
+-- declare_policy, defined once in 0.2.0 (validation in the policies_validate
+-- trigger too, 0007; a replaced config recomputes the in-flight counters,
+-- 0008): it validates first, so a bad config waits for nothing, then takes
+-- the locks a redeclare needs before the config is written, in the order
+-- every writer of a policy takes them: its tick lock (a tick under way ends
+-- first; pause and drop_policy take it first too), its admitted jobs by id
+-- (a worker failing or deferring a job holds its row, then takes the
+-- partitions lock to stage it again), and, when what staging reads changes
+-- (_staging_config), its partitions lock exclusively (a stager holds it
+-- shared from before it reads the config until commit); then the policy row.
+-- A stager therefore never stages under a config that a redeclare changes
+-- before the stager commits (found by hostile testing: a stager that had
+-- read the config without the lock staged past a cap being added, and its
+-- triggers took counter rows out of order with the redeclare: deadlocks),
+-- and never waits for a tick (the redeclare takes the partitions lock once
+-- the tick lock is its own). A declare that changes nothing takes no lock.
 CREATE OR REPLACE FUNCTION dispatch_policy.declare_policy(name text, config jsonb)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -1054,14 +1056,15 @@ COMMENT ON COLUMN dispatch_policy.policy_overview.deferred_24h IS
 -- after partition_counters (it is defined once in 0.2.0, in 0025_shadow.sql).
 
 -- ---------------------------------------------------------------------------
--- A worker's call on a job it deferred: _raise_not_admitted as in 0008,
--- copied; change: a job that defer() handed back to staging, and that waits
--- as the same attempt, is said to be deferred (found by hostile testing: a
+-- A worker's call on a job it deferred: _raise_not_admitted, defined once
+-- in 0.2.0 (the documented error for a worker call that found no admitted
+-- attempt, 0008), says that a job that defer() handed back to staging, and
+-- that waits as the same attempt, was deferred (found by hostile testing: a
 -- second defer() of the job got DP001 "attempt 1 ... is not the current
 -- attempt", detail "waits for admission as attempt 1 (its lease ran out,
 -- or it failed)", when 1 is its current attempt and neither happened).
 -- Same SQLSTATEs: DP001 with attempt, P0002 without.
-CREATE OR REPLACE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
+CREATE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
 RETURNS void
 LANGUAGE plpgsql STABLE SECURITY INVOKER
 AS $$
