@@ -1029,23 +1029,7 @@ COMMENT ON FUNCTION dispatch_policy.stage_many(text, jsonb) IS
 -- status, finished_at) of those two statuses only, not from the per-minute
 -- history: one index range per policy and status, as long as the last day's
 -- expired or dropped jobs of the policy.
-CREATE OR REPLACE VIEW dispatch_policy.policy_overview AS
-SELECT o.policy, o.pending, o.scheduled, o.in_flight, o.completed_24h, o.failed_24h, o.dead, o.oldest_pending_age,
-       o.paused, o.failing_since, o.tick_failures, o.last_error, o.retry_at, o.admitted_24h, o.lag_p50_ms, o.lag_p95_ms,
-       o.throughput_per_min,
-       (SELECT count(*) FROM dispatch_policy.finished_jobs f
-        WHERE f.policy = o.policy AND f.status = 'expired' AND f.finished_at > now() - interval '24 hours') AS expired_24h,
-       (SELECT count(*) FROM dispatch_policy.finished_jobs f
-        WHERE f.policy = o.policy AND f.status = 'dropped' AND f.finished_at > now() - interval '24 hours') AS dropped_24h,
-       (SELECT count(*) FROM dispatch_policy.job_deferrals d
-        WHERE d.policy = o.policy AND d.deferred_at > now() - interval '24 hours') AS deferred_24h
-FROM dispatch_policy._policy_overview() AS o;
-COMMENT ON COLUMN dispatch_policy.policy_overview.expired_24h IS
-  'Jobs finished as expired (their expires_at passed before admission) in the last 24 hours. Exact (finished_jobs, until pruned).';
-COMMENT ON COLUMN dispatch_policy.policy_overview.dropped_24h IS
-  'Jobs finished as dropped (the oldest of a partition at max_pending_per_partition, on_overflow drop_oldest) in the last 24 hours. Exact (finished_jobs, until pruned).';
-COMMENT ON COLUMN dispatch_policy.policy_overview.deferred_24h IS
-  'Deferrals by workers (defer(): backpressure from downstream) in the last 24 hours. Exact (job_deferrals, until pruned).';
+-- (policy_overview is defined once in 0.2.0, in 0025_shadow.sql.)
 
 -- ---------------------------------------------------------------------------
 -- explain gives a staged job with a deadline a row of aspect deadline after
