@@ -590,6 +590,254 @@ COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
   'The job''s deadline: if not admitted by then it is finished as expired (by the next tick''s fetch, fetch_batch), never admitted. The expires_at given to stage, or staged_at + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
 
 -- ---------------------------------------------------------------------------
+-- check() and repair(), defined once in 0.2.0 (0011; repair() runs as the
+-- owner, 0021).
+
+CREATE FUNCTION dispatch_policy."check"(now timestamptz DEFAULT now())
+RETURNS TABLE (finding text, policy text, gate text, partition_key text, job_id bigint, detail text)
+LANGUAGE sql STABLE SECURITY INVOKER
+AS $$
+  SELECT dispatch_policy._require_now(now);
+  SELECT x.finding, x.policy, x.gate, x.partition_key, x.job_id, x.detail
+  FROM (
+    SELECT 'job_in_two_states'::text AS finding, d.policy, NULL::text AS gate, NULL::text AS partition_key, d.job_id,
+           'in ' || array_to_string(ARRAY[CASE WHEN d.staged THEN 'staged_jobs' END,
+                                          CASE WHEN d.admitted THEN 'admitted_jobs' END,
+                                          CASE WHEN d.finished IS NOT NULL THEN 'finished_jobs (' || d.finished || ')' END],
+                                    ' and ') AS detail
+    FROM dispatch_policy._jobs_in_two_states() d
+    UNION ALL
+    SELECT s.finding, s.policy, s.gate, s.partition, s.job_id,
+           CASE WHEN s.finding = 'job_slot_mismatch'
+                THEN format('the job records %s, the current config gives %s',
+                            coalesce('partition ' || quote_literal(s.recorded), 'no partition'), quote_literal(s.partition))
+                ELSE format('%s, %s admitted job%s a slot here', coalesce('counter says ' || s.counted, 'no counter row'),
+                            s.held, CASE WHEN s.held = 1 THEN ' holds' ELSE 's hold' END) END
+    FROM dispatch_policy._slot_findings() s
+    UNION ALL
+    SELECT b.problem, b.policy, b.gate, b.partition, NULL,
+           CASE b.problem
+             WHEN 'bucket_not_finite' THEN format('tokens is %s', b.tokens)
+             WHEN 'bucket_negative_tokens' THEN format('%s tokens now, below 0', dispatch_policy._tokens_text(b.level))
+             ELSE format('%s tokens now, above the burst of %s',
+                         dispatch_policy._tokens_text(greatest(b.tokens, b.level)), dispatch_policy._tokens_text(b.burst))
+           END
+    FROM dispatch_policy._bucket_problems(now) b
+    UNION ALL
+    SELECT k.problem, k.policy, NULL, NULL, k.job_id,
+           CASE k.problem
+             WHEN 'dedupe_key_of_finished_job' THEN format('key %L is still held by the job, which is %s', k.dedupe_key, k.job_state)
+             WHEN 'dedupe_key_without_job' THEN format('key %L is held by a job that is in no job table', k.dedupe_key)
+             WHEN 'dedupe_key_mismatch' THEN format('key %L is held by the job, which is %s with %s', k.dedupe_key,
+                                                    k.job_state, coalesce('key ' || quote_literal(k.job_key), 'no key'))
+             ELSE format('the job is %s with key %L, but nothing holds the key', k.job_state, k.dedupe_key)
+           END
+    FROM dispatch_policy._dedupe_problems() k
+    UNION ALL
+    SELECT o.finding, o.policy, o.gate, o.partition, NULL,
+           CASE WHEN o.tbl IN ('observations', 'observation_minutes')
+                THEN format('%s row%s of %s: %s', o.rows, CASE WHEN o.rows = 1 THEN '' ELSE 's' END, o.tbl, o.reason)
+                ELSE format('%s row%s: %s', o.tbl, coalesce(' with in_flight ' || o.in_flight, ''), o.reason) END
+    FROM dispatch_policy._orphaned_state() o
+  ) x
+  ORDER BY x.finding, x.policy, x.gate, x.partition_key, x.job_id, x.detail
+$$;
+COMMENT ON FUNCTION dispatch_policy."check"(timestamptz) IS
+  'Lists every inconsistency of the stored state, one row each, none when it is consistent; changes nothing. finding is one of: job_in_two_states (a job id in two of staged_jobs, admitted_jobs, finished_jobs), job_slot_mismatch (an admitted job records another partition than its current config gives, for a slot-holding gate), counter_mismatch and counter_missing (an in-flight counter differs from the admitted jobs holding a slot there under the current config, or is missing), bucket_over_burst, bucket_negative_tokens, bucket_not_finite (throttle tokens above the burst, below 0, NaN or infinite at now), dedupe_key_of_finished_job, dedupe_key_without_job, dedupe_key_mismatch, dedupe_key_missing (a key held by a finished or unknown job or by a job with another key, or a pending or admitted job whose key nobody holds), orphaned_gate_state, orphaned_observation, orphaned_policy_state (rows of policies or gates that no longer exist). detail says what disagrees, with the numbers. Reads every job table and renders the partitions of every admitted job (as a redeclare does): for inspection, not for polling. dispatch_policy.repair() fixes all of it.';
+
+CREATE FUNCTION dispatch_policy.repair(now timestamptz DEFAULT now())
+RETURNS TABLE (finding text, policy text, gate text, partition_key text, job_id bigint, action text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, dispatch_policy, pg_temp
+AS $$
+DECLARE
+  policy_name text;
+BEGIN
+  PERFORM dispatch_policy._require_now(repair.now);
+
+  -- No tick admits, refills or folds while the state is rebuilt: wait for
+  -- each policy's running tick, in name order, as a redeclare does for one.
+  FOR policy_name IN SELECT p.name FROM dispatch_policy.policies p ORDER BY p.name LOOP
+    PERFORM pg_advisory_xact_lock(dispatch_policy._tick_lock_key(policy_name));
+  END LOOP;
+
+  -- Jobs first, then gate state, as complete, fail and the reaper lock.
+  -- Every admitted job is locked, in id order, as a redeclare locks those of
+  -- its policy: a worker finishing one waits, and then releases its slots
+  -- from the counters as repaired. (Claims skip them meanwhile.)
+  PERFORM 1 FROM dispatch_policy.admitted_jobs a ORDER BY a.id FOR UPDATE;
+  PERFORM 1 FROM dispatch_policy.staged_jobs s
+  WHERE s.id IN (SELECT d.job_id FROM dispatch_policy._jobs_in_two_states() d WHERE d.staged)
+  ORDER BY s.id
+  FOR UPDATE;
+
+  -- A job in two tables: the finished copy wins, else the admitted one (it
+  -- holds slots, a worker may run it). The only copy of a job is never deleted.
+  RETURN QUERY
+  WITH twice AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._jobs_in_two_states()
+  ), staged_copies AS (
+    DELETE FROM dispatch_policy.staged_jobs s USING twice d WHERE s.id = d.job_id AND d.staged
+  ), admitted_copies AS (
+    DELETE FROM dispatch_policy.admitted_jobs a USING twice d
+    WHERE a.id = d.job_id AND d.admitted AND d.finished IS NOT NULL
+  )
+  SELECT 'job_in_two_states'::text, d.policy, NULL::text, NULL::text, d.job_id,
+         format('deleted the %s, kept the one in %s',
+                CASE WHEN d.staged AND d.admitted AND d.finished IS NOT NULL THEN 'copies in staged_jobs and admitted_jobs'
+                     WHEN d.staged THEN 'copy in staged_jobs'
+                     ELSE 'copy in admitted_jobs' END,
+                CASE WHEN d.finished IS NOT NULL THEN 'finished_jobs' ELSE 'admitted_jobs' END)
+  FROM twice d;
+
+  -- In-flight counters, every row locked in one statement sorted by
+  -- (policy, gate, partition) (with the jobs locked, only prune could touch
+  -- them). Then, from one pass over the jobs: the partitions recorded on
+  -- admitted jobs recomputed under the current config, as a redeclare does,
+  -- so completion releases the right slots; counters set to the slots held,
+  -- missing ones inserted, those of gates that hold no slot deleted.
+  PERFORM 1 FROM dispatch_policy.inflight_counters c ORDER BY c.policy, c.gate, c.partition FOR UPDATE;
+  RETURN QUERY
+  WITH found AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._slot_findings()
+  ), orphans AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._orphaned_state() o WHERE o.tbl = 'inflight_counters'
+  ), recomputed AS (
+    UPDATE dispatch_policy.admitted_jobs a SET partitions = dispatch_policy._gate_partitions(p.config, a.context)
+    FROM dispatch_policy.policies p
+    WHERE p.name = a.policy AND a.id IN (SELECT f.job_id FROM found f WHERE f.finding = 'job_slot_mismatch')
+  ), recounted AS (
+    UPDATE dispatch_policy.inflight_counters c SET in_flight = f.held, updated_at = repair.now
+    FROM found f
+    WHERE f.finding = 'counter_mismatch' AND c.policy = f.policy AND c.gate = f.gate AND c.partition = f.partition
+  ), inserted AS (
+    INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight, updated_at)
+    SELECT f.policy, f.gate, f.partition, f.held, repair.now FROM found f WHERE f.finding = 'counter_missing'
+    ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING
+  ), deleted AS (
+    DELETE FROM dispatch_policy.inflight_counters c USING orphans o
+    WHERE c.policy = o.policy AND c.gate = o.gate AND c.partition = o.partition
+  )
+  SELECT f.finding, f.policy, f.gate, f.partition, f.job_id,
+         CASE f.finding
+           WHEN 'job_slot_mismatch'
+             THEN format('set the job''s partition from %s to %s (all its partitions recomputed under the current config)',
+                         coalesce(quote_literal(f.recorded), 'none'), quote_literal(f.partition))
+           WHEN 'counter_missing' THEN format('inserted the counter with in_flight %s', f.held)
+           ELSE format('set in_flight from %s to %s', f.counted, f.held) END
+  FROM found f
+  UNION ALL
+  SELECT o.finding, o.policy, o.gate, o.partition, NULL::bigint,
+         format('deleted the inflight_counters row (in_flight %s)', o.in_flight)
+  FROM orphans o;
+
+  -- Throttle buckets: locked in one sorted statement; clamped into
+  -- [0, burst] at now (not a number: full), those of gone gates deleted.
+  PERFORM 1 FROM dispatch_policy.throttle_buckets t
+  WHERE (t.policy, t.gate, t.partition) IN (
+    SELECT b.policy, b.gate, b.partition FROM dispatch_policy._bucket_problems(repair.now) b
+    UNION ALL
+    SELECT o.policy, o.gate, o.partition FROM dispatch_policy._orphaned_state() o WHERE o.tbl = 'throttle_buckets')
+  ORDER BY t.policy, t.gate, t.partition
+  FOR UPDATE;
+  RETURN QUERY
+  -- A repaired bucket counts as refilled now, so it takes the config's
+  -- burst, as refill_buckets would.
+  WITH problems AS MATERIALIZED (
+    SELECT b.policy, b.gate, b.partition, b.problem, b.tokens, b.level, b.stored_burst, t.burst,
+           CASE b.problem
+             WHEN 'bucket_not_finite' THEN t.burst
+             WHEN 'bucket_negative_tokens' THEN 0
+             ELSE least(t.burst, b.level) END AS repaired
+    FROM dispatch_policy._bucket_problems(repair.now) b
+    CROSS JOIN LATERAL (SELECT coalesce(b.config_burst, b.stored_burst) AS burst) t
+  ), orphans AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._orphaned_state() o WHERE o.tbl = 'throttle_buckets'
+  ), clamped AS (
+    UPDATE dispatch_policy.throttle_buckets t
+    SET tokens = b.repaired, burst = b.burst, refilled_at = greatest(t.refilled_at, repair.now)
+    FROM problems b
+    WHERE t.policy = b.policy AND t.gate = b.gate AND t.partition = b.partition
+  ), deleted AS (
+    DELETE FROM dispatch_policy.throttle_buckets t USING orphans o
+    WHERE t.policy = o.policy AND t.gate = o.gate AND t.partition = o.partition
+  )
+  SELECT b.problem, b.policy, b.gate, b.partition, NULL::bigint,
+         format('set tokens from %s to %s%s',
+                dispatch_policy._tokens_text(CASE WHEN b.problem = 'bucket_not_finite' THEN b.tokens
+                                                  ELSE greatest(b.tokens, b.level) END),
+                dispatch_policy._tokens_text(b.repaired),
+                CASE WHEN b.burst IS DISTINCT FROM b.stored_burst
+                     THEN format(' and burst from %s to %s', dispatch_policy._tokens_text(b.stored_burst),
+                                 dispatch_policy._tokens_text(b.burst))
+                     ELSE '' END)
+  FROM problems b
+  UNION ALL
+  SELECT o.finding, o.policy, o.gate, o.partition, NULL::bigint, 'deleted the throttle_buckets row'
+  FROM orphans o;
+
+  -- Adaptive state and observations of gone gates, rows of gone policies.
+  PERFORM 1 FROM dispatch_policy.adaptive_stats a
+  WHERE (a.policy, a.gate, a.partition) IN (
+    SELECT o.policy, o.gate, o.partition FROM dispatch_policy._orphaned_state() o WHERE o.tbl = 'adaptive_stats')
+  ORDER BY a.policy, a.gate, a.partition
+  FOR UPDATE;
+  RETURN QUERY
+  WITH orphans AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._orphaned_state() o
+    WHERE o.tbl IN ('adaptive_stats', 'observations', 'observation_minutes', 'round_robin_cursors', 'runner_failures')
+  ), stats AS (
+    DELETE FROM dispatch_policy.adaptive_stats a USING orphans o
+    WHERE o.tbl = 'adaptive_stats' AND a.policy = o.policy AND a.gate = o.gate AND a.partition = o.partition
+  ), observed AS (
+    DELETE FROM dispatch_policy.observations x USING orphans o
+    WHERE o.tbl = 'observations' AND x.policy = o.policy AND x.gate = o.gate AND x.partition = o.partition
+  ), minutes AS (
+    DELETE FROM dispatch_policy.observation_minutes m USING orphans o
+    WHERE o.tbl = 'observation_minutes' AND m.policy = o.policy AND m.gate = o.gate AND m.partition = o.partition
+  ), cursors AS (
+    DELETE FROM dispatch_policy.round_robin_cursors r USING orphans o
+    WHERE o.tbl = 'round_robin_cursors' AND r.policy = o.policy
+  ), failures AS (
+    DELETE FROM dispatch_policy.runner_failures r USING orphans o
+    WHERE o.tbl = 'runner_failures' AND r.policy = o.policy
+  )
+  SELECT o.finding, o.policy, o.gate, o.partition, NULL::bigint,
+         CASE WHEN o.tbl IN ('observations', 'observation_minutes')
+              THEN format('deleted %s row%s of %s', o.rows, CASE WHEN o.rows = 1 THEN '' ELSE 's' END, o.tbl)
+              ELSE format('deleted the %s row', o.tbl) END
+  FROM orphans o;
+
+  -- Dedupe keys: those nobody should hold deleted, then the missing ones
+  -- inserted (after the deletes: a job may take back its key from a row
+  -- that was wrong).
+  RETURN QUERY
+  WITH wrong AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._dedupe_problems() k WHERE k.problem <> 'dedupe_key_missing'
+  ), deleted AS (
+    DELETE FROM dispatch_policy.dedupe_keys d USING wrong k
+    WHERE d.policy = k.policy AND d.dedupe_key = k.dedupe_key AND d.job_id = k.job_id
+  )
+  SELECT k.problem, k.policy, NULL::text, NULL::text, k.job_id, format('deleted key %L', k.dedupe_key)
+  FROM wrong k;
+  RETURN QUERY
+  WITH missing AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._dedupe_problems() k WHERE k.problem = 'dedupe_key_missing'
+  ), inserted AS (
+    INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+    SELECT k.policy, k.dedupe_key, k.job_id FROM missing k
+    ORDER BY 1, 2
+    ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING
+  )
+  SELECT k.problem, k.policy, NULL::text, NULL::text, k.job_id, format('inserted key %L for the job', k.dedupe_key)
+  FROM missing k;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.repair(timestamptz) IS
+  'Fixes everything dispatch_policy.check() reports, in the caller''s transaction, and returns one row per change (the check() finding and the action taken); afterwards check() returns no rows. Waits for running ticks (in policy name order), then locks the admitted jobs in id order (as a redeclare does) and gate-state rows in (policy, gate, partition) order, as admission and completion do: workers finishing jobs wait for it. A job in two tables keeps its finished copy, else its admitted copy (the only copy of a job is never deleted); admitted jobs'' partitions are recomputed under the current config and in-flight counters set to the slots held (missing rows inserted); throttle tokens are clamped into [0, burst] at now (NaN or infinite: burst); wrong dedupe keys are deleted and missing ones inserted; state of policies and gates that no longer exist is deleted.';
+
+-- ---------------------------------------------------------------------------
 -- Privileges (0021).
 
 REVOKE ALL ON ALL TABLES IN SCHEMA dispatch_policy FROM PUBLIC;
