@@ -591,7 +591,44 @@ COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
 
 -- ---------------------------------------------------------------------------
 -- check() and repair(), defined once in 0.2.0 (0011; repair() runs as the
--- owner, 0021).
+-- owner, 0021), also compare backlog_counters with the staged jobs: a
+-- counter that drifted (a hand edit, a bug) lets a partition past its
+-- max_pending_per_partition when it counts too few, and refuses or drops
+-- jobs under the cap when it counts too many, without an error either way.
+
+-- The backlog counters of capped policies that differ from their staged
+-- jobs per lane key (backlog_counter_mismatch; counted, staged), and the
+-- lane keys with staged jobs but no counter row (backlog_counter_missing),
+-- as _rebuild_backlog counts them. Rows at 0 are right (they stay), rows of
+-- policies without the cap are not read.
+CREATE FUNCTION dispatch_policy._backlog_findings()
+RETURNS TABLE (finding text, policy text, lane text, counted bigint, staged bigint)
+LANGUAGE sql STABLE SECURITY INVOKER
+AS $$
+  WITH capped AS (
+    SELECT p.name FROM dispatch_policy.policies p WHERE p.config ? 'max_pending_per_partition'
+  ), actual AS (
+    SELECT s.policy, s.round_robin_key AS lane, count(*) AS n
+    FROM dispatch_policy.staged_jobs s
+    WHERE s.policy IN (SELECT c.name FROM capped c)
+    GROUP BY 1, 2
+  ), counters AS (
+    SELECT b.policy, b.lane, b.staged
+    FROM dispatch_policy.backlog_counters b
+    WHERE b.policy IN (SELECT c.name FROM capped c)
+  )
+  SELECT CASE WHEN b.staged IS NULL THEN 'backlog_counter_missing' ELSE 'backlog_counter_mismatch' END,
+         coalesce(b.policy, a.policy), CASE WHEN b.policy IS NOT NULL THEN b.lane ELSE a.lane END,
+         b.staged, coalesce(a.n, 0)
+  FROM counters b
+  -- Hash-joinable conditions (a FULL JOIN takes no IS NOT DISTINCT FROM);
+  -- together they match a NULL lane (keyless jobs) with NULL only.
+  FULL JOIN actual a ON a.policy = b.policy AND (a.lane IS NULL) = (b.lane IS NULL)
+                        AND coalesce(a.lane, '') = coalesce(b.lane, '')
+  WHERE b.staged IS DISTINCT FROM coalesce(a.n, 0)
+$$;
+COMMENT ON FUNCTION dispatch_policy._backlog_findings() IS
+  'Internal: for policies with max_pending_per_partition, backlog_counters rows whose staged differs from the policy''s staged jobs with that lane key (backlog_counter_mismatch: counted, staged) and lane keys with staged jobs and no row (backlog_counter_missing: counted NULL), counted as _rebuild_backlog counts them.';
 
 CREATE FUNCTION dispatch_policy."check"(now timestamptz DEFAULT now())
 RETURNS TABLE (finding text, policy text, gate text, partition_key text, job_id bigint, detail text)
@@ -639,11 +676,17 @@ AS $$
                 THEN format('%s row%s of %s: %s', o.rows, CASE WHEN o.rows = 1 THEN '' ELSE 's' END, o.tbl, o.reason)
                 ELSE format('%s row%s: %s', o.tbl, coalesce(' with in_flight ' || o.in_flight, ''), o.reason) END
     FROM dispatch_policy._orphaned_state() o
+    UNION ALL
+    SELECT b.finding, b.policy, NULL, b.lane, NULL,
+           format('%s, %s job%s staged in this partition%s', coalesce('counter says ' || b.counted, 'no counter row'),
+                  b.staged, CASE WHEN b.staged = 1 THEN ' is' ELSE 's are' END,
+                  CASE WHEN b.lane IS NULL THEN ' (the jobs without a lane key)' ELSE '' END)
+    FROM dispatch_policy._backlog_findings() b
   ) x
   ORDER BY x.finding, x.policy, x.gate, x.partition_key, x.job_id, x.detail
 $$;
 COMMENT ON FUNCTION dispatch_policy."check"(timestamptz) IS
-  'Lists every inconsistency of the stored state, one row each, none when it is consistent; changes nothing. finding is one of: job_in_two_states (a job id in two of staged_jobs, admitted_jobs, finished_jobs), job_slot_mismatch (an admitted job records another partition than its current config gives, for a slot-holding gate), counter_mismatch and counter_missing (an in-flight counter differs from the admitted jobs holding a slot there under the current config, or is missing), bucket_over_burst, bucket_negative_tokens, bucket_not_finite (throttle tokens above the burst, below 0, NaN or infinite at now), dedupe_key_of_finished_job, dedupe_key_without_job, dedupe_key_mismatch, dedupe_key_missing (a key held by a finished or unknown job or by a job with another key, or a pending or admitted job whose key nobody holds), orphaned_gate_state, orphaned_observation, orphaned_policy_state (rows of policies or gates that no longer exist). detail says what disagrees, with the numbers. Reads every job table and renders the partitions of every admitted job (as a redeclare does): for inspection, not for polling. dispatch_policy.repair() fixes all of it.';
+  'Lists every inconsistency of the stored state, one row each, none when it is consistent; changes nothing. finding is one of: job_in_two_states (a job id in two of staged_jobs, admitted_jobs, finished_jobs), job_slot_mismatch (an admitted job records another partition than its current config gives, for a slot-holding gate), counter_mismatch and counter_missing (an in-flight counter differs from the admitted jobs holding a slot there under the current config, or is missing), bucket_over_burst, bucket_negative_tokens, bucket_not_finite (throttle tokens above the burst, below 0, NaN or infinite at now), dedupe_key_of_finished_job, dedupe_key_without_job, dedupe_key_mismatch, dedupe_key_missing (a key held by a finished or unknown job or by a job with another key, or a pending or admitted job whose key nobody holds), orphaned_gate_state, orphaned_observation, orphaned_policy_state (rows of policies or gates that no longer exist), backlog_counter_mismatch and backlog_counter_missing (a backlog counter of a policy with max_pending_per_partition differs from its jobs staged with that lane key, partition_key, or is missing). detail says what disagrees, with the numbers. Reads every job table and renders the partitions of every admitted job (as a redeclare does): for inspection, not for polling. dispatch_policy.repair() fixes all of it.';
 
 CREATE FUNCTION dispatch_policy.repair(now timestamptz DEFAULT now())
 RETURNS TABLE (finding text, policy text, gate text, partition_key text, job_id bigint, action text)
@@ -666,6 +709,13 @@ BEGIN
   -- its policy: a worker finishing one waits, and then releases its slots
   -- from the counters as repaired. (Claims skip them meanwhile.)
   PERFORM 1 FROM dispatch_policy.admitted_jobs a ORDER BY a.id FOR UPDATE;
+  -- Stagers of capped policies wait too (their backlog counters are
+  -- recounted below): each such policy's partitions lock, exclusively, in
+  -- name order, after the admitted jobs, as a redeclare takes it.
+  FOR policy_name IN SELECT p.name FROM dispatch_policy.policies p
+                     WHERE p.config ? 'max_pending_per_partition' ORDER BY p.name LOOP
+    PERFORM pg_advisory_xact_lock(dispatch_policy._partitions_lock_key(policy_name));
+  END LOOP;
   PERFORM 1 FROM dispatch_policy.staged_jobs s
   WHERE s.id IN (SELECT d.job_id FROM dispatch_policy._jobs_in_two_states() d WHERE d.staged)
   ORDER BY s.id
@@ -832,10 +882,37 @@ BEGIN
   )
   SELECT k.problem, k.policy, NULL::text, NULL::text, k.job_id, format('inserted key %L for the job', k.dedupe_key)
   FROM missing k;
+
+  -- Backlog counters, after the job tables are right: with no stager of a
+  -- capped policy running (the partitions locks above), the rows locked in
+  -- sorted order (policy, lane, NULL last), as stagers and the delete
+  -- trigger lock them; then set to the jobs staged with their lane key,
+  -- missing rows inserted.
+  PERFORM 1 FROM dispatch_policy.backlog_counters c
+  WHERE c.policy IN (SELECT p.name FROM dispatch_policy.policies p WHERE p.config ? 'max_pending_per_partition')
+  ORDER BY c.policy, c.lane NULLS LAST
+  FOR UPDATE;
+  RETURN QUERY
+  WITH found AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._backlog_findings()
+  ), recounted AS (
+    UPDATE dispatch_policy.backlog_counters c SET staged = f.staged
+    FROM found f
+    WHERE f.finding = 'backlog_counter_mismatch' AND c.policy = f.policy AND c.lane IS NOT DISTINCT FROM f.lane
+  ), inserted AS (
+    INSERT INTO dispatch_policy.backlog_counters (policy, lane, staged)
+    SELECT f.policy, f.lane, f.staged FROM found f WHERE f.finding = 'backlog_counter_missing'
+    ORDER BY 1, 2 NULLS LAST
+    ON CONFLICT DO NOTHING
+  )
+  SELECT f.finding, f.policy, NULL::text, f.lane, NULL::bigint,
+         CASE WHEN f.finding = 'backlog_counter_missing' THEN format('inserted the counter with staged %s', f.staged)
+              ELSE format('set staged from %s to %s', f.counted, f.staged) END
+  FROM found f;
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.repair(timestamptz) IS
-  'Fixes everything dispatch_policy.check() reports, in the caller''s transaction, and returns one row per change (the check() finding and the action taken); afterwards check() returns no rows. Waits for running ticks (in policy name order), then locks the admitted jobs in id order (as a redeclare does) and gate-state rows in (policy, gate, partition) order, as admission and completion do: workers finishing jobs wait for it. A job in two tables keeps its finished copy, else its admitted copy (the only copy of a job is never deleted); admitted jobs'' partitions are recomputed under the current config and in-flight counters set to the slots held (missing rows inserted); throttle tokens are clamped into [0, burst] at now (NaN or infinite: burst); wrong dedupe keys are deleted and missing ones inserted; state of policies and gates that no longer exist is deleted.';
+  'Fixes everything dispatch_policy.check() reports, in the caller''s transaction, and returns one row per change (the check() finding and the action taken); afterwards check() returns no rows. Waits for running ticks (in policy name order), then locks the admitted jobs in id order (as a redeclare does) and gate-state rows in (policy, gate, partition) order, as admission and completion do: workers finishing jobs wait for it. A job in two tables keeps its finished copy, else its admitted copy (the only copy of a job is never deleted); admitted jobs'' partitions are recomputed under the current config and in-flight counters set to the slots held (missing rows inserted); throttle tokens are clamped into [0, burst] at now (NaN or infinite: burst); wrong dedupe keys are deleted and missing ones inserted; state of policies and gates that no longer exist is deleted; backlog counters of policies with max_pending_per_partition are set to their staged jobs per lane key (missing rows inserted), with those policies'' stagers held off (their partitions locks, exclusively, after the admitted jobs, as a redeclare takes them).';
 
 -- ---------------------------------------------------------------------------
 -- Privileges (0021).
