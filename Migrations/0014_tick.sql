@@ -353,6 +353,9 @@ $$;
 -- the writes of this one are visible (the session lock alone is given back
 -- before the commit, and a runner that got in between read counters and
 -- observations from before it: caps exceeded, observations folded twice).
+-- Defined here because tick_abort's SQL body below needs it when it is
+-- created; the definition in force (folding first, 0016; forgetting what
+-- the tick fetched) is 0026_admit_integrity.sql's.
 CREATE FUNCTION dispatch_policy._tick_release(policy text, all_levels boolean)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER

@@ -318,9 +318,10 @@ COMMENT ON FUNCTION dispatch_policy.validate_policy(text, jsonb) IS
 
 -- ---------------------------------------------------------------------------
 -- check() and repair(): a shadow deficit is not a negative-token finding.
--- _bucket_problems as in 0011, copied; change: the shadow exemption.
+-- _bucket_problems, defined once in 0.2.0 (0011 says what it finds), with
+-- the shadow exemption.
 
-CREATE OR REPLACE FUNCTION dispatch_policy._bucket_problems(now timestamptz)
+CREATE FUNCTION dispatch_policy._bucket_problems(now timestamptz)
 RETURNS TABLE (policy text, gate text, partition text, problem text, tokens double precision, level double precision,
                burst double precision, stored_burst double precision, config_burst double precision)
 LANGUAGE sql STABLE SECURITY INVOKER
