@@ -71,25 +71,8 @@ AS $$
   SELECT pg_try_advisory_xact_lock(dispatch_policy._tick_lock_key(try_lock_policy.policy))
 $$;
 
-CREATE OR REPLACE FUNCTION dispatch_policy.promote_scheduled(policy text, max_rows integer, now timestamptz DEFAULT now())
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-DECLARE
-  promoted integer;
-BEGIN
-  PERFORM dispatch_policy._require_now(promote_scheduled.now);
-  UPDATE dispatch_policy.staged_jobs s SET not_before = NULL
-  WHERE s.id IN (
-    SELECT d.id FROM dispatch_policy.staged_jobs d
-    WHERE d.policy = promote_scheduled.policy AND d.not_before IS NOT NULL AND d.not_before <= promote_scheduled.now
-    ORDER BY d.not_before
-    LIMIT max_rows
-    FOR UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS promoted = ROW_COUNT;
-  RETURN promoted;
-END
-$$;
+-- promote_scheduled checks now (_require_now). (Its one definition in 0.2.0
+-- is in 0026_admit_integrity.sql.)
 
 -- The gates whose partitions hold a slot until the job finishes.
 CREATE FUNCTION dispatch_policy._slot_gates(config jsonb)
@@ -310,24 +293,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._attempt_status(bigint, integer) IS
   'Internal: why job id (attempt, when given) is not admitted now: already_finished (the job finished; with attempt, that attempt completed), stale (another attempt holds the job, or it waits, or it finished otherwise) or not_admitted (staged without attempt, or unknown), with a detail.';
 
--- Raises the documented error for a worker call that found no admitted attempt.
-CREATE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
-RETURNS void
-LANGUAGE plpgsql STABLE SECURITY INVOKER
-AS $$
-DECLARE
-  status record;
-BEGIN
-  SELECT * INTO status FROM dispatch_policy._attempt_status(_raise_not_admitted.id, _raise_not_admitted.attempt);
-  IF status.outcome = 'stale' THEN
-    RAISE EXCEPTION 'attempt % of job % is not the current attempt', attempt, id
-      USING ERRCODE = 'DP001', DETAIL = status.detail, HINT = 'Stop working on it: nothing was changed.';
-  END IF;
-  RAISE EXCEPTION 'job % is not admitted', id USING ERRCODE = 'P0002', DETAIL = status.detail;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy._raise_not_admitted(bigint, integer) IS
-  'Internal: raises DP001 (the given attempt is not the current one) or P0002 (the job is not admitted: staged, finished or unknown), with a DETAIL saying which.';
+-- _raise_not_admitted raises the documented error for a worker call that
+-- found no admitted attempt (it is defined once in 0.2.0, in
+-- 0023_staging_rules.sql).
 
 -- Ends completed attempts (already removed from admitted_jobs).
 CREATE FUNCTION dispatch_policy._complete_attempts(jobs dispatch_policy.admitted_jobs[], now timestamptz)
@@ -656,21 +624,10 @@ CREATE TRIGGER policies_config_changed
   AFTER UPDATE OF config ON dispatch_policy.policies
   FOR EACH ROW EXECUTE FUNCTION dispatch_policy._policy_config_changed();
 
-CREATE OR REPLACE FUNCTION dispatch_policy.declare_policy(name text, config jsonb)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-BEGIN
-  -- Validation is the policies_validate trigger (so a direct write is checked too).
-  INSERT INTO dispatch_policy.policies AS p (name, config)
-  VALUES (declare_policy.name, declare_policy.config)
-  ON CONFLICT ON CONSTRAINT policies_pkey
-  DO UPDATE SET config = EXCLUDED.config, updated_at = now()
-  WHERE p.config IS DISTINCT FROM EXCLUDED.config;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy.declare_policy(text, jsonb) IS
-  'Creates or replaces a policy after validating its config (SQLSTATE 22023 naming the field on any problem; nothing is stored then). Replacing a config waits for a running tick of the policy and recomputes the in-flight counters from the admitted jobs under the new gates, in the same transaction. Declaring the same config again changes nothing.';
+-- declare_policy leaves validation to the policies_validate trigger (0007),
+-- and a config it replaces waits for a running tick and has the in-flight
+-- counters recomputed (the trigger above). (declare_policy is defined once
+-- in 0.2.0, in 0023_staging_rules.sql.)
 
 -- ---------------------------------------------------------------------------
 -- Adaptive state: windowed AIMD (see AdaptiveController in the Swift library).
@@ -688,99 +645,11 @@ COMMENT ON COLUMN dispatch_policy.adaptive_stats.since_decrease IS
 -- ---------------------------------------------------------------------------
 -- Round-robin: lanes, and a cursor that moves past what was served.
 
-DROP FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz);
-CREATE FUNCTION dispatch_policy.fetch_batch(
-  policy text, batch_size integer, round_robin_quantum integer DEFAULT NULL, now timestamptz DEFAULT now()
-)
-RETURNS TABLE (id bigint, priority integer, round_robin_key text, context jsonb, lane integer)
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
--- The plan of a lane must not depend on statistics: right after a large
--- stage_many, or for a policy the statistics have not seen, the planner
--- believes the policy holds a row or two and may walk staged_jobs_ready_idx
--- through the whole policy for every lane (0.5-2 s a tick at 30,000 jobs).
--- Each lane asks for rows ordered by (round_robin_key, priority, id), which
--- only staged_jobs_round_robin_idx gives without sorting; with sorts priced
--- out, it is the plan whatever the estimates. (The sorts fetch_batch does
--- need, of at most batch_size rows, are still done: no plan avoids them.)
-SET enable_sort = off
--- Pricing sorts out inflates the plan's cost past jit_above_cost: no JIT for
--- a few hundred rows (it costs half a second).
-SET jit = off
-AS $$
-DECLARE
-  keys text[];
-  keyless_lane integer;
-  cursor_key text;
-  quantum integer;
-BEGIN
-  PERFORM dispatch_policy._require_now(fetch_batch.now);
-  IF round_robin_quantum IS NULL THEN
-    RETURN QUERY
-      SELECT s.id, s.priority, s.round_robin_key, s.context, 0
-      FROM (SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
-            WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL
-            ORDER BY j.priority, j.id
-            LIMIT batch_size
-            FOR UPDATE SKIP LOCKED) s
-      ORDER BY s.priority, s.id;
-    RETURN;
-  END IF;
-
-  SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = fetch_batch.policy;
-  -- Never more than batch_size rows: a quantum above the batch size is the batch size.
-  quantum := least(round_robin_quantum, batch_size);
-  keys := dispatch_policy._next_round_robin_keys(fetch_batch.policy, cursor_key,
-                                                 greatest(1, ceil(batch_size::numeric / quantum)::integer));
-  keyless_lane := array_position(keys, NULL);
-
-  -- Phase 1: up to `quantum` rows of each lane; phase 2: top up with the
-  -- oldest remaining rows. Rows come out interleaved: every lane's first row,
-  -- then every lane's second row, and so on (within each priority).
-  RETURN QUERY
-  WITH per_key AS MATERIALIZED (
-    SELECT j.id, j.priority, j.round_robin_key, j.context, k.n::integer AS lane
-    FROM unnest(keys) WITH ORDINALITY AS k(key, n)
-    CROSS JOIN LATERAL (
-      -- The key as a range, not =: with =, the key is a constant and the
-      -- (priority, id) order of staged_jobs_ready_idx would do unsorted.
-      SELECT s.id, s.priority, s.round_robin_key, s.context FROM dispatch_policy.staged_jobs s
-      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
-        AND s.round_robin_key >= k.key AND s.round_robin_key <= k.key
-      ORDER BY s.round_robin_key, s.priority, s.id
-      LIMIT quantum
-      FOR UPDATE SKIP LOCKED) j
-    WHERE k.key IS NOT NULL
-  ), keyless AS MATERIALIZED (
-    SELECT s.id, s.priority, s.round_robin_key, s.context, keyless_lane AS lane
-    FROM dispatch_policy.staged_jobs s
-    WHERE keyless_lane IS NOT NULL
-      AND s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
-    ORDER BY s.round_robin_key, s.priority, s.id
-    LIMIT quantum
-    FOR UPDATE SKIP LOCKED
-  ), lanes AS (
-    SELECT * FROM per_key UNION ALL SELECT * FROM keyless
-  ), top_up AS MATERIALIZED (
-    SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
-    WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL AND j.id NOT IN (SELECT l.id FROM lanes l)
-    ORDER BY j.priority, j.id
-    LIMIT greatest(batch_size - (SELECT count(*) FROM lanes), 0)
-    FOR UPDATE SKIP LOCKED
-  ), batch AS (
-    SELECT l.id, l.priority, l.round_robin_key, l.context,
-           row_number() OVER (PARTITION BY l.lane ORDER BY l.priority, l.id) AS rank, l.lane
-    FROM lanes l
-    UNION ALL
-    SELECT t.id, t.priority, t.round_robin_key, t.context, quantum + 1, 0 FROM top_up t
-  )
-  SELECT b.id, b.priority, b.round_robin_key, b.context, b.lane
-  FROM batch b
-  ORDER BY b.priority, b.rank, b.lane, b.id
-  LIMIT batch_size;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy.fetch_batch(text, integer, integer, timestamptz) IS
-  'Locks (FOR UPDATE SKIP LOCKED) and returns up to batch_size eligible jobs of a policy, lower priority first, then staging order. With round_robin_quantum: up to that many rows for each of the next ceil(batch_size / quantum) lanes after the policy''s cursor (a lane per round-robin key, and one for jobs without a key), interleaved, then the oldest remaining rows (lane 0). The cursor is moved by admit.';
+-- fetch_batch returns each job's lane (its place in the rotation; a new
+-- result column, so 0.1.0's is dropped first), with a round_robin_quantum
+-- from the next lanes after the policy's cursor, interleaved, then the
+-- oldest remaining rows (lane 0). (fetch_batch is defined once in 0.2.0,
+-- in 0024_cost_weights.sql.)
 
 -- ---------------------------------------------------------------------------
 -- Runner failures: a failing policy is shown, not silent.
@@ -931,90 +800,10 @@ ALTER TABLE dispatch_policy.adaptive_stats
 -- ---------------------------------------------------------------------------
 -- Views.
 
-CREATE OR REPLACE VIEW dispatch_policy.policy_overview AS
-SELECT
-  p.name AS policy,
-  (SELECT count(*) FROM dispatch_policy.staged_jobs s
-    WHERE s.policy = p.name AND (s.not_before IS NULL OR s.not_before <= now())) AS pending,
-  (SELECT count(*) FROM dispatch_policy.staged_jobs s
-    WHERE s.policy = p.name AND s.not_before > now()) AS scheduled,
-  (SELECT count(*) FROM dispatch_policy.admitted_jobs a
-    WHERE a.policy = p.name) AS in_flight,
-  (SELECT count(*) FROM dispatch_policy.finished_jobs f
-    WHERE f.policy = p.name AND f.status = 'completed' AND f.finished_at > now() - interval '24 hours') AS completed_24h,
-  (SELECT count(*) FROM dispatch_policy.job_failures jf
-    WHERE jf.policy = p.name AND jf.failed_at > now() - interval '24 hours') AS failed_24h,
-  (SELECT count(*) FROM dispatch_policy.finished_jobs f
-    WHERE f.policy = p.name AND f.status = 'dead') AS dead,
-  now() - (SELECT min(s.staged_at) FROM dispatch_policy.staged_jobs s
-    WHERE s.policy = p.name AND (s.not_before IS NULL OR s.not_before <= now())) AS oldest_pending_age,
-  p.paused,
-  rf.first_failed_at AS failing_since,
-  rf.failures AS tick_failures,
-  rf.error AS last_error,
-  rf.retry_at
-FROM dispatch_policy.policies p
-LEFT JOIN dispatch_policy.runner_failures rf ON rf.policy = p.name;
-COMMENT ON COLUMN dispatch_policy.policy_overview.failing_since IS 'When the policy''s ticks started failing (NULL when they succeed).';
-COMMENT ON COLUMN dispatch_policy.policy_overview.tick_failures IS 'Failed ticks in a row.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.last_error IS 'The error of the last failed tick.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.retry_at IS 'When a runner retries the failing policy.';
-COMMENT ON VIEW dispatch_policy.policy_overview IS
-  'One row per policy: jobs waiting, scheduled, in flight, finished in the last 24 hours, dead, how long the oldest eligible job has waited, and whether its ticks are failing. Counts scan the policy''s rows: cheap for thousands, a few hundred ms at a million pending.';
+-- policy_overview shows failing ticks (runner_failures: failing_since,
+-- tick_failures, last_error, retry_at); partition_overview renders
+-- partitions as admission does (_gate_partitions), counts in_flight from
+-- the admitted jobs for throttle and fair_interleave gates, and refills
+-- tokens by _bucket_tokens. (Both views are defined once in 0.2.0, in
+-- 0025_shadow.sql.)
 
-CREATE OR REPLACE VIEW dispatch_policy.partition_overview AS
-WITH gates AS (
-  SELECT p.name AS policy,
-         coalesce(g ->> 'name', g ->> 'type') AS gate,
-         g ->> 'type' AS gate_type,
-         g AS config
-  FROM dispatch_policy.policies p
-  CROSS JOIN LATERAL jsonb_array_elements(coalesce(p.config -> 'gates', '[]'::jsonb)) AS g
-), waiting AS (
-  SELECT s.policy, k.key AS gate, k.value AS partition,
-         count(*) FILTER (WHERE s.not_before IS NULL OR s.not_before <= now()) AS pending,
-         max(s.staged_at) AS last_staged_at
-  FROM dispatch_policy.staged_jobs s
-  JOIN dispatch_policy.policies p ON p.name = s.policy
-  CROSS JOIN LATERAL jsonb_each_text(dispatch_policy._gate_partitions(p.config, s.context)) AS k
-  GROUP BY 1, 2, 3
-), held AS (
-  SELECT a.policy, k.key AS gate, k.value AS partition, count(*) AS in_flight
-  FROM dispatch_policy.admitted_jobs a, jsonb_each_text(a.partitions) AS k
-  GROUP BY 1, 2, 3
-), known AS (
-  SELECT policy, gate, partition FROM waiting
-  UNION SELECT policy, gate, partition FROM held
-  UNION SELECT policy, gate, partition FROM dispatch_policy.throttle_buckets
-  UNION SELECT policy, gate, partition FROM dispatch_policy.inflight_counters
-  UNION SELECT policy, gate, partition FROM dispatch_policy.adaptive_stats
-)
-SELECT
-  k.policy,
-  k.gate,
-  gt.gate_type,
-  k.partition,
-  coalesce(w.pending, 0) AS pending,
-  CASE WHEN gt.gate_type IN ('concurrency', 'global_cap', 'adaptive_concurrency')
-       THEN coalesce(c.in_flight, 0) ELSE coalesce(h.in_flight, 0)::integer END AS in_flight,
-  CASE gt.gate_type
-    WHEN 'concurrency' THEN dispatch_policy._json_number(gt.config -> 'max')
-    WHEN 'global_cap' THEN dispatch_policy._json_number(gt.config -> 'max')
-    WHEN 'adaptive_concurrency' THEN a.current_max::numeric
-  END AS cap,
-  CASE WHEN b.partition IS NOT NULL THEN
-    dispatch_policy._bucket_tokens(b.tokens, b.rate, b.per_seconds, b.burst, b.refilled_at, now())
-  END AS tokens,
-  a.ewma_lag_ms,
-  w.last_staged_at,
-  greatest(c.last_admitted_at, b.last_admitted_at) AS last_admitted_at
-FROM known k
-JOIN gates gt ON gt.policy = k.policy AND gt.gate = k.gate
-LEFT JOIN waiting w ON w.policy = k.policy AND w.gate = k.gate AND w.partition = k.partition
-LEFT JOIN held h ON h.policy = k.policy AND h.gate = k.gate AND h.partition = k.partition
-LEFT JOIN dispatch_policy.throttle_buckets b ON b.policy = k.policy AND b.gate = k.gate AND b.partition = k.partition
-LEFT JOIN dispatch_policy.inflight_counters c ON c.policy = k.policy AND c.gate = k.gate AND c.partition = k.partition
-LEFT JOIN dispatch_policy.adaptive_stats a ON a.policy = k.policy AND a.gate = k.gate AND a.partition = k.partition;
-COMMENT ON COLUMN dispatch_policy.partition_overview.in_flight IS
-  'Admitted, unfinished jobs in this gate partition: the slot counter for concurrency, global_cap and adaptive_concurrency; a count of the admitted jobs for throttle and fair_interleave.';
-COMMENT ON COLUMN dispatch_policy.partition_overview.tokens IS 'Throttle tokens available now (the bucket refilled to now() by the one refill formula, _bucket_tokens).';

@@ -642,49 +642,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._fold_stats_if_due() IS
   'Internal: at the end of a tick, folds up to 20,000 deltas (fold_stats) if this session has not tried for a second and no other session holds the fold lock; a failure is a WARNING, never the tick''s error.';
 
--- _tick_release as in 0014, folding first.
-CREATE OR REPLACE FUNCTION dispatch_policy._tick_release(policy text, all_levels boolean)
-RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-DECLARE
-  key bigint := dispatch_policy._tick_lock_key(_tick_release.policy);
-  marker text := coalesce(current_setting('dispatch_policy.tick_locked', true), '');
-  saved text;
-  released boolean := false;
-BEGIN
-  -- The settings belong to this session's tick, of this policy only.
-  IF marker IN ('', _tick_release.policy) THEN
-    saved := current_setting('dispatch_policy.timeout_outside_tick', true);
-    IF saved IS NOT NULL AND saved <> '' THEN
-      PERFORM set_config('statement_timeout', saved, false);
-      PERFORM set_config('dispatch_policy.timeout_outside_tick', '', false);
-    END IF;
-    saved := current_setting('dispatch_policy.idle_outside_tick', true);
-    IF saved IS NOT NULL AND saved <> '' THEN
-      PERFORM set_config('idle_session_timeout', saved, false);
-      PERFORM set_config('dispatch_policy.idle_outside_tick', '', false);
-    END IF;
-    PERFORM set_config('dispatch_policy.tick_locked', '', false);
-  END IF;
-  IF NOT all_levels THEN
-    PERFORM dispatch_policy._fold_stats_if_due();
-    -- Granted at once: this session holds the lock (never waits for another's).
-    PERFORM pg_try_advisory_xact_lock(key);
-    RETURN pg_advisory_unlock(key);
-  END IF;
-  -- After a failure: this transaction wrote nothing of the tick (the failed
-  -- call rolled back), so no transaction-level hold is needed. pg_locks shows
-  -- one row for every level held.
-  WHILE dispatch_policy._holds_tick_lock(_tick_release.policy) LOOP
-    EXIT WHEN NOT pg_advisory_unlock(key);
-    released := true;
-  END LOOP;
-  RETURN released;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy._tick_release(text, boolean) IS
-  'Internal: gives back the session-level tick lock of a policy (once, or every level held: all_levels), holding it at transaction level until this transaction ends, and restores the statement_timeout and idle_session_timeout tick_begin replaced (when the tick under way is of this policy). At the end of a tick (not all_levels) it first folds history deltas when due (_fold_stats_if_due).';
+-- _tick_release folds the history deltas first, at the end of a tick
+-- (_fold_stats_if_due). (0014 defines it, for tick_abort; its last
+-- definition, the one in force, is in 0026_admit_integrity.sql.)
 
 CREATE FUNCTION dispatch_policy._record_refusals(
   policy text, now timestamptz, gates text[], partitions text[], counts integer[]
@@ -900,24 +860,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._policy_overview() IS
   'Internal: the rows of policy_overview (see there), computed with JIT off.';
 
-CREATE OR REPLACE VIEW dispatch_policy.policy_overview AS
-SELECT o.policy, o.pending, o.scheduled, o.in_flight, o.completed_24h, o.failed_24h, o.dead, o.oldest_pending_age,
-       o.paused, o.failing_since, o.tick_failures, o.last_error, o.retry_at, o.admitted_24h, o.lag_p50_ms, o.lag_p95_ms,
-       o.throughput_per_min
-FROM dispatch_policy._policy_overview() AS o;
-COMMENT ON VIEW dispatch_policy.policy_overview IS
-  'One row per policy: jobs waiting, scheduled, in flight, finished in the last 24 hours, dead, how long the oldest eligible job has waited, whether its ticks are failing, and recent admissions, queue lag and throughput. Reads counters and per-minute history (policy_counters, stat_minutes, plus the deltas not folded yet) instead of the jobs: its cost does not grow with the backlog (a few index probes per policy, the policy''s minute rows of the last day, the unfolded deltas).';
-COMMENT ON COLUMN dispatch_policy.policy_overview.pending IS 'Staged jobs eligible for admission now (no not_before, or one that has passed). Exact.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.scheduled IS 'Staged jobs whose not_before is still in the future. Exact.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.in_flight IS 'Admitted jobs not yet completed, failed or reaped. Exact.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.completed_24h IS 'Jobs completed in the last 24 hours, by whole UTC minutes (the oldest minute counted starts less than 24 hours and 1 minute ago).';
-COMMENT ON COLUMN dispatch_policy.policy_overview.failed_24h IS 'Failed attempts (including expired leases) in the last 24 hours, by whole minutes as completed_24h.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.dead IS 'Jobs kept as dead after max_attempts (rows of finished_jobs with status dead). Exact.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.oldest_pending_age IS 'How long the longest-waiting eligible job has been staged (NULL when none), looking at the first job in staging order of each priority and at jobs whose not_before has passed; a retry counts from when it was re-staged.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.admitted_24h IS 'Attempts admitted in the last 24 hours, by whole minutes as completed_24h.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.lag_p50_ms IS 'Median queue lag (admitted to started) in ms of the attempts that started in the last hour (by whole minutes), from the lag histograms: within a factor of sqrt(2). NULL when none started.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.lag_p95_ms IS '95th percentile queue lag in ms over the last hour, as lag_p50_ms.';
-COMMENT ON COLUMN dispatch_policy.policy_overview.throughput_per_min IS 'Jobs completed per minute, averaged over the 10 whole UTC minutes before the current one.';
+-- policy_overview reads its rows from _policy_overview and appends
+-- admitted_24h, lag_p50_ms, lag_p95_ms and throughput_per_min (it is
+-- defined once in 0.2.0, in 0025_shadow.sql).
 
 -- ---------------------------------------------------------------------------
 -- Maintenance: prune() folds these deltas first, then deletes old minute

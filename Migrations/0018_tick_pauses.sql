@@ -148,4 +148,4 @@ COMMENT ON FUNCTION dispatch_policy._drop_empty_lanes(text, text[], boolean) IS
 -- runner on a loaded machine that took over a second to decide between two
 -- calls lost its session mid-tick (seen on a CI run). A frozen runner still
 -- loses its session, and the policy's lock, after at most that long.
--- (tick_begin is defined once in 0.2.0, in 0019_admit_now.sql.)
+-- (tick_begin is defined once in 0.2.0, in 0026_admit_integrity.sql.)

@@ -80,5 +80,5 @@ ALTER FUNCTION dispatch_policy.pause_partition(text, text, text, timestamptz, te
   SECURITY DEFINER SET search_path = pg_catalog, dispatch_policy, pg_temp;
 ALTER FUNCTION dispatch_policy.resume_partition(text, text, text)
   SECURITY DEFINER SET search_path = pg_catalog, dispatch_policy, pg_temp;
-ALTER FUNCTION dispatch_policy.repair(timestamptz)
-  SECURITY DEFINER SET search_path = pg_catalog, dispatch_policy, pg_temp;
+-- repair() too: its one definition in 0.2.0, in 0026_admit_integrity.sql,
+-- states SECURITY DEFINER and the search_path.

@@ -319,20 +319,22 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._staging_config(jsonb) IS
   'Internal: the parts of a config that staging reads (lane template, partitioned gates and their templates, the staging rules; cost gates from 0024), as one value to compare: a redeclare that changes it holds the policy''s stagers off (declare_policy).';
 
--- declare_policy as in 0008; change: the locks a redeclare needs, taken
--- before the config is written, in the order every writer of a policy
--- takes them: its tick lock (a tick under way ends first; pause and
--- drop_policy take it first too), its admitted jobs by id (a worker failing
--- or deferring a job holds its row, then takes the partitions lock to stage
--- it again), and, when what staging reads changes (_staging_config), its
--- partitions lock exclusively (a stager holds it shared from before it
--- reads the config until commit); then the policy row. A stager therefore
--- never stages under a config that a redeclare changes before the stager
--- commits (found by hostile testing: a stager that had read the config
--- without the lock staged past a cap being added, and its triggers took
--- counter rows out of order with the redeclare: deadlocks), and never waits
--- for a tick (the redeclare takes the partitions lock once the tick lock is
--- its own). A declare that changes nothing takes no lock.
+-- declare_policy, defined once in 0.2.0 (validation in the policies_validate
+-- trigger too, 0007; a replaced config recomputes the in-flight counters,
+-- 0008): it validates first, so a bad config waits for nothing, then takes
+-- the locks a redeclare needs before the config is written, in the order
+-- every writer of a policy takes them: its tick lock (a tick under way ends
+-- first; pause and drop_policy take it first too), its admitted jobs by id
+-- (a worker failing or deferring a job holds its row, then takes the
+-- partitions lock to stage it again), and, when what staging reads changes
+-- (_staging_config), its partitions lock exclusively (a stager holds it
+-- shared from before it reads the config until commit); then the policy row.
+-- A stager therefore never stages under a config that a redeclare changes
+-- before the stager commits (found by hostile testing: a stager that had
+-- read the config without the lock staged past a cap being added, and its
+-- triggers took counter rows out of order with the redeclare: deadlocks),
+-- and never waits for a tick (the redeclare takes the partitions lock once
+-- the tick lock is its own). A declare that changes nothing takes no lock.
 CREATE OR REPLACE FUNCTION dispatch_policy.declare_policy(name text, config jsonb)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -438,181 +440,12 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._expire_staged(text, timestamptz) IS
   'Internal: finishes every staged job of a policy whose expires_at is at or before now as expired (last_error: when it expired, and whether max_wait or expires_at set the deadline), through staged_jobs_expires_idx; jobs locked by another transaction are skipped (the fetch skips them as well). Returns how many.';
 
--- promote_scheduled as in 0008, copied; change: it first expires the
--- policy's jobs whose deadline passed (all of them, not max_rows: none may
--- be fetched after it).
-CREATE OR REPLACE FUNCTION dispatch_policy.promote_scheduled(policy text, max_rows integer, now timestamptz DEFAULT now())
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-AS $$
-DECLARE
-  promoted integer;
-BEGIN
-  PERFORM dispatch_policy._require_now(promote_scheduled.now);
-  PERFORM dispatch_policy._expire_staged(promote_scheduled.policy, promote_scheduled.now);
-  UPDATE dispatch_policy.staged_jobs s SET not_before = NULL
-  WHERE s.id IN (
-    SELECT d.id FROM dispatch_policy.staged_jobs d
-    WHERE d.policy = promote_scheduled.policy AND d.not_before IS NOT NULL AND d.not_before <= promote_scheduled.now
-    ORDER BY d.not_before
-    LIMIT max_rows
-    FOR UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS promoted = ROW_COUNT;
-  RETURN promoted;
-END
-$$;
-COMMENT ON FUNCTION dispatch_policy.promote_scheduled(text, integer, timestamptz) IS
-  'Finishes the policy''s staged jobs whose expires_at is at or before now as expired (all of them; rows locked elsewhere are skipped), then makes up to max_rows scheduled jobs whose not_before has passed eligible (earliest first; rows locked elsewhere are skipped). Returns how many were made eligible. Run by tick_begin before each fetch.';
+-- (promote_scheduled: its one definition in 0.2.0 is in
+-- 0026_admit_integrity.sql, where the expiry is the fetch's alone.)
 
--- fetch_batch as in 0012, copied; change: it first expires the policy's
--- jobs whose deadline passed, so it returns none even when promote_scheduled
--- did not run.
-CREATE OR REPLACE FUNCTION dispatch_policy.fetch_batch(
-  policy text, batch_size integer, round_robin_quantum integer DEFAULT NULL, now timestamptz DEFAULT now()
-)
-RETURNS TABLE (id bigint, priority integer, round_robin_key text, context jsonb, lane integer)
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
--- Each lane asks for rows ordered by (round_robin_key, priority, id), which
--- only staged_jobs_round_robin_idx gives without sorting; with sorts priced
--- out, it is the plan whatever the statistics say (right after a large
--- stage_many they may believe the policy holds a row or two).
-SET enable_sort = off
--- Pricing sorts out inflates the plan's cost past jit_above_cost: no JIT for
--- a few hundred rows (it costs half a second).
-SET jit = off
-AS $$
-DECLARE
-  keys text[];
-  chunk text[];
-  cursor_key text;
-  quantum integer;
-  taken integer := 0;
-  pos integer := 0;
-  width integer;
-  got_ids bigint[] := '{}'::bigint[];
-  got_lanes integer[] := '{}'::integer[];
-  got_ranks integer[] := '{}'::integer[];
-  full_lanes integer[] := '{}'::integer[];
-  empty_lanes text[] := '{}'::text[];
-  keyless_empty boolean := false;
-  more bigint[];
-  lane_of integer;
-BEGIN
-  PERFORM dispatch_policy._require_now(fetch_batch.now);
-  -- Deadlines (0023): jobs whose expires_at has passed are finished as
-  -- expired first, so the fetch below never returns one.
-  PERFORM dispatch_policy._expire_staged(fetch_batch.policy, fetch_batch.now);
-  IF batch_size IS NULL OR NOT dispatch_policy._within_limit(batch_size, 'batch_size') THEN
-    RAISE EXCEPTION 'batch_size %', dispatch_policy._limit_rule('batch_size')
-      USING ERRCODE = '22023', DETAIL = format('batch_size is %s.', coalesce(batch_size::text, 'NULL'));
-  END IF;
-  IF round_robin_quantum IS NOT NULL AND NOT dispatch_policy._within_limit(round_robin_quantum, 'round_robin_quantum') THEN
-    RAISE EXCEPTION 'round_robin_quantum %', dispatch_policy._limit_rule('round_robin_quantum')
-      USING ERRCODE = '22023', DETAIL = format('round_robin_quantum is %s.', round_robin_quantum);
-  END IF;
-  IF round_robin_quantum IS NULL THEN
-    RETURN QUERY
-      SELECT s.id, s.priority, s.round_robin_key, s.context, 0
-      FROM (SELECT j.id, j.priority, j.round_robin_key, j.context FROM dispatch_policy.staged_jobs j
-            WHERE j.policy = fetch_batch.policy AND j.not_before IS NULL
-            ORDER BY j.priority, j.id
-            LIMIT batch_size
-            FOR UPDATE SKIP LOCKED) s
-      ORDER BY s.priority, s.id;
-    RETURN;
-  END IF;
-
-  -- Lanes whose block has run out are ready again.
-  UPDATE dispatch_policy.lanes l SET blocked_until = NULL, blocked_gate = NULL, blocked_partition = NULL,
-                                     updated_at = fetch_batch.now
-  WHERE l.policy = fetch_batch.policy AND l.blocked_until <= fetch_batch.now;
-
-  SELECT c.last_key INTO cursor_key FROM dispatch_policy.round_robin_cursors c WHERE c.policy = fetch_batch.policy;
-  -- Never more than batch_size rows: a quantum above the batch size is the batch size.
-  quantum := least(round_robin_quantum, batch_size);
-  -- A lane with jobs gives at least one: batch_size lanes are always enough.
-  keys := dispatch_policy._ready_lanes(fetch_batch.policy, cursor_key, batch_size);
-
-  -- Up to `quantum` rows from each lane, as many lanes at a time as could
-  -- fill the rest of the batch, until it is full or the lanes run out.
-  WHILE pos < cardinality(keys) AND taken < batch_size LOOP
-    width := least(ceil((batch_size - taken)::numeric / quantum)::integer, cardinality(keys) - pos);
-    chunk := keys[pos + 1 : pos + width];
-    WITH fetched AS MATERIALIZED (
-      SELECT k.n::integer AS lane, j.id, row_number() OVER (PARTITION BY k.n ORDER BY j.priority, j.id)::integer AS rank
-      FROM unnest(chunk) WITH ORDINALITY AS k(key, n)
-      CROSS JOIN LATERAL (
-        -- The key as a range, not =: with =, the key is a constant and the
-        -- (priority, id) order of staged_jobs_ready_idx would do unsorted.
-        SELECT s.id, s.priority FROM dispatch_policy.staged_jobs s
-        WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
-          AND s.round_robin_key >= k.key AND s.round_robin_key <= k.key
-        ORDER BY s.round_robin_key, s.priority, s.id
-        LIMIT quantum
-        FOR UPDATE SKIP LOCKED) j
-      WHERE k.key IS NOT NULL
-      UNION ALL
-      SELECT array_position(chunk, NULL), s.id, (row_number() OVER (ORDER BY s.priority, s.id))::integer
-      FROM (SELECT s.id, s.priority FROM dispatch_policy.staged_jobs s
-            WHERE array_position(chunk, NULL) IS NOT NULL
-              AND s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
-            ORDER BY s.priority, s.id
-            LIMIT quantum
-            FOR UPDATE SKIP LOCKED) s
-    )
-    SELECT got_ids || coalesce(array_agg(r.id ORDER BY r.lane, r.rank), '{}'),
-           got_lanes || coalesce(array_agg(pos + r.lane ORDER BY r.lane, r.rank), '{}'),
-           got_ranks || coalesce(array_agg(r.rank ORDER BY r.lane, r.rank), '{}'),
-           full_lanes || coalesce(array_agg(pos + r.lane) FILTER (WHERE r.rank = quantum), '{}'),
-           empty_lanes || coalesce(ARRAY(SELECT k.key FROM unnest(chunk) WITH ORDINALITY AS k(key, n)
-                                         WHERE k.key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fetched x WHERE x.lane = k.n)), '{}'),
-           keyless_empty OR coalesce(array_position(chunk, NULL) IS NOT NULL
-                                     AND NOT EXISTS (SELECT 1 FROM fetched x WHERE x.lane = array_position(chunk, NULL)), false)
-    INTO got_ids, got_lanes, got_ranks, full_lanes, empty_lanes, keyless_empty
-    FROM fetched r;
-    taken := cardinality(got_ids);
-    pos := pos + width;
-  END LOOP;
-
-  -- The batch is not full and lanes that gave a whole quantum may have more:
-  -- their oldest further rows, interleaved after the first rounds.
-  IF taken < batch_size AND cardinality(full_lanes) > 0 THEN
-    FOREACH lane_of IN ARRAY full_lanes LOOP
-      IF keys[lane_of] IS NULL THEN
-        more := ARRAY(SELECT s.id FROM dispatch_policy.staged_jobs s
-                      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL AND s.round_robin_key IS NULL
-                        AND s.id <> ALL (got_ids)
-                      ORDER BY s.priority, s.id LIMIT batch_size - taken FOR UPDATE SKIP LOCKED);
-      ELSE
-        more := ARRAY(SELECT s.id FROM dispatch_policy.staged_jobs s
-                      WHERE s.policy = fetch_batch.policy AND s.not_before IS NULL
-                        AND s.round_robin_key >= keys[lane_of] AND s.round_robin_key <= keys[lane_of]
-                        AND s.id <> ALL (got_ids)
-                      ORDER BY s.round_robin_key, s.priority, s.id LIMIT batch_size - taken FOR UPDATE SKIP LOCKED);
-      END IF;
-      FOR i IN 1 .. coalesce(cardinality(more), 0) LOOP
-        got_ids := got_ids || more[i];
-        got_lanes := got_lanes || lane_of;
-        got_ranks := got_ranks || (quantum + i);
-      END LOOP;
-      taken := cardinality(got_ids);
-      EXIT WHEN taken >= batch_size;
-    END LOOP;
-  END IF;
-
-  IF cardinality(empty_lanes) > 0 OR keyless_empty THEN
-    PERFORM dispatch_policy._drop_empty_lanes(fetch_batch.policy, empty_lanes, keyless_empty);
-  END IF;
-
-  RETURN QUERY
-  SELECT s.id, s.priority, s.round_robin_key, s.context, g.lane
-  FROM unnest(got_ids, got_lanes, got_ranks) AS g(id, lane, rank)
-  JOIN dispatch_policy.staged_jobs s ON s.id = g.id
-  WHERE s.id = ANY (got_ids)
-  ORDER BY s.priority, g.rank, g.lane, s.id
-  LIMIT batch_size;
-END
-$$;
+-- fetch_batch first expires the policy's jobs whose deadline passed, so it
+-- returns none even when promote_scheduled did not run. (fetch_batch is
+-- defined once in 0.2.0, in 0024_cost_weights.sql.)
 
 -- ---------------------------------------------------------------------------
 -- Staging with the rules: one job at a time, in input order.
@@ -1196,23 +1029,7 @@ COMMENT ON FUNCTION dispatch_policy.stage_many(text, jsonb) IS
 -- status, finished_at) of those two statuses only, not from the per-minute
 -- history: one index range per policy and status, as long as the last day's
 -- expired or dropped jobs of the policy.
-CREATE OR REPLACE VIEW dispatch_policy.policy_overview AS
-SELECT o.policy, o.pending, o.scheduled, o.in_flight, o.completed_24h, o.failed_24h, o.dead, o.oldest_pending_age,
-       o.paused, o.failing_since, o.tick_failures, o.last_error, o.retry_at, o.admitted_24h, o.lag_p50_ms, o.lag_p95_ms,
-       o.throughput_per_min,
-       (SELECT count(*) FROM dispatch_policy.finished_jobs f
-        WHERE f.policy = o.policy AND f.status = 'expired' AND f.finished_at > now() - interval '24 hours') AS expired_24h,
-       (SELECT count(*) FROM dispatch_policy.finished_jobs f
-        WHERE f.policy = o.policy AND f.status = 'dropped' AND f.finished_at > now() - interval '24 hours') AS dropped_24h,
-       (SELECT count(*) FROM dispatch_policy.job_deferrals d
-        WHERE d.policy = o.policy AND d.deferred_at > now() - interval '24 hours') AS deferred_24h
-FROM dispatch_policy._policy_overview() AS o;
-COMMENT ON COLUMN dispatch_policy.policy_overview.expired_24h IS
-  'Jobs finished as expired (their expires_at passed before admission) in the last 24 hours. Exact (finished_jobs, until pruned).';
-COMMENT ON COLUMN dispatch_policy.policy_overview.dropped_24h IS
-  'Jobs finished as dropped (the oldest of a partition at max_pending_per_partition, on_overflow drop_oldest) in the last 24 hours. Exact (finished_jobs, until pruned).';
-COMMENT ON COLUMN dispatch_policy.policy_overview.deferred_24h IS
-  'Deferrals by workers (defer(): backpressure from downstream) in the last 24 hours. Exact (job_deferrals, until pruned).';
+-- (policy_overview is defined once in 0.2.0, in 0025_shadow.sql.)
 
 -- ---------------------------------------------------------------------------
 -- explain gives a staged job with a deadline a row of aspect deadline after
@@ -1223,14 +1040,15 @@ COMMENT ON COLUMN dispatch_policy.policy_overview.deferred_24h IS
 -- after partition_counters (it is defined once in 0.2.0, in 0025_shadow.sql).
 
 -- ---------------------------------------------------------------------------
--- A worker's call on a job it deferred: _raise_not_admitted as in 0008,
--- copied; change: a job that defer() handed back to staging, and that waits
--- as the same attempt, is said to be deferred (found by hostile testing: a
+-- A worker's call on a job it deferred: _raise_not_admitted, defined once
+-- in 0.2.0 (the documented error for a worker call that found no admitted
+-- attempt, 0008), says that a job that defer() handed back to staging, and
+-- that waits as the same attempt, was deferred (found by hostile testing: a
 -- second defer() of the job got DP001 "attempt 1 ... is not the current
 -- attempt", detail "waits for admission as attempt 1 (its lease ran out,
 -- or it failed)", when 1 is its current attempt and neither happened).
 -- Same SQLSTATEs: DP001 with attempt, P0002 without.
-CREATE OR REPLACE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
+CREATE FUNCTION dispatch_policy._raise_not_admitted(id bigint, attempt integer)
 RETURNS void
 LANGUAGE plpgsql STABLE SECURITY INVOKER
 AS $$

@@ -318,9 +318,10 @@ COMMENT ON FUNCTION dispatch_policy.validate_policy(text, jsonb) IS
 
 -- ---------------------------------------------------------------------------
 -- check() and repair(): a shadow deficit is not a negative-token finding.
--- _bucket_problems as in 0011, copied; change: the shadow exemption.
+-- _bucket_problems, defined once in 0.2.0 (0011 says what it finds), with
+-- the shadow exemption.
 
-CREATE OR REPLACE FUNCTION dispatch_policy._bucket_problems(now timestamptz)
+CREATE FUNCTION dispatch_policy._bucket_problems(now timestamptz)
 RETURNS TABLE (policy text, gate text, partition text, problem text, tokens double precision, level double precision,
                burst double precision, stored_burst double precision, config_burst double precision)
 LANGUAGE sql STABLE SECURITY INVOKER
@@ -361,8 +362,12 @@ COMMENT ON FUNCTION dispatch_policy._bucket_problems(timestamptz) IS
   'Internal: throttle buckets of current throttle gates whose tokens are NaN or infinite (bucket_not_finite), whose level at now (_bucket_tokens) is below 0 (bucket_negative_tokens; not for a shadow policy''s bucket, nor one whose partition recorded would-refusals in shadow_refusals: that deficit is shadow mode''s, and it refills) or above the burst (bucket_over_burst): the config''s fixed burst for buckets refilled since the config last changed, else the burst stored with the bucket. burst is that burst, stored_burst the bucket''s, config_burst the config''s (NULL when read from job contexts).';
 
 -- ---------------------------------------------------------------------------
--- partition_overview: 0020's, copied; changes: shadow_refusals rows are
--- listed too, and four columns are appended.
+-- partition_overview, defined once in 0.2.0: 0.1.0's columns, with the
+-- partitions rendered as admission renders them, in_flight of throttle and
+-- fair_interleave gates counted from the admitted jobs and tokens refilled
+-- by _bucket_tokens (0008), pending and last_staged_at read from the
+-- counters (0020); shadow_refusals rows are listed too, and four columns
+-- are appended.
 
 CREATE OR REPLACE VIEW dispatch_policy.partition_overview AS
 WITH gates AS (
@@ -464,6 +469,14 @@ LEFT JOIN dispatch_policy.throttle_buckets b ON b.policy = k.policy AND b.gate =
 LEFT JOIN dispatch_policy.inflight_counters c ON c.policy = k.policy AND c.gate = k.gate AND c.partition = k.partition
 LEFT JOIN dispatch_policy.adaptive_stats a ON a.policy = k.policy AND a.gate = k.gate AND a.partition = k.partition
 LEFT JOIN dispatch_policy.shadow_refusals r ON r.policy = k.policy AND r.gate = k.gate AND r.partition = k.partition;
+COMMENT ON VIEW dispatch_policy.partition_overview IS
+  'One row per gate partition with staged jobs, jobs in flight or gate state (buckets, counters, adaptive state), of gates still in their policy. Pending jobs and last staging come from counters kept as jobs move (partition_counters; policy_counters for the one partition ''default'' of an unpartitioned gate), not from the jobs: its cost grows with the partitions, the jobs in flight and the unfolded deltas, not with the backlog.';
+COMMENT ON COLUMN dispatch_policy.partition_overview.pending IS
+  'Staged jobs in this partition, eligible and scheduled (before 0020: eligible only). Exact. NULL for a fair_interleave gate whose own partition_by no partitioned gate shares (its partitions are not counted).';
+COMMENT ON COLUMN dispatch_policy.partition_overview.in_flight IS
+  'Admitted, unfinished jobs in this gate partition: the slot counter for concurrency, global_cap and adaptive_concurrency; a count of the admitted jobs for throttle and fair_interleave.';
+COMMENT ON COLUMN dispatch_policy.partition_overview.last_staged_at IS
+  'When a job was last staged into this partition (new, a retry, or moved into it by a changed template), admitted since or not (before 0020: the latest staging among the jobs still waiting).';
 COMMENT ON COLUMN dispatch_policy.partition_overview.tokens IS
   'Throttle tokens available now (the bucket refilled to now() by the one refill formula, _bucket_tokens). Below 0 only in a shadow policy''s bucket (or one back to enforce that has not refilled yet): the deficit of the jobs admitted beyond the budget.';
 COMMENT ON COLUMN dispatch_policy.partition_overview.would_refuse IS
@@ -476,7 +489,10 @@ COMMENT ON COLUMN dispatch_policy.partition_overview.over_cap IS
   'A concurrency, global_cap or adaptive_concurrency gate: jobs in flight beyond the cap now (0 within it; above 0 only through a shadow policy, and then until enough jobs finish; NULL for a cap read from job contexts and for other gates).';
 
 -- ---------------------------------------------------------------------------
--- policy_overview: 0023's, copied, with the policy's mode appended.
+-- policy_overview, defined once in 0.2.0: 0.1.0's columns, failing ticks
+-- (0008), the rows of _policy_overview with recent admissions, lag and
+-- throughput (0016), the last day's expired, dropped and deferred jobs
+-- (0023), and the policy's mode.
 CREATE OR REPLACE VIEW dispatch_policy.policy_overview AS
 SELECT o.policy, o.pending, o.scheduled, o.in_flight, o.completed_24h, o.failed_24h, o.dead, o.oldest_pending_age,
        o.paused, o.failing_since, o.tick_failures, o.last_error, o.retry_at, o.admitted_24h, o.lag_p50_ms, o.lag_p95_ms,
@@ -489,6 +505,29 @@ SELECT o.policy, o.pending, o.scheduled, o.in_flight, o.completed_24h, o.failed_
         WHERE d.policy = o.policy AND d.deferred_at > now() - interval '24 hours') AS deferred_24h,
        (SELECT dispatch_policy._policy_mode(p.config) FROM dispatch_policy.policies p WHERE p.name = o.policy) AS mode
 FROM dispatch_policy._policy_overview() AS o;
+COMMENT ON VIEW dispatch_policy.policy_overview IS
+  'One row per policy: jobs waiting, scheduled, in flight, finished in the last 24 hours, dead, how long the oldest eligible job has waited, whether its ticks are failing, and recent admissions, queue lag and throughput. Reads counters and per-minute history (policy_counters, stat_minutes, plus the deltas not folded yet) instead of the jobs: its cost does not grow with the backlog (a few index probes per policy, the policy''s minute rows of the last day, the unfolded deltas).';
+COMMENT ON COLUMN dispatch_policy.policy_overview.pending IS 'Staged jobs eligible for admission now (no not_before, or one that has passed). Exact.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.scheduled IS 'Staged jobs whose not_before is still in the future. Exact.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.in_flight IS 'Admitted jobs not yet completed, failed or reaped. Exact.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.completed_24h IS 'Jobs completed in the last 24 hours, by whole UTC minutes (the oldest minute counted starts less than 24 hours and 1 minute ago).';
+COMMENT ON COLUMN dispatch_policy.policy_overview.failed_24h IS 'Failed attempts (including expired leases) in the last 24 hours, by whole minutes as completed_24h.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.dead IS 'Jobs kept as dead after max_attempts (rows of finished_jobs with status dead). Exact.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.oldest_pending_age IS 'How long the longest-waiting eligible job has been staged (NULL when none), looking at the first job in staging order of each priority and at jobs whose not_before has passed; a retry counts from when it was re-staged.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.failing_since IS 'When the policy''s ticks started failing (NULL when they succeed).';
+COMMENT ON COLUMN dispatch_policy.policy_overview.tick_failures IS 'Failed ticks in a row.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.last_error IS 'The error of the last failed tick.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.retry_at IS 'When a runner retries the failing policy.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.admitted_24h IS 'Attempts admitted in the last 24 hours, by whole minutes as completed_24h.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.lag_p50_ms IS 'Median queue lag (admitted to started) in ms of the attempts that started in the last hour (by whole minutes), from the lag histograms: within a factor of sqrt(2). NULL when none started.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.lag_p95_ms IS '95th percentile queue lag in ms over the last hour, as lag_p50_ms.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.throughput_per_min IS 'Jobs completed per minute, averaged over the 10 whole UTC minutes before the current one.';
+COMMENT ON COLUMN dispatch_policy.policy_overview.expired_24h IS
+  'Jobs finished as expired (their expires_at passed before admission) in the last 24 hours. Exact (finished_jobs, until pruned).';
+COMMENT ON COLUMN dispatch_policy.policy_overview.dropped_24h IS
+  'Jobs finished as dropped (the oldest of a partition at max_pending_per_partition, on_overflow drop_oldest) in the last 24 hours. Exact (finished_jobs, until pruned).';
+COMMENT ON COLUMN dispatch_policy.policy_overview.deferred_24h IS
+  'Deferrals by workers (defer(): backpressure from downstream) in the last 24 hours. Exact (job_deferrals, until pruned).';
 COMMENT ON COLUMN dispatch_policy.policy_overview.mode IS
   'enforce, or shadow: the policy admits every job it fetches and records what its gates would have refused (partition_overview.would_refuse).';
 

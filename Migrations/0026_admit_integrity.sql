@@ -35,9 +35,11 @@
 -- call fetch_batch), no longer also in promote_scheduled, which now never
 -- makes a job past its deadline eligible.
 
--- tick_begin as in 0019, copied; change: it keeps what it fetched (ids, row
+-- tick_begin, defined once in 0.2.0 (the first call of a tick, 0014; an
+-- idle_session_timeout of at least 10 s between a tick's calls, 0018;
+-- only_gate and only_partition, 0019): it keeps what it fetched (ids, row
 -- versions, throttle costs) for _admit, and expires when it does not fetch.
-CREATE OR REPLACE FUNCTION dispatch_policy.tick_begin(
+CREATE FUNCTION dispatch_policy.tick_begin(
   policy text, batch_size integer, round_robin_quantum integer, max_observations integer DEFAULT 10000,
   timeout_ms integer DEFAULT NULL, only_gate text DEFAULT NULL, only_partition text DEFAULT NULL
 )
@@ -232,7 +234,8 @@ $$;
 COMMENT ON FUNCTION dispatch_policy.tick_begin(text, integer, integer, integer, integer, text, text) IS
   'The first call of a tick; the tick''s calls run in autocommit, each its own transaction. Takes the policy''s tick lock at session level (held until tick_finish, tick_abort or the session''s end; 55000 if this session is already in a tick or still holds the lock) and, until then, sets the session''s statement_timeout to timeout_ms and its idle_session_timeout to timeout_ms (at least 10 s; 60 s without timeout_ms), so a client that stops answering between the calls loses its session and the lock; then, if the policy is not paused: reads (does not remove) up to max_observations observations of every adaptive gate, promote_scheduled and fetch_batch (without a fetch, _expire_staged), with the policy''s batch_size and round_robin_quantum (else the arguments); no fetch while a global_cap is full. With only_gate and only_partition (both or neither; admit now): the fetch is instead up to batch_size (1 to limits() batch_size, the policy''s own ignored) eligible jobs whose partition of that gate is only_partition (_fetch_partition), outside the rotation; the caller should finish with round_robin_cursor {"hold": true} and no lane blocks. Errors then, before any lock: unknown policy or gate 42704, NULL gate or partition 22004, a gate that is not partitioned, a partition over limits() partition_key, batch_size out of bounds, one of the pair without the other 22023. Rows by kind: busy, unknown or paused (one row; nothing else done, no lock kept); tick (config and the tick''s time, first); observation (id, gate, partition, lag_ms, success, observed_at); job (id, priority, round_robin_key, context, lane, in fetch order); done (last: nothing fetched or observed, the lock is given back and the tick is over). The ids and row versions of the jobs returned (and their throttle costs, for a policy with cost gates) are kept in the session (settings dispatch_policy.tick_fetched_*) until the tick ends: tick_finish admits a job only if its row is unchanged since (see _admit).';
 
--- _tick_release as in 0016, copied; change: it forgets what the tick fetched.
+-- _tick_release (0014's, which tick_abort needs when it is created; folding
+-- the history deltas first, 0016) forgets what the tick fetched.
 CREATE OR REPLACE FUNCTION dispatch_policy._tick_release(policy text, all_levels boolean)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -279,8 +282,9 @@ $$;
 COMMENT ON FUNCTION dispatch_policy._tick_release(text, boolean) IS
   'Internal: gives back the session-level tick lock of a policy (once, or every level held: all_levels), holding it at transaction level until this transaction ends, and restores the statement_timeout and idle_session_timeout tick_begin replaced and forgets the jobs it fetched (when the tick under way is of this policy). At the end of a tick (not all_levels) it first folds history deltas when due (_fold_stats_if_due).';
 
--- promote_scheduled as in 0023, copied; change: no expiry (the fetch does
--- it), and never a job whose deadline passed.
+-- promote_scheduled, defined once in 0.2.0 (0.1.0's, now checked by
+-- _require_now, 0008): it expires nothing (the fetch does, see above) and
+-- never makes a job whose deadline passed eligible.
 CREATE OR REPLACE FUNCTION dispatch_policy.promote_scheduled(policy text, max_rows integer, now timestamptz DEFAULT now())
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -304,9 +308,14 @@ $$;
 COMMENT ON FUNCTION dispatch_policy.promote_scheduled(text, integer, timestamptz) IS
   'Makes up to max_rows scheduled jobs of a policy whose not_before has passed eligible (earliest first; rows locked elsewhere are skipped), never one whose expires_at has passed (the fetch finishes those as expired). Returns how many were made eligible. Run by tick_begin before each fetch.';
 
--- _admit as in 0024, copied; change: in a tick, jobs changed or gone since
--- the fetch are skipped (see the top of this file).
-CREATE OR REPLACE FUNCTION dispatch_policy._admit(
+-- _admit, defined once in 0.2.0: the one implementation of admit and of
+-- tick_finish's admission (0014). jobs: ids; for each job its partition of
+-- every gate in gate_names, as one flat array (job 1's partitions, then job
+-- 2's, ...; NULL: the job has no partition for that gate). The round-robin
+-- cursor also keeps served and served_lane (weighted lanes, 0024). In a
+-- tick, jobs changed or gone since the fetch are skipped (see the top of
+-- this file).
+CREATE FUNCTION dispatch_policy._admit(
   policy text, ids bigint[], gate_names text[], partitions text[],
   take_gates text[], take_partitions text[], take_tokens double precision[],
   lease_seconds integer, now timestamptz, round_robin_cursor jsonb,
@@ -579,6 +588,331 @@ COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[
 
 COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
   'The job''s deadline: if not admitted by then it is finished as expired (by the next tick''s fetch, fetch_batch), never admitted. The expires_at given to stage, or staged_at + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
+
+-- ---------------------------------------------------------------------------
+-- check() and repair(), defined once in 0.2.0 (0011; repair() runs as the
+-- owner, 0021), also compare backlog_counters with the staged jobs: a
+-- counter that drifted (a hand edit, a bug) lets a partition past its
+-- max_pending_per_partition when it counts too few, and refuses or drops
+-- jobs under the cap when it counts too many, without an error either way.
+
+-- The backlog counters of capped policies that differ from their staged
+-- jobs per lane key (backlog_counter_mismatch; counted, staged), and the
+-- lane keys with staged jobs but no counter row (backlog_counter_missing),
+-- as _rebuild_backlog counts them. Rows at 0 are right (they stay), rows of
+-- policies without the cap are not read.
+CREATE FUNCTION dispatch_policy._backlog_findings()
+RETURNS TABLE (finding text, policy text, lane text, counted bigint, staged bigint)
+LANGUAGE sql STABLE SECURITY INVOKER
+AS $$
+  WITH capped AS (
+    SELECT p.name FROM dispatch_policy.policies p WHERE p.config ? 'max_pending_per_partition'
+  ), actual AS (
+    SELECT s.policy, s.round_robin_key AS lane, count(*) AS n
+    FROM dispatch_policy.staged_jobs s
+    WHERE s.policy IN (SELECT c.name FROM capped c)
+    GROUP BY 1, 2
+  ), counters AS (
+    SELECT b.policy, b.lane, b.staged
+    FROM dispatch_policy.backlog_counters b
+    WHERE b.policy IN (SELECT c.name FROM capped c)
+  )
+  SELECT CASE WHEN b.staged IS NULL THEN 'backlog_counter_missing' ELSE 'backlog_counter_mismatch' END,
+         coalesce(b.policy, a.policy), CASE WHEN b.policy IS NOT NULL THEN b.lane ELSE a.lane END,
+         b.staged, coalesce(a.n, 0)
+  FROM counters b
+  -- Hash-joinable conditions (a FULL JOIN takes no IS NOT DISTINCT FROM);
+  -- together they match a NULL lane (keyless jobs) with NULL only.
+  FULL JOIN actual a ON a.policy = b.policy AND (a.lane IS NULL) = (b.lane IS NULL)
+                        AND coalesce(a.lane, '') = coalesce(b.lane, '')
+  WHERE b.staged IS DISTINCT FROM coalesce(a.n, 0)
+$$;
+COMMENT ON FUNCTION dispatch_policy._backlog_findings() IS
+  'Internal: for policies with max_pending_per_partition, backlog_counters rows whose staged differs from the policy''s staged jobs with that lane key (backlog_counter_mismatch: counted, staged) and lane keys with staged jobs and no row (backlog_counter_missing: counted NULL), counted as _rebuild_backlog counts them.';
+
+CREATE FUNCTION dispatch_policy."check"(now timestamptz DEFAULT now())
+RETURNS TABLE (finding text, policy text, gate text, partition_key text, job_id bigint, detail text)
+LANGUAGE sql STABLE SECURITY INVOKER
+AS $$
+  SELECT dispatch_policy._require_now(now);
+  SELECT x.finding, x.policy, x.gate, x.partition_key, x.job_id, x.detail
+  FROM (
+    SELECT 'job_in_two_states'::text AS finding, d.policy, NULL::text AS gate, NULL::text AS partition_key, d.job_id,
+           'in ' || array_to_string(ARRAY[CASE WHEN d.staged THEN 'staged_jobs' END,
+                                          CASE WHEN d.admitted THEN 'admitted_jobs' END,
+                                          CASE WHEN d.finished IS NOT NULL THEN 'finished_jobs (' || d.finished || ')' END],
+                                    ' and ') AS detail
+    FROM dispatch_policy._jobs_in_two_states() d
+    UNION ALL
+    SELECT s.finding, s.policy, s.gate, s.partition, s.job_id,
+           CASE WHEN s.finding = 'job_slot_mismatch'
+                THEN format('the job records %s, the current config gives %s',
+                            coalesce('partition ' || quote_literal(s.recorded), 'no partition'), quote_literal(s.partition))
+                ELSE format('%s, %s admitted job%s a slot here', coalesce('counter says ' || s.counted, 'no counter row'),
+                            s.held, CASE WHEN s.held = 1 THEN ' holds' ELSE 's hold' END) END
+    FROM dispatch_policy._slot_findings() s
+    UNION ALL
+    SELECT b.problem, b.policy, b.gate, b.partition, NULL,
+           CASE b.problem
+             WHEN 'bucket_not_finite' THEN format('tokens is %s', b.tokens)
+             WHEN 'bucket_negative_tokens' THEN format('%s tokens now, below 0', dispatch_policy._tokens_text(b.level))
+             ELSE format('%s tokens now, above the burst of %s',
+                         dispatch_policy._tokens_text(greatest(b.tokens, b.level)), dispatch_policy._tokens_text(b.burst))
+           END
+    FROM dispatch_policy._bucket_problems(now) b
+    UNION ALL
+    SELECT k.problem, k.policy, NULL, NULL, k.job_id,
+           CASE k.problem
+             WHEN 'dedupe_key_of_finished_job' THEN format('key %L is still held by the job, which is %s', k.dedupe_key, k.job_state)
+             WHEN 'dedupe_key_without_job' THEN format('key %L is held by a job that is in no job table', k.dedupe_key)
+             WHEN 'dedupe_key_mismatch' THEN format('key %L is held by the job, which is %s with %s', k.dedupe_key,
+                                                    k.job_state, coalesce('key ' || quote_literal(k.job_key), 'no key'))
+             ELSE format('the job is %s with key %L, but nothing holds the key', k.job_state, k.dedupe_key)
+           END
+    FROM dispatch_policy._dedupe_problems() k
+    UNION ALL
+    SELECT o.finding, o.policy, o.gate, o.partition, NULL,
+           CASE WHEN o.tbl IN ('observations', 'observation_minutes')
+                THEN format('%s row%s of %s: %s', o.rows, CASE WHEN o.rows = 1 THEN '' ELSE 's' END, o.tbl, o.reason)
+                ELSE format('%s row%s: %s', o.tbl, coalesce(' with in_flight ' || o.in_flight, ''), o.reason) END
+    FROM dispatch_policy._orphaned_state() o
+    UNION ALL
+    SELECT b.finding, b.policy, NULL, b.lane, NULL,
+           format('%s, %s job%s staged in this partition%s', coalesce('counter says ' || b.counted, 'no counter row'),
+                  b.staged, CASE WHEN b.staged = 1 THEN ' is' ELSE 's are' END,
+                  CASE WHEN b.lane IS NULL THEN ' (the jobs without a lane key)' ELSE '' END)
+    FROM dispatch_policy._backlog_findings() b
+  ) x
+  ORDER BY x.finding, x.policy, x.gate, x.partition_key, x.job_id, x.detail
+$$;
+COMMENT ON FUNCTION dispatch_policy."check"(timestamptz) IS
+  'Lists every inconsistency of the stored state, one row each, none when it is consistent; changes nothing. finding is one of: job_in_two_states (a job id in two of staged_jobs, admitted_jobs, finished_jobs), job_slot_mismatch (an admitted job records another partition than its current config gives, for a slot-holding gate), counter_mismatch and counter_missing (an in-flight counter differs from the admitted jobs holding a slot there under the current config, or is missing), bucket_over_burst, bucket_negative_tokens, bucket_not_finite (throttle tokens above the burst, below 0, NaN or infinite at now), dedupe_key_of_finished_job, dedupe_key_without_job, dedupe_key_mismatch, dedupe_key_missing (a key held by a finished or unknown job or by a job with another key, or a pending or admitted job whose key nobody holds), orphaned_gate_state, orphaned_observation, orphaned_policy_state (rows of policies or gates that no longer exist), backlog_counter_mismatch and backlog_counter_missing (a backlog counter of a policy with max_pending_per_partition differs from its jobs staged with that lane key, partition_key, or is missing). detail says what disagrees, with the numbers. Reads every job table and renders the partitions of every admitted job (as a redeclare does): for inspection, not for polling. dispatch_policy.repair() fixes all of it.';
+
+CREATE FUNCTION dispatch_policy.repair(now timestamptz DEFAULT now())
+RETURNS TABLE (finding text, policy text, gate text, partition_key text, job_id bigint, action text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, dispatch_policy, pg_temp
+AS $$
+DECLARE
+  policy_name text;
+BEGIN
+  PERFORM dispatch_policy._require_now(repair.now);
+
+  -- No tick admits, refills or folds while the state is rebuilt: wait for
+  -- each policy's running tick, in name order, as a redeclare does for one.
+  FOR policy_name IN SELECT p.name FROM dispatch_policy.policies p ORDER BY p.name LOOP
+    PERFORM pg_advisory_xact_lock(dispatch_policy._tick_lock_key(policy_name));
+  END LOOP;
+
+  -- Jobs first, then gate state, as complete, fail and the reaper lock.
+  -- Every admitted job is locked, in id order, as a redeclare locks those of
+  -- its policy: a worker finishing one waits, and then releases its slots
+  -- from the counters as repaired. (Claims skip them meanwhile.)
+  PERFORM 1 FROM dispatch_policy.admitted_jobs a ORDER BY a.id FOR UPDATE;
+  -- Stagers of capped policies wait too (their backlog counters are
+  -- recounted below): each such policy's partitions lock, exclusively, in
+  -- name order, after the admitted jobs, as a redeclare takes it.
+  FOR policy_name IN SELECT p.name FROM dispatch_policy.policies p
+                     WHERE p.config ? 'max_pending_per_partition' ORDER BY p.name LOOP
+    PERFORM pg_advisory_xact_lock(dispatch_policy._partitions_lock_key(policy_name));
+  END LOOP;
+  PERFORM 1 FROM dispatch_policy.staged_jobs s
+  WHERE s.id IN (SELECT d.job_id FROM dispatch_policy._jobs_in_two_states() d WHERE d.staged)
+  ORDER BY s.id
+  FOR UPDATE;
+
+  -- A job in two tables: the finished copy wins, else the admitted one (it
+  -- holds slots, a worker may run it). The only copy of a job is never deleted.
+  RETURN QUERY
+  WITH twice AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._jobs_in_two_states()
+  ), staged_copies AS (
+    DELETE FROM dispatch_policy.staged_jobs s USING twice d WHERE s.id = d.job_id AND d.staged
+  ), admitted_copies AS (
+    DELETE FROM dispatch_policy.admitted_jobs a USING twice d
+    WHERE a.id = d.job_id AND d.admitted AND d.finished IS NOT NULL
+  )
+  SELECT 'job_in_two_states'::text, d.policy, NULL::text, NULL::text, d.job_id,
+         format('deleted the %s, kept the one in %s',
+                CASE WHEN d.staged AND d.admitted AND d.finished IS NOT NULL THEN 'copies in staged_jobs and admitted_jobs'
+                     WHEN d.staged THEN 'copy in staged_jobs'
+                     ELSE 'copy in admitted_jobs' END,
+                CASE WHEN d.finished IS NOT NULL THEN 'finished_jobs' ELSE 'admitted_jobs' END)
+  FROM twice d;
+
+  -- In-flight counters, every row locked in one statement sorted by
+  -- (policy, gate, partition) (with the jobs locked, only prune could touch
+  -- them). Then, from one pass over the jobs: the partitions recorded on
+  -- admitted jobs recomputed under the current config, as a redeclare does,
+  -- so completion releases the right slots; counters set to the slots held,
+  -- missing ones inserted, those of gates that hold no slot deleted.
+  PERFORM 1 FROM dispatch_policy.inflight_counters c ORDER BY c.policy, c.gate, c.partition FOR UPDATE;
+  RETURN QUERY
+  WITH found AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._slot_findings()
+  ), orphans AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._orphaned_state() o WHERE o.tbl = 'inflight_counters'
+  ), recomputed AS (
+    UPDATE dispatch_policy.admitted_jobs a SET partitions = dispatch_policy._gate_partitions(p.config, a.context)
+    FROM dispatch_policy.policies p
+    WHERE p.name = a.policy AND a.id IN (SELECT f.job_id FROM found f WHERE f.finding = 'job_slot_mismatch')
+  ), recounted AS (
+    UPDATE dispatch_policy.inflight_counters c SET in_flight = f.held, updated_at = repair.now
+    FROM found f
+    WHERE f.finding = 'counter_mismatch' AND c.policy = f.policy AND c.gate = f.gate AND c.partition = f.partition
+  ), inserted AS (
+    INSERT INTO dispatch_policy.inflight_counters (policy, gate, partition, in_flight, updated_at)
+    SELECT f.policy, f.gate, f.partition, f.held, repair.now FROM found f WHERE f.finding = 'counter_missing'
+    ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING
+  ), deleted AS (
+    DELETE FROM dispatch_policy.inflight_counters c USING orphans o
+    WHERE c.policy = o.policy AND c.gate = o.gate AND c.partition = o.partition
+  )
+  SELECT f.finding, f.policy, f.gate, f.partition, f.job_id,
+         CASE f.finding
+           WHEN 'job_slot_mismatch'
+             THEN format('set the job''s partition from %s to %s (all its partitions recomputed under the current config)',
+                         coalesce(quote_literal(f.recorded), 'none'), quote_literal(f.partition))
+           WHEN 'counter_missing' THEN format('inserted the counter with in_flight %s', f.held)
+           ELSE format('set in_flight from %s to %s', f.counted, f.held) END
+  FROM found f
+  UNION ALL
+  SELECT o.finding, o.policy, o.gate, o.partition, NULL::bigint,
+         format('deleted the inflight_counters row (in_flight %s)', o.in_flight)
+  FROM orphans o;
+
+  -- Throttle buckets: locked in one sorted statement; clamped into
+  -- [0, burst] at now (not a number: full), those of gone gates deleted.
+  PERFORM 1 FROM dispatch_policy.throttle_buckets t
+  WHERE (t.policy, t.gate, t.partition) IN (
+    SELECT b.policy, b.gate, b.partition FROM dispatch_policy._bucket_problems(repair.now) b
+    UNION ALL
+    SELECT o.policy, o.gate, o.partition FROM dispatch_policy._orphaned_state() o WHERE o.tbl = 'throttle_buckets')
+  ORDER BY t.policy, t.gate, t.partition
+  FOR UPDATE;
+  RETURN QUERY
+  -- A repaired bucket counts as refilled now, so it takes the config's
+  -- burst, as refill_buckets would.
+  WITH problems AS MATERIALIZED (
+    SELECT b.policy, b.gate, b.partition, b.problem, b.tokens, b.level, b.stored_burst, t.burst,
+           CASE b.problem
+             WHEN 'bucket_not_finite' THEN t.burst
+             WHEN 'bucket_negative_tokens' THEN 0
+             ELSE least(t.burst, b.level) END AS repaired
+    FROM dispatch_policy._bucket_problems(repair.now) b
+    CROSS JOIN LATERAL (SELECT coalesce(b.config_burst, b.stored_burst) AS burst) t
+  ), orphans AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._orphaned_state() o WHERE o.tbl = 'throttle_buckets'
+  ), clamped AS (
+    UPDATE dispatch_policy.throttle_buckets t
+    SET tokens = b.repaired, burst = b.burst, refilled_at = greatest(t.refilled_at, repair.now)
+    FROM problems b
+    WHERE t.policy = b.policy AND t.gate = b.gate AND t.partition = b.partition
+  ), deleted AS (
+    DELETE FROM dispatch_policy.throttle_buckets t USING orphans o
+    WHERE t.policy = o.policy AND t.gate = o.gate AND t.partition = o.partition
+  )
+  SELECT b.problem, b.policy, b.gate, b.partition, NULL::bigint,
+         format('set tokens from %s to %s%s',
+                dispatch_policy._tokens_text(CASE WHEN b.problem = 'bucket_not_finite' THEN b.tokens
+                                                  ELSE greatest(b.tokens, b.level) END),
+                dispatch_policy._tokens_text(b.repaired),
+                CASE WHEN b.burst IS DISTINCT FROM b.stored_burst
+                     THEN format(' and burst from %s to %s', dispatch_policy._tokens_text(b.stored_burst),
+                                 dispatch_policy._tokens_text(b.burst))
+                     ELSE '' END)
+  FROM problems b
+  UNION ALL
+  SELECT o.finding, o.policy, o.gate, o.partition, NULL::bigint, 'deleted the throttle_buckets row'
+  FROM orphans o;
+
+  -- Adaptive state and observations of gone gates, rows of gone policies.
+  PERFORM 1 FROM dispatch_policy.adaptive_stats a
+  WHERE (a.policy, a.gate, a.partition) IN (
+    SELECT o.policy, o.gate, o.partition FROM dispatch_policy._orphaned_state() o WHERE o.tbl = 'adaptive_stats')
+  ORDER BY a.policy, a.gate, a.partition
+  FOR UPDATE;
+  RETURN QUERY
+  WITH orphans AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._orphaned_state() o
+    WHERE o.tbl IN ('adaptive_stats', 'observations', 'observation_minutes', 'round_robin_cursors', 'runner_failures')
+  ), stats AS (
+    DELETE FROM dispatch_policy.adaptive_stats a USING orphans o
+    WHERE o.tbl = 'adaptive_stats' AND a.policy = o.policy AND a.gate = o.gate AND a.partition = o.partition
+  ), observed AS (
+    DELETE FROM dispatch_policy.observations x USING orphans o
+    WHERE o.tbl = 'observations' AND x.policy = o.policy AND x.gate = o.gate AND x.partition = o.partition
+  ), minutes AS (
+    DELETE FROM dispatch_policy.observation_minutes m USING orphans o
+    WHERE o.tbl = 'observation_minutes' AND m.policy = o.policy AND m.gate = o.gate AND m.partition = o.partition
+  ), cursors AS (
+    DELETE FROM dispatch_policy.round_robin_cursors r USING orphans o
+    WHERE o.tbl = 'round_robin_cursors' AND r.policy = o.policy
+  ), failures AS (
+    DELETE FROM dispatch_policy.runner_failures r USING orphans o
+    WHERE o.tbl = 'runner_failures' AND r.policy = o.policy
+  )
+  SELECT o.finding, o.policy, o.gate, o.partition, NULL::bigint,
+         CASE WHEN o.tbl IN ('observations', 'observation_minutes')
+              THEN format('deleted %s row%s of %s', o.rows, CASE WHEN o.rows = 1 THEN '' ELSE 's' END, o.tbl)
+              ELSE format('deleted the %s row', o.tbl) END
+  FROM orphans o;
+
+  -- Dedupe keys: those nobody should hold deleted, then the missing ones
+  -- inserted (after the deletes: a job may take back its key from a row
+  -- that was wrong).
+  RETURN QUERY
+  WITH wrong AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._dedupe_problems() k WHERE k.problem <> 'dedupe_key_missing'
+  ), deleted AS (
+    DELETE FROM dispatch_policy.dedupe_keys d USING wrong k
+    WHERE d.policy = k.policy AND d.dedupe_key = k.dedupe_key AND d.job_id = k.job_id
+  )
+  SELECT k.problem, k.policy, NULL::text, NULL::text, k.job_id, format('deleted key %L', k.dedupe_key)
+  FROM wrong k;
+  RETURN QUERY
+  WITH missing AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._dedupe_problems() k WHERE k.problem = 'dedupe_key_missing'
+  ), inserted AS (
+    INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+    SELECT k.policy, k.dedupe_key, k.job_id FROM missing k
+    ORDER BY 1, 2
+    ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING
+  )
+  SELECT k.problem, k.policy, NULL::text, NULL::text, k.job_id, format('inserted key %L for the job', k.dedupe_key)
+  FROM missing k;
+
+  -- Backlog counters, after the job tables are right: with no stager of a
+  -- capped policy running (the partitions locks above), the rows locked in
+  -- sorted order (policy, lane, NULL last), as stagers and the delete
+  -- trigger lock them; then set to the jobs staged with their lane key,
+  -- missing rows inserted.
+  PERFORM 1 FROM dispatch_policy.backlog_counters c
+  WHERE c.policy IN (SELECT p.name FROM dispatch_policy.policies p WHERE p.config ? 'max_pending_per_partition')
+  ORDER BY c.policy, c.lane NULLS LAST
+  FOR UPDATE;
+  RETURN QUERY
+  WITH found AS MATERIALIZED (
+    SELECT * FROM dispatch_policy._backlog_findings()
+  ), recounted AS (
+    UPDATE dispatch_policy.backlog_counters c SET staged = f.staged
+    FROM found f
+    WHERE f.finding = 'backlog_counter_mismatch' AND c.policy = f.policy AND c.lane IS NOT DISTINCT FROM f.lane
+  ), inserted AS (
+    INSERT INTO dispatch_policy.backlog_counters (policy, lane, staged)
+    SELECT f.policy, f.lane, f.staged FROM found f WHERE f.finding = 'backlog_counter_missing'
+    ORDER BY 1, 2 NULLS LAST
+    ON CONFLICT DO NOTHING
+  )
+  SELECT f.finding, f.policy, NULL::text, f.lane, NULL::bigint,
+         CASE WHEN f.finding = 'backlog_counter_missing' THEN format('inserted the counter with staged %s', f.staged)
+              ELSE format('set staged from %s to %s', f.counted, f.staged) END
+  FROM found f;
+END
+$$;
+COMMENT ON FUNCTION dispatch_policy.repair(timestamptz) IS
+  'Fixes everything dispatch_policy.check() reports, in the caller''s transaction, and returns one row per change (the check() finding and the action taken); afterwards check() returns no rows. Waits for running ticks (in policy name order), then locks the admitted jobs in id order (as a redeclare does) and gate-state rows in (policy, gate, partition) order, as admission and completion do: workers finishing jobs wait for it. A job in two tables keeps its finished copy, else its admitted copy (the only copy of a job is never deleted); admitted jobs'' partitions are recomputed under the current config and in-flight counters set to the slots held (missing rows inserted); throttle tokens are clamped into [0, burst] at now (NaN or infinite: burst); wrong dedupe keys are deleted and missing ones inserted; state of policies and gates that no longer exist is deleted; backlog counters of policies with max_pending_per_partition are set to their staged jobs per lane key (missing rows inserted), with those policies'' stagers held off (their partitions locks, exclusively, after the admitted jobs, as a redeclare takes them).';
 
 -- ---------------------------------------------------------------------------
 -- Privileges (0021).

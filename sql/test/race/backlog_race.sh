@@ -10,7 +10,11 @@
 #     max_wait 1 s; stage_many with keys (replaces move jobs between
 #     partitions), stage;
 #   * ticks (promote_scheduled and fetch_batch, which expires, then admit), workers
-#     completing and failing (retries come back with their deadline).
+#     completing and failing (retries come back with their deadline);
+#   * repair(), which waits for the ticks and stagers of both policies and
+#     must find nothing to change (a change would be a backlog counted
+#     wrongly under load, or repair recounting while a stager stages); at
+#     the end check() must find nothing either.
 #
 #   PGHOST=... PGPORT=... PGUSER=... sql/test/race/backlog_race.sh [seconds] [clients]
 #
@@ -35,6 +39,7 @@ SELECT dispatch_policy.declare_policy('drop', '{"round_robin_by": "{a}", "max_pe
 -- A refusal (DP002) is expected: counted here, so that pgbench's client
 -- goes on (it stops at an error).
 CREATE TABLE refusals (n bigint NOT NULL);
+CREATE TABLE repaired (finding text, policy text, partition_key text, action text);
 CREATE FUNCTION try_stage(jobs jsonb) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
   PERFORM dispatch_policy.stage_many('rej', jobs);
@@ -88,9 +93,12 @@ WITH c AS (SELECT id, attempt FROM dispatch_policy.claim('default', 'w', 5))
 SELECT * FROM dispatch_policy.complete_many(ARRAY(SELECT id FROM c ORDER BY id), ARRAY(SELECT attempt FROM c ORDER BY id));
 SELECT dispatch_policy.fail(c.id, 'boom', interval '0 seconds', attempt => c.attempt) FROM dispatch_policy.claim('default', 'w', 1) c;
 SQL
+cat > "$dir/repair.sql" <<'SQL'
+INSERT INTO repaired SELECT r.finding, r.policy, r.partition_key, r.action FROM dispatch_policy.repair() r;
+SQL
 
 pgbench -n -c "$clients" -j 2 -T "$seconds" --failures-detailed \
-  -f "$dir/stage_rej.sql@3" -f "$dir/stage_one.sql@2" -f "$dir/stage_drop.sql@3" -f "$dir/admit.sql@2" -f "$dir/finish.sql@1" \
+  -f "$dir/stage_rej.sql@3" -f "$dir/stage_one.sql@2" -f "$dir/stage_drop.sql@3" -f "$dir/admit.sql@2" -f "$dir/finish.sql@1" -f "$dir/repair.sql@1" \
   $db > "$dir/pgbench.out" 2>&1 || true
 grep -E "processed|failed|retried" "$dir/pgbench.out" | sed 's/^/  /'
 refused=$("${psql[@]}" -d $db -At -c "SELECT count(*) FROM refusals")
@@ -115,6 +123,10 @@ JOIN (SELECT policy, lane FROM truth UNION SELECT policy, lane FROM said) k ON k
 LEFT JOIN truth t ON t.policy = k.policy AND t.lane IS NOT DISTINCT FROM k.lane
 LEFT JOIN said s ON s.policy = k.policy AND s.lane IS NOT DISTINCT FROM k.lane
 GROUP BY p.name ORDER BY 1;
+SELECT format('repair() changed %s, check() finds %s -> %s', r.n, c.n,
+              CASE WHEN r.n = 0 AND c.n = 0 THEN 'EXACT' ELSE 'WRONG' END)
+FROM (SELECT count(*) AS n FROM repaired) r, (SELECT count(*) AS n FROM dispatch_policy.check()) c;
+SELECT format('repaired: %s %s %s: %s', finding, policy, partition_key, action) FROM repaired LIMIT 5;
 SELECT format('finished: %s', string_agg(x, ', ' ORDER BY x)) FROM (
   SELECT f.policy || ' ' || f.status || ' ' || count(*) AS x FROM dispatch_policy.finished_jobs f GROUP BY f.policy, f.status) y;
 SQL
@@ -125,4 +137,4 @@ if grep -q WRONG <<<"$result" || [ "$deadlocks" != 0 ] || [ "$other" != 0 ]; the
   echo "FAILED"
   exit 1
 fi
-echo "OK: every backlog counter exact, no partition over its cap, no deadlock"
+echo "OK: every backlog counter exact (repair() and check() agree), no partition over its cap, no deadlock"

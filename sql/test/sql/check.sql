@@ -269,6 +269,31 @@ SELECT dispatch_policy.complete(a.id) FROM dispatch_policy.admitted_jobs a ORDER
 SELECT policy, gate, partition, in_flight FROM dispatch_policy.inflight_counters WHERE in_flight > 0 ORDER BY 1, 2, 3;
 SELECT * FROM dispatch_policy.check() ORDER BY 1, 2, 3, 4, 5, 6;
 
+-- Backlog counters (0023): what a policy's max_pending_per_partition is
+-- checked against, per lane key. One that drifted lets a partition past
+-- its cap (it counts too few) or refuses jobs under it (too many). Here a
+-- counted too few, b too many, c's row is gone and the keyless one is
+-- right; a then takes a job past its cap of 2.
+SELECT dispatch_policy.declare_policy('capped', '{"round_robin_by": "{account}", "max_pending_per_partition": 2}');
+SELECT cardinality(dispatch_policy.stage_many('capped', '[
+  {"args": 1, "context": {"account": "a"}}, {"args": 2, "context": {"account": "a"}},
+  {"args": 3, "context": {"account": "b"}}, {"args": 4, "context": {"account": "c"}}, {"args": 5}]')) AS staged;
+SELECT lane, staged FROM dispatch_policy.backlog_counters WHERE policy = 'capped' ORDER BY 1 NULLS LAST;
+SELECT * FROM dispatch_policy.check() ORDER BY 1, 2, 3, 4, 5, 6;
+UPDATE dispatch_policy.backlog_counters SET staged = 0 WHERE policy = 'capped' AND lane = 'a';
+UPDATE dispatch_policy.backlog_counters SET staged = 2 WHERE policy = 'capped' AND lane = 'b';
+DELETE FROM dispatch_policy.backlog_counters WHERE policy = 'capped' AND lane = 'c';
+SELECT outcome FROM dispatch_policy.stage_outcome('capped', '6', '{"account": "a"}');
+SELECT * FROM dispatch_policy.check() ORDER BY 1, 2, 3, 4, 5, 6;
+SELECT * FROM dispatch_policy.repair() ORDER BY 1, 2, 3, 4, 5, 6;
+SELECT * FROM dispatch_policy.check() ORDER BY 1, 2, 3, 4, 5, 6;
+SELECT lane, staged FROM dispatch_policy.backlog_counters WHERE policy = 'capped' ORDER BY 1 NULLS LAST;
+-- The caps hold again: a is over its cap (3 of 2), b has room for one more.
+SELECT outcome FROM dispatch_policy.stage_outcome('capped', '7', '{"account": "a"}');
+SELECT outcome FROM dispatch_policy.stage_outcome('capped', '8', '{"account": "b"}');
+SELECT outcome FROM dispatch_policy.stage_outcome('capped', '9', '{"account": "b"}');
+SELECT * FROM dispatch_policy.check() ORDER BY 1, 2, 3, 4, 5, 6;
+
 -- now must be a finite time.
 SELECT * FROM dispatch_policy.check('infinity');
 SELECT * FROM dispatch_policy.repair(NULL);
