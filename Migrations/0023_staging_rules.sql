@@ -518,6 +518,28 @@ DECLARE
   lanes_now text[] := '{}'::text[];
   lane_keys text[];
   old_lanes text[] := '{}'::text[];
+  -- The set-based path: the elements, as arrays in input order.
+  set_based boolean;
+  e_job jsonb[];
+  e_context jsonb[];
+  e_lane text[];
+  e_key text[];
+  e_id bigint[];
+  -- Each key's first element (f_keys sorted), the keys taken, their holders.
+  f_keys text[];
+  f_ns integer[];
+  todo text[];
+  got_keys text[];
+  got_ids bigint[];
+  h_keys text[] := '{}'::text[];
+  h_ids bigint[] := '{}'::bigint[];
+  extra text[];
+  -- The elements that replace a staged job: element, job, its lane, its staged_at.
+  rp_n integer[] := '{}'::integer[];
+  rp_id bigint[];
+  rp_old_lane text[];
+  rp_staged timestamptz[];
+  over_cap boolean := false;
 BEGIN
   -- As _stage: the templates read next stay the policy's until commit.
   PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(_stage_rules.policy));
@@ -579,14 +601,30 @@ BEGIN
   max_wait := make_interval(secs => (pol.config ->> 'max_wait')::double precision);
   total := jsonb_array_length(jobs);
 
+  -- The elements once: their contexts, lanes and keys, in input order.
+  SELECT coalesce(array_agg(y.job ORDER BY y.n), '{}'), coalesce(array_agg(y.context ORDER BY y.n), '{}'),
+         coalesce(array_agg(dispatch_policy._round_robin_key(pol.lane_template, y.context, y.job ->> 'round_robin_key')
+                            ORDER BY y.n), '{}'),
+         coalesce(array_agg(y.job ->> 'dedupe_key' ORDER BY y.n), '{}')
+  INTO e_job, e_context, e_lane, e_key
+  FROM (SELECT t.n, t.job,
+               jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
+                                  'priority', coalesce((t.job ->> 'priority')::numeric::integer, 0))
+                 || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) AS context
+        FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)) y;
+  -- Set-based unless an element replaces a job an earlier element of the
+  -- same call staged or replaced (a key twice under dedupe_mode replace);
+  -- drop_oldest decides below, once the counters are held.
+  set_based := NOT (replace_mode AND (SELECT count(k) <> count(DISTINCT k) FROM unnest(e_key) AS k));
+
   -- This call's dedupe keys, in sorted order, before anything else: the
-  -- loop below inserts them in input order, which two calls with the same
-  -- keys in opposite orders would do crosswise. Namespaced advisory locks,
-  -- held until commit; only this path takes them (every staging of a policy
-  -- with staging rules comes here).
+  -- staging below takes them in input order (the per-job loop) or in
+  -- sorted order, and two calls with the same keys in opposite orders
+  -- would take them crosswise. Namespaced advisory locks, held until
+  -- commit; only this path takes them (every staging of a policy with
+  -- staging rules comes here).
   PERFORM pg_advisory_xact_lock(hashtext('dispatch_policy.dedupe.' || _stage_rules.policy || '.' || k.key))
-  FROM (SELECT DISTINCT t.job ->> 'dedupe_key' AS key FROM jsonb_array_elements(jobs) AS t(job)
-        WHERE t.job ->> 'dedupe_key' IS NOT NULL ORDER BY 1) k;
+  FROM (SELECT DISTINCT k AS key FROM unnest(e_key) AS k WHERE k IS NOT NULL ORDER BY 1) k;
 
   -- Replace: the staged jobs that hold this call's keys, locked first (by
   -- id), before any counter row: a tick locks the jobs it fetched before it
@@ -601,7 +639,7 @@ BEGIN
     FROM (SELECT s.round_robin_key FROM dispatch_policy.staged_jobs s
           WHERE s.id IN (SELECT d.job_id FROM dispatch_policy.dedupe_keys d
                          WHERE d.policy = _stage_rules.policy
-                           AND d.dedupe_key IN (SELECT t.job ->> 'dedupe_key' FROM jsonb_array_elements(jobs) AS t(job)))
+                           AND d.dedupe_key IN (SELECT unnest(e_key)))
           ORDER BY s.id
           FOR UPDATE) x;
   END IF;
@@ -611,15 +649,9 @@ BEGIN
   -- (stagers of several partitions cannot deadlock), held until commit.
   IF cap IS NOT NULL THEN
     SELECT coalesce(array_agg(DISTINCT k), '{}') INTO lane_keys
-    FROM (SELECT dispatch_policy._round_robin_key(
-                   pol.lane_template,
-                   jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
-                                      'priority', coalesce((t.job ->> 'priority')::numeric::integer, 0))
-                     || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb),
-                   t.job ->> 'round_robin_key') AS k
-          FROM jsonb_array_elements(jobs) AS t(job)
+    FROM (SELECT e FROM unnest(e_lane) AS e
           UNION ALL
-          SELECT o FROM unnest(old_lanes) AS o) l;
+          SELECT o FROM unnest(old_lanes) AS o) l(k);
     INSERT INTO dispatch_policy.backlog_counters AS c (policy, lane, staged)
     SELECT _stage_rules.policy, k, 0 FROM unnest(lane_keys) AS k ORDER BY k NULLS LAST
     ON CONFLICT (policy, lane) DO NOTHING;
@@ -629,6 +661,215 @@ BEGIN
     FOR UPDATE;
   END IF;
 
+  -- drop_oldest: set-based when no partition can overflow, even if every
+  -- element were a new job (its counter plus its elements at most the cap);
+  -- else the loop below, job by job. reject: the exact check below, only
+  -- when that bound is passed.
+  IF set_based AND cap IS NOT NULL THEN
+    SELECT EXISTS (SELECT 1
+                   FROM (SELECT l.lane, count(*) AS n FROM unnest(e_lane) AS l(lane) GROUP BY 1) g
+                   LEFT JOIN dispatch_policy.backlog_counters c
+                     ON c.policy = _stage_rules.policy AND c.lane IS NOT DISTINCT FROM g.lane
+                   WHERE coalesce(c.staged, 0) + g.n > cap)
+    INTO over_cap;
+    IF over_cap AND drop_oldest THEN
+      set_based := false;
+    END IF;
+  END IF;
+
+  IF set_based THEN
+    -- Set-based: the same outcomes as the loop below, in a few statements.
+    -- An id for every element, in input order, as the loop takes them.
+    e_id := ARRAY(SELECT nextval('dispatch_policy.job_ids') FROM generate_series(1, total));
+    -- Each key's first element takes it (its id), or finds the job that
+    -- holds it; a key freed between the two (its job finished) is tried
+    -- again. A later element with the same key (dedupe_mode keep only) is
+    -- kept by whichever job holds it.
+    SELECT coalesce(array_agg(f.key ORDER BY f.key), '{}'), coalesce(array_agg(f.n ORDER BY f.key), '{}')
+    INTO f_keys, f_ns
+    FROM (SELECT DISTINCT ON (e.key) e.key, e.n::integer AS n
+          FROM unnest(e_key) WITH ORDINALITY AS e(key, n)
+          WHERE e.key IS NOT NULL
+          ORDER BY e.key, e.n) f;
+    todo := f_keys;
+    WHILE cardinality(todo) > 0 LOOP
+      WITH taken AS (
+        INSERT INTO dispatch_policy.dedupe_keys (policy, dedupe_key, job_id)
+        SELECT _stage_rules.policy, f.key, e_id[f.n]
+        FROM unnest(f_keys, f_ns) AS f(key, n)
+        WHERE f.key IN (SELECT unnest(todo))
+        ORDER BY f.key
+        ON CONFLICT ON CONSTRAINT dedupe_keys_pkey DO NOTHING
+        RETURNING dedupe_keys.dedupe_key
+      )
+      SELECT coalesce(array_agg(t.dedupe_key), '{}') INTO got_keys FROM taken t;
+      todo := ARRAY(SELECT unnest(todo) EXCEPT SELECT unnest(got_keys));
+      CONTINUE WHEN cardinality(todo) = 0;
+      SELECT coalesce(array_agg(d.dedupe_key), '{}'), coalesce(array_agg(d.job_id), '{}') INTO got_keys, got_ids
+      FROM dispatch_policy.dedupe_keys d
+      WHERE d.policy = _stage_rules.policy AND d.dedupe_key IN (SELECT unnest(todo));
+      h_keys := h_keys || got_keys;
+      h_ids := h_ids || got_ids;
+      todo := ARRAY(SELECT unnest(todo) EXCEPT SELECT unnest(got_keys));
+    END LOOP;
+
+    -- Replace: the holders still staged, locked if free (the ones locked
+    -- above are this transaction's); one moving out of a lane whose counter
+    -- row is not held takes it only if free, else it is kept.
+    IF replace_mode AND cardinality(h_ids) > 0 THEN
+      SELECT coalesce(array_agg(f.n ORDER BY f.n), '{}'), coalesce(array_agg(x.id ORDER BY f.n), '{}'),
+             coalesce(array_agg(x.round_robin_key ORDER BY f.n), '{}'), coalesce(array_agg(x.staged_at ORDER BY f.n), '{}')
+      INTO rp_n, rp_id, rp_old_lane, rp_staged
+      FROM (SELECT s.id, s.round_robin_key, s.staged_at FROM dispatch_policy.staged_jobs s
+            WHERE s.id IN (SELECT unnest(h_ids))
+            ORDER BY s.id
+            FOR UPDATE SKIP LOCKED) x
+      JOIN unnest(h_keys, h_ids) AS h(key, id) ON h.id = x.id
+      JOIN unnest(f_keys, f_ns) AS f(key, n) ON f.key = h.key;
+      IF cap IS NOT NULL AND cardinality(rp_n) > 0 THEN
+        extra := ARRAY(SELECT DISTINCT r.old_lane
+                       FROM unnest(rp_n, rp_old_lane) AS r(n, old_lane)
+                       JOIN unnest(e_lane) WITH ORDINALITY AS e(lane, n) ON e.n = r.n
+                       WHERE r.old_lane IS DISTINCT FROM e.lane AND array_position(lane_keys, r.old_lane) IS NULL);
+        IF cardinality(extra) > 0 THEN
+          SELECT lane_keys || coalesce(array_agg(x.lane), '{}') INTO lane_keys
+          FROM (SELECT c.lane FROM dispatch_policy.backlog_counters c
+                WHERE c.policy = _stage_rules.policy
+                  AND (c.lane = ANY (extra) OR (c.lane IS NULL AND array_position(extra, NULL) IS NOT NULL))
+                ORDER BY c.lane NULLS LAST
+                FOR UPDATE SKIP LOCKED) x;
+          SELECT coalesce(array_agg(r.n ORDER BY r.n), '{}'), coalesce(array_agg(r.id ORDER BY r.n), '{}'),
+                 coalesce(array_agg(r.old_lane ORDER BY r.n), '{}'), coalesce(array_agg(r.staged_at ORDER BY r.n), '{}')
+          INTO rp_n, rp_id, rp_old_lane, rp_staged
+          FROM unnest(rp_n, rp_id, rp_old_lane, rp_staged) AS r(n, id, old_lane, staged_at)
+          JOIN unnest(e_lane) WITH ORDINALITY AS e(lane, n) ON e.n = r.n
+          WHERE r.old_lane IS NOT DISTINCT FROM e.lane OR array_position(lane_keys, r.old_lane) IS NOT NULL;
+        END IF;
+      END IF;
+    END IF;
+
+    -- Each element's outcome and id.
+    SELECT array_agg(CASE WHEN e.key IS NULL OR (f.n = e.n AND h.id IS NULL) THEN e.id
+                          WHEN h.id IS NOT NULL THEN h.id
+                          ELSE e_id[f.n] END ORDER BY e.n),
+           array_agg(CASE WHEN e.key IS NULL OR (f.n = e.n AND h.id IS NULL) THEN 'inserted'
+                          WHEN f.n = e.n AND r.n IS NOT NULL THEN 'replaced'
+                          ELSE 'kept' END ORDER BY e.n)
+    INTO ids, outcomes
+    FROM unnest(e_key, e_id) WITH ORDINALITY AS e(key, id, n)
+    LEFT JOIN unnest(f_keys, f_ns) AS f(key, n) ON f.key = e.key
+    LEFT JOIN unnest(h_keys, h_ids) AS h(key, id) ON h.key = e.key
+    LEFT JOIN unnest(rp_n) AS r(n) ON r.n = e.n;
+
+    -- reject: the first new job over the cap, counted as the loop counts
+    -- (the partition's counter, the new jobs before it, the replaces before
+    -- it moving a job in or out), refuses the call.
+    IF over_cap THEN
+      SELECT x.n, x.lane, x.backlog INTO bad
+      FROM (SELECT v.n, v.lane, v.is_new,
+                   coalesce((SELECT c.staged FROM dispatch_policy.backlog_counters c
+                             WHERE c.policy = _stage_rules.policy AND c.lane IS NOT DISTINCT FROM v.lane), 0)
+                   + coalesce(sum(v.delta) OVER (PARTITION BY v.lane ORDER BY v.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                     AS backlog
+            FROM (SELECT e.n::integer AS n, e.lane, 1 AS delta, true AS is_new
+                  FROM unnest(e_lane, outcomes) WITH ORDINALITY AS e(lane, outcome, n)
+                  WHERE e.outcome = 'inserted'
+                  UNION ALL
+                  SELECT r.n, m.lane, m.delta, false
+                  FROM unnest(rp_n, rp_old_lane) AS r(n, old_lane)
+                  JOIN unnest(e_lane) WITH ORDINALITY AS e(lane, n) ON e.n = r.n
+                  CROSS JOIN LATERAL (VALUES (r.old_lane, -1), (e.lane, 1)) AS m(lane, delta)
+                  WHERE r.old_lane IS DISTINCT FROM e.lane) v) x
+      WHERE x.is_new AND x.backlog + 1 > cap
+      ORDER BY x.n
+      LIMIT 1;
+      IF FOUND THEN
+        RAISE EXCEPTION 'partition % of policy % is full: max_pending_per_partition is %',
+                        coalesce(quote_literal(bad.lane), '(jobs without a round-robin key)'), quote_literal(_stage_rules.policy), cap
+          USING ERRCODE = 'DP002',
+                DETAIL = format('%s: the partition holds %s staged job(s) and on_overflow is reject.',
+                                CASE WHEN field_prefix = '' THEN 'the job' ELSE format('jobs[%s]', bad.n - 1) END, bad.backlog),
+                HINT = 'Stage it again once the partition''s backlog is admitted (or raise max_pending_per_partition, or declare on_overflow drop_oldest). Nothing was stored.';
+      END IF;
+    END IF;
+
+    -- The replaces: one UPDATE (the row triggers render the partitions
+    -- again and move their counts, 0020; a lane made eligible is added by
+    -- the staged_jobs_lanes trigger, 0012), their deadlines, and the counts
+    -- of the jobs moving between partitions (their counter rows are held).
+    IF cardinality(rp_n) > 0 THEN
+      WITH r AS (
+        SELECT r.id, e.job, e.context, e.lane,
+               CASE WHEN (e.job ->> 'not_before')::timestamptz > now() THEN (e.job ->> 'not_before')::timestamptz END AS due,
+               -- The deadline of max_wait runs from the job's staged_at,
+               -- which a replace keeps.
+               CASE WHEN max_wait IS NULL THEN (e.job ->> 'expires_at')::timestamptz
+                    ELSE least((e.job ->> 'expires_at')::timestamptz, r.staged_at + max_wait) END AS expires
+        FROM unnest(rp_n, rp_id, rp_staged) AS r(n, id, staged_at)
+        JOIN unnest(e_job, e_context, e_lane) WITH ORDINALITY AS e(job, context, lane, n) ON e.n = r.n
+      ), replaced AS (
+        UPDATE dispatch_policy.staged_jobs s
+        SET args = r.job -> 'args', context = r.context, queue = coalesce(r.job ->> 'queue', 'default'),
+            priority = coalesce((r.job ->> 'priority')::numeric::integer, 0),
+            round_robin_key = r.lane, partitions = NULL, expires_at = r.expires,
+            not_before = greatest(s.not_before, r.due, CASE WHEN debounce > interval '0' THEN now() + debounce END)
+        FROM r
+        WHERE s.id = r.id
+      ), kept_deadlines AS (
+        INSERT INTO dispatch_policy.job_deadlines AS d (job_id, policy, expires_at)
+        SELECT r.id, _stage_rules.policy, r.expires FROM r WHERE r.expires IS NOT NULL ORDER BY r.id
+        ON CONFLICT (job_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+      )
+      DELETE FROM dispatch_policy.job_deadlines d
+      WHERE d.job_id IN (SELECT r.id FROM r WHERE r.expires IS NULL);
+      IF cap IS NOT NULL THEN
+        UPDATE dispatch_policy.backlog_counters c SET staged = greatest(c.staged + m.delta, 0)
+        FROM (SELECT m.lane, sum(m.delta) AS delta
+              FROM unnest(rp_n, rp_old_lane) AS r(n, old_lane)
+              JOIN unnest(e_lane) WITH ORDINALITY AS e(lane, n) ON e.n = r.n
+              CROSS JOIN LATERAL (VALUES (r.old_lane, -1), (e.lane, 1)) AS m(lane, delta)
+              WHERE r.old_lane IS DISTINCT FROM e.lane
+              GROUP BY 1) m
+        WHERE c.policy = _stage_rules.policy AND c.lane IS NOT DISTINCT FROM m.lane AND m.delta <> 0;
+      END IF;
+    END IF;
+
+    -- The new jobs: one INSERT (the statement triggers count them once),
+    -- and their deadlines.
+    WITH staged AS (
+      INSERT INTO dispatch_policy.staged_jobs
+        (id, policy, queue, priority, args, context, dedupe_key, round_robin_key, not_before, partitions, expires_at)
+      SELECT e.id, _stage_rules.policy, coalesce(e.job ->> 'queue', 'default'), coalesce((e.job ->> 'priority')::numeric::integer, 0),
+             e.job -> 'args', e.context, e.key, e.lane,
+             CASE WHEN (e.job ->> 'not_before')::timestamptz > now() THEN (e.job ->> 'not_before')::timestamptz END,
+             dispatch_policy._render_partitions(pol.partition_gates, pol.partition_templates, pol.partition_prefixes,
+                                                pol.partition_keys, pol.partition_suffixes, e.context),
+             CASE WHEN max_wait IS NULL THEN (e.job ->> 'expires_at')::timestamptz
+                  ELSE least((e.job ->> 'expires_at')::timestamptz, now() + max_wait) END
+      FROM unnest(e_job, e_context, e_lane, e_key, e_id, outcomes) WITH ORDINALITY AS e(job, context, lane, key, id, outcome, n)
+      WHERE e.outcome = 'inserted'
+      ORDER BY e.n
+      RETURNING staged_jobs.id, staged_jobs.expires_at
+    )
+    INSERT INTO dispatch_policy.job_deadlines (job_id, policy, expires_at)
+    SELECT s.id, _stage_rules.policy, s.expires_at FROM staged s WHERE s.expires_at IS NOT NULL ORDER BY s.id;
+
+    PERFORM dispatch_policy._add_lanes(_stage_rules.policy,
+      ARRAY(SELECT e.lane FROM unnest(e_lane, outcomes, e_job) WITH ORDINALITY AS e(lane, outcome, job, n)
+            WHERE e.outcome = 'inserted' AND NOT coalesce((e.job ->> 'not_before')::timestamptz > now(), false)
+            ORDER BY e.n));
+    IF 'inserted' = ANY (outcomes) OR cardinality(rp_n) > 0 THEN
+      PERFORM pg_notify('dispatch_policy_staged', _stage_rules.policy);
+    END IF;
+    RETURN QUERY
+      SELECT t.n::integer, t.id, t.outcome
+      FROM unnest(ids, outcomes) WITH ORDINALITY AS t(id, outcome, n)
+      ORDER BY t.n;
+    RETURN;
+  END IF;
+
+  -- The loop: a policy with drop_oldest whose partitions may overflow, or
+  -- a call with a key twice under dedupe_mode replace.
   FOR n IN 1 .. total LOOP
     job := jobs -> (n - 1);
     job_queue := coalesce(job ->> 'queue', 'default');
