@@ -448,7 +448,12 @@ COMMENT ON FUNCTION dispatch_policy._expire_staged(text, timestamptz) IS
 -- defined once in 0.2.0, in 0024_cost_weights.sql.)
 
 -- ---------------------------------------------------------------------------
--- Staging with the rules: one job at a time, in input order.
+-- Staging with the rules: set-based (a statement per step for the whole
+-- call: keys, replaces, the cap's check, one INSERT of the new jobs), with
+-- the outcomes of staging the jobs one at a time in input order; the per-job
+-- loop only where an element depends on what an earlier one of the call
+-- did beyond counting: drop_oldest in a partition that may overflow, and a
+-- key twice under dedupe_mode replace.
 
 -- The settings of the staging rules in a config (validated: see
 -- validate_policy below).
@@ -459,7 +464,7 @@ AS $$
   SELECT config ->> 'dedupe_mode' = 'replace' OR config ? 'max_pending_per_partition' OR config ? 'max_wait'
 $$;
 COMMENT ON FUNCTION dispatch_policy._staging_rules_apply(jsonb) IS
-  'Internal: whether a config declares a staging rule (dedupe_mode replace, max_pending_per_partition, max_wait): its stagings go through _stage_rules, one job at a time.';
+  'Internal: whether a config declares a staging rule (dedupe_mode replace, max_pending_per_partition, max_wait): its stagings go through _stage_rules.';
 
 CREATE FUNCTION dispatch_policy._expires_at_problem(job jsonb, now timestamptz)
 RETURNS text[]
@@ -1044,7 +1049,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._stage_rules(text, jsonb, text) IS
-  'Internal: stages a JSON array of job specs one at a time, in order, with the policy''s staging rules (dedupe_mode and debounce, max_pending_per_partition and on_overflow, max_wait) and each job''s expires_at; checks every element first (nothing stored if one is bad). Returns (idx, id, outcome) per element. Locks the backlog counter rows of its lanes in sorted order before staging anything (capped policies). A reject (DP002) aborts the whole call.';
+  'Internal: stages a JSON array of job specs with the policy''s staging rules (dedupe_mode and debounce, max_pending_per_partition and on_overflow, max_wait) and each job''s expires_at, with the outcomes of staging them one at a time in order; checks every element first (nothing stored if one is bad). Returns (idx, id, outcome) per element. Locks the backlog counter rows of its lanes in sorted order before staging anything (capped policies). Set-based (one INSERT of the new jobs, one UPDATE of the replaced ones, counters written once per statement), except under drop_oldest when a partition''s counter plus its elements exceeds the cap and for a dedupe_key twice in the call under dedupe_mode replace: one job at a time then. A reject (DP002) aborts the whole call.';
 
 -- The one place outcomes are made: the rules path for a policy with rules
 -- or a job with expires_at; else _stage (0020), whose NULLs are keys held

@@ -306,3 +306,31 @@ SELECT aspect, verdict,
                    ELSE explanation LIKE 'not admitted: its deadline passed at %; the next tick finishes it as expired' END AS says,
        wait_seconds
 FROM dispatch_policy.explain(:late1) WHERE aspect IN ('deadline', 'estimate') ORDER BY aspect;
+-- Set-based staging gives the outcomes of staging the jobs one at a time:
+-- a replace earlier in the call that moves a job out of or into a full
+-- partition counts for the new jobs after it, not before it (DP002 names
+-- the element and what its partition held then); a key twice under
+-- dedupe_mode keep is kept by the first element's job.
+SELECT dispatch_policy.declare_policy('sb', '{"round_robin_by": "{t}", "dedupe_mode": "replace", "max_pending_per_partition": 2}');
+SELECT array_agg(outcome ORDER BY idx) FROM dispatch_policy.stage_many_outcomes('sb',
+  '[{"args": 1, "context": {"t": "a"}, "dedupe_key": "m"}, {"args": 2, "context": {"t": "a"}}]');
+SELECT array_agg(outcome ORDER BY idx) FROM dispatch_policy.stage_many_outcomes('sb',
+  '[{"args": 3, "context": {"t": "b"}, "dedupe_key": "m"}, {"args": 4, "context": {"t": "a"}}]');
+-- b holds m; m moves to a (full: a replace is never refused), making room in b.
+SELECT array_agg(outcome ORDER BY idx) FROM dispatch_policy.stage_many_outcomes('sb',
+  '[{"args": 5, "context": {"t": "b"}}, {"args": 6, "context": {"t": "a"}, "dedupe_key": "m"}, {"args": 7, "context": {"t": "b"}}]');
+SELECT lane, staged FROM dispatch_policy.backlog_counters WHERE policy = 'sb' ORDER BY lane;
+-- m leaves a (3 to 2): the new job after it still finds a full.
+SELECT dispatch_policy.stage_many('sb', '[{"args": 8, "context": {"t": "c"}, "dedupe_key": "m"}, {"args": 9, "context": {"t": "a"}}]');
+-- m comes into c after a new job: the next new job finds c full.
+SELECT dispatch_policy.stage_many('sb',
+  '[{"args": 10, "context": {"t": "c"}}, {"args": 11, "context": {"t": "c"}, "dedupe_key": "m"}, {"args": 12, "context": {"t": "c"}}]');
+SELECT lane, staged, (SELECT count(*) FROM dispatch_policy.staged_jobs s WHERE s.policy = 'sb' AND s.round_robin_key = c.lane) AS jobs
+FROM dispatch_policy.backlog_counters c WHERE policy = 'sb' ORDER BY lane;
+SELECT dispatch_policy.declare_policy('sbk', '{"max_pending_per_partition": 3, "max_wait": 60}');
+SELECT o.idx, o.id - min(o.id) OVER () AS id, o.outcome
+FROM dispatch_policy.stage_many_outcomes('sbk', '[{"args": 1, "dedupe_key": "x"}, {"args": 2, "dedupe_key": "x"}, {"args": 3}]') o
+ORDER BY o.idx;
+SELECT count(*) AS staged, count(*) FILTER (WHERE s.expires_at = s.staged_at + interval '60 seconds') AS with_max_wait,
+       (SELECT count(*) FROM dispatch_policy.job_deadlines d WHERE d.policy = 'sbk') AS deadlines
+FROM dispatch_policy.staged_jobs s WHERE s.policy = 'sbk';
