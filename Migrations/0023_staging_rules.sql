@@ -606,21 +606,26 @@ BEGIN
   max_wait := make_interval(secs => (pol.config ->> 'max_wait')::double precision);
   total := jsonb_array_length(jobs);
 
-  -- The elements once: their contexts, lanes and keys, in input order.
-  SELECT coalesce(array_agg(y.job ORDER BY y.n), '{}'), coalesce(array_agg(y.context ORDER BY y.n), '{}'),
-         coalesce(array_agg(dispatch_policy._round_robin_key(pol.lane_template, y.context, y.job ->> 'round_robin_key')
-                            ORDER BY y.n), '{}'),
-         coalesce(array_agg(y.job ->> 'dedupe_key' ORDER BY y.n), '{}')
-  INTO e_job, e_context, e_lane, e_key
-  FROM (SELECT t.n, t.job,
-               jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
-                                  'priority', coalesce((t.job ->> 'priority')::numeric::integer, 0))
-                 || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) AS context
-        FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)) y;
-  -- Set-based unless an element replaces a job an earlier element of the
-  -- same call staged or replaced (a key twice under dedupe_mode replace);
-  -- drop_oldest decides below, once the counters are held.
-  set_based := NOT (replace_mode AND (SELECT count(k) <> count(DISTINCT k) FROM unnest(e_key) AS k));
+  -- The elements once: their keys; their contexts and lanes too for the
+  -- set-based path and the cap's counter rows (a statement that costs a
+  -- single job about as much as staging it: not for one without a cap).
+  e_key := ARRAY(SELECT t.job ->> 'dedupe_key' FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n) ORDER BY t.n);
+  IF total > 1 OR cap IS NOT NULL THEN
+    SELECT coalesce(array_agg(y.job ORDER BY y.n), '{}'), coalesce(array_agg(y.context ORDER BY y.n), '{}'),
+           coalesce(array_agg(dispatch_policy._round_robin_key(pol.lane_template, y.context, y.job ->> 'round_robin_key')
+                              ORDER BY y.n), '{}')
+    INTO e_job, e_context, e_lane
+    FROM (SELECT t.n, t.job,
+                 jsonb_build_object('queue_name', coalesce(t.job ->> 'queue', 'default'),
+                                    'priority', coalesce((t.job ->> 'priority')::numeric::integer, 0))
+                   || coalesce(nullif(t.job -> 'context', 'null'::jsonb), '{}'::jsonb) AS context
+          FROM jsonb_array_elements(jobs) WITH ORDINALITY AS t(job, n)) y;
+  END IF;
+  -- Set-based for two jobs or more (for one, the loop takes fewer
+  -- statements), unless an element replaces a job an earlier element of
+  -- the same call staged or replaced (a key twice under dedupe_mode
+  -- replace); drop_oldest decides below, once the counters are held.
+  set_based := total > 1 AND NOT (replace_mode AND (SELECT count(k) <> count(DISTINCT k) FROM unnest(e_key) AS k));
 
   -- This call's dedupe keys, in sorted order, before anything else: the
   -- staging below takes them in input order (the per-job loop) or in
@@ -873,8 +878,8 @@ BEGIN
     RETURN;
   END IF;
 
-  -- The loop: a policy with drop_oldest whose partitions may overflow, or
-  -- a call with a key twice under dedupe_mode replace.
+  -- The loop: one job, a policy with drop_oldest whose partitions may
+  -- overflow, or a call with a key twice under dedupe_mode replace.
   FOR n IN 1 .. total LOOP
     job := jobs -> (n - 1);
     job_queue := coalesce(job ->> 'queue', 'default');
@@ -1049,7 +1054,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._stage_rules(text, jsonb, text) IS
-  'Internal: stages a JSON array of job specs with the policy''s staging rules (dedupe_mode and debounce, max_pending_per_partition and on_overflow, max_wait) and each job''s expires_at, with the outcomes of staging them one at a time in order; checks every element first (nothing stored if one is bad). Returns (idx, id, outcome) per element. Locks the backlog counter rows of its lanes in sorted order before staging anything (capped policies). Set-based (one INSERT of the new jobs, one UPDATE of the replaced ones, counters written once per statement), except under drop_oldest when a partition''s counter plus its elements exceeds the cap and for a dedupe_key twice in the call under dedupe_mode replace: one job at a time then. A reject (DP002) aborts the whole call.';
+  'Internal: stages a JSON array of job specs with the policy''s staging rules (dedupe_mode and debounce, max_pending_per_partition and on_overflow, max_wait) and each job''s expires_at, with the outcomes of staging them one at a time in order; checks every element first (nothing stored if one is bad). Returns (idx, id, outcome) per element. Locks the backlog counter rows of its lanes in sorted order before staging anything (capped policies). Set-based (one INSERT of the new jobs, one UPDATE of the replaced ones, counters written once per statement), except for a single job, under drop_oldest when a partition''s counter plus its elements exceeds the cap, and for a dedupe_key twice in the call under dedupe_mode replace: one job at a time then. A reject (DP002) aborts the whole call.';
 
 -- The one place outcomes are made: the rules path for a policy with rules
 -- or a job with expires_at; else _stage (0020), whose NULLs are keys held
