@@ -451,9 +451,10 @@ COMMENT ON FUNCTION dispatch_policy._expire_staged(text, timestamptz) IS
 -- Staging with the rules: set-based (a statement per step for the whole
 -- call: keys, replaces, the cap's check, one INSERT of the new jobs), with
 -- the outcomes of staging the jobs one at a time in input order; the per-job
--- loop only where an element depends on what an earlier one of the call
--- did beyond counting: drop_oldest in a partition that may overflow, and a
--- key twice under dedupe_mode replace.
+-- loop only for a single job (fewer statements) and where an element
+-- depends on what an earlier one of the call did beyond counting:
+-- drop_oldest in a partition that may overflow, and a key twice under
+-- dedupe_mode replace.
 
 -- The settings of the staging rules in a config (validated: see
 -- validate_policy below).
