@@ -115,7 +115,7 @@ ALTER TABLE dispatch_policy.staged_jobs ADD COLUMN expires_at timestamptz;
 ALTER TABLE dispatch_policy.staged_jobs
   ADD CONSTRAINT staged_jobs_expires_at_check CHECK (isfinite(expires_at));
 COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
-  'The job''s deadline: if not admitted by then it is finished as expired (promote_scheduled, fetch_batch), never admitted. The expires_at given to stage, or staged_at + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
+  'The job''s deadline: if not admitted by then it is finished as expired (promote_scheduled, fetch_batch), never admitted. The expires_at given to stage, or created_at (when the job was first staged) + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
 CREATE INDEX staged_jobs_expires_idx ON dispatch_policy.staged_jobs (policy, expires_at) WHERE expires_at IS NOT NULL;
 -- The oldest staged jobs of a partition, for on_overflow drop_oldest.
 CREATE INDEX staged_jobs_backlog_idx ON dispatch_policy.staged_jobs (policy, round_robin_key, id);
@@ -482,11 +482,17 @@ BEGIN
   IF (job ->> 'expires_at')::timestamptz <= now THEN
     RETURN ARRAY['22023', 'expires_at', 'must be later than now'];
   END IF;
+  -- A job scheduled past its deadline could never be admitted (found by
+  -- hostile testing: it was accepted, then expired unseen).
+  IF jsonb_typeof(job -> 'not_before') = 'string' AND dispatch_policy._is_timestamptz(job ->> 'not_before')
+     AND (job ->> 'expires_at')::timestamptz <= (job ->> 'not_before')::timestamptz THEN
+    RETURN ARRAY['22023', 'expires_at', 'must be later than not_before (a job scheduled after its deadline could never be admitted)'];
+  END IF;
   RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._expires_at_problem(jsonb, timestamptz) IS
-  'Internal: the problem of a job spec''s expires_at as {sqlstate, field, rule} (22023: not a finite timestamp string, or not later than now), NULL when absent, null or valid.';
+  'Internal: the problem of a job spec''s expires_at as {sqlstate, field, rule} (22023: not a finite timestamp string, not later than now, or not later than the job''s not_before), NULL when absent, null or valid.';
 
 CREATE FUNCTION dispatch_policy._stage_rules(policy text, jobs jsonb, field_prefix text)
 RETURNS TABLE (idx integer, id bigint, outcome text)
@@ -544,7 +550,7 @@ DECLARE
   rp_n integer[] := '{}'::integer[];
   rp_id bigint[];
   rp_old_lane text[];
-  rp_staged timestamptz[];
+  rp_created timestamptz[];
   over_cap boolean := false;
 BEGIN
   -- As _stage: the templates read next stay the policy's until commit.
@@ -595,7 +601,9 @@ BEGIN
             DETAIL = format('%s is %s.', rtrim(format(field_prefix, bad.idx) || problem[2], '.'),
                             coalesce(left(CASE WHEN problem[2] = '' THEN bad.job ELSE bad.job -> problem[2] END::text, 200),
                                      'missing')),
-            HINT = CASE WHEN problem[2] IN ('not_before', 'expires_at')
+            HINT = CASE WHEN problem[3] LIKE 'must be later than not_before%'
+                        THEN 'Give the job an expires_at after its not_before, or none. Nothing was stored.'
+                        WHEN problem[2] IN ('not_before', 'expires_at')
                         THEN 'Use ISO 8601, such as 2026-01-31T12:00:00Z. Nothing was stored.'
                         ELSE 'Nothing was stored.' END;
   END IF;
@@ -729,9 +737,9 @@ BEGIN
     -- row is not held takes it only if free, else it is kept.
     IF replace_mode AND cardinality(h_ids) > 0 THEN
       SELECT coalesce(array_agg(f.n ORDER BY f.n), '{}'), coalesce(array_agg(x.id ORDER BY f.n), '{}'),
-             coalesce(array_agg(x.round_robin_key ORDER BY f.n), '{}'), coalesce(array_agg(x.staged_at ORDER BY f.n), '{}')
-      INTO rp_n, rp_id, rp_old_lane, rp_staged
-      FROM (SELECT s.id, s.round_robin_key, s.staged_at FROM dispatch_policy.staged_jobs s
+             coalesce(array_agg(x.round_robin_key ORDER BY f.n), '{}'), coalesce(array_agg(x.created_at ORDER BY f.n), '{}')
+      INTO rp_n, rp_id, rp_old_lane, rp_created
+      FROM (SELECT s.id, s.round_robin_key, s.created_at FROM dispatch_policy.staged_jobs s
             WHERE s.id IN (SELECT unnest(h_ids))
             ORDER BY s.id
             FOR UPDATE SKIP LOCKED) x
@@ -750,9 +758,9 @@ BEGIN
                 ORDER BY c.lane NULLS LAST
                 FOR UPDATE SKIP LOCKED) x;
           SELECT coalesce(array_agg(r.n ORDER BY r.n), '{}'), coalesce(array_agg(r.id ORDER BY r.n), '{}'),
-                 coalesce(array_agg(r.old_lane ORDER BY r.n), '{}'), coalesce(array_agg(r.staged_at ORDER BY r.n), '{}')
-          INTO rp_n, rp_id, rp_old_lane, rp_staged
-          FROM unnest(rp_n, rp_id, rp_old_lane, rp_staged) AS r(n, id, old_lane, staged_at)
+                 coalesce(array_agg(r.old_lane ORDER BY r.n), '{}'), coalesce(array_agg(r.created_at ORDER BY r.n), '{}')
+          INTO rp_n, rp_id, rp_old_lane, rp_created
+          FROM unnest(rp_n, rp_id, rp_old_lane, rp_created) AS r(n, id, old_lane, created_at)
           JOIN unnest(e_lane) WITH ORDINALITY AS e(lane, n) ON e.n = r.n
           WHERE r.old_lane IS NOT DISTINCT FROM e.lane OR array_position(lane_keys, r.old_lane) IS NOT NULL;
         END IF;
@@ -812,11 +820,11 @@ BEGIN
       WITH r AS (
         SELECT r.id, e.job, e.context, e.lane,
                CASE WHEN (e.job ->> 'not_before')::timestamptz > now() THEN (e.job ->> 'not_before')::timestamptz END AS due,
-               -- The deadline of max_wait runs from the job's staged_at,
-               -- which a replace keeps.
+               -- The deadline of max_wait runs from the job's created_at,
+               -- which a replace, a retry and a deferral keep.
                CASE WHEN max_wait IS NULL THEN (e.job ->> 'expires_at')::timestamptz
-                    ELSE least((e.job ->> 'expires_at')::timestamptz, r.staged_at + max_wait) END AS expires
-        FROM unnest(rp_n, rp_id, rp_staged) AS r(n, id, staged_at)
+                    ELSE least((e.job ->> 'expires_at')::timestamptz, r.created_at + max_wait) END AS expires
+        FROM unnest(rp_n, rp_id, rp_created) AS r(n, id, created_at)
         JOIN unnest(e_job, e_context, e_lane) WITH ORDINALITY AS e(job, context, lane, n) ON e.n = r.n
       ), replaced AS (
         UPDATE dispatch_policy.staged_jobs s
@@ -931,10 +939,12 @@ BEGIN
           END IF;
         END IF;
         IF old.id IS NOT NULL AND max_wait IS NOT NULL THEN
-          -- The deadline of max_wait runs from the job's staged_at, which a
-          -- replace keeps (found by hostile testing: it ran from the
-          -- replace, so a job replaced often enough never expired).
-          job_expires := least((job ->> 'expires_at')::timestamptz, old.staged_at + max_wait);
+          -- The deadline of max_wait runs from the job's created_at, which
+          -- a replace, a retry and a deferral keep (found by hostile
+          -- testing: it ran from the replace, so a job replaced often
+          -- enough never expired; then from staged_at, which a retry or a
+          -- deferral resets).
+          job_expires := least((job ->> 'expires_at')::timestamptz, old.created_at + max_wait);
         END IF;
         IF old.id IS NOT NULL THEN
           -- Replace: args, context and what derives from it; the id, the
@@ -1224,7 +1234,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.stage_outcome(text, jsonb, jsonb, text, text, text, integer, timestamptz, timestamptz) IS
-  'Stages one job as stage() does and says what happened: outcome inserted (a new job, id), kept (a job of the same policy with the same dedupe_key is admitted, or staged under dedupe_mode keep: nothing changed, id is that job), replaced (dedupe_mode replace and that job is still staged: its args, context, queue, priority, round-robin key, partitions and expires_at are now this call''s, its not_before is pushed to now + debounce if later; id is that job) or dropped (only in stage_many_outcomes). expires_at: the job''s deadline (must be later than now; the policy''s max_wait gives staged_at + max_wait, the earlier of the two applies); a job not admitted by then is finished as expired. With max_pending_per_partition, a new job in a partition (lane key) at the cap is refused with DP002 (on_overflow reject) or the partition''s oldest staged jobs (lowest id) are finished as dropped (drop_oldest). Errors, nothing changed: unknown policy 42704, NULL args 22004, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 naming the field, a full partition DP002.';
+  'Stages one job as stage() does and says what happened: outcome inserted (a new job, id), kept (a job of the same policy with the same dedupe_key is admitted, or staged under dedupe_mode keep: nothing changed, id is that job), replaced (dedupe_mode replace and that job is still staged: its args, context, queue, priority, round-robin key, partitions and expires_at are now this call''s, its not_before is pushed to now + debounce if later; id is that job) or dropped (only in stage_many_outcomes). expires_at: the job''s deadline (must be later than now; the policy''s max_wait gives created_at (first staged) + max_wait, the earlier of the two applies); a job not admitted by then is finished as expired. With max_pending_per_partition, a new job in a partition (lane key) at the cap is refused with DP002 (on_overflow reject) or the partition''s oldest staged jobs (lowest id) are finished as dropped (drop_oldest). Errors, nothing changed: unknown policy 42704, NULL args 22004, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 naming the field, a full partition DP002.';
 
 -- stage: now always an id, and expires_at. A new argument: a new signature.
 DROP FUNCTION dispatch_policy.stage(text, jsonb, jsonb, text, text, text, integer, timestamptz);

@@ -305,6 +305,12 @@ BEGIN
   -- was being declared, staged past the cap and deadlocked).
   PERFORM pg_advisory_xact_lock_shared(dispatch_policy._partitions_lock_key(_stage_outcomes.policy));
   SELECT p.config, p.cost_gates INTO config, cost_gates FROM dispatch_policy.policies p WHERE p.name = _stage_outcomes.policy;
+  -- A shadow policy admits every job, whatever its cost: nothing to refuse
+  -- (found by hostile testing: trying a cost throttle in shadow mode
+  -- refused production jobs at staging).
+  IF config ->> 'mode' = 'shadow' THEN
+    cost_gates := NULL;
+  END IF;
   -- A job that costs more than its bucket holds could never be admitted
   -- (0024): refused before anything is stored, naming the job. Elements
   -- that are not objects with an object context are left to the checks of
@@ -424,6 +430,10 @@ BEGIN
          p.partition_suffixes, p.cost_gates
   INTO template, config, part_gates, part_templates, part_prefixes, part_keys, part_suffixes, cost_gates
   FROM dispatch_policy.policies p WHERE p.name = stage_outcome.policy;
+  -- A shadow policy admits every job, whatever its cost (see _stage_outcomes).
+  IF config ->> 'mode' = 'shadow' THEN
+    cost_gates := NULL;
+  END IF;
   IF NOT FOUND
      OR stage_outcome.expires_at IS NOT NULL
      OR dispatch_policy._staging_rules_apply(config)
@@ -501,7 +511,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.stage_outcome(text, jsonb, jsonb, text, text, text, integer, timestamptz, timestamptz) IS
-  'Stages one job as stage() does and says what happened: outcome inserted (a new job, id), kept (a job of the same policy with the same dedupe_key is admitted, or staged under dedupe_mode keep: nothing changed, id is that job), replaced (dedupe_mode replace and that job is still staged: its args, context, queue, priority, round-robin key, partitions and expires_at are now this call''s, its not_before is pushed to now + debounce if later; id is that job) or dropped (under on_overflow drop_oldest: the job itself, finished as dropped right away, when its partition is full and every older job of it is held by another transaction, such as a tick admitting it; in stage_many_outcomes also a job dropped by a later element of the same call). expires_at: the job''s deadline (must be later than now; the policy''s max_wait gives staged_at + max_wait, the earlier of the two applies); a job not admitted by then is finished as expired. With max_pending_per_partition, a new job in a partition (lane key) at the cap is refused with DP002 (on_overflow reject) or the partition''s oldest staged jobs (lowest id) are finished as dropped (drop_oldest). Errors, nothing changed: unknown policy 42704, NULL args 22004, a cost above its burst for a throttle with a cost (0024; not for a kept duplicate, whose context is ignored) 22023, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 naming the field, a full partition DP002.';
+  'Stages one job as stage() does and says what happened: outcome inserted (a new job, id), kept (a job of the same policy with the same dedupe_key is admitted, or staged under dedupe_mode keep: nothing changed, id is that job), replaced (dedupe_mode replace and that job is still staged: its args, context, queue, priority, round-robin key, partitions and expires_at are now this call''s, its not_before is pushed to now + debounce if later; id is that job) or dropped (under on_overflow drop_oldest: the job itself, finished as dropped right away, when its partition is full and every older job of it is held by another transaction, such as a tick admitting it; in stage_many_outcomes also a job dropped by a later element of the same call). expires_at: the job''s deadline (must be later than now; the policy''s max_wait gives created_at (first staged) + max_wait, the earlier of the two applies); a job not admitted by then is finished as expired. With max_pending_per_partition, a new job in a partition (lane key) at the cap is refused with DP002 (on_overflow reject) or the partition''s oldest staged jobs (lowest id) are finished as dropped (drop_oldest). Errors, nothing changed: unknown policy 42704, NULL args 22004, a cost above its burst for a throttle with a cost (0024; not for a kept duplicate, whose context is ignored) 22023, a field out of its limits() bounds or otherwise invalid (an expires_at not later than now) 22023 naming the field, a full partition DP002.';
 
 -- ---------------------------------------------------------------------------
 -- Weighted fairness.

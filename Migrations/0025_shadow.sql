@@ -304,6 +304,14 @@ BEGIN
     PERFORM dispatch_policy._require(jsonb_typeof(config -> 'max_wait') = 'number', 'max_wait', 'must be a number (seconds)',
                                      config -> 'max_wait');
     PERFORM dispatch_policy._require_limit(config -> 'max_wait', 'max_wait', 'max_wait');
+    -- A replace pushes a job's not_before to now + debounce: with a
+    -- max_wait no longer than that, every replaced job would expire before
+    -- it could be admitted (found by hostile testing).
+    IF config ? 'debounce' THEN
+      PERFORM dispatch_policy._require((config ->> 'debounce')::numeric < (config ->> 'max_wait')::numeric, 'debounce',
+        format('must be less than max_wait (%s s): a replaced job waits debounce seconds and would expire first',
+               config ->> 'max_wait'), config -> 'debounce');
+    END IF;
   END IF;
 
   -- mode (0025).

@@ -139,3 +139,11 @@ SELECT dispatch_policy.declare_policy('sh_late', '{"mode": "shadow", "gates": [{
 SELECT dispatch_policy.stage('sh_late', '1', expires_at => clock_timestamp() + interval '100 milliseconds') AS sh_late1 \gset
 SELECT pg_sleep(0.2);
 SELECT aspect, verdict, wait_seconds FROM dispatch_policy.explain(:sh_late1) WHERE aspect IN ('gate', 'estimate') ORDER BY aspect;
+-- Found by the second hostile pass: a shadow policy admits every job, so
+-- staging refuses none for its cost (an enforcing one does: 22023).
+SELECT dispatch_policy.declare_policy('sh_cost', '{"mode": "shadow", "gates": [{"type": "throttle", "rate": 10, "per": 60, "burst": 10, "cost": {"context": "units", "default": 1}}]}');
+SELECT outcome FROM dispatch_policy.stage_outcome('sh_cost', '1', '{"units": 50}');
+SELECT cardinality(dispatch_policy.stage_many('sh_cost', '[{"args": 2, "context": {"units": 60}}]')) AS staged;
+SELECT dispatch_policy.declare_policy('sh_cost', '{"gates": [{"type": "throttle", "rate": 10, "per": 60, "burst": 10, "cost": {"context": "units", "default": 1}}]}');
+SELECT outcome FROM dispatch_policy.stage_outcome('sh_cost', '3', '{"units": 50}');
+\echo :SQLSTATE

@@ -334,3 +334,30 @@ ORDER BY o.idx;
 SELECT count(*) AS staged, count(*) FILTER (WHERE s.expires_at = s.staged_at + interval '60 seconds') AS with_max_wait,
        (SELECT count(*) FROM dispatch_policy.job_deadlines d WHERE d.policy = 'sbk') AS deadlines
 FROM dispatch_policy.staged_jobs s WHERE s.policy = 'sbk';
+-- Found by the second hostile pass:
+-- max_wait runs from when the job was first staged (created_at), which a
+-- retry or a deferral keeps: a replace after one does not push the
+-- deadline out (it ran from staged_at, which they reset).
+SELECT dispatch_policy.declare_policy('mwr', '{"max_wait": 60, "dedupe_mode": "replace"}');
+SELECT dispatch_policy.stage('mwr', '1', dedupe_key => 'k') AS mwr1 \gset
+-- As if admitted 50 s after staging and retried now: created_at kept, staged_at new.
+UPDATE dispatch_policy.staged_jobs SET created_at = now() - interval '50 seconds', staged_at = now(),
+       expires_at = now() + interval '10 seconds' WHERE id = :mwr1;
+SELECT outcome FROM dispatch_policy.stage_outcome('mwr', '2', dedupe_key => 'k');
+SELECT expires_at - created_at AS max_wait_from_created, expires_at - now() < interval '11 seconds' AS ten_seconds_left
+FROM dispatch_policy.staged_jobs WHERE id = :mwr1;
+SELECT array_agg(outcome) FROM dispatch_policy.stage_many_outcomes('mwr', '[{"args": 3, "dedupe_key": "k"}]');
+SELECT expires_at - now() < interval '11 seconds' AS still_ten_seconds_left FROM dispatch_policy.staged_jobs WHERE id = :mwr1;
+-- A job whose not_before is at or after its expires_at could never be
+-- admitted: refused, nothing stored.
+SELECT dispatch_policy.stage('mwr', '4', expires_at => '2999-01-01T00:00:00Z', not_before => '2999-06-01T00:00:00Z');
+\echo :SQLSTATE
+SELECT dispatch_policy.stage_many('mwr', '[{"args": 5, "expires_at": "2999-01-01T00:00:00Z", "not_before": "2999-01-01T00:00:00Z"}]');
+\echo :SQLSTATE
+SELECT count(*) AS mwr_jobs FROM dispatch_policy.staged_jobs WHERE policy = 'mwr';
+-- A debounce at or over max_wait would expire every replaced job.
+SELECT dispatch_policy.declare_policy('bad', '{"dedupe_mode": "replace", "debounce": 60, "max_wait": 5}');
+\echo :SQLSTATE
+SELECT dispatch_policy.declare_policy('bad', '{"dedupe_mode": "replace", "debounce": 5, "max_wait": 5}');
+\echo :SQLSTATE
+SELECT dispatch_policy.validate_policy('ok', '{"dedupe_mode": "replace", "debounce": 4.5, "max_wait": 5}');
