@@ -164,7 +164,10 @@ struct AdmitNowTests {
     }
 
     @Test("admit-now racing runners never passes a cap")
-    func racingRunners() async throws {
+    func racingRunners() async throws { try await LiveTests.exclusive { try await racingRunnersLive() } }
+
+    /// Counts progress in time (60 admissions in a minute): a live test.
+    func racingRunnersLive() async throws {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn in
             try await declare(
