@@ -392,16 +392,57 @@ BEGIN
                       ORDER BY j.n);
   END IF;
 
+  -- Lock order. Every path that writes these tables takes their rows in
+  -- this order, each table's rows in one sorted statement, so none
+  -- deadlocks with another: inflight_counters (policy, gate, partition),
+  -- then staged_jobs (by id), then backlog_counters (policy, lane, NULL
+  -- last: the staged_jobs statement triggers). Here: the counters first;
+  -- fail, defer and the reaper release slots (inflight_counters) and then
+  -- re-stage (backlog_counters); a stager locks the staged jobs it replaces
+  -- by id and then its backlog counters; complete takes in-flight counters
+  -- alone.
   IF cardinality(ids) > 0 THEN
-    -- Rows are looked up by primary key (= ANY of an array), never by
-    -- joining the staged table against a set the planner cannot size.
+    -- The counters of every job's slots (a skipped job's too: which jobs
+    -- are skipped is known only once their rows are locked, below), created
+    -- when missing, locked with lock_gates/lock_partitions in one sorted
+    -- statement.
+    SELECT coalesce(array_agg(s.g ORDER BY s.g, s.p), '{}'), coalesce(array_agg(s.p ORDER BY s.g, s.p), '{}')
+    INTO slot_g, slot_p
+    FROM (SELECT DISTINCT gate_names[((e.n - 1) % width) + 1] AS g, e.p
+          FROM unnest(partitions) WITH ORDINALITY AS e(p, n)
+          WHERE e.p IS NOT NULL AND gate_names[((e.n - 1) % width) + 1] = ANY (slot_gates)) s;
+    IF cardinality(slot_g) > 0 THEN
+      INSERT INTO dispatch_policy.inflight_counters AS c (policy, gate, partition, in_flight, updated_at)
+      SELECT _admit.policy, k.g, k.p, 0, _admit.now FROM unnest(slot_g, slot_p) AS k(g, p)
+      ORDER BY 2, 3
+      ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING;
+    END IF;
+  END IF;
+  IF coalesce(cardinality(slot_g), 0) + coalesce(cardinality(lock_gates), 0) > 0 THEN
+    PERFORM 1 FROM dispatch_policy.inflight_counters c
+    WHERE c.policy = _admit.policy
+      AND (c.gate, c.partition) IN (SELECT k.g, k.p FROM unnest(slot_g, slot_p) AS k(g, p)
+                                    UNION SELECT k.g, k.p FROM unnest(lock_gates, lock_partitions) AS k(g, p))
+    ORDER BY c.policy, c.gate, c.partition
+    FOR UPDATE;
+  END IF;
+
+  IF cardinality(ids) > 0 THEN
+    -- Then the jobs' rows, by id (as a replacing stager locks the jobs it
+    -- replaces), not in batch order. Rows are looked up by primary key (=
+    -- ANY of an array), never by joining the staged table against a set the
+    -- planner cannot size. A row replaced while this waited for it is
+    -- locked as it is now, and its new xmin is checked below.
+    PERFORM 1 FROM dispatch_policy.staged_jobs s
+    WHERE s.id = ANY (ids) AND s.policy = _admit.policy
+    ORDER BY s.id
+    FOR UPDATE;
     WITH moved AS (
       DELETE FROM dispatch_policy.staged_jobs s
       USING unnest(ids, coalesce(expected, array_fill(-1::bigint, ARRAY[cardinality(ids)]))) AS e(id, version)
       WHERE s.id = ANY (ids) AND s.id = e.id AND s.policy = _admit.policy
         -- A job the tick fetched, only as it was fetched: with the xmin it
-        -- had (the DELETE re-reads a row replaced while it waited for it,
-        -- and checks its new xmin).
+        -- had.
         AND (e.version = -1 OR e.version = s.xmin::text::bigint)
       RETURNING s.*
     ), parts AS (
@@ -468,8 +509,7 @@ BEGIN
       ids := ARRAY(SELECT j.id FROM unnest(ids) WITH ORDINALITY AS j(id, n) WHERE NOT j.n = ANY (skipped_at) ORDER BY j.n);
     END IF;
 
-    -- Slots per counter, once; then create missing counters, lock them (and
-    -- lock_gates/lock_partitions) in one sorted statement, add.
+    -- Slots per counter, of the jobs admitted.
     SELECT coalesce(array_agg(s.g ORDER BY s.g, s.p), '{}'), coalesce(array_agg(s.p ORDER BY s.g, s.p), '{}'),
            coalesce(array_agg(s.n ORDER BY s.g, s.p), '{}')
     INTO slot_g, slot_p, slot_n
@@ -477,20 +517,6 @@ BEGIN
           FROM unnest(partitions) WITH ORDINALITY AS e(p, n)
           WHERE e.p IS NOT NULL AND gate_names[((e.n - 1) % width) + 1] = ANY (slot_gates)
           GROUP BY 1, 2) s;
-    IF cardinality(slot_g) > 0 THEN
-      INSERT INTO dispatch_policy.inflight_counters AS c (policy, gate, partition, in_flight, updated_at)
-      SELECT _admit.policy, k.g, k.p, 0, _admit.now FROM unnest(slot_g, slot_p) AS k(g, p)
-      ORDER BY 2, 3
-      ON CONFLICT ON CONSTRAINT inflight_counters_pkey DO NOTHING;
-    END IF;
-  END IF;
-  IF coalesce(cardinality(slot_g), 0) + coalesce(cardinality(lock_gates), 0) > 0 THEN
-    PERFORM 1 FROM dispatch_policy.inflight_counters c
-    WHERE c.policy = _admit.policy
-      AND (c.gate, c.partition) IN (SELECT k.g, k.p FROM unnest(slot_g, slot_p) AS k(g, p)
-                                    UNION SELECT k.g, k.p FROM unnest(lock_gates, lock_partitions) AS k(g, p))
-    ORDER BY c.policy, c.gate, c.partition
-    FOR UPDATE;
   END IF;
   IF cardinality(ids) > 0 THEN
     IF cardinality(slot_g) > 0 THEN
@@ -584,7 +610,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._admit(text, bigint[], text[], text[], text[], text[], double precision[], integer, timestamptz, jsonb, text[], text[]) IS
-  'Internal: admit with parallel arrays (the one implementation): ids (in a tick, of jobs tick_begin fetched: a job whose row changed since the fetch or is gone is skipped, with its slots and its takes, and stays as it is; other ids must be staged, 55000 otherwise); gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane); round_robin_cursor {"last_key": K} or {"hold": true}, with weighted lanes also "starved": {"lane", "index", "weight"} (the first starved job: its lane, its place among the lane''s jobs in the batch from 1, the lane''s weight), from which the cursor''s served is kept.';
+  'Internal: admit with parallel arrays (the one implementation): ids (in a tick, of jobs tick_begin fetched: a job whose row changed since the fetch or is gone is skipped, with its slots and its takes, and stays as it is; other ids must be staged, 55000 otherwise); gate_names; partitions, one entry per job and gate name, job after job (NULL: none); takes as (take_gates, take_partitions, take_tokens); lock_gates/lock_partitions: further counters to lock in the same sorted statement as the slots (the tick checks them before blocking a lane); round_robin_cursor {"last_key": K} or {"hold": true}, with weighted lanes also "starved": {"lane", "index", "weight"} (the first starved job: its lane, its place among the lane''s jobs in the batch from 1, the lane''s weight), from which the cursor''s served is kept. Locks in the order every path keeps (in-flight counters, then staged jobs by id, then backlog counters): the counters of every job''s slots (a skipped job''s too, created at 0 when missing) with lock_gates/lock_partitions in one sorted statement, then the jobs'' staged rows by id, then deletes them (their backlog counters, by the delete trigger).';
 
 COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
   'The job''s deadline: if not admitted by then it is finished as expired (by the next tick''s fetch, fetch_batch), never admitted. The expires_at given to stage, or staged_at + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
