@@ -85,6 +85,15 @@ struct RegressionTests {
         try await raceScript("staging_locks_race.sh", ["6", "4"], ok: "OK: no deadlock, no partition over its cap")
     }
 
+    /// The second hostile pass on issue 12: fail() and defer() retries
+    /// deadlocked with ticks on capped policies (in-flight and backlog
+    /// counters taken in opposite orders), and stage_many replaces with
+    /// tick_finish (staged rows locked in id and in lane order).
+    @Test("lock_order_race.sh: ticks, fail, defer, the reaper and replacing stagers on capped policies: no deadlock")
+    func lockOrderRace() async throws {
+        try await raceScript("lock_order_race.sh", ["6", "6"], ok: "OK: no deadlock among ticks, fail, defer, the reaper")
+    }
+
     /// A race script saturates the test server for seconds: it takes its
     /// turn with the live tests (which assert on progress in time) instead
     /// of slowing them down.
