@@ -58,7 +58,7 @@ struct AdminTests {
                 conn, "hooks",
                 #"""
                 {"max_attempts": 1,
-                 "gates": [{"type": "throttle", "name": "per_tenant", "rate": 1, "per": 60, "partition_by": "{tenant}"},
+                 "gates": [{"type": "throttle", "name": "per_tenant", "rate": 1, "per": 86400, "partition_by": "{tenant}"},
                            {"type": "global_cap", "max": 50}]}
                 """#)
             let evil = #"<script>alert("x")</script>"#
