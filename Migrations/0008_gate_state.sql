@@ -151,7 +151,8 @@ DROP FUNCTION dispatch_policy._fail_attempt(dispatch_policy.admitted_jobs, text,
 DROP FUNCTION dispatch_policy._release_slots(text, jsonb, timestamptz);
 DROP FUNCTION dispatch_policy._observe(dispatch_policy.admitted_jobs, boolean, timestamptz);
 
-CREATE FUNCTION dispatch_policy._release_slots(jobs dispatch_policy.admitted_jobs[], now timestamptz)
+CREATE FUNCTION dispatch_policy._release_slots(jobs dispatch_policy.admitted_jobs[], now timestamptz,
+                                               restaged boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
@@ -163,6 +164,20 @@ BEGIN
     SELECT j.policy, s.key, s.value FROM unnest(jobs) AS j, jsonb_each_text(j.partitions) AS s)
   ORDER BY c.policy, c.gate, c.partition
   FOR UPDATE;
+  -- Jobs about to be staged again (a retry, a deferral): the backlog
+  -- counter rows of their lanes (0023, capped policies) next, sorted as
+  -- stagers sort them, before the update below unblocks lanes (a trigger
+  -- writes dispatch_policy.lanes). Every path so takes in-flight counters,
+  -- then backlog counters, then lanes (found by hostile testing: a fail()
+  -- holding a lanes row waited for the counter of a replacing stager, which
+  -- waited for that lanes row). The table exists from 0023 on; this body
+  -- runs only once every migration is applied.
+  IF restaged THEN
+    PERFORM 1 FROM dispatch_policy.backlog_counters b
+    WHERE EXISTS (SELECT 1 FROM unnest(jobs) AS j WHERE j.policy = b.policy AND j.round_robin_key IS NOT DISTINCT FROM b.lane)
+    ORDER BY b.policy, b.lane NULLS LAST
+    FOR UPDATE;
+  END IF;
   UPDATE dispatch_policy.inflight_counters c
   SET in_flight = greatest(c.in_flight - h.n, 0), updated_at = _release_slots.now
   FROM (SELECT j.policy, s.key AS gate, s.value AS partition, count(*)::integer AS n
@@ -173,8 +188,8 @@ BEGIN
   FROM (SELECT DISTINCT j.policy FROM unnest(jobs) AS j) x;
 END
 $$;
-COMMENT ON FUNCTION dispatch_policy._release_slots(dispatch_policy.admitted_jobs[], timestamptz) IS
-  'Internal: gives back the slots of many jobs: locks every counter they hold in one statement sorted by (policy, gate, partition), then decrements; wakes runners (NOTIFY dispatch_policy_released).';
+COMMENT ON FUNCTION dispatch_policy._release_slots(dispatch_policy.admitted_jobs[], timestamptz, boolean) IS
+  'Internal: gives back the slots of many jobs: locks every counter they hold in one statement sorted by (policy, gate, partition), then (restaged: jobs a retry or a deferral stages again) the backlog counter rows of their lanes, sorted, then decrements (which unblocks lanes); wakes runners (NOTIFY dispatch_policy_released). The lock order of every path: in-flight counters, staged jobs by id, backlog counters, lanes.';
 
 CREATE FUNCTION dispatch_policy._observe(jobs dispatch_policy.admitted_jobs[], success boolean, now timestamptz)
 RETURNS void
@@ -202,7 +217,7 @@ DECLARE
   message text := left(coalesce(_fail_attempts.error, 'failed'),
                        (SELECT l.maximum FROM dispatch_policy.limits() l WHERE l.field = 'fail.error')::integer);
 BEGIN
-  PERFORM dispatch_policy._release_slots(jobs, _fail_attempts.now);
+  PERFORM dispatch_policy._release_slots(jobs, _fail_attempts.now, restaged => true);
   PERFORM dispatch_policy._observe(jobs, false, _fail_attempts.now);
   INSERT INTO dispatch_policy.job_failures (job_id, policy, attempt, error, failed_at)
   SELECT j.id, j.policy, j.attempt, message, _fail_attempts.now FROM unnest(jobs) AS j ORDER BY j.id;

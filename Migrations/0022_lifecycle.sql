@@ -173,7 +173,7 @@ BEGIN
 
   -- Its slots go back as at completion; no observation: a deferral says
   -- nothing about this queue's lag, and is not a success or a failure.
-  PERFORM dispatch_policy._release_slots(ARRAY[job], defer.now);
+  PERFORM dispatch_policy._release_slots(ARRAY[job], defer.now, restaged => true);
   -- Back to staging as the same attempt, scheduled for until; its dedupe
   -- key stays held; its partitions are rendered again by the row trigger
   -- (as a retry's are).

@@ -94,6 +94,14 @@ struct RegressionTests {
         try await raceScript("lock_order_race.sh", ["6", "6"], ok: "OK: no deadlock among ticks, fail, defer, the reaper")
     }
 
+    /// The third look at issue 12: a retry or a deferral unblocked its lane
+    /// before it took its backlog counter; a replacing stager takes them the
+    /// other way round (a deadlock every time).
+    @Test("restage_lanes_race.sh: fail and defer against a replacing stage_many on a capped policy: no deadlock")
+    func restageLanesRace() async throws {
+        try await raceScript("restage_lanes_race.sh", [], ok: "OK: no deadlock between a retry or a deferral and a replacing stager")
+    }
+
     /// A race script saturates the test server for seconds: it takes its
     /// turn with the live tests (which assert on progress in time) instead
     /// of slowing them down.
