@@ -303,21 +303,9 @@ CREATE TRIGGER policies_zz_backlog
 
 -- Policies declared before this migration have no cap; nothing to count.
 
--- What staging reads of a config: a redeclare that changes it must not
--- overlap a stager (see declare_policy below). 0024 adds the cost gates.
-CREATE FUNCTION dispatch_policy._staging_config(config jsonb)
-RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
-AS $$
-  SELECT jsonb_build_object('lane_template', dispatch_policy._lane_template(config),
-                            'partition_gates', dispatch_policy._partition_gates(config),
-                            'partition_templates', dispatch_policy._partition_templates(config))
-         || jsonb_strip_nulls(jsonb_build_object('dedupe_mode', config -> 'dedupe_mode', 'debounce', config -> 'debounce',
-                                                 'max_pending_per_partition', config -> 'max_pending_per_partition',
-                                                 'on_overflow', config -> 'on_overflow', 'max_wait', config -> 'max_wait'))
-$$;
-COMMENT ON FUNCTION dispatch_policy._staging_config(jsonb) IS
-  'Internal: the parts of a config that staging reads (lane template, partitioned gates and their templates, the staging rules; cost gates from 0024), as one value to compare: a redeclare that changes it holds the policy''s stagers off (declare_policy).';
+-- What staging reads of a config (_staging_config, defined once in 0.2.0,
+-- in 0024_cost_weights.sql, with the cost gates): a redeclare that changes
+-- it must not overlap a stager (see declare_policy below).
 
 -- declare_policy, defined once in 0.2.0 (validation in the policies_validate
 -- trigger too, 0007; a replaced config recomputes the in-flight counters,

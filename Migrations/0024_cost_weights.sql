@@ -206,9 +206,10 @@ ALTER TABLE dispatch_policy.policies
 COMMENT ON COLUMN dispatch_policy.policies.cost_gates IS
   'The throttle gates with a cost (see _cost_gates), read by staging to refuse a job whose cost exceeds its burst; NULL: none.';
 
--- _staging_config as in 0023, copied; change: the cost gates (staging
--- refuses a job above its burst).
-CREATE OR REPLACE FUNCTION dispatch_policy._staging_config(config jsonb)
+-- What staging reads of a config: a redeclare that changes it must not
+-- overlap a stager (declare_policy, 0023). Defined once in 0.2.0, here,
+-- with the cost gates (staging refuses a job above its burst).
+CREATE FUNCTION dispatch_policy._staging_config(config jsonb)
 RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SECURITY INVOKER
 AS $$
@@ -220,6 +221,8 @@ AS $$
                                                  'max_pending_per_partition', config -> 'max_pending_per_partition',
                                                  'on_overflow', config -> 'on_overflow', 'max_wait', config -> 'max_wait'))
 $$;
+COMMENT ON FUNCTION dispatch_policy._staging_config(jsonb) IS
+  'Internal: the parts of a config that staging reads (lane template, partitioned gates and their templates, the cost gates, the staging rules), as one value to compare: a redeclare that changes it holds the policy''s stagers off (declare_policy).';
 
 -- The first cost gate a job's context makes cost more than its bucket's
 -- burst, as the runner resolves both (_gate_number; without burst: the rate,

@@ -897,6 +897,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 DECLARE
   n bigint;
+  finished_status text;
 BEGIN
   PERFORM dispatch_policy._require_now(prune.now);
   IF retention IS NULL OR NOT dispatch_policy._within_limit(extract(epoch FROM retention), 'prune.retention') THEN
@@ -962,12 +963,12 @@ BEGIN
     ORDER BY x.policy, x.gate, x.partition FOR UPDATE SKIP LOCKED);
   GET DIAGNOSTICS n = ROW_COUNT; what := 'idle_counters'; removed := n; RETURN NEXT;
 
-  DELETE FROM dispatch_policy.finished_jobs f
-  WHERE f.status = 'completed' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
-  GET DIAGNOSTICS n = ROW_COUNT; what := 'completed_jobs'; removed := n; RETURN NEXT;
-  DELETE FROM dispatch_policy.finished_jobs f
-  WHERE f.status = 'cancelled' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
-  GET DIAGNOSTICS n = ROW_COUNT; what := 'cancelled_jobs'; removed := n; RETURN NEXT;
+  FOREACH finished_status IN ARRAY ARRAY['completed', 'cancelled'] LOOP
+    DELETE FROM dispatch_policy.finished_jobs f
+    WHERE f.status = finished_status AND f.finished_at < prune.now - retention
+      AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
+    GET DIAGNOSTICS n = ROW_COUNT; what := finished_status || '_jobs'; removed := n; RETURN NEXT;
+  END LOOP;
   DELETE FROM dispatch_policy.job_failures jf
   WHERE jf.failed_at < prune.now - retention AND (prune.policies IS NULL OR jf.policy = ANY (prune.policies))
     AND NOT EXISTS (SELECT 1 FROM dispatch_policy.finished_jobs f WHERE f.id = jf.job_id AND f.status = 'dead');
@@ -1006,12 +1007,12 @@ BEGIN
   GET DIAGNOSTICS n = ROW_COUNT; what := 'partition_counters'; removed := n; RETURN NEXT;
   -- Jobs that expired or were dropped (0023), as cancelled ones; and the
   -- deadlines kept for re-staged jobs, once past by the retention.
-  DELETE FROM dispatch_policy.finished_jobs f
-  WHERE f.status = 'expired' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
-  GET DIAGNOSTICS n = ROW_COUNT; what := 'expired_jobs'; removed := n; RETURN NEXT;
-  DELETE FROM dispatch_policy.finished_jobs f
-  WHERE f.status = 'dropped' AND f.finished_at < prune.now - retention AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
-  GET DIAGNOSTICS n = ROW_COUNT; what := 'dropped_jobs'; removed := n; RETURN NEXT;
+  FOREACH finished_status IN ARRAY ARRAY['expired', 'dropped'] LOOP
+    DELETE FROM dispatch_policy.finished_jobs f
+    WHERE f.status = finished_status AND f.finished_at < prune.now - retention
+      AND (prune.policies IS NULL OR f.policy = ANY (prune.policies));
+    GET DIAGNOSTICS n = ROW_COUNT; what := finished_status || '_jobs'; removed := n; RETURN NEXT;
+  END LOOP;
   -- Not of a job still staged or admitted: a retry of it must still expire.
   DELETE FROM dispatch_policy.job_deadlines jd
   WHERE jd.expires_at < prune.now - retention AND (prune.policies IS NULL OR jd.policy = ANY (prune.policies))
