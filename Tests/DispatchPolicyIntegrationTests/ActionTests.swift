@@ -22,7 +22,7 @@ private func admittedTenants(_ conn: PostgresConnection) async throws -> [String
         .map { try $0.decode(String.self) }
 }
 
-@Suite("Operator actions through the runner", .timeLimit(.minutes(8)))
+@Suite("Operator actions through the runner", .timeLimit(.minutes(15)))
 struct ActionTests {
     /// A lane that mixes partitions cannot be blocked for one of them: the
     /// tick itself must refuse the paused partition's jobs and admit the

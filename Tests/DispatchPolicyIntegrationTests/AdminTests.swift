@@ -49,7 +49,7 @@ private func form(_ fields: [(String, String)]) -> ByteBuffer {
 
 private let formHeaders: HTTPFields = [.contentType: "application/x-www-form-urlencoded"]
 
-@Suite("Admin web UI", .timeLimit(.minutes(8)))
+@Suite("Admin web UI", .timeLimit(.minutes(15)))
 struct AdminTests {
     @Test("pages render from the database; every value a tenant chose is escaped; unknown things are 404")
     func pages() async throws {

@@ -32,7 +32,7 @@ private let policy = #"""
                {"type": "concurrency", "name": "c", "max": 3, "partition_by": "{tenant}"}]}
     """#
 
-@Suite("Admit now from one partition", .timeLimit(.minutes(8)))
+@Suite("Admit now from one partition", .timeLimit(.minutes(15)))
 struct AdmitNowTests {
     @Test("admits only the partition's jobs, through every gate: slots and tokens taken, a cap never passed, the rotation untouched")
     func admitsThroughTheGates() async throws {

@@ -98,7 +98,7 @@ extension FieldLimit {
     }
 }
 
-@Suite("Bounds: every numeric field, at, inside and beyond its limits", .timeLimit(.minutes(8)))
+@Suite("Bounds: every numeric field, at, inside and beyond its limits", .timeLimit(.minutes(15)))
 struct BoundsTests {
     @Test("the runner's limits table is the database's", .timeLimit(.minutes(3)))
     func sameLimits() async throws {

@@ -29,11 +29,14 @@ func cli(_ arguments: [String], settings: ConnectionSettings, env: [String: Stri
     var environment = env ?? ProcessInfo.processInfo.environment
     if env == nil {
         environment["DATABASE_URL"] = databaseURL(settings)
+        // As TestServer's own sessions: at the suite's start a loaded server
+        // may take longer than libpq's 10 s to let a session in.
+        environment["PGCONNECT_TIMEOUT"] = "30"
     }
     return try await runProcess(cliPath, arguments, environment: environment, stdin: stdin)
 }
 
-@Suite("CLI", .timeLimit(.minutes(8)))
+@Suite("CLI", .timeLimit(.minutes(15)))
 struct CLITests {
     @Test("migrate applies every file, then reports the database up to date")
     func migrate() async throws {
@@ -349,7 +352,7 @@ struct CLITests {
         let loud = try await cli(["tick"], settings: settings)
         #expect(loud.status == 0 && loud.stdout.hasPrefix("p: admitted 1 in 1 tick"), "\(loud.stdout)")
         try await TestServer.withConnection(settings) { conn in try await conn.exec("SELECT dispatch_policy.stage('p', '{}')") }
-        for arguments in [["tick", "--quiet"], ["tick", "-q", "--for", "5s"], ["tick", "-q"]] {
+        for arguments in [["tick", "--quiet"], ["tick", "-q", "--for", "10s"], ["tick", "-q"]] {
             let quiet = try await cli(arguments, settings: settings)
             #expect(quiet.status == 0 && quiet.stdout.isEmpty && quiet.stderr.isEmpty, "\(arguments): \(quiet.stdout)\(quiet.stderr)")
         }

@@ -12,7 +12,7 @@ func checkFindings(_ conn: PostgresConnection) async throws -> [String] {
     ).map { try $0.decode(String.self) }
 }
 
-@Suite("Reconciliation: check and repair", .timeLimit(.minutes(8)))
+@Suite("Reconciliation: check and repair", .timeLimit(.minutes(15)))
 struct CheckTests {
     /// pg_regress (sql/test/sql/check.sql) corrupts the state one way at a
     /// time; this drives the CLI over a database the runner and a worker

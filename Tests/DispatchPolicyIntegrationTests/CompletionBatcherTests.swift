@@ -5,7 +5,7 @@ import Testing
 
 @testable import DispatchPolicy
 
-@Suite("Worker: completion batches", .timeLimit(.minutes(8)))
+@Suite("Worker: completion batches", .timeLimit(.minutes(15)))
 struct CompletionBatcherTests {
     /// Found by hostile testing: once cancelled, the batcher stopped; a
     /// handler that ended after that waited for good on a completion nothing

@@ -282,9 +282,9 @@ struct ConnectionTests {
         #expect(error?.message.contains("no answer within 2") == true, "\(String(describing: error))")
         let next = try ConnectionSettings(
             conninfo:
-                "host=127.0.0.1,127.0.0.1 port=\(silent.port),\(server.port) dbname=postgres user=postgres connect_timeout=5 sslmode=disable",
+                "host=127.0.0.1,127.0.0.1 port=\(silent.port),\(server.port) dbname=postgres user=postgres connect_timeout=10 sslmode=disable",
             environment: ["HOME": server.emptyHome])
-        // (5 s and no TLS for the live host: under the suite's load its
+        // (10 s and no TLS for the live host: under the suite's load its
         // handshake alone has taken more than 2 s.)
         let port: String = try await next.withConnection(logger: TestServer.logger) {
             try await $0.scalar("SELECT current_setting('port')")

@@ -21,7 +21,7 @@ private func stage(_ conn: PostgresConnection, _ policy: String, _ context: Stri
         "SELECT dispatch_policy.stage(\(policy), '{}', \(context)::jsonb, not_before => \(unescaped: notBefore))", as: Int64.self)
 }
 
-@Suite("Explain: why a job waits", .timeLimit(.minutes(8)))
+@Suite("Explain: why a job waits", .timeLimit(.minutes(15)))
 struct ExplainTests {
     @Test("a throttled job: the gate, its partition, the tokens, the time to the next token, and a wait that counts the jobs ahead")
     func throttled() async throws {

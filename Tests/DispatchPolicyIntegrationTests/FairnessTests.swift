@@ -12,13 +12,15 @@ func jainIndex(_ shares: [Double]) -> Double {
     return squares == 0 ? 1 : sum * sum / (Double(shares.count) * squares)
 }
 
-@Suite("Fairness under binding gates", .timeLimit(.minutes(8)))
+@Suite("Fairness under binding gates", .timeLimit(.minutes(15)))
 struct FairnessTests {
     /// Regression (9): 100 tenants × 300 jobs, quantum 5, global_cap 40, 40
     /// workers with 10 ms jobs: only 40 tenants were ever served (Jain 0.33),
     /// with or without fair_interleave, because every tick started from the
     /// same key.
-    @Test("equally backlogged tenants get equal shares under a binding global cap (Jain's index ≥ 0.99)", arguments: [false, true])
+    @Test(
+        "equally backlogged tenants get equal shares under a binding global cap (no tenant two quanta ahead of another)",
+        arguments: [false, true])
     func equalShares(fairInterleave: Bool) async throws {
         try await LiveTests.exclusive { try await equalSharesLive(fairInterleave: fairInterleave) }
     }
@@ -67,8 +69,13 @@ struct FairnessTests {
             let total = shares.reduce(0, +)
             #expect(total >= 2000)
             #expect(total < 30_000, "every tenant ran out of work: the measure says nothing")
+            // Where the run stops inside a rotation decides who is a quantum
+            // ahead (Jain's index 0.988 at 2,250 admissions, half the tenants
+            // one quantum ahead, admission perfectly fair); the spread is what
+            // fairness bounds. Before the fix, 60 tenants got none.
             let jain = jainIndex(shares)
-            #expect(jain >= 0.99, "Jain's index \(jain): \(shares.min() ?? 0)–\(shares.max() ?? 0) admissions per tenant")
+            let spread = (shares.max() ?? 0) - (shares.min() ?? 0)
+            #expect(spread <= 10, "\(shares.min() ?? 0)–\(shares.max() ?? 0) admissions per tenant (Jain's index \(jain))")
         }
     }
 }

@@ -116,11 +116,11 @@ private func count(_ settings: ConnectionSettings, _ sql: String) async throws -
     }
 }
 
-@Suite("Faults: lost sessions, restarts, servers that stop answering", .timeLimit(.minutes(8)))
+@Suite("Faults: lost sessions, restarts, servers that stop answering", .timeLimit(.minutes(15)))
 struct FaultTests {
     /// Regression (issue 8, defect 1): after pg_terminate_backend or a
     /// restart, `run` logged nothing and admitted nothing again. The idle
-    /// pause is 60 s, so only the notification session (itself reconnected,
+    /// pause is 600 s, so only the notification session (itself reconnected,
     /// defect 2) can explain a job admitted within seconds.
     @Test("run reconnects by itself after its sessions are terminated and after a PostgreSQL restart")
     func runReconnects() async throws { try await LiveTests.exclusive { try await runReconnectsLive() } }
@@ -130,25 +130,25 @@ struct FaultTests {
             try await TestServer.withConnection(settings) { conn in
                 try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(name: "p", config: "{}")
             }
-            let child = try await spawnChild(cliPath, ["run", "--idle-pause", "60s"], environment: libpqEnvironment(settings))
+            let child = try await spawnChild(cliPath, ["run", "--idle-pause", "600s"], environment: libpqEnvironment(settings))
             var stopped = false
             defer { if !stopped { child.signal(SIGKILL) } }
             // One session LISTENs on both channels (pg_stat_activity shows its last LISTEN).
             let listening = { try await sessionPids(settings, query: "LISTEN%").count == 1 }
-            #expect(try await waitUntil(20) { try await listening() }, "the runner never listened")
+            #expect(try await waitUntil(60) { try await listening() }, "the runner never listened")
             try await stage(settings, "p")
-            #expect(try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 1 })
+            #expect(try await waitUntil(60) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 1 })
 
             // Only the notification session: a new one LISTENs, and wakes the runner.
             #expect(try await terminateSessions(settings, query: "LISTEN%") == 1)
-            #expect(try await waitUntil(20) { try await listening() }, "the notification session was not replaced")
+            #expect(try await waitUntil(60) { try await listening() }, "the notification session was not replaced")
             try await stage(settings, "p")
             #expect(
-                try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 2 },
+                try await waitUntil(60) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 2 },
                 "a job staged after the notification session was replaced waited for the idle pause")
             // The notification session's reconnect counts in status too.
             #expect(
-                try await waitUntil(10) {
+                try await waitUntil(60) {
                     try await count(settings, "SELECT coalesce(max(reconnects), 0) FROM dispatch_policy.processes WHERE kind = 'runner'")
                         >= 1
                 }, "status does not count the notification session's reconnect")
@@ -157,20 +157,20 @@ struct FaultTests {
             #expect(try await terminateSessions(settings) >= 2)
             try await stage(settings, "p")
             #expect(
-                try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 3 },
+                try await waitUntil(60) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 3 },
                 "no admission after the runner's sessions were terminated")
 
             // A restart: sessions end, connections are refused for a moment.
             try await cluster.restart()
-            #expect(try await waitUntil(20) { try await listening() }, "the runner did not listen again after the restart")
+            #expect(try await waitUntil(60) { try await listening() }, "the runner did not listen again after the restart")
             try await stage(settings, "p")
             #expect(
-                try await waitUntil(10) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 4 },
+                try await waitUntil(60) { try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 4 },
                 "no admission after a restart")
 
             // Visible to operators: the runner's reconnects and its last loss.
             #expect(
-                try await waitUntil(10) {
+                try await waitUntil(60) {
                     try await count(settings, "SELECT coalesce(max(reconnects), 0) FROM dispatch_policy.processes WHERE kind = 'runner'")
                         >= 2
                 }, "dispatch_policy.processes does not show the reconnects")
@@ -208,8 +208,9 @@ struct FaultTests {
             try #require(frozen != nil, "the runner's session was never seen idle")
             let ending = await child.wait()
             let took = ContinuousClock.now - started
-            // D + overrun (2 s) + closing; a hung runner would run until the time limit.
-            #expect(took < .seconds(8), "tick --for 4s took \(took) with a session that stopped answering")
+            // D + overrun (2 s) + closing, with room for a loaded machine's
+            // start-up; a hung runner ran until the time limit (42 s).
+            #expect(took < .seconds(20), "tick --for 4s took \(took) with a session that stopped answering")
             // It did not finish its work: that is a failed run.
             #expect(ending == .exited(1), "\(child.output().stderr)")
             #expect(child.output().stderr.contains("database session lost"), "\(child.output().stderr)")
@@ -238,7 +239,8 @@ struct FaultTests {
             child.signal(SIGTERM)
             let ending = await child.wait()
             let took = ContinuousClock.now - signalled
-            #expect(took < .seconds(6), "run took \(took) to stop after SIGTERM")
+            // The shutdown timeout (2 s) and room for a loaded machine; it was 20 s.
+            #expect(took < .seconds(12), "run took \(took) to stop after SIGTERM")
             #expect(ending == .exited(0), "\(child.output().stderr)")
         }
     }
@@ -258,17 +260,21 @@ struct FaultTests {
                 _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "solo")
             }
             let intervals = Intervals()
-            let ended = Mutex<Date?>(nil)
+            // When the handler was cancelled (what the lease guard promises
+            // to do before the lease runs out; the handler's own return may
+            // come later on a loaded machine).
+            let cancelled = Mutex<Date?>(nil)
             var options = WorkerOptions()
             options.pollInterval = .milliseconds(50)
             var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
             worker.register("solo") { job in
                 let index = intervals.start(job)
-                defer {
-                    intervals.end(index)
-                    ended.withLock { $0 = Date() }
+                defer { intervals.end(index) }
+                try await withTaskCancellationHandler {
+                    try await Task.sleep(for: .seconds(60))
+                } onCancel: {
+                    cancelled.withLock { $0 = Date() }
                 }
-                try await Task.sleep(for: .seconds(60))
             }
             let services = DetachedServices([worker])
             // Once the worker has heartbeaten, stop the session it heartbeats on.
@@ -282,10 +288,10 @@ struct FaultTests {
             #expect(try await waitUntil(30) { services.isFinished }, "the worker did not shut down")
             let ran = try #require(intervals.durations.first)
             #expect(ran < .seconds(10), "the handler ran \(ran) under a 4 s lease")
-            let end = try #require(ended.withLock { $0 })
+            let end = try #require(cancelled.withLock { $0 })
             try await TestServer.withConnection(settings) { conn async throws in
                 let expires = try await conn.scalar("SELECT lease_expires_at FROM dispatch_policy.admitted_jobs", as: Date.self)
-                #expect(end < expires, "the handler ended at \(end), after its lease ran out at \(expires)")
+                #expect(end < expires, "the handler was cancelled at \(end), after its lease ran out at \(expires)")
                 #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs", as: Int.self) == 0)
             }
         }
@@ -318,7 +324,7 @@ struct FaultTests {
             try await Task.sleep(for: .milliseconds(400))
             terminated += try await terminateSessions(settings)
         }
-        let done = try await waitUntil(60) {
+        let done = try await waitUntil(120) {
             try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'") == jobs
         }
         await services.shutDown()
@@ -395,7 +401,7 @@ struct FaultTests {
                 // (Watched from another session: pg_stat_activity is a snapshot
                 // taken once per transaction.)
                 var victim: Int32?
-                let waiting = try await waitUntil(20) {
+                let waiting = try await waitUntil(60) {
                     victim = try await TestServer.withConnection(settings) { watcher in
                         try await watcher.rows(
                             """
@@ -413,7 +419,7 @@ struct FaultTests {
                 try #require(waiting, "round \(round): the runner never waited on the held row inside a transaction")
                 // The killed runner's session ends by itself (client_connection_check_interval).
                 #expect(
-                    try await waitUntil(15) {
+                    try await waitUntil(60) {
                         try await holder.scalar("SELECT count(*)::int FROM pg_stat_activity WHERE pid = \(victim ?? 0)", as: Int.self) == 0
                     }, "round \(round): the killed runner's session lived on")
                 // Nothing lost, nothing leaked, after every kill.
@@ -445,7 +451,7 @@ struct FaultTests {
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger).declare(
                 name: "p",
-                config: try PolicyConfig(leaseSeconds: 2) { Gate.concurrency(name: "per_acct", max: 3, partitionBy: "{acct}") }.json())
+                config: try PolicyConfig(leaseSeconds: 300) { Gate.concurrency(name: "per_acct", max: 3, partitionBy: "{acct}") }.json())
             try await conn.exec(
                 "SELECT dispatch_policy.stage('p', to_jsonb(i), jsonb_build_object('acct', 'a' || (i % 2))) FROM generate_series(1, 12) i")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
@@ -457,7 +463,7 @@ struct FaultTests {
             environment: libpqEnvironment(settings))
         defer { doomed.signal(SIGKILL) }
         #expect(
-            try await waitUntil(20) {
+            try await waitUntil(60) {
                 try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs WHERE worker = 'doomed'") == 3
             }, "the doomed worker never claimed")
         let claimed = try await TestServer.withConnection(settings) { conn in
@@ -468,6 +474,12 @@ struct FaultTests {
         }
         doomed.signal(SIGKILL)
         #expect(await doomed.wait() == .signaled(SIGKILL))
+        // Its leases run out now (a lease of seconds would run out for the
+        // jobs not yet claimed too, on a machine slow to get here).
+        try await TestServer.withConnection(settings) { conn in
+            try await conn.exec(
+                "UPDATE dispatch_policy.admitted_jobs SET lease_expires_at = now() - interval '1 second' WHERE worker = 'doomed'")
+        }
 
         var runnerOptions = TickRunnerOptions()
         runnerOptions.idlePause = .milliseconds(100)
@@ -478,7 +490,7 @@ struct FaultTests {
         var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
         worker.register("p") { _ in try await Task.sleep(for: .milliseconds(10)) }
         let services = DetachedServices([runner, worker])
-        let done = try await waitUntil(30) {
+        let done = try await waitUntil(90) {
             try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'") == 12
         }
         await services.shutDown()
@@ -521,7 +533,7 @@ struct FaultTests {
             let services = busyRunnerAndWorker(settings, concurrency: 8) { _ in try await Task.sleep(for: .milliseconds(20)) }
             // Under way, then restarted twice.
             #expect(
-                try await waitUntil(20) {
+                try await waitUntil(60) {
                     try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs") >= 30
                 })
             for _ in 0..<2 {
@@ -530,7 +542,7 @@ struct FaultTests {
             }
             let before = try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs")
             #expect(before < jobs, "the restarts came after the work: they proved nothing")
-            let done = try await waitUntil(60) {
+            let done = try await waitUntil(120) {
                 try await count(settings, "SELECT count(*)::int FROM dispatch_policy.finished_jobs WHERE status = 'completed'") == jobs
             }
             await services.shutDown()
@@ -576,14 +588,15 @@ struct FaultTests {
         let signalled = ContinuousClock.now
         run.signal(SIGTERM)
         let ending = await run.wait()
-        #expect(ContinuousClock.now - signalled < .seconds(5), "run took \(ContinuousClock.now - signalled) to stop")
+        #expect(ContinuousClock.now - signalled < .seconds(10), "run took \(ContinuousClock.now - signalled) to stop")
         #expect(ending == .exited(0), "\(run.output().stderr)")
 
         let started = ContinuousClock.now
         let tick = try await spawnChild(cliPath, ["tick", "--for", "2s"], environment: env)
         defer { tick.signal(SIGKILL) }
         let tickEnding = await tick.wait()
-        #expect(ContinuousClock.now - started < .seconds(6), "tick --for 2s took \(ContinuousClock.now - started)")
+        // It overran by the connect timeout (10 s) before.
+        #expect(ContinuousClock.now - started < .seconds(10), "tick --for 2s took \(ContinuousClock.now - started)")
         #expect(tickEnding == .exited(1), "\(tick.output().stderr)")
     }
 
@@ -602,7 +615,7 @@ struct FaultTests {
         let child = try await spawnChild(cliPath, ["run", "--idle-pause", "200ms"], environment: libpqEnvironment(settings))
         defer { child.signal(SIGKILL) }
         // Its sessions are read-only; a job staged in a writable session waits.
-        #expect(try await waitUntil(20) { try await sessionPids(settings, query: "LISTEN%").count == 1 })
+        #expect(try await waitUntil(60) { try await sessionPids(settings, query: "LISTEN%").count == 1 })
         try await TestServer.withConnection(settings) { conn async throws in
             try await conn.exec("SET default_transaction_read_only = off")
             try await conn.exec("SELECT dispatch_policy.stage('p', '1')")
@@ -614,7 +627,7 @@ struct FaultTests {
             try await conn.exec(PostgresQuery(unsafeSQL: "ALTER DATABASE \(settings.database) RESET default_transaction_read_only"))
         }
         #expect(
-            try await waitUntil(15) {
+            try await waitUntil(60) {
                 try await count(settings, "SELECT count(*)::int FROM dispatch_policy.admitted_jobs") == 1
             }, "the runner kept its read-only session")
         child.signal(SIGTERM)

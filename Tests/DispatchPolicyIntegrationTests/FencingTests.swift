@@ -46,7 +46,7 @@ final class Intervals: Sendable {
     var durations: [Duration] { runs.withLock { $0.compactMap { run in run.end.map { $0 - run.start } } } }
 }
 
-@Suite("Workers: fenced by attempt", .timeLimit(.minutes(8)))
+@Suite("Workers: fenced by attempt", .timeLimit(.minutes(15)))
 struct FencingTests {
     /// Regression (13): complete/fail/heartbeat/started matched by id only, so
     /// a worker whose lease expired completed the next attempt, freeing a slot
@@ -303,7 +303,7 @@ struct FencingTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger)
-                .declare(name: "p", config: try PolicyConfig(leaseSeconds: 3).json())
+                .declare(name: "p", config: try PolicyConfig(leaseSeconds: 6).json())
             try await conn.exec(
                 "SELECT dispatch_policy.stage_many('p', (SELECT jsonb_agg(jsonb_build_object('args', i)) FROM generate_series(1, 4) i))")
             _ = try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: "p")
@@ -316,23 +316,24 @@ struct FencingTests {
         worker.register("p") { job in
             let index = intervals.start(job)
             defer { intervals.end(index) }
-            try await Task.sleep(for: .seconds(6))
+            try await Task.sleep(for: .seconds(12))
         }
         let services = DetachedServices([worker])
         #expect(try await waitUntil(30) { intervals.count == 4 })
-        // Another session holds the first job's row for 8 s: longer than its
-        // lease (3 s: a 2 s lease was lost by free jobs too under CI's load).
+        // Another session holds the first job's row for 16 s: longer than its
+        // lease (6 s: leases of 2 and 3 s were lost by free jobs too under
+        // load, one heartbeat late).
         let locker = Task {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.exec(
                     """
                     WITH locked AS MATERIALIZED (
                       SELECT id FROM dispatch_policy.admitted_jobs WHERE id = (SELECT min(id) FROM dispatch_policy.admitted_jobs) FOR UPDATE)
-                    SELECT pg_sleep(8) FROM locked
+                    SELECT pg_sleep(16) FROM locked
                     """)
             }
         }
-        let done = try await waitUntil(30) {
+        let done = try await waitUntil(60) {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.finished_jobs", as: Int.self) >= 3
             }
@@ -403,7 +404,9 @@ struct FencingTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await TestServer.withConnection(settings) { conn async throws in
             try await PolicyCatalog(executor: conn, logger: TestServer.logger)
-                .declare(name: "solo", config: try PolicyConfig(leaseSeconds: 2, maxAttempts: 50) { Gate.concurrency(max: 1) }.json())
+                .declare(
+                    name: "solo",
+                    config: try PolicyConfig(leaseSeconds: heartbeatsWork ? 6 : 2, maxAttempts: 50) { Gate.concurrency(max: 1) }.json())
             try await conn.exec(#"SELECT dispatch_policy.stage_many('solo', '[{"args": 1}, {"args": 2}]')"#)
         }
         let intervals = Intervals()
@@ -415,13 +418,15 @@ struct FencingTests {
             var options = WorkerOptions()
             options.name = "w\(n)"
             options.pollInterval = .milliseconds(20)
-            // Without working heartbeats the lease (2 s) runs out under a 3 s handler.
+            // Without working heartbeats the lease (2 s) runs out under a 3 s
+            // handler; with them a lease of 6 s (2 s was lost on a loaded
+            // machine by one late heartbeat) is kept through an 8 s handler.
             options.heartbeatInterval = heartbeatsWork ? nil : .seconds(60)
             var worker = Worker(connection: settings, options: options, logger: TestServer.logger)
             worker.register("solo") { job in
                 let index = intervals.start(job)
                 defer { intervals.end(index) }
-                try await Task.sleep(for: .seconds(3))
+                try await Task.sleep(for: .seconds(heartbeatsWork ? 8 : 3))
             }
             services.append(worker)
         }

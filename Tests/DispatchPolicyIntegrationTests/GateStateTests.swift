@@ -11,7 +11,7 @@ private func tick(_ conn: PostgresConnection, _ policy: String) async throws -> 
     try await Ticker(connection: conn, logger: TestServer.logger).tick(policy: policy)
 }
 
-@Suite("Gate state stays true", .timeLimit(.minutes(8)))
+@Suite("Gate state stays true", .timeLimit(.minutes(15)))
 struct GateStateTests {
     /// Regression (5): with cap 2 and the NFD partition full, an NFC job and
     /// another NFD job were both admitted; the counter showed 3 under cap 2.

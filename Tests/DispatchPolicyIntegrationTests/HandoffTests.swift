@@ -44,7 +44,7 @@ private func consume(_ conn: PostgresConnection) async throws -> [(Int64, Date)]
 
 // Serialized: PgQ's install script creates cluster-wide roles, and two databases
 // installing it at the same moment collide on them.
-@Suite("Handoff to another queue (PgQ)", .serialized, .timeLimit(.minutes(8)))
+@Suite("Handoff to another queue (PgQ)", .serialized, .timeLimit(.minutes(15)))
 struct HandoffTests {
     @Test("jobs admitted under a throttle arrive in PgQ at the admitted rate, exactly once; its worker reports back")
     func pgqUnderThrottle() async throws { try await LiveTests.exclusive { try await pgqUnderThrottleLive() } }

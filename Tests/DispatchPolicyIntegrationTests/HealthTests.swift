@@ -32,7 +32,7 @@ where Context.Source == ApplicationRequestContextSource {
 
 // Eight minutes as the other live suites: the runner's test waits its turn
 // behind them (LiveTests.exclusive), which counts against its limit.
-@Suite("Health: /healthz of the runner and the admin", .timeLimit(.minutes(8)))
+@Suite("Health: /healthz of the runner and the admin", .timeLimit(.minutes(15)))
 struct HealthTests {
     /// Issue 11, finding 2: the runner's /healthz said ok without a database.
     @Test("the runner's /healthz is 503 with the reason while its session is lost and cannot be reopened, 200 again once it is")
@@ -60,7 +60,7 @@ struct HealthTests {
         do {
             var seen = ""
             #expect(
-                try await waitUntil(20) {
+                try await waitUntil(60) {
                     seen = try await healthz(router)
                     return seen == "200 ok"
                 }, "\(seen)")
@@ -68,7 +68,7 @@ struct HealthTests {
             try await allowConnections(settings, false)
             var down = ""
             #expect(
-                try await waitUntil(20) {
+                try await waitUntil(60) {
                     down = try await healthz(router)
                     return down.hasPrefix("503 ")
                 }, "still healthy after its sessions were ended and no new one can open")
@@ -79,7 +79,7 @@ struct HealthTests {
 
             try await allowConnections(settings, true)
             #expect(
-                try await waitUntil(30) {
+                try await waitUntil(60) {
                     seen = try await healthz(router)
                     return seen == "200 ok"
                 }, "\(seen)")
@@ -114,7 +114,7 @@ struct HealthTests {
                 let silent = try await healthz(router)
                 let waited = ContinuousClock.now - started
                 #expect(silent == "503 the database did not answer SELECT 1 within 2s")
-                #expect(waited >= .seconds(2) && waited < .seconds(10), "\(waited)")
+                #expect(waited >= .seconds(2) && waited < .seconds(20), "\(waited)")
                 proxy.open()
                 var seen = ""
                 // Under the whole suite's load on 2 cores, the pool's held
@@ -129,7 +129,7 @@ struct HealthTests {
                 // 2 s on a loaded machine: healthy once it has one.
                 var first = ""
                 #expect(
-                    try await waitUntil(30) {
+                    try await waitUntil(60) {
                         first = try await healthz(router)
                         return first == "200 ok"
                     }, "\(first)")
@@ -139,7 +139,7 @@ struct HealthTests {
                 #expect(refused.hasPrefix("503 the database did not answer"), "\(refused)")
                 var seen = ""
                 #expect(
-                    try await waitUntil(20) {
+                    try await waitUntil(60) {
                         seen = try await healthz(router)
                         return seen == "200 ok"
                     }, "\(seen)")

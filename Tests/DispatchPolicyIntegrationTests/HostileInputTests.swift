@@ -347,7 +347,7 @@ let hostileCommands: [HostileCommand] = [
         stderr: "port must be a number from 1 to 65535"),
 ]
 
-@Suite("Hostile input", .timeLimit(.minutes(8)))
+@Suite("Hostile input", .timeLimit(.minutes(15)))
 struct HostileInputTests {
     @Test("each hostile SQL call gets its documented error and changes nothing (or is stored as plain data)", arguments: hostileCases)
     func sql(_ hostile: HostileCase) async throws {
@@ -396,7 +396,7 @@ struct HostileInputTests {
     }
 }
 
-@Suite("Fuzzing against PostgreSQL", .timeLimit(.minutes(8)))
+@Suite("Fuzzing against PostgreSQL", .timeLimit(.minutes(15)))
 struct KeyParityFuzzTests {
     /// The runner (Swift) renders the partition keys it admits under; the
     /// views, redeclare and the round-robin key use the SQL functions. They

@@ -25,7 +25,7 @@ private func jobsWithoutLane(_ conn: PostgresConnection) async throws -> Int {
 
 /// No head-of-line blocking: partitions known to be blocked take no batch
 /// slot, and a policy without round_robin_by still reaches every partition.
-@Suite("Lanes: no head-of-line blocking", .timeLimit(.minutes(8)))
+@Suite("Lanes: no head-of-line blocking", .timeLimit(.minutes(15)))
 struct LaneTests {
     /// The README's first example: a throttle per endpoint, no round_robin_by.
     /// Before lanes, the fetch took the oldest jobs: 2,000 of the throttled
@@ -235,7 +235,7 @@ struct LaneTests {
             }
             // Lanes found empty while a stager was in flight are passed over for
             // a second, then fetched again.
-            let drained = try await waitUntil(10) {
+            let drained = try await waitUntil(60) {
                 _ = try await tick(conn, "p")
                 return try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs", as: Int.self) == 0
             }
@@ -277,7 +277,7 @@ struct LaneTests {
                 try await stager.exec("COMMIT")
             }
             // The staged job of the empty-looking lane is admitted when its second is up.
-            let drained = try await waitUntil(10) {
+            let drained = try await waitUntil(60) {
                 _ = try await tick(conn, "p")
                 return try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs", as: Int.self) == 0
             }
@@ -394,7 +394,7 @@ struct LaneTests {
         let started = ContinuousClock.now
         let services = DetachedServices((0..<4).map { _ in TickRunner(connection: settings, options: options, logger: TestServer.logger) })
         // Every tenant past its burst: each lane comes back for its tokens.
-        let everyone = try await waitUntil(60) {
+        let everyone = try await waitUntil(120) {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.scalar(
                     """

@@ -33,7 +33,7 @@ let schemaFingerprintSQL: PostgresQuery = """
     ) objects
     """
 
-@Suite("Migrations", .timeLimit(.minutes(8)))
+@Suite("Migrations", .timeLimit(.minutes(15)))
 struct MigrationTests {
     @Test("migrate applies every file, in order, and records version and checksum")
     func appliesEveryFile() async throws {
@@ -328,7 +328,7 @@ struct MigrationTests {
 /// Regression (issue 8, item 4): a dump and restore of a database that used
 /// the extension lost every policy and job (no table was marked with
 /// pg_extension_config_dump).
-@Suite("Dump and restore", .timeLimit(.minutes(8)))
+@Suite("Dump and restore", .timeLimit(.minutes(15)))
 struct DumpRestoreTests {
     /// Rows of every table, and the job id sequence, as one text.
     static let contentsSQL: PostgresQuery = """

@@ -139,7 +139,7 @@ let invalidConfigs: [InvalidConfig] = [
     .init(config: #"{"target": {"type": "sql", "function": "insert_event"}}"#, field: "target.function", rule: "schema.name"),
 ]
 
-@Suite("Policies", .timeLimit(.minutes(8)))
+@Suite("Policies", .timeLimit(.minutes(15)))
 struct PolicyTests {
     @Test("declare_policy stores the DESIGN example and reads it back")
     func declaresDesignExample() async throws {

@@ -8,7 +8,7 @@ import Testing
 /// The runner and the worker on the application's `PostgresClient`: they
 /// lease its connections per call, keep one each only for LISTEN, and open
 /// none of their own.
-@Suite("The application's pool", .timeLimit(.minutes(8)))
+@Suite("The application's pool", .timeLimit(.minutes(15)))
 struct PoolTests {
     /// Backends of the test database other than the asking one.
     private func backends(_ settings: ConnectionSettings) async throws -> Int {
@@ -29,11 +29,11 @@ struct PoolTests {
     private func services(_ client: PostgresClient, ledger: Ledger) -> (TickRunner, Worker) {
         var runnerOptions = TickRunnerOptions()
         runnerOptions.busyPause = .milliseconds(20)
-        runnerOptions.idlePause = .seconds(60)
+        runnerOptions.idlePause = .seconds(600)
         let runner = TickRunner(client: client, options: runnerOptions, logger: TestServer.logger)
         var workerOptions = WorkerOptions()
         workerOptions.concurrency = 4
-        workerOptions.pollInterval = .seconds(60)
+        workerOptions.pollInterval = .seconds(600)
         var worker = Worker(client: client, options: workerOptions, logger: TestServer.logger)
         worker.register("p") { job in await ledger.record(job.id) }
         return (runner, worker)
@@ -62,8 +62,8 @@ struct PoolTests {
         for i in 0..<jobs {
             _ = try await stager.stage(policy: "p", try JobSpec(args: ["n": i], context: ["acct": "a\(i % 3)"]))
         }
-        let done = try await waitUntil(30) { try await finished(settings) == jobs }
-        #expect(done, "jobs staged on an idle runner and worker were not run within 30 s: a LISTEN on the pool does not wake them")
+        let done = try await waitUntil(120) { try await finished(settings) == jobs }
+        #expect(done, "jobs staged on an idle runner and worker were not run within 120 s: a LISTEN on the pool does not wake them")
         #expect(await ledger.runs.count == jobs)
         #expect(await ledger.total == jobs)
         // Every session of the database is the pool's: none is the runner's or the worker's own.
@@ -96,7 +96,7 @@ struct PoolTests {
         defer { Task { await group.shutDown() } }
         let stager = Stager(executor: client, logger: TestServer.logger)
         _ = try await stager.stage(policy: "p", try JobSpec(args: ["n": 0]))
-        #expect(try await waitUntil(30) { try await finished(settings) == 1 })
+        #expect(try await waitUntil(120) { try await finished(settings) == 1 })
         let killed = try await TestServer.withConnection(settings) { conn async throws in
             try await conn.scalar(
                 """
@@ -110,7 +110,7 @@ struct PoolTests {
         // looking for work), then staging wakes both again.
         try await Task.sleep(for: .seconds(2))
         for i in 1...10 { _ = try await stager.stage(policy: "p", try JobSpec(args: ["n": i])) }
-        let done = try await waitUntil(30) { try await finished(settings) == 11 }
+        let done = try await waitUntil(120) { try await finished(settings) == 11 }
         #expect(done, "after its pooled sessions were terminated, the runner or the worker no longer ran staged jobs")
         #expect(await ledger.total == 11)
         await group.shutDown()

@@ -4,7 +4,7 @@ import Logging
 import PostgresNIO
 import Testing
 
-@Suite("Admission: a killed runner", .timeLimit(.minutes(8)))
+@Suite("Admission: a killed runner", .timeLimit(.minutes(15)))
 struct RaceTests {
     @Test("a runner killed mid-tick (SIGKILL) loses no job and leaks no slot")
     func killedRunner() async throws { try await LiveTests.exclusive { try await killedRunnerLive() } }
@@ -63,7 +63,7 @@ struct RaceTests {
 /// slow `sql` target kept its session, and the policy's lock, until the
 /// target returned (minutes), because nothing made the server look for the
 /// client.
-@Suite("Sessions of a killed runner", .timeLimit(.minutes(8)))
+@Suite("Sessions of a killed runner", .timeLimit(.minutes(15)))
 struct KilledSessionTests {
     @Test("a runner killed during a slow sql target gives its policy lock back within seconds")
     func killedRunnerReleasesLock() async throws { try await LiveTests.exclusive { try await killedRunnerReleasesLockLive() } }
@@ -107,7 +107,7 @@ struct KilledSessionTests {
             }
         }
         #expect(released)
-        #expect(ContinuousClock.now - killedAt < .seconds(20), "the lock came back \(ContinuousClock.now - killedAt) after the kill")
+        #expect(ContinuousClock.now - killedAt < .seconds(30), "the lock came back \(ContinuousClock.now - killedAt) after the kill")
         try await TestServer.withConnection(settings) { conn async throws in
             #expect(try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.staged_jobs", as: Int.self) == 1)
         }

@@ -68,7 +68,7 @@ private func sleepyRunnerOptions() -> TickRunnerOptions {
     return options
 }
 
-@Suite("Runner", .timeLimit(.minutes(8)))
+@Suite("Runner", .timeLimit(.minutes(15)))
 struct RunnerTests {
     @Test("dispatch-policy tick prints one line per policy: admitted, refused by gate, tokens, time per tick")
     func tickCommand() async throws {
@@ -120,8 +120,8 @@ struct RunnerTests {
                 try await TestServer.withConnection(settings) { conn in
                     _ = try await Stager(executor: conn, logger: TestServer.logger).stage(policy: "p", JobSpec(argsJSON: "\(round)"))
                 }
-                let admitted = try await waitUntil(10) { try await admittedCount(settings) == round }
-                #expect(admitted, "job \(round) was not admitted within 10 s although the runner listens (its pauses are 300 s)")
+                let admitted = try await waitUntil(60) { try await admittedCount(settings) == round }
+                #expect(admitted, "job \(round) was not admitted within 60 s although the runner listens (its pauses are 300 s)")
             }
             group.cancelAll()
         }
@@ -144,7 +144,7 @@ struct RunnerTests {
                 try await conn.exec(#"SELECT dispatch_policy.stage_many('p', '[{"args": 1}, {"args": 2}]')"#)
             }
             #expect(
-                try await waitUntil(10) { try await admittedCount(settings) == 1 },
+                try await waitUntil(60) { try await admittedCount(settings) == 1 },
                 "job 1 was not admitted on NOTIFY dispatch_policy_staged")
             // Job 2 waits for the slot; the runner sleeps after the tick that admitted job 1.
             let since = try await lastAdmittedAt(settings)
@@ -154,12 +154,12 @@ struct RunnerTests {
             try await TestServer.withConnection(settings) { conn async throws in
                 #expect(try await conn.scalar("SELECT dispatch_policy.complete(min(id)) FROM dispatch_policy.admitted_jobs", as: Bool.self))
             }
-            let refilled = try await waitUntil(10) {
+            let refilled = try await waitUntil(60) {
                 try await TestServer.withConnection(settings) { conn in
                     try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs WHERE args = '2'", as: Int.self) == 1
                 }
             }
-            #expect(refilled, "the freed slot was not refilled within 10 s although the runner listens (its pauses are 300 s)")
+            #expect(refilled, "the freed slot was not refilled within 60 s although the runner listens (its pauses are 300 s)")
             group.cancelAll()
         }
         try await TestServer.withConnection(settings) { conn in
@@ -176,6 +176,9 @@ struct RunnerTests {
         try await setUp(settings, PolicyConfig { Gate.throttle(rate: 0, per: 1) }, jobs: 5)
         var options = TickRunnerOptions()
         options.runFor = .milliseconds(1500)
+        // A loaded machine may take seconds to connect and finish the first
+        // pass; the pass must not be cut off (no pass starts after runFor).
+        options.overrun = .seconds(30)
         options.idlePause = .milliseconds(500)
         let report = try await TickRunner(connection: settings, options: options, logger: TestServer.logger).runLoop()
         let summary = try #require(report.policies.first)
@@ -221,7 +224,10 @@ struct RunnerTests {
         var options = TickRunnerOptions()
         options.idlePause = .milliseconds(100)
         options.failureBackoff = .milliseconds(100)
-        options.runFor = .seconds(60)
+        // The backoff doubles per failure; noticed late on a loaded machine,
+        // the next retry would otherwise be long after the repair.
+        options.maxFailureBackoff = .milliseconds(500)
+        options.runFor = .seconds(180)
         let runner = TickRunner(connection: settings, options: options, logger: TestServer.logger)
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { _ = try await runner.runLoop() }
@@ -234,11 +240,11 @@ struct RunnerTests {
                     try await conn.scalar("SELECT count(*) FROM public.delivered", as: Int.self)
                 }
             }
-            try await waitUntil(10) { try await deliveredCount() >= 3 }
+            #expect(try await waitUntil(60) { try await deliveredCount() >= 3 }, "the runner did not deliver after the repair")
             let delivered = try await deliveredCount()
             #expect(delivered == 3)
             // The first successful tick clears the failure.
-            #expect(try await waitUntil(10) { try await failures() == 0 }, "the runner_failures row was not cleared")
+            #expect(try await waitUntil(60) { try await failures() == 0 }, "the runner_failures row was not cleared")
             group.cancelAll()
         }
         try await TestServer.withConnection(settings) { conn async throws in
@@ -255,15 +261,14 @@ struct RunnerTests {
         let settings = try await TestServer.shared.freshDatabase()
         try await setUp(settings, PolicyConfig { Gate.concurrency(max: 3) }, jobs: 10)
         let child = try await spawnChild(cliPath, ["run", "--idle-pause", "100ms"], environment: libpqEnvironment(settings))
-        try await waitUntil(10) { try await admittedCount(settings) >= 3 }
+        #expect(try await waitUntil(60) { try await admittedCount(settings) >= 3 }, "run admitted nothing")
         let admitted = try await admittedCount(settings)
         #expect(admitted == 3)
         // Slots freed by completions are refilled by the running service.
         try await TestServer.withConnection(settings) { conn in
             try await conn.exec("SELECT dispatch_policy.complete(id) FROM dispatch_policy.admitted_jobs")
         }
-        try await waitUntil(10) { try await admittedCount(settings) == 3 }
-        #expect(try await admittedCount(settings) == 3)
+        #expect(try await waitUntil(60) { try await admittedCount(settings) == 3 }, "the freed slots were not refilled")
         child.signal(signal)
         #expect(await child.wait() == .exited(0), "\(child.output().stderr)")
         try await TestServer.withConnection(settings) { conn async throws in
@@ -298,14 +303,20 @@ struct RunnerTests {
             )
             .map { try $0.decode(String.self) }
             #expect(finished == [#"{"n": 1}"#], "only the job completed within the retention is kept")
-            // Reaped: a failed attempt, re-staged for a retry.
-            let (attempt, error) = try #require(
+            // Reaped: a failed attempt, re-staged for a retry 2 s out. On a
+            // loaded machine the same run's tick may come after those 2 s and
+            // admit the retry, so the second attempt is staged or admitted.
+            #expect(
                 try await conn.rows(
-                    "SELECT attempt, last_error FROM dispatch_policy.staged_jobs", logger: TestServer.logger
-                ).first
-            ).decode((Int, String).self)
-            #expect(attempt == 2 && error == "lease expired")
-            #expect(try await conn.scalar("SELECT count(*) FROM dispatch_policy.admitted_jobs", as: Int.self) == 0)
+                    "SELECT attempt, error FROM dispatch_policy.job_failures ORDER BY id", logger: TestServer.logger
+                ).map { try $0.decode((Int, String).self) }.map { "\($0.0) \($0.1)" } == ["1 lease expired"])
+            #expect(
+                try await conn.scalar(
+                    """
+                    SELECT string_agg(attempt::text, ',') FROM (
+                      SELECT attempt FROM dispatch_policy.staged_jobs
+                      UNION ALL SELECT attempt FROM dispatch_policy.admitted_jobs) AS j
+                    """, as: String.self) == "2")
             #expect(try await checkFindings(conn) == [])
         }
     }
@@ -344,6 +355,9 @@ struct RunnerTests {
             var optionsB = TickRunnerOptions()
             optionsB.idlePause = .milliseconds(50)
             optionsB.runFor = .seconds(5)
+            // No pass starts after 5 s, but a loaded machine's first pass must
+            // not be cut off.
+            optionsB.overrun = .seconds(30)
             let runnerB = TickRunner(connection: settings, options: optionsB, logger: TestServer.logger)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { _ = try await runnerA.runLoop() }
@@ -354,7 +368,7 @@ struct RunnerTests {
                 if stuck {
                     // B ends after 5 s whatever x's tick does (if it waits for x, it waits until A is let go).
                     let b = Task { try await runnerB.runLoop() }
-                    yAdmitted = try await waitUntil(10) { try await admitted("y") == 1 }
+                    yAdmitted = try await waitUntil(30) { try await admitted("y") == 1 }
                     #expect(yAdmitted, "y was not admitted while another runner was in a tick of x")
                     #expect(try await admitted("x") == 0)
                     try await gate.exec("SELECT pg_advisory_unlock(\(key))")

@@ -33,7 +33,7 @@ private func overview(_ conn: PostgresConnection, _ policy: String, _ gate: Stri
 
 /// Shadow policies (issue 12) through the runner's tick; the SQL-level
 /// cases are in sql/test/sql/shadow.sql, the decision in ShadowAdmissionTests.
-@Suite("Shadow policies", .timeLimit(.minutes(8)))
+@Suite("Shadow policies", .timeLimit(.minutes(15)))
 struct ShadowTests {
     @Test("a shadow concurrency of 1 admits 10 staged jobs in one tick of 3 statements and records 9 would-refusals")
     func concurrency() async throws {

@@ -25,7 +25,7 @@ private func statuses(_ conn: PostgresConnection, _ policy: String) async throws
 
 /// Debounce, backlog caps and deadlines (issue 12) through the Swift API and
 /// the runner's tick; the SQL-level cases are in sql/test/sql/staging_rules.sql.
-@Suite("Staging rules: debounce, backlog caps, deadlines", .timeLimit(.minutes(8)))
+@Suite("Staging rules: debounce, backlog caps, deadlines", .timeLimit(.minutes(15)))
 struct StagingRulesTests {
     @Test("replace: a pending job takes the new args and context, keeps its id and waits debounce longer; an admitted one is kept")
     func replace() async throws {

@@ -26,7 +26,7 @@ private func moveToAdmitted(_ conn: PostgresConnection, id: Int64) async throws 
         """)
 }
 
-@Suite("Staging", .timeLimit(.minutes(8)))
+@Suite("Staging", .timeLimit(.minutes(15)))
 struct StagingTests {
     @Test("stage stores the job with defaults and adds queue_name and priority to the context")
     func stageStoresJob() async throws {

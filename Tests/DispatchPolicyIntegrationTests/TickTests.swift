@@ -55,7 +55,7 @@ func expectCountersConsistent(_ conn: PostgresConnection, sourceLocation: Source
     #expect(mismatches == [], sourceLocation: sourceLocation)
 }
 
-@Suite("Admission: gates", .timeLimit(.minutes(8)))
+@Suite("Admission: gates", .timeLimit(.minutes(15)))
 struct GateEnforcementTests {
     @Test("concurrency caps each partition and frees a slot on complete")
     func concurrency() async throws {
@@ -493,7 +493,7 @@ struct GateEnforcementTests {
     }
 }
 
-@Suite("Admission: primitives", .timeLimit(.minutes(8)))
+@Suite("Admission: primitives", .timeLimit(.minutes(15)))
 struct AdmissionPrimitiveTests {
     @Test("token buckets refill fractionally at rate/per up to burst, at the given now")
     func refill() async throws {
@@ -628,7 +628,7 @@ struct AdmissionPrimitiveTests {
     }
 }
 
-@Suite("Templates: Swift and SQL agree", .timeLimit(.minutes(8)))
+@Suite("Templates: Swift and SQL agree", .timeLimit(.minutes(15)))
 struct TemplateParityTests {
     @Test("a partition rendered by the tick runner equals the one the SQL views render")
     func parity() async throws {
@@ -687,7 +687,7 @@ private struct SessionState: Equatable {
     var idle: String
 }
 
-@Suite("Tick: three round trips in autocommit", .timeLimit(.minutes(8)))
+@Suite("Tick: three round trips in autocommit", .timeLimit(.minutes(15)))
 struct TickCallTests {
     @Test("a tick that admits is three statements and one with nothing to do is one; no lock or setting outlives it")
     func roundTrips() async throws {

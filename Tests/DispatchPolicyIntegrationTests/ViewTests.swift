@@ -3,7 +3,7 @@ import Foundation
 import PostgresNIO
 import Testing
 
-@Suite("Views", .timeLimit(.minutes(8)))
+@Suite("Views", .timeLimit(.minutes(15)))
 struct ViewTests {
     @Test("policy_overview counts pending, scheduled, in flight, finished, failed and dead per policy")
     func policyOverview() async throws {

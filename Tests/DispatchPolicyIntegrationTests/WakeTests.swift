@@ -7,12 +7,13 @@ import Testing
 /// a scheduled job becoming due, a throttle's next whole token — not for a
 /// fixed pause. The pauses here are 30 s: only that wake-up can explain an
 /// admission within seconds.
-@Suite("Runner: wakes when something is due", .timeLimit(.minutes(8)))
+@Suite("Runner: wakes when something is due", .timeLimit(.minutes(15)))
 struct WakeTests {
     private func options() -> TickRunnerOptions {
         var options = TickRunnerOptions()
-        options.idlePause = .seconds(30)
-        options.busyPause = .seconds(30)
+        // Long enough that no wait below (60 s at most) can end by the pause.
+        options.idlePause = .seconds(300)
+        options.busyPause = .seconds(300)
         return options
     }
 
@@ -31,12 +32,12 @@ struct WakeTests {
         try await TestServer.withConnection(settings) { conn async throws in
             try await conn.exec("SELECT dispatch_policy.stage('p', '1', not_before => clock_timestamp() + interval '1.5 seconds')")
         }
-        let admitted = try await waitUntil(10) {
+        let admitted = try await waitUntil(60) {
             try await TestServer.withConnection(settings) { conn async throws in
                 try await conn.scalar("SELECT count(*)::int FROM dispatch_policy.admitted_jobs", as: Int.self) == 1
             }
         }
-        #expect(admitted, "the scheduled job waited for the runner's 30 s pause")
+        #expect(admitted, "the scheduled job waited for the runner's 300 s pause")
         try await TestServer.withConnection(settings) { conn async throws in
             // Not early: admitted at or after its not_before.
             let early = try await conn.scalar(
@@ -69,17 +70,17 @@ struct WakeTests {
         #expect(try await waitUntil(30) { try await admitted() >= 1 }, "the runner admitted nothing")
         let first = try await admitted()
         // Each further job needs a wake-up for a new token: a runner that
-        // slept its 30 s pause would admit none in 15 s. Five are enough to
+        // slept its 300 s pause would admit none in 60 s. Five are enough to
         // tell; the throttle allows 20 a second, but a machine loaded by the
         // whole suite once made a pass take over 300 ms (26 in 10 s), so this
         // waits for a count rather than timing a window.
-        let cameBack = try await waitUntil(15) { try await admitted() >= first + 5 }
+        let cameBack = try await waitUntil(60) { try await admitted() >= first + 5 }
         let later = try await admitted()
         await services.shutDown()
         let elapsed = ContinuousClock.now - started
         let all = try await admitted()
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-        #expect(cameBack, "only \(later - first) admitted in 15 s at 20/s")
+        #expect(cameBack, "only \(later - first) admitted in 60 s at 20/s")
         #expect(Double(all) <= 1 + 20 * seconds + 1e-9)
     }
 }
