@@ -22,6 +22,14 @@
 -- runner's network round trips.
 
 -- ---------------------------------------------------------------------------
+-- fair_interleave's round, carried across ticks (0.2.0): tick_state returns
+-- it, tick_finish keeps where the admissions stopped.
+
+ALTER TABLE dispatch_policy.round_robin_cursors ADD COLUMN interleave jsonb;
+COMMENT ON COLUMN dispatch_policy.round_robin_cursors.interleave IS
+  'Where each fair_interleave gate''s round stopped, as the runner left it: {"<gate name>": {"key": <partition>, "served": <jobs that partition had of its weighted round, 1 to its weight>}}. The next tick orders the gate''s partitions by key from that one on (its rest of the round first, or the next partition once the round gave it its weight). NULL: none yet (the first partition in key order starts).';
+
+-- ---------------------------------------------------------------------------
 -- Array length checks: bad input is an error naming the argument.
 
 CREATE FUNCTION dispatch_policy._require_same_length(what text, lengths integer[])
@@ -442,6 +450,7 @@ DECLARE
   admitted integer := 0;
   check_gates text[];
   check_partitions text[];
+  interleave jsonb;
 BEGIN
   IF current_setting('dispatch_policy.tick_locked', true) IS DISTINCT FROM tick_finish.policy THEN
     RAISE EXCEPTION 'no tick of policy % is under way in this session', quote_literal(tick_finish.policy)
@@ -465,10 +474,21 @@ BEGIN
   -- lane was not blocked yet, so the lane must not be blocked now.
   SELECT coalesce(array_agg(b.g), '{}'), coalesce(array_agg(b.p), '{}') INTO check_gates, check_partitions
   FROM unnest(block_gates, block_partitions, block_in_flight) AS b(g, p, f) WHERE b.f >= 0;
+  -- fair_interleave's rounds travel in the cursor; the rest is admit's.
+  IF jsonb_typeof(round_robin_cursor) = 'object' AND round_robin_cursor ? 'interleave' THEN
+    interleave := round_robin_cursor -> 'interleave';
+    round_robin_cursor := nullif(round_robin_cursor - 'interleave', '{}'::jsonb);
+  END IF;
   IF coalesce(cardinality(ids), 0) > 0 OR round_robin_cursor IS NOT NULL OR cardinality(check_gates) > 0 THEN
     admitted := dispatch_policy._admit(tick_finish.policy, ids, gate_names, partitions, take_gates, take_partitions,
                                        take_tokens, tick_finish.lease_seconds, tick_finish.now, round_robin_cursor,
                                        check_gates, check_partitions);
+  END IF;
+  IF jsonb_typeof(interleave) = 'object' THEN
+    INSERT INTO dispatch_policy.round_robin_cursors AS c (policy, last_key, updated_at, interleave)
+    VALUES (tick_finish.policy, NULL, tick_finish.now, interleave)
+    ON CONFLICT ON CONSTRAINT round_robin_cursors_pkey
+    DO UPDATE SET interleave = EXCLUDED.interleave WHERE c.interleave IS DISTINCT FROM EXCLUDED.interleave;
   END IF;
   IF coalesce(cardinality(block_lanes), 0) > 0 THEN
     UPDATE dispatch_policy.lanes l
@@ -509,7 +529,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_finish(text, timestamptz, bigint[], text[], text[], text[], text[], double precision[], integer, jsonb, text[], text[], integer[], double precision[], double precision[], bigint[], bigint[], bigint[], timestamptz[], text[], boolean[], double precision[], text[], text[], integer[], text[], text[], bigint[]) IS
-  'The last call of a tick begun by tick_begin in this session (55000 otherwise), in one transaction; it gives the tick lock back and restores the statement_timeout (on an error, call tick_abort). It does: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor); block lanes (block_lanes, or the keyless lane where block_keyless; for block_seconds, at most 30 days, ''Infinity'' for until released; on block_gates/block_partitions ('''' for time alone), only while that counter still holds block_in_flight or more, -1 for no check); save_adaptive (parallel arrays, as its fields); unblock lanes waiting on adaptive partitions whose cap grew (unblock_gates, unblock_partitions); delete the observations folded (observation_ids, as tick_begin returned them; added to observation_minutes). Returns the number admitted.';
+  'The last call of a tick begun by tick_begin in this session (55000 otherwise), in one transaction; it gives the tick lock back and restores the statement_timeout (on an error, call tick_abort). It does: admit (ids; gate_names; partitions, one per job and gate name, job after job; takes as take_gates, take_partitions, take_tokens; lease_seconds; round_robin_cursor); keep where fair_interleave''s rounds stopped (round_robin_cursor''s "interleave" object, stored as round_robin_cursors.interleave); block lanes (block_lanes, or the keyless lane where block_keyless; for block_seconds, at most 30 days, ''Infinity'' for until released; on block_gates/block_partitions ('''' for time alone), only while that counter still holds block_in_flight or more, -1 for no check); save_adaptive (parallel arrays, as its fields); unblock lanes waiting on adaptive partitions whose cap grew (unblock_gates, unblock_partitions); delete the observations folded (observation_ids, as tick_begin returned them; added to observation_minutes). Returns the number admitted.';
 
 -- pause waits for a tick under way (its admissions are the last); a paused
 -- policy's next tick_begin admits nothing.

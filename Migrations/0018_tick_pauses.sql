@@ -40,6 +40,17 @@ BEGIN
            a.growth_credit, a.since_decrease
     FROM dispatch_policy._read_adaptive(tick_state.policy, adaptive_gates, adaptive_partitions, initial_max) a;
   END IF;
+  -- Where each fair_interleave gate's round stopped (round_robin_cursors.
+  -- interleave): partition as partition, served as in_flight (NULL when it
+  -- is not a count from 1 to 1000: the runner then starts a new round).
+  RETURN QUERY
+  SELECT 'interleave'::text, e.key, e.value ->> 'key', NULL::float8,
+         CASE WHEN jsonb_typeof(e.value -> 'served') = 'number' AND (e.value ->> 'served')::numeric BETWEEN 1 AND 1000
+              THEN (e.value ->> 'served')::numeric::integer END,
+         NULL::integer, NULL::float8, NULL::float8, NULL::bigint
+  FROM dispatch_policy.round_robin_cursors c
+  CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(c.interleave) = 'object' THEN c.interleave ELSE '{}'::jsonb END) e
+  WHERE c.policy = tick_state.policy AND jsonb_typeof(e.value) = 'object' AND jsonb_typeof(e.value -> 'key') = 'string';
   -- Paused partitions among the batch's (a probe of the primary key each;
   -- none at all when the policy has no pause).
   IF EXISTS (SELECT 1 FROM dispatch_policy.paused_partitions pp WHERE pp.policy = tick_state.policy) THEN
@@ -55,7 +66,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.tick_state(text, timestamptz, text[], text[], double precision[], double precision[], double precision[], text[], text[], text[], text[], integer[]) IS
-  'The second call of a tick: the gate state of a batch''s partitions in one call, from parallel arrays. Buckets are refilled (refill_buckets: created full, locked, returned as kind bucket with tokens); counters are read without locking (kind counter, in_flight; 0 for a missing one: only admission raises a counter, and it locks); adaptive state as read_adaptive (kind adaptive); partitions among them paused by pause_partition, while the pause lasts (kind paused, gate and partition only): the tick refuses their jobs.';
+  'The second call of a tick: the gate state of a batch''s partitions in one call, from parallel arrays. Buckets are refilled (refill_buckets: created full, locked, returned as kind bucket with tokens); counters are read without locking (kind counter, in_flight; 0 for a missing one: only admission raises a counter, and it locks); adaptive state as read_adaptive (kind adaptive); partitions among them paused by pause_partition, while the pause lasts (kind paused, gate and partition only): the tick refuses their jobs; where each fair_interleave gate''s round stopped (kind interleave: gate, partition, served as in_flight; round_robin_cursors.interleave), whatever the arrays.';
 
 -- prune: history first (0016: fold the deltas, row stat_deltas; trim the
 -- minute rows, row stat_minutes, a gate partition's after a day at most, at

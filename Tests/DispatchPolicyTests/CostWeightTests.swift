@@ -146,13 +146,76 @@ struct WeightTests {
         let admission = Admission(config: byLane)
         #expect(admission.order(admission.prepare(fetched)).map(\.row.id) == [13, 1, 14, 15, 16, 2])
         #expect(evaluate(byLane, fetched).admitted.map(\.id) == [13, 1])
-        // Another key than the lanes', or a fetch without rounds (lane 0): regrouped as before.
+        // Another key than the lanes', or a fetch without rounds (lane 0):
+        // regrouped, partitions in key order (a round of its own, carried by
+        // the gate's cursor).
         let other = PolicyConfig(roundRobinBy: "{region}", roundRobinWeight: .context("weight", default: 1)) {
             Gate.fairInterleave(partitionBy: "{tenant}")
         }
-        #expect(Admission(config: other).order(Admission(config: other).prepare(fetched)).map(\.row.id) == [13, 14, 15, 1, 16, 2])
+        #expect(Admission(config: other).order(Admission(config: other).prepare(fetched)).map(\.row.id) == [1, 13, 14, 15, 2, 16])
         let flat = fetched.map { BatchRow(id: $0.id, roundRobinKey: $0.roundRobinKey, context: $0.context) }
-        #expect(admission.order(admission.prepare(flat)).map(\.row.id) == [13, 14, 15, 1, 16, 2])
+        #expect(admission.order(admission.prepare(flat)).map(\.row.id) == [1, 13, 14, 15, 2, 16])
+    }
+
+    @Test("fair_interleave starts where the last tick's admissions stopped: the rest of that round, or the next partition")
+    func carriesTheRound() {
+        let admission = Admission(config: config)
+        let batch = admission.prepare(tenant("a", weight: 1, 1...2) + tenant("b", weight: 3, 11...16) + tenant("c", weight: 1, 21...22))
+        func order(_ key: String, _ served: Int) -> [Int64] {
+            admission.order(batch, cursors: ["fair_interleave": InterleaveCursor(key: key, served: served)]).map(\.row.id)
+        }
+        #expect(admission.order(batch).map(\.row.id) == [1, 11, 12, 13, 21, 2, 14, 15, 16, 22])
+        // b had 2 of its 3: its third first, then c, a, and full rounds.
+        #expect(order("b", 2) == [11, 21, 1, 12, 13, 14, 22, 2, 15, 16])
+        // b had its round: c next.
+        #expect(order("b", 3) == [21, 1, 11, 12, 13, 22, 2, 14, 15, 16])
+        // A partition not in the batch: the next key after it.
+        #expect(order("bb", 1) == [21, 1, 11, 12, 13, 22, 2, 14, 15, 16])
+        #expect(order("z", 1) == [1, 11, 12, 13, 21, 2, 14, 15, 16, 22])
+        // The cursor to keep: the last admitted row's partition and its place in the round.
+        let (ordered, rounds) = admission.interleave(batch, cursors: ["fair_interleave": InterleaveCursor(key: "b", served: 2)])
+        #expect(
+            rounds.cursors(admitted: ordered.prefix(4).map(\.row.id), previous: [:])
+                == ["fair_interleave": InterleaveCursor(key: "b", served: 1)])
+        #expect(
+            rounds.cursors(admitted: ordered.prefix(1).map(\.row.id), previous: [:])
+                == ["fair_interleave": InterleaveCursor(key: "b", served: 3)])
+        let kept = ["fair_interleave": InterleaveCursor(key: "q", served: 1)]
+        #expect(rounds.cursors(admitted: [], previous: kept) == kept)
+    }
+
+    /// Found by the second hostile pass on issue 12 (documented then, fixed
+    /// since): the gate started every tick's round afresh, so behind a cap
+    /// smaller than a round the first partitions in its order took every
+    /// turn (weights 1 and 3, a cap of 2: a 50 % or 0.6 %, never 25 %).
+    @Test(
+        "ticks of a cap of 2 share 1 : 3 between weights 1 and 3, and 1 : 1 : 1 : 1 : 1 between five equal partitions",
+        arguments: [[("a", 1), ("b", 3)], [("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)]])
+    func sharesOverTicks(_ tenants: [(String, Int)]) {
+        let capped = PolicyConfig(roundRobinWeight: .context("weight", default: 1)) {
+            Gate.globalCap(max: 2)
+            Gate.fairInterleave(partitionBy: "{tenant}")
+        }
+        let admission = Admission(config: capped)
+        var cursors: [String: InterleaveCursor] = [:]
+        var admitted: [String: Int] = [:]
+        var next: Int64 = 1
+        for _ in 0..<200 {
+            // Every tick fetches ten jobs of each tenant, ids in staging order.
+            var batch: [BatchRow] = []
+            for (name, weight) in tenants {
+                batch += (0..<10).map { i in BatchRow(id: next + Int64(i), context: ["tenant": name, "weight": String(weight)]) }
+                next += 10
+            }
+            let (ordered, rounds) = admission.interleave(admission.prepare(batch), cursors: cursors)
+            let decision = admission.evaluate(ordered, state: GateState(), buckets: [])
+            cursors = rounds.cursors(admitted: decision.admitted.map(\.id), previous: cursors)
+            for job in decision.admitted { admitted[job.partitions["fair_interleave"] ?? "", default: 0] += 1 }
+        }
+        let total = tenants.reduce(0) { $0 + $1.1 }
+        for (name, weight) in tenants {
+            #expect(admitted[name] == 400 * weight / total, "\(admitted)")
+        }
     }
 
     @Test("without round_robin_weight, or with weights from nowhere, the rounds are one row each")

@@ -210,6 +210,48 @@ public struct LaneBlock: Sendable, Equatable {
 }
 
 /// A batch row with its partition for every gate, computed once.
+/// Where a `fair_interleave` gate's round stopped: the partition of the
+/// last job admitted in it, and how many jobs that partition had of its
+/// weighted round with it (1 to its weight). Kept between ticks in
+/// `round_robin_cursors.interleave`.
+public struct InterleaveCursor: Sendable, Equatable, Codable {
+    public var key: String
+    public var served: Int
+
+    public init(key: String, served: Int) {
+        self.key = key
+        self.served = served
+    }
+}
+
+/// Each row's place in the rounds of every `fair_interleave` gate that
+/// regrouped a batch (``Admission/interleave(_:cursors:)``).
+public struct InterleaveRounds: Sendable, Equatable {
+    struct Place: Sendable, Equatable {
+        var id: Int64
+        var key: String
+        var served: Int
+    }
+    /// Per gate name, the rows in that gate's order.
+    var sequences: [String: [Place]] = [:]
+
+    /// The cursors to keep once `admitted` are admitted: per regrouping gate,
+    /// past the last row admitted in its order; a gate that admitted none
+    /// keeps its `previous` cursor. Gates that did not regroup are left out.
+    public func cursors(admitted: some Sequence<Int64>, previous: [String: InterleaveCursor]) -> [String: InterleaveCursor] {
+        let admitted = Set(admitted)
+        var result: [String: InterleaveCursor] = [:]
+        for (gate, sequence) in sequences {
+            if let last = sequence.last(where: { admitted.contains($0.id) }) {
+                result[gate] = InterleaveCursor(key: last.key, served: last.served)
+            } else if let kept = previous[gate] {
+                result[gate] = kept
+            }
+        }
+        return result
+    }
+}
+
 public struct PreparedRow: Sendable, Equatable {
     public var row: BatchRow
     /// The partition of each gate, in the order of ``Admission/gates``.
@@ -251,51 +293,94 @@ public struct Admission: Sendable {
     }
 
     /// Applies every fair_interleave gate: rows are regrouped round-robin
-    /// across partitions (the first rows of each partition in order of first
-    /// appearance, then every partition's next ones, ...), keeping the order
+    /// across the gate's partitions, in key order (bytes), keeping the order
     /// within a partition. A partition takes as many rows per round as its
     /// weight (the policy's `round_robin_weight` for the partition's first
     /// row; 1 without one), so weights 1 and 3 share 1 : 3. Without any
     /// template there is nothing to regroup.
     ///
+    /// The round goes on across ticks: `cursors` says, per gate, where the
+    /// last tick's admissions stopped (``InterleaveCursor``), and the rounds
+    /// start there: that partition first with the rest of its round, or the
+    /// next partition in key order once it had its weight. A tick with room
+    /// for fewer jobs than a round holds (a cap of 2, weights 1 and 3) thus
+    /// does not start every round afresh, which gave the first partitions
+    /// every turn. ``InterleaveRounds/cursors(admitted:previous:)`` gives
+    /// the cursors to keep.
+    ///
     /// A gate partitioned by the policy's `round_robin_by` leaves a batch of
     /// the round-robin fetch (rows with `lane > 0`, then top-up rows) as it is:
     /// the fetch has interleaved it by the same key already, with the same
     /// weights, and has carried a round the last tick cut short
-    /// (`round_robin_cursors.served`). Regrouping it would start every
-    /// tick's round afresh, and behind a cap of 2 a tenant of weight 1 would
-    /// never get a turn after one of weight 3.
-    public func order(_ rows: [PreparedRow]) -> [PreparedRow] {
-        var rows = rows
+    /// (`round_robin_cursors.served`).
+    public func order(_ rows: [PreparedRow], cursors: [String: InterleaveCursor] = [:]) -> [PreparedRow] {
+        interleave(rows, cursors: cursors).rows
+    }
+
+    /// The fair_interleave gates (their indexes) that regroup `rows`: those
+    /// with a template, but not one partitioned by `round_robin_by` over a
+    /// batch of the round-robin fetch.
+    public func regrouping(_ rows: [PreparedRow]) -> [Int] {
         let fetchedInRounds = config.roundRobinBy != nil && rows.contains { $0.row.lane > 0 }
-        for (index, gate) in gates.enumerated() where gate.type == .fairInterleave && templates[index] != nil {
-            if fetchedInRounds && templates[index] == config.roundRobinBy { continue }
+        return gates.indices.filter { index in
+            gates[index].type == .fairInterleave && templates[index] != nil
+                && !(fetchedInRounds && templates[index] == config.roundRobinBy)
+        }
+    }
+
+    /// ``order(_:cursors:)``, with each row's place in every regrouping
+    /// gate's rounds.
+    public func interleave(_ rows: [PreparedRow], cursors: [String: InterleaveCursor] = [:]) -> (
+        rows: [PreparedRow], rounds: InterleaveRounds
+    ) {
+        var rows = rows
+        var rounds = InterleaveRounds()
+        for index in regrouping(rows) {
+            let gate = gates[index]
             var groups: [ExactString: [PreparedRow]] = [:]
             var weights: [ExactString: Int] = [:]
-            var firstSeen: [ExactString] = []
             for row in rows {
                 let key = ExactString(row.partitions[index])
-                if groups[key] == nil {
-                    firstSeen.append(key)
-                    weights[key] = config.weight(of: row.row.context)
-                }
+                if groups[key] == nil { weights[key] = config.weight(of: row.row.context) }
                 groups[key, default: []].append(row)
+            }
+            var keys = groups.keys.sorted()
+            // Where the last round stopped: that partition with the rest of
+            // its round, or the next one.
+            var carried = 0
+            if let cursor = cursors[gate.effectiveName] {
+                let last = ExactString(cursor.key)
+                var start = keys.firstIndex { !($0 < last) } ?? keys.count
+                if start < keys.count && keys[start] == last {
+                    if cursor.served < (weights[last] ?? 1) { carried = Swift.max(cursor.served, 0) } else { start += 1 }
+                }
+                keys = Array(keys[start...] + keys[..<start])
             }
             var interleaved: [PreparedRow] = []
             interleaved.reserveCapacity(rows.count)
-            var round = 0
+            var sequence: [InterleaveRounds.Place] = []
+            sequence.reserveCapacity(rows.count)
+            var taken: [ExactString: Int] = [:]
+            var first = true
             while interleaved.count < rows.count {
-                for key in firstSeen {
+                for key in keys {
                     guard let group = groups[key] else { continue }
-                    let weight = weights[key] ?? 1
-                    let start = round * weight
-                    if start < group.count { interleaved.append(contentsOf: group[start..<Swift.min(start + weight, group.count)]) }
+                    let had = first && key == keys.first ? carried : 0
+                    let begin = taken[key] ?? 0
+                    let end = Swift.min(begin + (weights[key] ?? 1) - had, group.count)
+                    guard begin < end else { continue }
+                    for (offset, row) in group[begin..<end].enumerated() {
+                        interleaved.append(row)
+                        sequence.append(.init(id: row.row.id, key: key.string, served: had + offset + 1))
+                    }
+                    taken[key] = end
                 }
-                round += 1
+                first = false
             }
             rows = interleaved
+            rounds.sequences[gate.effectiveName] = sequence
         }
-        return rows
+        return (rows, rounds)
     }
 
     /// The state a batch needs.

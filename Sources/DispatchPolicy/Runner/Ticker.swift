@@ -448,8 +448,11 @@ public struct Ticker: Sendable {
         result.fetched = rows.count
 
         let admission = Admission(config: config)
-        let ordered = admission.order(admission.prepare(rows))
-        let needed = admission.requiredState(for: ordered)
+        let prepared = admission.prepare(rows)
+        // What the batch needs does not depend on its order (a throttle's
+        // rate comes from its partition's first job in the batch as fetched).
+        let needed = admission.requiredState(for: prepared)
+        let regroups = !admission.regrouping(prepared).isEmpty
         // Adaptive state of the batch's partitions and of those with new
         // observations.
         var adaptiveKeys = needed.adaptive
@@ -464,7 +467,8 @@ public struct Ticker: Sendable {
 
         var state = GateState()
         var adaptive: [GateKey: AdaptiveController] = [:]
-        if !needed.buckets.isEmpty || !needed.counters.isEmpty || !adaptiveOrder.isEmpty {
+        var interleaveCursors: [String: InterleaveCursor] = [:]
+        if !needed.buckets.isEmpty || !needed.counters.isEmpty || !adaptiveOrder.isEmpty || regroups {
             for row in try await session.rows(
                 """
                 SELECT kind, gate, partition, tokens, in_flight, current_max, ewma_lag_ms, growth_credit, since_decrease
@@ -490,6 +494,9 @@ public struct Ticker: Sendable {
                     state.inFlight[key] = inFlight
                 case "paused":
                     state.paused.insert(key)
+                case "interleave":
+                    // A served out of bounds (NULL) starts a new round.
+                    if let inFlight { interleaveCursors[gate] = InterleaveCursor(key: partition, served: inFlight) }
                 case "adaptive":
                     guard let cap, let credit, let since else { throw Self.malformed(kind) }
                     state.adaptiveCap[key] = cap
@@ -501,7 +508,12 @@ public struct Ticker: Sendable {
             }
         }
 
+        let (ordered, rounds) = admission.interleave(prepared, cursors: interleaveCursors)
         let decision = admission.evaluate(ordered, state: state, buckets: needed.buckets)
+        // Where fair_interleave's rounds stopped, kept when it moved (not by
+        // an admit-now, whose batch is one partition's).
+        let keptCursors = rounds.cursors(admitted: decision.admitted.map(\.id), previous: interleaveCursors)
+        let movedCursors = only == nil && keptCursors != interleaveCursors.filter({ rounds.sequences[$0.key] != nil }) ? keptCursors : nil
         result.refusedByGate = decision.refusedByGate
         result.shadow = config.isShadow
         result.wouldRefuseByGate = decision.wouldRefuseByGate
@@ -528,9 +540,9 @@ public struct Ticker: Sendable {
 
         let cursor: String? =
             switch only != nil ? .hold : decision.cursor {
-            case nil: nil
-            case .hold: try Self.json(CursorJSON(hold: true, starved: only != nil ? nil : decision.starved))
-            case .after(let key): try Self.json(CursorJSON(lastKey: key, starved: decision.starved))
+            case nil: try movedCursors.map { try Self.json(CursorJSON(moves: false, interleave: $0)) }
+            case .hold: try Self.json(CursorJSON(hold: true, starved: only != nil ? nil : decision.starved, interleave: movedCursors))
+            case .after(let key): try Self.json(CursorJSON(lastKey: key, starved: decision.starved, interleave: movedCursors))
             }
         // Adaptive caps that grew: lanes waiting on them are ready again.
         let grown = updates.filter { $0.controller.currentMax > (state.adaptiveCap[$0.key] ?? Int.max) }.map(\.key)
@@ -614,18 +626,25 @@ public struct Ticker: Sendable {
     struct CursorJSON: Encodable {
         var hold = false
         var lastKey: String? = nil
+        /// false: no round-robin move at all (the policy fetches without
+        /// lanes), only `interleave`.
+        var moves = true
         /// With weighted lanes: where in its round the first starved lane
         /// stopped (`_admit` keeps it as the cursor's `served`).
         var starved: StarvedRow? = nil
+        /// Where fair_interleave's rounds stopped (tick_finish keeps it in
+        /// `round_robin_cursors.interleave`); nil: unchanged.
+        var interleave: [String: InterleaveCursor]? = nil
 
         func encode(to encoder: any Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             if hold {
                 try c.encode(true, forKey: .hold)
-            } else {
+            } else if moves {
                 // An explicit null: the lane of jobs without a key.
                 try c.encode(lastKey, forKey: .lastKey)
             }
+            if let interleave { try c.encode(interleave, forKey: .interleave) }
             if let starved {
                 var s = c.nestedContainer(keyedBy: StarvedKeys.self, forKey: .starved)
                 try s.encode(starved.lane, forKey: .lane)
@@ -637,7 +656,7 @@ public struct Ticker: Sendable {
         enum CodingKeys: String, CodingKey {
             case hold
             case lastKey = "last_key"
-            case starved
+            case starved, interleave
         }
         enum StarvedKeys: String, CodingKey { case lane, index, weight }
     }

@@ -158,3 +158,22 @@ SELECT outcome FROM dispatch_policy.stage_outcome('dup_replace', '1', '{"units":
 SELECT dispatch_policy.stage_outcome('dup_replace', '2', '{"units": 50}', dedupe_key => 'k');
 \echo :SQLSTATE
 SELECT args, context ->> 'units' AS units FROM dispatch_policy.staged_jobs WHERE policy IN ('dup', 'dup_replace') ORDER BY id;
+
+-- fair_interleave's round across ticks: tick_finish keeps the runner's
+-- "interleave" (round_robin_cursors.interleave) and passes the rest of the
+-- cursor to admit; tick_state returns it (kind interleave, served as
+-- in_flight); a malformed one reads as none, or as a new round.
+SELECT dispatch_policy.declare_policy('il', '{"gates": [{"type": "fair_interleave", "partition_by": "{t}"}]}');
+SELECT cardinality(dispatch_policy.stage_many('il', '[{"args": 1, "context": {"t": "a"}}]')) AS staged;
+SELECT kind FROM dispatch_policy.tick_begin('il', 10, 1) WHERE kind <> 'job';
+SELECT dispatch_policy.tick_finish('il', now(), '{}', '{}', '{}', '{}', '{}', '{}', NULL,
+  '{"interleave": {"fair_interleave": {"key": "b", "served": 2}}}');
+SELECT last_key, interleave FROM dispatch_policy.round_robin_cursors WHERE policy = 'il';
+SELECT kind, gate, partition, in_flight FROM dispatch_policy.tick_state('il', now(), '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}');
+UPDATE dispatch_policy.round_robin_cursors SET interleave =
+  '{"fair_interleave": {"key": "b", "served": 1e9}, "g2": {"key": 7, "served": 1}, "g3": [1], "g4": {"key": "c", "served": "x"}}'
+WHERE policy = 'il';
+SELECT kind, gate, partition, in_flight FROM dispatch_policy.tick_state('il', now(), '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}')
+ORDER BY gate;
+UPDATE dispatch_policy.round_robin_cursors SET interleave = '[1, 2]' WHERE policy = 'il';
+SELECT count(*) AS rows FROM dispatch_policy.tick_state('il', now(), '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}');
