@@ -117,6 +117,10 @@ ALTER TABLE dispatch_policy.staged_jobs
 COMMENT ON COLUMN dispatch_policy.staged_jobs.expires_at IS
   'The job''s deadline: if not admitted by then it is finished as expired (promote_scheduled, fetch_batch), never admitted. The expires_at given to stage, or created_at (when the job was first staged) + the policy''s max_wait, whichever is earlier; NULL: none. Kept when the job is re-staged (retry, deferral) through job_deadlines.';
 CREATE INDEX staged_jobs_expires_idx ON dispatch_policy.staged_jobs (policy, expires_at) WHERE expires_at IS NOT NULL;
+-- Jobs scheduled at or after their deadline (a deferral, a retry's delay,
+-- debounces or a not_before past max_wait): they can never be admitted, and
+-- the next fetch finishes them as expired at once.
+CREATE INDEX staged_jobs_unreachable_idx ON dispatch_policy.staged_jobs (policy) WHERE not_before >= expires_at;
 -- The oldest staged jobs of a partition, for on_overflow drop_oldest.
 CREATE INDEX staged_jobs_backlog_idx ON dispatch_policy.staged_jobs (policy, round_robin_key, id);
 
@@ -407,18 +411,32 @@ BEGIN
   -- the job was staged (created_at: a retry's staged_at is later; a
   -- replace keeps both) + max_wait (found by hostile testing: it always
   -- said expires_at), else expires_at.
+  -- Jobs scheduled at or after their deadline can never be admitted: they
+  -- expire now, saying so (staged_jobs_unreachable_idx finds them).
   SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'),
-         coalesce(array_agg(format('expired at %s (%s) before it was admitted',
+         coalesce(array_agg(format('expired at %s (%s) before it was admitted%s',
                                    to_char(x.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
                                    CASE WHEN x.expires_at = x.created_at + max_wait
                                         THEN format('max_wait %s s after it was staged',
                                                     trim_scale(extract(epoch FROM max_wait)))
-                                        ELSE 'expires_at' END) ORDER BY x.id), '{}')
+                                        ELSE 'expires_at' END,
+                                   CASE WHEN x.expires_at > _expire_staged.now
+                                        THEN format(': finished early, at %s, since it was not to be admitted before %s',
+                                                    to_char(_expire_staged.now AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                                                    to_char(x.not_before AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+                                        ELSE '' END) ORDER BY x.id), '{}')
   INTO ids, reasons
-  FROM (SELECT s.id, s.expires_at, s.created_at FROM dispatch_policy.staged_jobs s
-        WHERE s.policy = _expire_staged.policy AND s.expires_at IS NOT NULL AND s.expires_at <= _expire_staged.now
-        ORDER BY s.id
-        FOR UPDATE SKIP LOCKED) x;
+  FROM (SELECT * FROM (SELECT s.id, s.expires_at, s.created_at, s.not_before FROM dispatch_policy.staged_jobs s
+                       WHERE s.policy = _expire_staged.policy AND s.expires_at IS NOT NULL
+                         AND s.expires_at <= _expire_staged.now
+                       ORDER BY s.id
+                       FOR UPDATE SKIP LOCKED) passed
+        UNION ALL
+        SELECT * FROM (SELECT s.id, s.expires_at, s.created_at, s.not_before FROM dispatch_policy.staged_jobs s
+                       WHERE s.policy = _expire_staged.policy AND s.not_before >= s.expires_at
+                         AND s.expires_at > _expire_staged.now
+                       ORDER BY s.id
+                       FOR UPDATE SKIP LOCKED) unreachable) x;
   IF cardinality(ids) = 0 THEN
     RETURN 0::bigint;
   END IF;
@@ -426,7 +444,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy._expire_staged(text, timestamptz) IS
-  'Internal: finishes every staged job of a policy whose expires_at is at or before now as expired (last_error: when it expired, and whether max_wait or expires_at set the deadline), through staged_jobs_expires_idx; jobs locked by another transaction are skipped (the fetch skips them as well). Returns how many.';
+  'Internal: finishes every staged job of a policy whose expires_at is at or before now as expired (last_error: when it expired, and whether max_wait or expires_at set the deadline), through staged_jobs_expires_idx, and every job scheduled at or after its deadline (not_before >= expires_at: it can never be admitted; last_error says it was finished early and why), through staged_jobs_unreachable_idx; jobs locked by another transaction are skipped (the fetch skips them as well). Returns how many.';
 
 -- (promote_scheduled: its one definition in 0.2.0 is in
 -- 0026_admit_integrity.sql, where the expiry is the fetch's alone.)

@@ -23,7 +23,7 @@ CREATE TEMP VIEW jobs AS
   SELECT 'admitted', a.policy, a.id, a.args, NULL, NULL, NULL, NULL FROM dispatch_policy.admitted_jobs a
   UNION ALL
   SELECT 'finished', f.policy, f.id, f.args, NULL, NULL, f.status,
-         regexp_replace(f.last_error, '\d{4}-\d\d-\d\dT[0-9:.]+Z', 'TIME') FROM dispatch_policy.finished_jobs f;
+         regexp_replace(f.last_error, '\d{4}-\d\d-\d\dT[0-9:.]+Z', 'TIME', 'g') FROM dispatch_policy.finished_jobs f;
 -- A fingerprint of every job row and every counter staging keeps, to show
 -- that a refusal changed nothing.
 CREATE FUNCTION pg_temp.state() RETURNS text
@@ -234,6 +234,17 @@ SELECT expires_at = :'m1_expires' AS same_deadline, attempt FROM dispatch_policy
 -- m3, whose expires_at was later) or expires_at (m2).
 SELECT count(*) AS fetched FROM dispatch_policy.fetch_batch('mw', 100, NULL, now() + interval '2 hours');
 SELECT args, status, last_error FROM jobs WHERE policy = 'mw' ORDER BY id;
+
+-- A job scheduled at or after its deadline can never be admitted: the next
+-- fetch finishes it as expired at once, saying why (a not_before past
+-- max_wait, a deferral past the deadline); one scheduled before it waits.
+SELECT dispatch_policy.stage('mw', '4', not_before => now() + interval '2 minutes') AS m4 \gset
+SELECT dispatch_policy.stage('mw', '5', not_before => now() + interval '30 seconds') AS m5 \gset
+SELECT dispatch_policy.stage('mw', '6') AS m6 \gset
+SELECT pg_temp.admit('mw', ARRAY[:m6]::bigint[]) AS admitted;
+SELECT state FROM dispatch_policy.defer(:m6, now() + interval '1 hour', '429');
+SELECT count(*) AS fetched FROM dispatch_policy.fetch_batch('mw', 100, NULL);
+SELECT state, args, status, last_error FROM jobs WHERE id IN (:m4, :m5, :m6) ORDER BY id;
 
 -- Counted.
 SELECT policy, expired_24h, dropped_24h FROM dispatch_policy.policy_overview WHERE policy IN ('dl', 'drop', 'keep') ORDER BY 1;
