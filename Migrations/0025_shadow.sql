@@ -664,9 +664,12 @@ BEGIN
   -- Its deadline (0023).
   IF j.expires_at IS NOT NULL THEN
     RETURN QUERY SELECT 'deadline'::text, NULL::text, NULL::text,
-      CASE WHEN j.expires_at <= at THEN 'expired' ELSE 'ok' END,
+      CASE WHEN j.expires_at <= at OR j.not_before >= j.expires_at THEN 'expired' ELSE 'ok' END,
       CASE WHEN j.expires_at <= at
            THEN format('expired at %s: the next tick finishes it as expired instead of admitting it', j.expires_at)
+           WHEN j.not_before >= j.expires_at
+           THEN format('expires at %s, and scheduled for %s, not before: it can never be admitted, and the next tick '
+                       'finishes it as expired', j.expires_at, j.not_before)
            ELSE format('expires at %s (in %s): finished as expired if not admitted by then', j.expires_at,
                        date_trunc('second', j.expires_at - at)) END,
       NULL::float8;
@@ -863,6 +866,14 @@ BEGIN
       format('not admitted: its deadline passed at %s; the next tick finishes it as expired', j.expires_at), NULL::float8;
     RETURN;
   END IF;
+  -- Scheduled at or after its deadline: never admitted (the next fetch
+  -- finishes it as expired).
+  IF j.not_before >= j.expires_at THEN
+    RETURN QUERY SELECT 'estimate'::text, NULL::text, NULL::text, 'expired'::text,
+      format('not admitted: scheduled for %s, not before its deadline %s; the next tick finishes it as expired',
+             j.not_before, j.expires_at), NULL::float8;
+    RETURN;
+  END IF;
   IF shadow AND NOT holds THEN
     RETURN QUERY SELECT 'estimate'::text, NULL::text, NULL::text, 'next tick'::text,
       'shadow mode: admitted by the next tick that reaches its lane, whatever its gates would say'::text, 0::float8;
@@ -881,7 +892,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dispatch_policy.explain(bigint) IS
-  'Why a job is where it is. For a pending or scheduled job, one row per reason (aspect job, policy, schedule, deferred, deadline, lane, gate, estimate): for each gate of its policy, in its partition, ok or waits with the numbers (tokens now and the time to the next whole token; in flight against the cap; the adaptive cap and EWMA lag) or, when an operator paused that partition (pause_partition), waits with the pause''s end (wait_seconds; none without until) and reason, the latest deferral by its worker while its until is ahead (aspect deferred: info with until, how many deferrals and the reason), its deadline (aspect deadline: ok with expires_at, or expired when it passed and the next tick will finish it as expired); whether it is scheduled or the policy paused or failing, its place in its lane (and whether a pause blocks the lane), and an estimated wait in seconds (wait_seconds) where one can be computed (throttles, schedules and pauses with an end; a full cap or a pause without an end has none). A job of a shadow policy (0025) gets a row of aspect policy, verdict shadow, and its gates that would make it wait say would wait (shadow: admitted anyway) without a wait; its estimate is the next tick unless something else holds it (a pause, a schedule, a blocked lane). A job whose deadline passed gets an estimate row expired (the next tick finishes it as expired), not an admission. When the policy has round_robin_weight, the lane row gives the lane''s weight. For an admitted or finished (completed, dead, cancelled, expired, dropped) job, one row saying so. P0002 for an id with no job.';
+  'Why a job is where it is. For a pending or scheduled job, one row per reason (aspect job, policy, schedule, deferred, deadline, lane, gate, estimate): for each gate of its policy, in its partition, ok or waits with the numbers (tokens now and the time to the next whole token; in flight against the cap; the adaptive cap and EWMA lag) or, when an operator paused that partition (pause_partition), waits with the pause''s end (wait_seconds; none without until) and reason, the latest deferral by its worker while its until is ahead (aspect deferred: info with until, how many deferrals and the reason), its deadline (aspect deadline: ok with expires_at, or expired when it passed, or when the job is scheduled at or after it, and the next tick will finish it as expired); whether it is scheduled or the policy paused or failing, its place in its lane (and whether a pause blocks the lane), and an estimated wait in seconds (wait_seconds) where one can be computed (throttles, schedules and pauses with an end; a full cap or a pause without an end has none). A job of a shadow policy (0025) gets a row of aspect policy, verdict shadow, and its gates that would make it wait say would wait (shadow: admitted anyway) without a wait; its estimate is the next tick unless something else holds it (a pause, a schedule, a blocked lane). A job whose deadline passed, or scheduled at or after its deadline, gets an estimate row expired (the next tick finishes it as expired), not an admission. When the policy has round_robin_weight, the lane row gives the lane''s weight. For an admitted or finished (completed, dead, cancelled, expired, dropped) job, one row saying so. P0002 for an id with no job.';
 
 -- ---------------------------------------------------------------------------
 -- prune: its one definition in 0.2.0 (0008's, with the history of 0016, the

@@ -240,6 +240,8 @@ SELECT args, status, last_error FROM jobs WHERE policy = 'mw' ORDER BY id;
 -- max_wait, a deferral past the deadline); one scheduled before it waits.
 SELECT dispatch_policy.stage('mw', '4', not_before => now() + interval '2 minutes') AS m4 \gset
 SELECT dispatch_policy.stage('mw', '5', not_before => now() + interval '30 seconds') AS m5 \gset
+SELECT aspect, verdict, explanation LIKE '%can never be admitted%' OR explanation LIKE '%not before its deadline%' AS says
+FROM dispatch_policy.explain(:m4) WHERE aspect IN ('deadline', 'estimate') ORDER BY aspect;
 SELECT dispatch_policy.stage('mw', '6') AS m6 \gset
 SELECT pg_temp.admit('mw', ARRAY[:m6]::bigint[]) AS admitted;
 SELECT state FROM dispatch_policy.defer(:m6, now() + interval '1 hour', '429');
