@@ -182,6 +182,40 @@ struct WeightTests {
                 == ["fair_interleave": InterleaveCursor(key: "b", served: 3)])
         let kept = ["fair_interleave": InterleaveCursor(key: "q", served: 1)]
         #expect(rounds.cursors(admitted: [], previous: kept) == kept)
+        // Found by hostile testing: two spellings of one text are two
+        // partitions, and two cursors (else the runner keeps the old one).
+        #expect(InterleaveCursor(key: "Jos\u{E9}", served: 1) != InterleaveCursor(key: "Jose\u{301}", served: 1))
+        #expect(InterleaveCursor(key: "Jos\u{E9}", served: 1) == InterleaveCursor(key: "Jos\u{E9}", served: 1))
+    }
+
+    /// Found by hostile testing: the two spellings of "José" sort apart
+    /// (bytes) but were one cursor, and after a tick that stopped at one the
+    /// round never moved on from the other: 19, 19, 1 and 1 of 40.
+    @Test("two spellings of one text are two partitions that share a cap of 2 equally with the others over ticks")
+    func spellingsOverTicks() {
+        let capped = PolicyConfig {
+            Gate.globalCap(max: 2)
+            Gate.fairInterleave(partitionBy: "{tenant}")
+        }
+        let admission = Admission(config: capped)
+        var cursors: [String: InterleaveCursor] = [:]
+        // By bytes: Swift's String takes the two spellings for one key.
+        var admitted: [ExactString: Int] = [:]
+        var next: Int64 = 1
+        let tenants = ["A", "Jose\u{301}", "Josf", "Jos\u{E9}"]
+        for _ in 0..<20 {
+            var batch: [BatchRow] = []
+            for name in tenants {
+                batch += (0..<5).map { i in BatchRow(id: next + Int64(i), context: ["tenant": name]) }
+                next += 5
+            }
+            let (ordered, rounds) = admission.interleave(admission.prepare(batch), cursors: cursors)
+            let decision = admission.evaluate(ordered, state: GateState(), buckets: [])
+            // What a tick writes back, as the runner does.
+            if let moved = rounds.moved(admitted: decision.admitted.map(\.id), previous: cursors) { cursors = moved }
+            for job in decision.admitted { admitted[ExactString(job.partitions["fair_interleave"] ?? ""), default: 0] += 1 }
+        }
+        #expect(tenants.map { admitted[ExactString($0)] ?? 0 } == [10, 10, 10, 10], "\(admitted)")
     }
 
     /// Found by the second hostile pass on issue 12 (documented then, fixed
@@ -209,7 +243,8 @@ struct WeightTests {
             }
             let (ordered, rounds) = admission.interleave(admission.prepare(batch), cursors: cursors)
             let decision = admission.evaluate(ordered, state: GateState(), buckets: [])
-            cursors = rounds.cursors(admitted: decision.admitted.map(\.id), previous: cursors)
+            // What a tick writes back, as the runner does.
+            if let moved = rounds.moved(admitted: decision.admitted.map(\.id), previous: cursors) { cursors = moved }
             for job in decision.admitted { admitted[job.partitions["fair_interleave"] ?? "", default: 0] += 1 }
         }
         let total = tenants.reduce(0) { $0 + $1.1 }

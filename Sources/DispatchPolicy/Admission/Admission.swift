@@ -222,6 +222,14 @@ public struct InterleaveCursor: Sendable, Equatable, Codable {
         self.key = key
         self.served = served
     }
+
+    /// Keys compare byte for byte, as partitions do (``ExactString``):
+    /// found by hostile testing, `String`'s `==` took two spellings of "José"
+    /// for one key, the runner kept the old cursor, and every tick made the
+    /// same admissions.
+    public static func == (a: InterleaveCursor, b: InterleaveCursor) -> Bool {
+        a.served == b.served && ExactString(a.key) == ExactString(b.key)
+    }
 }
 
 /// Each row's place in the rounds of every `fair_interleave` gate that
@@ -239,6 +247,18 @@ public struct InterleaveRounds: Sendable, Equatable {
     /// past the last row admitted in its order; a gate that admitted none
     /// keeps its `previous` cursor. Gates that did not regroup are left out.
     public func cursors(admitted: some Sequence<Int64>, previous: [String: InterleaveCursor]) -> [String: InterleaveCursor] {
+        moved(admitted: admitted, previous: previous) ?? previous
+    }
+
+    /// ``cursors(admitted:previous:)`` when they differ from `previous` (the
+    /// cursors of gates that regroup no more dropped too), else nil: what a
+    /// tick writes back.
+    public func moved(admitted: some Sequence<Int64>, previous: [String: InterleaveCursor]) -> [String: InterleaveCursor]? {
+        let kept = next(admitted: admitted, previous: previous)
+        return kept == previous ? nil : kept
+    }
+
+    private func next(admitted: some Sequence<Int64>, previous: [String: InterleaveCursor]) -> [String: InterleaveCursor] {
         let admitted = Set(admitted)
         var result: [String: InterleaveCursor] = [:]
         for (gate, sequence) in sequences {
@@ -361,20 +381,28 @@ public struct Admission: Sendable {
             var sequence: [InterleaveRounds.Place] = []
             sequence.reserveCapacity(rows.count)
             var taken: [ExactString: Int] = [:]
+            // Partitions with rows left, in round order: a round visits only
+            // those (found by hostile testing: visiting every partition in
+            // every round cost rounds x partitions, 11.6 s for a tenant of
+            // 20,000 jobs beside 4,000 of one job).
+            var active = keys
             var first = true
-            while interleaved.count < rows.count {
-                for key in keys {
+            while !active.isEmpty {
+                var left: [ExactString] = []
+                left.reserveCapacity(active.count)
+                for key in active {
                     guard let group = groups[key] else { continue }
                     let had = first && key == keys.first ? carried : 0
                     let begin = taken[key] ?? 0
                     let end = Swift.min(begin + (weights[key] ?? 1) - had, group.count)
-                    guard begin < end else { continue }
                     for (offset, row) in group[begin..<end].enumerated() {
                         interleaved.append(row)
                         sequence.append(.init(id: row.row.id, key: key.string, served: had + offset + 1))
                     }
                     taken[key] = end
+                    if end < group.count { left.append(key) }
                 }
+                active = left
                 first = false
             }
             rows = interleaved

@@ -512,8 +512,7 @@ public struct Ticker: Sendable {
         let decision = admission.evaluate(ordered, state: state, buckets: needed.buckets)
         // Where fair_interleave's rounds stopped, kept when it moved (not by
         // an admit-now, whose batch is one partition's).
-        let keptCursors = rounds.cursors(admitted: decision.admitted.map(\.id), previous: interleaveCursors)
-        let movedCursors = only == nil && keptCursors != interleaveCursors.filter({ rounds.sequences[$0.key] != nil }) ? keptCursors : nil
+        let movedCursors = only == nil ? rounds.moved(admitted: decision.admitted.map(\.id), previous: interleaveCursors) : nil
         result.refusedByGate = decision.refusedByGate
         result.shadow = config.isShadow
         result.wouldRefuseByGate = decision.wouldRefuseByGate
