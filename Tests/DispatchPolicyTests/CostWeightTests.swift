@@ -188,34 +188,40 @@ struct WeightTests {
         #expect(InterleaveCursor(key: "Jos\u{E9}", served: 1) == InterleaveCursor(key: "Jos\u{E9}", served: 1))
     }
 
-    /// Found by hostile testing: the two spellings of "José" sort apart
-    /// (bytes) but were one cursor, and after a tick that stopped at one the
-    /// round never moved on from the other: 19, 19, 1 and 1 of 40.
-    @Test("two spellings of one text are two partitions that share a cap of 2 equally with the others over ticks")
-    func spellingsOverTicks() {
-        let capped = PolicyConfig {
+    /// Ticks of a global cap of 2 over a fair_interleave gate by `{tenant}`,
+    /// each fetching `perTick` jobs of every tenant (with its weight), the
+    /// cursor written back as the runner does: admissions per tenant, by
+    /// bytes (Swift's `String` takes two spellings of one text for one key).
+    private func admissionsOverTicks(_ tenants: [(String, Int)], ticks: Int, perTick: Int) -> [Int] {
+        let capped = PolicyConfig(roundRobinWeight: .context("weight", default: 1)) {
             Gate.globalCap(max: 2)
             Gate.fairInterleave(partitionBy: "{tenant}")
         }
         let admission = Admission(config: capped)
         var cursors: [String: InterleaveCursor] = [:]
-        // By bytes: Swift's String takes the two spellings for one key.
         var admitted: [ExactString: Int] = [:]
         var next: Int64 = 1
-        let tenants = ["A", "Jose\u{301}", "Josf", "Jos\u{E9}"]
-        for _ in 0..<20 {
+        for _ in 0..<ticks {
             var batch: [BatchRow] = []
-            for name in tenants {
-                batch += (0..<5).map { i in BatchRow(id: next + Int64(i), context: ["tenant": name]) }
-                next += 5
+            for (name, weight) in tenants {
+                batch += (0..<perTick).map { i in BatchRow(id: next + Int64(i), context: ["tenant": name, "weight": String(weight)]) }
+                next += Int64(perTick)
             }
             let (ordered, rounds) = admission.interleave(admission.prepare(batch), cursors: cursors)
             let decision = admission.evaluate(ordered, state: GateState(), buckets: [])
-            // What a tick writes back, as the runner does.
             if let moved = rounds.moved(admitted: decision.admitted.map(\.id), previous: cursors) { cursors = moved }
             for job in decision.admitted { admitted[ExactString(job.partitions["fair_interleave"] ?? ""), default: 0] += 1 }
         }
-        #expect(tenants.map { admitted[ExactString($0)] ?? 0 } == [10, 10, 10, 10], "\(admitted)")
+        return tenants.map { admitted[ExactString($0.0)] ?? 0 }
+    }
+
+    /// Found by hostile testing: the two spellings of "José" sort apart
+    /// (bytes) but were one cursor, and after a tick that stopped at one the
+    /// round never moved on from the other: 19, 19, 1 and 1 of 40.
+    @Test("two spellings of one text are two partitions that share a cap of 2 equally with the others over ticks")
+    func spellingsOverTicks() {
+        let tenants = [("A", 1), ("Jose\u{301}", 1), ("Josf", 1), ("Jos\u{E9}", 1)]
+        #expect(admissionsOverTicks(tenants, ticks: 20, perTick: 5) == [10, 10, 10, 10])
     }
 
     /// Found by the second hostile pass on issue 12 (documented then, fixed
@@ -226,31 +232,8 @@ struct WeightTests {
         "ticks of a cap of 2 share 1 : 3 between weights 1 and 3, and 1 : 1 : 1 : 1 : 1 between five equal partitions",
         arguments: [[("a", 1), ("b", 3)], [("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)]])
     func sharesOverTicks(_ tenants: [(String, Int)]) {
-        let capped = PolicyConfig(roundRobinWeight: .context("weight", default: 1)) {
-            Gate.globalCap(max: 2)
-            Gate.fairInterleave(partitionBy: "{tenant}")
-        }
-        let admission = Admission(config: capped)
-        var cursors: [String: InterleaveCursor] = [:]
-        var admitted: [String: Int] = [:]
-        var next: Int64 = 1
-        for _ in 0..<200 {
-            // Every tick fetches ten jobs of each tenant, ids in staging order.
-            var batch: [BatchRow] = []
-            for (name, weight) in tenants {
-                batch += (0..<10).map { i in BatchRow(id: next + Int64(i), context: ["tenant": name, "weight": String(weight)]) }
-                next += 10
-            }
-            let (ordered, rounds) = admission.interleave(admission.prepare(batch), cursors: cursors)
-            let decision = admission.evaluate(ordered, state: GateState(), buckets: [])
-            // What a tick writes back, as the runner does.
-            if let moved = rounds.moved(admitted: decision.admitted.map(\.id), previous: cursors) { cursors = moved }
-            for job in decision.admitted { admitted[job.partitions["fair_interleave"] ?? "", default: 0] += 1 }
-        }
         let total = tenants.reduce(0) { $0 + $1.1 }
-        for (name, weight) in tenants {
-            #expect(admitted[name] == 400 * weight / total, "\(admitted)")
-        }
+        #expect(admissionsOverTicks(tenants, ticks: 200, perTick: 10) == tenants.map { 400 * $0.1 / total })
     }
 
     @Test("without round_robin_weight, or with weights from nowhere, the rounds are one row each")
